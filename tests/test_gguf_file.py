@@ -1,0 +1,129 @@
+"""GGUF parsing against gguf-py's reader, and malformed files that must fail cleanly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+
+from workers.gguf_file import GGUFError, GGUFFile
+from workers.model_config import ModelConfig
+from workers.synthetic_model import add_field
+
+
+def test_matches_gguf_reader(tiny_model):
+    path = tiny_model("qwen2")
+    ours, ref = GGUFFile(path), GGUFReader(path)
+    assert set(ours.tensors) == {t.name for t in ref.tensors}
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.qtype == t.tensor_type
+        assert mine.shape == tuple(int(d) for d in reversed(t.shape))
+        assert np.array_equal(mine.data.reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))
+    for key, field in ref.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        assert ours.metadata[key] == pytest.approx(value) if isinstance(value, float) else ours.metadata[key] == value, key
+
+
+def test_config_from_real_shapes(tiny_model):
+    cfg = ModelConfig.from_gguf(GGUFFile(tiny_model("qwen2")))
+    assert (cfg.arch, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim) == ("qwen2", 2, 256, 4, 1, 64)
+    assert cfg.rope_neox and cfg.qkv_bias and not cfg.tied_embeddings
+    assert cfg.inv_freq[1] == pytest.approx(1_000_000.0 ** (-2 / 64))
+    llama = ModelConfig.from_gguf(GGUFFile(tiny_model("llama", tied=True)))
+    assert not llama.rope_neox and not llama.qkv_bias and llama.tied_embeddings
+
+
+def _header_end(path) -> int:
+    g = GGUFFile(path)
+    return min(int(t.data.ctypes.data - np.frombuffer(g._mmap, np.uint8).ctypes.data) for t in g.tensors.values())
+
+
+def test_truncated_files_fail_cleanly(tiny_model, tmp_path):
+    data = tiny_model("llama", "Q8_0").read_bytes()
+    end = _header_end(tiny_model("llama", "Q8_0"))
+    cuts = sorted(set(np.linspace(0, end, 60, dtype=int).tolist() + [len(data) - 1, len(data) - 1000]))
+    for cut in cuts:
+        bad = tmp_path / "cut.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(GGUFError, match=str(bad)):
+            GGUFFile(bad)
+
+
+def test_corrupted_headers_never_crash(tiny_model, tmp_path):
+    """Random byte flips in the header: a GGUFError naming the file, or a file that still parses."""
+    path = tiny_model("llama", "Q4_0")
+    data = bytearray(path.read_bytes())
+    end = _header_end(path)
+    rng = np.random.default_rng(1234)
+    failures = 0
+    for trial in range(300):
+        bad = bytearray(data)
+        for pos in rng.integers(0, min(end, 4096), size=rng.integers(1, 4)):
+            bad[pos] = rng.integers(0, 256)
+        target = tmp_path / f"flip{trial}.gguf"
+        target.write_bytes(bad)
+        try:
+            g = GGUFFile(target)
+            ModelConfig.from_gguf(g)
+        except GGUFError as e:
+            assert str(target) in str(e)
+            failures += 1
+    assert failures > 0  # the corruption did hit fields that matter
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda md, t: md.__setitem__("general.architecture", "gpt-j"), "unsupported architecture 'gpt-j'"),
+    (lambda md, t: t.pop("blk.1.ffn_up.weight"), "'blk.1.ffn_up.weight' is missing"),
+    (lambda md, t: md.pop("llama.block_count"), "llama.block_count is missing"),
+    (lambda md, t: md.__setitem__("llama.attention.head_count", 3), "not a multiple"),
+])
+def test_semantic_errors_name_the_problem(tmp_path, tiny_model, mutate, message):
+    src = GGUFFile(tiny_model("llama", "Q8_0"))
+    md, tensors = dict(src.metadata), dict(src.tensors)
+    mutate(md, tensors)
+    path = _rewrite(tmp_path / "m.gguf", md, tensors)
+    with pytest.raises(GGUFError, match=message):
+        ModelConfig.from_gguf(GGUFFile(path))
+
+
+def test_unsupported_quant_type_names_tensor(tmp_path, tiny_model):
+    src = GGUFFile(tiny_model("llama", "Q8_0"))
+    tensors = dict(src.tensors)
+    t = tensors["blk.0.attn_q.weight"]
+    iq = np.zeros((t.shape[0], t.shape[1] // 256 * 136), np.uint8)
+    tensors[t.name] = (iq, GGMLQuantizationType.IQ4_XS)
+    path = _rewrite(tmp_path / "iq.gguf", dict(src.metadata), tensors)
+    with pytest.raises(GGUFError, match="'blk.0.attn_q.weight' has unsupported quantization type IQ4_XS"):
+        ModelConfig.from_gguf(GGUFFile(path))
+
+
+def test_not_gguf_and_missing_file(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"GGML" + bytes(100))
+    with pytest.raises(GGUFError, match="not a GGUF file"):
+        GGUFFile(tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="cannot open"):
+        GGUFFile(tmp_path / "absent.gguf")
+    (tmp_path / "empty.gguf").write_bytes(b"")
+    with pytest.raises(GGUFError, match="empty file"):
+        GGUFFile(tmp_path / "empty.gguf")
+
+
+def _rewrite(path, metadata, tensors):
+    w = GGUFWriter(str(path), metadata.get("general.architecture", "llama"))
+    for key, value in metadata.items():
+        if key != "general.architecture":
+            add_field(w, key, value)
+    for name, t in tensors.items():
+        raw, qtype = t if isinstance(t, tuple) else (t.data, t.qtype)
+        if qtype == GGMLQuantizationType.F32:
+            w.add_tensor(name, np.array(raw).view(np.float32))
+        else:
+            w.add_tensor(name, np.array(raw), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,143 @@
+"""The NumPy backend against closed forms computed independently in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from kernels import AttentionBatch, get_backend
+from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize
+from workers.gguf_file import TensorInfo
+from workers.synthetic_model import random_blocks
+
+ops = get_backend("numpy")
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def test_q8_0_and_q4_0_blocks_by_hand():
+    # Q8_0: f16 scale then 32 int8 values.
+    scale, qs = np.float16(0.5), np.arange(-16, 16, dtype=np.int8)
+    block = np.concatenate([np.array([scale]).view(np.uint8), qs.view(np.uint8)])
+    assert np.array_equal(dequantize(block[None], Q.Q8_0)[0], 0.5 * qs.astype(np.float32))
+    # Q4_0: f16 scale then 16 bytes; low nibbles are values 0..15, high nibbles 16..31, offset by 8.
+    nibbles = np.arange(32) % 16
+    packed = (nibbles[:16] | (nibbles[16:] << 4)).astype(np.uint8)
+    block = np.concatenate([np.array([np.float16(2.0)]).view(np.uint8), packed])
+    assert np.array_equal(dequantize(block[None], Q.Q4_0)[0], 2.0 * (nibbles - 8).astype(np.float32))
+
+
+@pytest.mark.parametrize("qtype", sorted(SUPPORTED_QTYPES, key=lambda q: q.value), ids=lambda q: q.name)
+def test_matmul_on_every_quant_type(qtype):
+    rng = np.random.default_rng(qtype.value)
+    rows, cols = 37, 512  # rows not a multiple of any tile
+    raw = random_blocks(rng, (rows, cols), qtype, std=0.05) if qtype not in (Q.F32, Q.F16, Q.BF16) else None
+    if raw is None:
+        values = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        raw = {Q.F32: values, Q.F16: values.astype(np.float16), Q.BF16: None}[qtype]
+        if qtype == Q.BF16:
+            raw = (values.view(np.uint32) >> 16).astype(np.uint16)
+        raw = raw.view(np.uint8).reshape(rows, -1)
+    tensor = TensorInfo("w", qtype, (rows, cols), raw)
+    weight = dequantize(raw, qtype)
+    assert weight.shape == (rows, cols) and np.isfinite(weight).all() and weight.std() > 0.01
+    x = rng.standard_normal((3, cols)).astype(np.float32)
+    got = ops.matmul(x, ops.load_matrix(tensor))
+    assert rel_err(got, x.astype(np.float64) @ weight.astype(np.float64).T) < 1e-5
+    stacked = ops.matmul(x, ops.load_matrix(tensor, tensor))
+    assert np.allclose(stacked[:, :rows], got) and np.allclose(stacked[:, rows:], got)
+    ids = np.array([5, 0, 5, rows - 1])
+    assert np.array_equal(ops.embedding(ops.load_embedding(tensor), ids), weight[ids])
+
+
+def test_block_shapes_cover_all_types():
+    for qtype in SUPPORTED_QTYPES:
+        values, nbytes = block_shape(qtype)
+        assert values in (1, 32, 256) and nbytes > 0
+
+
+def test_rmsnorm_and_swiglu():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((5, 96)).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    x64 = x.astype(np.float64)
+    want = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    assert rel_err(ops.rmsnorm(x, w, 1e-6), want) < 1e-6
+    gate, up = x[:, :48], x[:, 48:]
+    want = gate / (1 + np.exp(-gate.astype(np.float64))) * up
+    assert rel_err(ops.swiglu(x), want) < 1e-6
+
+
+@pytest.mark.parametrize("neox", [False, True])
+def test_rope_is_a_complex_rotation(neox):
+    rng = np.random.default_rng(1)
+    n, heads, d = 7, 3, 16
+    x = rng.standard_normal((n, heads, d)).astype(np.float32)
+    positions = np.array([0, 1, 2, 5, 100, 4095, 7])
+    inv_freq = 10000.0 ** (-np.arange(0, d, 2) / d)
+    half = d // 2
+    pairs = (x[..., :half] + 1j * x[..., half:]) if neox else (x[..., 0::2] + 1j * x[..., 1::2])
+    rotated = pairs * np.exp(1j * positions[:, None, None] * inv_freq[None, None, :])
+    want = np.empty_like(x, dtype=np.float64)
+    if neox:
+        want[..., :half], want[..., half:] = rotated.real, rotated.imag
+    else:
+        want[..., 0::2], want[..., 1::2] = rotated.real, rotated.imag
+    assert rel_err(ops.rope(x, positions, inv_freq, neox), want) < 1e-6
+
+
+def dense_attention(q, k, v, n_past):
+    """One sequence, contiguous K/V, float64, GQA by repeating KV heads."""
+    n, heads, d = q.shape
+    group = heads // k.shape[1]
+    k, v = np.repeat(k, group, axis=1).astype(np.float64), np.repeat(v, group, axis=1).astype(np.float64)
+    scores = np.einsum("qhd,khd->hqk", q.astype(np.float64), k) / np.sqrt(d)
+    mask = np.arange(k.shape[0])[None, :] > (n_past + np.arange(n))[:, None]
+    scores[:, mask] = -np.inf
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return np.einsum("hqk,khd->qhd", probs, v).reshape(n, heads * d)
+
+
+def test_paged_attention_matches_dense_for_mixed_batch():
+    """Three sequences (a prefill, a decode, a chunk after a cached prefix) in one call."""
+    rng = np.random.default_rng(2)
+    heads, kv_heads, d, bs, n_blocks = 8, 2, 32, 4, 64
+    k_cache, v_cache = ops.new_kv_cache(n_blocks, bs, kv_heads, d)
+    free = list(rng.permutation(n_blocks))  # scattered blocks: the block table must be honoured
+    specs = [(0, 9), (13, 1), (6, 5)]  # (tokens already cached, new tokens)
+    seqs = []
+    for past, new in specs:
+        total = past + new
+        table = [int(free.pop()) for _ in range(-(-total // bs))]
+        k_all = rng.standard_normal((total, kv_heads, d)).astype(np.float32)
+        v_all = rng.standard_normal((total, kv_heads, d)).astype(np.float32)
+        pos = np.arange(total)
+        slots = np.array(table)[pos // bs] * bs + pos % bs
+        k_cache.reshape(-1, kv_heads, d)[slots[:past]] = k_all[:past]  # the cached prefix
+        v_cache.reshape(-1, kv_heads, d)[slots[:past]] = v_all[:past]
+        q = rng.standard_normal((new, heads, d)).astype(np.float32)
+        seqs.append((past, new, table, k_all, v_all, q, slots[past:]))
+    width = max(len(s[2]) for s in seqs)
+    tables = np.full((3, width), -1, np.int32)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s[2])] = s[2]
+    batch = AttentionBatch(
+        query_starts=np.cumsum([0] + [s[1] for s in seqs]).astype(np.int32),
+        context_lens=np.array([s[0] + s[1] for s in seqs], np.int32),
+        block_tables=tables, slot_mapping=np.concatenate([s[6] for s in seqs]).astype(np.int32))
+    q = np.concatenate([s[5] for s in seqs])
+    k_new = np.concatenate([s[3][s[0]:] for s in seqs])
+    v_new = np.concatenate([s[4][s[0]:] for s in seqs])
+    out = ops.attention(q, k_new, v_new, k_cache, v_cache, batch, 1 / np.sqrt(d))
+    for i, (past, new, _, k_all, v_all, qi, _) in enumerate(seqs):
+        start = batch.query_starts[i]
+        assert rel_err(out[start:start + new], dense_attention(qi, k_all, v_all, past)) < 1e-5
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        get_backend("tpu")

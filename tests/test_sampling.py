@@ -1,0 +1,93 @@
+"""Sampling: each filter against its definition, seeds, penalties, validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from workers.sampling import PRESETS, Sampler, SamplingParams, log_softmax, token_logprobs
+
+
+def draws(params: SamplingParams, logits: np.ndarray, n: int = 400) -> set[int]:
+    sampler = Sampler(params)
+    return {sampler.sample(logits) for _ in range(n)}
+
+
+LOGITS = np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02], dtype=np.float32))
+
+
+def test_greedy_is_argmax():
+    logits = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    assert Sampler(SamplingParams(temperature=0.0)).sample(logits) == int(np.argmax(logits))
+
+
+def test_top_k_top_p_min_p_supports():
+    assert draws(SamplingParams(temperature=1.0, top_k=2), LOGITS) == {0, 1}
+    # top_p 0.7: 0.4 + 0.25 = 0.65 < 0.7, so the third token is needed too.
+    assert draws(SamplingParams(temperature=1.0, top_p=0.7), LOGITS) == {0, 1, 2}
+    # min_p 0.3: keep p >= 0.3 * 0.4 = 0.12.
+    assert draws(SamplingParams(temperature=1.0, min_p=0.3), LOGITS) == {0, 1, 2}
+    assert draws(SamplingParams(temperature=1.0), LOGITS, 3000) == set(range(7))
+
+
+def test_temperature_sharpens_frequencies():
+    n = 4000
+    hot = Sampler(SamplingParams(temperature=1.0, seed=1))
+    counts = np.bincount([hot.sample(LOGITS) for _ in range(n)], minlength=7) / n
+    assert np.abs(counts - np.exp(LOGITS)).max() < 0.03
+    cold = Sampler(SamplingParams(temperature=0.5, seed=1))
+    counts = np.bincount([cold.sample(LOGITS) for _ in range(n)], minlength=7) / n
+    want = np.exp(2 * LOGITS) / np.exp(2 * LOGITS).sum()
+    assert np.abs(counts - want).max() < 0.03
+
+
+def test_same_seed_same_tokens():
+    logits = np.random.default_rng(3).standard_normal(5000).astype(np.float32)
+    params = SamplingParams.preset("creative", seed=42)
+
+    def run(p):
+        sampler = Sampler(p)
+        return [sampler.sample(logits) for _ in range(20)]
+
+    assert run(params) == run(params)
+    assert run(params) != run(params.with_(seed=43))
+
+
+def test_penalties_closed_form():
+    logits = np.array([2.0, -1.0, 0.5, 3.0], dtype=np.float32)
+    s = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25))
+    s.history.update([0, 0, 1])
+    got = s.apply_penalties(logits)
+    assert got == pytest.approx([2.0 / 2 - 2 * 0.5 - 0.25, -1.0 * 2 - 0.5 - 0.25, 0.5, 3.0])
+
+
+def test_logprobs_are_log_softmax():
+    logits = np.random.default_rng(4).standard_normal(50).astype(np.float32)
+    lp, top = token_logprobs(logits, 7, 5)
+    want = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
+    assert lp == pytest.approx(want[7])
+    assert [t for t, _ in top] == list(np.argsort(-want)[:5])
+    assert np.exp(log_softmax(logits)).sum() == pytest.approx(1.0)
+
+
+def test_presets():
+    assert set(PRESETS) == {"greedy", "balanced", "creative"}
+    b = SamplingParams.preset("balanced")
+    assert (b.temperature, b.top_k, b.top_p) == (0.8, 40, 0.9)
+    c = SamplingParams.preset("creative", max_tokens=3)
+    assert (c.temperature, c.top_k, c.top_p, c.max_tokens) == (1.2, 100, 0.95, 3)
+    assert SamplingParams.preset("greedy").greedy
+    with pytest.raises(ValueError, match="unknown sampling preset 'wild'"):
+        SamplingParams.preset("wild")
+
+
+@pytest.mark.parametrize("bad", [
+    dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0),
+    dict(top_p=1.5), dict(min_p=-0.1), dict(repetition_penalty=0.0), dict(frequency_penalty=3.0),
+    dict(presence_penalty=-2.5), dict(max_tokens=0), dict(max_tokens=-5), dict(seed=-1), dict(logprobs=21),
+    dict(stop=("",)), dict(temperature="hot"),
+])
+def test_invalid_parameters_raise_clear_errors(bad):
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):
+        SamplingParams(**bad)

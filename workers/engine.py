@@ -1,0 +1,203 @@
+"""The engine: one model, its tokenizer and KV cache, and the loop from ids to tokens.
+
+`forward` advances any set of sequences by any number of tokens each in one batched pass;
+`generate` (one request) and `score` (teacher forcing) are built on it, and so is the
+serving scheduler's continuous batching.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kernels import AttentionBatch, get_backend
+from workers.chat_template import render_chat
+from workers.gguf_file import GGUFFile
+from workers.kv_cache import PagedKVCache
+from workers.model import Transformer
+from workers.model_config import ModelConfig
+from workers.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
+from workers.text_stream import TextStream
+from workers.tokenizer import Tokenizer
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the context window."""
+
+
+@dataclass
+class Sequence:
+    token_ids: list[int]
+    num_cached: int = 0  # leading tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+
+
+@dataclass
+class GeneratedToken:
+    token_id: int | None  # None for the final event when a stop string ended the text
+    text: str  # text released by this token (may be empty while a character or stop string is incomplete)
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" | "length" once generation ends
+
+
+@dataclass
+class Timings:
+    prompt_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_tokens: int = 0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
+
+
+class Engine:
+    def __init__(self, model_path: str | Path, backend: str = "numpy", max_context: int | None = None,
+                 kv_cache_tokens: int | None = None, block_size: int = 16):
+        self.gguf = GGUFFile(model_path)
+        self.config = ModelConfig.from_gguf(self.gguf)
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        self.ops = get_backend(backend)
+        self.model = Transformer(self.gguf, self.config, self.ops)
+        self.max_context = min(self.config.context_length, max_context or DEFAULT_MAX_CONTEXT)
+        c = self.config
+        self.kv = PagedKVCache(self.ops, c.n_layers, c.n_kv_heads, c.head_dim,
+                               num_blocks=-(-(kv_cache_tokens or self.max_context) // block_size), block_size=block_size)
+        self.last_timings = Timings()
+
+    @property
+    def model_name(self) -> str:
+        return self.gguf.metadata.get("general.name") or self.gguf.path.stem
+
+    # --- prompts ------------------------------------------------------------------
+    def prompt_ids(self, text: str) -> list[int]:
+        """A plain prompt: BOS as the model's metadata says; special-token text stays text."""
+        return self.tokenizer.encode(text, add_special=True, parse_special=False)
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Messages rendered with the GGUF's chat template (sandboxed), special tokens parsed."""
+        tok = self.tokenizer
+        bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
+        eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
+        text = render_chat(self.gguf.metadata.get("tokenizer.chat_template"), messages,
+                           add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        # Templates that write the BOS text themselves must not get a second one.
+        ids = tok.encode(text, add_special=False, parse_special=True)
+        if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
+            ids.insert(0, tok.bos_id)
+        return ids
+
+    # --- batched forward ------------------------------------------------------
+    def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False) -> np.ndarray:
+        """Feed each sequence its next n uncached tokens, all in one pass.
+
+        Returns float32 logits on the host: the last new row of each sequence, or with
+        all_logits every new row in batch order.
+        """
+        tokens, positions, slots, starts, ctx = [], [], [], [0], []
+        bs = self.kv.block_size
+        for seq, n in work:
+            end = seq.num_cached + n
+            if n < 1 or end > len(seq.token_ids):
+                raise ValueError(f"cannot advance a sequence of {len(seq.token_ids)} tokens from {seq.num_cached} by {n}")
+            self.kv.reserve(seq.block_table, end)
+            pos = np.arange(seq.num_cached, end)
+            tokens.extend(seq.token_ids[seq.num_cached:end])
+            positions.append(pos)
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            starts.append(starts[-1] + n)
+            ctx.append(end)
+        width = max(len(seq.block_table) for seq, _ in work)
+        tables = np.full((len(work), width), -1, dtype=np.int32)
+        for i, (seq, _) in enumerate(work):
+            tables[i, : len(seq.block_table)] = seq.block_table
+        batch = AttentionBatch(
+            query_starts=np.asarray(starts, dtype=np.int32), context_lens=np.asarray(ctx, dtype=np.int32),
+            block_tables=tables, slot_mapping=np.concatenate(slots).astype(np.int32),
+        )
+        rows = None if all_logits else batch.query_starts[1:] - 1
+        logits = self.model.forward(np.asarray(tokens, dtype=np.int64), np.concatenate(positions), batch,
+                                    self.kv.layers, rows)
+        for seq, n in work:
+            seq.num_cached += n
+        return self.ops.to_numpy(logits).astype(np.float32, copy=False)
+
+    def release(self, seq: Sequence) -> None:
+        self.kv.release(seq.block_table)
+        seq.num_cached = 0
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_context:
+            raise ContextLengthError(
+                f"prompt has {len(prompt_ids)} tokens; the context window is {self.max_context} "
+                "and at least one token must be generated")
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+
+    # --- one request -------------------------------------------------------------
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
+        """Stream one completion. The last event carries finish_reason."""
+        self.check_prompt(prompt_ids)
+        seq = Sequence(list(prompt_ids))
+        sampler = Sampler(params)
+        stream = TextStream(self.tokenizer, params.stop)
+        stop_ids = set(params.stop_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_ids))
+        budget = min(params.max_tokens, self.max_context - len(prompt_ids))
+        timings = self.last_timings = Timings(prompt_tokens=len(prompt_ids))
+        try:
+            t0 = time.perf_counter()
+            logits = self.forward([(seq, len(prompt_ids))])[0]
+            timings.prefill_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for i in range(budget):
+                token = sampler.sample(logits)
+                logprob, top = (token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else (None, None))
+                if token in stop_ids:
+                    yield GeneratedToken(token, stream.finish(), logprob, top, "stop")
+                    return
+                text = stream.push(token)
+                if stream.stopped:
+                    yield GeneratedToken(token, text, logprob, top, "stop")
+                    return
+                if i == budget - 1:
+                    yield GeneratedToken(token, text + stream.finish(), logprob, top, "length")
+                    return
+                yield GeneratedToken(token, text, logprob, top)
+                seq.token_ids.append(token)
+                logits = self.forward([(seq, 1)])[0]
+                timings.decode_tokens += 1
+                timings.decode_s = time.perf_counter() - t0
+        finally:
+            self.release(seq)
+
+    def score(self, ids: list[int], top: int = 10) -> list[dict]:
+        """Teacher forcing: for every position, the top logits predicting the next token and the log-sum-exp."""
+        self.check_prompt(ids[:-1] or ids)
+        seq = Sequence(list(ids))
+        try:
+            logits = self.forward([(seq, len(ids))], all_logits=True)
+        finally:
+            self.release(seq)
+        out = []
+        for row in logits:
+            best = np.argpartition(-row, top - 1)[:top]
+            best = best[np.argsort(-row[best], kind="stable")]
+            lse = float(row.astype(np.float64).max() - log_softmax(row).max())
+            out.append({"top": [[int(i), float(row[i])] for i in best], "lse": lse})
+        return out

@@ -1,0 +1,121 @@
+"""Model hyper-parameters from GGUF metadata, and the check of every tensor against them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels.quants import SUPPORTED_QTYPES
+from workers.gguf_file import GGUFError, GGUFFile
+
+# arch -> rotary style. llama.cpp's converter permutes llama/mistral Q and K so that
+# adjacent pairs rotate ("normal"); qwen2 keeps HF's half-split layout ("neox").
+ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    context_length: int
+    rms_eps: float
+    rope_neox: bool
+    inv_freq: np.ndarray  # [head_dim / 2], scaling and llama3 frequency factors applied
+    tied_embeddings: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
+        path, md, arch = gguf.path, gguf.metadata, gguf.architecture
+        if arch not in ARCHITECTURES:
+            raise GGUFError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+
+        def get(key: str, default=None, kind=int):
+            value = md.get(f"{arch}.{key}", default)
+            if value is None:
+                raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
+            if isinstance(value, list) or not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise GGUFError(f"{path}: metadata {arch}.{key} = {value!r} is not a single number")
+            value = kind(value)
+            if value <= 0:
+                raise GGUFError(f"{path}: metadata {arch}.{key} = {value} must be positive")
+            return value
+
+        if any(name.endswith("_exps.weight") for name in gguf.tensors):
+            raise GGUFError(f"{path}: mixture-of-experts models are not supported")
+        d_model, n_heads = get("embedding_length"), get("attention.head_count")
+        head_dim = get("attention.key_length", d_model // n_heads)
+        if get("attention.value_length", head_dim) != head_dim:
+            raise GGUFError(f"{path}: key and value head sizes differ")
+        if get("rope.dimension_count", head_dim) != head_dim:
+            raise GGUFError(f"{path}: partial rotary embeddings are not supported")
+        n_kv_heads = get("attention.head_count_kv", n_heads)
+        if n_heads % n_kv_heads:
+            raise GGUFError(f"{path}: {n_heads} heads are not a multiple of {n_kv_heads} KV heads")
+        embd = gguf.tensors.get("token_embd.weight")
+        if embd is None:
+            raise GGUFError(f"{path}: tensor 'token_embd.weight' is missing")
+
+        inv_freq = get("rope.freq_base", 10000.0, float) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        scaling = md.get(f"{arch}.rope.scaling.type", "none")
+        if scaling == "linear":
+            inv_freq = inv_freq / get("rope.scaling.factor", kind=float)
+        elif scaling not in ("none", None):
+            raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported (none, linear, llama3 factors)")
+        if "rope_freqs.weight" in gguf.tensors:  # llama3-style per-frequency factors
+            factors = gguf.tensors["rope_freqs.weight"]
+            if factors.shape != (head_dim // 2,) or factors.qtype.name != "F32":
+                raise GGUFError(f"{path}: tensor 'rope_freqs.weight' must be F32 of shape ({head_dim // 2},)")
+            inv_freq = inv_freq / factors.data.view(np.float32).astype(np.float64)
+
+        config = cls(
+            arch=arch,
+            n_layers=get("block_count"),
+            d_model=d_model,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
+            ffn_dim=get("feed_forward_length"),
+            vocab_size=get("vocab_size", embd.shape[0]),
+            context_length=get("context_length", 2048),
+            rms_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
+            rope_neox=ARCHITECTURES[arch],
+            inv_freq=inv_freq,
+            tied_embeddings="output.weight" not in gguf.tensors,
+            qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
+        )
+        config.check_tensors(gguf)
+        return config
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, q_dim, kv_dim, f = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.ffn_dim
+        shapes = {"token_embd.weight": (self.vocab_size, d), "output_norm.weight": (d,)}
+        if not self.tied_embeddings:
+            shapes["output.weight"] = (self.vocab_size, d)
+        for i in range(self.n_layers):
+            p = f"blk.{i}."
+            shapes |= {
+                p + "attn_norm.weight": (d,), p + "attn_q.weight": (q_dim, d), p + "attn_k.weight": (kv_dim, d),
+                p + "attn_v.weight": (kv_dim, d), p + "attn_output.weight": (d, q_dim), p + "ffn_norm.weight": (d,),
+                p + "ffn_gate.weight": (f, d), p + "ffn_up.weight": (f, d), p + "ffn_down.weight": (d, f),
+            }
+            if self.qkv_bias:
+                shapes |= {p + "attn_q.bias": (q_dim,), p + "attn_k.bias": (kv_dim,), p + "attn_v.bias": (kv_dim,)}
+        return shapes
+
+    def check_tensors(self, gguf: GGUFFile) -> None:
+        for name, shape in self.expected_shapes().items():
+            tensor = gguf.tensors.get(name)
+            if tensor is None:
+                raise GGUFError(f"{gguf.path}: tensor {name!r} is missing")
+            if tensor.shape != shape:
+                raise GGUFError(f"{gguf.path}: tensor {name!r} has shape {tensor.shape}, expected {shape}")
+            if tensor.qtype not in SUPPORTED_QTYPES:
+                raise GGUFError(f"{gguf.path}: tensor {name!r} has unsupported quantization type {tensor.qtype.name}")

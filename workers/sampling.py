@@ -1,0 +1,157 @@
+"""Sampling parameters, their validation, and the host-side sampler.
+
+Order of operations (as in llama.cpp's default chain): penalties on the raw logits, then
+temperature, then the top-k / top-p / min-p filters, then a draw from the request's own
+generator (same seed, same tokens). Reported logprobs are those of the model's raw
+distribution, as OpenAI's API reports them, not of the filtered one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+PRESETS = {
+    "greedy": dict(temperature=0.0),
+    "balanced": dict(temperature=0.8, top_k=40, top_p=0.9),
+    "creative": dict(temperature=1.2, top_k=100, top_p=0.95),
+}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+
+    def __post_init__(self):
+        def bad(name, rule):
+            raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
+
+        def number(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                bad(name, "must be a finite number")
+            return value
+
+        if not 0.0 <= number("temperature") <= 100.0:
+            bad("temperature", "must be in [0, 100]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0 disables it)")
+        if not 0.0 < number("top_p") <= 1.0:
+            bad("top_p", "must be in (0, 1]")
+        if not 0.0 <= number("min_p") <= 1.0:
+            bad("min_p", "must be in [0, 1]")
+        if not 0.0 < number("repetition_penalty") <= 10.0:
+            bad("repetition_penalty", "must be in (0, 10]")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= number(name) <= 2.0:
+                bad(name, "must be in [-2, 2]")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            bad("seed", "must be an integer >= 0")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "must be an integer in [0, 20]")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be non-empty strings")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SamplingParams":
+        if name not in PRESETS:
+            raise ValueError(f"unknown sampling preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**(PRESETS[name] | overrides))
+
+    def with_(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+@dataclass
+class Sampler:
+    """Per-request sampling state: the generator and the counts the penalties need."""
+
+    params: SamplingParams
+    history: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        self.rng = np.random.default_rng(self.params.seed)
+
+    def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
+        p = self.params
+        if not self.history or (p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0):
+            return logits
+        logits = logits.copy()
+        ids = np.fromiter(self.history.keys(), dtype=np.int64)
+        counts = np.fromiter(self.history.values(), dtype=np.float32)
+        seen = logits[ids]
+        seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+        logits[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
+        return logits
+
+    def sample(self, logits: np.ndarray) -> int:
+        """Pick the next token from one row of float logits and remember it."""
+        p = self.params
+        logits = self.apply_penalties(np.asarray(logits, dtype=np.float32))
+        if p.greedy:
+            token = int(np.argmax(logits))
+        else:
+            token = self._draw(logits)
+        self.history[token] += 1
+        return token
+
+    def _draw(self, logits: np.ndarray) -> int:
+        p = self.params
+        candidates = np.arange(len(logits))
+        scaled = logits.astype(np.float64) / p.temperature
+        if 0 < p.top_k < len(scaled):
+            keep = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
+            candidates, scaled = candidates[keep], scaled[keep]
+        order = np.argsort(-scaled, kind="stable")
+        candidates, scaled = candidates[order], scaled[order]
+        probs = np.exp(scaled - scaled[0])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+            cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
+            candidates, probs = candidates[:cut], probs[:cut]
+        if p.min_p > 0.0:
+            keep = probs >= p.min_p * probs[0]
+            candidates, probs = candidates[keep], probs[keep]
+        probs = probs / probs.sum()
+        return int(candidates[self.rng.choice(len(probs), p=probs)])
+
+
+def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
+    """The chosen token's logprob and the top-n (id, logprob) of the raw distribution."""
+    lp = log_softmax(logits)
+    top: list[tuple[int, float]] = []
+    if top_n:
+        ids = np.argpartition(-lp, top_n - 1)[:top_n]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        top = [(int(i), float(lp[i])) for i in ids]
+    return float(lp[token]), top

@@ -1,0 +1,173 @@
+"""Synthetic GGUF models: a real architecture's shapes and quant mix, random weights.
+
+Used by the tests (tiny models of every quant type) and by the GPU benchmark (full-size
+replicas of real models, so this project and llama.cpp time the same bytes without a
+multi-GB download). Types gguf-py can quantize get real quantized Gaussians; K-quants,
+which it cannot, get random blocks whose super-block scales are set so the weights come
+out zero-mean with the requested standard deviation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf.quants import quantize
+
+from kernels.quants import block_shape, dequantize
+from workers.gguf_file import GGUFFile
+
+Q = GGMLQuantizationType
+# Byte offsets of a K-quant block's f16 scale `d` and min-scale `dmin` (None: signed, no min).
+_K_SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108, None), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, None)}
+# llama.cpp falls back to these when a row length is not a multiple of the 256-value super-block.
+_K_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_1, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    rope_base: float = 10000.0
+    context_length: int = 4096
+    tied_embeddings: bool = False
+
+
+# Real models' hyper-parameters (vocabulary size comes from the tokenizer file).
+SHAPES = {
+    "qwen2.5-0.5b": Shape("qwen2", 24, 896, 14, 2, 4864, 1_000_000.0, 32768),
+    "llama3-8b": Shape("llama", 32, 4096, 32, 8, 14336, 500_000.0, 8192),
+    "llama3-70b": Shape("llama", 80, 8192, 64, 8, 28672, 500_000.0, 8192),
+}
+
+
+def random_blocks(rng: np.random.Generator, shape: tuple[int, int], qtype: GGMLQuantizationType, std: float) -> np.ndarray:
+    """Raw bytes [rows, row_bytes] of a `qtype` tensor with roughly N(0, std) values."""
+    rows, cols = shape
+    if qtype not in _K_SCALE_FIELDS:
+        return quantize((rng.standard_normal(shape, dtype=np.float32) * std), qtype)
+    block, size = block_shape(qtype)
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    d_at, dmin_at = _K_SCALE_FIELDS[qtype]
+
+    def set_scales(d: float, dmin: float) -> np.ndarray:
+        raw[..., d_at:d_at + 2] = np.float16(d).reshape(1).view(np.uint8)
+        if dmin_at is not None:
+            raw[..., dmin_at:dmin_at + 2] = np.float16(dmin).reshape(1).view(np.uint8)
+        return dequantize(raw.reshape(rows, -1), qtype)
+
+    scaled = set_scales(1.0, 0.0)
+    mean_scaled, spread = float(scaled.mean()), float(scaled.std())
+    if dmin_at is not None:  # pick dmin so the block minimums cancel the scales' mean
+        mean_min = -float(set_scales(0.0, 1.0).mean())
+        dmin = mean_scaled / mean_min
+        spread = float(set_scales(1.0, dmin).std())
+    else:
+        dmin = 0.0
+    d = std / spread
+    set_scales(d, d * dmin)
+    return raw.reshape(rows, -1)
+
+
+def q4_k_m_mix(name: str, layer: int | None, n_layers: int) -> GGMLQuantizationType:
+    """llama.cpp's Q4_K_M choice for a tensor (before the row-length fallback)."""
+    if name.endswith("norm.weight") or name.endswith(".bias"):
+        return Q.F32
+    if name == "output.weight":
+        return Q.Q6_K
+    if name.endswith(("attn_v.weight", "ffn_down.weight")) and layer is not None:
+        # use_more_bits: the first and last eighth of the layers, and every third between.
+        more = layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+        return Q.Q6_K if more else Q.Q4_K
+    return Q.Q4_K
+
+
+def uniform_mix(qtype: GGMLQuantizationType):
+    """Every matrix in `qtype` (norms and biases stay F32)."""
+    def mix(name: str, layer: int | None, n_layers: int) -> GGMLQuantizationType:
+        return Q.F32 if name.endswith(("norm.weight", ".bias")) else qtype
+    return mix
+
+
+def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=q4_k_m_mix, seed: int = 0,
+                std: float = 0.02) -> Path:
+    """Write a random model with `shape`, the tokenizer (and vocab size) of `tokenizer_gguf`."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    vocab_md = GGUFFile(tokenizer_gguf).metadata
+    n_vocab = len(vocab_md["tokenizer.ggml.tokens"])
+    s, arch = shape, shape.arch
+    head_dim = s.d_model // s.n_heads
+    w = GGUFWriter(str(path), arch)
+    w.add_name(f"synthetic {arch}")
+    w.add_block_count(s.n_layers)
+    w.add_context_length(s.context_length)
+    w.add_embedding_length(s.d_model)
+    w.add_feed_forward_length(s.ffn_dim)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv_heads)
+    w.add_rope_freq_base(s.rope_base)
+    w.add_layer_norm_rms_eps(1e-6)
+    for key, value in vocab_md.items():
+        if key.startswith("tokenizer."):
+            add_field(w, key, value)
+
+    def tensor(name: str, dims: tuple[int, ...], layer: int | None = None):
+        qtype = mix(name, layer, s.n_layers)
+        if len(dims) == 1:
+            data = (1.0 + 0.1 * rng.standard_normal(dims)).astype(np.float32) if name.endswith("norm.weight") \
+                else (0.05 * rng.standard_normal(dims)).astype(np.float32)
+            w.add_tensor(name, data)
+            return
+        if qtype in _K_FALLBACK and dims[1] % 256:
+            qtype = _K_FALLBACK[qtype]
+        if qtype == Q.F32:
+            w.add_tensor(name, (rng.standard_normal(dims, dtype=np.float32) * std))
+        else:
+            w.add_tensor(name, random_blocks(rng, dims, qtype, std), raw_dtype=qtype)
+
+    q_dim, kv_dim = s.n_heads * head_dim, s.n_kv_heads * head_dim
+    tensor("token_embd.weight", (n_vocab, s.d_model))
+    tensor("output_norm.weight", (s.d_model,))
+    if not s.tied_embeddings:
+        tensor("output.weight", (n_vocab, s.d_model))
+    for i in range(s.n_layers):
+        p = f"blk.{i}."
+        tensor(p + "attn_norm.weight", (s.d_model,), i)
+        tensor(p + "attn_q.weight", (q_dim, s.d_model), i)
+        tensor(p + "attn_k.weight", (kv_dim, s.d_model), i)
+        tensor(p + "attn_v.weight", (kv_dim, s.d_model), i)
+        if arch == "qwen2":
+            tensor(p + "attn_q.bias", (q_dim,), i)
+            tensor(p + "attn_k.bias", (kv_dim,), i)
+            tensor(p + "attn_v.bias", (kv_dim,), i)
+        tensor(p + "attn_output.weight", (s.d_model, q_dim), i)
+        tensor(p + "ffn_norm.weight", (s.d_model,), i)
+        tensor(p + "ffn_gate.weight", (s.ffn_dim, s.d_model), i)
+        tensor(p + "ffn_up.weight", (s.ffn_dim, s.d_model), i)
+        tensor(p + "ffn_down.weight", (s.d_model, s.ffn_dim), i)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def add_field(w: GGUFWriter, key: str, value) -> None:
+    """Write a metadata value as GGUFFile read it (plain Python types)."""
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, list):
+        w.add_array(key, value)
