@@ -1,0 +1,95 @@
+"""The `ntr` command line contract, on a tiny synthetic model (the real one: test_llamacpp_parity.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cluster.cli import main
+from workers import model_store
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_generate_json(capsys, tiny_model):
+    model = str(tiny_model("qwen2"))
+    code, out, _ = run(capsys, "generate", "--model", model, "--prompt", "hello world", "--preset", "greedy",
+                       "--max-tokens", "5", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) >= {"text", "prompt_ids", "token_ids", "prefill_tok_s", "decode_tok_s"}
+    assert result["prompt_ids"] == [14990, 1879]  # qwen2 vocab: "hello", " world"
+    assert 1 <= len(result["token_ids"]) <= 5 and result["decode_tok_s"] >= 0
+
+
+def test_generate_streams_text(capsys, tiny_model):
+    code, out, err = run(capsys, "generate", "--model", str(tiny_model("qwen2")), "--prompt", "x",
+                         "--temperature", "0.9", "--seed", "3", "--max-tokens", "4")
+    assert code == 0 and "tok/s" in err
+    code2, out2, _ = run(capsys, "generate", "--model", str(tiny_model("qwen2")), "--prompt", "x",
+                         "--temperature", "0.9", "--seed", "3", "--max-tokens", "4")
+    assert out2 == out  # same seed, same text
+
+
+def test_tokenize(capsys, tiny_model, tmp_path):
+    model = str(tiny_model("qwen2"))
+    code, out, _ = run(capsys, "tokenize", "--model", model, "--text", "hello world", "--json")
+    assert code == 0 and json.loads(out) == [14990, 1879]
+    texts = tmp_path / "t.json"
+    texts.write_text(json.dumps(["hello world", "", "<|im_start|>"]))
+    code, out, _ = run(capsys, "tokenize", "--model", model, "--texts-json", str(texts), "--json")
+    ids = json.loads(out)
+    assert ids[:2] == [[14990, 1879], []]
+    assert len(ids[2]) > 1  # special-token text in user input is not parsed as the control token
+
+
+def test_score(capsys, tiny_model):
+    code, out, _ = run(capsys, "score", "--model", str(tiny_model("qwen2")), "--ids", "1,2,3", "--top", "4", "--json")
+    positions = json.loads(out)["positions"]
+    assert code == 0 and len(positions) == 3
+    for p in positions:
+        logits = [v for _, v in p["top"]]
+        assert len(logits) == 4 and logits == sorted(logits, reverse=True) and p["lse"] >= logits[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--prompt", "x", "--temperature", "-1"], "invalid sampling parameter temperature=-1.0"),
+    (["generate", "--prompt", "x", "--top-p", "2"], "invalid sampling parameter top_p=2.0"),
+    (["generate", "--prompt", "x", "--max-tokens", "0"], "invalid sampling parameter max_tokens=0"),
+    (["generate", "--prompt", "x", "--preset", "wild"], "unknown sampling preset"),
+])
+def test_bad_arguments(capsys, tiny_model, argv, message):
+    code, _, err = run(capsys, *argv, "--model", str(tiny_model("qwen2")))
+    assert code == 2 and message in err
+
+
+def test_prompt_past_context(capsys, tiny_model):
+    code, _, err = run(capsys, "generate", "--model", str(tiny_model("qwen2")), "--prompt", "word " * 600)
+    assert code == 2 and "context window is 512" in err
+
+
+def test_unknown_and_missing_models(capsys, tmp_path, monkeypatch):
+    code, _, err = run(capsys, "generate", "--model", "no-such-model", "--prompt", "x")
+    assert code == 2 and "no model file or registered model named 'no-such-model'" in err
+    monkeypatch.setenv("NTR_HOME", str(tmp_path))
+    code, _, err = run(capsys, "generate", "--prompt", "x")
+    assert code == 2 and f"ntr models pull {model_store.DEFAULT_MODEL}" in err
+    code, out, _ = run(capsys, "models", "list")
+    assert code == 0 and "not installed" in out
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    code, _, err = run(capsys, "score", "--model", str(bad), "--ids", "1")
+    assert code == 2 and str(bad) in err
+
+
+def test_console_script_entry_point(tiny_model):
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "tokenize", "--model", str(tiny_model("qwen2")),
+                          "--text", "hello world", "--json"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout) == [14990, 1879]
