@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Produce numerical reference data from llama.cpp for ntransformer's tests.
+
+For a fixed set of prompts (code in several languages, prose, non-ASCII/emoji
+text and one chat-templated prompt) this script records, using llama.cpp via
+llama-cpp-python:
+
+* ``prompt_ids``  - llama.cpp's tokenization of the prompt;
+* ``greedy_ids``  - a 32-token greedy continuation, generated the normal
+  llama.cpp way (batched prompt eval, then one token per decode call,
+  argmax of the last position's logits);
+* ``positions``   - teacher-forced scoring of ``prompt_ids + greedy_ids`` in a
+  single batched decode with logits for every position: for each position the
+  top-40 ``[token_id, logit]`` pairs and the float64 log-sum-exp over the full
+  vocabulary.
+
+The result (``tests/data/llamacpp_reference.json``) is committed; the tests
+compare ntransformer's tokenizer / logits / greedy decoding against it.  The
+JSON's ``notes`` field documents exactly how every field was produced.
+
+Usage::
+
+    python tools/make_llamacpp_reference.py --model /path/to/qwen.gguf \
+        --out tests/data/llamacpp_reference.json [--threads 2]
+
+Dependency (developer-only, NOT a project or CI dependency)::
+
+    python3.11 -m venv /tmp/llamacpp-venv
+    CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/llamacpp-venv/bin/pip install llama-cpp-python==0.3.36
+
+pip builds llama.cpp from source (CPU only); that takes roughly 10-15 minutes
+on a 2-core machine, so run it in the background.  Then run this script with
+/tmp/llamacpp-venv/bin/python.  The script is run by developers when the
+reference data needs regenerating; CI never runs it.
+
+The reference model is Qwen2.5-Coder-0.5B-Instruct Q4_K_M (arch qwen2,
+sha256 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32);
+another GGUF works but its hash is recorded so tests can tell them apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+N_GREEDY = 32
+TOP_K = 40
+N_CTX = 1024
+N_BATCH = 512
+SEED = 1234
+ROUND = 5
+
+SYSTEM_MSG = "You are a helpful coding assistant. Answer concisely."
+USER_MSG = "Write a Python function that checks whether a string is a palindrome."
+
+# (name, kind, text).  kind "chat" prompts are rendered with the GGUF's chat
+# template from SYSTEM_MSG / USER_MSG; their text here is a placeholder.
+PROMPTS = [
+    ("python_fib", "code",
+     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+     "    if n < 2:\n        return n\n"),
+    ("c_loop", "code",
+     "#include <stdio.h>\n\nint main(void) {\n    int sum = 0;\n"
+     "    for (int i = 0; i < 10; i++) {\n"),
+    ("rust_config", "code",
+     "use std::fs;\n\nfn read_lines(path: &str) -> std::io::Result<Vec<String>> {\n"
+     "    let contents = fs::read_to_string(path)?;\n"),
+    ("js_debounce", "code",
+     "// Debounce a function so it runs at most once per `wait` milliseconds.\n"
+     "function debounce(fn, wait) {\n  let timer;\n"),
+    ("prose_printing", "prose",
+     "The history of the printing press begins in the fifteenth century, "
+     "when Johannes Gutenberg"),
+    ("prose_tea", "prose",
+     "To make a good cup of tea, first boil some fresh water, and then"),
+    ("prose_primes", "prose",
+     "In mathematics, a prime number is a natural number greater than 1 that"),
+    ("unicode_mix", "unicode",
+     "Café, naïve façade — déjà vu! 日本語のテキストです。 Привет, мир! "
+     "🚀🔥👍 In English, this means"),
+    ("chat_palindrome", "chat", None),
+]
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def render_chat(llm, llama_cpp):
+    """Render the chat prompt with the GGUF's own chat template (jinja2, as
+    llama-cpp-python's chat completion does), and cross-check it against a
+    hand-written ChatML rendering."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise SystemExit("model has no tokenizer.chat_template")
+    eos_id = llm.token_eos()
+    bos_id = llm.token_bos()
+    tok_str = lambda i: llm.detokenize([i], special=True).decode("utf-8")  # noqa: E731
+    fmt = Jinja2ChatFormatter(
+        template=template,
+        eos_token=tok_str(eos_id) if eos_id >= 0 else "",
+        bos_token=tok_str(bos_id) if bos_id >= 0 else "",
+        add_generation_prompt=True,
+    )
+    messages = [
+        {"role": "system", "content": SYSTEM_MSG},
+        {"role": "user", "content": USER_MSG},
+    ]
+    text = fmt(messages=messages).prompt
+    manual = (
+        f"<|im_start|>system\n{SYSTEM_MSG}<|im_end|>\n"
+        f"<|im_start|>user\n{USER_MSG}<|im_end|>\n"
+        f"<|im_start|>assistant\n"
+    )
+    if text != manual:
+        print("WARNING: GGUF chat template rendering differs from manual ChatML:\n"
+              f"  template: {text!r}\n  manual:   {manual!r}", file=sys.stderr)
+    return text, messages, text == manual
+
+
+def last_logits(llm, n_vocab):
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
+
+
+def greedy(llm, prompt_ids, n_vocab, n_new):
+    """Normal llama.cpp generation: batched prompt eval (logits only for the
+    last token), then one token per decode; argmax (lowest id on ties)."""
+    llm.reset()
+    llm.eval(prompt_ids)
+    out, step_logits = [], []
+    for i in range(n_new):
+        row = last_logits(llm, n_vocab)
+        step_logits.append(row)
+        tok = int(np.argmax(row))
+        out.append(tok)
+        if i + 1 < n_new:
+            llm.eval([tok])
+    return out, np.array(step_logits)
+
+
+def score(llm_all, ids):
+    """One batched decode of `ids` with logits for every position."""
+    assert len(ids) <= llm_all.n_batch, "teacher-forced eval must be one batch"
+    llm_all.reset()
+    llm_all.eval(ids)
+    logits = np.array(llm_all.scores[: len(ids), :], dtype=np.float32, copy=True)
+    positions = []
+    for row in logits:
+        r64 = row.astype(np.float64)
+        m = r64.max()
+        lse = m + math.log(np.exp(r64 - m).sum())
+        order = np.argsort(-row, kind="stable")[:TOP_K]  # ties: lower id first
+        positions.append({
+            "top": [[int(i), round(float(row[i]), ROUND)] for i in order],
+            "lse": round(float(lse), ROUND),
+        })
+    return logits, positions
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    import llama_cpp
+    from llama_cpp import Llama
+
+    t0 = time.time()
+    model_sha = sha256_file(args.model)
+    common = dict(model_path=args.model, n_ctx=N_CTX, n_batch=N_BATCH,
+                  n_threads=args.threads, n_threads_batch=args.threads,
+                  seed=SEED, verbose=False)
+    # Generation instance: plain llama.cpp usage (logits only for the last
+    # token of each decode).  Scoring instance: logits for every position.
+    llm = Llama(logits_all=False, **common)
+    llm_all = Llama(logits_all=True, **common)
+    n_vocab = llm.n_vocab()
+    md = llm.metadata
+    add_bos_md = md.get("tokenizer.ggml.add_bos_token")
+    eog_ids = sorted(i for i in range(n_vocab)
+                     if llama_cpp.llama_vocab_is_eog(llm._model.vocab, i))
+
+    chat_text, chat_messages, chat_matches_manual = render_chat(llm, llama_cpp)
+
+    records = []
+    all_agree = all_total = 0
+    for name, kind, text in PROMPTS:
+        is_chat = kind == "chat"
+        if is_chat:
+            text = chat_text
+        # add_bos=True means llama.cpp's add_special: BOS is added only if the
+        # vocab says so (tokenizer.ggml.add_bos_token), EOS likewise.
+        prompt_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=is_chat)
+        if not (10 <= len(prompt_ids) <= 60):
+            raise SystemExit(f"{name}: prompt has {len(prompt_ids)} tokens, want 10..60")
+        gen, step_logits = greedy(llm, prompt_ids, n_vocab, N_GREEDY)
+        seq = prompt_ids + gen
+        logits, positions = score(llm_all, seq)
+        # Sanity: teacher-forced argmax at positions len(prompt)-1 .. len(seq)-2
+        # should reproduce greedy_ids.
+        n_p = len(prompt_ids)
+        tf_argmax = logits.argmax(axis=1)
+        agree = sum(int(tf_argmax[n_p - 1 + j]) == gen[j] for j in range(N_GREEDY))
+        # Numerical noise between llama.cpp's own two evaluation orders (same
+        # tokens, same positions): a yardstick for test tolerances.
+        diff = np.abs(step_logits - logits[n_p - 1:n_p - 1 + N_GREEDY])
+        noise = {"max_abs": round(float(diff.max()), ROUND),
+                 "mean_abs": round(float(diff.mean()), ROUND)}
+        all_agree += agree
+        all_total += N_GREEDY
+        first_div = next((j for j in range(N_GREEDY)
+                          if int(tf_argmax[n_p - 1 + j]) != gen[j]), None)
+        gen_text = llm.detokenize(gen, prev_tokens=prompt_ids, special=True).decode(
+            "utf-8", errors="replace")
+        eos_in_gen = [j for j, t in enumerate(gen) if t in set(eog_ids)]
+        print(f"{name:16s} prompt={n_p:2d} tok  tf/greedy agree {agree}/{N_GREEDY}"
+              f"  first_div={first_div}  |dlogit| max={noise['max_abs']:.3f}"
+              f" mean={noise['mean_abs']:.4f}  eog_at={eos_in_gen}  -> {gen_text!r}")
+        rec = {
+            "name": name,
+            "kind": kind,
+            "text": text,
+            "parse_special": is_chat,
+            "prompt_ids": prompt_ids,
+            "greedy_ids": gen,
+            "greedy_text": gen_text,
+            "tf_greedy_agreement": agree,
+            "tf_vs_stepwise_logit_diff": noise,
+            "positions": positions,
+        }
+        if is_chat:
+            rec["chat_messages"] = chat_messages
+        records.append(rec)
+
+    rate = all_agree / all_total
+    print(f"overall teacher-forced vs token-by-token greedy agreement: "
+          f"{all_agree}/{all_total} = {rate:.4f}")
+
+    fa = llm.context_params.flash_attn_type
+    fa_names = {getattr(llama_cpp, n): n for n in dir(llama_cpp)
+                if n.startswith("LLAMA_FLASH_ATTN_TYPE_")}
+    header = {
+        "format_version": 1,
+        "generator": "tools/make_llamacpp_reference.py",
+        "llama_cpp_python_version": llama_cpp.__version__,
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode().strip(),
+        "model": {
+            "file": os.path.basename(args.model),
+            "sha256": model_sha,
+            "architecture": md.get("general.architecture"),
+            "name": md.get("general.name"),
+            "n_vocab": n_vocab,
+            "add_bos_token": (str(add_bos_md).lower() == "true"
+                              if add_bos_md is not None else None),
+            "bos_id": llm.token_bos(),
+            "eos_id": llm.token_eos(),
+            "eog_ids": eog_ids,
+        },
+        "llama_params": {
+            "n_ctx": N_CTX,
+            "n_batch": N_BATCH,
+            "n_threads": args.threads,
+            "n_threads_batch": args.threads,
+            "seed": SEED,
+            "flash_attn_type": fa_names.get(fa, fa),
+            "type_k": "f16 (default)",
+            "type_v": "f16 (default)",
+        },
+        "n_greedy": N_GREEDY,
+        "top_k": TOP_K,
+        "round_decimals": ROUND,
+        "chat_template_source": (
+            "GGUF tokenizer.chat_template rendered by llama_cpp.llama_chat_format."
+            "Jinja2ChatFormatter (add_generation_prompt=True); "
+            + ("identical to manual ChatML '<|im_start|>system\\n...<|im_end|>\\n"
+               "<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n'"
+               if chat_matches_manual else "DIFFERS from manual ChatML rendering")
+            + "; tokenized with parse_special=True"),
+        "tf_greedy_agreement_overall": [all_agree, all_total],
+        "notes": {
+            "prompt_ids": "Llama.tokenize(text.encode('utf-8'), add_bos=True, "
+                          "special=parse_special), i.e. llama_tokenize with "
+                          "add_special=True (BOS/EOS added only if the GGUF vocab "
+                          "asks; this model adds none) and parse_special only for "
+                          "the chat prompt.",
+            "greedy_ids": f"{N_GREEDY} tokens. Llama(logits_all=False): reset, "
+                          "eval(prompt_ids) in one batch (logits for the last "
+                          "token only), then repeatedly take np.argmax of "
+                          "llama_get_logits_ith(ctx,-1) (lowest id on ties) and "
+                          "eval([tok]) one token at a time. Generation does NOT "
+                          "stop at EOS/EOG: an end token is recorded and decoding "
+                          "continues, so there are always exactly n_greedy ids.",
+            "greedy_text": "detokenize(greedy_ids, prev_tokens=prompt_ids, "
+                           "special=True), invalid UTF-8 replaced; informational.",
+            "positions": "Separate Llama(logits_all=True): reset, then one "
+                         "eval()/llama_decode of prompt_ids+greedy_ids as a single "
+                         "batch with logits for every token. positions[p] "
+                         "(p = 0..len-1) holds the logits after token p, i.e. "
+                         "predicting token p+1 (the last one predicts past the "
+                         "sequence). top = top_k [token_id, logit] sorted by "
+                         "logit descending (ties: lower id first); lse = "
+                         "log-sum-exp of all n_vocab float32 logits computed in "
+                         "float64. Logits and lse rounded to round_decimals.",
+            "tf_greedy_agreement": "number of j in 0..n_greedy-1 where argmax of "
+                                   "positions[len(prompt_ids)-1+j] (full, unrounded "
+                                   "logits) equals greedy_ids[j]; batched and "
+                                   "token-by-token llama.cpp evals differ slightly "
+                                   "numerically, so near-ties may flip.",
+            "tf_vs_stepwise_logit_diff": "max/mean |logit difference| over the "
+                                         "full vocab between the token-by-token "
+                                         "generation logits and the batched "
+                                         "teacher-forced logits at the same "
+                                         "n_greedy positions (llama.cpp's own "
+                                         "evaluation-order noise).",
+        },
+    }
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    dump = lambda o: json.dumps(o, ensure_ascii=False, separators=(",", ":"))  # noqa: E731
+    lines = ["{"]
+    for k, v in header.items():
+        lines.append(f"{json.dumps(k)}:{dump(v)},")
+    lines.append('"prompts":[')
+    lines.append(",\n".join(dump(r) for r in records))
+    lines.append("]}")
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    size = os.path.getsize(args.out)
+    print(f"wrote {args.out} ({size} bytes) in {time.time() - t0:.1f}s")
+
+    # Verify the file round-trips.
+    with open(args.out, encoding="utf-8") as f:
+        data = json.load(f)
+    assert len(data["prompts"]) == len(PROMPTS)
+    for r in data["prompts"]:
+        assert len(r["greedy_ids"]) == N_GREEDY
+        assert len(r["positions"]) == len(r["prompt_ids"]) + N_GREEDY
+        assert all(len(p["top"]) == TOP_K for p in r["positions"])
+    if rate < 0.9:
+        print("WARNING: agreement rate below 0.9", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
