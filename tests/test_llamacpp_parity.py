@@ -37,6 +37,10 @@ def test_prompt_tokens_match(real_engine, prompt):
     assert ids == prompt["prompt_ids"]
 
 
+def test_stop_tokens_match(real_engine):
+    assert sorted(real_engine.tokenizer.stop_ids) == REFERENCE["model"]["eog_ids"]
+
+
 @pytest.fixture(scope="module")
 def teacher_forced(real_engine):
     """Our logits for every reference sequence, one batched forward each."""

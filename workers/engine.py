@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from kernels import AttentionBatch, get_backend
-from workers.chat_template import render_chat
+from workers.chat_template import chat_template_from_metadata, render_chat
 from workers.gguf_file import GGUFFile
 from workers.kv_cache import PagedKVCache
 from workers.model import Transformer
@@ -91,7 +91,7 @@ class Engine:
         tok = self.tokenizer
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
         eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
-        text = render_chat(self.gguf.metadata.get("tokenizer.chat_template"), messages,
+        text = render_chat(chat_template_from_metadata(self.gguf.metadata), messages,
                            add_generation_prompt=True, bos_token=bos, eos_token=eos)
         # Templates that write the BOS text themselves must not get a second one.
         ids = tok.encode(text, add_special=False, parse_special=True)
