@@ -108,3 +108,28 @@ class NumpyBackend(Backend):
             o = probs @ vals[:, None]  # [kv, g, n, D]
             out[start:end] = o.transpose(2, 0, 1, 3).reshape(n, n_heads * head_dim)
         return out
+
+    def sample(self, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
+        """Twin of the GPU sampler: per row, temperature (0: argmax), then keep the top_k largest
+        logits (0: all), the smallest set of largest tokens holding top_p of their mass, and
+        tokens with p >= min_p * p_max; draw with uniform[b] in [0, 1) by the cumulative mass
+        in vocabulary order."""
+        logits = np.asarray(logits, np.float32)
+        out = np.empty(len(logits), np.int64)
+        for b, row in enumerate(logits):
+            if temperature[b] <= 0:
+                out[b] = int(np.argmax(row))
+                continue
+            p = np.exp((row.astype(np.float64) - row.max()) / temperature[b])
+            keep = np.ones(len(row), bool)
+            if 0 < top_k[b] < len(row):
+                keep &= row >= np.partition(row, -top_k[b])[-top_k[b]]
+            if top_p[b] < 1.0:
+                kept = np.sort(p[keep])[::-1]
+                cut = int(np.searchsorted(np.cumsum(kept), top_p[b] * kept.sum()))
+                keep &= p >= kept[min(cut, len(kept) - 1)]
+            if min_p[b] > 0:
+                keep &= p >= min_p[b]
+            mass = np.cumsum(np.where(keep, p, 0.0))
+            out[b] = min(int(np.searchsorted(mass, uniform[b] * mass[-1], side="right")), len(row) - 1)
+        return out

@@ -73,6 +73,11 @@ class Backend(ABC):
     def matmul(self, x: Array, w: Weight) -> Array:
         """x [T, in] @ w.T -> [T, out], w a prepared (possibly quantized) weight."""
 
+    def matmul_add(self, x: Array, w: Weight, y: Array) -> Array:
+        """y + x @ w.T, y a residual [T, out] or a bias [out]; a backend may fuse the add into
+        the product's epilogue (one pass over the output instead of two, one launch less)."""
+        return self.add(y, self.matmul(x, w))
+
     @abstractmethod
     def rmsnorm(self, x: Array, weight: Array, eps: float) -> Array: ...
 
@@ -106,6 +111,18 @@ class Backend(ABC):
         Query j of a sequence with n new tokens and context c sits at position c - n + j and
         sees cache positions 0..c - n + j.
         """
+
+    # --- one model step ---------------------------------------------------------
+    def run_step(self, forward, tokens: np.ndarray, positions: np.ndarray, batch: AttentionBatch,
+                 kv_caches: list, logit_rows: np.ndarray | None) -> Array:
+        """Run `forward(tokens, positions, batch, kv_caches, logit_rows)` (the model's step).
+        A GPU backend may capture it once and replay the capture (CUDA graph) on later steps
+        of the same shape."""
+        return forward(tokens, positions, batch, kv_caches, logit_rows)
+
+    def argmax(self, logits: Array) -> np.ndarray:
+        """Row-wise argmax of logits [B, vocab] as host ids (first index of the maximum)."""
+        return np.argmax(self.to_numpy(logits), axis=-1)
 
 
 def check_supported(tensor) -> None:

@@ -7,10 +7,7 @@ from pathlib import Path
 import pytest
 
 from workers import model_store
-from workers.synthetic_model import Shape, q4_k_m_mix, uniform_mix, write_model
-
-REPO = Path(__file__).resolve().parents[1]
-VOCAB_DIR = REPO.parent / "shared" / "llama-vocab"
+from workers.synthetic_model import Shape, llama_vocab_dir, q4_k_m_mix, uniform_mix, write_model
 
 # Small shapes that still exercise GQA, QKV biases (qwen2) and K-quant row lengths (256).
 TINY_SHAPES = {
@@ -23,9 +20,10 @@ TINY_VOCAB = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.g
 
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
-    if not VOCAB_DIR.is_dir():
-        pytest.fail(f"{VOCAB_DIR} is missing: the tests need ../shared/llama-vocab beside the repo")
-    return VOCAB_DIR
+    found = llama_vocab_dir()
+    if found is None:
+        pytest.fail("../shared/llama-vocab is missing beside the repo (or set NTR_VOCAB_DIR): the tests need it")
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -100,11 +100,12 @@ class Engine:
         return ids
 
     # --- batched forward ------------------------------------------------------
-    def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False) -> np.ndarray:
+    def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False) -> np.ndarray:
         """Feed each sequence its next n uncached tokens, all in one pass.
 
         Returns float32 logits on the host: the last new row of each sequence, or with
-        all_logits every new row in batch order.
+        all_logits every new row in batch order. With device=True they stay a backend array
+        (valid until the next forward), for `ops.argmax` / `ops.sample` on the device.
         """
         tokens, positions, slots, starts, ctx = [], [], [], [0], []
         bs = self.kv.block_size
@@ -129,11 +130,28 @@ class Engine:
             block_tables=tables, slot_mapping=np.concatenate(slots).astype(np.int32),
         )
         rows = None if all_logits else batch.query_starts[1:] - 1
-        logits = self.model.forward(np.asarray(tokens, dtype=np.int64), np.concatenate(positions), batch,
-                                    self.kv.layers, rows)
+        logits = self.ops.run_step(self.model.forward, np.asarray(tokens, dtype=np.int64), np.concatenate(positions),
+                                   batch, self.kv.layers, rows)
         for seq, n in work:
             seq.num_cached += n
-        return self.ops.to_numpy(logits).astype(np.float32, copy=False)
+        return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
+
+    def _next_token(self, sampler: Sampler, logits, params: SamplingParams):
+        """(token, logprob, top) from logits [1, vocab] as `forward(device=True)` returns them:
+        drawn on the device where the backend can (only the id leaves it), on the host for
+        logprobs and penalties."""
+        p = sampler.params
+        penalties = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        if getattr(self.ops, "device_sampling", False) and params.logprobs is None and not penalties:
+            u = 0.0 if p.greedy else float(sampler.rng.random())
+            token = int(self.ops.sample(logits, [p.temperature], [p.top_k], [p.top_p], [p.min_p], [u])[0])
+            sampler.history[token] += 1
+            return token, None, None
+        row = self.ops.to_numpy(logits)[0].astype(np.float32, copy=False)
+        token = sampler.sample(row)
+        if params.logprobs is None:
+            return token, None, None
+        return (token, *token_logprobs(row, token, params.logprobs))
 
     def release(self, seq: Sequence) -> None:
         self.kv.release(seq.block_table)
@@ -162,12 +180,11 @@ class Engine:
         timings = self.last_timings = Timings(prompt_tokens=len(prompt_ids))
         try:
             t0 = time.perf_counter()
-            logits = self.forward([(seq, len(prompt_ids))])[0]
+            picked = self._next_token(sampler, self.forward([(seq, len(prompt_ids))], device=True), params)
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             for i in range(budget):
-                token = sampler.sample(logits)
-                logprob, top = (token_logprobs(logits, token, params.logprobs) if params.logprobs is not None else (None, None))
+                token, logprob, top = picked
                 if token in stop_ids:
                     yield GeneratedToken(token, stream.finish(), logprob, top, "stop")
                     return
@@ -180,7 +197,7 @@ class Engine:
                     return
                 yield GeneratedToken(token, text, logprob, top)
                 seq.token_ids.append(token)
-                logits = self.forward([(seq, 1)])[0]
+                picked = self._next_token(sampler, self.forward([(seq, 1)], device=True), params)
                 timings.decode_tokens += 1
                 timings.decode_s = time.perf_counter() - t0
         finally:

@@ -60,17 +60,15 @@ class Transformer:
         x = ops.embedding(self.embed, tokens)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             h = ops.rmsnorm(x, layer.attn_norm, c.rms_eps)
-            qkv = ops.matmul(h, layer.wqkv)
-            if c.qkv_bias:
-                qkv = ops.add(qkv, layer.bqkv)
+            qkv = ops.matmul_add(h, layer.wqkv, layer.bqkv) if c.qkv_bias else ops.matmul(h, layer.wqkv)
             q, k, v = qkv[:, :q_dim], qkv[:, q_dim:q_dim + kv_dim], qkv[:, q_dim + kv_dim:]
             q = ops.rope(q.reshape(n, c.n_heads, c.head_dim), positions, c.inv_freq, c.rope_neox)
             k = ops.rope(k.reshape(n, c.n_kv_heads, c.head_dim), positions, c.inv_freq, c.rope_neox)
             v = v.reshape(n, c.n_kv_heads, c.head_dim)
             attn = ops.attention(q, k, v, k_cache, v_cache, batch, scale)
-            x = ops.add(x, ops.matmul(attn, layer.wo))
+            x = ops.matmul_add(attn, layer.wo, x)
             h = ops.rmsnorm(x, layer.ffn_norm, c.rms_eps)
-            x = ops.add(x, ops.matmul(ops.swiglu(ops.matmul(h, layer.w_gate_up)), layer.w_down))
+            x = ops.matmul_add(ops.swiglu(ops.matmul(h, layer.w_gate_up)), layer.w_down, x)
         if logit_rows is not None:
             x = x[logit_rows]
         return ops.matmul(ops.rmsnorm(x, self.output_norm, c.rms_eps), self.output)

@@ -9,6 +9,7 @@ out zero-mean with the requested standard deviation.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,16 @@ Q = GGMLQuantizationType
 _K_SCALE_FIELDS = {Q.Q2_K: (80, 82), Q.Q3_K: (108, None), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208, None)}
 # llama.cpp falls back to these when a row length is not a multiple of the 256-value super-block.
 _K_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_1, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0}
+
+
+def llama_vocab_dir() -> Path | None:
+    """llama.cpp's vocab-only GGUF files (the tokenizers synthetic models borrow): $NTR_VOCAB_DIR,
+    else ../shared/llama-vocab beside the repo; None when neither exists."""
+    repo = Path(__file__).resolve().parents[1]
+    for d in (os.environ.get("NTR_VOCAB_DIR"), repo.parent / "shared" / "llama-vocab"):
+        if d and Path(d).is_dir():
+            return Path(d)
+    return None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+// Helpers shared by every module. No #include: NVRTC needs no CUDA headers this way, and
+// fp16 conversions go through PTX directly.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// Byte k of w (0..255) as an exact float plus 2^23: one PRMT instead of a quarter-rate I2F.
+// Subtracting (2^23 + offset) afterwards is exact and folds in the format's zero point.
+template <int K>
+__device__ __forceinline__ float byte_f(u32 w) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, 0x7540 + K));
+}
+
+__device__ __forceinline__ void bytes8(u32 w0, u32 w1, float off, float q[8]) {
+    const float o = 8388608.0f + off;
+    q[0] = byte_f<0>(w0) - o; q[1] = byte_f<1>(w0) - o; q[2] = byte_f<2>(w0) - o; q[3] = byte_f<3>(w0) - o;
+    q[4] = byte_f<0>(w1) - o; q[5] = byte_f<1>(w1) - o; q[6] = byte_f<2>(w1) - o; q[7] = byte_f<3>(w1) - o;
+}
+
+// Word i (runtime) of a uint4 without spilling the vector to local memory.
+__device__ __forceinline__ u32 word4(const uint4& v, int i) {
+    return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ u32 byte_at4(const uint4& v, int i) { return (word4(v, i >> 2) >> (8 * (i & 3))) & 0xFF; }
+__device__ __forceinline__ u32 byte_at3(u32 a, u32 b, u32 c, int i) {
+    u32 w = i < 4 ? a : (i < 8 ? b : c);
+    return (w >> (8 * (i & 3))) & 0xFF;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(FULL_MASK, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < nw ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+// Rotation of the pair (x0, x1) by pos * inv_freq. The angle is formed and reduced to
+// [0, 2 pi) in double (as the NumPy twin forms it), then sin/cos in float: within 4e-7.
+__device__ __forceinline__ void rope_pair(float& x0, float& x1, int pos, double inv_freq) {
+    double a = (double)pos * inv_freq;
+    a -= 6.283185307179586 * floor(a * 0.15915494309189535);
+    float sf, cf;
+    sincosf((float)a, &sf, &cf);
+    const float r0 = x0 * cf - x1 * sf, r1 = x1 * cf + x0 * sf;
+    x0 = r0;
+    x1 = r1;
+}
+
+// Index pair rotated together: neox (i, i + D/2), normal (2i, 2i + 1).
+__device__ __forceinline__ void rope_index(int i, int D, int neox, int& i0, int& i1) {
+    if (neox) { i0 = i; i1 = i + D / 2; } else { i0 = 2 * i; i1 = 2 * i + 1; }
+}

@@ -1,0 +1,207 @@
+// Element-wise and row-wise kernels (used where a fused path does not apply: prefill inputs
+// to cuBLAS, op tests), and sampling on the device so only token ids leave it.
+
+// y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, fp32 or fp16 out. One block per row.
+extern "C" __global__ void __launch_bounds__(256)
+    rmsnorm(const float* __restrict__ x, int sx, const float* __restrict__ w, float eps, int K, void* out, int so, int f16) {
+    __shared__ float red[32];
+    const float* xr = x + (size_t)blockIdx.x * sx;
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xr[k] * xr[k];
+    ss = block_sum(ss, red);
+    const float r = 1.0f / sqrtf(ss / (float)K + eps);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        const float y = xr[k] * r * w[k];
+        if (f16) ((u16*)out)[(size_t)blockIdx.x * so + k] = f2h(y);
+        else ((float*)out)[(size_t)blockIdx.x * so + k] = y;
+    }
+}
+
+// silu(gu[t, :F]) * gu[t, F:], fp32 or fp16 out.
+extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int T, int F, void* out, int so, int f16) {
+    const long long n = (long long)T * F;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const int t = (int)(i / F), f = (int)(i - (long long)t * F);
+        const float g = gu[(size_t)t * sg + f], u = gu[(size_t)t * sg + F + f];
+        const float y = g / (1.0f + expf(-g)) * u;
+        if (f16) ((u16*)out)[(size_t)t * so + f] = f2h(y);
+        else ((float*)out)[(size_t)t * so + f] = y;
+    }
+}
+
+// out[t, h, :] = rope(x[t, h, :]); x rows of `heads * D` floats with row stride sx.
+extern "C" __global__ void rope(const float* __restrict__ x, int sx, const int* __restrict__ positions,
+                                const double* __restrict__ inv_freq, int heads, int D, int neox, float* __restrict__ out) {
+    const int t = blockIdx.x, pos = positions[t];
+    for (int i = threadIdx.x; i < heads * D / 2; i += blockDim.x) {
+        const int h = i / (D / 2), pi = i - h * (D / 2);
+        int i0, i1;
+        rope_index(pi, D, neox, i0, i1);
+        float x0 = x[(size_t)t * sx + h * D + i0], x1 = x[(size_t)t * sx + h * D + i1];
+        rope_pair(x0, x1, pos, inv_freq[pi]);
+        out[((size_t)t * heads + h) * D + i0] = x0;
+        out[((size_t)t * heads + h) * D + i1] = x1;
+    }
+}
+
+// --- sampling -----------------------------------------------------------------------------------
+// One block of 1024 threads per row. Filters are thresholds on the logit, found by radix select
+// on the float's order-preserving integer key (exact, four passes): top-k keeps the k
+// largest, top-p the smallest set of largest tokens holding top_p of the top-k mass, min-p the
+// tokens with p >= min_p * p_max. Then one token is drawn with u in [0, 1) by a prefix sum in
+// vocabulary order. temperature 0 is argmax (first index of the maximum, as np.argmax).
+#define SAMPLE_THREADS 1024
+
+__device__ __forceinline__ u32 fkey(float f) {
+    const u32 b = __float_as_uint(f);
+    return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+__device__ __forceinline__ float kfloat(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+__device__ void block_argmax(float v, int i, float* sv, int* si, float& best, int& besti) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, v, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, i, o);
+        if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+    }
+    __syncthreads();
+    if (lane == 0) { sv[warp] = v; si[warp] = i; }
+    __syncthreads();
+    v = sv[lane]; i = si[lane];
+    if (lane >= (int)(blockDim.x >> 5)) { v = NEG_INF; i = 0x7fffffff; }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(FULL_MASK, v, o);
+        const int oi = __shfl_xor_sync(FULL_MASK, i, o);
+        if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+    }
+    best = v; besti = i;
+}
+
+// The largest key K with weight(key >= K) >= target among keys >= floor_key; weight 1 (a count)
+// or exp((x - mx) / T) (probability mass). Four passes of an 8-bit radix histogram.
+__device__ u32 radix_select(const float* __restrict__ x, int V, u32 floor_key, int mass, float mx, float invT,
+                            float target, float* hist /* [257] */) {
+    __shared__ int bin_s;
+    __shared__ float above_s;
+    u32 prefix = 0, mask = 0;
+    float above = 0.0f;  // weight of the keys above the current prefix's range
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0.0f;
+        __syncthreads();
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            const u32 key = fkey(x[i]);
+            if (key >= floor_key && (key & mask) == prefix)
+                atomicAdd(&hist[(key >> shift) & 255], mass ? expf((x[i] - mx) * invT) : 1.0f);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float c = above;
+            int b = 255;
+            for (; b > 0; b--) {
+                if (c + hist[b] >= target) break;
+                c += hist[b];
+            }
+            bin_s = b;
+            above_s = c;
+        }
+        __syncthreads();
+        prefix |= (u32)bin_s << shift;
+        mask |= 255u << shift;
+        above = above_s;
+        __syncthreads();
+    }
+    return prefix;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    argmax_rows(const float* __restrict__ logits, int sl, int V, int* __restrict__ out) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const float* x = logits + (size_t)blockIdx.x * sl;
+    float v = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x)
+        if (x[i] > v) { v = x[i]; idx = i; }
+    float best;
+    int bi;
+    block_argmax(v, idx, sv, si, best, bi);
+    if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+}
+
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    sample_rows(const float* __restrict__ logits, int sl, int V, const float* __restrict__ temperature,
+                const int* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ min_p,
+                const float* __restrict__ uniform, int* __restrict__ out) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    __shared__ float red[32];
+    __shared__ float chunk_sum[SAMPLE_THREADS];
+    __shared__ float hist[257];
+    __shared__ int pick;
+    const int row = blockIdx.x, tid = threadIdx.x;
+    const float* x = logits + (size_t)row * sl;
+
+    float v = NEG_INF;
+    int idx = 0x7fffffff;
+    for (int i = tid; i < V; i += blockDim.x)
+        if (x[i] > v) { v = x[i]; idx = i; }
+    float mx;
+    int amax;
+    block_argmax(v, idx, sv, si, mx, amax);
+    const float T = temperature[row];
+    if (T <= 0.0f) {
+        if (tid == 0) out[row] = amax;
+        return;
+    }
+    const float invT = 1.0f / T;
+    float thr = NEG_INF;  // everything >= thr is kept
+    const int k = top_k[row];
+    if (k > 0 && k < V) thr = kfloat(radix_select(x, V, 0u, 0, mx, invT, (float)k, hist));
+    const float tp = top_p[row];
+    if (tp < 1.0f) {
+        float z = 0.0f;
+        for (int i = tid; i < V; i += blockDim.x) z += x[i] >= thr ? expf((x[i] - mx) * invT) : 0.0f;
+        z = block_sum(z, red);
+        const u32 floor_key = thr == NEG_INF ? 0u : fkey(thr);
+        thr = fmaxf(thr, kfloat(radix_select(x, V, floor_key, 1, mx, invT, tp * z, hist)));
+    }
+    const float mp = min_p[row];
+    if (mp > 0.0f) thr = fmaxf(thr, mx + T * logf(mp));  // p / p_max >= min_p
+    thr = fminf(thr, mx);                                 // the maximum always survives
+
+    // draw: prefix sums over contiguous chunks, in vocabulary order
+    const int per = (V + blockDim.x - 1) / blockDim.x, lo_i = tid * per, hi_i = min(V, lo_i + per);
+    float s = 0.0f;
+    for (int i = lo_i; i < hi_i; i++) s += x[i] >= thr ? expf((x[i] - mx) * invT) : 0.0f;
+    chunk_sum[tid] = s;
+    if (tid == 0) pick = amax;
+    __syncthreads();
+    for (int off = 1; off < (int)blockDim.x; off <<= 1) {  // inclusive scan (Hillis-Steele)
+        const float add = tid >= off ? chunk_sum[tid - off] : 0.0f;
+        __syncthreads();
+        chunk_sum[tid] += add;
+        __syncthreads();
+    }
+    const float total = chunk_sum[blockDim.x - 1];
+    const float target = uniform[row] * total;
+    const float before = tid > 0 ? chunk_sum[tid - 1] : 0.0f;
+    if (target >= before && target < chunk_sum[tid] && hi_i > lo_i) {
+        float c = before;
+        int choice = -1;
+        for (int i = lo_i; i < hi_i; i++) {
+            if (x[i] >= thr) {
+                c += expf((x[i] - mx) * invT);
+                choice = i;
+                if (target < c) break;
+            }
+        }
+        if (choice >= 0) pick = choice;
+    }
+    __syncthreads();
+    if (tid == 0) out[row] = pick;
+}

@@ -1,0 +1,712 @@
+// Quantized weights: small-batch GEMV straight from the quantized blocks, and dequantization
+// (embedding rows, fp16 scratch for cuBLAS).
+//
+// Each GGUF block is split at load time into "planes", one per field (quants, high bits,
+// scales, d/dmin), each row padded to 16 bytes (kernels/cupy_backend.py, PLANES). The bytes
+// are ggml's, only regrouped: quants of consecutive blocks become contiguous and 16-byte
+// aligned, so a lane reads its quants with one or two 16-byte loads whatever the block size
+// (Q6_K's 210 bytes or Q8_0's 34 would otherwise allow only 2-byte loads).
+//
+// A format is a struct: QK values per block, UPB units per block (a unit is what one lane
+// decodes from its own loads), NG groups of 8 values per unit; group() returns the 8 quants
+// as exact floats, the group's scale a and min m, so the value is a * q - m. The GEMV then
+// computes a * dot(q, x) - m * sum(x): the min costs one FMA per 8 values, not one per value.
+// Compiled once per format: the module source is prefixed with `#define QT <struct>`.
+
+struct Planes {
+    const u8* p[4];
+    int s[4];  // row stride of each plane in bytes
+};
+
+__device__ __forceinline__ const u8* at(const Planes& w, int i, size_t row, int off) {
+    return w.p[i] + row * (size_t)w.s[i] + off;
+}
+// S (streaming): the GEMV reads each weight byte once, so its loads skip L1 and leave it to
+// the activations every warp re-reads; the dequantizer's threads share a unit's loads via L1.
+template <bool S>
+__device__ __forceinline__ uint4 ld16(const u8* p) {
+    if constexpr (S) {
+        uint4 v;
+        asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+            : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+        return v;
+    } else {
+        return *(const uint4*)p;
+    }
+}
+template <bool S>
+__device__ __forceinline__ u32 ld4(const u8* p) {
+    if constexpr (S) {
+        u32 v;
+        asm("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v) : "l"(p));
+        return v;
+    } else {
+        return *(const u32*)p;
+    }
+}
+template <bool S>
+__device__ __forceinline__ float ldh(const u8* p) {
+    if constexpr (S) {
+        u16 v;
+        asm("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=h"(v) : "l"(p));
+        return h2f(v);
+    } else {
+        return h2f(*(const u16*)p);
+    }
+}
+// Unit u's c-th 16-byte chunk in an interleaved plane: units in runs of 32, each run stored
+// chunk-major ([c][unit][16]), so a warp whose lanes read 32 consecutive units loads 512
+// contiguous bytes per instruction instead of every other 16 bytes of 1 KB.
+template <bool S, int C>
+__device__ __forceinline__ uint4 ldu(const Planes& w, int i, size_t row, int u, int c) {
+    return ld16<S>(w.p[i] + row * (size_t)w.s[i] + (size_t)(u >> 5) * (C * 512) + c * 512 + (u & 31) * 16);
+}
+
+// 4 bits -> bit 0 of 4 bytes (the multiply's partial products never overlap).
+__device__ __forceinline__ u32 spread4(u32 x) { return (x * 0x00204081u) & 0x01010101u; }
+
+struct TQ4_0 {  // d f16 | qs[16]   planes: qs, d
+    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr bool MIN = false;
+    struct Raw { uint4 q; float d; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        return {ld16<S>(at(w, 0, row, b * 16)), ldh<S>(at(w, 1, row, b * 2))};
+    }
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int sh = (g & 2) ? 4 : 0;
+        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
+        bytes8((w0 >> sh) & 0x0F0F0F0F, (w1 >> sh) & 0x0F0F0F0F, 8.0f, q);
+        a = r.d; m = 0.0f;
+    }
+};
+
+struct TQ4_1 {  // d, m f16 | qs[16]   planes: qs, dm
+    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr bool MIN = true;
+    struct Raw { uint4 q; u32 dm; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        return {ld16<S>(at(w, 0, row, b * 16)), ld4<S>(at(w, 1, row, b * 4))};
+    }
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int sh = (g & 2) ? 4 : 0;
+        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
+        bytes8((w0 >> sh) & 0x0F0F0F0F, (w1 >> sh) & 0x0F0F0F0F, 0.0f, q);
+        a = h2f(r.dm & 0xFFFF); m = -h2f(r.dm >> 16);
+    }
+};
+
+struct TQ5_0 {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
+    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr bool MIN = false;
+    struct Raw { uint4 q; u32 qh; float d; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        return {ld16<S>(at(w, 0, row, b * 16)), ld4<S>(at(w, 1, row, b * 4)), ldh<S>(at(w, 2, row, b * 2))};
+    }
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int sh = (g & 2) ? 4 : 0;
+        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
+        const u32 hb = (r.qh >> (8 * g)) & 0xFF;  // bit v of qh is value v's fifth bit
+        bytes8(((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4),
+               ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4), 16.0f, q);
+        a = r.d; m = 0.0f;
+    }
+};
+
+struct TQ5_1 {  // d, m f16 | qh u32 | qs[16]   planes: qs, qh, dm
+    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr bool MIN = true;
+    struct Raw { uint4 q; u32 qh; u32 dm; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        return {ld16<S>(at(w, 0, row, b * 16)), ld4<S>(at(w, 1, row, b * 4)), ld4<S>(at(w, 2, row, b * 4))};
+    }
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int sh = (g & 2) ? 4 : 0;
+        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
+        const u32 hb = (r.qh >> (8 * g)) & 0xFF;
+        bytes8(((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4),
+               ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4), 0.0f, q);
+        a = h2f(r.dm & 0xFFFF); m = -h2f(r.dm >> 16);
+    }
+};
+
+struct TQ8_0 {  // d f16 | qs int8[32]   planes: qs, d
+    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr bool MIN = false;
+    struct Raw { uint4 q0, q1; float d; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        return {ldu<S, 2>(w, 0, row, b, 0), ldu<S, 2>(w, 0, row, b, 1), ldh<S>(at(w, 1, row, b * 2))};
+    }
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const uint4& v = g < 2 ? r.q0 : r.q1;
+        const u32 w0 = (g & 1) ? v.z : v.x, w1 = (g & 1) ? v.w : v.y;
+        bytes8(w0 ^ 0x80808080u, w1 ^ 0x80808080u, 128.0f, q);  // int8 -> biased byte
+        a = r.d; m = 0.0f;
+    }
+};
+
+// K-quants: 256 values per super-block.
+struct TQ2_K {  // scales[16] | qs[64] | d, dmin   planes: qs, scales, dm; unit = 128 values
+    static constexpr int QK = 256, UPB = 2, NG = 16, R = 4;
+    static constexpr bool MIN = true;
+    struct Raw { uint4 q0, q1, sc; u32 dm; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        const int u = b * 2 + j;
+        return {ldu<S, 2>(w, 0, row, u, 0), ldu<S, 2>(w, 0, row, u, 1), ld16<S>(at(w, 1, row, b * 16)),
+                ld4<S>(at(w, 2, row, b * 4))};
+    }
+    __device__ static int xoff(int j, int g) { return j * 128 + (g >> 2) * 32 + (g & 3) * 8; }
+    __device__ static void locate32(int v, int& j, int& g0) { j = v >> 7; g0 = ((v & 127) >> 5) * 4; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int s = g >> 2, lq = (g & 3) * 8;
+        const uint4& v = lq < 16 ? r.q0 : r.q1;
+        const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
+        bytes8((w0 >> (2 * s)) & 0x03030303, (w1 >> (2 * s)) & 0x03030303, 0.0f, q);
+        const u32 sc = byte_at4(r.sc, j * 8 + 2 * s + (lq >= 16));
+        a = h2f(r.dm & 0xFFFF) * (float)(sc & 0xF);
+        m = h2f(r.dm >> 16) * (float)(sc >> 4);
+    }
+};
+
+struct TQ3_K {  // hmask[32] | qs[64] | scales[12] | d   planes: qs, hmask, scales, d; unit = 128 values
+    static constexpr int QK = 256, UPB = 2, NG = 16, R = 4;
+    static constexpr bool MIN = false;
+    struct Raw { uint4 q0, q1, h0, h1; u32 s0, s1, s2; float d; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        const int u = b * 2 + j;
+        const u8* h = at(w, 1, row, b * 32);
+        const u8* s = at(w, 2, row, b * 12);
+        return {ldu<S, 2>(w, 0, row, u, 0), ldu<S, 2>(w, 0, row, u, 1), ld16<S>(h), ld16<S>(h + 16), ld4<S>(s),
+                ld4<S>(s + 4), ld4<S>(s + 8), ldh<S>(at(w, 3, row, b * 2))};
+    }
+    __device__ static int xoff(int j, int g) { return j * 128 + (g >> 2) * 32 + (g & 3) * 8; }
+    __device__ static void locate32(int v, int& j, int& g0) { j = v >> 7; g0 = ((v & 127) >> 5) * 4; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int s = g >> 2, lq = (g & 3) * 8, hbit = j * 4 + s;
+        const uint4& v = lq < 16 ? r.q0 : r.q1;
+        const uint4& h = lq < 16 ? r.h0 : r.h1;
+        const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
+        const u32 m0 = (lq & 8) ? h.z : h.x, m1 = (lq & 8) ? h.w : h.y;
+        // q = low2 - 4 * (1 - hbit) = (low2 | hbit << 2) - 4
+        bytes8(((w0 >> (2 * s)) & 0x03030303) | (((m0 >> hbit) & 0x01010101) << 2),
+               ((w1 >> (2 * s)) & 0x03030303) | (((m1 >> hbit) & 0x01010101) << 2), 4.0f, q);
+        const int i = j * 8 + 2 * s + (lq >= 16);
+        const u32 lo = (byte_at3(r.s0, r.s1, r.s2, i & 7) >> (4 * (i >> 3))) & 0xF;
+        const u32 hi = (byte_at3(r.s0, r.s1, r.s2, 8 + (i & 3)) >> (2 * (i >> 2))) & 0x3;
+        a = r.d * (float)((int)(lo | (hi << 4)) - 32);
+        m = 0.0f;
+    }
+};
+
+// Q4_K / Q5_K 6-bit scale and min of sub-block sb (ggml's get_scale_min_k4).
+__device__ __forceinline__ void scale_min_k4(u32 s0, u32 s1, u32 s2, int sb, float& sc, float& mn) {
+    u32 a, b;
+    if (sb < 4) {
+        a = byte_at3(s0, s1, s2, sb) & 63;
+        b = byte_at3(s0, s1, s2, sb + 4) & 63;
+    } else {
+        const u32 t = byte_at3(s0, s1, s2, sb + 4);
+        a = (t & 0xF) | ((byte_at3(s0, s1, s2, sb - 4) >> 6) << 4);
+        b = (t >> 4) | ((byte_at3(s0, s1, s2, sb) >> 6) << 4);
+    }
+    sc = (float)a;
+    mn = (float)b;
+}
+
+struct TQ4_K {  // d, dmin | scales[12] | qs[128]   planes: qs, scales, dm; unit = 64 values
+    static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
+    static constexpr bool MIN = true;
+    struct Raw { uint4 q0, q1; u32 s0, s1, s2, dm; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        const int u = b * 4 + j;
+        const u8* s = at(w, 1, row, b * 12);
+        return {ldu<S, 2>(w, 0, row, u, 0), ldu<S, 2>(w, 0, row, u, 1), ld4<S>(s), ld4<S>(s + 4), ld4<S>(s + 8),
+                ld4<S>(at(w, 2, row, b * 4))};
+    }
+    __device__ static int xoff(int j, int g) { return j * 64 + (g >> 2) * 32 + (g & 3) * 8; }
+    __device__ static void locate32(int v, int& j, int& g0) { j = v >> 6; g0 = ((v & 63) >> 5) * 4; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int hi = g >> 2, lq = (g & 3) * 8;
+        const uint4& v = lq < 16 ? r.q0 : r.q1;
+        const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
+        bytes8((w0 >> (4 * hi)) & 0x0F0F0F0F, (w1 >> (4 * hi)) & 0x0F0F0F0F, 0.0f, q);
+        float sc, mn;
+        scale_min_k4(r.s0, r.s1, r.s2, 2 * j + hi, sc, mn);
+        a = h2f(r.dm & 0xFFFF) * sc;
+        m = h2f(r.dm >> 16) * mn;
+    }
+};
+
+struct TQ5_K {  // d, dmin | scales[12] | qh[32] | qs[128]   planes: qs, qh, scales, dm
+    static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
+    static constexpr bool MIN = true;
+    struct Raw { uint4 q0, q1, h0, h1; u32 s0, s1, s2, dm; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        const int u = b * 4 + j;
+        const u8* h = at(w, 1, row, b * 32);
+        const u8* s = at(w, 2, row, b * 12);
+        return {ldu<S, 2>(w, 0, row, u, 0), ldu<S, 2>(w, 0, row, u, 1), ld16<S>(h), ld16<S>(h + 16), ld4<S>(s),
+                ld4<S>(s + 4), ld4<S>(s + 8), ld4<S>(at(w, 3, row, b * 4))};
+    }
+    __device__ static int xoff(int j, int g) { return j * 64 + (g >> 2) * 32 + (g & 3) * 8; }
+    __device__ static void locate32(int v, int& j, int& g0) { j = v >> 6; g0 = ((v & 63) >> 5) * 4; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int hi = g >> 2, lq = (g & 3) * 8, hbit = 2 * j + hi;
+        const uint4& v = lq < 16 ? r.q0 : r.q1;
+        const uint4& h = lq < 16 ? r.h0 : r.h1;
+        const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
+        const u32 m0 = (lq & 8) ? h.z : h.x, m1 = (lq & 8) ? h.w : h.y;
+        bytes8(((w0 >> (4 * hi)) & 0x0F0F0F0F) | (((m0 >> hbit) & 0x01010101) << 4),
+               ((w1 >> (4 * hi)) & 0x0F0F0F0F) | (((m1 >> hbit) & 0x01010101) << 4), 0.0f, q);
+        float sc, mn;
+        scale_min_k4(r.s0, r.s1, r.s2, 2 * j + hi, sc, mn);
+        a = h2f(r.dm & 0xFFFF) * sc;
+        m = h2f(r.dm >> 16) * mn;
+    }
+};
+
+struct TQ6_K {  // ql[128] | qh[64] | scales int8[16] | d   planes: ql, qh, scales, d; unit = 64 values
+    static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
+    static constexpr bool MIN = false;
+    struct Raw { uint4 l0, l1, h0, h1, sc; float d; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        const int u = b * 4 + j;
+        const u8* h = at(w, 1, row, b * 64 + (j >> 1) * 32);
+        return {ldu<S, 2>(w, 0, row, u, 0), ldu<S, 2>(w, 0, row, u, 1), ld16<S>(h), ld16<S>(h + 16),
+                ld16<S>(at(w, 2, row, b * 16)), ldh<S>(at(w, 3, row, b * 2))};
+    }
+    // unit j: half n = j/2 of the block, rows s = p and p + 2 (p = j%2) of 32 values each
+    __device__ static int xoff(int j, int g) {
+        return (j >> 1) * 128 + ((j & 1) + 2 * (g >> 2)) * 32 + (g & 3) * 8;
+    }
+    __device__ static void locate32(int v, int& j, int& g0) {
+        const int s = (v & 127) >> 5;
+        j = (v >> 7) * 2 + (s & 1);
+        g0 = (s >> 1) * 4;
+    }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const int k = g >> 2, lq = (g & 3) * 8, s = (j & 1) + 2 * k;
+        const uint4& v = lq < 16 ? r.l0 : r.l1;
+        const uint4& h = lq < 16 ? r.h0 : r.h1;
+        const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
+        const u32 m0 = (lq & 8) ? h.z : h.x, m1 = (lq & 8) ? h.w : h.y;
+        bytes8(((w0 >> (4 * k)) & 0x0F0F0F0F) | (((m0 >> (2 * s)) & 0x03030303) << 4),
+               ((w1 >> (4 * k)) & 0x0F0F0F0F) | (((m1 >> (2 * s)) & 0x03030303) << 4), 32.0f, q);
+        const int is = (j >> 1) * 8 + 2 * s + (lq >= 16);
+        a = r.d * (float)(signed char)byte_at4(r.sc, is);
+        m = 0.0f;
+    }
+};
+
+// Float formats: rows padded with zeros to 32-value "blocks" so they share the code path.
+struct TF32 {
+    static constexpr int QK = 32, UPB = 1, NG = 4, R = 2;
+    static constexpr bool MIN = false;
+    struct Raw { uint4 v[8]; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        Raw r;
+#pragma unroll
+        for (int i = 0; i < 8; i++) r.v[i] = ldu<S, 8>(w, 0, row, b, i);
+        return r;
+    }
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const uint4 u = r.v[2 * g], w = r.v[2 * g + 1];
+        q[0] = __uint_as_float(u.x); q[1] = __uint_as_float(u.y); q[2] = __uint_as_float(u.z); q[3] = __uint_as_float(u.w);
+        q[4] = __uint_as_float(w.x); q[5] = __uint_as_float(w.y); q[6] = __uint_as_float(w.z); q[7] = __uint_as_float(w.w);
+        a = 1.0f; m = 0.0f;
+    }
+};
+
+template <bool BF>
+struct THalf {
+    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr bool MIN = false;
+    struct Raw { uint4 v[4]; };
+    template <bool S>
+    __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
+        Raw r;
+#pragma unroll
+        for (int i = 0; i < 4; i++) r.v[i] = ldu<S, 4>(w, 0, row, b, i);
+        return r;
+    }
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+    __device__ static float cv(u32 w, int hi) {
+        const u16 h = hi ? (u16)(w >> 16) : (u16)(w & 0xFFFF);
+        return BF ? bf2f(h) : h2f(h);
+    }
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        const uint4 u = r.v[g];
+        q[0] = cv(u.x, 0); q[1] = cv(u.x, 1); q[2] = cv(u.y, 0); q[3] = cv(u.y, 1);
+        q[4] = cv(u.z, 0); q[5] = cv(u.z, 1); q[6] = cv(u.w, 0); q[7] = cv(u.w, 1);
+        a = 1.0f; m = 0.0f;
+    }
+};
+typedef THalf<false> TF16;
+typedef THalf<true> TBF16;
+
+// --- GEMV ----------------------------------------------------------------------------------
+// out[t, row] = dot(W[row], xin[t]) (+ bias[row]) (+ res[t, row]) for t < T <= NT.
+// MODE 0: xin = x. MODE 2: xin = silu(x[:, :K]) * x[:, K:] (SwiGLU fused).
+// MODE 1: xin = rmsnorm(x) * nw, folded: out = rinv[t] * dot(W[row], nw * x[t]), where
+// sum(x^2) comes from the x values the warp loads anyway (its lanes cover all of K), so the
+// norm costs no pass, no barrier and no launch of its own.
+// x rows: K % 8 == 0, 16-byte aligned (the backend pads where a format allows other lengths).
+#define GEMV_WARPS 4
+
+template <int MODE>
+__device__ __forceinline__ void load_x8(const float* __restrict__ xr, int pos, int K, const float* __restrict__ nw,
+                                        float v[8], float& ss) {
+    const float4 a = *(const float4*)(xr + pos), b = *(const float4*)(xr + pos + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    if (MODE == 2) {
+        const float4 c = *(const float4*)(xr + K + pos), d = *(const float4*)(xr + K + pos + 4);
+        const float u[8] = {c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = __fdividef(v[i], 1.0f + __expf(-v[i])) * u[i];
+    } else if (MODE == 1) {
+        const float4 c = *(const float4*)(nw + pos), d = *(const float4*)(nw + pos + 4);
+        const float w[8] = {c.x, c.y, c.z, c.w, d.x, d.y, d.z, d.w};
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            ss = fmaf(v[i], v[i], ss);
+            v[i] *= w[i];
+        }
+    }
+}
+
+template <class Q, int NT, int MODE>
+__device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, const float* __restrict__ x, int sx, int T,
+                                     const float* __restrict__ nw, float eps, float* __restrict__ out, int so,
+                                     const float* __restrict__ bias, const float* __restrict__ res, int sr,
+                                     int ksplit) {
+    // A warp owns R rows; lane l takes units l, l + 32 ksplit, ... of each, so a load
+    // instruction reads 32 consecutive units of a row (512 contiguous bytes with the
+    // interleaved planes) and each x value loaded serves R rows. ksplit warps share a group
+    // of rows, each taking every ksplit-th run of 32 units: long rows get more loads in
+    // flight and shorter chains; their partial sums meet in shared memory.
+    constexpr int R = Q::R;
+    __shared__ float part[GEMV_WARPS][R * NT + NT];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ks = warp % ksplit;
+    const int row0 = (blockIdx.x * (GEMV_WARPS / ksplit) + warp / ksplit) * R;
+
+    float acc[R][NT], ss[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        ss[t] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+    }
+    const int units = nb * Q::UPB;
+    for (int u = lane + 32 * ks; u < units && row0 < rows; u += 32 * ksplit) {
+        const int b = u / Q::UPB, j = u - b * Q::UPB;
+        typename Q::Raw raw[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) raw[r] = Q::template load<true>(w, (size_t)min(row0 + r, rows - 1), b, j);
+#pragma unroll
+        for (int g = 0; g < Q::NG; g++) {
+            const int pos = b * Q::QK + Q::xoff(j, g);
+            float xv[NT][8], xs[NT];
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (NT == 1 || t < T) {
+                    load_x8<MODE>(x + (size_t)t * sx, pos, K, nw, xv[t], ss[t]);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; i++) xv[t][i] = 0.0f;
+                }
+                xs[t] = 0.0f;
+                if (Q::MIN) {
+#pragma unroll
+                    for (int i = 0; i < 8; i++) xs[t] += xv[t][i];
+                }
+            }
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                float q[8], a, m;
+                Q::group(raw[r], j, g, q, a, m);
+#pragma unroll
+                for (int t = 0; t < NT; t++) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) d = fmaf(q[i], xv[t][i], d);
+                    acc[r][t] = fmaf(a, d, acc[r][t]);
+                    if (Q::MIN) acc[r][t] = fmaf(-m, xs[t], acc[r][t]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        if (MODE == 1) ss[t] = warp_sum(ss[t]);
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r][t] = warp_sum(acc[r][t]);
+    }
+    if (ksplit > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                part[warp][R * NT + t] = ss[t];
+#pragma unroll
+                for (int r = 0; r < R; r++) part[warp][r * NT + t] = acc[r][t];
+            }
+        }
+        __syncthreads();
+        if (ks != 0) return;
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            for (int k2 = 1; k2 < ksplit; k2++) {
+                ss[t] += part[warp + k2][R * NT + t];
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r][t] += part[warp + k2][r * NT + t];
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const float scale = MODE == 1 ? 1.0f / sqrtf(ss[t] / (float)K + eps) : 1.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = row0 + r;
+            if (lane == r && t < T && row < rows) {
+                float o = acc[r][t] * scale;
+                if (bias) o += bias[row];
+                if (res) o += res[(size_t)t * sr + row];
+                out[(size_t)t * so + row] = o;
+            }
+        }
+    }
+}
+
+// --- dequantization ----------------------------------------------------------------------
+// out[r, :K] = W[ids ? ids[r] : r] as float32 or float16. One thread per group of 8 values, so
+// a warp's stores are runs of contiguous 16-byte pieces (the unit's loads repeat from L1).
+template <class Q>
+__device__ __forceinline__ void dequant(const Planes& w, int rows, int nb, int K, const int* __restrict__ ids, int n_out,
+                                        void* out, int so, int f16) {
+    const int units = nb * Q::UPB;
+    const long long total = (long long)n_out * units * Q::NG;
+    for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
+         idx += (long long)gridDim.x * blockDim.x) {
+        const int g = (int)(idx % Q::NG);
+        const long long ru = idx / Q::NG;
+        const int r = (int)(ru / units), u = (int)(ru - (long long)r * units);
+        const int b = u / Q::UPB, j = u - b * Q::UPB;
+        int src = ids ? ids[r] : r;
+        src = min(max(src, 0), rows - 1);
+        const typename Q::Raw raw = Q::template load<false>(w, (size_t)src, b, j);
+        float q[8], a, m, v[8];
+#pragma unroll
+        for (int gg = 0; gg < Q::NG; gg++)  // a compile-time group index keeps raw in registers
+            if (gg == g) Q::group(raw, j, gg, q, a, m);
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = fmaf(a, q[i], -m);
+        const int pos = b * Q::QK + Q::xoff(j, g);
+        const size_t base = (size_t)r * so + pos;
+        const bool full = pos + 8 <= K;
+        if (f16) {
+            u16* o = (u16*)out + base;
+            if (full && (so & 7) == 0) {
+                uint4 pk;
+                pk.x = f2h(v[0]) | ((u32)f2h(v[1]) << 16);
+                pk.y = f2h(v[2]) | ((u32)f2h(v[3]) << 16);
+                pk.z = f2h(v[4]) | ((u32)f2h(v[5]) << 16);
+                pk.w = f2h(v[6]) | ((u32)f2h(v[7]) << 16);
+                *(uint4*)o = pk;
+            } else {
+                for (int i = 0; i < 8; i++)
+                    if (pos + i < K) o[i] = f2h(v[i]);
+            }
+        } else {
+            float* o = (float*)out + base;
+            if (full && (so & 3) == 0) {
+                *(float4*)o = make_float4(v[0], v[1], v[2], v[3]);
+                *(float4*)(o + 4) = make_float4(v[4], v[5], v[6], v[7]);
+            } else {
+                for (int i = 0; i < 8; i++)
+                    if (pos + i < K) o[i] = v[i];
+            }
+        }
+    }
+}
+
+// --- tensor-core product on the quantized weights, 16 < T <= 64 tokens ----------------------
+// Batched decode: fp32 FMAs would make 64 tokens compute-bound, and dequantize + cuBLAS moves
+// 4x the weight bytes. A block owns 128 weight rows x 64 tokens; per 64-value step of K its
+// 256 threads decode 32 values each into fp16 shared memory, stage x (fp16) beside it, and
+// 8 warps run mma.m16n8k16 with fp32
+// accumulation, each on 32 rows x 32 tokens. Long K with few rows is split over blockIdx.z
+// (fp32 atomic adds into a zeroed output) so that every SM has work.
+#define MMA_BM 128
+#define MMA_BN 64
+#define MMA_BK 64
+#define MMA_RS (MMA_BK + 8)  // padded rows: the fragment loads hit 32 distinct banks
+
+__device__ __forceinline__ void mma16816(float c[4], const u32 a[4], u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <class Q>
+__device__ __forceinline__ void qmma(const Planes& w, int rows, int nb, int K, const u16* __restrict__ x16, int sx,
+                                     int T, float* __restrict__ out, int so, const float* __restrict__ bias,
+                                     const float* __restrict__ res, int sr, int steps_per_split, int atomic) {
+    __shared__ __align__(16) u16 w_s[MMA_BM * MMA_RS];
+    __shared__ __align__(16) u16 x_s[MMA_BN * MMA_RS];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, gq = lane >> 2, tq = lane & 3;
+    const int m0 = blockIdx.x * MMA_BM, n0 = blockIdx.y * MMA_BN;
+    const int wm = (warp & 3) * 32, wn = (warp >> 2) * 32;
+    const int s0 = blockIdx.z * steps_per_split, s1 = min(K / MMA_BK, s0 + steps_per_split);
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.0f;
+
+    // thread tid decodes values [32 (tid % 2), +32) of the step for weight row tid / 2: four
+    // groups of one unit; its next step's unit is loaded while this step multiplies
+    const int rl = tid >> 1, half = tid & 1;
+    const size_t wrow = (size_t)min(m0 + rl, rows - 1);
+    typename Q::Raw cur, nxt;
+    auto fetch = [&](int st, typename Q::Raw& dst) {
+        const int v = st * MMA_BK + 32 * half, b = v / Q::QK;
+        int j, g0;
+        Q::locate32(v - b * Q::QK, j, g0);
+        dst = Q::template load<false>(w, wrow, b, j);
+    };
+    if (s0 < s1) fetch(s0, cur);
+    for (int st = s0; st < s1; st++) {
+        const int k0 = st * MMA_BK, v = k0 + 32 * half, b = v / Q::QK;
+        int j, g0;
+        Q::locate32(v - b * Q::QK, j, g0);
+#pragma unroll
+        for (int g = 0; g < Q::NG; g++) {
+            if (g >= g0 && g < g0 + 4) {
+                float q[8], a, m;
+                Q::group(cur, j, g, q, a, m);
+                uint4 pk;
+                pk.x = f2h(fmaf(a, q[0], -m)) | ((u32)f2h(fmaf(a, q[1], -m)) << 16);
+                pk.y = f2h(fmaf(a, q[2], -m)) | ((u32)f2h(fmaf(a, q[3], -m)) << 16);
+                pk.z = f2h(fmaf(a, q[4], -m)) | ((u32)f2h(fmaf(a, q[5], -m)) << 16);
+                pk.w = f2h(fmaf(a, q[6], -m)) | ((u32)f2h(fmaf(a, q[7], -m)) << 16);
+                *(uint4*)(w_s + rl * MMA_RS + b * Q::QK + Q::xoff(j, g) - k0) = pk;
+            }
+        }
+        if (st + 1 < s1) fetch(st + 1, nxt);
+        for (int c = tid; c < MMA_BN * (MMA_BK / 8); c += blockDim.x) {  // stage x
+            const int n = c / (MMA_BK / 8), k8 = c - n * (MMA_BK / 8);
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (n0 + n < T) v = *(const uint4*)(x16 + (size_t)(n0 + n) * sx + k0 + k8 * 8);
+            *(uint4*)(x_s + n * MMA_RS + k8 * 8) = v;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < MMA_BK; kk += 16) {
+            u32 a[2][4], bf[4][2];
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const u16* p = w_s + (wm + i * 16 + gq) * MMA_RS + kk + tq * 2;
+                a[i][0] = *(const u32*)p;
+                a[i][1] = *(const u32*)(p + 8 * MMA_RS);
+                a[i][2] = *(const u32*)(p + 8);
+                a[i][3] = *(const u32*)(p + 8 * MMA_RS + 8);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const u16* p = x_s + (wn + j * 8 + gq) * MMA_RS + kk + tq * 2;
+                bf[j][0] = *(const u32*)p;
+                bf[j][1] = *(const u32*)(p + 8);
+            }
+#pragma unroll
+            for (int i = 0; i < 2; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) mma16816(acc[i][j], a[i], bf[j][0], bf[j][1]);
+        }
+        __syncthreads();
+        cur = nxt;
+    }
+    // acc[i][j] = {(row g, token 2t), (row g, token 2t+1), (row g+8, token 2t), (row g+8, token 2t+1)}
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int row = m0 + wm + i * 16 + gq + (e >> 1) * 8, t = n0 + wn + j * 8 + tq * 2 + (e & 1);
+                if (row >= rows || t >= T) continue;
+                float v = acc[i][j][e];
+                if (blockIdx.z == 0) {
+                    if (bias) v += bias[row];
+                    if (res) v += res[(size_t)t * sr + row];
+                }
+                if (atomic) atomicAdd(out + (size_t)t * so + row, v);
+                else out[(size_t)t * so + row] = v;
+            }
+        }
+    }
+}
+
+#define PLANE_ARGS const u8 *p0, const u8 *p1, const u8 *p2, const u8 *p3, int s0, int s1, int s2, int s3
+#define PLANES {{p0, p1, p2, p3}, {s0, s1, s2, s3}}
+
+#define DEF_GEMV(NT, MODE)                                                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32)                                                       \
+        gemv_##NT##_##MODE(PLANE_ARGS, int rows, int nb, int K, const float* x, int sx, int T, const float* nw,        \
+                           float eps, float* out, int so, const float* bias, const float* res, int sr, int ksplit) {   \
+        const Planes w = PLANES;                                                                                        \
+        gemv<QT, NT, MODE>(w, rows, nb, K, x, sx, T, nw, eps, out, so, bias, res, sr, ksplit);                         \
+    }
+// four tokens already balance the FMAs against the bytes: more tokens take several launches
+DEF_GEMV(1, 0)
+DEF_GEMV(1, 1)
+DEF_GEMV(1, 2)
+DEF_GEMV(4, 0)
+DEF_GEMV(4, 1)
+DEF_GEMV(4, 2)
+
+extern "C" __global__ void __launch_bounds__(256)
+    qmma_64(PLANE_ARGS, int rows, int nb, int K, const u16* x16, int sx, int T, float* out, int so, const float* bias,
+            const float* res, int sr, int steps_per_split, int atomic) {
+    const Planes w = PLANES;
+    qmma<QT>(w, rows, nb, K, x16, sx, T, out, so, bias, res, sr, steps_per_split, atomic);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+    dequant_rows(PLANE_ARGS, int rows, int nb, int K, const int* ids, int n_out, void* out, int so, int f16) {
+    const Planes w = PLANES;
+    dequant<QT>(w, rows, nb, K, ids, n_out, out, so, f16);
+}

@@ -1,0 +1,819 @@
+"""CuPy backend: CUDA kernels (kernels/cuda/*.cu, compiled by NVRTC at first use and cached on
+disk by CuPy) behind the ops interface.
+
+Where the time goes and what this file does about it:
+- Decode at batch 1 reads every weight byte once per token. Weights stay quantized in VRAM
+  (ggml's bytes, regrouped into 16-byte-aligned planes per block field, see PLANES) and a
+  GEMV decodes them in registers. RMSNorm and SwiGLU are fused into the GEMV that consumes
+  them (rmsnorm()/swiglu() return lazy values), the residual add and the QKV bias into its
+  epilogue (matmul_add), RoPE into attention (rope() is lazy too).
+- A 0.5B model's decode step is ~150 small kernels: Python launching them would cost more
+  than the GPU time, so run_step() captures the whole step in a CUDA graph per (batch,
+  block-table width) and replays it; the step's token ids, positions and cache slots travel
+  in one pinned buffer copied before each replay.
+- Batched decode (2-64 sequences) runs on tensor cores straight from the quantized blocks
+  (quant.cu qmma). Prompts beyond that are matrix-bound: each weight is dequantized to an
+  fp16 scratch buffer (a chunk of rows at a time, never kept) and multiplied by cuBLAS with
+  fp32 accumulation and fp32 output.
+- Sampling runs on the device (argmax, temperature, top-k, top-p, min-p): only ids leave it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cupy as cp
+import cupyx
+import numpy as np
+
+try:
+    from cupy.cuda import cublas
+except ImportError:  # older layouts
+    from cupy_backends.cuda.libs import cublas
+
+from kernels.ops import AttentionBatch, Backend, check_supported
+from kernels.quants import Q, block_shape, dequantize
+
+CUDA_DIR = Path(__file__).parent / "cuda"
+# Tokens per product: up to GEMV_MAX_T the fp32 GEMV on the quantized blocks (measured: one
+# token; its 4-token variant loses to the tensor cores from 2 tokens on); up to QMMA_MAX_T
+# tensor cores on the quantized blocks (batched decode); beyond, prefill-sized: dequantize to
+# fp16 scratch and cuBLAS. Decode steps up to QMMA_MAX_T sequences run as CUDA graphs.
+GEMV_MAX_T = int(os.environ.get("NTR_GEMV_MAX_T", 1))
+QMMA_MAX_T = 64
+QMMA_BM, QMMA_BK = 128, 64
+GEMV_WARPS = 4
+DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
+MAXG = 8  # query heads per KV head the attention kernels hold
+HEAD_DIMS = (64, 96, 128)
+SCRATCH_ELEMS = 64 << 20  # fp16 dequantization scratch (128 MiB), reused by every product
+LOG2E = 1.4426950408889634
+
+# (byte offset, length) of each block field, in the order the kernel structs read them.
+PLANES = {
+    Q.Q4_0: [(2, 16), (0, 2)],
+    Q.Q4_1: [(4, 16), (0, 4)],
+    Q.Q5_0: [(6, 16), (2, 4), (0, 2)],
+    Q.Q5_1: [(8, 16), (4, 4), (0, 4)],
+    Q.Q8_0: [(2, 32), (0, 2)],
+    Q.Q2_K: [(16, 64), (0, 16), (80, 4)],
+    Q.Q3_K: [(32, 64), (0, 32), (96, 12), (108, 2)],
+    Q.Q4_K: [(16, 128), (4, 12), (0, 4)],
+    Q.Q5_K: [(48, 128), (16, 32), (4, 12), (0, 4)],
+    Q.Q6_K: [(0, 128), (128, 64), (192, 16), (208, 2)],
+}
+FLOAT_TYPES = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}
+UNITS_PER_BLOCK = {Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 4, Q.Q5_K: 4, Q.Q6_K: 4}  # the structs' UPB; others 1
+# Planes whose per-unit piece spans several 16-byte chunks (count given) are interleaved in
+# runs of 32 units, chunk-major: a warp reading 32 consecutive units loads whole lines.
+INTERLEAVED = {Q.Q8_0: 2, Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 2, Q.Q5_K: 2, Q.Q6_K: 2, Q.F32: 8, Q.F16: 4, Q.BF16: 4}
+STRUCTS = {Q.Q4_0: "TQ4_0", Q.Q4_1: "TQ4_1", Q.Q5_0: "TQ5_0", Q.Q5_1: "TQ5_1", Q.Q8_0: "TQ8_0",
+           Q.Q2_K: "TQ2_K", Q.Q3_K: "TQ3_K", Q.Q4_K: "TQ4_K", Q.Q5_K: "TQ5_K", Q.Q6_K: "TQ6_K",
+           Q.F32: "TF32", Q.F16: "TF16", Q.BF16: "TBF16"}
+
+# cuBLAS / CUDA enums (cublas_api.h, library_types.h)
+_OP_N, _OP_T = 0, 1
+_R_32F, _R_16F = 0, 2
+_COMPUTE_32F = 68
+_GEMM_DEFAULT = -1
+
+
+_tls = threading.local()
+
+
+def _on_stream(fn):
+    """Run a public entry point on the backend's stream, whichever thread calls it (the
+    serving worker runs forward passes on a thread of its own); nested calls skip the switch."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        if getattr(_tls, "inside", False):
+            return fn(self, *args, **kwargs)
+        _tls.inside = True
+        try:
+            with self.stream:
+                return fn(self, *args, **kwargs)
+        finally:
+            _tls.inside = False
+
+    return wrapper
+
+
+def _ptr(a) -> np.uint64:
+    return np.uint64(0 if a is None else a.data.ptr)
+
+
+class Kernels:
+    """The CUDA modules, compiled at first use (CuPy caches the binaries on disk)."""
+
+    def __init__(self):
+        self._modules: dict[str, cp.RawModule] = {}
+        self._functions: dict[tuple[str, str], cp.RawKernel] = {}
+        self._common = (CUDA_DIR / "common.cu").read_text()
+
+    def _module(self, file: str, prefix: str = "") -> cp.RawModule:
+        key = file + prefix
+        if key not in self._modules:
+            src = prefix + self._common + (CUDA_DIR / file).read_text()
+            # $NTR_CUBIN_DIR may hold these sources compiled ahead of time by nvcc
+            # (tools/bench_gpu.py --prebuild), named by the source's hash: no NVRTC wait.
+            cubin = Path(os.environ.get("NTR_CUBIN_DIR", "/nonexistent")) / f"{hashlib.sha1(src.encode()).hexdigest()}.cubin"
+            if cubin.exists():
+                self._modules[key] = cp.RawModule(path=str(cubin))
+            else:
+                self._modules[key] = cp.RawModule(code=src, options=("-std=c++17",))
+        return self._modules[key]
+
+    def get(self, file: str, name: str, prefix: str = "") -> cp.RawKernel:
+        key = (file + prefix, name)
+        if key not in self._functions:
+            self._functions[key] = self._module(file, prefix).get_function(name)
+        return self._functions[key]
+
+    def quant(self, qtype, name: str) -> cp.RawKernel:
+        return self.get("quant.cu", name, f"#define QT {STRUCTS[qtype]}\n")
+
+
+@dataclass
+class Segment:
+    """Consecutive output rows of one quant type: the planes of their blocks."""
+
+    qtype: Q
+    row0: int  # first output row in the stacked weight
+    rows: int
+    K: int
+    nb: int  # blocks per row (32-value blocks for the float types)
+    planes: list  # cupy uint8 [rows, stride] each
+    strides: list[int]
+    _args: tuple | None = None
+    gemv_args: tuple = ()
+    gemv_split: int = 1
+    kernels: dict = field(default_factory=dict)
+
+    def plane_args(self, row: int = 0) -> tuple:
+        if row == 0 and self._args is not None:
+            return self._args
+        ptrs = [np.uint64(p.data.ptr + row * s) for p, s in zip(self.planes, self.strides)]
+        ptrs += [np.uint64(0)] * (4 - len(ptrs))
+        strides = [np.int32(s) for s in self.strides] + [np.int32(0)] * (4 - len(self.strides))
+        if row == 0:
+            self._args = (*ptrs, *strides)
+            self.gemv_args = (*self._args, np.int32(self.rows), np.int32(self.nb), np.int32(self.K))
+            self.gemv_split = self.ksplit
+        return (*ptrs, *strides)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.planes)
+
+    @property
+    def rows_per_warp(self) -> int:
+        return 2 if self.qtype == Q.F32 else 4  # the struct's R
+
+    @property
+    def ksplit(self) -> int:
+        """Warps sharing a GEMV row group: more only while the rows alone leave the SMs short
+        of warps (~16 each), and each warp keeps a run of 32 units per row."""
+        runs = -(-self.nb * UNITS_PER_BLOCK.get(self.qtype, 1) // 32)
+        groups = -(-self.rows // self.rows_per_warp)
+        ks = 1
+        while ks < 4 and groups * ks < 132 * 16 and runs >= 2 * ks:
+            ks *= 2
+        return ks
+
+
+@dataclass
+class QMatrix:
+    """A prepared weight [rows, K]: Q, K and V (or gate and up) stacked, each part kept quantized."""
+
+    segments: list[Segment]
+    rows: int
+    K: int
+
+    @property
+    def qmma(self) -> bool:
+        """The tensor-core kernel takes it: block formats, K in whole 64-value steps."""
+        return self.K % QMMA_BK == 0 and all(s.qtype not in FLOAT_TYPES for s in self.segments)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.K)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+
+class _Lazy:
+    """A value some kernel can compute on the fly; anything else materializes it once."""
+
+    _value = None
+
+    def materialize(self):
+        if self._value is None:
+            self._value = self._compute()
+        return self._value
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.materialize(), name)
+
+    def __getitem__(self, idx):
+        return self.materialize()[idx]
+
+
+class Normed(_Lazy):
+    def __init__(self, ops, x, weight, eps):
+        self.ops, self.x, self.weight, self.eps = ops, x, weight, float(eps)
+        self.shape = x.shape
+
+    def _compute(self):
+        return self.ops._rmsnorm(self.x, self.weight, self.eps, cp.float32)
+
+
+class Swiglu(_Lazy):
+    def __init__(self, ops, gate_up):
+        self.ops, self.gu = ops, gate_up
+        self.shape = (gate_up.shape[0], gate_up.shape[1] // 2)
+
+    def _compute(self):
+        return self.ops._swiglu(self.gu, cp.float32)
+
+
+class Roped(_Lazy):
+    def __init__(self, ops, x, positions, inv_freq, neox):
+        self.ops, self.x, self.positions, self.inv_freq, self.neox = ops, x, positions, inv_freq, bool(neox)
+        self.shape = x.shape
+
+    def _compute(self):
+        x = _rows3(self.x)
+        T, heads, D = x.shape
+        out = cp.empty((T, heads, D), cp.float32)
+        if T:
+            self.ops.k.get("misc.cu", "rope")(
+                (T,), (128,), (x, np.int32(x.strides[0] // 4), self.positions, self.inv_freq, np.int32(heads),
+                               np.int32(D), np.int32(self.neox), out))
+        return out
+
+
+def _materialize(x):
+    return x.materialize() if isinstance(x, _Lazy) else x
+
+
+def _rows3(x):
+    """x [T, heads, D] float32 whose [heads, D] part is contiguous (row stride free)."""
+    x = _materialize(x)
+    if x.dtype != cp.float32:
+        x = x.astype(cp.float32)
+    if x.strides[2] != 4 or x.strides[1] != x.shape[2] * 4 or x.strides[0] % 4:
+        x = cp.ascontiguousarray(x)
+    return x
+
+
+def _rows2(x):
+    """x [T, K] float32 with unit stride along K."""
+    x = _materialize(x)
+    if x.dtype != cp.float32:
+        x = x.astype(cp.float32)
+    if x.ndim != 2 or x.strides[1] != 4 or x.strides[0] % 4:
+        x = cp.ascontiguousarray(x.reshape(x.shape[0], -1))
+    return x
+
+
+def _epilogue_operand(y):
+    """Split the addend of a fused product into (bias [out] or None, residual rows or None,
+    residual row stride in floats)."""
+    if y is None:
+        return None, None, 0
+    y = _materialize(y)
+    if y.ndim == 1:
+        return y, None, 0
+    res = _rows2(y)
+    return None, res, res.strides[0] // 4
+
+
+@dataclass
+class _Step:
+    """Device copies of one step's host-side metadata, found by the ops through the host objects."""
+
+    tokens_np: np.ndarray
+    positions_np: np.ndarray
+    batch: AttentionBatch
+    tokens: cp.ndarray
+    positions: cp.ndarray
+    slots: cp.ndarray
+    ctx: cp.ndarray
+    qstarts: cp.ndarray
+    tables: cp.ndarray
+    tiles: cp.ndarray | None
+    decode_scratch: dict = field(default_factory=dict)
+
+
+class _Graph:
+    """A captured decode step for B sequences and block tables of width W."""
+
+    def __init__(self, B: int, W: int):
+        self.B, self.W = B, W
+        self.sizes = [B, B, B, B, B + 1, B * W]  # tokens, positions, slots, ctx, qstarts, tables
+        self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
+        self.dev = cp.empty((sum(self.sizes),), cp.int32)
+        self.copied = cp.cuda.Event(disable_timing=True)
+        self.pool = cp.cuda.MemoryPool()
+        self.graph = None
+        self.out = self.ids = None
+
+    def views(self, a):
+        out, off = [], 0
+        for n in self.sizes:
+            out.append(a[off:off + n])
+            off += n
+        out[-1] = out[-1].reshape(self.B, self.W)
+        return out
+
+    def pack(self, tokens, positions, batch):
+        self.copied.synchronize()  # the previous step's copy has left the buffer
+        tok, pos, slots, ctx, qs, tables = self.views(self.host)
+        tok[:] = tokens
+        pos[:] = positions
+        slots[:] = batch.slot_mapping
+        ctx[:] = batch.context_lens
+        qs[:] = batch.query_starts
+        tables.fill(0)
+        w = batch.block_tables.shape[1]
+        tables[:, :w] = np.maximum(batch.block_tables, 0)
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+    dtype = cp.float32
+    device_sampling = True  # the engine may call sample()/argmax() on device logits
+
+    def __init__(self, vram_limit: int | None = None, graphs: bool = True):
+        limit = vram_limit if vram_limit is not None else int(float(os.environ.get("NTR_VRAM_LIMIT_GB", "0")) * 2**30)
+        if limit:
+            cp.get_default_memory_pool().set_limit(size=limit)
+        self.stream = cp.cuda.Stream(non_blocking=True)  # every kernel, copy and graph is ordered on it
+        self.k = Kernels()
+        self.graphs = graphs
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._step: _Step | None = None
+        self._loaded: dict = {}
+        self._invf: dict = {}
+        self._last_pos = None
+        self._last_graph = None
+        self._graph_max_t = QMMA_MAX_T  # lowered to GEMV_MAX_T by a weight cuBLAS would take
+        self._scratch = None
+        self._pinned = [cupyx.empty_pinned((32 << 20,), np.uint8) for _ in range(2)]
+        self._pinned_free = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._turn = 0
+        self._one = np.ones(1, np.float32)
+        self._zero = np.zeros(1, np.float32)
+
+    # --- weights -------------------------------------------------------------
+    def _upload(self, dst: cp.ndarray, src: np.ndarray) -> None:
+        """Host bytes (the mmap) -> device through two pinned buffers, copies overlapping reads."""
+        src = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
+        chunk = self._pinned[0].nbytes
+        for off in range(0, src.nbytes, chunk):
+            i = self._turn
+            self._turn ^= 1
+            self._pinned_free[i].synchronize()
+            n = min(chunk, src.nbytes - off)
+            np.copyto(self._pinned[i][:n], src[off:off + n])
+            dst[off:off + n].data.copy_from_host_async(self._pinned[i].ctypes.data, n, self.stream)
+            self._pinned_free[i].record(self.stream)
+
+    def _segment(self, tensors, row0: int) -> Segment:
+        qtype, K = tensors[0].qtype, tensors[0].shape[-1]
+        rows = sum(t.shape[0] for t in tensors)
+        row_bytes = tensors[0].data.shape[-1]
+        raw = cp.empty((rows, row_bytes), cp.uint8)
+        r = 0
+        for t in tensors:
+            self._upload(raw[r:r + t.shape[0]].reshape(-1), t.data)
+            r += t.shape[0]
+        if qtype in FLOAT_TYPES:
+            nb = -(-K // 32)
+            first = cp.zeros((rows, nb * 32 * FLOAT_TYPES[qtype]), cp.uint8)
+            first[:, :row_bytes] = raw
+            fields = [first]
+        else:
+            block, size = block_shape(qtype)
+            nb = K // block
+            raw3 = raw.reshape(rows, nb, size)
+            fields = [raw3[:, :, off:off + n].reshape(rows, nb * n) for off, n in PLANES[qtype]]
+        planes, strides = [], []
+        for i, f in enumerate(fields):
+            if i == 0 and qtype in INTERLEAVED:
+                c = INTERLEAVED[qtype]
+                units = f.shape[1] // (16 * c)
+                padded = -(-units // 32) * 32
+                plane = cp.zeros((rows, padded * c * 16), cp.uint8)
+                plane[:, :f.shape[1]] = f
+                plane = cp.ascontiguousarray(plane.reshape(rows, padded // 32, 32, c, 16).transpose(0, 1, 3, 2, 4))
+                plane = plane.reshape(rows, -1)
+            else:
+                plane = cp.zeros((rows, -(-f.shape[1] // 16) * 16), cp.uint8)
+                plane[:, :f.shape[1]] = f
+            planes.append(plane)
+            strides.append(plane.shape[1])
+        del raw
+        seg = Segment(qtype, row0, rows, K, nb, planes, strides)
+        seg.plane_args()
+        return seg
+
+    @_on_stream
+    def load_matrix(self, *tensors) -> QMatrix:
+        for t in tensors:
+            check_supported(t)
+        K = tensors[0].shape[-1]
+        if any(t.shape[-1] != K or len(t.shape) != 2 for t in tensors):
+            raise ValueError("stacked matrices must be 2-D with the same input size")
+        key = tuple(id(t.data) for t in tensors)
+        hit = self._loaded.get(key)
+        if hit is not None and all(a is t.data for a, t in zip(hit[0], tensors)):
+            return hit[1]  # tied embeddings: one copy for the table and the output
+        segments, row0, i = [], 0, 0
+        while i < len(tensors):  # consecutive parts of one type share a launch
+            j = i
+            while j + 1 < len(tensors) and tensors[j + 1].qtype == tensors[i].qtype:
+                j += 1
+            seg = self._segment(tensors[i:j + 1], row0)
+            segments.append(seg)
+            row0 += seg.rows
+            i = j + 1
+        w = QMatrix(segments, row0, K)
+        self._loaded[key] = ([t.data for t in tensors], w)  # the views pin the ids
+        self._graph_max_t = min(self._graph_max_t, QMMA_MAX_T if w.qmma else GEMV_MAX_T)
+        return w
+
+    @_on_stream
+    def load_vector(self, *tensors):
+        for t in tensors:
+            check_supported(t)
+        return cp.asarray(np.concatenate([dequantize(t.data, t.qtype).reshape(-1) for t in tensors]).astype(np.float32))
+
+    def load_embedding(self, tensor) -> QMatrix:
+        return self.load_matrix(tensor)
+
+    # --- host <-> device -------------------------------------------------------
+    @_on_stream
+    def asarray(self, x):
+        return cp.asarray(x)
+
+    @_on_stream
+    def to_numpy(self, x):
+        return cp.asnumpy(_materialize(x), stream=self.stream)
+
+    def _i32(self, a: np.ndarray) -> cp.ndarray:
+        return cp.asarray(np.ascontiguousarray(a, dtype=np.int32))
+
+    def _inv_freq(self, inv_freq) -> cp.ndarray:
+        key = id(inv_freq)
+        hit = self._invf.get(key)
+        if hit is None or hit[0] is not inv_freq:
+            hit = self._invf[key] = (inv_freq, cp.asarray(np.asarray(inv_freq, dtype=np.float64)))
+        return hit[1]
+
+    # --- compute ------------------------------------------------------------------
+    @_on_stream
+    def embedding(self, table: QMatrix, ids):
+        step = self._step
+        ids_dev = step.tokens if step is not None and ids is step.tokens_np else self._i32(ids)
+        T = len(ids_dev)
+        out = cp.empty((T, table.K), cp.float32)
+        self._dequant(table.segments[0], out, ids=ids_dev, n_out=T, f16=False)
+        return out
+
+    def _dequant(self, seg: Segment, out, ids=None, n_out=None, row=0, f16=False):
+        n_out = seg.rows if n_out is None else n_out
+        block = 32 if seg.qtype in FLOAT_TYPES else block_shape(seg.qtype)[0]
+        total = n_out * seg.nb * block // 8  # one thread per 8 values
+        grid = max(1, min(-(-total // 256), 132 * 16))
+        self.k.quant(seg.qtype, "dequant_rows")(
+            (grid,), (256,), (*seg.plane_args(row), np.int32(seg.rows - row), np.int32(seg.nb), np.int32(seg.K),
+                              _ptr(ids), np.int32(n_out), out, np.int32(out.strides[0] // out.itemsize),
+                              np.int32(f16)))
+
+    @_on_stream
+    def matmul(self, x, w: QMatrix):
+        return self._matmul(x, w, None)
+
+    @_on_stream
+    def matmul_add(self, x, w: QMatrix, y):
+        return self._matmul(x, w, y)
+
+    def _matmul(self, x, w: QMatrix, y):
+        T = x.shape[0]
+        if x.shape[-1] != w.K:
+            raise ValueError(f"matmul: x has {x.shape[-1]} features, the weight {w.K}")
+        out = cp.empty((T, w.rows), cp.float32)
+        if T == 0:
+            return out
+        if T <= GEMV_MAX_T:
+            self._gemv(x, w, y, out)
+        elif T <= QMMA_MAX_T and w.qmma:
+            self._qmma(x, w, y, out)
+        else:
+            self._gemm(x, w, out)
+            if y is not None:
+                out += _materialize(y)
+        return out
+
+    def _gemv(self, x, w: QMatrix, y, out):
+        T, K = x.shape[0], w.K
+        nw, eps, mode = None, 0.0, 0
+        aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
+        if K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
+            src, nw, eps, mode = _rows2(x.x), x.weight, x.eps, 1
+        elif K % 8 == 0 and isinstance(x, Swiglu) and aligned(_rows2(x.gu)):
+            src, mode = _rows2(x.gu), 2
+        else:
+            src = _rows2(x)
+            kp = w.segments[0].nb * 32 if K % 8 else K  # float formats: rows padded to 32 values
+            if kp != K or not aligned(src):
+                padded = cp.zeros((T, kp), cp.float32)
+                padded[:, :K] = src
+                src = padded
+        sx = src.strides[0] // 4
+        bias, res, sr = _epilogue_operand(y)
+        so = out.strides[0] // 4
+        for t0 in range(0, T, 4):
+            tc = min(4, T - t0)
+            nt = 1 if tc == 1 else 4
+            for seg in w.segments:
+                fn = seg.kernels.get((nt, mode))
+                if fn is None:
+                    fn = seg.kernels[(nt, mode)] = self.k.quant(seg.qtype, f"gemv_{nt}_{mode}")
+                rows_per_block = GEMV_WARPS // seg.gemv_split * seg.rows_per_warp
+                col = seg.row0 * 4
+                fn((-(-seg.rows // rows_per_block),), (GEMV_WARPS * 32,),
+                   (*seg.gemv_args, np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
+                    np.float32(eps), np.uint64(out.data.ptr + t0 * so * 4 + col), np.int32(so),
+                    np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
+                    np.uint64(res.data.ptr + t0 * sr * 4 + col) if res is not None else np.uint64(0), np.int32(sr),
+                    np.int32(seg.gemv_split)))
+
+    def _fp16_input(self, x):
+        if isinstance(x, Normed):
+            return self._rmsnorm(x.x, x.weight, x.eps, cp.float16)
+        if isinstance(x, Swiglu):
+            return self._swiglu(x.gu, cp.float16)
+        return cp.ascontiguousarray(_materialize(x), dtype=cp.float16)
+
+    def _qmma(self, x, w: QMatrix, y, out):
+        T, K = x.shape[0], w.K
+        x16 = self._fp16_input(x)
+        bias, res, sr = _epilogue_operand(y)
+        steps = K // QMMA_BK
+        launches, zero = [], False
+        for seg in w.segments:  # split K until the grid covers the SMs twice, >= 4 steps a split
+            tiles = -(-seg.rows // QMMA_BM)
+            splits = max(1, min(steps // 4, -(-2 * 132 // tiles)))
+            per = -(-steps // splits)
+            splits = -(-steps // per)
+            zero |= splits > 1
+            launches.append((seg, tiles, splits, per))
+        if zero:
+            out.fill(0)
+        so = out.strides[0] // 4
+        for seg, tiles, splits, per in launches:
+            fn = seg.kernels.get("qmma")
+            if fn is None:
+                fn = seg.kernels["qmma"] = self.k.quant(seg.qtype, "qmma_64")
+            col = seg.row0 * 4
+            fn((tiles, -(-T // 64), splits), (256,),
+               (*seg.gemv_args, x16, np.int32(x16.strides[0] // 2), np.int32(T), np.uint64(out.data.ptr + col),
+                np.int32(so), np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
+                np.uint64(res.data.ptr + col) if res is not None else np.uint64(0), np.int32(sr), np.int32(per),
+                np.int32(splits > 1)))
+
+    def _gemm(self, x, w: QMatrix, out):
+        """Tensor-core path: fp16 input, each weight chunk dequantized to scratch, cuBLAS fp32 out."""
+        T, K, N = x.shape[0], w.K, w.rows
+        x16 = self._fp16_input(x)
+        if self._scratch is None:
+            self._scratch = cp.empty((SCRATCH_ELEMS,), cp.float16)
+        chunk = max(1, SCRATCH_ELEMS // K)
+        handle = cp.cuda.device.get_cublas_handle()
+        for seg in w.segments:
+            for r in range(0, seg.rows, chunk):
+                rc = min(chunk, seg.rows - r)
+                wt = self._scratch[:rc * K].reshape(rc, K)
+                self._dequant(seg, wt, row=r, n_out=rc, f16=True)
+                cublas.gemmEx(
+                    handle, _OP_T, _OP_N, rc, T, K, self._one.ctypes.data, wt.data.ptr, _R_16F, K,
+                    x16.data.ptr, _R_16F, K, self._zero.ctypes.data, out.data.ptr + (seg.row0 + r) * 4, _R_32F, N,
+                    _COMPUTE_32F, _GEMM_DEFAULT)
+
+    def _rmsnorm(self, x, weight, eps, dtype):
+        x = _rows2(x)
+        T, K = x.shape
+        out = cp.empty((T, K), dtype)
+        if T:
+            self.k.get("misc.cu", "rmsnorm")(
+                (T,), (256,), (x, np.int32(x.strides[0] // 4), weight, np.float32(eps), np.int32(K), out,
+                               np.int32(K), np.int32(dtype == cp.float16)))
+        return out
+
+    def _swiglu(self, gu, dtype):
+        gu = _rows2(gu)
+        T, F = gu.shape[0], gu.shape[1] // 2
+        out = cp.empty((T, F), dtype)
+        n = T * F
+        if n:
+            self.k.get("misc.cu", "swiglu")(
+                (max(1, min(-(-n // 256), 132 * 8)),), (256,),
+                (gu, np.int32(gu.strides[0] // 4), np.int32(T), np.int32(F), out, np.int32(F),
+                 np.int32(dtype == cp.float16)))
+        return out
+
+    def rmsnorm(self, x, weight, eps):
+        return Normed(self, _materialize(x), weight, eps)
+
+    def swiglu(self, gate_up):
+        return Swiglu(self, _materialize(gate_up))
+
+    @_on_stream
+    def rope(self, x, positions, inv_freq, neox):
+        step = self._step
+        if step is not None and positions is step.positions_np:
+            pos = step.positions
+        elif self._last_pos is not None and self._last_pos[0] is positions:  # q then k: one upload
+            pos = self._last_pos[1]
+        else:
+            pos = self._i32(positions)
+            self._last_pos = (positions, pos)
+        return Roped(self, _materialize(x), pos, self._inv_freq(inv_freq), neox)
+
+    @_on_stream
+    def add(self, a, b):
+        return _materialize(a) + _materialize(b)
+
+    # --- attention ------------------------------------------------------------------
+    @_on_stream
+    def new_kv_cache(self, num_blocks, block_size, n_kv_heads, head_dim):
+        shape = (num_blocks, block_size, n_kv_heads, head_dim)
+        return cp.zeros(shape, cp.float16), cp.zeros(shape, cp.float16)
+
+    def _batch_dev(self, batch: AttentionBatch) -> _Step:
+        step = self._step
+        if step is not None and batch is step.batch:
+            return step
+        return self._make_step(None, None, batch)
+
+    def _make_step(self, tokens, positions, batch: AttentionBatch) -> _Step:
+        """Upload a step's metadata in one copy (eager path)."""
+        T = len(batch.slot_mapping)
+        B = batch.num_seqs
+        starts = batch.query_starts.astype(np.int64)
+        tiles = [np.stack([np.full(len(r), b), r], 1) for b in range(B)
+                 for r in [np.arange(starts[b], starts[b + 1], 4)] if len(r)]
+        tiles = np.concatenate(tiles).astype(np.int32) if tiles else np.zeros((0, 2), np.int32)
+        tables = np.maximum(batch.block_tables, 0).astype(np.int32)
+        tok = np.zeros(T, np.int32) if tokens is None else np.asarray(tokens, np.int32)
+        pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
+        parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1),
+                 tiles.reshape(-1)]
+        flat = np.concatenate([np.asarray(p, np.int32).reshape(-1) for p in parts])
+        dev = cp.asarray(flat)
+        views, off = [], 0
+        for p in parts:
+            views.append(dev[off:off + p.size])
+            off += p.size
+        return _Step(tokens, positions, batch, views[0], views[1], views[2], views[3], views[4],
+                     views[5].reshape(tables.shape), views[6].reshape(-1, 2))
+
+    @_on_stream
+    def attention(self, q, k, v, k_cache, v_cache, batch: AttentionBatch, scale):
+        rope_q = isinstance(q, Roped)
+        rope_k = isinstance(k, Roped)
+        lazy = q if rope_q else (k if rope_k else None)
+        qa = _rows3(q.x if rope_q else q)
+        ka = _rows3(k.x if rope_k else k)
+        va = _rows3(v)
+        T, H, D = qa.shape
+        KVH = ka.shape[1]
+        G = H // KVH
+        if D not in HEAD_DIMS or G > MAXG:
+            raise NotImplementedError(f"attention kernels support head_dim {HEAD_DIMS} and <= {MAXG} query heads per KV head")
+        step = self._batch_dev(batch)
+        if lazy is not None:  # q and k are rotated at the same positions (the model's contract)
+            positions, invf, neox = lazy.positions, lazy.inv_freq, lazy.neox
+        else:
+            positions, invf, neox = step.positions, cp.zeros(1, cp.float64), False
+        bs = k_cache.shape[1]
+        W = step.tables.shape[1]
+        out = cp.empty((T, H * D), cp.float32)
+        if T == 0:
+            return out
+        sq, sk, sv = (np.int32(a.strides[0] // 4) for a in (qa, ka, va))
+        B = batch.num_seqs
+        ls = np.float32(scale * LOG2E)
+        if T == B and int(batch.query_starts[-1]) == B:  # one new token per sequence
+            max_splits = -(-W * bs // DECODE_CHUNK)
+            scratch = step.decode_scratch.get((B, KVH, max_splits, D))
+            if scratch is None:
+                scratch = (cp.empty((B * KVH * max_splits * MAXG * D,), cp.float32),
+                           cp.empty((B * KVH * max_splits * MAXG * 2,), cp.float32),
+                           cp.zeros((B * KVH,), cp.int32))
+                step.decode_scratch[(B, KVH, max_splits, D)] = scratch
+            self.k.get("attention.cu", f"attn_decode_{D}")(
+                (max_splits, KVH, B), (256,),
+                (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k), np.int32(neox),
+                 k_cache, v_cache, step.tables, np.int32(W), step.ctx, step.slots, np.int32(H), np.int32(KVH),
+                 np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch, np.int32(max_splits), out))
+        else:
+            self.k.get("attention.cu", f"kv_store_{D}")(
+                (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), k_cache, v_cache,
+                               step.slots, np.int32(KVH)))
+            tiles = step.tiles
+            if tiles is None or len(tiles) == 0:
+                return out
+            self.k.get("attention.cu", f"attn_prefill_{D}")(
+                (len(tiles), KVH), (128,),
+                (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), k_cache, v_cache, step.tables,
+                 np.int32(W), step.ctx, step.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, out))
+        return out
+
+    # --- one model step, captured and replayed for decode -------------------------------
+    @_on_stream
+    def run_step(self, forward, tokens, positions, batch: AttentionBatch, kv_caches, logit_rows):
+        T, B = len(tokens), batch.num_seqs
+        decode = T == B and int(batch.query_starts[-1]) == B
+        all_rows = logit_rows is None or (len(logit_rows) == T and np.array_equal(logit_rows, np.arange(T)))
+        if self.graphs and decode and all_rows and T <= self._graph_max_t:
+            return self._graph_step(forward, tokens, positions, batch, kv_caches)
+        self._step = self._make_step(tokens, positions, batch)
+        rows = None if logit_rows is None else cp.asarray(np.asarray(logit_rows, np.int64))
+        try:
+            return _materialize(forward(tokens, positions, batch, kv_caches, rows))
+        finally:
+            self._step = None
+
+    def _graph_step(self, forward, tokens, positions, batch, kv_caches):
+        B = batch.num_seqs
+        W = max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
+        g = self._graphs.get((B, W))
+        if g is None:
+            g = self._graphs[(B, W)] = _Graph(B, W)
+        g.pack(tokens, positions, batch)
+        g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, self.stream)
+        g.copied.record(self.stream)
+        if g.graph is not None:
+            g.graph.launch(self.stream)
+            self._last_graph = g
+            return g.out
+        tok, pos, slots, ctx, qs, tables = g.views(g.dev)
+        padded = AttentionBatch(query_starts=batch.query_starts, context_lens=batch.context_lens,
+                                block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping)
+        self._step = _Step(tokens, positions, padded, tok, pos, slots, ctx, qs, tables, None)
+        try:
+            with cp.cuda.using_allocator(g.pool.malloc):
+                out = _materialize(forward(tokens, positions, padded, kv_caches, None))  # runs the step, warms the pool
+                self.stream.begin_capture()
+                try:
+                    g.out = _materialize(forward(tokens, positions, padded, kv_caches, None))
+                    g.ids = self._argmax_dev(g.out)  # greedy ids come with the replay: no extra launch
+                finally:
+                    g.graph = self.stream.end_capture()
+        finally:
+            self._step = None
+        return out
+
+    # --- sampling on the device ---------------------------------------------------------
+    @_on_stream
+    def argmax(self, logits) -> np.ndarray:
+        g = self._last_graph
+        if g is not None and logits is g.out:
+            return cp.asnumpy(g.ids, stream=self.stream)
+        return cp.asnumpy(self._argmax_dev(logits), stream=self.stream)
+
+    def _argmax_dev(self, logits):
+        logits = _rows2(logits)
+        B, V = logits.shape
+        out = cp.empty((B,), cp.int32)
+        self.k.get("misc.cu", "argmax_rows")((B,), (1024,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), out))
+        return out
+
+    @_on_stream
+    def sample(self, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
+        """One id per row: temperature (0 = argmax), top-k (0 = off), top-p, min-p, and a
+        uniform number in [0, 1) per row drawn by the caller's generator."""
+        logits = _rows2(logits)
+        B, V = logits.shape
+        params = np.concatenate([np.asarray(temperature, np.float32), np.asarray(top_p, np.float32),
+                                 np.asarray(min_p, np.float32), np.asarray(uniform, np.float32),
+                                 np.asarray(top_k, np.int32).view(np.float32)])
+        dev = cp.asarray(params)
+        t, p, m, u, k = (dev[i * B:(i + 1) * B] for i in range(5))
+        out = cp.empty((B,), cp.int32)
+        self.k.get("misc.cu", "sample_rows")(
+            (B,), (1024,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), t, k.view(cp.int32), p, m, u, out))
+        return cp.asnumpy(out, stream=self.stream)

@@ -1,0 +1,239 @@
+"""The CuPy backend's kernels against their NumPy twins, on a GPU (`pytest -m gpu`).
+
+Fresh random inputs for every case; the memory pool is filled with NaN before each test so an
+output element a kernel forgets to write shows up; bounds: fp32 paths 1e-5 relative, paths
+through fp16 (cuBLAS inputs, the KV cache) 3e-3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from kernels import AttentionBatch, get_backend  # noqa: E402
+from kernels.cupy_backend import GEMV_MAX_T  # noqa: E402
+from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize  # noqa: E402
+from workers.gguf_file import TensorInfo  # noqa: E402
+from workers.synthetic_model import random_blocks  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+cpu = get_backend("numpy")
+FLOATS = (Q.F32, Q.F16, Q.BF16)
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pytest.skip("no CUDA device")
+    return get_backend("cupy")
+
+
+@pytest.fixture(autouse=True)
+def poison_pool():
+    """Freed pool memory full of NaN: the next outputs are carved from it."""
+    try:
+        junk = cupy.full((64 << 20,), np.nan, cupy.float32)
+        del junk
+    except Exception:
+        pass
+    yield
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    bad = ~np.isfinite(got)
+    assert not bad.any(), f"{bad.sum()} of {bad.size} outputs NaN/inf (not written?), shape {got.shape}"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def make_tensor(rng, qtype, rows, cols, name="w"):
+    if qtype in FLOATS:
+        values = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        raw = {Q.F32: values, Q.F16: values.astype(np.float16),
+               Q.BF16: (values.view(np.uint32) >> 16).astype(np.uint16)}[qtype]
+        raw = raw.view(np.uint8).reshape(rows, -1)
+    else:
+        raw = random_blocks(rng, (rows, cols), qtype, std=0.05)
+    return TensorInfo(name, qtype, (rows, cols), np.ascontiguousarray(raw))
+
+
+def cols_for(qtype, rng):
+    block = block_shape(qtype)[0]
+    if qtype in FLOATS:
+        return int(rng.choice([100, 264, 512]))  # not a multiple of 32 either
+    if block == 32:
+        return 32 * int(rng.choice([25, 24, 7]))  # not a multiple of 256
+    return 256 * int(rng.choice([2, 3]))
+
+
+QTYPES = sorted(SUPPORTED_QTYPES, key=lambda q: q.value)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [1, 3, 8, 19, 64, 70])
+def test_matmul_every_quant_type(gpu, qtype, T):
+    rng = np.random.default_rng()
+    rows, cols = int(rng.choice([37, 61, 130])), cols_for(qtype, rng)
+    t = make_tensor(rng, qtype, rows, cols)
+    weight = dequantize(t.data, qtype).astype(np.float64)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    got = gpu.to_numpy(gpu.matmul(gpu.asarray(x), gpu.load_matrix(t)))
+    assert got.shape == (T, rows)
+    # T <= 16: fp32 GEMV on the quantized blocks; above: fp16 operands (tensor cores on the
+    # blocks up to 64 tokens, cuBLAS on a dequantized copy beyond)
+    err = rel_err(got, x @ weight.T)
+    assert err < (1e-5 if T <= GEMV_MAX_T else 3e-3), f"{rows}x{cols}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 24, 64, 100])
+def test_stacked_mixed_types_and_fused_inputs(gpu, T):
+    """Q/K/V of three quant types in one weight; the norm, SwiGLU, bias and residual fusions."""
+    rng = np.random.default_rng()
+    cols = 512 * 9  # long enough to split K in the tensor-core kernel
+    parts = [make_tensor(rng, q, r, cols) for q, r in ((Q.Q4_K, 70), (Q.Q6_K, 33), (Q.Q8_0, 17))]
+    w_gpu, w_cpu = gpu.load_matrix(*parts), cpu.load_matrix(*parts)
+    tol = 1e-5 if T <= GEMV_MAX_T else 3e-3
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    norm_w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
+    bias = rng.standard_normal(120).astype(np.float32)
+    res = rng.standard_normal((T, 120)).astype(np.float32)
+    xg = gpu.asarray(x)
+
+    want = cpu.matmul(cpu.rmsnorm(x, norm_w, 1e-6), w_cpu)
+    got = gpu.matmul(gpu.rmsnorm(xg, gpu.asarray(norm_w), 1e-6), w_gpu)
+    assert rel_err(gpu.to_numpy(got), want) < tol
+    got = gpu.matmul_add(gpu.rmsnorm(xg, gpu.asarray(norm_w), 1e-6), w_gpu, gpu.asarray(bias))
+    assert rel_err(gpu.to_numpy(got), want + bias) < tol
+    got = gpu.matmul_add(xg, w_gpu, gpu.asarray(res))
+    assert rel_err(gpu.to_numpy(got), cpu.matmul(x, w_cpu) + res) < tol
+
+    gu = rng.standard_normal((T, 2 * cols)).astype(np.float32)
+    want = cpu.matmul(cpu.swiglu(gu), w_cpu)
+    got = gpu.matmul(gpu.swiglu(gpu.asarray(gu)), w_gpu)
+    assert rel_err(gpu.to_numpy(got), want) < tol
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_embedding_rows(gpu, qtype):
+    rng = np.random.default_rng()
+    rows, cols = 300, cols_for(qtype, rng)
+    t = make_tensor(rng, qtype, rows, cols)
+    ids = rng.integers(0, rows, 9)
+    got = gpu.to_numpy(gpu.embedding(gpu.load_embedding(t), ids))
+    assert rel_err(got, dequantize(t.data, qtype)[ids]) < 1e-6
+
+
+def test_elementwise_ops(gpu):
+    rng = np.random.default_rng()
+    T, H, D = 7, 6, 64
+    x = rng.standard_normal((T, 300)).astype(np.float32)
+    w = rng.standard_normal(300).astype(np.float32)
+    assert rel_err(gpu.to_numpy(gpu.rmsnorm(gpu.asarray(x), gpu.asarray(w), 1e-5)), cpu.rmsnorm(x, w, 1e-5)) < 1e-6
+    gu = rng.standard_normal((T, 2 * 300)).astype(np.float32)
+    assert rel_err(gpu.to_numpy(gpu.swiglu(gpu.asarray(gu))), cpu.swiglu(gu)) < 1e-6
+    a, b = rng.standard_normal((2, T, 300)).astype(np.float32)
+    assert rel_err(gpu.to_numpy(gpu.add(gpu.asarray(a), gpu.asarray(b))), a + b) < 1e-7
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    pos = rng.integers(0, 5000, T)
+    inv_freq = 10000.0 ** (-np.arange(0, D, 2) / D)
+    for neox in (False, True):
+        got = gpu.to_numpy(gpu.rope(gpu.asarray(q), pos, inv_freq, neox))
+        assert rel_err(got, cpu.rope(q, pos, inv_freq, neox)) < 1e-5
+
+
+class Tables:
+    """Block tables of a paged cache, blocks handed out in random order."""
+
+    def __init__(self, num_blocks, block_size, rng):
+        self.free, self.bs, self.tables = [int(b) for b in rng.permutation(num_blocks)], block_size, {}
+
+    def batch(self, seqs):
+        """seqs: (seq id, cached tokens, new tokens) -> (AttentionBatch, positions)."""
+        starts, ctx, slots, positions = [0], [], [], []
+        for sid, cached, new in seqs:
+            table = self.tables.setdefault(sid, [])
+            while len(table) * self.bs < cached + new:
+                table.append(self.free.pop())
+            pos = np.arange(cached, cached + new)
+            starts.append(starts[-1] + new)
+            ctx.append(cached + new)
+            slots.append(np.asarray(table)[pos // self.bs] * self.bs + pos % self.bs)
+            positions.append(pos)
+        width = max(len(self.tables[sid]) for sid, _, _ in seqs)
+        bt = np.full((len(seqs), width), -1, np.int32)
+        for i, (sid, _, _) in enumerate(seqs):
+            bt[i, :len(self.tables[sid])] = self.tables[sid]
+        batch = AttentionBatch(np.asarray(starts, np.int32), np.asarray(ctx, np.int32), bt,
+                               np.concatenate(slots).astype(np.int32))
+        return batch, np.concatenate(positions)
+
+
+@pytest.mark.parametrize("H,KVH,D", [(14, 2, 64), (32, 8, 128), (8, 8, 96), (16, 2, 128)])
+def test_attention_prefill_then_decode(gpu, H, KVH, D):
+    """A prefill chunk of several sequences (one continuing a cached context), then
+    single-token decode steps through flash-decoding with several splits; RoPE fused."""
+    rng = np.random.default_rng()
+    bs, nblocks = 16, 256
+    inv_freq = 10000.0 ** (-np.arange(0, D, 2) / D)
+    kc_g, vc_g = gpu.new_kv_cache(nblocks, bs, KVH, D)
+    kc_c, vc_c = cpu.new_kv_cache(nblocks, bs, KVH, D)
+    scale = 1.0 / np.sqrt(D)
+    tables = Tables(nblocks, bs, rng)
+
+    def step(seqs, neox):
+        batch, pos = tables.batch(seqs)
+        T = len(pos)
+        q = rng.standard_normal((T, H, D)).astype(np.float32)
+        k = rng.standard_normal((T, KVH, D)).astype(np.float32)
+        v = rng.standard_normal((T, KVH, D)).astype(np.float32)
+        want = cpu.attention(cpu.rope(q, pos, inv_freq, neox), cpu.rope(k, pos, inv_freq, neox), v, kc_c, vc_c,
+                             batch, scale)
+        got = gpu.attention(gpu.rope(gpu.asarray(q), pos, inv_freq, neox),
+                            gpu.rope(gpu.asarray(k), pos, inv_freq, neox), gpu.asarray(v), kc_g, vc_g, batch, scale)
+        err = rel_err(gpu.to_numpy(got), want)
+        assert err < 3e-3, f"{seqs}: relative error {err:.2e}"
+        written = batch.slot_mapping
+        kg = gpu.to_numpy(kc_g).reshape(-1, KVH, D)[written]
+        assert rel_err(kg, kc_c.reshape(-1, KVH, D)[written]) < 1e-3
+        vg = gpu.to_numpy(vc_g).reshape(-1, KVH, D)[written]
+        assert rel_err(vg, vc_c.reshape(-1, KVH, D)[written]) < 1e-3
+
+    step([(0, 0, 200)], neox=True)
+    step([(0, 200, 37), (1, 0, 5), (2, 0, 70)], neox=True)  # chunked prefill beside fresh prompts
+    ctx = {0: 237, 1: 5, 2: 70}
+    for _ in range(3):  # decode: contexts ~240 (two splits of 128), 6 and 71
+        step([(sid, c, 1) for sid, c in ctx.items()], neox=True)
+        ctx = {sid: c + 1 for sid, c in ctx.items()}
+    step([(3, 0, 600)], neox=False)  # one long prompt, normal rope
+    step([(3, 600, 1)], neox=False)  # five splits
+
+
+def test_argmax_and_sampling(gpu):
+    rng = np.random.default_rng()
+    B, V = 5, 151936
+    logits = (rng.standard_normal((B, V)) * 3).astype(np.float32)
+    logits[1, 77] = logits[1, 9] = logits[1].max() + 1  # tie: first index wins
+    lg = gpu.asarray(logits)
+    assert np.array_equal(gpu.argmax(lg), np.argmax(logits, axis=-1))
+    cases = [  # temperature, top_k, top_p, min_p
+        (0.0, 0, 1.0, 0.0), (0.8, 40, 0.9, 0.0), (1.2, 0, 0.95, 0.0), (1.0, 100, 1.0, 0.05), (0.7, 5, 0.5, 0.1)]
+    same = total = 0
+    for _ in range(40):
+        u = rng.random(B)
+        params = [np.asarray(c) for c in zip(*cases)]
+        got = gpu.sample(lg, *params, u)
+        want = cpu.sample(logits, *params, u)
+        same += int((got == want).sum())
+        total += B
+        assert got[0] == np.argmax(logits[0])
+        for b, (t, k, p, m) in enumerate(cases):  # every id is inside the filtered set
+            if k:
+                assert logits[b, got[b]] >= np.sort(logits[b])[-k]
+    assert same / total > 0.95, f"GPU and NumPy samplers agree on {same}/{total} draws"
