@@ -88,6 +88,23 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from cluster import config
+
+    config.load(args.config)  # every config error, with file and field, before Ray starts
+    from ray.serve.scripts import cli as serve_cli
+
+    serve_cli.main(["run", args.config, *(["--address", args.address] if args.address else [])],
+                   standalone_mode=False)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from cluster import batch
+
+    return batch.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntr", description="ntransformer: GGUF LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", choices=["pull", "list"])
     m.add_argument("name", nargs="?", default=model_store.DEFAULT_MODEL)
     m.set_defaults(func=cmd_models)
+
+    v = sub.add_parser("serve", help="serve a config (configs/*.yaml) on Ray Serve until interrupted")
+    v.add_argument("--config", required=True, help="a Serve config file, e.g. configs/dev-cpu.yaml")
+    v.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a new local cluster)")
+    v.set_defaults(func=cmd_serve)
+
+    b = sub.add_parser("batch", help="generate for every line of a JSONL file on Ray, resumable after a kill "
+                       "(also: python -m cluster.batch; the formats are in cluster/batch.py)")
+    b.add_argument("--input", required=True, help="JSONL: one OpenAI request body with an \"id\" per line")
+    b.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    b.add_argument("--config", help="a Serve config file (configs/*.yaml); its first app's args are used")
+    b.add_argument("--model", help="override the config's model (a registered name or a GGUF path)")
+    b.add_argument("--concurrency", type=int, help="requests in flight (default: the config's max_num_seqs)")
+    b.set_defaults(func=cmd_batch)
     return parser
 
 

@@ -120,6 +120,15 @@ class Backend(ABC):
         of the same shape."""
         return forward(tokens, positions, batch, kv_caches, logit_rows)
 
+    # True where sample() draws on the device: the engine then samples there when no logprobs
+    # or penalties are asked, and only ids leave the device.
+    device_sampling = False
+
+    def sample(self, logits: Array, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
+        """One id per row of logits [B, vocab]: temperature (0: argmax), top-k (0: off), top-p,
+        min-p, then a draw by the cumulative mass in vocabulary order with uniform[b] in [0, 1)."""
+        raise NotImplementedError
+
     def argmax(self, logits: Array) -> np.ndarray:
         """Row-wise argmax of logits [B, vocab] as host ids (first index of the maximum)."""
         return np.argmax(self.to_numpy(logits), axis=-1)

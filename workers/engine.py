@@ -136,22 +136,32 @@ class Engine:
             seq.num_cached += n
         return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
 
-    def _next_token(self, sampler: Sampler, logits, params: SamplingParams):
-        """(token, logprob, top) from logits [1, vocab] as `forward(device=True)` returns them:
-        drawn on the device where the backend can (only the id leaves it), on the host for
-        logprobs and penalties."""
-        p = sampler.params
-        penalties = p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        if getattr(self.ops, "device_sampling", False) and params.logprobs is None and not penalties:
-            u = 0.0 if p.greedy else float(sampler.rng.random())
-            token = int(self.ops.sample(logits, [p.temperature], [p.top_k], [p.top_p], [p.min_p], [u])[0])
-            sampler.history[token] += 1
-            return token, None, None
-        row = self.ops.to_numpy(logits)[0].astype(np.float32, copy=False)
-        token = sampler.sample(row)
-        if params.logprobs is None:
-            return token, None, None
-        return (token, *token_logprobs(row, token, params.logprobs))
+    def sample(self, logits, samplers: list[Sampler | None]) -> list[tuple[int, float | None, list | None] | None]:
+        """(token, logprob, top) for each row of logits [B, vocab] as `forward(device=True)`
+        returns them, None where the sampler is None. Rows that want no logprobs and no
+        penalties are drawn on the device in one call where the backend can (only their ids
+        leave it); the others are copied to the host for their Sampler."""
+        picked: list = [None] * len(samplers)
+        wanted = [i for i, s in enumerate(samplers) if s is not None]
+        on_device = [i for i in wanted if self.ops.device_sampling and samplers[i].params.logprobs is None
+                     and not samplers[i].params.penalized]
+        if on_device:
+            ps = [samplers[i].params for i in on_device]
+            uniform = [0.0 if p.greedy else float(samplers[i].rng.random()) for i, p in zip(on_device, ps)]
+            rows = logits if len(on_device) == len(samplers) else logits[on_device]
+            ids = self.ops.sample(rows, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
+                                  [p.min_p for p in ps], uniform)
+            for i, token in zip(on_device, ids.tolist()):
+                samplers[i].history[token] += 1
+                picked[i] = (token, None, None)
+        on_host = [i for i in wanted if picked[i] is None]
+        if on_host:
+            rows = self.ops.to_numpy(logits if len(on_host) == len(samplers) else logits[on_host])
+            for i, row in zip(on_host, rows.astype(np.float32, copy=False)):
+                sampler = samplers[i]
+                token, n_top = sampler.sample(row), sampler.params.logprobs
+                picked[i] = (token, None, None) if n_top is None else (token, *token_logprobs(row, token, n_top))
+        return picked
 
     def release(self, seq: Sequence) -> None:
         self.kv.release(seq.block_table)
@@ -180,7 +190,7 @@ class Engine:
         timings = self.last_timings = Timings(prompt_tokens=len(prompt_ids))
         try:
             t0 = time.perf_counter()
-            picked = self._next_token(sampler, self.forward([(seq, len(prompt_ids))], device=True), params)
+            picked = self.sample(self.forward([(seq, len(prompt_ids))], device=True), [sampler])[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             for i in range(budget):
@@ -197,7 +207,7 @@ class Engine:
                     return
                 yield GeneratedToken(token, text, logprob, top)
                 seq.token_ids.append(token)
-                picked = self._next_token(sampler, self.forward([(seq, 1)], device=True), params)
+                picked = self.sample(self.forward([(seq, 1)], device=True), [sampler])[0]
                 timings.decode_tokens += 1
                 timings.decode_s = time.perf_counter() - t0
         finally:

@@ -81,6 +81,10 @@ class SamplingParams:
         return replace(self, **changes)
 
     @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
@@ -103,7 +107,7 @@ class Sampler:
 
     def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
         p = self.params
-        if not self.history or (p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0):
+        if not self.history or not p.penalized:
             return logits
         logits = logits.copy()
         ids = np.fromiter(self.history.keys(), dtype=np.int64)

@@ -1,0 +1,223 @@
+"""The Ray Serve application: one replica = one model on one device.
+
+The replica is the front end (OpenAI-compatible HTTP through FastAPI, and the Generation
+gRPC service through Serve's gRPC ingress); the model runs in its ComputeWorker actor,
+placed in the replica's placement group so that both land on one node and the worker
+holds the replica's GPU. `build_app` is the import path that Serve config files name.
+
+No `from __future__ import annotations` here: FastAPI must see the real `Request` type of
+the ingress methods to inject it.
+"""
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import contextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.util import metrics
+from starlette.exceptions import HTTPException
+
+from cluster import openai_protocol as oai
+from cluster.config import ServerConfig, server_config
+from cluster.engine_client import EngineClient, Generation
+from cluster.errors import APIError
+from proto import generation_pb2 as pb
+
+api = FastAPI(title="ntransformer")
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@api.exception_handler(HTTPException)
+async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
+    return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+
+async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, dict]]:
+    """(choice index, event) from all generations as they arrive; stopping early cancels them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def drain(index: int, generation: Generation) -> None:
+        try:
+            async for event in generation:
+                queue.put_nowait((index, event))
+            queue.put_nowait((index, None))
+        except Exception as e:
+            queue.put_nowait((index, e))
+
+    tasks = [asyncio.create_task(drain(i, g)) for i, g in enumerate(generations)]
+    try:
+        for _ in range(len(tasks)):
+            while (item := await queue.get())[1] is not None:
+                if isinstance(item[1], Exception):
+                    raise APIError.from_exception(item[1])
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for generation in generations:  # also those whose task never started
+            generation.cancel()
+
+
+@contextmanager
+def grpc_status(grpc_context):
+    """Errors leave with their gRPC code: Serve's proxy keeps a code set on the context before a raise."""
+    try:
+        yield
+    except Exception as e:
+        error = APIError.from_exception(e)
+        grpc_context.set_code(error.grpc_code)
+        grpc_context.set_details(error.message)
+        raise error from None
+
+
+@serve.deployment(name="LLMServer", health_check_period_s=10, health_check_timeout_s=30)
+@serve.ingress(api)
+class LLMServer:
+    async def __init__(self, config: dict):
+        self.config: ServerConfig = server_config(config)
+        self.client = EngineClient(self.config)
+        self.info = await self.client.info()  # the replica is ready only once the model is loaded
+        self.api_keys = set(self.config.api_keys) | {k for k in os.environ.get("NTR_API_KEYS", "").split(",") if k}
+        self.requests = metrics.Counter("ntr_requests", description="API requests by endpoint and status",
+                                        tag_keys=("model", "endpoint", "status"))
+        self.requests.set_default_tags({"model": self.config.name})
+
+    async def check_health(self) -> None:
+        await self.client.info()  # raises if the compute worker is gone, so Serve replaces the replica
+
+    # --- HTTP ----------------------------------------------------------------
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok", "model": self.config.name, **await self.client.stats()}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._check_key(request.headers.get("authorization"))
+        return {"object": "list", "data": [{"id": self.config.name, "object": "model", "created": 0,
+                                            "owned_by": "ntransformer", "max_model_len": self.info["max_context"]}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._complete(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._complete(request, chat=True)
+
+    async def _complete(self, request: Request, chat: bool):
+        endpoint = "chat" if chat else "completions"
+        try:
+            self._check_key(request.headers.get("authorization"))
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise APIError(400, f"the request body is not valid JSON: {e}") from None
+            req = oai.parse_request(body, chat, self.config.name, self.info["max_context"])
+            generations = await self._submit(req.choices())
+        except APIError as e:
+            self.requests.inc(tags={"endpoint": endpoint, "status": str(e.status)})
+            raise
+        self.requests.inc(tags={"endpoint": endpoint, "status": "200"})
+        prompt_tokens = sum(g.prompt_tokens for g in generations[::req.n])
+        choices = [oai.Choice(req, i) for i in range(len(generations))]
+        if req.stream:
+            return StreamingResponse(self._sse(req, generations, choices, prompt_tokens),
+                                     media_type="text/event-stream")
+        async for index, event in merged(generations):
+            choices[index].add(event)
+        return oai.response(req, choices, prompt_tokens)
+
+    async def _sse(self, req, generations, choices, prompt_tokens) -> AsyncIterator[str]:
+        try:
+            async for index, event in merged(generations):
+                logprobs = choices[index].add(event)
+                yield f"data: {json.dumps(oai.chunk(req, choices[index], event, logprobs))}\n\n"
+            if req.include_usage:
+                tokens = oai.usage(prompt_tokens, sum(c.tokens for c in choices))
+                yield f"data: {json.dumps(oai.chunk(req, None, None, None, tokens))}\n\n"
+        except APIError as e:  # the status line is gone: report in the stream, as OpenAI does
+            yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+
+    async def _submit(self, choices: list) -> list[Generation]:
+        """Submit every choice, or none: a failure cancels the ones already queued."""
+        generations: list[Generation] = []
+        try:
+            for prompt, params in choices:
+                generations.append(await self.client.submit(prompt, params))
+        except Exception as e:
+            for g in generations:
+                g.cancel()
+            raise APIError.from_exception(e) from None
+        return generations
+
+    def _check_key(self, authorization: str | None) -> None:
+        if self.api_keys and (authorization or "").removeprefix("Bearer ").strip() not in self.api_keys:
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    # --- gRPC (method names are the Generation service's) ---------------------
+    async def ListModels(self, request: pb.ListModelsRequest, grpc_context) -> pb.ListModelsResponse:
+        with grpc_status(grpc_context):
+            self._check_key(dict(grpc_context.invocation_metadata()).get("authorization"))
+            return pb.ListModelsResponse(models=[pb.Model(id=self.config.name, max_context=self.info["max_context"])])
+
+    async def Generate(self, request: pb.GenerateRequest, grpc_context) -> pb.GenerateResponse:
+        with grpc_status(grpc_context):
+            generation = await self._grpc_submit(request, grpc_context)
+            text, ids, finish = [], [], ""
+            async for event in generation:
+                text.append(event["text"])
+                ids.append(event["token_id"])
+                finish = event["finish_reason"] or ""
+            return pb.GenerateResponse(text="".join(text), token_ids=ids, finish_reason=finish, usage=pb.Usage(
+                prompt_tokens=generation.prompt_tokens, completion_tokens=len(ids)))
+
+    async def GenerateStream(self, request: pb.GenerateRequest, grpc_context) -> AsyncIterator[pb.GenerateChunk]:
+        with grpc_status(grpc_context):
+            generation = await self._grpc_submit(request, grpc_context)
+            async for event in generation:
+                chunk = pb.GenerateChunk(text=event["text"], token_id=event["token_id"],
+                                         finish_reason=event["finish_reason"] or "")
+                if event["finish_reason"]:
+                    chunk.usage.CopyFrom(pb.Usage(prompt_tokens=generation.prompt_tokens,
+                                                  completion_tokens=generation.completion_tokens))
+                yield chunk
+
+    async def _grpc_submit(self, request: pb.GenerateRequest, grpc_context) -> Generation:
+        """The request as the equivalent OpenAI body, so both front ends share defaults and checks."""
+        self._check_key(dict(grpc_context.invocation_metadata()).get("authorization"))
+        body = {name: getattr(request, name) for name in (
+            "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+            "presence_penalty", "seed") if request.HasField(name)}
+        body |= {"model": request.model or self.config.name, "stop": list(request.stop), "ignore_eos": request.ignore_eos}
+        chat = request.WhichOneof("input") == "chat"
+        if chat:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            body.setdefault("max_tokens", 16)  # one default for both inputs, as the proto says
+        else:
+            body["prompt"] = request.prompt
+        req = oai.parse_request(body, chat, self.config.name, self.info["max_context"])
+        (generation,) = await self._submit(req.choices())
+        return generation
+
+
+def build_app(args: dict) -> serve.Application:
+    """Serve's app builder: `args` is a ServerConfig, checked here with clear errors."""
+    config = server_config(args)
+    # The replica itself needs no CPU: its placement group's one bundle holds what the
+    # compute worker reserves, so worker and replica share a node and the GPU is the worker's.
+    return LLMServer.options(
+        ray_actor_options={"num_cpus": 0},
+        placement_group_bundles=[{"CPU": config.num_cpus, "GPU": config.num_gpus}],
+        placement_group_strategy="STRICT_PACK",
+        max_ongoing_requests=config.max_num_seqs + config.max_queue + 16,
+    ).bind(config.model_dump())

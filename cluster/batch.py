@@ -1,0 +1,141 @@
+"""Offline batch generation over a JSONL file: every input line exactly once, even across kills.
+
+    ray job submit --working-dir . -- python -m cluster.batch --input prompts.jsonl --output out.jsonl \\
+        [--config configs/dev-cpu.yaml] [--model NAME_OR_PATH] [--concurrency N]
+
+Each input line is an OpenAI request body plus an "id": {"id": 7, "prompt": "..."} for a
+completion or {"id": 7, "messages": [...]} for a chat, with any sampling fields
+(max_tokens, temperature, seed, stop, ...). A line without an id gets its 1-based line
+number. Each output line is {"id", "text", "finish_reason", "usage"}, or {"id", "error"}
+for a line that cannot be generated (bad fields, prompt past the context).
+
+The prompts go to a ComputeWorker through the same client as the Serve replica, so they
+share its continuous batching (`--concurrency` requests in flight, default the config's
+max_num_seqs). Exactly once: a result is written as one whole line, flushed and fsynced,
+in the driver alone, which holds a lock on the output; a restarted job skips the ids already
+in the output after cutting off a torn last line that a kill mid-write may have left. Only
+a line's own fault (bad fields, prompt past the context) is written as an error; any other
+failure fails the job, and the rerun retries the line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from cluster import config as config_file
+from cluster import openai_protocol as oai
+from cluster.config import ServerConfig
+from cluster.engine_client import EngineClient
+from cluster.errors import APIError
+
+
+def read_inputs(path: Path) -> list[tuple[object, dict]]:
+    inputs, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                body = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON: {e}") from None
+            if not isinstance(body, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            key = body.pop("id", number)
+            if json.dumps(key) in seen:
+                raise ValueError(f"{path}:{number}: id {key!r} appears twice")
+            seen.add(json.dumps(key))
+            inputs.append((key, body))
+    return inputs
+
+
+def resume(path: Path) -> set[str]:
+    """The ids already written (as JSON text), after cutting off a torn last line."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    whole = data[: data.rfind(b"\n") + 1]
+    if len(whole) != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(whole))
+    return {json.dumps(json.loads(line)["id"]) for line in whole.decode("utf-8").splitlines() if line.strip()}
+
+
+async def generate_one(client: EngineClient, model: str, max_context: int, key, body: dict) -> dict:
+    try:
+        chat = "messages" in body
+        req = oai.parse_request({**body, "model": model, "stream": False, "n": 1}, chat, model, max_context)
+        ((prompt, params),) = req.choices()
+        generation = await client.submit(prompt, params)
+        text, finish = [], None
+        async for event in generation:
+            text.append(event["text"])
+            finish = event["finish_reason"]
+    except Exception as e:
+        error = APIError.from_exception(e)
+        if error.status not in (400, 404):  # not the line's fault: fail the job, a rerun retries the line
+            raise
+        return {"id": key, "error": error.message}
+    return {"id": key, "text": "".join(text), "finish_reason": finish,
+            "usage": oai.usage(generation.prompt_tokens, generation.completion_tokens)}
+
+
+async def run(inputs: list, output: Path, config: ServerConfig, concurrency: int, log=print) -> int:
+    with open(output, "a", encoding="utf-8") as out:
+        try:  # two jobs appending to one file would break exactly-once
+            fcntl.flock(out, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(f"{output} is being written by another batch job") from None
+        done = resume(output)  # appends (O_APPEND) land after a cut-off torn line too
+        todo = [(key, body) for key, body in inputs if json.dumps(key) not in done]
+        log(f"{len(inputs)} inputs, {len(inputs) - len(todo)} already in {output}, {len(todo)} to generate")
+        if not todo:
+            return 0
+        client = EngineClient(config)
+        info = await client.info()
+        slots = asyncio.Semaphore(concurrency)
+        written, start = 0, time.monotonic()
+
+        async def one(key, body):
+            nonlocal written
+            async with slots:
+                result = await generate_one(client, config.name, info["max_context"], key, body)
+            out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+            written += 1
+            log(f"[{len(inputs) - len(todo) + written}/{len(inputs)}] id {key!r} done "
+                f"({written / (time.monotonic() - start):.2f} lines/s)")
+
+        await asyncio.gather(*(one(key, body) for key, body in todo))
+    return written
+
+
+def main(args) -> int:
+    """`ntr batch` / `python -m cluster.batch` (arguments parsed by cluster.cli)."""
+    import ray
+
+    config = config_file.load(args.config)[1][0] if args.config else ServerConfig()
+    if args.model:
+        config = config.model_copy(update={"model": args.model, "served_model_name": None})
+    concurrency = args.concurrency or config.max_num_seqs
+    if not 1 <= concurrency <= config.max_num_seqs + config.max_queue:
+        raise ValueError(f"--concurrency must be in [1, {config.max_num_seqs + config.max_queue}]")
+    inputs, output = read_inputs(Path(args.input)), Path(args.output)
+    ray.init(log_to_driver=False)  # joins the job's cluster (RAY_ADDRESS) or starts a local one
+    log = lambda message: print(message, file=sys.stderr, flush=True)  # noqa: E731
+    asyncio.run(run(inputs, output, config, concurrency, log))
+    log(f"all {len(inputs)} lines are in {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    from cluster.cli import main as cli_main
+
+    sys.exit(cli_main(["batch", *sys.argv[1:]]))

@@ -1,0 +1,109 @@
+"""Serving configuration: a Ray Serve config file whose app args are checked here.
+
+`configs/*.yaml` are ordinary Serve config files (so `serve run configs/x.yaml` works), and
+the `args` of an application built by `cluster.app:build_app` are a `ServerConfig`. Both
+layers are validated when loaded, and every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workers import model_store
+
+APP_IMPORT_PATH = "cluster.app:build_app"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class ServerConfig(BaseModel):
+    """One replica: one model on one device, its KV cache and its admission limits."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = model_store.DEFAULT_MODEL  # a registered name (pulled if missing) or a GGUF path
+    served_model_name: str | None = None  # the `model` clients send; default: the registered name or file stem
+    backend: Literal["numpy", "cupy"] = "numpy"
+    num_gpus: float = Field(0, ge=0, le=1)
+    num_cpus: float = Field(1, gt=0)  # reserved for the compute worker
+    vram_budget_gb: float = Field(24.0, gt=0)  # sizes the KV cache when kv_cache_gb is not given
+    kv_cache_gb: float | None = Field(None, gt=0)
+    max_context: int = Field(4096, ge=16)
+    block_size: int = Field(16, ge=1, le=1024)
+    max_num_seqs: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(512, ge=1)  # per step: decodes first, prompt chunks share the rest
+    max_queue: int = Field(256, ge=0)  # waiting requests beyond this get 429 / RESOURCE_EXHAUSTED
+    api_keys: list[str] = []  # bearer keys; NTR_API_KEYS (comma-separated) adds more
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServerConfig":
+        if self.backend == "cupy" and self.num_gpus != 1:
+            raise ValueError("backend 'cupy' needs num_gpus: 1 (one replica = one GPU)")
+        if self.max_batch_tokens < self.max_num_seqs:
+            raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
+                             f"({self.max_num_seqs}) so that every running decode fits in a step")
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model if self.model in model_store.REGISTRY else Path(self.model).stem
+
+    def worker_options(self) -> dict:
+        """Ray resources of the compute worker."""
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+
+    def worker_args(self) -> dict:
+        """ComputeWorker's constructor arguments."""
+        return self.model_dump(include={"model", "backend", "max_context", "kv_cache_gb", "vram_budget_gb",
+                                        "block_size", "max_num_seqs", "max_batch_tokens", "max_queue"})
+
+
+def describe(error: ValidationError, where: str) -> str:
+    lines = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{where}{'.' + loc if loc else ''}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def server_config(args: dict, where: str = "args") -> ServerConfig:
+    try:
+        return ServerConfig.model_validate(args or {})
+    except ValidationError as e:
+        raise ConfigError(describe(e, where)) from None
+
+
+def load(path: str | Path) -> tuple[dict, list[ServerConfig]]:
+    """A Serve config file -> (the file as a dict, the ServerConfig of each ntransformer app)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return raw, validate(raw, str(path))
+
+
+def validate(raw, where: str) -> list[ServerConfig]:
+    """Check a Serve config (as Serve would) and the args of each ntransformer app in it."""
+    from ray.serve.schema import ServeDeploySchema
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping with 'applications', got {type(raw).__name__}")
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(describe(e, where)) from None
+    apps = [(i, app) for i, app in enumerate(raw["applications"]) if app.get("import_path") == APP_IMPORT_PATH]
+    if not apps:
+        raise ConfigError(f"{where}: no application with import_path {APP_IMPORT_PATH}")
+    return [server_config(app.get("args"), f"{where}: applications.{i}.args") for i, app in apps]

@@ -1,0 +1,112 @@
+"""EngineClient: a caller's side of one ComputeWorker (used by the Serve replica and the batch driver).
+
+One background task long-polls the worker and fans each batch of events out to the
+per-request queues, so the Ray round trips are one per batch of tokens whatever the
+number of streams. A request's stream cancels it on the worker when the consumer stops
+early (a client that disconnects), which frees its KV blocks at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from ray.util import metrics
+
+from cluster.config import ServerConfig
+from workers.compute_worker import ComputeWorker
+from workers.sampling import SamplingParams
+
+POLL_TIMEOUT_S = 1.0
+_LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60]
+
+
+class GenerationFailed(RuntimeError):
+    pass
+
+
+class EngineClient:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.worker = ComputeWorker.options(**config.worker_options()).remote(**config.worker_args())
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.pump: asyncio.Task | None = None
+        tags = {"model": config.name}
+        self.ttft = metrics.Histogram("ntr_time_to_first_token_seconds", description="submit to first token",
+                                      boundaries=_LATENCY_BUCKETS, tag_keys=("model",))
+        self.itl = metrics.Histogram("ntr_inter_token_latency_seconds", description="time between tokens",
+                                     boundaries=_LATENCY_BUCKETS, tag_keys=("model",))
+        self.ttft.set_default_tags(tags)
+        self.itl.set_default_tags(tags)
+
+    async def info(self) -> dict:
+        return await self.worker.info.remote()
+
+    async def stats(self) -> dict:
+        return await self.worker.stats.remote()
+
+    async def submit(self, prompt: str | list, params: SamplingParams) -> "Generation":
+        """Queue one completion; bad input and a full queue raise here, before any token."""
+        request_id = uuid.uuid4().hex
+        queue = self.queues[request_id] = asyncio.Queue()
+        try:
+            prompt_tokens = await self.worker.submit.remote(request_id, prompt, params)
+        except BaseException:
+            del self.queues[request_id]
+            raise
+        if self.pump is None or self.pump.done():
+            self.pump = asyncio.get_running_loop().create_task(self._pump())
+        return Generation(self, request_id, prompt_tokens, queue)
+
+    async def _pump(self) -> None:
+        while self.queues:
+            try:
+                batch = await self.worker.poll.remote(POLL_TIMEOUT_S)
+            except Exception as e:  # the worker died: fail every stream instead of hanging them
+                for queue in self.queues.values():
+                    queue.put_nowait({"error": f"compute worker failed: {e}"})
+                raise
+            for request_id, events in batch.items():
+                queue = self.queues.get(request_id)
+                if queue is not None:
+                    for event in events:
+                        queue.put_nowait(event)
+
+
+class Generation:
+    """One request's events, in order; iterate once. Leaving early cancels it on the worker."""
+
+    def __init__(self, client: EngineClient, request_id: str, prompt_tokens: int, queue: asyncio.Queue):
+        self.client, self.id, self.prompt_tokens, self.queue = client, request_id, prompt_tokens, queue
+        self.completion_tokens = 0
+        self.finished = False
+        self.submitted = time.perf_counter()
+
+    async def __aiter__(self) -> AsyncIterator[dict]:
+        client, last = self.client, None
+        try:
+            while not self.finished:
+                event = await self.queue.get()
+                if "error" in event:
+                    self.finished = True
+                    raise GenerationFailed(event["error"])
+                now = time.perf_counter()
+                if last is None:
+                    client.ttft.observe(now - self.submitted)
+                else:
+                    client.itl.observe(now - last)
+                last = now
+                self.completion_tokens += 1
+                self.finished = event["finish_reason"] is not None
+                yield event
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop it on the worker (its KV blocks are freed there) unless it already ended."""
+        self.client.queues.pop(self.id, None)
+        if not self.finished:
+            self.finished = True
+            self.client.worker.cancel.remote(self.id)  # not awaited: this may run inside a cancellation

@@ -1,0 +1,207 @@
+"""OpenAI's completions and chat completions on the wire: request JSON -> prompts and
+SamplingParams, worker events -> responses and stream chunks.
+
+Defaults and ranges are OpenAI's (temperature 1 in [0, 2], completions max_tokens 16,
+chat generating until the context is full); top_k, min_p, repetition_penalty and
+ignore_eos are accepted as the extensions vLLM and llama.cpp's server also accept.
+Unknown fields are ignored, as OpenAI's own clients may send newer ones.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from cluster.errors import APIError
+from workers.sampling import SamplingParams
+
+MAX_N = 16
+MAX_STOP = 4
+
+
+@dataclass
+class CompletionRequest:
+    chat: bool
+    model: str
+    prompts: list  # each a string, a list of token ids, or chat messages
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def choices(self) -> list[tuple[str | list, SamplingParams]]:
+        """(prompt, params) per choice, index = prompt * n + i; seeded choices get seed + i so they differ."""
+        p = self.params
+        return [(prompt, p if p.seed is None else p.with_(seed=p.seed + i))
+                for prompt in self.prompts for i in range(self.n)]
+
+
+def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        raise APIError(400, f"'{name}' must be {what or ' or '.join(k.__name__ for k in kinds)}, got {value!r}",
+                       param=name)
+    return value
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise APIError(400, f"messages[{i}] must be an object with a string 'role'", param="messages")
+        content = m.get("content") or ""
+        if isinstance(content, list):  # content parts: only text is supported
+            if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
+                raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+            content = "".join(p.get("text", "") for p in content)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or text parts", param="messages")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompts(body: dict) -> list:
+    prompt = body.get("prompt")
+    is_ids = lambda p: isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)  # noqa: E731
+    if isinstance(prompt, str) or is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        return prompt
+    raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
+
+
+def parse_request(body, chat: bool, served_model: str, max_context: int) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = _field(body, "model", (str,), served_model)
+    if model != served_model:
+        raise APIError(404, f"The model '{model}' does not exist; this server serves '{served_model}'",
+                       param="model", code="model_not_found")
+    prompts = [_messages(body)] if chat else _prompts(body)
+    number = (int, float)
+    if chat:
+        max_tokens = _field(body, "max_completion_tokens", (int,), None)
+        if max_tokens is None:
+            max_tokens = _field(body, "max_tokens", (int,), max_context)
+        logprobs = (_field(body, "top_logprobs", (int,), 0) if _field(body, "logprobs", (bool,), False) else None)
+    else:
+        max_tokens = _field(body, "max_tokens", (int,), 16)
+        logprobs = _field(body, "logprobs", (int,), None)
+        if _field(body, "echo", (bool,), False):
+            raise APIError(400, "'echo' is not supported", param="echo")
+    temperature = _field(body, "temperature", number, 1.0)
+    if not 0 <= temperature <= 2:
+        raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
+    stop = _field(body, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
+        raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", param="stop")
+    n = _field(body, "n", (int,), 1)
+    if not 1 <= n <= MAX_N:
+        raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
+    top_k = _field(body, "top_k", (int,), 0)
+    try:
+        params = SamplingParams(
+            temperature=float(temperature), top_p=_field(body, "top_p", number, 1.0), top_k=max(top_k, 0),
+            min_p=_field(body, "min_p", number, 0.0), seed=_field(body, "seed", (int,), None),
+            repetition_penalty=_field(body, "repetition_penalty", number, 1.0),
+            frequency_penalty=_field(body, "frequency_penalty", number, 0.0),
+            presence_penalty=_field(body, "presence_penalty", number, 0.0),
+            max_tokens=max_tokens, stop=tuple(s for s in stop if s), logprobs=logprobs,
+            ignore_eos=_field(body, "ignore_eos", (bool,), False))
+    except ValueError as e:
+        name = re.match(r"invalid sampling parameter (\w+)=", str(e))
+        raise APIError(400, str(e), param=name and name.group(1)) from None
+    options = _field(body, "stream_options", (dict,), {})
+    return CompletionRequest(chat=chat, model=model, prompts=prompts, params=params, n=n,
+                             stream=_field(body, "stream", (bool,), False),
+                             include_usage=bool(options.get("include_usage")))
+
+
+def _token(raw: list[int]) -> str:
+    return bytes(raw).decode("utf-8", errors="replace")
+
+
+class Choice:
+    """One choice's text, finish reason and logprobs as its events arrive."""
+
+    def __init__(self, request: CompletionRequest, index: int):
+        self.request, self.index = request, index
+        self.text, self.finish_reason, self.tokens = [], None, 0
+        self.logprobs = [] if request.params.logprobs is not None else None
+        self.offset = 0
+
+    def add(self, event: dict) -> dict | None:
+        """Record an event; returns its logprobs in the response's format (None without logprobs)."""
+        self.text.append(event["text"])
+        self.finish_reason = event["finish_reason"]
+        self.tokens += 1
+        if self.logprobs is None:
+            return None
+        token, lp = _token(event["bytes"]), event["logprob"]
+        if self.request.chat:
+            entry = {"token": token, "logprob": lp, "bytes": event["bytes"],
+                     "top_logprobs": [{"token": _token(b), "logprob": v, "bytes": b} for b, v in event["top_logprobs"]]}
+        else:
+            entry = {"tokens": [token], "token_logprobs": [lp], "text_offset": [self.offset],
+                     "top_logprobs": [{_token(b): v for b, v in event["top_logprobs"]}]}
+        self.offset += len(event["text"])
+        self.logprobs.append(entry)
+        return {"content": [entry]} if self.request.chat else entry
+
+    def final(self) -> dict:
+        text = "".join(self.text)
+        out = {"index": self.index, "finish_reason": self.finish_reason, "logprobs": self._all_logprobs()}
+        if self.request.chat:
+            out["message"] = {"role": "assistant", "content": text}
+        else:
+            out["text"] = text
+        return out
+
+    def _all_logprobs(self) -> dict | None:
+        if self.logprobs is None:
+            return None
+        if self.request.chat:
+            return {"content": self.logprobs}
+        return {k: [v for entry in self.logprobs for v in entry[k]]
+                for k in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(request: CompletionRequest, choices: list[Choice], prompt_tokens: int) -> dict:
+    return {"id": request.id, "object": "chat.completion" if request.chat else "text_completion",
+            "created": request.created, "model": request.model, "choices": [c.final() for c in choices],
+            "usage": usage(prompt_tokens, sum(c.tokens for c in choices))}
+
+
+def chunk(request: CompletionRequest, choice: Choice | None, event: dict | None, logprobs: dict | None,
+          usage_: dict | None = None) -> dict:
+    """A stream chunk for one event, or (choice None) the closing usage chunk."""
+    out = {"id": request.id, "object": "chat.completion.chunk" if request.chat else "text_completion",
+           "created": request.created, "model": request.model, "choices": []}
+    if choice is not None:
+        c = {"index": choice.index, "logprobs": logprobs, "finish_reason": event["finish_reason"]}
+        if request.chat:
+            c["delta"] = {"role": "assistant", "content": event["text"]} if choice.tokens == 1 else {"content": event["text"]}
+        else:
+            c["text"] = event["text"]
+        out["choices"].append(c)
+    if usage_ is not None:
+        out["usage"] = usage_
+    return out

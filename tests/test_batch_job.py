@@ -1,0 +1,85 @@
+"""Batch generation as a Ray job: killed halfway, resubmitted, every input line exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import sys
+
+import pytest
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from cluster.batch import read_inputs, resume, run
+from cluster.config import ServerConfig
+from serving_cluster import BIN, REPO, ray_cluster, wait_until
+
+N_PROMPTS = 24
+
+
+def test_resume_cuts_a_torn_line_and_lists_done_ids(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1, "text": "a"}\n{"id": "b", "text": "b"}\n{"id": 3, "te')
+    assert resume(out) == {"1", '"b"'}
+    assert out.read_text().endswith('"b"}\n')
+    assert resume(tmp_path / "missing.jsonl") == set()
+
+
+def test_inputs_need_unique_ids(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"prompt": "a"}\n\n{"id": 3, "prompt": "b"}\n')
+    assert read_inputs(src) == [(1, {"prompt": "a"}), (3, {"prompt": "b"})]
+    src.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
+    with pytest.raises(ValueError, match="appears twice"):
+        read_inputs(src)
+
+
+def test_one_writer_per_output(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"id": 1, "text": "a"}\n')
+    with open(out, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="being written by another batch job"):
+            asyncio.run(run([(1, {"prompt": "a"})], out, ServerConfig(), 1))
+    assert asyncio.run(run([(1, {"prompt": "a"})], out, ServerConfig(), 1, log=lambda m: None)) == 0  # all done
+
+
+@pytest.mark.real_model
+def test_job_killed_halfway_and_resubmitted_writes_every_line_once(real_model_path, tmp_path):
+    prompts, out = tmp_path / "prompts.jsonl", tmp_path / "out.jsonl"
+    lines = [{"id": f"q{i}", "prompt": f"# {i} squared is", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+             for i in range(N_PROMPTS - 1)]
+    lines.append({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3})
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    written = lambda: out.read_text().count("\n") if out.exists() else 0  # noqa: E731  (whole lines only)
+
+    with ray_cluster() as cluster:
+        jobs = JobSubmissionClient(cluster.dashboard)
+
+        def submit(submission_id: str) -> None:
+            cluster.run(str(BIN / "ray"), "job", "submit", "--no-wait",
+                        "--address", cluster.dashboard, "--submission-id", submission_id, "--working-dir", str(REPO),
+                        "--runtime-env-json", json.dumps({"excludes": [".venv", ".git", "*.gguf", "__pycache__"]}),
+                        "--", sys.executable, "-m", "cluster.batch", "--input", str(prompts), "--output", str(out),
+                        "--model", str(real_model_path), "--concurrency", "2")
+
+        submit("batch-1")
+        wait_until(lambda: written() >= 6 or jobs.get_job_status("batch-1").is_terminal(), 400, "6 results")
+        assert jobs.get_job_status("batch-1") == JobStatus.RUNNING, jobs.get_job_logs("batch-1")[-3000:]
+        jobs.stop_job("batch-1")
+        wait_until(lambda: jobs.get_job_status("batch-1").is_terminal(), 60, "the job to stop")
+        first = written()
+        assert 6 <= first < N_PROMPTS, "the kill should land halfway"
+
+        submit("batch-2")
+        wait_until(lambda: jobs.get_job_status("batch-2").is_terminal(), 400, "the resubmitted job")
+        logs = jobs.get_job_logs("batch-2")
+        assert jobs.get_job_status("batch-2") == JobStatus.SUCCEEDED, logs[-3000:]
+        assert f"{first} already in" in logs
+
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["id"] for r in results) == sorted(line["id"] for line in lines)  # each id exactly once
+    for r in results:
+        assert "error" not in r, r
+        assert r["finish_reason"] in ("stop", "length") and r["text"]
+    assert all(r["usage"]["completion_tokens"] == 6 for r in results if r["id"] != "chat")

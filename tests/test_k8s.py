@@ -1,0 +1,69 @@
+"""k8s/rayservice.yaml against KubeRay's RayService CRD (v1.7), and its Serve config against ours."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from cluster import config
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO.parent / "shared" / "kuberay-crd" / "ray.io_rayservices.yaml"
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict:
+    if not CRD.is_file():
+        pytest.fail(f"{CRD} is missing: the tests need ../shared/kuberay-crd beside the repo")
+    crd = yaml.safe_load(CRD.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+@pytest.fixture(scope="module")
+def manifest() -> dict:
+    return yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+
+
+def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
+    """Keys the schema does not declare: Kubernetes prunes them silently, so a typo would vanish."""
+    if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        found = []
+        for key, item in value.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}.{key}")
+            else:
+                found += unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+        return found
+    if isinstance(value, list) and "items" in schema:
+        return [f for i, item in enumerate(value) for f in unknown_fields(item, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+def test_rayservice_matches_the_crd(manifest, schema):
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    jsonschema.validate(manifest, schema)
+    assert unknown_fields(manifest, schema) == []
+
+
+def test_the_schema_check_catches_mistakes(manifest, schema):
+    broken = yaml.safe_load(yaml.safe_dump(manifest))
+    del broken["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    with pytest.raises(jsonschema.ValidationError, match="groupName"):
+        jsonschema.validate(broken, schema)
+    broken = yaml.safe_load(yaml.safe_dump(manifest))
+    broken["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParam"] = {}
+    assert unknown_fields(broken, schema) == [".spec.rayClusterConfig.headGroupSpec.rayStartParam"]
+
+
+def test_gpu_workers_and_serve_config(manifest):
+    cluster = manifest["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
+    (app,) = config.validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]), "serveConfigV2")
+    assert app.num_gpus == 1 and app.backend == "cupy"

@@ -1,0 +1,169 @@
+"""Continuous batching on a tiny synthetic model: batched output equals one-request output,
+chunked prefill keeps decodes moving, admission control, cancellation, preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.engine import ContextLengthError, Engine
+from workers.sampling import SamplingParams
+from workers.scheduler import QueueFull, Scheduler
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=256, block_size=4)
+
+
+def solo(engine, prompt, params):
+    return [e.token_id for e in engine.generate(prompt, params)]
+
+
+def run(scheduler, max_steps=200):
+    """Step until idle; returns ({id: [token ids]}, {id: finish_reason}, per-step event ids)."""
+    tokens, finish, steps = {}, {}, []
+    for _ in range(max_steps):
+        if not scheduler.has_work:
+            return tokens, finish, steps
+        events = scheduler.step()
+        steps.append([rid for rid, _ in events])
+        for rid, e in events:
+            tokens.setdefault(rid, []).append(e.token_id)
+            if e.finish_reason:
+                finish[rid] = e.finish_reason
+    raise AssertionError("scheduler did not drain")
+
+
+PROMPTS = {"a": [1, 2, 3], "b": list(range(10, 40)), "c": [7] * 9, "d": list(range(100, 117))}
+
+
+def test_batched_equals_solo_with_chunked_prefill(engine):
+    sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=8)
+    for rid, prompt in PROMPTS.items():
+        sched.submit(rid, prompt, GREEDY)
+    tokens, finish, _ = run(sched)
+    for rid, prompt in PROMPTS.items():
+        assert tokens[rid] == solo(engine, prompt, GREEDY), rid
+        assert finish[rid] == "length"
+    assert engine.kv.blocks_in_use == 0
+
+
+def test_long_prompt_does_not_stall_decodes(engine):
+    sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=6)
+    sched.submit("short", [1, 2], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    sched.step()  # "short" is prefilled and decoding
+    sched.submit("long", list(range(50)), GREEDY)
+    steps = [[rid for rid, _ in sched.step()] for _ in range(6)]
+    # 50 prompt tokens at <= 5 a step take 10 steps; "short" gets a token in every one of them.
+    assert all(s == ["short"] for s in steps)
+    run(sched)
+    assert engine.kv.blocks_in_use == 0
+
+
+def test_seeded_sampling_and_stop_strings_match_solo(engine):
+    sampled = SamplingParams(temperature=1.0, top_k=20, seed=5, max_tokens=8, ignore_eos=True, logprobs=2)
+    sched = Scheduler(engine, max_num_seqs=2, max_batch_tokens=16)
+    sched.submit("x", [4, 5, 6], sampled)
+    sched.submit("y", [4, 5, 6], sampled)
+    tokens, _, _ = run(sched)
+    assert tokens["x"] == tokens["y"] == solo(engine, [4, 5, 6], sampled)
+
+
+def test_admission_control_and_context_check(engine):
+    sched = Scheduler(engine, max_num_seqs=1, max_batch_tokens=4, max_queue=2)
+    sched.submit("1", [1], GREEDY)
+    sched.submit("2", [1], GREEDY)
+    with pytest.raises(QueueFull, match="retry later"):
+        sched.submit("3", [1], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        sched.submit("1", [1], GREEDY)
+    sched.step()  # "1" leaves the queue for the batch, so one more fits
+    with pytest.raises(ContextLengthError, match="context window is 64"):
+        sched.submit("too-long", list(range(64)), GREEDY)
+    sched.submit("3", [1], GREEDY)
+    _, finish, _ = run(sched)
+    assert set(finish) == {"1", "2", "3"}
+
+
+def test_cancel_frees_blocks_at_once_and_mid_step(engine):
+    sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=64)
+    sched.submit("gone", list(range(30)), GREEDY)
+    sched.submit("stays", [1, 2, 3], GREEDY)
+    sched.submit("queued", [1], GREEDY)
+    sched.step()
+    before = engine.kv.blocks_in_use
+    assert sched.cancel("gone") and not sched.cancel("gone")
+    assert engine.kv.blocks_in_use == before - 8  # its 30 cached tokens in blocks of 4
+    step = sched.plan()
+    assert sched.cancel("stays")  # mid-step: freed when the step commits
+    events = sched.commit(step, sched.run(step))
+    assert [rid for rid, _ in events] == ["queued"]
+    assert sched.cancel("queued")
+    assert engine.kv.blocks_in_use == 0 and not sched.has_work
+
+
+def test_preemption_recomputes_and_output_is_unchanged(tiny_model):
+    # 64 cache tokens: three 20-token prompts growing by 12 each cannot all stay resident.
+    small = Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=64, block_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = {str(i): list(range(20 * i, 20 * i + 20)) for i in range(3)}
+    sched = Scheduler(small, max_num_seqs=3, max_batch_tokens=64)
+    for rid, prompt in prompts.items():
+        sched.submit(rid, prompt, params)
+    tokens, _, _ = run(sched)
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == solo(small, prompt, params), rid
+    assert small.kv.blocks_in_use == 0
+
+
+def test_failed_forward_drops_the_step(engine, monkeypatch):
+    sched = Scheduler(engine)
+    sched.submit("r", [1, 2], GREEDY)
+
+    def broken(work, **_):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine, "forward", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        sched.step()
+    assert not sched.has_work and engine.kv.blocks_in_use == 0
+
+
+def test_prompt_lookup_drafts():
+    from workers.draft_worker import lookup_proposal
+
+    assert lookup_proposal([5, 6, 7, 8, 9, 5, 6, 7], k=2) == [8, 9]
+    assert lookup_proposal([1, 2, 3, 1, 2, 4, 4, 2], k=3) == [4, 4, 2]  # the latest match of "2" wins
+    assert lookup_proposal([1, 2, 3], k=2) == []
+
+
+def test_one_sampling_call_per_step_routes_rows(engine, monkeypatch):
+    """Engine.sample: rows without logprobs or penalties go to the backend's sampler in one
+    call (the device path; here the NumPy twin stands in for it), the rest to the host Sampler,
+    rows without a sampler are skipped; both paths record the token for later penalties."""
+    import numpy as np
+
+    from workers.sampling import Sampler, log_softmax
+
+    calls = []
+    monkeypatch.setattr(engine.ops, "device_sampling", True, raising=False)
+    twin = engine.ops.sample
+    monkeypatch.setattr(engine.ops, "sample", lambda rows, *a: calls.append(len(rows)) or twin(rows, *a), raising=False)
+    logits = np.random.default_rng(0).normal(size=(4, 300)).astype(np.float32)
+    samplers = [Sampler(GREEDY), None, Sampler(GREEDY.with_(logprobs=2)),
+                Sampler(GREEDY.with_(repetition_penalty=1.3))]
+    picked = engine.sample(logits, samplers)
+    want = logits.argmax(axis=1)
+    assert calls == [1]  # only row 0 is eligible for the device
+    assert picked[0] == (int(want[0]), None, None) and picked[1] is None
+    token, logprob, top = picked[2]
+    assert token == want[2] and logprob == pytest.approx(float(log_softmax(logits[2])[want[2]]), abs=1e-6)
+    assert [t for t, _ in top] == list(np.argsort(-logits[2])[:2])
+    assert picked[3][0] == want[3]
+    assert samplers[0].history[int(want[0])] == 1 and samplers[3].history[int(want[3])] == 1
+
+    seeded = GREEDY.with_(temperature=0.9, seed=7)
+    draws = [engine.sample(logits[:1], [Sampler(seeded)])[0][0] for _ in range(2)]
+    assert draws[0] == draws[1]  # the per-request seed decides the device draw too

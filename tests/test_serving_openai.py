@@ -1,0 +1,166 @@
+"""The OpenAI-compatible HTTP API of the dev-cpu Serve app, on a real local Ray cluster with
+the real default model, driven by the official `openai` client (and raw HTTP for bad input)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+
+import openai
+import pytest
+
+from serving_cluster import dev_config, http_get, ray_cluster, served_app, wait_until
+
+pytestmark = pytest.mark.real_model
+KEY = "test-key"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with ray_cluster() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def server(cluster, real_model_path, tmp_path_factory):
+    config, http_port, _ = dev_config(tmp_path_factory.mktemp("serve"), real_model_path, api_keys=[KEY])
+    with served_app(cluster, config, http_port) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, timeout=300, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    (entry,) = client.models.list().data
+    return entry.id
+
+
+def test_completion_with_logprobs(client, model):
+    r = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=4, temperature=0,
+                                  logprobs=2, extra_body={"ignore_eos": True})
+    (choice,) = r.choices
+    assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens > 0
+    assert choice.finish_reason == "length" and choice.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
+    assert "".join(lp.tokens) == choice.text
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        assert len(top) == 2 and chosen <= 0
+        assert chosen == pytest.approx(max(top.values()))  # greedy picks the most likely token
+
+
+def test_chat_seed_reproducibility_and_logprobs(client, model):
+    def ask(seed):
+        return client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=5, temperature=1.0,
+            seed=seed, logprobs=True, top_logprobs=2)
+
+    a, b = ask(1234), ask(1234)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.choices[0].message.role == "assistant"
+    content = a.choices[0].logprobs.content
+    assert len(content) == a.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
+
+
+def test_streaming_matches_non_streaming(client, model):
+    kwargs = dict(model=model, prompt="import numpy as", max_tokens=5, temperature=0)
+    whole = client.completions.create(**kwargs).choices[0].text
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
+    assert chunks[-1].usage.completion_tokens == sum(1 for c in chunks if c.choices)
+
+    chat = list(client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=4, temperature=0, stream=True))
+    assert chat[0].choices[0].delta.role == "assistant"
+    assert chat[-1].choices[0].finish_reason in ("stop", "length")
+    assert "".join(c.choices[0].delta.content or "" for c in chat)
+
+
+def test_stop_string_and_n(client, model):
+    r = client.completions.create(model=model, prompt="1, 2, 3, 4,", max_tokens=8, temperature=0, stop=[","])
+    assert r.choices[0].finish_reason == "stop" and "," not in r.choices[0].text
+    r = client.completions.create(model=model, prompt="x =", max_tokens=2, n=2, seed=5, temperature=1.0)
+    assert sorted(c.index for c in r.choices) == [0, 1]
+    assert 2 <= r.usage.completion_tokens <= 4
+
+
+def test_32_concurrent_streams_complete(server, model):
+    async def main():
+        aclient = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=KEY, timeout=600, max_retries=0)
+
+        async def one(i):
+            stream = await aclient.completions.create(
+                model=model, prompt=f"# item {i}\n", max_tokens=4, temperature=0.7, seed=i, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            tokens, usage = 0, None
+            async for chunk in stream:
+                tokens += len(chunk.choices)
+                usage = chunk.usage or usage
+            return tokens, usage.completion_tokens
+
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(32))), 600)
+        finally:
+            await aclient.close()
+
+    assert asyncio.run(main()) == [(4, 4)] * 32
+
+
+def post(server: str, path: str, body: bytes | str, key: str | None = KEY) -> tuple[int, dict]:
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    conn.request("POST", path, body=body, headers=headers)
+    r = conn.getresponse()
+    payload = json.loads(r.read())
+    conn.close()
+    return r.status, payload
+
+
+def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, model):
+    good = {"model": model, "prompt": "Hello", "max_tokens": 1}
+    cases = [
+        ("/v1/completions", b'{"model": "x", "prompt": ', KEY, 400, "not valid JSON"),
+        ("/v1/completions", {**good, "model": "gpt-17"}, KEY, 404, "does not exist"),
+        ("/v1/completions", {**good, "max_tokens": -3}, KEY, 400, "max_tokens"),
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi " * 5000}]}, KEY,
+         400, "context window"),
+        ("/v1/completions", {**good, "temperature": 7}, KEY, 400, "temperature"),
+        ("/v1/completions", good, "wrong-key", 401, "API key"),
+        ("/v1/chat/completions", {"model": model, "messages": []}, None, 401, "API key"),
+        ("/v1/chat/completions", {"model": model, "messages": "hi"}, KEY, 400, "messages"),
+        # 112 choices > 32 running + 64 queued: admission control refuses the request as a whole
+        ("/v1/completions", {**good, "prompt": ["a"] * 7, "n": 16}, KEY, 429, "retry later"),
+    ]
+    for path, body, key, status, words in cases:
+        got, payload = post(server, path, body if isinstance(body, bytes) else json.dumps(body), key)
+        assert got == status, (body, payload)
+        assert words in payload["error"]["message"], payload
+    status, payload = post(server, "/v1/completions", json.dumps(good))
+    assert status == 200 and payload["usage"]["completion_tokens"] == 1
+    wait_until(lambda: json.loads(http_get(f"{server}/health"))["kv_blocks_in_use"] == 0, 30,
+               "the refused request's blocks to be freed")
+
+
+def test_disconnect_mid_stream_frees_kv_blocks(server, cluster, model):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = {"model": model, "prompt": "Write a long story.", "max_tokens": 400, "stream": True, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.status == 200
+    assert r.readline().startswith(b"data: ")  # tokens are flowing
+    metric = "ray_ntr_kv_blocks_in_use"
+    wait_until(lambda: (cluster.metric(metric) or 0) > 0, 60, "the KV blocks metric to show the stream")
+    conn.sock.close()  # the client goes away mid-stream
+    conn.close()
+    wait_until(lambda: json.loads(http_get(f"{server}/health"))["kv_blocks_in_use"] == 0, 30,
+               "the worker to free the blocks")
+    wait_until(lambda: cluster.metric(metric) == 0, 60, "the KV blocks metric to drop to 0")

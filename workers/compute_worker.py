@@ -1,0 +1,192 @@
+"""ComputeWorker: the Ray actor that owns the device, the resident weights and the KV cache.
+
+It runs the continuous-batching loop (`workers.scheduler`) on its own: one forward pass per
+step for every running request, whatever the number of callers. Tokenizing, sampling
+(`workers.sampling.Sampler`, one per request) and detokenizing happen here too, next to
+the logits: a step's logits are [batch, vocab] floats (600 KB a row for a 150k vocabulary),
+so shipping them to another process every step would cost more than sampling them. What
+leaves the actor is small: text deltas, token ids and, when asked for, logprobs.
+
+Callers talk to it with three calls: `submit` (validation and admission errors are raised
+right there), `cancel`, and `poll`, a long poll that returns every request's new events at
+once, so its single consumer (a Serve replica or a batch driver) pays one Ray round trip
+per batch of tokens, not one per token per request.
+
+The forward pass runs on a thread so that the actor's event loop keeps answering submit,
+cancel and poll while the device is busy; everything else runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import ray
+from ray.util import metrics
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from kernels import get_backend
+from workers.engine import Engine, GeneratedToken
+from workers.kv_cache import PagedKVCache
+from workers.sampling import SamplingParams
+from workers.scheduler import Scheduler
+from workers.tier_loader import TierLoader
+
+GIB = 2**30
+# VRAM left to activations and workspace when the KV cache is sized from the budget.
+ACTIVATION_RESERVE_GB = 1.5
+
+
+def kv_cache_tokens(spec: dict, itemsize: int, kv_cache_gb: float | None, vram_budget_gb: float,
+                    max_context: int) -> int:
+    """Tokens the KV cache holds: kv_cache_gb, or the budget left after the weights."""
+    if kv_cache_gb is None:
+        kv_cache_gb = vram_budget_gb - spec["bytes"] / GIB - ACTIVATION_RESERVE_GB
+    per_token = PagedKVCache.bytes_per_token(spec["n_layers"], spec["n_kv_heads"], spec["head_dim"], itemsize)
+    tokens = int(kv_cache_gb * GIB) // per_token
+    if tokens < max_context:
+        raise ValueError(
+            f"a KV cache of {max(kv_cache_gb, 0):.2f} GiB holds {max(tokens, 0)} tokens, less than one "
+            f"{max_context}-token context; raise kv_cache_gb/vram_budget_gb or lower max_context")
+    return tokens
+
+
+@ray.remote
+class ComputeWorker:
+    async def __init__(self, model: str | None, backend: str = "numpy", max_context: int = 4096,
+                 kv_cache_gb: float | None = None, vram_budget_gb: float = 24.0, block_size: int = 16,
+                 max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256):
+        node = ray.get_runtime_context().get_node_id()
+        # The disk tier must be on this node: the engine maps the file it returns.
+        self.loader = TierLoader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model)
+        spec = await self.loader.load.remote()
+        max_context = min(max_context, spec["context_length"])  # as the engine will cut it
+        itemsize = np.dtype(get_backend(backend).dtype).itemsize
+        self.engine = Engine(spec["path"], backend=backend, max_context=max_context, block_size=block_size,
+                             kv_cache_tokens=kv_cache_tokens(spec, itemsize, kv_cache_gb, vram_budget_gb, max_context))
+        self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
+        self.outbox: dict[str, list[dict]] = {}
+        self.has_events = asyncio.Event()
+        self.has_work = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
+        tags = {"model": self.engine.model_name}
+        self.gauges = {name: metrics.Gauge(f"ntr_{name}", description=text, tag_keys=("model",))
+                       for name, text in [("queue_depth", "requests waiting for admission"),
+                                          ("running_requests", "requests in the running batch"),
+                                          ("kv_blocks_in_use", "KV cache blocks held by requests"),
+                                          ("kv_blocks_total", "KV cache blocks")]}
+        for gauge in self.gauges.values():
+            gauge.set_default_tags(tags)
+        self.gauge_values: dict[str, int] = {}
+        self.generated = metrics.Counter("ntr_generated_tokens", description="tokens generated", tag_keys=("model",))
+        self.generated.set_default_tags(tags)
+        self._update_gauges()
+        self.loop_task = asyncio.get_running_loop().create_task(self._run())
+        self.loop_task.add_done_callback(self._loop_ended)
+
+    def info(self) -> dict:
+        """What the callers need to know of the model; raises once the worker is broken (health checks call it)."""
+        self._check_alive()
+        e = self.engine
+        return {"model": e.model_name, "max_context": e.max_context, "kv_blocks_total": e.kv.num_blocks,
+                "block_size": e.kv.block_size}
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {"queue_depth": len(s.waiting), "running_requests": len(s.running),
+                "kv_blocks_in_use": s.kv_blocks_in_use, "kv_blocks_total": self.engine.kv.num_blocks}
+
+    async def submit(self, request_id: str, prompt: str | list, params: SamplingParams) -> int:
+        """Queue a request: a plain prompt, chat messages or token ids. Returns its prompt token count."""
+        self._check_alive()
+        e = self.engine
+        if isinstance(prompt, str):
+            ids = e.prompt_ids(prompt)
+        elif prompt and all(isinstance(m, dict) for m in prompt):
+            ids = e.chat_prompt_ids(prompt)
+        else:
+            ids = list(prompt)
+        self.scheduler.submit(request_id, ids, params)
+        self.outbox[request_id] = []
+        self.has_work.set()
+        self._update_gauges()
+        return len(ids)
+
+    async def cancel(self, request_id: str) -> None:
+        self.scheduler.cancel(request_id)
+        self.outbox.pop(request_id, None)
+        self._update_gauges()
+
+    async def poll(self, timeout_s: float = 1.0) -> dict[str, list[dict]]:
+        """Every request's events since the last poll; waits up to timeout_s for the first."""
+        if not any(self.outbox.values()):
+            self.has_events.clear()
+            try:
+                await asyncio.wait_for(self.has_events.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                return {}
+        ready = {rid: events for rid, events in self.outbox.items() if events}
+        for rid, events in ready.items():
+            if events[-1].get("finish_reason") or "error" in events[-1]:
+                del self.outbox[rid]
+            else:
+                self.outbox[rid] = []
+        return ready
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            step = self.scheduler.plan()
+            if step is None:
+                self.has_work.clear()
+                await self.has_work.wait()
+                continue
+            try:
+                picked = await loop.run_in_executor(self.forward_thread, self.scheduler.run, step)
+            except Exception as e:  # a device failure ends this step's requests, not the worker
+                self.scheduler.abort(step)
+                for request in step.requests:
+                    self._emit(request.id, {"error": f"forward pass failed: {e}"})
+            else:
+                events = self.scheduler.commit(step, picked)
+                for rid, event in events:
+                    self._emit(rid, self._wire(rid, event))
+                if events:
+                    self.generated.inc(len(events))
+            self._update_gauges()
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise RuntimeError("the scheduling loop failed") from self.failure
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """The loop only ends on a bug: fail every request and the health check rather than hang."""
+        if task.cancelled():  # the actor is shutting down
+            return
+        self.failure = task.exception() or RuntimeError("the scheduling loop stopped")
+        for request_id in list(self.outbox):
+            self._emit(request_id, {"error": f"compute worker failed: {self.failure!r}"})
+
+    def _emit(self, request_id: str, event: dict) -> None:
+        if request_id in self.outbox:
+            self.outbox[request_id].append(event)
+            self.has_events.set()
+
+    def _wire(self, request_id: str, event: GeneratedToken) -> dict:
+        out = {"token_id": event.token_id, "text": event.text, "finish_reason": event.finish_reason}
+        if event.logprob is not None:
+            token_bytes = self.engine.tokenizer.token_bytes
+            out["logprob"] = event.logprob
+            out["bytes"] = list(token_bytes(event.token_id))
+            out["top_logprobs"] = [(list(token_bytes(t)), lp) for t, lp in event.top_logprobs]
+        return out
+
+    def _update_gauges(self) -> None:
+        # Only what changed: a Ray metric update costs tens of microseconds, a decode step
+        # about a millisecond on the GPU, and these values move far less often than every step.
+        for name, value in self.stats().items():
+            if self.gauge_values.get(name) != value:
+                self.gauges[name].set(value)
+                self.gauge_values[name] = value
