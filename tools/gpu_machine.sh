@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Everything GPU-side in one call on the lent GPU machine (no network, no Ray, no gguf there).
+#
+#   bash tools/gpu_machine.sh [tools/bench_gpu.py arguments, e.g. --tests --models ...]
+#   SERVE=1 ...    first the Serve app on the GPU: batch 1 and 32 streams through HTTP
+#   PROFILE=1 ...  first Nsight Compute on the Llama-3-8B Q4_K_M replica's decode GEMVs
+#
+# Packages come carried, prepared on the development machine (commands in docs/benchmarks.md):
+#   .device/site.tar.xz   ray[serve] and its dependencies, gguf, pytest, ... for Python 3.12,
+#                         unpacked wheels with Ray's Java jars and unused libraries removed
+#                         (79 MB of wheel -> 44 MB of xz, under one call's 64 MiB carry limit)
+#   .device/extra.tar.xz  vocab/ (llama-vocab tokenizers the replicas borrow) and cubin/
+#                         (kernels prebuilt by `tools/bench_gpu.py --prebuild`: no NVRTC wait)
+# Results go to $OUT (the device tool brings that folder back).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench-out}
+mkdir -p "$OUT" /tmp/ntr-site /tmp/ntr-extra
+[ -f .device/site.tar.xz ] && tar -C /tmp/ntr-site -xJf .device/site.tar.xz
+[ -f .device/extra.tar.xz ] && tar -C /tmp/ntr-extra -xJf .device/extra.tar.xz
+# numpy and cupy are not carried: the machine's own are used.
+export PYTHONPATH="$PWD:/tmp/ntr-site${PYTHONPATH:+:$PYTHONPATH}"
+export NTR_VOCAB_DIR=/tmp/ntr-extra/vocab NTR_CUBIN_DIR=/tmp/ntr-extra/cubin
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+
+if [ "${SERVE:-0}" = 1 ]; then
+    replica=$(python3 tools/bench_gpu.py --write-replica qwen2.5-0.5b --workdir /tmp/ntr-serve | tail -1)
+    RAY_AUTH_MODE=disabled python3 tools/bench_serving.py --model "$replica" --backend cupy \
+        --tokens 128 --runs 3 --streams 32 2>&1 | tee "$OUT/bench_serving.log" || true
+    rm -f "$replica"
+fi
+
+if [ "${PROFILE:-0}" = 1 ]; then
+    ncu --kernel-name regex:gemv_1 --launch-count 12 --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+        python3 tools/bench_gpu.py --quick --models llama3-8b-q4_k_m --out /tmp/ntr-profile > "$OUT/ncu.txt" 2>&1 || true
+    tail -5 "$OUT/ncu.txt"
+fi
+
+python3 tools/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
