@@ -6,7 +6,10 @@ Where the time goes and what this file does about it:
   (ggml's bytes, regrouped into 16-byte-aligned planes per block field, see PLANES) and a
   GEMV decodes them in registers. RMSNorm and SwiGLU are fused into the GEMV that consumes
   them (rmsnorm()/swiglu() return lazy values), the residual add and the QKV bias into its
-  epilogue (matmul_add), RoPE into attention (rope() is lazy too).
+  epilogue (matmul_add), RoPE into attention (rope() is lazy too). For Q4_K, Q6_K, Q5_0 and
+  Q8_0 (Q8_ROWS) a pre-pass quantizes the (normed, SwiGLU'd) input to 15-bit integers per 32
+  values, stored as two int8 planes, and the GEMV takes integer dot products (dp4a) on the raw
+  weight bytes, as llama.cpp's MMVQ does with int8 (quant.cu says why 15 bits).
 - A 0.5B model's decode step is ~150 small kernels: Python launching them would cost more
   than the GPU time, so run_step() captures the whole step in a CUDA graph per (batch,
   block-table width) and replays it; the step's token ids, positions and cache slots travel
@@ -72,6 +75,9 @@ UNITS_PER_BLOCK = {Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 4, Q.Q5_K: 4, Q.Q6_K: 4}  # the
 # Planes whose per-unit piece spans several 16-byte chunks (count given) are interleaved in
 # runs of 32 units, chunk-major: a warp reading 32 consecutive units loads whole lines.
 INTERLEAVED = {Q.Q8_0: 2, Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 2, Q.Q5_K: 2, Q.Q6_K: 2, Q.F32: 8, Q.F16: 4, Q.BF16: 4}
+# Formats whose products of up to 4 tokens run on integer activations with dp4a (quant.cu
+# gemv_q8), with the struct's RQ (rows per warp). NTR_GEMV_INT8=0 keeps them on the fp32 GEMV.
+Q8_ROWS = {Q.Q4_K: 2, Q.Q6_K: 2, Q.Q5_0: 4, Q.Q8_0: 4} if os.environ.get("NTR_GEMV_INT8", "1") != "0" else {}
 STRUCTS = {Q.Q4_0: "TQ4_0", Q.Q4_1: "TQ4_1", Q.Q5_0: "TQ5_0", Q.Q5_1: "TQ5_1", Q.Q8_0: "TQ8_0",
            Q.Q2_K: "TQ2_K", Q.Q3_K: "TQ3_K", Q.Q4_K: "TQ4_K", Q.Q5_K: "TQ5_K", Q.Q6_K: "TQ6_K",
            Q.F32: "TF32", Q.F16: "TF16", Q.BF16: "TBF16"}
@@ -173,7 +179,7 @@ class Segment:
 
     @property
     def rows_per_warp(self) -> int:
-        return 2 if self.qtype == Q.F32 else 4  # the struct's R
+        return Q8_ROWS.get(self.qtype) or (2 if self.qtype == Q.F32 else 4)  # the struct's RQ or R
 
     @property
     def ksplit(self) -> int:
@@ -544,21 +550,42 @@ class CupyBackend(Backend):
         sx = src.strides[0] // 4
         bias, res, sr = _epilogue_operand(y)
         so = out.strides[0] // 4
+        q8 = next((seg for seg in w.segments if seg.qtype in Q8_ROWS), None)
+        if q8 is not None:  # one integer copy of the input serves every dp4a segment and token chunk
+            xq, ds = self._quantize_x(q8.qtype, src, K, mode, nw, eps)
         for t0 in range(0, T, 4):
             tc = min(4, T - t0)
             nt = 1 if tc == 1 else 4
             for seg in w.segments:
-                fn = seg.kernels.get((nt, mode))
+                name = f"gemv_q8_{nt}" if seg.qtype in Q8_ROWS else f"gemv_{nt}_{mode}"
+                fn = seg.kernels.get(name)
                 if fn is None:
-                    fn = seg.kernels[(nt, mode)] = self.k.quant(seg.qtype, f"gemv_{nt}_{mode}")
+                    fn = seg.kernels[name] = self.k.quant(seg.qtype, name)
+                if seg.qtype in Q8_ROWS:
+                    x_args = (np.uint64(xq.data.ptr + t0 * 2 * K), np.int32(2 * K),
+                              np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), np.int32(tc))
+                else:
+                    x_args = (np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
+                              np.float32(eps))
                 rows_per_block = GEMV_WARPS // seg.gemv_split * seg.rows_per_warp
                 col = seg.row0 * 4
                 fn((-(-seg.rows // rows_per_block),), (GEMV_WARPS * 32,),
-                   (*seg.gemv_args, np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
-                    np.float32(eps), np.uint64(out.data.ptr + t0 * so * 4 + col), np.int32(so),
+                   (*seg.gemv_args, *x_args, np.uint64(out.data.ptr + t0 * so * 4 + col), np.int32(so),
                     np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
                     np.uint64(res.data.ptr + t0 * sr * 4 + col) if res is not None else np.uint64(0), np.int32(sr),
                     np.int32(seg.gemv_split)))
+
+    def _quantize_x(self, qtype, src, K: int, mode: int, nw, eps: float):
+        """The product's input (plain, RMSNorm'd or SwiGLU'd per mode) as integers per 32 values:
+        xq [T, 2K] (per block its 32 high then 32 low int8s) and ds [T, K/32] = (scale, sum of
+        the block's integers); NumPy twin: numpy_backend.quantize_q8_input."""
+        T = src.shape[0]
+        xq = cp.empty((T, 2 * K), cp.int8)
+        ds = cp.empty((T, K // 32, 2), cp.float32)
+        self.k.quant(qtype, f"quantize_x_{mode}")(
+            (-(-K // 2048), T), (256,), (src, np.int32(src.strides[0] // 4), np.int32(K), _ptr(nw), np.float32(eps),
+                                         xq, np.int32(2 * K), ds, np.int32(K // 32)))
+        return xq, ds
 
     def _fp16_input(self, x):
         if isinstance(x, Normed):

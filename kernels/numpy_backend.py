@@ -13,6 +13,46 @@ from kernels.ops import AttentionBatch, Backend, check_supported
 from kernels.quants import dequantize
 
 
+Q8_MAX = 127 * 128  # the GPU stores q as two int8 planes, q >> 7 and q & 127 (quant.cu quantize_x)
+
+
+def quantize_q8(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Integer activations of the GPU's small-batch products (quant.cu quantize_x), to the bit:
+    v [T, K] float32, K % 32 == 0 -> q int32 [T, K] in [-Q8_MAX, Q8_MAX], d float32 [T, K/32]
+    with d = max|v| / Q8_MAX per 32 values and q = rint(v / d) (ties to even; 0 where d = 0)."""
+    T, K = v.shape
+    blocks = np.asarray(v, np.float32).reshape(T, K // 32, 32)
+    d = np.abs(blocks).max(axis=-1) / np.float32(Q8_MAX)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.where(d[..., None] > 0, np.rint(blocks / d[..., None]), 0)
+    return q.astype(np.int32).reshape(T, K), d
+
+
+def quantize_q8_input(x: np.ndarray, norm_weight=None, eps: float = 0.0, swiglu: bool = False):
+    """quantize_q8 of a product's input with the GPU pre-pass's fused transform: RMSNorm
+    quantizes norm_weight * x and folds 1/rms into d; SwiGLU (x = gate | up) takes exp in
+    float64 as the GPU does, so both sides round the same float32 values."""
+    x = np.asarray(x, np.float32)
+    if swiglu:
+        gate, up = np.split(x, 2, axis=-1)
+        with np.errstate(over="ignore"):
+            e = np.exp(-gate.astype(np.float64)).astype(np.float32)
+        return quantize_q8(gate / (np.float32(1) + e) * up)
+    if norm_weight is None:
+        return quantize_q8(x)
+    q, d = quantize_q8(x * np.asarray(norm_weight, np.float32))
+    ms = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+    return q, d * (np.float32(1) / np.sqrt(ms + np.float32(eps)))
+
+
+def matmul_q8(q: np.ndarray, d: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Twin of the GPU's dp4a GEMV (quant.cu gemv_q8): the integer activations q * d against
+    the dequantized weight w [N, K], in float64. -> [T, N]"""
+    T, K = q.shape
+    x = (q.reshape(T, K // 32, 32).astype(np.float64) * d[..., None]).reshape(T, K)
+    return x @ np.asarray(w, np.float64).T
+
+
 class QuantizedRows:
     """A quantized table read a few rows at a time (the token embedding)."""
 

@@ -2,7 +2,9 @@
 
 Fresh random inputs for every case; the memory pool is filled with NaN before each test so an
 output element a kernel forgets to write shows up; bounds: fp32 paths 1e-5 relative, paths
-through fp16 (cuBLAS inputs, the KV cache) 3e-3.
+through fp16 (cuBLAS inputs, the KV cache) 3e-3. The GEMV on integer activations (Q8_ROWS
+formats, up to 4 tokens) is held to 1e-5 against its NumPy twin (numpy_backend.matmul_q8),
+which quantizes the activations the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ cupy = pytest.importorskip("cupy")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from kernels import AttentionBatch, get_backend  # noqa: E402
-from kernels.cupy_backend import GEMV_MAX_T  # noqa: E402
+from kernels.cupy_backend import GEMV_MAX_T, Q8_ROWS  # noqa: E402
+from kernels.numpy_backend import matmul_q8, quantize_q8, quantize_q8_input  # noqa: E402
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize  # noqa: E402
 from workers.gguf_file import TensorInfo  # noqa: E402
 from workers.synthetic_model import random_blocks  # noqa: E402
@@ -86,9 +89,10 @@ def test_matmul_every_quant_type(gpu, qtype, T):
     x = rng.standard_normal((T, cols)).astype(np.float32)
     got = gpu.to_numpy(gpu.matmul(gpu.asarray(x), gpu.load_matrix(t)))
     assert got.shape == (T, rows)
-    # T <= 16: fp32 GEMV on the quantized blocks; above: fp16 operands (tensor cores on the
-    # blocks up to 64 tokens, cuBLAS on a dequantized copy beyond)
-    err = rel_err(got, x @ weight.T)
+    # T <= GEMV_MAX_T: GEMV on the quantized blocks (fp32, or integer activations and its twin);
+    # above: fp16 operands (tensor cores on the blocks up to 64 tokens, cuBLAS beyond)
+    integer = T <= GEMV_MAX_T and qtype in Q8_ROWS
+    err = rel_err(got, matmul_q8(*quantize_q8(x), weight) if integer else x @ weight.T)
     assert err < (1e-5 if T <= GEMV_MAX_T else 3e-3), f"{rows}x{cols}: relative error {err:.2e}"
 
 
@@ -105,19 +109,77 @@ def test_stacked_mixed_types_and_fused_inputs(gpu, T):
     bias = rng.standard_normal(120).astype(np.float32)
     res = rng.standard_normal((T, 120)).astype(np.float32)
     xg = gpu.asarray(x)
+    if T <= GEMV_MAX_T and Q8_ROWS:  # all three parts on integer activations: their twin
+        assert all(p.qtype in Q8_ROWS for p in parts)
+        ref = lambda *a, **kw: matmul_q8(*quantize_q8_input(*a, **kw), w_cpu)  # noqa: E731
+    else:
+        ref = lambda x, norm_weight=None, eps=0.0, swiglu=False: cpu.matmul(  # noqa: E731
+            cpu.swiglu(x) if swiglu else x if norm_weight is None else cpu.rmsnorm(x, norm_weight, eps), w_cpu)
 
-    want = cpu.matmul(cpu.rmsnorm(x, norm_w, 1e-6), w_cpu)
+    want = ref(x, norm_w, 1e-6)
     got = gpu.matmul(gpu.rmsnorm(xg, gpu.asarray(norm_w), 1e-6), w_gpu)
     assert rel_err(gpu.to_numpy(got), want) < tol
     got = gpu.matmul_add(gpu.rmsnorm(xg, gpu.asarray(norm_w), 1e-6), w_gpu, gpu.asarray(bias))
     assert rel_err(gpu.to_numpy(got), want + bias) < tol
     got = gpu.matmul_add(xg, w_gpu, gpu.asarray(res))
-    assert rel_err(gpu.to_numpy(got), cpu.matmul(x, w_cpu) + res) < tol
+    assert rel_err(gpu.to_numpy(got), ref(x) + res) < tol
 
     gu = rng.standard_normal((T, 2 * cols)).astype(np.float32)
-    want = cpu.matmul(cpu.swiglu(gu), w_cpu)
     got = gpu.matmul(gpu.swiglu(gpu.asarray(gu)), w_gpu)
-    assert rel_err(gpu.to_numpy(got), want) < tol
+    assert rel_err(gpu.to_numpy(got), ref(gu, swiglu=True)) < tol
+
+
+@pytest.mark.skipif(not Q8_ROWS, reason="NTR_GEMV_INT8=0")
+@pytest.mark.parametrize("qtype", sorted(Q8_ROWS, key=lambda q: q.value), ids=lambda q: q.name)
+@pytest.mark.parametrize("fused", ["plain", "norm", "swiglu"])
+@pytest.mark.parametrize("T", [1, 3, 4])
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_gemv_integer_activations(gpu, qtype, fused, T, long):
+    """The dp4a GEMV (1 and 4-token kernels, called directly) and its input pre-pass against
+    the NumPy twin: odd row counts, K off multiples of 256 where the format allows, long K
+    (warps splitting a row), the bias and residual epilogues, outputs poisoned with NaN."""
+    rng = np.random.default_rng()
+    block = block_shape(qtype)[0]
+    rows = int(rng.choice([37, 61, 131]))
+    cols = (4608 if long else 768) if block == 256 else 32 * (145 if long else int(rng.choice([25, 7])))
+    t = make_tensor(rng, qtype, rows, cols)
+    w_gpu, weight = gpu.load_matrix(t), dequantize(t.data, qtype).astype(np.float64)
+    if fused == "swiglu":
+        x = rng.standard_normal((T, 2 * cols)).astype(np.float32)
+        xin, kw = gpu.swiglu(gpu.asarray(x)), dict(swiglu=True)
+    elif fused == "norm":
+        x = rng.standard_normal((T, cols)).astype(np.float32)
+        norm_w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
+        xin, kw = gpu.rmsnorm(gpu.asarray(x), gpu.asarray(norm_w), 1e-5), dict(norm_weight=norm_w, eps=1e-5)
+    else:
+        x = (3 * rng.standard_normal((T, cols))).astype(np.float32)
+        x[:, :32] = 0  # an all-zero block: scale 0
+        xin, kw = gpu.asarray(x), {}
+    q, d = quantize_q8_input(x, **kw)
+
+    mode = {"plain": 0, "norm": 1, "swiglu": 2}[fused]
+    src = gpu.asarray(x)
+    nw = gpu.asarray(kw["norm_weight"]) if fused == "norm" else None
+    xq, ds = gpu._quantize_x(qtype, src, cols, mode, nw, kw.get("eps", 0.0))
+    hi, lo = np.moveaxis(gpu.to_numpy(xq).reshape(T, -1, 2, 32).astype(np.int32), 2, 0)
+    assert np.array_equal((128 * hi + lo).reshape(T, cols), q)
+    assert lo.min() >= 0
+    ds = gpu.to_numpy(ds)
+    assert rel_err(ds[..., 0], d) < 1e-6
+    assert np.array_equal(ds[..., 1], q.reshape(T, -1, 32).sum(-1, dtype=np.int64))
+
+    want = matmul_q8(q, d, weight)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    res = rng.standard_normal((T, rows)).astype(np.float32)
+    for y, add in ((None, 0), (gpu.asarray(bias), bias), (gpu.asarray(res), res)):
+        out = cupy.full((T, rows), np.nan, cupy.float32)
+        gpu._gemv(xin, w_gpu, y, out)
+        got = gpu.to_numpy(out) - add
+        err = rel_err(got, want)
+        assert err < 1e-5, f"{rows}x{cols}: relative error {err:.2e}"
+    # and the integer activations stay near the fp32 product
+    xf = cpu.swiglu(x) if fused == "swiglu" else cpu.rmsnorm(x, norm_w, 1e-5) if fused == "norm" else x
+    assert rel_err(got, xf @ weight.T) < 1e-3
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)

@@ -64,6 +64,23 @@ __device__ __forceinline__ uint4 ldu(const Planes& w, int i, size_t row, int u, 
 
 // 4 bits -> bit 0 of 4 bytes (the multiply's partial products never overlap).
 __device__ __forceinline__ u32 spread4(u32 x) { return (x * 0x00204081u) & 0x01010101u; }
+// Bytes 0..63 minus 32 as int8: bit 7 set first, so no byte borrows from the next.
+__device__ __forceinline__ u32 sub32(u32 x) { return ((x | 0x80808080u) - 0x20202020u) ^ 0x80808080u; }
+
+// 32 activations for dp4a (gemv_q8): d * (128 h + l), h and l int8, sum = the total of 128 h + l.
+struct X32 {
+    int h[8], l[8];
+    float d, sum;
+};
+// An integer dot product of 4-byte weight words with both activation planes.
+struct Dot2 {
+    int h = 0, l = 0;
+    __device__ void add(u32 w, const X32& x, int k) {
+        h = __dp4a((int)w, x.h[k], h);
+        l = __dp4a((int)w, x.l[k], l);
+    }
+    __device__ int sum() const { return 128 * h + l; }
+};
 
 struct TQ4_0 {  // d f16 | qs[16]   planes: qs, d
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
@@ -105,6 +122,7 @@ struct TQ4_1 {  // d, m f16 | qs[16]   planes: qs, dm
 
 struct TQ5_0 {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr int RQ = 4;  // rows per warp in gemv_q8
     static constexpr bool MIN = false;
     struct Raw { uint4 q; u32 qh; float d; };
     template <bool S>
@@ -121,6 +139,17 @@ struct TQ5_0 {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
         bytes8(((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4),
                ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4), 16.0f, q);
         a = r.d; m = 0.0f;
+    }
+    // dp4a path (see gemv_q8): the 5-bit values unsigned, their offset 16 taken off through x's sum
+    __device__ static float dot32(const Raw& r, int j, int h, const X32& x) {
+        Dot2 s;
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const u32 w = word4(r.q, k);
+            s.add((w & 0x0F0F0F0F) | (spread4((r.qh >> (4 * k)) & 0xF) << 4), x, k);
+            s.add(((w >> 4) & 0x0F0F0F0F) | (spread4((r.qh >> (16 + 4 * k)) & 0xF) << 4), x, 4 + k);
+        }
+        return r.d * x.d * (float)(s.sum() - 16 * (int)x.sum);
     }
 };
 
@@ -147,6 +176,7 @@ struct TQ5_1 {  // d, m f16 | qh u32 | qs[16]   planes: qs, qh, dm
 
 struct TQ8_0 {  // d f16 | qs int8[32]   planes: qs, d
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+    static constexpr int RQ = 4;  // rows per warp in gemv_q8
     static constexpr bool MIN = false;
     struct Raw { uint4 q0, q1; float d; };
     template <bool S>
@@ -161,6 +191,12 @@ struct TQ8_0 {  // d f16 | qs int8[32]   planes: qs, d
         const u32 w0 = (g & 1) ? v.z : v.x, w1 = (g & 1) ? v.w : v.y;
         bytes8(w0 ^ 0x80808080u, w1 ^ 0x80808080u, 128.0f, q);  // int8 -> biased byte
         a = r.d; m = 0.0f;
+    }
+    __device__ static float dot32(const Raw& r, int j, int h, const X32& x) {
+        Dot2 s;
+#pragma unroll
+        for (int k = 0; k < 8; k++) s.add(k < 4 ? word4(r.q0, k) : word4(r.q1, k - 4), x, k);
+        return r.d * x.d * (float)s.sum();
     }
 };
 
@@ -236,6 +272,7 @@ __device__ __forceinline__ void scale_min_k4(u32 s0, u32 s1, u32 s2, int sb, flo
 
 struct TQ4_K {  // d, dmin | scales[12] | qs[128]   planes: qs, scales, dm; unit = 64 values
     static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
+    static constexpr int RQ = 2;  // rows per warp in gemv_q8: 64 registers, 50% occupancy
     static constexpr bool MIN = true;
     struct Raw { uint4 q0, q1; u32 s0, s1, s2, dm; };
     template <bool S>
@@ -256,6 +293,16 @@ struct TQ4_K {  // d, dmin | scales[12] | qs[128]   planes: qs, scales, dm; unit
         scale_min_k4(r.s0, r.s1, r.s2, 2 * j + hi, sc, mn);
         a = h2f(r.dm & 0xFFFF) * sc;
         m = h2f(r.dm >> 16) * mn;
+    }
+    // sub-block h of unit j: nibble h of the unit's 32 bytes, scale and min 2j + h
+    __device__ static float dot32(const Raw& r, int j, int h, const X32& x) {
+        Dot2 s;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            s.add(((k < 4 ? word4(r.q0, k) : word4(r.q1, k - 4)) >> (4 * h)) & 0x0F0F0F0F, x, k);
+        float sc, mn;
+        scale_min_k4(r.s0, r.s1, r.s2, 2 * j + h, sc, mn);
+        return x.d * (h2f(r.dm & 0xFFFF) * sc * (float)s.sum() - h2f(r.dm >> 16) * mn * x.sum);
     }
 };
 
@@ -290,14 +337,16 @@ struct TQ5_K {  // d, dmin | scales[12] | qh[32] | qs[128]   planes: qs, qh, sca
 
 struct TQ6_K {  // ql[128] | qh[64] | scales int8[16] | d   planes: ql, qh, scales, d; unit = 64 values
     static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
+    static constexpr int RQ = 2;  // rows per warp in gemv_q8: 64 registers (12 bytes spilled), 50% occupancy
     static constexpr bool MIN = false;
-    struct Raw { uint4 l0, l1, h0, h1, sc; float d; };
+    struct Raw { uint4 l0, l1, h0, h1; u32 s0, s1; float d; };  // s0, s1: the 8 scales of half j/2
     template <bool S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
         const int u = b * 4 + j;
         const u8* h = at(w, 1, row, b * 64 + (j >> 1) * 32);
-        return {ldu<S, 2>(w, 0, row, u, 0), ldu<S, 2>(w, 0, row, u, 1), ld16<S>(h), ld16<S>(h + 16),
-                ld16<S>(at(w, 2, row, b * 16)), ldh<S>(at(w, 3, row, b * 2))};
+        const u8* sc = at(w, 2, row, b * 16 + (j >> 1) * 8);
+        return {ldu<S, 2>(w, 0, row, u, 0), ldu<S, 2>(w, 0, row, u, 1), ld16<S>(h), ld16<S>(h + 16), ld4<S>(sc),
+                ld4<S>(sc + 4), ldh<S>(at(w, 3, row, b * 2))};
     }
     // unit j: half n = j/2 of the block, rows s = p and p + 2 (p = j%2) of 32 values each
     __device__ static int xoff(int j, int g) {
@@ -316,9 +365,23 @@ struct TQ6_K {  // ql[128] | qh[64] | scales int8[16] | d   planes: ql, qh, scal
         const u32 m0 = (lq & 8) ? h.z : h.x, m1 = (lq & 8) ? h.w : h.y;
         bytes8(((w0 >> (4 * k)) & 0x0F0F0F0F) | (((m0 >> (2 * s)) & 0x03030303) << 4),
                ((w1 >> (4 * k)) & 0x0F0F0F0F) | (((m1 >> (2 * s)) & 0x03030303) << 4), 32.0f, q);
-        const int is = (j >> 1) * 8 + 2 * s + (lq >= 16);
-        a = r.d * (float)(signed char)byte_at4(r.sc, is);
+        a = r.d * (float)(signed char)byte_at3(r.s0, r.s1, 0, 2 * s + (lq >= 16));
         m = 0.0f;
+    }
+    // sub-block h of unit j is row s = j%2 + 2h of its half; one int8 scale per 16 values
+    __device__ static float dot32(const Raw& r, int j, int h, const X32& x) {
+        const int s = (j & 1) + 2 * h;
+        Dot2 lo, hi;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            const u32 l = k < 4 ? word4(r.l0, k) : word4(r.l1, k - 4), m = k < 4 ? word4(r.h0, k) : word4(r.h1, k - 4);
+            const u32 v = sub32(((l >> (4 * h)) & 0x0F0F0F0F) | (((m >> (2 * s)) & 0x03030303) << 4));
+            if (k < 4) lo.add(v, x, k);
+            else hi.add(v, x, k);
+        }
+        const int sa = (signed char)byte_at3(r.s0, r.s1, 0, 2 * s);
+        const int sb = (signed char)byte_at3(r.s0, r.s1, 0, 2 * s + 1);
+        return r.d * x.d * ((float)(sa * lo.sum()) + (float)(sb * hi.sum()));
     }
 };
 
@@ -404,6 +467,56 @@ __device__ __forceinline__ void load_x8(const float* __restrict__ xr, int pos, i
     }
 }
 
+// Sums each warp's lanes, then the ksplit warps of a row group in shared memory; stores
+// out[t, row0 + r] (norm scale for MODE 1, bias, residual).
+template <int R, int NT, int MODE>
+__device__ __forceinline__ void gemv_store(float (&acc)[R][NT], float (&ss)[NT], int rows, int row0, int K, float eps,
+                                           int T, float* __restrict__ out, int so, const float* __restrict__ bias,
+                                           const float* __restrict__ res, int sr, int ksplit) {
+    __shared__ float part[GEMV_WARPS][R * NT + NT];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ks = warp % ksplit;
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        if (MODE == 1) ss[t] = warp_sum(ss[t]);
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r][t] = warp_sum(acc[r][t]);
+    }
+    if (ksplit > 1) {
+        if (lane == 0) {
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                part[warp][R * NT + t] = ss[t];
+#pragma unroll
+                for (int r = 0; r < R; r++) part[warp][r * NT + t] = acc[r][t];
+            }
+        }
+        __syncthreads();
+        if (ks != 0) return;
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            for (int k2 = 1; k2 < ksplit; k2++) {
+                ss[t] += part[warp + k2][R * NT + t];
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r][t] += part[warp + k2][r * NT + t];
+            }
+        }
+    }
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        const float scale = MODE == 1 ? 1.0f / sqrtf(ss[t] / (float)K + eps) : 1.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const int row = row0 + r;
+            if (lane == r && t < T && row < rows) {
+                float o = acc[r][t] * scale;
+                if (bias) o += bias[row];
+                if (res) o += res[(size_t)t * sr + row];
+                out[(size_t)t * so + row] = o;
+            }
+        }
+    }
+}
+
 template <class Q, int NT, int MODE>
 __device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, const float* __restrict__ x, int sx, int T,
                                      const float* __restrict__ nw, float eps, float* __restrict__ out, int so,
@@ -415,7 +528,6 @@ __device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, c
     // of rows, each taking every ksplit-th run of 32 units: long rows get more loads in
     // flight and shorter chains; their partial sums meet in shared memory.
     constexpr int R = Q::R;
-    __shared__ float part[GEMV_WARPS][R * NT + NT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int ks = warp % ksplit;
     const int row0 = (blockIdx.x * (GEMV_WARPS / ksplit) + warp / ksplit) * R;
@@ -466,47 +578,135 @@ __device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, c
             }
         }
     }
-#pragma unroll
-    for (int t = 0; t < NT; t++) {
-        if (MODE == 1) ss[t] = warp_sum(ss[t]);
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[r][t] = warp_sum(acc[r][t]);
+    gemv_store<R, NT, MODE>(acc, ss, rows, row0, K, eps, T, out, so, bias, res, sr, ksplit);
+}
+
+// --- GEMV on integer activations with dp4a (as llama.cpp's MMVQ) ------------------------------
+// The float GEMV above is bound by its activation traffic (a float per weight nibble, from L1)
+// and its decode instructions. Here a pre-pass quantizes each activation row once per product
+// (quantize_x), and a format's dot32() multiplies its raw weight bytes with __dp4a.
+// llama.cpp rounds the activations to int8 per 32 values; measured here, that moved decode
+// logits by 1-2% against fp32 and failed the GPU-vs-NumPy engine tests (bound 1%, identical
+// greedy tokens). So each value is rounded to q in [-16256, 16256] (127 * 128, 15 bits) and
+// stored as two int8 planes, q = 128 h + l with h = q >> 7, l = q & 127: two dp4a per weight
+// word and half the fp32 path's activation bytes (logits then within ~1e-3 of fp32).
+//
+// quantize_x: v the product's input (MODE as in gemv), per 32 values d = max|v| / 16256,
+// q = rint(v / d) (0 where d = 0); block b of a row holds h[32] then l[32] at byte 64 b, and
+// ds[b] = {d, sum of the 32 q}. MODE 1 quantizes nw * x and folds the norm into the scale
+// (ds.x = d * rinv): q is scale-invariant, so no pass over the row has to come first. MODE 2's
+// SiLU takes exp in double so that the NumPy twin (numpy_backend.quantize_q8_input)
+// reproduces v to the bit.
+// Grid (K / 2048 rounded up, T); a thread quantizes 8 values, 4 neighbouring lanes a block.
+template <int MODE>
+__device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, int K, const float* __restrict__ nw,
+                                           float eps, u8* __restrict__ xq, int sq, float2* __restrict__ ds, int sd) {
+    __shared__ float scratch[32];
+    const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x, pos = 8 * c;
+    const float* xr = x + (size_t)t * sx;
+    float rinv = 1.0f;
+    if (MODE == 1) {
+        float ss = 0.0f;
+        for (int i = 4 * threadIdx.x; i < K; i += 4 * blockDim.x) {
+            const float4 a = *(const float4*)(xr + i);
+            ss += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+        }
+        rinv = 1.0f / sqrtf(block_sum(ss, scratch) / (float)K + eps);
     }
-    if (ksplit > 1) {
-        if (lane == 0) {
+    float v[8], amax = 0.0f;
+    if (pos < K) {
+        float unused = 0.0f;
+        if (MODE == 2) {
+            const float4 a = *(const float4*)(xr + pos), b = *(const float4*)(xr + pos + 4);
+            const float4 c2 = *(const float4*)(xr + K + pos), d2 = *(const float4*)(xr + K + pos + 4);
+            const float g[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+            const float u[8] = {c2.x, c2.y, c2.z, c2.w, d2.x, d2.y, d2.z, d2.w};
 #pragma unroll
-            for (int t = 0; t < NT; t++) {
-                part[warp][R * NT + t] = ss[t];
-#pragma unroll
-                for (int r = 0; r < R; r++) part[warp][r * NT + t] = acc[r][t];
-            }
+            for (int i = 0; i < 8; i++) v[i] = g[i] / (1.0f + (float)exp(-(double)g[i])) * u[i];
+        } else {
+            load_x8<MODE>(xr, pos, K, nw, v, unused);
         }
-        __syncthreads();
-        if (ks != 0) return;
 #pragma unroll
-        for (int t = 0; t < NT; t++) {
-            for (int k2 = 1; k2 < ksplit; k2++) {
-                ss[t] += part[warp + k2][R * NT + t];
-#pragma unroll
-                for (int r = 0; r < R; r++) acc[r][t] += part[warp + k2][r * NT + t];
-            }
-        }
+        for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
     }
+    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 2));
+    const float d = amax / 16256.0f;
+    int q[8], sum = 0;
 #pragma unroll
-    for (int t = 0; t < NT; t++) {
-        const float scale = MODE == 1 ? 1.0f / sqrtf(ss[t] / (float)K + eps) : 1.0f;
+    for (int i = 0; i < 8; i++) {
+        q[i] = d > 0.0f ? __float2int_rn(v[i] / d) : 0;
+        sum += q[i];
+    }
+    sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+    sum += __shfl_xor_sync(FULL_MASK, sum, 2);
+    if (pos < K) {
+        u32 h[2], l[2];
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const int row = row0 + r;
-            if (lane == r && t < T && row < rows) {
-                float o = acc[r][t] * scale;
-                if (bias) o += bias[row];
-                if (res) o += res[(size_t)t * sr + row];
-                out[(size_t)t * so + row] = o;
-            }
+        for (int i = 0; i < 2; i++) {
+            const int* p = q + 4 * i;
+            h[i] = ((p[0] >> 7) & 0xFF) | ((p[1] >> 7) & 0xFF) << 8 | ((p[2] >> 7) & 0xFF) << 16 |
+                   (u32)(p[3] >> 7) << 24;
+            l[i] = (p[0] & 127) | (p[1] & 127) << 8 | (p[2] & 127) << 16 | (u32)(p[3] & 127) << 24;
         }
+        u8* o = xq + (size_t)t * sq + 2 * pos - (pos & 31);
+        *(uint2*)o = make_uint2(h[0], h[1]);
+        *(uint2*)(o + 32) = make_uint2(l[0], l[1]);
+        if ((c & 3) == 0) ds[(size_t)t * sd + pos / 32] = make_float2(d * rinv, (float)sum);
     }
 }
+
+// out[t, row] = sum over 32-value blocks b of dot32(W[row] block b, x[t] block b). Same warp
+// and lane layout as gemv; a lane's sub-blocks each load the block's 64 bytes and its ds.
+// Those x loads are what Q4_K waits on (H100, 8B gate_up: 27.5 us with one int8 plane, 39.8
+// with two): lanes 128 bytes apart make each 16-byte load instruction touch 32 L1 lines.
+template <class Q, int NT>
+__device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const u8* __restrict__ xq, int sq,
+                                        const float2* __restrict__ xds, int sd, int T, float* __restrict__ out, int so,
+                                        const float* __restrict__ bias, const float* __restrict__ res, int sr,
+                                        int ksplit) {
+    constexpr int R = Q::RQ;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int ks = warp % ksplit;
+    const int row0 = (blockIdx.x * (GEMV_WARPS / ksplit) + warp / ksplit) * R;
+    float acc[R][NT], ss[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) {
+        ss[t] = 0.0f;
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
+    }
+    const int units = nb * Q::UPB;
+    for (int u = lane + 32 * ks; u < units && row0 < rows; u += 32 * ksplit) {
+        const int b = u / Q::UPB, j = u - b * Q::UPB;
+        typename Q::Raw raw[R];
+#pragma unroll
+        for (int r = 0; r < R; r++) raw[r] = Q::template load<true>(w, (size_t)min(row0 + r, rows - 1), b, j);
+#pragma unroll
+        for (int h = 0; h < Q::NG / 4; h++) {
+            const int pos = b * Q::QK + Q::xoff(j, 4 * h);
+#pragma unroll
+            for (int t = 0; t < NT; t++) {
+                if (NT > 1 && t >= T) continue;
+                const uint4* p = (const uint4*)(xq + (size_t)t * sq + 2 * pos);
+                const uint4 h0 = p[0], h1 = p[1], l0 = p[2], l1 = p[3];
+                const float2 d = xds[(size_t)t * sd + pos / 32];
+                const X32 x = {{(int)h0.x, (int)h0.y, (int)h0.z, (int)h0.w, (int)h1.x, (int)h1.y, (int)h1.z, (int)h1.w},
+                               {(int)l0.x, (int)l0.y, (int)l0.z, (int)l0.w, (int)l1.x, (int)l1.y, (int)l1.z, (int)l1.w},
+                               d.x, d.y};
+#pragma unroll
+                for (int r = 0; r < R; r++) acc[r][t] += Q::dot32(raw[r], j, h, x);
+            }
+        }
+    }
+    gemv_store<R, NT, 0>(acc, ss, rows, row0, 0, 0.0f, T, out, so, bias, res, sr, ksplit);
+}
+
+// Whether the format has dot32 (the others build empty gemv_q8 kernels).
+template <class Q, class = void>
+struct HasDot { static constexpr bool v = false; };
+template <class Q>
+struct HasDot<Q, decltype((void)&Q::dot32)> { static constexpr bool v = true; };
 
 // --- dequantization ----------------------------------------------------------------------
 // out[r, :K] = W[ids ? ids[r] : r] as float32 or float16. One thread per group of 8 values, so
@@ -697,6 +897,28 @@ DEF_GEMV(1, 2)
 DEF_GEMV(4, 0)
 DEF_GEMV(4, 1)
 DEF_GEMV(4, 2)
+
+#define DEF_GEMV_Q8(NT)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, NT == 1 ? 8 : 4)                                     \
+        gemv_q8_##NT(PLANE_ARGS, int rows, int nb, int K, const u8* xq, int sq, const float2* xds, int sd, int T,     \
+                     float* out, int so, const float* bias, const float* res, int sr, int ksplit) {                    \
+        if constexpr (HasDot<QT>::v) {                                                                                  \
+            const Planes w = PLANES;                                                                                    \
+            gemv_q8<QT, NT>(w, rows, nb, xq, sq, xds, sd, T, out, so, bias, res, sr, ksplit);                          \
+        }                                                                                                               \
+    }
+DEF_GEMV_Q8(1)
+DEF_GEMV_Q8(4)
+
+#define DEF_QUANTIZE_X(MODE)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(256)                                                                  \
+        quantize_x_##MODE(const float* x, int sx, int K, const float* nw, float eps, u8* xq, int sq, float2* ds,      \
+                          int sd) {                                                                                     \
+        quantize_x<MODE>(x, sx, K, nw, eps, xq, sq, ds, sd);                                                            \
+    }
+DEF_QUANTIZE_X(0)
+DEF_QUANTIZE_X(1)
+DEF_QUANTIZE_X(2)
 
 extern "C" __global__ void __launch_bounds__(256)
     qmma_64(PLANE_ARGS, int rows, int nb, int K, const u16* x16, int sx, int T, float* out, int so, const float* bias,
