@@ -40,8 +40,10 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
     return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
 
-async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, dict]]:
-    """(choice index, event) from all generations as they arrive; stopping early cancels them all."""
+async def merged(generations: list[Generation]) -> AsyncIterator[list[tuple[int, dict]]]:
+    """(choice index, event) pairs from all generations as they arrive, in batches: each batch
+    is everything that had arrived when it was taken (a stream sends one batch as one piece,
+    not one Serve round trip per token); stopping early cancels them all."""
     queue: asyncio.Queue = asyncio.Queue()
 
     async def drain(index: int, generation: Generation) -> None:
@@ -54,11 +56,21 @@ async def merged(generations: list[Generation]) -> AsyncIterator[tuple[int, dict
 
     tasks = [asyncio.create_task(drain(i, g)) for i, g in enumerate(generations)]
     try:
-        for _ in range(len(tasks)):
-            while (item := await queue.get())[1] is not None:
-                if isinstance(item[1], Exception):
-                    raise APIError.from_exception(item[1])
-                yield item
+        running = len(tasks)
+        while running:
+            items = [await queue.get()]
+            while not queue.empty():
+                items.append(queue.get_nowait())
+            batch = []
+            for index, event in items:
+                if event is None:
+                    running -= 1
+                elif isinstance(event, Exception):
+                    raise APIError.from_exception(event)
+                else:
+                    batch.append((index, event))
+            if batch:
+                yield batch
     finally:
         for task in tasks:
             task.cancel()
@@ -131,15 +143,16 @@ class LLMServer:
         if req.stream:
             return StreamingResponse(self._sse(req, generations, choices, prompt_tokens),
                                      media_type="text/event-stream")
-        async for index, event in merged(generations):
-            choices[index].add(event)
+        async for batch in merged(generations):
+            for index, event in batch:
+                choices[index].add(event)
         return oai.response(req, choices, prompt_tokens)
 
     async def _sse(self, req, generations, choices, prompt_tokens) -> AsyncIterator[str]:
         try:
-            async for index, event in merged(generations):
-                logprobs = choices[index].add(event)
-                yield f"data: {json.dumps(oai.chunk(req, choices[index], event, logprobs))}\n\n"
+            async for batch in merged(generations):
+                yield "".join(f"data: {json.dumps(oai.chunk(req, choices[i], event, choices[i].add(event)))}\n\n"
+                              for i, event in batch)
             if req.include_usage:
                 tokens = oai.usage(prompt_tokens, sum(c.tokens for c in choices))
                 yield f"data: {json.dumps(oai.chunk(req, None, None, None, tokens))}\n\n"
