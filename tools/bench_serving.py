@@ -4,11 +4,11 @@
 
 Each layer generates the same greedy completion (EOS ignored) and is timed from its first
 token to its last, so prefill and model load do not count, and each is reported as the
-median of --runs runs with its ratio to the engine. The actors run on a private local
+median of --runs runs with its ratio to the engine, after one untimed warm-up run (CUDA graph
+captures, the first request through each Ray and Serve path). The actors run on a private local
 Ray cluster; the HTTP layer is the Serve app of cluster/app.py on a free loopback port.
-With --streams N the HTTP layer also runs N concurrent streams and reports their aggregate:
-tokens after each stream's first, over the time from the earliest first token to the last
-token of any stream.
+With --streams N the actors and HTTP layers also run N concurrent streams and report their
+aggregate (aggregate_rate).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from workers.sampling import SamplingParams  # noqa: E402
 PROMPT = "Write a Python function that checks whether a number is prime."
 
 
+WARMUP_RUNS = 1
+
+
 def decode_rate(stamps: list[float]) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
@@ -41,13 +44,21 @@ def bench_engine(path: Path, backend: str, params: SamplingParams, runs: int) ->
     engine = Engine(path, backend=backend)
     ids = engine.prompt_ids(PROMPT)
     rates = []
-    for _ in range(runs):
+    for _ in range(WARMUP_RUNS + runs):
         stamps = [time.perf_counter() for _ in engine.generate(ids, params)]
         rates.append(decode_rate(stamps))
-    return rates
+    return rates[WARMUP_RUNS:]
 
 
-def bench_actors(config, params: SamplingParams, runs: int) -> list[float]:
+def aggregate_rate(all_stamps: list[list[float]], tokens: int) -> float:
+    """Concurrent streams' tokens after each one's first, over the time from the earliest first
+    token to the last token of any stream."""
+    if any(len(s) != tokens for s in all_stamps):
+        raise RuntimeError(f"a stream ended early: {[len(s) for s in all_stamps]} events")
+    return sum(len(s) - 1 for s in all_stamps) / (max(s[-1] for s in all_stamps) - min(s[0] for s in all_stamps))
+
+
+def bench_actors(config, params: SamplingParams, runs: int, streams: int) -> tuple[list[float], list[float]]:
     import ray
 
     from cluster.engine_client import EngineClient
@@ -55,12 +66,19 @@ def bench_actors(config, params: SamplingParams, runs: int) -> list[float]:
     async def main():
         client = EngineClient(config)
         await client.info()  # model loaded
-        rates = []
-        for _ in range(runs):
-            generation = await client.submit(PROMPT, params)
-            rates.append(decode_rate([time.perf_counter() async for _ in generation]))
+
+        async def stream() -> list[float]:
+            return [time.perf_counter() async for _ in await client.submit(PROMPT, params)]
+
+        rates, aggregate = [], []
+        for _ in range(WARMUP_RUNS + runs):
+            rates.append(decode_rate(await stream()))
+        if streams > 1:
+            for _ in range(WARMUP_RUNS + runs):
+                aggregate.append(aggregate_rate(await asyncio.gather(*[stream() for _ in range(streams)]),
+                                                params.max_tokens))
         ray.kill(client.worker)  # its cores go back before the HTTP layer starts its own worker
-        return rates
+        return rates[WARMUP_RUNS:], aggregate[WARMUP_RUNS:]
 
     return asyncio.run(main())
 
@@ -90,19 +108,16 @@ def bench_http(config, params: SamplingParams, runs: int, streams: int) -> tuple
                        "stream": True})
     rates, aggregate = [], []
     try:
-        for _ in range(runs):
+        for _ in range(WARMUP_RUNS + runs):
             rates.append(decode_rate(http_stream(port, body)))
         if streams > 1:
             with ThreadPoolExecutor(streams) as pool:
-                for _ in range(runs):
+                for _ in range(WARMUP_RUNS + runs):
                     all_stamps = list(pool.map(lambda _: http_stream(port, body), range(streams)))
-                    if any(len(s) != params.max_tokens for s in all_stamps):
-                        raise RuntimeError(f"a stream ended early: {[len(s) for s in all_stamps]} chunks")
-                    tokens = sum(len(s) - 1 for s in all_stamps)
-                    aggregate.append(tokens / (max(s[-1] for s in all_stamps) - min(s[0] for s in all_stamps)))
+                    aggregate.append(aggregate_rate(all_stamps, params.max_tokens))
     finally:
         serve.shutdown()
-    return rates, aggregate
+    return rates[WARMUP_RUNS:], aggregate[WARMUP_RUNS:]
 
 
 def main() -> int:
@@ -124,10 +139,11 @@ def main() -> int:
                           num_gpus=1 if args.backend == "cupy" else 0, max_context=4096, kv_cache_gb=0.5,
                           max_num_seqs=max(args.streams, 8))
     results = {"engine": bench_engine(path, args.backend, params, args.runs)}
+    aggregate = {}
     ray.init(num_cpus=max(4, int(args.num_cpus) * 2), include_dashboard=False, log_to_driver=False)
     try:
-        results["actors"] = bench_actors(config, params, args.runs)
-        results["http"], aggregate = bench_http(config, params, args.runs, args.streams)
+        results["actors"], aggregate["actors"] = bench_actors(config, params, args.runs, args.streams)
+        results["http"], aggregate["http"] = bench_http(config, params, args.runs, args.streams)
     finally:
         ray.shutdown()
     base = statistics.median(results["engine"])
@@ -136,9 +152,10 @@ def main() -> int:
         rate = statistics.median(rates)
         print(f"  {layer:<7} {rate:7.2f} tok/s  {100 * rate / base:5.1f}% of engine   runs: "
               + ", ".join(f"{r:.2f}" for r in rates))
-    if aggregate:
-        print(f"  http x{args.streams} streams: {statistics.median(aggregate):.2f} tok/s aggregate   runs: "
-              + ", ".join(f"{r:.2f}" for r in aggregate))
+    for layer, rates in aggregate.items():
+        if rates:
+            print(f"  {layer} x{args.streams} streams: {statistics.median(rates):.2f} tok/s aggregate   runs: "
+                  + ", ".join(f"{r:.2f}" for r in rates))
     return 0
 
 

@@ -4,6 +4,7 @@
 #   bash tools/gpu_machine.sh [tools/bench_gpu.py arguments, e.g. --tests --models ...]
 #   SERVE=1 ...    first the Serve app on the GPU: batch 1 and 32 streams through HTTP
 #   PROFILE=1 ...  first Nsight Compute on the Llama-3-8B Q4_K_M replica's decode GEMVs
+#   BENCH=0 ...    skip the kernel benchmark (with SERVE=1: the Serve app only)
 #
 # Packages come carried, prepared on the development machine (commands in docs/benchmarks.md):
 #   .device/site.tar.xz   ray[serve] and its dependencies, gguf, pytest, ... for Python 3.12,
@@ -26,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [ "${SERVE:-0}" = 1 ]; then
     replica=$(python3 tools/bench_gpu.py --write-replica qwen2.5-0.5b --workdir /tmp/ntr-serve | tail -1)
     RAY_AUTH_MODE=disabled python3 tools/bench_serving.py --model "$replica" --backend cupy \
-        --tokens 128 --runs 3 --streams 32 2>&1 | tee "$OUT/bench_serving.log" || true
+        --tokens 512 --runs 5 --streams 32 2>&1 | tee "$OUT/bench_serving.log" || true
     rm -f "$replica"
 fi
 
@@ -37,4 +38,6 @@ if [ "${PROFILE:-0}" = 1 ]; then
     tail -5 "$OUT/ncu.txt"
 fi
 
-python3 tools/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+if [ "${BENCH:-1}" = 1 ]; then
+    python3 tools/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+fi

@@ -12,14 +12,18 @@ right there), `cancel`, and `poll`, a long poll that returns every request's new
 once, so its single consumer (a Serve replica or a batch driver) pays one Ray round trip
 per batch of tokens, not one per token per request.
 
-The forward pass runs on a thread so that the actor's event loop keeps answering submit,
-cancel and poll while the device is busy; everything else runs on the event loop.
+The scheduling loop runs on a thread of its own, so that the actor's event loop keeps
+answering submit, cancel and poll while the device is busy, and so that a step follows the
+previous one without a round trip through the event loop (at ~1 ms a step on the GPU, two
+thread hand-offs per step cost a tenth of the speed). The scheduler is shared under one lock,
+held for planning, committing, submitting and cancelling but not during the forward pass;
+the loop wakes the event loop only when a poll is waiting for events.
 """
 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
+import threading
 
 import numpy as np
 import ray
@@ -67,10 +71,12 @@ class ComputeWorker:
                              kv_cache_tokens=kv_cache_tokens(spec, itemsize, kv_cache_gb, vram_budget_gb, max_context))
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
         self.outbox: dict[str, list[dict]] = {}
+        self.lock = threading.Lock()  # the scheduler and the outbox
+        self.has_work = threading.Event()
         self.has_events = asyncio.Event()
-        self.has_work = asyncio.Event()
+        self.poll_waiting = False
+        self.event_loop = asyncio.get_running_loop()
         self.failure: BaseException | None = None
-        self.forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")
         tags = {"model": self.engine.model_name}
         self.gauges = {name: metrics.Gauge(f"ntr_{name}", description=text, tag_keys=("model",))
                        for name, text in [("queue_depth", "requests waiting for admission"),
@@ -83,8 +89,7 @@ class ComputeWorker:
         self.generated = metrics.Counter("ntr_generated_tokens", description="tokens generated", tag_keys=("model",))
         self.generated.set_default_tags(tags)
         self._update_gauges()
-        self.loop_task = asyncio.get_running_loop().create_task(self._run())
-        self.loop_task.add_done_callback(self._loop_ended)
+        threading.Thread(target=self._run, name="scheduling-loop", daemon=True).start()
 
     def info(self) -> dict:
         """What the callers need to know of the model; raises once the worker is broken (health checks call it)."""
@@ -108,25 +113,37 @@ class ComputeWorker:
             ids = e.chat_prompt_ids(prompt)
         else:
             ids = list(prompt)
-        self.scheduler.submit(request_id, ids, params)
-        self.outbox[request_id] = []
-        self.has_work.set()
+        with self.lock:
+            self.scheduler.submit(request_id, ids, params)
+            self.outbox[request_id] = []
+            self.has_work.set()
         self._update_gauges()
         return len(ids)
 
     async def cancel(self, request_id: str) -> None:
-        self.scheduler.cancel(request_id)
-        self.outbox.pop(request_id, None)
+        with self.lock:
+            self.scheduler.cancel(request_id)
+            self.outbox.pop(request_id, None)
         self._update_gauges()
 
     async def poll(self, timeout_s: float = 1.0) -> dict[str, list[dict]]:
         """Every request's events since the last poll; waits up to timeout_s for the first."""
-        if not any(self.outbox.values()):
-            self.has_events.clear()
+        with self.lock:
+            ready = self._take_events()
+            if not ready:
+                self.has_events.clear()
+                self.poll_waiting = True  # read by the loop under the lock: no wake-up is lost
+        if not ready:
             try:
                 await asyncio.wait_for(self.has_events.wait(), timeout_s)
             except asyncio.TimeoutError:
-                return {}
+                pass
+            with self.lock:
+                self.poll_waiting = False
+                ready = self._take_events()
+        return ready
+
+    def _take_events(self) -> dict[str, list[dict]]:
         ready = {rid: events for rid, events in self.outbox.items() if events}
         for rid, events in ready.items():
             if events[-1].get("finish_reason") or "error" in events[-1]:
@@ -135,44 +152,50 @@ class ComputeWorker:
                 self.outbox[rid] = []
         return ready
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            step = self.scheduler.plan()
-            if step is None:
-                self.has_work.clear()
-                await self.has_work.wait()
-                continue
-            try:
-                picked = await loop.run_in_executor(self.forward_thread, self.scheduler.run, step)
-            except Exception as e:  # a device failure ends this step's requests, not the worker
-                self.scheduler.abort(step)
-                for request in step.requests:
-                    self._emit(request.id, {"error": f"forward pass failed: {e}"})
-            else:
-                events = self.scheduler.commit(step, picked)
-                for rid, event in events:
-                    self._emit(rid, self._wire(rid, event))
-                if events:
-                    self.generated.inc(len(events))
-            self._update_gauges()
+    def _run(self) -> None:
+        """The scheduling loop (its own thread). It only ends on a bug: then every request and
+        the health check fail rather than hang."""
+        try:
+            while True:
+                with self.lock:
+                    step = self.scheduler.plan()
+                    if step is None:
+                        self.has_work.clear()
+                if step is None:
+                    self.has_work.wait()
+                    continue
+                try:
+                    picked = self.scheduler.run(step)
+                except Exception as e:  # a device failure ends this step's requests, not the worker
+                    with self.lock:
+                        self.scheduler.abort(step)
+                        for request in step.requests:
+                            self._emit(request.id, {"error": f"forward pass failed: {e}"})
+                else:
+                    with self.lock:
+                        events = self.scheduler.commit(step, picked)
+                        for rid, event in events:
+                            self._emit(rid, self._wire(rid, event))
+                    if events:
+                        self.generated.inc(len(events))
+                self._update_gauges()
+        except BaseException as e:
+            self.failure = e
+            with self.lock:
+                for request_id in list(self.outbox):
+                    self._emit(request_id, {"error": f"compute worker failed: {e!r}"})
 
     def _check_alive(self) -> None:
         if self.failure is not None:
             raise RuntimeError("the scheduling loop failed") from self.failure
 
-    def _loop_ended(self, task: asyncio.Task) -> None:
-        """The loop only ends on a bug: fail every request and the health check rather than hang."""
-        if task.cancelled():  # the actor is shutting down
-            return
-        self.failure = task.exception() or RuntimeError("the scheduling loop stopped")
-        for request_id in list(self.outbox):
-            self._emit(request_id, {"error": f"compute worker failed: {self.failure!r}"})
-
     def _emit(self, request_id: str, event: dict) -> None:
+        """Queue an event for the next poll (the lock held); wake a waiting poll."""
         if request_id in self.outbox:
             self.outbox[request_id].append(event)
-            self.has_events.set()
+            if self.poll_waiting:
+                self.poll_waiting = False
+                self.event_loop.call_soon_threadsafe(self.has_events.set)
 
     def _wire(self, request_id: str, event: GeneratedToken) -> dict:
         out = {"token_id": event.token_id, "text": event.text, "finish_reason": event.finish_reason}
