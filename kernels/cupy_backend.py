@@ -49,7 +49,9 @@ CUDA_DIR = Path(__file__).parent / "cuda"
 # fp16 scratch and cuBLAS. Decode steps up to QMMA_MAX_T sequences run as CUDA graphs.
 GEMV_MAX_T = int(os.environ.get("NTR_GEMV_MAX_T", 1))
 QMMA_MAX_T = 64
-QMMA_BM, QMMA_BK = 128, 64
+QMMA_BM, QMMA_BK = 128, 128
+QMMA_BLOCKS_PER_SM = 2  # quant.cu MMA_BLOCKS_PER_SM
+QMMA_SMEM = 2 * (QMMA_BM + QMMA_MAX_T) * QMMA_BK * 2  # two stages of the fp16 weight and x tiles
 GEMV_WARPS = 4
 DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
 MAXG = 8  # query heads per KV head the attention kernels hold
@@ -108,6 +110,11 @@ def _on_stream(fn):
             _tls.inside = False
 
     return wrapper
+
+
+@functools.cache
+def _sm_count() -> int:
+    return cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())["multiProcessorCount"]
 
 
 def _ptr(a) -> np.uint64:
@@ -203,7 +210,7 @@ class QMatrix:
 
     @property
     def qmma(self) -> bool:
-        """The tensor-core kernel takes it: block formats, K in whole 64-value steps."""
+        """The tensor-core kernel takes it: block formats, K in whole 128-value steps."""
         return self.K % QMMA_BK == 0 and all(s.qtype not in FLOAT_TYPES for s in self.segments)
 
     @property
@@ -600,26 +607,25 @@ class CupyBackend(Backend):
         bias, res, sr = _epilogue_operand(y)
         steps = K // QMMA_BK
         launches, zero = [], False
-        for seg in w.segments:  # split K until the grid covers the SMs twice, >= 4 steps a split
-            tiles = -(-seg.rows // QMMA_BM)
-            splits = max(1, min(steps // 4, -(-2 * 132 // tiles)))
-            per = -(-steps // splits)
-            splits = -(-steps // per)
-            zero |= splits > 1
-            launches.append((seg, tiles, splits, per))
+        for seg in w.segments:  # as many blocks as run at once, >= 2 steps each (quant.cu: stream-K)
+            total = -(-seg.rows // QMMA_BM) * steps
+            grid = min(_sm_count() * QMMA_BLOCKS_PER_SM, -(-total // 2))
+            starts = np.arange(1, grid, dtype=np.int64) * total // grid
+            zero |= bool((starts % steps).any())  # a tile shared by blocks: atomic adds
+            launches.append((seg, grid))
         if zero:
             out.fill(0)
         so = out.strides[0] // 4
-        for seg, tiles, splits, per in launches:
+        for seg, grid in launches:
             fn = seg.kernels.get("qmma")
             if fn is None:
                 fn = seg.kernels["qmma"] = self.k.quant(seg.qtype, "qmma_64")
+                fn.max_dynamic_shared_size_bytes = QMMA_SMEM
             col = seg.row0 * 4
-            fn((tiles, -(-T // 64), splits), (256,),
+            fn((grid, -(-T // 64)), (256,),
                (*seg.gemv_args, x16, np.int32(x16.strides[0] // 2), np.int32(T), np.uint64(out.data.ptr + col),
                 np.int32(so), np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
-                np.uint64(res.data.ptr + col) if res is not None else np.uint64(0), np.int32(sr), np.int32(per),
-                np.int32(splits > 1)))
+                np.uint64(res.data.ptr + col) if res is not None else np.uint64(0), np.int32(sr)), shared_mem=QMMA_SMEM)
 
     def _gemm(self, x, w: QMatrix, out):
         """Tensor-core path: fp16 input, each weight chunk dequantized to scratch, cuBLAS fp32 out."""

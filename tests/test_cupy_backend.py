@@ -96,6 +96,22 @@ def test_matmul_every_quant_type(gpu, qtype, T):
     assert err < (1e-5 if T <= GEMV_MAX_T else 3e-3), f"{rows}x{cols}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
+@pytest.mark.parametrize("T", [40, 64])
+def test_tensor_cores_blocks_across_tiles(gpu, qtype, T):
+    """More 128-row tiles than blocks run at once: each block of the tensor-core kernel takes a
+    run of (tile, step) pairs, whole tiles (plain stores) and tiles shared with the next block
+    (atomic adds), with the residual added once."""
+    rng = np.random.default_rng()
+    rows, cols = 128 * 500 + 5, 256
+    t = make_tensor(rng, qtype, rows, cols)
+    weight = dequantize(t.data, qtype)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    res = rng.standard_normal((T, rows)).astype(np.float32)
+    got = gpu.to_numpy(gpu.matmul_add(gpu.asarray(x), gpu.load_matrix(t), gpu.asarray(res)))
+    assert rel_err(got, x @ weight.T + res) < 3e-3
+
+
 @pytest.mark.parametrize("T", [1, 2, 5, 24, 64, 100])
 def test_stacked_mixed_types_and_fused_inputs(gpu, T):
     """Q/K/V of three quant types in one weight; the norm, SwiGLU, bias and residual fusions."""
