@@ -47,6 +47,47 @@ class GeneratedToken:
     finish_reason: str | None = None  # "stop" | "length" once generation ends
 
 
+@dataclass(eq=False)
+class Completion:
+    """One request's generation state, shared by `Engine.generate` and the serving scheduler:
+    its sequence, sampler, text stream, stop ids and token budget."""
+
+    seq: Sequence
+    params: SamplingParams
+    sampler: Sampler
+    stream: TextStream
+    stop_ids: frozenset[int]
+    budget: int  # tokens it may generate: max_tokens, cut to what the context window leaves
+    prompt_tokens: int
+    generated: int = 0
+
+    @classmethod
+    def start(cls, engine: "Engine", prompt_ids: list[int], params: SamplingParams, **extra) -> "Completion":
+        """A checked prompt's state (ContextLengthError/ValueError for bad input)."""
+        engine.check_prompt(prompt_ids)
+        tok = engine.tokenizer
+        return cls(seq=Sequence(list(prompt_ids)), params=params, sampler=Sampler(params),
+                   stream=TextStream(tok, params.stop),
+                   stop_ids=frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else frozenset(tok.stop_ids)),
+                   budget=min(params.max_tokens, engine.max_context - len(prompt_ids)),
+                   prompt_tokens=len(prompt_ids), **extra)
+
+    def advance(self, token: int, logprob: float | None = None, top=None) -> GeneratedToken:
+        """The event for a sampled token: a stop id, a stop string or the budget ends the
+        completion (finish_reason set); otherwise the token joins the sequence."""
+        stream = self.stream
+        self.generated += 1
+        if token in self.stop_ids:
+            return GeneratedToken(token, stream.finish(), logprob, top, "stop")
+        text = stream.push(token)
+        if stream.stopped:
+            return GeneratedToken(token, text, logprob, top, "stop")
+        if self.generated >= self.budget:
+            return GeneratedToken(token, text + stream.finish(), logprob, top, "length")
+        self.seq.token_ids.append(token)
+        return GeneratedToken(token, text, logprob, top)
+
+
 @dataclass
 class Timings:
     prompt_tokens: int = 0
@@ -181,37 +222,23 @@ class Engine:
     # --- one request -------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
         """Stream one completion. The last event carries finish_reason."""
-        self.check_prompt(prompt_ids)
-        seq = Sequence(list(prompt_ids))
-        sampler = Sampler(params)
-        stream = TextStream(self.tokenizer, params.stop)
-        stop_ids = set(params.stop_ids) | (set() if params.ignore_eos else set(self.tokenizer.stop_ids))
-        budget = min(params.max_tokens, self.max_context - len(prompt_ids))
-        timings = self.last_timings = Timings(prompt_tokens=len(prompt_ids))
+        c = Completion.start(self, prompt_ids, params)
+        timings = self.last_timings = Timings(prompt_tokens=c.prompt_tokens)
         try:
             t0 = time.perf_counter()
-            picked = self.sample(self.forward([(seq, len(prompt_ids))], device=True), [sampler])[0]
+            picked = self.sample(self.forward([(c.seq, c.prompt_tokens)], device=True), [c.sampler])[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            for i in range(budget):
-                token, logprob, top = picked
-                if token in stop_ids:
-                    yield GeneratedToken(token, stream.finish(), logprob, top, "stop")
+            while True:
+                event = c.advance(*picked)
+                yield event
+                if event.finish_reason is not None:
                     return
-                text = stream.push(token)
-                if stream.stopped:
-                    yield GeneratedToken(token, text, logprob, top, "stop")
-                    return
-                if i == budget - 1:
-                    yield GeneratedToken(token, text + stream.finish(), logprob, top, "length")
-                    return
-                yield GeneratedToken(token, text, logprob, top)
-                seq.token_ids.append(token)
-                picked = self.sample(self.forward([(seq, 1)], device=True), [sampler])[0]
+                picked = self.sample(self.forward([(c.seq, 1)], device=True), [c.sampler])[0]
                 timings.decode_tokens += 1
                 timings.decode_s = time.perf_counter() - t0
         finally:
-            self.release(seq)
+            self.release(c.seq)
 
     def score(self, ids: list[int], top: int = 10) -> list[dict]:
         """Teacher forcing: for every position, the top logits predicting the next token and the log-sum-exp."""

@@ -29,10 +29,9 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from workers.engine import Engine, GeneratedToken, Sequence
+from workers.engine import Completion, Engine, GeneratedToken, Sequence
 from workers.kv_cache import OutOfBlocks
-from workers.sampling import Sampler, SamplingParams
-from workers.text_stream import TextStream
+from workers.sampling import SamplingParams
 
 
 class QueueFull(RuntimeError):
@@ -40,16 +39,8 @@ class QueueFull(RuntimeError):
 
 
 @dataclass(eq=False)
-class Request:
-    id: str
-    seq: Sequence
-    params: SamplingParams
-    sampler: Sampler
-    stream: TextStream
-    stop_ids: frozenset[int]
-    budget: int  # tokens it may generate: max_tokens, cut to what the context window leaves
-    prompt_tokens: int
-    generated: int = 0
+class Request(Completion):
+    id: str = field(kw_only=True)
     cancelled: bool = False
 
     @property
@@ -86,16 +77,9 @@ class Scheduler:
         """Queue a request; raises ContextLengthError/ValueError for bad input, QueueFull at the bound."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        engine = self.engine
-        engine.check_prompt(prompt_ids)
+        request = Request.start(self.engine, prompt_ids, params, id=request_id)  # bad input fails first
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"server busy: {len(self.waiting)} requests already waiting; retry later")
-        tok = engine.tokenizer
-        request = Request(
-            id=request_id, seq=Sequence(list(prompt_ids)), params=params, sampler=Sampler(params),
-            stream=TextStream(tok, params.stop),
-            stop_ids=frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else frozenset(tok.stop_ids)),
-            budget=min(params.max_tokens, engine.max_context - len(prompt_ids)), prompt_tokens=len(prompt_ids))
         self.waiting.append(request)
         self.requests[request_id] = request
         return request
@@ -186,7 +170,7 @@ class Scheduler:
             if request.cancelled:
                 self.engine.release(request.seq)
             elif choice is not None:
-                event = self._event(request, *choice)
+                event = request.advance(*choice)
                 events.append((request.id, event))
                 if event.finish_reason is not None:
                     self._finish(request)
@@ -227,16 +211,3 @@ class Scheduler:
         self.running.remove(request)
         del self.requests[request.id]
         self.engine.release(request.seq)
-
-    def _event(self, request: Request, token: int, logprob, top) -> GeneratedToken:
-        stream = request.stream
-        request.generated += 1
-        if token in request.stop_ids:
-            return GeneratedToken(token, stream.finish(), logprob, top, "stop")
-        text = stream.push(token)
-        if stream.stopped:
-            return GeneratedToken(token, text, logprob, top, "stop")
-        if request.generated >= request.budget:
-            return GeneratedToken(token, text + stream.finish(), logprob, top, "length")
-        request.seq.token_ids.append(token)
-        return GeneratedToken(token, text, logprob, top)
