@@ -27,6 +27,18 @@ def vocab_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cuda_device() -> None:
+    """Skips the GPU tests where CuPy sees no CUDA device."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            return
+    except cupy.cuda.runtime.CUDARuntimeError:
+        pass
+    pytest.skip("no CUDA device")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, vocab_dir):
     """tiny_model(arch, qtype_name or None for the Q4_K_M mix) -> path of a cached synthetic GGUF."""
     made: dict[tuple, Path] = {}

@@ -29,12 +29,7 @@ FLOATS = (Q.F32, Q.F16, Q.BF16)
 
 
 @pytest.fixture(scope="module")
-def gpu():
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
+def gpu(cuda_device):
     return get_backend("cupy")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
+pytest.importorskip("cupy")  # the module skips visibly where CuPy is missing
 
 from workers.engine import Engine  # noqa: E402
 from workers.sampling import SamplingParams  # noqa: E402
@@ -24,12 +24,7 @@ MODELS = {  # name -> (shape, vocabulary file)
 
 
 @pytest.fixture(scope="module", params=list(MODELS))
-def engines(request, tmp_path_factory, vocab_dir):
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except cupy.cuda.runtime.CUDARuntimeError:
-        pytest.skip("no CUDA device")
+def engines(request, tmp_path_factory, vocab_dir, cuda_device):
     shape, vocab = MODELS[request.param]
     path = write_model(tmp_path_factory.mktemp("e2e") / f"{request.param}.gguf", shape, vocab_dir / vocab)
     return (Engine(path, backend="numpy", max_context=1024),
