@@ -295,6 +295,11 @@ def test_argmax_and_sampling(gpu):
     logits[1, 77] = logits[1, 9] = logits[1].max() + 1  # tie: first index wins
     lg = gpu.asarray(logits)
     assert np.array_equal(gpu.argmax(lg), np.argmax(logits, axis=-1))
+    for V2, off in ((32003, 0), (1001, 1)):  # a tail after the last 16-byte load; unaligned rows
+        x = rng.standard_normal((3, V2 + off)).astype(np.float32)
+        x[0, off + 5] = x[0, off + 6] = x[0].max() + 1  # a tie inside one 16-byte load
+        x[2, -1] = x[2].max() + 1
+        assert np.array_equal(gpu.argmax(gpu.asarray(x)[:, off:]), np.argmax(x[:, off:], axis=-1))
     cases = [  # temperature, top_k, top_p, min_p
         (0.0, 0, 1.0, 0.0), (0.8, 40, 0.9, 0.0), (1.2, 0, 0.95, 0.0), (1.0, 100, 1.0, 0.05), (0.7, 5, 0.5, 0.1)]
     same = total = 0

@@ -140,23 +140,27 @@ def test_prompt_lookup_drafts():
 
 
 def test_one_sampling_call_per_step_routes_rows(engine, monkeypatch):
-    """Engine.sample: rows without logprobs or penalties go to the backend's sampler in one
-    call (the device path; here the NumPy twin stands in for it), the rest to the host Sampler,
-    rows without a sampler are skipped; both paths record the token for later penalties."""
+    """Engine.sample: rows without logprobs or penalties go to the backend in one call (the
+    device path; here the NumPy twin stands in for it): its argmax when all are greedy, else its
+    sampler; the rest to the host Sampler, rows without a sampler are skipped; both paths
+    record the token for later penalties."""
     import numpy as np
 
     from workers.sampling import Sampler, log_softmax
 
     calls = []
     monkeypatch.setattr(engine.ops, "device_sampling", True, raising=False)
-    twin = engine.ops.sample
-    monkeypatch.setattr(engine.ops, "sample", lambda rows, *a: calls.append(len(rows)) or twin(rows, *a), raising=False)
+    twin, twin_argmax = engine.ops.sample, engine.ops.argmax
+    monkeypatch.setattr(engine.ops, "sample", lambda rows, *a: calls.append(("sample", len(rows))) or twin(rows, *a),
+                        raising=False)
+    monkeypatch.setattr(engine.ops, "argmax", lambda rows: calls.append(("argmax", len(rows))) or twin_argmax(rows),
+                        raising=False)
     logits = np.random.default_rng(0).normal(size=(4, 300)).astype(np.float32)
     samplers = [Sampler(GREEDY), None, Sampler(GREEDY.with_(logprobs=2)),
                 Sampler(GREEDY.with_(repetition_penalty=1.3))]
     picked = engine.sample(logits, samplers)
     want = logits.argmax(axis=1)
-    assert calls == [1]  # only row 0 is eligible for the device
+    assert calls == [("argmax", 1)]  # only row 0 is eligible for the device, and it is greedy
     assert picked[0] == (int(want[0]), None, None) and picked[1] is None
     token, logprob, top = picked[2]
     assert token == want[2] and logprob == pytest.approx(float(log_softmax(logits[2])[want[2]]), abs=1e-6)
@@ -167,3 +171,6 @@ def test_one_sampling_call_per_step_routes_rows(engine, monkeypatch):
     seeded = GREEDY.with_(temperature=0.9, seed=7)
     draws = [engine.sample(logits[:1], [Sampler(seeded)])[0][0] for _ in range(2)]
     assert draws[0] == draws[1]  # the per-request seed decides the device draw too
+    calls.clear()
+    mixed = engine.sample(logits[:2], [Sampler(GREEDY), Sampler(seeded)])
+    assert calls == [("sample", 2)] and mixed[0][0] == want[0]

@@ -190,8 +190,11 @@ class Engine:
             ps = [samplers[i].params for i in on_device]
             uniform = [0.0 if p.greedy else float(samplers[i].rng.random()) for i, p in zip(on_device, ps)]
             rows = logits if len(on_device) == len(samplers) else logits[on_device]
-            ids = self.ops.sample(rows, [p.temperature for p in ps], [p.top_k for p in ps], [p.top_p for p in ps],
-                                  [p.min_p for p in ps], uniform)
+            if all(p.greedy for p in ps):  # a decode graph's replay already holds these ids
+                ids = self.ops.argmax(rows)
+            else:
+                ids = self.ops.sample(rows, [p.temperature for p in ps], [p.top_k for p in ps],
+                                      [p.top_p for p in ps], [p.min_p for p in ps], uniform)
             for i, token in zip(on_device, ids.tolist()):
                 samplers[i].history[token] += 1
                 picked[i] = (token, None, None)
