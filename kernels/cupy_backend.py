@@ -39,6 +39,7 @@ try:
 except ImportError:  # older layouts
     from cupy_backends.cuda.libs import cublas
 
+from kernels.launch import PdlLauncher
 from kernels.ops import AttentionBatch, Backend, check_supported
 from kernels.quants import Q, block_shape, dequantize
 
@@ -50,6 +51,7 @@ CUDA_DIR = Path(__file__).parent / "cuda"
 GEMV_MAX_T = int(os.environ.get("NTR_GEMV_MAX_T", 1))
 QMMA_MAX_T = 64
 QMMA_BM, QMMA_BK = 128, 128
+XQ_RUN = 4096  # quant.cu: bytes of a quantized activation row per 2048 values
 QMMA_BLOCKS_PER_SM = 2  # quant.cu MMA_BLOCKS_PER_SM
 QMMA_SMEM = 2 * (QMMA_BM + QMMA_MAX_T) * QMMA_BK * 2  # two stages of the fp16 weight and x tiles
 GEMV_WARPS = 4
@@ -387,6 +389,16 @@ class CupyBackend(Backend):
         self._turn = 0
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
+        # which kernels of the decode graph overlap their predecessor (kernels/launch.py):
+        # NTR_PDL lists them (gemv, quantize, attention), 0 none. Measured on an H100
+        # (docs/benchmarks.md): GEMVs and attention are best on every replica; adding the
+        # quantizers lets a GEMV start during the previous one and costs 3-11% on 8B and 70B.
+        major = cp.cuda.Device().compute_capability[:-1]
+        kinds = os.environ.get("NTR_PDL", "gemv,attention")
+        self.pdl_kinds = set() if kinds == "0" or int(major) < 9 else set(kinds.split(","))
+        self.pdl = bool(self.pdl_kinds)
+        self._pdl_launch = PdlLauncher() if self.pdl else None
+        self._capturing = False
 
     # --- weights -------------------------------------------------------------
     def _upload(self, dst: cp.ndarray, src: np.ndarray) -> None:
@@ -569,29 +581,39 @@ class CupyBackend(Backend):
                 if fn is None:
                     fn = seg.kernels[name] = self.k.quant(seg.qtype, name)
                 if seg.qtype in Q8_ROWS:
-                    x_args = (np.uint64(xq.data.ptr + t0 * 2 * K), np.int32(2 * K),
+                    x_args = (np.uint64(xq.data.ptr + t0 * xq.shape[1]), np.int32(xq.shape[1]),
                               np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), np.int32(tc))
                 else:
                     x_args = (np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
                               np.float32(eps))
                 rows_per_block = GEMV_WARPS // seg.gemv_split * seg.rows_per_warp
                 col = seg.row0 * 4
-                fn((-(-seg.rows // rows_per_block),), (GEMV_WARPS * 32,),
-                   (*seg.gemv_args, *x_args, np.uint64(out.data.ptr + t0 * so * 4 + col), np.int32(so),
-                    np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
-                    np.uint64(res.data.ptr + t0 * sr * 4 + col) if res is not None else np.uint64(0), np.int32(sr),
-                    np.int32(seg.gemv_split)))
+                self._launch("gemv", fn, (-(-seg.rows // rows_per_block),), (GEMV_WARPS * 32,),
+                             (*seg.gemv_args, *x_args, np.uint64(out.data.ptr + t0 * so * 4 + col), np.int32(so),
+                              np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
+                              np.uint64(res.data.ptr + t0 * sr * 4 + col) if res is not None else np.uint64(0),
+                              np.int32(sr), np.int32(seg.gemv_split)))
+
+    def _launch(self, kind: str, fn, grid, block, args, shared_mem: int = 0) -> None:
+        """fn on the stream; while a decode graph is captured, with programmatic dependent
+        launch if `kind` is enabled: only for kernels that pdl_wait() before touching their
+        inputs and outputs."""
+        if self._capturing and self.pdl and kind in self.pdl_kinds:
+            self._pdl_launch(fn, grid, block, args, self.stream, shared_mem)
+        else:
+            fn(grid, block, args, shared_mem=shared_mem)
 
     def _quantize_x(self, qtype, src, K: int, mode: int, nw, eps: float):
         """The product's input (plain, RMSNorm'd or SwiGLU'd per mode) as integers per 32 values:
-        xq [T, 2K] (per block its 32 high then 32 low int8s) and ds [T, K/32] = (scale, sum of
-        the block's integers); NumPy twin: numpy_backend.quantize_q8_input."""
-        T = src.shape[0]
-        xq = cp.empty((T, 2 * K), cp.int8)
+        xq [T, XQ_RUN bytes per 2048 values] (each block's 32 high and 32 low int8s, in the
+        order of quant.cu's xq_chunk) and ds [T, K/32] = (scale, sum of the block's integers);
+        NumPy twin: numpy_backend.quantize_q8_input."""
+        T, runs = src.shape[0], -(-K // 2048)
+        xq = cp.empty((T, runs * XQ_RUN), cp.int8)
         ds = cp.empty((T, K // 32, 2), cp.float32)
-        self.k.quant(qtype, f"quantize_x_{mode}")(
-            (-(-K // 2048), T), (256,), (src, np.int32(src.strides[0] // 4), np.int32(K), _ptr(nw), np.float32(eps),
-                                         xq, np.int32(2 * K), ds, np.int32(K // 32)))
+        self._launch("quantize", self.k.quant(qtype, f"quantize_x_{mode}"), (runs, T), (256,),
+                     (src, np.int32(src.strides[0] // 4), np.int32(K), _ptr(nw), np.float32(eps), xq,
+                      np.int32(xq.shape[1]), ds, np.int32(K // 32)))
         return xq, ds
 
     def _fp16_input(self, x):
@@ -757,11 +779,11 @@ class CupyBackend(Backend):
                            cp.empty((B * KVH * max_splits * MAXG * 2,), cp.float32),
                            cp.zeros((B * KVH,), cp.int32))
                 step.decode_scratch[(B, KVH, max_splits, D)] = scratch
-            self.k.get("attention.cu", f"attn_decode_{D}")(
-                (max_splits, KVH, B), (256,),
-                (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k), np.int32(neox),
-                 k_cache, v_cache, step.tables, np.int32(W), step.ctx, step.slots, np.int32(H), np.int32(KVH),
-                 np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch, np.int32(max_splits), out))
+            self._launch("attention", self.k.get("attention.cu", f"attn_decode_{D}"), (max_splits, KVH, B), (256,),
+                         (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
+                          np.int32(neox), k_cache, v_cache, step.tables, np.int32(W), step.ctx, step.slots,
+                          np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch,
+                          np.int32(max_splits), out))
         else:
             self.k.get("attention.cu", f"kv_store_{D}")(
                 (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), k_cache, v_cache,
@@ -811,10 +833,12 @@ class CupyBackend(Backend):
             with cp.cuda.using_allocator(g.pool.malloc):
                 out = _materialize(forward(tokens, positions, padded, kv_caches, None))  # runs the step, warms the pool
                 self.stream.begin_capture()
+                self._capturing = True
                 try:
                     g.out = _materialize(forward(tokens, positions, padded, kv_caches, None))
                     g.ids = self._argmax_dev(g.out)  # greedy ids come with the replay: no extra launch
                 finally:
+                    self._capturing = False
                     g.graph = self.stream.end_capture()
         finally:
             self._step = None

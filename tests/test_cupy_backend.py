@@ -172,7 +172,7 @@ def test_gemv_integer_activations(gpu, qtype, fused, T, long):
     src = gpu.asarray(x)
     nw = gpu.asarray(kw["norm_weight"]) if fused == "norm" else None
     xq, ds = gpu._quantize_x(qtype, src, cols, mode, nw, kw.get("eps", 0.0))
-    hi, lo = np.moveaxis(gpu.to_numpy(xq).reshape(T, -1, 2, 32).astype(np.int32), 2, 0)
+    hi, lo = unpack_xq(gpu.to_numpy(xq), cols)
     assert np.array_equal((128 * hi + lo).reshape(T, cols), q)
     assert lo.min() >= 0
     ds = gpu.to_numpy(ds)
@@ -191,6 +191,18 @@ def test_gemv_integer_activations(gpu, qtype, fused, T, long):
     # and the integer activations stay near the fp32 product
     xf = cpu.swiglu(x) if fused == "swiglu" else cpu.rmsnorm(x, norm_w, 1e-5) if fused == "norm" else x
     assert rel_err(got, xf @ weight.T) < 1e-3
+
+
+def unpack_xq(xq: np.ndarray, K: int):
+    """The high and low int8 planes [T, K/32, 32] from the pre-pass's rows: pairs of 32-value
+    blocks, runs of 32 pairs stored chunk-major (quant.cu xq_chunk)."""
+    b = np.arange(K // 32)
+    p = b >> 1
+    first = (p >> 5) * 4096 + (b & 1) * 2048 + (p & 31) * 16  # chunk 0 of each block
+    idx = first[:, None, None] + 512 * np.arange(4)[None, :, None] + np.arange(16)[None, None, :]
+    v = xq[:, idx].astype(np.int32)  # [T, blocks, chunk, 16]
+    T = xq.shape[0]
+    return v[:, :, :2].reshape(T, -1, 32), v[:, :, 2:].reshape(T, -1, 32)
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)

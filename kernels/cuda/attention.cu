@@ -242,6 +242,23 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     if (sp >= nsplit) return;
     const int pos = positions[b], newp = ctx - 1;
     const int* table = tables + (size_t)b * W;
+    pdl_trigger();
+
+    // the split's cached keys (written by earlier steps) are staged before the wait for this
+    // step's q, k, v: one table round trip, one K/V round trip, overlapping the qkv product
+    const int start = sp * chunk, n = min(ctx, start + chunk) - start;
+    if (threadIdx.x < n) {
+        const int p = start + threadIdx.x;
+        row_s[threadIdx.x] = p != newp ? cache_row(table, p, bs, KVH, kh, D) : 0;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n * (D / 8); i += blockDim.x) {
+        const int r = i / (D / 8), c = i - r * (D / 8);
+        if (start + r == newp) continue;
+        *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(kc + row_s[r] + c * 8);
+        *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(vc + row_s[r] + c * 8);
+    }
+    pdl_wait();
 
     load_q<D>(q, sq, b, kh, G, pos, inv_freq, rope_q, neox, scale, q_s, threadIdx.x, blockDim.x);
     for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
@@ -262,6 +279,12 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             vc[row + i] = vn_s[i];
         }
     }
+    if (newp >= start && newp < start + n) {
+        for (int i = threadIdx.x; i < D; i += blockDim.x) {
+            k_s[(newp - start) * RS + i] = kn_s[i];
+            v_s[(newp - start) * RS + i] = vn_s[i];
+        }
+    }
 
     float m[HPW], l[HPW], o[HPW][P];
 #pragma unroll
@@ -269,19 +292,6 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         m[h] = NEG_INF; l[h] = 0.0f;
 #pragma unroll
         for (int i = 0; i < P; i++) o[h][i] = 0.0f;
-    }
-    // the whole split (<= 64 keys) is staged at once: one table round trip, one K/V round trip
-    const int start = sp * chunk, n = min(ctx, start + chunk) - start;
-    if (threadIdx.x < n) {
-        const int p = start + threadIdx.x;
-        row_s[threadIdx.x] = p != newp ? cache_row(table, p, bs, KVH, kh, D) : 0;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n * (D / 8); i += blockDim.x) {
-        const int r = i / (D / 8), c = i - r * (D / 8);
-        const bool fresh = start + r == newp;
-        *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)((fresh ? kn_s : kc + row_s[r]) + c * 8);
-        *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)((fresh ? vn_s : vc + row_s[r]) + c * 8);
     }
     __syncthreads();
     for (int k0 = 0; k0 < n; k0 += 32) {

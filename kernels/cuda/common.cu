@@ -21,6 +21,22 @@ __device__ __forceinline__ u16 f2h(float f) {
     return h;
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with it (kernels/launch.py) may
+// start while the kernel before it in the stream still runs. Such a kernel reads only weights
+// and step constants before pdl_wait(), which returns once that kernel has finished and its
+// writes are visible; pdl_trigger() lets the next kernel start launching. Each is a no-op for
+// a kernel launched without the attribute.
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 __device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 // Byte k of w (0..255) as an exact float plus 2^23: one PRMT instead of a quarter-rate I2F.
