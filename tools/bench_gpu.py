@@ -225,6 +225,24 @@ def prefill(engine, n: int, rng, runs: int = 3) -> float:
     return float(np.median(rates[1:]))
 
 
+class profiled:
+    """A cudaProfilerStart/Stop range around the block when $NTR_PROFILE_RANGE names it ("step":
+    one decode graph replay; an op of profile_ops, e.g. "gate_up tensor cores T=64"), for
+    `ncu --profile-from-start off` (tools/gpu_machine.sh PROFILE=1)."""
+
+    def __init__(self, cp, name: str):
+        self.on = os.environ.get("NTR_PROFILE_RANGE") == name
+        self.rt = cp.cuda.runtime
+
+    def __enter__(self):
+        if self.on:
+            self.rt.profilerStart()
+
+    def __exit__(self, *exc):
+        if self.on:
+            self.rt.profilerStop()
+
+
 def graph_step_us(engine, cp) -> float:
     """GPU time of one replay of the batch-1 decode graph (no Python, no sync per step)."""
     g = next((g for (b, _), g in engine.ops._graphs.items() if b == 1 and g.graph is not None), None)
@@ -234,12 +252,35 @@ def graph_step_us(engine, cp) -> float:
     e0, e1 = cp.cuda.Event(), cp.cuda.Event()
     for _ in range(5):
         g.graph.launch(stream)
+    with profiled(cp, "step"):
+        g.graph.launch(stream)
+        stream.synchronize()
     e0.record(stream)
     for _ in range(50):
         g.graph.launch(stream)
     e1.record(stream)
     e1.synchronize()
     return cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 50
+
+
+def tg128_with_pdl(engine, cp, kinds: str, rng) -> str:
+    """tg128 again with other kernels launched programmatically (NTR_PDL's values), then the
+    backend's own setting back."""
+    ops = engine.ops
+    saved = ops.pdl_kinds
+
+    def use(k):
+        ops.pdl_kinds = k
+        ops.pdl, ops._last_graph = bool(k), None
+        ops._graphs.clear()
+        decode(engine, 1, 1, 8, rng)
+
+    try:
+        use(set() if kinds == "0" else set(kinds.split(",")))
+        tok_s = decode(engine, 1, 1, 128, rng)
+        return f"{tok_s:.1f} tok/s, replay {graph_step_us(engine, cp):.0f} us/step"
+    finally:
+        use(saved)
 
 
 def profile_ops(engine, cp, T: int) -> list[str]:
@@ -293,6 +334,9 @@ def profile_ops(engine, cp, T: int) -> list[str]:
                         fn()
                     g = stream.end_capture()
                     g.launch(stream)
+                    with profiled(cp, f"{name} T={T}"):
+                        g.launch(stream)
+                        stream.synchronize()
                     e0, e1 = cp.cuda.Event(), cp.cuda.Event()
                     e0.record(stream)
                     g.launch(stream)
@@ -351,11 +395,15 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         decode(engine, 1, 1, 8, rng)  # warm-up: compile, capture
         tok_s = decode(engine, 1, 1, 128, rng)
         us = graph_step_us(engine, cp)
-        row("tg128", tok_s, wb + kv_bytes_per_token(engine, 65),
-            f"(GPU graph replay {us:.0f} us/step = {1e6 / us:.0f} tok/s)")
+        extra = f"(GPU graph replay {us:.0f} us/step = {1e6 / us:.0f} tok/s)"
+        for kinds in args.pdl_variants.split(";") if hasattr(engine.ops, "pdl_kinds") else []:
+            extra += f"; NTR_PDL={kinds}: {tg128_with_pdl(engine, cp, kinds, rng)}"
+        row("tg128", tok_s, wb + kv_bytes_per_token(engine, 65), extra)
     except Exception:
         notes.append(f"{name} tg128 failed:\n{traceback.format_exc()}")
         log(notes[-1])
+    if args.tg_only:
+        return
     for T in (1, 4, 64):
         try:
             for line in profile_ops(engine, cp, T):
@@ -400,6 +448,8 @@ def main() -> None:
     ap.add_argument("--models", default="qwen2.5-0.5b,llama3-8b-q4_k_m,llama3-8b-q8_0")
     ap.add_argument("--tests", action="store_true", help="run `pytest -m gpu` first")
     ap.add_argument("--quick", action="store_true", help="tg128 and per-matrix timings only")
+    ap.add_argument("--tg-only", action="store_true", help="tg128 only")
+    ap.add_argument("--pdl-variants", default="0", help="';'-separated NTR_PDL values to time tg128 with too")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--workdir", default="/tmp/ntr-bench")
     ap.add_argument("--prebuild", metavar="DIR", help="only compile the kernels with nvcc into DIR (no GPU needed)")

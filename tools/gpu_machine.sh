@@ -3,7 +3,8 @@
 #
 #   bash tools/gpu_machine.sh [tools/bench_gpu.py arguments, e.g. --tests --models ...]
 #   SERVE=1 ...    first the Serve app on the GPU: batch 1 and 32 streams through HTTP
-#   PROFILE=1 ...  first Nsight Compute on the Llama-3-8B Q4_K_M replica's decode GEMVs
+#   PROFILE=1 ...  first Nsight Compute on the Llama-3-8B Q4_K_M replica: each kernel's time in
+#                  one decode step, then the 1-token and 64-token gate_up products in detail
 #   BENCH=0 ...    skip the kernel benchmark (with SERVE=1: the Serve app only)
 #
 # Packages come carried, prepared on the development machine (commands in docs/benchmarks.md):
@@ -32,10 +33,17 @@ if [ "${SERVE:-0}" = 1 ]; then
 fi
 
 if [ "${PROFILE:-0}" = 1 ]; then
-    ncu --kernel-name regex:gemv_1 --launch-count 12 --section SpeedOfLight --section Occupancy \
-        --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-        python3 tools/bench_gpu.py --quick --models llama3-8b-q4_k_m --out /tmp/ntr-profile > "$OUT/ncu.txt" 2>&1 || true
-    tail -5 "$OUT/ncu.txt"
+    # each kernel of one decode step (serialized by ncu: no overlap), then two products in detail
+    NTR_PROFILE_RANGE=step ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+        python3 tools/bench_gpu.py --tg-only --models llama3-8b-q4_k_m --out /tmp/ntr-profile \
+        > "$OUT/step_kernels.csv" 2>&1 || true
+    for pair in "gemv_t1:gate_up (norm fused) T=1" "qmma_t64:gate_up tensor cores T=64"; do
+        NTR_PROFILE_RANGE="${pair#*:}" ncu --clock-control none --profile-from-start off --launch-count 2 --section SpeedOfLight \
+            --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+            --section ComputeWorkloadAnalysis --section SchedulerStats \
+            python3 tools/bench_gpu.py --quick --models llama3-8b-q4_k_m --out /tmp/ntr-profile \
+            > "$OUT/ncu_${pair%%:*}.txt" 2>&1 || true
+    done
 fi
 
 if [ "${BENCH:-1}" = 1 ]; then
