@@ -126,7 +126,7 @@ def prebuild(out_dir: Path) -> None:
 
     cuda = REPO / "kernels" / "cuda"
     common, quant = (cuda / "common.cu").read_text(), (cuda / "quant.cu").read_text()
-    names = [n for n in re.findall(r"^struct (T\w+) \{", quant, re.M) if n != "THalf"]
+    names = [n for n in re.findall(r"^struct (T\w+)[^;{]*\{", quant, re.M) if n != "THalf"]
     names += re.findall(r"^typedef THalf<\w+> (T\w+);", quant, re.M)
     jobs = [("quant.cu", f"#define QT {n}\n") for n in names] + [("attention.cu", ""), ("misc.cu", "")]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,7 +396,7 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         tok_s = decode(engine, 1, 1, 128, rng)
         us = graph_step_us(engine, cp)
         extra = f"(GPU graph replay {us:.0f} us/step = {1e6 / us:.0f} tok/s)"
-        for kinds in args.pdl_variants.split(";") if hasattr(engine.ops, "pdl_kinds") else []:
+        for kinds in filter(None, args.pdl_variants.split(";")) if hasattr(engine.ops, "pdl_kinds") else []:
             extra += f"; NTR_PDL={kinds}: {tg128_with_pdl(engine, cp, kinds, rng)}"
         row("tg128", tok_s, wb + kv_bytes_per_token(engine, 65), extra)
     except Exception:

@@ -11,6 +11,8 @@
 // decodes from its own loads), NG groups of 8 values per unit; group() returns the 8 quants
 // as exact floats, the group's scale a and min m, so the value is a * q - m. The GEMV then
 // computes a * dot(q, x) - m * sum(x): the min costs one FMA per 8 values, not one per value.
+// Block formats give their 8 quants as byte codes (codes(): q = code - OFF), from which
+// ByteCodes::group() makes the floats and the tensor-core kernel fp16 pairs directly.
 // Compiled once per format: the module source is prefixed with `#define QT <struct>`.
 
 struct Planes {
@@ -95,9 +97,21 @@ struct Dot2 {
     __device__ int sum() const { return 128 * h + l; }
 };
 
-struct TQ4_0 {  // d f16 | qs[16]   planes: qs, d
+// The float quants of a block format, from its codes() and OFF.
+template <class D>
+struct ByteCodes {
+    template <class Raw>
+    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+        u32 c0, c1;
+        D::codes(r, j, g, c0, c1, a, m);
+        bytes8(c0, c1, (float)D::OFF, q);
+    }
+};
+
+struct TQ4_0 : ByteCodes<TQ4_0> {  // d f16 | qs[16]   planes: qs, d
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
     static constexpr bool MIN = false;
+    static constexpr int OFF = 8;  // code - OFF is the quant value
     struct Raw { uint4 q; float d; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -106,17 +120,19 @@ struct TQ4_0 {  // d f16 | qs[16]   planes: qs, d
     __device__ static int xoff(int j, int g) { return 8 * g; }
     // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
     __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int sh = (g & 2) ? 4 : 0;
         const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
-        bytes8((w0 >> sh) & 0x0F0F0F0F, (w1 >> sh) & 0x0F0F0F0F, 8.0f, q);
+        c0 = (w0 >> sh) & 0x0F0F0F0F;
+        c1 = (w1 >> sh) & 0x0F0F0F0F;
         a = r.d; m = 0.0f;
     }
 };
 
-struct TQ4_1 {  // d, m f16 | qs[16]   planes: qs, dm
+struct TQ4_1 : ByteCodes<TQ4_1> {  // d, m f16 | qs[16]   planes: qs, dm
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
     static constexpr bool MIN = true;
+    static constexpr int OFF = 0;  // code - OFF is the quant value
     struct Raw { uint4 q; u32 dm; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -125,18 +141,20 @@ struct TQ4_1 {  // d, m f16 | qs[16]   planes: qs, dm
     __device__ static int xoff(int j, int g) { return 8 * g; }
     // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
     __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int sh = (g & 2) ? 4 : 0;
         const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
-        bytes8((w0 >> sh) & 0x0F0F0F0F, (w1 >> sh) & 0x0F0F0F0F, 0.0f, q);
+        c0 = (w0 >> sh) & 0x0F0F0F0F;
+        c1 = (w1 >> sh) & 0x0F0F0F0F;
         a = h2f(r.dm & 0xFFFF); m = -h2f(r.dm >> 16);
     }
 };
 
-struct TQ5_0 {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
+struct TQ5_0 : ByteCodes<TQ5_0> {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
     static constexpr int RQ = 4;  // rows per warp in gemv_q8
     static constexpr bool MIN = false;
+    static constexpr int OFF = 16;  // code - OFF is the quant value
     struct Raw { uint4 q; u32 qh; float d; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -145,12 +163,12 @@ struct TQ5_0 {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
     __device__ static int xoff(int j, int g) { return 8 * g; }
     // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
     __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int sh = (g & 2) ? 4 : 0;
         const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
         const u32 hb = (r.qh >> (8 * g)) & 0xFF;  // bit v of qh is value v's fifth bit
-        bytes8(((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4),
-               ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4), 16.0f, q);
+        c0 = ((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4);
+        c1 = ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4);
         a = r.d; m = 0.0f;
     }
     // dp4a path (see gemv_q8): the 5-bit values unsigned, their offset 16 taken off through x's sum
@@ -166,9 +184,10 @@ struct TQ5_0 {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
     }
 };
 
-struct TQ5_1 {  // d, m f16 | qh u32 | qs[16]   planes: qs, qh, dm
+struct TQ5_1 : ByteCodes<TQ5_1> {  // d, m f16 | qh u32 | qs[16]   planes: qs, qh, dm
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
     static constexpr bool MIN = true;
+    static constexpr int OFF = 0;  // code - OFF is the quant value
     struct Raw { uint4 q; u32 qh; u32 dm; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -177,20 +196,21 @@ struct TQ5_1 {  // d, m f16 | qh u32 | qs[16]   planes: qs, qh, dm
     __device__ static int xoff(int j, int g) { return 8 * g; }
     // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
     __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int sh = (g & 2) ? 4 : 0;
         const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
         const u32 hb = (r.qh >> (8 * g)) & 0xFF;
-        bytes8(((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4),
-               ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4), 0.0f, q);
+        c0 = ((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4);
+        c1 = ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4);
         a = h2f(r.dm & 0xFFFF); m = -h2f(r.dm >> 16);
     }
 };
 
-struct TQ8_0 {  // d f16 | qs int8[32]   planes: qs, d
+struct TQ8_0 : ByteCodes<TQ8_0> {  // d f16 | qs int8[32]   planes: qs, d
     static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
     static constexpr int RQ = 4;  // rows per warp in gemv_q8
     static constexpr bool MIN = false;
+    static constexpr int OFF = 128;  // code - OFF is the quant value
     struct Raw { uint4 q0, q1; float d; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -199,10 +219,11 @@ struct TQ8_0 {  // d f16 | qs int8[32]   planes: qs, d
     __device__ static int xoff(int j, int g) { return 8 * g; }
     // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
     __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const uint4& v = g < 2 ? r.q0 : r.q1;
         const u32 w0 = (g & 1) ? v.z : v.x, w1 = (g & 1) ? v.w : v.y;
-        bytes8(w0 ^ 0x80808080u, w1 ^ 0x80808080u, 128.0f, q);  // int8 -> biased byte
+        c0 = w0 ^ 0x80808080u;  // int8 -> biased byte
+        c1 = w1 ^ 0x80808080u;
         a = r.d; m = 0.0f;
     }
     __device__ static float dot32(const Raw& r, int j, int h, const X32& x) {
@@ -214,9 +235,10 @@ struct TQ8_0 {  // d f16 | qs int8[32]   planes: qs, d
 };
 
 // K-quants: 256 values per super-block.
-struct TQ2_K {  // scales[16] | qs[64] | d, dmin   planes: qs, scales, dm; unit = 128 values
+struct TQ2_K : ByteCodes<TQ2_K> {  // scales[16] | qs[64] | d, dmin   planes: qs, scales, dm; unit = 128 values
     static constexpr int QK = 256, UPB = 2, NG = 16, R = 4;
     static constexpr bool MIN = true;
+    static constexpr int OFF = 0;  // code - OFF is the quant value
     struct Raw { uint4 q0, q1, sc; u32 dm; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -226,20 +248,22 @@ struct TQ2_K {  // scales[16] | qs[64] | d, dmin   planes: qs, scales, dm; unit 
     }
     __device__ static int xoff(int j, int g) { return j * 128 + (g >> 2) * 32 + (g & 3) * 8; }
     __device__ static void locate32(int v, int& j, int& g0) { j = v >> 7; g0 = ((v & 127) >> 5) * 4; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int s = g >> 2, lq = (g & 3) * 8;
         const uint4& v = lq < 16 ? r.q0 : r.q1;
         const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
-        bytes8((w0 >> (2 * s)) & 0x03030303, (w1 >> (2 * s)) & 0x03030303, 0.0f, q);
+        c0 = (w0 >> (2 * s)) & 0x03030303;
+        c1 = (w1 >> (2 * s)) & 0x03030303;
         const u32 sc = byte_at4(r.sc, j * 8 + 2 * s + (lq >= 16));
         a = h2f(r.dm & 0xFFFF) * (float)(sc & 0xF);
         m = h2f(r.dm >> 16) * (float)(sc >> 4);
     }
 };
 
-struct TQ3_K {  // hmask[32] | qs[64] | scales[12] | d   planes: qs, hmask, scales, d; unit = 128 values
+struct TQ3_K : ByteCodes<TQ3_K> {  // hmask[32] | qs[64] | scales[12] | d   planes: qs, hmask, scales, d; unit = 128 values
     static constexpr int QK = 256, UPB = 2, NG = 16, R = 4;
     static constexpr bool MIN = false;
+    static constexpr int OFF = 4;  // code - OFF is the quant value
     struct Raw { uint4 q0, q1, h0, h1; u32 s0, s1, s2; float d; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -251,15 +275,15 @@ struct TQ3_K {  // hmask[32] | qs[64] | scales[12] | d   planes: qs, hmask, scal
     }
     __device__ static int xoff(int j, int g) { return j * 128 + (g >> 2) * 32 + (g & 3) * 8; }
     __device__ static void locate32(int v, int& j, int& g0) { j = v >> 7; g0 = ((v & 127) >> 5) * 4; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int s = g >> 2, lq = (g & 3) * 8, hbit = j * 4 + s;
         const uint4& v = lq < 16 ? r.q0 : r.q1;
         const uint4& h = lq < 16 ? r.h0 : r.h1;
         const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
         const u32 m0 = (lq & 8) ? h.z : h.x, m1 = (lq & 8) ? h.w : h.y;
         // q = low2 - 4 * (1 - hbit) = (low2 | hbit << 2) - 4
-        bytes8(((w0 >> (2 * s)) & 0x03030303) | (((m0 >> hbit) & 0x01010101) << 2),
-               ((w1 >> (2 * s)) & 0x03030303) | (((m1 >> hbit) & 0x01010101) << 2), 4.0f, q);
+        c0 = ((w0 >> (2 * s)) & 0x03030303) | (((m0 >> hbit) & 0x01010101) << 2);
+        c1 = ((w1 >> (2 * s)) & 0x03030303) | (((m1 >> hbit) & 0x01010101) << 2);
         const int i = j * 8 + 2 * s + (lq >= 16);
         const u32 lo = (byte_at3(r.s0, r.s1, r.s2, i & 7) >> (4 * (i >> 3))) & 0xF;
         const u32 hi = (byte_at3(r.s0, r.s1, r.s2, 8 + (i & 3)) >> (2 * (i >> 2))) & 0x3;
@@ -283,10 +307,11 @@ __device__ __forceinline__ void scale_min_k4(u32 s0, u32 s1, u32 s2, int sb, flo
     mn = (float)b;
 }
 
-struct TQ4_K {  // d, dmin | scales[12] | qs[128]   planes: qs, scales, dm; unit = 64 values
+struct TQ4_K : ByteCodes<TQ4_K> {  // d, dmin | scales[12] | qs[128]   planes: qs, scales, dm; unit = 64 values
     static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
     static constexpr int RQ = 2;  // rows per warp in gemv_q8: 64 registers, 50% occupancy
     static constexpr bool MIN = true;
+    static constexpr int OFF = 0;  // code - OFF is the quant value
     struct Raw { uint4 q0, q1; u32 s0, s1, s2, dm; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -297,11 +322,12 @@ struct TQ4_K {  // d, dmin | scales[12] | qs[128]   planes: qs, scales, dm; unit
     }
     __device__ static int xoff(int j, int g) { return j * 64 + (g >> 2) * 32 + (g & 3) * 8; }
     __device__ static void locate32(int v, int& j, int& g0) { j = v >> 6; g0 = ((v & 63) >> 5) * 4; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int hi = g >> 2, lq = (g & 3) * 8;
         const uint4& v = lq < 16 ? r.q0 : r.q1;
         const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
-        bytes8((w0 >> (4 * hi)) & 0x0F0F0F0F, (w1 >> (4 * hi)) & 0x0F0F0F0F, 0.0f, q);
+        c0 = (w0 >> (4 * hi)) & 0x0F0F0F0F;
+        c1 = (w1 >> (4 * hi)) & 0x0F0F0F0F;
         float sc, mn;
         scale_min_k4(r.s0, r.s1, r.s2, 2 * j + hi, sc, mn);
         a = h2f(r.dm & 0xFFFF) * sc;
@@ -319,9 +345,10 @@ struct TQ4_K {  // d, dmin | scales[12] | qs[128]   planes: qs, scales, dm; unit
     }
 };
 
-struct TQ5_K {  // d, dmin | scales[12] | qh[32] | qs[128]   planes: qs, qh, scales, dm
+struct TQ5_K : ByteCodes<TQ5_K> {  // d, dmin | scales[12] | qh[32] | qs[128]   planes: qs, qh, scales, dm
     static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
     static constexpr bool MIN = true;
+    static constexpr int OFF = 0;  // code - OFF is the quant value
     struct Raw { uint4 q0, q1, h0, h1; u32 s0, s1, s2, dm; };
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -333,14 +360,14 @@ struct TQ5_K {  // d, dmin | scales[12] | qh[32] | qs[128]   planes: qs, qh, sca
     }
     __device__ static int xoff(int j, int g) { return j * 64 + (g >> 2) * 32 + (g & 3) * 8; }
     __device__ static void locate32(int v, int& j, int& g0) { j = v >> 6; g0 = ((v & 63) >> 5) * 4; }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int hi = g >> 2, lq = (g & 3) * 8, hbit = 2 * j + hi;
         const uint4& v = lq < 16 ? r.q0 : r.q1;
         const uint4& h = lq < 16 ? r.h0 : r.h1;
         const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
         const u32 m0 = (lq & 8) ? h.z : h.x, m1 = (lq & 8) ? h.w : h.y;
-        bytes8(((w0 >> (4 * hi)) & 0x0F0F0F0F) | (((m0 >> hbit) & 0x01010101) << 4),
-               ((w1 >> (4 * hi)) & 0x0F0F0F0F) | (((m1 >> hbit) & 0x01010101) << 4), 0.0f, q);
+        c0 = ((w0 >> (4 * hi)) & 0x0F0F0F0F) | (((m0 >> hbit) & 0x01010101) << 4);
+        c1 = ((w1 >> (4 * hi)) & 0x0F0F0F0F) | (((m1 >> hbit) & 0x01010101) << 4);
         float sc, mn;
         scale_min_k4(r.s0, r.s1, r.s2, 2 * j + hi, sc, mn);
         a = h2f(r.dm & 0xFFFF) * sc;
@@ -348,10 +375,11 @@ struct TQ5_K {  // d, dmin | scales[12] | qh[32] | qs[128]   planes: qs, qh, sca
     }
 };
 
-struct TQ6_K {  // ql[128] | qh[64] | scales int8[16] | d   planes: ql, qh, scales, d; unit = 64 values
+struct TQ6_K : ByteCodes<TQ6_K> {  // ql[128] | qh[64] | scales int8[16] | d   planes: ql, qh, scales, d; unit = 64 values
     static constexpr int QK = 256, UPB = 4, NG = 8, R = 4;
     static constexpr int RQ = 2;  // rows per warp in gemv_q8: 64 registers (16 bytes spilled), 50% occupancy
     static constexpr bool MIN = false;
+    static constexpr int OFF = 32;  // code - OFF is the quant value
     struct Raw { uint4 l0, l1, h0, h1; u32 s0, s1; float d; };  // s0, s1: the 8 scales of half j/2
     template <int S>
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
@@ -370,14 +398,14 @@ struct TQ6_K {  // ql[128] | qh[64] | scales int8[16] | d   planes: ql, qh, scal
         j = (v >> 7) * 2 + (s & 1);
         g0 = (s >> 1) * 4;
     }
-    __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
+    __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const int k = g >> 2, lq = (g & 3) * 8, s = (j & 1) + 2 * k;
         const uint4& v = lq < 16 ? r.l0 : r.l1;
         const uint4& h = lq < 16 ? r.h0 : r.h1;
         const u32 w0 = (lq & 8) ? v.z : v.x, w1 = (lq & 8) ? v.w : v.y;
         const u32 m0 = (lq & 8) ? h.z : h.x, m1 = (lq & 8) ? h.w : h.y;
-        bytes8(((w0 >> (4 * k)) & 0x0F0F0F0F) | (((m0 >> (2 * s)) & 0x03030303) << 4),
-               ((w1 >> (4 * k)) & 0x0F0F0F0F) | (((m1 >> (2 * s)) & 0x03030303) << 4), 32.0f, q);
+        c0 = ((w0 >> (4 * k)) & 0x0F0F0F0F) | (((m0 >> (2 * s)) & 0x03030303) << 4);
+        c1 = ((w1 >> (4 * k)) & 0x0F0F0F0F) | (((m1 >> (2 * s)) & 0x03030303) << 4);
         a = r.d * (float)(signed char)byte_at3(r.s0, r.s1, 0, 2 * s + (lq >= 16));
         m = 0.0f;
     }
@@ -752,11 +780,15 @@ __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const
     gemv_store<R, NT, 0>(acc, ss, rows, row0, 0, 0.0f, T, out, so, bias, res, sr, ksplit);
 }
 
-// Whether the format has dot32 (the others build empty gemv_q8 kernels).
+// Whether the format has dot32 (the others build empty gemv_q8 kernels), codes (a block format).
 template <class Q, class = void>
 struct HasDot { static constexpr bool v = false; };
 template <class Q>
 struct HasDot<Q, decltype((void)&Q::dot32)> { static constexpr bool v = true; };
+template <class Q, class = void>
+struct HasCodes { static constexpr bool v = false; };
+template <class Q>
+struct HasCodes<Q, decltype((void)&Q::codes)> { static constexpr bool v = true; };
 
 // --- dequantization ----------------------------------------------------------------------
 // out[r, :K] = W[ids ? ids[r] : r] as float32 or float16. One thread per group of 8 values, so
@@ -856,6 +888,22 @@ __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
     return r;
 }
+// The group's 8 values a * (code - OFF) - m as fp16 pairs, in half the instructions of the
+// fp32 route: PRMT puts each code byte under fp16's exponent of 1024 (0x64XX = 1024 + code,
+// exact), one subtraction of 1024 + OFF (exact), one fp16 FMA. a and m are rounded to fp16
+// first (2^-11 relative), which the tile's fp16 values are anyway.
+template <class Q>
+__device__ __forceinline__ uint4 codes_h2(u32 c0, u32 c1, float a, float m) {
+    constexpr u32 z = (0x6400u + Q::OFF) * 0x10001u;
+    const u32 a2 = pack_h2(a, a), m2 = pack_h2(-m, -m);
+    auto v = [&](u32 c, u32 sel) {
+        u32 h = __byte_perm(c, 0x64646464u, sel), r;
+        asm("sub.f16x2 %0, %1, %2;" : "=r"(h) : "r"(h), "r"(z));
+        asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(h), "r"(a2), "r"(m2));
+        return r;
+    };
+    return make_uint4(v(c0, 0x4140), v(c0, 0x4342), v(c1, 0x4140), v(c1, 0x4342));
+}
 // Byte offset of 16-byte chunk c (0..15) of row r in a [rows][128] fp16 tile. The chunk is
 // XORed with the row so that ldmatrix's 8 row addresses and the decode's stores hit distinct
 // banks without padding.
@@ -920,12 +968,11 @@ __device__ __forceinline__ void qmma(const Planes& w, int rows, int K, const u16
                     // g0 % 4 == 0, so (g & 3) == gg is known at compile time and raw stays in
                     // registers; g itself is the same across the warp (no divergent groups)
                     const int g = (g0 & ~3) + gg;
-                    float q[8], a, m;
-                    Q::group(raw[h], j, g, q, a, m);
+                    u32 c0, c1;
+                    float a, m;
+                    Q::codes(raw[h], j, g, c0, c1, a, m);
                     const int c = (b * Q::QK + Q::xoff(j, g) - st * MMA_BK) >> 3;
-                    *(uint4*)(smem + buf * MMA_W_STAGE + swz(rq + 64 * h, c)) = make_uint4(
-                        pack_h2(fmaf(a, q[0], -m), fmaf(a, q[1], -m)), pack_h2(fmaf(a, q[2], -m), fmaf(a, q[3], -m)),
-                        pack_h2(fmaf(a, q[4], -m), fmaf(a, q[5], -m)), pack_h2(fmaf(a, q[6], -m), fmaf(a, q[7], -m)));
+                    *(uint4*)(smem + buf * MMA_W_STAGE + swz(rq + 64 * h, c)) = codes_h2<Q>(c0, c1, a, m);
                 }
             }
             if (st + 1 < s1) fetch(st + 1);
@@ -1018,8 +1065,10 @@ DEF_QUANTIZE_X(2)
 extern "C" __global__ void __launch_bounds__(256, MMA_BLOCKS_PER_SM)
     qmma_64(PLANE_ARGS, int rows, int nb, int K, const u16* x16, int sx, int T, float* out, int so, const float* bias,
             const float* res, int sr) {
-    const Planes w = PLANES;
-    qmma<QT>(w, rows, K, x16, sx, T, out, so, bias, res, sr);
+    if constexpr (HasCodes<QT>::v) {  // block formats only (QMatrix.qmma)
+        const Planes w = PLANES;
+        qmma<QT>(w, rows, K, x16, sx, T, out, so, bias, res, sr);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256)
