@@ -78,6 +78,24 @@ async def merged(generations: list[Generation]) -> AsyncIterator[list[tuple[int,
             generation.cancel()
 
 
+class CancellingStream(StreamingResponse):
+    """An SSE response that cancels its generations however it ends. A client that goes away
+    cancels the task sending the response; when that task waits in send() rather than in the
+    body iterator, the iterator only stays suspended at its yield (its own cleanup would run
+    when it is garbage-collected), and the worker would keep decoding into the KV blocks."""
+
+    def __init__(self, body, generations: list[Generation]):
+        super().__init__(body, media_type="text/event-stream")
+        self.generations = generations
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for generation in self.generations:
+                generation.cancel()
+
+
 @contextmanager
 def grpc_status(grpc_context):
     """Errors leave with their gRPC code: Serve's proxy keeps a code set on the context before a raise."""
@@ -141,8 +159,7 @@ class LLMServer:
         prompt_tokens = sum(g.prompt_tokens for g in generations[::req.n])
         choices = [oai.Choice(req, i) for i in range(len(generations))]
         if req.stream:
-            return StreamingResponse(self._sse(req, generations, choices, prompt_tokens),
-                                     media_type="text/event-stream")
+            return CancellingStream(self._sse(req, generations, choices, prompt_tokens), generations)
         async for batch in merged(generations):
             for index, event in batch:
                 choices[index].add(event)

@@ -84,3 +84,44 @@ def test_responses_and_chunks():
     assert body["choices"][0]["message"]["content"] == "Hi!" and body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
     assert len(body["choices"][0]["logprobs"]["content"]) == 2
+
+
+@pytest.mark.parametrize("asgi", ["2.0", "2.4"])  # Starlette's two ways of running a stream
+def test_stream_cancels_its_generations_when_cancelled_inside_send(asgi):
+    """A client that disconnects cancels the task sending the SSE response. Cancelled while it
+    waits in send(), the body iterator stays suspended at its yield and its own cleanup does not
+    run; the response must still cancel the generations (or they decode on into the KV cache)."""
+    import asyncio
+
+    from cluster.app import CancellingStream
+
+    class FakeGeneration:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    async def body():
+        while True:
+            yield "data: {}\n\n"
+
+    async def scenario():
+        generations, sending = [FakeGeneration(), FakeGeneration()], asyncio.Event()
+
+        async def send(message):
+            if message["type"] == "http.response.body":
+                sending.set()
+                await asyncio.Event().wait()  # a client that stopped reading
+
+        async def receive():
+            await asyncio.Event().wait()
+
+        scope = {"type": "http", "asgi": {"spec_version": asgi}}
+        task = asyncio.create_task(CancellingStream(body(), generations)(scope, receive, send))
+        await sending.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return generations
+
+    assert all(g.cancelled for g in asyncio.run(scenario()))
