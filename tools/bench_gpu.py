@@ -13,8 +13,10 @@ block generator is swapped for one that tiles a random pool and copies the scale
 Rows: decode tg128 at batch 1 (a 1-token prompt, then 128 single-token steps with greedy
 argmax on the device: only ids leave it), prefill pp512, aggregate decode of 8/32/64
 sequences after 128-token prompts. % roofline = (weight bytes read per token x tok/s) / the
-measured device-to-device copy bandwidth (read + write). llama.cpp was not built here: its
-column is the issue's measurement on an H100 with the same synthetic replicas.
+measured device-to-device copy bandwidth (read + write). The "llama.cpp (issue)" column is
+the issue's measurement on an H100 with the same synthetic replicas; with --llamacpp BIN_DIR
+(a build holding llama-bench and llama-batched-bench: `LLAMACPP=1 tools/gpu_machine.sh`)
+llama.cpp is also timed here on the same files, flash attention on, every layer on the GPU.
 """
 
 from __future__ import annotations
@@ -263,6 +265,44 @@ def graph_step_us(engine, cp) -> float:
     return cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 50
 
 
+def parse_llama_bench(text: str) -> dict[str, float]:
+    """tok/s by workload from `llama-bench -o jsonl` (one JSON object per test)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("{"):
+            t = json.loads(line)
+            if t.get("n_gen") == 0 and t.get("n_prompt"):
+                out[f"pp{t['n_prompt']}"] = t["avg_ts"]
+            elif t.get("n_prompt") == 0 and t.get("n_gen"):
+                out[f"tg{t['n_gen']}"] = t["avg_ts"]
+    return out
+
+
+def parse_batched_bench(text: str) -> dict[str, float]:
+    """Aggregate decode tok/s by workload ("decode xN") from `llama-batched-bench
+    --output-format jsonl`: speed_tg counts every sequence's generated tokens."""
+    return {f"decode x{t['pl']}": t["speed_tg"] for t in map(json.loads, (
+        line for line in text.splitlines() if line.startswith("{") and '"speed_tg"' in line))}
+
+
+def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
+    """llama.cpp on the same replica: pp512 and tg128 (llama-bench, 3 repetitions), and unless
+    big, decode x8/x32/x64 after 128-token prompts, 32 steps, as `decode` times them."""
+    def run(*cmd):
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900)
+        if r.returncode:
+            raise RuntimeError(f"{cmd[0]} exited {r.returncode}: {r.stderr[-2000:]}")
+        return r.stdout + r.stderr
+
+    out = parse_llama_bench(run(bin_dir / "llama-bench", "-m", model, "-p", 512, "-n", 128, "-fa", 1, "-ngl", 99,
+                                "-r", 3, "-o", "jsonl"))
+    if not big:
+        out.update(parse_batched_bench(run(bin_dir / "llama-batched-bench", "-m", model, "-c", 16384, "-b", 2048,
+                                           "-ub", 512, "-npp", 128, "-ntg", 32, "-npl", "8,32,64", "-fa", "on",
+                                           "-ngl", 99, "--output-format", "jsonl")))
+    return out
+
+
 def tg128_with_pdl(engine, cp, kinds: str, rng) -> str:
     """tg128 again with other kernels launched programmatically (NTR_PDL's values), then the
     backend's own setting back."""
@@ -386,7 +426,8 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         ref, tgt = LLAMACPP.get((name, workload)), TARGET.get((name, workload))
         roof = f"{100 * bytes_per_tok * tok_s / bw:.0f}%" if bytes_per_tok else ""
         r = dict(model=name, workload=workload, tok_s=round(tok_s, 1), llamacpp=ref, target=tgt,
-                 vs_llamacpp=round(tok_s / ref, 2) if ref else None, roofline=roof, note=extra)
+                 vs_llamacpp=round(tok_s / ref, 2) if ref else None, roofline=roof, note=extra,
+                 llamacpp_here=None, vs_here=None)
         rows.append(r)
         log(f"[{name}] {workload}: {tok_s:.1f} tok/s" + (f" (llama.cpp {ref}, target {tgt})" if ref else "")
             + (f", {roof} of copy roofline" if roof else "") + (f" {extra}" if extra else ""))
@@ -429,17 +470,30 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
     import gc
 
     gc.collect()
-    cp.get_default_memory_pool().free_all_blocks()
+    cp.get_default_memory_pool().free_all_blocks()  # the VRAM is llama.cpp's now
+    if args.llamacpp:
+        try:
+            theirs = llamacpp_tok_s(Path(args.llamacpp), path, big)
+            log(f"[{name}] llama.cpp here: " + ", ".join(f"{w} {v:.1f}" for w, v in theirs.items()))
+            for r in rows:
+                if r["model"] == name and r["workload"] in theirs:
+                    r["llamacpp_here"] = round(theirs[r["workload"]], 1)
+                    r["vs_here"] = round(r["tok_s"] / theirs[r["workload"]], 2)
+        except Exception:
+            notes.append(f"{name} llama.cpp failed:\n{traceback.format_exc()}")
+            log(notes[-1])
 
 
 def markdown(rows: list, bw: float, device: str, command: str) -> str:
     lines = [f"Device: {device}; copy bandwidth {bw / 1e12:.2f} TB/s (read + write).", "",
              f"Command: `{command}`", "",
-             "| model | workload | tok/s | llama.cpp (issue) | target | ratio | % copy roofline | note |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+             "| model | workload | tok/s | llama.cpp (issue) | target | ratio | llama.cpp here | ratio here "
+             "| % copy roofline | note |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['workload']} | {r['tok_s']:,} | {r['llamacpp'] or ''} | {r['target'] or ''} "
-                     f"| {r['vs_llamacpp'] or ''} | {r['roofline']} | {r['note']} |")
+                     f"| {r['vs_llamacpp'] or ''} | {r['llamacpp_here'] or ''} | {r['vs_here'] or ''} "
+                     f"| {r['roofline']} | {r['note']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -450,6 +504,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="tg128 and per-matrix timings only")
     ap.add_argument("--tg-only", action="store_true", help="tg128 only")
     ap.add_argument("--pdl-variants", default="0", help="';'-separated NTR_PDL values to time tg128 with too")
+    ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama.cpp's llama-bench and "
+                    "llama-batched-bench from BIN_DIR on the same replicas")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--workdir", default="/tmp/ntr-bench")
     ap.add_argument("--prebuild", metavar="DIR", help="only compile the kernels with nvcc into DIR (no GPU needed)")

@@ -6,6 +6,8 @@
 #   PROFILE=1 ...  first Nsight Compute on the Llama-3-8B Q4_K_M replica: each kernel's time in
 #                  one decode step, then the 1-token and 64-token gate_up products in detail
 #   BENCH=0 ...    skip the kernel benchmark (with SERVE=1: the Serve app only)
+#   LLAMACPP=1 ... first build llama.cpp (llama-bench, llama-batched-bench; about 4 minutes)
+#                  from .device/llama.cpp.tar.xz and time it on the same replicas
 #
 # Packages come carried, prepared on the development machine (commands in docs/benchmarks.md):
 #   .device/site.tar.xz   ray[serve] and its dependencies, gguf, pytest, ... for Python 3.12,
@@ -13,6 +15,7 @@
 #                         (79 MB of wheel -> 44 MB of xz, under one call's 64 MiB carry limit)
 #   .device/extra.tar.xz  vocab/ (llama-vocab tokenizers the replicas borrow) and cubin/
 #                         (kernels prebuilt by `tools/bench_gpu.py --prebuild`: no NVRTC wait)
+#   .device/llama.cpp.tar.xz  (LLAMACPP=1) the llama.cpp vendored in llama-cpp-python's sdist
 # Results go to $OUT (the device tool brings that folder back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +47,15 @@ if [ "${PROFILE:-0}" = 1 ]; then
             python3 tools/bench_gpu.py --quick --models llama3-8b-q4_k_m --out /tmp/ntr-profile \
             > "$OUT/ncu_${pair%%:*}.txt" 2>&1 || true
     done
+fi
+
+if [ "${LLAMACPP:-0}" = 1 ]; then
+    tar -C /tmp -xJf .device/llama.cpp.tar.xz
+    { cmake -S /tmp/llama.cpp -B /tmp/llama.cpp/build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
+          -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF &&
+      cmake --build /tmp/llama.cpp/build -j "$(nproc)" --target llama-bench llama-batched-bench; } \
+        > "$OUT/llamacpp_build.log" 2>&1 && set -- "$@" --llamacpp /tmp/llama.cpp/build/bin
+    tail -3 "$OUT/llamacpp_build.log"
 fi
 
 if [ "${BENCH:-1}" = 1 ]; then
