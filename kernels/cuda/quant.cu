@@ -97,6 +97,28 @@ struct Dot2 {
     __device__ int sum() const { return 128 * h + l; }
 };
 
+// The unit of the 32-value formats: one block, 4 groups of 8 consecutive values.
+struct Unit32 {
+    static constexpr int QK = 32, UPB = 1, NG = 4;
+    __device__ static int xoff(int j, int g) { return 8 * g; }
+    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
+    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
+};
+
+// Group g's 4-bit codes in a 32-value block's 16 bytes (Q4_0, Q4_1, Q5_0, Q5_1): low nibbles
+// are values 0-15, high nibbles 16-31.
+__device__ __forceinline__ void nibble_codes(const uint4& q, int g, u32& c0, u32& c1) {
+    const int sh = (g & 2) ? 4 : 0;
+    c0 = (((g & 1) ? q.z : q.x) >> sh) & 0x0F0F0F0F;
+    c1 = (((g & 1) ? q.w : q.y) >> sh) & 0x0F0F0F0F;
+}
+// Q5_0 / Q5_1: bit v of qh is value v's fifth bit.
+__device__ __forceinline__ void fifth_bits(u32 qh, int g, u32& c0, u32& c1) {
+    const u32 hb = (qh >> (8 * g)) & 0xFF;
+    c0 |= spread4(hb & 0xF) << 4;
+    c1 |= spread4(hb >> 4) << 4;
+}
+
 // The float quants of a block format, from its codes() and OFF.
 template <class D>
 struct ByteCodes {
@@ -108,8 +130,8 @@ struct ByteCodes {
     }
 };
 
-struct TQ4_0 : ByteCodes<TQ4_0> {  // d f16 | qs[16]   planes: qs, d
-    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+struct TQ4_0 : ByteCodes<TQ4_0>, Unit32 {  // d f16 | qs[16]   planes: qs, d
+    static constexpr int R = 4;
     static constexpr bool MIN = false;
     static constexpr int OFF = 8;  // code - OFF is the quant value
     struct Raw { uint4 q; float d; };
@@ -117,20 +139,14 @@ struct TQ4_0 : ByteCodes<TQ4_0> {  // d f16 | qs[16]   planes: qs, d
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
         return {ld16<S>(at(w, 0, row, b * 16)), ldh<S>(at(w, 1, row, b * 2))};
     }
-    __device__ static int xoff(int j, int g) { return 8 * g; }
-    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
-    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
     __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
-        const int sh = (g & 2) ? 4 : 0;
-        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
-        c0 = (w0 >> sh) & 0x0F0F0F0F;
-        c1 = (w1 >> sh) & 0x0F0F0F0F;
+        nibble_codes(r.q, g, c0, c1);
         a = r.d; m = 0.0f;
     }
 };
 
-struct TQ4_1 : ByteCodes<TQ4_1> {  // d, m f16 | qs[16]   planes: qs, dm
-    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+struct TQ4_1 : ByteCodes<TQ4_1>, Unit32 {  // d, m f16 | qs[16]   planes: qs, dm
+    static constexpr int R = 4;
     static constexpr bool MIN = true;
     static constexpr int OFF = 0;  // code - OFF is the quant value
     struct Raw { uint4 q; u32 dm; };
@@ -138,20 +154,14 @@ struct TQ4_1 : ByteCodes<TQ4_1> {  // d, m f16 | qs[16]   planes: qs, dm
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
         return {ld16<S>(at(w, 0, row, b * 16)), ld4<S>(at(w, 1, row, b * 4))};
     }
-    __device__ static int xoff(int j, int g) { return 8 * g; }
-    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
-    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
     __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
-        const int sh = (g & 2) ? 4 : 0;
-        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
-        c0 = (w0 >> sh) & 0x0F0F0F0F;
-        c1 = (w1 >> sh) & 0x0F0F0F0F;
+        nibble_codes(r.q, g, c0, c1);
         a = h2f(r.dm & 0xFFFF); m = -h2f(r.dm >> 16);
     }
 };
 
-struct TQ5_0 : ByteCodes<TQ5_0> {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
-    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+struct TQ5_0 : ByteCodes<TQ5_0>, Unit32 {  // d f16 | qh u32 | qs[16]   planes: qs, qh, d
+    static constexpr int R = 4;
     static constexpr int RQ = 4;  // rows per warp in gemv_q8
     static constexpr bool MIN = false;
     static constexpr int OFF = 16;  // code - OFF is the quant value
@@ -160,15 +170,9 @@ struct TQ5_0 : ByteCodes<TQ5_0> {  // d f16 | qh u32 | qs[16]   planes: qs, qh, 
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
         return {ld16<S>(at(w, 0, row, b * 16)), ld4<S>(at(w, 1, row, b * 4)), ldh<S>(at(w, 2, row, b * 2))};
     }
-    __device__ static int xoff(int j, int g) { return 8 * g; }
-    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
-    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
     __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
-        const int sh = (g & 2) ? 4 : 0;
-        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
-        const u32 hb = (r.qh >> (8 * g)) & 0xFF;  // bit v of qh is value v's fifth bit
-        c0 = ((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4);
-        c1 = ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4);
+        nibble_codes(r.q, g, c0, c1);
+        fifth_bits(r.qh, g, c0, c1);
         a = r.d; m = 0.0f;
     }
     // dp4a path (see gemv_q8): the 5-bit values unsigned, their offset 16 taken off through x's sum
@@ -184,8 +188,8 @@ struct TQ5_0 : ByteCodes<TQ5_0> {  // d f16 | qh u32 | qs[16]   planes: qs, qh, 
     }
 };
 
-struct TQ5_1 : ByteCodes<TQ5_1> {  // d, m f16 | qh u32 | qs[16]   planes: qs, qh, dm
-    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+struct TQ5_1 : ByteCodes<TQ5_1>, Unit32 {  // d, m f16 | qh u32 | qs[16]   planes: qs, qh, dm
+    static constexpr int R = 4;
     static constexpr bool MIN = true;
     static constexpr int OFF = 0;  // code - OFF is the quant value
     struct Raw { uint4 q; u32 qh; u32 dm; };
@@ -193,21 +197,15 @@ struct TQ5_1 : ByteCodes<TQ5_1> {  // d, m f16 | qh u32 | qs[16]   planes: qs, q
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
         return {ld16<S>(at(w, 0, row, b * 16)), ld4<S>(at(w, 1, row, b * 4)), ld4<S>(at(w, 2, row, b * 4))};
     }
-    __device__ static int xoff(int j, int g) { return 8 * g; }
-    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
-    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
     __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
-        const int sh = (g & 2) ? 4 : 0;
-        const u32 w0 = (g & 1) ? r.q.z : r.q.x, w1 = (g & 1) ? r.q.w : r.q.y;
-        const u32 hb = (r.qh >> (8 * g)) & 0xFF;
-        c0 = ((w0 >> sh) & 0x0F0F0F0F) | (spread4(hb & 0xF) << 4);
-        c1 = ((w1 >> sh) & 0x0F0F0F0F) | (spread4(hb >> 4) << 4);
+        nibble_codes(r.q, g, c0, c1);
+        fifth_bits(r.qh, g, c0, c1);
         a = h2f(r.dm & 0xFFFF); m = -h2f(r.dm >> 16);
     }
 };
 
-struct TQ8_0 : ByteCodes<TQ8_0> {  // d f16 | qs int8[32]   planes: qs, d
-    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+struct TQ8_0 : ByteCodes<TQ8_0>, Unit32 {  // d f16 | qs int8[32]   planes: qs, d
+    static constexpr int R = 4;
     static constexpr int RQ = 4;  // rows per warp in gemv_q8
     static constexpr bool MIN = false;
     static constexpr int OFF = 128;  // code - OFF is the quant value
@@ -216,9 +214,6 @@ struct TQ8_0 : ByteCodes<TQ8_0> {  // d f16 | qs int8[32]   planes: qs, d
     __device__ static Raw load(const Planes& w, size_t row, int b, int j) {
         return {ldu<S, 2>(w, 0, row, b, 0), ldu<S, 2>(w, 0, row, b, 1), ldh<S>(at(w, 1, row, b * 2))};
     }
-    __device__ static int xoff(int j, int g) { return 8 * g; }
-    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
-    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
     __device__ static void codes(const Raw& r, int j, int g, u32& c0, u32& c1, float& a, float& m) {
         const uint4& v = g < 2 ? r.q0 : r.q1;
         const u32 w0 = (g & 1) ? v.z : v.x, w1 = (g & 1) ? v.w : v.y;
@@ -427,8 +422,8 @@ struct TQ6_K : ByteCodes<TQ6_K> {  // ql[128] | qh[64] | scales int8[16] | d   p
 };
 
 // Float formats: rows padded with zeros to 32-value "blocks" so they share the code path.
-struct TF32 {
-    static constexpr int QK = 32, UPB = 1, NG = 4, R = 2;
+struct TF32 : Unit32 {
+    static constexpr int R = 2;
     static constexpr bool MIN = false;
     struct Raw { uint4 v[8]; };
     template <int S>
@@ -438,9 +433,6 @@ struct TF32 {
         for (int i = 0; i < 8; i++) r.v[i] = ldu<S, 8>(w, 0, row, b, i);
         return r;
     }
-    __device__ static int xoff(int j, int g) { return 8 * g; }
-    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
-    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
     __device__ static void group(const Raw& r, int j, int g, float q[8], float& a, float& m) {
         const uint4 u = r.v[2 * g], w = r.v[2 * g + 1];
         q[0] = __uint_as_float(u.x); q[1] = __uint_as_float(u.y); q[2] = __uint_as_float(u.z); q[3] = __uint_as_float(u.w);
@@ -450,8 +442,8 @@ struct TF32 {
 };
 
 template <bool BF>
-struct THalf {
-    static constexpr int QK = 32, UPB = 1, NG = 4, R = 4;
+struct THalf : Unit32 {
+    static constexpr int R = 4;
     static constexpr bool MIN = false;
     struct Raw { uint4 v[4]; };
     template <int S>
@@ -461,9 +453,6 @@ struct THalf {
         for (int i = 0; i < 4; i++) r.v[i] = ldu<S, 4>(w, 0, row, b, i);
         return r;
     }
-    __device__ static int xoff(int j, int g) { return 8 * g; }
-    // the unit and first of the 4 groups holding block values [v, v + 32), v % 32 == 0
-    __device__ static void locate32(int v, int& j, int& g0) { j = 0; g0 = 0; }
     __device__ static float cv(u32 w, int hi) {
         const u16 h = hi ? (u16)(w >> 16) : (u16)(w & 0xFFFF);
         return BF ? bf2f(h) : h2f(h);
