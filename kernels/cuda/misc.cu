@@ -86,25 +86,33 @@ __device__ __forceinline__ void thread_argmax(const float* __restrict__ x, int V
         if (x[i] > v) { v = x[i]; idx = i; }
 }
 
-__device__ void block_argmax(float v, int i, float* sv, int* si, float& best, int& besti) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+// The lane's (v, i) becomes that of the warp's largest v (lowest i among equals).
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(FULL_MASK, v, o);
         const int oi = __shfl_xor_sync(FULL_MASK, i, o);
-        if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
+        const bool take = (ov > v) | ((ov == v) & (oi < i));  // bitwise: no short-circuit branch
+        v = take ? ov : v;
+        i = take ? oi : i;
     }
+}
+
+// Row x's largest value and its first index (0x7fffffff if none), in every thread of the block.
+__device__ void row_argmax(const float* __restrict__ x, int V, float& best, int& besti) {
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float v;
+    int i;
+    thread_argmax(x, V, v, i);
+    warp_argmax(v, i);
     __syncthreads();
     if (lane == 0) { sv[warp] = v; si[warp] = i; }
     __syncthreads();
     v = sv[lane]; i = si[lane];
     if (lane >= (int)(blockDim.x >> 5)) { v = NEG_INF; i = 0x7fffffff; }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(FULL_MASK, v, o);
-        const int oi = __shfl_xor_sync(FULL_MASK, i, o);
-        if (ov > v || (ov == v && oi < i)) { v = ov; i = oi; }
-    }
+    warp_argmax(v, i);
     best = v; besti = i;
 }
 
@@ -146,15 +154,9 @@ __device__ u32 radix_select(const float* __restrict__ x, int V, u32 floor_key, i
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     argmax_rows(const float* __restrict__ logits, int sl, int V, int* __restrict__ out) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    const float* x = logits + (size_t)blockIdx.x * sl;
-    float v;
-    int idx;
-    thread_argmax(x, V, v, idx);
     float best;
     int bi;
-    block_argmax(v, idx, sv, si, best, bi);
+    row_argmax(logits + (size_t)blockIdx.x * sl, V, best, bi);
     if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
 }
 
@@ -162,8 +164,6 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     sample_rows(const float* __restrict__ logits, int sl, int V, const float* __restrict__ temperature,
                 const int* __restrict__ top_k, const float* __restrict__ top_p, const float* __restrict__ min_p,
                 const float* __restrict__ uniform, int* __restrict__ out) {
-    __shared__ float sv[32];
-    __shared__ int si[32];
     __shared__ float red[32];
     __shared__ float chunk_sum[SAMPLE_THREADS];
     __shared__ float hist[257];
@@ -171,12 +171,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     const int row = blockIdx.x, tid = threadIdx.x;
     const float* x = logits + (size_t)row * sl;
 
-    float v;
-    int idx;
-    thread_argmax(x, V, v, idx);
     float mx;
     int amax;
-    block_argmax(v, idx, sv, si, mx, amax);
+    row_argmax(x, V, mx, amax);
     const float T = temperature[row];
     if (T <= 0.0f) {
         if (tid == 0) out[row] = amax;
