@@ -393,12 +393,18 @@ class CupyBackend(Backend):
         # NTR_PDL lists them (gemv, quantize, attention), 0 none. Measured on an H100
         # (docs/benchmarks.md): GEMVs and attention are best on every replica; adding the
         # quantizers lets a GEMV start during the previous one and costs 3-11% on 8B and 70B.
-        major = cp.cuda.Device().compute_capability[:-1]
-        kinds = os.environ.get("NTR_PDL", "gemv,attention")
-        self.pdl_kinds = set() if kinds == "0" or int(major) < 9 else set(kinds.split(","))
-        self.pdl = bool(self.pdl_kinds)
-        self._pdl_launch = PdlLauncher() if self.pdl else None
+        self.pdl_supported = int(cp.cuda.Device().compute_capability[:-1]) >= 9
+        self._pdl_launch = PdlLauncher() if self.pdl_supported else None
         self._capturing = False
+        self.use_pdl(os.environ.get("NTR_PDL", "gemv,attention"))
+
+    def use_pdl(self, kinds: str) -> None:
+        """Which kernels the decode graphs launch programmatically, as NTR_PDL names them
+        (comma-separated kinds, or 0); graphs captured before are dropped."""
+        self.pdl_setting = kinds
+        self.pdl_kinds = set() if kinds == "0" or not self.pdl_supported else set(kinds.split(","))
+        self._graphs.clear()
+        self._last_graph = None
 
     # --- weights -------------------------------------------------------------
     def _upload(self, dst: cp.ndarray, src: np.ndarray) -> None:
@@ -598,7 +604,7 @@ class CupyBackend(Backend):
         """fn on the stream; while a decode graph is captured, with programmatic dependent
         launch if `kind` is enabled: only for kernels that pdl_wait() before touching their
         inputs and outputs."""
-        if self._capturing and self.pdl and kind in self.pdl_kinds:
+        if self._capturing and kind in self.pdl_kinds:
             self._pdl_launch(fn, grid, block, args, self.stream, shared_mem)
         else:
             fn(grid, block, args, shared_mem=shared_mem)

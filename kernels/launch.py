@@ -29,7 +29,7 @@ class _Config(ctypes.Structure):  # CUlaunchConfig
 
 
 _CTYPES = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.uint64): ctypes.c_uint64,
-           np.dtype(np.float32): ctypes.c_float, np.dtype(np.int64): ctypes.c_int64}
+           np.dtype(np.float32): ctypes.c_float}
 
 
 class PdlLauncher:

@@ -126,17 +126,15 @@ def test_programmatic_launch_changes_nothing(engines):
 
     _, gpu = engines
     ops = gpu.ops
-    if not ops.pdl:
+    if not ops.pdl_supported:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    saved = ops.pdl_kinds
+    saved = ops.pdl_setting
     rng = np.random.default_rng(6)
     prompts = [rng.integers(100, 20000, n).tolist() for n in (60, 9)]
     follow = rng.integers(100, 20000, 10).tolist()
 
     def decode(pdl: bool, seqs: list) -> list:
-        ops.pdl_kinds = {"gemv", "quantize", "attention"} if pdl else set()  # every kind NTR_PDL may name
-        ops.pdl, ops._last_graph = pdl, None
-        ops._graphs.clear()
+        ops.use_pdl("gemv,quantize,attention" if pdl else "0")  # every kind NTR_PDL may name
         steps = []
         for t in follow:
             steps.append(gpu.forward([(s, 1) for s in seqs]))
@@ -152,8 +150,7 @@ def test_programmatic_launch_changes_nothing(engines):
             gpu.forward([(s, len(s.token_ids) - 1) for s in seqs])
             on, off = decode(True, seqs), decode(False, seqs)
         finally:
-            ops.pdl_kinds, ops.pdl, ops._last_graph = saved, True, None
-            ops._graphs.clear()
+            ops.use_pdl(saved)
             for s in seqs:
                 gpu.release(s)
         for step, (a, b) in enumerate(zip(on, off)):

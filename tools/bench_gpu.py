@@ -304,23 +304,18 @@ def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
 
 
 def tg128_with_pdl(engine, cp, kinds: str, rng) -> str:
-    """tg128 again with other kernels launched programmatically (NTR_PDL's values), then the
+    """tg128 again with other kernels launched programmatically (an NTR_PDL value), then the
     backend's own setting back."""
     ops = engine.ops
-    saved = ops.pdl_kinds
-
-    def use(k):
-        ops.pdl_kinds = k
-        ops.pdl, ops._last_graph = bool(k), None
-        ops._graphs.clear()
-        decode(engine, 1, 1, 8, rng)
-
+    saved = ops.pdl_setting
     try:
-        use(set() if kinds == "0" else set(kinds.split(",")))
+        ops.use_pdl(kinds)
+        decode(engine, 1, 1, 8, rng)
         tok_s = decode(engine, 1, 1, 128, rng)
         return f"{tok_s:.1f} tok/s, replay {graph_step_us(engine, cp):.0f} us/step"
     finally:
-        use(saved)
+        ops.use_pdl(saved)
+        decode(engine, 1, 1, 8, rng)
 
 
 def profile_ops(engine, cp, T: int) -> list[str]:
@@ -437,7 +432,7 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         tok_s = decode(engine, 1, 1, 128, rng)
         us = graph_step_us(engine, cp)
         extra = f"(GPU graph replay {us:.0f} us/step = {1e6 / us:.0f} tok/s)"
-        for kinds in filter(None, args.pdl_variants.split(";")) if hasattr(engine.ops, "pdl_kinds") else []:
+        for kinds in filter(None, args.pdl_variants.split(";")) if hasattr(engine.ops, "use_pdl") else []:
             extra += f"; NTR_PDL={kinds}: {tg128_with_pdl(engine, cp, kinds, rng)}"
         row("tg128", tok_s, wb + kv_bytes_per_token(engine, 65), extra)
     except Exception:
