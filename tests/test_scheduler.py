@@ -36,18 +36,25 @@ def run(scheduler, max_steps=200):
     raise AssertionError("scheduler did not drain")
 
 
+def check_batched_equals_solo(sched, engine, prompts, params):
+    """Submit every prompt and run to the end: each request's tokens are those it gets alone,
+    and every KV block is freed. Returns the finish reasons."""
+    for rid, prompt in prompts.items():
+        sched.submit(rid, prompt, params)
+    tokens, finish, _ = run(sched)
+    for rid, prompt in prompts.items():
+        assert tokens[rid] == solo(engine, prompt, params), rid
+    assert engine.kv.blocks_in_use == 0
+    return finish
+
+
 PROMPTS = {"a": [1, 2, 3], "b": list(range(10, 40)), "c": [7] * 9, "d": list(range(100, 117))}
 
 
 def test_batched_equals_solo_with_chunked_prefill(engine):
     sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=8)
-    for rid, prompt in PROMPTS.items():
-        sched.submit(rid, prompt, GREEDY)
-    tokens, finish, _ = run(sched)
-    for rid, prompt in PROMPTS.items():
-        assert tokens[rid] == solo(engine, prompt, GREEDY), rid
-        assert finish[rid] == "length"
-    assert engine.kv.blocks_in_use == 0
+    finish = check_batched_equals_solo(sched, engine, PROMPTS, GREEDY)
+    assert finish == dict.fromkeys(PROMPTS, "length")
 
 
 def test_long_prompt_does_not_stall_decodes(engine):
@@ -110,12 +117,7 @@ def test_preemption_recomputes_and_output_is_unchanged(tiny_model):
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     prompts = {str(i): list(range(20 * i, 20 * i + 20)) for i in range(3)}
     sched = Scheduler(small, max_num_seqs=3, max_batch_tokens=64)
-    for rid, prompt in prompts.items():
-        sched.submit(rid, prompt, params)
-    tokens, _, _ = run(sched)
-    for rid, prompt in prompts.items():
-        assert tokens[rid] == solo(small, prompt, params), rid
-    assert small.kv.blocks_in_use == 0
+    check_batched_equals_solo(sched, small, prompts, params)
 
 
 def test_failed_forward_drops_the_step(engine, monkeypatch):
