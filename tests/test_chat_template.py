@@ -1,15 +1,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
 from workers.chat_template import (DEFAULT_CHAT_TEMPLATE, ChatTemplateError, chat_template_from_metadata,
                                    render_chat)
 from workers.gguf_file import GGUFFile
-
-QWEN2_VOCAB = Path(__file__).resolve().parents[1].parent / "shared" / "llama-vocab" / "ggml-vocab-qwen2.gguf"
 
 MESSAGES = [
     {"role": "system", "content": "You are a terse assistant."},
@@ -22,16 +19,17 @@ CHATML = (
 )
 
 
-def qwen2_template() -> str:
-    return GGUFFile(QWEN2_VOCAB).metadata["tokenizer.chat_template"]
+@pytest.fixture(scope="module")
+def qwen2_template(vocab_dir) -> str:
+    return GGUFFile(vocab_dir / "ggml-vocab-qwen2.gguf").metadata["tokenizer.chat_template"]
 
 
-def test_qwen2_template_from_gguf():
-    assert render_chat(qwen2_template(), MESSAGES, add_generation_prompt=True) == CHATML
+def test_qwen2_template_from_gguf(qwen2_template):
+    assert render_chat(qwen2_template, MESSAGES, add_generation_prompt=True) == CHATML
 
 
-def test_qwen2_template_default_system_and_no_generation_prompt():
-    out = render_chat(qwen2_template(), MESSAGES[1:], add_generation_prompt=False)
+def test_qwen2_template_default_system_and_no_generation_prompt(qwen2_template):
+    out = render_chat(qwen2_template, MESSAGES[1:], add_generation_prompt=False)
     assert out == ("<|im_start|>system\nYou are a helpful assistant<|im_end|>\n"
                    "<|im_start|>user\nWhat is 2+2? <b>&</b><|im_end|>\n")
 
