@@ -245,16 +245,17 @@ class profiled:
             self.rt.profilerStop()
 
 
-def graph_step_us(engine, cp) -> float:
-    """GPU time of one replay of the batch-1 decode graph (no Python, no sync per step)."""
-    g = next((g for (b, _), g in engine.ops._graphs.items() if b == 1 and g.graph is not None), None)
+def graph_step_us(engine, cp, batch: int = 1) -> float:
+    """GPU time of one replay of the last captured decode graph of `batch` sequences (no Python,
+    no sync per step)."""
+    g = next((g for (b, _), g in reversed(engine.ops._graphs.items()) if b == batch and g.graph is not None), None)
     if g is None:
         return float("nan")
     stream = engine.ops.stream
     e0, e1 = cp.cuda.Event(), cp.cuda.Event()
     for _ in range(5):
         g.graph.launch(stream)
-    with profiled(cp, "step"):
+    with profiled(cp, "step" if batch == 1 else f"step x{batch}"):
         g.graph.launch(stream)
         stream.synchronize()
     e0.record(stream)
@@ -288,6 +289,10 @@ def parse_batched_bench(text: str) -> dict[str, float]:
 def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
     """llama.cpp on the same replica: pp512 and tg128 (llama-bench, 3 repetitions), and unless
     big, decode x8/x32/x64 after 128-token prompts, 32 steps, as `decode` times them."""
+    building = bin_dir.parent.parent / "building"  # gpu_machine.sh's background build
+    while building.exists():
+        time.sleep(2)
+
     def run(*cmd):
         r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=900)
         if r.returncode:
@@ -316,6 +321,25 @@ def tg128_with_pdl(engine, cp, kinds: str, rng) -> str:
     finally:
         ops.use_pdl(saved)
         decode(engine, 1, 1, 8, rng)
+
+
+def launch_counts(engine, rng) -> str:
+    """Kernels of each launch kind in the batch-1 decode graph (recaptured to count them)."""
+    ops, counts = engine.ops, {}
+    launch = ops._launch
+
+    def counting(kind, *a, **k):
+        if ops._capturing:
+            counts[kind] = counts.get(kind, 0) + 1
+        launch(kind, *a, **k)
+
+    ops._launch = counting
+    try:
+        ops.use_pdl(ops.pdl_setting)  # drops the captured graphs
+        decode(engine, 1, 1, 2, rng)
+    finally:
+        del ops._launch
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
 def profile_ops(engine, cp, T: int) -> list[str]:
@@ -431,7 +455,7 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         decode(engine, 1, 1, 8, rng)  # warm-up: compile, capture
         tok_s = decode(engine, 1, 1, 128, rng)
         us = graph_step_us(engine, cp)
-        extra = f"(GPU graph replay {us:.0f} us/step = {1e6 / us:.0f} tok/s)"
+        extra = f"(GPU graph replay {us:.0f} us/step = {1e6 / us:.0f} tok/s; {launch_counts(engine, rng)})"
         for kinds in filter(None, args.pdl_variants.split(";")) if hasattr(engine.ops, "use_pdl") else []:
             extra += f"; NTR_PDL={kinds}: {tg128_with_pdl(engine, cp, kinds, rng)}"
         row("tg128", tok_s, wb + kv_bytes_per_token(engine, 65), extra)
@@ -457,7 +481,9 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
     if not big:
         for b in (8, 32, 64):
             try:
-                row(f"decode x{b}", decode(engine, b, 128, 32, rng))
+                tok_s = decode(engine, b, 128, 32, rng)
+                us = graph_step_us(engine, cp, b)
+                row(f"decode x{b}", tok_s, extra=f"(GPU graph replay {us:.0f} us/step = {b * 1e6 / us:.0f} tok/s)")
             except Exception:
                 notes.append(f"{name} decode x{b} failed:\n{traceback.format_exc()}")
                 log(notes[-1])
@@ -500,7 +526,7 @@ def main() -> None:
     ap.add_argument("--tg-only", action="store_true", help="tg128 only")
     ap.add_argument("--pdl-variants", default="0", help="';'-separated NTR_PDL values to time tg128 with too")
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama.cpp's llama-bench and "
-                    "llama-batched-bench from BIN_DIR on the same replicas")
+                    "llama-batched-bench from BIN_DIR on the same replicas (once BIN_DIR/../../building is gone)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--workdir", default="/tmp/ntr-bench")
     ap.add_argument("--prebuild", metavar="DIR", help="only compile the kernels with nvcc into DIR (no GPU needed)")
