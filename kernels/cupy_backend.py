@@ -261,6 +261,15 @@ class Swiglu(_Lazy):
         return self.ops._swiglu(self.gu, cp.float32)
 
 
+class Quantized(_Lazy):
+    """Computed activation rows and their integer copy for a dp4a GEMV (xq, ds as
+    quantize_x lays them out), made by the kernel that computed the row (decode attention)."""
+
+    def __init__(self, value, xq, ds):
+        self._value, self.xq, self.ds = value, xq, ds
+        self.shape = value.shape
+
+
 class Roped(_Lazy):
     def __init__(self, ops, x, positions, inv_freq, neox):
         self.ops, self.x, self.positions, self.inv_freq, self.neox = ops, x, positions, inv_freq, bool(neox)
@@ -559,9 +568,12 @@ class CupyBackend(Backend):
 
     def _gemv(self, x, w: QMatrix, y, out):
         T, K = x.shape[0], w.K
+        q8 = next((seg for seg in w.segments if seg.qtype in Q8_ROWS), None)
         nw, eps, mode = None, 0.0, 0
         aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
-        if K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
+        if isinstance(x, Quantized) and all(seg.qtype in Q8_ROWS for seg in w.segments):
+            src = None  # attention already made the integer copy, the only input the products read
+        elif K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
             src, nw, eps, mode = _rows2(x.x), x.weight, x.eps, 1
         elif K % 8 == 0 and isinstance(x, Swiglu) and aligned(_rows2(x.gu)):
             src, mode = _rows2(x.gu), 2
@@ -572,11 +584,11 @@ class CupyBackend(Backend):
                 padded = cp.zeros((T, kp), cp.float32)
                 padded[:, :K] = src
                 src = padded
-        sx = src.strides[0] // 4
         bias, res, sr = _epilogue_operand(y)
         so = out.strides[0] // 4
-        q8 = next((seg for seg in w.segments if seg.qtype in Q8_ROWS), None)
-        if q8 is not None:  # one integer copy of the input serves every dp4a segment and token chunk
+        if isinstance(x, Quantized):
+            xq, ds = x.xq, x.ds
+        elif q8 is not None:  # one integer copy of the input serves every dp4a segment and token chunk
             xq, ds = self._quantize_x(q8.qtype, src, K, mode, nw, eps)
         for t0 in range(0, T, 4):
             tc = min(4, T - t0)
@@ -590,6 +602,7 @@ class CupyBackend(Backend):
                     x_args = (np.uint64(xq.data.ptr + t0 * xq.shape[1]), np.int32(xq.shape[1]),
                               np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), np.int32(tc))
                 else:
+                    sx = src.strides[0] // 4
                     x_args = (np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
                               np.float32(eps))
                 rows_per_block = GEMV_WARPS // seg.gemv_split * seg.rows_per_warp
@@ -785,11 +798,17 @@ class CupyBackend(Backend):
                            cp.empty((B * KVH * max_splits * MAXG * 2,), cp.float32),
                            cp.zeros((B * KVH,), cp.int32))
                 step.decode_scratch[(B, KVH, max_splits, D)] = scratch
+            # products on this few tokens are GEMVs: the output also as their integer input
+            gemv = T <= GEMV_MAX_T
+            xq = cp.empty((T, -(-H * D // 2048) * XQ_RUN), cp.int8) if gemv else None
+            ds = cp.empty((T, H * D // 32, 2), cp.float32) if gemv else None
             self._launch("attention", self.k.get("attention.cu", f"attn_decode_{D}"), (max_splits, KVH, B), (256,),
                          (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
                           np.int32(neox), k_cache, v_cache, step.tables, np.int32(W), step.ctx, step.slots,
                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch,
-                          np.int32(max_splits), out))
+                          np.int32(max_splits), out, _ptr(xq), np.int32(xq.shape[1] if gemv else 0), _ptr(ds)))
+            if gemv:
+                return Quantized(out, xq, ds)
         else:
             self.k.get("attention.cu", f"kv_store_{D}")(
                 (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), k_cache, v_cache,

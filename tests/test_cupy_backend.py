@@ -284,6 +284,13 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D):
                             gpu.rope(gpu.asarray(k), pos, inv_freq, neox), gpu.asarray(v), kc_g, vc_g, batch, scale)
         err = rel_err(gpu.to_numpy(got), want)
         assert err < 3e-3, f"{seqs}: relative error {err:.2e}"
+        if all(n == 1 for *_, n in seqs) and T <= GEMV_MAX_T:  # decode for GEMVs: the integer copy too
+            qi, d = quantize_q8_input(gpu.to_numpy(got))
+            hi, lo = unpack_xq(gpu.to_numpy(got.xq), H * D)
+            assert np.array_equal((128 * hi + lo).reshape(T, -1), qi)
+            ds = gpu.to_numpy(got.ds)
+            assert rel_err(ds[..., 0], d) < 1e-6
+            assert np.array_equal(ds[..., 1], qi.reshape(T, -1, 32).sum(-1, dtype=np.int64))
         written = batch.slot_mapping
         kg = gpu.to_numpy(kc_g).reshape(-1, KVH, D)[written]
         assert rel_err(kg, kc_c.reshape(-1, KVH, D)[written]) < 1e-3
@@ -296,6 +303,7 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D):
     for _ in range(3):  # decode: contexts ~240 (two splits of 128), 6 and 71
         step([(sid, c, 1) for sid, c in ctx.items()], neox=True)
         ctx = {sid: c + 1 for sid, c in ctx.items()}
+    step([(1, 8, 1)], neox=True)  # one sequence, one split
     step([(3, 0, 600)], neox=False)  # one long prompt, normal rope
     step([(3, 600, 1)], neox=False)  # five splits
 

@@ -220,6 +220,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 // otherwise (max, sum, unnormalised output) per head, and the last split to finish (atomic
 // counter, reset by it for the next launch) merges them: one kernel per layer in the graph.
 // The new token's k (rotated) and v come from the inputs; split 0 stores them in the cache.
+// With xq set, the block that writes a head group's output also quantizes it per 32 values
+// (common.cu quantize8) for the dp4a product after it, which then needs no quantize_x.
 template <int D>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq, const float* __restrict__ k, int sk,
                                             const float* __restrict__ v, int sv, const int* __restrict__ positions,
@@ -227,7 +229,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             u16* kc, u16* vc, const int* __restrict__ tables, int W,
                                             const int* __restrict__ ctx_lens, const int* __restrict__ slots, int H,
                                             int KVH, int bs, int chunk, float scale, float* part_o, float* part_ml,
-                                            int* counters, int max_splits, float* __restrict__ out) {
+                                            int* counters, int max_splits, float* __restrict__ out, u8* xq, int sxq,
+                                            float2* xds) {
     constexpr int P = D / 32, RS = D + 8, HPW = MAXG / DEC_WARPS;
     __shared__ __align__(16) float q_s[MAXG * D];
     __shared__ __align__(16) u16 kn_s[D];
@@ -342,6 +345,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             }
         }
     }
+    // the outputs also go to q_s (each warp's q rows are its own head's, so no barrier first),
+    // from where the quantized copy for the next product is made
     float* po = part_o + ((size_t)(b * KVH + kh) * max_splits + sp) * (MAXG * D);
     float* pml = part_ml + ((size_t)(b * KVH + kh) * max_splits + sp) * (MAXG * 2);
 #pragma unroll
@@ -351,40 +356,56 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         if (nsplit == 1) {
             const float inv = 1.0f / l[h];
 #pragma unroll
-            for (int i = 0; i < P; i++) out[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = o[h][i] * inv;
+            for (int i = 0; i < P; i++) {
+                out[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = o[h][i] * inv;
+                q_s[g * D + lane * P + i] = o[h][i] * inv;
+            }
         } else {
 #pragma unroll
             for (int i = 0; i < P; i++) po[g * D + lane * P + i] = o[h][i];
             if (lane == 0) { pml[2 * g] = m[h]; pml[2 * g + 1] = l[h]; }
         }
     }
-    if (nsplit == 1) return;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        const int done = atomicAdd(&counters[b * KVH + kh], 1);
-        last_s = done == nsplit - 1;
-    }
-    __syncthreads();
-    if (!last_s) return;
-    __threadfence();
-    const volatile float* vo = part_o + (size_t)(b * KVH + kh) * max_splits * (MAXG * D);
-    const volatile float* vml = part_ml + (size_t)(b * KVH + kh) * max_splits * (MAXG * 2);
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-        const int g = i / D;
-        float M = NEG_INF;
-        for (int s2 = 0; s2 < nsplit; s2++) M = fmaxf(M, vml[s2 * MAXG * 2 + 2 * g]);
-        float L = 0.0f, O = 0.0f;
-        for (int s2 = 0; s2 < nsplit; s2++) {
-            const float ms = vml[s2 * MAXG * 2 + 2 * g];
-            if (ms == NEG_INF) continue;
-            const float c = exp2f(ms - M);
-            L += vml[s2 * MAXG * 2 + 2 * g + 1] * c;
-            O += vo[s2 * MAXG * D + i] * c;
+    if (nsplit > 1) {
+        __threadfence();
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            const int done = atomicAdd(&counters[b * KVH + kh], 1);
+            last_s = done == nsplit - 1;
         }
-        out[(size_t)b * H * D + kh * G * D + i] = O / L;
+        __syncthreads();
+        if (!last_s) return;
+        __threadfence();
+        const volatile float* vo = part_o + (size_t)(b * KVH + kh) * max_splits * (MAXG * D);
+        const volatile float* vml = part_ml + (size_t)(b * KVH + kh) * max_splits * (MAXG * 2);
+        for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+            const int g = i / D;
+            float M = NEG_INF;
+            for (int s2 = 0; s2 < nsplit; s2++) M = fmaxf(M, vml[s2 * MAXG * 2 + 2 * g]);
+            float L = 0.0f, O = 0.0f;
+            for (int s2 = 0; s2 < nsplit; s2++) {
+                const float ms = vml[s2 * MAXG * 2 + 2 * g];
+                if (ms == NEG_INF) continue;
+                const float c = exp2f(ms - M);
+                L += vml[s2 * MAXG * 2 + 2 * g + 1] * c;
+                O += vo[s2 * MAXG * D + i] * c;
+            }
+            out[(size_t)b * H * D + kh * G * D + i] = O / L;
+            q_s[i] = O / L;
+        }
+        if (threadIdx.x == 0) counters[b * KVH + kh] = 0;
     }
-    if (threadIdx.x == 0) counters[b * KVH + kh] = 0;
+    if (xq) {  // the head group's values as the next product's integer input (quant.cu)
+        __syncthreads();
+        for (int i = 8 * threadIdx.x; i < MAXG * D; i += 8 * blockDim.x) {
+            float v[8] = {};
+            if (i < G * D) {
+#pragma unroll
+                for (int j = 0; j < 8; j++) v[j] = q_s[i + j];
+            }
+            quantize8(v, i < G * D, kh * G * D + i, 1.0f, xq + (size_t)b * sxq, xds + (size_t)b * (H * D / 32));
+        }
+    }
 }
 
 #define DEF_ATTN(D)                                                                                                   \
@@ -405,9 +426,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                         const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, u16* kc,     \
                         u16* vc, const int* tables, int W, const int* ctx_lens, const int* slots, int H, int KVH,    \
                         int bs, int chunk, float scale, float* part_o, float* part_ml, int* counters,               \
-                        int max_splits, float* out) {                                                                 \
+                        int max_splits, float* out, u8* xq, int sxq, float2* xds) {                                   \
         attn_decode<D>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W, ctx_lens,  \
-                       slots, H, KVH, bs, chunk, scale, part_o, part_ml, counters, max_splits, out);                 \
+                       slots, H, KVH, bs, chunk, scale, part_o, part_ml, counters, max_splits, out, xq, sxq, xds);   \
     }
 DEF_ATTN(64)
 DEF_ATTN(96)

@@ -85,6 +85,54 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
     return warp_sum(v);
 }
 
+// --- integer activations (quant.cu's dp4a GEMV): their layout and quantizer ---------------
+// Where chunk c of 32-value activation block b sits in a row of xq. Each block is 4 chunks of
+// 16 bytes: its 32 high int8s (c = 0, 1), then its 32 low ones (c = 2, 3). Blocks pair up
+// (p = b / 2: one Q4_K unit, two Q5_0/Q8_0 units) and runs of 32 pairs are stored
+// chunk-major, so when a warp's lanes take 32 consecutive units each load instruction reads
+// 512 contiguous bytes (Q4_K, Q5_0, Q8_0) or 16-byte pieces 32 bytes apart (Q6_K, whose unit
+// holds blocks 2 apart). A row is XQ_RUN bytes per 2048 values.
+#define XQ_RUN 4096
+__device__ __forceinline__ int xq_chunk(int b, int c) {
+    const int p = b >> 1;
+    return (p >> 5) * XQ_RUN + ((b & 1) * 4 + c) * 512 + (p & 31) * 16;
+}
+
+// Values pos..pos+7 of a row (pos a multiple of 8; 4 neighbouring lanes hold a 32-value
+// block): per block d = max|v| / 16256, q = rint(v / d) (0 where d = 0) stored as h = q >> 7
+// and l = q & 127, ds[pos / 32] = {d * dscale, sum of the 32 q}. Every lane of the warp calls
+// it; lanes with store false (past the row's end) hold zeros. (quant.cu says why 15 bits;
+// NumPy twin: quantize_q8.)
+__device__ __forceinline__ void quantize8(const float (&v)[8], bool store, int pos, float dscale, u8* __restrict__ xq,
+                                          float2* __restrict__ ds) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 2));
+    const float d = amax / 16256.0f;
+    int q[8], sum = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        q[i] = d > 0.0f ? __float2int_rn(v[i] / d) : 0;
+        sum += q[i];
+    }
+    sum += __shfl_xor_sync(FULL_MASK, sum, 1);
+    sum += __shfl_xor_sync(FULL_MASK, sum, 2);
+    if (!store) return;
+    u32 h[2], l[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const int* p = q + 4 * i;
+        h[i] = ((p[0] >> 7) & 0xFF) | ((p[1] >> 7) & 0xFF) << 8 | ((p[2] >> 7) & 0xFF) << 16 | (u32)(p[3] >> 7) << 24;
+        l[i] = (p[0] & 127) | (p[1] & 127) << 8 | (p[2] & 127) << 16 | (u32)(p[3] & 127) << 24;
+    }
+    u8* o = xq + xq_chunk(pos >> 5, (pos & 31) >> 4) + (pos & 15);
+    *(uint2*)o = make_uint2(h[0], h[1]);
+    *(uint2*)(o + 2 * 512) = make_uint2(l[0], l[1]);
+    if ((pos & 31) == 0) ds[pos / 32] = make_float2(d * dscale, (float)sum);
+}
+
 // Rotation of the pair (x0, x1) by pos * inv_freq. The angle is formed and reduced to
 // [0, 2 pi) in double (as the NumPy twin forms it), then sin/cos in float: within 4e-7.
 __device__ __forceinline__ void rope_pair(float& x0, float& x1, int pos, double inv_freq) {

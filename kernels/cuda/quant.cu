@@ -649,24 +649,13 @@ __device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, c
 // stored as two int8 planes, q = 128 h + l with h = q >> 7, l = q & 127: two dp4a per weight
 // word and half the fp32 path's activation bytes (logits then within ~1e-3 of fp32).
 //
-// quantize_x: v the product's input (MODE as in gemv), per 32 values d = max|v| / 16256,
-// q = rint(v / d) (0 where d = 0), ds[b] = {d, sum of the 32 q}; block b's four 16-byte
-// chunks (h[0:16], h[16:32], l[0:16], l[16:32]) go where xq_chunk puts them. MODE 1
-// quantizes nw * x and folds the norm into the scale (ds.x = d * rinv): q is
-// scale-invariant, so no pass over the row has to come first. MODE 2's SiLU takes exp in
+// quantize_x: v the product's input (MODE as in gemv), rounded per 32 values by common.cu's
+// quantize8 into the layout xq_chunk describes. MODE 1 quantizes nw * x and folds the norm
+// into the scale (ds.x = d * rinv): q is scale-invariant, so no pass over the row has to come
+// first. MODE 2's SiLU takes exp in
 // double so that the NumPy twin (numpy_backend.quantize_q8_input) reproduces v to the bit.
 // Grid (K / 2048 rounded up, T); a thread quantizes 8 values, 4 neighbouring lanes a block.
-// Where chunk c of activation block b sits in a row of xq. Blocks pair up (p = b / 2: one
-// Q4_K unit, two Q5_0/Q8_0 units) and runs of 32 pairs are stored chunk-major, so when a warp's
-// lanes take 32 consecutive units each load instruction reads 512 contiguous bytes (Q4_K,
-// Q5_0, Q8_0) or 16-byte pieces 32 bytes apart (Q6_K, whose unit holds blocks 2 apart). A row
-// is XQ_RUN bytes per 2048 values.
-#define XQ_RUN 4096
-__device__ __forceinline__ int xq_chunk(int b, int c) {
-    const int p = b >> 1;
-    return (p >> 5) * XQ_RUN + ((b & 1) * 4 + c) * 512 + (p & 31) * 16;
-}
-
+// A 1-token product after decode attention skips it: attention.cu quantizes its own output.
 template <int MODE>
 __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, int K, const float* __restrict__ nw,
                                            float eps, u8* __restrict__ xq, int sq, float2* __restrict__ ds, int sd) {
@@ -675,7 +664,7 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, 
     pdl_wait();
     const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x, pos = 8 * c;
     const float* xr = x + (size_t)t * sx;
-    float v[8], amax = 0.0f;
+    float v[8] = {};
     if (pos < K) {
         float unused = 0.0f;
         if (MODE == 2) {
@@ -688,8 +677,6 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, 
         } else {
             load_x8<MODE>(xr, pos, K, nw, v, unused);
         }
-#pragma unroll
-        for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(v[i]));
     }
     // MODE 1: the row's sum of squares after this thread's own x and nw loads are issued, so
     // both round trips overlap
@@ -702,31 +689,7 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, 
         }
         rinv = 1.0f / sqrtf(block_sum(ss, scratch) / (float)K + eps);
     }
-    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 1));
-    amax = fmaxf(amax, __shfl_xor_sync(FULL_MASK, amax, 2));
-    const float d = amax / 16256.0f;
-    int q[8], sum = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++) {
-        q[i] = d > 0.0f ? __float2int_rn(v[i] / d) : 0;
-        sum += q[i];
-    }
-    sum += __shfl_xor_sync(FULL_MASK, sum, 1);
-    sum += __shfl_xor_sync(FULL_MASK, sum, 2);
-    if (pos < K) {
-        u32 h[2], l[2];
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            const int* p = q + 4 * i;
-            h[i] = ((p[0] >> 7) & 0xFF) | ((p[1] >> 7) & 0xFF) << 8 | ((p[2] >> 7) & 0xFF) << 16 |
-                   (u32)(p[3] >> 7) << 24;
-            l[i] = (p[0] & 127) | (p[1] & 127) << 8 | (p[2] & 127) << 16 | (u32)(p[3] & 127) << 24;
-        }
-        u8* o = xq + (size_t)t * sq + xq_chunk(pos >> 5, (pos & 31) >> 4) + (pos & 15);
-        *(uint2*)o = make_uint2(h[0], h[1]);
-        *(uint2*)(o + 2 * 512) = make_uint2(l[0], l[1]);
-        if ((c & 3) == 0) ds[(size_t)t * sd + pos / 32] = make_float2(d * rinv, (float)sum);
-    }
+    quantize8(v, pos < K, pos, rinv, xq + (size_t)t * sq, ds + (size_t)t * sd);
 }
 
 // out[t, row] = sum over 32-value blocks b of dot32(W[row] block b, x[t] block b). Same warp
