@@ -23,6 +23,7 @@ Where the time goes and what this file does about it:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -55,6 +56,9 @@ XQ_RUN = 4096  # quant.cu: bytes of a quantized activation row per 2048 values
 QMMA_BLOCKS_PER_SM = 2  # quant.cu MMA_BLOCKS_PER_SM
 QMMA_SMEM = 2 * (QMMA_BM + QMMA_MAX_T) * QMMA_BK * 2  # two stages of the fp16 weight and x tiles
 GEMV_WARPS = 4
+# launch kinds a decode graph may launch programmatically: 1-token GEMVs, their input
+# quantizers, attention, the tensor-core products and their fp16 RMSNorm/SwiGLU inputs
+PDL_KINDS = ("gemv", "quantize", "attention", "qmma", "norm")
 DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
 MAXG = 8  # query heads per KV head the attention kernels hold
 HEAD_DIMS = (64, 96, 128)
@@ -399,19 +403,25 @@ class CupyBackend(Backend):
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         # which kernels of the decode graph overlap their predecessor (kernels/launch.py):
-        # NTR_PDL lists them (gemv, quantize, attention), 0 none. Measured on an H100
-        # (docs/benchmarks.md): GEMVs and attention are best on every replica; adding the
-        # quantizers lets a GEMV start during the previous one and costs 3-11% on 8B and 70B.
+        # NTR_PDL lists them (PDL_KINDS), 0 none. Measured on an H100 (docs/benchmarks.md):
+        # all but the quantizers are best on every replica; adding them lets a GEMV start
+        # during the previous one and costs 3-11% on 8B and 70B.
         self.pdl_supported = int(cp.cuda.Device().compute_capability[:-1]) >= 9
         self._pdl_launch = PdlLauncher() if self.pdl_supported else None
         self._capturing = False
-        self.use_pdl(os.environ.get("NTR_PDL", "gemv,attention"))
+        self.branch_segments = True
+        self._side = cp.cuda.Stream(non_blocking=True)
+        self._fork, self._join = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
+        self.use_pdl(os.environ.get("NTR_PDL", "gemv,attention,qmma,norm"))
 
     def use_pdl(self, kinds: str) -> None:
         """Which kernels the decode graphs launch programmatically, as NTR_PDL names them
         (comma-separated kinds, or 0); graphs captured before are dropped."""
+        named = set() if kinds == "0" else set(kinds.split(","))
+        if named - set(PDL_KINDS):
+            raise ValueError(f"NTR_PDL: unknown kinds {sorted(named - set(PDL_KINDS))}; known: {', '.join(PDL_KINDS)}")
         self.pdl_setting = kinds
-        self.pdl_kinds = set() if kinds == "0" or not self.pdl_supported else set(kinds.split(","))
+        self.pdl_kinds = named if self.pdl_supported else set()
         self._graphs.clear()
         self._last_graph = None
 
@@ -590,34 +600,53 @@ class CupyBackend(Backend):
             xq, ds = x.xq, x.ds
         elif q8 is not None:  # one integer copy of the input serves every dp4a segment and token chunk
             xq, ds = self._quantize_x(q8.qtype, src, K, mode, nw, eps)
-        for t0 in range(0, T, 4):
-            tc = min(4, T - t0)
-            nt = 1 if tc == 1 else 4
-            for seg in w.segments:
-                name = f"gemv_q8_{nt}" if seg.qtype in Q8_ROWS else f"gemv_{nt}_{mode}"
-                fn = seg.kernels.get(name)
-                if fn is None:
-                    fn = seg.kernels[name] = self.k.quant(seg.qtype, name)
-                if seg.qtype in Q8_ROWS:
-                    x_args = (np.uint64(xq.data.ptr + t0 * xq.shape[1]), np.int32(xq.shape[1]),
-                              np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), np.int32(tc))
-                else:
-                    sx = src.strides[0] // 4
-                    x_args = (np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
-                              np.float32(eps))
-                rows_per_block = GEMV_WARPS // seg.gemv_split * seg.rows_per_warp
-                col = seg.row0 * 4
-                self._launch("gemv", fn, (-(-seg.rows // rows_per_block),), (GEMV_WARPS * 32,),
-                             (*seg.gemv_args, *x_args, np.uint64(out.data.ptr + t0 * so * 4 + col), np.int32(so),
-                              np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
-                              np.uint64(res.data.ptr + t0 * sr * 4 + col) if res is not None else np.uint64(0),
-                              np.int32(sr), np.int32(seg.gemv_split)))
+        with self._segment_branch(w) as branch:
+            for t0 in range(0, T, 4):
+                tc = min(4, T - t0)
+                nt = 1 if tc == 1 else 4
+                for i, seg in enumerate(w.segments):
+                    name = f"gemv_q8_{nt}" if seg.qtype in Q8_ROWS else f"gemv_{nt}_{mode}"
+                    fn = seg.kernels.get(name)
+                    if fn is None:
+                        fn = seg.kernels[name] = self.k.quant(seg.qtype, name)
+                    if seg.qtype in Q8_ROWS:
+                        x_args = (np.uint64(xq.data.ptr + t0 * xq.shape[1]), np.int32(xq.shape[1]),
+                                  np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), np.int32(tc))
+                    else:
+                        sx = src.strides[0] // 4
+                        x_args = (np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
+                                  np.float32(eps))
+                    rows_per_block = GEMV_WARPS // seg.gemv_split * seg.rows_per_warp
+                    col = seg.row0 * 4
+                    grid, block = (-(-seg.rows // rows_per_block),), (GEMV_WARPS * 32,)
+                    args = (*seg.gemv_args, *x_args, np.uint64(out.data.ptr + t0 * so * 4 + col), np.int32(so),
+                            np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
+                            np.uint64(res.data.ptr + t0 * sr * 4 + col) if res is not None else np.uint64(0),
+                            np.int32(sr), np.int32(seg.gemv_split))
+                    self._launch("gemv", fn, grid, block, args, side=branch and i > 0)
 
-    def _launch(self, kind: str, fn, grid, block, args, shared_mem: int = 0) -> None:
-        """fn on the stream; while a decode graph is captured, with programmatic dependent
-        launch if `kind` is enabled: only for kernels that pdl_wait() before touching their
-        inputs and outputs."""
-        if self._capturing and kind in self.pdl_kinds:
+    @contextlib.contextmanager
+    def _segment_branch(self, w: QMatrix):
+        """Yields whether a product's segments after the first launch with side=True: while a
+        graph is captured they run on a branch beside the first (8B's V rows in Q6_K beside
+        Q4_K Q and K), since they need only the input, not each other's output."""
+        branch = self._capturing and self.branch_segments and len(w.segments) > 1
+        if branch:
+            self._fork.record(self.stream)
+            self._side.wait_event(self._fork)
+        yield branch
+        if branch:
+            self._join.record(self._side)
+            self.stream.wait_event(self._join)
+
+    def _launch(self, kind: str, fn, grid, block, args, shared_mem: int = 0, side: bool = False) -> None:
+        """fn on the stream (side: on the graph branch _segment_branch opened); while a decode
+        graph is captured, with programmatic dependent launch if `kind` is enabled: only for
+        kernels that pdl_wait() before touching their inputs and outputs."""
+        if side:
+            with self._side:
+                fn(grid, block, args, shared_mem=shared_mem)
+        elif self._capturing and kind in self.pdl_kinds:
             self._pdl_launch(fn, grid, block, args, self.stream, shared_mem)
         else:
             fn(grid, block, args, shared_mem=shared_mem)
@@ -657,16 +686,19 @@ class CupyBackend(Backend):
         if zero:
             out.fill(0)
         so = out.strides[0] // 4
-        for seg, grid in launches:
-            fn = seg.kernels.get("qmma")
-            if fn is None:
-                fn = seg.kernels["qmma"] = self.k.quant(seg.qtype, "qmma_64")
-                fn.max_dynamic_shared_size_bytes = QMMA_SMEM
-            col = seg.row0 * 4
-            fn((grid, -(-T // 64)), (256,),
-               (*seg.gemv_args, x16, np.int32(x16.strides[0] // 2), np.int32(T), np.uint64(out.data.ptr + col),
-                np.int32(so), np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
-                np.uint64(res.data.ptr + col) if res is not None else np.uint64(0), np.int32(sr)), shared_mem=QMMA_SMEM)
+        with self._segment_branch(w) as branch:
+            for i, (seg, grid) in enumerate(launches):
+                fn = seg.kernels.get("qmma")
+                if fn is None:
+                    fn = seg.kernels["qmma"] = self.k.quant(seg.qtype, "qmma_64")
+                    fn.max_dynamic_shared_size_bytes = QMMA_SMEM
+                col = seg.row0 * 4
+                self._launch("qmma", fn, (grid, -(-T // 64)), (256,),
+                             (*seg.gemv_args, x16, np.int32(x16.strides[0] // 2), np.int32(T),
+                              np.uint64(out.data.ptr + col), np.int32(so),
+                              np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),
+                              np.uint64(res.data.ptr + col) if res is not None else np.uint64(0), np.int32(sr)),
+                             shared_mem=QMMA_SMEM, side=branch and i > 0)
 
     def _gemm(self, x, w: QMatrix, out):
         """Tensor-core path: fp16 input, each weight chunk dequantized to scratch, cuBLAS fp32 out."""
@@ -691,9 +723,9 @@ class CupyBackend(Backend):
         T, K = x.shape
         out = cp.empty((T, K), dtype)
         if T:
-            self.k.get("misc.cu", "rmsnorm")(
-                (T,), (256,), (x, np.int32(x.strides[0] // 4), weight, np.float32(eps), np.int32(K), out,
-                               np.int32(K), np.int32(dtype == cp.float16)))
+            self._launch("norm", self.k.get("misc.cu", "rmsnorm"), (T,), (256,),
+                         (x, np.int32(x.strides[0] // 4), weight, np.float32(eps), np.int32(K), out, np.int32(K),
+                          np.int32(dtype == cp.float16)))
         return out
 
     def _swiglu(self, gu, dtype):
@@ -702,10 +734,9 @@ class CupyBackend(Backend):
         out = cp.empty((T, F), dtype)
         n = T * F
         if n:
-            self.k.get("misc.cu", "swiglu")(
-                (max(1, min(-(-n // 256), 132 * 8)),), (256,),
-                (gu, np.int32(gu.strides[0] // 4), np.int32(T), np.int32(F), out, np.int32(F),
-                 np.int32(dtype == cp.float16)))
+            self._launch("norm", self.k.get("misc.cu", "swiglu"), (max(1, min(-(-n // 256), 132 * 8)),), (256,),
+                         (gu, np.int32(gu.strides[0] // 4), np.int32(T), np.int32(F), out, np.int32(F),
+                          np.int32(dtype == cp.float16)))
         return out
 
     def rmsnorm(self, x, weight, eps):

@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("cupy")  # the module skips visibly where CuPy is missing
 
+from kernels.cupy_backend import PDL_KINDS  # noqa: E402
 from workers.engine import Engine  # noqa: E402
 from workers.sampling import SamplingParams  # noqa: E402
 from workers.synthetic_model import SHAPES, Shape, write_model  # noqa: E402
@@ -134,7 +135,7 @@ def test_programmatic_launch_changes_nothing(engines):
     follow = rng.integers(100, 20000, 10).tolist()
 
     def decode(pdl: bool, seqs: list) -> list:
-        ops.use_pdl("gemv,quantize,attention" if pdl else "0")  # every kind NTR_PDL may name
+        ops.use_pdl(",".join(PDL_KINDS) if pdl else "0")
         steps = []
         for t in follow:
             steps.append(gpu.forward([(s, 1) for s in seqs]))

@@ -308,18 +308,30 @@ def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
     return out
 
 
-def tg128_with_pdl(engine, cp, kinds: str, rng) -> str:
-    """tg128 again with other kernels launched programmatically (an NTR_PDL value), then the
-    backend's own setting back."""
+def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
+    """tg128 (batch 1) or decode x`batch` again with a backend setting changed (use_pdl's
+    kinds, or branch_segments), then the setting back; graphs are recaptured both ways."""
     ops = engine.ops
-    saved = ops.pdl_setting
+
+    def apply(v):
+        if setting == "pdl":
+            ops.use_pdl(v)
+        else:
+            setattr(ops, setting, v)
+            ops._graphs.clear()
+            ops._last_graph = None
+
+    saved = ops.pdl_setting if setting == "pdl" else getattr(ops, setting)
     try:
-        ops.use_pdl(kinds)
-        decode(engine, 1, 1, 8, rng)
-        tok_s = decode(engine, 1, 1, 128, rng)
-        return f"{tok_s:.1f} tok/s, replay {graph_step_us(engine, cp):.0f} us/step"
+        apply(value)
+        if batch == 1:
+            decode(engine, 1, 1, 8, rng)
+            tok_s = decode(engine, 1, 1, 128, rng)
+        else:
+            tok_s = decode(engine, batch, 128, 32, rng)
+        return f"{tok_s:.1f} tok/s, replay {graph_step_us(engine, cp, batch):.0f} us/step"
     finally:
-        ops.use_pdl(saved)
+        apply(saved)
         decode(engine, 1, 1, 8, rng)
 
 
@@ -456,8 +468,10 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         tok_s = decode(engine, 1, 1, 128, rng)
         us = graph_step_us(engine, cp)
         extra = f"(GPU graph replay {us:.0f} us/step = {1e6 / us:.0f} tok/s; {launch_counts(engine, rng)})"
-        for kinds in filter(None, args.pdl_variants.split(";")) if hasattr(engine.ops, "use_pdl") else []:
-            extra += f"; NTR_PDL={kinds}: {tg128_with_pdl(engine, cp, kinds, rng)}"
+        for kinds in filter(None, args.pdl_variants.split(";")):
+            extra += f"; NTR_PDL={kinds}: {rerun(engine, cp, rng, 1, 'pdl', kinds)}"
+        if args.unbranched:
+            extra += f"; segments unbranched: {rerun(engine, cp, rng, 1, 'branch_segments', False)}"
         row("tg128", tok_s, wb + kv_bytes_per_token(engine, 65), extra)
     except Exception:
         notes.append(f"{name} tg128 failed:\n{traceback.format_exc()}")
@@ -483,7 +497,10 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
             try:
                 tok_s = decode(engine, b, 128, 32, rng)
                 us = graph_step_us(engine, cp, b)
-                row(f"decode x{b}", tok_s, extra=f"(GPU graph replay {us:.0f} us/step = {b * 1e6 / us:.0f} tok/s)")
+                extra = f"(GPU graph replay {us:.0f} us/step = {b * 1e6 / us:.0f} tok/s)"
+                for kinds in filter(None, args.pdl_variants.split(";")):
+                    extra += f"; NTR_PDL={kinds}: {rerun(engine, cp, rng, b, 'pdl', kinds)}"
+                row(f"decode x{b}", tok_s, extra=extra)
             except Exception:
                 notes.append(f"{name} decode x{b} failed:\n{traceback.format_exc()}")
                 log(notes[-1])
@@ -524,7 +541,10 @@ def main() -> None:
     ap.add_argument("--tests", action="store_true", help="run `pytest -m gpu` first")
     ap.add_argument("--quick", action="store_true", help="tg128 and per-matrix timings only")
     ap.add_argument("--tg-only", action="store_true", help="tg128 only")
-    ap.add_argument("--pdl-variants", default="0", help="';'-separated NTR_PDL values to time tg128 with too")
+    ap.add_argument("--pdl-variants", default="0", help="';'-separated NTR_PDL values to time tg128 "
+                    "and decode xN with too")
+    ap.add_argument("--unbranched", action="store_true", help="time tg128 with a stacked weight's segments "
+                    "in sequence too (not on a graph branch)")
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama.cpp's llama-bench and "
                     "llama-batched-bench from BIN_DIR on the same replicas (once BIN_DIR/../../building is gone)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))

@@ -1,10 +1,13 @@
-// Element-wise and row-wise kernels (used where a fused path does not apply: prefill inputs
-// to cuBLAS, op tests), and sampling on the device so only token ids leave it.
+// Element-wise and row-wise kernels (used where a fused path does not apply: the fp16 inputs
+// of the tensor-core products, op tests), and sampling on the device so only token ids leave
+// it. rmsnorm and swiglu may be launched programmatically (common.cu pdl_wait).
 
 // y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, fp32 or fp16 out. One block per row.
 extern "C" __global__ void __launch_bounds__(256)
     rmsnorm(const float* __restrict__ x, int sx, const float* __restrict__ w, float eps, int K, void* out, int so, int f16) {
     __shared__ float red[32];
+    pdl_trigger();
+    pdl_wait();
     const float* xr = x + (size_t)blockIdx.x * sx;
     float ss = 0.0f;
     for (int k = threadIdx.x; k < K; k += blockDim.x) ss += xr[k] * xr[k];
@@ -20,6 +23,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // silu(gu[t, :F]) * gu[t, F:], fp32 or fp16 out.
 extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int T, int F, void* out, int so, int f16) {
     const long long n = (long long)T * F;
+    pdl_trigger();
+    pdl_wait();
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const int t = (int)(i / F), f = (int)(i - (long long)t * F);
         const float g = gu[(size_t)t * sg + f], u = gu[(size_t)t * sg + F + f];

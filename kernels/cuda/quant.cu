@@ -652,8 +652,8 @@ __device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, c
 // quantize_x: v the product's input (MODE as in gemv), rounded per 32 values by common.cu's
 // quantize8 into the layout xq_chunk describes. MODE 1 quantizes nw * x and folds the norm
 // into the scale (ds.x = d * rinv): q is scale-invariant, so no pass over the row has to come
-// first. MODE 2's SiLU takes exp in
-// double so that the NumPy twin (numpy_backend.quantize_q8_input) reproduces v to the bit.
+// first. MODE 2's SiLU takes exp in double so that the NumPy twin
+// (numpy_backend.quantize_q8_input) reproduces v to the bit.
 // Grid (K / 2048 rounded up, T); a thread quantizes 8 values, 4 neighbouring lanes a block.
 // A 1-token product after decode attention skips it: attention.cu quantizes its own output.
 template <int MODE>
@@ -875,6 +875,7 @@ __device__ __forceinline__ void qmma(const Planes& w, int rows, int K, const u16
     const long long end = total * (blockIdx.x + 1) / gridDim.x;
     // thread tid decodes values [32 (tid % 4), +32) of each step of weight rows tid / 4 and +64
     const int rq = tid >> 2, quarter = tid & 3;
+    pdl_trigger();
     while (at < end) {
         const int tile = (int)(at / steps), s0 = (int)(at - (long long)tile * steps);
         const int s1 = (int)min((long long)steps, s0 + (end - at));
@@ -909,7 +910,8 @@ __device__ __forceinline__ void qmma(const Planes& w, int rows, int K, const u16
             }
             asm volatile("cp.async.commit_group;" ::: "memory");
         };
-        fetch(s0);
+        fetch(s0);  // weights only: launched programmatically, the previous kernel may still run
+        pdl_wait();
         stage_x(s0, 0);
         for (int st = s0; st < s1; st++) {
             const int buf = (st - s0) & 1;
