@@ -403,16 +403,16 @@ class CupyBackend(Backend):
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         # which kernels of the decode graph overlap their predecessor (kernels/launch.py):
-        # NTR_PDL lists them (PDL_KINDS), 0 none. Measured on an H100 (docs/benchmarks.md):
-        # all but the quantizers are best on every replica; adding them lets a GEMV start
-        # during the previous one and costs 3-11% on 8B and 70B.
+        # NTR_PDL lists them (PDL_KINDS), 0 none; all by default. Measured on an H100
+        # (docs/benchmarks.md): every kind gains or is neutral on every replica, once the
+        # quantizers let the next product launch only after the previous one has finished.
         self.pdl_supported = int(cp.cuda.Device().compute_capability[:-1]) >= 9
         self._pdl_launch = PdlLauncher() if self.pdl_supported else None
         self._capturing = False
         self.branch_segments = True
         self._side = cp.cuda.Stream(non_blocking=True)
         self._fork, self._join = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
-        self.use_pdl(os.environ.get("NTR_PDL", "gemv,attention,qmma,norm"))
+        self.use_pdl(os.environ.get("NTR_PDL", ",".join(PDL_KINDS)))
 
     def use_pdl(self, kinds: str) -> None:
         """Which kernels the decode graphs launch programmatically, as NTR_PDL names them

@@ -660,8 +660,10 @@ template <int MODE>
 __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, int K, const float* __restrict__ nw,
                                            float eps, u8* __restrict__ xq, int sq, float2* __restrict__ ds, int sd) {
     __shared__ float scratch[32];
-    pdl_trigger();
+    // launched programmatically, the product after it may launch once the one before has
+    // finished, not earlier: its blocks would compete with that product's last wave
     pdl_wait();
+    pdl_trigger();
     const int t = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x, pos = 8 * c;
     const float* xr = x + (size_t)t * sx;
     float v[8] = {};
