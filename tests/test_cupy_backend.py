@@ -335,3 +335,12 @@ def test_argmax_and_sampling(gpu):
             if k:
                 assert logits[b, got[b]] >= np.sort(logits[b])[-k]
     assert same / total > 0.95, f"GPU and NumPy samplers agree on {same}/{total} draws"
+
+
+def test_unknown_pdl_kind_is_refused(gpu):
+    """NTR_PDL names kernel kinds; a misspelt one is an error that says which, and the
+    setting stays as it was."""
+    saved = gpu.pdl_setting
+    with pytest.raises(ValueError, match="bogus"):
+        gpu.use_pdl("gemv,bogus")
+    assert gpu.pdl_setting == saved
