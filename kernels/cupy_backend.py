@@ -732,10 +732,9 @@ class CupyBackend(Backend):
         gu = _rows2(gu)
         T, F = gu.shape[0], gu.shape[1] // 2
         out = cp.empty((T, F), dtype)
-        n = T * F
-        if n:
-            self._launch("norm", self.k.get("misc.cu", "swiglu"), (max(1, min(-(-n // 256), 132 * 8)),), (256,),
-                         (gu, np.int32(gu.strides[0] // 4), np.int32(T), np.int32(F), out, np.int32(F),
+        if T and F:
+            self._launch("norm", self.k.get("misc.cu", "swiglu"), (-(-F // 1024), T), (256,),
+                         (gu, np.int32(gu.strides[0] // 4), np.int32(F), out, np.int32(F),
                           np.int32(dtype == cp.float16)))
         return out
 

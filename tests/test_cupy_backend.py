@@ -223,6 +223,18 @@ def test_elementwise_ops(gpu):
     assert rel_err(gpu.to_numpy(gpu.rmsnorm(gpu.asarray(x), gpu.asarray(w), 1e-5)), cpu.rmsnorm(x, w, 1e-5)) < 1e-6
     gu = rng.standard_normal((T, 2 * 300)).astype(np.float32)
     assert rel_err(gpu.to_numpy(gpu.swiglu(gpu.asarray(gu))), cpu.swiglu(gu)) < 1e-6
+    # the tensor-core products' fp16 inputs: rows of 4-value loads, an odd length, and rows
+    # that do not start on 16 bytes (the element-wise path)
+    for n, off in ((300, 0), (301, 0), (300, 1)):
+        xs = rng.standard_normal((T, n + off)).astype(np.float32)
+        ws = rng.standard_normal(n).astype(np.float32)
+        gus = rng.standard_normal((T, 2 * n + off)).astype(np.float32)
+        for dtype, bound in ((cupy.float32, 1e-6), (cupy.float16, 1e-3)):
+            with gpu.stream:  # the private kernels run on the current stream
+                norm = gpu._rmsnorm(gpu.asarray(xs)[:, off:], gpu.asarray(ws), 1e-5, dtype)
+                act = gpu._swiglu(gpu.asarray(gus)[:, off:], dtype)
+            assert rel_err(gpu.to_numpy(norm).astype(np.float32), cpu.rmsnorm(xs[:, off:], ws, 1e-5)) < bound, (n, off)
+            assert rel_err(gpu.to_numpy(act).astype(np.float32), cpu.swiglu(gus[:, off:])) < bound, (n, off)
     a, b = rng.standard_normal((2, T, 300)).astype(np.float32)
     assert rel_err(gpu.to_numpy(gpu.add(gpu.asarray(a), gpu.asarray(b))), a + b) < 1e-7
     q = rng.standard_normal((T, H, D)).astype(np.float32)
