@@ -57,7 +57,8 @@ QMMA_BLOCKS_PER_SM = 2  # quant.cu MMA_BLOCKS_PER_SM
 QMMA_SMEM = 2 * (QMMA_BM + QMMA_MAX_T) * QMMA_BK * 2  # two stages of the fp16 weight and x tiles
 GEMV_WARPS = 4
 # launch kinds a decode graph may launch programmatically: 1-token GEMVs, their input
-# quantizers, attention, the tensor-core products and their fp16 RMSNorm/SwiGLU inputs
+# quantizers, attention, the tensor-core products, and (norm) their fp16 RMSNorm/SwiGLU
+# inputs and zeroed outputs
 PDL_KINDS = ("gemv", "quantize", "attention", "qmma", "norm")
 DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
 MAXG = 8  # query heads per KV head the attention kernels hold
@@ -265,12 +266,13 @@ class Swiglu(_Lazy):
         return self.ops._swiglu(self.gu, cp.float32)
 
 
-class Quantized(_Lazy):
-    """Computed activation rows and their integer copy for a dp4a GEMV (xq, ds as
-    quantize_x lays them out), made by the kernel that computed the row (decode attention)."""
+class Attended(_Lazy):
+    """Decode attention's output rows with the copy the next product reads, made by the same
+    kernel: for a dp4a GEMV the integers xq, ds (as quantize_x lays them out), for the
+    tensor-core product an fp16 copy (half); the other copy is None."""
 
-    def __init__(self, value, xq, ds):
-        self._value, self.xq, self.ds = value, xq, ds
+    def __init__(self, value, xq=None, ds=None, half=None):
+        self._value, self.xq, self.ds, self.half = value, xq, ds, half
         self.shape = value.shape
 
 
@@ -581,7 +583,7 @@ class CupyBackend(Backend):
         q8 = next((seg for seg in w.segments if seg.qtype in Q8_ROWS), None)
         nw, eps, mode = None, 0.0, 0
         aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
-        if isinstance(x, Quantized) and all(seg.qtype in Q8_ROWS for seg in w.segments):
+        if isinstance(x, Attended) and x.xq is not None and all(seg.qtype in Q8_ROWS for seg in w.segments):
             src = None  # attention already made the integer copy, the only input the products read
         elif K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
             src, nw, eps, mode = _rows2(x.x), x.weight, x.eps, 1
@@ -596,7 +598,7 @@ class CupyBackend(Backend):
                 src = padded
         bias, res, sr = _epilogue_operand(y)
         so = out.strides[0] // 4
-        if isinstance(x, Quantized):
+        if isinstance(x, Attended) and x.xq is not None:
             xq, ds = x.xq, x.ds
         elif q8 is not None:  # one integer copy of the input serves every dp4a segment and token chunk
             xq, ds = self._quantize_x(q8.qtype, src, K, mode, nw, eps)
@@ -665,6 +667,8 @@ class CupyBackend(Backend):
         return xq, ds
 
     def _fp16_input(self, x):
+        if isinstance(x, Attended) and x.half is not None:
+            return x.half
         if isinstance(x, Normed):
             return self._rmsnorm(x.x, x.weight, x.eps, cp.float16)
         if isinstance(x, Swiglu):
@@ -684,7 +688,9 @@ class CupyBackend(Backend):
             zero |= bool((starts % steps).any())  # a tile shared by blocks: atomic adds
             launches.append((seg, grid))
         if zero:
-            out.fill(0)
+            n = out.size
+            self._launch("norm", self.k.get("misc.cu", "zero"), (max(1, min(-(-n // 1024), _sm_count() * 8)),),
+                         (256,), (out, np.int32(n)))
         so = out.strides[0] // 4
         with self._segment_branch(w) as branch:
             for i, (seg, grid) in enumerate(launches):
@@ -828,17 +834,19 @@ class CupyBackend(Backend):
                            cp.empty((B * KVH * max_splits * MAXG * 2,), cp.float32),
                            cp.zeros((B * KVH,), cp.int32))
                 step.decode_scratch[(B, KVH, max_splits, D)] = scratch
-            # products on this few tokens are GEMVs: the output also as their integer input
-            gemv = T <= GEMV_MAX_T
+            # the output also as the next product reads it: integers for a GEMV, fp16 for
+            # the tensor cores
+            gemv, mma = T <= GEMV_MAX_T, GEMV_MAX_T < T <= QMMA_MAX_T
             xq = cp.empty((T, -(-H * D // 2048) * XQ_RUN), cp.int8) if gemv else None
             ds = cp.empty((T, H * D // 32, 2), cp.float32) if gemv else None
+            half = cp.empty((T, H * D), cp.float16) if mma else None
             self._launch("attention", self.k.get("attention.cu", f"attn_decode_{D}"), (max_splits, KVH, B), (256,),
                          (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
                           np.int32(neox), k_cache, v_cache, step.tables, np.int32(W), step.ctx, step.slots,
                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch,
-                          np.int32(max_splits), out, _ptr(xq), np.int32(xq.shape[1] if gemv else 0), _ptr(ds)))
-            if gemv:
-                return Quantized(out, xq, ds)
+                          np.int32(max_splits), out, _ptr(half), _ptr(xq), np.int32(xq.shape[1] if gemv else 0),
+                          _ptr(ds)))
+            return Attended(out, xq, ds, half)
         else:
             self.k.get("attention.cu", f"kv_store_{D}")(
                 (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), k_cache, v_cache,

@@ -17,7 +17,7 @@ cupy = pytest.importorskip("cupy")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from kernels import AttentionBatch, get_backend  # noqa: E402
-from kernels.cupy_backend import GEMV_MAX_T, Q8_ROWS  # noqa: E402
+from kernels.cupy_backend import GEMV_MAX_T, Q8_ROWS, QMMA_MAX_T  # noqa: E402
 from kernels.numpy_backend import matmul_q8, quantize_q8, quantize_q8_input  # noqa: E402
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize  # noqa: E402
 from workers.gguf_file import TensorInfo  # noqa: E402
@@ -275,7 +275,8 @@ class Tables:
 @pytest.mark.parametrize("H,KVH,D", [(14, 2, 64), (32, 8, 128), (8, 8, 96), (16, 2, 128)])
 def test_attention_prefill_then_decode(gpu, H, KVH, D):
     """A prefill chunk of several sequences (one continuing a cached context), then
-    single-token decode steps through flash-decoding with several splits; RoPE fused."""
+    single-token decode steps through flash-decoding with several splits; RoPE fused. Decode
+    steps also check the copy of the output made for the next product (integers or fp16)."""
     rng = np.random.default_rng()
     bs, nblocks = 16, 256
     inv_freq = 10000.0 ** (-np.arange(0, D, 2) / D)
@@ -303,6 +304,8 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D):
             ds = gpu.to_numpy(got.ds)
             assert rel_err(ds[..., 0], d) < 1e-6
             assert np.array_equal(ds[..., 1], qi.reshape(T, -1, 32).sum(-1, dtype=np.int64))
+        if all(n == 1 for *_, n in seqs) and GEMV_MAX_T < T <= QMMA_MAX_T:  # for the tensor cores: fp16
+            assert np.array_equal(gpu.to_numpy(got.half), gpu.to_numpy(got).astype(np.float16))
         written = batch.slot_mapping
         kg = gpu.to_numpy(kc_g).reshape(-1, KVH, D)[written]
         assert rel_err(kg, kc_c.reshape(-1, KVH, D)[written]) < 1e-3

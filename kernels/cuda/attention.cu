@@ -220,6 +220,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 // otherwise (max, sum, unnormalised output) per head, and the last split to finish (atomic
 // counter, reset by it for the next launch) merges them: one kernel per layer in the graph.
 // The new token's k (rotated) and v come from the inputs; split 0 stores them in the cache.
+// With out16 set, the output is also written in fp16 (a tensor-core product's input).
 // With xq set, the block that writes a head group's output also quantizes it per 32 values
 // (common.cu quantize8) for the dp4a product after it, which then needs no quantize_x.
 template <int D>
@@ -229,7 +230,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             u16* kc, u16* vc, const int* __restrict__ tables, int W,
                                             const int* __restrict__ ctx_lens, const int* __restrict__ slots, int H,
                                             int KVH, int bs, int chunk, float scale, float* part_o, float* part_ml,
-                                            int* counters, int max_splits, float* __restrict__ out, u8* xq, int sxq,
+                                            int* counters, int max_splits, float* __restrict__ out, u16* out16, u8* xq, int sxq,
                                             float2* xds) {
     constexpr int P = D / 32, RS = D + 8, HPW = MAXG / DEC_WARPS;
     __shared__ __align__(16) float q_s[MAXG * D];
@@ -358,6 +359,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
 #pragma unroll
             for (int i = 0; i < P; i++) {
                 out[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = o[h][i] * inv;
+                if (out16) out16[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = f2h(o[h][i] * inv);
                 q_s[g * D + lane * P + i] = o[h][i] * inv;
             }
         } else {
@@ -391,6 +393,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                 O += vo[s2 * MAXG * D + i] * c;
             }
             out[(size_t)b * H * D + kh * G * D + i] = O / L;
+            if (out16) out16[(size_t)b * H * D + kh * G * D + i] = f2h(O / L);
             q_s[i] = O / L;
         }
         if (threadIdx.x == 0) counters[b * KVH + kh] = 0;
@@ -426,9 +429,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                         const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, u16* kc,     \
                         u16* vc, const int* tables, int W, const int* ctx_lens, const int* slots, int H, int KVH,    \
                         int bs, int chunk, float scale, float* part_o, float* part_ml, int* counters,               \
-                        int max_splits, float* out, u8* xq, int sxq, float2* xds) {                                   \
+                        int max_splits, float* out, u16* out16, u8* xq, int sxq, float2* xds) {                       \
         attn_decode<D>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W, ctx_lens,  \
-                       slots, H, KVH, bs, chunk, scale, part_o, part_ml, counters, max_splits, out, xq, sxq, xds);   \
+                       slots, H, KVH, bs, chunk, scale, part_o, part_ml, counters, max_splits, out, out16, xq, sxq,  \
+                       xds);                                                                                          \
     }
 DEF_ATTN(64)
 DEF_ATTN(96)

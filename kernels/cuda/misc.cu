@@ -1,6 +1,8 @@
 // Element-wise and row-wise kernels (used where a fused path does not apply: the fp16 inputs
 // of the tensor-core products, op tests), and sampling on the device so only token ids leave
-// it. rmsnorm and swiglu may be launched programmatically (common.cu pdl_wait).
+// it. rmsnorm, swiglu and zero may be launched programmatically (common.cu pdl_wait); they
+// let the product after them launch only once the kernel before them has finished, so that
+// its blocks do not compete with that kernel's last wave (as quant.cu's quantize_x).
 
 // Output value k, or values 4 i4 .. 4 i4 + 3, of a row of fp16 or fp32.
 __device__ __forceinline__ void store1(void* row, int k, float y, int f16) {
@@ -23,8 +25,8 @@ __device__ __forceinline__ bool by4(const void* in, int sx, const void* out, int
 extern "C" __global__ void __launch_bounds__(256)
     rmsnorm(const float* __restrict__ x, int sx, const float* __restrict__ w, float eps, int K, void* out, int so, int f16) {
     __shared__ float red[32];
-    pdl_trigger();
     pdl_wait();
+    pdl_trigger();
     const float* xr = x + (size_t)blockIdx.x * sx;
     void* orow = (u8*)out + (size_t)blockIdx.x * so * (f16 ? 2 : 4);
     const int n4 = by4(x, sx, out, so, K) && ((size_t)w & 15) == 0 ? K / 4 : 0;
@@ -47,8 +49,8 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 // silu(gu[t, :F]) * gu[t, F:], fp32 or fp16 out. Grid (blocks along F, T); four values per
 // load where the rows allow.
 extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int F, void* out, int so, int f16) {
-    pdl_trigger();
     pdl_wait();
+    pdl_trigger();
     const int t = blockIdx.y, step = gridDim.x * blockDim.x;
     const float* g = gu + (size_t)t * sg;
     void* orow = (u8*)out + (size_t)t * so * (f16 ? 2 : 4);
@@ -58,6 +60,17 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int F, v
         store4(orow, i, make_float4(silu_mul(a.x, b.x), silu_mul(a.y, b.y), silu_mul(a.z, b.z), silu_mul(a.w, b.w)), f16);
     }
     for (int f = 4 * n4 + blockIdx.x * blockDim.x + threadIdx.x; f < F; f += step) store1(orow, f, silu_mul(g[f], g[F + f]), f16);
+}
+
+// p[0:n] = 0 (16-byte aligned): the stream-K tensor-core products add into a zeroed output.
+// It writes after pdl_wait: the buffer may be memory a kernel before it still reads.
+extern "C" __global__ void zero(float* __restrict__ p, int n) {
+    pdl_wait();
+    pdl_trigger();
+    const int step = gridDim.x * blockDim.x;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n / 4; i += step)
+        ((float4*)p)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i = 4 * (n / 4) + blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) p[i] = 0.0f;
 }
 
 // out[t, h, :] = rope(x[t, h, :]); x rows of `heads * D` floats with row stride sx.
