@@ -412,6 +412,7 @@ class CupyBackend(Backend):
         self._pdl_launch = PdlLauncher() if self.pdl_supported else None
         self._capturing = False
         self.branch_segments = True
+        self.zero_in_inputs = True  # a stream-K product's output zeroed by its input's kernel (misc.cu)
         self._side = cp.cuda.Stream(non_blocking=True)
         self._fork, self._join = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
         self.use_pdl(os.environ.get("NTR_PDL", ",".join(PDL_KINDS)))
@@ -666,18 +667,18 @@ class CupyBackend(Backend):
                       np.int32(xq.shape[1]), ds, np.int32(K // 32)))
         return xq, ds
 
-    def _fp16_input(self, x):
+    def _fp16_input(self, x, zero=None):
+        """x for the tensor cores, and whether the kernel that made it also zeroed `zero`."""
         if isinstance(x, Attended) and x.half is not None:
-            return x.half
+            return x.half, False
         if isinstance(x, Normed):
-            return self._rmsnorm(x.x, x.weight, x.eps, cp.float16)
+            return self._rmsnorm(x.x, x.weight, x.eps, cp.float16, zero), zero is not None
         if isinstance(x, Swiglu):
-            return self._swiglu(x.gu, cp.float16)
-        return cp.ascontiguousarray(_materialize(x), dtype=cp.float16)
+            return self._swiglu(x.gu, cp.float16, zero), zero is not None
+        return cp.ascontiguousarray(_materialize(x), dtype=cp.float16), False
 
     def _qmma(self, x, w: QMatrix, y, out):
         T, K = x.shape[0], w.K
-        x16 = self._fp16_input(x)
         bias, res, sr = _epilogue_operand(y)
         steps = K // QMMA_BK
         launches, zero = [], False
@@ -687,7 +688,8 @@ class CupyBackend(Backend):
             starts = np.arange(1, grid, dtype=np.int64) * total // grid
             zero |= bool((starts % steps).any())  # a tile shared by blocks: atomic adds
             launches.append((seg, grid))
-        if zero:
+        x16, zeroed = self._fp16_input(x, out if zero and self.zero_in_inputs else None)
+        if zero and not zeroed:
             n = out.size
             self._launch("norm", self.k.get("misc.cu", "zero"), (max(1, min(-(-n // 1024), _sm_count() * 8)),),
                          (256,), (out, np.int32(n)))
@@ -709,7 +711,7 @@ class CupyBackend(Backend):
     def _gemm(self, x, w: QMatrix, out):
         """Tensor-core path: fp16 input, each weight chunk dequantized to scratch, cuBLAS fp32 out."""
         T, K, N = x.shape[0], w.K, w.rows
-        x16 = self._fp16_input(x)
+        x16, _ = self._fp16_input(x)
         if self._scratch is None:
             self._scratch = cp.empty((SCRATCH_ELEMS,), cp.float16)
         chunk = max(1, SCRATCH_ELEMS // K)
@@ -724,24 +726,28 @@ class CupyBackend(Backend):
                     x16.data.ptr, _R_16F, K, self._zero.ctypes.data, out.data.ptr + (seg.row0 + r) * 4, _R_32F, N,
                     _COMPUTE_32F, _GEMM_DEFAULT)
 
-    def _rmsnorm(self, x, weight, eps, dtype):
+    def _rmsnorm(self, x, weight, eps, dtype, zero=None):
+        """RMSNorm of x's rows into a new dtype array; zero: a contiguous float32 array the
+        kernel also zeroes (misc.cu zero_span)."""
         x = _rows2(x)
         T, K = x.shape
         out = cp.empty((T, K), dtype)
         if T:
-            self._launch("norm", self.k.get("misc.cu", "rmsnorm"), (T,), (256,),
-                         (x, np.int32(x.strides[0] // 4), weight, np.float32(eps), np.int32(K), out, np.int32(K),
-                          np.int32(dtype == cp.float16)))
+            zn = 0 if zero is None else zero.size
+            self._launch("norm", self.k.get("misc.cu", "rmsnorm"), (max(T, min(-(-zn // 1024), _sm_count() * 8)),),
+                         (256,), (x, np.int32(x.strides[0] // 4), weight, np.float32(eps), np.int32(K), out,
+                                  np.int32(K), np.int32(dtype == cp.float16), _ptr(zero), np.int32(zn), np.int32(T)))
         return out
 
-    def _swiglu(self, gu, dtype):
+    def _swiglu(self, gu, dtype, zero=None):
+        """silu(gate) * up into a new dtype array; zero as in _rmsnorm."""
         gu = _rows2(gu)
         T, F = gu.shape[0], gu.shape[1] // 2
         out = cp.empty((T, F), dtype)
         if T and F:
             self._launch("norm", self.k.get("misc.cu", "swiglu"), (-(-F // 1024), T), (256,),
                          (gu, np.int32(gu.strides[0] // 4), np.int32(F), out, np.int32(F),
-                          np.int32(dtype == cp.float16)))
+                          np.int32(dtype == cp.float16), _ptr(zero), np.int32(0 if zero is None else zero.size)))
         return out
 
     def rmsnorm(self, x, weight, eps):

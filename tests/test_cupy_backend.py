@@ -231,10 +231,13 @@ def test_elementwise_ops(gpu):
         gus = rng.standard_normal((T, 2 * n + off)).astype(np.float32)
         for dtype, bound in ((cupy.float32, 1e-6), (cupy.float16, 1e-3)):
             with gpu.stream:  # the private kernels run on the current stream
-                norm = gpu._rmsnorm(gpu.asarray(xs)[:, off:], gpu.asarray(ws), 1e-5, dtype)
-                act = gpu._swiglu(gpu.asarray(gus)[:, off:], dtype)
+                # each also zeroes the next product's output (a tail past the last float4)
+                zeroed = [cupy.full((T, 37), np.nan, cupy.float32) for _ in range(2)]
+                norm = gpu._rmsnorm(gpu.asarray(xs)[:, off:], gpu.asarray(ws), 1e-5, dtype, zeroed[0])
+                act = gpu._swiglu(gpu.asarray(gus)[:, off:], dtype, zeroed[1])
             assert rel_err(gpu.to_numpy(norm).astype(np.float32), cpu.rmsnorm(xs[:, off:], ws, 1e-5)) < bound, (n, off)
             assert rel_err(gpu.to_numpy(act).astype(np.float32), cpu.swiglu(gus[:, off:])) < bound, (n, off)
+            assert all(np.array_equal(gpu.to_numpy(z), np.zeros((T, 37), np.float32)) for z in zeroed)
     a, b = rng.standard_normal((2, T, 300)).astype(np.float32)
     assert rel_err(gpu.to_numpy(gpu.add(gpu.asarray(a), gpu.asarray(b))), a + b) < 1e-7
     q = rng.standard_normal((T, H, D)).astype(np.float32)

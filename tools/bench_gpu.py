@@ -310,7 +310,8 @@ def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
 
 def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
     """tg128 (batch 1) or decode x`batch` again with a backend setting changed (use_pdl's
-    kinds, or branch_segments), then the setting back; graphs are recaptured both ways."""
+    kinds, branch_segments, zero_in_inputs), then the setting back; graphs are recaptured
+    both ways."""
     ops = engine.ops
 
     def apply(v):
@@ -500,6 +501,8 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
                 extra = f"(GPU graph replay {us:.0f} us/step = {b * 1e6 / us:.0f} tok/s)"
                 for kinds in filter(None, args.pdl_variants.split(";")):
                     extra += f"; NTR_PDL={kinds}: {rerun(engine, cp, rng, b, 'pdl', kinds)}"
+                if args.zero_apart:
+                    extra += f"; outputs zeroed apart: {rerun(engine, cp, rng, b, 'zero_in_inputs', False)}"
                 row(f"decode x{b}", tok_s, extra=extra)
             except Exception:
                 notes.append(f"{name} decode x{b} failed:\n{traceback.format_exc()}")
@@ -545,6 +548,8 @@ def main() -> None:
                     "and decode xN with too")
     ap.add_argument("--unbranched", action="store_true", help="time tg128 with a stacked weight's segments "
                     "in sequence too (not on a graph branch)")
+    ap.add_argument("--zero-apart", action="store_true", help="time decode xN with the tensor-core products' "
+                    "outputs zeroed by a kernel of their own too (not by their input's)")
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama.cpp's llama-bench and "
                     "llama-batched-bench from BIN_DIR on the same replicas (once BIN_DIR/../../building is gone)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))

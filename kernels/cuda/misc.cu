@@ -19,14 +19,28 @@ __device__ __forceinline__ bool by4(const void* in, int sx, const void* out, int
     return ((n | sx | so) & 3) == 0 && (((size_t)in | (size_t)out) & 15) == 0;
 }
 
+// p[0:n] = 0 (16-byte aligned) by all threads of the grid: a stream-K tensor-core product's
+// output, which its blocks add into. Only after pdl_wait: it may be memory a kernel before
+// still reads. rmsnorm and swiglu zero the output of the product they feed (zp, zn; zn = 0:
+// none), saving that product a kernel of its own.
+__device__ __forceinline__ void zero_span(float* __restrict__ p, int n) {
+    const int step = gridDim.x * gridDim.y * blockDim.x;
+    const int i0 = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+    for (int i = i0; i < n / 4; i += step) ((float4*)p)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (int i = 4 * (n / 4) + i0; i < n; i += step) p[i] = 0.0f;
+}
+
 // y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, fp32 or fp16 out. One block per row, four
 // values per load where the rows allow (the tensor-core products' inputs: 64 rows of 4096
-// took 7 us one value at a time).
+// took 7 us one value at a time). Blocks past row T only take part in zero_span.
 extern "C" __global__ void __launch_bounds__(256)
-    rmsnorm(const float* __restrict__ x, int sx, const float* __restrict__ w, float eps, int K, void* out, int so, int f16) {
+    rmsnorm(const float* __restrict__ x, int sx, const float* __restrict__ w, float eps, int K, void* out, int so, int f16,
+            float* zp, int zn, int T) {
     __shared__ float red[32];
     pdl_wait();
     pdl_trigger();
+    zero_span(zp, zn);
+    if (blockIdx.x >= T) return;  // blocks beyond the rows only help zero
     const float* xr = x + (size_t)blockIdx.x * sx;
     void* orow = (u8*)out + (size_t)blockIdx.x * so * (f16 ? 2 : 4);
     const int n4 = by4(x, sx, out, so, K) && ((size_t)w & 15) == 0 ? K / 4 : 0;
@@ -48,9 +62,11 @@ __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f +
 
 // silu(gu[t, :F]) * gu[t, F:], fp32 or fp16 out. Grid (blocks along F, T); four values per
 // load where the rows allow.
-extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int F, void* out, int so, int f16) {
+extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int F, void* out, int so, int f16, float* zp,
+                                  int zn) {
     pdl_wait();
     pdl_trigger();
+    zero_span(zp, zn);
     const int t = blockIdx.y, step = gridDim.x * blockDim.x;
     const float* g = gu + (size_t)t * sg;
     void* orow = (u8*)out + (size_t)t * so * (f16 ? 2 : 4);
@@ -62,15 +78,11 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int F, v
     for (int f = 4 * n4 + blockIdx.x * blockDim.x + threadIdx.x; f < F; f += step) store1(orow, f, silu_mul(g[f], g[F + f]), f16);
 }
 
-// p[0:n] = 0 (16-byte aligned): the stream-K tensor-core products add into a zeroed output.
-// It writes after pdl_wait: the buffer may be memory a kernel before it still reads.
+// zero_span as a kernel of its own, where no rmsnorm or swiglu runs before the product.
 extern "C" __global__ void zero(float* __restrict__ p, int n) {
     pdl_wait();
     pdl_trigger();
-    const int step = gridDim.x * blockDim.x;
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n / 4; i += step)
-        ((float4*)p)[i] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    for (int i = 4 * (n / 4) + blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) p[i] = 0.0f;
+    zero_span(p, n);
 }
 
 // out[t, h, :] = rope(x[t, h, :]); x rows of `heads * D` floats with row stride sx.
