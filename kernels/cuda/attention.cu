@@ -9,7 +9,7 @@
 #define MAXG 8
 #define ATT_WARPS 4
 #define DECODE_MAX_CHUNK 64  // keys per decode split, staged in shared memory at once
-#define DEC_WARPS 8          // decode: one warp per query head of the group (G <= 8)
+#define DEC_WARPS 8          // decode: a warp per query head of the group (G <= 8), or per key share of one
 #define LOG2E 1.4426950408889634f
 
 // Values of one lane's D/32 consecutive dims of an fp16 row.
@@ -290,6 +290,11 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         }
     }
 
+    // With fewer query heads than warps (8B: 4 per KV head), the otherwise idle warps take a
+    // share of the keys: warp w runs head w % G over key tiles kg = w / G, kg + KS, ..., and
+    // the shares are merged below. gw is the warp's first head (G: none).
+    const int KS = max(1, DEC_WARPS / G);
+    const int kg = KS > 1 ? warp / G : 0, gw = KS > 1 ? (warp < G * KS ? warp % G : G) : warp;
     float m[HPW], l[HPW], o[HPW][P];
 #pragma unroll
     for (int h = 0; h < HPW; h++) {
@@ -298,7 +303,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         for (int i = 0; i < P; i++) o[h][i] = 0.0f;
     }
     __syncthreads();
-    for (int k0 = 0; k0 < n; k0 += 32) {
+    for (int k0 = 32 * kg; k0 < n; k0 += 32 * KS) {
         const int nk = min(32, n - k0);
         const bool vis = lane < nk;
         float s[HPW];
@@ -311,7 +316,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                  h2f(u.z & 0xFFFF), h2f(u.z >> 16), h2f(u.w & 0xFFFF), h2f(u.w >> 16)};
 #pragma unroll
             for (int h = 0; h < HPW; h++) {
-                const int g = warp + h * DEC_WARPS;
+                const int g = gw + h * DEC_WARPS;
                 if (g < G) {
                     const float4 qa = *(const float4*)(q_s + g * D + c * 8), qb = *(const float4*)(q_s + g * D + c * 8 + 4);
                     s[h] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
@@ -322,7 +327,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         float pr[HPW];
 #pragma unroll
         for (int h = 0; h < HPW; h++) {
-            if (warp + h * DEC_WARPS < G) {
+            if (gw + h * DEC_WARPS < G) {
                 const float sg = vis ? s[h] : NEG_INF;
                 const float mn = fmaxf(m[h], warp_max(sg));
                 pr[h] = vis ? exp2f(sg - mn) : 0.0f;
@@ -338,7 +343,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             load_dims<D>(v_s + (k0 + kk) * RS, lane, vf);
 #pragma unroll
             for (int h = 0; h < HPW; h++) {
-                if (warp + h * DEC_WARPS < G) {
+                if (gw + h * DEC_WARPS < G) {
                     const float pk = __shfl_sync(FULL_MASK, pr[h], kk);
 #pragma unroll
                     for (int i = 0; i < P; i++) o[h][i] = fmaf(pk, vf[i], o[h][i]);
@@ -346,14 +351,35 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             }
         }
     }
-    // the outputs also go to q_s (each warp's q rows are its own head's, so no barrier first),
-    // from where the quantized copy for the next product is made
+    if (KS > 1) {  // each head's key shares into its first warp (k_s is free once all are past it)
+        float* share = (float*)k_s;  // [DEC_WARPS][D + 2]: o, then m and l
+        __syncthreads();
+        if (kg > 0 && gw < G) {
+#pragma unroll
+            for (int i = 0; i < P; i++) share[warp * (D + 2) + lane * P + i] = o[0][i];
+            if (lane == 0) { share[warp * (D + 2) + D] = m[0]; share[warp * (D + 2) + D + 1] = l[0]; }
+        }
+        __syncthreads();
+        if (kg == 0 && gw < G) {
+            for (int s2 = 1; s2 < KS; s2++) {
+                const float* sh = share + (gw + s2 * G) * (D + 2);
+                const float m2 = sh[D], mx = fmaxf(m[0], m2);  // m[0] is finite: share 0 has keys
+                const float a = exp2f(m[0] - mx), c = exp2f(m2 - mx);
+                l[0] = l[0] * a + sh[D + 1] * c;
+#pragma unroll
+                for (int i = 0; i < P; i++) o[0][i] = o[0][i] * a + sh[lane * P + i] * c;
+                m[0] = mx;
+            }
+        }
+    }
+    // the outputs also go to q_s (each head's q row is read only by its own warps, which are
+    // past it), from where the quantized copy for the next product is made
     float* po = part_o + ((size_t)(b * KVH + kh) * max_splits + sp) * (MAXG * D);
     float* pml = part_ml + ((size_t)(b * KVH + kh) * max_splits + sp) * (MAXG * 2);
 #pragma unroll
     for (int h = 0; h < HPW; h++) {
-        const int g = warp + h * DEC_WARPS;
-        if (g >= G) continue;
+        const int g = gw + h * DEC_WARPS;
+        if (g >= G || kg > 0) continue;
         if (nsplit == 1) {
             const float inv = 1.0f / l[h];
 #pragma unroll
