@@ -128,6 +128,13 @@ def _ptr(a) -> np.uint64:
     return np.uint64(0 if a is None else a.data.ptr)
 
 
+def _zero_span(zero) -> tuple[tuple, int]:
+    """misc.cu zero_span's arguments for a float32 array to zero (None: none), and the blocks
+    that zero it at 1024 values each, at most 8 per SM."""
+    n = 0 if zero is None else zero.size
+    return (_ptr(zero), np.int32(n)), min(-(-n // 1024), _sm_count() * 8)
+
+
 class Kernels:
     """The CUDA modules, compiled at first use (CuPy caches the binaries on disk)."""
 
@@ -269,7 +276,8 @@ class Swiglu(_Lazy):
 class Attended(_Lazy):
     """Decode attention's output rows with the copy the next product reads, made by the same
     kernel: for a dp4a GEMV the integers xq, ds (as quantize_x lays them out), for the
-    tensor-core product an fp16 copy (half); the other copy is None."""
+    tensor-core product an fp16 copy (half); copies no product of that many tokens reads
+    are None (beyond QMMA_MAX_T sequences, both)."""
 
     def __init__(self, value, xq=None, ds=None, half=None):
         self._value, self.xq, self.ds, self.half = value, xq, ds, half
@@ -690,9 +698,8 @@ class CupyBackend(Backend):
             launches.append((seg, grid))
         x16, zeroed = self._fp16_input(x, out if zero and self.zero_in_inputs else None)
         if zero and not zeroed:
-            n = out.size
-            self._launch("norm", self.k.get("misc.cu", "zero"), (max(1, min(-(-n // 1024), _sm_count() * 8)),),
-                         (256,), (out, np.int32(n)))
+            args, blocks = _zero_span(out)
+            self._launch("norm", self.k.get("misc.cu", "zero"), (max(1, blocks),), (256,), args)
         so = out.strides[0] // 4
         with self._segment_branch(w) as branch:
             for i, (seg, grid) in enumerate(launches):
@@ -733,10 +740,10 @@ class CupyBackend(Backend):
         T, K = x.shape
         out = cp.empty((T, K), dtype)
         if T:
-            zn = 0 if zero is None else zero.size
-            self._launch("norm", self.k.get("misc.cu", "rmsnorm"), (max(T, min(-(-zn // 1024), _sm_count() * 8)),),
-                         (256,), (x, np.int32(x.strides[0] // 4), weight, np.float32(eps), np.int32(K), out,
-                                  np.int32(K), np.int32(dtype == cp.float16), _ptr(zero), np.int32(zn), np.int32(T)))
+            zargs, zblocks = _zero_span(zero)
+            self._launch("norm", self.k.get("misc.cu", "rmsnorm"), (max(T, zblocks),), (256,),
+                         (x, np.int32(x.strides[0] // 4), weight, np.float32(eps), np.int32(K), out, np.int32(K),
+                          np.int32(dtype == cp.float16), *zargs, np.int32(T)))
         return out
 
     def _swiglu(self, gu, dtype, zero=None):
@@ -747,7 +754,7 @@ class CupyBackend(Backend):
         if T and F:
             self._launch("norm", self.k.get("misc.cu", "swiglu"), (-(-F // 1024), T), (256,),
                          (gu, np.int32(gu.strides[0] // 4), np.int32(F), out, np.int32(F),
-                          np.int32(dtype == cp.float16), _ptr(zero), np.int32(0 if zero is None else zero.size)))
+                          np.int32(dtype == cp.float16), *_zero_span(zero)[0]))
         return out
 
     def rmsnorm(self, x, weight, eps):
