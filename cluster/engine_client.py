@@ -9,6 +9,7 @@ early (a client that disconnects), which frees its KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -62,7 +63,9 @@ class EngineClient:
             del self.queues[request_id]
             raise
         if self.pump is None or self.pump.done():
-            self.pump = asyncio.get_running_loop().create_task(self._pump())
+            # Not a child of this request: Ray cancels what a cancelled request submitted
+            # (its contextvars name the parent task), and the pump serves every stream.
+            self.pump = asyncio.get_running_loop().create_task(self._pump(), context=contextvars.Context())
         return Generation(self, request_id, prompt_tokens, queue)
 
     async def _pump(self) -> None:
@@ -116,4 +119,6 @@ class Generation:
         self.client.queues.pop(self.id, None)
         if not self.finished:
             self.finished = True
-            self.client.worker.cancel.remote(self.id)  # not awaited: this may run inside a cancellation
+            # Not awaited (this may run inside a cancellation), and outside the request's
+            # context: Ray would cancel this call too as the cancelled request's child.
+            contextvars.Context().run(self.client.worker.cancel.remote, self.id)

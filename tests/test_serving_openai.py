@@ -148,19 +148,31 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, model):
                "the refused request's blocks to be freed")
 
 
-def test_disconnect_mid_stream_frees_kv_blocks(server, cluster, model):
+def open_stream(server: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    body = {"model": model, "prompt": "Write a long story.", "max_tokens": 400, "stream": True, "ignore_eos": True}
-    conn.request("POST", "/v1/completions", body=json.dumps(body),
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True, "ignore_eos": True}),
                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200
     assert r.readline().startswith(b"data: ")  # tokens are flowing
+    return conn, r
+
+
+def test_disconnect_mid_stream_frees_its_blocks_and_spares_other_streams(server, cluster, model):
+    # The leaving stream is submitted first, so the replica's event pump starts in its request:
+    # Serve's cancellation of that request must stop it on the worker and reach nothing else.
+    leaving, _ = open_stream(server, {"model": model, "prompt": "Write a long story.", "max_tokens": 400})
+    staying, r = open_stream(server, {"model": model, "prompt": "Count to fifty.", "max_tokens": 40})
     metric = "ray_ntr_kv_blocks_in_use"
-    wait_until(lambda: (cluster.metric(metric) or 0) > 0, 60, "the KV blocks metric to show the stream")
-    conn.sock.close()  # the client goes away mid-stream
-    conn.close()
+    wait_until(lambda: (cluster.metric(metric) or 0) > 0, 60, "the KV blocks metric to show the streams")
+    leaving.sock.close()  # the client goes away mid-stream
+    leaving.close()
+    events = [json.loads(line.removeprefix(b"data: ")) for line in r.read().splitlines()
+              if line.startswith(b"data: {")]
+    staying.close()
+    assert [e for e in events if "error" in e] == []
+    assert len(events) == 39 and events[-1]["choices"][0]["finish_reason"] == "length"
     wait_until(lambda: json.loads(http_get(f"{server}/health"))["kv_blocks_in_use"] == 0, 30,
                "the worker to free the blocks")
     wait_until(lambda: cluster.metric(metric) == 0, 60, "the KV blocks metric to drop to 0")
