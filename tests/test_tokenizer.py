@@ -16,7 +16,8 @@ from workers.gguf_file import GGUFFile
 from workers.synthetic_model import llama_vocab_dir
 from workers.tokenizer import IncrementalDecoder, Tokenizer
 
-VOCAB_DIR = llama_vocab_dir()  # None when missing: test_vocab_files_present says so
+VOCAB_DIR = llama_vocab_dir()
+pytestmark = pytest.mark.usefixtures("vocab_dir")  # where it is missing, every test fails saying so
 VOCABS = ["deepseek-coder", "gpt-2", "llama-bpe", "llama-spm", "phi-3", "qwen2", "starcoder"]
 SEP = "\n__ggml_vocab_test__\n"
 
