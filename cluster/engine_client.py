@@ -33,6 +33,13 @@ class GenerationFailed(RuntimeError):
     pass
 
 
+def outside_request(fn, *args):
+    """fn(*args) outside the caller's Ray task context. Ray cancels every call a cancelled
+    request submitted (it finds the parent through contextvars); what is started here
+    outlives the request: the pump serves every stream, and a cancel must reach the worker."""
+    return contextvars.Context().run(fn, *args)
+
+
 class EngineClient:
     def __init__(self, config: ServerConfig):
         self.config = config
@@ -61,11 +68,10 @@ class EngineClient:
             prompt_tokens = await self.worker.submit.remote(request_id, prompt, params)
         except BaseException:
             del self.queues[request_id]
+            outside_request(self.worker.cancel.remote, request_id)  # a cancellation may come after the worker queued it
             raise
         if self.pump is None or self.pump.done():
-            # Not a child of this request: Ray cancels what a cancelled request submitted
-            # (its contextvars name the parent task), and the pump serves every stream.
-            self.pump = asyncio.get_running_loop().create_task(self._pump(), context=contextvars.Context())
+            self.pump = outside_request(asyncio.get_running_loop().create_task, self._pump())
         return Generation(self, request_id, prompt_tokens, queue)
 
     async def _pump(self) -> None:
@@ -119,6 +125,4 @@ class Generation:
         self.client.queues.pop(self.id, None)
         if not self.finished:
             self.finished = True
-            # Not awaited (this may run inside a cancellation), and outside the request's
-            # context: Ray would cancel this call too as the cancelled request's child.
-            contextvars.Context().run(self.client.worker.cancel.remote, self.id)
+            outside_request(self.client.worker.cancel.remote, self.id)  # not awaited: this may run inside a cancellation
