@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 
+import json
+
 import grpc
 import pytest
 
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
-from serving_cluster import REPO, dev_config, ray_cluster, served_app
+from serving_cluster import REPO, dev_config, http_get, ray_cluster, served_app, wait_until
 
 KEY = "grpc-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -27,11 +29,17 @@ def test_stubs_are_up_to_date(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def stub(real_model_path, tmp_path_factory):
+def served(real_model_path, tmp_path_factory):
+    """(gRPC stub, HTTP base URL) of one served app."""
     config, http_port, grpc_port = dev_config(tmp_path_factory.mktemp("serve"), real_model_path, api_keys=[KEY])
-    with ray_cluster() as cluster, served_app(cluster, config, http_port):
+    with ray_cluster() as cluster, served_app(cluster, config, http_port) as url:
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
-            yield pb_grpc.GenerationStub(channel)
+            yield pb_grpc.GenerationStub(channel), url
+
+
+@pytest.fixture
+def stub(served):
+    return served[0]
 
 
 @pytest.mark.real_model
@@ -71,3 +79,15 @@ def test_errors_carry_status_codes(stub, request_, metadata, code):
         with pytest.raises(grpc.RpcError) as e:
             call(request_, metadata=metadata, timeout=60)
         assert e.value.code() == code and e.value.details()
+
+
+@pytest.mark.real_model
+def test_cancelled_stream_frees_its_kv_blocks(served):
+    stub, url = served
+    blocks_in_use = lambda: json.loads(http_get(f"{url}/health"))["kv_blocks_in_use"]  # noqa: E731
+    call = stub.GenerateStream(pb.GenerateRequest(prompt="Write a long story.", max_tokens=2000, ignore_eos=True),
+                               metadata=AUTH, timeout=300)
+    assert next(call).token_id >= 0  # tokens are flowing
+    assert blocks_in_use() > 0
+    call.cancel()
+    wait_until(lambda: blocks_in_use() == 0, 30, "the worker to free the cancelled stream's blocks")

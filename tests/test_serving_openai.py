@@ -162,7 +162,7 @@ def open_stream(server: str, body: dict) -> tuple[http.client.HTTPConnection, ht
 def test_disconnect_mid_stream_frees_its_blocks_and_spares_other_streams(server, cluster, model):
     # The leaving stream is submitted first, so the replica's event pump starts in its request:
     # Serve's cancellation of that request must stop it on the worker and reach nothing else.
-    leaving, _ = open_stream(server, {"model": model, "prompt": "Write a long story.", "max_tokens": 400})
+    leaving, _ = open_stream(server, {"model": model, "prompt": "Write a long story.", "max_tokens": 2000})
     staying, r = open_stream(server, {"model": model, "prompt": "Count to fifty.", "max_tokens": 40})
     metric = "ray_ntr_kv_blocks_in_use"
     wait_until(lambda: (cluster.metric(metric) or 0) > 0, 60, "the KV blocks metric to show the streams")
