@@ -176,3 +176,16 @@ def test_disconnect_mid_stream_frees_its_blocks_and_spares_other_streams(server,
     wait_until(lambda: json.loads(http_get(f"{server}/health"))["kv_blocks_in_use"] == 0, 30,
                "the worker to free the blocks")
     wait_until(lambda: cluster.metric(metric) == 0, 60, "the KV blocks metric to drop to 0")
+
+
+def test_disconnect_before_a_whole_completion_frees_its_blocks(server, model):
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    body = {"model": model, "prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": True}
+    conn.request("POST", "/v1/completions", body=json.dumps(body),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    health = lambda: json.loads(http_get(f"{server}/health"))  # noqa: E731
+    wait_until(lambda: health()["running_requests"] == 1, 60, "the request to run")
+    conn.sock.close()  # the client gives up before the response
+    conn.close()
+    wait_until(lambda: health()["kv_blocks_in_use"] == 0, 30, "the worker to free the blocks")
