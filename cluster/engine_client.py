@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from ray.exceptions import TaskCancelledError
 from ray.util import metrics
 
 from cluster.config import ServerConfig
@@ -66,9 +67,10 @@ class EngineClient:
         queue = self.queues[request_id] = asyncio.Queue()
         try:
             prompt_tokens = await self.worker.submit.remote(request_id, prompt, params)
-        except BaseException:
+        except BaseException as e:
             del self.queues[request_id]
-            outside_request(self.worker.cancel.remote, request_id)  # a cancellation may come after the worker queued it
+            if isinstance(e, (asyncio.CancelledError, TaskCancelledError)):  # it may land after the worker queued it
+                outside_request(self.worker.cancel.remote, request_id)
             raise
         if self.pump is None or self.pump.done():
             self.pump = outside_request(asyncio.get_running_loop().create_task, self._pump())
