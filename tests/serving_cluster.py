@@ -55,6 +55,11 @@ def http_get(url: str, timeout_s: float = 5.0) -> str | None:
         return None
 
 
+def kv_blocks_in_use(url: str) -> int:
+    """What the served app's /health says its worker's KV cache has handed out."""
+    return json.loads(http_get(f"{url}/health"))["kv_blocks_in_use"]
+
+
 class RayCluster:
     def __init__(self, num_cpus: int = 4):
         (self.gcs_port, self.dashboard_port, self.metrics_port, client, agent, agent_grpc, env_agent, node_mgr,

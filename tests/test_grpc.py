@@ -7,14 +7,12 @@ import os
 import subprocess
 import sys
 
-import json
-
 import grpc
 import pytest
 
 from proto import generation_pb2 as pb
 from proto import generation_pb2_grpc as pb_grpc
-from serving_cluster import REPO, dev_config, http_get, ray_cluster, served_app, wait_until
+from serving_cluster import REPO, dev_config, kv_blocks_in_use, ray_cluster, served_app, wait_until
 
 KEY = "grpc-key"
 AUTH = (("authorization", f"Bearer {KEY}"),)
@@ -84,10 +82,9 @@ def test_errors_carry_status_codes(stub, request_, metadata, code):
 @pytest.mark.real_model
 def test_cancelled_stream_frees_its_kv_blocks(served):
     stub, url = served
-    blocks_in_use = lambda: json.loads(http_get(f"{url}/health"))["kv_blocks_in_use"]  # noqa: E731
     call = stub.GenerateStream(pb.GenerateRequest(prompt="Write a long story.", max_tokens=2000, ignore_eos=True),
                                metadata=AUTH, timeout=300)
     assert next(call).token_id >= 0  # tokens are flowing
-    assert blocks_in_use() > 0
+    assert kv_blocks_in_use(url) > 0
     call.cancel()
-    wait_until(lambda: blocks_in_use() == 0, 30, "the worker to free the cancelled stream's blocks")
+    wait_until(lambda: kv_blocks_in_use(url) == 0, 30, "the worker to free the cancelled stream's blocks")

@@ -10,7 +10,7 @@ import json
 import openai
 import pytest
 
-from serving_cluster import dev_config, http_get, ray_cluster, served_app, wait_until
+from serving_cluster import dev_config, http_get, kv_blocks_in_use, ray_cluster, served_app, wait_until
 
 pytestmark = pytest.mark.real_model
 KEY = "test-key"
@@ -112,11 +112,17 @@ def test_32_concurrent_streams_complete(server, model):
     assert asyncio.run(main()) == [(4, 4)] * 32
 
 
-def post(server: str, path: str, body: bytes | str, key: str | None = KEY) -> tuple[int, dict]:
+def send(server: str, path: str, body: bytes | str, key: str | None = KEY) -> http.client.HTTPConnection:
+    """A POST on a connection of its own; the caller reads the response, or goes away."""
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
     conn.request("POST", path, body=body, headers=headers)
+    return conn
+
+
+def post(server: str, path: str, body: bytes | str, key: str | None = KEY) -> tuple[int, dict]:
+    conn = send(server, path, body, key)
     r = conn.getresponse()
     payload = json.loads(r.read())
     conn.close()
@@ -144,15 +150,12 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, model):
         assert words in payload["error"]["message"], payload
     status, payload = post(server, "/v1/completions", json.dumps(good))
     assert status == 200 and payload["usage"]["completion_tokens"] == 1
-    wait_until(lambda: json.loads(http_get(f"{server}/health"))["kv_blocks_in_use"] == 0, 30,
+    wait_until(lambda: kv_blocks_in_use(server) == 0, 30,
                "the refused request's blocks to be freed")
 
 
 def open_stream(server: str, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-    host, port = server.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True, "ignore_eos": True}),
-                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    conn = send(server, "/v1/completions", json.dumps({**body, "stream": True, "ignore_eos": True}))
     r = conn.getresponse()
     assert r.status == 200
     assert r.readline().startswith(b"data: ")  # tokens are flowing
@@ -173,19 +176,15 @@ def test_disconnect_mid_stream_frees_its_blocks_and_spares_other_streams(server,
     staying.close()
     assert [e for e in events if "error" in e] == []
     assert len(events) == 39 and events[-1]["choices"][0]["finish_reason"] == "length"
-    wait_until(lambda: json.loads(http_get(f"{server}/health"))["kv_blocks_in_use"] == 0, 30,
+    wait_until(lambda: kv_blocks_in_use(server) == 0, 30,
                "the worker to free the blocks")
     wait_until(lambda: cluster.metric(metric) == 0, 60, "the KV blocks metric to drop to 0")
 
 
 def test_disconnect_before_a_whole_completion_frees_its_blocks(server, model):
-    host, port = server.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=120)
     body = {"model": model, "prompt": "Write a long story.", "max_tokens": 2000, "ignore_eos": True}
-    conn.request("POST", "/v1/completions", body=json.dumps(body),
-                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
-    health = lambda: json.loads(http_get(f"{server}/health"))  # noqa: E731
-    wait_until(lambda: health()["running_requests"] == 1, 60, "the request to run")
+    conn = send(server, "/v1/completions", json.dumps(body))
+    wait_until(lambda: json.loads(http_get(f"{server}/health"))["running_requests"] == 1, 60, "the request to run")
     conn.sock.close()  # the client gives up before the response
     conn.close()
-    wait_until(lambda: health()["kv_blocks_in_use"] == 0, 30, "the worker to free the blocks")
+    wait_until(lambda: kv_blocks_in_use(server) == 0, 30, "the worker to free the blocks")
