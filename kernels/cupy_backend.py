@@ -433,6 +433,11 @@ class CupyBackend(Backend):
             raise ValueError(f"NTR_PDL: unknown kinds {sorted(named - set(PDL_KINDS))}; known: {', '.join(PDL_KINDS)}")
         self.pdl_setting = kinds
         self.pdl_kinds = named if self.pdl_supported else set()
+        self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forget the captured decode graphs, so the next decode step captures anew: after a
+        setting that changes what they launch (use_pdl, branch_segments, zero_in_inputs)."""
         self._graphs.clear()
         self._last_graph = None
 
@@ -590,9 +595,10 @@ class CupyBackend(Backend):
     def _gemv(self, x, w: QMatrix, y, out):
         T, K = x.shape[0], w.K
         q8 = next((seg for seg in w.segments if seg.qtype in Q8_ROWS), None)
+        prequantized = isinstance(x, Attended) and x.xq is not None
         nw, eps, mode = None, 0.0, 0
         aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
-        if isinstance(x, Attended) and x.xq is not None and all(seg.qtype in Q8_ROWS for seg in w.segments):
+        if prequantized and all(seg.qtype in Q8_ROWS for seg in w.segments):
             src = None  # attention already made the integer copy, the only input the products read
         elif K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
             src, nw, eps, mode = _rows2(x.x), x.weight, x.eps, 1
@@ -607,7 +613,7 @@ class CupyBackend(Backend):
                 src = padded
         bias, res, sr = _epilogue_operand(y)
         so = out.strides[0] // 4
-        if isinstance(x, Attended) and x.xq is not None:
+        if prequantized:
             xq, ds = x.xq, x.ds
         elif q8 is not None:  # one integer copy of the input serves every dp4a segment and token chunk
             xq, ds = self._quantize_x(q8.qtype, src, K, mode, nw, eps)

@@ -319,8 +319,7 @@ def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
             ops.use_pdl(v)
         else:
             setattr(ops, setting, v)
-            ops._graphs.clear()
-            ops._last_graph = None
+            ops.drop_graphs()
 
     saved = ops.pdl_setting if setting == "pdl" else getattr(ops, setting)
     try:
@@ -348,7 +347,7 @@ def launch_counts(engine, rng) -> str:
 
     ops._launch = counting
     try:
-        ops.use_pdl(ops.pdl_setting)  # drops the captured graphs
+        ops.drop_graphs()
         decode(engine, 1, 1, 2, rng)
     finally:
         del ops._launch
