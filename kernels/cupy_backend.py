@@ -284,6 +284,24 @@ class Attended(_Lazy):
         self.shape = value.shape
 
 
+class Product(_Lazy):
+    """A 1-token product not run yet (matmul at T = 1, one dp4a format, whole 32-value blocks of
+    outputs): the product reading it picks how it runs. Read through an RMSNorm by another
+    dp4a product, it also rounds its output for that product (quant.cu gemv_q8_round), so no
+    quantizer kernel runs between the two; read any other way, it runs plainly."""
+
+    def __init__(self, ops, x, w: QMatrix, y):
+        self.ops, self.x, self.w, self.y = ops, x, w, y
+        self.shape = (1, w.rows)
+        self.rounded = None  # (xq, ds, ss): the rounded copy, once made
+
+    def _compute(self):
+        out = cp.empty(self.shape, cp.float32)
+        with self.ops.stream:
+            self.ops._gemv(self.x, self.w, self.y, out)
+        return out
+
+
 class Roped(_Lazy):
     def __init__(self, ops, x, positions, inv_freq, neox):
         self.ops, self.x, self.positions, self.inv_freq, self.neox = ops, x, positions, inv_freq, bool(neox)
@@ -421,6 +439,7 @@ class CupyBackend(Backend):
         self._capturing = False
         self.branch_segments = True
         self.zero_in_inputs = True  # a stream-K product's output zeroed by its input's kernel (misc.cu)
+        self.round_in_products = True  # 1-token residual products round their output (Product)
         self._side = cp.cuda.Stream(non_blocking=True)
         self._fork, self._join = cp.cuda.Event(disable_timing=True), cp.cuda.Event(disable_timing=True)
         self.use_pdl(os.environ.get("NTR_PDL", ",".join(PDL_KINDS)))
@@ -437,7 +456,8 @@ class CupyBackend(Backend):
 
     def drop_graphs(self) -> None:
         """Forget the captured decode graphs, so the next decode step captures anew: after a
-        setting that changes what they launch (use_pdl, branch_segments, zero_in_inputs)."""
+        setting that changes what they launch (use_pdl, branch_segments, zero_in_inputs,
+        round_in_products)."""
         self._graphs.clear()
         self._last_graph = None
 
@@ -579,6 +599,9 @@ class CupyBackend(Backend):
         T = x.shape[0]
         if x.shape[-1] != w.K:
             raise ValueError(f"matmul: x has {x.shape[-1]} features, the weight {w.K}")
+        seg = w.segments[0]
+        if T == 1 and self.round_in_products and len(w.segments) == 1 and seg.qtype in Q8_ROWS and w.rows % 32 == 0:
+            return Product(self, x, w, y)
         out = cp.empty((T, w.rows), cp.float32)
         if T == 0:
             return out
@@ -592,31 +615,78 @@ class CupyBackend(Backend):
                 out += _materialize(y)
         return out
 
+    def _float_input(self, x, w: QMatrix):
+        """A GEMV's input as its kernels read it: (rows, mode, norm weight, eps), mode 1 with
+        the RMSNorm and 2 with the SwiGLU still to apply (quant.cu gemv's MODE)."""
+        T, K = x.shape[0], w.K
+        aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
+        if K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
+            return _rows2(x.x), 1, x.weight, x.eps
+        if K % 8 == 0 and isinstance(x, Swiglu) and aligned(_rows2(x.gu)):
+            return _rows2(x.gu), 2, None, 0.0
+        src = _rows2(x)
+        kp = w.segments[0].nb * 32 if K % 8 else K  # float formats: rows padded to 32 values
+        if kp != K or not aligned(src):
+            padded = cp.zeros((T, kp), cp.float32)
+            padded[:, :K] = src
+            src = padded
+        return src, 0, None, 0.0
+
+    def _made_integer_input(self, x):
+        """The integer copy of a 1-token product's input where the kernel computing x makes
+        it: decode attention (Attended), or a Product read through an RMSNorm, run now so that
+        it rounds its output. -> (xq, ds, ss or None, eps) or None."""
+        if isinstance(x, Attended) and x.xq is not None:
+            return x.xq, x.ds, None, 0.0
+        if isinstance(x, Normed) and isinstance(x.x, Product) and x.x._value is None:
+            return self._round(x.x, x.weight, x.eps)
+        return None
+
+    def _round(self, p: Product, nw, eps: float):
+        """Run p, the residual stream before an RMSNorm with weight nw, so that it also rounds
+        nw * its output for the product reading it (quant.cu gemv_q8_round).
+        -> (xq, ds, ss, eps) as _made_integer_input."""
+        w, n = p.w, p.w.rows  # n: the next product's K
+        seg = w.segments[0]
+        if isinstance(p.x, Attended) and p.x.xq is not None:
+            xq, ds = p.x.xq, p.x.ds
+        else:  # the kernel takes no 1/rms of its own input: a Product before p runs plainly
+            src, mode, xnw, xeps = self._float_input(p.x, w)
+            xq, ds = self._quantize_x(seg.qtype, src, w.K, mode, xnw, xeps)
+        bias, res, _ = _epilogue_operand(p.y)
+        out = cp.empty(p.shape, cp.float32)
+        yq = cp.empty((1, -(-n // 2048) * XQ_RUN), cp.int8)
+        yds = cp.empty((1, n // 32, 2), cp.float32)
+        yss = cp.empty((n // 32,), cp.float32)
+        fn = seg.kernels.get("gemv_q8_round")
+        if fn is None:
+            fn = seg.kernels["gemv_q8_round"] = self.k.quant(seg.qtype, "gemv_q8_round")
+        # 1024 threads per SM (fewer where a format's registers do not allow as many), in whole
+        # groups of the 4 warps that cover a block's rows for a run of 8 units, no more groups
+        # than the rows have runs: a 4096-output product has one block per SM, and its loads in
+        # flight set its speed
+        blocks, runs = n // 32, -(-seg.nb * UNITS_PER_BLOCK.get(seg.qtype, 1) // 8)
+        warps = min(32 // -(-blocks // _sm_count()), fn.max_threads_per_block // 32) // 4 * 4
+        warps = max(4, min(warps, 4 * runs))
+        self._launch("gemv", fn, (blocks,), (32 * warps,),
+                     (*seg.plane_args(), np.int32(seg.nb), xq, ds, out, _ptr(bias), _ptr(res), nw, yq, yds, yss))
+        p._value, p.rounded = out, (yq, yds, yss)
+        return yq, yds, yss, eps
+
     def _gemv(self, x, w: QMatrix, y, out):
         T, K = x.shape[0], w.K
         q8 = next((seg for seg in w.segments if seg.qtype in Q8_ROWS), None)
-        prequantized = isinstance(x, Attended) and x.xq is not None
-        nw, eps, mode = None, 0.0, 0
-        aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
-        if prequantized and all(seg.qtype in Q8_ROWS for seg in w.segments):
-            src = None  # attention already made the integer copy, the only input the products read
-        elif K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
-            src, nw, eps, mode = _rows2(x.x), x.weight, x.eps, 1
-        elif K % 8 == 0 and isinstance(x, Swiglu) and aligned(_rows2(x.gu)):
-            src, mode = _rows2(x.gu), 2
-        else:
-            src = _rows2(x)
-            kp = w.segments[0].nb * 32 if K % 8 else K  # float formats: rows padded to 32 values
-            if kp != K or not aligned(src):
-                padded = cp.zeros((T, kp), cp.float32)
-                padded[:, :K] = src
-                src = padded
-        bias, res, sr = _epilogue_operand(y)
-        so = out.strides[0] // 4
-        if prequantized:
-            xq, ds = x.xq, x.ds
+        made = self._made_integer_input(x) if q8 is not None else None
+        src, mode, nw, eps = None, 0, None, 0.0
+        if made is None or any(seg.qtype not in Q8_ROWS for seg in w.segments):
+            src, mode, nw, eps = self._float_input(x, w)
+        if made is not None:
+            xq, ds, xss, xeps = made
         elif q8 is not None:  # one integer copy of the input serves every dp4a segment and token chunk
             xq, ds = self._quantize_x(q8.qtype, src, K, mode, nw, eps)
+            xss, xeps = None, 0.0
+        bias, res, sr = _epilogue_operand(y)
+        so = out.strides[0] // 4
         with self._segment_branch(w) as branch:
             for t0 in range(0, T, 4):
                 tc = min(4, T - t0)
@@ -628,7 +698,8 @@ class CupyBackend(Backend):
                         fn = seg.kernels[name] = self.k.quant(seg.qtype, name)
                     if seg.qtype in Q8_ROWS:
                         x_args = (np.uint64(xq.data.ptr + t0 * xq.shape[1]), np.int32(xq.shape[1]),
-                                  np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), np.int32(tc))
+                                  np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), _ptr(xss),
+                                  np.float32(xeps), np.int32(tc))
                     else:
                         sx = src.strides[0] // 4
                         x_args = (np.uint64(src.data.ptr + t0 * sx * 4), np.int32(sx), np.int32(tc), _ptr(nw),
@@ -764,7 +835,7 @@ class CupyBackend(Backend):
         return out
 
     def rmsnorm(self, x, weight, eps):
-        return Normed(self, _materialize(x), weight, eps)
+        return Normed(self, x if isinstance(x, Product) else _materialize(x), weight, eps)
 
     def swiglu(self, gate_up):
         return Swiglu(self, _materialize(gate_up))

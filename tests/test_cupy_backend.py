@@ -198,6 +198,63 @@ def test_gemv_integer_activations(gpu, qtype, fused, T, long):
     assert rel_err(got, xf @ weight.T) < 1e-3
 
 
+@pytest.mark.skipif(not Q8_ROWS, reason="NTR_GEMV_INT8=0")
+@pytest.mark.parametrize("qtype", sorted(Q8_ROWS, key=lambda q: q.value), ids=lambda q: q.name)
+@pytest.mark.parametrize("long", [False, True], ids=["short", "long"])
+def test_residual_products_round_their_output(gpu, qtype, long, monkeypatch):
+    """A decode layer's chain at one token, wo -> RMSNorm -> gate_up -> SwiGLU -> down ->
+    RMSNorm -> a last product, where the residual products (wo, down) round their own output
+    for the next product (quant.cu gemv_q8_round): every output against the NumPy twin of its
+    product on the GPU's own input to 1e-5, each rounded copy bit for bit against
+    quantize_q8 of the output it was rounded from, the sums of squares for 1/rms to 1e-6;
+    long rows take several passes of a block's warps; outputs poisoned with NaN."""
+    monkeypatch.setattr(gpu, "round_in_products", True)
+    rng = np.random.default_rng()
+    block = block_shape(qtype)[0]
+    d, F = (768, 4608 if long else 1280) if block == 256 else (800, 4640 if long else 1312)
+    parts = {name: make_tensor(rng, qtype, r, c, name) for name, r, c in
+             (("wo", d, d), ("gate_up", 2 * F, d), ("down", d, F), ("last", 61, d))}
+    wg = {k: gpu.load_matrix(t) for k, t in parts.items()}
+    wc = {k: dequantize(t.data, qtype).astype(np.float64) for k, t in parts.items()}
+    att, x0 = rng.standard_normal((1, d)).astype(np.float32), rng.standard_normal((1, d)).astype(np.float32)
+    nw1, nw2 = ((1 + 0.1 * rng.standard_normal(d)).astype(np.float32) for _ in range(2))
+    eps = 1e-5
+
+    wo = gpu.matmul_add(gpu.asarray(att), wg["wo"], gpu.asarray(x0))
+    gate_up = gpu.matmul(gpu.rmsnorm(wo, gpu.asarray(nw1), eps), wg["gate_up"])
+    down = gpu.matmul_add(gpu.swiglu(gate_up), wg["down"], wo)
+    last = gpu.to_numpy(gpu.matmul(gpu.rmsnorm(down, gpu.asarray(nw2), eps), wg["last"]))
+    assert wo.rounded is not None and down.rounded is not None, "a residual product ran without rounding"
+    got = {k: gpu.to_numpy(v) for k, v in (("wo", wo), ("gate_up", gate_up), ("down", down))}
+
+    def check_rounded(product, want_q, want_d):
+        xq, ds, ss = product.rounded
+        hi, lo = unpack_xq(gpu.to_numpy(xq), want_q.shape[1])
+        assert np.array_equal((128 * hi + lo).reshape(want_q.shape), want_q)
+        ds = gpu.to_numpy(ds)
+        assert np.array_equal(ds[..., 0], want_d)
+        assert np.array_equal(ds[..., 1], want_q.reshape(1, -1, 32).sum(-1, dtype=np.int64))
+        out = gpu.to_numpy(product).astype(np.float64)
+        assert rel_err(gpu.to_numpy(ss), np.square(out).reshape(-1, 32).sum(-1)) < 1e-6
+
+    assert rel_err(got["wo"], matmul_q8(*quantize_q8(att), wc["wo"]) + x0) < 1e-5
+    check_rounded(wo, *quantize_q8(got["wo"] * nw1))
+    assert rel_err(got["gate_up"], matmul_q8(*quantize_q8_input(got["wo"], nw1, eps), wc["gate_up"])) < 1e-5
+    want = matmul_q8(*quantize_q8_input(got["gate_up"], swiglu=True), wc["down"]) + got["wo"]
+    assert rel_err(got["down"], want) < 1e-5
+    check_rounded(down, *quantize_q8(got["down"] * nw2))
+    assert rel_err(last, matmul_q8(*quantize_q8_input(got["down"], nw2, eps), wc["last"])) < 1e-5
+
+    # a bias in place of the residual; the product read plainly (not rounding) agrees
+    bias = rng.standard_normal(d).astype(np.float32)
+    rounded = gpu.matmul_add(gpu.asarray(att), wg["wo"], gpu.asarray(bias))
+    last = gpu.to_numpy(gpu.matmul(gpu.rmsnorm(rounded, gpu.asarray(nw1), eps), wg["last"]))
+    plain = gpu.to_numpy(gpu.matmul_add(gpu.asarray(att), wg["wo"], gpu.asarray(bias)))
+    assert rounded.rounded is not None
+    assert rel_err(gpu.to_numpy(rounded), plain) < 1e-6
+    assert rel_err(last, matmul_q8(*quantize_q8_input(plain, nw1, eps), wc["last"])) < 1e-5
+
+
 def unpack_xq(xq: np.ndarray, K: int):
     """The high and low int8 planes [T, K/32, 32] from the pre-pass's rows: pairs of 32-value
     blocks, runs of 32 pairs stored chunk-major (quant.cu xq_chunk)."""

@@ -22,6 +22,7 @@ llama.cpp is also timed here on the same files, flash attention on, every layer 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -310,8 +311,8 @@ def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
 
 def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
     """tg128 (batch 1) or decode x`batch` again with a backend setting changed (use_pdl's
-    kinds, branch_segments, zero_in_inputs), then the setting back; graphs are recaptured
-    both ways."""
+    kinds, or an attribute as branch_segments, round_in_products), then the setting back;
+    graphs are recaptured both ways."""
     ops = engine.ops
 
     def apply(v):
@@ -364,6 +365,7 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     rng = np.random.default_rng(0)
     a = lambda *shape: cp.asarray(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
     x, attn, gu = a(T, c.d_model), a(T, c.n_heads * c.head_dim), a(T, 2 * c.ffn_dim)
+    attn2 = a(T, c.ffn_dim)
     qkv_out = c.n_heads * c.head_dim + 2 * c.n_kv_heads * c.head_dim
     ctx = 64
     bs = engine.kv.block_size
@@ -391,18 +393,24 @@ def profile_ops(engine, cp, T: int) -> list[str]:
                                                           batch, 0.1), None),
         "embedding": (lambda: ops.embedding(m.embed, positions), None),
     }
+    if T == 1 and ops.round_in_products:  # residual products rounding their output (with their input's quantizer)
+        cases["wo + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn, layer.wo, x), layer.ffn_norm, 1e-6),
+                                      layer.wo)
+        cases["down + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn2, layer.w_down, x), layer.attn_norm,
+                                                           1e-6), layer.w_down)
     del qkv_out
     out = []
     ops._step = ops._make_step(positions, positions, batch)
     try:
         for name, (fn, w) in cases.items():
+            run = lambda: getattr(fn(), "materialize", lambda: None)()  # noqa: E731  (a lazy result runs now)
             try:
                 with stream:
-                    fn()
+                    run()
                     stream.synchronize()
                     stream.begin_capture()
                     for _ in range(20):
-                        fn()
+                        run()
                     g = stream.end_capture()
                     g.launch(stream)
                     with profiled(cp, f"{name} T={T}"):
@@ -472,6 +480,9 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
             extra += f"; NTR_PDL={kinds}: {rerun(engine, cp, rng, 1, 'pdl', kinds)}"
         if args.unbranched:
             extra += f"; segments unbranched: {rerun(engine, cp, rng, 1, 'branch_segments', False)}"
+        for setting in filter(None, args.settings.split(";")):
+            key, value = setting.split("=")
+            extra += f"; {setting}: {rerun(engine, cp, rng, 1, key, ast.literal_eval(value))}"
         row("tg128", tok_s, wb + kv_bytes_per_token(engine, 65), extra)
     except Exception:
         notes.append(f"{name} tg128 failed:\n{traceback.format_exc()}")
@@ -547,6 +558,8 @@ def main() -> None:
                     "and decode xN with too")
     ap.add_argument("--unbranched", action="store_true", help="time tg128 with a stacked weight's segments "
                     "in sequence too (not on a graph branch)")
+    ap.add_argument("--settings", default="", help="';'-separated backend settings (name=Python literal, "
+                    "e.g. round_in_products=False) to time tg128 with too, one at a time")
     ap.add_argument("--zero-apart", action="store_true", help="time decode xN with the tensor-core products' "
                     "outputs zeroed by a kernel of their own too (not by their input's)")
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama.cpp's llama-bench and "

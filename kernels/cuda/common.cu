@@ -133,6 +133,30 @@ __device__ __forceinline__ void quantize8(const float (&v)[8], bool store, int p
     if ((pos & 31) == 0) ds[pos / 32] = make_float2(d * dscale, (float)sum);
 }
 
+// quantize8 for a warp holding one whole 32-value block b, value `lane` in each lane (a
+// 1-token product's block of outputs, quant.cu gemv_q8_round): the same d, q and sum, the same
+// bytes at the same places; ds[b] = {d, sum}.
+__device__ __forceinline__ void quantize32(float v, int b, u8* __restrict__ xq, float2* __restrict__ ds) {
+    const int lane = threadIdx.x & 31;
+    const float d = warp_max(fabsf(v)) / 16256.0f;
+    const int q = d > 0.0f ? __float2int_rn(v / d) : 0;
+    int sum = q;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);
+    // four neighbouring lanes' bytes make one word of each plane
+    u32 h = ((u32)(q >> 7) & 0xFF) << (8 * (lane & 3)), l = (u32)(q & 127) << (8 * (lane & 3));
+#pragma unroll
+    for (int o = 1; o < 4; o <<= 1) {
+        h |= __shfl_xor_sync(FULL_MASK, h, o);
+        l |= __shfl_xor_sync(FULL_MASK, l, o);
+    }
+    if ((lane & 3) == 0) {
+        *(u32*)(xq + xq_chunk(b, lane >> 4) + (lane & 15)) = h;
+        *(u32*)(xq + xq_chunk(b, 2 + (lane >> 4)) + (lane & 15)) = l;
+    }
+    if (lane == 0) ds[b] = make_float2(d, (float)sum);
+}
+
 // Rotation of the pair (x0, x1) by pos * inv_freq. The angle is formed and reduced to
 // [0, 2 pi) in double (as the NumPy twin forms it), then sin/cos in float: within 4e-7.
 __device__ __forceinline__ void rope_pair(float& x0, float& x1, int pos, double inv_freq) {

@@ -654,7 +654,8 @@ __device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, c
 // into the scale (ds.x = d * rinv): q is scale-invariant, so no pass over the row has to come
 // first. MODE 2's SiLU takes exp in double so that the NumPy twin
 // (numpy_backend.quantize_q8_input) reproduces v to the bit.
-// Grid (K / 2048 rounded up, T); a thread quantizes 8 values, 4 neighbouring lanes a block.
+// Grid (K / (8 blockDim.x) rounded up, T); a thread quantizes 8 values, 4 neighbouring lanes a
+// block.
 // A 1-token product after decode attention skips it: attention.cu quantizes its own output.
 template <int MODE>
 __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, int K, const float* __restrict__ nw,
@@ -694,6 +695,14 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, 
     quantize8(v, pos < K, pos, rinv, xq + (size_t)t * sq, ds + (size_t)t * sd);
 }
 
+// 1/rms of a K-value row from its sums of squares per 32 values (gemv_q8_round's yss), summed in
+// a fixed order: every warp gets the same bits.
+__device__ __forceinline__ float rms_inv(const float* __restrict__ ss, int K, float eps) {
+    float s = 0.0f;
+    for (int i = threadIdx.x & 31; i < K / 32; i += 32) s += ss[i];
+    return 1.0f / sqrtf(warp_sum(s) / (float)K + eps);
+}
+
 // out[t, row] = sum over 32-value blocks b of dot32(W[row] block b, x[t] block b). Same warp
 // and lane layout as gemv; a lane's sub-blocks each load the block's 64 bytes and its ds.
 // Those x loads set Q4_K's pace while a block's 64 bytes were contiguous (H100, 8B gate_up:
@@ -701,7 +710,8 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, 
 // instruction touch 32 L1 lines; xq_chunk's order makes it 4.
 template <class Q, int NT>
 __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const u8* __restrict__ xq, int sq,
-                                        const float2* __restrict__ xds, int sd, int T, float* __restrict__ out, int so,
+                                        const float2* __restrict__ xds, int sd, const float* __restrict__ xss,
+                                        float eps, int T, float* __restrict__ out, int so,
                                         const float* __restrict__ bias, const float* __restrict__ res, int sr,
                                         int ksplit) {
     constexpr int R = Q::RQ;
@@ -731,7 +741,99 @@ __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const
             }
         }
     });
+    if (xss) {  // x was rounded by the product that made it (gemv_q8_round), before its RMSNorm's 1/rms
+        const float s = rms_inv(xss, nb * Q::QK, eps);
+#pragma unroll
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int r = 0; r < R; r++) acc[r][t] *= s;
+    }
     gemv_store<R, NT, 0>(acc, ss, rows, row0, 0, 0.0f, T, out, so, bias, res, sr, ksplit);
+}
+
+// --- 1-token products that round their output for the next product -----------------------
+// Otherwise each dp4a product's input is made by quantize_x, a kernel of its own between two
+// products on the step's critical path. A residual-stream product (wo, down: out = dot + bias
+// + res, read through an RMSNorm by the next one) does it here: a block owns 32 consecutive
+// outputs, so once its warps' partial sums meet in shared memory one warp holds a whole
+// 32-value block of nw * out and rounds it (common.cu quantize32), no other block, counter or
+// fence involved; it stores the block's sum of out^2 in yss[block], which the consumer sums
+// in a fixed order for 1/rms (rms_inv) and applies after its dot products. (Measured on an
+// H100, docs/benchmarks.md: this pays where the next product is gemv_q8, 2 of 3 quantizers
+// a layer; gate_up rounding its SwiGLU for down lost more than the quantizer costs.)
+// Lanes: 8 neighbours take 8 consecutive units of a row (128 contiguous bytes of the
+// interleaved planes) and a warp's 4 octets 4 rows, so a load instruction reads 4 whole
+// 128-byte pieces. A thread takes 2 rows, as gemv_q8, so that a block of 32 warps fits the
+// register file (a 4096-output product has one block per SM: its loads in flight set its
+// speed): rows r = oct + 4 (w % 4) and r + 16 of the block; warp w takes run w / 4 of 8
+// units, then every (warps / 4)-th.
+template <class Q>
+__device__ __forceinline__ void gemv_q8_round(const Planes& w, int nb, const u8* __restrict__ xq,
+                                              const float2* __restrict__ xds, float* __restrict__ out,
+                                              const float* __restrict__ bias, const float* __restrict__ res,
+                                              const float* __restrict__ nw, u8* __restrict__ yq,
+                                              float2* __restrict__ yds, float* __restrict__ yss) {
+    __shared__ float part[8][32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, oct = lane >> 3;
+    const int runs = blockDim.x >> 7, run = warp >> 2, o0 = blockIdx.x * 32;
+    const int units = nb * Q::UPB, u0 = (lane & 7) + 8 * run;
+    const int r = oct + 4 * (warp & 3);  // the block's rows of acc[0] and acc[1]: r, r + 16
+    const size_t rows2[2] = {(size_t)(o0 + r), (size_t)(o0 + r + 16)};
+    pdl_trigger();
+    if (u0 < units) {  // the first unit of each row into L2 while the kernel before still runs
+        const int b = u0 / Q::UPB, j = u0 - b * Q::UPB;
+#pragma unroll
+        for (int i = 0; i < 2; i++) (void)Q::template load<PREFETCH>(w, rows2[i], b, j);
+    }
+    // warp 0's epilogue operands, asked for before the wait and the loop so that their round
+    // trips overlap them (res: once the kernel before has written it)
+    const int o = o0 + lane;
+    float add = 0.0f, nwo = 0.0f, resv = 0.0f;
+    if (warp == 0) {
+        if (bias) add = bias[o];
+        nwo = nw[o];
+    }
+    pdl_wait();
+    if (warp == 0 && res) resv = res[o];
+    float acc[2] = {0.0f, 0.0f};
+    for (int u = u0; u < units; u += 8 * runs) {
+        const int b = u / Q::UPB, j = u - b * Q::UPB;
+        typename Q::Raw raw[2];
+#pragma unroll
+        for (int i = 0; i < 2; i++) raw[i] = Q::template load<true>(w, rows2[i], b, j);
+#pragma unroll
+        for (int h = 0; h < Q::NG / 4; h++) {
+            const int pos = b * Q::QK + Q::xoff(j, 4 * h);
+            const u8* p = xq + xq_chunk(pos >> 5, 0);
+            const uint4 h0 = *(const uint4*)p, h1 = *(const uint4*)(p + 512), l0 = *(const uint4*)(p + 1024),
+                        l1 = *(const uint4*)(p + 1536);
+            const float2 d = xds[pos / 32];
+            const X32 x = {{(int)h0.x, (int)h0.y, (int)h0.z, (int)h0.w, (int)h1.x, (int)h1.y, (int)h1.z, (int)h1.w},
+                           {(int)l0.x, (int)l0.y, (int)l0.z, (int)l0.w, (int)l1.x, (int)l1.y, (int)l1.z, (int)l1.w},
+                           d.x, d.y};
+#pragma unroll
+            for (int i = 0; i < 2; i++) acc[i] += Q::dot32(raw[i], j, h, x);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 1);
+        acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 2);
+        acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 4);
+    }
+    if ((lane & 7) == 0) {
+        part[run][r] = acc[0];
+        part[run][r + 16] = acc[1];
+    }
+    __syncthreads();
+    if (warp != 0) return;
+    float v = 0.0f;
+    for (int k = 0; k < runs; k++) v += part[k][lane];
+    v += add + resv;
+    out[o] = v;
+    const float ss = warp_sum(v * v);
+    if (lane == 0) yss[blockIdx.x] = ss;
+    quantize32(v * nwo, blockIdx.x, yq, yds);
 }
 
 // Whether the format has dot32 (the others build empty gemv_q8 kernels), codes (a block format).
@@ -998,15 +1100,26 @@ DEF_GEMV(4, 2)
 
 #define DEF_GEMV_Q8(NT)                                                                                                 \
     extern "C" __global__ void __launch_bounds__(GEMV_WARPS * 32, NT == 1 ? 8 : 4)                                     \
-        gemv_q8_##NT(PLANE_ARGS, int rows, int nb, int K, const u8* xq, int sq, const float2* xds, int sd, int T,     \
-                     float* out, int so, const float* bias, const float* res, int sr, int ksplit) {                    \
+        gemv_q8_##NT(PLANE_ARGS, int rows, int nb, int K, const u8* xq, int sq, const float2* xds, int sd,            \
+                     const float* xss, float eps, int T, float* out, int so, const float* bias, const float* res,      \
+                     int sr, int ksplit) {                                                                             \
         if constexpr (HasDot<QT>::v) {                                                                                  \
             const Planes w = PLANES;                                                                                    \
-            gemv_q8<QT, NT>(w, rows, nb, xq, sq, xds, sd, T, out, so, bias, res, sr, ksplit);                          \
+            gemv_q8<QT, NT>(w, rows, nb, xq, sq, xds, sd, xss, eps, T, out, so, bias, res, sr, ksplit);                \
         }                                                                                                               \
     }
 DEF_GEMV_Q8(1)
 DEF_GEMV_Q8(4)
+
+// Up to 32 warps at 64 registers; Q6_K's larger raw blocks spill there (60 bytes): 24 at 80.
+extern "C" __global__ void __launch_bounds__(sizeof(QT::Raw) > 48 ? 768 : 1024, 1)
+    gemv_q8_round(PLANE_ARGS, int nb, const u8* xq, const float2* xds, float* out, const float* bias,
+                  const float* res, const float* nw, u8* yq, float2* yds, float* yss) {
+    if constexpr (HasDot<QT>::v) {
+        const Planes w = PLANES;
+        gemv_q8_round<QT>(w, nb, xq, xds, out, bias, res, nw, yq, yds, yss);
+    }
+}
 
 #define DEF_QUANTIZE_X(MODE)                                                                                            \
     extern "C" __global__ void __launch_bounds__(256)                                                                  \
