@@ -573,12 +573,13 @@ __device__ __forceinline__ void prefetch_first(const Planes& w, int rows, int ro
 // share a group of rows, each taking every ksplit-th run of 32 units: long rows get more
 // loads in flight and shorter chains; their partial sums meet in shared memory (gemv_store).
 // Calls f(raw, b, j) with unit j of block b of each row; returns the warp's first row.
-template <class Q, int R, class F>
-__device__ __forceinline__ int for_each_unit(const Planes& w, int rows, int nb, int ksplit, F&& f) {
+template <class Q, int R, class F, class G>
+__device__ __forceinline__ int for_each_unit(const Planes& w, int rows, int nb, int ksplit, F&& f, G&& after_wait) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, ks = warp % ksplit;
     const int row0 = (blockIdx.x * (GEMV_WARPS / ksplit) + warp / ksplit) * R;
     const int units = nb * Q::UPB, u0 = lane + 32 * ks;
     prefetch_first<Q, R>(w, rows, row0, units, u0, 32 * ksplit);
+    after_wait();
     for (int u = u0; u < units && row0 < rows; u += 32 * ksplit) {
         const int b = u / Q::UPB, j = u - b * Q::UPB;
         typename Q::Raw raw[R];
@@ -635,7 +636,7 @@ __device__ __forceinline__ void gemv(const Planes& w, int rows, int nb, int K, c
                 }
             }
         }
-    });
+    }, [] {});
     gemv_store<R, NT, MODE>(acc, ss, rows, row0, K, eps, T, out, so, bias, res, sr, ksplit);
 }
 
@@ -696,12 +697,26 @@ __device__ __forceinline__ void quantize_x(const float* __restrict__ x, int sx, 
 }
 
 // 1/rms of a K-value row from its sums of squares per 32 values (gemv_q8_round's yss), summed in
-// a fixed order: every warp gets the same bits.
-__device__ __forceinline__ float rms_inv(const float* __restrict__ ss, int K, float eps) {
-    float s = 0.0f;
-    for (int i = threadIdx.x & 31; i < K / 32; i += 32) s += ss[i];
-    return 1.0f / sqrtf(warp_sum(s) / (float)K + eps);
-}
+// a fixed order: every warp gets the same bits. start() asks for the first 32 N before a
+// product's loop, so that their round trip overlaps it; finish() adds the rest. (N = 0 for
+// Q6_K, whose GEMV spills 84 bytes with them in registers.)
+template <int N>
+struct RmsInv {
+    float s[N > 0 ? N : 1] = {};
+    __device__ void start(const float* __restrict__ ss, int K) {
+        const int lane = threadIdx.x & 31;
+#pragma unroll
+        for (int k = 0; k < N; k++)
+            if (lane + 32 * k < K / 32) s[k] = ss[lane + 32 * k];
+    }
+    __device__ float finish(const float* __restrict__ ss, int K, float eps) const {
+        float t = 0.0f;
+#pragma unroll
+        for (int k = 0; k < N; k++) t += s[k];
+        for (int i = (threadIdx.x & 31) + 32 * N; i < K / 32; i += 32) t += ss[i];
+        return 1.0f / sqrtf(warp_sum(t) / (float)K + eps);
+    }
+};
 
 // out[t, row] = sum over 32-value blocks b of dot32(W[row] block b, x[t] block b). Same warp
 // and lane layout as gemv; a lane's sub-blocks each load the block's 64 bytes and its ds.
@@ -722,6 +737,7 @@ __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const
 #pragma unroll
         for (int r = 0; r < R; r++) acc[r][t] = 0.0f;
     }
+    RmsInv<(sizeof(typename Q::Raw) > 48 ? 0 : 4)> rms;
     const int row0 = for_each_unit<Q, R>(w, rows, nb, ksplit, [&](const typename Q::Raw(&raw)[R], int b, int j) {
 #pragma unroll
         for (int h = 0; h < Q::NG / 4; h++) {
@@ -740,9 +756,11 @@ __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const
                 for (int r = 0; r < R; r++) acc[r][t] += Q::dot32(raw[r], j, h, x);
             }
         }
+    }, [&] {
+        if (xss) rms.start(xss, nb * Q::QK);
     });
     if (xss) {  // x was rounded by the product that made it (gemv_q8_round), before its RMSNorm's 1/rms
-        const float s = rms_inv(xss, nb * Q::QK, eps);
+        const float s = rms.finish(xss, nb * Q::QK, eps);
 #pragma unroll
         for (int t = 0; t < NT; t++)
 #pragma unroll
