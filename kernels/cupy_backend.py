@@ -620,12 +620,15 @@ class CupyBackend(Backend):
         the RMSNorm and 2 with the SwiGLU still to apply (quant.cu gemv's MODE)."""
         T, K = x.shape[0], w.K
         aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
-        if K % 8 == 0 and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
+        # float formats' rows are padded to whole 32-value blocks, and their GEMV reads x (and a
+        # norm weight, SwiGLU's up half) that far: such an x is copied into zero-padded rows
+        pad = K % 32 != 0 and any(seg.qtype in FLOAT_TYPES for seg in w.segments)
+        if not pad and isinstance(x, Normed) and aligned(_rows2(x.x)) and x.weight.data.ptr % 16 == 0:
             return _rows2(x.x), 1, x.weight, x.eps
-        if K % 8 == 0 and isinstance(x, Swiglu) and aligned(_rows2(x.gu)):
+        if not pad and isinstance(x, Swiglu) and aligned(_rows2(x.gu)):
             return _rows2(x.gu), 2, None, 0.0
         src = _rows2(x)
-        kp = w.segments[0].nb * 32 if K % 8 else K  # float formats: rows padded to 32 values
+        kp = -(-K // 32) * 32 if pad else K
         if kp != K or not aligned(src):
             padded = cp.zeros((T, kp), cp.float32)
             padded[:, :K] = src

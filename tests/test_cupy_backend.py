@@ -36,10 +36,7 @@ def gpu(cuda_device):
 @pytest.fixture(autouse=True)
 def poison_pool(gpu):
     """Freed pool memory full of NaN: the next outputs are carved from it. Filled on the
-    backend's stream, so that the fill is ordered before the kernels that write them. (Filled
-    on the default stream, unordered with the backend's, one 1-token BF16 product once came
-    back all NaN, the poison's value, in the session's last GPU run; the suite had passed
-    before on the same kernels. This change is not yet run on a GPU.)"""
+    backend's stream, so that the fill is ordered before the kernels that write them."""
     try:
         with gpu.stream:
             junk = cupy.full((64 << 20,), np.nan, cupy.float32)
@@ -94,6 +91,37 @@ def test_matmul_every_quant_type(gpu, qtype, T):
     integer = T <= GEMV_MAX_T and qtype in Q8_ROWS
     err = rel_err(got, matmul_q8(*quantize_q8(x), weight) if integer else x @ weight.T)
     assert err < (1e-5 if T <= GEMV_MAX_T else 3e-3), f"{rows}x{cols}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("qtype", FLOATS, ids=lambda q: q.name)
+@pytest.mark.parametrize("fused", ["plain", "norm", "swiglu"])
+def test_float_rows_read_nothing_past_x(gpu, qtype, fused):
+    """Float rows are padded to 32 values and K = 264 is not a multiple of 32: with NaN right
+    after each x row (and after the norm weight), the 1-token GEMV must read none of it. (It
+    did: test_matmul_every_quant_type's 264-column float cases came back all NaN whenever
+    the pool memory after x held the fixture's poison.)"""
+    rng = np.random.default_rng()
+    rows, cols = 45, 264
+    t = make_tensor(rng, qtype, rows, cols)
+    w_gpu, weight = gpu.load_matrix(t), dequantize(t.data, qtype).astype(np.float64)
+    width = 2 * cols if fused == "swiglu" else cols
+    x = rng.standard_normal((1, width)).astype(np.float32)
+    norm_w = (1 + 0.1 * rng.standard_normal(cols)).astype(np.float32)
+
+    def nan_after(a):  # a on the device, as a view whose neighbours to the right are NaN
+        buf = np.full((a.shape[0], a.shape[1] + 64), np.nan, np.float32)
+        buf[:, :a.shape[1]] = a
+        return gpu.asarray(buf)[:, :a.shape[1]]
+
+    xg = nan_after(x)
+    if fused == "norm":
+        xin, xf = gpu.rmsnorm(xg, nan_after(norm_w[None])[0], 1e-5), cpu.rmsnorm(x, norm_w, 1e-5)
+    elif fused == "swiglu":
+        xin, xf = gpu.swiglu(xg), cpu.swiglu(x)
+    else:
+        xin, xf = xg, x
+    got = gpu.to_numpy(gpu.matmul(xin, w_gpu))
+    assert rel_err(got, xf @ weight.T) < 1e-5
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0], ids=lambda q: q.name)
