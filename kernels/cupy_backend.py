@@ -600,7 +600,11 @@ class CupyBackend(Backend):
         if x.shape[-1] != w.K:
             raise ValueError(f"matmul: x has {x.shape[-1]} features, the weight {w.K}")
         seg = w.segments[0]
-        if T == 1 and self.round_in_products and len(w.segments) == 1 and seg.qtype in Q8_ROWS and w.rows % 32 == 0:
+        # a block of the rounding kernel per 32 outputs, each on an SM of its own: measured on
+        # an H100, 70B's 8192 outputs (two blocks per SM, Q6_K's registers allow one) ran its
+        # down product 8% slower than a GEMV and a quantizer
+        if T == 1 and self.round_in_products and len(w.segments) == 1 and seg.qtype in Q8_ROWS \
+                and w.rows % 32 == 0 and w.rows // 32 <= _sm_count():
             return Product(self, x, w, y)
         out = cp.empty((T, w.rows), cp.float32)
         if T == 0:
@@ -664,13 +668,12 @@ class CupyBackend(Backend):
         fn = seg.kernels.get("gemv_q8_round")
         if fn is None:
             fn = seg.kernels["gemv_q8_round"] = self.k.quant(seg.qtype, "gemv_q8_round")
-        # 1024 threads per SM (fewer where a format's registers do not allow as many), in whole
-        # groups of the 4 warps that cover a block's rows for a run of 8 units, no more groups
-        # than the rows have runs: a 4096-output product has one block per SM, and its loads in
-        # flight set its speed
-        blocks, runs = n // 32, -(-seg.nb * UNITS_PER_BLOCK.get(seg.qtype, 1) // 8)
-        warps = min(32 // -(-blocks // _sm_count()), fn.max_threads_per_block // 32) // 4 * 4
-        warps = max(4, min(warps, 4 * runs))
+        # 1024 threads (fewer where a format's registers do not allow as many), in whole groups
+        # of the rw warps that cover the block's 32 rows for a run of 8 units (a thread takes
+        # the struct's RQ rows), no more groups than the rows have runs: the block has an SM
+        # of its own (see _matmul), and its loads in flight set its speed
+        blocks, runs, rw = n // 32, -(-seg.nb * UNITS_PER_BLOCK.get(seg.qtype, 1) // 8), 8 // Q8_ROWS[seg.qtype]
+        warps = max(rw, min(fn.max_threads_per_block // 32 // rw, runs) * rw)
         self._launch("gemv", fn, (blocks,), (32 * warps,),
                      (*seg.plane_args(), np.int32(seg.nb), xq, ds, out, _ptr(bias), _ptr(res), nw, yq, yds, yss))
         p._value, p.rounded = out, (yq, yds, yss)

@@ -781,27 +781,28 @@ __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const
 // a layer; gate_up rounding its SwiGLU for down lost more than the quantizer costs.)
 // Lanes: 8 neighbours take 8 consecutive units of a row (128 contiguous bytes of the
 // interleaved planes) and a warp's 4 octets 4 rows, so a load instruction reads 4 whole
-// 128-byte pieces. A thread takes 2 rows, as gemv_q8, so that a block of 32 warps fits the
-// register file (a 4096-output product has one block per SM: its loads in flight set its
-// speed): rows r = oct + 4 (w % 4) and r + 16 of the block; warp w takes run w / 4 of 8
-// units, then every (warps / 4)-th.
+// 128-byte pieces. A thread takes NR = Q::RQ rows, as gemv_q8 (2, or 4 of the small 32-value
+// units), so that a block of 32 warps fits the register file (a 4096-output product has one
+// block per SM: its loads in flight set its speed): rows r = oct + 4 (w % RW) + 32 i / NR of
+// the block, RW = 8 / NR warps covering its 32 rows; warp w takes run w / RW of 8 units,
+// then every (warps / RW)-th.
 template <class Q>
 __device__ __forceinline__ void gemv_q8_round(const Planes& w, int nb, const u8* __restrict__ xq,
                                               const float2* __restrict__ xds, float* __restrict__ out,
                                               const float* __restrict__ bias, const float* __restrict__ res,
                                               const float* __restrict__ nw, u8* __restrict__ yq,
                                               float2* __restrict__ yds, float* __restrict__ yss) {
-    __shared__ float part[8][32];
+    constexpr int NR = Q::RQ, RW = 8 / NR;
+    __shared__ float part[32 / RW][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, oct = lane >> 3;
-    const int runs = blockDim.x >> 7, run = warp >> 2, o0 = blockIdx.x * 32;
+    const int runs = (blockDim.x >> 5) / RW, run = warp / RW, o0 = blockIdx.x * 32;
     const int units = nb * Q::UPB, u0 = (lane & 7) + 8 * run;
-    const int r = oct + 4 * (warp & 3);  // the block's rows of acc[0] and acc[1]: r, r + 16
-    const size_t rows2[2] = {(size_t)(o0 + r), (size_t)(o0 + r + 16)};
+    const int r = oct + 4 * (warp % RW);  // the block's row of acc[i] is r + 32 i / NR
     pdl_trigger();
     if (u0 < units) {  // the first unit of each row into L2 while the kernel before still runs
         const int b = u0 / Q::UPB, j = u0 - b * Q::UPB;
 #pragma unroll
-        for (int i = 0; i < 2; i++) (void)Q::template load<PREFETCH>(w, rows2[i], b, j);
+        for (int i = 0; i < NR; i++) (void)Q::template load<PREFETCH>(w, o0 + r + 32 * i / NR, b, j);
     }
     // warp 0's epilogue operands, asked for before the wait and the loop so that their round
     // trips overlap them (res: once the kernel before has written it)
@@ -813,12 +814,12 @@ __device__ __forceinline__ void gemv_q8_round(const Planes& w, int nb, const u8*
     }
     pdl_wait();
     if (warp == 0 && res) resv = res[o];
-    float acc[2] = {0.0f, 0.0f};
+    float acc[NR] = {};
     for (int u = u0; u < units; u += 8 * runs) {
         const int b = u / Q::UPB, j = u - b * Q::UPB;
-        typename Q::Raw raw[2];
+        typename Q::Raw raw[NR];
 #pragma unroll
-        for (int i = 0; i < 2; i++) raw[i] = Q::template load<true>(w, rows2[i], b, j);
+        for (int i = 0; i < NR; i++) raw[i] = Q::template load<true>(w, o0 + r + 32 * i / NR, b, j);
 #pragma unroll
         for (int h = 0; h < Q::NG / 4; h++) {
             const int pos = b * Q::QK + Q::xoff(j, 4 * h);
@@ -830,18 +831,15 @@ __device__ __forceinline__ void gemv_q8_round(const Planes& w, int nb, const u8*
                            {(int)l0.x, (int)l0.y, (int)l0.z, (int)l0.w, (int)l1.x, (int)l1.y, (int)l1.z, (int)l1.w},
                            d.x, d.y};
 #pragma unroll
-            for (int i = 0; i < 2; i++) acc[i] += Q::dot32(raw[i], j, h, x);
+            for (int i = 0; i < NR; i++) acc[i] += Q::dot32(raw[i], j, h, x);
         }
     }
 #pragma unroll
-    for (int i = 0; i < 2; i++) {
+    for (int i = 0; i < NR; i++) {
         acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 1);
         acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 2);
         acc[i] += __shfl_xor_sync(FULL_MASK, acc[i], 4);
-    }
-    if ((lane & 7) == 0) {
-        part[run][r] = acc[0];
-        part[run][r + 16] = acc[1];
+        if ((lane & 7) == 0) part[run][r + 32 * i / NR] = acc[i];
     }
     __syncthreads();
     if (warp != 0) return;
