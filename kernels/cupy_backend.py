@@ -41,7 +41,7 @@ except ImportError:  # older layouts
     from cupy_backends.cuda.libs import cublas
 
 from kernels.launch import PdlLauncher
-from kernels.ops import AttentionBatch, Backend, check_supported
+from kernels.ops import AttentionBatch, Backend, GreedyIds, check_supported
 from kernels.quants import Q, block_shape, dequantize
 
 CUDA_DIR = Path(__file__).parent / "cuda"
@@ -428,6 +428,12 @@ class CupyBackend(Backend):
         self._pinned = [cupyx.empty_pinned((32 << 20,), np.uint8) for _ in range(2)]
         self._pinned_free = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
         self._turn = 0
+        # greedy_step: the last step's device ids, and two pinned buffers their copies alternate in
+        # (a step's ids are read before the step after next is started)
+        self._greedy_ids = None
+        self._ids_host = [cupyx.empty_pinned((QMMA_MAX_T,), np.int32) for _ in range(2)]
+        self._ids_copied = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._ids_turn = 0
         self._one = np.ones(1, np.float32)
         self._zero = np.zeros(1, np.float32)
         # which kernels of the decode graph overlap their predecessor (kernels/launch.py):
@@ -958,12 +964,15 @@ class CupyBackend(Backend):
 
     # --- one model step, captured and replayed for decode -------------------------------
     @_on_stream
-    def run_step(self, forward, tokens, positions, batch: AttentionBatch, kv_caches, logit_rows):
+    def run_step(self, forward, tokens, positions, batch: AttentionBatch, kv_caches, logit_rows, feed=None):
+        """feed: device ids to take as the step's tokens (a decode step; greedy_step)."""
         T, B = len(tokens), batch.num_seqs
         decode = T == B and int(batch.query_starts[-1]) == B
         all_rows = logit_rows is None or (len(logit_rows) == T and np.array_equal(logit_rows, np.arange(T)))
         if self.graphs and decode and all_rows and T <= self._graph_max_t:
-            return self._graph_step(forward, tokens, positions, batch, kv_caches)
+            return self._graph_step(forward, tokens, positions, batch, kv_caches, feed)
+        if feed is not None:
+            tokens = cp.asnumpy(feed, stream=self.stream).astype(tokens.dtype)
         self._step = self._make_step(tokens, positions, batch)
         rows = None if logit_rows is None else cp.asarray(np.asarray(logit_rows, np.int64))
         try:
@@ -971,7 +980,7 @@ class CupyBackend(Backend):
         finally:
             self._step = None
 
-    def _graph_step(self, forward, tokens, positions, batch, kv_caches):
+    def _graph_step(self, forward, tokens, positions, batch, kv_caches, feed=None):
         B = batch.num_seqs
         W = max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
         g = self._graphs.get((B, W))
@@ -980,6 +989,8 @@ class CupyBackend(Backend):
         g.pack(tokens, positions, batch)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, self.stream)
         g.copied.record(self.stream)
+        if feed is not None:  # over the host's placeholders, in stream order
+            g.views(g.dev)[0][:] = feed
         if g.graph is not None:
             g.graph.launch(self.stream)
             self._last_graph = g
@@ -1002,6 +1013,33 @@ class CupyBackend(Backend):
         finally:
             self._step = None
         return out
+
+    @_on_stream
+    def greedy_step(self, forward, tokens, positions, batch, kv_caches, fed):
+        """The step fed from the previous one's ids on the device (its graph's argmax, or the
+        argmax after an eager step), its own ids copied to pinned memory behind it: get()
+        waits only for that copy, and no host round trip stands between two steps."""
+        feed = self._greedy_ids if fed else None
+        if fed and (feed is None or len(feed) != batch.num_seqs):
+            raise ValueError("greedy_step(fed=True) must follow a greedy_step of the same sequences")
+        out = self.run_step(forward, tokens, positions, batch, kv_caches, None, feed)
+        g = self._last_graph
+        ids = g.ids if g is not None and out is g.out else self._argmax_dev(out)
+        self._greedy_ids = ids
+        self._ids_turn ^= 1
+        host, done = self._ids_host[self._ids_turn], self._ids_copied[self._ids_turn]
+        B = len(ids)
+        if host.size < B:
+            host = self._ids_host[self._ids_turn] = cupyx.empty_pinned((B,), np.int32)
+        host = host[:B]
+        ids.data.copy_to_host_async(host.ctypes.data, B * 4, self.stream)
+        done.record(self.stream)
+
+        def get():
+            done.synchronize()
+            return host.copy()
+
+        return GreedyIds(get)
 
     # --- sampling on the device ---------------------------------------------------------
     @_on_stream

@@ -133,6 +133,27 @@ class Backend(ABC):
         """Row-wise argmax of logits [B, vocab] as host ids (first index of the maximum)."""
         return np.argmax(self.to_numpy(logits), axis=-1)
 
+    def greedy_step(self, forward, tokens: np.ndarray, positions: np.ndarray, batch: AttentionBatch,
+                    kv_caches: list, fed: bool) -> "GreedyIds":
+        """A decode step (`run_step`, one token per sequence) and the argmax of each row.
+        fed: each sequence's token is its id from the previous greedy_step (`tokens` holds
+        placeholders), so a GPU backend can start the step before those ids reach the host;
+        only valid right after a greedy_step of the same sequences in the same order."""
+        if fed:
+            last = getattr(self, "_greedy_ids", None)
+            if last is None or len(last) != len(tokens):
+                raise ValueError("greedy_step(fed=True) must follow a greedy_step of the same sequences")
+            tokens = np.asarray(last, dtype=tokens.dtype)
+        self._greedy_ids = self.argmax(self.run_step(forward, tokens, positions, batch, kv_caches, None))
+        return GreedyIds(lambda ids=self._greedy_ids: ids)
+
+
+class GreedyIds:
+    """A greedy step's ids, possibly still being computed: get() waits for them (host array)."""
+
+    def __init__(self, get):
+        self.get = get
+
 
 def check_supported(tensor) -> None:
     if tensor.qtype not in SUPPORTED_QTYPES:

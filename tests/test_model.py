@@ -98,6 +98,42 @@ def test_generate_greedy_length_and_release(tiny_engine):
     assert tiny_engine.kv.blocks_in_use == 0
 
 
+def test_greedy_decode_is_forward_then_argmax(tiny_engine):
+    """Engine.greedy_decode, each step fed the previous step's ids (ops.greedy_step), gives the
+    ids of a forward and an argmax per step, for sequences of different lengths."""
+    from workers.engine import Sequence
+
+    engine = tiny_engine
+    seqs = [Sequence([1, 2, 3]), Sequence([5, 6, 7, 8, 9])]
+    ahead = [Sequence(list(s.token_ids)) for s in seqs]
+    try:
+        for s in seqs + ahead:
+            engine.forward([(s, len(s.token_ids) - 1)])
+        want, got = [], []
+        for _ in range(6):
+            ids = np.argmax(engine.forward([(s, 1) for s in seqs]), axis=-1)
+            for s, t in zip(seqs, ids.tolist()):
+                s.token_ids.append(t)
+            want.append(ids.tolist())
+        steps = engine.greedy_decode(ahead)
+        for _ in range(6):
+            ids = next(steps).tolist()
+            for s, t in zip(ahead, ids):
+                s.token_ids.append(t)
+            got.append(ids)
+        steps.close()
+        assert got == want
+        assert [s.token_ids for s in ahead] == [s.token_ids for s in seqs]
+        # the step in flight when it stopped has already cached the last ids
+        assert [s.num_cached for s in ahead] == [len(s.token_ids) for s in ahead]
+        with pytest.raises(ValueError, match="cannot advance"):
+            engine.forward([(ahead[0], 1)])
+    finally:
+        for s in seqs + ahead:
+            engine.release(s)
+    assert engine.kv.blocks_in_use == 0
+
+
 def test_generate_stops_on_stop_id_and_context(tiny_engine):
     first = next(iter(tiny_engine.generate([5, 6], SamplingParams(temperature=0.0, max_tokens=1)))).token_id
     events = list(tiny_engine.generate([5, 6], SamplingParams(temperature=0.0, max_tokens=5, stop_ids=(first,))))

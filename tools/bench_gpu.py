@@ -186,8 +186,10 @@ def kv_bytes_per_token(engine, ctx: float) -> float:
     return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * ctx
 
 
-def decode(engine, batch: int, prompt_len: int, steps: int, rng) -> float:
-    """Aggregate decode tok/s of `batch` sequences after `prompt_len`-token prompts."""
+def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = True) -> float:
+    """Aggregate decode tok/s of `batch` sequences after `prompt_len`-token prompts, greedy:
+    Engine.greedy_decode (each step started on the device from the last one's ids), or with
+    ahead=False a forward and a host argmax per step."""
     from workers.engine import Sequence
 
     ops = engine.ops
@@ -203,10 +205,11 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng) -> float:
             s.token_ids.append(1)
         ops.to_numpy(ops.asarray(np.zeros(1)))
         t0 = time.perf_counter()
+        steps_ahead = engine.greedy_decode(seqs) if ahead else None
         for _ in range(steps):
-            ids = ops.argmax(engine.forward([(s, 1) for s in seqs], device=True))
-            for s, t in zip(seqs, ids):
-                s.token_ids.append(int(t))
+            ids = next(steps_ahead) if ahead else ops.argmax(engine.forward([(s, 1) for s in seqs], device=True))
+            for s, t in zip(seqs, ids.tolist()):
+                s.token_ids.append(t)
         return batch * steps / (time.perf_counter() - t0)
     finally:
         for s in seqs:
@@ -480,6 +483,8 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
             extra += f"; NTR_PDL={kinds}: {rerun(engine, cp, rng, 1, 'pdl', kinds)}"
         if args.unbranched:
             extra += f"; segments unbranched: {rerun(engine, cp, rng, 1, 'branch_segments', False)}"
+        if args.sequential:
+            extra += f"; a host argmax between steps: {decode(engine, 1, 1, 128, rng, ahead=False):.1f} tok/s"
         for setting in filter(None, args.settings.split(";")):
             key, value = setting.split("=")
             extra += f"; {setting}: {rerun(engine, cp, rng, 1, key, ast.literal_eval(value))}"
@@ -511,6 +516,8 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
                 extra = f"(GPU graph replay {us:.0f} us/step = {b * 1e6 / us:.0f} tok/s)"
                 for kinds in filter(None, args.pdl_variants.split(";")):
                     extra += f"; NTR_PDL={kinds}: {rerun(engine, cp, rng, b, 'pdl', kinds)}"
+                if args.sequential:
+                    extra += f"; a host argmax between steps: {decode(engine, b, 128, 32, rng, ahead=False):.1f} tok/s"
                 if args.zero_apart:
                     extra += f"; outputs zeroed apart: {rerun(engine, cp, rng, b, 'zero_in_inputs', False)}"
                 row(f"decode x{b}", tok_s, extra=extra)
@@ -558,6 +565,8 @@ def main() -> None:
                     "and decode xN with too")
     ap.add_argument("--unbranched", action="store_true", help="time tg128 with a stacked weight's segments "
                     "in sequence too (not on a graph branch)")
+    ap.add_argument("--sequential", action="store_true", help="time tg128 and decode xN with a forward and a "
+                    "host argmax per step too (not Engine.greedy_decode)")
     ap.add_argument("--settings", default="", help="';'-separated backend settings (name=Python literal, "
                     "e.g. round_in_products=False) to time tg128 with too, one at a time")
     ap.add_argument("--zero-apart", action="store_true", help="time decode xN with the tensor-core products' "

@@ -148,20 +148,51 @@ class Engine:
         all_logits every new row in batch order. With device=True they stay a backend array
         (valid until the next forward), for `ops.argmax` / `ops.sample` on the device.
         """
+        tokens, positions, batch = self._plan(work)
+        rows = None if all_logits else batch.query_starts[1:] - 1
+        logits = self.ops.run_step(self.model.forward, tokens, positions, batch, self.kv.layers, rows)
+        for seq, n in work:
+            seq.num_cached += n
+        return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
+
+    def greedy_decode(self, seqs: list[Sequence]) -> Iterator[np.ndarray]:
+        """Greedy decode of seqs (each with its last token not yet cached), one step per item:
+        the step's ids, which the caller appends to the sequences before asking for the next.
+        Each step is started before the previous one's ids reach the host, from those ids on
+        the device (`ops.greedy_step`), so the GPU does not wait for the host between steps;
+        the step in flight when the caller stops is wasted, and its sequences are one cached
+        token ahead of their ids: release them, or append the last ids before stopping."""
+        pending = self._greedy_step(seqs, fed=False)
+        while True:
+            ahead = self._greedy_step(seqs, fed=True)
+            yield pending.get()
+            pending = ahead
+
+    def _greedy_step(self, seqs: list[Sequence], fed: bool):
+        tokens, positions, batch = self._plan([(s, 1) for s in seqs], fed=fed)
+        ids = self.ops.greedy_step(self.model.forward, tokens, positions, batch, self.kv.layers, fed)
+        for seq in seqs:
+            seq.num_cached += 1
+        return ids
+
+    def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False):
+        """A step's tokens, positions and AttentionBatch, the KV blocks it writes reserved. fed:
+        one token per sequence, not in token_ids yet (a greedy_step takes it on the device)."""
         # plain Python per sequence: a decode step of 64 sequences is built in ~95 us on the
         # development machine, against 430 us with small NumPy arrays per sequence; the GPU
-        # waits for it between steps
+        # waits for it between steps (unless greedy_decode runs it ahead)
         tokens, positions, slots, starts, ctx = [], [], [], [0], []
         bs = self.kv.block_size
         for seq, n in work:
             end = seq.num_cached + n
-            if n < 1 or end > len(seq.token_ids):
-                raise ValueError(f"cannot advance a sequence of {len(seq.token_ids)} tokens from {seq.num_cached} by {n}")
+            if n < 1 or end > len(seq.token_ids) + fed or (fed and (n != 1 or end == len(seq.token_ids))):
+                raise ValueError(f"cannot advance a sequence of {len(seq.token_ids)} tokens from {seq.num_cached} by {n}"
+                                 + (" with the previous step's id" if fed else ""))
             self.kv.reserve(seq.block_table, end)
             table = seq.block_table
             if n == 1:  # a decode step: no ranges to build
                 p = seq.num_cached
-                tokens.append(seq.token_ids[p])
+                tokens.append(0 if fed else seq.token_ids[p])
                 positions.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
             else:
@@ -176,12 +207,7 @@ class Engine:
             query_starts=np.asarray(starts, dtype=np.int32), context_lens=np.asarray(ctx, dtype=np.int32),
             block_tables=tables, slot_mapping=np.asarray(slots, dtype=np.int32),
         )
-        rows = None if all_logits else batch.query_starts[1:] - 1
-        logits = self.ops.run_step(self.model.forward, np.asarray(tokens, dtype=np.int64),
-                                   np.asarray(positions, dtype=np.int64), batch, self.kv.layers, rows)
-        for seq, n in work:
-            seq.num_cached += n
-        return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
+        return np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), batch
 
     def sample(self, logits, samplers: list[Sampler | None]) -> list[tuple[int, float | None, list | None] | None]:
         """(token, logprob, top) for each row of logits [B, vocab] as `forward(device=True)`
@@ -233,17 +259,25 @@ class Engine:
         """Stream one completion. The last event carries finish_reason."""
         c = Completion.start(self, prompt_ids, params)
         timings = self.last_timings = Timings(prompt_tokens=c.prompt_tokens)
+        p = params
+        # greedy with nothing else read from the logits: each step starts on the device from
+        # the last one's id (greedy_decode)
+        ahead = p.greedy and not p.penalized and p.logprobs is None and self.ops.device_sampling
         try:
             t0 = time.perf_counter()
             picked = self.sample(self.forward([(c.seq, c.prompt_tokens)], device=True), [c.sampler])[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
+            steps = self.greedy_decode([c.seq]) if ahead else None
             while True:
                 event = c.advance(*picked)
                 yield event
                 if event.finish_reason is not None:
                     return
-                picked = self.sample(self.forward([(c.seq, 1)], device=True), [c.sampler])[0]
+                if steps is not None:
+                    picked = (int(next(steps)[0]), None, None)
+                else:
+                    picked = self.sample(self.forward([(c.seq, 1)], device=True), [c.sampler])[0]
                 timings.decode_tokens += 1
                 timings.decode_s = time.perf_counter() - t0
         finally:
