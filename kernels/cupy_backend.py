@@ -9,7 +9,9 @@ Where the time goes and what this file does about it:
   epilogue (matmul_add), RoPE into attention (rope() is lazy too). For Q4_K, Q6_K, Q5_0 and
   Q8_0 (Q8_ROWS) a pre-pass quantizes the (normed, SwiGLU'd) input to 15-bit integers per 32
   values, stored as two int8 planes, and the GEMV takes integer dot products (dp4a) on the raw
-  weight bytes, as llama.cpp's MMVQ does with int8 (quant.cu says why 15 bits).
+  weight bytes, as llama.cpp's MMVQ does with int8 (quant.cu says why 15 bits). Decode
+  attention and the residual products (wo, down: a lazy Product) make that copy of their
+  output themselves, so only down's SwiGLU input has a pre-pass of its own.
 - A 0.5B model's decode step is ~150 small kernels: Python launching them would cost more
   than the GPU time, so run_step() captures the whole step in a CUDA graph per (batch,
   block-table width) and replays it; the step's token ids, positions and cache slots travel
@@ -18,7 +20,8 @@ Where the time goes and what this file does about it:
   (quant.cu qmma). Prompts beyond that are matrix-bound: each weight is dequantized to an
   fp16 scratch buffer (a chunk of rows at a time, never kept) and multiplied by cuBLAS with
   fp32 accumulation and fp32 output.
-- Sampling runs on the device (argmax, temperature, top-k, top-p, min-p): only ids leave it.
+- Sampling runs on the device (argmax, temperature, top-k, top-p, min-p): only ids leave it;
+  greedy_step feeds a greedy step's ids to the next step without a trip through the host.
 """
 
 from __future__ import annotations

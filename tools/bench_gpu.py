@@ -396,9 +396,11 @@ def profile_ops(engine, cp, T: int) -> list[str]:
                                                           batch, 0.1), None),
         "embedding": (lambda: ops.embedding(m.embed, positions), None),
     }
-    if T == 1 and ops.round_in_products:  # residual products rounding their output (with their input's quantizer)
+    # residual products that round their output for the next one (with their input's quantizer)
+    if T == 1 and hasattr(ops.matmul_add(attn, layer.wo, x), "rounded"):
         cases["wo + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn, layer.wo, x), layer.ffn_norm, 1e-6),
                                       layer.wo)
+    if T == 1 and hasattr(ops.matmul_add(attn2, layer.w_down, x), "rounded"):
         cases["down + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn2, layer.w_down, x), layer.attn_norm,
                                                            1e-6), layer.w_down)
     del qkv_out
