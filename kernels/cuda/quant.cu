@@ -87,6 +87,16 @@ struct X32 {
     int h[8], l[8];
     float d, sum;
 };
+// The 32 integer activations at value pos (a multiple of 32) of a row laid out by xq_chunk.
+__device__ __forceinline__ X32 load_x32(const u8* __restrict__ xq, const float2* __restrict__ xds, int pos) {
+    const u8* p = xq + xq_chunk(pos >> 5, 0);
+    const uint4 h0 = *(const uint4*)p, h1 = *(const uint4*)(p + 512), l0 = *(const uint4*)(p + 1024),
+                l1 = *(const uint4*)(p + 1536);
+    const float2 d = xds[pos / 32];
+    return {{(int)h0.x, (int)h0.y, (int)h0.z, (int)h0.w, (int)h1.x, (int)h1.y, (int)h1.z, (int)h1.w},
+            {(int)l0.x, (int)l0.y, (int)l0.z, (int)l0.w, (int)l1.x, (int)l1.y, (int)l1.z, (int)l1.w},
+            d.x, d.y};
+}
 // An integer dot product of 4-byte weight words with both activation planes.
 struct Dot2 {
     int h = 0, l = 0;
@@ -745,13 +755,7 @@ __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const
 #pragma unroll
             for (int t = 0; t < NT; t++) {
                 if (NT > 1 && t >= T) continue;
-                const u8* p = xq + (size_t)t * sq + xq_chunk(pos >> 5, 0);
-                const uint4 h0 = *(const uint4*)p, h1 = *(const uint4*)(p + 512), l0 = *(const uint4*)(p + 1024),
-                            l1 = *(const uint4*)(p + 1536);
-                const float2 d = xds[(size_t)t * sd + pos / 32];
-                const X32 x = {{(int)h0.x, (int)h0.y, (int)h0.z, (int)h0.w, (int)h1.x, (int)h1.y, (int)h1.z, (int)h1.w},
-                               {(int)l0.x, (int)l0.y, (int)l0.z, (int)l0.w, (int)l1.x, (int)l1.y, (int)l1.z, (int)l1.w},
-                               d.x, d.y};
+                const X32 x = load_x32(xq + (size_t)t * sq, xds + (size_t)t * sd, pos);
 #pragma unroll
                 for (int r = 0; r < R; r++) acc[r][t] += Q::dot32(raw[r], j, h, x);
             }
@@ -823,13 +827,7 @@ __device__ __forceinline__ void gemv_q8_round(const Planes& w, int nb, const u8*
 #pragma unroll
         for (int h = 0; h < Q::NG / 4; h++) {
             const int pos = b * Q::QK + Q::xoff(j, 4 * h);
-            const u8* p = xq + xq_chunk(pos >> 5, 0);
-            const uint4 h0 = *(const uint4*)p, h1 = *(const uint4*)(p + 512), l0 = *(const uint4*)(p + 1024),
-                        l1 = *(const uint4*)(p + 1536);
-            const float2 d = xds[pos / 32];
-            const X32 x = {{(int)h0.x, (int)h0.y, (int)h0.z, (int)h0.w, (int)h1.x, (int)h1.y, (int)h1.z, (int)h1.w},
-                           {(int)l0.x, (int)l0.y, (int)l0.z, (int)l0.w, (int)l1.x, (int)l1.y, (int)l1.z, (int)l1.w},
-                           d.x, d.y};
+            const X32 x = load_x32(xq, xds, pos);
 #pragma unroll
             for (int i = 0; i < NR; i++) acc[i] += Q::dot32(raw[i], j, h, x);
         }
