@@ -111,6 +111,76 @@ def test_cancel_frees_blocks_at_once_and_mid_step(engine):
     assert engine.kv.blocks_in_use == 0 and not sched.has_work
 
 
+def run_ahead(scheduler, max_steps=400, before_step=lambda i: None):
+    """Step until idle as the ComputeWorker does: a step is launched, then the next one
+    (plan_ahead) before the first is committed. Returns ({id: [token ids]}, steps run ahead)."""
+    tokens, fed = {}, 0
+    step = pending = None
+    for i in range(max_steps):
+        before_step(i)
+        after = scheduler.plan() if step is None else scheduler.plan_ahead(step)
+        if step is None and after is None:
+            return tokens, fed
+        launched = scheduler.launch(after) if after is not None else None
+        fed += after is not None and after.fed
+        if step is not None:
+            for rid, e in scheduler.commit(step, pending.get()):
+                tokens.setdefault(rid, []).append(e.token_id)
+        step, pending = after, launched
+    raise AssertionError("scheduler did not drain")
+
+
+def test_greedy_steps_run_ahead_and_output_is_unchanged(engine, monkeypatch):
+    """With sampling on the device (the NumPy twin standing in), greedy decode steps are
+    started before the previous step's ids are read (plan_ahead, fed on the device); each
+    request still gets the tokens it gets alone: one stopped by a stop id (the token computed
+    after it dropped), one admitted while the others run ahead, and every block comes back.
+    A request wanting logprobs keeps its batch from running ahead."""
+    monkeypatch.setattr(engine.ops, "device_sampling", True, raising=False)
+    sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=64)
+    params = GREEDY.with_(max_tokens=12)
+    alone = {rid: solo(engine, p, params) for rid, p in PROMPTS.items()}
+    sched.submit("a", PROMPTS["a"], params)
+    sched.submit("b", PROMPTS["b"], params.with_(stop_ids=[alone["b"][3]]))
+    tokens, fed = run_ahead(sched, before_step=lambda i: i == 6 and sched.submit("d", PROMPTS["d"], params))
+    assert tokens["a"] == alone["a"] and tokens["d"] == alone["d"]
+    assert tokens["b"] == alone["b"][:4]
+    assert fed >= 8
+    assert engine.kv.blocks_in_use == 0 and not sched.has_work
+
+    sched.submit("a", PROMPTS["a"], params)
+    sched.submit("c", PROMPTS["c"], params.with_(logprobs=1))
+    tokens, fed = run_ahead(sched)
+    assert tokens == {"a": alone["a"], "c": alone["c"]} and fed == 0
+    assert engine.kv.blocks_in_use == 0
+
+
+def test_cancel_while_steps_run_ahead(engine, monkeypatch):
+    """A request cancelled while two of its steps are in flight keeps its blocks until the
+    last of them commits; the other request decodes on."""
+    monkeypatch.setattr(engine.ops, "device_sampling", True, raising=False)
+    sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=64)
+    sched.submit("gone", [1, 2, 3], GREEDY.with_(max_tokens=20))
+    sched.submit("stays", [4, 5], GREEDY.with_(max_tokens=20))
+    first = sched.plan()
+    sched.commit(first, sched.run(first))  # both prefilled, each with a token to decode
+    step = sched.plan()
+    pending = sched.launch(step)
+    ahead = sched.plan_ahead(step)
+    assert ahead is not None and ahead.fed
+    later = sched.launch(ahead)
+    held = engine.kv.blocks_in_use
+    assert sched.cancel("gone")
+    assert engine.kv.blocks_in_use == held
+    assert [rid for rid, _ in sched.commit(step, pending.get())] == ["stays"]
+    assert engine.kv.blocks_in_use == held
+    assert [rid for rid, _ in sched.commit(ahead, later.get())] == ["stays"]
+    assert engine.kv.blocks_in_use < held
+    tokens, _ = run_ahead(sched)
+    assert len(tokens["stays"]) == 20 - 3
+    assert engine.kv.blocks_in_use == 0
+
+
 def test_preemption_recomputes_and_output_is_unchanged(tiny_model):
     # 64 cache tokens: three 20-token prompts growing by 12 each cannot all stay resident.
     small = Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=64, block_size=4)

@@ -153,31 +153,41 @@ class ComputeWorker:
         return ready
 
     def _run(self) -> None:
-        """The scheduling loop (its own thread). It only ends on a bug: then every request and
-        the health check fail rather than hang."""
+        """The scheduling loop (its own thread). A greedy decode step is followed by the next
+        one before its ids are read (Scheduler.plan_ahead), so two steps can be in flight:
+        `step` launched and not committed, and the one planned after it. The loop only ends
+        on a bug: then every request and the health check fail rather than hang."""
         try:
+            step = pending = None
             while True:
                 with self.lock:
-                    step = self.scheduler.plan()
                     if step is None:
-                        self.has_work.clear()
-                if step is None:
+                        after = self.scheduler.plan()
+                        if after is None:
+                            self.has_work.clear()
+                    else:
+                        after = self.scheduler.plan_ahead(step)
+                if step is None and after is None:
                     self.has_work.wait()
                     continue
                 try:
-                    picked = self.scheduler.run(step)
-                except Exception as e:  # a device failure ends this step's requests, not the worker
+                    launched = self.scheduler.launch(after) if after is not None else None
+                    picked = pending.get() if step is not None else None
+                except Exception as e:  # a device failure ends the requests in flight, not the worker
                     with self.lock:
-                        self.scheduler.abort(step)
-                        for request in step.requests:
+                        for request in self.scheduler.abort():
                             self._emit(request.id, {"error": f"forward pass failed: {e}"})
-                else:
+                    step = pending = None
+                    self._update_gauges()
+                    continue
+                if step is not None:
                     with self.lock:
                         events = self.scheduler.commit(step, picked)
                         for rid, event in events:
                             self._emit(rid, self._wire(rid, event))
                     if events:
                         self.generated.inc(len(events))
+                step, pending = after, launched
                 self._update_gauges()
         except BaseException as e:
             self.failure = e

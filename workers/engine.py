@@ -162,13 +162,16 @@ class Engine:
         the device (`ops.greedy_step`), so the GPU does not wait for the host between steps;
         the step in flight when the caller stops is wasted, and its sequences are one cached
         token ahead of their ids: release them, or append the last ids before stopping."""
-        pending = self._greedy_step(seqs, fed=False)
+        pending = self.greedy_step(seqs, fed=False)
         while True:
-            ahead = self._greedy_step(seqs, fed=True)
+            ahead = self.greedy_step(seqs, fed=True)
             yield pending.get()
             pending = ahead
 
-    def _greedy_step(self, seqs: list[Sequence], fed: bool):
+    def greedy_step(self, seqs: list[Sequence], fed: bool):
+        """Start one greedy decode step of seqs (`ops.greedy_step`): their last tokens, or with
+        fed the ids the previous greedy_step of the same sequences is computing. Returns the
+        pending ids (get() waits for them); the sequences count the step's input as cached."""
         tokens, positions, batch = self._plan([(s, 1) for s in seqs], fed=fed)
         ids = self.ops.greedy_step(self.model.forward, tokens, positions, batch, self.kv.layers, fed)
         for seq in seqs:

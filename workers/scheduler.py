@@ -14,13 +14,22 @@ Each step is planned, run, then committed:
 * commit: each sampled token goes through its request's stop ids, stop strings and
   budget; finished and cancelled requests give their KV blocks back.
 
+Running ahead: a step whose requests all decode greedily with nothing else read from the
+logits (no logprobs, no penalties; the backend samples on the device) can be followed by the
+same step of the same requests before its tokens are known (`plan_ahead`), fed with its ids
+on the device (`Engine.greedy_step`), as long as nobody waits for admission, none is
+cancelled or at its last token, and their blocks are there without preempting. So the GPU
+does not wait for the host to read a step's ids, commit and plan between two decode steps.
+A request that finishes at the first step's commit has its token from the second dropped;
+its blocks go back once no step in flight holds it.
+
 KV blocks are taken as a sequence grows. When a decode finds the cache full, the most
 recently admitted request is preempted: its blocks are freed and it goes back to the head
 of the queue with its generated tokens kept, to be recomputed later (vLLM's recompute
 preemption), so admission never has to reserve a request's whole `max_tokens` up front.
 
-Not thread-safe: call everything from one thread, except that `run` on a planned step
-may run elsewhere (plan reserves the step's blocks, so forward does not
+Not thread-safe: call everything from one thread, except that `launch`/`run` on a planned
+step may run elsewhere (plan reserves the step's blocks, so forward does not
 touch the free list, and blocks of a request cancelled mid-step are freed at commit).
 """
 
@@ -42,16 +51,19 @@ class QueueFull(RuntimeError):
 class Request(Completion):
     id: str = field(kw_only=True)
     cancelled: bool = False
+    done: bool = False  # finished; a step run ahead may still hold it
 
     @property
     def uncached(self) -> int:
         return len(self.seq.token_ids) - self.seq.num_cached
 
 
-@dataclass
+@dataclass(eq=False)
 class Step:
     requests: list[Request] = field(default_factory=list)
     work: list[tuple[Sequence, int]] = field(default_factory=list)
+    greedy: bool = False  # every request decodes one greedy token: Engine.greedy_step
+    fed: bool = False  # run ahead: its tokens are the previous step's ids on the device
 
     def add(self, request: Request, n: int) -> None:
         self.requests.append(request)
@@ -70,7 +82,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
-        self.in_flight: Step | None = None
+        self.in_flight: list[Step] = []  # planned, not committed: one, or two when run ahead
 
     # --- requests ------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -94,8 +106,7 @@ class Scheduler:
             self.waiting.remove(request)
         else:
             self.running.remove(request)
-            if self.in_flight is None or request not in self.in_flight.requests:
-                self.engine.release(request.seq)
+            self._drop(request)
         return True
 
     @property
@@ -114,13 +125,13 @@ class Scheduler:
         try:
             picked = self.run(step)
         except BaseException:
-            self.abort(step)
+            self.abort()
             raise
         return self.commit(step, picked)
 
     def plan(self) -> Step | None:
         """The next batch, its KV blocks reserved; None when there is nothing to run."""
-        if self.in_flight is not None:
+        if self.in_flight:
             raise RuntimeError("the previous step has not been committed")
         step, budget = Step(), self.max_batch_tokens
         for request in [r for r in self.running if r.uncached == 1]:
@@ -150,25 +161,53 @@ class Scheduler:
             budget -= n
         if not step.requests:
             return None
-        self.in_flight = step
+        step.greedy = all(n == 1 and request.uncached == 1 and self._greedy(request)
+                          for request, (_, n) in zip(step.requests, step.work))
+        self.in_flight.append(step)
         return step
 
+    def plan_ahead(self, step: Step) -> Step | None:
+        """The same greedy step again, to start before `step` (launched, not committed) has
+        its ids, or None where that cannot be (module docstring)."""
+        if self.in_flight != [step] or not step.greedy or self.waiting or step.requests != self.running:
+            return None
+        if any(r.cancelled or r.generated + 2 > r.budget for r in step.requests):
+            return None
+        if not all(self._try_reserve(r, 1) for r in step.requests):
+            return None
+        ahead = Step(list(step.requests), [(r.seq, 1) for r in step.requests], greedy=True, fed=True)
+        self.in_flight.append(ahead)
+        return ahead
+
+    def launch(self, step: Step):
+        """Start the planned step: `get()` on the result waits for its tokens, one
+        (token, logprob, top) or None per request. A greedy step only starts on the device
+        (its ids come later); any other runs its forward pass and samples now. May run on
+        another thread than the rest: it touches only the step's requests."""
+        if step.greedy:
+            pending = self.engine.greedy_step([r.seq for r in step.requests], fed=step.fed)
+            return _Picked(lambda: [(t, None, None) for t in pending.get().tolist()])
+        picked = self.run(step)
+        return _Picked(lambda: picked)
+
     def run(self, step: Step) -> list:
-        """The planned forward pass, then a token for each request whose tokens are now all
-        cached, sampled in one call on the step's logits (on the device where the backend can).
-        May run on another thread than the rest: it touches only the step's requests."""
+        """The planned step to its end (launch, then wait): a token for each request whose
+        tokens are now all cached, sampled in one call on the step's logits (on the device
+        where the backend can)."""
+        if step.greedy:
+            return self.launch(step).get()
         logits = self.engine.forward(step.work, device=True)
         return self.engine.sample(logits, [r.sampler if not r.cancelled and r.uncached == 0 else None
                                            for r in step.requests])
 
     def commit(self, step: Step, picked: list) -> list[tuple[str, GeneratedToken]]:
-        """Apply `run`'s tokens; returns (request id, event) pairs. Requests cancelled meanwhile
-        give their blocks back here."""
-        self.in_flight = None
+        """Apply the step's tokens; returns (request id, event) pairs. Requests cancelled or
+        finished meanwhile give their blocks back here (once no step in flight holds them)."""
+        self.in_flight.remove(step)
         events = []
         for request, choice in zip(step.requests, picked):
-            if request.cancelled:
-                self.engine.release(request.seq)
+            if request.cancelled or request.done:
+                self._drop(request)
             elif choice is not None:
                 event = request.advance(*choice)
                 events.append((request.id, event))
@@ -176,14 +215,17 @@ class Scheduler:
                     self._finish(request)
         return events
 
-    def abort(self, step: Step) -> None:
-        """After a failed forward: the step's requests are dropped and their blocks freed."""
-        self.in_flight = None
-        for request in step.requests:
+    def abort(self) -> list[Request]:
+        """After a failed step: the requests of every step in flight are dropped and their
+        blocks freed; returns them."""
+        dropped = list(dict.fromkeys(r for step in self.in_flight for r in step.requests))
+        self.in_flight = []
+        for request in dropped:
             self.requests.pop(request.id, None)
             if request in self.running:
                 self.running.remove(request)
             self.engine.release(request.seq)
+        return dropped
 
     # --- internals -----------------------------------------------------------
     def _try_reserve(self, request: Request, n: int) -> bool:
@@ -202,6 +244,10 @@ class Scheduler:
             kv.reserve(seq.block_table, seq.num_cached + n)
         return max(n, 0)
 
+    def _greedy(self, request: Request) -> bool:
+        p = request.params
+        return p.greedy and not p.penalized and p.logprobs is None and self.engine.ops.device_sampling
+
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
         self.engine.release(request.seq)
@@ -210,4 +256,17 @@ class Scheduler:
     def _finish(self, request: Request) -> None:
         self.running.remove(request)
         del self.requests[request.id]
-        self.engine.release(request.seq)
+        request.done = True
+        self._drop(request)
+
+    def _drop(self, request: Request) -> None:
+        """A cancelled or finished request's blocks back, unless a step in flight holds it."""
+        if not any(request in step.requests for step in self.in_flight):
+            self.engine.release(request.seq)
+
+
+class _Picked:
+    """A launched step's tokens: get() waits for them."""
+
+    def __init__(self, get):
+        self.get = get
