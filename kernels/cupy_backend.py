@@ -44,7 +44,7 @@ except ImportError:  # older layouts
     from cupy_backends.cuda.libs import cublas
 
 from kernels.launch import PdlLauncher
-from kernels.ops import AttentionBatch, Backend, GreedyIds, check_supported
+from kernels.ops import AttentionBatch, Backend, check_supported
 from kernels.quants import Q, block_shape, dequantize
 
 CUDA_DIR = Path(__file__).parent / "cuda"
@@ -431,9 +431,8 @@ class CupyBackend(Backend):
         self._pinned = [cupyx.empty_pinned((32 << 20,), np.uint8) for _ in range(2)]
         self._pinned_free = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
         self._turn = 0
-        # greedy_step: the last step's device ids, and two pinned buffers their copies alternate in
-        # (a step's ids are read before the step after next is started)
-        self._greedy_ids = None
+        # greedy_step: two pinned buffers its ids' copies alternate in (a step's ids are read
+        # before the step after next is started)
         self._ids_host = [cupyx.empty_pinned((QMMA_MAX_T,), np.int32) for _ in range(2)]
         self._ids_copied = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
         self._ids_turn = 0
@@ -1020,11 +1019,10 @@ class CupyBackend(Backend):
     @_on_stream
     def greedy_step(self, forward, tokens, positions, batch, kv_caches, fed):
         """The step fed from the previous one's ids on the device (its graph's argmax, or the
-        argmax after an eager step), its own ids copied to pinned memory behind it: get()
-        waits only for that copy, and no host round trip stands between two steps."""
-        feed = self._greedy_ids if fed else None
-        if fed and (feed is None or len(feed) != batch.num_seqs):
-            raise ValueError("greedy_step(fed=True) must follow a greedy_step of the same sequences")
+        argmax after an eager step), its own ids copied to pinned memory behind it: the
+        returned function waits only for that copy, and no host round trip stands between
+        two steps."""
+        feed = self._fed_ids(batch.num_seqs) if fed else None
         out = self.run_step(forward, tokens, positions, batch, kv_caches, None, feed)
         g = self._last_graph
         ids = g.ids if g is not None and out is g.out else self._argmax_dev(out)
@@ -1042,7 +1040,7 @@ class CupyBackend(Backend):
             done.synchronize()
             return host.copy()
 
-        return GreedyIds(get)
+        return get
 
     # --- sampling on the device ---------------------------------------------------------
     @_on_stream

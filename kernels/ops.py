@@ -10,6 +10,7 @@ prefill, decode and a mix of both are the same call.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,26 +134,25 @@ class Backend(ABC):
         """Row-wise argmax of logits [B, vocab] as host ids (first index of the maximum)."""
         return np.argmax(self.to_numpy(logits), axis=-1)
 
+    _greedy_ids = None  # the last greedy_step's ids, in the backend's array type
+
     def greedy_step(self, forward, tokens: np.ndarray, positions: np.ndarray, batch: AttentionBatch,
-                    kv_caches: list, fed: bool) -> "GreedyIds":
-        """A decode step (`run_step`, one token per sequence) and the argmax of each row.
-        fed: each sequence's token is its id from the previous greedy_step (`tokens` holds
-        placeholders), so a GPU backend can start the step before those ids reach the host;
-        only valid right after a greedy_step of the same sequences in the same order."""
+                    kv_caches: list, fed: bool) -> Callable[[], np.ndarray]:
+        """A decode step (`run_step`, one token per sequence) and the argmax of each row;
+        returns a function that waits for those ids (a host array). fed: each sequence's token
+        is its id from the previous greedy_step (`tokens` holds placeholders), so a GPU
+        backend can start the step before those ids reach the host; only valid right after a
+        greedy_step of the same sequences in the same order."""
         if fed:
-            last = getattr(self, "_greedy_ids", None)
-            if last is None or len(last) != len(tokens):
-                raise ValueError("greedy_step(fed=True) must follow a greedy_step of the same sequences")
-            tokens = np.asarray(last, dtype=tokens.dtype)
-        self._greedy_ids = self.argmax(self.run_step(forward, tokens, positions, batch, kv_caches, None))
-        return GreedyIds(lambda ids=self._greedy_ids: ids)
+            tokens = np.asarray(self._fed_ids(len(tokens)), dtype=tokens.dtype)
+        ids = self._greedy_ids = self.argmax(self.run_step(forward, tokens, positions, batch, kv_caches, None))
+        return lambda: ids
 
-
-class GreedyIds:
-    """A greedy step's ids, possibly still being computed: get() waits for them (host array)."""
-
-    def __init__(self, get):
-        self.get = get
+    def _fed_ids(self, n: int):
+        """The last greedy_step's ids, to feed the next step of the same n sequences."""
+        if self._greedy_ids is None or len(self._greedy_ids) != n:
+            raise ValueError("greedy_step(fed=True) must follow a greedy_step of the same sequences")
+        return self._greedy_ids
 
 
 def check_supported(tensor) -> None:

@@ -124,7 +124,7 @@ def run_ahead(scheduler, max_steps=400, before_step=lambda i: None):
         launched = scheduler.launch(after) if after is not None else None
         fed += after is not None and after.fed
         if step is not None:
-            for rid, e in scheduler.commit(step, pending.get()):
+            for rid, e in scheduler.commit(step, pending()):
                 tokens.setdefault(rid, []).append(e.token_id)
         step, pending = after, launched
     raise AssertionError("scheduler did not drain")
@@ -172,9 +172,9 @@ def test_cancel_while_steps_run_ahead(engine, monkeypatch):
     held = engine.kv.blocks_in_use
     assert sched.cancel("gone")
     assert engine.kv.blocks_in_use == held
-    assert [rid for rid, _ in sched.commit(step, pending.get())] == ["stays"]
+    assert [rid for rid, _ in sched.commit(step, pending())] == ["stays"]
     assert engine.kv.blocks_in_use == held
-    assert [rid for rid, _ in sched.commit(ahead, later.get())] == ["stays"]
+    assert [rid for rid, _ in sched.commit(ahead, later())] == ["stays"]
     assert engine.kv.blocks_in_use < held
     tokens, _ = run_ahead(sched)
     assert len(tokens["stays"]) == 20 - 3

@@ -172,7 +172,7 @@ class ComputeWorker:
                     continue
                 try:
                     launched = self.scheduler.launch(after) if after is not None else None
-                    picked = pending.get() if step is not None else None
+                    picked = pending() if step is not None else None
                 except Exception as e:  # a device failure ends the requests in flight, not the worker
                     with self.lock:
                         for request in self.scheduler.abort():

@@ -165,13 +165,13 @@ class Engine:
         pending = self.greedy_step(seqs, fed=False)
         while True:
             ahead = self.greedy_step(seqs, fed=True)
-            yield pending.get()
+            yield pending()
             pending = ahead
 
     def greedy_step(self, seqs: list[Sequence], fed: bool):
         """Start one greedy decode step of seqs (`ops.greedy_step`): their last tokens, or with
-        fed the ids the previous greedy_step of the same sequences is computing. Returns the
-        pending ids (get() waits for them); the sequences count the step's input as cached."""
+        fed the ids the previous greedy_step of the same sequences is computing. Returns a
+        function that waits for the step's ids; the sequences count the step's input as cached."""
         tokens, positions, batch = self._plan([(s, 1) for s in seqs], fed=fed)
         ids = self.ops.greedy_step(self.model.forward, tokens, positions, batch, self.kv.layers, fed)
         for seq in seqs:
@@ -188,7 +188,7 @@ class Engine:
         bs = self.kv.block_size
         for seq, n in work:
             end = seq.num_cached + n
-            if n < 1 or end > len(seq.token_ids) + fed or (fed and (n != 1 or end == len(seq.token_ids))):
+            if not ((n == 1 and end == len(seq.token_ids) + 1) if fed else (1 <= n and end <= len(seq.token_ids))):
                 raise ValueError(f"cannot advance a sequence of {len(seq.token_ids)} tokens from {seq.num_cached} by {n}"
                                  + (" with the previous step's id" if fed else ""))
             self.kv.reserve(seq.block_table, end)
@@ -219,8 +219,7 @@ class Engine:
         leave it); the others are copied to the host for their Sampler."""
         picked: list = [None] * len(samplers)
         wanted = [i for i, s in enumerate(samplers) if s is not None]
-        on_device = [i for i in wanted if self.ops.device_sampling and samplers[i].params.logprobs is None
-                     and not samplers[i].params.penalized]
+        on_device = [i for i in wanted if self.samples_on_device(samplers[i].params)]
         if on_device:
             ps = [samplers[i].params for i in on_device]
             uniform = [0.0 if p.greedy else float(samplers[i].rng.random()) for i, p in zip(on_device, ps)]
@@ -242,6 +241,10 @@ class Engine:
                 picked[i] = (token, None, None) if n_top is None else (token, *token_logprobs(row, token, n_top))
         return picked
 
+    def samples_on_device(self, params: SamplingParams) -> bool:
+        """Whether `sample` draws a row with these params on the device: only its id leaves it."""
+        return self.ops.device_sampling and params.logprobs is None and not params.penalized
+
     def release(self, seq: Sequence) -> None:
         self.kv.release(seq.block_table)
         seq.num_cached = 0
@@ -262,10 +265,9 @@ class Engine:
         """Stream one completion. The last event carries finish_reason."""
         c = Completion.start(self, prompt_ids, params)
         timings = self.last_timings = Timings(prompt_tokens=c.prompt_tokens)
-        p = params
         # greedy with nothing else read from the logits: each step starts on the device from
         # the last one's id (greedy_decode)
-        ahead = p.greedy and not p.penalized and p.logprobs is None and self.ops.device_sampling
+        ahead = params.greedy and self.samples_on_device(params)
         try:
             t0 = time.perf_counter()
             picked = self.sample(self.forward([(c.seq, c.prompt_tokens)], device=True), [c.sampler])[0]

@@ -36,6 +36,7 @@ touch the free list, and blocks of a request cancelled mid-step are freed at com
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.engine import Completion, Engine, GeneratedToken, Sequence
@@ -179,26 +180,24 @@ class Scheduler:
         self.in_flight.append(ahead)
         return ahead
 
-    def launch(self, step: Step):
-        """Start the planned step: `get()` on the result waits for its tokens, one
-        (token, logprob, top) or None per request. A greedy step only starts on the device
-        (its ids come later); any other runs its forward pass and samples now. May run on
-        another thread than the rest: it touches only the step's requests."""
+    def launch(self, step: Step) -> Callable[[], list]:
+        """Start the planned step; returns a function that waits for its tokens: one (token,
+        logprob, top) or None per request, a token for each request whose tokens are now all
+        cached. A greedy step only starts on the device (its ids come later); any other runs
+        its forward pass and samples now, in one call on the step's logits (on the device
+        where the backend can). May run on another thread than the rest: it touches only the
+        step's requests."""
         if step.greedy:
-            pending = self.engine.greedy_step([r.seq for r in step.requests], fed=step.fed)
-            return _Picked(lambda: [(t, None, None) for t in pending.get().tolist()])
-        picked = self.run(step)
-        return _Picked(lambda: picked)
+            ids = self.engine.greedy_step([r.seq for r in step.requests], fed=step.fed)
+            return lambda: [(t, None, None) for t in ids().tolist()]
+        logits = self.engine.forward(step.work, device=True)
+        picked = self.engine.sample(logits, [r.sampler if not r.cancelled and r.uncached == 0 else None
+                                             for r in step.requests])
+        return lambda: picked
 
     def run(self, step: Step) -> list:
-        """The planned step to its end (launch, then wait): a token for each request whose
-        tokens are now all cached, sampled in one call on the step's logits (on the device
-        where the backend can)."""
-        if step.greedy:
-            return self.launch(step).get()
-        logits = self.engine.forward(step.work, device=True)
-        return self.engine.sample(logits, [r.sampler if not r.cancelled and r.uncached == 0 else None
-                                           for r in step.requests])
+        """The planned step to its end: launch, then wait for its tokens."""
+        return self.launch(step)()
 
     def commit(self, step: Step, picked: list) -> list[tuple[str, GeneratedToken]]:
         """Apply the step's tokens; returns (request id, event) pairs. Requests cancelled or
@@ -245,8 +244,7 @@ class Scheduler:
         return max(n, 0)
 
     def _greedy(self, request: Request) -> bool:
-        p = request.params
-        return p.greedy and not p.penalized and p.logprobs is None and self.engine.ops.device_sampling
+        return request.params.greedy and self.engine.samples_on_device(request.params)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -264,9 +262,3 @@ class Scheduler:
         if not any(request in step.requests for step in self.in_flight):
             self.engine.release(request.seq)
 
-
-class _Picked:
-    """A launched step's tokens: get() waits for them."""
-
-    def __init__(self, get):
-        self.get = get

@@ -780,7 +780,7 @@ __device__ __forceinline__ void gemv_q8(const Planes& w, int rows, int nb, const
 // outputs, so once its warps' partial sums meet in shared memory one warp holds a whole
 // 32-value block of nw * out and rounds it (common.cu quantize32), no other block, counter or
 // fence involved; it stores the block's sum of out^2 in yss[block], which the consumer sums
-// in a fixed order for 1/rms (rms_inv) and applies after its dot products. (Measured on an
+// in a fixed order for 1/rms (RmsInv) and applies after its dot products. (Measured on an
 // H100, docs/benchmarks.md: this pays where the next product is gemv_q8, 2 of 3 quantizers
 // a layer; gate_up rounding its SwiGLU for down lost more than the quantizer costs.)
 // Lanes: 8 neighbours take 8 consecutive units of a row (128 contiguous bytes of the
