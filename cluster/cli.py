@@ -6,12 +6,12 @@ import argparse
 import json
 import sys
 
-from workers import model_store
-from workers.sampling import SamplingParams
+from workers.model import store as model_store
+from workers.engine.sampling import SamplingParams
 
 
 def _engine(args):
-    from workers.engine import Engine
+    from workers.engine.engine import Engine
 
     return Engine(model_store.resolve(args.model), backend=args.backend)
 
@@ -49,8 +49,8 @@ def cmd_generate(args) -> int:
 
 
 def cmd_tokenize(args) -> int:
-    from workers.gguf_file import GGUFFile
-    from workers.tokenizer import Tokenizer
+    from workers.model.gguf_file import GGUFFile
+    from workers.model.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.from_metadata(GGUFFile(model_store.resolve(args.model)).metadata)
     if args.texts_json:

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from workers import model_store
+from workers.model import store as model_store
 
 APP_IMPORT_PATH = "cluster.app:build_app"
 

@@ -19,7 +19,7 @@ from ray.util import metrics
 
 from cluster.config import ServerConfig
 from workers.compute_worker import ComputeWorker
-from workers.sampling import SamplingParams
+from workers.engine.sampling import SamplingParams
 
 POLL_TIMEOUT_S = 1.0
 # A poll is answered as soon as any event is ready; the next one waits until this long after

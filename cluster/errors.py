@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import grpc
 
-from workers.engine import ContextLengthError
-from workers.model_store import ModelNotFound
-from workers.scheduler import QueueFull
+from workers.engine.engine import ContextLengthError
+from workers.model.store import ModelNotFound
+from workers.engine.scheduler import QueueFull
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from cluster.errors import APIError
-from workers.sampling import SamplingParams
+from workers.engine.sampling import SamplingParams
 
 MAX_N = 16
 MAX_STOP = 4

@@ -46,7 +46,7 @@ class Backend(ABC):
     # --- weights -------------------------------------------------------------
     @abstractmethod
     def load_matrix(self, *tensors) -> Weight:
-        """2-D GGUF tensors [out_i, in] (`workers.gguf_file.TensorInfo`, possibly of different
+        """2-D GGUF tensors [out_i, in] (`workers.model.gguf_file.TensorInfo`, possibly of different
         quant types) prepared for `matmul` as one weight [sum(out_i), in]: Q, K and V, or
         gate and up, become one product that reads the activations once."""
 

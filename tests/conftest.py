@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from workers import model_store
-from workers.synthetic_model import Shape, llama_vocab_dir, q4_k_m_mix, uniform_mix, write_model
+from workers.model import store as model_store
+from workers.model.synthetic import Shape, llama_vocab_dir, q4_k_m_mix, uniform_mix, write_model
 
 # Small shapes that still exercise GQA, QKV biases (qwen2) and K-quant row lengths (256).
 TINY_SHAPES = {
@@ -67,6 +67,6 @@ def real_model_path() -> Path:
 
 @pytest.fixture(scope="session")
 def real_engine(real_model_path):
-    from workers.engine import Engine
+    from workers.engine.engine import Engine
 
     return Engine(real_model_path, backend="numpy")

@@ -4,9 +4,9 @@ import re
 
 import pytest
 
-from workers.chat_template import (DEFAULT_CHAT_TEMPLATE, ChatTemplateError, chat_template_from_metadata,
+from workers.model.chat_template import (DEFAULT_CHAT_TEMPLATE, ChatTemplateError, chat_template_from_metadata,
                                    render_chat)
-from workers.gguf_file import GGUFFile
+from workers.model.gguf_file import GGUFFile
 
 MESSAGES = [
     {"role": "system", "content": "You are a terse assistant."},

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from cluster.cli import main
-from workers import model_store
+from workers.model import store as model_store
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

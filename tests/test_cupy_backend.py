@@ -20,8 +20,8 @@ from kernels import AttentionBatch, get_backend  # noqa: E402
 from kernels.cupy_backend import GEMV_MAX_T, Q8_ROWS, QMMA_MAX_T  # noqa: E402
 from kernels.numpy_backend import matmul_q8, quantize_q8, quantize_q8_input  # noqa: E402
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize  # noqa: E402
-from workers.gguf_file import TensorInfo  # noqa: E402
-from workers.synthetic_model import random_blocks  # noqa: E402
+from workers.model.gguf_file import TensorInfo  # noqa: E402
+from workers.model.synthetic import random_blocks  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 cpu = get_backend("numpy")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from workers.gguf_file import GGUFError, GGUFFile
-from workers.model_config import ModelConfig
-from workers.synthetic_model import add_field
+from workers.model.gguf_file import GGUFError, GGUFFile
+from workers.model.config import ModelConfig
+from workers.model.synthetic import add_field
 
 
 def test_matches_gguf_reader(tiny_model):

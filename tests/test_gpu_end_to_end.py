@@ -13,9 +13,9 @@ import pytest
 pytest.importorskip("cupy")  # the module skips visibly where CuPy is missing
 
 from kernels.cupy_backend import PDL_KINDS  # noqa: E402
-from workers.engine import Engine  # noqa: E402
-from workers.sampling import SamplingParams  # noqa: E402
-from workers.synthetic_model import SHAPES, Shape, write_model  # noqa: E402
+from workers.engine.engine import Engine  # noqa: E402
+from workers.engine.sampling import SamplingParams  # noqa: E402
+from workers.model.synthetic import SHAPES, Shape, write_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 MODELS = {  # name -> (shape, vocabulary file)
@@ -48,7 +48,7 @@ def test_teacher_forced_top1_agreement(engines):
 
 def test_logits_close_prefill_and_decode(engines):
     """Prefill (cuBLAS path) and graph-replayed decode (GEMV path) logits against NumPy."""
-    from workers.engine import Sequence
+    from workers.engine.engine import Sequence
 
     cpu, gpu = engines
     ids = np.random.default_rng(2).integers(100, 20000, 41).tolist()
@@ -95,7 +95,7 @@ def test_greedy_decode_ahead_matches_step_by_step(engines, n_seqs):
     a host argmax per step, across a change of graph (table width 16 -> 32 blocks at 256
     tokens). Batch 1 is bit for bit; at 6 the tensor-core kernel's atomic sums may differ in
     the last bits run to run, so a sequence's comparison ends at a top-2 gap below 1e-3."""
-    from workers.engine import Sequence
+    from workers.engine.engine import Sequence
 
     _, gpu = engines
     rng = np.random.default_rng(9)
@@ -134,7 +134,7 @@ def test_greedy_decode_ahead_matches_step_by_step(engines, n_seqs):
 def test_batched_decode_matches_single(engines, n_seqs):
     """Sequences decoded together (one captured graph; GEMV at 8, tensor cores at 24) give
     each one's own logits."""
-    from workers.engine import Sequence
+    from workers.engine.engine import Sequence
 
     _, gpu = engines
     rng = np.random.default_rng(4)
@@ -166,7 +166,7 @@ def test_overlapping_kernels_changes_nothing(engines):
     the last bits run to run and random weights amplify that (6e-4 measured), while reading an
     input before it is written would be off by order one. Contexts cross a 64-key split, so
     attention stages cached keys of several splits early."""
-    from workers.engine import Sequence
+    from workers.engine.engine import Sequence
 
     _, gpu = engines
     ops = gpu.ops

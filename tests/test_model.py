@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from kernels.quants import SUPPORTED_QTYPES, dequantize
-from workers.engine import ContextLengthError, Engine, Sequence
-from workers.sampling import SamplingParams
+from workers.engine.engine import ContextLengthError, Engine, Sequence
+from workers.engine.sampling import SamplingParams
 
 ALL_QTYPES = sorted(q.name for q in SUPPORTED_QTYPES)
 
@@ -101,7 +101,7 @@ def test_generate_greedy_length_and_release(tiny_engine):
 def test_greedy_decode_is_forward_then_argmax(tiny_engine):
     """Engine.greedy_decode, each step fed the previous step's ids (ops.greedy_step), gives the
     ids of a forward and an argmax per step, for sequences of different lengths."""
-    from workers.engine import Sequence
+    from workers.engine.engine import Sequence
 
     engine = tiny_engine
     seqs = [Sequence([1, 2, 3]), Sequence([5, 6, 7, 8, 9])]

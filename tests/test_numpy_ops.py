@@ -8,8 +8,8 @@ from gguf import GGMLQuantizationType as Q
 
 from kernels import AttentionBatch, get_backend
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize
-from workers.gguf_file import TensorInfo
-from workers.synthetic_model import random_blocks
+from workers.model.gguf_file import TensorInfo
+from workers.model.synthetic import random_blocks
 
 ops = get_backend("numpy")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.sampling import PRESETS, Sampler, SamplingParams, log_softmax, token_logprobs
+from workers.engine.sampling import PRESETS, Sampler, SamplingParams, log_softmax, token_logprobs
 
 
 def draws(params: SamplingParams, logits: np.ndarray, n: int = 400) -> set[int]:

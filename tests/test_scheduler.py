@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from workers.engine import ContextLengthError, Engine
-from workers.sampling import SamplingParams
-from workers.scheduler import QueueFull, Scheduler
+from workers.engine.engine import ContextLengthError, Engine
+from workers.engine.sampling import SamplingParams
+from workers.engine.scheduler import QueueFull, Scheduler
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -218,7 +218,7 @@ def test_one_sampling_call_per_step_routes_rows(engine, monkeypatch):
     record the token for later penalties."""
     import numpy as np
 
-    from workers.sampling import Sampler, log_softmax
+    from workers.engine.sampling import Sampler, log_softmax
 
     calls = []
     monkeypatch.setattr(engine.ops, "device_sampling", True, raising=False)

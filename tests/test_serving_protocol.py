@@ -10,9 +10,9 @@ from ray.exceptions import RayTaskError
 
 from cluster.errors import APIError
 from cluster.openai_protocol import Choice, chunk, parse_request, response
-from workers.engine import ContextLengthError
-from workers.model_store import ModelNotFound
-from workers.scheduler import QueueFull
+from workers.engine.engine import ContextLengthError
+from workers.model.store import ModelNotFound
+from workers.engine.scheduler import QueueFull
 
 M = "m"
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from workers.gguf_file import GGUFFile
-from workers.synthetic_model import llama_vocab_dir
-from workers.tokenizer import IncrementalDecoder, Tokenizer
+from workers.model.gguf_file import GGUFFile
+from workers.model.synthetic import llama_vocab_dir
+from workers.model.tokenizer import IncrementalDecoder, Tokenizer
 
 VOCAB_DIR = llama_vocab_dir()
 pytestmark = pytest.mark.usefixtures("vocab_dir")  # where it is missing, every test fails saying so

@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from workers import model_store
-from workers.engine import Engine, Sequence
-from workers.sampling import SamplingParams
+from workers.model import store as model_store
+from workers.engine.engine import Engine, Sequence
+from workers.engine.sampling import SamplingParams
 
 
 def weight_bytes(engine: Engine) -> int:

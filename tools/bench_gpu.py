@@ -5,7 +5,7 @@ GGUF replicas of real models, and times them against the llama.cpp numbers of is
     PYTHONPATH=. python tools/bench_gpu.py [--tests] [--models qwen2.5-0.5b,llama3-8b-q4_k_m,...]
                                            [--out DIR] [--workdir DIR]
 
-Models are written by `workers.synthetic_model.write_model` (real shapes, llama.cpp's Q4_K_M
+Models are written by `workers.model.synthetic.write_model` (real shapes, llama.cpp's Q4_K_M
 choice of types, tokenizer keys from ../shared/llama-vocab or $NTR_VOCAB_DIR); for speed its
 block generator is swapped for one that tiles a random pool and copies the scale fields a
 16-row sample of the project's own generator chose (weights' values do not change the time).
@@ -41,8 +41,8 @@ sys.path.insert(0, str(REPO))
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from kernels.quants import block_shape, dequantize  # noqa: E402
-from workers import synthetic_model  # noqa: E402
-from workers.synthetic_model import SHAPES, llama_vocab_dir, q4_k_m_mix, uniform_mix, write_model  # noqa: E402
+from workers.model import synthetic as synthetic_model  # noqa: E402
+from workers.model.synthetic import SHAPES, llama_vocab_dir, q4_k_m_mix, uniform_mix, write_model  # noqa: E402
 
 MODELS = {  # name -> (shape, mix, vocabulary)
     "qwen2.5-0.5b": (SHAPES["qwen2.5-0.5b"], q4_k_m_mix, "ggml-vocab-qwen2.gguf"),
@@ -190,7 +190,7 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = T
     """Aggregate decode tok/s of `batch` sequences after `prompt_len`-token prompts, greedy:
     Engine.greedy_decode (each step started on the device from the last one's ids), or with
     ahead=False a forward and a host argmax per step."""
-    from workers.engine import Sequence
+    from workers.engine.engine import Sequence
 
     ops = engine.ops
     seqs = [Sequence(rng.integers(100, 20000, prompt_len).tolist()) for _ in range(batch)]
@@ -217,7 +217,7 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = T
 
 
 def prefill(engine, n: int, rng, runs: int = 3) -> float:
-    from workers.engine import Sequence
+    from workers.engine.engine import Sequence
 
     rates = []
     for _ in range(runs + 1):
@@ -454,7 +454,7 @@ def profile_ops(engine, cp, T: int) -> list[str]:
 
 
 def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None:
-    from workers.engine import Engine
+    from workers.engine.engine import Engine
 
     path = synthesize(name, Path(args.workdir))
     big = name.startswith("llama3-70b")

@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers import model_store  # noqa: E402
-from workers.sampling import SamplingParams  # noqa: E402
+from workers.model import store as model_store  # noqa: E402
+from workers.engine.sampling import SamplingParams  # noqa: E402
 
 PROMPT = "Write a Python function that checks whether a number is prime."
 
@@ -39,7 +39,7 @@ def decode_rate(stamps: list[float]) -> float:
 
 
 def bench_engine(path: Path, backend: str, params: SamplingParams, runs: int) -> list[float]:
-    from workers.engine import Engine
+    from workers.engine.engine import Engine
 
     engine = Engine(path, backend=backend)
     ids = engine.prompt_ids(PROMPT)

@@ -1,8 +1,8 @@
 """ComputeWorker: the Ray actor that owns the device, the resident weights and the KV cache.
 
-It runs the continuous-batching loop (`workers.scheduler`) on its own: one forward pass per
+It runs the continuous-batching loop (`workers.engine.scheduler`) on its own: one forward pass per
 step for every running request, whatever the number of callers. Tokenizing, sampling
-(`workers.sampling.Sampler`, one per request) and detokenizing happen here too, next to
+(`workers.engine.sampling.Sampler`, one per request) and detokenizing happen here too, next to
 the logits: a step's logits are [batch, vocab] floats (600 KB a row for a 150k vocabulary),
 so shipping them to another process every step would cost more than sampling them. What
 leaves the actor is small: text deltas, token ids and, when asked for, logprobs.
@@ -31,10 +31,10 @@ from ray.util import metrics
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kernels import get_backend
-from workers.engine import Engine, GeneratedToken
-from workers.kv_cache import PagedKVCache
-from workers.sampling import SamplingParams
-from workers.scheduler import Scheduler
+from workers.engine.engine import Engine, GeneratedToken
+from workers.engine.kv_cache import PagedKVCache
+from workers.engine.sampling import SamplingParams
+from workers.engine.scheduler import Scheduler
 from workers.tier_loader import TierLoader
 
 GIB = 2**30

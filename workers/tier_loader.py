@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ray
 
-from workers import model_store
-from workers.gguf_file import GGUFFile
-from workers.model_config import ModelConfig
+from workers.model import store as model_store
+from workers.model.gguf_file import GGUFFile
+from workers.model.config import ModelConfig
 
 
 @ray.remote(num_cpus=0)

@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from kernels.quants import block_shape, dequantize
-from workers.gguf_file import GGUFFile
+from workers.model.gguf_file import GGUFFile
 
 Q = GGMLQuantizationType
 # Byte offsets of a K-quant block's f16 scale `d` and min-scale `dmin` (None: signed, no min).
@@ -30,7 +30,7 @@ _K_FALLBACK = {Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_1, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q
 def llama_vocab_dir() -> Path | None:
     """llama.cpp's vocab-only GGUF files (the tokenizers synthetic models borrow): $NTR_VOCAB_DIR,
     else ../shared/llama-vocab beside the repo; None when neither exists."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     for d in (os.environ.get("NTR_VOCAB_DIR"), repo.parent / "shared" / "llama-vocab"):
         if d and Path(d).is_dir():
             return Path(d)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.ops import Array, AttentionBatch, Backend, Weight
-from workers.gguf_file import GGUFFile
-from workers.model_config import ModelConfig
+from workers.model.gguf_file import GGUFFile
+from workers.model.config import ModelConfig
 
 
 @dataclass

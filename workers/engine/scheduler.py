@@ -39,9 +39,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from workers.engine import Completion, Engine, GeneratedToken, Sequence
-from workers.kv_cache import OutOfBlocks
-from workers.sampling import SamplingParams
+from workers.engine.engine import Completion, Engine, GeneratedToken, Sequence
+from workers.engine.kv_cache import OutOfBlocks
+from workers.engine.sampling import SamplingParams
 
 
 class QueueFull(RuntimeError):

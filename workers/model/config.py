@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.quants import SUPPORTED_QTYPES
-from workers.gguf_file import GGUFError, GGUFFile
+from workers.model.gguf_file import GGUFError, GGUFFile
 
 # arch -> rotary style. llama.cpp's converter permutes llama/mistral Q and K so that
 # adjacent pairs rotate ("normal"); qwen2 keeps HF's half-split layout ("neox").

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workers.tokenizer import IncrementalDecoder, Tokenizer
+from workers.model.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class TextStream:

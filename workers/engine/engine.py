@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 
 from kernels import AttentionBatch, get_backend
-from workers.chat_template import chat_template_from_metadata, render_chat
-from workers.gguf_file import GGUFFile
-from workers.kv_cache import PagedKVCache
-from workers.model import Transformer
-from workers.model_config import ModelConfig
-from workers.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
-from workers.text_stream import TextStream
-from workers.tokenizer import Tokenizer
+from workers.model.chat_template import chat_template_from_metadata, render_chat
+from workers.model.gguf_file import GGUFFile
+from workers.engine.kv_cache import PagedKVCache
+from workers.model.transformer import Transformer
+from workers.model.config import ModelConfig
+from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
+from workers.engine.text_stream import TextStream
+from workers.model.tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
 
