@@ -16,6 +16,7 @@ from kernels.cupy_backend import PDL_KINDS  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
 from workers.model.synthetic import SHAPES, Shape, write_model  # noqa: E402
+from drive import forward  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 MODELS = {  # name -> (shape, vocabulary file)
@@ -55,11 +56,11 @@ def test_logits_close_prefill_and_decode(engines):
     errs = []
     seqs = [Sequence(list(ids[:31])), Sequence(list(ids[:31]))]
     try:
-        rows = [e.forward([(s, 30)]) for e, s in zip((cpu, gpu), seqs)]
+        rows = [forward(e, [(s, 30)]) for e, s in zip((cpu, gpu), seqs)]
         for t in range(31, 41):
             want, got = rows[0].astype(np.float64), rows[1].astype(np.float64)
             errs.append(np.linalg.norm(got - want) / np.linalg.norm(want))
-            rows = [e.forward([(s, 1)]) for e, s in zip((cpu, gpu), seqs)]
+            rows = [forward(e, [(s, 1)]) for e, s in zip((cpu, gpu), seqs)]
             for s in seqs:
                 s.token_ids.append(ids[t])
     finally:
@@ -106,13 +107,13 @@ def test_greedy_decode_ahead_matches_step_by_step(engines, n_seqs):
         ids, gaps = [], []
         try:
             for s in seqs:
-                gpu.forward([(s, len(s.token_ids) - 1)])
+                forward(gpu, [(s, len(s.token_ids) - 1)])
             steps = gpu.greedy_decode(seqs) if ahead else None
             for _ in range(24):
                 if ahead:
                     step = next(steps)
                 else:
-                    logits = gpu.forward([(s, 1) for s in seqs])
+                    logits = forward(gpu, [(s, 1) for s in seqs])
                     top2 = np.sort(logits, axis=-1)[:, -2:]
                     gaps.append(top2[:, 1] - top2[:, 0])
                     step = logits.argmax(-1)
@@ -143,14 +144,14 @@ def test_batched_decode_matches_single(engines, n_seqs):
     for p in prompts:
         s = Sequence(list(p))
         try:
-            gpu.forward([(s, len(p) - 1)])
-            single.append(gpu.forward([(s, 1)])[0])
+            forward(gpu, [(s, len(p) - 1)])
+            single.append(forward(gpu, [(s, 1)])[0])
         finally:
             gpu.release(s)
     seqs = [Sequence(list(p)) for p in prompts]
     try:
-        gpu.forward([(s, len(s.token_ids) - 1) for s in seqs])
-        batched = gpu.forward([(s, 1) for s in seqs])
+        forward(gpu, [(s, len(s.token_ids) - 1) for s in seqs])
+        batched = forward(gpu, [(s, 1) for s in seqs])
     finally:
         for s in seqs:
             gpu.release(s)
@@ -182,7 +183,7 @@ def test_overlapping_kernels_changes_nothing(engines):
         ops.branch_segments = overlap
         steps = []
         for t in follow:
-            steps.append(gpu.forward([(s, 1) for s in seqs]))
+            steps.append(forward(gpu, [(s, 1) for s in seqs]))
             for s in seqs:
                 s.token_ids.append(t)
         for s, p in zip(seqs, prompts):  # rewind: the next run rewrites the same cache rows
@@ -192,7 +193,7 @@ def test_overlapping_kernels_changes_nothing(engines):
     for batch in (prompts[:1], prompts):
         seqs = [Sequence(list(p)) for p in batch]
         try:
-            gpu.forward([(s, len(s.token_ids) - 1) for s in seqs])
+            forward(gpu, [(s, len(s.token_ids) - 1) for s in seqs])
             on, off = decode(True, seqs), decode(False, seqs)
         finally:
             ops.branch_segments = True

@@ -17,6 +17,7 @@ import pytest
 from workers.model import store as model_store
 from workers.engine.engine import Sequence
 from workers.engine.sampling import SamplingParams, log_softmax
+from drive import forward
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "llamacpp_reference.json").read_text())
 PROMPTS = REFERENCE["prompts"]
@@ -49,7 +50,7 @@ def teacher_forced(real_engine):
         ids = p["prompt_ids"] + p["greedy_ids"]
         seq = Sequence(ids)
         try:
-            out[p["name"]] = real_engine.forward([(seq, len(ids))], all_logits=True)
+            out[p["name"]] = forward(real_engine, [(seq, len(ids))], all_logits=True)
         finally:
             real_engine.release(seq)
     return out

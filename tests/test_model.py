@@ -9,6 +9,7 @@ import pytest
 from kernels.quants import SUPPORTED_QTYPES, dequantize
 from workers.engine.engine import ContextLengthError, Engine, Sequence
 from workers.engine.sampling import SamplingParams
+from drive import forward
 
 ALL_QTYPES = sorted(q.name for q in SUPPORTED_QTYPES)
 
@@ -62,18 +63,18 @@ def test_forward_matches_reference_and_batching(tiny_model, arch, qtype, tied):
     tokens = rng.integers(0, engine.config.vocab_size, 23).tolist()
     want = reference_forward(engine, tokens)
 
-    prefill = engine.forward([(Sequence(tokens), 23)], all_logits=True)
+    prefill = forward(engine, [(Sequence(tokens), 23)], all_logits=True)
     assert rel_err(prefill, want) < 1e-4
 
     # Prefill 10, then one token at a time: the cache must give the same logits.
     seq = Sequence(tokens)
-    steps = [engine.forward([(seq, 10)])[0]] + [engine.forward([(seq, 1)])[0] for _ in range(13)]
+    steps = [forward(engine, [(seq, 10)])[0]] + [forward(engine, [(seq, 1)])[0] for _ in range(13)]
     assert rel_err(np.stack(steps), want[9:]) < 1e-4
 
     # Two sequences of different lengths in one call, one of them mid-decode.
     other = rng.integers(0, engine.config.vocab_size, 5).tolist()
     seq2 = Sequence(other)
-    both = engine.forward([(seq2, 5), (Sequence(tokens[:7]), 7)])
+    both = forward(engine, [(seq2, 5), (Sequence(tokens[:7]), 7)])
     assert rel_err(both[0], reference_forward(engine, other)[-1]) < 1e-4
     assert rel_err(both[1], want[6]) < 1e-4
 
@@ -95,7 +96,7 @@ def test_generate_greedy_length_and_release(tiny_engine):
     for e in events[:3]:
         assert e.token_id == int(np.argmax(reference_forward(tiny_engine, ids)[-1]))
         ids.append(e.token_id)
-    assert tiny_engine.kv.blocks_in_use == 0
+    assert tiny_engine.blocks.blocks_in_use == 0
 
 
 def test_greedy_decode_is_forward_then_argmax(tiny_engine):
@@ -108,10 +109,10 @@ def test_greedy_decode_is_forward_then_argmax(tiny_engine):
     ahead = [Sequence(list(s.token_ids)) for s in seqs]
     try:
         for s in seqs + ahead:
-            engine.forward([(s, len(s.token_ids) - 1)])
+            forward(engine, [(s, len(s.token_ids) - 1)])
         want, got = [], []
         for _ in range(6):
-            ids = np.argmax(engine.forward([(s, 1) for s in seqs]), axis=-1)
+            ids = np.argmax(forward(engine, [(s, 1) for s in seqs]), axis=-1)
             for s, t in zip(seqs, ids.tolist()):
                 s.token_ids.append(t)
             want.append(ids.tolist())
@@ -127,11 +128,11 @@ def test_greedy_decode_is_forward_then_argmax(tiny_engine):
         # the step in flight when it stopped has already cached the last ids
         assert [s.num_cached for s in ahead] == [len(s.token_ids) for s in ahead]
         with pytest.raises(ValueError, match="cannot advance"):
-            engine.forward([(ahead[0], 1)])
+            forward(engine, [(ahead[0], 1)])
     finally:
         for s in seqs + ahead:
             engine.release(s)
-    assert engine.kv.blocks_in_use == 0
+    assert engine.blocks.blocks_in_use == 0
 
 
 def test_generate_stops_on_stop_id_and_context(tiny_engine):
@@ -146,9 +147,9 @@ def test_generate_stops_on_stop_id_and_context(tiny_engine):
 def test_cancelled_generation_frees_blocks(tiny_engine):
     stream = tiny_engine.generate(list(range(40)), SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True))
     next(stream)
-    assert tiny_engine.kv.blocks_in_use > 0
+    assert tiny_engine.blocks.blocks_in_use > 0
     stream.close()  # what a disconnecting client does
-    assert tiny_engine.kv.blocks_in_use == 0
+    assert tiny_engine.blocks.blocks_in_use == 0
 
 
 def test_bad_prompts(tiny_engine):
@@ -158,7 +159,7 @@ def test_bad_prompts(tiny_engine):
         list(tiny_engine.generate([], SamplingParams()))
     with pytest.raises(ValueError, match="out of range"):
         list(tiny_engine.generate([10**7], SamplingParams()))
-    assert tiny_engine.kv.blocks_in_use == 0
+    assert tiny_engine.blocks.blocks_in_use == 0
 
 
 def test_logprobs_and_seeded_sampling(tiny_engine):

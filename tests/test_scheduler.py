@@ -44,7 +44,7 @@ def check_batched_equals_solo(sched, engine, prompts, params):
     tokens, finish, _ = run(sched)
     for rid, prompt in prompts.items():
         assert tokens[rid] == solo(engine, prompt, params), rid
-    assert engine.kv.blocks_in_use == 0
+    assert engine.blocks.blocks_in_use == 0
     return finish
 
 
@@ -66,7 +66,7 @@ def test_long_prompt_does_not_stall_decodes(engine):
     # 50 prompt tokens at <= 5 a step take 10 steps; "short" gets a token in every one of them.
     assert all(s == ["short"] for s in steps)
     run(sched)
-    assert engine.kv.blocks_in_use == 0
+    assert engine.blocks.blocks_in_use == 0
 
 
 def test_seeded_sampling_and_stop_strings_match_solo(engine):
@@ -100,15 +100,15 @@ def test_cancel_frees_blocks_at_once_and_mid_step(engine):
     sched.submit("stays", [1, 2, 3], GREEDY)
     sched.submit("queued", [1], GREEDY)
     sched.step()
-    before = engine.kv.blocks_in_use
+    before = engine.blocks.blocks_in_use
     assert sched.cancel("gone") and not sched.cancel("gone")
-    assert engine.kv.blocks_in_use == before - 8  # its 30 cached tokens in blocks of 4
+    assert engine.blocks.blocks_in_use == before - 8  # its 30 cached tokens in blocks of 4
     step = sched.plan()
     assert sched.cancel("stays")  # mid-step: freed when the step commits
     events = sched.commit(step, sched.run(step))
     assert [rid for rid, _ in events] == ["queued"]
     assert sched.cancel("queued")
-    assert engine.kv.blocks_in_use == 0 and not sched.has_work
+    assert engine.blocks.blocks_in_use == 0 and not sched.has_work
 
 
 def run_ahead(scheduler, max_steps=400, before_step=lambda i: None):
@@ -146,13 +146,13 @@ def test_greedy_steps_run_ahead_and_output_is_unchanged(engine, monkeypatch):
     assert tokens["a"] == alone["a"] and tokens["d"] == alone["d"]
     assert tokens["b"] == alone["b"][:4]
     assert fed >= 8
-    assert engine.kv.blocks_in_use == 0 and not sched.has_work
+    assert engine.blocks.blocks_in_use == 0 and not sched.has_work
 
     sched.submit("a", PROMPTS["a"], params)
     sched.submit("c", PROMPTS["c"], params.with_(logprobs=1))
     tokens, fed = run_ahead(sched)
     assert tokens == {"a": alone["a"], "c": alone["c"]} and fed == 0
-    assert engine.kv.blocks_in_use == 0
+    assert engine.blocks.blocks_in_use == 0
 
 
 def test_cancel_while_steps_run_ahead(engine, monkeypatch):
@@ -169,16 +169,16 @@ def test_cancel_while_steps_run_ahead(engine, monkeypatch):
     ahead = sched.plan_ahead(step)
     assert ahead is not None and ahead.fed
     later = sched.launch(ahead)
-    held = engine.kv.blocks_in_use
+    held = engine.blocks.blocks_in_use
     assert sched.cancel("gone")
-    assert engine.kv.blocks_in_use == held
+    assert engine.blocks.blocks_in_use == held
     assert [rid for rid, _ in sched.commit(step, pending())] == ["stays"]
-    assert engine.kv.blocks_in_use == held
+    assert engine.blocks.blocks_in_use == held
     assert [rid for rid, _ in sched.commit(ahead, later())] == ["stays"]
-    assert engine.kv.blocks_in_use < held
+    assert engine.blocks.blocks_in_use < held
     tokens, _ = run_ahead(sched)
     assert len(tokens["stays"]) == 20 - 3
-    assert engine.kv.blocks_in_use == 0
+    assert engine.blocks.blocks_in_use == 0
 
 
 def test_preemption_recomputes_and_output_is_unchanged(tiny_model):
@@ -200,7 +200,7 @@ def test_failed_forward_drops_the_step(engine, monkeypatch):
     monkeypatch.setattr(engine, "forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         sched.step()
-    assert not sched.has_work and engine.kv.blocks_in_use == 0
+    assert not sched.has_work and engine.blocks.blocks_in_use == 0
 
 
 def test_prompt_lookup_drafts():

@@ -45,6 +45,7 @@ def main() -> None:
     prefill = []
     for _ in range(args.runs):
         seq = Sequence(list(prompt))
+        engine.reserve([(seq, len(prompt))])
         t0 = time.perf_counter()
         engine.forward([(seq, len(prompt))])
         prefill.append(len(prompt) / (time.perf_counter() - t0))

@@ -25,14 +25,11 @@ from __future__ import annotations
 import asyncio
 import threading
 
-import numpy as np
 import ray
 from ray.util import metrics
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from kernels import get_backend
 from workers.engine.engine import Engine, GeneratedToken
-from workers.engine.kv_cache import PagedKVCache
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.tier_loader import TierLoader
@@ -42,18 +39,12 @@ GIB = 2**30
 ACTIVATION_RESERVE_GB = 1.5
 
 
-def kv_cache_tokens(spec: dict, itemsize: int, kv_cache_gb: float | None, vram_budget_gb: float,
-                    max_context: int) -> int:
-    """Tokens the KV cache holds: kv_cache_gb, or the budget left after the weights."""
+def kv_cache_bytes(model_bytes: int, kv_cache_gb: float | None, vram_budget_gb: float) -> int:
+    """Bytes the KV cache may take: kv_cache_gb, or the budget left after the weights (the
+    engine turns them into tokens with its backend's KV layout)."""
     if kv_cache_gb is None:
-        kv_cache_gb = vram_budget_gb - spec["bytes"] / GIB - ACTIVATION_RESERVE_GB
-    per_token = PagedKVCache.bytes_per_token(spec["n_layers"], spec["n_kv_heads"], spec["head_dim"], itemsize)
-    tokens = int(kv_cache_gb * GIB) // per_token
-    if tokens < max_context:
-        raise ValueError(
-            f"a KV cache of {max(kv_cache_gb, 0):.2f} GiB holds {max(tokens, 0)} tokens, less than one "
-            f"{max_context}-token context; raise kv_cache_gb/vram_budget_gb or lower max_context")
-    return tokens
+        kv_cache_gb = vram_budget_gb - model_bytes / GIB - ACTIVATION_RESERVE_GB
+    return int(kv_cache_gb * GIB)
 
 
 @ray.remote
@@ -65,10 +56,8 @@ class ComputeWorker:
         # The disk tier must be on this node: the engine maps the file it returns.
         self.loader = TierLoader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model)
         spec = await self.loader.load.remote()
-        max_context = min(max_context, spec["context_length"])  # as the engine will cut it
-        itemsize = np.dtype(get_backend(backend).dtype).itemsize
         self.engine = Engine(spec["path"], backend=backend, max_context=max_context, block_size=block_size,
-                             kv_cache_tokens=kv_cache_tokens(spec, itemsize, kv_cache_gb, vram_budget_gb, max_context))
+                             kv_cache_bytes=kv_cache_bytes(spec["bytes"], kv_cache_gb, vram_budget_gb))
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
         self.outbox: dict[str, list[dict]] = {}
         self.lock = threading.Lock()  # the scheduler and the outbox

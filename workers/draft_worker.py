@@ -1,12 +1,9 @@
-"""DraftWorker: the seam for self-speculative decoding.
+"""DraftWorker: proposes the next tokens of sequences by prompt lookup.
 
-A draft source proposes the next few tokens of a sequence cheaply; the ComputeWorker will
-verify them with one `Engine.forward(..., all_logits=True)` over the proposal and keep the
-prefix the model agrees with, so a step can yield several tokens for one pass over the
-weights (what matters when the weights stream from host RAM). The streaming work fills
-this actor with the model's own first layers as the drafter and wires the verification
-into the scheduler; until then it proposes by prompt lookup: the tokens that followed the
-latest earlier occurrence of the sequence's last n-gram (good on code and quoting, free).
+For each sequence it returns the tokens that followed the latest earlier occurrence of the
+sequence's last n-gram (shorter n-grams as fallback): free, and strong on code and quoted
+text. Nothing calls it yet: the engine has no verification step that would score the
+proposals.
 """
 
 from __future__ import annotations

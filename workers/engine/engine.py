@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels import AttentionBatch, get_backend
+from kernels import AttentionBatch, Backend, StepInputs, get_backend
 from workers.model.chat_template import chat_template_from_metadata, render_chat
 from workers.model.gguf_file import GGUFFile
+from workers.engine.block_manager import BlockManager
 from workers.engine.kv_cache import PagedKVCache
 from workers.model.transformer import Transformer
 from workers.model.config import ModelConfig
@@ -105,17 +106,29 @@ class Timings:
 
 
 class Engine:
-    def __init__(self, model_path: str | Path, backend: str = "numpy", max_context: int | None = None,
-                 kv_cache_tokens: int | None = None, block_size: int = 16):
+    def __init__(self, model_path: str | Path, backend: str | Backend = "numpy", max_context: int | None = None,
+                 kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16):
+        """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
+        backend's KV layout hold (at least one context), or one context."""
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
-        self.ops = get_backend(backend)
+        self.ops = get_backend(backend) if isinstance(backend, str) else backend
         self.model = Transformer(self.gguf, self.config, self.ops)
         self.max_context = min(self.config.context_length, max_context or DEFAULT_MAX_CONTEXT)
         c = self.config
-        self.kv = PagedKVCache(self.ops, c.n_layers, c.n_kv_heads, c.head_dim,
-                               num_blocks=-(-(kv_cache_tokens or self.max_context) // block_size), block_size=block_size)
+        layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, block_size)
+        if kv_cache_bytes is not None:
+            num_blocks = PagedKVCache.blocks_within(kv_cache_bytes, c.n_layers, layout)
+            if num_blocks * block_size < self.max_context:
+                raise ValueError(
+                    f"a KV cache of {max(kv_cache_bytes, 0) / 2**30:.2f} GiB holds {num_blocks * block_size} tokens, "
+                    f"less than one {self.max_context}-token context; raise kv_cache_gb/vram_budget_gb or lower "
+                    "max_context")
+        else:
+            num_blocks = -(-(kv_cache_tokens or self.max_context) // block_size)
+        self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks)
+        self.blocks = BlockManager(num_blocks, block_size)
         self.last_timings = Timings()
 
     @property
@@ -141,16 +154,25 @@ class Engine:
         return ids
 
     # --- batched forward ------------------------------------------------------
+    def reserve(self, work: list[tuple[Sequence, int]]) -> None:
+        """KV blocks for each sequence's next n tokens (OutOfBlocks when the cache is full): what
+        a driver of `forward` does first. The serving scheduler reserves through `self.blocks`
+        itself, as it decides what to do when blocks run out."""
+        for seq, n in work:
+            self.blocks.reserve(seq, seq.num_cached + n)
+
     def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False) -> np.ndarray:
         """Feed each sequence its next n uncached tokens, all in one pass.
 
+        Their KV blocks must be reserved (`self.blocks`) for the tokens they will hold.
         Returns float32 logits on the host: the last new row of each sequence, or with
         all_logits every new row in batch order. With device=True they stay a backend array
         (valid until the next forward), for `ops.argmax` / `ops.sample` on the device.
         """
-        tokens, positions, batch = self._plan(work)
-        rows = None if all_logits else batch.query_starts[1:] - 1
-        logits = self.ops.run_step(self.model.forward, tokens, positions, batch, self.kv.layers, rows)
+        step = self._plan(work)
+        if not all_logits:
+            step.logit_rows = step.batch.query_starts[1:] - 1
+        logits = self.ops.run_step(self.model.forward, step, self.kv.layers)
         for seq, n in work:
             seq.num_cached += n
         return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
@@ -161,9 +183,12 @@ class Engine:
         Each step is started before the previous one's ids reach the host, from those ids on
         the device (`ops.greedy_step`), so the GPU does not wait for the host between steps;
         the step in flight when the caller stops is wasted, and its sequences are one cached
-        token ahead of their ids: release them, or append the last ids before stopping."""
+        token ahead of their ids: release them, or append the last ids before stopping.
+        Reserves each step's KV blocks (OutOfBlocks when the cache is full)."""
+        self.reserve([(s, 1) for s in seqs])
         pending = self.greedy_step(seqs, fed=False)
         while True:
+            self.reserve([(s, 1) for s in seqs])
             ahead = self.greedy_step(seqs, fed=True)
             yield pending()
             pending = ahead
@@ -171,28 +196,29 @@ class Engine:
     def greedy_step(self, seqs: list[Sequence], fed: bool):
         """Start one greedy decode step of seqs (`ops.greedy_step`): their last tokens, or with
         fed the ids the previous greedy_step of the same sequences is computing. Returns a
-        function that waits for the step's ids; the sequences count the step's input as cached."""
-        tokens, positions, batch = self._plan([(s, 1) for s in seqs], fed=fed)
-        ids = self.ops.greedy_step(self.model.forward, tokens, positions, batch, self.kv.layers, fed)
+        function that waits for the step's ids; the sequences count the step's input as cached.
+        Their KV blocks must be reserved for it."""
+        ids = self.ops.greedy_step(self.model.forward, self._plan([(s, 1) for s in seqs], fed=fed), self.kv.layers, fed)
         for seq in seqs:
             seq.num_cached += 1
         return ids
 
-    def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False):
-        """A step's tokens, positions and AttentionBatch, the KV blocks it writes reserved. fed:
-        one token per sequence, not in token_ids yet (a greedy_step takes it on the device)."""
+    def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False) -> StepInputs:
+        """A step's tokens, positions and AttentionBatch over the sequences' reserved blocks.
+        fed: one token per sequence, not in token_ids yet (a greedy_step takes it on the device)."""
         # plain Python per sequence: a decode step of 64 sequences is built in ~95 us on the
         # development machine, against 430 us with small NumPy arrays per sequence; the GPU
         # waits for it between steps (unless greedy_decode runs it ahead)
         tokens, positions, slots, starts, ctx = [], [], [], [0], []
-        bs = self.kv.block_size
+        bs = self.blocks.block_size
         for seq, n in work:
             end = seq.num_cached + n
             if not ((n == 1 and end == len(seq.token_ids) + 1) if fed else (1 <= n and end <= len(seq.token_ids))):
                 raise ValueError(f"cannot advance a sequence of {len(seq.token_ids)} tokens from {seq.num_cached} by {n}"
                                  + (" with the previous step's id" if fed else ""))
-            self.kv.reserve(seq.block_table, end)
             table = seq.block_table
+            if len(table) * bs < end:
+                raise ValueError(f"KV blocks for {end} tokens are not reserved ({len(table)} blocks of {bs})")
             if n == 1:  # a decode step: no ranges to build
                 p = seq.num_cached
                 tokens.append(0 if fed else seq.token_ids[p])
@@ -210,7 +236,7 @@ class Engine:
             query_starts=np.asarray(starts, dtype=np.int32), context_lens=np.asarray(ctx, dtype=np.int32),
             block_tables=tables, slot_mapping=np.asarray(slots, dtype=np.int32),
         )
-        return np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), batch
+        return StepInputs(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), batch)
 
     def sample(self, logits, samplers: list[Sampler | None]) -> list[tuple[int, float | None, list | None] | None]:
         """(token, logprob, top) for each row of logits [B, vocab] as `forward(device=True)`
@@ -246,8 +272,7 @@ class Engine:
         return self.ops.device_sampling and params.logprobs is None and not params.penalized
 
     def release(self, seq: Sequence) -> None:
-        self.kv.release(seq.block_table)
-        seq.num_cached = 0
+        self.blocks.release(seq)
 
     def check_prompt(self, prompt_ids: list[int]) -> None:
         if not prompt_ids:
@@ -270,6 +295,7 @@ class Engine:
         ahead = params.greedy and self.samples_on_device(params)
         try:
             t0 = time.perf_counter()
+            self.reserve([(c.seq, c.prompt_tokens)])
             picked = self.sample(self.forward([(c.seq, c.prompt_tokens)], device=True), [c.sampler])[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -282,6 +308,7 @@ class Engine:
                 if steps is not None:
                     picked = (int(next(steps)[0]), None, None)
                 else:
+                    self.reserve([(c.seq, 1)])
                     picked = self.sample(self.forward([(c.seq, 1)], device=True), [c.sampler])[0]
                 timings.decode_tokens += 1
                 timings.decode_s = time.perf_counter() - t0
@@ -293,6 +320,7 @@ class Engine:
         self.check_prompt(ids[:-1] or ids)
         seq = Sequence(list(ids))
         try:
+            self.reserve([(seq, len(ids))])
             logits = self.forward([(seq, len(ids))], all_logits=True)
         finally:
             self.release(seq)

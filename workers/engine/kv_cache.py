@@ -1,50 +1,29 @@
-"""Paged KV cache: fixed-size blocks per layer and a free list shared by all sequences.
+"""The paged KV cache's memory: per-layer K and V block pools in the backend's KV layout.
 
-A sequence owns a block table (list of block ids); its token at position p lives in block
-table[p // block_size], offset p % block_size. Blocks are handed out as a sequence grows
-and all returned at once when it finishes or is cancelled.
+Which block belongs to which sequence is the block manager's business
+(`workers/engine/block_manager.py`); this is only the storage the attention kernels read,
+sized by a token count or a byte budget from the layout's bytes per token.
 """
 
 from __future__ import annotations
 
+from kernels import KVLayout
 from kernels.ops import Backend
 
 
-class OutOfBlocks(RuntimeError):
-    """The cache has no free block for the tokens asked for."""
-
-
 class PagedKVCache:
-    def __init__(self, ops: Backend, n_layers: int, n_kv_heads: int, head_dim: int, num_blocks: int, block_size: int = 16):
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError("the KV cache needs at least one block of at least one token")
-        self.block_size, self.num_blocks = block_size, num_blocks
-        self.layers = [ops.new_kv_cache(num_blocks, block_size, n_kv_heads, head_dim) for _ in range(n_layers)]
-        self._free = list(range(num_blocks - 1, -1, -1))
+    def __init__(self, ops: Backend, n_layers: int, layout: KVLayout, num_blocks: int):
+        if num_blocks < 1:
+            raise ValueError("the KV cache needs at least one block")
+        self.layout, self.num_blocks, self.block_size = layout, num_blocks, layout.block_size
+        self.layers = [ops.new_kv_cache(num_blocks, layout) for _ in range(n_layers)]
 
     @staticmethod
-    def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, itemsize: int) -> int:
-        return 2 * n_layers * n_kv_heads * head_dim * itemsize
+    def blocks_within(budget_bytes: int, n_layers: int, layout: KVLayout) -> int:
+        """The most blocks whose K and V, over every layer, fit in budget_bytes."""
+        return max(0, budget_bytes) // (n_layers * layout.bytes_per_block)
 
     @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    @property
-    def blocks_in_use(self) -> int:
-        return self.num_blocks - len(self._free)
-
-    def blocks_for(self, n_tokens: int) -> int:
-        return -(-n_tokens // self.block_size)
-
-    def reserve(self, block_table: list[int], n_tokens: int) -> None:
-        """Grow block_table in place to hold n_tokens tokens; all or nothing."""
-        needed = self.blocks_for(n_tokens) - len(block_table)
-        if needed > len(self._free):
-            raise OutOfBlocks(f"KV cache full: {needed} more blocks needed, {len(self._free)} free")
-        for _ in range(needed):
-            block_table.append(self._free.pop())
-
-    def release(self, block_table: list[int]) -> None:
-        self._free.extend(reversed(block_table))
-        block_table.clear()
+    def nbytes(self) -> int:
+        """Bytes the cache holds on the device, every layer's K and V."""
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)

@@ -28,6 +28,10 @@ recently admitted request is preempted: its blocks are freed and it goes back to
 of the queue with its generated tokens kept, to be recomputed later (vLLM's recompute
 preemption), so admission never has to reserve a request's whole `max_tokens` up front.
 
+KV blocks are decided here and nowhere else: plan reserves each step's blocks from the
+engine's block manager (`workers/engine/block_manager.py`), and `Engine.forward` runs the
+block tables it is given.
+
 Not thread-safe: call everything from one thread, except that `launch`/`run` on a planned
 step may run elsewhere (plan reserves the step's blocks, so forward does not
 touch the free list, and blocks of a request cancelled mid-step are freed at commit).
@@ -40,7 +44,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.engine.engine import Completion, Engine, GeneratedToken, Sequence
-from workers.engine.kv_cache import OutOfBlocks
 from workers.engine.sampling import SamplingParams
 
 
@@ -116,7 +119,7 @@ class Scheduler:
 
     @property
     def kv_blocks_in_use(self) -> int:
-        return self.engine.kv.blocks_in_use
+        return self.engine.blocks.blocks_in_use
 
     # --- one step ------------------------------------------------------------
     def step(self) -> list[tuple[str, GeneratedToken]]:
@@ -228,19 +231,14 @@ class Scheduler:
 
     # --- internals -----------------------------------------------------------
     def _try_reserve(self, request: Request, n: int) -> bool:
-        try:
-            self.engine.kv.reserve(request.seq.block_table, request.seq.num_cached + n)
-            return True
-        except OutOfBlocks:
-            return False
+        return self.engine.blocks.try_reserve(request.seq, request.seq.num_cached + n)
 
     def _fit(self, request: Request, budget: int) -> int:
         """Reserve blocks for as many of the request's uncached tokens as the budget and the free blocks allow."""
-        kv, seq = self.engine.kv, request.seq
-        room = (len(seq.block_table) + kv.free_blocks) * kv.block_size - seq.num_cached
-        n = min(request.uncached, budget, room)
+        blocks, seq = self.engine.blocks, request.seq
+        n = min(request.uncached, budget, blocks.room(seq) - seq.num_cached)
         if n > 0:
-            kv.reserve(seq.block_table, seq.num_cached + n)
+            blocks.reserve(seq, seq.num_cached + n)
         return max(n, 0)
 
     def _greedy(self, request: Request) -> bool:

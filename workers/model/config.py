@@ -7,11 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.quants import SUPPORTED_QTYPES
+from workers.model.architecture import ARCHITECTURES, QKV_BIAS, Architecture, dimensions
 from workers.model.gguf_file import GGUFError, GGUFFile
-
-# arch -> rotary style. llama.cpp's converter permutes llama/mistral Q and K so that
-# adjacent pairs rotate ("normal"); qwen2 keeps HF's half-split layout ("neox").
-ARCHITECTURES = {"llama": False, "mistral": False, "qwen2": True}
 
 
 @dataclass(frozen=True)
@@ -59,9 +56,10 @@ class ModelConfig:
         n_kv_heads = get("attention.head_count_kv", n_heads)
         if n_heads % n_kv_heads:
             raise GGUFError(f"{path}: {n_heads} heads are not a multiple of {n_kv_heads} KV heads")
-        embd = gguf.tensors.get("token_embd.weight")
+        table = ARCHITECTURES[arch]
+        embd = gguf.tensors.get(table.tensor_name("embed"))
         if embd is None:
-            raise GGUFError(f"{path}: tensor 'token_embd.weight' is missing")
+            raise GGUFError(f"{path}: tensor {table.tensor_name('embed')!r} is missing")
 
         inv_freq = get("rope.freq_base", 10000.0, float) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
@@ -86,32 +84,30 @@ class ModelConfig:
             vocab_size=get("vocab_size", embd.shape[0]),
             context_length=get("context_length", 2048),
             rms_eps=get("attention.layer_norm_rms_epsilon", 1e-5, float),
-            rope_neox=ARCHITECTURES[arch],
+            rope_neox=table.rope_neox,
             inv_freq=inv_freq,
-            tied_embeddings="output.weight" not in gguf.tensors,
-            qkv_bias="blk.0.attn_q.bias" in gguf.tensors,
+            tied_embeddings=table.tensor_name("output") not in gguf.tensors,
+            qkv_bias=table.tensor_name("bq", 0) in gguf.tensors,
         )
         config.check_tensors(gguf)
         return config
 
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        d, q_dim, kv_dim, f = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.ffn_dim
-        shapes = {"token_embd.weight": (self.vocab_size, d), "output_norm.weight": (d,)}
-        if not self.tied_embeddings:
-            shapes["output.weight"] = (self.vocab_size, d)
-        for i in range(self.n_layers):
-            p = f"blk.{i}."
-            shapes |= {
-                p + "attn_norm.weight": (d,), p + "attn_q.weight": (q_dim, d), p + "attn_k.weight": (kv_dim, d),
-                p + "attn_v.weight": (kv_dim, d), p + "attn_output.weight": (d, q_dim), p + "ffn_norm.weight": (d,),
-                p + "ffn_gate.weight": (f, d), p + "ffn_up.weight": (f, d), p + "ffn_down.weight": (d, f),
-            }
-            if self.qkv_bias:
-                shapes |= {p + "attn_q.bias": (q_dim,), p + "attn_k.bias": (kv_dim,), p + "attn_v.bias": (kv_dim,)}
-        return shapes
+    @property
+    def architecture(self) -> Architecture:
+        return ARCHITECTURES[self.arch]
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """The dimensions the architecture table's shapes are written in."""
+        return dimensions(self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim, self.vocab_size)
+
+    @property
+    def optional_roles(self) -> set[str]:
+        """The architecture's optional tensors this model has."""
+        return (set(QKV_BIAS) if self.qkv_bias else set()) | (set() if self.tied_embeddings else {"output"})
 
     def check_tensors(self, gguf: GGUFFile) -> None:
-        for name, shape in self.expected_shapes().items():
+        for name, shape, _ in self.architecture.tensors(self.dims, self.n_layers, self.optional_roles):
             tensor = gguf.tensors.get(name)
             if tensor is None:
                 raise GGUFError(f"{gguf.path}: tensor {name!r} is missing")

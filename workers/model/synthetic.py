@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from kernels.quants import block_shape, dequantize
+from workers.model.architecture import ARCHITECTURES, QKV_BIAS, dimensions
 from workers.model.gguf_file import GGUFFile
 
 Q = GGMLQuantizationType
@@ -143,26 +144,10 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
         else:
             w.add_tensor(name, random_blocks(rng, dims, qtype, std), raw_dtype=qtype)
 
-    q_dim, kv_dim = s.n_heads * head_dim, s.n_kv_heads * head_dim
-    tensor("token_embd.weight", (n_vocab, s.d_model))
-    tensor("output_norm.weight", (s.d_model,))
-    if not s.tied_embeddings:
-        tensor("output.weight", (n_vocab, s.d_model))
-    for i in range(s.n_layers):
-        p = f"blk.{i}."
-        tensor(p + "attn_norm.weight", (s.d_model,), i)
-        tensor(p + "attn_q.weight", (q_dim, s.d_model), i)
-        tensor(p + "attn_k.weight", (kv_dim, s.d_model), i)
-        tensor(p + "attn_v.weight", (kv_dim, s.d_model), i)
-        if arch == "qwen2":
-            tensor(p + "attn_q.bias", (q_dim,), i)
-            tensor(p + "attn_k.bias", (kv_dim,), i)
-            tensor(p + "attn_v.bias", (kv_dim,), i)
-        tensor(p + "attn_output.weight", (s.d_model, q_dim), i)
-        tensor(p + "ffn_norm.weight", (s.d_model,), i)
-        tensor(p + "ffn_gate.weight", (s.ffn_dim, s.d_model), i)
-        tensor(p + "ffn_up.weight", (s.ffn_dim, s.d_model), i)
-        tensor(p + "ffn_down.weight", (s.d_model, s.ffn_dim), i)
+    dims = dimensions(s.d_model, s.n_heads, s.n_kv_heads, head_dim, s.ffn_dim, n_vocab)
+    present = (set(QKV_BIAS) if arch == "qwen2" else set()) | (set() if s.tied_embeddings else {"output"})
+    for name, shape, layer in ARCHITECTURES[arch].tensors(dims, s.n_layers, present):
+        tensor(name, shape, layer)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

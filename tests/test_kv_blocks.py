@@ -1,0 +1,76 @@
+"""The KV cache's size against its byte budget, and the block manager (the one owner of blocks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels.numpy_backend import NumpyBackend
+from workers.compute_worker import kv_cache_bytes
+from workers.engine.block_manager import BlockManager, OutOfBlocks
+from workers.engine.engine import Engine, Sequence
+
+GIB = 2**30
+
+
+class HalfKVNumpy(NumpyBackend):
+    """The CPU backend storing its KV cache in fp16, as the GPU backend does: the sizing must
+    follow the layout's bytes, not the activation dtype (float32)."""
+
+    kv_dtype = np.float16
+
+
+@pytest.mark.parametrize("backend", [NumpyBackend, HalfKVNumpy], ids=["float32-kv", "float16-kv"])
+def test_kv_cache_fills_its_byte_budget(tiny_model, backend):
+    budget = 3 * 2**20 + 12345
+    engine = Engine(tiny_model("qwen2"), backend=backend(), max_context=256, kv_cache_bytes=budget)
+    held = engine.kv.nbytes
+    assert 0.95 * budget <= held <= budget
+    c = engine.config
+    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * np.dtype(backend.kv_dtype).itemsize
+    assert engine.blocks.num_blocks * engine.blocks.block_size == budget // per_token // 16 * 16
+
+
+def test_kv_budget_below_one_context_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="less than one 256-token context"):
+        Engine(tiny_model("qwen2"), max_context=256, kv_cache_bytes=64 * 1024)
+
+
+def test_worker_budget_is_what_the_weights_leave():
+    assert kv_cache_bytes(4 * GIB, kv_cache_gb=5, vram_budget_gb=24) == 5 * GIB
+    assert kv_cache_bytes(4 * GIB, kv_cache_gb=None, vram_budget_gb=24) == int((24 - 4 - 1.5) * GIB)
+
+
+def test_blocks_reserve_trim_release():
+    blocks = BlockManager(num_blocks=6, block_size=4)
+    a, b = Sequence(list(range(10))), Sequence(list(range(3)))
+    blocks.reserve(a, 10)
+    assert len(a.block_table) == 3 and blocks.free_blocks == 3
+    blocks.reserve(a, 12)  # still three blocks
+    assert len(a.block_table) == 3
+    with pytest.raises(OutOfBlocks):
+        blocks.reserve(b, 17)  # five blocks: all or nothing
+    assert b.block_table == [] and blocks.free_blocks == 3
+    assert not blocks.try_reserve(b, 13) and blocks.try_reserve(b, 12)
+    assert blocks.free_blocks == 0 and len(set(a.block_table) | set(b.block_table)) == 6
+    # rejected speculative tokens: a keeps its first 5 tokens, two blocks, the third goes back
+    a.num_cached = 10
+    kept = a.block_table[:2]
+    blocks.trim(a, 5)
+    assert a.block_table == kept and a.num_cached == 5 and blocks.free_blocks == 1
+    assert blocks.room(a) == 12
+    blocks.release(a)
+    blocks.release(b)
+    assert a.block_table == b.block_table == [] and a.num_cached == 0 and blocks.free_blocks == 6
+
+
+def test_forward_runs_only_reserved_blocks(tiny_model):
+    engine = Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=64, block_size=4)
+    seq = Sequence([1, 2, 3, 4, 5])
+    with pytest.raises(ValueError, match="not reserved"):
+        engine.forward([(seq, 5)])
+    assert engine.blocks.blocks_in_use == 0
+    engine.reserve([(seq, 5)])
+    assert engine.forward([(seq, 5)]).shape == (1, engine.config.vocab_size)
+    engine.release(seq)
+    assert engine.blocks.blocks_in_use == 0

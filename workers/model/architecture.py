@@ -1,0 +1,83 @@
+"""The architecture table: each supported architecture declared once.
+
+An entry names every GGUF tensor the transformer reads, the role it plays there, its shape
+in the model's dimensions, and the RoPE style. The transformer loads weights by role, the
+config checks a file's tensors against the same entry, and the synthetic model writer
+writes them from it: adding an architecture is adding one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str  # GGUF name; a layer's tensors are prefixed "blk.{i}."
+    role: str  # what the transformer calls it
+    shape: tuple[str, ...]  # dimension names (see Architecture.tensors), GGUF order [rows, cols]
+    optional: bool = False  # may be absent: for layer tensors, absent in every layer or in none
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    # llama.cpp's converter permutes llama/mistral Q and K so that adjacent pairs rotate;
+    # qwen2 keeps HF's half-split layout (NeoX style)
+    rope_neox: bool
+    model_tensors: tuple[TensorSpec, ...]
+    layer_tensors: tuple[TensorSpec, ...]
+
+    def tensors(self, dims: dict[str, int], n_layers: int, present: set[str] | None = None
+                ) -> Iterator[tuple[str, tuple[int, ...], int | None]]:
+        """(GGUF name, shape, layer or None) of every tensor a model of these dimensions holds,
+        in file order. present: the roles of optional tensors the model has (all when None)."""
+        for layer, specs in [(None, self.model_tensors)] + [(i, self.layer_tensors) for i in range(n_layers)]:
+            for spec in specs:
+                if spec.optional and present is not None and spec.role not in present:
+                    continue
+                name = spec.name if layer is None else f"blk.{layer}.{spec.name}"
+                yield name, tuple(dims[d] for d in spec.shape), layer
+
+    def tensor_name(self, role: str, layer: int | None = None) -> str:
+        """The GGUF name of the tensor with this role (in this layer)."""
+        specs = self.model_tensors if layer is None else self.layer_tensors
+        spec = next(s for s in specs if s.role == role)
+        return spec.name if layer is None else f"blk.{layer}.{spec.name}"
+
+
+def dimensions(d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn_dim: int, vocab: int) -> dict[str, int]:
+    """The named dimensions the tables' shapes are written in."""
+    return {"d_model": d_model, "q_dim": n_heads * head_dim, "kv_dim": n_kv_heads * head_dim,
+            "ffn_dim": ffn_dim, "vocab": vocab}
+
+
+_EMBEDDING_AND_HEAD = (
+    TensorSpec("token_embd.weight", "embed", ("vocab", "d_model")),
+    TensorSpec("output_norm.weight", "output_norm", ("d_model",)),
+    TensorSpec("output.weight", "output", ("vocab", "d_model"), optional=True),  # absent: tied to token_embd
+)
+_DECODER_LAYER = (
+    TensorSpec("attn_norm.weight", "attn_norm", ("d_model",)),
+    TensorSpec("attn_q.weight", "wq", ("q_dim", "d_model")),
+    TensorSpec("attn_k.weight", "wk", ("kv_dim", "d_model")),
+    TensorSpec("attn_v.weight", "wv", ("kv_dim", "d_model")),
+    TensorSpec("attn_q.bias", "bq", ("q_dim",), optional=True),
+    TensorSpec("attn_k.bias", "bk", ("kv_dim",), optional=True),
+    TensorSpec("attn_v.bias", "bv", ("kv_dim",), optional=True),
+    TensorSpec("attn_output.weight", "wo", ("d_model", "q_dim")),
+    TensorSpec("ffn_norm.weight", "ffn_norm", ("d_model",)),
+    TensorSpec("ffn_gate.weight", "w_gate", ("ffn_dim", "d_model")),
+    TensorSpec("ffn_up.weight", "w_up", ("ffn_dim", "d_model")),
+    TensorSpec("ffn_down.weight", "w_down", ("d_model", "ffn_dim")),
+)
+QKV_BIAS = ("bq", "bk", "bv")
+
+ARCHITECTURES = {
+    arch.name: arch for arch in (
+        Architecture("llama", rope_neox=False, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
+        Architecture("mistral", rope_neox=False, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
+        Architecture("qwen2", rope_neox=True, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
+    )
+}
