@@ -49,6 +49,33 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_perplexity(args) -> int:
+    from tqdm import tqdm
+
+    from workers.engine.engine import Engine
+    from workers.engine.perplexity import chunks_per_pass, perplexity, text_ids
+    from workers.model.config import ModelConfig
+    from workers.model.gguf_file import GGUFFile
+
+    if args.batch is not None and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+    path = model_store.resolve(args.model)
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
+    with GGUFFile(path) as gguf:  # the vocabulary sizes the default batch, which sizes the KV cache
+        per_pass = args.batch or chunks_per_pass(args.ctx, ModelConfig.from_gguf(gguf).vocab_size)
+    engine = Engine(path, backend=args.backend, max_context=args.ctx, kv_cache_tokens=per_pass * args.ctx)
+    ids = text_ids(engine, text)
+    with tqdm(total=len(ids) // args.ctx, unit="chunk", desc="perplexity", disable=None, file=sys.stderr) as bar:
+        result = perplexity(engine, ids, args.ctx, per_pass, progress=bar.update)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    else:
+        print(f"perplexity {result.ppl:.4f} over {result.scored} scored tokens ({result.chunks} chunks of "
+              f"{args.ctx}; {result.tokens} tokens in the text)")
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from workers.model.gguf_file import GGUFFile
     from workers.model.tokenizer import Tokenizer
@@ -139,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=10)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_score)
+
+    p = with_model(sub.add_parser("perplexity", help="perplexity on a text file, as llama.cpp's llama-perplexity"))
+    p.add_argument("--file", required=True, help="a UTF-8 text file")
+    p.add_argument("--ctx", type=int, default=512, help="tokens per chunk; each chunk is scored on its second half")
+    p.add_argument("--batch", type=int, help="chunks per forward pass (default: as many as 1 GiB of logits hold)")
+    p.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "chunks", "scored"}')
+    p.set_defaults(func=cmd_perplexity)
 
     m = sub.add_parser("models", help="pull or list models")
     m.add_argument("action", choices=["pull", "list"])

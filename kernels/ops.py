@@ -157,6 +157,14 @@ class Backend(ABC):
         """Row-wise argmax of logits [B, vocab] as host ids (first index of the maximum)."""
         return np.argmax(self.to_numpy(logits), axis=-1)
 
+    def log_likelihood(self, logits: Array, targets: np.ndarray) -> np.ndarray:
+        """log softmax(logits[b])[targets[b]] for each row of logits [B, vocab], in float64 on
+        the host (a GPU backend computes it beside the logits: only B numbers leave it)."""
+        x = self.to_numpy(logits).astype(np.float64)
+        m = x.max(axis=-1)
+        lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))
+        return x[np.arange(len(x)), np.asarray(targets)] - lse
+
     _greedy_ids = None  # the last greedy_step's ids, in the backend's array type
 
     def greedy_step(self, forward, step: StepInputs, kv_caches: list, fed: bool) -> Callable[[], np.ndarray]:

@@ -2,7 +2,7 @@
 """llama.cpp's perplexity of a model on a text, as `llama-perplexity` computes it, through
 llama-cpp-python: the reference `ntr perplexity` is compared with.
 
-    /tmp/llamacpp-venv/bin/python tools/llamacpp_perplexity.py --model M.gguf --file F [--ctx 512] [--threads 2]
+    /tmp/llamacpp-venv/bin/python tools/llamacpp_perplexity.py --model M.gguf --file F [--ctx 512] [--chunks N] [--threads 2]
 
 The text is tokenized whole (BOS only where the model's metadata adds one), cut into
 non-overlapping chunks of ctx tokens; each chunk is evaluated from an empty cache in one
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--file", required=True)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunks", type=int, help="only the first N chunks")
     args = ap.parse_args()
 
     import llama_cpp
@@ -39,7 +40,7 @@ def main() -> None:
     text = open(args.file, encoding="utf-8").read()
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llm._model.vocab))
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
-    n_chunks = len(tokens) // args.ctx
+    n_chunks = min(len(tokens) // args.ctx, args.chunks or len(tokens))
     first = args.ctx // 2
     nll, scored = 0.0, 0
     t0 = time.time()

@@ -161,16 +161,20 @@ class Engine:
         for seq, n in work:
             self.blocks.reserve(seq, seq.num_cached + n)
 
-    def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False) -> np.ndarray:
+    def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
+                rows: np.ndarray | None = None) -> np.ndarray:
         """Feed each sequence its next n uncached tokens, all in one pass.
 
         Their KV blocks must be reserved (`self.blocks`) for the tokens they will hold.
-        Returns float32 logits on the host: the last new row of each sequence, or with
-        all_logits every new row in batch order. With device=True they stay a backend array
-        (valid until the next forward), for `ops.argmax` / `ops.sample` on the device.
+        Returns float32 logits on the host: the last new row of each sequence, with
+        all_logits every new row in batch order, or the given rows of the flat batch of new
+        tokens. With device=True they stay a backend array (valid until the next forward),
+        for `ops.argmax` / `ops.sample` / `ops.log_likelihood` on the device.
         """
         step = self._plan(work)
-        if not all_logits:
+        if rows is not None:
+            step.logit_rows = np.asarray(rows, dtype=np.int64)
+        elif not all_logits:
             step.logit_rows = step.batch.query_starts[1:] - 1
         logits = self.ops.run_step(self.model.forward, step, self.kv.layers)
         for seq, n in work:
