@@ -1,6 +1,7 @@
 """Compute backends. `get_backend(name)` picks one; the model never imports a backend directly."""
 
-from kernels.ops import AttentionBatch, Backend
+from kernels.kv_layout import KVLayout
+from kernels.ops import AttentionBatch, Backend, StepInputs
 
 BACKENDS = ("numpy", "cupy")
 
@@ -19,4 +20,4 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["AttentionBatch", "Backend", "BACKENDS", "get_backend"]
+__all__ = ["AttentionBatch", "Backend", "BACKENDS", "KVLayout", "StepInputs", "get_backend"]

@@ -31,7 +31,7 @@ import functools
 import hashlib
 import os
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import cupy as cp
@@ -44,7 +44,8 @@ except ImportError:  # older layouts
     from cupy_backends.cuda.libs import cublas
 
 from kernels.launch import PdlLauncher
-from kernels.ops import AttentionBatch, Backend, check_supported
+from kernels.kv_layout import KVLayout
+from kernels.ops import AttentionBatch, Backend, StepInputs, check_supported
 from kernels.quants import Q, block_shape, dequantize
 
 CUDA_DIR = Path(__file__).parent / "cuda"
@@ -359,11 +360,8 @@ def _epilogue_operand(y):
 
 @dataclass
 class _Step:
-    """Device copies of one step's host-side metadata, found by the ops through the host objects."""
+    """Device copies of one step's host-side metadata (`StepInputs.dev` while the step runs)."""
 
-    tokens_np: np.ndarray
-    positions_np: np.ndarray
-    batch: AttentionBatch
     tokens: cp.ndarray
     positions: cp.ndarray
     slots: cp.ndarray
@@ -371,6 +369,7 @@ class _Step:
     qstarts: cp.ndarray
     tables: cp.ndarray
     tiles: cp.ndarray | None
+    logit_rows: cp.ndarray | None = None  # int64 rows of the flat batch that get logits (None: all)
     decode_scratch: dict = field(default_factory=dict)
 
 
@@ -411,6 +410,7 @@ class _Graph:
 class CupyBackend(Backend):
     name = "cupy"
     dtype = cp.float32
+    kv_dtype = np.float16
     device_sampling = True  # the engine may call sample()/argmax() on device logits
 
     def __init__(self, vram_limit: int | None = None, graphs: bool = True):
@@ -421,7 +421,6 @@ class CupyBackend(Backend):
         self.k = Kernels()
         self.graphs = graphs
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._step: _Step | None = None
         self._loaded: dict = {}
         self._invf: dict = {}
         self._last_pos = None
@@ -577,9 +576,8 @@ class CupyBackend(Backend):
 
     # --- compute ------------------------------------------------------------------
     @_on_stream
-    def embedding(self, table: QMatrix, ids):
-        step = self._step
-        ids_dev = step.tokens if step is not None and ids is step.tokens_np else self._i32(ids)
+    def embedding(self, table: QMatrix, step: StepInputs):
+        ids_dev = step.dev.tokens if step.dev is not None else self._i32(step.tokens)
         T = len(ids_dev)
         out = cp.empty((T, table.K), cp.float32)
         self._dequant(table.segments[0], out, ids=ids_dev, n_out=T, f16=False)
@@ -855,10 +853,10 @@ class CupyBackend(Backend):
         return Swiglu(self, _materialize(gate_up))
 
     @_on_stream
-    def rope(self, x, positions, inv_freq, neox):
-        step = self._step
-        if step is not None and positions is step.positions_np:
-            pos = step.positions
+    def rope(self, x, step: StepInputs, inv_freq, neox):
+        positions = step.positions
+        if step.dev is not None:
+            pos = step.dev.positions
         elif self._last_pos is not None and self._last_pos[0] is positions:  # q then k: one upload
             pos = self._last_pos[1]
         else:
@@ -872,15 +870,9 @@ class CupyBackend(Backend):
 
     # --- attention ------------------------------------------------------------------
     @_on_stream
-    def new_kv_cache(self, num_blocks, block_size, n_kv_heads, head_dim):
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        return cp.zeros(shape, cp.float16), cp.zeros(shape, cp.float16)
-
-    def _batch_dev(self, batch: AttentionBatch) -> _Step:
-        step = self._step
-        if step is not None and batch is step.batch:
-            return step
-        return self._make_step(None, None, batch)
+    def new_kv_cache(self, num_blocks, layout: KVLayout):
+        shape = (num_blocks, layout.block_size, layout.n_kv_heads, layout.head_dim)
+        return cp.zeros(shape, layout.dtype), cp.zeros(shape, layout.dtype)
 
     def _make_step(self, tokens, positions, batch: AttentionBatch) -> _Step:
         """Upload a step's metadata in one copy (eager path)."""
@@ -901,11 +893,11 @@ class CupyBackend(Backend):
         for p in parts:
             views.append(dev[off:off + p.size])
             off += p.size
-        return _Step(tokens, positions, batch, views[0], views[1], views[2], views[3], views[4],
-                     views[5].reshape(tables.shape), views[6].reshape(-1, 2))
+        return _Step(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
+                     views[6].reshape(-1, 2))
 
     @_on_stream
-    def attention(self, q, k, v, k_cache, v_cache, batch: AttentionBatch, scale):
+    def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale):
         rope_q = isinstance(q, Roped)
         rope_k = isinstance(k, Roped)
         lazy = q if rope_q else (k if rope_k else None)
@@ -917,13 +909,15 @@ class CupyBackend(Backend):
         G = H // KVH
         if D not in HEAD_DIMS or G > MAXG:
             raise NotImplementedError(f"attention kernels support head_dim {HEAD_DIMS} and <= {MAXG} query heads per KV head")
-        step = self._batch_dev(batch)
+        batch = step.batch
+        # a step's device copies while run_step runs it; called eagerly, the batch uploaded now
+        dev = step.dev if step.dev is not None else self._make_step(None, None, batch)
         if lazy is not None:  # q and k are rotated at the same positions (the model's contract)
             positions, invf, neox = lazy.positions, lazy.inv_freq, lazy.neox
         else:
-            positions, invf, neox = step.positions, cp.zeros(1, cp.float64), False
+            positions, invf, neox = dev.positions, cp.zeros(1, cp.float64), False
         bs = k_cache.shape[1]
-        W = step.tables.shape[1]
+        W = dev.tables.shape[1]
         out = cp.empty((T, H * D), cp.float32)
         if T == 0:
             return out
@@ -932,12 +926,12 @@ class CupyBackend(Backend):
         ls = np.float32(scale * LOG2E)
         if T == B and int(batch.query_starts[-1]) == B:  # one new token per sequence
             max_splits = -(-W * bs // DECODE_CHUNK)
-            scratch = step.decode_scratch.get((B, KVH, max_splits, D))
+            scratch = dev.decode_scratch.get((B, KVH, max_splits, D))
             if scratch is None:
                 scratch = (cp.empty((B * KVH * max_splits * MAXG * D,), cp.float32),
                            cp.empty((B * KVH * max_splits * MAXG * 2,), cp.float32),
                            cp.zeros((B * KVH,), cp.int32))
-                step.decode_scratch[(B, KVH, max_splits, D)] = scratch
+                dev.decode_scratch[(B, KVH, max_splits, D)] = scratch
             # the output also as the next product reads it: integers for a GEMV, fp16 for
             # the tensor cores
             gemv, mma = T <= GEMV_MAX_T, GEMV_MAX_T < T <= QMMA_MAX_T
@@ -946,7 +940,7 @@ class CupyBackend(Backend):
             half = cp.empty((T, H * D), cp.float16) if mma else None
             self._launch("attention", self.k.get("attention.cu", f"attn_decode_{D}"), (max_splits, KVH, B), (256,),
                          (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
-                          np.int32(neox), k_cache, v_cache, step.tables, np.int32(W), step.ctx, step.slots,
+                          np.int32(neox), k_cache, v_cache, dev.tables, np.int32(W), dev.ctx, dev.slots,
                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch,
                           np.int32(max_splits), out, _ptr(half), _ptr(xq), np.int32(xq.shape[1] if gemv else 0),
                           _ptr(ds)))
@@ -954,35 +948,44 @@ class CupyBackend(Backend):
         else:
             self.k.get("attention.cu", f"kv_store_{D}")(
                 (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), k_cache, v_cache,
-                               step.slots, np.int32(KVH)))
-            tiles = step.tiles
+                               dev.slots, np.int32(KVH)))
+            tiles = dev.tiles
             if tiles is None or len(tiles) == 0:
                 return out
             self.k.get("attention.cu", f"attn_prefill_{D}")(
                 (len(tiles), KVH), (128,),
-                (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), k_cache, v_cache, step.tables,
-                 np.int32(W), step.ctx, step.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, out))
+                (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), k_cache, v_cache, dev.tables,
+                 np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, out))
         return out
 
     # --- one model step, captured and replayed for decode -------------------------------
     @_on_stream
-    def run_step(self, forward, tokens, positions, batch: AttentionBatch, kv_caches, logit_rows, feed=None):
+    def logit_input(self, x, step: StepInputs):
+        if step.logit_rows is None:
+            return x
+        rows = step.dev.logit_rows if step.dev is not None else cp.asarray(np.asarray(step.logit_rows, np.int64))
+        return x[rows]
+
+    @_on_stream
+    def run_step(self, forward, step: StepInputs, kv_caches, feed=None):
         """feed: device ids to take as the step's tokens (a decode step; greedy_step)."""
-        T, B = len(tokens), batch.num_seqs
+        batch, logit_rows = step.batch, step.logit_rows
+        T, B = len(step.tokens), batch.num_seqs
         decode = T == B and int(batch.query_starts[-1]) == B
         all_rows = logit_rows is None or (len(logit_rows) == T and np.array_equal(logit_rows, np.arange(T)))
         if self.graphs and decode and all_rows and T <= self._graph_max_t:
-            return self._graph_step(forward, tokens, positions, batch, kv_caches, feed)
+            return self._graph_step(forward, step, kv_caches, feed)
         if feed is not None:
-            tokens = cp.asnumpy(feed, stream=self.stream).astype(tokens.dtype)
-        self._step = self._make_step(tokens, positions, batch)
-        rows = None if logit_rows is None else cp.asarray(np.asarray(logit_rows, np.int64))
+            step = replace(step, tokens=cp.asnumpy(feed, stream=self.stream).astype(step.tokens.dtype))
+        step.dev = self._make_step(step.tokens, step.positions, batch)
+        step.dev.logit_rows = None if logit_rows is None else cp.asarray(np.asarray(logit_rows, np.int64))
         try:
-            return _materialize(forward(tokens, positions, batch, kv_caches, rows))
+            return _materialize(forward(step, kv_caches))
         finally:
-            self._step = None
+            step.dev = None
 
-    def _graph_step(self, forward, tokens, positions, batch, kv_caches, feed=None):
+    def _graph_step(self, forward, step: StepInputs, kv_caches, feed=None):
+        tokens, positions, batch = step.tokens, step.positions, step.batch
         B = batch.num_seqs
         W = max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
         g = self._graphs.get((B, W))
@@ -1000,30 +1003,31 @@ class CupyBackend(Backend):
         tok, pos, slots, ctx, qs, tables = g.views(g.dev)
         padded = AttentionBatch(query_starts=batch.query_starts, context_lens=batch.context_lens,
                                 block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping)
-        self._step = _Step(tokens, positions, padded, tok, pos, slots, ctx, qs, tables, None)
+        # the captured step reads the graph's device buffers; logits for every row
+        captured = StepInputs(tokens, positions, padded, None, _Step(tok, pos, slots, ctx, qs, tables, None))
         try:
             with cp.cuda.using_allocator(g.pool.malloc):
-                out = _materialize(forward(tokens, positions, padded, kv_caches, None))  # runs the step, warms the pool
+                out = _materialize(forward(captured, kv_caches))  # runs the step, warms the pool
                 self.stream.begin_capture()
                 self._capturing = True
                 try:
-                    g.out = _materialize(forward(tokens, positions, padded, kv_caches, None))
+                    g.out = _materialize(forward(captured, kv_caches))
                     g.ids = self._argmax_dev(g.out)  # greedy ids come with the replay: no extra launch
                 finally:
                     self._capturing = False
                     g.graph = self.stream.end_capture()
         finally:
-            self._step = None
+            captured.dev = None
         return out
 
     @_on_stream
-    def greedy_step(self, forward, tokens, positions, batch, kv_caches, fed):
+    def greedy_step(self, forward, step: StepInputs, kv_caches, fed):
         """The step fed from the previous one's ids on the device (its graph's argmax, or the
         argmax after an eager step), its own ids copied to pinned memory behind it: the
         returned function waits only for that copy, and no host round trip stands between
         two steps."""
-        feed = self._fed_ids(batch.num_seqs) if fed else None
-        out = self.run_step(forward, tokens, positions, batch, kv_caches, None, feed)
+        feed = self._fed_ids(step.batch.num_seqs) if fed else None
+        out = self.run_step(forward, step, kv_caches, feed)
         g = self._last_graph
         ids = g.ids if g is not None and out is g.out else self._argmax_dev(out)
         self._greedy_ids = ids

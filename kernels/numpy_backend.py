@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.ops import AttentionBatch, Backend, check_supported
+from kernels.kv_layout import KVLayout
+from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 
 
@@ -66,6 +67,7 @@ class QuantizedRows:
 class NumpyBackend(Backend):
     name = "numpy"
     dtype = np.float32
+    kv_dtype = np.float32
 
     def load_matrix(self, *tensors) -> np.ndarray:
         for t in tensors:
@@ -87,8 +89,8 @@ class NumpyBackend(Backend):
     def to_numpy(self, x):
         return np.asarray(x)
 
-    def embedding(self, table: QuantizedRows, ids):
-        return table.rows(np.asarray(ids))
+    def embedding(self, table: QuantizedRows, step: StepInputs):
+        return table.rows(np.asarray(step.tokens))
 
     def matmul(self, x, w):
         return x @ w.T
@@ -97,8 +99,8 @@ class NumpyBackend(Backend):
         ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
         return x * (1.0 / np.sqrt(ms + eps)) * weight
 
-    def rope(self, x, positions, inv_freq, neox):
-        angles = np.asarray(positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, dtype=np.float64)[None, :]
+    def rope(self, x, step: StepInputs, inv_freq, neox):
+        angles = np.asarray(step.positions, dtype=np.float64)[:, None] * np.asarray(inv_freq, dtype=np.float64)[None, :]
         cos = np.cos(angles).astype(np.float32)[:, None, :]
         sin = np.sin(angles).astype(np.float32)[:, None, :]
         half = x.shape[-1] // 2
@@ -119,11 +121,12 @@ class NumpyBackend(Backend):
     def add(self, a, b):
         return a + b
 
-    def new_kv_cache(self, num_blocks, block_size, n_kv_heads, head_dim):
-        shape = (num_blocks, block_size, n_kv_heads, head_dim)
-        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    def new_kv_cache(self, num_blocks, layout: KVLayout):
+        shape = (num_blocks, layout.block_size, layout.n_kv_heads, layout.head_dim)
+        return np.zeros(shape, layout.dtype), np.zeros(shape, layout.dtype)
 
-    def attention(self, q, k, v, k_cache, v_cache, batch: AttentionBatch, scale):
+    def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale):
+        batch = step.batch
         n_tokens, n_heads, head_dim = q.shape
         n_kv = k.shape[1]
         group = n_heads // n_kv

@@ -4,18 +4,21 @@ The model (`workers/model.py`) is written once against this class; a backend (`n
 `cupy`) implements it for its arrays. Activations are 2-D `[tokens, features]` in the
 backend's float type. A batch of sequences of different lengths is flattened along the
 token axis and described by an `AttentionBatch` (the varlen layout of vLLM/nano-vllm), so
-prefill, decode and a mix of both are the same call.
+prefill, decode and a mix of both are the same call. A forward pass's inputs travel as one
+`StepInputs` (tokens, positions, batch, logit rows), which `run_step` hands to the ops with
+the backend's device copies attached (`StepInputs.dev`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from kernels.kv_layout import KVLayout
 from kernels.quants import SUPPORTED_QTYPES
 
 Array = Any  # the backend's array type
@@ -37,6 +40,17 @@ class AttentionBatch:
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+
+@dataclass
+class StepInputs:
+    """One forward pass's inputs on the host; run_step gives the backend's device copies to `dev`."""
+
+    tokens: np.ndarray  # [T] token ids
+    positions: np.ndarray  # [T]
+    batch: AttentionBatch
+    logit_rows: np.ndarray | None = None  # rows of the flat batch that get logits (None: all)
+    dev: Any = None  # the backend's own copies (CupyBackend: its DeviceStep); None on the CPU
 
 
 class Backend(ABC):
@@ -67,8 +81,8 @@ class Backend(ABC):
 
     # --- compute -------------------------------------------------------------
     @abstractmethod
-    def embedding(self, table: Weight, ids: np.ndarray) -> Array:
-        """Rows `ids` of the embedding table: [T, d]."""
+    def embedding(self, table: Weight, step: StepInputs) -> Array:
+        """Rows `step.tokens` of the embedding table: [T, d]."""
 
     @abstractmethod
     def matmul(self, x: Array, w: Weight) -> Array:
@@ -83,8 +97,8 @@ class Backend(ABC):
     def rmsnorm(self, x: Array, weight: Array, eps: float) -> Array: ...
 
     @abstractmethod
-    def rope(self, x: Array, positions: np.ndarray, inv_freq: np.ndarray, neox: bool) -> Array:
-        """Rotate x [T, heads, head_dim] by angle positions * inv_freq.
+    def rope(self, x: Array, step: StepInputs, inv_freq: np.ndarray, neox: bool) -> Array:
+        """Rotate x [T, heads, head_dim] by angle step.positions * inv_freq.
 
         neox: rotate the pairs (i, i + head_dim/2); otherwise adjacent pairs (2i, 2i+1).
         """
@@ -97,29 +111,38 @@ class Backend(ABC):
     def add(self, a: Array, b: Array) -> Array: ...
 
     # --- attention with a paged KV cache -------------------------------------
+    kv_dtype: Any  # element type of the KV cache as this backend stores it
+
+    def kv_layout(self, n_kv_heads: int, head_dim: int, block_size: int) -> KVLayout:
+        """How this backend stores one layer's KV cache (the engine sizes the cache by it)."""
+        return KVLayout(n_kv_heads, head_dim, block_size, np.dtype(self.kv_dtype))
+
     @abstractmethod
-    def new_kv_cache(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int) -> tuple[Array, Array]:
-        """One layer's (K, V) cache, each [num_blocks, block_size, n_kv_heads, head_dim]."""
+    def new_kv_cache(self, num_blocks: int, layout: KVLayout) -> tuple[Array, Array]:
+        """One layer's (K, V) cache, each [num_blocks, block_size, n_kv_heads, head_dim] of
+        layout.dtype."""
 
     @abstractmethod
     def attention(
         self, q: Array, k: Array, v: Array, k_cache: Array, v_cache: Array,
-        batch: AttentionBatch, scale: float,
+        step: StepInputs, scale: float,
     ) -> Array:
-        """Store k, v [T, kv_heads, D] at batch.slot_mapping, then causal GQA attention of
+        """Store k, v [T, kv_heads, D] at step.batch.slot_mapping, then causal GQA attention of
         q [T, heads, D] over each sequence's cached context. Returns [T, heads * D].
 
         Query j of a sequence with n new tokens and context c sits at position c - n + j and
         sees cache positions 0..c - n + j.
         """
 
+    def logit_input(self, x: Array, step: StepInputs) -> Array:
+        """The rows of x [T, d] that logits are computed for: `step.logit_rows` (all if None)."""
+        return x if step.logit_rows is None else x[step.logit_rows]
+
     # --- one model step ---------------------------------------------------------
-    def run_step(self, forward, tokens: np.ndarray, positions: np.ndarray, batch: AttentionBatch,
-                 kv_caches: list, logit_rows: np.ndarray | None) -> Array:
-        """Run `forward(tokens, positions, batch, kv_caches, logit_rows)` (the model's step).
-        A GPU backend may capture it once and replay the capture (CUDA graph) on later steps
-        of the same shape."""
-        return forward(tokens, positions, batch, kv_caches, logit_rows)
+    def run_step(self, forward, step: StepInputs, kv_caches: list) -> Array:
+        """Run `forward(step, kv_caches)` (the model's step). A GPU backend may capture it once
+        and replay the capture (CUDA graph) on later steps of the same shape."""
+        return forward(step, kv_caches)
 
     # True where sample() draws on the device: the engine then samples there when no logprobs
     # or penalties are asked, and only ids leave the device.
@@ -136,16 +159,15 @@ class Backend(ABC):
 
     _greedy_ids = None  # the last greedy_step's ids, in the backend's array type
 
-    def greedy_step(self, forward, tokens: np.ndarray, positions: np.ndarray, batch: AttentionBatch,
-                    kv_caches: list, fed: bool) -> Callable[[], np.ndarray]:
-        """A decode step (`run_step`, one token per sequence) and the argmax of each row;
-        returns a function that waits for those ids (a host array). fed: each sequence's token
-        is its id from the previous greedy_step (`tokens` holds placeholders), so a GPU
-        backend can start the step before those ids reach the host; only valid right after a
-        greedy_step of the same sequences in the same order."""
+    def greedy_step(self, forward, step: StepInputs, kv_caches: list, fed: bool) -> Callable[[], np.ndarray]:
+        """A decode step (`run_step`, one token per sequence, logits for every row) and the
+        argmax of each row; returns a function that waits for those ids (a host array). fed:
+        each sequence's token is its id from the previous greedy_step (`step.tokens` holds
+        placeholders), so a GPU backend can start the step before those ids reach the host;
+        only valid right after a greedy_step of the same sequences in the same order."""
         if fed:
-            tokens = np.asarray(self._fed_ids(len(tokens)), dtype=tokens.dtype)
-        ids = self._greedy_ids = self.argmax(self.run_step(forward, tokens, positions, batch, kv_caches, None))
+            step = replace(step, tokens=np.asarray(self._fed_ids(len(step.tokens)), dtype=step.tokens.dtype))
+        ids = self._greedy_ids = self.argmax(self.run_step(forward, step, kv_caches))
         return lambda: ids
 
     def _fed_ids(self, n: int):

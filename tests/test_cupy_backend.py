@@ -16,7 +16,7 @@ cupy = pytest.importorskip("cupy")
 
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from kernels import AttentionBatch, get_backend  # noqa: E402
+from kernels import AttentionBatch, StepInputs, get_backend  # noqa: E402
 from kernels.cupy_backend import GEMV_MAX_T, Q8_ROWS, QMMA_MAX_T  # noqa: E402
 from kernels.numpy_backend import matmul_q8, quantize_q8, quantize_q8_input  # noqa: E402
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize  # noqa: E402
@@ -301,7 +301,7 @@ def test_embedding_rows(gpu, qtype):
     rows, cols = 300, cols_for(qtype, rng)
     t = make_tensor(rng, qtype, rows, cols)
     ids = rng.integers(0, rows, 9)
-    got = gpu.to_numpy(gpu.embedding(gpu.load_embedding(t), ids))
+    got = gpu.to_numpy(gpu.embedding(gpu.load_embedding(t), StepInputs(ids, None, None)))
     assert rel_err(got, dequantize(t.data, qtype)[ids]) < 1e-6
 
 
@@ -334,8 +334,9 @@ def test_elementwise_ops(gpu):
     pos = rng.integers(0, 5000, T)
     inv_freq = 10000.0 ** (-np.arange(0, D, 2) / D)
     for neox in (False, True):
-        got = gpu.to_numpy(gpu.rope(gpu.asarray(q), pos, inv_freq, neox))
-        assert rel_err(got, cpu.rope(q, pos, inv_freq, neox)) < 1e-5
+        step = StepInputs(None, pos, None)
+        got = gpu.to_numpy(gpu.rope(gpu.asarray(q), step, inv_freq, neox))
+        assert rel_err(got, cpu.rope(q, step, inv_freq, neox)) < 1e-5
 
 
 class Tables:
@@ -373,21 +374,23 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D):
     rng = np.random.default_rng()
     bs, nblocks = 16, 256
     inv_freq = 10000.0 ** (-np.arange(0, D, 2) / D)
-    kc_g, vc_g = gpu.new_kv_cache(nblocks, bs, KVH, D)
-    kc_c, vc_c = cpu.new_kv_cache(nblocks, bs, KVH, D)
+    kc_g, vc_g = gpu.new_kv_cache(nblocks, gpu.kv_layout(KVH, D, bs))
+    kc_c, vc_c = cpu.new_kv_cache(nblocks, cpu.kv_layout(KVH, D, bs))
+    assert kc_g.dtype == np.float16 and kc_g.shape == kc_c.shape == (nblocks, bs, KVH, D)
     scale = 1.0 / np.sqrt(D)
     tables = Tables(nblocks, bs, rng)
 
     def step(seqs, neox):
         batch, pos = tables.batch(seqs)
         T = len(pos)
+        inputs = StepInputs(np.zeros(T, np.int32), pos, batch)  # called eagerly: the ops upload what they read
         q = rng.standard_normal((T, H, D)).astype(np.float32)
         k = rng.standard_normal((T, KVH, D)).astype(np.float32)
         v = rng.standard_normal((T, KVH, D)).astype(np.float32)
-        want = cpu.attention(cpu.rope(q, pos, inv_freq, neox), cpu.rope(k, pos, inv_freq, neox), v, kc_c, vc_c,
-                             batch, scale)
-        got = gpu.attention(gpu.rope(gpu.asarray(q), pos, inv_freq, neox),
-                            gpu.rope(gpu.asarray(k), pos, inv_freq, neox), gpu.asarray(v), kc_g, vc_g, batch, scale)
+        want = cpu.attention(cpu.rope(q, inputs, inv_freq, neox), cpu.rope(k, inputs, inv_freq, neox), v, kc_c, vc_c,
+                             inputs, scale)
+        got = gpu.attention(gpu.rope(gpu.asarray(q), inputs, inv_freq, neox),
+                            gpu.rope(gpu.asarray(k), inputs, inv_freq, neox), gpu.asarray(v), kc_g, vc_g, inputs, scale)
         err = rel_err(gpu.to_numpy(got), want)
         assert err < 3e-3, f"{seqs}: relative error {err:.2e}"
         if all(n == 1 for *_, n in seqs) and T <= GEMV_MAX_T:  # decode for GEMVs: the integer copy too

@@ -6,12 +6,17 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from kernels import AttentionBatch, get_backend
+from kernels import AttentionBatch, StepInputs, get_backend
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize
 from workers.gguf_file import TensorInfo
 from workers.synthetic_model import random_blocks
 
 ops = get_backend("numpy")
+
+
+def step_of(tokens=None, positions=None, batch=None) -> StepInputs:
+    """The step inputs an op under test reads (the rest left empty)."""
+    return StepInputs(tokens, positions, batch)
 
 
 def rel_err(got, want) -> float:
@@ -51,7 +56,7 @@ def test_matmul_on_every_quant_type(qtype):
     stacked = ops.matmul(x, ops.load_matrix(tensor, tensor))
     assert np.allclose(stacked[:, :rows], got) and np.allclose(stacked[:, rows:], got)
     ids = np.array([5, 0, 5, rows - 1])
-    assert np.array_equal(ops.embedding(ops.load_embedding(tensor), ids), weight[ids])
+    assert np.array_equal(ops.embedding(ops.load_embedding(tensor), step_of(ids)), weight[ids])
 
 
 def test_block_shapes_cover_all_types():
@@ -86,7 +91,7 @@ def test_rope_is_a_complex_rotation(neox):
         want[..., :half], want[..., half:] = rotated.real, rotated.imag
     else:
         want[..., 0::2], want[..., 1::2] = rotated.real, rotated.imag
-    assert rel_err(ops.rope(x, positions, inv_freq, neox), want) < 1e-6
+    assert rel_err(ops.rope(x, step_of(positions=positions), inv_freq, neox), want) < 1e-6
 
 
 def dense_attention(q, k, v, n_past):
@@ -106,7 +111,10 @@ def test_paged_attention_matches_dense_for_mixed_batch():
     """Three sequences (a prefill, a decode, a chunk after a cached prefix) in one call."""
     rng = np.random.default_rng(2)
     heads, kv_heads, d, bs, n_blocks = 8, 2, 32, 4, 64
-    k_cache, v_cache = ops.new_kv_cache(n_blocks, bs, kv_heads, d)
+    layout = ops.kv_layout(kv_heads, d, bs)
+    assert layout.bytes_per_token == 2 * kv_heads * d * 4 and layout.bytes_per_block == bs * layout.bytes_per_token
+    k_cache, v_cache = ops.new_kv_cache(n_blocks, layout)
+    assert k_cache.shape == (n_blocks, bs, kv_heads, d) and k_cache.dtype == np.float32
     free = list(rng.permutation(n_blocks))  # scattered blocks: the block table must be honoured
     specs = [(0, 9), (13, 1), (6, 5)]  # (tokens already cached, new tokens)
     seqs = []
@@ -132,7 +140,7 @@ def test_paged_attention_matches_dense_for_mixed_batch():
     q = np.concatenate([s[5] for s in seqs])
     k_new = np.concatenate([s[3][s[0]:] for s in seqs])
     v_new = np.concatenate([s[4][s[0]:] for s in seqs])
-    out = ops.attention(q, k_new, v_new, k_cache, v_cache, batch, 1 / np.sqrt(d))
+    out = ops.attention(q, k_new, v_new, k_cache, v_cache, step_of(batch=batch), 1 / np.sqrt(d))
     for i, (past, new, _, k_all, v_all, qi, _) in enumerate(seqs):
         start = batch.query_starts[i]
         assert rel_err(out[start:start + new], dense_attention(qi, k_all, v_all, past)) < 1e-5

@@ -361,7 +361,7 @@ def launch_counts(engine, rng) -> str:
 def profile_ops(engine, cp, T: int) -> list[str]:
     """GPU time of each op of one decode layer at T tokens: 20 launches captured in a graph and
     replayed, so Python's launch cost is out of the number."""
-    from kernels import AttentionBatch
+    from kernels import AttentionBatch, StepInputs
 
     ops, m, c = engine.ops, engine.model, engine.config
     layer, stream = m.layers[0], ops.stream
@@ -376,6 +376,7 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     batch = AttentionBatch(np.arange(T + 1, dtype=np.int32), np.full(T, ctx, np.int32), tables,
                            (tables[:, (ctx - 1) // bs] * bs + (ctx - 1) % bs).astype(np.int32))
     positions = np.full(T, ctx - 1)
+    step = StepInputs(positions, positions, batch)
     q, k, v = a(T, c.n_heads, c.head_dim), a(T, c.n_kv_heads, c.head_dim), a(T, c.n_kv_heads, c.head_dim)
     kc, vc = engine.kv.layers[0]
     cases = {
@@ -391,10 +392,10 @@ def profile_ops(engine, cp, T: int) -> list[str]:
         "gate_up tensor cores": (lambda: ops._qmma(x, layer.w_gate_up, None, gu), layer.w_gate_up),
         "rmsnorm alone": (lambda: ops._rmsnorm(x, layer.ffn_norm, 1e-6, cp.float32), None),
         "output (norm fused)": (lambda: ops.matmul(ops.rmsnorm(x, m.output_norm, 1e-6), m.output), m.output),
-        "attention decode ctx 64": (lambda: ops.attention(ops.rope(q, positions, c.inv_freq, c.rope_neox),
-                                                          ops.rope(k, positions, c.inv_freq, c.rope_neox), v, kc, vc,
-                                                          batch, 0.1), None),
-        "embedding": (lambda: ops.embedding(m.embed, positions), None),
+        "attention decode ctx 64": (lambda: ops.attention(ops.rope(q, step, c.inv_freq, c.rope_neox),
+                                                          ops.rope(k, step, c.inv_freq, c.rope_neox), v, kc, vc,
+                                                          step, 0.1), None),
+        "embedding": (lambda: ops.embedding(m.embed, step), None),
     }
     # residual products that round their output for the next one (with their input's quantizer)
     if T == 1 and hasattr(ops.matmul_add(attn, layer.wo, x), "rounded"):
@@ -405,7 +406,7 @@ def profile_ops(engine, cp, T: int) -> list[str]:
                                                            1e-6), layer.w_down)
     del qkv_out
     out = []
-    ops._step = ops._make_step(positions, positions, batch)
+    step.dev = ops._make_step(positions, positions, batch)
     try:
         for name, (fn, w) in cases.items():
             run = lambda: getattr(fn(), "materialize", lambda: None)()  # noqa: E731  (a lazy result runs now)
@@ -434,7 +435,7 @@ def profile_ops(engine, cp, T: int) -> list[str]:
             except Exception as e:
                 out.append(f"T={T} {name:26s} failed: {type(e).__name__}: {e}")
     finally:
-        ops._step = None
+        step.dev = None
     # the prefill path's parts, eager (large enough that launch cost does not matter)
     seg = layer.w_gate_up.segments[0]
     scratch = cp.empty((seg.rows, seg.K), cp.float16)
