@@ -9,7 +9,7 @@ Where the time goes and what this file does about it:
   epilogue (matmul_add), RoPE into attention (rope() is lazy too). For Q4_K, Q6_K, Q5_0 and
   Q8_0 (Q8_ROWS) a pre-pass quantizes the (normed, SwiGLU'd) input to 15-bit integers per 32
   values, stored as two int8 planes, and the GEMV takes integer dot products (dp4a) on the raw
-  weight bytes, as llama.cpp's MMVQ does with int8 (quant.cu says why 15 bits). Decode
+  weight bytes, as llama.cpp's MMVQ does with int8 (quant_gemv_q8.cu says why 15 bits). Decode
   attention and the residual products (wo, down: a lazy Product) make that copy of their
   output themselves, so only down's SwiGLU input has a pre-pass of its own.
 - A 0.5B model's decode step is ~150 small kernels: Python launching them would cost more
@@ -17,7 +17,7 @@ Where the time goes and what this file does about it:
   block-table width) and replays it; the step's token ids, positions and cache slots travel
   in one pinned buffer copied before each replay.
 - Batched decode (2-64 sequences) runs on tensor cores straight from the quantized blocks
-  (quant.cu qmma). Prompts beyond that are matrix-bound: each weight is dequantized to an
+  (quant_mma.cu qmma). Prompts beyond that are matrix-bound: each weight is dequantized to an
   fp16 scratch buffer (a chunk of rows at a time, never kept) and multiplied by cuBLAS with
   fp32 accumulation and fp32 output.
 - Sampling runs on the device (argmax, temperature, top-k, top-p, min-p): only ids leave it;
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import os
 import threading
 from dataclasses import dataclass, field, replace
@@ -43,12 +42,12 @@ try:
 except ImportError:  # older layouts
     from cupy_backends.cuda.libs import cublas
 
+from kernels.cupy.sources import DEQUANT, GEMV, GEMV_Q8, MMA, cubin_name, module_source, quant_prefix
 from kernels.launch import PdlLauncher
 from kernels.kv_layout import KVLayout
 from kernels.ops import AttentionBatch, Backend, StepInputs, check_supported
 from kernels.quants import Q, block_shape, dequantize
 
-CUDA_DIR = Path(__file__).parent / "cuda"
 # Tokens per product: up to GEMV_MAX_T the fp32 GEMV on the quantized blocks (measured: one
 # token; its 4-token variant loses to the tensor cores from 2 tokens on); up to QMMA_MAX_T
 # tensor cores on the quantized blocks (batched decode); beyond, prefill-sized: dequantize to
@@ -56,8 +55,8 @@ CUDA_DIR = Path(__file__).parent / "cuda"
 GEMV_MAX_T = int(os.environ.get("NTR_GEMV_MAX_T", 1))
 QMMA_MAX_T = 64
 QMMA_BM, QMMA_BK = 128, 128
-XQ_RUN = 4096  # quant.cu: bytes of a quantized activation row per 2048 values
-QMMA_BLOCKS_PER_SM = 2  # quant.cu MMA_BLOCKS_PER_SM
+XQ_RUN = 4096  # common.cu: bytes of a quantized activation row per 2048 values
+QMMA_BLOCKS_PER_SM = 2  # quant_mma.cu MMA_BLOCKS_PER_SM
 QMMA_SMEM = 2 * (QMMA_BM + QMMA_MAX_T) * QMMA_BK * 2  # two stages of the fp16 weight and x tiles
 GEMV_WARPS = 4
 # launch kinds a decode graph may launch programmatically: 1-token GEMVs, their input
@@ -88,12 +87,9 @@ UNITS_PER_BLOCK = {Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 4, Q.Q5_K: 4, Q.Q6_K: 4}  # the
 # Planes whose per-unit piece spans several 16-byte chunks (count given) are interleaved in
 # runs of 32 units, chunk-major: a warp reading 32 consecutive units loads whole lines.
 INTERLEAVED = {Q.Q8_0: 2, Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 2, Q.Q5_K: 2, Q.Q6_K: 2, Q.F32: 8, Q.F16: 4, Q.BF16: 4}
-# Formats whose products of up to 4 tokens run on integer activations with dp4a (quant.cu
+# Formats whose products of up to 4 tokens run on integer activations with dp4a (quant_gemv_q8.cu
 # gemv_q8), with the struct's RQ (rows per warp). NTR_GEMV_INT8=0 keeps them on the fp32 GEMV.
 Q8_ROWS = {Q.Q4_K: 2, Q.Q6_K: 2, Q.Q5_0: 4, Q.Q8_0: 4} if os.environ.get("NTR_GEMV_INT8", "1") != "0" else {}
-STRUCTS = {Q.Q4_0: "TQ4_0", Q.Q4_1: "TQ4_1", Q.Q5_0: "TQ5_0", Q.Q5_1: "TQ5_1", Q.Q8_0: "TQ8_0",
-           Q.Q2_K: "TQ2_K", Q.Q3_K: "TQ3_K", Q.Q4_K: "TQ4_K", Q.Q5_K: "TQ5_K", Q.Q6_K: "TQ6_K",
-           Q.F32: "TF32", Q.F16: "TF16", Q.BF16: "TBF16"}
 
 # cuBLAS / CUDA enums (cublas_api.h, library_types.h)
 _OP_N, _OP_T = 0, 1
@@ -145,15 +141,14 @@ class Kernels:
     def __init__(self):
         self._modules: dict[str, cp.RawModule] = {}
         self._functions: dict[tuple[str, str], cp.RawKernel] = {}
-        self._common = (CUDA_DIR / "common.cu").read_text()
 
     def _module(self, file: str, prefix: str = "") -> cp.RawModule:
         key = file + prefix
         if key not in self._modules:
-            src = prefix + self._common + (CUDA_DIR / file).read_text()
+            src = module_source(file, prefix)
             # $NTR_CUBIN_DIR may hold these sources compiled ahead of time by nvcc
             # (tools/bench_gpu.py --prebuild), named by the source's hash: no NVRTC wait.
-            cubin = Path(os.environ.get("NTR_CUBIN_DIR", "/nonexistent")) / f"{hashlib.sha1(src.encode()).hexdigest()}.cubin"
+            cubin = Path(os.environ.get("NTR_CUBIN_DIR", "/nonexistent")) / cubin_name(src)
             if cubin.exists():
                 self._modules[key] = cp.RawModule(path=str(cubin))
             else:
@@ -166,8 +161,9 @@ class Kernels:
             self._functions[key] = self._module(file, prefix).get_function(name)
         return self._functions[key]
 
-    def quant(self, qtype, name: str) -> cp.RawKernel:
-        return self.get("quant.cu", name, f"#define QT {STRUCTS[qtype]}\n")
+    def quant(self, file: str, qtype, name: str) -> cp.RawKernel:
+        """Kernel `name` of quant module `file` (kernels/cupy/sources.py) built for qtype."""
+        return self.get(file, name, quant_prefix(qtype))
 
 
 @dataclass
@@ -291,7 +287,7 @@ class Attended(_Lazy):
 class Product(_Lazy):
     """A 1-token product not run yet (matmul at T = 1, one dp4a format, whole 32-value blocks of
     outputs): the product reading it picks how it runs. Read through an RMSNorm by another
-    dp4a product, it also rounds its output for that product (quant.cu gemv_q8_round), so no
+    dp4a product, it also rounds its output for that product (quant_gemv_q8.cu gemv_q8_round), so no
     quantizer kernel runs between the two; read any other way, it runs plainly."""
 
     def __init__(self, ops, x, w: QMatrix, y):
@@ -588,7 +584,7 @@ class CupyBackend(Backend):
         block = 32 if seg.qtype in FLOAT_TYPES else block_shape(seg.qtype)[0]
         total = n_out * seg.nb * block // 8  # one thread per 8 values
         grid = max(1, min(-(-total // 256), 132 * 16))
-        self.k.quant(seg.qtype, "dequant_rows")(
+        self.k.quant(DEQUANT, seg.qtype, "dequant_rows")(
             (grid,), (256,), (*seg.plane_args(row), np.int32(seg.rows - row), np.int32(seg.nb), np.int32(seg.K),
                               _ptr(ids), np.int32(n_out), out, np.int32(out.strides[0] // out.itemsize),
                               np.int32(f16)))
@@ -627,7 +623,7 @@ class CupyBackend(Backend):
 
     def _float_input(self, x, w: QMatrix):
         """A GEMV's input as its kernels read it: (rows, mode, norm weight, eps), mode 1 with
-        the RMSNorm and 2 with the SwiGLU still to apply (quant.cu gemv's MODE)."""
+        the RMSNorm and 2 with the SwiGLU still to apply (quant_gemv.cuh's MODE)."""
         T, K = x.shape[0], w.K
         aligned = lambda a: a.strides[-1] == 4 and a.strides[0] % 16 == 0 and a.data.ptr % 16 == 0  # noqa: E731
         # float formats' rows are padded to whole 32-value blocks, and their GEMV reads x (and a
@@ -657,7 +653,7 @@ class CupyBackend(Backend):
 
     def _round(self, p: Product, nw, eps: float):
         """Run p, the residual stream before an RMSNorm with weight nw, so that it also rounds
-        nw * its output for the product reading it (quant.cu gemv_q8_round).
+        nw * its output for the product reading it (quant_gemv_q8.cu gemv_q8_round).
         -> (xq, ds, ss, eps) as _made_integer_input."""
         w, n = p.w, p.w.rows  # n: the next product's K
         seg = w.segments[0]
@@ -673,7 +669,7 @@ class CupyBackend(Backend):
         yss = cp.empty((n // 32,), cp.float32)
         fn = seg.kernels.get("gemv_q8_round")
         if fn is None:
-            fn = seg.kernels["gemv_q8_round"] = self.k.quant(seg.qtype, "gemv_q8_round")
+            fn = seg.kernels["gemv_q8_round"] = self.k.quant(GEMV_Q8, seg.qtype, "gemv_q8_round")
         # 1024 threads (fewer where a format's registers do not allow as many), in whole groups
         # of the rw warps that cover the block's 32 rows for a run of 8 units (a thread takes
         # the struct's RQ rows), no more groups than the rows have runs: the block has an SM
@@ -707,7 +703,7 @@ class CupyBackend(Backend):
                     name = f"gemv_q8_{nt}" if seg.qtype in Q8_ROWS else f"gemv_{nt}_{mode}"
                     fn = seg.kernels.get(name)
                     if fn is None:
-                        fn = seg.kernels[name] = self.k.quant(seg.qtype, name)
+                        fn = seg.kernels[name] = self.k.quant(GEMV_Q8 if seg.qtype in Q8_ROWS else GEMV, seg.qtype, name)
                     if seg.qtype in Q8_ROWS:
                         x_args = (np.uint64(xq.data.ptr + t0 * xq.shape[1]), np.int32(xq.shape[1]),
                                   np.uint64(ds.data.ptr + t0 * K // 4), np.int32(K // 32), _ptr(xss),
@@ -754,12 +750,12 @@ class CupyBackend(Backend):
     def _quantize_x(self, qtype, src, K: int, mode: int, nw, eps: float):
         """The product's input (plain, RMSNorm'd or SwiGLU'd per mode) as integers per 32 values:
         xq [T, XQ_RUN bytes per 2048 values] (each block's 32 high and 32 low int8s, in the
-        order of quant.cu's xq_chunk) and ds [T, K/32] = (scale, sum of the block's integers);
+        order of common.cu's xq_chunk) and ds [T, K/32] = (scale, sum of the block's integers);
         NumPy twin: numpy_backend.quantize_q8_input."""
         T, runs = src.shape[0], -(-K // 2048)
         xq = cp.empty((T, runs * XQ_RUN), cp.int8)
         ds = cp.empty((T, K // 32, 2), cp.float32)
-        self._launch("quantize", self.k.quant(qtype, f"quantize_x_{mode}"), (runs, T), (256,),
+        self._launch("quantize", self.k.quant(GEMV_Q8, qtype, f"quantize_x_{mode}"), (runs, T), (256,),
                      (src, np.int32(src.strides[0] // 4), np.int32(K), _ptr(nw), np.float32(eps), xq,
                       np.int32(xq.shape[1]), ds, np.int32(K // 32)))
         return xq, ds
@@ -779,7 +775,7 @@ class CupyBackend(Backend):
         bias, res, sr = _epilogue_operand(y)
         steps = K // QMMA_BK
         launches, zero = [], False
-        for seg in w.segments:  # as many blocks as run at once, >= 2 steps each (quant.cu: stream-K)
+        for seg in w.segments:  # as many blocks as run at once, >= 2 steps each (quant_mma.cu: stream-K)
             total = -(-seg.rows // QMMA_BM) * steps
             grid = min(_sm_count() * QMMA_BLOCKS_PER_SM, -(-total // 2))
             starts = np.arange(1, grid, dtype=np.int64) * total // grid
@@ -794,7 +790,7 @@ class CupyBackend(Backend):
             for i, (seg, grid) in enumerate(launches):
                 fn = seg.kernels.get("qmma")
                 if fn is None:
-                    fn = seg.kernels["qmma"] = self.k.quant(seg.qtype, "qmma_64")
+                    fn = seg.kernels["qmma"] = self.k.quant(MMA, seg.qtype, "qmma_64")
                     fn.max_dynamic_shared_size_bytes = QMMA_SMEM
                 col = seg.row0 * 4
                 self._launch("qmma", fn, (grid, -(-T // 64)), (256,),

@@ -232,7 +232,7 @@ def test_gemv_integer_activations(gpu, qtype, fused, T, long):
 def test_residual_products_round_their_output(gpu, qtype, long, monkeypatch):
     """A decode layer's chain at one token, wo -> RMSNorm -> gate_up -> SwiGLU -> down ->
     RMSNorm -> a last product, where the residual products (wo, down) round their own output
-    for the next product (quant.cu gemv_q8_round): every output against the NumPy twin of its
+    for the next product (quant_gemv_q8.cu gemv_q8_round): every output against the NumPy twin of its
     product on the GPU's own input to 1e-5, each rounded copy bit for bit against
     quantize_q8 of the output it was rounded from, the sums of squares for 1/rms to 1e-6;
     long rows take several passes of a block's warps; outputs poisoned with NaN."""
@@ -285,7 +285,7 @@ def test_residual_products_round_their_output(gpu, qtype, long, monkeypatch):
 
 def unpack_xq(xq: np.ndarray, K: int):
     """The high and low int8 planes [T, K/32, 32] from the pre-pass's rows: pairs of 32-value
-    blocks, runs of 32 pairs stored chunk-major (quant.cu xq_chunk)."""
+    blocks, runs of 32 pairs stored chunk-major (common.cu xq_chunk)."""
     b = np.arange(K // 32)
     p = b >> 1
     first = (p >> 5) * 4096 + (b & 1) * 2048 + (p & 31) * 16  # chunk 0 of each block

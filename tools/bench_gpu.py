@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -127,27 +125,23 @@ def prebuild(out_dir: Path) -> None:
     the name CupyBackend looks for in $NTR_CUBIN_DIR: a fresh GPU machine skips NVRTC."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cuda = REPO / "kernels" / "cuda"
-    common, quant = (cuda / "common.cu").read_text(), (cuda / "quant.cu").read_text()
-    names = [n for n in re.findall(r"^struct (T\w+)[^;{]*\{", quant, re.M) if n != "THalf"]
-    names += re.findall(r"^typedef THalf<\w+> (T\w+);", quant, re.M)
-    jobs = [("quant.cu", f"#define QT {n}\n") for n in names] + [("attention.cu", ""), ("misc.cu", "")]
+    from kernels.cupy.sources import all_modules, cubin_name, module_source
+
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def build(job):
         file, prefix = job
-        src = prefix + common + (cuda / file).read_text()
-        sha = hashlib.sha1(src.encode()).hexdigest()
-        target = out_dir / f"{sha}.cubin"
+        src = module_source(file, prefix)  # the exact text the backend compiles, so the same name
+        target = out_dir / cubin_name(src)
         if not target.exists():
-            tmp = out_dir / f"{sha}.cu"
+            tmp = target.with_suffix(".cu")
             tmp.write_text(src)
             subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-std=c++17", "-o", str(target), str(tmp)], check=True)
             tmp.unlink()
         return f"{file} {prefix.strip()} -> {target.name}"
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for line in pool.map(build, jobs):
+        for line in pool.map(build, all_modules()):
             log(line)
 
 
