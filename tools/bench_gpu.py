@@ -246,7 +246,7 @@ class profiled:
 def graph_step_us(engine, cp, batch: int = 1) -> float:
     """GPU time of one replay of the last captured decode graph of `batch` sequences (no Python,
     no sync per step)."""
-    g = next((g for (b, _), g in reversed(engine.ops._graphs.items()) if b == batch and g.graph is not None), None)
+    g = next((g for (b, _), g in reversed(engine.ops.steps.graphs.items()) if b == batch and g.graph is not None), None)
     if g is None:
         return float("nan")
     stream = engine.ops.stream
@@ -308,18 +308,18 @@ def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
 
 def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
     """tg128 (batch 1) or decode x`batch` again with a backend setting changed (use_pdl's
-    kinds, or an attribute as branch_segments, round_in_products), then the setting back;
-    graphs are recaptured both ways."""
-    ops = engine.ops
+    kinds, or a field of the backend's tuning as branch_segments, round_in_products), then the
+    setting back; graphs are recaptured both ways."""
+    ops, tuning = engine.ops, engine.ops.tuning
 
     def apply(v):
         if setting == "pdl":
-            ops.use_pdl(v)
+            tuning.use_pdl(v)
         else:
-            setattr(ops, setting, v)
+            setattr(tuning, setting, v)
             ops.drop_graphs()
 
-    saved = ops.pdl_setting if setting == "pdl" else getattr(ops, setting)
+    saved = tuning.pdl_setting if setting == "pdl" else getattr(tuning, setting)
     try:
         apply(value)
         if batch == 1:
@@ -336,19 +336,20 @@ def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
 def launch_counts(engine, rng) -> str:
     """Kernels of each launch kind in the batch-1 decode graph (recaptured to count them)."""
     ops, counts = engine.ops, {}
-    launch = ops._launch
+    launcher = ops.launcher
+    launch = launcher.launch
 
     def counting(kind, *a, **k):
-        if ops._capturing:
+        if launcher.capturing:
             counts[kind] = counts.get(kind, 0) + 1
         launch(kind, *a, **k)
 
-    ops._launch = counting
+    launcher.launch = counting
     try:
         ops.drop_graphs()
         decode(engine, 1, 1, 2, rng)
     finally:
-        del ops._launch
+        del launcher.launch
     return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
@@ -356,6 +357,8 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     """GPU time of each op of one decode layer at T tokens: 20 launches captured in a graph and
     replayed, so Python's launch cost is out of the number."""
     from kernels import AttentionBatch, StepInputs
+    from kernels.cupy import elementwise, products
+    from kernels.cupy.steps import make_step
 
     ops, m, c = engine.ops, engine.model, engine.config
     layer, stream = m.layers[0], ops.stream
@@ -383,8 +386,8 @@ def profile_ops(engine, cp, T: int) -> list[str]:
                                  layer.w_gate_up),
         "down (swiglu fused) + res": (lambda: ops.matmul_add(ops.swiglu(gu), layer.w_down, x), layer.w_down),
         "down plain": (lambda: ops.matmul(gu[:, :c.ffn_dim], layer.w_down), layer.w_down),
-        "gate_up tensor cores": (lambda: ops._qmma(x, layer.w_gate_up, None, gu), layer.w_gate_up),
-        "rmsnorm alone": (lambda: ops._rmsnorm(x, layer.ffn_norm, 1e-6, cp.float32), None),
+        "gate_up tensor cores": (lambda: products.qmma(ops, x, layer.w_gate_up, None, gu), layer.w_gate_up),
+        "rmsnorm alone": (lambda: elementwise.rmsnorm(ops, x, layer.ffn_norm, 1e-6, cp.float32), None),
         "output (norm fused)": (lambda: ops.matmul(ops.rmsnorm(x, m.output_norm, 1e-6), m.output), m.output),
         "attention decode ctx 64": (lambda: ops.attention(ops.rope(q, step, c.inv_freq, c.rope_neox),
                                                           ops.rope(k, step, c.inv_freq, c.rope_neox), v, kc, vc,
@@ -393,14 +396,15 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     }
     # residual products that round their output for the next one (with their input's quantizer)
     if T == 1 and hasattr(ops.matmul_add(attn, layer.wo, x), "rounded"):
-        cases["wo + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn, layer.wo, x), layer.ffn_norm, 1e-6),
-                                      layer.wo)
+        cases["wo + res, rounded"] = (
+            lambda: products.round_product(ops, ops.matmul_add(attn, layer.wo, x), layer.ffn_norm, 1e-6), layer.wo)
     if T == 1 and hasattr(ops.matmul_add(attn2, layer.w_down, x), "rounded"):
-        cases["down + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn2, layer.w_down, x), layer.attn_norm,
-                                                           1e-6), layer.w_down)
+        cases["down + res, rounded"] = (
+            lambda: products.round_product(ops, ops.matmul_add(attn2, layer.w_down, x), layer.attn_norm, 1e-6),
+            layer.w_down)
     del qkv_out
     out = []
-    step.dev = ops._make_step(positions, positions, batch)
+    step.dev = make_step(positions, positions, batch)
     try:
         for name, (fn, w) in cases.items():
             run = lambda: getattr(fn(), "materialize", lambda: None)()  # noqa: E731  (a lazy result runs now)
@@ -434,12 +438,12 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     seg = layer.w_gate_up.segments[0]
     scratch = cp.empty((seg.rows, seg.K), cp.float16)
     for _ in range(2):
-        ops._dequant(seg, scratch, f16=True)
+        products.dequant(ops, seg, scratch, f16=True)
     e0, e1 = cp.cuda.Event(), cp.cuda.Event()
     with stream:
         e0.record(stream)
         for _ in range(5):
-            ops._dequant(seg, scratch, f16=True)
+            products.dequant(ops, seg, scratch, f16=True)
         e1.record(stream)
         e1.synchronize()
     us = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 5
@@ -564,8 +568,9 @@ def main() -> None:
                     "in sequence too (not on a graph branch)")
     ap.add_argument("--sequential", action="store_true", help="time tg128 and decode xN with a forward and a "
                     "host argmax per step too (not Engine.greedy_decode)")
-    ap.add_argument("--settings", default="", help="';'-separated backend settings (name=Python literal, "
-                    "e.g. round_in_products=False) to time tg128 with too, one at a time")
+    ap.add_argument("--settings", default="", help="';'-separated backend settings (a field of "
+                    "kernels/cupy/tuning.py's Tuning=Python literal, e.g. round_in_products=False) to time "
+                    "tg128 with too, one at a time")
     ap.add_argument("--zero-apart", action="store_true", help="time decode xN with the tensor-core products' "
                     "outputs zeroed by a kernel of their own too (not by their input's)")
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama.cpp's llama-bench and "
