@@ -72,7 +72,7 @@ def dequant(b, seg: Segment, out, ids=None, n_out=None, row=0, f16=False):
     n_out = seg.rows if n_out is None else n_out
     block = 32 if seg.qtype in FLOAT_TYPES else block_shape(seg.qtype)[0]
     total = n_out * seg.nb * block // 8  # one thread per 8 values
-    grid = max(1, min(-(-total // 256), 132 * 16))
+    grid = max(1, min(-(-total // 256), sm_count() * 16))  # a grid-stride loop: at most 16 blocks an SM
     b.k.quant(DEQUANT, seg.qtype, "dequant_rows")(
         (grid,), (256,), (*seg.plane_args(row), np.int32(seg.rows - row), np.int32(seg.nb), np.int32(seg.K),
                           ptr(ids), np.int32(n_out), out, np.int32(out.strides[0] // out.itemsize),

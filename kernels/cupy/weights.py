@@ -13,6 +13,7 @@ import cupy as cp
 import cupyx
 import numpy as np
 
+from kernels.cupy.streams import sm_count
 from kernels.cupy.tuning import Q8_ROWS
 from kernels.quants import Q, block_shape
 
@@ -81,7 +82,7 @@ class Segment:
         runs = -(-self.nb * UNITS_PER_BLOCK.get(self.qtype, 1) // 32)
         groups = -(-self.rows // self.rows_per_warp)
         ks = 1
-        while ks < 4 and groups * ks < 132 * 16 and runs >= 2 * ks:
+        while ks < 4 and groups * ks < sm_count() * 16 and runs >= 2 * ks:
             ks *= 2
         return ks
 
