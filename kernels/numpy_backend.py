@@ -14,11 +14,11 @@ from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 
 
-Q8_MAX = 127 * 128  # the GPU stores q as two int8 planes, q >> 7 and q & 127 (quant.cu quantize_x)
+Q8_MAX = 127 * 128  # the GPU stores q as two int8 planes, q >> 7 and q & 127 (quant_gemv_q8.cu quantize_x)
 
 
 def quantize_q8(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Integer activations of the GPU's small-batch products (quant.cu quantize_x), to the bit:
+    """Integer activations of the GPU's small-batch products (quant_gemv_q8.cu quantize_x), to the bit:
     v [T, K] float32, K % 32 == 0 -> q int32 [T, K] in [-Q8_MAX, Q8_MAX], d float32 [T, K/32]
     with d = max|v| / Q8_MAX per 32 values and q = rint(v / d) (ties to even; 0 where d = 0)."""
     T, K = v.shape
@@ -47,7 +47,7 @@ def quantize_q8_input(x: np.ndarray, norm_weight=None, eps: float = 0.0, swiglu:
 
 
 def matmul_q8(q: np.ndarray, d: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Twin of the GPU's dp4a GEMV (quant.cu gemv_q8): the integer activations q * d against
+    """Twin of the GPU's dp4a GEMV (quant_gemv_q8.cu gemv_q8): the integer activations q * d against
     the dequantized weight w [N, K], in float64. -> [T, N]"""
     T, K = q.shape
     x = (q.reshape(T, K // 32, 32).astype(np.float64) * d[..., None]).reshape(T, K)

@@ -17,7 +17,9 @@ cupy = pytest.importorskip("cupy")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from kernels import AttentionBatch, StepInputs, get_backend  # noqa: E402
-from kernels.cupy_backend import GEMV_MAX_T, Q8_ROWS, QMMA_MAX_T  # noqa: E402
+from kernels.cupy import elementwise, products  # noqa: E402
+from kernels.cupy.products import QMMA_MAX_T  # noqa: E402
+from kernels.cupy.tuning import GEMV_MAX_T, Q8_ROWS  # noqa: E402
 from kernels.numpy_backend import matmul_q8, quantize_q8, quantize_q8_input  # noqa: E402
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize  # noqa: E402
 from workers.model.gguf_file import TensorInfo  # noqa: E402
@@ -204,7 +206,7 @@ def test_gemv_integer_activations(gpu, qtype, fused, T, long):
     mode = {"plain": 0, "norm": 1, "swiglu": 2}[fused]
     src = gpu.asarray(x)
     nw = gpu.asarray(kw["norm_weight"]) if fused == "norm" else None
-    xq, ds = gpu._quantize_x(qtype, src, cols, mode, nw, kw.get("eps", 0.0))
+    xq, ds = products.quantize_x(gpu, qtype, src, cols, mode, nw, kw.get("eps", 0.0))
     hi, lo = unpack_xq(gpu.to_numpy(xq), cols)
     assert np.array_equal((128 * hi + lo).reshape(T, cols), q)
     assert lo.min() >= 0
@@ -217,7 +219,7 @@ def test_gemv_integer_activations(gpu, qtype, fused, T, long):
     res = rng.standard_normal((T, rows)).astype(np.float32)
     for y, add in ((None, 0), (gpu.asarray(bias), bias), (gpu.asarray(res), res)):
         out = cupy.full((T, rows), np.nan, cupy.float32)
-        gpu._gemv(xin, w_gpu, y, out)
+        products.gemv(gpu, xin, w_gpu, y, out)
         got = gpu.to_numpy(out) - add
         err = rel_err(got, want)
         assert err < 1e-5, f"{rows}x{cols}: relative error {err:.2e}"
@@ -232,11 +234,11 @@ def test_gemv_integer_activations(gpu, qtype, fused, T, long):
 def test_residual_products_round_their_output(gpu, qtype, long, monkeypatch):
     """A decode layer's chain at one token, wo -> RMSNorm -> gate_up -> SwiGLU -> down ->
     RMSNorm -> a last product, where the residual products (wo, down) round their own output
-    for the next product (quant.cu gemv_q8_round): every output against the NumPy twin of its
+    for the next product (quant_gemv_q8.cu gemv_q8_round): every output against the NumPy twin of its
     product on the GPU's own input to 1e-5, each rounded copy bit for bit against
     quantize_q8 of the output it was rounded from, the sums of squares for 1/rms to 1e-6;
     long rows take several passes of a block's warps; outputs poisoned with NaN."""
-    monkeypatch.setattr(gpu, "round_in_products", True)
+    monkeypatch.setattr(gpu.tuning, "round_in_products", True)
     rng = np.random.default_rng()
     block = block_shape(qtype)[0]
     d, F = (768, 4608 if long else 1280) if block == 256 else (800, 4640 if long else 1312)
@@ -285,7 +287,7 @@ def test_residual_products_round_their_output(gpu, qtype, long, monkeypatch):
 
 def unpack_xq(xq: np.ndarray, K: int):
     """The high and low int8 planes [T, K/32, 32] from the pre-pass's rows: pairs of 32-value
-    blocks, runs of 32 pairs stored chunk-major (quant.cu xq_chunk)."""
+    blocks, runs of 32 pairs stored chunk-major (common.cu xq_chunk)."""
     b = np.arange(K // 32)
     p = b >> 1
     first = (p >> 5) * 4096 + (b & 1) * 2048 + (p & 31) * 16  # chunk 0 of each block
@@ -323,8 +325,8 @@ def test_elementwise_ops(gpu):
             with gpu.stream:  # the private kernels run on the current stream
                 # each also zeroes the next product's output (a tail past the last float4)
                 zeroed = [cupy.full((T, 37), np.nan, cupy.float32) for _ in range(2)]
-                norm = gpu._rmsnorm(gpu.asarray(xs)[:, off:], gpu.asarray(ws), 1e-5, dtype, zeroed[0])
-                act = gpu._swiglu(gpu.asarray(gus)[:, off:], dtype, zeroed[1])
+                norm = elementwise.rmsnorm(gpu, gpu.asarray(xs)[:, off:], gpu.asarray(ws), 1e-5, dtype, zeroed[0])
+                act = elementwise.swiglu(gpu, gpu.asarray(gus)[:, off:], dtype, zeroed[1])
             assert rel_err(gpu.to_numpy(norm).astype(np.float32), cpu.rmsnorm(xs[:, off:], ws, 1e-5)) < bound, (n, off)
             assert rel_err(gpu.to_numpy(act).astype(np.float32), cpu.swiglu(gus[:, off:])) < bound, (n, off)
             assert all(np.array_equal(gpu.to_numpy(z), np.zeros((T, 37), np.float32)) for z in zeroed)
@@ -451,7 +453,7 @@ def test_argmax_and_sampling(gpu):
 def test_unknown_pdl_kind_is_refused(gpu):
     """NTR_PDL names kernel kinds; a misspelt one is an error that says which, and the
     setting stays as it was."""
-    saved = gpu.pdl_setting
+    saved = gpu.tuning.pdl_setting
     with pytest.raises(ValueError, match="bogus"):
-        gpu.use_pdl("gemv,bogus")
-    assert gpu.pdl_setting == saved
+        gpu.tuning.use_pdl("gemv,bogus")
+    assert gpu.tuning.pdl_setting == saved

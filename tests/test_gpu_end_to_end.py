@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("cupy")  # the module skips visibly where CuPy is missing
 
-from kernels.cupy_backend import PDL_KINDS  # noqa: E402
+from kernels.cupy.tuning import PDL_KINDS  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
 from workers.model.synthetic import SHAPES, Shape, write_model  # noqa: E402
@@ -171,16 +171,16 @@ def test_overlapping_kernels_changes_nothing(engines):
 
     _, gpu = engines
     ops = gpu.ops
-    if not ops.pdl_supported:
+    if not ops.tuning.pdl_supported:
         pytest.skip("programmatic dependent launch needs compute capability 9.0")
-    saved = ops.pdl_setting
+    saved = ops.tuning.pdl_setting
     rng = np.random.default_rng(6)
     prompts = [rng.integers(100, 20000, n).tolist() for n in (60, 9)]
     follow = rng.integers(100, 20000, 10).tolist()
 
     def decode(overlap: bool, seqs: list) -> list:
-        ops.use_pdl(",".join(PDL_KINDS) if overlap else "0")
-        ops.branch_segments = overlap
+        ops.tuning.use_pdl(",".join(PDL_KINDS) if overlap else "0")
+        ops.tuning.branch_segments = overlap
         steps = []
         for t in follow:
             steps.append(forward(gpu, [(s, 1) for s in seqs]))
@@ -196,8 +196,8 @@ def test_overlapping_kernels_changes_nothing(engines):
             forward(gpu, [(s, len(s.token_ids) - 1) for s in seqs])
             on, off = decode(True, seqs), decode(False, seqs)
         finally:
-            ops.branch_segments = True
-            ops.use_pdl(saved)
+            ops.tuning.branch_segments = True
+            ops.tuning.use_pdl(saved)
             for s in seqs:
                 gpu.release(s)
         for step, (a, b) in enumerate(zip(on, off)):

@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -127,27 +125,23 @@ def prebuild(out_dir: Path) -> None:
     the name CupyBackend looks for in $NTR_CUBIN_DIR: a fresh GPU machine skips NVRTC."""
     from concurrent.futures import ThreadPoolExecutor
 
-    cuda = REPO / "kernels" / "cuda"
-    common, quant = (cuda / "common.cu").read_text(), (cuda / "quant.cu").read_text()
-    names = [n for n in re.findall(r"^struct (T\w+)[^;{]*\{", quant, re.M) if n != "THalf"]
-    names += re.findall(r"^typedef THalf<\w+> (T\w+);", quant, re.M)
-    jobs = [("quant.cu", f"#define QT {n}\n") for n in names] + [("attention.cu", ""), ("misc.cu", "")]
+    from kernels.cupy.sources import all_modules, cubin_name, module_source
+
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def build(job):
         file, prefix = job
-        src = prefix + common + (cuda / file).read_text()
-        sha = hashlib.sha1(src.encode()).hexdigest()
-        target = out_dir / f"{sha}.cubin"
+        src = module_source(file, prefix)  # the exact text the backend compiles, so the same name
+        target = out_dir / cubin_name(src)
         if not target.exists():
-            tmp = out_dir / f"{sha}.cu"
+            tmp = target.with_suffix(".cu")
             tmp.write_text(src)
             subprocess.run(["nvcc", "-cubin", "-arch=sm_90a", "-std=c++17", "-o", str(target), str(tmp)], check=True)
             tmp.unlink()
         return f"{file} {prefix.strip()} -> {target.name}"
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
-        for line in pool.map(build, jobs):
+        for line in pool.map(build, all_modules()):
             log(line)
 
 
@@ -197,9 +191,11 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = T
     try:
         for i in range(0, batch, 8):  # prefill a few sequences at a time (activation memory)
             part = seqs[i:i + 8]
+            engine.reserve([(s, prompt_len) for s in part])
             ids = ops.argmax(engine.forward([(s, prompt_len) for s in part], device=True))
             for s, t in zip(part, ids):
                 s.token_ids.append(int(t))
+        engine.reserve([(s, 1) for s in seqs])
         engine.forward([(s, 1) for s in seqs], device=True)  # first step: captures the graph
         for s in seqs:
             s.token_ids.append(1)
@@ -207,6 +203,8 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = T
         t0 = time.perf_counter()
         steps_ahead = engine.greedy_decode(seqs) if ahead else None
         for _ in range(steps):
+            if not ahead:
+                engine.reserve([(s, 1) for s in seqs])
             ids = next(steps_ahead) if ahead else ops.argmax(engine.forward([(s, 1) for s in seqs], device=True))
             for s, t in zip(seqs, ids.tolist()):
                 s.token_ids.append(t)
@@ -223,6 +221,7 @@ def prefill(engine, n: int, rng, runs: int = 3) -> float:
     for _ in range(runs + 1):
         s = Sequence(rng.integers(100, 20000, n).tolist())
         try:
+            engine.reserve([(s, n)])
             t0 = time.perf_counter()
             engine.forward([(s, n)])
             rates.append(n / (time.perf_counter() - t0))
@@ -252,7 +251,7 @@ class profiled:
 def graph_step_us(engine, cp, batch: int = 1) -> float:
     """GPU time of one replay of the last captured decode graph of `batch` sequences (no Python,
     no sync per step)."""
-    g = next((g for (b, _), g in reversed(engine.ops._graphs.items()) if b == batch and g.graph is not None), None)
+    g = next((g for (b, _), g in reversed(engine.ops.steps.graphs.items()) if b == batch and g.graph is not None), None)
     if g is None:
         return float("nan")
     stream = engine.ops.stream
@@ -314,18 +313,18 @@ def llamacpp_tok_s(bin_dir: Path, model: Path, big: bool) -> dict[str, float]:
 
 def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
     """tg128 (batch 1) or decode x`batch` again with a backend setting changed (use_pdl's
-    kinds, or an attribute as branch_segments, round_in_products), then the setting back;
-    graphs are recaptured both ways."""
-    ops = engine.ops
+    kinds, or a field of the backend's tuning as branch_segments, round_in_products), then the
+    setting back; graphs are recaptured both ways."""
+    ops, tuning = engine.ops, engine.ops.tuning
 
     def apply(v):
         if setting == "pdl":
-            ops.use_pdl(v)
+            tuning.use_pdl(v)
         else:
-            setattr(ops, setting, v)
+            setattr(tuning, setting, v)
             ops.drop_graphs()
 
-    saved = ops.pdl_setting if setting == "pdl" else getattr(ops, setting)
+    saved = tuning.pdl_setting if setting == "pdl" else getattr(tuning, setting)
     try:
         apply(value)
         if batch == 1:
@@ -342,19 +341,20 @@ def rerun(engine, cp, rng, batch: int, setting: str, value) -> str:
 def launch_counts(engine, rng) -> str:
     """Kernels of each launch kind in the batch-1 decode graph (recaptured to count them)."""
     ops, counts = engine.ops, {}
-    launch = ops._launch
+    launcher = ops.launcher
+    launch = launcher.launch
 
     def counting(kind, *a, **k):
-        if ops._capturing:
+        if launcher.capturing:
             counts[kind] = counts.get(kind, 0) + 1
         launch(kind, *a, **k)
 
-    ops._launch = counting
+    launcher.launch = counting
     try:
         ops.drop_graphs()
         decode(engine, 1, 1, 2, rng)
     finally:
-        del ops._launch
+        del launcher.launch
     return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
@@ -362,6 +362,8 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     """GPU time of each op of one decode layer at T tokens: 20 launches captured in a graph and
     replayed, so Python's launch cost is out of the number."""
     from kernels import AttentionBatch, StepInputs
+    from kernels.cupy import elementwise, products
+    from kernels.cupy.steps import make_step
 
     ops, m, c = engine.ops, engine.model, engine.config
     layer, stream = m.layers[0], ops.stream
@@ -389,8 +391,8 @@ def profile_ops(engine, cp, T: int) -> list[str]:
                                  layer.w_gate_up),
         "down (swiglu fused) + res": (lambda: ops.matmul_add(ops.swiglu(gu), layer.w_down, x), layer.w_down),
         "down plain": (lambda: ops.matmul(gu[:, :c.ffn_dim], layer.w_down), layer.w_down),
-        "gate_up tensor cores": (lambda: ops._qmma(x, layer.w_gate_up, None, gu), layer.w_gate_up),
-        "rmsnorm alone": (lambda: ops._rmsnorm(x, layer.ffn_norm, 1e-6, cp.float32), None),
+        "gate_up tensor cores": (lambda: products.qmma(ops, x, layer.w_gate_up, None, gu), layer.w_gate_up),
+        "rmsnorm alone": (lambda: elementwise.rmsnorm(ops, x, layer.ffn_norm, 1e-6, cp.float32), None),
         "output (norm fused)": (lambda: ops.matmul(ops.rmsnorm(x, m.output_norm, 1e-6), m.output), m.output),
         "attention decode ctx 64": (lambda: ops.attention(ops.rope(q, step, c.inv_freq, c.rope_neox),
                                                           ops.rope(k, step, c.inv_freq, c.rope_neox), v, kc, vc,
@@ -399,14 +401,15 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     }
     # residual products that round their output for the next one (with their input's quantizer)
     if T == 1 and hasattr(ops.matmul_add(attn, layer.wo, x), "rounded"):
-        cases["wo + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn, layer.wo, x), layer.ffn_norm, 1e-6),
-                                      layer.wo)
+        cases["wo + res, rounded"] = (
+            lambda: products.round_product(ops, ops.matmul_add(attn, layer.wo, x), layer.ffn_norm, 1e-6), layer.wo)
     if T == 1 and hasattr(ops.matmul_add(attn2, layer.w_down, x), "rounded"):
-        cases["down + res, rounded"] = (lambda: ops._round(ops.matmul_add(attn2, layer.w_down, x), layer.attn_norm,
-                                                           1e-6), layer.w_down)
+        cases["down + res, rounded"] = (
+            lambda: products.round_product(ops, ops.matmul_add(attn2, layer.w_down, x), layer.attn_norm, 1e-6),
+            layer.w_down)
     del qkv_out
     out = []
-    step.dev = ops._make_step(positions, positions, batch)
+    step.dev = make_step(positions, positions, batch)
     try:
         for name, (fn, w) in cases.items():
             run = lambda: getattr(fn(), "materialize", lambda: None)()  # noqa: E731  (a lazy result runs now)
@@ -440,12 +443,12 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     seg = layer.w_gate_up.segments[0]
     scratch = cp.empty((seg.rows, seg.K), cp.float16)
     for _ in range(2):
-        ops._dequant(seg, scratch, f16=True)
+        products.dequant(ops, seg, scratch, f16=True)
     e0, e1 = cp.cuda.Event(), cp.cuda.Event()
     with stream:
         e0.record(stream)
         for _ in range(5):
-            ops._dequant(seg, scratch, f16=True)
+            products.dequant(ops, seg, scratch, f16=True)
         e1.record(stream)
         e1.synchronize()
     us = cp.cuda.get_elapsed_time(e0, e1) * 1e3 / 5
@@ -570,8 +573,9 @@ def main() -> None:
                     "in sequence too (not on a graph branch)")
     ap.add_argument("--sequential", action="store_true", help="time tg128 and decode xN with a forward and a "
                     "host argmax per step too (not Engine.greedy_decode)")
-    ap.add_argument("--settings", default="", help="';'-separated backend settings (name=Python literal, "
-                    "e.g. round_in_products=False) to time tg128 with too, one at a time")
+    ap.add_argument("--settings", default="", help="';'-separated backend settings (a field of "
+                    "kernels/cupy/tuning.py's Tuning=Python literal, e.g. round_in_products=False) to time "
+                    "tg128 with too, one at a time")
     ap.add_argument("--zero-apart", action="store_true", help="time decode xN with the tensor-core products' "
                     "outputs zeroed by a kernel of their own too (not by their input's)")
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama.cpp's llama-bench and "

@@ -424,7 +424,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         }
         if (threadIdx.x == 0) counters[b * KVH + kh] = 0;
     }
-    if (xq) {  // the head group's values as the next product's integer input (quant.cu)
+    if (xq) {  // the head group's values as the next product's integer input (quant_gemv_q8.cu)
         __syncthreads();
         for (int i = 8 * threadIdx.x; i < MAXG * D; i += 8 * blockDim.x) {
             float v[8] = {};

@@ -85,7 +85,7 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
     return warp_sum(v);
 }
 
-// --- integer activations (quant.cu's dp4a GEMV): their layout and quantizer ---------------
+// --- integer activations (quant_gemv_q8.cu's dp4a GEMV): their layout and quantizer ---------------
 // Where chunk c of 32-value activation block b sits in a row of xq. Each block is 4 chunks of
 // 16 bytes: its 32 high int8s (c = 0, 1), then its 32 low ones (c = 2, 3). Blocks pair up
 // (p = b / 2: one Q4_K unit, two Q5_0/Q8_0 units) and runs of 32 pairs are stored
@@ -101,7 +101,7 @@ __device__ __forceinline__ int xq_chunk(int b, int c) {
 // Values pos..pos+7 of a row (pos a multiple of 8; 4 neighbouring lanes hold a 32-value
 // block): per block d = max|v| / 16256, q = rint(v / d) (0 where d = 0) stored as h = q >> 7
 // and l = q & 127, ds[pos / 32] = {d * dscale, sum of the 32 q}. Every lane of the warp calls
-// it; lanes with store false (past the row's end) hold zeros. (quant.cu says why 15 bits;
+// it; lanes with store false (past the row's end) hold zeros. (quant_gemv_q8.cu says why 15 bits;
 // NumPy twin: quantize_q8.)
 __device__ __forceinline__ void quantize8(const float (&v)[8], bool store, int pos, float dscale, u8* __restrict__ xq,
                                           float2* __restrict__ ds) {
@@ -134,7 +134,7 @@ __device__ __forceinline__ void quantize8(const float (&v)[8], bool store, int p
 }
 
 // quantize8 for a warp holding one whole 32-value block b, value `lane` in each lane (a
-// 1-token product's block of outputs, quant.cu gemv_q8_round): the same d, q and sum, the same
+// 1-token product's block of outputs, quant_gemv_q8.cu gemv_q8_round): the same d, q and sum, the same
 // bytes at the same places; ds[b] = {d, sum}.
 __device__ __forceinline__ void quantize32(float v, int b, u8* __restrict__ xq, float2* __restrict__ ds) {
     const int lane = threadIdx.x & 31;

@@ -2,7 +2,7 @@
 // of the tensor-core products, op tests), and sampling on the device so only token ids leave
 // it. rmsnorm, swiglu and zero may be launched programmatically (common.cu pdl_wait); they
 // let the product after them launch only once the kernel before them has finished, so that
-// its blocks do not compete with that kernel's last wave (as quant.cu's quantize_x).
+// its blocks do not compete with that kernel's last wave (as quant_gemv_q8.cu's quantize_x).
 
 // Output value k, or values 4 i4 .. 4 i4 + 3, of a row of fp16 or fp32.
 __device__ __forceinline__ void store1(void* row, int k, float y, int f16) {

@@ -1,0 +1,92 @@
+"""Paged attention (kernels/cuda/attention.cu) over the fp16 KV cache, RoPE fused.
+
+A prefill (or a chunk of a long prompt) stores the step's keys and values (kv_store), then
+runs per 4-query tile of each sequence (attn_prefill). A decode step (one new token per
+sequence) is split-K flash decoding: each KV head read once per head group, keys split in
+chunks of DECODE_CHUNK, warps left over by a small group taking a share of the keys; it also
+writes its output as the out-projection reads it (values.Attended): rounded into the dp4a
+input layout for a 1-token step, in fp16 for the tensor cores at 2-64 sequences. Its scratch
+lives in the step's device copies (DeviceStep.decode_scratch), inside a graph's memory pool.
+"""
+
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from kernels.cupy.elementwise import Roped
+from kernels.cupy.products import QMMA_MAX_T, XQ_RUN
+from kernels.cupy.steps import make_step
+from kernels.cupy.streams import ptr
+from kernels.cupy.tuning import GEMV_MAX_T
+from kernels.cupy.values import Attended, rows3
+from kernels.ops import StepInputs
+
+DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
+MAXG = 8  # query heads per KV head the attention kernels hold
+HEAD_DIMS = (64, 96, 128)
+LOG2E = 1.4426950408889634
+
+
+def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale):
+    """Store k and v in the paged cache, then attention of q over each sequence's context
+    (Backend.attention); RoPE of a Roped q or k applied on the way."""
+    rope_q = isinstance(q, Roped)
+    rope_k = isinstance(k, Roped)
+    lazy = q if rope_q else (k if rope_k else None)
+    qa = rows3(q.x if rope_q else q)
+    ka = rows3(k.x if rope_k else k)
+    va = rows3(v)
+    T, H, D = qa.shape
+    KVH = ka.shape[1]
+    G = H // KVH
+    if D not in HEAD_DIMS or G > MAXG:
+        raise NotImplementedError(f"attention kernels support head_dim {HEAD_DIMS} and <= {MAXG} query heads per KV head")
+    batch = step.batch
+    # a step's device copies while run_step runs it; called eagerly, the batch uploaded now
+    dev = step.dev if step.dev is not None else make_step(None, None, batch)
+    if lazy is not None:  # q and k are rotated at the same positions (the model's contract)
+        positions, invf, neox = lazy.positions, lazy.inv_freq, lazy.neox
+    else:
+        positions, invf, neox = dev.positions, cp.zeros(1, cp.float64), False
+    bs = k_cache.shape[1]
+    W = dev.tables.shape[1]
+    out = cp.empty((T, H * D), cp.float32)
+    if T == 0:
+        return out
+    sq, sk, sv = (np.int32(a.strides[0] // 4) for a in (qa, ka, va))
+    B = batch.num_seqs
+    ls = np.float32(scale * LOG2E)
+    if T == B and int(batch.query_starts[-1]) == B:  # one new token per sequence
+        max_splits = -(-W * bs // DECODE_CHUNK)
+        scratch = dev.decode_scratch.get((B, KVH, max_splits, D))
+        if scratch is None:
+            scratch = (cp.empty((B * KVH * max_splits * MAXG * D,), cp.float32),
+                       cp.empty((B * KVH * max_splits * MAXG * 2,), cp.float32),
+                       cp.zeros((B * KVH,), cp.int32))
+            dev.decode_scratch[(B, KVH, max_splits, D)] = scratch
+        # the output also as the next product reads it: integers for a GEMV, fp16 for
+        # the tensor cores
+        gemv, mma = T <= GEMV_MAX_T, GEMV_MAX_T < T <= QMMA_MAX_T
+        xq = cp.empty((T, -(-H * D // 2048) * XQ_RUN), cp.int8) if gemv else None
+        ds = cp.empty((T, H * D // 32, 2), cp.float32) if gemv else None
+        half = cp.empty((T, H * D), cp.float16) if mma else None
+        b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{D}"), (max_splits, KVH, B), (256,),
+                          (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
+                           np.int32(neox), k_cache, v_cache, dev.tables, np.int32(W), dev.ctx, dev.slots,
+                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch,
+                           np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),
+                           ptr(ds)))
+        return Attended(out, xq, ds, half)
+    else:
+        b.k.get("attention.cu", f"kv_store_{D}")(
+            (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), k_cache, v_cache,
+                           dev.slots, np.int32(KVH)))
+        tiles = dev.tiles
+        if tiles is None or len(tiles) == 0:
+            return out
+        b.k.get("attention.cu", f"attn_prefill_{D}")(
+            (len(tiles), KVH), (128,),
+            (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), k_cache, v_cache, dev.tables,
+             np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, out))
+    return out

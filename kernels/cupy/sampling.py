@@ -1,0 +1,34 @@
+"""Sampling on the device (kernels/cuda/misc.cu): argmax and temperature/top-k/top-p/min-p
+draws per row, so that only ids leave the GPU."""
+
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from kernels.cupy.values import rows2
+
+
+def argmax_dev(b, logits):
+    """Row-wise argmax of logits [B, V] as device int32 ids."""
+    logits = rows2(logits)
+    B, V = logits.shape
+    out = cp.empty((B,), cp.int32)
+    b.k.get("misc.cu", "argmax_rows")((B,), (1024,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), out))
+    return out
+
+
+def sample(b, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
+    """One id per row: temperature (0 = argmax), top-k (0 = off), top-p, min-p, and a
+    uniform number in [0, 1) per row drawn by the caller's generator."""
+    logits = rows2(logits)
+    B, V = logits.shape
+    params = np.concatenate([np.asarray(temperature, np.float32), np.asarray(top_p, np.float32),
+                             np.asarray(min_p, np.float32), np.asarray(uniform, np.float32),
+                             np.asarray(top_k, np.int32).view(np.float32)])
+    dev = cp.asarray(params)
+    t, p, m, u, k = (dev[i * B:(i + 1) * B] for i in range(5))
+    out = cp.empty((B,), cp.int32)
+    b.k.get("misc.cu", "sample_rows")(
+        (B,), (1024,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), t, k.view(cp.int32), p, m, u, out))
+    return cp.asnumpy(out, stream=b.stream)

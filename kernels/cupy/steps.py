@@ -1,0 +1,191 @@
+"""A model step on the device: its inputs uploaded once, a decode step captured as a CUDA graph.
+
+A 0.5B model's decode step is ~150 small kernels: Python launching them would cost more than
+the GPU time, so run() captures the whole step in a CUDA graph per (batch, block-table width)
+and replays it; the step's token ids, positions and cache slots travel in one pinned buffer
+copied before each replay. greedy() feeds a greedy step's ids to the next step without a trip
+through the host. While a step runs, its StepInputs carries the device copies (`dev`, a
+DeviceStep) that the ops read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import cupy as cp
+import cupyx
+import numpy as np
+
+from kernels.cupy.products import QMMA_MAX_T
+from kernels.cupy.sampling import argmax_dev
+from kernels.cupy.values import materialize
+from kernels.ops import AttentionBatch, StepInputs
+
+
+@dataclass
+class DeviceStep:
+    """Device copies of one step's host-side metadata (`StepInputs.dev` while the step runs)."""
+
+    tokens: cp.ndarray
+    positions: cp.ndarray
+    slots: cp.ndarray
+    ctx: cp.ndarray
+    qstarts: cp.ndarray
+    tables: cp.ndarray
+    tiles: cp.ndarray | None
+    logit_rows: cp.ndarray | None = None  # int64 rows of the flat batch that get logits (None: all)
+    decode_scratch: dict = field(default_factory=dict)
+
+
+def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
+    """Upload a step's metadata in one copy (eager path; tokens, positions None: zeros)."""
+    T = len(batch.slot_mapping)
+    B = batch.num_seqs
+    starts = batch.query_starts.astype(np.int64)
+    tiles = [np.stack([np.full(len(r), b), r], 1) for b in range(B)
+             for r in [np.arange(starts[b], starts[b + 1], 4)] if len(r)]
+    tiles = np.concatenate(tiles).astype(np.int32) if tiles else np.zeros((0, 2), np.int32)
+    tables = np.maximum(batch.block_tables, 0).astype(np.int32)
+    tok = np.zeros(T, np.int32) if tokens is None else np.asarray(tokens, np.int32)
+    pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
+    parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1),
+             tiles.reshape(-1)]
+    flat = np.concatenate([np.asarray(p, np.int32).reshape(-1) for p in parts])
+    dev = cp.asarray(flat)
+    views, off = [], 0
+    for p in parts:
+        views.append(dev[off:off + p.size])
+        off += p.size
+    return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
+                      views[6].reshape(-1, 2))
+
+
+class Graph:
+    """A captured decode step for B sequences and block tables of width W."""
+
+    def __init__(self, B: int, W: int):
+        self.B, self.W = B, W
+        self.sizes = [B, B, B, B, B + 1, B * W]  # tokens, positions, slots, ctx, qstarts, tables
+        self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
+        self.dev = cp.empty((sum(self.sizes),), cp.int32)
+        self.copied = cp.cuda.Event(disable_timing=True)
+        self.pool = cp.cuda.MemoryPool()
+        self.graph = None
+        self.out = self.ids = None
+
+    def views(self, a):
+        out, off = [], 0
+        for n in self.sizes:
+            out.append(a[off:off + n])
+            off += n
+        out[-1] = out[-1].reshape(self.B, self.W)
+        return out
+
+    def pack(self, tokens, positions, batch):
+        self.copied.synchronize()  # the previous step's copy has left the buffer
+        tok, pos, slots, ctx, qs, tables = self.views(self.host)
+        tok[:] = tokens
+        pos[:] = positions
+        slots[:] = batch.slot_mapping
+        ctx[:] = batch.context_lens
+        qs[:] = batch.query_starts
+        tables.fill(0)
+        w = batch.block_tables.shape[1]
+        tables[:, :w] = np.maximum(batch.block_tables, 0)
+
+
+class Steps:
+    """One backend's captured decode graphs and greedy-step buffers."""
+
+    def __init__(self, b):
+        self.b = b  # the backend: its stream, launcher, tuning
+        self.graphs: dict[tuple[int, int], Graph] = {}
+        self.last_graph = None
+        self.max_t = QMMA_MAX_T  # lowered to GEMV_MAX_T by a weight cuBLAS would take
+        # greedy: two pinned buffers its ids' copies alternate in (a step's ids are read
+        # before the step after next is started)
+        self._ids_host = [cupyx.empty_pinned((QMMA_MAX_T,), np.int32) for _ in range(2)]
+        self._ids_copied = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._ids_turn = 0
+
+    def drop(self) -> None:
+        """Forget the captured decode graphs, so the next decode step captures anew."""
+        self.graphs.clear()
+        self.last_graph = None
+
+    def run(self, forward, step: StepInputs, kv_caches, feed=None):
+        """Backend.run_step. feed: device ids to take as the step's tokens (a decode step;
+        greedy)."""
+        batch, logit_rows = step.batch, step.logit_rows
+        T, B = len(step.tokens), batch.num_seqs
+        decode = T == B and int(batch.query_starts[-1]) == B
+        all_rows = logit_rows is None or (len(logit_rows) == T and np.array_equal(logit_rows, np.arange(T)))
+        if self.b.tuning.graphs and decode and all_rows and T <= self.max_t:
+            return self._graph_step(forward, step, kv_caches, feed)
+        if feed is not None:
+            step = replace(step, tokens=cp.asnumpy(feed, stream=self.b.stream).astype(step.tokens.dtype))
+        step.dev = make_step(step.tokens, step.positions, batch)
+        step.dev.logit_rows = None if logit_rows is None else cp.asarray(np.asarray(logit_rows, np.int64))
+        try:
+            return materialize(forward(step, kv_caches))
+        finally:
+            step.dev = None
+
+    def _graph_step(self, forward, step: StepInputs, kv_caches, feed=None):
+        stream = self.b.stream
+        tokens, positions, batch = step.tokens, step.positions, step.batch
+        B = batch.num_seqs
+        W = max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
+        g = self.graphs.get((B, W))
+        if g is None:
+            g = self.graphs[(B, W)] = Graph(B, W)
+        g.pack(tokens, positions, batch)
+        g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
+        g.copied.record(stream)
+        if feed is not None:  # over the host's placeholders, in stream order
+            g.views(g.dev)[0][:] = feed
+        if g.graph is not None:
+            g.graph.launch(stream)
+            self.last_graph = g
+            return g.out
+        tok, pos, slots, ctx, qs, tables = g.views(g.dev)
+        padded = AttentionBatch(query_starts=batch.query_starts, context_lens=batch.context_lens,
+                                block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping)
+        # the captured step reads the graph's device buffers; logits for every row
+        captured = StepInputs(tokens, positions, padded, None, DeviceStep(tok, pos, slots, ctx, qs, tables, None))
+        try:
+            with cp.cuda.using_allocator(g.pool.malloc):
+                out = materialize(forward(captured, kv_caches))  # runs the step, warms the pool
+                stream.begin_capture()
+                self.b.launcher.capturing = True
+                try:
+                    g.out = materialize(forward(captured, kv_caches))
+                    g.ids = argmax_dev(self.b, g.out)  # greedy ids come with the replay: no extra launch
+                finally:
+                    self.b.launcher.capturing = False
+                    g.graph = stream.end_capture()
+        finally:
+            captured.dev = None
+        return out
+
+    def greedy(self, forward, step: StepInputs, kv_caches, feed):
+        """Backend.greedy_step's step, fed `feed` (device ids) or not: run() and its ids (its
+        graph's argmax, or the argmax after an eager step), copied to pinned memory behind it.
+        -> (ids on the device, a function that waits only for that copy)."""
+        out = self.run(forward, step, kv_caches, feed)
+        g = self.last_graph
+        ids = g.ids if g is not None and out is g.out else argmax_dev(self.b, out)
+        self._ids_turn ^= 1
+        host, done = self._ids_host[self._ids_turn], self._ids_copied[self._ids_turn]
+        B = len(ids)
+        if host.size < B:
+            host = self._ids_host[self._ids_turn] = cupyx.empty_pinned((B,), np.int32)
+        host = host[:B]
+        ids.data.copy_to_host_async(host.ctypes.data, B * 4, self.b.stream)
+        done.record(self.b.stream)
+
+        def get():
+            done.synchronize()
+            return host.copy()
+
+        return ids, get

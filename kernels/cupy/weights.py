@@ -1,0 +1,188 @@
+"""Weights in VRAM: GGUF blocks kept quantized, regrouped into planes per block field.
+
+Decode at batch 1 reads every weight byte once per token, so weights stay quantized in VRAM
+(ggml's bytes, regrouped into 16-byte-aligned planes per block field, see PLANES) and the
+products decode them in registers (kernels/cuda/quant_blocks.cuh reads these planes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cupy as cp
+import cupyx
+import numpy as np
+
+from kernels.cupy.streams import sm_count
+from kernels.cupy.tuning import Q8_ROWS
+from kernels.quants import Q, block_shape
+
+QMMA_BK = 128  # quant_mma.cu MMA_BK: values of K per step of the tensor-core product
+
+# (byte offset, length) of each block field, in the order the kernel structs read them.
+PLANES = {
+    Q.Q4_0: [(2, 16), (0, 2)],
+    Q.Q4_1: [(4, 16), (0, 4)],
+    Q.Q5_0: [(6, 16), (2, 4), (0, 2)],
+    Q.Q5_1: [(8, 16), (4, 4), (0, 4)],
+    Q.Q8_0: [(2, 32), (0, 2)],
+    Q.Q2_K: [(16, 64), (0, 16), (80, 4)],
+    Q.Q3_K: [(32, 64), (0, 32), (96, 12), (108, 2)],
+    Q.Q4_K: [(16, 128), (4, 12), (0, 4)],
+    Q.Q5_K: [(48, 128), (16, 32), (4, 12), (0, 4)],
+    Q.Q6_K: [(0, 128), (128, 64), (192, 16), (208, 2)],
+}
+FLOAT_TYPES = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}
+UNITS_PER_BLOCK = {Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 4, Q.Q5_K: 4, Q.Q6_K: 4}  # the structs' UPB; others 1
+# Planes whose per-unit piece spans several 16-byte chunks (count given) are interleaved in
+# runs of 32 units, chunk-major: a warp reading 32 consecutive units loads whole lines.
+INTERLEAVED = {Q.Q8_0: 2, Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 2, Q.Q5_K: 2, Q.Q6_K: 2, Q.F32: 8, Q.F16: 4, Q.BF16: 4}
+
+
+@dataclass
+class Segment:
+    """Consecutive output rows of one quant type: the planes of their blocks."""
+
+    qtype: Q
+    row0: int  # first output row in the stacked weight
+    rows: int
+    K: int
+    nb: int  # blocks per row (32-value blocks for the float types)
+    planes: list  # cupy uint8 [rows, stride] each
+    strides: list[int]
+    _args: tuple | None = None
+    gemv_args: tuple = ()
+    gemv_split: int = 1
+    kernels: dict = field(default_factory=dict)
+
+    def plane_args(self, row: int = 0) -> tuple:
+        if row == 0 and self._args is not None:
+            return self._args
+        ptrs = [np.uint64(p.data.ptr + row * s) for p, s in zip(self.planes, self.strides)]
+        ptrs += [np.uint64(0)] * (4 - len(ptrs))
+        strides = [np.int32(s) for s in self.strides] + [np.int32(0)] * (4 - len(self.strides))
+        if row == 0:
+            self._args = (*ptrs, *strides)
+            self.gemv_args = (*self._args, np.int32(self.rows), np.int32(self.nb), np.int32(self.K))
+            self.gemv_split = self.ksplit
+        return (*ptrs, *strides)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.planes)
+
+    @property
+    def rows_per_warp(self) -> int:
+        return Q8_ROWS.get(self.qtype) or (2 if self.qtype == Q.F32 else 4)  # the struct's RQ or R
+
+    @property
+    def ksplit(self) -> int:
+        """Warps sharing a GEMV row group: more only while the rows alone leave the SMs short
+        of warps (~16 each), and each warp keeps a run of 32 units per row."""
+        runs = -(-self.nb * UNITS_PER_BLOCK.get(self.qtype, 1) // 32)
+        groups = -(-self.rows // self.rows_per_warp)
+        ks = 1
+        while ks < 4 and groups * ks < sm_count() * 16 and runs >= 2 * ks:
+            ks *= 2
+        return ks
+
+
+@dataclass
+class QMatrix:
+    """A prepared weight [rows, K]: Q, K and V (or gate and up) stacked, each part kept quantized."""
+
+    segments: list[Segment]
+    rows: int
+    K: int
+
+    @property
+    def qmma(self) -> bool:
+        """The tensor-core kernel takes it: block formats, K in whole 128-value steps."""
+        return self.K % QMMA_BK == 0 and all(s.qtype not in FLOAT_TYPES for s in self.segments)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.K)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.segments)
+
+
+class Uploader:
+    """Host bytes (the mmap) -> device through two pinned buffers, copies overlapping reads."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self._pinned = [cupyx.empty_pinned((32 << 20,), np.uint8) for _ in range(2)]
+        self._pinned_free = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._turn = 0
+
+    def __call__(self, dst: cp.ndarray, src: np.ndarray) -> None:
+        src = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
+        chunk = self._pinned[0].nbytes
+        for off in range(0, src.nbytes, chunk):
+            i = self._turn
+            self._turn ^= 1
+            self._pinned_free[i].synchronize()
+            n = min(chunk, src.nbytes - off)
+            np.copyto(self._pinned[i][:n], src[off:off + n])
+            dst[off:off + n].data.copy_from_host_async(self._pinned[i].ctypes.data, n, self.stream)
+            self._pinned_free[i].record(self.stream)
+
+
+def make_segment(upload: Uploader, tensors, row0: int) -> Segment:
+    """Consecutive parts of one quant type uploaded into their planes."""
+    qtype, K = tensors[0].qtype, tensors[0].shape[-1]
+    rows = sum(t.shape[0] for t in tensors)
+    row_bytes = tensors[0].data.shape[-1]
+    raw = cp.empty((rows, row_bytes), cp.uint8)
+    r = 0
+    for t in tensors:
+        upload(raw[r:r + t.shape[0]].reshape(-1), t.data)
+        r += t.shape[0]
+    if qtype in FLOAT_TYPES:
+        nb = -(-K // 32)
+        first = cp.zeros((rows, nb * 32 * FLOAT_TYPES[qtype]), cp.uint8)
+        first[:, :row_bytes] = raw
+        fields = [first]
+    else:
+        block, size = block_shape(qtype)
+        nb = K // block
+        raw3 = raw.reshape(rows, nb, size)
+        fields = [raw3[:, :, off:off + n].reshape(rows, nb * n) for off, n in PLANES[qtype]]
+    planes, strides = [], []
+    for i, f in enumerate(fields):
+        if i == 0 and qtype in INTERLEAVED:
+            c = INTERLEAVED[qtype]
+            units = f.shape[1] // (16 * c)
+            padded = -(-units // 32) * 32
+            plane = cp.zeros((rows, padded * c * 16), cp.uint8)
+            plane[:, :f.shape[1]] = f
+            plane = cp.ascontiguousarray(plane.reshape(rows, padded // 32, 32, c, 16).transpose(0, 1, 3, 2, 4))
+            plane = plane.reshape(rows, -1)
+        else:
+            plane = cp.zeros((rows, -(-f.shape[1] // 16) * 16), cp.uint8)
+            plane[:, :f.shape[1]] = f
+        planes.append(plane)
+        strides.append(plane.shape[1])
+    del raw
+    seg = Segment(qtype, row0, rows, K, nb, planes, strides)
+    seg.plane_args()
+    return seg
+
+
+def stack(upload: Uploader, tensors) -> QMatrix:
+    """Parts [out_i, K] stacked into one weight; consecutive parts of one type share a segment
+    (and a launch)."""
+    K = tensors[0].shape[-1]
+    segments, row0, i = [], 0, 0
+    while i < len(tensors):  # consecutive parts of one type share a launch
+        j = i
+        while j + 1 < len(tensors) and tensors[j + 1].qtype == tensors[i].qtype:
+            j += 1
+        seg = make_segment(upload, tensors[i:j + 1], row0)
+        segments.append(seg)
+        row0 += seg.rows
+        i = j + 1
+    return QMatrix(segments, row0, K)
