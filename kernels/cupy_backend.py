@@ -195,3 +195,7 @@ class CupyBackend(Backend):
     @on_stream
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
         return sampling.sample(self, logits, temperature, top_k, top_p, min_p, uniform)
+
+    @on_stream
+    def log_likelihood(self, logits, targets) -> np.ndarray:
+        return sampling.log_likelihood(self, logits, targets)

@@ -205,3 +205,31 @@ def test_overlapping_kernels_changes_nothing(engines):
                 assert np.array_equal(a, b), f"step {step}: logits differ with kernels overlapping"
             else:
                 assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2, f"step {step}"
+
+
+def test_kv_cache_fills_its_byte_budget_on_the_gpu(engines):
+    """The fp16 KV cache gets the tokens its budget allows (it got half when sized with the
+    activation dtype): 95-100% of the bytes asked for."""
+    _, gpu = engines
+    budget = 256 * 2**20
+    engine = Engine(gpu.gguf.path, backend=gpu.ops, max_context=1024, kv_cache_bytes=budget)
+    held = engine.kv.nbytes
+    assert 0.95 * budget <= held <= budget
+    assert all(k.dtype == engine.kv.layout.dtype for k, _ in engine.kv.layers)
+    del engine
+
+
+def test_log_likelihood_and_perplexity_match_the_cpu(engines):
+    from workers.engine.perplexity import perplexity
+
+    cpu, gpu = engines
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((37, cpu.config.vocab_size)).astype(np.float32) * 4
+    targets = rng.integers(0, cpu.config.vocab_size, 37)
+    want = cpu.ops.log_likelihood(logits, targets)
+    got = gpu.ops.log_likelihood(gpu.ops.asarray(logits), targets)
+    assert np.abs(got - want).max() < 1e-9 * np.abs(want).max() + 1e-12
+    ids = rng.integers(100, 20000, 3 * 64 + 5).tolist()
+    a, b = perplexity(cpu, ids, 64, per_pass=1), perplexity(gpu, ids, 64, per_pass=3)
+    assert (a.chunks, a.scored) == (b.chunks, b.scored) == (3, 3 * 31)
+    assert abs(a.ppl - b.ppl) / a.ppl < 2e-3

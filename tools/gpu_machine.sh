@@ -7,12 +7,19 @@
 #                  one decode step, then the 1-token and 64-token gate_up products in detail
 #   BENCH=0 ...    skip the kernel benchmark (with SERVE=1: the Serve app only)
 #   LLAMACPP=1 ... also build llama.cpp (llama-bench, llama-batched-bench; about 4 minutes, in
-#                  the background) from .device/llama.cpp.tar.xz and time it on the same replicas
+#                  the background, in a session of its own so that it goes on after the call
+#                  ends and a later call on the warm machine finds it) from .device/llama.cpp.tar.xz
+#                  and time it on the same replicas
+#   TESTS=1 ...    first the GPU tests (pytest -m gpu)
+#   AB=TREE ...    first tools/bench_ab.py: this tree against TREE (the code before a change),
+#                  interleaved, on the replicas AB_MODELS names (default: bench_ab.py's)
 #
 # Packages come carried, prepared on the development machine (commands in docs/benchmarks.md):
 #   .device/site.tar.xz   ray[serve] and its dependencies, gguf, pytest, ... for Python 3.12,
 #                         unpacked wheels with Ray's Java jars and unused libraries removed
-#                         (79 MB of wheel -> 44 MB of xz, under one call's 64 MiB carry limit)
+#                         (54 MB of xz: carry it alone; only SERVE=1 needs it)
+#   .device/sitemin.tar.xz  gguf alone (the machine has numpy, cupy, pytest, jinja2, regex,
+#                         tqdm, pyyaml): enough for the tests and the kernel benchmarks
 #   .device/extra.tar.xz  vocab/ (llama-vocab tokenizers the replicas borrow) and cubin/
 #                         (kernels prebuilt by `tools/bench_gpu.py --prebuild`: no NVRTC wait)
 #   .device/llama.cpp.tar.xz  (LLAMACPP=1) the llama.cpp vendored in llama-cpp-python's sdist
@@ -21,7 +28,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT" /tmp/ntr-site /tmp/ntr-extra
-[ -f .device/site.tar.xz ] && tar -C /tmp/ntr-site -xJf .device/site.tar.xz
+for archive in .device/site.tar.xz .device/sitemin.tar.xz; do
+    [ -f "$archive" ] && tar -C /tmp/ntr-site -xJf "$archive"
+done
 [ -f .device/extra.tar.xz ] && tar -C /tmp/ntr-extra -xJf .device/extra.tar.xz
 # numpy and cupy are not carried: the machine's own are used.
 export PYTHONPATH="$PWD:/tmp/ntr-site${PYTHONPATH:+:$PYTHONPATH}"
@@ -52,14 +61,27 @@ fi
 if [ "${LLAMACPP:-0}" = 1 ]; then
     # built in the background while the GPU tests and the first model's own benchmark run;
     # bench_gpu.py waits for the `building` marker to go before it times llama.cpp
-    tar -C /tmp -xJf .device/llama.cpp.tar.xz
-    touch /tmp/llama.cpp/building
-    # (niced: the small model's tg128 is bound by this host's Python)
-    { nice -n 19 cmake -S /tmp/llama.cpp -B /tmp/llama.cpp/build -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
-          -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF &&
-      nice -n 19 cmake --build /tmp/llama.cpp/build -j "$(nproc)" --target llama-bench llama-batched-bench ||
-      echo "llama.cpp build failed"; rm /tmp/llama.cpp/building; } > "$OUT/llamacpp_build.log" 2>&1 &
+    if [ ! -x /tmp/llama.cpp/build/bin/llama-bench ] && [ ! -e /tmp/llama.cpp/building ]; then
+        tar -C /tmp -xJf .device/llama.cpp.tar.xz
+        touch /tmp/llama.cpp/building
+        # (niced: the small model's tg128 is bound by this host's Python)
+        setsid bash -c 'nice -n 19 cmake -S /tmp/llama.cpp -B /tmp/llama.cpp/build -DGGML_CUDA=ON \
+              -DCMAKE_CUDA_ARCHITECTURES=90a -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF \
+              -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF &&
+            nice -n 19 cmake --build /tmp/llama.cpp/build -j "$(nproc)" --target llama-bench llama-batched-bench ||
+            echo "llama.cpp build failed"; rm /tmp/llama.cpp/building' > /tmp/llamacpp_build.log 2>&1 < /dev/null &
+    fi
     set -- "$@" --llamacpp /tmp/llama.cpp/build/bin
+fi
+
+if [ "${TESTS:-0}" = 1 ]; then
+    python3 -m pytest -m gpu -q -p no:cacheprovider --timeout=600 tests/test_cupy_backend.py \
+        tests/test_gpu_end_to_end.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || true
+fi
+
+if [ -n "${AB:-}" ]; then
+    python3 tools/bench_ab.py --base "$AB" --out "$OUT" ${AB_MODELS:+--models "$AB_MODELS"} 2>&1 |
+        tee "$OUT/bench_ab.log" || true
 fi
 
 if [ "${BENCH:-1}" = 1 ]; then

@@ -32,3 +32,13 @@ def sample(b, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
     b.k.get("misc.cu", "sample_rows")(
         (B,), (1024,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), t, k.view(cp.int32), p, m, u, out))
     return cp.asnumpy(out, stream=b.stream)
+
+
+def log_likelihood(b, logits, targets) -> np.ndarray:
+    """log softmax(logits[r])[targets[r]] per row, in float64 beside the logits: only one number
+    a row leaves the device (a perplexity pass's logits are ~1 GB)."""
+    x = rows2(logits)
+    m = x.max(axis=1)
+    lse = cp.log(cp.exp((x - m[:, None]).astype(cp.float64)).sum(axis=1)) + m
+    picked = x[cp.arange(x.shape[0]), cp.asarray(np.asarray(targets, np.int64))]
+    return cp.asnumpy(picked - lse, stream=b.stream)
