@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 
-from cluster import batch
 from workers.model import store as model_store
 from workers.engine.sampling import SamplingParams
 
@@ -127,6 +126,12 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from cluster.batch import job  # Ray, pydantic and the HTTP protocol: only for this command
+
+    return job.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ntr", description="ntransformer: GGUF LLM inference and serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("batch", help="generate for every line of a JSONL file on Ray, resumable after a kill "
-                       "(also: python -m cluster.batch; the formats are in cluster/batch.py)")
-    batch.add_arguments(b)
-    b.set_defaults(func=batch.main)
+                       "(also: python -m cluster.batch; the formats are in cluster/batch/job.py)")
+    b.add_argument("--input", required=True, help="JSONL: one OpenAI request body with an \"id\" per line")
+    b.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
+    b.add_argument("--config", help="a Serve config file (configs/*.yaml); its first app's args are used")
+    b.add_argument("--model", help="override the config's model (a registered name or a GGUF path)")
+    b.add_argument("--concurrency", type=int, help="requests in flight (default: the config's max_num_seqs)")
+    b.set_defaults(func=cmd_batch)
     return parser
 
 

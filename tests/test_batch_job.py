@@ -10,7 +10,7 @@ import sys
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from cluster.batch import read_inputs, resume, run
+from cluster.batch.job import read_inputs, resume, run
 from cluster.config import ServerConfig
 from serving_cluster import BIN, REPO, ray_cluster, wait_until
 

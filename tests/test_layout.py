@@ -9,7 +9,8 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# layer of a module -> the layers it may import (its own included)
+PACKAGES = ("cluster", "workers", "kernels", "proto")
+# a module may import modules of its own layer and of the layers ranked below it
 LAYERS = {"cluster": 4, "actors": 3, "engine": 2, "model": 1, "kernels": 0, "proto": 0}
 
 
@@ -22,20 +23,20 @@ def layer(module: str) -> str:
 
 def project_imports() -> dict[str, set[str]]:
     """module -> the project modules it imports."""
+    paths = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for package in PACKAGES for p in (REPO / package).rglob("*.py")}
     graph = {}
-    for package in ("cluster", "workers", "kernels"):
-        for path in (REPO / package).rglob("*.py"):
-            module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
-            found = set()
-            for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-                else:
-                    continue
-                found |= {n for n in names if n.split(".")[0] in LAYERS and (REPO / Path(*n.split("."))).with_suffix(".py").exists()}
-            graph[module] = found - {module}
+    for module, path in paths.items():
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
+            found |= {n for n in names if n in paths}
+        graph[module] = found - {module}
     return graph
 
 

@@ -74,6 +74,7 @@ def main() -> None:
 
     bench = load_bench(REPO)
     trees = {"A": Path(args.base).resolve(), "B": REPO}
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.models.split(","):
         model = bench.synthesize(name, Path(args.workdir))

@@ -20,7 +20,6 @@ failure fails the job, and the rerun retries the line.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import fcntl
 import json
@@ -28,15 +27,12 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cluster import config as config_file
 from cluster import openai_protocol as oai
 from cluster.config import ServerConfig
 from cluster.errors import APIError
-
-if TYPE_CHECKING:  # imported where used: `ntr` builds its parser from this module without Ray
-    from cluster.engine_client import EngineClient
+from cluster.engine_client import EngineClient
 
 
 def read_inputs(path: Path) -> list[tuple[object, dict]]:
@@ -101,8 +97,6 @@ async def run(inputs: list, output: Path, config: ServerConfig, concurrency: int
         log(f"{len(inputs)} inputs, {len(inputs) - len(todo)} already in {output}, {len(todo)} to generate")
         if not todo:
             return 0
-        from cluster.engine_client import EngineClient
-
         client = EngineClient(config)
         info = await client.info()
         slots = asyncio.Semaphore(concurrency)
@@ -139,22 +133,3 @@ def main(args) -> int:
     asyncio.run(run(inputs, output, config, concurrency, log))
     log(f"all {len(inputs)} lines are in {output}")
     return 0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The batch command's options (`ntr batch`, `python -m cluster.batch`)."""
-    parser.add_argument("--input", required=True, help="JSONL: one OpenAI request body with an \"id\" per line")
-    parser.add_argument("--output", required=True, help="JSONL results, appended; ids already there are skipped")
-    parser.add_argument("--config", help="a Serve config file (configs/*.yaml); its first app's args are used")
-    parser.add_argument("--model", help="override the config's model (a registered name or a GGUF path)")
-    parser.add_argument("--concurrency", type=int, help="requests in flight (default: the config's max_num_seqs)")
-
-
-if __name__ == "__main__":  # the entry point `ray job submit` runs
-    parser = argparse.ArgumentParser(prog="python -m cluster.batch", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    try:
-        sys.exit(main(parser.parse_args()))
-    except (ValueError, LookupError, OSError) as e:  # as `ntr batch` reports bad input
-        print(f"ntr: error: {e}", file=sys.stderr)
-        sys.exit(2)
