@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from workers.model import store as model_store
 from workers.engine.sampling import SamplingParams
+from workers.model import store as model_store
 
 
 def _engine(args):

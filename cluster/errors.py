@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 
 from workers.engine.engine import ContextLengthError
-from workers.model.store import ModelNotFound
 from workers.engine.scheduler import QueueFull
+from workers.model.store import ModelNotFound
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
-from workers.model.gguf_file import GGUFError, GGUFFile
 from workers.model.config import ModelConfig
+from workers.model.gguf_file import GGUFError, GGUFFile
 from workers.model.synthetic import add_field
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.model import store as model_store
 from workers.engine.engine import Sequence
 from workers.engine.sampling import SamplingParams, log_softmax
+from workers.model import store as model_store
 from drive import forward
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "llamacpp_reference.json").read_text())

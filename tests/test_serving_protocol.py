@@ -11,8 +11,8 @@ from ray.exceptions import RayTaskError
 from cluster.errors import APIError
 from cluster.openai_protocol import Choice, chunk, parse_request, response
 from workers.engine.engine import ContextLengthError
-from workers.model.store import ModelNotFound
 from workers.engine.scheduler import QueueFull
+from workers.model.store import ModelNotFound
 
 M = "m"
 

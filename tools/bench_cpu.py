@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from workers.model import store as model_store
 from workers.engine.engine import Engine, Sequence
 from workers.engine.sampling import SamplingParams
+from workers.model import store as model_store
 
 
 def weight_bytes(engine: Engine) -> int:

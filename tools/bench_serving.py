@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.model import store as model_store  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
+from workers.model import store as model_store  # noqa: E402
 
 PROMPT = "Write a Python function that checks whether a number is prime."
 

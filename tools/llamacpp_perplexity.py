@@ -2,7 +2,7 @@
 """llama.cpp's perplexity of a model on a text, as `llama-perplexity` computes it, through
 llama-cpp-python: the reference `ntr perplexity` is compared with.
 
-    /tmp/llamacpp-venv/bin/python tools/llamacpp_perplexity.py --model M.gguf --file F [--ctx 512] [--chunks N] [--threads 2]
+    /tmp/llamacpp-venv/bin/python tools/llamacpp_perplexity.py --model M.gguf --file F [--ctx 512] [--chunks N] [--kv-f32] [--threads 2]
 
 The text is tokenized whole (BOS only where the model's metadata adds one), cut into
 non-overlapping chunks of ctx tokens; each chunk is evaluated from an empty cache in one
@@ -30,12 +30,16 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", type=int, help="only the first N chunks")
+    ap.add_argument("--kv-f32", action="store_true",
+                    help="K and V cached in float32 (llama.cpp's default is float16, which also rounds Q and the "
+                         "softmax to float16 in its attention products)")
     args = ap.parse_args()
 
     import llama_cpp
     from llama_cpp import Llama
 
-    llm = Llama(model_path=args.model, n_ctx=args.ctx, n_batch=args.ctx, n_ubatch=args.ctx, logits_all=True,
+    kv = {"type_k": 0, "type_v": 0} if args.kv_f32 else {}  # GGML_TYPE_F32
+    llm = Llama(model_path=args.model, **kv, n_ctx=args.ctx, n_batch=args.ctx, n_ubatch=args.ctx, logits_all=True,
                 n_threads=args.threads, verbose=False)
     text = open(args.file, encoding="utf-8").read()
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llm._model.vocab))
@@ -58,7 +62,7 @@ def main() -> None:
         scored += len(targets)
         print(f"chunk {c + 1}/{n_chunks}: ppl so far {math.exp(nll / scored):.4f}", flush=True)
     print(json.dumps({"ppl": math.exp(nll / scored), "tokens": len(tokens), "chunks": n_chunks, "scored": scored,
-                      "ctx": args.ctx, "seconds": round(time.time() - t0, 1),
+                      "ctx": args.ctx, "kv": "f32" if args.kv_f32 else "f16", "seconds": round(time.time() - t0, 1),
                       "llama_cpp_python": llama_cpp.__version__}))
 
 

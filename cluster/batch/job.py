@@ -31,8 +31,8 @@ from pathlib import Path
 from cluster import config as config_file
 from cluster import openai_protocol as oai
 from cluster.config import ServerConfig
-from cluster.errors import APIError
 from cluster.engine_client import EngineClient
+from cluster.errors import APIError
 
 
 def read_inputs(path: Path) -> list[tuple[object, dict]]:

@@ -15,15 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
-from workers.model.chat_template import chat_template_from_metadata, render_chat
-from workers.model.gguf_file import GGUFFile
 from workers.engine.block_manager import BlockManager
 from workers.engine.kv_cache import PagedKVCache
-from workers.model.transformer import Transformer
-from workers.model.config import ModelConfig
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
 from workers.engine.text_stream import TextStream
+from workers.model.chat_template import chat_template_from_metadata, render_chat
+from workers.model.config import ModelConfig
+from workers.model.gguf_file import GGUFFile
 from workers.model.tokenizer import Tokenizer
+from workers.model.transformer import Transformer
 
 DEFAULT_MAX_CONTEXT = 4096
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.ops import Array, Backend, StepInputs, Weight
-from workers.model.gguf_file import GGUFFile
 from workers.model.config import ModelConfig
+from workers.model.gguf_file import GGUFFile
 
 
 @dataclass
