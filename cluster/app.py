@@ -16,23 +16,29 @@ from collections.abc import AsyncIterator
 from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 from ray.util import metrics
 from starlette.exceptions import HTTPException
 
 from cluster import openai_protocol as oai
+from cluster.api_keys import authorized
 from cluster.config import ServerConfig, server_config
 from cluster.engine_client import EngineClient, Generation
 from cluster.errors import APIError
 from proto import generation_pb2 as pb
 
-api = FastAPI(title="ntransformer")
+# The docs are routes of the replica's own (below), so that they need a key as every route but /health.
+api = FastAPI(title="ntransformer", docs_url=None, redoc_url=None, openapi_url=None)
+# /health answers within this even when the worker does not (dead, restarting, or wedged).
+HEALTH_TIMEOUT_S = 5
+GRPC_MAX_TOKENS = 16  # the proto's default for both inputs
 
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
 @api.exception_handler(HTTPException)
@@ -115,7 +121,8 @@ class LLMServer:
         self.config: ServerConfig = server_config(config)
         self.client = EngineClient(self.config)
         self.info = await self.client.info()  # the replica is ready only once the model is loaded
-        self.api_keys = set(self.config.api_keys) | {k for k in os.environ.get("NTR_API_KEYS", "").split(",") if k}
+        extra_keys = {k for k in os.environ.get("NTR_API_KEYS", "").split(",") if k}
+        self.api_keys = frozenset(self.config.api_keys) | extra_keys
         self.requests = metrics.Counter("ntr_requests", description="API requests by endpoint and status",
                                         tag_keys=("model", "endpoint", "status"))
         self.requests.set_default_tags({"model": self.config.name})
@@ -126,7 +133,24 @@ class LLMServer:
     # --- HTTP ----------------------------------------------------------------
     @api.get("/health")
     async def health(self) -> dict:
-        return {"status": "ok", "model": self.config.name, **await self.client.stats()}
+        try:
+            stats = await asyncio.wait_for(self.client.stats(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise APIError(503, f"the model's worker did not answer in {HEALTH_TIMEOUT_S} s",
+                           code="unavailable") from None
+        except Exception as e:
+            raise APIError.from_exception(e) from None
+        return {"status": "ok", "model": self.config.name, **stats}
+
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> dict:
+        self._check_key(request.headers.get("authorization"))
+        return api.openapi()
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        self._check_key(request.headers.get("authorization"))
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=api.title)
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -146,10 +170,7 @@ class LLMServer:
         endpoint = "chat" if chat else "completions"
         try:
             self._check_key(request.headers.get("authorization"))
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"the request body is not valid JSON: {e}") from None
+            body = oai.json_body(await request.body())
             req = oai.parse_request(body, chat, self.config.name, self.info["max_context"])
             generations = await self._submit(req.choices())
         except APIError as e:
@@ -190,7 +211,7 @@ class LLMServer:
         return generations
 
     def _check_key(self, authorization: str | None) -> None:
-        if self.api_keys and (authorization or "").removeprefix("Bearer ").strip() not in self.api_keys:
+        if not authorized(authorization, self.api_keys):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key")
 
@@ -232,10 +253,9 @@ class LLMServer:
         chat = request.WhichOneof("input") == "chat"
         if chat:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            body.setdefault("max_tokens", 16)  # one default for both inputs, as the proto says
         else:
             body["prompt"] = request.prompt
-        req = oai.parse_request(body, chat, self.config.name, self.info["max_context"])
+        req = oai.parse_request(body, chat, self.config.name, self.info["max_context"], GRPC_MAX_TOKENS)
         (generation,) = await self._submit(req.choices())
         return generation
 

@@ -9,6 +9,8 @@ import sys
 from workers.engine.sampling import SamplingParams
 from workers.model import store as model_store
 
+DEFAULT_MAX_TOKENS = 128  # generate's, cut to the room the prompt leaves
+
 
 def _engine(args):
     from workers.engine.engine import Engine
@@ -26,7 +28,9 @@ def cmd_generate(args) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
         repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty).items() if v is not None}
-    params = SamplingParams.preset(args.preset, max_tokens=args.max_tokens, stop=tuple(args.stop), **overrides)
+    default = args.max_tokens is None
+    params = SamplingParams.preset(args.preset, max_tokens=DEFAULT_MAX_TOKENS if default else args.max_tokens,
+                                   cut_to_context=default, stop=tuple(args.stop), **overrides)
     text, token_ids, finish = [], [], None
     for event in engine.generate(prompt_ids, params):
         if event.token_id is not None:
@@ -145,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     g.add_argument("--preset", default="balanced", help="greedy, balanced or creative; flags below override it")
-    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--max-tokens", type=int,
+                   help=f"tokens to generate; must fit the context with the prompt (default: {DEFAULT_MAX_TOKENS}, "
+                   "or what the context leaves)")
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-k", type=int)
     g.add_argument("--top-p", type=float)

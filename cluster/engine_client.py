@@ -81,9 +81,9 @@ class EngineClient:
             started = time.perf_counter()
             try:
                 batch = await self.worker.poll.remote(POLL_TIMEOUT_S)
-            except Exception as e:  # the worker died: fail every stream instead of hanging them
+            except Exception as e:  # the worker died: fail every stream with it instead of hanging them
                 for queue in self.queues.values():
-                    queue.put_nowait({"error": f"compute worker failed: {e}"})
+                    queue.put_nowait(e)
                 raise
             for request_id, events in batch.items():
                 queue = self.queues.get(request_id)
@@ -107,6 +107,9 @@ class Generation:
         try:
             while not self.finished:
                 event = await self.queue.get()
+                if isinstance(event, Exception):  # the worker is gone (the poll failed)
+                    self.finished = True
+                    raise event
                 if "error" in event:
                     self.finished = True
                     raise GenerationFailed(event["error"])

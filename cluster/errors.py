@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from ray.exceptions import RayActorError
 
 from workers.engine.engine import ContextLengthError
 from workers.engine.scheduler import QueueFull
@@ -10,8 +11,12 @@ from workers.model.store import ModelNotFound
 
 GRPC_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
               404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-              500: grpc.StatusCode.INTERNAL}
-_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+              500: grpc.StatusCode.INTERNAL, 503: grpc.StatusCode.UNAVAILABLE}
+_TYPES = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "server_error"}
+# A dead compute worker is replaced with its replica (the health check fails), which loads the
+# model again: seconds on the dev model. Clients that honour Retry-After come back after it.
+RETRY_AFTER_S = 10
 
 
 class APIError(Exception):
@@ -27,6 +32,10 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
     @property
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else {}
+
+    @property
     def grpc_code(self) -> grpc.StatusCode:
         return GRPC_CODES[self.status]
 
@@ -38,8 +47,10 @@ class APIError(Exception):
             return cause
         if isinstance(cause, QueueFull):
             return cls(429, str(cause), code="queue_full")
+        if isinstance(cause, RayActorError):  # its message names the actor's class, id and node: keep them here
+            return cls(503, "the model is unavailable (its worker is restarting); retry later", code="unavailable")
         if isinstance(cause, ContextLengthError):
-            return cls(400, str(cause), code="context_length_exceeded")
+            return cls(400, str(cause), param=cause.param, code="context_length_exceeded")
         if isinstance(cause, ModelNotFound):
             return cls(404, str(cause), param="model", code="model_not_found")
         if isinstance(cause, ValueError):

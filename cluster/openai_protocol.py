@@ -9,6 +9,7 @@ Unknown fields are ignored, as OpenAI's own clients may send newer ones.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -18,7 +19,7 @@ from cluster.errors import APIError
 from workers.engine.sampling import SamplingParams
 
 MAX_N = 16
-MAX_STOP = 4
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for completions; chat's is the rest of the context
 
 
 @dataclass
@@ -41,6 +42,15 @@ class CompletionRequest:
         p = self.params
         return [(prompt, p if p.seed is None else p.with_(seed=p.seed + i))
                 for prompt in self.prompts for i in range(self.n)]
+
+
+def json_body(raw: bytes) -> object:
+    """A request body's JSON. Anything malformed is the client's error, whatever its shape: bad
+    syntax or encoding, and nesting too deep for the parser (a RecursionError, not a ValueError)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {str(e)[:200]}") from None
 
 
 def _field(body: dict, name: str, kinds: tuple, default=None, what: str = ""):
@@ -82,7 +92,10 @@ def _prompts(body: dict) -> list:
     raise APIError(400, "'prompt' must be a string, a list of strings, or token ids", param="prompt")
 
 
-def parse_request(body, chat: bool, served_model: str, max_context: int) -> CompletionRequest:
+def parse_request(body, chat: bool, served_model: str, max_context: int,
+                  default_max_tokens: int | None = None) -> CompletionRequest:
+    """default_max_tokens: when the body has none (None: OpenAI's for the endpoint). A default is
+    cut to the room the prompt leaves; a max_tokens asked for must fit (the worker checks it)."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     model = _field(body, "model", (str,), served_model)
@@ -94,10 +107,10 @@ def parse_request(body, chat: bool, served_model: str, max_context: int) -> Comp
     if chat:
         max_tokens = _field(body, "max_completion_tokens", (int,), None)
         if max_tokens is None:
-            max_tokens = _field(body, "max_tokens", (int,), max_context)
+            max_tokens = _field(body, "max_tokens", (int,), None)
         logprobs = (_field(body, "top_logprobs", (int,), 0) if _field(body, "logprobs", (bool,), False) else None)
     else:
-        max_tokens = _field(body, "max_tokens", (int,), 16)
+        max_tokens = _field(body, "max_tokens", (int,), None)
         logprobs = _field(body, "logprobs", (int,), None)
         if _field(body, "echo", (bool,), False):
             raise APIError(400, "'echo' is not supported", param="echo")
@@ -106,20 +119,22 @@ def parse_request(body, chat: bool, served_model: str, max_context: int) -> Comp
         raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
     stop = _field(body, "stop", (str, list), [])
     stop = [stop] if isinstance(stop, str) else stop
-    if len(stop) > MAX_STOP or not all(isinstance(s, str) for s in stop):
-        raise APIError(400, f"'stop' must be a string or a list of at most {MAX_STOP} strings", param="stop")
+    if not all(isinstance(s, str) for s in stop):  # their number and length: SamplingParams, as for every entry point
+        raise APIError(400, "'stop' must be a string or a list of strings", param="stop")
     n = _field(body, "n", (int,), 1)
     if not 1 <= n <= MAX_N:
         raise APIError(400, f"'n' must be in [1, {MAX_N}], got {n}", param="n")
-    top_k = _field(body, "top_k", (int,), 0)
+    default = default_max_tokens or (max_context if chat else COMPLETIONS_MAX_TOKENS)
     try:
         params = SamplingParams(
-            temperature=float(temperature), top_p=_field(body, "top_p", number, 1.0), top_k=max(top_k, 0),
-            min_p=_field(body, "min_p", number, 0.0), seed=_field(body, "seed", (int,), None),
+            temperature=float(temperature), top_p=_field(body, "top_p", number, 1.0),
+            top_k=_field(body, "top_k", (int,), 0), min_p=_field(body, "min_p", number, 0.0),
+            seed=_field(body, "seed", (int,), None),
             repetition_penalty=_field(body, "repetition_penalty", number, 1.0),
             frequency_penalty=_field(body, "frequency_penalty", number, 0.0),
             presence_penalty=_field(body, "presence_penalty", number, 0.0),
-            max_tokens=max_tokens, stop=tuple(s for s in stop if s), logprobs=logprobs,
+            max_tokens=default if max_tokens is None else max_tokens, cut_to_context=max_tokens is None,
+            stop=tuple(stop), logprobs=logprobs,
             ignore_eos=_field(body, "ignore_eos", (bool,), False))
     except ValueError as e:
         name = re.match(r"invalid sampling parameter (\w+)=", str(e))

@@ -10,7 +10,7 @@ import sys
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
-from cluster.batch.job import read_inputs, resume, run
+from cluster.batch.job import generate_one, read_inputs, resume, run
 from cluster.config import ServerConfig
 from serving_cluster import BIN, REPO, ray_cluster, wait_until
 
@@ -32,6 +32,17 @@ def test_inputs_need_unique_ids(tmp_path):
     src.write_text('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n')
     with pytest.raises(ValueError, match="appears twice"):
         read_inputs(src)
+
+
+def test_a_bad_line_is_an_error_record_and_the_rest_is_read(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"id": "a", "prompt": "x"}\nnot json\n[1, 2]\n' + b"[" * 100_000 + b'\n\xff\n{"prompt": "y"}\n')
+    inputs = read_inputs(src)
+    assert [key for key, _ in inputs] == ["a", 2, 3, 4, 5, 6]
+    assert inputs[0][1] == {"prompt": "x"} and inputs[-1][1] == {"prompt": "y"}
+    for key, body in inputs[1:-1]:
+        result = asyncio.run(generate_one(None, "m", 4096, key, body))  # refused before any worker call
+        assert set(result) == {"id", "error"} and f"line {key}" in result["error"], result
 
 
 def test_one_writer_per_output(tmp_path):

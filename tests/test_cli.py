@@ -64,6 +64,11 @@ def test_score(capsys, tiny_model):
     (["generate", "--prompt", "x", "--top-p", "2"], "invalid sampling parameter top_p=2.0"),
     (["generate", "--prompt", "x", "--max-tokens", "0"], "invalid sampling parameter max_tokens=0"),
     (["generate", "--prompt", "x", "--preset", "wild"], "unknown sampling preset"),
+    (["generate", "--prompt", "x", "--max-tokens", str(10**12)], "max_tokens=1000000000000 does not fit"),
+    (["generate", "--prompt", "x", "--stop", "x" * 1000], "invalid sampling parameter stop="),
+    (["generate", "--prompt", "x", "--top-k", "-5"], "invalid sampling parameter top_k=-5"),
+    (["score", "--ids", "1,2", "--top", "-1"], "top=-1 must be in [1, "),
+    (["score", "--ids", "1,2", "--top", str(10**6)], "top=1000000 must be in [1, "),
 ])
 def test_bad_arguments(capsys, tiny_model, argv, message):
     code, _, err = run(capsys, *argv, "--model", str(tiny_model("qwen2")))
@@ -73,6 +78,10 @@ def test_bad_arguments(capsys, tiny_model, argv, message):
 def test_prompt_past_context(capsys, tiny_model):
     code, _, err = run(capsys, "generate", "--model", str(tiny_model("qwen2")), "--prompt", "word " * 600)
     assert code == 2 and "context window is 512" in err
+    # the default --max-tokens is cut to the room the prompt leaves, not refused
+    code, out, _ = run(capsys, "generate", "--model", str(tiny_model("qwen2")), "--prompt", "word " * 450,
+                       "--preset", "greedy", "--json")
+    assert code == 0 and len(json.loads(out)["token_ids"]) <= 512 - len(json.loads(out)["prompt_ids"])
 
 
 def test_unknown_and_missing_models(capsys, tmp_path, monkeypatch):

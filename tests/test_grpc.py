@@ -49,7 +49,7 @@ def test_list_models_and_unary_generate(stub):
     assert r.finish_reason == "length" and len(r.token_ids) == 4 and r.text
     assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens > 0
     again = stub.Generate(pb.GenerateRequest(prompt="def add(a, b):", max_tokens=4, temperature=0, ignore_eos=True),
-                          metadata=AUTH, timeout=300)
+                          metadata=(("authorization", f"bearer {KEY}"),), timeout=300)  # RFC 6750: any case
     assert again.text == r.text
 
 
@@ -69,6 +69,9 @@ def test_streaming_generate_chat(stub):
     (pb.GenerateRequest(prompt="hi", max_tokens=-1), AUTH, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="hi " * 5000, max_tokens=1), AUTH, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(prompt="hi", temperature=9), AUTH, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="hi", max_tokens=10**9), AUTH, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="hi", top_k=-5), AUTH, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(prompt="hi"), (("authorization", KEY),), grpc.StatusCode.UNAUTHENTICATED),
     (pb.GenerateRequest(model="nope", prompt="hi"), AUTH, grpc.StatusCode.NOT_FOUND),
     (pb.GenerateRequest(prompt="hi"), (("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED),
 ])

@@ -139,9 +139,14 @@ def test_generate_stops_on_stop_id_and_context(tiny_engine):
     first = next(iter(tiny_engine.generate([5, 6], SamplingParams(temperature=0.0, max_tokens=1)))).token_id
     events = list(tiny_engine.generate([5, 6], SamplingParams(temperature=0.0, max_tokens=5, stop_ids=(first,))))
     assert len(events) == 1 and events[0].finish_reason == "stop" and events[0].text == ""
-    # The context window caps generation: 60 prompt tokens + 4 = 64.
-    events = list(tiny_engine.generate(list(range(60)), SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)))
+    # A default max_tokens is cut to the context window: 60 prompt tokens + 4 = 64 ...
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True, cut_to_context=True)
+    events = list(tiny_engine.generate(list(range(60)), params))
     assert len(events) == 4 and events[-1].finish_reason == "length"
+    # ... one asked for that does not fit is refused, as vLLM refuses it
+    with pytest.raises(ContextLengthError, match=r"max_tokens=50 .* room for 4") as e:
+        next(tiny_engine.generate(list(range(60)), params.with_(cut_to_context=False)))
+    assert e.value.param == "max_tokens"
 
 
 def test_cancelled_generation_frees_blocks(tiny_engine):
@@ -159,6 +164,8 @@ def test_bad_prompts(tiny_engine):
         list(tiny_engine.generate([], SamplingParams()))
     with pytest.raises(ValueError, match="out of range"):
         list(tiny_engine.generate([10**7], SamplingParams()))
+    with pytest.raises(ContextLengthError, match="max_tokens=256 does not fit"):  # a max_tokens given must fit
+        list(tiny_engine.generate([1, 2], SamplingParams()))
     assert tiny_engine.blocks.blocks_in_use == 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.engine.sampling import PRESETS, Sampler, SamplingParams, log_softmax, token_logprobs
+from workers.engine.sampling import MAX_STOP_LENGTH, PRESETS, Sampler, SamplingParams, log_softmax, token_logprobs
 
 
 def draws(params: SamplingParams, logits: np.ndarray, n: int = 400) -> set[int]:
@@ -82,12 +82,18 @@ def test_presets():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-1), dict(top_k=2.5), dict(top_p=0.0),
+    dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_k=-2), dict(top_k=2.5), dict(top_p=0.0),
     dict(top_p=1.5), dict(min_p=-0.1), dict(repetition_penalty=0.0), dict(frequency_penalty=3.0),
     dict(presence_penalty=-2.5), dict(max_tokens=0), dict(max_tokens=-5), dict(seed=-1), dict(logprobs=21),
-    dict(stop=("",)), dict(temperature="hot"),
+    dict(stop=("",)), dict(temperature="hot"), dict(stop=("a", "b", "c", "d", "e")),
+    dict(stop=("x" * (MAX_STOP_LENGTH + 1),)),
 ])
 def test_invalid_parameters_raise_clear_errors(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=f"invalid sampling parameter {name}="):
         SamplingParams(**bad)
+
+
+def test_limits_that_every_entry_point_shares():
+    assert SamplingParams(top_k=-1).top_k == 0  # vLLM's "off" is ours too
+    assert SamplingParams(stop=("x" * MAX_STOP_LENGTH,) * 4).stop[0] == "x" * MAX_STOP_LENGTH

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
+import signal
+import time
 
 import openai
 import pytest
@@ -112,12 +115,15 @@ def test_32_concurrent_streams_complete(server, model):
     assert asyncio.run(main()) == [(4, 4)] * 32
 
 
-def send(server: str, path: str, body: bytes | str, key: str | None = KEY) -> http.client.HTTPConnection:
-    """A POST on a connection of its own; the caller reads the response, or goes away."""
+def send(server: str, path: str, body: bytes | str | None, key: str | None = KEY, method: str = "POST",
+         authorization: str | None = None) -> http.client.HTTPConnection:
+    """A request on a connection of its own (authorization: the header's whole value, instead of
+    'Bearer <key>'); the caller reads the response, or goes away."""
     host, port = server.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=120)
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    conn.request("POST", path, body=body, headers=headers)
+    authorization = authorization or (f"Bearer {key}" if key else None)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": authorization} if authorization else {})
+    conn.request(method, path, body=body, headers=headers)
     return conn
 
 
@@ -141,12 +147,17 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, model):
         ("/v1/completions", good, "wrong-key", 401, "API key"),
         ("/v1/chat/completions", {"model": model, "messages": []}, None, 401, "API key"),
         ("/v1/chat/completions", {"model": model, "messages": "hi"}, KEY, 400, "messages"),
+        ("/v1/completions", b"[" * 100_000, KEY, 400, "not valid JSON"),
+        ("/v1/completions", {**good, "top_k": -5}, KEY, 400, "top_k"),
+        ("/v1/completions", {**good, "stop": [""]}, KEY, 400, "stop"),
+        ("/v1/completions", {**good, "stop": ["x" * 1_000_000] * 4}, KEY, 400, "stop"),
+        ("/v1/completions", {**good, "max_tokens": 10**9}, KEY, 400, "max_tokens=1000000000 does not fit"),
         # 112 choices > 32 running + 64 queued: admission control refuses the request as a whole
         ("/v1/completions", {**good, "prompt": ["a"] * 7, "n": 16}, KEY, 429, "retry later"),
     ]
     for path, body, key, status, words in cases:
         got, payload = post(server, path, body if isinstance(body, bytes) else json.dumps(body), key)
-        assert got == status, (body, payload)
+        assert got == status, (str(body)[:200], payload)
         assert words in payload["error"]["message"], payload
     status, payload = post(server, "/v1/completions", json.dumps(good))
     assert status == 200 and payload["usage"]["completion_tokens"] == 1
@@ -188,3 +199,47 @@ def test_disconnect_before_a_whole_completion_frees_its_blocks(server, model):
     conn.sock.close()  # the client gives up before the response
     conn.close()
     wait_until(lambda: kv_blocks_in_use(server) == 0, 30, "the worker to free the blocks")
+
+
+def test_api_keys_guard_every_route_but_health(server, model):
+    body = json.dumps({"model": model, "prompt": "Hi", "max_tokens": 1})
+
+    def status(path, method="GET", authorization=None, key=None):
+        conn = send(server, path, body if method == "POST" else None, key, method, authorization)
+        code = conn.getresponse().status
+        conn.close()
+        return code
+
+    assert status("/v1/completions", "POST", authorization=f"bearer {KEY}") == 200  # RFC 6750: any case
+    assert status("/v1/completions", "POST", authorization=KEY) == 401  # a raw key is not the scheme
+    for path in ("/docs", "/openapi.json", "/v1/models"):
+        assert (status(path), status(path, key=KEY)) == (401, 200), path
+    assert status("/health") == 200
+
+
+def test_a_crashed_worker_is_a_503_with_retry_after_then_comes_back(server, cluster, model):
+    """Runs last: the worker is killed and the app is left to recover."""
+    from ray.util.state import list_actors
+
+    (worker,) = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "ComputeWorker"),
+                                                                ("state", "=", "ALIVE")])
+    os.kill(worker.pid, signal.SIGKILL)
+    conn = send(server, "/v1/completions", json.dumps({"model": model, "prompt": "Hi", "max_tokens": 1}))
+    r = conn.getresponse()
+    payload, retry_after = json.loads(r.read()), r.getheader("Retry-After")
+    conn.close()
+    assert r.status == 503 and int(retry_after) > 0, payload
+    assert payload["error"]["type"] == "server_error"
+    assert not any(word in payload["error"]["message"] for word in ("Actor", "ComputeWorker", worker.actor_id))
+    started = time.monotonic()
+    conn = send(server, "/health", None, method="GET")
+    assert conn.getresponse().status == 503 and time.monotonic() - started < 15  # promptly, not a timeout
+    conn.close()
+
+    def serving():
+        try:
+            return json.loads(http_get(f"{server}/health"))["status"] == "ok"
+        except (TypeError, ValueError, KeyError):  # no JSON while the replica is replaced
+            return False
+
+    wait_until(serving, 300, "the app to serve again with a new worker")

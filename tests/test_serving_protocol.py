@@ -6,10 +6,10 @@ import pickle
 
 import grpc
 import pytest
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from cluster.errors import APIError
-from cluster.openai_protocol import Choice, chunk, parse_request, response
+from cluster.openai_protocol import Choice, chunk, json_body, parse_request, response
 from workers.engine.engine import ContextLengthError
 from workers.engine.scheduler import QueueFull
 from workers.model.store import ModelNotFound
@@ -45,17 +45,48 @@ def test_choices_per_prompt_and_n_with_distinct_seeds():
     ({"prompt": "a", "echo": True}, 400, "echo"),
     ({"prompt": 5}, 400, "'prompt' must be"),
     ([1, 2], 400, "JSON object"),
+    ({"prompt": "a", "top_k": -5}, 400, "top_k=-5"),
+    ({"prompt": "a", "stop": [""]}, 400, "stop="),
+    ({"prompt": "a", "stop": ["x" * 1_000_000] * 4}, 400, "stop="),
 ])
 def test_bad_fields(body, status, words):
     with pytest.raises(APIError) as e:
         parse_request(body, chat=False, served_model=M, max_context=4096)
     assert e.value.status == status and words in e.value.message
     assert e.value.body()["error"]["message"] == e.value.message
+    if status == 400 and isinstance(body, dict):
+        assert e.value.param == next((k for k in body if k != "prompt"), "prompt"), "the error names the field"
+
+
+def test_only_an_asked_max_tokens_must_fit_the_context():
+    """The worker refuses prompt + max_tokens past the context; a default is cut to what is left."""
+    omitted = parse_request({"prompt": "a"}, False, M, 4096).params
+    chat = parse_request({"messages": [{"role": "user", "content": "a"}]}, True, M, 4096).params
+    asked = parse_request({"prompt": "a", "max_tokens": 10**9}, False, M, 4096).params
+    assert (omitted.max_tokens, omitted.cut_to_context) == (16, True)
+    assert chat.cut_to_context and not asked.cut_to_context
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"a": ', b"\xff\xfe{}", b'{"a": 1e999999}x'])
+def test_malformed_json_of_any_shape_is_a_400(raw):
+    with pytest.raises(APIError) as e:
+        json_body(raw)
+    assert e.value.status == 400 and "not valid JSON" in e.value.message
+
+
+def test_a_dead_or_restarting_worker_is_a_503_that_names_no_internals():
+    died = ActorDiedError()
+    for e in (died, ActorUnavailableError("ComputeWorker abc123 is unreachable", b"\x00" * 16)):
+        error = APIError.from_exception(e)
+        assert (error.status, error.grpc_code) == (503, grpc.StatusCode.UNAVAILABLE)
+        assert int(error.headers["Retry-After"]) > 0
+        assert "Actor" not in error.message and "ComputeWorker" not in error.message
 
 
 @pytest.mark.parametrize("exc, status, code", [
     (QueueFull("busy"), 429, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (ContextLengthError("too long"), 400, grpc.StatusCode.INVALID_ARGUMENT),
+    (ContextLengthError("max_tokens=9 does not fit", param="max_tokens"), 400, grpc.StatusCode.INVALID_ARGUMENT),
     (ModelNotFound("no such model"), 404, grpc.StatusCode.NOT_FOUND),
     (ValueError("bad"), 400, grpc.StatusCode.INVALID_ARGUMENT),
     (RuntimeError("boom"), 500, grpc.StatusCode.INTERNAL),

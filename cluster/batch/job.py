@@ -6,8 +6,9 @@
 Each input line is an OpenAI request body plus an "id": {"id": 7, "prompt": "..."} for a
 completion or {"id": 7, "messages": [...]} for a chat, with any sampling fields
 (max_tokens, temperature, seed, stop, ...). A line without an id gets its 1-based line
-number. Each output line is {"id", "text", "finish_reason", "usage"}, or {"id", "error"}
-for a line that cannot be generated (bad fields, prompt past the context).
+number (so does a line that is not a JSON object at all). Each output line is {"id", "text",
+"finish_reason", "usage"}, or {"id", "error"} for a line that cannot be generated (not a
+JSON object, bad fields, prompt past the context): one bad line does not stop the others.
 
 The prompts go to a ComputeWorker through the same client as the Serve replica, so they
 share its continuous batching (`--concurrency` requests in flight, default the config's
@@ -35,19 +36,20 @@ from cluster.engine_client import EngineClient
 from cluster.errors import APIError
 
 
-def read_inputs(path: Path) -> list[tuple[object, dict]]:
+def read_inputs(path: Path) -> list[tuple[object, dict | str]]:
+    """(id, request body) per line, or (line number, why the line is not a request body)."""
     inputs, seen = [], set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is that line's error
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                body = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object")
-            key = body.pop("id", number)
+                body = oai.json_body(line)
+                if not isinstance(body, dict):
+                    raise APIError(400, "expected a JSON object")
+                key = body.pop("id", number)
+            except APIError as e:
+                key, body = number, f"line {number}: {e.message}"
             if json.dumps(key) in seen:
                 raise ValueError(f"{path}:{number}: id {key!r} appears twice")
             seen.add(json.dumps(key))
@@ -67,7 +69,9 @@ def resume(path: Path) -> set[str]:
     return {json.dumps(json.loads(line)["id"]) for line in whole.decode("utf-8").splitlines() if line.strip()}
 
 
-async def generate_one(client: EngineClient, model: str, max_context: int, key, body: dict) -> dict:
+async def generate_one(client: EngineClient, model: str, max_context: int, key, body: dict | str) -> dict:
+    if isinstance(body, str):  # the line is no request (read_inputs says why)
+        return {"id": key, "error": body}
     try:
         chat = "messages" in body
         req = oai.parse_request({**body, "model": model, "stream": False, "n": 1}, chat, model, max_context)

@@ -29,7 +29,12 @@ DEFAULT_MAX_CONTEXT = 4096
 
 
 class ContextLengthError(ValueError):
-    """A prompt that does not fit the context window."""
+    """A prompt, or a prompt and the max_tokens asked for, that does not fit the context window;
+    param names the request field to change (None: the prompt)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -65,7 +70,7 @@ class Completion:
     @classmethod
     def start(cls, engine: "Engine", prompt_ids: list[int], params: SamplingParams, **extra) -> "Completion":
         """A checked prompt's state (ContextLengthError/ValueError for bad input)."""
-        engine.check_prompt(prompt_ids)
+        engine.check_prompt(prompt_ids, params)
         tok = engine.tokenizer
         return cls(seq=Sequence(list(prompt_ids)), params=params, sampler=Sampler(params),
                    stream=TextStream(tok, params.stop),
@@ -278,7 +283,10 @@ class Engine:
     def release(self, seq: Sequence) -> None:
         self.blocks.release(seq)
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
+    def check_prompt(self, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+        """The prompt fits the context window with at least one token to generate and, unless it
+        is a default (params.cut_to_context), params.max_tokens: an explicit ask that does not
+        fit is refused, as vLLM refuses it, rather than silently cut."""
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if len(prompt_ids) >= self.max_context:
@@ -288,6 +296,11 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+        room = self.max_context - len(prompt_ids)
+        if params is not None and not params.cut_to_context and params.max_tokens > room:
+            raise ContextLengthError(
+                f"max_tokens={params.max_tokens} does not fit: the prompt has {len(prompt_ids)} tokens and the "
+                f"context window is {self.max_context}, which leaves room for {room}", param="max_tokens")
 
     # --- one request -------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
@@ -321,6 +334,8 @@ class Engine:
 
     def score(self, ids: list[int], top: int = 10) -> list[dict]:
         """Teacher forcing: for every position, the top logits predicting the next token and the log-sum-exp."""
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.config.vocab_size:
+            raise ValueError(f"top={top!r} must be in [1, {self.config.vocab_size}] (the vocabulary)")
         self.check_prompt(ids[:-1] or ids)
         seq = Sequence(list(ids))
         try:

@@ -14,6 +14,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+# Stop strings: OpenAI's count, and a length that no real stop sequence needs (vLLM and
+# OpenAI set none; a request's stop strings are matched against its text at every token).
+MAX_STOP = 4
+MAX_STOP_LENGTH = 256  # characters
+
 PRESETS = {
     "greedy": dict(temperature=0.0),
     "balanced": dict(temperature=0.8, top_k=40, top_p=0.9),
@@ -32,6 +37,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None
     max_tokens: int = 256
+    cut_to_context: bool = False  # max_tokens is a default, not asked for: cut it to the room the prompt leaves
     stop: tuple[str, ...] = ()
     stop_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -39,7 +45,9 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name, rule):
-            raise ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: {rule}")
+            value = repr(getattr(self, name))  # cut: a bad stop list may be megabytes
+            value = value[:60] + "..." if len(value) > 64 else value
+            raise ValueError(f"invalid sampling parameter {name}={value}: {rule}")
 
         def number(name):
             value = getattr(self, name)
@@ -49,8 +57,8 @@ class SamplingParams:
 
         if not 0.0 <= number("temperature") <= 100.0:
             bad("temperature", "must be in [0, 100]")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0 (0 disables it)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < -1:
+            bad("top_k", "must be an integer >= 0 (0 or -1 disables it)")
         if not 0.0 < number("top_p") <= 1.0:
             bad("top_p", "must be in (0, 1]")
         if not 0.0 <= number("min_p") <= 1.0:
@@ -66,9 +74,11 @@ class SamplingParams:
             bad("seed", "must be an integer >= 0")
         if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             bad("logprobs", "must be an integer in [0, 20]")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            bad("stop", "must be non-empty strings")
+        if len(self.stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH
+                                                for s in self.stop):
+            bad("stop", f"must be at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LENGTH} characters")
         object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "top_k", max(self.top_k, 0))  # vLLM's -1 is our 0
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
     @classmethod

@@ -28,12 +28,21 @@ class TextStream:
         return out
 
     def _release(self) -> str:
-        hits = [(i, s) for s in self.stop if (i := self.pending.find(s)) >= 0]
+        # pending is only the held-back text (shorter than the longest stop string) and the new
+        # text, so a stop string that ends in the new text is found here, at a cost that follows
+        # the new text rather than the stop strings' length or the whole completion
+        hits = [i for s in self.stop if (i := self.pending.find(s)) >= 0]
         if hits:
-            cut = min(hits)[0]
-            out, self.pending, self.stopped = self.pending[:cut], "", True
+            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
             return out
-        hold = max((n for s in self.stop for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
-        cut = len(self.pending) - hold
+        cut = min((self._tail_start(s) for s in self.stop), default=len(self.pending))
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
+
+    def _tail_start(self, stop: str) -> int:
+        """Where the longest tail of pending that begins stop starts (len(pending): none)."""
+        text = self.pending
+        i = text.find(stop[0], max(0, len(text) - len(stop) + 1))
+        while i >= 0 and not stop.startswith(text[i:]):
+            i = text.find(stop[0], i + 1)
+        return len(text) if i < 0 else i
