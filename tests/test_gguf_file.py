@@ -6,11 +6,11 @@ import struct
 
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader
 
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFError, GGUFFile
-from workers.model.synthetic import add_field
+from workers.model.synthetic import rewrite_model
 
 
 def test_matches_gguf_reader(tiny_model):
@@ -86,7 +86,7 @@ def test_semantic_errors_name_the_problem(tmp_path, tiny_model, mutate, message)
     src = GGUFFile(tiny_model("llama", "Q8_0"))
     md, tensors = dict(src.metadata), dict(src.tensors)
     mutate(md, tensors)
-    path = _rewrite(tmp_path / "m.gguf", md, tensors)
+    path = rewrite_model(tmp_path / "m.gguf", md, tensors)
     with pytest.raises(GGUFError, match=message):
         ModelConfig.from_gguf(GGUFFile(path))
 
@@ -97,7 +97,7 @@ def test_unsupported_quant_type_names_tensor(tmp_path, tiny_model):
     t = tensors["blk.0.attn_q.weight"]
     iq = np.zeros((t.shape[0], t.shape[1] // 256 * 136), np.uint8)
     tensors[t.name] = (iq, GGMLQuantizationType.IQ4_XS)
-    path = _rewrite(tmp_path / "iq.gguf", dict(src.metadata), tensors)
+    path = rewrite_model(tmp_path / "iq.gguf", dict(src.metadata), tensors)
     with pytest.raises(GGUFError, match="'blk.0.attn_q.weight' has unsupported quantization type IQ4_XS"):
         ModelConfig.from_gguf(GGUFFile(path))
 
@@ -111,24 +111,6 @@ def test_not_gguf_and_missing_file(tmp_path):
     (tmp_path / "empty.gguf").write_bytes(b"")
     with pytest.raises(GGUFError, match="empty file"):
         GGUFFile(tmp_path / "empty.gguf")
-
-
-def _rewrite(path, metadata, tensors):
-    w = GGUFWriter(str(path), metadata.get("general.architecture", "llama"))
-    for key, value in metadata.items():
-        if key != "general.architecture":
-            add_field(w, key, value)
-    for name, t in tensors.items():
-        raw, qtype = t if isinstance(t, tuple) else (t.data, t.qtype)
-        if qtype == GGMLQuantizationType.F32:
-            w.add_tensor(name, np.array(raw).view(np.float32))
-        else:
-            w.add_tensor(name, np.array(raw), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 def _gguf_string(text: str) -> bytes:
@@ -177,6 +159,6 @@ def test_header_counts_are_bounded_before_use(tmp_path, entries, message):
 ])
 def test_hyperparameters_are_checked_where_read(tmp_path, tiny_model, key, value, message):
     src = GGUFFile(tiny_model("llama", "Q8_0"))
-    path = _rewrite(tmp_path / "m.gguf", {**src.metadata, key: value}, dict(src.tensors))
+    path = rewrite_model(tmp_path / "m.gguf", {**src.metadata, key: value}, dict(src.tensors))
     with pytest.raises(GGUFError, match=f"{path}: metadata {message}"):
         ModelConfig.from_gguf(GGUFFile(path))

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from kernels.quants import SUPPORTED_QTYPES
 from workers.model.architecture import ARCHITECTURES, QKV_BIAS, Architecture, dimensions
-from workers.model.gguf_file import GGUFError, GGUFFile
-
-
-def _shown(value: Any) -> str:
-    """A metadata value in an error line: its repr, cut short (it may be a whole array)."""
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:57]}..."
+from workers.model.gguf_file import GGUFError, GGUFFile, shown_value
 
 
 @dataclass(frozen=True)
@@ -48,7 +41,7 @@ class ModelConfig:
             value = md.get(f"{arch}.{key}", default)
             if value is None:
                 raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
-            shown = _shown(value)
+            shown = shown_value(value)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise GGUFError(f"{path}: metadata {arch}.{key} = {shown} is not a single number")
             if kind is int and not isinstance(value, int):
@@ -98,7 +91,7 @@ class ModelConfig:
         inv_freq = get("rope.freq_base", 10000.0, float) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
         if not isinstance(scaling, str):
-            raise GGUFError(f"{path}: metadata {arch}.rope.scaling.type = {_shown(scaling)} is not a string")
+            raise GGUFError(f"{path}: metadata {arch}.rope.scaling.type = {shown_value(scaling)} is not a string")
         if scaling == "linear":
             inv_freq = inv_freq / get("rope.scaling.factor", kind=float)
         elif scaling != "none":

@@ -123,6 +123,12 @@ class _Cursor:
         raise self.fail(f"unknown value type {vtype} in {what}")
 
 
+def shown_value(value: Any) -> str:
+    """A metadata value in an error line: its repr, cut short (it may be a whole array)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
 def tensor_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
     block, type_size = GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
