@@ -83,7 +83,8 @@ def cmd_tokenize(args) -> int:
     from workers.model.gguf_file import GGUFFile
     from workers.model.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_metadata(GGUFFile(model_store.resolve(args.model)).metadata)
+    gguf = GGUFFile(model_store.resolve(args.model))
+    tokenizer = Tokenizer.from_metadata(gguf.metadata, source=str(gguf.path))
     if args.texts_json:
         with open(args.texts_json, encoding="utf-8") as f:
             texts = json.load(f)

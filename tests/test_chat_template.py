@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -82,3 +85,41 @@ def test_syntax_and_runtime_errors():
     with pytest.raises(ChatTemplateError, match="ZeroDivisionError"):
         render_chat("{{ 1 // 0 }}", MESSAGES)
     assert issubclass(ChatTemplateError, ValueError)
+
+
+_DOUBLING = "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+
+
+@pytest.mark.parametrize("template, message", [
+    (_DOUBLING + "{{ ns.s|length }}", "longer than"),  # 8 * 2**40 characters, no output
+    (_DOUBLING.replace("ns.s ~ ns.s", "ns.s + ns.s") + "{{ ns.s|length }}", "longer than"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "iterations|seconds"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endfor %}",
+     "iterations|seconds|characters"),
+    ("{% set x %}{% for i in range(100000) %}{{ 'y' * 100000 }}{% endfor %}{% endset %}{{ x|length }}",
+     "characters"),
+    ("{{ 'x'.ljust(1000000000) }}", "too large"),
+    ("{{ 'x'|center(1000000000) }}", "too large"),
+    ("{{ '%1000000000s' % 'x' }}", "too large"),
+    ("{{ '{:>1000000000}'.format('x') }}", "too large"),
+    ("{% set s = 'x' * 100000 %}{{ s.replace('', s) }}", "longer than"),
+    ("{% set s = 'x' * 100000 %}{{ range(100000)|join(s) }}", "longer than"),
+])
+def test_rendering_is_bounded_in_memory_and_time(template, message):
+    """Each case under a 2 GiB address-space limit in a subprocess: before the bounds one
+    exhausts memory, the other never ends."""
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))\n"
+            "from workers.model.chat_template import ChatTemplateError, render_chat\n"
+            "try:\n"
+            "    render_chat(sys.argv[1], [])\n"
+            "except ChatTemplateError as e:\n"
+            "    print(e)\n")
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-c", code, template], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("rendering ran past 20 s")
+    assert done.returncode == 0, done.stderr[-500:]
+    assert re.search(f"sandbox: .*({message})", done.stdout), done.stdout
+    assert time.monotonic() - t0 < 10

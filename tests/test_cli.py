@@ -10,6 +10,8 @@ import pytest
 
 from cluster.cli import main
 from workers.model import store as model_store
+from workers.model.gguf_file import GGUFFile
+from workers.model.synthetic import rewrite_model
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -96,6 +98,18 @@ def test_unknown_and_missing_models(capsys, tmp_path, monkeypatch):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
     code, _, err = run(capsys, "score", "--model", str(bad), "--ids", "1")
     assert code == 2 and str(bad) in err
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tokenizer.ggml.tokens", [1, 2, 3], "tokenizer.ggml.tokens is not an array of strings"),
+    ("tokenizer.ggml.merges", 5, "tokenizer.ggml.merges is not an array of strings"),
+    ("qwen2.block_count", float("inf"), "metadata qwen2.block_count = inf is not an integer"),
+])
+def test_malformed_model_metadata_is_one_error_line(capsys, tiny_model, tmp_path, key, value, message):
+    src = GGUFFile(tiny_model("qwen2"))
+    bad = rewrite_model(tmp_path / "bad.gguf", {**src.metadata, key: value}, dict(src.tensors))
+    code, _, err = run(capsys, "generate", "--model", str(bad), "--prompt", "x", "--max-tokens", "1")
+    assert (code, err) == (2, f"ntr: error: {bad}: {message}\n")
 
 
 def test_console_script_entry_point(tiny_model):

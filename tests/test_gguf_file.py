@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
-from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader
 
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFError, GGUFFile
-from workers.model.synthetic import add_field
+from workers.model.synthetic import rewrite_model
 
 
 def test_matches_gguf_reader(tiny_model):
@@ -84,7 +86,7 @@ def test_semantic_errors_name_the_problem(tmp_path, tiny_model, mutate, message)
     src = GGUFFile(tiny_model("llama", "Q8_0"))
     md, tensors = dict(src.metadata), dict(src.tensors)
     mutate(md, tensors)
-    path = _rewrite(tmp_path / "m.gguf", md, tensors)
+    path = rewrite_model(tmp_path / "m.gguf", md, tensors)
     with pytest.raises(GGUFError, match=message):
         ModelConfig.from_gguf(GGUFFile(path))
 
@@ -95,7 +97,7 @@ def test_unsupported_quant_type_names_tensor(tmp_path, tiny_model):
     t = tensors["blk.0.attn_q.weight"]
     iq = np.zeros((t.shape[0], t.shape[1] // 256 * 136), np.uint8)
     tensors[t.name] = (iq, GGMLQuantizationType.IQ4_XS)
-    path = _rewrite(tmp_path / "iq.gguf", dict(src.metadata), tensors)
+    path = rewrite_model(tmp_path / "iq.gguf", dict(src.metadata), tensors)
     with pytest.raises(GGUFError, match="'blk.0.attn_q.weight' has unsupported quantization type IQ4_XS"):
         ModelConfig.from_gguf(GGUFFile(path))
 
@@ -111,19 +113,52 @@ def test_not_gguf_and_missing_file(tmp_path):
         GGUFFile(tmp_path / "empty.gguf")
 
 
-def _rewrite(path, metadata, tensors):
-    w = GGUFWriter(str(path), metadata.get("general.architecture", "llama"))
-    for key, value in metadata.items():
-        if key != "general.architecture":
-            add_field(w, key, value)
-    for name, t in tensors.items():
-        raw, qtype = t if isinstance(t, tuple) else (t.data, t.qtype)
-        if qtype == GGMLQuantizationType.F32:
-            w.add_tensor(name, np.array(raw).view(np.float32))
-        else:
-            w.add_tensor(name, np.array(raw), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def _gguf_string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _raw_gguf(*entries: tuple[str, int, bytes]) -> bytes:
+    """A GGUF v3 header with no tensors: (key, value type, value bytes) entries written as given,
+    which GGUFWriter would refuse (duplicates, deep nesting)."""
+    body = b"".join(_gguf_string(key) + struct.pack("<I", vtype) + value for key, vtype, value in entries)
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, len(entries)) + body
+
+
+_UINT32, _ARRAY = 4, 9
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([("a.x", _UINT32, struct.pack("<I", 1))] * 2, "metadata key 'a.x' appears twice"),
+    # 3,000 arrays each holding the next: the parser must not recurse that deep
+    ([("a.deep", _ARRAY, struct.pack("<IQ", _ARRAY, 1) * 3000 + struct.pack("<IQ", _UINT32, 0))],
+     "'a.deep' nests arrays"),
+    # an array longer than any vocabulary, whose bytes the file does hold
+    ([("a.big", _ARRAY, struct.pack("<IQ", 0, (1 << 22) + 1) + bytes((1 << 22) + 1))],
+     "'a.big' has 4194305 elements"),
+])
+def test_header_counts_are_bounded_before_use(tmp_path, entries, message):
+    path = tmp_path / "h.gguf"
+    path.write_bytes(_raw_gguf(*entries))
+    with pytest.raises(GGUFError, match=f"{path}: .*{message}"):
+        GGUFFile(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # 4 bytes changed in a real file: must not walk 4 billion layers' tensor names
+    ("llama.block_count", 0xFFFFFFFF, "llama.block_count = 4294967295 is more layers than"),
+    ("llama.block_count", float("inf"), "llama.block_count = inf is not an integer"),
+    ("llama.block_count", 2.5, "llama.block_count = 2.5 is not an integer"),
+    ("llama.block_count", "2", "llama.block_count = '2' is not a single number"),
+    # checked against the embedding before the RoPE table is built from it
+    ("llama.embedding_length", 1 << 24, "llama.embedding_length = 16777216 does not match"),
+    ("llama.attention.key_length", 1 << 30, "llama.attention.key_length = 1073741824 does not match"),
+    ("llama.attention.layer_norm_rms_epsilon", float("nan"), "llama.attention.layer_norm_rms_epsilon = nan is not a finite"),
+    ("llama.rope.freq_base", float("inf"), "llama.rope.freq_base = inf is not a finite"),
+    ("llama.rope.scaling.type", 7, "llama.rope.scaling.type = 7 is not a string"),
+])
+def test_hyperparameters_are_checked_where_read(tmp_path, tiny_model, key, value, message):
+    src = GGUFFile(tiny_model("llama", "Q8_0"))
+    path = rewrite_model(tmp_path / "m.gguf", {**src.metadata, key: value}, dict(src.tensors))
+    with pytest.raises(GGUFError, match=f"{path}: metadata {message}"):
+        ModelConfig.from_gguf(GGUFFile(path))

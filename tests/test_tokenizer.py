@@ -193,3 +193,29 @@ def test_long_repetitive_input(name):
     ids = tok.encode(text)
     assert time.perf_counter() - t0 < 5.0
     assert tok.decode(ids) == text and len(ids) < 10_000
+
+
+_ABSENT = object()
+
+
+@pytest.mark.parametrize("vocab, key, value, message", [
+    ("gpt-2", "tokenizer.ggml.tokens", [1, 2, 3], "tokenizer.ggml.tokens is not an array of strings"),
+    ("gpt-2", "tokenizer.ggml.tokens", 7, "tokenizer.ggml.tokens is not an array of strings"),
+    ("gpt-2", "tokenizer.ggml.tokens", [], "tokenizer.ggml.tokens is empty"),
+    ("gpt-2", "tokenizer.ggml.tokens", _ABSENT, "tokenizer.ggml.tokens is missing"),
+    ("gpt-2", "tokenizer.ggml.merges", [1, 2], "tokenizer.ggml.merges is not an array of strings"),
+    ("gpt-2", "tokenizer.ggml.merges", 7, "tokenizer.ggml.merges is not an array of strings"),
+    ("gpt-2", "tokenizer.ggml.merges", _ABSENT, "tokenizer.ggml.merges is missing"),
+    ("gpt-2", "tokenizer.ggml.token_type", [1, 1], "tokenizer.ggml.token_type has 2 entries for 50257 tokens"),
+    ("gpt-2", "tokenizer.ggml.token_type", ["x"] * 50257, "tokenizer.ggml.token_type is not an array of integers"),
+    ("gpt-2", "tokenizer.ggml.pre", 5, "tokenizer.ggml.pre = 5 is not a string"),
+    ("llama-spm", "tokenizer.ggml.scores", [0.5], "tokenizer.ggml.scores has 1 entries for 32000 tokens"),
+    ("llama-spm", "tokenizer.ggml.scores", [float("nan")] * 32000, "tokenizer.ggml.scores holds a value that is not"),
+    ("llama-spm", "tokenizer.ggml.add_bos_token", [1], "tokenizer.ggml.add_bos_token = \\[1\\] is not a boolean"),
+])
+def test_malformed_metadata_names_the_key(vocab, key, value, message):
+    md = {k: v for k, v in metadata(vocab).items() if k != key}
+    if value is not _ABSENT:
+        md[key] = value
+    with pytest.raises(ValueError, match=f"^m.gguf: {message}"):
+        Tokenizer.from_metadata(md, source="m.gguf")

@@ -117,7 +117,7 @@ class Engine:
         backend's KV layout hold (at least one context), or one context."""
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
-        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata)
+        self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=str(self.gguf.path))
         self.ops = get_backend(backend) if isinstance(backend, str) else backend
         self.model = Transformer(self.gguf, self.config, self.ops)
         self.max_context = min(self.config.context_length, max_context or DEFAULT_MAX_CONTEXT)

@@ -8,6 +8,7 @@ writes them from it: adding an architecture is adding one entry.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -33,7 +34,9 @@ class Architecture:
                 ) -> Iterator[tuple[str, tuple[int, ...], int | None]]:
         """(GGUF name, shape, layer or None) of every tensor a model of these dimensions holds,
         in file order. present: the roles of optional tensors the model has (all when None)."""
-        for layer, specs in [(None, self.model_tensors)] + [(i, self.layer_tensors) for i in range(n_layers)]:
+        # A generator all the way down: n_layers comes from a file and is checked against it lazily.
+        layers = itertools.chain([(None, self.model_tensors)], ((i, self.layer_tensors) for i in range(n_layers)))
+        for layer, specs in layers:
             for spec in specs:
                 if spec.optional and present is not None and spec.role not in present:
                     continue

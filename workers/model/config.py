@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from kernels.quants import SUPPORTED_QTYPES
 from workers.model.architecture import ARCHITECTURES, QKV_BIAS, Architecture, dimensions
-from workers.model.gguf_file import GGUFError, GGUFFile
+from workers.model.gguf_file import GGUFError, GGUFFile, shown_value
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,18 @@ class ModelConfig:
             raise GGUFError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
 
         def get(key: str, default=None, kind=int):
+            # Every number is checked for its type and range here, where it is read: a header
+            # field can hold any GGUF type (a float32 infinity, a string, an array).
             value = md.get(f"{arch}.{key}", default)
             if value is None:
                 raise GGUFError(f"{path}: metadata key {arch}.{key} is missing")
-            if isinstance(value, list) or not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise GGUFError(f"{path}: metadata {arch}.{key} = {value!r} is not a single number")
+            shown = shown_value(value)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise GGUFError(f"{path}: metadata {arch}.{key} = {shown} is not a single number")
+            if kind is int and not isinstance(value, int):
+                raise GGUFError(f"{path}: metadata {arch}.{key} = {shown} is not an integer")
+            if not math.isfinite(value):
+                raise GGUFError(f"{path}: metadata {arch}.{key} = {shown} is not a finite number")
             value = kind(value)
             if value <= 0:
                 raise GGUFError(f"{path}: metadata {arch}.{key} = {value} must be positive")
@@ -47,6 +55,13 @@ class ModelConfig:
 
         if any(name.endswith("_exps.weight") for name in gguf.tensors):
             raise GGUFError(f"{path}: mixture-of-experts models are not supported")
+        table = ARCHITECTURES[arch]
+        n_layers = get("block_count")
+        # Before anything loops over the layers: each one needs its own tensors in this file.
+        layer_tensors = sum(not spec.optional for spec in table.layer_tensors)
+        if n_layers * layer_tensors > len(gguf.tensors):
+            raise GGUFError(f"{path}: metadata {arch}.block_count = {n_layers} is more layers than "
+                            f"the file's {len(gguf.tensors)} tensors hold")
         d_model, n_heads = get("embedding_length"), get("attention.head_count")
         head_dim = get("attention.key_length", d_model // n_heads)
         if get("attention.value_length", head_dim) != head_dim:
@@ -56,16 +71,30 @@ class ModelConfig:
         n_kv_heads = get("attention.head_count_kv", n_heads)
         if n_heads % n_kv_heads:
             raise GGUFError(f"{path}: {n_heads} heads are not a multiple of {n_kv_heads} KV heads")
-        table = ARCHITECTURES[arch]
-        embd = gguf.tensors.get(table.tensor_name("embed"))
-        if embd is None:
-            raise GGUFError(f"{path}: tensor {table.tensor_name('embed')!r} is missing")
+
+        def matches(key: str, value: int, role: str, layer: int | None, axis: int) -> None:
+            # The sizes the RoPE table is built from, against the tensors they describe: a
+            # header cannot make it allocate more than the file holds.
+            name = table.tensor_name(role, layer)
+            tensor = gguf.tensors.get(name)
+            if tensor is None:
+                raise GGUFError(f"{path}: tensor {name!r} is missing")
+            if tensor.shape[axis] != value:
+                raise GGUFError(f"{path}: metadata {arch}.{key} = {md.get(f'{arch}.{key}')} does not match "
+                                f"tensor {name!r} of shape {tensor.shape}")
+
+        matches("embedding_length", d_model, "embed", None, -1)
+        head_key = "attention.key_length" if f"{arch}.attention.key_length" in md else "attention.head_count"
+        matches(head_key, n_heads * head_dim, "wq", 0, 0)
+        embd = gguf.tensors[table.tensor_name("embed")]
 
         inv_freq = get("rope.freq_base", 10000.0, float) ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
         scaling = md.get(f"{arch}.rope.scaling.type", "none")
+        if not isinstance(scaling, str):
+            raise GGUFError(f"{path}: metadata {arch}.rope.scaling.type = {shown_value(scaling)} is not a string")
         if scaling == "linear":
             inv_freq = inv_freq / get("rope.scaling.factor", kind=float)
-        elif scaling not in ("none", None):
+        elif scaling != "none":
             raise GGUFError(f"{path}: rope scaling {scaling!r} is not supported (none, linear, llama3 factors)")
         if "rope_freqs.weight" in gguf.tensors:  # llama3-style per-frequency factors
             factors = gguf.tensors["rope_freqs.weight"]
@@ -75,7 +104,7 @@ class ModelConfig:
 
         config = cls(
             arch=arch,
-            n_layers=get("block_count"),
+            n_layers=n_layers,
             d_model=d_model,
             n_heads=n_heads,
             n_kv_heads=n_kv_heads,

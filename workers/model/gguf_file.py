@@ -20,6 +20,13 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+# Bounds on what a header may make the parser build, checked before anything is built from a
+# count: every byte of metadata becomes a Python object several times its size, so a count
+# that fits a multi-GB file must still not turn into gigabytes of lists. Real models stay far
+# below them (a 256k-token vocabulary with its merges is ~15 MB and ~800k values).
+MAX_HEADER_BYTES = 64 << 20  # metadata and tensor infos together
+MAX_ARRAY_LENGTH = 1 << 22
+MAX_ARRAY_DEPTH = 4  # arrays of arrays: none in practice; bounds the parser's recursion
 
 # GGUF metadata value type codes -> struct format (None: variable length).
 _SCALAR_FORMATS = {
@@ -54,8 +61,11 @@ class TensorInfo:
 
 
 class _Cursor:
+    """Reads the header: never past the end of the file, nor past MAX_HEADER_BYTES."""
+
     def __init__(self, buf: mmap.mmap, path: Path):
         self.buf, self.pos, self.path, self.size = buf, 0, path, len(buf)
+        self.limit = min(self.size, MAX_HEADER_BYTES)
 
     def fail(self, what: str) -> GGUFError:
         return GGUFError(f"{self.path}: {what} (at byte {self.pos} of {self.size})")
@@ -63,6 +73,8 @@ class _Cursor:
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
             raise self.fail(f"truncated while reading {what}")
+        if self.pos + n > self.limit:
+            raise self.fail(f"{what} would take the header past {MAX_HEADER_BYTES >> 20} MiB")
 
     def unpack(self, fmt: str, what: str) -> Any:
         n = struct.calcsize(fmt)
@@ -82,14 +94,18 @@ class _Cursor:
             # Some vocabularies hold byte tokens that are not valid UTF-8 on their own.
             return raw.decode("utf-8", errors="surrogateescape")
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALAR_FORMATS:
             return self.unpack(_SCALAR_FORMATS[vtype], what)
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            if depth == MAX_ARRAY_DEPTH:
+                raise self.fail(f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep")
             etype = self.unpack("<I", what)
             count = self.unpack("<Q", what)
+            if count > MAX_ARRAY_LENGTH:
+                raise self.fail(f"{what} has {count} elements, more than {MAX_ARRAY_LENGTH}")
             if etype in _NUMPY_DTYPES:
                 dtype = np.dtype(_NUMPY_DTYPES[etype])
                 self.need(count * dtype.itemsize, what)
@@ -102,9 +118,15 @@ class _Cursor:
                 return [self.string(what) for _ in range(count)]
             if etype == _ARRAY:
                 self.need(count * 12, what)
-                return [self.value(_ARRAY, what) for _ in range(count)]
+                return [self.value(_ARRAY, what, depth + 1) for _ in range(count)]
             raise self.fail(f"unknown array element type {etype} in {what}")
         raise self.fail(f"unknown value type {vtype} in {what}")
+
+
+def shown_value(value: Any) -> str:
+    """A metadata value in an error line: its repr, cut short (it may be a whole array)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def tensor_nbytes(qtype: GGMLQuantizationType, shape: tuple[int, ...]) -> int:
@@ -151,6 +173,8 @@ class GGUFFile:
         self.metadata: dict[str, Any] = {}
         for i in range(n_kv):
             key = c.string(f"metadata key #{i}")
+            if key in self.metadata:
+                raise c.fail(f"metadata key {key!r} appears twice")
             vtype = c.unpack("<I", f"type of {key!r}")
             self.metadata[key] = c.value(vtype, f"metadata {key!r}")
 

@@ -167,3 +167,24 @@ def add_field(w: GGUFWriter, key: str, value) -> None:
         w.add_float32(key, value)
     elif isinstance(value, list):
         w.add_array(key, value)
+
+
+def rewrite_model(path: str | Path, metadata: dict, tensors: dict) -> Path:
+    """Write a GGUF from GGUFFile-style metadata and tensors (a TensorInfo, or (raw bytes, qtype)):
+    how the tests make a model with one field or tensor changed."""
+    path = Path(path)
+    w = GGUFWriter(str(path), metadata.get("general.architecture", "llama"))
+    for key, value in metadata.items():
+        if key != "general.architecture":
+            add_field(w, key, value)
+    for name, t in tensors.items():
+        raw, qtype = t if isinstance(t, tuple) else (t.data, t.qtype)
+        if qtype == GGMLQuantizationType.F32:
+            w.add_tensor(name, np.array(raw).view(np.float32))
+        else:
+            w.add_tensor(name, np.array(raw), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

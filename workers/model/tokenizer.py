@@ -40,9 +40,12 @@ from __future__ import annotations
 
 import codecs
 import heapq
+import math
 from typing import Any, Mapping, Sequence
 
 import regex
+
+from workers.model.gguf_file import shown_value
 
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
@@ -113,6 +116,7 @@ def _byte_maps() -> tuple[dict[int, str], dict[int, int]]:
 
 
 _BYTE_TO_CHAR, _CHAR_TO_BYTE = _byte_maps()
+_BYTE_TOKEN = regex.compile(r"<0x[0-9A-Fa-f]{2}>")  # an SPM byte token's text
 
 
 def _merge(symbols: list[str], priority) -> list[str]:
@@ -145,42 +149,97 @@ def _merge(symbols: list[str], priority) -> list[str]:
     return [s for s in symbols if s]
 
 
+class _Fields:
+    """The tokenizer's metadata, each value checked for its type and length where it is read
+    (a GGUF key can hold any type): errors are one line naming the file and the key."""
+
+    def __init__(self, md: Mapping[str, Any], source: str):
+        self.md, self.source = md, source
+
+    def fail(self, what: str) -> ValueError:
+        return ValueError(f"{self.source}: {what}")
+
+    def strings(self, key: str) -> list[str]:
+        value = self.md.get(key)
+        if value is None:
+            raise self.fail(f"{key} is missing")
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(f"{key} is not an array of strings")
+        return value
+
+    def per_token(self, key: str, n: int, kinds: tuple[type, ...], kind_name: str) -> list | None:
+        """An array with one number per token, or None when absent."""
+        value = self.md.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value):
+            raise self.fail(f"{key} is not an array of {kind_name}")
+        if len(value) != n:
+            raise self.fail(f"{key} has {len(value)} entries for {n} tokens")
+        return value
+
+    def text(self, key: str, default: str | None) -> str | None:
+        value = self.md.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.fail(f"{key} = {shown_value(value)} is not a string")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.md.get(key, default)
+        if not isinstance(value, (bool, int)):
+            raise self.fail(f"{key} = {shown_value(value)} is not a boolean")
+        return bool(value)
+
+
 class Tokenizer:
-    def __init__(self, md: Mapping[str, Any]):
-        model = md.get("tokenizer.ggml.model")
+    def __init__(self, md: Mapping[str, Any], source: str = "GGUF metadata"):
+        """`source` names the file in errors."""
+        fields = _Fields(md, source)
+        model = fields.text("tokenizer.ggml.model", None)
         if model not in ("llama", "gpt2"):
-            raise ValueError(f"unsupported tokenizer.ggml.model {model!r}: "
-                             "only 'llama' (SPM) and 'gpt2' (byte-level BPE) are supported")
+            raise fields.fail(f"unsupported tokenizer.ggml.model {model!r}: "
+                              "only 'llama' (SPM) and 'gpt2' (byte-level BPE) are supported")
         self.is_spm = model == "llama"
+        tokens = fields.strings("tokenizer.ggml.tokens")
+        if not tokens:
+            raise fields.fail("tokenizer.ggml.tokens is empty")
         # llama.cpp renames empty tokens; an empty special text would match everywhere.
-        self.tokens: list[str] = [t or f"[EMPTY_{i}]" for i, t in enumerate(md["tokenizer.ggml.tokens"])]
+        self.tokens: list[str] = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
         n = self.vocab_size = len(self.tokens)
-        self.token_types: list[int] = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * n)
+        self.token_types: list[int] = list(
+            fields.per_token("tokenizer.ggml.token_type", n, (int,), "integers") or [NORMAL] * n)
         self.token_to_id = {t: i for i, t in enumerate(self.tokens)}
 
         flags: dict[str, bool] = {}
         if self.is_spm:
-            scores = md.get("tokenizer.ggml.scores") or [0.0] * n
+            scores = fields.per_token("tokenizer.ggml.scores", n, (int, float), "numbers") or [0.0] * n
+            if not all(math.isfinite(s) for s in scores):
+                raise fields.fail("tokenizer.ggml.scores holds a value that is not a finite number")
+            # _piece reads a byte token's value from its text.
+            bad = next((t for t, tt in zip(self.tokens, self.token_types) if tt == BYTE and not _BYTE_TOKEN.fullmatch(t)),
+                       None)
+            if bad is not None:
+                raise fields.fail(f"tokenizer.ggml.tokens: byte token {shown_value(bad)} is not of the form <0xNN>")
             # Higher score merges first; heapq pops the smallest, so negate.
             self._neg_score = {t: -s for t, s in zip(self.tokens, scores)}
             defaults = {"bos": 1, "eos": 2, "unknown": 0}
             self.add_space_prefix, self.add_bos, self.add_eos = True, True, False
         else:
-            pre = md.get("tokenizer.ggml.pre") or "default"
+            pre = fields.text("tokenizer.ggml.pre", None) or "default"
             if pre not in _PRE:
-                raise ValueError(f"unsupported tokenizer.ggml.pre {pre!r} (supported: {', '.join(sorted(_PRE))})")
+                raise fields.fail(f"unsupported tokenizer.ggml.pre {pre!r} (supported: {', '.join(sorted(_PRE))})")
             self._pre_regexes, flags = _PRE[pre]
             self._ranks = {}
-            for rank, merge in enumerate(md["tokenizer.ggml.merges"]):
+            for rank, merge in enumerate(fields.strings("tokenizer.ggml.merges")):
                 cut = merge.find(" ", 1)  # from 1, as llama.cpp: a left part may be a space
                 if cut > 0:
                     self._ranks.setdefault((merge[:cut], merge[cut + 1:]), rank)
             defaults = {}
             self.add_space_prefix, self.add_bos, self.add_eos = False, flags.get("add_bos", False), False
         self._ignore_merges = flags.get("ignore_merges", False)
-        self.add_space_prefix = bool(md.get("tokenizer.ggml.add_space_prefix", self.add_space_prefix))
-        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", self.add_bos))
-        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", self.add_eos))
+        self.add_space_prefix = fields.flag("tokenizer.ggml.add_space_prefix", self.add_space_prefix)
+        self.add_bos = fields.flag("tokenizer.ggml.add_bos_token", self.add_bos)
+        self.add_eos = fields.flag("tokenizer.ggml.add_eos_token", self.add_eos)
 
         def special_id(key: str) -> int | None:
             for k in (key, _OLD_ROLE_KEYS.get(key)):
@@ -219,7 +278,7 @@ class Tokenizer:
         specials = sorted((i for i, tt in enumerate(self.token_types) if tt in (CONTROL, USER_DEFINED, UNKNOWN)),
                           key=lambda i: (-len(self.tokens[i].encode()), i))
         # llama.cpp sets RSTRIP on Phi-3's special tokens (matched by general.name).
-        name = str(md.get("general.name", "")).lower()
+        name = (fields.text("general.name", "") or "").lower()
         rstrip = set(specials) if ("phi-3" in name or "phi3" in name) else set()
         if rstrip:
             rstrip |= {self.token_to_id[t] for t in ("</s>",) if t in self.token_to_id}
@@ -230,8 +289,8 @@ class Tokenizer:
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
-    def from_metadata(cls, md: Mapping[str, Any]) -> "Tokenizer":
-        return cls(md)
+    def from_metadata(cls, md: Mapping[str, Any], source: str = "GGUF metadata") -> "Tokenizer":
+        return cls(md, source)
 
     # --- encoding -------------------------------------------------------------------
 
