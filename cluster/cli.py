@@ -121,11 +121,21 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    import os
+
     from cluster import config
 
     config.load(args.config)  # every config error, with file and field, before Ray starts
+    import ray
     from ray.serve.scripts import cli as serve_cli
 
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        # A cluster of its own on this machine. Ray's GCS, raylet, agents and workers listen on
+        # every interface whatever the node address (Ray 2.60 turns 127.0.0.1 into the routable
+        # one); a new local cluster requires Ray's token on every RPC (ray.init turns token auth
+        # on unless RAY_AUTH_MODE says otherwise). What Ray lets bind to loopback does: the
+        # dashboard here, the HTTP proxy by the config's http_options.host. docs/deploy.md, "Ports".
+        ray.init(namespace="serve", dashboard_host="127.0.0.1")  # serve run's namespace; it keeps this Ray
     serve_cli.main(["run", args.config, *(["--address", args.address] if args.address else [])],
                    standalone_mode=False)
     return 0

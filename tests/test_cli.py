@@ -116,3 +116,24 @@ def test_console_script_entry_point(tiny_model):
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "tokenize", "--model", str(tiny_model("qwen2")),
                           "--text", "hello world", "--json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and json.loads(out.stdout) == [14990, 1879]
+
+
+@pytest.mark.parametrize("address", [None, "127.0.0.1:6380"])
+def test_serve_starts_its_own_ray_on_loopback_where_ray_allows(monkeypatch, address):
+    """ntr serve without a cluster address starts its own Ray with the dashboard on loopback (Ray's
+    other ports listen on every interface, guarded by the token Ray 2.60 turns on for a new local
+    cluster: docs/deploy.md); with an address it joins that cluster as it is."""
+    import ray
+    from ray.serve.scripts import cli as serve_cli
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(("init", kw)))
+    monkeypatch.setattr(serve_cli, "main", lambda argv, standalone_mode: calls.append(("serve", argv)))
+    argv = ["serve", "--config", "configs/dev-cpu.yaml"] + (["--address", address] if address else [])
+    assert main(argv) == 0
+    if address is None:
+        assert calls[0] == ("init", {"namespace": "serve", "dashboard_host": "127.0.0.1"})
+    else:
+        assert [c[0] for c in calls] == ["serve"] and calls[0][1][-2:] == ["--address", address]
+    assert calls[-1][1][:2] == ["run", "configs/dev-cpu.yaml"]

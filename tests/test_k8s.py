@@ -67,3 +67,20 @@ def test_gpu_workers_and_serve_config(manifest):
     assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
     (app,) = config.validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]), "serveConfigV2")
     assert app.num_gpus == 1 and app.backend == "cupy"
+
+
+def test_ray_ports_guarded(manifest):
+    """Ray's ports listen on every interface of a pod: token auth on the cluster, and a
+    NetworkPolicy that opens only the API ports (and metrics) beyond the cluster's own pods."""
+    assert manifest["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    policy = yaml.safe_load((REPO / "k8s" / "networkpolicy.yaml").read_text())
+    assert policy["apiVersion"] == "networking.k8s.io/v1" and policy["kind"] == "NetworkPolicy"
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    assert {"key": "ray.io/cluster", "operator": "Exists"} in spec["podSelector"]["matchExpressions"]
+    open_to_all = [r for r in spec["ingress"] if "from" not in r]
+    assert [sorted(p["port"] for p in r["ports"]) for r in open_to_all] == [[8000, 9000]]
+    in_cluster = [r for r in spec["ingress"] if "ports" not in r]
+    assert len(in_cluster) == 1 and "podSelector" in in_cluster[0]["from"][0]
+    scraped = [p["port"] for r in spec["ingress"] if "from" in r and "ports" in r for p in r["ports"]]
+    assert scraped == [8080]
