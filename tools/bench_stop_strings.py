@@ -2,12 +2,12 @@
 streams on the Serve app, with and without one more request that carries four stop strings
 of the longest allowed length (workers/engine/sampling.py MAX_STOP_LENGTH).
 
-    python tools/bench_stop_strings.py [--model NAME_OR_PATH] [--streams 32] [--tokens 8] [--rounds 2]
+    python tools/bench_stop_strings.py [--model NAME_OR_PATH] [--streams 64] [--tokens 8] [--rounds 2]
 
 Loopback only: a private local Ray cluster and the app of cluster/app.py on a free
-127.0.0.1 port, configured as configs/dev-cpu.yaml (numpy backend, 2 CPUs). --streams is
-capped at the config's max_num_seqs, so every stream runs at once rather than queueing (64
-wanted, 32 on the dev config). Each round runs the load without and then with the
+127.0.0.1 port, configured as configs/dev-cpu.yaml (numpy backend, 2 CPUs) with max_num_seqs
+raised to hold every stream and the stop-string request at once (rather than queueing them).
+Each round runs the load without and then with the
 stop-string request, after one untimed warm-up; every request and the whole run are bounded
 (--timeout). Prints the medians and their ratio, which should stay under 2.
 """
@@ -69,7 +69,7 @@ def load(port: int, streams: int, tokens: int, with_stops: bool, timeout_s: floa
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help=f"registered name or GGUF path (default {model_store.DEFAULT_MODEL})")
-    p.add_argument("--streams", type=int, default=64, help="concurrent normal streams (capped at max_num_seqs)")
+    p.add_argument("--streams", type=int, default=64, help="concurrent normal streams")
     p.add_argument("--tokens", type=int, default=8, help="tokens per normal stream (the stop-string one: 4x)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--timeout", type=float, default=300, help="seconds any one request may take")
@@ -81,8 +81,9 @@ def main() -> int:
     from cluster.config import ServerConfig
 
     dev = yaml.safe_load((REPO / "configs" / "dev-cpu.yaml").read_text())["applications"][0]["args"]
-    config = ServerConfig(**(dev | {"model": str(model_store.resolve(args.model))}))
-    streams = min(args.streams, config.max_num_seqs - 1)  # room for the stop-string request beside them
+    streams = args.streams
+    config = ServerConfig(**(dev | {"model": str(model_store.resolve(args.model)), "max_num_seqs": streams + 1,
+                                    "max_batch_tokens": max(dev["max_batch_tokens"], streams + 1)}))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
