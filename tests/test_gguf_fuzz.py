@@ -229,29 +229,20 @@ def report():
         print(f"\n{name}: {sum(counts.values())} mutants: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
 
 
-def test_synthetic_model_mutants_load_or_fail_cleanly(tiny_path, tmp_path):
-    lay = layout(tiny_path)
-    assert run_limited(load_engine, tiny_path) == "ok"
+@pytest.mark.parametrize("name, model, load, header_only", [
+    ("synthetic model, Engine", "tiny_path", load_engine, False),
+    ("default model header, parse + checks", "real_model_path", parse_and_check, True),
+], ids=["synthetic-model", "default-model-header"])
+def test_mutants_load_or_fail_cleanly(request, tmp_path, name, model, load, header_only):
+    path = request.getfixturevalue(model)
+    lay = layout(path)
+    assert run_limited(load, path) == "ok"
 
     @FUZZ
     @given(mutations(lay))
     def one(mutation):
         out = tmp_path / "mutant.gguf"
-        write_mutant(tiny_path, lay, mutation, out, header_only=False)
-        check("synthetic model, Engine", run_limited(load_engine, out))
-
-    one()
-
-
-def test_default_model_header_mutants_parse_or_fail_cleanly(real_model_path, tmp_path):
-    lay = layout(real_model_path)
-    assert run_limited(parse_and_check, real_model_path) == "ok"
-
-    @FUZZ
-    @given(mutations(lay))
-    def one(mutation):
-        out = tmp_path / "mutant.gguf"
-        write_mutant(real_model_path, lay, mutation, out, header_only=True)
-        check("default model header, parse + checks", run_limited(parse_and_check, out))
+        write_mutant(path, lay, mutation, out, header_only=header_only)
+        check(name, run_limited(load, out))
 
     one()
