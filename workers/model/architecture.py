@@ -75,7 +75,13 @@ _DECODER_LAYER = (
     TensorSpec("ffn_up.weight", "w_up", ("ffn_dim", "d_model")),
     TensorSpec("ffn_down.weight", "w_down", ("d_model", "ffn_dim")),
 )
-QKV_BIAS = ("bq", "bk", "bv")
+
+
+def optional_roles(qkv_bias: bool, tied_embeddings: bool) -> set[str]:
+    """The optional tensors a model has: Q/K/V biases, and an output head unless it is tied to
+    the embedding."""
+    return ({"bq", "bk", "bv"} if qkv_bias else set()) | (set() if tied_embeddings else {"output"})
+
 
 ARCHITECTURES = {
     arch.name: arch for arch in (

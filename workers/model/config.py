@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels.quants import SUPPORTED_QTYPES
-from workers.model.architecture import ARCHITECTURES, QKV_BIAS, Architecture, dimensions
+from workers.model.architecture import ARCHITECTURES, Architecture, dimensions, optional_roles
 from workers.model.gguf_file import GGUFError, GGUFFile, shown_value
 
 
@@ -133,7 +133,7 @@ class ModelConfig:
     @property
     def optional_roles(self) -> set[str]:
         """The architecture's optional tensors this model has."""
-        return (set(QKV_BIAS) if self.qkv_bias else set()) | (set() if self.tied_embeddings else {"output"})
+        return optional_roles(self.qkv_bias, self.tied_embeddings)
 
     def check_tensors(self, gguf: GGUFFile) -> None:
         for name, shape, _ in self.architecture.tensors(self.dims, self.n_layers, self.optional_roles):

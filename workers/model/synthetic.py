@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf.quants import quantize
 
 from kernels.quants import block_shape, dequantize
-from workers.model.architecture import ARCHITECTURES, QKV_BIAS, dimensions
+from workers.model.architecture import ARCHITECTURES, dimensions, optional_roles
 from workers.model.gguf_file import GGUFFile
 
 Q = GGMLQuantizationType
@@ -145,7 +145,7 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
             w.add_tensor(name, random_blocks(rng, dims, qtype, std), raw_dtype=qtype)
 
     dims = dimensions(s.d_model, s.n_heads, s.n_kv_heads, head_dim, s.ffn_dim, n_vocab)
-    present = (set(QKV_BIAS) if arch == "qwen2" else set()) | (set() if s.tied_embeddings else {"output"})
+    present = optional_roles(qkv_bias=arch == "qwen2", tied_embeddings=s.tied_embeddings)
     for name, shape, layer in ARCHITECTURES[arch].tensors(dims, s.n_layers, present):
         tensor(name, shape, layer)
     w.write_header_to_file()
