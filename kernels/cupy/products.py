@@ -30,7 +30,8 @@ from kernels.cupy.sources import DEQUANT, GEMV, GEMV_Q8, MMA
 from kernels.cupy.streams import ptr, sm_count
 from kernels.cupy.tuning import GEMV_MAX_T, Q8_ROWS
 from kernels.cupy.values import Attended, Lazy, epilogue_operand, materialize, rows2
-from kernels.cupy.weights import FLOAT_TYPES, QMMA_BK, UNITS_PER_BLOCK, QMatrix, Segment
+from kernels.cupy.planes import FLOAT_TYPES, QMMA_BK, UNITS_PER_BLOCK
+from kernels.cupy.weights import QMatrix, Segment
 from kernels.quants import block_shape
 
 QMMA_MAX_T = 64  # tokens the tensor-core product takes (quant_mma.cu MMA_BN)

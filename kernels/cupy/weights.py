@@ -1,7 +1,7 @@
 """Weights in VRAM: GGUF blocks kept quantized, regrouped into planes per block field.
 
 Decode at batch 1 reads every weight byte once per token, so weights stay quantized in VRAM
-(ggml's bytes, regrouped into 16-byte-aligned planes per block field, see PLANES) and the
+(ggml's bytes, regrouped into 16-byte-aligned planes per block field, kernels/cupy/planes.py) and the
 products decode them in registers (kernels/cuda/quant_blocks.cuh reads these planes).
 """
 
@@ -13,31 +13,10 @@ import cupy as cp
 import cupyx
 import numpy as np
 
+from kernels.cupy.planes import FLOAT_TYPES, INTERLEAVED, PLANES, QMMA_BK, UNITS_PER_BLOCK, plane_strides
 from kernels.cupy.streams import sm_count
 from kernels.cupy.tuning import Q8_ROWS
 from kernels.quants import Q, block_shape
-
-QMMA_BK = 128  # quant_mma.cu MMA_BK: values of K per step of the tensor-core product
-
-# (byte offset, length) of each block field, in the order the kernel structs read them.
-PLANES = {
-    Q.Q4_0: [(2, 16), (0, 2)],
-    Q.Q4_1: [(4, 16), (0, 4)],
-    Q.Q5_0: [(6, 16), (2, 4), (0, 2)],
-    Q.Q5_1: [(8, 16), (4, 4), (0, 4)],
-    Q.Q8_0: [(2, 32), (0, 2)],
-    Q.Q2_K: [(16, 64), (0, 16), (80, 4)],
-    Q.Q3_K: [(32, 64), (0, 32), (96, 12), (108, 2)],
-    Q.Q4_K: [(16, 128), (4, 12), (0, 4)],
-    Q.Q5_K: [(48, 128), (16, 32), (4, 12), (0, 4)],
-    Q.Q6_K: [(0, 128), (128, 64), (192, 16), (208, 2)],
-}
-FLOAT_TYPES = {Q.F32: 4, Q.F16: 2, Q.BF16: 2}
-UNITS_PER_BLOCK = {Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 4, Q.Q5_K: 4, Q.Q6_K: 4}  # the structs' UPB; others 1
-# Planes whose per-unit piece spans several 16-byte chunks (count given) are interleaved in
-# runs of 32 units, chunk-major: a warp reading 32 consecutive units loads whole lines.
-INTERLEAVED = {Q.Q8_0: 2, Q.Q2_K: 2, Q.Q3_K: 2, Q.Q4_K: 2, Q.Q5_K: 2, Q.Q6_K: 2, Q.F32: 8, Q.F16: 4, Q.BF16: 4}
-
 
 @dataclass
 class Segment:
@@ -143,29 +122,22 @@ def make_segment(upload: Uploader, tensors, row0: int) -> Segment:
         r += t.shape[0]
     if qtype in FLOAT_TYPES:
         nb = -(-K // 32)
-        first = cp.zeros((rows, nb * 32 * FLOAT_TYPES[qtype]), cp.uint8)
-        first[:, :row_bytes] = raw
-        fields = [first]
+        fields = [raw]
     else:
         block, size = block_shape(qtype)
         nb = K // block
         raw3 = raw.reshape(rows, nb, size)
         fields = [raw3[:, :, off:off + n].reshape(rows, nb * n) for off, n in PLANES[qtype]]
-    planes, strides = [], []
-    for i, f in enumerate(fields):
-        if i == 0 and qtype in INTERLEAVED:
+    strides = plane_strides(qtype, K)
+    planes = []
+    for i, (f, stride) in enumerate(zip(fields, strides)):
+        plane = cp.zeros((rows, stride), cp.uint8)
+        plane[:, :f.shape[1]] = f
+        if i == 0 and qtype in INTERLEAVED:  # runs of 32 units, chunk-major
             c = INTERLEAVED[qtype]
-            units = f.shape[1] // (16 * c)
-            padded = -(-units // 32) * 32
-            plane = cp.zeros((rows, padded * c * 16), cp.uint8)
-            plane[:, :f.shape[1]] = f
-            plane = cp.ascontiguousarray(plane.reshape(rows, padded // 32, 32, c, 16).transpose(0, 1, 3, 2, 4))
-            plane = plane.reshape(rows, -1)
-        else:
-            plane = cp.zeros((rows, -(-f.shape[1] // 16) * 16), cp.uint8)
-            plane[:, :f.shape[1]] = f
+            plane = cp.ascontiguousarray(plane.reshape(rows, -1, 32, c, 16).transpose(0, 1, 3, 2, 4))
+            plane = plane.reshape(rows, stride)
         planes.append(plane)
-        strides.append(plane.shape[1])
     del raw
     seg = Segment(qtype, row0, rows, K, nb, planes, strides)
     seg.plane_args()
