@@ -32,9 +32,11 @@ from kernels.cupy.elementwise import Normed, Roped, Swiglu
 from kernels.cupy.modules import Kernels
 from kernels.cupy.products import Product
 from kernels.cupy.steps import Steps
+from kernels.cupy.streaming import LayerStreaming, image_layout
 from kernels.cupy.streams import Launcher, on_stream
 from kernels.cupy.tuning import GEMV_MAX_T, Tuning
 from kernels.cupy.values import materialize
+from kernels.cupy.planes import KV_DTYPE, matrix_planes
 from kernels.cupy.weights import QMatrix, Uploader, stack
 from kernels.kv_layout import KVLayout
 from kernels.ops import Backend, StepInputs, check_supported
@@ -44,7 +46,7 @@ from kernels.quants import dequantize
 class CupyBackend(Backend):
     name = "cupy"
     dtype = cp.float32
-    kv_dtype = np.float16
+    kv_dtype = KV_DTYPE
     device_sampling = True  # the engine may call sample()/argmax() on device logits
 
     def __init__(self, vram_limit: int | None = None, graphs: bool = True):
@@ -61,6 +63,7 @@ class CupyBackend(Backend):
         self._loaded: dict = {}
         self._invf: dict = {}
         self._last_pos = None
+        self.streaming: LayerStreaming | None = None
 
     def drop_graphs(self) -> None:
         """Forget the captured decode graphs, so the next decode step captures anew: after a
@@ -82,7 +85,45 @@ class CupyBackend(Backend):
         w = stack(self.upload, tensors)
         self._loaded[key] = ([t.data for t in tensors], w)  # the views pin the ids
         self.steps.max_t = min(self.steps.max_t, products.QMMA_MAX_T if w.qmma else GEMV_MAX_T)
+        if self.streaming is not None and self.streaming.collecting is not None:
+            self.streaming.collecting.append(w)
         return w
+
+    def matrix_nbytes(self, *tensors) -> int:
+        return sum(matrix_planes(tensors))
+
+    # --- layers streamed from host memory (streaming.py) -------------------------------
+    def stream_layers(self, schedule, layer_tensors, host=None) -> None:
+        sizes = {i: image_layout([matrix_planes(m) for m in layer_tensors[i]]) for i in schedule.streamed}
+        self.streaming = LayerStreaming(self.stream, schedule, sizes, host)
+
+    def host_link(self) -> dict:
+        from kernels.cupy.link import host_link
+
+        return host_link()
+
+    def limit_device_memory(self, nbytes: int) -> None:
+        cp.get_default_memory_pool().set_limit(size=max(0, nbytes))
+
+    @on_stream
+    def load_layer(self, index, load):
+        s = self.streaming
+        if s is None or not s.schedule.is_streamed(index):
+            return load()
+        with s.loading(index):
+            return load()
+
+    def begin_layer(self, index) -> None:
+        if self.streaming is not None and self.streaming.schedule.is_streamed(index):
+            self.streaming.driver.begin_layer(index)
+
+    @on_stream
+    def end_layer(self, index, x):
+        if self.streaming is None or not self.streaming.schedule.is_streamed(index):
+            return x
+        x = materialize(x)  # a lazy product would read the slot after its refill was queued
+        self.streaming.driver.end_layer(index)
+        return x
 
     @on_stream
     def load_vector(self, *tensors):
@@ -172,7 +213,25 @@ class CupyBackend(Backend):
     @on_stream
     def run_step(self, forward, step: StepInputs, kv_caches, feed=None):
         """feed: device ids to take as the step's tokens (a decode step; greedy_step)."""
-        return self.steps.run(forward, step, kv_caches, feed)
+        return self.steps.run(self._pass(forward), step, kv_caches, feed)
+
+    def _pass(self, forward):
+        """forward with the streamed layers' ring kept whole: filled before, joined after."""
+        if self.streaming is None:
+            return forward
+        s = self.streaming.driver
+
+        def run(step, kv_caches):
+            s.begin_pass()
+            try:
+                out = materialize(forward(step, kv_caches))
+            except BaseException:
+                s.abandon()
+                raise
+            s.end_pass()
+            return out
+
+        return run
 
     @on_stream
     def greedy_step(self, forward, step: StepInputs, kv_caches, fed):
@@ -181,7 +240,7 @@ class CupyBackend(Backend):
         returned function waits only for that copy, and no host round trip stands between
         two steps."""
         feed = self._fed_ids(step.batch.num_seqs) if fed else None
-        self._greedy_ids, get = self.steps.greedy(forward, step, kv_caches, feed)
+        self._greedy_ids, get = self.steps.greedy(self._pass(forward), step, kv_caches, feed)
         return get
 
     # --- sampling on the device ---------------------------------------------------------

@@ -72,6 +72,40 @@ class Backend(ABC):
     def load_embedding(self, tensor) -> Weight:
         """The token embedding table, prepared for `embedding` (may stay quantized)."""
 
+    def matrix_nbytes(self, *tensors) -> int:
+        """Bytes load_matrix(*tensors) takes in the backend's memory (what placement counts)."""
+        return sum(t.shape[0] * t.shape[-1] * np.dtype(self.dtype).itemsize for t in tensors)
+
+    # --- layers streamed from host memory -----------------------------------------
+    # A backend that streams (CupyBackend) keeps the layers `stream_layers` names in host
+    # memory and copies each into a device slot for every forward pass (kernels/layer_ring.py);
+    # the model brackets each layer's loading and computing with the calls below.
+    def stream_layers(self, schedule, layer_tensors: dict[int, list[list]], host=None) -> None:
+        """Stream schedule.streamed (a RingSchedule) through schedule.n_slots device slots;
+        layer_tensors: each streamed layer's matrices, as load_matrix will get them, in order;
+        host: memory for the images (the backend allocates it if None)."""
+        raise ValueError(f"backend {self.name!r} keeps every layer resident: streaming needs the cupy backend")
+
+    def host_link(self) -> dict | None:
+        """The host-to-device link as measured ({"h2d_gb_s", "gen", "width", ...}); None where
+        there is no device."""
+        return None
+
+    def limit_device_memory(self, nbytes: int) -> None:
+        """Refuse allocations past nbytes of device memory (what a VRAM budget leaves the pool)."""
+
+    def load_layer(self, index: int, load: Callable[[], Any]) -> Any:
+        """load() loads layer `index`'s weights; a streaming backend moves a streamed layer's
+        matrices to host memory as they come."""
+        return load()
+
+    def begin_layer(self, index: int) -> None:
+        """Layer `index`'s weights are about to be read (a streamed one: wait for its copy)."""
+
+    def end_layer(self, index: int, x: Array) -> Array:
+        """Layer `index` computed x: every read of its weights is issued once this returns."""
+        return x
+
     # --- host <-> backend ----------------------------------------------------
     @abstractmethod
     def asarray(self, x: np.ndarray) -> Array: ...

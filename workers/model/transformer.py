@@ -28,6 +28,14 @@ class Layer:
     w_down: Weight
 
 
+def layer_matrices(gguf: GGUFFile, config: ModelConfig, i: int) -> list[list]:
+    """Layer i's matrices as load_matrix gets them, in the order the model loads them (what a
+    streaming backend lays out in the layer's image)."""
+    table, t = config.architecture, gguf.tensors
+    w = lambda role: t[table.tensor_name(role, i)]  # noqa: E731
+    return [[w("wq"), w("wk"), w("wv")], [w("wo")], [w("w_gate"), w("w_up")], [w("w_down")]]
+
+
 class Transformer:
     def __init__(self, gguf: GGUFFile, config: ModelConfig, ops: Backend):
         self.config, self.ops = config, ops
@@ -35,18 +43,15 @@ class Transformer:
         self.embed = ops.load_embedding(t[table.tensor_name("embed")])
         self.output_norm = ops.load_vector(t[table.tensor_name("output_norm")])
         self.output = ops.load_matrix(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
-        self.layers = []
-        for i in range(config.n_layers):
-            w = {spec.role: t.get(table.tensor_name(spec.role, i)) for spec in table.layer_tensors}
-            self.layers.append(Layer(
-                attn_norm=ops.load_vector(w["attn_norm"]),
-                wqkv=ops.load_matrix(w["wq"], w["wk"], w["wv"]),
-                bqkv=ops.load_vector(w["bq"], w["bk"], w["bv"]) if config.qkv_bias else None,
-                wo=ops.load_matrix(w["wo"]),
-                ffn_norm=ops.load_vector(w["ffn_norm"]),
-                w_gate_up=ops.load_matrix(w["w_gate"], w["w_up"]),
-                w_down=ops.load_matrix(w["w_down"]),
-            ))
+        self.layers = [ops.load_layer(i, lambda i=i: self._load_layer(gguf, i)) for i in range(config.n_layers)]
+
+    def _load_layer(self, gguf: GGUFFile, i: int) -> Layer:
+        table, t, ops = self.config.architecture, gguf.tensors, self.ops
+        vector = lambda *roles: ops.load_vector(*(t[table.tensor_name(r, i)] for r in roles))  # noqa: E731
+        wqkv, wo, w_gate_up, w_down = (ops.load_matrix(*m) for m in layer_matrices(gguf, self.config, i))
+        return Layer(attn_norm=vector("attn_norm"), wqkv=wqkv,
+                     bqkv=vector("bq", "bk", "bv") if self.config.qkv_bias else None, wo=wo,
+                     ffn_norm=vector("ffn_norm"), w_gate_up=w_gate_up, w_down=w_down)
 
     def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]]) -> Array:
         """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None)."""
@@ -55,7 +60,8 @@ class Transformer:
         scale = 1.0 / float(np.sqrt(c.head_dim))
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         x = ops.embedding(self.embed, step)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+            ops.begin_layer(i)
             h = ops.rmsnorm(x, layer.attn_norm, c.rms_eps)
             qkv = ops.matmul_add(h, layer.wqkv, layer.bqkv) if c.qkv_bias else ops.matmul(h, layer.wqkv)
             q, k, v = qkv[:, :q_dim], qkv[:, q_dim:q_dim + kv_dim], qkv[:, q_dim + kv_dim:]
@@ -65,6 +71,6 @@ class Transformer:
             attn = ops.attention(q, k, v, k_cache, v_cache, step, scale)
             x = ops.matmul_add(attn, layer.wo, x)
             h = ops.rmsnorm(x, layer.ffn_norm, c.rms_eps)
-            x = ops.matmul_add(ops.swiglu(ops.matmul(h, layer.w_gate_up)), layer.w_down, x)
+            x = ops.end_layer(i, ops.matmul_add(ops.swiglu(ops.matmul(h, layer.w_gate_up)), layer.w_down, x))
         x = ops.logit_input(x, step)
         return ops.matmul(ops.rmsnorm(x, self.output_norm, c.rms_eps), self.output)
