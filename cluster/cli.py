@@ -12,10 +12,79 @@ from workers.model import store as model_store
 DEFAULT_MAX_TOKENS = 128  # generate's, cut to the room the prompt leaves
 
 
-def _engine(args):
+GIB = 2**30
+
+
+def _placement_options(args) -> dict:
+    """The Engine's placement arguments from --vram-gb, --n-buffers and --ram-gb."""
+    for flag in ("vram_gb", "ram_gb", "n_buffers"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    return {"vram_budget": None if args.vram_gb is None else int(args.vram_gb * GIB), "n_buffers": args.n_buffers,
+            "host_ram": None if args.ram_gb is None else int(args.ram_gb * GIB)}
+
+
+def _engine(args, **kwargs):
     from workers.engine.engine import Engine
 
-    return Engine(model_store.resolve(args.model), backend=args.backend)
+    return Engine(model_store.resolve(args.model), backend=args.backend, **_placement_options(args), **kwargs)
+
+
+def cmd_plan(args) -> int:
+    from dataclasses import replace
+
+    from kernels.cupy.planes import CupySizes
+    from workers.engine.placement import Rates, plan_model
+    from workers.model.config import ModelConfig
+    from workers.model.gguf_file import GGUFFile
+
+    options = _placement_options(args)
+    if options["vram_budget"] is None:
+        raise ValueError("--vram-gb is required")
+    rates, source = Rates(), {"link_gb_s": "default (PCIe 4 x16); --link-gb-s or a GPU measures it"}
+    if args.link_gb_s is not None:
+        rates, source["link_gb_s"] = replace(rates, link_gb_s=args.link_gb_s), "--link-gb-s"
+    elif args.backend == "cupy":
+        try:
+            from kernels import get_backend
+
+            link = get_backend("cupy").host_link()
+            rates = replace(rates, link_gb_s=link["h2d_gb_s"])
+            source["link_gb_s"] = (f"pinned copy on {link['gpu']} (PCIe gen {link['gen']} x{link['width']}), "
+                                   f"{'cached' if link['cached'] else 'measured'} {link['measured_at']}")
+        except ValueError:
+            pass  # no GPU here: the default stands, named as such
+    source.update(weight_read_gb_s="default (H200: 70B tg128)", prompt_tflops="default (H200: 70B pp512)",
+                  disk_gb_s="default")
+    with GGUFFile(model_store.resolve(args.model)) as gguf:
+        config = ModelConfig.from_gguf(gguf)
+        max_context = min(config.context_length, args.ctx)
+        p = plan_model(gguf, config, CupySizes, kv_tokens=args.kv_tokens or max_context, max_context=max_context,
+                       max_batch_tokens=args.batch_tokens, max_num_seqs=args.seqs, rates=rates,
+                       budget=options["vram_budget"], host_ram=options["host_ram"], n_buffers=options["n_buffers"])
+    predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
+    if args.json:
+        print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
+                          "rates": {k: getattr(rates, k) for k in source}, "rates_source": source}))
+        return 0
+    print(f"{config.n_layers} layers, budget {p.budget / GIB:.2f} GiB: runtime reserve {p.reserve / GIB:.2f}, "
+          f"embedding/norms/head {p.sizes.fixed / GIB:.2f}, KV cache {p.kv_tokens} tokens "
+          f"{p.kv_tokens * p.sizes.kv_per_token / GIB:.2f}, {p.n_buffers} slots of {p.slot_bytes / 2**20:.1f} MiB, "
+          f"resident layers {p.bytes_in('vram') / GIB:.2f}; planned {p.device_bytes / GIB:.2f} GiB")
+    if p.why_buffers:
+        print(f"slots: {p.why_buffers}")
+    runs, start = [], 0
+    for i in range(1, len(p.tiers) + 1):
+        if i == len(p.tiers) or p.tiers[i] != p.tiers[start]:
+            runs.append(f"layers {start}-{i - 1}: {p.tiers[start]}")
+            start = i
+    print("; ".join(runs))
+    print(f"host RAM {p.bytes_in('ram') / GIB:.2f} GiB, disk {p.bytes_in('disk') / GIB:.2f} GiB")
+    for name in source:
+        print(f"rate {name} = {getattr(rates, name)} ({source[name]})")
+    print("predicted: " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -67,7 +136,8 @@ def cmd_perplexity(args) -> int:
         text = f.read()
     with GGUFFile(path) as gguf:  # the vocabulary sizes the default batch, which sizes the KV cache
         per_pass = args.batch or chunks_per_pass(args.ctx, ModelConfig.from_gguf(gguf).vocab_size)
-    engine = Engine(path, backend=args.backend, max_context=args.ctx, kv_cache_tokens=per_pass * args.ctx)
+    engine = Engine(path, backend=args.backend, max_context=args.ctx, kv_cache_tokens=per_pass * args.ctx,
+                    **_placement_options(args))
     ids = text_ids(engine, text)
     with tqdm(total=len(ids) // args.ctx, unit="chunk", desc="perplexity", disable=None, file=sys.stderr) as bar:
         result = perplexity(engine, ids, args.ctx, per_pass, progress=bar.update)
@@ -156,7 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--backend", default="numpy", help="compute backend: numpy or cupy")
         return p
 
-    g = with_model(sub.add_parser("generate", help="generate text, streamed to stdout"))
+    def with_placement(p):
+        p.add_argument("--vram-gb", type=float, help="device memory budget in GiB (everything the process holds "
+                       "there); layers that do not fit stream from host memory (cupy)")
+        p.add_argument("--n-buffers", type=int, help="VRAM slots streamed layers pass through (default: chosen "
+                       "from the link's and the compute's speed)")
+        p.add_argument("--ram-gb", type=float, help="host RAM for streamed layers in GiB; the rest stream from disk")
+        return p
+
+    g = with_placement(with_model(sub.add_parser("generate", help="generate text, streamed to stdout")))
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the model's chat template")
     g.add_argument("--preset", default="balanced", help="greedy, balanced or creative; flags below override it")
@@ -183,18 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tokenize)
 
-    s = with_model(sub.add_parser("score", help="teacher-force ids and print the logits per position"))
+    s = with_placement(with_model(sub.add_parser("score", help="teacher-force ids and print the logits per position")))
     s.add_argument("--ids", required=True, help="comma-separated token ids")
     s.add_argument("--top", type=int, default=10)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_score)
 
-    p = with_model(sub.add_parser("perplexity", help="perplexity on a text file, as llama.cpp's llama-perplexity"))
+    p = with_placement(with_model(sub.add_parser("perplexity", help="perplexity on a text file, as llama.cpp's llama-perplexity")))
     p.add_argument("--file", required=True, help="a UTF-8 text file")
     p.add_argument("--ctx", type=int, default=512, help="tokens per chunk; each chunk is scored on its second half")
     p.add_argument("--batch", type=int, help="chunks per forward pass (default: as many as 1 GiB of logits hold)")
     p.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "chunks", "scored"}')
     p.set_defaults(func=cmd_perplexity)
+
+    pl = with_placement(with_model(sub.add_parser("plan", help="where each layer goes under --vram-gb, and the predicted speed")))
+    pl.add_argument("--ctx", type=int, default=8192, help="the context the KV cache must hold (default 8192)")
+    pl.add_argument("--kv-tokens", type=int, help="KV cache tokens (default: one context)")
+    pl.add_argument("--batch-tokens", type=int, default=512, help="tokens a step takes, and the predicted prompt")
+    pl.add_argument("--seqs", type=int, default=16, help="sequences decoded at once, for the predicted aggregate")
+    pl.add_argument("--link-gb-s", type=float, help="host-to-device GB/s (default: measured with a GPU)")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=cmd_plan, backend="cupy")
 
     m = sub.add_parser("models", help="pull or list models")
     m.add_argument("action", choices=["pull", "list"])

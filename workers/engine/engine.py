@@ -7,9 +7,10 @@ serving scheduler's continuous batching.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,17 @@ import numpy as np
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
 from workers.engine.block_manager import BlockManager
 from workers.engine.kv_cache import PagedKVCache
+from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
 from workers.engine.text_stream import TextStream
 from workers.model.chat_template import chat_template_from_metadata, render_chat
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
 from workers.model.tokenizer import Tokenizer
-from workers.model.transformer import Transformer
+from workers.model.transformer import Transformer, layer_matrices
 
 DEFAULT_MAX_CONTEXT = 4096
+log = logging.getLogger("ntransformer")
 
 
 class ContextLengthError(ValueError):
@@ -112,14 +115,18 @@ class Timings:
 
 class Engine:
     def __init__(self, model_path: str | Path, backend: str | Backend = "numpy", max_context: int | None = None,
-                 kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16):
+                 kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
+                 vram_budget: int | None = None, n_buffers: int | None = None, host_ram: int | None = None,
+                 rates: Rates | None = None, max_batch_tokens: int = 512, max_num_seqs: int = 32):
         """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
-        backend's KV layout hold (at least one context), or one context."""
+        backend's KV layout hold (at least one context), or one context. With vram_budget
+        (bytes) the model is placed under it (workers/engine/placement.py): layers that do not
+        fit stream from host memory through n_buffers slots (chosen if None), and without a
+        KV size the cache takes what the budget leaves when every layer is resident."""
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=str(self.gguf.path))
         self.ops = get_backend(backend) if isinstance(backend, str) else backend
-        self.model = Transformer(self.gguf, self.config, self.ops)
         self.max_context = min(self.config.context_length, max_context or DEFAULT_MAX_CONTEXT)
         c = self.config
         layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, block_size)
@@ -130,8 +137,31 @@ class Engine:
                     f"a KV cache of {max(kv_cache_bytes, 0) / 2**30:.2f} GiB holds {num_blocks * block_size} tokens, "
                     f"less than one {self.max_context}-token context; raise kv_cache_gb/vram_budget_gb or lower "
                     "max_context")
-        else:
-            num_blocks = -(-(kv_cache_tokens or self.max_context) // block_size)
+            kv_cache_tokens = num_blocks * block_size
+        self.rates = rates or Rates()
+        self.link = None
+
+        def placed():
+            return plan_model(self.gguf, c, self.ops, vram_budget, kv_cache_tokens, self.max_context, block_size,
+                              max_batch_tokens, max_num_seqs, host_ram, n_buffers, self.rates)
+
+        self.placement = placed()
+        if self.placement.streamed and rates is None and (link := self.ops.host_link()) is not None:
+            self.link = link  # the slots are chosen from the measured link
+            self.rates = replace(self.rates, link_gb_s=link["h2d_gb_s"], source={
+                "link_gb_s": f"pinned copy, {'cached' if link['cached'] else 'measured'} {link['measured_at']}"})
+            self.placement = placed()
+        if vram_budget is not None:
+            self.ops.limit_device_memory(vram_budget - CONTEXT_BYTES)
+        if self.placement.streamed:
+            p = self.placement
+            schedule = p.schedule()
+            log.info("placement: %d layers resident, %d streamed from RAM, %d from disk through %d slots of %.1f MiB "
+                     "(%s); link %s", len(p.tiers) - len(p.streamed), p.tiers.count("ram"), p.tiers.count("disk"),
+                     p.n_buffers, p.slot_bytes / 2**20, p.why_buffers, self.link)
+            self.ops.stream_layers(schedule, {i: layer_matrices(self.gguf, c, i) for i in schedule.streamed})
+        self.model = Transformer(self.gguf, self.config, self.ops)
+        num_blocks = -(-self.placement.kv_tokens // block_size)
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks)
         self.blocks = BlockManager(num_blocks, block_size)
         self.last_timings = Timings()

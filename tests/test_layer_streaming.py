@@ -1,0 +1,266 @@
+"""Layer streaming: the ring's schedule and driver on a simulated two-queue device, placement
+under a budget, and on the GPU, streamed runs equal to resident ones bit for bit."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from kernels.layer_ring import RingDriver, RingSchedule
+from workers.engine.placement import GIB, ModelSizes, Placement, Rates, choose_buffers, place
+
+
+# --- the ring on a simulated device -------------------------------------------------------
+class FakeDevice:
+    """Two FIFO queues (compute, copy) whose operations run in a random order that respects
+    each queue's order and the events waited for, as a GPU may run them. Reads check that the
+    slot holds the layer the compute queue expects; copies check they never overwrite a slot
+    whose reads are still queued."""
+
+    def __init__(self, n_slots: int, seed: int):
+        self.queues = {"compute": [], "copy": []}
+        self.slots = [None] * n_slots
+        self.done: set[int] = set()
+        self.events = 0
+        self.rng = random.Random(seed)
+        self.reads: list[int] = []
+        self.copies: list[int] = []
+
+    def _event(self, queue: str) -> int:
+        self.events += 1
+        self.queues[queue].append(("record", self.events))
+        return self.events
+
+    def copy(self, layer, slot, on_copy_queue):
+        queue = "copy" if on_copy_queue else "compute"
+        self.queues[queue].append(("copy", layer, slot))
+        return self._event(queue)
+
+    def freed(self, slot):
+        return self._event("compute")
+
+    def copy_waits(self, event):
+        self.queues["copy"].append(("wait", event))
+
+    def compute_waits(self, event):
+        self.queues["compute"].append(("wait", event))
+
+    def read(self, layer, slot):
+        self.queues["compute"].append(("read", layer, slot))
+
+    def run(self) -> None:
+        """Drain both queues, one runnable head at a time, picked at random."""
+        while any(self.queues.values()):
+            ready = [q for q, ops in self.queues.items() if ops and (ops[0][0] != "wait" or ops[0][1] in self.done)]
+            assert ready, f"deadlock: {self.queues}"
+            op = self.queues[self.rng.choice(ready)].pop(0)
+            if op[0] == "record":
+                self.done.add(op[1])
+            elif op[0] == "copy":
+                _, layer, slot = op
+                pending = [o for o in self.queues["compute"] if o[0] == "read" and o[2] == slot]
+                assert not pending or pending[0][1] != self.slots[slot] or layer == self.slots[slot], \
+                    f"layer {layer} overwrote slot {slot} before layer {pending[0][1]} read it"
+                self.slots[slot] = layer
+                self.copies.append(layer)
+            elif op[0] == "read":
+                _, layer, slot = op
+                assert self.slots[slot] == layer, f"layer {layer} read slot {slot} holding layer {self.slots[slot]}"
+                self.reads.append(layer)
+
+
+def run_passes(schedule: RingSchedule, n_layers: int, passes: int, seed: int, drain_each: bool = False,
+               fail_at: int | None = None) -> FakeDevice:
+    device = FakeDevice(schedule.n_slots, seed)
+    driver = RingDriver(schedule, device)
+    for p in range(passes):
+        driver.begin_pass()
+        try:
+            for layer in range(n_layers):
+                if p == fail_at and layer == n_layers // 2:
+                    raise RuntimeError("a kernel failed")
+                if schedule.is_streamed(layer):
+                    driver.begin_layer(layer)
+                    device.read(layer, schedule.slot(layer))
+                    driver.end_layer(layer)
+        except RuntimeError:
+            driver.abandon()
+            device.run()
+            continue
+        driver.end_pass()
+        if drain_each:
+            device.run()
+    device.run()
+    return device
+
+
+@pytest.mark.parametrize("n_layers,resident,n_slots", [(8, 3, 2), (8, 3, 3), (10, 0, 4), (6, 2, 4), (5, 4, 1),
+                                                       (12, 5, 2)])
+@pytest.mark.parametrize("seed", range(5))
+def test_ring_reads_each_layer_from_its_own_bytes_in_any_legal_order(n_layers, resident, n_slots, seed):
+    streamed = tuple(range(resident, n_layers))
+    schedule = RingSchedule(streamed, n_slots)
+    device = run_passes(schedule, n_layers, passes=4, seed=seed, drain_each=seed % 2 == 0)
+    assert device.reads == list(streamed) * 4  # every streamed layer, once a pass, in order
+    # one fill, then one copy per streamed layer per pass (the slots hold the first layers between passes)
+    assert Counter(device.copies) == Counter(list(streamed[:n_slots]) * 5 + list(streamed[n_slots:]) * 4)
+
+
+def test_ring_refills_after_a_pass_that_failed_midway():
+    schedule = RingSchedule((2, 3, 4, 5, 6), 2)
+    device = run_passes(schedule, 7, passes=3, seed=1, fail_at=1)
+    assert device.reads[-5:] == [2, 3, 4, 5, 6]  # the pass after the failure reads the right bytes
+
+
+def test_ring_schedule_slots_and_refills():
+    s = RingSchedule((3, 4, 5, 6, 7), 2)
+    assert [s.slot(i) for i in (3, 4, 5, 6, 7)] == [0, 1, 0, 1, 0]
+    assert s.refill(3) == (5, False) and s.refill(6) == (4, True) and s.refill(7) == (3, True)
+    assert s.prefetched() == (3, 4)
+    with pytest.raises(ValueError, match="slots"):
+        RingSchedule((1, 2), 3)
+    with pytest.raises(ValueError, match="in order"):
+        RingSchedule((2, 1), 1)
+
+
+# --- placement ------------------------------------------------------------------------------
+def sizes(n_layers=80, layer=GIB // 2, fixed=GIB, kv_per_token=320 << 10, params=None):
+    return ModelSizes(tuple([layer] * n_layers), fixed, kv_per_token, tuple([params or layer * 2] * n_layers),
+                      1 << 30)
+
+
+def test_a_model_that_fits_stays_resident_and_the_kv_cache_takes_the_rest():
+    s = sizes(n_layers=10)
+    p = place(s, 24 * GIB, GIB, None, 4096)
+    assert p.tiers == ("vram",) * 10 and p.n_buffers == 0
+    assert p.kv_tokens == (24 * GIB - GIB - s.fixed - 5 * GIB) // s.kv_per_token
+    assert p.device_bytes <= 24 * GIB
+
+
+def test_a_larger_model_streams_its_last_layers_within_the_budget():
+    s = sizes()
+    p = place(s, 24 * GIB, int(1.5 * GIB), 8192, 8192, Rates(link_gb_s=55.0))
+    resident = p.tiers.count("vram")
+    assert p.tiers == ("vram",) * resident + ("ram",) * (80 - resident)
+    assert p.n_buffers == 2 and p.slot_bytes == GIB // 2
+    assert p.device_bytes <= 24 * GIB < p.device_bytes + s.layers[0]  # no room for one more resident layer
+    assert p.kv_tokens == 8192
+
+
+def test_host_ram_short_puts_the_last_layers_on_disk():
+    p = place(sizes(), 24 * GIB, GIB, 8192, 8192, host_ram=10 * GIB)
+    assert p.bytes_in("ram") <= 10 * GIB < p.bytes_in("ram") + GIB // 2
+    assert p.tiers[-1] == "disk" and "ram" not in p.tiers[p.tiers.index("disk"):]
+
+
+def test_a_budget_below_the_minimum_names_it():
+    s = sizes()
+    reserve = GIB
+    minimum = reserve + s.fixed + 8192 * s.kv_per_token + 2 * s.layers[0]
+    with pytest.raises(ValueError, match=f"minimum is {minimum / GIB:.2f} GiB"):
+        place(s, minimum - 1, reserve, 8192, 8192)
+    assert place(s, minimum, reserve, 8192, 8192).tiers.count("vram") == 0
+
+
+def test_buffers_follow_copy_against_compute():
+    assert choose_buffers(GIB // 2, GIB // 2, Rates(link_gb_s=55, weight_read_gb_s=3000))[0] == 2  # link-bound
+    n, why = choose_buffers(GIB // 2, GIB // 2, Rates(link_gb_s=3000, weight_read_gb_s=3000))
+    assert n == 2 and "hide" in why
+    assert choose_buffers(GIB // 2, GIB // 2, Rates(link_gb_s=1000, weight_read_gb_s=3000))[0] == 4
+    assert place(sizes(), 24 * GIB, GIB, 8192, 8192, n_buffers=3).n_buffers == 3
+
+
+def test_prediction_is_the_streamed_bytes_over_the_link_at_batch_one():
+    s = sizes()
+    p = place(s, 24 * GIB, GIB, 8192, 8192, Rates(link_gb_s=50))
+    rates = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e9)  # compute free: the link alone
+    streamed = sum(n for n, t in zip(s.layers, p.tiers) if t != "vram")
+    assert p.predict(rates)["decode_tok_s"] == pytest.approx(50e9 / streamed, rel=1e-6)
+    slow = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e-3)  # compute-bound prompt
+    assert p.step_seconds(512, slow) == pytest.approx(2 * (sum(s.layer_params) + s.head_params) * 512 / 1e9, rel=1e-6)
+
+
+def test_placement_serializes():
+    p = place(sizes(), 24 * GIB, GIB, 8192, 8192)
+    d = p.as_dict()
+    assert d["tiers"].count("vram") == p.tiers.count("vram") and d["device_bytes"] == p.device_bytes
+    assert isinstance(p, Placement)
+
+
+def test_numpy_backend_refuses_a_budget_it_would_have_to_stream(deep_model):
+    from workers.engine.engine import Engine
+
+    resident = Engine(deep_model, max_context=64, kv_cache_tokens=64)
+    with pytest.raises(ValueError, match="needs the cupy backend"):
+        Engine(deep_model, max_context=64, kv_cache_tokens=64, vram_budget=streaming_budget(resident, 2, 2))
+
+
+# --- on the GPU: streamed equals resident ----------------------------------------------------
+def streaming_budget(resident_engine, resident_layers: int, n_buffers: int) -> int:
+    """A budget that leaves exactly `resident_layers` resident with n_buffers slots."""
+    p = resident_engine.placement
+    s = p.sizes
+    slot = max(s.layers[resident_layers:])
+    return p.reserve + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * slot + sum(s.layers[:resident_layers])
+
+
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, vocab_dir):
+    """Six layers in llama.cpp's Q4_K_M mix (Q6_K on some layers' V and down, so layers differ in size)."""
+    from workers.model.synthetic import Shape, q4_k_m_mix, write_model
+
+    shape = Shape("llama", n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=512, context_length=512)
+    path = tmp_path_factory.mktemp("models") / "deep-llama.gguf"
+    return write_model(path, shape, vocab_dir / "ggml-vocab-llama-spm.gguf", mix=q4_k_m_mix, seed=7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("resident_layers,n_buffers", [(2, 2), (0, 3), (3, 1), (1, 4)])
+def test_streamed_runs_equal_the_resident_run_bit_for_bit(cuda_device, deep_model, resident_layers, n_buffers):
+    from drive import forward
+    from workers.engine.engine import Engine, Sequence
+
+    kw = dict(backend="cupy", max_context=256, kv_cache_tokens=1024)
+    resident = Engine(deep_model, **kw)
+    streamed = Engine(deep_model, vram_budget=streaming_budget(resident, resident_layers, n_buffers),
+                      n_buffers=n_buffers, **kw)
+    assert streamed.placement.tiers.count("vram") == resident_layers
+    assert streamed.placement.n_buffers == n_buffers
+    rng = np.random.default_rng(resident_layers)
+    prompts = [rng.integers(10, 3000, n).tolist() for n in (100, 7, 33)]  # a prompt past the tensor-core width
+    outs = []
+    for engine in (resident, streamed):
+        seqs = [Sequence(list(p)) for p in prompts]
+        logits = [forward(engine, [(s, len(s.token_ids))], all_logits=True) for s in seqs]  # prefill, eager
+        for s in seqs:
+            s.token_ids.append(int(np.argmax(logits[0][-1])))
+        batched = forward(engine, [(s, 1) for s in seqs])  # 3 sequences: the tensor-core step
+        for s, row in zip(seqs, batched):
+            s.token_ids.append(int(np.argmax(row)))
+        steps = engine.greedy_decode(seqs[:1])  # 1 sequence: the captured graph, fed on the device
+        ids = []
+        for _ in range(12):
+            ids.append(next(steps).tolist())
+            seqs[0].token_ids.append(ids[-1][0])
+        steps.close()
+        outs.append((logits, batched, ids))
+    (la, ba, ia), (lb, bb, ib) = outs
+    for a, b in zip(la, lb):
+        assert np.array_equal(a, b)
+    assert np.array_equal(ba, bb)
+    assert ia == ib
+
+
+@pytest.mark.gpu
+def test_streamed_images_live_in_pinned_host_memory_and_slots_are_the_budgeted_size(cuda_device, deep_model):
+    from workers.engine.engine import Engine
+
+    kw = dict(backend="cupy", max_context=256, kv_cache_tokens=1024)
+    resident = Engine(deep_model, **kw)
+    engine = Engine(deep_model, vram_budget=streaming_budget(resident, 2, 2), n_buffers=2, **kw)
+    s = engine.ops.streaming
+    assert s.slots.shape[0] == 2 and s.slot_nbytes <= engine.placement.slot_bytes
+    assert sum(s.image_nbytes.values()) <= engine.placement.bytes_in("ram")

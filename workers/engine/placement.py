@@ -1,0 +1,212 @@
+"""Where each layer lives under a VRAM budget: resident, streamed from pinned host RAM, or
+streamed from disk; how many VRAM slots the stream uses; and what that predicts for speed.
+
+The budget holds everything the process puts on the device: the runtime reserve (CUDA
+context, cuBLAS workspace, scratch, activations, captured graphs: `runtime_reserve`), what
+every step needs (embedding, output norm and head, the layers' norms), the KV cache, the
+slots, and the resident layers. Resident layers are the first ones (the self-speculation
+drafter runs them); the rest stream through the slots (kernels/layer_ring.py), from host RAM
+while their images fit in it, then from disk.
+
+Speed is predicted from named rates: the host-to-device link (measured, kernels/cupy/link.py),
+the rate at which products read resident weights, and the prompt's compute rate. A streamed
+layer costs the longer of its copy and its compute; a resident one its compute (the link
+idles then, as the slots are full when a pass starts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from kernels.layer_ring import RingSchedule
+from workers.model.transformer import layer_matrices
+
+GIB = 2**30
+CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context, CuPy and cuBLAS handles and workspace (H200: ~0.6 GiB measured)
+SCRATCH_BYTES = 128 << 20  # the prompt products' fp16 dequantization scratch (kernels/cupy/products.py)
+GRAPH_BYTES = 256 << 20  # captured decode graphs' private pools, one per batch size seen
+MAX_SLOTS = 4
+
+
+@dataclass(frozen=True)
+class Rates:
+    """The rates predictions use, each named where it is printed."""
+
+    link_gb_s: float = 25.0  # pinned host-to-device (measured at start; a PCIe 4 x16 guess until then)
+    weight_read_gb_s: float = 3000.0  # 1-token products over resident weights (H200: 70B tg128 = 71% of 4.2 TB/s copy)
+    prompt_tflops: float = 170.0  # prompt products (H200: 70B pp512 = 1,247 tok/s, 2 x 70.6 GFLOP a token)
+    disk_gb_s: float = 2.0  # the disk tier's reads (measured by the disk tier)
+    source: dict = field(default_factory=dict)  # rate name -> where it came from
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """The model as the backend stores it."""
+
+    layers: tuple[int, ...]  # each layer's matrices: what streams
+    fixed: int  # embedding, output norm and head, every layer's norms: always resident
+    kv_per_token: int  # every layer's K and V for one token
+    layer_params: tuple[int, ...]  # each layer's weights' values (2 flops a value a token)
+    head_params: int
+
+
+def model_sizes(gguf, config, ops, kv_bytes_per_token: int) -> ModelSizes:
+    """The model's parts as `ops` stores them (a layer's image has a few aligned gaps: 64 KiB spare)."""
+    table, t = config.architecture, gguf.tensors
+    layers, params = [], []
+    for i in range(config.n_layers):
+        matrices = layer_matrices(gguf, config, i)
+        layers.append(sum(ops.matrix_nbytes(*m) for m in matrices) + (64 << 10))
+        params.append(sum(x.shape[0] * x.shape[-1] for m in matrices for x in m))
+    vectors = sum(x.n_elements for name, x in t.items() if len(x.shape) == 1) * 4
+    head = t[table.tensor_name("embed" if config.tied_embeddings else "output")]
+    fixed = ops.matrix_nbytes(t[table.tensor_name("embed")]) + vectors
+    if not config.tied_embeddings:
+        fixed += ops.matrix_nbytes(head)
+    return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * config.n_layers, tuple(params),
+                      head.shape[0] * head.shape[-1])
+
+
+def runtime_reserve(d_model: int, ffn_dim: int, q_dim: int, kv_dim: int, vocab: int, max_batch_tokens: int,
+                    max_num_seqs: int) -> int:
+    """VRAM besides weights, KV cache and slots: context, scratch, graphs and a step's
+    activations (float32 rows of the widest products, twice over for the pool's rounding)."""
+    per_token = 4 * (3 * d_model + q_dim + 2 * kv_dim + 3 * ffn_dim)
+    logits = 4 * vocab * max_num_seqs
+    return CONTEXT_BYTES + SCRATCH_BYTES + GRAPH_BYTES + 2 * (per_token * max_batch_tokens + logits)
+
+
+@dataclass(frozen=True)
+class Placement:
+    tiers: tuple[str, ...]  # per layer: "vram", "ram" or "disk"
+    n_buffers: int  # VRAM slots the streamed layers pass through (0: nothing streams)
+    slot_bytes: int
+    kv_tokens: int
+    budget: int | None
+    reserve: int
+    sizes: ModelSizes
+    why_buffers: str = ""
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.tiers) if t != "vram")
+
+    def schedule(self) -> RingSchedule:
+        return RingSchedule(self.streamed, self.n_buffers)
+
+    def bytes_in(self, tier: str) -> int:
+        return sum(n for n, t in zip(self.sizes.layers, self.tiers) if t == tier)
+
+    @property
+    def device_bytes(self) -> int:
+        """What the plan puts on the device, the reserve included."""
+        s = self.sizes
+        return self.reserve + s.fixed + self.kv_tokens * s.kv_per_token + self.n_buffers * self.slot_bytes \
+            + self.bytes_in("vram")
+
+    def step_seconds(self, tokens: int, rates: Rates) -> float:
+        """One forward pass over `tokens` tokens (a prompt, or a decode step of that many
+        sequences): resident layers compute, streamed ones take the longer of copy and compute."""
+        s = self.sizes
+
+        def compute(nbytes: int, params: int) -> float:
+            read = nbytes / (rates.weight_read_gb_s * 1e9)
+            flops = 2 * params * tokens / (rates.prompt_tflops * 1e12)
+            return max(read, flops)
+
+        t = compute(0, s.head_params)
+        for nbytes, params, tier in zip(s.layers, s.layer_params, self.tiers):
+            c = compute(nbytes, params)
+            if tier == "vram":
+                t += c
+            else:
+                link = rates.link_gb_s if tier == "ram" else min(rates.link_gb_s, rates.disk_gb_s)
+                t += max(c, nbytes / (link * 1e9))
+        return t
+
+    def predict(self, rates: Rates, prompt: int = 512, batch: int = 16) -> dict:
+        return {"prefill_tok_s": prompt / self.step_seconds(prompt, rates),
+                "decode_tok_s": 1 / self.step_seconds(1, rates),
+                f"decode_x{batch}_tok_s": batch / self.step_seconds(batch, rates)}
+
+    def as_dict(self) -> dict:
+        return {"tiers": list(self.tiers), "n_buffers": self.n_buffers, "slot_bytes": self.slot_bytes,
+                "kv_tokens": self.kv_tokens, "budget": self.budget, "reserve": self.reserve,
+                "device_bytes": self.device_bytes, "vram_layer_bytes": self.bytes_in("vram"),
+                "ram_bytes": self.bytes_in("ram"), "disk_bytes": self.bytes_in("disk"),
+                "why_buffers": self.why_buffers, "sizes": asdict(self.sizes)}
+
+
+def choose_buffers(slot_bytes: int, layer_bytes: int, rates: Rates) -> tuple[int, str]:
+    """Slots from a layer's copy time against its 1-token compute: while N - 1 layers compute,
+    the next copy must land; when the link is slower than three layers' compute nothing hides
+    it, and every slot past two would cost a resident layer for nothing."""
+    copy = slot_bytes / (rates.link_gb_s * 1e9)
+    compute = layer_bytes / (rates.weight_read_gb_s * 1e9)
+    ratio = copy / compute
+    if ratio > MAX_SLOTS - 1:
+        return 2, f"copy {copy * 1e3:.2f} ms vs compute {compute * 1e3:.2f} ms a layer: link-bound, 2 slots"
+    n = max(2, 1 + -(-copy // compute))
+    return int(n), f"copy {copy * 1e3:.2f} ms vs compute {compute * 1e3:.2f} ms a layer: {int(n)} slots hide the copy"
+
+
+def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | None, min_kv_tokens: int,
+          rates: Rates = Rates(), host_ram: int | None = None, n_buffers: int | None = None) -> Placement:
+    """kv_tokens None: the KV cache takes what the budget leaves when every layer is resident,
+    else one context (min_kv_tokens)."""
+    L = len(sizes.layers)
+    kv_min = max(kv_tokens or 0, min_kv_tokens)
+    everything = reserve + sizes.fixed + sum(sizes.layers)
+    if budget is None or everything + kv_min * sizes.kv_per_token <= budget:
+        if kv_tokens is None:
+            kv_tokens = min_kv_tokens if budget is None else max(min_kv_tokens, (budget - everything) // sizes.kv_per_token)
+        return Placement(("vram",) * L, 0, 0, kv_tokens, budget, reserve, sizes)
+    if L < 2:
+        raise ValueError("the model does not fit the budget and has too few layers to stream")
+    kv = kv_min
+    base = reserve + sizes.fixed + kv * sizes.kv_per_token
+    slot = max(sizes.layers)
+    n, why = (n_buffers, "--n-buffers") if n_buffers else choose_buffers(slot, max(sizes.layers), rates)
+    n = max(1, min(n, L))
+    minimum = base + 2 * slot
+    if budget < minimum:
+        raise ValueError(
+            f"a VRAM budget of {budget / GIB:.2f} GiB cannot hold the runtime ({reserve / GIB:.2f} GiB), the "
+            f"embedding, norms and output head ({sizes.fixed / GIB:.2f}), a {kv}-token KV cache "
+            f"({kv * sizes.kv_per_token / GIB:.2f}) and two layer slots ({2 * slot / GIB:.2f}): the minimum is "
+            f"{minimum / GIB:.2f} GiB")
+    resident = 0
+    for _ in range(3):  # the slots are as large as the largest streamed layer, which depends on the split
+        room, resident = budget - base - n * slot, 0
+        while resident < L - 1 and sizes.layers[resident] <= room:
+            room -= sizes.layers[resident]
+            resident += 1
+        slot = max(sizes.layers[resident:])
+    n = min(n, L - resident)
+    if budget < base + n * slot + sum(sizes.layers[:resident]):
+        n = 2 if L - resident >= 2 else 1
+    tiers, ram = [], host_ram
+    for i in range(L):
+        if i < resident:
+            tiers.append("vram")
+        elif ram is None or sizes.layers[i] <= ram:
+            tiers.append("ram")
+            if ram is not None:
+                ram -= sizes.layers[i]
+        else:
+            tiers.append("disk")
+            ram = 0  # the disk layers are the last ones: the stream reads them in order
+    return Placement(tuple(tiers), n, slot, kv, budget, reserve, sizes, why)
+
+
+def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, max_context: int,
+               block_size: int = 16, max_batch_tokens: int = 512, max_num_seqs: int = 32,
+               host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates()) -> Placement:
+    """The placement of a GGUF model for a backend (`sizer`: a Backend, or kernels' CupySizes
+    where there is no GPU: `ntr plan`)."""
+    c = config
+    layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size)
+    sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token)
+    reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
+                              c.vocab_size, max_batch_tokens, max_num_seqs)
+    return place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
