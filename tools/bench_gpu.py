@@ -180,7 +180,7 @@ def kv_bytes_per_token(engine, ctx: float) -> float:
     return 2 * c.n_layers * c.n_kv_heads * c.head_dim * 2 * ctx
 
 
-def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = True) -> float:
+def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = True, group: int = 8) -> float:
     """Aggregate decode tok/s of `batch` sequences after `prompt_len`-token prompts, greedy:
     Engine.greedy_decode (each step started on the device from the last one's ids), or with
     ahead=False a forward and a host argmax per step."""
@@ -189,8 +189,8 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = T
     ops = engine.ops
     seqs = [Sequence(rng.integers(100, 20000, prompt_len).tolist()) for _ in range(batch)]
     try:
-        for i in range(0, batch, 8):  # prefill a few sequences at a time (activation memory)
-            part = seqs[i:i + 8]
+        for i in range(0, batch, group):  # prefill a few sequences at a time (activation memory)
+            part = seqs[i:i + group]
             engine.reserve([(s, prompt_len) for s in part])
             ids = ops.argmax(engine.forward([(s, prompt_len) for s in part], device=True))
             for s, t in zip(part, ids):

@@ -11,6 +11,10 @@
 #                  ends and a later call on the warm machine finds it) from .device/llama.cpp.tar.xz
 #                  and time it on the same replicas
 #   TESTS=1 ...    first the GPU tests (pytest -m gpu)
+#   PREBUILD=1 ... first compile every kernel module with nvcc (16 cores at once, faster than
+#                  NVRTC one by one); $OUT/cubin.tar.xz brings them back for .device/extra.tar.xz
+#   STREAMING=ROWS ... tools/bench_streaming.py on those rows (e.g. 8b-3,70b-24,70b-8), with
+#                  llama.cpp's partial offload too when LLAMACPP=1
 #   AB=TREE ...    first tools/bench_ab.py: this tree against TREE (the code before a change),
 #                  interleaved, on the replicas AB_MODELS names (default: bench_ab.py's)
 #
@@ -74,9 +78,21 @@ if [ "${LLAMACPP:-0}" = 1 ]; then
     set -- "$@" --llamacpp /tmp/llama.cpp/build/bin
 fi
 
+if [ "${PREBUILD:-0}" = 1 ]; then
+    python3 tools/bench_gpu.py --prebuild /tmp/ntr-extra/cubin 2>&1 | tail -1
+    tar -C /tmp/ntr-extra -cf - cubin | xz -6 > "$OUT/cubin.tar.xz"
+fi
+
 if [ "${TESTS:-0}" = 1 ]; then
     python3 -m pytest -m gpu -q -p no:cacheprovider --timeout=600 tests/test_cupy_backend.py \
-        tests/test_gpu_end_to_end.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || true
+        tests/test_gpu_end_to_end.py tests/test_layer_streaming.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || true
+fi
+
+if [ -n "${STREAMING:-}" ]; then
+    llama_args=()
+    [ "${LLAMACPP:-0}" = 1 ] && llama_args=(--llamacpp /tmp/llama.cpp/build/bin)  # waits for the build
+    python3 tools/bench_streaming.py --rows "$STREAMING" --out "$OUT" "${llama_args[@]}" 2>&1 |
+        tee "$OUT/bench_streaming.log" || true
 fi
 
 if [ -n "${AB:-}" ]; then
