@@ -1,6 +1,6 @@
 """The house's import rules (docs/ARCHITECTURE.md): imports run one way, cluster/ -> the Ray
-actors (workers/*.py) -> the engine (workers/engine/) -> the model (workers/model/) ->
-kernels/, and no two modules import each other, directly or around a cycle. Every import
+actors (workers/*.py) -> the engine (workers/engine/) and what the tier actors run
+(workers/memory/) -> the model (workers/model/) -> kernels/, and no two modules import each other, directly or around a cycle. Every import
 counts, also one inside a function."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cluster", "workers", "kernels", "proto")
 # a module may import modules of its own layer and of the layers ranked below it
-LAYERS = {"cluster": 4, "actors": 3, "engine": 2, "model": 1, "kernels": 0, "proto": 0}
+LAYERS = {"cluster": 4, "actors": 3, "engine": 2, "memory": 2, "model": 1, "kernels": 0, "proto": 0}
 
 
 def layer(module: str) -> str:
     parts = module.split(".")
     if parts[0] == "workers":
-        return parts[1] if len(parts) > 2 and parts[1] in ("engine", "model") else "actors"
+        return parts[1] if len(parts) > 2 and parts[1] in ("engine", "memory", "model") else "actors"
     return parts[0]
 
 

@@ -21,9 +21,13 @@ import numpy as np
 import pytest
 import ray
 
-from workers import disk_tier, host_tier
-from workers.disk_tier import ALIGN, DiskReader, DiskTier, ImageFile, RingClosed, StagingRing
-from workers.host_tier import GIB, HostRegions, SharedBuffer, host_tier_for_node
+from workers.disk_tier import DiskTier
+from workers.host_tier import HostRegions, host_tier_for_node
+from workers.memory import disk_reader, image_file, shared_buffer
+from workers.memory.disk_reader import DiskReader
+from workers.memory.image_file import ALIGN, ImageFile
+from workers.memory.shared_buffer import GIB, SharedBuffer
+from workers.memory.staging_ring import RingClosed, StagingRing
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -33,13 +37,13 @@ def shm_prefix():
     """A name prefix of this test's own; whatever is left under it in /dev/shm goes at the end."""
     prefix = f"ntr-test-{os.getpid()}-{secrets.token_hex(3)}"
     yield prefix
-    for name in os.listdir(host_tier.SHM_DIR):
+    for name in os.listdir(shared_buffer.SHM_DIR):
         if name.startswith(prefix):
-            os.unlink(os.path.join(host_tier.SHM_DIR, name))
+            os.unlink(os.path.join(shared_buffer.SHM_DIR, name))
 
 
 def shm_exists(name: str) -> bool:
-    return os.path.exists(os.path.join(host_tier.SHM_DIR, name))
+    return os.path.exists(os.path.join(shared_buffer.SHM_DIR, name))
 
 
 def wait_for(check, timeout_s: float, what: str) -> None:
@@ -59,7 +63,7 @@ def direct_io_works(directory) -> bool:
     """Whether this filesystem takes O_DIRECT reads (ext4 does; tmpfs before Linux 6.6 does not)."""
     path = directory / "probe"
     path.write_bytes(b"\0" * ALIGN)
-    fd = disk_tier.open_direct(str(path))
+    fd = disk_reader.open_direct(str(path))
     if fd is None:
         return False
     try:
@@ -105,7 +109,7 @@ def test_shared_buffer_is_shared_with_another_process_and_unlinked_only_by_its_o
     buffer = SharedBuffer.create(name, nbytes)
     assert buffer.name == name and buffer.nbytes == nbytes and buffer.array.size == nbytes
     assert buffer.array.dtype == np.uint8 and buffer.array.ctypes.data % mmap.PAGESIZE == 0
-    assert os.stat(os.path.join(host_tier.SHM_DIR, name)).st_blocks * 512 >= nbytes  # reserved, not sparse
+    assert os.stat(os.path.join(shared_buffer.SHM_DIR, name)).st_blocks * 512 >= nbytes  # reserved, not sparse
     assert not buffer.array.any()
 
     data = bytes(range(1, 200))
@@ -136,12 +140,12 @@ def test_shared_buffer_is_shared_with_another_process_and_unlinked_only_by_its_o
 
 def test_shared_buffer_refuses_what_the_node_cannot_hold_before_allocating(shm_prefix, monkeypatch):
     name = f"{shm_prefix}-big"
-    assert host_tier.mem_available_bytes() > 0 and host_tier.shm_free_bytes() > 0
-    monkeypatch.setattr(host_tier, "mem_available_bytes", lambda: 2 * GIB)
+    assert shared_buffer.mem_available_bytes() > 0 and shared_buffer.shm_free_bytes() > 0
+    monkeypatch.setattr(shared_buffer, "mem_available_bytes", lambda: 2 * GIB)
     with pytest.raises(ValueError, match=r"3\.00 GiB requested, 2\.00 GiB available \(MemAvailable 2\.00 GiB"):
         SharedBuffer.create(name, 3 * GIB)
     assert not shm_exists(name)
-    monkeypatch.setattr(host_tier, "shm_free_bytes", lambda: GIB // 2)
+    monkeypatch.setattr(shared_buffer, "shm_free_bytes", lambda: GIB // 2)
     with pytest.raises(ValueError, match=r"0\.50 GiB available .*/dev/shm free 0\.50 GiB"):
         SharedBuffer.create(name, GIB)
     assert not shm_exists(name)
@@ -169,7 +173,7 @@ def test_host_regions_share_a_key_count_users_and_unlink_at_zero(shm_prefix, mon
     assert (stats["regions"], stats["bytes"], stats["users"]) == (2, 12288, 3)
     assert stats["keys"]["model-a:layers-0-3"]["users"] == 2
 
-    monkeypatch.setattr(host_tier, "mem_available_bytes", lambda: 4096)
+    monkeypatch.setattr(shared_buffer, "mem_available_bytes", lambda: 4096)
     with pytest.raises(ValueError, match="requested"):
         regions.region("model-c", 8192)
     assert regions.stats()["regions"] == 2  # a refused region is not counted
@@ -236,7 +240,7 @@ def test_host_tier_and_disk_tier_through_ray(tmp_path, monkeypatch):
         shutil.rmtree(temp_dir, ignore_errors=True)
         for name in names:
             if shm_exists(name):
-                os.unlink(os.path.join(host_tier.SHM_DIR, name))
+                os.unlink(os.path.join(shared_buffer.SHM_DIR, name))
 
 
 # ImageFile
@@ -270,7 +274,7 @@ def put(fmt: str, at: int, value) -> Callable[[bytearray], bytearray]:
 
 def entry(index: int, field: int) -> int:
     """Where image index's field (0 layer, 1 offset, 2 bytes) sits in the header."""
-    return disk_tier._HEAD.size + index * disk_tier._ENTRY.size + 8 * field
+    return image_file._HEAD.size + index * image_file._ENTRY.size + 8 * field
 
 
 # The file: layer 0 (8000 bytes) at 4096, layer 1 (5000 bytes) at 12288, 20480 bytes in all.
@@ -478,3 +482,28 @@ def test_reader_failure_closes_the_ring_for_the_consumer(tmp_path, shm_prefix):
     reader.stop()
     ring.buffer.unlink()
     ring.detach()
+
+
+def test_disk_stream_writes_at_load_then_stages_in_copy_order(tmp_path):
+    from workers.memory.disk_stream import DiskStream
+
+    rng = np.random.default_rng(5)
+    sizes = {7: 5000, 8: 12288, 9: 3}
+    images = {layer: rng.integers(0, 256, n, dtype=np.uint8) for layer, n in sizes.items()}
+    path = tmp_path / "m.images"
+    stream = DiskStream(path, sizes, slots=2)
+    for layer, data in images.items():
+        stream.image(layer)[:] = data
+    staging = stream.start([9, 7, 8])
+    assert staging.ctypes.data % 4096 == 0 and staging.nbytes >= 2 * stream.slot_bytes
+    assert not path.exists()  # the reader holds the file open; nothing is left on disk
+    try:
+        for _ in range(3):
+            for layer in (9, 7, 8):
+                slot, view = stream.acquire(layer)
+                assert np.array_equal(view, images[layer])
+                stream.release(slot)
+        with pytest.raises(ValueError, match="expected layer 8"):
+            stream.acquire(8)  # the order is the copies': 9 comes next
+    finally:
+        stream.close()
