@@ -93,9 +93,11 @@ class CupyBackend(Backend):
         return sum(matrix_planes(tensors))
 
     # --- layers streamed from host memory (streaming.py) -------------------------------
-    def stream_layers(self, schedule, layer_tensors, host=None) -> None:
+    def stream_layers(self, schedule, layer_tensors, disk_layers=(), host_alloc=None, disk_open=None) -> None:
         sizes = {i: image_layout([matrix_planes(m) for m in layer_tensors[i]]) for i in schedule.streamed}
-        self.streaming = LayerStreaming(self.stream, schedule, sizes, host)
+        self.streaming = LayerStreaming(self.stream, schedule, sizes, disk_layers, host_alloc, disk_open)
+        if disk_layers:
+            self.tuning.graphs = False  # a copy from disk waits on the host for its image
 
     def host_link(self) -> dict:
         from kernels.cupy.link import host_link

@@ -40,8 +40,15 @@ class RingSchedule:
         return self.position(layer) % self.n_slots
 
     def prefetched(self) -> tuple[int, ...]:
-        """The layers the slots hold when a pass starts (slot s holds the s-th)."""
-        return self.streamed[:self.n_slots]
+        """The layers the slots hold when a pass starts, in the order the previous pass's end
+        copies them (positions S-N..S-1 refill slots p % N: a rotation of the first N)."""
+        S, n = len(self.streamed), self.n_slots
+        return tuple(self.streamed[p % n] for p in range(S - n, S))
+
+    def copy_order(self) -> tuple[int, ...]:
+        """Every pass's copies in the order they are issued, starting with the fill: what a
+        source that stages images ahead (the disk tier) must produce, cyclically."""
+        return self.prefetched() + self.streamed[self.n_slots:]
 
     def refill(self, layer: int) -> tuple[int, bool]:
         """(the layer whose bytes go into `layer`'s slot once it is done, whether that use is in

@@ -80,10 +80,13 @@ class Backend(ABC):
     # A backend that streams (CupyBackend) keeps the layers `stream_layers` names in host
     # memory and copies each into a device slot for every forward pass (kernels/layer_ring.py);
     # the model brackets each layer's loading and computing with the calls below.
-    def stream_layers(self, schedule, layer_tensors: dict[int, list[list]], host=None) -> None:
+    def stream_layers(self, schedule, layer_tensors: dict[int, list[list]], disk_layers=(), host_alloc=None,
+                      disk_open=None) -> None:
         """Stream schedule.streamed (a RingSchedule) through schedule.n_slots device slots;
-        layer_tensors: each streamed layer's matrices, as load_matrix will get them, in order;
-        host: memory for the images (the backend allocates it if None)."""
+        layer_tensors: each streamed layer's matrices, as load_matrix will get them, in order.
+        Images live in host memory (host_alloc(nbytes) -> a page-aligned uint8 array the
+        backend pins, or its own pinned memory if None), except disk_layers', which go to
+        disk_open({layer: nbytes}) (workers/memory/disk_stream.py's interface)."""
         raise ValueError(f"backend {self.name!r} keeps every layer resident: streaming needs the cupy backend")
 
     def host_link(self) -> dict | None:

@@ -105,6 +105,7 @@ def test_ring_reads_each_layer_from_its_own_bytes_in_any_legal_order(n_layers, r
     schedule = RingSchedule(streamed, n_slots)
     device = run_passes(schedule, n_layers, passes=4, seed=seed, drain_each=seed % 2 == 0)
     assert device.reads == list(streamed) * 4  # every streamed layer, once a pass, in order
+    assert device.copies == list(schedule.copy_order()) * 4 + list(schedule.prefetched())  # what a disk tier stages
     # one fill, then one copy per streamed layer per pass (the slots hold the first layers between passes)
     assert Counter(device.copies) == Counter(list(streamed[:n_slots]) * 5 + list(streamed[n_slots:]) * 4)
 
@@ -119,7 +120,7 @@ def test_ring_schedule_slots_and_refills():
     s = RingSchedule((3, 4, 5, 6, 7), 2)
     assert [s.slot(i) for i in (3, 4, 5, 6, 7)] == [0, 1, 0, 1, 0]
     assert s.refill(3) == (5, False) and s.refill(6) == (4, True) and s.refill(7) == (3, True)
-    assert s.prefetched() == (3, 4)
+    assert s.prefetched() == (4, 3) and s.copy_order() == (4, 3, 5, 6, 7)
     with pytest.raises(ValueError, match="slots"):
         RingSchedule((1, 2), 3)
     with pytest.raises(ValueError, match="in order"):
@@ -218,17 +219,26 @@ def deep_model(tmp_path_factory, vocab_dir):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("resident_layers,n_buffers", [(2, 2), (0, 3), (3, 1), (1, 4)])
-def test_streamed_runs_equal_the_resident_run_bit_for_bit(cuda_device, deep_model, resident_layers, n_buffers):
+@pytest.mark.parametrize("resident_layers,n_buffers,ram_layers", [(2, 2, None), (0, 3, None), (3, 1, None),
+                                                                  (1, 4, None), (2, 2, 1), (1, 3, 0)])
+def test_streamed_runs_equal_the_resident_run_bit_for_bit(cuda_device, deep_model, tmp_path, resident_layers,
+                                                          n_buffers, ram_layers):
+    """ram_layers: how many streamed layers host RAM holds; the others come from the disk tier."""
     from drive import forward
     from workers.engine.engine import Engine, Sequence
+    from workers.memory.disk_stream import DiskStream
 
     kw = dict(backend="cupy", max_context=256, kv_cache_tokens=1024)
     resident = Engine(deep_model, **kw)
+    layers = resident.placement.sizes.layers
+    host_ram = None if ram_layers is None else sum(layers[resident_layers:resident_layers + ram_layers])
     streamed = Engine(deep_model, vram_budget=streaming_budget(resident, resident_layers, n_buffers),
-                      n_buffers=n_buffers, **kw)
+                      n_buffers=n_buffers, host_ram=host_ram,
+                      disk_open=lambda sizes: DiskStream(tmp_path / "deep.images", sizes, slots=2), **kw)
     assert streamed.placement.tiers.count("vram") == resident_layers
     assert streamed.placement.n_buffers == n_buffers
+    if ram_layers is not None:
+        assert streamed.placement.tiers.count("ram") == ram_layers and "disk" in streamed.placement.tiers
     rng = np.random.default_rng(resident_layers)
     prompts = [rng.integers(10, 3000, n).tolist() for n in (100, 7, 33)]  # a prompt past the tensor-core width
     outs = []

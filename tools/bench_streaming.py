@@ -38,10 +38,12 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 GIB = 2**30
-ROWS = {  # name -> (replica, budget GiB, KV tokens, sequences for the aggregate row)
-    "70b-24": ("llama3-70b-q4_k_m", 24, 8192, 16),
-    "70b-8": ("llama3-70b-q4_k_m", 8, 8192, 16),
-    "8b-3": ("llama3-8b-q4_k_m", 3, 4096, 16),
+ROWS = {  # name -> (replica, budget GiB, KV tokens, sequences for the aggregate row, host RAM GiB for images)
+    "70b-24": ("llama3-70b-q4_k_m", 24, 8192, 16, None),
+    "70b-8": ("llama3-70b-q4_k_m", 8, 8192, 16, None),
+    "8b-3": ("llama3-8b-q4_k_m", 3, 4096, 16, None),
+    "70b-24-disk": ("llama3-70b-q4_k_m", 24, 8192, 16, 12),  # about half the streamed layers from disk
+    "8b-3-disk": ("llama3-8b-q4_k_m", 3, 4096, 16, 1),  # three quarters of the streamed layers from disk
 }
 
 
@@ -81,12 +83,16 @@ def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
 
     from kernels.cupy.link import measure_h2d
 
-    replica, budget_gb, kv_tokens, seqs = ROWS[name]
+    from workers.memory.disk_stream import DiskStream
+
+    replica, budget_gb, kv_tokens, seqs, ram_gb = ROWS[name]
     path = synthesize(replica, workdir)
     h2d = measure_h2d()  # before the engine, whose pool stops at the budget
     t0 = time.perf_counter()
     engine = Engine(path, backend="cupy", max_context=kv_tokens, kv_cache_tokens=kv_tokens,
-                    vram_budget=int(budget_gb * GIB), max_batch_tokens=512, max_num_seqs=seqs)
+                    vram_budget=int(budget_gb * GIB), max_batch_tokens=512, max_num_seqs=seqs,
+                    host_ram=None if ram_gb is None else int(ram_gb * GIB),
+                    disk_open=lambda sizes: DiskStream(workdir / f"{name}.images", sizes))
     load_s = time.perf_counter() - t0
     p, rates = engine.placement, engine.rates
     streaming = engine.ops.streaming
@@ -94,7 +100,7 @@ def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
     row = {"row": name, "replica": replica, "budget_gib": budget_gb, "kv_tokens": kv_tokens, "load_s": load_s,
            "resident_layers": p.tiers.count("vram"), "streamed_layers": len(p.streamed), "n_buffers": p.n_buffers,
            "why_buffers": p.why_buffers, "streamed_gb": streamed_bytes / 1e9, "planned_gib": p.device_bytes / GIB,
-           "link": engine.link, "predicted": p.predict(rates, prompt=512, batch=seqs),
+           "link": engine.link, "predicted": p.predict(rates, prompt=512, batch=seqs), "rates": rates.__dict__,
            "predicted_ttft_s": p.step_seconds(128, rates)}
     rng = np.random.default_rng(0)
     s = Sequence(rng.integers(100, 20000, 128).tolist())
@@ -107,6 +113,9 @@ def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
     row["tg"] = decode(engine, 1, 1, decode_steps, rng)
     row[f"decode_x{seqs}"] = decode(engine, seqs, 128, max(4, decode_steps // 4), rng, group=4)  # 512-token steps
     row["h2d_1gib_gb_s"] = h2d
+    if streaming is not None and streaming.disk is not None:
+        row["disk"] = streaming.disk.stats()
+        row["disk_layers"] = p.tiers.count("disk")
     row["h2d_while_decoding_gb_s"] = streamed_bytes * row["tg"] / 1e9
     if streamed_bytes:
         row["link_bound_tok_s"] = row["h2d_1gib_gb_s"] * 1e9 / streamed_bytes

@@ -10,7 +10,7 @@
 #                  the background, in a session of its own so that it goes on after the call
 #                  ends and a later call on the warm machine finds it) from .device/llama.cpp.tar.xz
 #                  and time it on the same replicas
-#   TESTS=1 ...    first the GPU tests (pytest -m gpu)
+#   TESTS=1 ...    first the GPU tests (pytest -m gpu; TEST_FILES=... for some of them)
 #   PREBUILD=1 ... first compile every kernel module with nvcc (16 cores at once, faster than
 #                  NVRTC one by one); $OUT/cubin.tar.xz brings them back for .device/extra.tar.xz
 #   STREAMING=ROWS ... tools/bench_streaming.py on those rows (e.g. 8b-3,70b-24,70b-8), with
@@ -84,14 +84,14 @@ if [ "${PREBUILD:-0}" = 1 ]; then
 fi
 
 if [ "${TESTS:-0}" = 1 ]; then
-    python3 -m pytest -m gpu -q -p no:cacheprovider --timeout=600 tests/test_cupy_backend.py \
-        tests/test_gpu_end_to_end.py tests/test_layer_streaming.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || true
+    python3 -m pytest -m gpu -q -p no:cacheprovider --timeout=600 ${TEST_FILES:-tests/test_cupy_backend.py \
+        tests/test_gpu_end_to_end.py tests/test_layer_streaming.py} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25 || true
 fi
 
 if [ -n "${STREAMING:-}" ]; then
     llama_args=()
     [ "${LLAMACPP:-0}" = 1 ] && llama_args=(--llamacpp /tmp/llama.cpp/build/bin)  # waits for the build
-    python3 tools/bench_streaming.py --rows "$STREAMING" --out "$OUT" "${llama_args[@]}" 2>&1 |
+    python3 tools/bench_streaming.py --rows "$STREAMING" --out "$OUT" ${STREAMING_ARGS:-} "${llama_args[@]}" 2>&1 |
         tee "$OUT/bench_streaming.log" || true
 fi
 

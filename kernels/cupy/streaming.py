@@ -42,34 +42,56 @@ def image_layout(matrices_nbytes: list[list[int]]) -> int:
 
 
 class LayerStreaming:
-    """The streamed layers of one model: their host images, the VRAM slots, the copy stream."""
+    """The streamed layers of one model: their host images, the VRAM slots, the copy stream.
 
-    def __init__(self, stream, schedule: RingSchedule, image_nbytes: dict[int, int], host: np.ndarray | None = None):
+    A layer's image is in host RAM (one region for all, pinned) or, for the layers listed in
+    disk_layers, in the disk tier (`disk_open(sizes)` gives its consumer side,
+    workers/memory/disk_stream.py): written there at load, then acquired from its staging
+    ring, in the schedule's copy order, for every copy. A copy from the disk tier waits on
+    the host for the image, so those passes are not captured (the backend turns graphs off).
+    """
+
+    def __init__(self, stream, schedule: RingSchedule, image_nbytes: dict[int, int], disk_layers=(),
+                 host_alloc=None, disk_open=None):
         self.stream, self.schedule = stream, schedule
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
         self.image_nbytes = dict(image_nbytes)
         self.slot_nbytes = align(max(image_nbytes[i] for i in schedule.streamed), IMAGE_ALIGN)
+        self.disk_layers = frozenset(disk_layers)
         self.offsets, total = {}, 0
         for layer in schedule.streamed:
-            self.offsets[layer] = total
-            total = align(total + image_nbytes[layer], IMAGE_ALIGN)
-        self.registered = None
-        if host is None:
-            host = cupyx.empty_pinned((total,), np.uint8)
-        else:
-            if host.nbytes < total or host.ctypes.data % IMAGE_ALIGN:
-                raise ValueError(f"host region of {host.nbytes} bytes (at {host.ctypes.data:#x}): the images need "
-                                 f"{total}, page-aligned")
-            cp.cuda.runtime.hostRegister(host.ctypes.data, total, 0)
-            self.registered = host.ctypes.data
-        self.host = host
+            if layer not in self.disk_layers:
+                self.offsets[layer] = total
+                total = align(total + image_nbytes[layer], IMAGE_ALIGN)
+        self._registered: list[int] = []
+        self.host = self._pinned(host_alloc(total) if host_alloc is not None else None, total)
+        self.disk = None
+        if self.disk_layers:
+            if disk_open is None:
+                raise ValueError(f"layers {sorted(self.disk_layers)} stream from disk, and no disk tier was given")
+            self.disk = disk_open({i: image_nbytes[i] for i in schedule.streamed if i in self.disk_layers})
+        self._staged: list[tuple[cp.cuda.Event, int]] = []  # disk copies in flight, with their staging slots
         self.slots = cp.empty((schedule.n_slots, self.slot_nbytes), cp.uint8)
         self._freed = [cp.cuda.Event(disable_timing=True) for _ in range(schedule.n_slots)]
         self.copied = {layer: cp.cuda.Event(disable_timing=True) for layer in schedule.streamed}
         self.driver = RingDriver(schedule, self)
         self.collecting: list[QMatrix] | None = None
 
+    def _pinned(self, host: np.ndarray | None, nbytes: int) -> np.ndarray:
+        """host registered with CUDA as pinned (page-aligned, nbytes at least), or new pinned memory."""
+        if host is None:
+            return cupyx.empty_pinned((max(nbytes, 1),), np.uint8)
+        if host.nbytes < nbytes or host.ctypes.data % IMAGE_ALIGN:
+            raise ValueError(f"host memory of {host.nbytes} bytes at {host.ctypes.data:#x}: {nbytes} are needed, "
+                             "page-aligned")
+        if nbytes:
+            cp.cuda.runtime.hostRegister(host.ctypes.data, nbytes, 0)
+            self._registered.append(host.ctypes.data)
+        return host
+
     def image(self, layer: int) -> np.ndarray:
+        if layer in self.disk_layers:
+            return self.disk.image(layer)
         off = self.offsets[layer]
         return self.host[off:off + self.image_nbytes[layer]]
 
@@ -107,11 +129,30 @@ class LayerStreaming:
     # --- the device side of the ring's driver (kernels/layer_ring.py RingDriver) -------
     def copy(self, layer: int, slot: int, on_copy_queue: bool) -> cp.cuda.Event:
         stream = self.copy_stream if on_copy_queue else self.stream
+        if layer in self.disk_layers:
+            return self._copy_staged(layer, slot, stream)
         # the runtime call itself: CuPy's copy_from_host_async refuses while a stream captures
         cp.cuda.runtime.memcpyAsync(self.slots[slot].data.ptr, self.image(layer).ctypes.data,
                                     self.image_nbytes[layer], cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
         event = self.copied[layer]
         event.record(stream)
+        return event
+
+    def _copy_staged(self, layer: int, slot: int, stream) -> cp.cuda.Event:
+        """From the disk tier's staging ring; its slot goes back once the copy is done."""
+        if self.disk.ring is None:  # the first copy from disk: every image is written
+            staging = self.disk.start([i for i in self.schedule.copy_order() if i in self.disk_layers])
+            self._pinned(staging, staging.nbytes)
+        while self._staged and (self._staged[0][0].done or len(self._staged) == self.disk.slots):
+            event, staged = self._staged.pop(0)
+            event.synchronize()
+            self.disk.release(staged)
+        staged, view = self.disk.acquire(layer)
+        cp.cuda.runtime.memcpyAsync(self.slots[slot].data.ptr, view.ctypes.data, self.image_nbytes[layer],
+                                    cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        event = cp.cuda.Event(disable_timing=True)
+        event.record(stream)
+        self._staged.append((event, staged))
         return event
 
     def freed(self, slot: int) -> cp.cuda.Event:
@@ -130,6 +171,8 @@ class LayerStreaming:
         return self.slots.nbytes
 
     def close(self) -> None:
-        if self.registered is not None:
-            cp.cuda.runtime.hostUnregister(self.registered)
-            self.registered = None
+        for ptr in self._registered:
+            cp.cuda.runtime.hostUnregister(ptr)
+        self._registered.clear()
+        if self.disk is not None:
+            self.disk.close()

@@ -117,12 +117,15 @@ class Engine:
     def __init__(self, model_path: str | Path, backend: str | Backend = "numpy", max_context: int | None = None,
                  kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  vram_budget: int | None = None, n_buffers: int | None = None, host_ram: int | None = None,
-                 rates: Rates | None = None, max_batch_tokens: int = 512, max_num_seqs: int = 32):
+                 rates: Rates | None = None, max_batch_tokens: int = 512, max_num_seqs: int = 32,
+                 host_alloc=None, disk_open=None):
         """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
         backend's KV layout hold (at least one context), or one context. With vram_budget
         (bytes) the model is placed under it (workers/engine/placement.py): layers that do not
         fit stream from host memory through n_buffers slots (chosen if None), and without a
-        KV size the cache takes what the budget leaves when every layer is resident."""
+        KV size the cache takes what the budget leaves when every layer is resident. Streamed
+        images live in host_alloc(nbytes) (pinned memory of the backend's if None) and, past
+        host_ram, in the disk tier that disk_open({layer: nbytes}) opens (`Backend.stream_layers`)."""
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=str(self.gguf.path))
@@ -159,7 +162,8 @@ class Engine:
             log.info("placement: %d layers resident, %d streamed from RAM, %d from disk through %d slots of %.1f MiB "
                      "(%s); link %s", len(p.tiers) - len(p.streamed), p.tiers.count("ram"), p.tiers.count("disk"),
                      p.n_buffers, p.slot_bytes / 2**20, p.why_buffers, self.link)
-            self.ops.stream_layers(schedule, {i: layer_matrices(self.gguf, c, i) for i in schedule.streamed})
+            self.ops.stream_layers(schedule, {i: layer_matrices(self.gguf, c, i) for i in schedule.streamed},
+                                   [i for i, t in enumerate(p.tiers) if t == "disk"], host_alloc, disk_open)
         self.model = Transformer(self.gguf, self.config, self.ops)
         num_blocks = -(-self.placement.kv_tokens // block_size)
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks)
