@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 from workers.engine.sampling import SamplingParams
@@ -25,10 +27,25 @@ def _placement_options(args) -> dict:
             "host_ram": None if args.ram_gb is None else int(args.ram_gb * GIB)}
 
 
+def disk_tier(model_path):
+    """The in-process disk tier for layers that host RAM cannot hold: their images in
+    NTR_HOME/images/<model>-<pid>.images, read back by a thread (a Serve replica uses DiskTier
+    actors, workers/node_tiers.py)."""
+    from workers.memory.disk_stream import DiskStream
+
+    def open_stream(sizes):
+        where = model_store.home() / "images"
+        where.mkdir(parents=True, exist_ok=True)
+        return DiskStream(where / f"{model_path.stem}-{os.getpid()}.images", sizes)
+
+    return open_stream
+
+
 def _engine(args, **kwargs):
     from workers.engine.engine import Engine
 
-    return Engine(model_store.resolve(args.model), backend=args.backend, **_placement_options(args), **kwargs)
+    path = model_store.resolve(args.model)
+    return Engine(path, backend=args.backend, disk_open=disk_tier(path), **_placement_options(args), **kwargs)
 
 
 def cmd_plan(args) -> int:
@@ -137,7 +154,7 @@ def cmd_perplexity(args) -> int:
     with GGUFFile(path) as gguf:  # the vocabulary sizes the default batch, which sizes the KV cache
         per_pass = args.batch or chunks_per_pass(args.ctx, ModelConfig.from_gguf(gguf).vocab_size)
     engine = Engine(path, backend=args.backend, max_context=args.ctx, kv_cache_tokens=per_pass * args.ctx,
-                    **_placement_options(args))
+                    disk_open=disk_tier(path), **_placement_options(args))
     ids = text_ids(engine, text)
     with tqdm(total=len(ids) // args.ctx, unit="chunk", desc="perplexity", disable=None, file=sys.stderr) as bar:
         result = perplexity(engine, ids, args.ctx, per_pass, progress=bar.update)
@@ -191,8 +208,6 @@ def cmd_models(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import os
-
     from cluster import config
 
     config.load(args.config)  # every config error, with file and field, before Ray starts
@@ -306,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    log = logging.getLogger("ntransformer")  # what the engine detected and chose (placement, link)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ntr: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
     try:
         return args.func(args)
     except (ValueError, LookupError, OSError) as e:  # bad input: one clear line, no traceback

@@ -32,8 +32,12 @@ class ServerConfig(BaseModel):
     backend: Literal["numpy", "cupy"] = "numpy"
     num_gpus: float = Field(0, ge=0, le=1)
     num_cpus: float = Field(1, gt=0)  # reserved for the compute worker
-    vram_budget_gb: float = Field(24.0, gt=0)  # sizes the KV cache when kv_cache_gb is not given
+    # everything the replica holds on its device; layers that do not fit stream from host RAM
+    # (workers/engine/placement.py), and the KV cache takes what is left when kv_cache_gb is not given
+    vram_budget_gb: float = Field(24.0, gt=0)
     kv_cache_gb: float | None = Field(None, gt=0)
+    host_ram_gb: float | None = Field(None, gt=0)  # host RAM for streamed layers (default: what the node has); the rest streams from disk
+    n_buffers: int | None = Field(None, ge=1, le=16)  # VRAM slots streamed layers pass through (default: chosen)
     max_context: int = Field(4096, ge=16)
     block_size: int = Field(16, ge=1, le=1024)
     max_num_seqs: int = Field(32, ge=1)
@@ -63,7 +67,8 @@ class ServerConfig(BaseModel):
     def worker_args(self) -> dict:
         """ComputeWorker's constructor arguments."""
         return self.model_dump(include={"model", "backend", "max_context", "kv_cache_gb", "vram_budget_gb",
-                                        "block_size", "max_num_seqs", "max_batch_tokens", "max_queue"})
+                                        "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
+                                        "n_buffers"})
 
 
 def describe(error: ValidationError, where: str) -> str:

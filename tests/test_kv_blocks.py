@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from kernels.numpy_backend import NumpyBackend
-from workers.compute_worker import kv_cache_bytes
 from workers.engine.block_manager import BlockManager, OutOfBlocks
 from workers.engine.engine import Engine, Sequence
 
@@ -36,9 +35,17 @@ def test_kv_budget_below_one_context_is_refused(tiny_model):
         Engine(tiny_model("qwen2"), max_context=256, kv_cache_bytes=64 * 1024)
 
 
-def test_worker_budget_is_what_the_weights_leave():
-    assert kv_cache_bytes(4 * GIB, kv_cache_gb=5, vram_budget_gb=24) == 5 * GIB
-    assert kv_cache_bytes(4 * GIB, kv_cache_gb=None, vram_budget_gb=24) == int((24 - 4 - 1.5) * GIB)
+def test_a_vram_budget_gives_the_kv_cache_what_the_model_leaves(tiny_model):
+    plain = Engine(tiny_model("qwen2"), max_context=256)
+    p = plain.placement
+    left = p.reserve + p.sizes.fixed + sum(p.sizes.layers)
+    budget = left + 4096 * p.sizes.kv_per_token + 1000
+    engine = Engine(tiny_model("qwen2"), max_context=256, vram_budget=budget)
+    assert engine.placement.tiers == ("vram",) * engine.config.n_layers
+    assert engine.blocks.num_blocks * engine.blocks.block_size == 4096
+    assert engine.placement.device_bytes <= budget
+    sized = Engine(tiny_model("qwen2"), max_context=256, vram_budget=budget, kv_cache_bytes=2 * GIB // 1024)
+    assert sized.kv.nbytes <= 2 * GIB // 1024  # an explicit KV size wins over the budget's rest
 
 
 def test_blocks_reserve_trim_release():

@@ -32,32 +32,33 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from workers.engine.engine import Engine, GeneratedToken
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
+from workers.node_tiers import NodeTiers
 from workers.tier_loader import TierLoader
 
 GIB = 2**30
-# VRAM left to activations and workspace when the KV cache is sized from the budget.
-ACTIVATION_RESERVE_GB = 1.5
-
-
-def kv_cache_bytes(model_bytes: int, kv_cache_gb: float | None, vram_budget_gb: float) -> int:
-    """Bytes the KV cache may take: kv_cache_gb, or the budget left after the weights (the
-    engine turns them into tokens with its backend's KV layout)."""
-    if kv_cache_gb is None:
-        kv_cache_gb = vram_budget_gb - model_bytes / GIB - ACTIVATION_RESERVE_GB
-    return int(kv_cache_gb * GIB)
 
 
 @ray.remote
 class ComputeWorker:
     async def __init__(self, model: str | None, backend: str = "numpy", max_context: int = 4096,
                  kv_cache_gb: float | None = None, vram_budget_gb: float = 24.0, block_size: int = 16,
-                 max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256):
+                 max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256,
+                 host_ram_gb: float | None = None, n_buffers: int | None = None):
         node = ray.get_runtime_context().get_node_id()
         # The disk tier must be on this node: the engine maps the file it returns.
         self.loader = TierLoader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model)
         spec = await self.loader.load.remote()
-        self.engine = Engine(spec["path"], backend=backend, max_context=max_context, block_size=block_size,
-                             kv_cache_bytes=kv_cache_bytes(spec["bytes"], kv_cache_gb, vram_budget_gb))
+        # Placed under the budget (workers/engine/placement.py); the layers that do not fit
+        # stream from this node's host and disk tiers. Loading a large model takes minutes:
+        # a thread of its own keeps the actor answering meanwhile.
+        self.tiers = NodeTiers(spec["path"])
+        self.engine = await asyncio.to_thread(
+            Engine, spec["path"], backend=backend, max_context=max_context, block_size=block_size,
+            kv_cache_bytes=None if kv_cache_gb is None else int(kv_cache_gb * GIB),
+            vram_budget=int(vram_budget_gb * GIB), host_ram=None if host_ram_gb is None else int(host_ram_gb * GIB),
+            n_buffers=n_buffers, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
+            host_alloc=self.tiers.host_alloc, disk_open=self.tiers.disk_open)
+        self.tiers.loaded()
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
         self.outbox: dict[str, list[dict]] = {}
         self.lock = threading.Lock()  # the scheduler and the outbox

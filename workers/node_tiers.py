@@ -1,0 +1,63 @@
+"""The ComputeWorker's ends of its node's host and disk tiers, handed to the Engine as
+`host_alloc` and `disk_open` (kernels/ops.py `stream_layers`).
+
+host_alloc: the streamed layers' images go into a region of the node's HostTier (shared
+memory, keyed by the model file and the images' size, so replicas of one model with one
+placement share a copy); the backend registers it as pinned memory. disk_open: the layers
+host RAM cannot hold go to an image file of this worker's and a DiskTier actor on this node
+reads them into a staging ring ahead of each pass.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from workers.disk_tier import DiskTier
+from workers.host_tier import host_tier_for_node
+from workers.memory.disk_stream import DiskStream
+from workers.memory.shared_buffer import SharedBuffer
+from workers.model import store as model_store
+
+
+class NodeTiers:
+    def __init__(self, model_path: str):
+        st = os.stat(model_path)
+        self.model_path = Path(model_path)
+        self.identity = f"{self.model_path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        self.node = ray.get_runtime_context().get_node_id()
+        self.host_tier = self.key = self.region = self.disk_tier = self.disk = None
+
+    def host_alloc(self, nbytes: int):
+        self.host_tier = host_tier_for_node()
+        self.key = f"{self.identity}|{nbytes}"
+        info = ray.get(self.host_tier.region.remote(self.key, nbytes))
+        self.region = SharedBuffer.attach(info["name"])
+        return self.region.array[:nbytes]
+
+    def loaded(self) -> None:
+        """The images are in place: later replicas of the same placement find them filled."""
+        if self.key is not None:
+            ray.get(self.host_tier.mark_filled.remote(self.key))
+
+    def disk_open(self, sizes: dict[int, int]) -> DiskStream:
+        where = model_store.home() / "images"
+        where.mkdir(parents=True, exist_ok=True)
+        self.disk = DiskStream(where / f"{self.model_path.stem}-{os.getpid()}.images", sizes, launch=self._launch)
+        return self.disk
+
+    def _launch(self, image_path: str, order: list[int], slots: int, slot_bytes: int) -> str:
+        self.disk_tier = DiskTier.options(scheduling_strategy=NodeAffinitySchedulingStrategy(self.node, soft=False)) \
+            .remote(image_path, order, slots, slot_bytes)
+        return ray.get(self.disk_tier.ring.remote())["name"]
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+        if self.disk_tier is not None:
+            ray.get(self.disk_tier.stop.remote())
+        if self.key is not None:
+            ray.get(self.host_tier.release.remote(self.key))
