@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.kv_layout import KVLayout
+from kernels.layer_images import LayerImages, align
+from kernels.layer_ring import RingDriver
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 
@@ -64,15 +66,103 @@ class QuantizedRows:
         return dequantize(self.raw[ids], self.qtype)
 
 
+MATRIX_ALIGN = 64  # a streamed matrix's offset in its image: the alignment BLAS gets from a fresh array
+
+
+class HostStreaming(LayerImages):
+    """The NumPy backend's streamed layers: the GPU's schedule and images, with slots in host
+    memory and copies that are done when issued. The CPU runs the whole streaming path (the
+    model's hooks, the ring's driver, the host and disk tiers) with it."""
+
+    def __init__(self, schedule, image_nbytes, disk_layers=(), host_alloc=None, disk_open=None):
+        super().__init__(schedule, image_nbytes, disk_layers, host_alloc, disk_open)
+        base = np.empty(schedule.n_slots * self.slot_nbytes + MATRIX_ALIGN, np.uint8)
+        start = -base.ctypes.data % MATRIX_ALIGN
+        self.slots = base[start:start + schedule.n_slots * self.slot_nbytes].reshape(schedule.n_slots, -1)
+        self.driver = RingDriver(schedule, self)
+        self.loading: int | None = None
+        self._offset = 0
+
+    def place(self, w: np.ndarray) -> np.ndarray:
+        """A matrix of the layer loading: its bytes into the layer's image, a view of its slot in its place."""
+        off = align(self._offset, MATRIX_ALIGN)
+        raw = np.ascontiguousarray(w).reshape(-1).view(np.uint8)
+        self.image(self.loading)[off:off + raw.nbytes] = raw
+        self._offset = off + raw.nbytes
+        slot = self.slots[self.schedule.slot(self.loading)]
+        return slot[off:off + raw.nbytes].view(w.dtype).reshape(w.shape)
+
+    def copy(self, layer, slot, on_copy_queue):
+        n = self.image_nbytes[layer]
+        if layer not in self.disk_layers:
+            self.slots[slot][:n] = self.image(layer)
+            return None
+        if self.disk.ring is None:  # the first copy from disk: every image is written
+            self.start_disk()
+        staged, view = self.disk.acquire(layer)
+        self.slots[slot][:n] = view
+        self.disk.release(staged)
+        return None
+
+    def freed(self, slot):
+        return None
+
+    def copy_waits(self, event):
+        pass
+
+    def compute_waits(self, event):
+        pass
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     dtype = np.float32
     kv_dtype = np.float32
+    streaming: HostStreaming | None = None
 
     def load_matrix(self, *tensors) -> np.ndarray:
         for t in tensors:
             check_supported(t)
-        return np.concatenate([dequantize(t.data, t.qtype) for t in tensors])
+        w = np.concatenate([dequantize(t.data, t.qtype) for t in tensors])
+        s = self.streaming
+        return s.place(w) if s is not None and s.loading is not None else w
+
+    def stream_layers(self, schedule, layer_tensors, disk_layers=(), host_alloc=None, disk_open=None) -> None:
+        sizes = {i: sum(align(self.matrix_nbytes(*m), MATRIX_ALIGN) for m in layer_tensors[i])
+                 for i in schedule.streamed}
+        self.streaming = HostStreaming(schedule, sizes, disk_layers, host_alloc, disk_open)
+
+    def load_layer(self, index, load):
+        s = self.streaming
+        if s is None or not s.schedule.is_streamed(index):
+            return load()
+        s.loading, s._offset = index, 0
+        try:
+            return load()
+        finally:
+            s.loading = None
+
+    def begin_layer(self, index) -> None:
+        if self.streaming is not None and self.streaming.schedule.is_streamed(index):
+            self.streaming.driver.begin_layer(index)
+
+    def end_layer(self, index, x):
+        if self.streaming is not None and self.streaming.schedule.is_streamed(index):
+            self.streaming.driver.end_layer(index)
+        return x
+
+    def run_step(self, forward, step: StepInputs, kv_caches):
+        s = self.streaming
+        if s is None:
+            return forward(step, kv_caches)
+        s.driver.begin_pass()
+        try:
+            out = forward(step, kv_caches)
+        except BaseException:
+            s.driver.abandon()
+            raise
+        s.driver.end_pass()
+        return out
 
     def load_vector(self, *tensors) -> np.ndarray:
         for t in tensors:

@@ -87,7 +87,7 @@ class Backend(ABC):
         Images live in host memory (host_alloc(nbytes) -> a page-aligned uint8 array the
         backend pins, or its own pinned memory if None), except disk_layers', which go to
         disk_open({layer: nbytes}) (workers/memory/disk_stream.py's interface)."""
-        raise ValueError(f"backend {self.name!r} keeps every layer resident: streaming needs the cupy backend")
+        raise ValueError(f"backend {self.name!r} keeps every layer resident")
 
     def host_link(self) -> dict | None:
         """The host-to-device link as measured ({"h2d_gb_s", "gen", "width", ...}); None where

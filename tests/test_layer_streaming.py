@@ -3,6 +3,7 @@ under a budget, and on the GPU, streamed runs equal to resident ones bit for bit
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 
@@ -191,15 +192,7 @@ def test_placement_serializes():
     assert isinstance(p, Placement)
 
 
-def test_numpy_backend_refuses_a_budget_it_would_have_to_stream(deep_model):
-    from workers.engine.engine import Engine
-
-    resident = Engine(deep_model, max_context=64, kv_cache_tokens=64)
-    with pytest.raises(ValueError, match="needs the cupy backend"):
-        Engine(deep_model, max_context=64, kv_cache_tokens=64, vram_budget=streaming_budget(resident, 2, 2))
-
-
-# --- on the GPU: streamed equals resident ----------------------------------------------------
+# --- streamed equals resident: on the CPU (copies done at once) and on the GPU ---------------
 def streaming_budget(resident_engine, resident_layers: int, n_buffers: int) -> int:
     """A budget that leaves exactly `resident_layers` resident with n_buffers slots."""
     p = resident_engine.placement
@@ -208,27 +201,46 @@ def streaming_budget(resident_engine, resident_layers: int, n_buffers: int) -> i
     return p.reserve + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * slot + sum(s.layers[:resident_layers])
 
 
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory, vocab_dir):
-    """Six layers in llama.cpp's Q4_K_M mix (Q6_K on some layers' V and down, so layers differ in size)."""
+def write_deep(tmp_path_factory, vocab_dir, arch: str):
+    """Six layers in llama.cpp's Q4_K_M mix (Q6_K on some layers' V and down, so layers differ in
+    size); qwen2's with QKV biases and tied embeddings."""
     from workers.model.synthetic import Shape, q4_k_m_mix, write_model
 
-    shape = Shape("llama", n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=512, context_length=512)
-    path = tmp_path_factory.mktemp("models") / "deep-llama.gguf"
-    return write_model(path, shape, vocab_dir / "ggml-vocab-llama-spm.gguf", mix=q4_k_m_mix, seed=7)
+    shape = Shape(arch, n_layers=6, d_model=256, n_heads=4, n_kv_heads=2 if arch == "llama" else 1, ffn_dim=512,
+                  context_length=512, tied_embeddings=arch == "qwen2")
+    vocab = "ggml-vocab-llama-spm.gguf" if arch == "llama" else "ggml-vocab-qwen2.gguf"
+    path = tmp_path_factory.mktemp("models") / f"deep-{arch}.gguf"
+    return write_model(path, shape, vocab_dir / vocab, mix=q4_k_m_mix, seed=7)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("resident_layers,n_buffers,ram_layers", [(2, 2, None), (0, 3, None), (3, 1, None),
-                                                                  (1, 4, None), (2, 2, 1), (1, 3, 0)])
-def test_streamed_runs_equal_the_resident_run_bit_for_bit(cuda_device, deep_model, tmp_path, resident_layers,
+@pytest.fixture(scope="module")
+def deep_model(tmp_path_factory, vocab_dir):
+    return write_deep(tmp_path_factory, vocab_dir, "llama")
+
+
+@pytest.fixture(scope="module")
+def deep_qwen2(tmp_path_factory, vocab_dir):
+    return write_deep(tmp_path_factory, vocab_dir, "qwen2")
+
+
+BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("arch,resident_layers,n_buffers,ram_layers", [
+    ("llama", 2, 2, None), ("llama", 0, 3, None), ("llama", 3, 1, None), ("llama", 1, 4, None),
+    ("llama", 2, 2, 1), ("llama", 1, 3, 0), ("qwen2", 2, 2, None), ("qwen2", 1, 2, 2)])
+def test_streamed_runs_equal_the_resident_run_bit_for_bit(request, tmp_path, backend, arch, resident_layers,
                                                           n_buffers, ram_layers):
     """ram_layers: how many streamed layers host RAM holds; the others come from the disk tier."""
     from drive import forward
     from workers.engine.engine import Engine, Sequence
     from workers.memory.disk_stream import DiskStream
 
-    kw = dict(backend="cupy", max_context=256, kv_cache_tokens=1024)
+    if backend == "cupy":
+        request.getfixturevalue("cuda_device")
+    deep_model = request.getfixturevalue("deep_model" if arch == "llama" else "deep_qwen2")
+    kw = dict(backend=backend, max_context=256, kv_cache_tokens=1024)
     resident = Engine(deep_model, **kw)
     layers = resident.placement.sizes.layers
     host_ram = None if ram_layers is None else sum(layers[resident_layers:resident_layers + ram_layers])
@@ -274,3 +286,48 @@ def test_streamed_images_live_in_pinned_host_memory_and_slots_are_the_budgeted_s
     s = engine.ops.streaming
     assert s.slots.shape[0] == 2 and s.slot_nbytes <= engine.placement.slot_bytes
     assert sum(s.image_nbytes.values()) <= engine.placement.bytes_in("ram")
+
+
+# --- served: a Ray Serve replica under a budget, its layers in the node's host and disk tiers ---
+def test_a_served_replica_streams_through_the_node_tiers(deep_model, tmp_path):
+    """`ntr serve` on a config whose budget leaves 2 of 6 layers resident and whose host RAM
+    holds 2 of the 4 streamed ones (the rest from the DiskTier): HTTP and gRPC answer what the
+    resident engine generates."""
+    import json
+    import urllib.request
+
+    import grpc
+
+    from proto import generation_pb2 as pb
+    from proto import generation_pb2_grpc as pb_grpc
+    from serving_cluster import dev_config, ray_cluster, served_app
+    from workers.engine.engine import Engine
+    from workers.engine.sampling import SamplingParams
+
+    resident = Engine(deep_model, max_context=256, kv_cache_tokens=1024, max_batch_tokens=256, max_num_seqs=32)
+    layers = resident.placement.sizes.layers
+    prompt, n = "The quick brown fox", 12
+    expected = "".join(e.text for e in resident.generate(resident.prompt_ids(prompt),
+                                                          SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
+    budget = streaming_budget(resident, 2, 2)
+    config, http_port, grpc_port = dev_config(
+        tmp_path, deep_model, max_context=256, kv_cache_gb=1024 * resident.placement.sizes.kv_per_token / GIB,
+        vram_budget_gb=budget / GIB, host_ram_gb=sum(layers[2:4]) / GIB, n_buffers=2, max_batch_tokens=256)
+    before = set(os.listdir("/dev/shm"))
+    try:
+        with ray_cluster() as cluster, served_app(cluster, config, http_port) as url:
+            body = json.dumps({"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}).encode()
+            request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as r:
+                assert json.load(r)["choices"][0]["text"] == expected
+            with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+                reply = pb_grpc.GenerationStub(channel).Generate(
+                    pb.GenerateRequest(prompt=prompt, max_tokens=n, temperature=0, ignore_eos=True), timeout=300)
+            assert reply.text == expected
+            made = set(os.listdir("/dev/shm")) - before
+            assert len([f for f in made if f.startswith("ntr-host-")]) == 1  # the RAM layers: the HostTier's region
+            assert len([f for f in made if f.startswith("ntr-stage-")]) == 1  # the disk layers: a DiskTier's ring
+    finally:
+        for name in set(os.listdir("/dev/shm")) - before:
+            if name.startswith("ntr-"):  # a stopped cluster kills its actors before their atexit
+                os.unlink(os.path.join("/dev/shm", name))

@@ -9,8 +9,9 @@ are issued, the copy stream waits for them (event `freed`) and refills the slot.
 and wait is an ordinary stream operation, so a decode step with its copies is captured in
 one CUDA graph.
 
-Host memory is one region for every image, pinned by cudaHostAlloc or, when a host tier
-hands the backend shared memory, registered with cudaHostRegister.
+Where the images live is kernels/layer_images.py's: the RAM region is pinned by
+cudaHostAlloc or, when a host tier hands the backend shared memory, registered with
+cudaHostRegister; the disk tier's staging memory is registered too.
 """
 
 from __future__ import annotations
@@ -22,14 +23,10 @@ import cupyx
 import numpy as np
 
 from kernels.cupy.weights import QMatrix
+from kernels.layer_images import LayerImages, align
 from kernels.layer_ring import RingDriver, RingSchedule
 
 ALIGN = 256  # plane offsets inside an image: 16-byte loads, whole L2 sectors
-IMAGE_ALIGN = 4096  # images inside the host region: page-aligned, O_DIRECT-readable
-
-
-def align(n: int, a: int) -> int:
-    return -(-n // a) * a
 
 
 def image_layout(matrices_nbytes: list[list[int]]) -> int:
@@ -41,35 +38,20 @@ def image_layout(matrices_nbytes: list[list[int]]) -> int:
     return align(off, ALIGN)
 
 
-class LayerStreaming:
+class LayerStreaming(LayerImages):
     """The streamed layers of one model: their host images, the VRAM slots, the copy stream.
-
-    A layer's image is in host RAM (one region for all, pinned) or, for the layers listed in
-    disk_layers, in the disk tier (`disk_open(sizes)` gives its consumer side,
-    workers/memory/disk_stream.py): written there at load, then acquired from its staging
-    ring, in the schedule's copy order, for every copy. A copy from the disk tier waits on
-    the host for the image, so those passes are not captured (the backend turns graphs off).
-    """
+    A copy from the disk tier waits on the host for its image, so those passes are not
+    captured (the backend turns graphs off)."""
 
     def __init__(self, stream, schedule: RingSchedule, image_nbytes: dict[int, int], disk_layers=(),
                  host_alloc=None, disk_open=None):
-        self.stream, self.schedule = stream, schedule
+        super().__init__(schedule, image_nbytes, disk_layers, host_alloc, disk_open,
+                         new_host=lambda n: cupyx.empty_pinned((n,), np.uint8))
+        self.stream = stream
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
-        self.image_nbytes = dict(image_nbytes)
-        self.slot_nbytes = align(max(image_nbytes[i] for i in schedule.streamed), IMAGE_ALIGN)
-        self.disk_layers = frozenset(disk_layers)
-        self.offsets, total = {}, 0
-        for layer in schedule.streamed:
-            if layer not in self.disk_layers:
-                self.offsets[layer] = total
-                total = align(total + image_nbytes[layer], IMAGE_ALIGN)
         self._registered: list[int] = []
-        self.host = self._pinned(host_alloc(total) if host_alloc is not None else None, total)
-        self.disk = None
-        if self.disk_layers:
-            if disk_open is None:
-                raise ValueError(f"layers {sorted(self.disk_layers)} stream from disk, and no disk tier was given")
-            self.disk = disk_open({i: image_nbytes[i] for i in schedule.streamed if i in self.disk_layers})
+        if self.shared and self.host_nbytes:
+            self._register(self.host, self.host_nbytes)
         self._staged: list[tuple[cp.cuda.Event, int]] = []  # disk copies in flight, with their staging slots
         self.slots = cp.empty((schedule.n_slots, self.slot_nbytes), cp.uint8)
         self._freed = [cp.cuda.Event(disable_timing=True) for _ in range(schedule.n_slots)]
@@ -77,23 +59,9 @@ class LayerStreaming:
         self.driver = RingDriver(schedule, self)
         self.collecting: list[QMatrix] | None = None
 
-    def _pinned(self, host: np.ndarray | None, nbytes: int) -> np.ndarray:
-        """host registered with CUDA as pinned (page-aligned, nbytes at least), or new pinned memory."""
-        if host is None:
-            return cupyx.empty_pinned((max(nbytes, 1),), np.uint8)
-        if host.nbytes < nbytes or host.ctypes.data % IMAGE_ALIGN:
-            raise ValueError(f"host memory of {host.nbytes} bytes at {host.ctypes.data:#x}: {nbytes} are needed, "
-                             "page-aligned")
-        if nbytes:
-            cp.cuda.runtime.hostRegister(host.ctypes.data, nbytes, 0)
-            self._registered.append(host.ctypes.data)
-        return host
-
-    def image(self, layer: int) -> np.ndarray:
-        if layer in self.disk_layers:
-            return self.disk.image(layer)
-        off = self.offsets[layer]
-        return self.host[off:off + self.image_nbytes[layer]]
+    def _register(self, host: np.ndarray, nbytes: int) -> None:
+        cp.cuda.runtime.hostRegister(host.ctypes.data, nbytes, 0)
+        self._registered.append(host.ctypes.data)
 
     # --- load ---------------------------------------------------------------------
     @contextmanager
@@ -141,8 +109,8 @@ class LayerStreaming:
     def _copy_staged(self, layer: int, slot: int, stream) -> cp.cuda.Event:
         """From the disk tier's staging ring; its slot goes back once the copy is done."""
         if self.disk.ring is None:  # the first copy from disk: every image is written
-            staging = self.disk.start([i for i in self.schedule.copy_order() if i in self.disk_layers])
-            self._pinned(staging, staging.nbytes)
+            staging = self.start_disk()
+            self._register(staging, staging.nbytes)
         while self._staged and (self._staged[0][0].done or len(self._staged) == self.disk.slots):
             event, staged = self._staged.pop(0)
             event.synchronize()
@@ -174,5 +142,4 @@ class LayerStreaming:
         for ptr in self._registered:
             cp.cuda.runtime.hostUnregister(ptr)
         self._registered.clear()
-        if self.disk is not None:
-            self.disk.close()
+        super().close()

@@ -1,0 +1,60 @@
+"""Where streamed layers' images live on the host, for any backend that streams.
+
+A streamed layer's image is its prepared weights' bytes, as the backend lays them out. The
+images of the layers host RAM holds sit in one region (host_alloc(nbytes), e.g. the node's
+HostTier shared memory, or the backend's own memory), 4096-aligned; the others go to the
+disk tier that disk_open({layer: nbytes}) opens (workers/memory/disk_stream.py): written at
+load, then staged back in the schedule's copy order (kernels/layer_ring.py `copy_order`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.layer_ring import RingSchedule
+
+IMAGE_ALIGN = 4096  # images inside the host region: page-aligned (pinning, O_DIRECT)
+
+
+def align(n: int, a: int) -> int:
+    return -(-n // a) * a
+
+
+class LayerImages:
+    def __init__(self, schedule: RingSchedule, image_nbytes: dict[int, int], disk_layers=(), host_alloc=None,
+                 disk_open=None, new_host=lambda n: np.empty(n, np.uint8)):
+        self.schedule = schedule
+        self.image_nbytes = dict(image_nbytes)
+        self.slot_nbytes = align(max(image_nbytes[i] for i in schedule.streamed), IMAGE_ALIGN)
+        self.disk_layers = frozenset(disk_layers)
+        self.offsets, total = {}, 0
+        for layer in schedule.streamed:
+            if layer not in self.disk_layers:
+                self.offsets[layer] = total
+                total = align(total + image_nbytes[layer], IMAGE_ALIGN)
+        self.host_nbytes = total
+        self.shared = host_alloc is not None  # memory of someone else's, which a GPU backend registers
+        self.host = host_alloc(total) if self.shared else new_host(max(total, 1))
+        if self.host.nbytes < total or self.shared and self.host.ctypes.data % IMAGE_ALIGN:
+            raise ValueError(f"host memory of {self.host.nbytes} bytes at {self.host.ctypes.data:#x}: {total} are "
+                             "needed, page-aligned")
+        self.disk = None
+        if self.disk_layers:
+            if disk_open is None:
+                raise ValueError(f"layers {sorted(self.disk_layers)} stream from disk, and no disk tier was given")
+            self.disk = disk_open({i: image_nbytes[i] for i in schedule.streamed if i in self.disk_layers})
+
+    def image(self, layer: int) -> np.ndarray:
+        """Where layer's image is (a RAM layer) or is written at load (a disk layer)."""
+        if layer in self.disk_layers:
+            return self.disk.image(layer)
+        off = self.offsets[layer]
+        return self.host[off:off + self.image_nbytes[layer]]
+
+    def start_disk(self) -> np.ndarray:
+        """Before the first copy from disk (every image written): the staging memory."""
+        return self.disk.start([i for i in self.schedule.copy_order() if i in self.disk_layers])
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
