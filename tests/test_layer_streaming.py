@@ -185,6 +185,13 @@ def test_prediction_is_the_streamed_bytes_over_the_link_at_batch_one():
     assert p.step_seconds(512, slow) == pytest.approx(2 * (sum(s.layer_params) + s.head_params) * 512 / 1e9, rel=1e-6)
 
 
+def test_a_pass_with_disk_layers_takes_at_least_their_read():
+    s = sizes()
+    p = place(s, 24 * GIB, GIB, 8192, 8192, host_ram=10 * GIB)
+    rates = Rates(link_gb_s=50, disk_gb_s=2, weight_read_gb_s=1e9, prompt_tflops=1e9)
+    assert p.step_seconds(1, rates) == pytest.approx(p.bytes_in("disk") / 2e9, rel=1e-6)
+
+
 def test_placement_serializes():
     p = place(sizes(), 24 * GIB, GIB, 8192, 8192)
     d = p.as_dict()

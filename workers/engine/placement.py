@@ -9,9 +9,10 @@ drafter runs them); the rest stream through the slots (kernels/layer_ring.py), f
 while their images fit in it, then from disk.
 
 Speed is predicted from named rates: the host-to-device link (measured, kernels/cupy/link.py),
-the rate at which products read resident weights, and the prompt's compute rate. A streamed
-layer costs the longer of its copy and its compute; a resident one its compute (the link
-idles then, as the slots are full when a pass starts).
+the rate at which products read resident weights, the prompt's compute rate and the disk's
+read rate. A streamed layer costs the longer of its copy and its compute; a resident one its
+compute (the link idles then, as the slots are full when a pass starts); a pass takes at
+least the read of its disk layers, which the disk tier does ahead, beside everything else.
 """
 
 from __future__ import annotations
@@ -117,12 +118,9 @@ class Placement:
         t = compute(0, s.head_params)
         for nbytes, params, tier in zip(s.layers, s.layer_params, self.tiers):
             c = compute(nbytes, params)
-            if tier == "vram":
-                t += c
-            else:
-                link = rates.link_gb_s if tier == "ram" else min(rates.link_gb_s, rates.disk_gb_s)
-                t += max(c, nbytes / (link * 1e9))
-        return t
+            t += c if tier == "vram" else max(c, nbytes / (rates.link_gb_s * 1e9))
+        # the disk tier reads ahead all the time, so a pass takes at least its disk bytes' read
+        return max(t, self.bytes_in("disk") / (rates.disk_gb_s * 1e9))
 
     def predict(self, rates: Rates, prompt: int = 512, batch: int = 16) -> dict:
         return {"prefill_tok_s": prompt / self.step_seconds(prompt, rates),
