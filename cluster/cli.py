@@ -78,7 +78,7 @@ def cmd_plan(args) -> int:
         config = ModelConfig.from_gguf(gguf)
         max_context = min(config.context_length, args.ctx)
         p = plan_model(gguf, config, CupySizes, kv_tokens=args.kv_tokens or max_context, max_context=max_context,
-                       max_batch_tokens=args.batch_tokens, max_num_seqs=args.seqs, rates=rates,
+                       max_batch_tokens=args.batch_tokens, max_logit_rows=args.seqs, rates=rates,
                        budget=options["vram_budget"], host_ram=options["host_ram"], n_buffers=options["n_buffers"])
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if args.json:
@@ -154,6 +154,7 @@ def cmd_perplexity(args) -> int:
     with GGUFFile(path) as gguf:  # the vocabulary sizes the default batch, which sizes the KV cache
         per_pass = args.batch or chunks_per_pass(args.ctx, ModelConfig.from_gguf(gguf).vocab_size)
     engine = Engine(path, backend=args.backend, max_context=args.ctx, kv_cache_tokens=per_pass * args.ctx,
+                    max_batch_tokens=per_pass * args.ctx, max_logit_rows=per_pass * (args.ctx - 1 - args.ctx // 2),
                     disk_open=disk_tier(path), **_placement_options(args))
     ids = text_ids(engine, text)
     with tqdm(total=len(ids) // args.ctx, unit="chunk", desc="perplexity", disable=None, file=sys.stderr) as bar:
@@ -186,7 +187,8 @@ def cmd_tokenize(args) -> int:
 
 def cmd_score(args) -> int:
     ids = [int(x) for x in args.ids.split(",") if x.strip()]
-    positions = _engine(args).score(ids, top=args.top)
+    rows = max(len(ids), 32)  # logits for every position: what the budget keeps room for
+    positions = _engine(args, max_batch_tokens=max(rows, 512), max_logit_rows=rows).score(ids, top=args.top)
     if args.json:
         print(json.dumps({"positions": positions}))
     else:
@@ -293,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--ctx", type=int, default=8192, help="the context the KV cache must hold (default 8192)")
     pl.add_argument("--kv-tokens", type=int, help="KV cache tokens (default: one context)")
     pl.add_argument("--batch-tokens", type=int, default=512, help="tokens a step takes, and the predicted prompt")
-    pl.add_argument("--seqs", type=int, default=16, help="sequences decoded at once, for the predicted aggregate")
+    pl.add_argument("--seqs", type=int, default=16, help="sequences decoded at once (rows of logits a step "
+                    "returns), for the predicted aggregate")
     pl.add_argument("--link-gb-s", type=float, help="host-to-device GB/s (default: measured with a GPU)")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan, backend="cupy")

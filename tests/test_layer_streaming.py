@@ -247,7 +247,8 @@ def test_streamed_runs_equal_the_resident_run_bit_for_bit(request, tmp_path, bac
     if backend == "cupy":
         request.getfixturevalue("cuda_device")
     deep_model = request.getfixturevalue("deep_model" if arch == "llama" else "deep_qwen2")
-    kw = dict(backend=backend, max_context=256, kv_cache_tokens=1024)
+    # logits for every row of a 100-token prompt, which the runtime reserve must count
+    kw = dict(backend=backend, max_context=256, kv_cache_tokens=1024, max_logit_rows=256)
     resident = Engine(deep_model, **kw)
     layers = resident.placement.sizes.layers
     host_ram = None if ram_layers is None else sum(layers[resident_layers:resident_layers + ram_layers])
@@ -311,7 +312,7 @@ def test_a_served_replica_streams_through_the_node_tiers(deep_model, tmp_path):
     from workers.engine.engine import Engine
     from workers.engine.sampling import SamplingParams
 
-    resident = Engine(deep_model, max_context=256, kv_cache_tokens=1024, max_batch_tokens=256, max_num_seqs=32)
+    resident = Engine(deep_model, max_context=256, kv_cache_tokens=1024, max_batch_tokens=256, max_logit_rows=32)
     layers = resident.placement.sizes.layers
     prompt, n = "The quick brown fox", 12
     expected = "".join(e.text for e in resident.generate(resident.prompt_ids(prompt),

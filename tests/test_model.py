@@ -188,3 +188,18 @@ def test_score_reports_top_and_lse(tiny_engine):
         assert [t for t, _ in p["top"]] == list(np.argsort(-row)[:5])
         lse = row.max() + np.log(np.exp(row - row.max()).sum())
         assert p["lse"] == pytest.approx(lse, abs=1e-3)
+
+
+def test_a_prompt_longer_than_a_step_is_prefilled_in_steps_with_the_same_result(tiny_model):
+    from workers.engine.sampling import SamplingParams
+
+    prompt = list(range(100, 150))
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    whole = Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=128)
+    stepped = Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=128, max_batch_tokens=16)
+    calls = []
+    forward = stepped.forward
+    stepped.forward = lambda work, **kw: calls.append([n for _, n in work]) or forward(work, **kw)
+    ids = [e.token_id for e in stepped.generate(prompt, params)]
+    assert calls[:4] == [[16], [16], [16], [2]]  # 50 prompt tokens in steps of at most 16
+    assert ids == [e.token_id for e in whole.generate(prompt, params)]

@@ -90,7 +90,7 @@ def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
     h2d = measure_h2d()  # before the engine, whose pool stops at the budget
     t0 = time.perf_counter()
     engine = Engine(path, backend="cupy", max_context=kv_tokens, kv_cache_tokens=kv_tokens,
-                    vram_budget=int(budget_gb * GIB), max_batch_tokens=512, max_num_seqs=seqs,
+                    vram_budget=int(budget_gb * GIB), max_batch_tokens=512, max_logit_rows=seqs,
                     host_ram=None if ram_gb is None else int(ram_gb * GIB),
                     disk_open=lambda sizes: DiskStream(workdir / f"{name}.images", sizes))
     load_s = time.perf_counter() - t0

@@ -56,7 +56,7 @@ class ComputeWorker:
             Engine, spec["path"], backend=backend, max_context=max_context, block_size=block_size,
             kv_cache_bytes=None if kv_cache_gb is None else int(kv_cache_gb * GIB),
             vram_budget=int(vram_budget_gb * GIB), host_ram=None if host_ram_gb is None else int(host_ram_gb * GIB),
-            n_buffers=n_buffers, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs,
+            n_buffers=n_buffers, max_batch_tokens=max_batch_tokens, max_logit_rows=max_num_seqs,
             host_alloc=self.tiers.host_alloc, disk_open=self.tiers.disk_open)
         self.tiers.loaded()
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)

@@ -117,7 +117,7 @@ class Engine:
     def __init__(self, model_path: str | Path, backend: str | Backend = "numpy", max_context: int | None = None,
                  kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  vram_budget: int | None = None, n_buffers: int | None = None, host_ram: int | None = None,
-                 rates: Rates | None = None, max_batch_tokens: int = 512, max_num_seqs: int = 32,
+                 rates: Rates | None = None, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                  host_alloc=None, disk_open=None):
         """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
         backend's KV layout hold (at least one context), or one context. With vram_budget
@@ -125,7 +125,9 @@ class Engine:
         fit stream from host memory through n_buffers slots (chosen if None), and without a
         KV size the cache takes what the budget leaves when every layer is resident. Streamed
         images live in host_alloc(nbytes) (pinned memory of the backend's if None) and, past
-        host_ram, in the disk tier that disk_open({layer: nbytes}) opens (`Backend.stream_layers`)."""
+        host_ram, in the disk tier that disk_open({layer: nbytes}) opens (`Backend.stream_layers`).
+        max_batch_tokens and max_logit_rows (tokens a step takes, rows of logits it returns)
+        size the activations the budget keeps room for."""
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=str(self.gguf.path))
@@ -146,8 +148,9 @@ class Engine:
 
         def placed():
             return plan_model(self.gguf, c, self.ops, vram_budget, kv_cache_tokens, self.max_context, block_size,
-                              max_batch_tokens, max_num_seqs, host_ram, n_buffers, self.rates)
+                              max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates)
 
+        self.max_batch_tokens = max_batch_tokens
         self.placement = placed()
         if self.placement.streamed and rates is None and (link := self.ops.host_link()) is not None:
             self.link = link  # the slots are chosen from the measured link
@@ -347,7 +350,11 @@ class Engine:
         try:
             t0 = time.perf_counter()
             self.reserve([(c.seq, c.prompt_tokens)])
-            picked = self.sample(self.forward([(c.seq, c.prompt_tokens)], device=True), [c.sampler])[0]
+            left = c.prompt_tokens
+            while left > self.max_batch_tokens:  # a long prompt in steps the budget's activations hold
+                self.forward([(c.seq, self.max_batch_tokens)], device=True)
+                left -= self.max_batch_tokens
+            picked = self.sample(self.forward([(c.seq, left)], device=True), [c.sampler])[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             steps = self.greedy_decode([c.seq]) if ahead else None

@@ -69,11 +69,11 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int) -> ModelSizes:
 
 
 def runtime_reserve(d_model: int, ffn_dim: int, q_dim: int, kv_dim: int, vocab: int, max_batch_tokens: int,
-                    max_num_seqs: int) -> int:
+                    max_logit_rows: int) -> int:
     """VRAM besides weights, KV cache and slots: context, scratch, graphs and a step's
     activations (float32 rows of the widest products, twice over for the pool's rounding)."""
     per_token = 4 * (3 * d_model + q_dim + 2 * kv_dim + 3 * ffn_dim)
-    logits = 4 * vocab * max_num_seqs
+    logits = 4 * vocab * max_logit_rows
     return CONTEXT_BYTES + SCRATCH_BYTES + GRAPH_BYTES + 2 * (per_token * max_batch_tokens + logits)
 
 
@@ -198,7 +198,7 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
 
 
 def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, max_context: int,
-               block_size: int = 16, max_batch_tokens: int = 512, max_num_seqs: int = 32,
+               block_size: int = 16, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates()) -> Placement:
     """The placement of a GGUF model for a backend (`sizer`: a Backend, or kernels' CupySizes
     where there is no GPU: `ntr plan`)."""
@@ -206,5 +206,5 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
     layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size)
     sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token)
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
-                              c.vocab_size, max_batch_tokens, max_num_seqs)
+                              c.vocab_size, max_batch_tokens, max_logit_rows)
     return place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
