@@ -1,9 +1,10 @@
 """TierLoader: the Ray actor that puts the model file on the compute worker's node.
 
-It is the disk tier: it makes sure the GGUF file is on the node (pulling a registered model
-into NTR_HOME when it is missing, so a fresh node or pod installs it once) and checks its
-header and tensors before a ComputeWorker spends device memory on it. The ComputeWorker,
-placed on the same node, then maps the file itself.
+It makes sure the GGUF file is on the node (pulling a registered model into NTR_HOME when it
+is missing, so a fresh node or pod installs it once) and checks its header and tensors
+before a ComputeWorker spends device memory on it. The ComputeWorker, placed on the same
+node, then maps the file itself; layers it streams live in the node's HostTier and, past
+host RAM, behind a DiskTier (workers/node_tiers.py).
 """
 
 from __future__ import annotations
