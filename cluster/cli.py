@@ -117,8 +117,13 @@ def cmd_generate(args) -> int:
     default = args.max_tokens is None
     params = SamplingParams.preset(args.preset, max_tokens=DEFAULT_MAX_TOKENS if default else args.max_tokens,
                                    cut_to_context=default, stop=tuple(args.stop), **overrides)
+    speculation = None
+    if args.speculate:
+        from workers.engine.speculation import Speculation
+
+        speculation = Speculation(args.speculate, args.drafter, args.draft_layers)
     text, token_ids, finish = [], [], None
-    for event in engine.generate(prompt_ids, params):
+    for event in engine.generate(prompt_ids, params, speculation):
         if event.token_id is not None:
             token_ids.append(event.token_id)
         text.append(event.text)
@@ -126,15 +131,18 @@ def cmd_generate(args) -> int:
         if not args.json:
             sys.stdout.write(event.text)
             sys.stdout.flush()
-    t = engine.last_timings
+    t, spec = engine.last_timings, engine.last_speculation
     if args.json:
         print(json.dumps({"text": "".join(text), "prompt_ids": prompt_ids, "token_ids": token_ids,
                           "finish_reason": finish, "prefill_tok_s": round(t.prefill_tok_s, 2),
-                          "decode_tok_s": round(t.decode_tok_s, 2)}, ensure_ascii=False))
+                          "decode_tok_s": round(t.decode_tok_s, 2),
+                          **({"tokens_per_pass": round(spec.tokens_per_pass, 3)} if spec.passes else {})},
+                         ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+        passes = f", {spec.tokens_per_pass:.2f} tokens a verifying pass" if spec.passes else ""
         print(f"[{len(prompt_ids)} prompt tokens at {t.prefill_tok_s:.1f} tok/s, "
-              f"{len(token_ids)} generated at {t.decode_tok_s:.1f} tok/s, finish: {finish}]", file=sys.stderr)
+              f"{len(token_ids)} generated at {t.decode_tok_s:.1f} tok/s{passes}, finish: {finish}]", file=sys.stderr)
     return 0
 
 
@@ -267,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--presence-penalty", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="draft K tokens and verify them in one pass (0: off); greedy gives the same tokens, "
+                   "sampling the same distribution")
+    g.add_argument("--drafter", default="lookup", help="lookup (n-gram match in the context) or early-exit "
+                   "(the model's first layers)")
+    g.add_argument("--draft-layers", type=int, help="early-exit: layers the drafter runs (default: a quarter)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
 

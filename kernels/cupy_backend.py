@@ -233,6 +233,7 @@ class CupyBackend(Backend):
             s.end_pass()
             return out
 
+        run.graph_key = getattr(forward, "graph_key", None)
         return run
 
     @on_stream

@@ -204,7 +204,7 @@ def test_failed_forward_drops_the_step(engine, monkeypatch):
 
 
 def test_prompt_lookup_drafts():
-    from workers.draft_worker import lookup_proposal
+    from workers.engine.speculation import lookup_proposal
 
     assert lookup_proposal([5, 6, 7, 8, 9, 5, 6, 7], k=2) == [8, 9]
     assert lookup_proposal([1, 2, 3, 1, 2, 4, 4, 2], k=3) == [4, 4, 2]  # the latest match of "2" wins

@@ -2,23 +2,16 @@
 
 For each sequence it returns the tokens that followed the latest earlier occurrence of the
 sequence's last n-gram (shorter n-grams as fallback): free, and strong on code and quoted
-text. Nothing calls it yet: the engine has no verification step that would score the
-proposals.
+text. Nothing calls it yet: `Engine.generate` drafts and verifies in the ComputeWorker's own
+process (workers/engine/speculation.py); this actor is where the drafting policy moves when
+the server speculates.
 """
 
 from __future__ import annotations
 
 import ray
 
-
-def lookup_proposal(token_ids: list[int], k: int, ngram: int = 3) -> list[int]:
-    """Up to k tokens that followed the latest earlier match of the last n-gram (shorter n-grams as fallback)."""
-    for n in range(min(ngram, len(token_ids) - 1), 0, -1):
-        tail = token_ids[-n:]
-        for start in range(len(token_ids) - n - 1, -1, -1):
-            if token_ids[start:start + n] == tail:
-                return token_ids[start + n:start + n + k]
-    return []
+from workers.engine.speculation import lookup_proposal
 
 
 @ray.remote(num_cpus=0)

@@ -99,7 +99,7 @@ class Steps:
 
     def __init__(self, b):
         self.b = b  # the backend: its stream, launcher, tuning
-        self.graphs: dict[tuple[int, int], Graph] = {}
+        self.graphs: dict[tuple, Graph] = {}
         self.last_graph = None
         self.max_t = QMMA_MAX_T  # lowered to GEMV_MAX_T by a weight cuBLAS would take
         # greedy: two pinned buffers its ids' copies alternate in (a step's ids are read
@@ -136,9 +136,10 @@ class Steps:
         tokens, positions, batch = step.tokens, step.positions, step.batch
         B = batch.num_seqs
         W = max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
-        g = self.graphs.get((B, W))
+        key = (B, W, getattr(forward, "graph_key", None))  # a partial model (an early-exit draft) is a step of its own
+        g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[(B, W)] = Graph(B, W)
+            g = self.graphs[key] = Graph(B, W)
         g.pack(tokens, positions, batch)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
         g.copied.record(stream)

@@ -7,6 +7,7 @@ serving scheduler's continuous batching.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.kv_cache import PagedKVCache
 from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
+from workers.engine.speculation import Speculation, verify
+from workers.engine.speculation import Stats as SpecStats
 from workers.engine.text_stream import TextStream
 from workers.model.chat_template import chat_template_from_metadata, render_chat
 from workers.model.config import ModelConfig
@@ -172,6 +175,7 @@ class Engine:
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks)
         self.blocks = BlockManager(num_blocks, block_size)
         self.last_timings = Timings()
+        self.last_speculation = SpecStats()
 
     @property
     def model_name(self) -> str:
@@ -204,24 +208,34 @@ class Engine:
             self.blocks.reserve(seq, seq.num_cached + n)
 
     def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
-                rows: np.ndarray | None = None) -> np.ndarray:
+                rows: np.ndarray | None = None, layers: int | None = None) -> np.ndarray:
         """Feed each sequence its next n uncached tokens, all in one pass.
 
         Their KV blocks must be reserved (`self.blocks`) for the tokens they will hold.
         Returns float32 logits on the host: the last new row of each sequence, with
         all_logits every new row in batch order, or the given rows of the flat batch of new
         tokens. With device=True they stay a backend array (valid until the next forward),
-        for `ops.argmax` / `ops.sample` / `ops.log_likelihood` on the device.
+        for `ops.argmax` / `ops.sample` / `ops.log_likelihood` on the device. With `layers`,
+        the logits of the first that many layers (an early-exit draft; only their KV is cached).
         """
         step = self._plan(work)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
         elif not all_logits:
             step.logit_rows = step.batch.query_starts[1:] - 1
-        logits = self.ops.run_step(self.model.forward, step, self.kv.layers)
+        logits = self.ops.run_step(self._forward(layers), step, self.kv.layers)
         for seq, n in work:
             seq.num_cached += n
         return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
+
+    def _forward(self, layers: int | None):
+        """The model's step, or its first `layers` layers' (a step of its own to a backend that
+        captures steps: `graph_key`)."""
+        if layers is None or layers >= self.config.n_layers:
+            return self.model.forward
+        forward = functools.partial(self.model.forward, layers=layers)
+        forward.graph_key = ("layers", layers)
+        return forward
 
     def greedy_decode(self, seqs: list[Sequence]) -> Iterator[np.ndarray]:
         """Greedy decode of seqs (each with its last token not yet cached), one step per item:
@@ -340,13 +354,19 @@ class Engine:
                 f"context window is {self.max_context}, which leaves room for {room}", param="max_tokens")
 
     # --- one request -------------------------------------------------------------
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[GeneratedToken]:
-        """Stream one completion. The last event carries finish_reason."""
+    def generate(self, prompt_ids: list[int], params: SamplingParams,
+                 speculation: Speculation | None = None) -> Iterator[GeneratedToken]:
+        """Stream one completion. The last event carries finish_reason. With speculation, a
+        completion without logprobs or penalties decodes speculatively (workers/engine/
+        speculation.py): greedy, the same tokens; sampled, tokens of the same distribution
+        from the request's generator; several a pass."""
         c = Completion.start(self, prompt_ids, params)
         timings = self.last_timings = Timings(prompt_tokens=c.prompt_tokens)
+        spec_stats = self.last_speculation = SpecStats()
+        speculate = speculation is not None and params.logprobs is None and not params.penalized
         # greedy with nothing else read from the logits: each step starts on the device from
         # the last one's id (greedy_decode)
-        ahead = params.greedy and self.samples_on_device(params)
+        ahead = params.greedy and self.samples_on_device(params) and not speculate
         try:
             t0 = time.perf_counter()
             self.reserve([(c.seq, c.prompt_tokens)])
@@ -358,12 +378,17 @@ class Engine:
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             steps = self.greedy_decode([c.seq]) if ahead else None
+            kept: list[int] = []  # a speculative pass's tokens not handed out yet
             while True:
                 event = c.advance(*picked)
                 yield event
                 if event.finish_reason is not None:
                     return
-                if steps is not None:
+                if speculate:
+                    if not kept:
+                        kept = verify(self, c.seq, speculation, c.budget - c.generated, spec_stats, c.sampler)
+                    picked = (kept.pop(0), None, None)
+                elif steps is not None:
                     picked = (int(next(steps)[0]), None, None)
                 else:
                     self.reserve([(c.seq, 1)])

@@ -139,6 +139,19 @@ class Sampler:
         return token
 
     def _draw(self, logits: np.ndarray) -> int:
+        candidates, probs = self._filtered(logits)
+        return int(candidates[self.rng.choice(len(probs), p=probs)])
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The probabilities [vocab] a sampled token is drawn with from one row of logits
+        (penalties aside): what speculative sampling accepts and rejects against."""
+        candidates, probs = self._filtered(np.asarray(logits, dtype=np.float32))
+        out = np.zeros(len(logits))
+        out[candidates] = probs
+        return out
+
+    def _filtered(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The tokens temperature, top-k, top-p and min-p keep, and their probabilities."""
         p = self.params
         candidates = np.arange(len(logits))
         scaled = logits.astype(np.float64) / p.temperature
@@ -156,8 +169,7 @@ class Sampler:
         if p.min_p > 0.0:
             keep = probs >= p.min_p * probs[0]
             candidates, probs = candidates[keep], probs[keep]
-        probs = probs / probs.sum()
-        return int(candidates[self.rng.choice(len(probs), p=probs)])
+        return candidates, probs / probs.sum()
 
 
 def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:

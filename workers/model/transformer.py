@@ -53,14 +53,15 @@ class Transformer:
                      bqkv=vector("bq", "bk", "bv") if self.config.qkv_bias else None, wo=wo,
                      ffn_norm=vector("ffn_norm"), w_gate_up=w_gate_up, w_down=w_down)
 
-    def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]]) -> Array:
-        """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None)."""
+    def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]], layers: int | None = None) -> Array:
+        """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None); with
+        `layers`, of the first that many layers only (the early-exit drafter)."""
         ops, c = self.ops, self.config
         n = len(step.tokens)
         scale = 1.0 / float(np.sqrt(c.head_dim))
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         x = ops.embedding(self.embed, step)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_caches)):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers[:layers], kv_caches)):
             ops.begin_layer(i)
             h = ops.rmsnorm(x, layer.attn_norm, c.rms_eps)
             qkv = ops.matmul_add(h, layer.wqkv, layer.bqkv) if c.qkv_bias else ops.matmul(h, layer.wqkv)

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Self-speculative greedy decoding on a real model: tokens per verifying pass by drafter, and
+decode tok/s with speculation against without, on tools/data/speculation_prompts.json.
+
+    PYTHONPATH=. python tools/bench_speculation.py [--model M] [--backend numpy|cupy]
+        [--configs plain,lookup:4,early-exit:3:6] [--tokens-code 48 --tokens-prose 32]
+        [--temperature 0.7] [--json OUT]
+
+A config is plain, lookup:K or early-exit:K:D (K drafted tokens, D layers). Code prompts are
+raw completions, prose prompts chat messages; every config decodes every prompt greedily and
+its tokens are compared with plain decoding (a mismatch is counted and printed; with
+--temperature, tokens are drawn with seed 0 per prompt and not compared). Decode
+tok/s is the generated tokens after the first over the time after the prefill, summed over
+the set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from workers.engine.engine import Engine  # noqa: E402
+from workers.engine.sampling import SamplingParams  # noqa: E402
+from workers.engine.speculation import Speculation  # noqa: E402
+from workers.model import store as model_store  # noqa: E402
+
+
+def parse_config(text: str) -> Speculation | None:
+    if text == "plain":
+        return None
+    name, *nums = text.split(":")
+    return Speculation(int(nums[0]), name, int(nums[1]) if len(nums) > 1 else None)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=model_store.DEFAULT_MODEL)
+    ap.add_argument("--backend", default="numpy")
+    ap.add_argument("--configs", default="plain,lookup:4,early-exit:3:6")
+    ap.add_argument("--tokens-code", type=int, default=48)
+    ap.add_argument("--tokens-prose", type=int, default=32)
+    ap.add_argument("--prompts", type=int, help="the first N prompts of each set (default: all)")
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--json", help="write the rows here too")
+    args = ap.parse_args()
+    sets = json.loads((REPO / "tools" / "data" / "speculation_prompts.json").read_text())
+    engine = Engine(model_store.resolve(args.model), backend=args.backend, max_context=1024)
+    prompts = {"code": [engine.prompt_ids(p) for p in sets["code"][:args.prompts]],
+               "prose": [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in sets["prose"][:args.prompts]]}
+    tokens = {"code": args.tokens_code, "prose": args.tokens_prose}
+    rows, plain_ids = [], {}
+    for set_name, ids_list in prompts.items():
+        for config in args.configs.split(","):
+            spec = parse_config(config)
+            decode_tokens = decode_s = passes = accepted = drafted = mismatches = 0
+            for i, ids in enumerate(ids_list):
+                params = SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature, seed=i,
+                                        ignore_eos=True)
+                out = [e.token_id for e in engine.generate(ids, params, spec)]
+                t, s = engine.last_timings, engine.last_speculation
+                decode_tokens += t.decode_tokens
+                decode_s += t.decode_s
+                passes, accepted, drafted = passes + s.passes, accepted + s.accepted, drafted + s.drafted
+                if spec is None:
+                    plain_ids[(set_name, i)] = out
+                elif args.temperature == 0 and (set_name, i) in plain_ids and out != plain_ids[(set_name, i)]:
+                    mismatches += 1
+                    print(f"  {set_name} prompt {i}: {config} differs from plain decoding", flush=True)
+            row = {"set": set_name, "config": config, "temperature": args.temperature,
+                   "decode_tok_s": decode_tokens / decode_s,
+                   "tokens_per_pass": (accepted + passes) / passes if passes else 1.0,
+                   "acceptance": accepted / drafted if drafted else None, "mismatches": mismatches,
+                   "prompts": len(ids_list), "tokens": tokens[set_name]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    base = {r["set"]: r["decode_tok_s"] for r in rows if r["config"] == "plain"}
+    print("\n| set | config | tokens a pass | acceptance | decode tok/s | vs plain | differs from plain |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
+        ratio = r["decode_tok_s"] / base[r["set"]] if r["set"] in base else float("nan")
+        print(f"| {r['set']} | {r['config']} | {r['tokens_per_pass']:.2f} | {acc} | {r['decode_tok_s']:.2f} | "
+              f"{ratio:.2f}x | {r['mismatches']} of {r['prompts']} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

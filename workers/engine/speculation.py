@@ -1,0 +1,137 @@
+"""Self-speculative decoding: a drafter proposes the next k tokens cheaply, the model scores
+them all in one forward pass, and the proposals the model agrees with are kept, plus one
+token of the model's own after them. Greedy: a proposal is kept while it equals the model's
+argmax, so the tokens are those of plain greedy decoding. Sampled: each proposal d is kept
+with probability min(1, p(d) / q(d)) (p the model's distribution, q the drafter's), and the
+first rejection draws from norm(max(0, p - q)) instead (Leviathan et al. 2023; Chen et al.
+2023): the tokens are distributed exactly as plain sampling's, drawn from the request's own
+seeded generator.
+
+A decode step reads every weight once whatever the number of tokens it scores, so when the
+step is bound by the weights' bytes (streamed layers, the CPU, small batches) a pass that
+keeps m + 1 tokens costs about what a pass that keeps one does. Drafters:
+- lookup: the tokens that followed the latest earlier occurrence of the sequence's last
+  n-gram (no model; strong on code and quoted text);
+- early exit: the model's first d layers, then its final norm and output head, one token at
+  a time (with streaming, the resident layers). Their KV for the drafted positions is what
+  the verifying pass writes again, so nothing is recomputed after a rejection.
+Rejected tokens leave the sequence and their KV blocks go back (BlockManager.trim).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DRAFTERS = ("lookup", "early-exit")
+
+
+def lookup_proposal(token_ids: list[int], k: int, ngram: int = 3) -> list[int]:
+    """Up to k tokens that followed the latest earlier match of the last n-gram (shorter n-grams as fallback)."""
+    for n in range(min(ngram, len(token_ids) - 1), 0, -1):
+        tail = token_ids[-n:]
+        for start in range(len(token_ids) - n - 1, -1, -1):
+            if token_ids[start:start + n] == tail:
+                return token_ids[start + n:start + n + k]
+    return []
+
+
+@dataclass(frozen=True)
+class Speculation:
+    k: int  # tokens drafted per pass
+    drafter: str = "lookup"
+    depth: int | None = None  # early exit: layers the drafter runs (default: a quarter of them)
+
+    def __post_init__(self):
+        if not 1 <= self.k <= 16:
+            raise ValueError(f"speculate must be in [1, 16] drafted tokens, got {self.k}")
+        if self.drafter not in DRAFTERS:
+            raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}")
+        if self.depth is not None and self.depth < 1:
+            raise ValueError(f"draft layers must be >= 1, got {self.depth}")
+
+
+@dataclass
+class Stats:
+    passes: int = 0  # verifying passes
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return (self.accepted + self.passes) / self.passes if self.passes else 0.0
+
+
+def draft(engine, seq, spec: Speculation, limit: int, sampler=None) -> tuple[list[int], list | None]:
+    """Up to min(k, limit) proposed tokens after seq (whose last token is not cached yet) and,
+    when a sampler draws them (early exit, temperature > 0), the drafter's distribution for
+    each (None: each proposal was certain). seq is as it was when this returns."""
+    k = min(spec.k, limit)
+    if k <= 0:
+        return [], None
+    if spec.drafter == "lookup":
+        return lookup_proposal(seq.token_ids, k), None
+    depth = spec.depth or max(1, engine.config.n_layers // 4)
+    sampled = sampler is not None and not sampler.params.greedy
+    proposed, q_rows, start, cached = [], [], len(seq.token_ids), seq.num_cached
+    try:
+        for _ in range(k):
+            engine.reserve([(seq, 1)])
+            logits = engine.forward([(seq, 1)], layers=depth)[-1]
+            if sampled:
+                q_rows.append(sampler.distribution(logits))
+                token = int(sampler.rng.choice(len(q_rows[-1]), p=q_rows[-1]))
+            else:
+                token = int(np.argmax(logits))
+            proposed.append(token)
+            seq.token_ids.append(token)
+    finally:  # the verifying pass writes these positions' KV again, in every layer
+        del seq.token_ids[start:]
+        seq.num_cached = cached
+    return proposed, q_rows if sampled else None
+
+
+def accept_sampled(p_rows: np.ndarray, q_rows: list | None, proposed: list[int], rng) -> list[int]:
+    """Rejection sampling over one verifying pass: p_rows [len(proposed) + 1, vocab] the model's
+    probabilities at each position, q_rows the drafter's (None: proposals were certain). The
+    kept proposals and one token drawn by the rule, together distributed as plain sampling."""
+    vocab = p_rows.shape[1]
+    for i, d in enumerate(proposed):
+        p = p_rows[i]
+        q = q_rows[i] if q_rows is not None else np.eye(1, vocab, d)[0]
+        if rng.random() < min(1.0, p[d] / q[d]):
+            continue
+        residual = np.maximum(p - q, 0.0)
+        return proposed[:i] + [int(rng.choice(vocab, p=residual / residual.sum()))]
+    return proposed + [int(rng.choice(vocab, p=p_rows[-1]))]
+
+
+def verify(engine, seq, spec: Speculation, limit: int, stats: Stats, sampler=None) -> list[int]:
+    """A draft and one pass over it: the kept proposals and the model's token after them (1..k+1
+    tokens, at most limit), greedy or drawn by `sampler` (no penalties). seq then caches its
+    last token and the kept ones, which the caller appends (with the last, not cached yet)."""
+    proposed, q_rows = draft(engine, seq, spec, limit - 1, sampler)
+    n = len(proposed) + 1
+    base = seq.num_cached  # seq's last token, at base, is not cached yet
+    seq.token_ids.extend(proposed)
+    try:
+        engine.reserve([(seq, n)])
+        logits = engine.forward([(seq, n)], all_logits=True)
+    finally:
+        del seq.token_ids[len(seq.token_ids) - len(proposed):]
+    if sampler is None or sampler.params.greedy:
+        best = np.argmax(logits, axis=-1)
+        m = 0
+        while m < len(proposed) and proposed[m] == best[m]:
+            m += 1
+        kept = proposed[:m] + [int(best[m])]
+    else:
+        kept = accept_sampled(np.stack([sampler.distribution(row) for row in logits]), q_rows, proposed, sampler.rng)
+        m = len(kept) - 1
+    engine.blocks.trim(seq, base + m + 1)  # the rejected proposals' KV blocks go back
+    seq.num_cached = base + m + 1
+    stats.passes += 1
+    stats.drafted += len(proposed)
+    stats.accepted += m
+    return kept
