@@ -101,10 +101,12 @@ class RingDriver:
             self._pending[nxt] = event
 
     def end_pass(self) -> None:
-        """Compute waits for the copies made for the next pass: a pass (a captured graph) is whole."""
-        if self._tail is not None:
-            self.device.compute_waits(self._tail)
-            self._tail = None
+        """Compute waits for the copies made for the next pass: a pass (a captured graph) is
+        whole. A pass that stopped early (an early-exit draft) also waits for the copies it
+        issued and did not use, and the next pass fills the slots afresh."""
+        for event in [*self._pending.values(), *([self._tail] if self._tail is not None else [])]:
+            self.device.compute_waits(event)
+        self._tail = None
         self._intact = not self._pending
         self._pending.clear()
 

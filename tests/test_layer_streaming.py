@@ -111,6 +111,23 @@ def test_ring_reads_each_layer_from_its_own_bytes_in_any_legal_order(n_layers, r
     assert Counter(device.copies) == Counter(list(streamed[:n_slots]) * 5 + list(streamed[n_slots:]) * 4)
 
 
+def test_a_pass_that_stops_early_leaves_the_next_ones_right():
+    """An early-exit draft runs the first layers only: its copies are joined, then refilled."""
+    schedule = RingSchedule((1, 2, 3, 4, 5), 2)
+    device = FakeDevice(2, seed=3)
+    driver = RingDriver(schedule, device)
+    for depth in (6, 3, 6, 4, 6, 6):
+        driver.begin_pass()
+        for layer in range(1, depth):
+            driver.begin_layer(layer)
+            device.read(layer, schedule.slot(layer))
+            driver.end_layer(layer)
+        driver.end_pass()
+        device.run()
+    assert device.reads == [1, 2, 3, 4, 5] + [1, 2] + [1, 2, 3, 4, 5] + [1, 2, 3] + [1, 2, 3, 4, 5] * 2
+    assert not device.queues["compute"] and not device.queues["copy"]
+
+
 def test_ring_refills_after_a_pass_that_failed_midway():
     schedule = RingSchedule((2, 3, 4, 5, 6), 2)
     device = run_passes(schedule, 7, passes=3, seed=1, fail_at=1)
@@ -282,6 +299,26 @@ def test_streamed_runs_equal_the_resident_run_bit_for_bit(request, tmp_path, bac
         assert np.array_equal(a, b)
     assert np.array_equal(ba, bb)
     assert ia == ib
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_early_exit_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_model, backend):
+    """Drafts that stop inside the streamed layers (passes ending early) between full passes."""
+    from workers.engine.engine import Engine
+    from workers.engine.sampling import SamplingParams
+    from workers.engine.speculation import Speculation
+
+    if backend == "cupy":
+        request.getfixturevalue("cuda_device")
+    kw = dict(backend=backend, max_context=256, kv_cache_tokens=1024)
+    resident = Engine(deep_model, **kw)
+    streamed = Engine(deep_model, vram_budget=streaming_budget(resident, 1, 2), n_buffers=2, **kw)
+    assert streamed.placement.tiers.count("vram") == 1
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    prompt = [5, 17, 99, 4, 23, 5, 17, 99]
+    plain = [e.token_id for e in resident.generate(prompt, params)]
+    assert [e.token_id for e in streamed.generate(prompt, params, Speculation(3, "early-exit", depth=4))] == plain
+    assert streamed.last_speculation.passes > 0
 
 
 @pytest.mark.gpu
