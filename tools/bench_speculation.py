@@ -5,11 +5,12 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
     PYTHONPATH=. python tools/bench_speculation.py [--model M] [--backend numpy|cupy]
         [--configs plain,lookup:4,early-exit:3:6] [--tokens-code 48 --tokens-prose 32]
         [--temperature 0.7] [--json OUT]
+    PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
 
 A config is plain, lookup:K or early-exit:K:D (K drafted tokens, D layers). Code prompts are
 raw completions, prose prompts chat messages; every config decodes every prompt greedily and
 its tokens are compared with plain decoding (a mismatch is counted and printed; with
---temperature, tokens are drawn with seed 0 per prompt and not compared). Decode
+--temperature, tokens are drawn with the prompt's index as seed and not compared). Decode
 tok/s is the generated tokens after the first over the time after the prefill, summed over
 the set.
 """
@@ -20,6 +21,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,6 +40,23 @@ def parse_config(text: str) -> Speculation | None:
     return Speculation(int(nums[0]), name, int(nums[1]) if len(nums) > 1 else None)
 
 
+def matmul_rows() -> None:
+    """What a verifying pass costs the NumPy backend against a decode step: x [M, 896] @ w.T
+    for the default model's output head (151,936 x 896 float32), M = 1 (a step) to 9 (k = 8)."""
+    import time
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((151936, 896)).astype(np.float32)
+    for m in (1, 2, 3, 5, 9):
+        x = rng.standard_normal((m, 896)).astype(np.float32)
+        x @ w.T
+        t0 = time.perf_counter()
+        for _ in range(3):
+            x @ w.T
+        dt = (time.perf_counter() - t0) / 3
+        print(f"M={m}: {dt * 1e3:.1f} ms, {w.nbytes / dt / 1e9:.1f} GB/s of weights, {2 * w.size * m / dt / 1e9:.1f} GFLOP/s")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=model_store.DEFAULT_MODEL)
@@ -47,7 +67,11 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, help="the first N prompts of each set (default: all)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
     args = ap.parse_args()
+    if args.matmul:
+        matmul_rows()
+        return 0
     sets = json.loads((REPO / "tools" / "data" / "speculation_prompts.json").read_text())
     engine = Engine(model_store.resolve(args.model), backend=args.backend, max_context=1024)
     prompts = {"code": [engine.prompt_ids(p) for p in sets["code"][:args.prompts]],
