@@ -28,17 +28,12 @@ def _placement_options(args) -> dict:
 
 
 def disk_tier(model_path):
-    """The in-process disk tier for layers that host RAM cannot hold: their images in
-    NTR_HOME/images/<model>-<pid>.images, read back by a thread (a Serve replica uses DiskTier
-    actors, workers/node_tiers.py)."""
-    from workers.memory.disk_stream import DiskStream
+    """The in-process disk tier for layers that host RAM cannot hold: their images written to
+    `image_path(model_path)`, read back by a thread (a Serve replica uses DiskTier actors,
+    workers/node_tiers.py)."""
+    from workers.memory.disk_stream import DiskStream, image_path
 
-    def open_stream(sizes):
-        where = model_store.home() / "images"
-        where.mkdir(parents=True, exist_ok=True)
-        return DiskStream(where / f"{model_path.stem}-{os.getpid()}.images", sizes)
-
-    return open_stream
+    return lambda sizes: DiskStream(image_path(model_path), sizes)
 
 
 def _engine(args, **kwargs):

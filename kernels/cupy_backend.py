@@ -116,7 +116,7 @@ class CupyBackend(Backend):
             return load()
 
     def begin_layer(self, index) -> None:
-        if self.streaming is not None and self.streaming.schedule.is_streamed(index):
+        if self.streaming is not None:
             self.streaming.driver.begin_layer(index)
 
     @on_stream
@@ -221,17 +221,11 @@ class CupyBackend(Backend):
         """forward with the streamed layers' ring kept whole: filled before, joined after."""
         if self.streaming is None:
             return forward
-        s = self.streaming.driver
+        driver = self.streaming.driver
 
         def run(step, kv_caches):
-            s.begin_pass()
-            try:
-                out = materialize(forward(step, kv_caches))
-            except BaseException:
-                s.abandon()
-                raise
-            s.end_pass()
-            return out
+            with driver.whole_pass():
+                return materialize(forward(step, kv_caches))
 
         run.graph_key = getattr(forward, "graph_key", None)
         return run

@@ -51,10 +51,13 @@ class LayerImages:
         off = self.offsets[layer]
         return self.host[off:off + self.image_nbytes[layer]]
 
-    def start_disk(self) -> np.ndarray:
-        """Before the first copy from disk (every image written): the staging memory."""
-        return self.disk.start([i for i in self.schedule.copy_order() if i in self.disk_layers])
+    def acquire_staged(self, layer: int) -> tuple[int, np.ndarray]:
+        """A disk layer's image from the disk tier's staging ring (its slot, a view), the reader
+        started at the first copy, when every image is written."""
+        if self.disk.ring is None:
+            self.pin(self.disk.start([i for i in self.schedule.copy_order() if i in self.disk_layers]))
+        return self.disk.acquire(layer)
 
-    def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+    def pin(self, host: np.ndarray) -> None:
+        """Host memory someone else allocated (the host tier's region, the disk tier's staging
+        ring), which copies read: a GPU backend pins it."""

@@ -14,6 +14,7 @@ fake device.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -83,14 +84,30 @@ class RingDriver:
             self.device.copy(layer, self.schedule.slot(layer), False)
         self._intact = True
 
+    @contextmanager
+    def whole_pass(self):
+        """Around a forward pass: the slots filled before it, its copies joined after it, and
+        the slots in no known state if it raises."""
+        self.begin_pass()
+        try:
+            yield
+        except BaseException:
+            self.abandon()
+            raise
+        self.end_pass()
+
     def begin_layer(self, layer: int) -> None:
-        """Compute waits for the layer's copy if this pass issued it (the first ones come ready)."""
+        """Compute waits for the layer's copy if this pass issued it (the first ones come ready;
+        a resident layer has none)."""
         event = self._pending.pop(layer, None)
         if event is not None:
             self.device.compute_waits(event)
 
     def end_layer(self, layer: int) -> None:
-        """Every read of the layer's slot is issued: refill the slot behind them."""
+        """Every read of the layer's slot is issued: refill the slot behind them (a resident
+        layer has no slot)."""
+        if not self.schedule.is_streamed(layer):
+            return
         slot = self.schedule.slot(layer)
         self.device.copy_waits(self.device.freed(slot))
         nxt, next_pass = self.schedule.refill(layer)

@@ -97,9 +97,7 @@ class HostStreaming(LayerImages):
         if layer not in self.disk_layers:
             self.slots[slot][:n] = self.image(layer)
             return None
-        if self.disk.ring is None:  # the first copy from disk: every image is written
-            self.start_disk()
-        staged, view = self.disk.acquire(layer)
+        staged, view = self.acquire_staged(layer)
         self.slots[slot][:n] = view
         self.disk.release(staged)
         return None
@@ -143,26 +141,19 @@ class NumpyBackend(Backend):
             s.loading = None
 
     def begin_layer(self, index) -> None:
-        if self.streaming is not None and self.streaming.schedule.is_streamed(index):
+        if self.streaming is not None:
             self.streaming.driver.begin_layer(index)
 
     def end_layer(self, index, x):
-        if self.streaming is not None and self.streaming.schedule.is_streamed(index):
+        if self.streaming is not None:
             self.streaming.driver.end_layer(index)
         return x
 
     def run_step(self, forward, step: StepInputs, kv_caches):
-        s = self.streaming
-        if s is None:
+        if self.streaming is None:
             return forward(step, kv_caches)
-        s.driver.begin_pass()
-        try:
-            out = forward(step, kv_caches)
-        except BaseException:
-            s.driver.abandon()
-            raise
-        s.driver.end_pass()
-        return out
+        with self.streaming.driver.whole_pass():
+            return forward(step, kv_caches)
 
     def load_vector(self, *tensors) -> np.ndarray:
         for t in tensors:

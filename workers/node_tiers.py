@@ -18,9 +18,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.disk_tier import DiskTier
 from workers.host_tier import host_tier_for_node
-from workers.memory.disk_stream import DiskStream
+from workers.memory.disk_stream import DiskStream, image_path
 from workers.memory.shared_buffer import SharedBuffer
-from workers.model import store as model_store
 
 
 class NodeTiers:
@@ -29,7 +28,7 @@ class NodeTiers:
         self.model_path = Path(model_path)
         self.identity = f"{self.model_path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         self.node = ray.get_runtime_context().get_node_id()
-        self.host_tier = self.key = self.region = self.disk_tier = self.disk = None
+        self.host_tier = self.key = self.region = self.disk_tier = None
 
     def host_alloc(self, nbytes: int):
         self.host_tier = host_tier_for_node()
@@ -44,20 +43,10 @@ class NodeTiers:
             ray.get(self.host_tier.mark_filled.remote(self.key))
 
     def disk_open(self, sizes: dict[int, int]) -> DiskStream:
-        where = model_store.home() / "images"
-        where.mkdir(parents=True, exist_ok=True)
-        self.disk = DiskStream(where / f"{self.model_path.stem}-{os.getpid()}.images", sizes, launch=self._launch)
-        return self.disk
+        return DiskStream(image_path(self.model_path), sizes, launch=self._launch)
 
-    def _launch(self, image_path: str, order: list[int], slots: int, slot_bytes: int) -> str:
+    def _launch(self, images: str, order: list[int], slots: int, slot_bytes: int) -> str:
+        # the handle keeps the actor alive as long as this worker
         self.disk_tier = DiskTier.options(scheduling_strategy=NodeAffinitySchedulingStrategy(self.node, soft=False)) \
-            .remote(image_path, order, slots, slot_bytes)
+            .remote(images, order, slots, slot_bytes)
         return ray.get(self.disk_tier.ring.remote())["name"]
-
-    def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
-        if self.disk_tier is not None:
-            ray.get(self.disk_tier.stop.remote())
-        if self.key is not None:
-            ray.get(self.host_tier.release.remote(self.key))

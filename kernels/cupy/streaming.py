@@ -49,9 +49,8 @@ class LayerStreaming(LayerImages):
                          new_host=lambda n: cupyx.empty_pinned((n,), np.uint8))
         self.stream = stream
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
-        self._registered: list[int] = []
         if self.shared and self.host_nbytes:
-            self._register(self.host, self.host_nbytes)
+            self.pin(self.host[:self.host_nbytes])
         self._staged: list[tuple[cp.cuda.Event, int]] = []  # disk copies in flight, with their staging slots
         self.slots = cp.empty((schedule.n_slots, self.slot_nbytes), cp.uint8)
         self._freed = [cp.cuda.Event(disable_timing=True) for _ in range(schedule.n_slots)]
@@ -59,9 +58,8 @@ class LayerStreaming(LayerImages):
         self.driver = RingDriver(schedule, self)
         self.collecting: list[QMatrix] | None = None
 
-    def _register(self, host: np.ndarray, nbytes: int) -> None:
-        cp.cuda.runtime.hostRegister(host.ctypes.data, nbytes, 0)
-        self._registered.append(host.ctypes.data)
+    def pin(self, host: np.ndarray) -> None:  # registered for the process's life
+        cp.cuda.runtime.hostRegister(host.ctypes.data, host.nbytes, 0)
 
     # --- load ---------------------------------------------------------------------
     @contextmanager
@@ -108,14 +106,11 @@ class LayerStreaming(LayerImages):
 
     def _copy_staged(self, layer: int, slot: int, stream) -> cp.cuda.Event:
         """From the disk tier's staging ring; its slot goes back once the copy is done."""
-        if self.disk.ring is None:  # the first copy from disk: every image is written
-            staging = self.start_disk()
-            self._register(staging, staging.nbytes)
         while self._staged and (self._staged[0][0].done or len(self._staged) == self.disk.slots):
             event, staged = self._staged.pop(0)
             event.synchronize()
             self.disk.release(staged)
-        staged, view = self.disk.acquire(layer)
+        staged, view = self.acquire_staged(layer)
         cp.cuda.runtime.memcpyAsync(self.slots[slot].data.ptr, view.ctypes.data, self.image_nbytes[layer],
                                     cp.cuda.runtime.memcpyHostToDevice, stream.ptr)
         event = cp.cuda.Event(disable_timing=True)
@@ -132,14 +127,3 @@ class LayerStreaming(LayerImages):
 
     def compute_waits(self, event) -> None:
         self.stream.wait_event(event)
-
-    @property
-    def nbytes(self) -> int:
-        """VRAM the slots take."""
-        return self.slots.nbytes
-
-    def close(self) -> None:
-        for ptr in self._registered:
-            cp.cuda.runtime.hostUnregister(ptr)
-        self._registered.clear()
-        super().close()

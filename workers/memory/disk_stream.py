@@ -14,14 +14,24 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
 from workers.memory.disk_reader import DiskReader
 from workers.memory.image_file import ImageFile, align_up
 from workers.memory.staging_ring import StagingRing
+from workers.model.store import home as ntr_home
 
 ACQUIRE_TIMEOUT_S = 300.0  # a layer late by this much means the reader is gone
+
+
+def image_path(model_path: str | os.PathLike) -> Path:
+    """Where this process writes a model's disk layers: NTR_HOME/images/<model>-<pid>.images
+    (the file is unlinked as soon as the reader holds it open)."""
+    where = ntr_home() / "images"
+    where.mkdir(parents=True, exist_ok=True)
+    return where / f"{Path(model_path).stem}-{os.getpid()}.images"
 
 
 class DiskStream:
