@@ -222,9 +222,10 @@ class CupyBackend(Backend):
         if self.streaming is None:
             return forward
         driver = self.streaming.driver
+        run_layers = getattr(forward, "layers_run", None)
 
         def run(step, kv_caches):
-            with driver.whole_pass():
+            with driver.whole_pass(run_layers):
                 return materialize(forward(step, kv_caches))
 
         run.graph_key = getattr(forward, "graph_key", None)

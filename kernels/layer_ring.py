@@ -10,12 +10,25 @@ captured CUDA graph must be), and during a pass the link always has the next cop
 while compute uses the slots filled before. The schedule is plain Python; a backend issues
 the copies and waits it prescribes (kernels/cupy/streaming.py) and the CPU tests replay it on a
 fake device.
+
+A pass may run only some layers (a draft: the first ones, or a subset). It then copies into
+each slot only the layers it runs, and its last use of a slot refills it with the slot's
+layer between passes: every pass, whole or partial, starts and ends with slot k holding the
+k-th streamed layer, so a captured pass replays right whatever ran before it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    first: tuple[int, ...]  # layers copied into their slots as the pass starts (the slot holds another)
+    refill: dict  # layer -> (the layer its slot receives once it is done, or None; whether for the next pass)
+    partial: bool  # the pass skips streamed layers
 
 
 @dataclass(frozen=True)
@@ -51,13 +64,26 @@ class RingSchedule:
         source that stages images ahead (the disk tier) must produce, cyclically."""
         return self.prefetched() + self.streamed[self.n_slots:]
 
-    def refill(self, layer: int) -> tuple[int, bool]:
-        """(the layer whose bytes go into `layer`'s slot once it is done, whether that use is in
-        the next pass)."""
-        p, n = self.position(layer), self.n_slots
-        if p + n < len(self.streamed):
-            return self.streamed[p + n], False
-        return self.streamed[p % n], True
+    def plan(self, run: Collection[int] | None = None) -> PassPlan:
+        """The copies of a pass that runs the layers in `run` (every layer when None): slot k's
+        users in this pass take it in turn, the first copied in as the pass starts unless the
+        slot holds it already, the last refilling it with the k-th streamed layer (a partial
+        pass skips that copy where the slot holds it still)."""
+        used = [layer for layer in self.streamed if run is None or layer in run]
+        partial = len(used) < len(self.streamed)
+        first, refill = [], {}
+        for k in range(self.n_slots):
+            users = [layer for layer in used if self.slot(layer) == k]
+            if not users:
+                continue
+            home = self.streamed[k]  # what the slot holds between passes
+            if users[0] != home:
+                first.append(users[0])
+            for a, b in zip(users, users[1:]):
+                refill[a] = (b, False)
+            # a whole pass copies its slot's own layer back too: the disk tier stages copy_order
+            refill[users[-1]] = (None if partial and users[-1] == home else home, True)
+        return PassPlan(tuple(first), refill, partial)
 
 
 class RingDriver:
@@ -68,27 +94,43 @@ class RingDriver:
       copy_waits(event), compute_waits(event)      a queue waits for an event of the other
     """
 
-    def __init__(self, schedule: RingSchedule, device):
-        self.schedule, self.device = schedule, device
+    def __init__(self, schedule: RingSchedule, device, fixed_order: bool = False):
+        """fixed_order: the images come staged in copy_order (the disk tier), so a pass that
+        skips streamed layers cannot run."""
+        self.schedule, self.device, self.fixed_order = schedule, device, fixed_order
+        self._plans: dict = {}  # frozenset of the layers a pass runs (None: all) -> PassPlan
+        self._plan = schedule.plan()
         self._pending: dict = {}  # copies issued in this pass, not yet waited for
         self._tail = None  # the last copy issued for the next pass
-        self._intact = False  # the slots hold the first layers (a pass ran to its end)
+        self._intact = False  # slot k holds the k-th streamed layer (a pass ran to its end)
 
-    def begin_pass(self) -> None:
-        """After a load, or a pass that did not finish, the slots are filled afresh in order."""
-        if self._intact:
-            return
-        self._pending.clear()
-        self._tail = None
-        for layer in self.schedule.prefetched():
-            self.device.copy(layer, self.schedule.slot(layer), False)
-        self._intact = True
+    def begin_pass(self, run: Collection[int] | None = None) -> None:
+        """Before a pass that runs the layers in `run` (all when None). After a load, or a pass
+        that did not finish, the slots are filled afresh in order."""
+        key = None if run is None else frozenset(run)
+        if key not in self._plans:
+            self._plans[key] = self.schedule.plan(key)
+        plan = self._plans[key]
+        if plan.partial and self.fixed_order and (plan.first or plan.refill):
+            raise ValueError("a pass that skips streamed layers (a draft) cannot run while layers stream from "
+                             "disk: their images are staged in the order whole passes copy them")
+        self._plan = plan
+        if not self._intact:
+            self._pending.clear()
+            self._tail = None
+            for layer in self.schedule.prefetched():
+                self.device.copy(layer, self.schedule.slot(layer), False)
+            self._intact = True
+        for layer in plan.first:
+            slot = self.schedule.slot(layer)
+            self.device.copy_waits(self.device.freed(slot))
+            self._pending[layer] = self.device.copy(layer, slot, True)
 
     @contextmanager
-    def whole_pass(self):
-        """Around a forward pass: the slots filled before it, its copies joined after it, and
-        the slots in no known state if it raises."""
-        self.begin_pass()
+    def whole_pass(self, run: Collection[int] | None = None):
+        """Around a forward pass that runs the layers in `run` (all when None): the slots filled
+        before it, its copies joined after it, and the slots in no known state if it raises."""
+        self.begin_pass(run)
         try:
             yield
         except BaseException:
@@ -106,11 +148,11 @@ class RingDriver:
     def end_layer(self, layer: int) -> None:
         """Every read of the layer's slot is issued: refill the slot behind them (a resident
         layer has no slot)."""
-        if not self.schedule.is_streamed(layer):
+        nxt, next_pass = self._plan.refill.get(layer, (None, False))
+        if nxt is None:
             return
         slot = self.schedule.slot(layer)
         self.device.copy_waits(self.device.freed(slot))
-        nxt, next_pass = self.schedule.refill(layer)
         event = self.device.copy(nxt, slot, True)
         if next_pass:
             self._tail = event
@@ -119,8 +161,8 @@ class RingDriver:
 
     def end_pass(self) -> None:
         """Compute waits for the copies made for the next pass: a pass (a captured graph) is
-        whole. A pass that stopped early (an early-exit draft) also waits for the copies it
-        issued and did not use, and the next pass fills the slots afresh."""
+        whole. A pass that ran fewer layers than it said also waits for the copies it issued
+        and did not use, and the next pass fills the slots afresh."""
         for event in [*self._pending.values(), *([self._tail] if self._tail is not None else [])]:
             self.device.compute_waits(event)
         self._tail = None

@@ -79,7 +79,7 @@ class HostStreaming(LayerImages):
         base = np.empty(schedule.n_slots * self.slot_nbytes + MATRIX_ALIGN, np.uint8)
         start = -base.ctypes.data % MATRIX_ALIGN
         self.slots = base[start:start + schedule.n_slots * self.slot_nbytes].reshape(schedule.n_slots, -1)
-        self.driver = RingDriver(schedule, self)
+        self.driver = RingDriver(schedule, self, fixed_order=bool(self.disk_layers))
         self.loading: int | None = None
         self._offset = 0
 
@@ -152,7 +152,7 @@ class NumpyBackend(Backend):
     def run_step(self, forward, step: StepInputs, kv_caches):
         if self.streaming is None:
             return forward(step, kv_caches)
-        with self.streaming.driver.whole_pass():
+        with self.streaming.driver.whole_pass(getattr(forward, "layers_run", None)):
             return forward(step, kv_caches)
 
     def load_vector(self, *tensors) -> np.ndarray:

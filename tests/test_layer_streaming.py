@@ -19,7 +19,8 @@ class FakeDevice:
     """Two FIFO queues (compute, copy) whose operations run in a random order that respects
     each queue's order and the events waited for, as a GPU may run them. Reads check that the
     slot holds the layer the compute queue expects; copies check they never overwrite a slot
-    whose reads are still queued."""
+    whose next queued read wants what it holds, unless a copy queued behind brings it back (a
+    draft's copies between whole passes)."""
 
     def __init__(self, n_slots: int, seed: int):
         self.queues = {"compute": [], "copy": []}
@@ -29,28 +30,45 @@ class FakeDevice:
         self.rng = random.Random(seed)
         self.reads: list[int] = []
         self.copies: list[int] = []
+        self.log: list[tuple[str, tuple]] = []  # every operation queued, for capture()
+
+    def _push(self, queue: str, op: tuple) -> None:
+        self.queues[queue].append(op)
+        self.log.append((queue, op))
 
     def _event(self, queue: str) -> int:
         self.events += 1
-        self.queues[queue].append(("record", self.events))
+        self._push(queue, ("record", self.events))
         return self.events
 
     def copy(self, layer, slot, on_copy_queue):
         queue = "copy" if on_copy_queue else "compute"
-        self.queues[queue].append(("copy", layer, slot))
+        self._push(queue, ("copy", layer, slot))
         return self._event(queue)
 
     def freed(self, slot):
         return self._event("compute")
 
     def copy_waits(self, event):
-        self.queues["copy"].append(("wait", event))
+        self._push("copy", ("wait", event))
 
     def compute_waits(self, event):
-        self.queues["compute"].append(("wait", event))
+        self._push("compute", ("wait", event))
 
     def read(self, layer, slot):
-        self.queues["compute"].append(("read", layer, slot))
+        self._push("compute", ("read", layer, slot))
+
+    def replay(self, ops: list[tuple[str, tuple]]) -> None:
+        """Operations captured from the log queued again, their events fresh (as a CUDA graph
+        replays its own), and no driver code run."""
+        fresh = {}
+        for queue, op in ops:
+            if op[0] == "record":
+                self.events += 1
+                fresh[op[1]] = self.events
+            if op[0] in ("record", "wait"):
+                op = (op[0], fresh.get(op[1], op[1]))
+            self._push(queue, op)
 
     def run(self) -> None:
         """Drain both queues, one runnable head at a time, picked at random."""
@@ -63,8 +81,10 @@ class FakeDevice:
             elif op[0] == "copy":
                 _, layer, slot = op
                 pending = [o for o in self.queues["compute"] if o[0] == "read" and o[2] == slot]
-                assert not pending or pending[0][1] != self.slots[slot] or layer == self.slots[slot], \
-                    f"layer {layer} overwrote slot {slot} before layer {pending[0][1]} read it"
+                held = self.slots[slot]
+                if pending and pending[0][1] == held != layer:  # a reader still waits for what it holds
+                    assert ("copy", held, slot) in self.queues["copy"], \
+                        f"layer {layer} overwrote slot {slot} before layer {held} read it"
                 self.slots[slot] = layer
                 self.copies.append(layer)
             elif op[0] == "read":
@@ -111,21 +131,47 @@ def test_ring_reads_each_layer_from_its_own_bytes_in_any_legal_order(n_layers, r
     assert Counter(device.copies) == Counter(list(streamed[:n_slots]) * 5 + list(streamed[n_slots:]) * 4)
 
 
-def test_a_pass_that_stops_early_leaves_the_next_ones_right():
-    """An early-exit draft runs the first layers only: its copies are joined, then refilled."""
-    schedule = RingSchedule((1, 2, 3, 4, 5), 2)
-    device = FakeDevice(2, seed=3)
+@pytest.mark.parametrize("seed", range(4))
+def test_captured_partial_passes_replay_right_whatever_ran_before(seed):
+    """Drafts run some layers only (the first ones, or a subset) between whole passes; each kind
+    of pass is captured once and then replayed without the driver (as a CUDA graph is): every
+    read still finds its layer's bytes, and every pass leaves the slots as it found them."""
+    schedule = RingSchedule((1, 2, 3, 4, 5, 6, 7), 3)
+    device = FakeDevice(3, seed)
     driver = RingDriver(schedule, device)
-    for depth in (6, 3, 6, 4, 6, 6):
-        driver.begin_pass()
-        for layer in range(1, depth):
-            driver.begin_layer(layer)
-            device.read(layer, schedule.slot(layer))
-            driver.end_layer(layer)
-        driver.end_pass()
-        device.run()
-    assert device.reads == [1, 2, 3, 4, 5] + [1, 2] + [1, 2, 3, 4, 5] + [1, 2, 3] + [1, 2, 3, 4, 5] * 2
-    assert not device.queues["compute"] and not device.queues["copy"]
+    subset = {0, 2, 5, 7}
+    kinds = [None, None, range(4), None, range(6), subset, range(4), None, subset, range(2), range(6), None, None]
+    captured, expected = {}, []
+    for i, run in enumerate(kinds):
+        key = None if run is None else frozenset(run)
+        layers = [layer for layer in range(8) if run is None or layer in run]
+        if key in captured:
+            device.replay(captured[key])
+        else:
+            start = len(device.log)
+            with driver.whole_pass(run):
+                for layer in layers:
+                    driver.begin_layer(layer)
+                    if schedule.is_streamed(layer):
+                        device.read(layer, schedule.slot(layer))
+                    driver.end_layer(layer)
+            if i > 0:  # the first pass fills the slots: an eager prefill in the engine
+                captured[key] = device.log[start:]
+        expected += [layer for layer in layers if schedule.is_streamed(layer)]
+        if seed % 2:
+            device.run()
+    device.run()
+    assert device.reads == expected
+    assert device.slots == [1, 2, 3]
+
+
+def test_a_draft_through_disk_streamed_layers_is_refused():
+    """The disk tier stages images in whole passes' order: a draft may run resident layers only."""
+    driver = RingDriver(RingSchedule((2, 3, 4), 2), FakeDevice(2, 0), fixed_order=True)
+    with driver.whole_pass(range(2)):  # no streamed layer: no copy
+        pass
+    with pytest.raises(ValueError, match="disk"):
+        driver.begin_pass(range(3))
 
 
 def test_ring_refills_after_a_pass_that_failed_midway():
@@ -137,7 +183,11 @@ def test_ring_refills_after_a_pass_that_failed_midway():
 def test_ring_schedule_slots_and_refills():
     s = RingSchedule((3, 4, 5, 6, 7), 2)
     assert [s.slot(i) for i in (3, 4, 5, 6, 7)] == [0, 1, 0, 1, 0]
-    assert s.refill(3) == (5, False) and s.refill(6) == (4, True) and s.refill(7) == (3, True)
+    whole = s.plan()
+    assert whole.first == () and not whole.partial
+    assert whole.refill == {3: (5, False), 4: (6, False), 5: (7, False), 6: (4, True), 7: (3, True)}
+    draft = s.plan({0, 1, 3, 6})  # slot 1's first user is layer 6: copied in as the pass starts
+    assert draft.partial and draft.first == (6,) and draft.refill == {3: (None, True), 6: (4, True)}
     assert s.prefetched() == (4, 3) and s.copy_order() == (4, 3, 5, 6, 7)
     with pytest.raises(ValueError, match="slots"):
         RingSchedule((1, 2), 3)

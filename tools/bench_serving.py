@@ -1,6 +1,7 @@
 """Decode tok/s at batch 1: the engine alone, through the Ray actors, and through HTTP (SSE).
 
     python tools/bench_serving.py [--model NAME_OR_PATH] [--tokens 32] [--runs 3] [--backend numpy] [--streams N]
+                                  [--config SERVE_YAML]
 
 Each layer generates the same greedy completion (EOS ignored) and is timed from its first
 token to its last, so prefill and model load do not count, and each is reported as the
@@ -8,7 +9,9 @@ median of --runs runs with its ratio to the engine, after one untimed warm-up ru
 captures, the first request through each Ray and Serve path). The actors run on a private local
 Ray cluster; the HTTP layer is the Serve app of cluster/app.py on a free loopback port.
 With --streams N the actors and HTTP layers also run N concurrent streams and report their
-aggregate (aggregate_rate).
+aggregate (aggregate_rate). With --config the replica is the first ntransformer app of a Serve
+config file (its budget, KV cache and batch limits; --model replaces its model path), and the
+engine layer runs under the same placement.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ def decode_rate(stamps: list[float]) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def bench_engine(path: Path, backend: str, params: SamplingParams, runs: int) -> list[float]:
+def bench_engine(config, params: SamplingParams, runs: int) -> list[float]:
+    from workers.compute_worker import engine_options
     from workers.engine.engine import Engine
 
-    engine = Engine(path, backend=backend)
+    engine = Engine(config.model, backend=config.backend, **engine_options(**config.worker_args()))
     ids = engine.prompt_ids(PROMPT)
     rates = []
     for _ in range(WARMUP_RUNS + runs):
@@ -128,26 +132,31 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--num-cpus", type=float, default=2, help="CPUs the compute worker reserves (and threads it uses)")
     p.add_argument("--streams", type=int, default=1, help="also time this many concurrent HTTP streams")
+    p.add_argument("--config", help="a Serve config file: its first ntransformer app's args (--model replaces the model)")
     args = p.parse_args()
     import ray
 
-    from cluster.config import ServerConfig
+    from cluster import config as server_config
 
     path = model_store.resolve(args.model)
     params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
-    config = ServerConfig(model=str(path), backend=args.backend, num_cpus=args.num_cpus,
-                          num_gpus=1 if args.backend == "cupy" else 0, max_context=4096, kv_cache_gb=0.5,
-                          max_num_seqs=max(args.streams, 8))
-    results = {"engine": bench_engine(path, args.backend, params, args.runs)}
+    if args.config:
+        config = server_config.load(args.config)[1][0].model_copy(update={"model": str(path)})
+    else:
+        config = server_config.ServerConfig(model=str(path), backend=args.backend, num_cpus=args.num_cpus,
+                                            num_gpus=1 if args.backend == "cupy" else 0, max_context=4096,
+                                            kv_cache_gb=0.5, max_num_seqs=max(args.streams, 8))
+    results = {"engine": bench_engine(config, params, args.runs)}
     aggregate = {}
-    ray.init(num_cpus=max(4, int(args.num_cpus) * 2), include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=max(4, int(config.num_cpus) * 2), include_dashboard=False, log_to_driver=False)
     try:
         results["actors"], aggregate["actors"] = bench_actors(config, params, args.runs, args.streams)
         results["http"], aggregate["http"] = bench_http(config, params, args.runs, args.streams)
     finally:
         ray.shutdown()
     base = statistics.median(results["engine"])
-    print(f"decode tok/s at batch 1, {args.tokens} tokens, median of {args.runs} ({path.name}, {args.backend})")
+    print(f"decode tok/s at batch 1, {args.tokens} tokens, median of {args.runs} ({path.name}, {config.backend}, "
+          f"budget {config.vram_budget_gb} GiB)")
     for layer, rates in results.items():
         rate = statistics.median(rates)
         print(f"  {layer:<7} {rate:7.2f} tok/s  {100 * rate / base:5.1f}% of engine   runs: "

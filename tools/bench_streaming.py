@@ -15,6 +15,9 @@ pool stops at the budget). Peak device memory is NVML's
 used memory sampled every 10 ms, minus the reading before the process touched CUDA: it
 counts the context, every pool, cuBLAS and the graphs. The placement's own prediction
 (`ntr plan`, with the link measured in the process) is printed beside each number.
+Each row also times what speculative decoding (issue 15) costs there: one verifying pass of
+T = 1..16 tokens after a 128-token context, and one draft token through the resident layers
+(half the layers where every layer is resident).
 With --llamacpp, llama-bench times the same file with the largest -ngl that fits the budget
 (its other layers on the host's cores), with and without memory mapping.
 """
@@ -44,7 +47,9 @@ ROWS = {  # name -> (replica, budget GiB, KV tokens, sequences for the aggregate
     "8b-3": ("llama3-8b-q4_k_m", 3, 4096, 16, None),
     "70b-24-disk": ("llama3-70b-q4_k_m", 24, 8192, 16, 12),  # about half the streamed layers from disk
     "8b-3-disk": ("llama3-8b-q4_k_m", 3, 4096, 16, 1),  # three quarters of the streamed layers from disk
+    "8b-resident": ("llama3-8b-q4_k_m", 24, 4096, 16, None),
 }
+VERIFY_TOKENS = (1, 2, 4, 8, 16)
 
 
 class NvmlUsed:
@@ -70,6 +75,34 @@ class PeakSampler(threading.Thread):
     def run(self):
         while not self.stop.wait(0.01):
             self.peak = max(self.peak, self.used())
+
+
+def pass_seconds(engine, rng, draft_layers: int, runs: int = 3) -> dict:
+    """Median seconds of a verifying pass of T tokens (logits for every row) and of one draft
+    token through the first draft_layers layers, each after the same 128-token context."""
+    from workers.engine.engine import Sequence
+
+    context = 128
+    s = Sequence(rng.integers(100, 20000, context + max(VERIFY_TOKENS)).tolist())
+    engine.reserve([(s, len(s.token_ids))])
+    try:
+        engine.forward([(s, context)], device=True)
+
+        def timed(n: int, layers: int | None) -> float:
+            times = []
+            for _ in range(runs + 1):
+                t0 = time.perf_counter()
+                engine.ops.argmax(engine.forward([(s, n)], all_logits=True, device=True, layers=layers))
+                times.append(time.perf_counter() - t0)
+                s.num_cached = context  # the same context for every pass
+            return float(np.median(times[1:]))
+
+        out = {f"verify_{n}": timed(n, None) for n in VERIFY_TOKENS}
+        out["draft_layers"] = draft_layers
+        out["draft_token"] = timed(1, draft_layers)
+        return out
+    finally:
+        engine.release(s)
 
 
 def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
@@ -113,6 +146,11 @@ def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
     row["tg"] = decode(engine, 1, 1, decode_steps, rng)
     row[f"decode_x{seqs}"] = decode(engine, seqs, 128, max(4, decode_steps // 4), rng, group=4)  # 512-token steps
     row["h2d_1gib_gb_s"] = h2d
+    resident = p.tiers.count("vram")
+    try:
+        row["passes_s"] = pass_seconds(engine, rng, resident if p.streamed else engine.config.n_layers // 2)
+    except Exception as e:  # the row's other numbers stand without it
+        row["passes_s"] = {"error": repr(e)[:500]}
     if streaming is not None and streaming.disk is not None:
         row["disk"] = streaming.disk.stats()
         row["disk_layers"] = p.tiers.count("disk")
@@ -160,6 +198,15 @@ def table(rows: list[dict]) -> str:
             f"{r['tg']:.2f} ({pr['decode_tok_s']:.2f}; {bound:.2f} = {r['tg'] / bound if bound else 0:.0%}) | "
             f"{r[x]:.1f} ({px:.1f}) | {r['h2d_while_decoding_gb_s']:.1f} / {r['h2d_1gib_gb_s']:.1f} = "
             f"{r['h2d_while_decoding_gb_s'] / r['h2d_1gib_gb_s']:.0%} | {r['peak_gib']:.2f} |")
+    lines += ["", "| row | verifying pass of T tokens, ms: " + " / ".join(f"T={n}" for n in VERIFY_TOKENS)
+              + " | draft token, ms (layers) |", "|---|---|---|"]
+    for r in rows:
+        ps = r.get("passes_s", {})
+        if "draft_token" in ps:
+            lines.append(f"| {r['row']} | " + " / ".join(f"{1e3 * ps[f'verify_{n}']:.1f}" for n in VERIFY_TOKENS)
+                         + f" | {1e3 * ps['draft_token']:.1f} ({ps['draft_layers']}) |")
+        elif ps:
+            lines.append(f"| {r['row']} | failed: {ps['error'][:200]} | |")
     return "\n".join(lines)
 
 

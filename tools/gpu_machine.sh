@@ -3,6 +3,8 @@
 #
 #   bash tools/gpu_machine.sh [tools/bench_gpu.py arguments, e.g. --tests --models ...]
 #   SERVE=1 ...    first the Serve app on the GPU: batch 1 and 32 streams through HTTP
+#                  (SERVE_MODEL: bench_gpu.py's replica name; SERVE_ARGS: bench_serving.py's
+#                  arguments, e.g. "--config configs/gpu-70b-streaming.yaml --tokens 32 --runs 2")
 #   PROFILE=1 ...  first Nsight Compute on the Llama-3-8B Q4_K_M replica: each kernel's time in
 #                  one decode step, then the 1-token and 64-token gate_up products in detail
 #   BENCH=0 ...    skip the kernel benchmark (with SERVE=1: the Serve app only)
@@ -42,9 +44,10 @@ export NTR_VOCAB_DIR=/tmp/ntr-extra/vocab NTR_CUBIN_DIR=/tmp/ntr-extra/cubin
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
 if [ "${SERVE:-0}" = 1 ]; then
-    replica=$(python3 tools/bench_gpu.py --write-replica qwen2.5-0.5b --workdir /tmp/ntr-serve | tail -1)
+    df -h /dev/shm | tee "$OUT/shm.txt"  # a streamed replica's HostTier images live there
+    replica=$(python3 tools/bench_gpu.py --write-replica "${SERVE_MODEL:-qwen2.5-0.5b}" --workdir /tmp/ntr-serve | tail -1)
     RAY_AUTH_MODE=disabled python3 tools/bench_serving.py --model "$replica" --backend cupy \
-        --tokens 512 --runs 5 --streams 32 2>&1 | tee "$OUT/bench_serving.log" || true
+        ${SERVE_ARGS:---tokens 512 --runs 5 --streams 32} 2>&1 | tee "$OUT/bench_serving.log" || true
     rm -f "$replica"
 fi
 

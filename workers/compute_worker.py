@@ -38,6 +38,19 @@ from workers.tier_loader import TierLoader
 GIB = 2**30
 
 
+def engine_options(max_context: int, kv_cache_gb: float | None, vram_budget_gb: float, block_size: int,
+                   max_num_seqs: int, max_batch_tokens: int, host_ram_gb: float | None, n_buffers: int | None,
+                   **_) -> dict:
+    """The Engine's capacity and placement arguments from a server config's (sizes in GiB; the
+    rest of ServerConfig.worker_args is not the engine's)."""
+    def gib(value):
+        return None if value is None else int(value * GIB)
+
+    return {"max_context": max_context, "block_size": block_size, "kv_cache_bytes": gib(kv_cache_gb),
+            "vram_budget": gib(vram_budget_gb), "host_ram": gib(host_ram_gb), "n_buffers": n_buffers,
+            "max_batch_tokens": max_batch_tokens, "max_logit_rows": max_num_seqs}
+
+
 @ray.remote
 class ComputeWorker:
     async def __init__(self, model: str | None, backend: str = "numpy", max_context: int = 4096,
@@ -52,12 +65,11 @@ class ComputeWorker:
         # stream from this node's host and disk tiers. Loading a large model takes minutes:
         # a thread of its own keeps the actor answering meanwhile.
         self.tiers = NodeTiers(spec["path"])
-        self.engine = await asyncio.to_thread(
-            Engine, spec["path"], backend=backend, max_context=max_context, block_size=block_size,
-            kv_cache_bytes=None if kv_cache_gb is None else int(kv_cache_gb * GIB),
-            vram_budget=int(vram_budget_gb * GIB), host_ram=None if host_ram_gb is None else int(host_ram_gb * GIB),
-            n_buffers=n_buffers, max_batch_tokens=max_batch_tokens, max_logit_rows=max_num_seqs,
-            host_alloc=self.tiers.host_alloc, disk_open=self.tiers.disk_open)
+        options = engine_options(max_context=max_context, kv_cache_gb=kv_cache_gb, vram_budget_gb=vram_budget_gb,
+                                 block_size=block_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                                 host_ram_gb=host_ram_gb, n_buffers=n_buffers)
+        self.engine = await asyncio.to_thread(Engine, spec["path"], backend=backend, host_alloc=self.tiers.host_alloc,
+                                              disk_open=self.tiers.disk_open, **options)
         self.tiers.loaded()
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
         self.outbox: dict[str, list[dict]] = {}

@@ -235,6 +235,7 @@ class Engine:
             return self.model.forward
         forward = functools.partial(self.model.forward, layers=layers)
         forward.graph_key = ("layers", layers)
+        forward.layers_run = range(layers)  # a streamed model's ring copies only these (kernels/layer_ring.py)
         return forward
 
     def greedy_decode(self, seqs: list[Sequence]) -> Iterator[np.ndarray]:
