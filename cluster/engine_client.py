@@ -61,6 +61,12 @@ class EngineClient:
     async def stats(self) -> dict:
         return await self.worker.stats.remote()
 
+    async def tokenize(self, prompt: str | list[dict], add_special: bool) -> list[int]:
+        return await self.worker.tokenize.remote(prompt, add_special)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.worker.detokenize.remote(ids)
+
     async def submit(self, prompt: str | list, params: SamplingParams) -> "Generation":
         """Queue one completion; bad input and a full queue raise here, before any token."""
         request_id = uuid.uuid4().hex
