@@ -10,7 +10,8 @@ leaves the actor is small: text deltas, token ids and, when asked for, logprobs.
 Callers talk to it with three calls: `submit` (validation and admission errors are raised
 right there), `cancel`, and `poll`, a long poll that returns every request's new events at
 once, so its single consumer (a Serve replica or a batch driver) pays one Ray round trip
-per batch of tokens, not one per token per request.
+per batch of tokens, not one per token per request. `tokenize` and `detokenize` serve the
+API's endpoints of those names with the model's own tokenizer and chat template.
 
 The scheduling loop runs on a thread of its own, so that the actor's event loop keeps
 answering submit, cancel and poll while the device is busy, and so that a step follows the
