@@ -235,7 +235,11 @@ def _include_usage(body: dict, stream: bool) -> bool:
     extra = next((k for k, v in options.items() if v is not None and k != "include_usage"), None)
     if extra is not None:
         raise APIError(400, f"stream_options.{extra} is not supported", param=f"stream_options.{extra}")
-    return _field(options, "include_usage", (bool,), False, what="a boolean (stream_options.include_usage)")
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise APIError(400, f"stream_options.include_usage must be a boolean, got {_shown(include)}",
+                       param="stream_options.include_usage")
+    return bool(include)
 
 
 def parse_tokenize(body, served_model: str) -> tuple[str | list[dict], bool]:
