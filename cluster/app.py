@@ -209,12 +209,13 @@ class LLMServer:
             req = oai.parse_request(body, chat, self.config.name, self.info["max_context"],
                                     system_fingerprint=self.info["system_fingerprint"])
             generations = await self._submit(req.choices())
+            echoes = await self._echoes(req, generations)
         except APIError as e:
             self.requests.inc(tags={"endpoint": endpoint, "status": str(e.status)})
             raise
         self.requests.inc(tags={"endpoint": endpoint, "status": "200"})
         prompt_tokens = sum(g.prompt_tokens for g in generations[::req.n])
-        choices = [oai.Choice(req, i) for i in range(len(generations))]
+        choices = [oai.Choice(req, i, echo) for i, echo in enumerate(echoes)]
         if req.stream:
             return CancellingStream(self._sse(req, generations, choices, prompt_tokens), generations)
         async for batch in merged(generations):
@@ -250,6 +251,15 @@ class LLMServer:
                 g.cancel()
             raise APIError.from_exception(e) from None
         return generations
+
+    async def _echoes(self, req, generations: list[Generation]) -> list[str]:
+        """Each choice's echoed prompt text (after the submit checked token-id prompts); a failure cancels them."""
+        try:
+            return [await self.client.prompt_text(prompt) if req.echo else "" for prompt, _ in req.choices()]
+        except Exception as e:
+            for g in generations:
+                g.cancel()
+            raise APIError.from_exception(e) from None
 
     def _check_key(self, authorization: str | None) -> None:
         if not authorized(authorization, self.api_keys):

@@ -67,6 +67,10 @@ class EngineClient:
     async def detokenize(self, ids: list[int]) -> str:
         return await self.worker.detokenize.remote(ids)
 
+    async def prompt_text(self, prompt: str | list[int]) -> str:
+        """A completion prompt as text (echo): token ids detokenized."""
+        return prompt if isinstance(prompt, str) else await self.detokenize(prompt)
+
     async def submit(self, prompt: str | list, params: SamplingParams) -> "Generation":
         """Queue one completion; bad input and a full queue raise here, before any token."""
         request_id = uuid.uuid4().hex

@@ -31,7 +31,7 @@ _SAMPLING_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n"
                               "presence_penalty", "logprobs", "stream", "stream_options",
                               "top_k", "min_p", "repetition_penalty", "ignore_eos"})  # the last four: extensions
 CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
-# best_of only as n (or 1 with n 1), suffix only empty, echo only false: anything else is a 400.
+# best_of only as n, suffix only empty, echo only without logprobs: anything else is a 400.
 COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "best_of", "suffix", "echo"}
 # What OpenAI's clients send that cannot change the output: accepted and not used.
 INFORMATIONAL_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
@@ -53,6 +53,7 @@ class CompletionRequest:
     n: int
     stream: bool
     include_usage: bool
+    echo: bool = False  # completions: each choice's text begins with its prompt's
     system_fingerprint: str | None = None
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
@@ -178,7 +179,7 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
     else:
         max_tokens = _field(body, "max_tokens", (int,), None)
         logprobs = _field(body, "logprobs", (int,), None)
-        _completion_only_fields(body, n)
+        _completion_only_fields(body, n, logprobs)
     temperature = _field(body, "temperature", number, 1.0)
     if not 0 <= temperature <= 2:
         raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
@@ -203,7 +204,8 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
         raise APIError(400, str(e), param=name and name.group(1)) from None
     stream = _field(body, "stream", (bool,), False)
     return CompletionRequest(chat=chat, model=model, prompts=prompts, params=params, n=n, stream=stream,
-                             include_usage=_include_usage(body, stream), system_fingerprint=system_fingerprint)
+                             include_usage=_include_usage(body, stream), echo=_field(body, "echo", (bool,), False),
+                             system_fingerprint=system_fingerprint)
 
 
 def _model(body: dict, served_model: str) -> str:
@@ -214,16 +216,18 @@ def _model(body: dict, served_model: str) -> str:
     return model
 
 
-def _completion_only_fields(body: dict, n: int) -> None:
-    """best_of, suffix and echo: accepted only where they leave the output as it is."""
+def _completion_only_fields(body: dict, n: int, logprobs: int | None) -> None:
+    """best_of and suffix: accepted only where they leave the output as it is; echo only
+    without logprobs (an echoed prompt's logprobs would need a scoring pass)."""
     best_of = _field(body, "best_of", (int,), None)
     if best_of is not None and best_of != n:
         raise APIError(400, f"'best_of' must equal 'n' ({n}), got {best_of}: choosing the best of more "
                             "candidates than are returned is not supported", param="best_of")
     if _field(body, "suffix", (str,), ""):
         raise APIError(400, "'suffix' (text after the completion) is not supported", param="suffix")
-    if _field(body, "echo", (bool,), False):
-        raise APIError(400, "'echo' is not supported", param="echo")
+    if _field(body, "echo", (bool,), False) and logprobs is not None:
+        raise APIError(400, "'echo' with 'logprobs' is not supported (the prompt's logprobs are not computed)",
+                       param="echo")
 
 
 def _include_usage(body: dict, stream: bool) -> bool:
@@ -308,17 +312,18 @@ class Choice:
     entry of its own, and its logprob rides with the next entry sent (the finishing one at the
     latest), so a stream's logprobs, joined, are the whole response's."""
 
-    def __init__(self, request: CompletionRequest, index: int):
-        self.request, self.index = request, index
-        self.text, self.finish_reason, self.tokens = [], None, 0
+    def __init__(self, request: CompletionRequest, index: int, echo: str = ""):
+        """echo: the prompt's text, which begins the choice's (request.echo)."""
+        self.request, self.index, self.echo = request, index, echo
+        self.text, self.finish_reason, self.tokens = [echo], None, 0
         self.logprobs = [] if request.params.logprobs is not None else None
         self.sent_logprobs = 0  # entries of self.logprobs already in a stream entry
         self.offset = 0
 
     def opening(self) -> list[dict]:
-        """The stream's first entries: chat's role alone, as OpenAI sends it."""
+        """The stream's first entries: chat's role alone, as OpenAI sends it; an echoed prompt."""
         if not self.request.chat:
-            return []
+            return [{"index": self.index, "text": self.echo, "logprobs": None, "finish_reason": None}] if self.echo else []
         return [{"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]
 

@@ -112,7 +112,7 @@ def test_chat_stream_is_openais(client, model):
 @pytest.mark.parametrize("chat, fields, param", [
     (False, {"best_of": 2}, "best_of"),
     (False, {"suffix": "}"}, "suffix"),
-    (False, {"echo": True}, "echo"),
+    (False, {"echo": True, "logprobs": 1}, "echo"),
     (True, {"top_logprobs": 2}, "top_logprobs"),
     (True, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     (True, {"extra_body": {"frobnicate": 1}}, "frobnicate"),
@@ -127,6 +127,19 @@ def test_a_field_that_would_change_the_output_is_honoured_or_named_in_a_400(clie
         else:
             client.completions.create(prompt="hi", **kwargs)
     assert e.value.status_code == 400 and e.value.body["param"] == param and param in e.value.body["message"]
+
+
+def test_echo_begins_the_text_with_the_prompt(client, model, server):
+    prompt = "def add(a, b):"
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0)
+    echoed = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text and echoed.usage == plain.usage
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text == prompt and "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+    status, ids = post(server, "/tokenize", json.dumps({"prompt": prompt}))
+    by_ids = client.completions.create(model=model, prompt=ids["tokens"], max_tokens=3, temperature=0, echo=True)
+    assert status == 200 and by_ids.choices[0].text == echoed.choices[0].text
 
 
 def test_informational_fields_pass(client, model):

@@ -43,7 +43,7 @@ def test_choices_per_prompt_and_n_with_distinct_seeds():
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     ({"prompt": "a", "n": 17}, 400, "'n' must be in [1, 16]"),
     ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "at most 4"),
-    ({"prompt": "a", "echo": True}, 400, "echo"),
+    ({"prompt": "a", "echo": True, "logprobs": 1}, 400, "'echo' with 'logprobs'"),
     ({"prompt": 5}, 400, "'prompt' must be"),
     ([1, 2], 400, "JSON object"),
     ({"prompt": "a", "top_k": -5}, 400, "top_k=-5"),
@@ -162,6 +162,15 @@ def test_stream_entries_are_openais_and_carry_every_logprob(chat):
     assert chunk(r, None, {"total_tokens": 1})["choices"] == []
 
 
+def test_an_echoed_prompt_begins_the_text_and_the_stream():
+    r = parse_request({"prompt": "ab", "echo": True, "stream": True}, False, M, 4096)
+    assert r.echo
+    choice = Choice(r, 0, echo="ab")
+    entries = choice.opening() + choice.add(_events([(b"c", "c", "stop")])[0])
+    assert [e["text"] for e in entries] == ["ab", "c", ""] and choice.final()["text"] == "abc"
+    assert choice.tokens == 1 and Choice(r, 0).opening() == []
+
+
 def test_the_last_tokens_text_and_the_finish_reason_are_two_entries():
     r = parse_request({"prompt": "x", "stream": True}, False, M, 4096)
     entries = Choice(r, 0).add(_events([(b"a", "a", "length")])[0])
@@ -179,7 +188,8 @@ CHAT = {"messages": [{"role": "user", "content": "x"}]}
     (False, {"prompt": "a", "best_of": 1, "n": 2}, "best_of", "must equal 'n' (2)"),
     (False, {"prompt": "a", "best_of": "2"}, "best_of", "must be int"),
     (False, {"prompt": "a", "suffix": "}"}, "suffix", "'suffix'"),
-    (False, {"prompt": "a", "echo": True}, "echo", "'echo' is not supported"),
+    (False, {"prompt": "a", "echo": True, "logprobs": 0}, "echo", "'echo' with 'logprobs' is not supported"),
+    (False, {"prompt": "a", "echo": 1}, "echo", "must be bool"),
     (True, {**CHAT, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),
     (True, {**CHAT, "logprobs": False, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),
     (True, {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
