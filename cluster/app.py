@@ -160,9 +160,7 @@ class LLMServer:
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> dict:
         self._check_key(request.headers.get("authorization"))
-        if model_id != self.config.name:
-            raise APIError(404, f"The model '{model_id}' does not exist; this server serves '{self.config.name}'",
-                           param="model", code="model_not_found")
+        oai.check_model(model_id, self.config.name)
         return self._model_card()
 
     def _model_card(self) -> dict:

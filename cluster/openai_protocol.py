@@ -209,7 +209,11 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
 
 
 def _model(body: dict, served_model: str) -> str:
-    model = _field(body, "model", (str,), served_model)
+    return check_model(_field(body, "model", (str,), served_model), served_model)
+
+
+def check_model(model: str, served_model: str) -> str:
+    """The served model's id, or OpenAI's 404 for another."""
     if model != served_model:
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{served_model}'",
                        param="model", code="model_not_found")
