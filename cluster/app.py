@@ -155,8 +155,41 @@ class LLMServer:
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._check_key(request.headers.get("authorization"))
-        return {"object": "list", "data": [{"id": self.config.name, "object": "model", "created": 0,
-                                            "owned_by": "ntransformer", "max_model_len": self.info["max_context"]}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(self, model_id: str, request: Request) -> dict:
+        self._check_key(request.headers.get("authorization"))
+        oai.check_model(model_id, self.config.name)
+        return self._model_card()
+
+    def _model_card(self) -> dict:
+        return {"id": self.config.name, "object": "model", "created": 0, "owned_by": "ntransformer",
+                "max_model_len": self.info["max_context"]}
+
+    @api.post("/tokenize")
+    @api.post("/v1/tokenize")
+    async def tokenize(self, request: Request) -> dict:
+        """vLLM's answer (tokens, count, max_model_len); llama-server's is its "tokens"."""
+        self._check_key(request.headers.get("authorization"))
+        prompt, add_special = oai.parse_tokenize(oai.json_body(await request.body()), self.config.name)
+        try:
+            tokens = await self.client.tokenize(prompt, add_special)
+        except Exception as e:
+            raise APIError.from_exception(e) from None
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": self.info["max_context"]}
+
+    @api.post("/detokenize")
+    @api.post("/v1/detokenize")
+    async def detokenize(self, request: Request) -> dict:
+        """The text under vLLM's name ("prompt") and llama-server's ("content")."""
+        self._check_key(request.headers.get("authorization"))
+        ids = oai.parse_detokenize(oai.json_body(await request.body()), self.config.name, self.info["vocab_size"])
+        try:
+            text = await self.client.detokenize(ids)
+        except Exception as e:
+            raise APIError.from_exception(e) from None
+        return {"prompt": text, "content": text}
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -171,14 +204,16 @@ class LLMServer:
         try:
             self._check_key(request.headers.get("authorization"))
             body = oai.json_body(await request.body())
-            req = oai.parse_request(body, chat, self.config.name, self.info["max_context"])
+            req = oai.parse_request(body, chat, self.config.name, self.info["max_context"],
+                                    system_fingerprint=self.info["system_fingerprint"])
             generations = await self._submit(req.choices())
+            echoes = await self._echoes(req, generations)
         except APIError as e:
             self.requests.inc(tags={"endpoint": endpoint, "status": str(e.status)})
             raise
         self.requests.inc(tags={"endpoint": endpoint, "status": "200"})
         prompt_tokens = sum(g.prompt_tokens for g in generations[::req.n])
-        choices = [oai.Choice(req, i) for i in range(len(generations))]
+        choices = [oai.Choice(req, i, echo) for i, echo in enumerate(echoes)]
         if req.stream:
             return CancellingStream(self._sse(req, generations, choices, prompt_tokens), generations)
         async for batch in merged(generations):
@@ -187,13 +222,18 @@ class LLMServer:
         return oai.response(req, choices, prompt_tokens)
 
     async def _sse(self, req, generations, choices, prompt_tokens) -> AsyncIterator[str]:
+        def sse(entries) -> str:
+            return "".join(f"data: {json.dumps(oai.chunk(req, entry))}\n\n" for entry in entries)
+
         try:
+            if opening := sse(entry for choice in choices for entry in choice.opening()):
+                yield opening
             async for batch in merged(generations):
-                yield "".join(f"data: {json.dumps(oai.chunk(req, choices[i], event, choices[i].add(event)))}\n\n"
-                              for i, event in batch)
+                if text := sse(entry for i, event in batch for entry in choices[i].add(event)):  # none: held back
+                    yield text
             if req.include_usage:
                 tokens = oai.usage(prompt_tokens, sum(c.tokens for c in choices))
-                yield f"data: {json.dumps(oai.chunk(req, None, None, None, tokens))}\n\n"
+                yield f"data: {json.dumps(oai.chunk(req, None, tokens))}\n\n"
         except APIError as e:  # the status line is gone: report in the stream, as OpenAI does
             yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
@@ -209,6 +249,15 @@ class LLMServer:
                 g.cancel()
             raise APIError.from_exception(e) from None
         return generations
+
+    async def _echoes(self, req, generations: list[Generation]) -> list[str]:
+        """Each choice's echoed prompt text (after the submit checked token-id prompts); a failure cancels them."""
+        try:
+            return [await self.client.prompt_text(prompt) if req.echo else "" for prompt, _ in req.choices()]
+        except Exception as e:
+            for g in generations:
+                g.cancel()
+            raise APIError.from_exception(e) from None
 
     def _check_key(self, authorization: str | None) -> None:
         if not authorized(authorization, self.api_keys):

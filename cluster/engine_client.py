@@ -61,6 +61,16 @@ class EngineClient:
     async def stats(self) -> dict:
         return await self.worker.stats.remote()
 
+    async def tokenize(self, prompt: str | list[dict], add_special: bool) -> list[int]:
+        return await self.worker.tokenize.remote(prompt, add_special)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        return await self.worker.detokenize.remote(ids)
+
+    async def prompt_text(self, prompt: str | list[int]) -> str:
+        """A completion prompt as text (echo): token ids detokenized."""
+        return prompt if isinstance(prompt, str) else await self.detokenize(prompt)
+
     async def submit(self, prompt: str | list, params: SamplingParams) -> "Generation":
         """Queue one completion; bad input and a full queue raise here, before any token."""
         request_id = uuid.uuid4().hex

@@ -45,6 +45,14 @@ def test_a_bad_line_is_an_error_record_and_the_rest_is_read(tmp_path):
         assert set(result) == {"id", "error"} and f"line {key}" in result["error"], result
 
 
+@pytest.mark.parametrize("field", [{"n": 2}, {"stream": True}, {"logprobs": 1}, {"frobnicate": 1}])
+def test_a_line_asking_for_what_a_result_cannot_hold_is_an_error_record(field):
+    """Refused before anything is submitted (no client is needed), by name."""
+    (name,) = field
+    record = asyncio.run(generate_one(None, "m", 4096, 7, {"prompt": "a", **field}))
+    assert record["id"] == 7 and f"'{name}'" in record["error"]
+
+
 def test_one_writer_per_output(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": 1, "text": "a"}\n')

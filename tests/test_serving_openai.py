@@ -71,18 +71,114 @@ def test_chat_seed_reproducibility_and_logprobs(client, model):
     assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in content)
 
 
-def test_streaming_matches_non_streaming(client, model):
-    kwargs = dict(model=model, prompt="import numpy as", max_tokens=5, temperature=0)
-    whole = client.completions.create(**kwargs).choices[0].text
+def test_completion_stream_is_openais_and_matches_non_streaming(client, model):
+    kwargs = dict(model=model, prompt="import numpy as", max_tokens=5, temperature=0, logprobs=1)
+    whole = client.completions.create(**kwargs)
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole
-    assert chunks[-1].usage.completion_tokens == sum(1 for c in chunks if c.choices)
+    *choices, last = chunks
+    assert last.choices == [] and last.usage == whole.usage
+    texts = [(c.choices[0].text, c.choices[0].finish_reason) for c in choices]
+    assert all(text for text, _ in texts[:-1]) and [f for _, f in texts[:-1]] == [None] * (len(texts) - 1)
+    assert texts[-1] == ("", whole.choices[0].finish_reason), "the finish reason comes alone, with empty text"
+    assert "".join(text for text, _ in texts) == whole.choices[0].text
+    streamed = [t for c in choices if c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert streamed == whole.choices[0].logprobs.token_logprobs and len(streamed) == whole.usage.completion_tokens
+    assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint}
+    assert whole.system_fingerprint.startswith("fp_")
 
-    chat = list(client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Say hello."}], max_tokens=4, temperature=0, stream=True))
-    assert chat[0].choices[0].delta.role == "assistant"
-    assert chat[-1].choices[0].finish_reason in ("stop", "length")
-    assert "".join(c.choices[0].delta.content or "" for c in chat)
+
+def test_chat_stream_is_openais(client, model):
+    """Role alone, then never-empty content, then the finish reason with an empty delta, then
+    usage, then [DONE] (the client stops on it); every token's logprob once, as without a stream."""
+    kwargs = dict(model=model, messages=[{"role": "user", "content": "Say hello in French, with accents."}],
+                  max_tokens=12, temperature=0, logprobs=True, top_logprobs=1)
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    first, *middle, finish, last = chunks
+    delta = first.choices[0].delta
+    assert (delta.role, delta.content, first.choices[0].finish_reason) == ("assistant", "", None)
+    assert all(c.choices[0].delta.content and c.choices[0].finish_reason is None and c.choices[0].delta.role is None
+               for c in middle)
+    assert finish.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert finish.choices[0].delta.content is None and finish.choices[0].delta.role is None
+    assert last.choices == [] and last.usage == whole.usage
+    assert "".join(c.choices[0].delta.content for c in middle) == whole.choices[0].message.content
+    streamed = [t.logprob for c in middle + [finish] if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert streamed == [t.logprob for t in whole.choices[0].logprobs.content]
+    assert len(streamed) == whole.usage.completion_tokens
+    assert {c.system_fingerprint for c in chunks} == {whole.system_fingerprint} and whole.system_fingerprint
+
+
+@pytest.mark.parametrize("chat, fields, param", [
+    (False, {"best_of": 2}, "best_of"),
+    (False, {"suffix": "}"}, "suffix"),
+    (False, {"echo": True, "logprobs": 1}, "echo"),
+    (True, {"top_logprobs": 2}, "top_logprobs"),
+    (True, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    (True, {"extra_body": {"frobnicate": 1}}, "frobnicate"),
+    (True, {"tools": "notalist"}, "tools"),
+    (True, {"max_tokens": "5"}, "max_tokens"),
+])
+def test_a_field_that_would_change_the_output_is_honoured_or_named_in_a_400(client, model, chat, fields, param):
+    kwargs = {"model": model, "max_tokens": 1, **fields}
+    with pytest.raises(openai.BadRequestError) as e:
+        if chat:
+            client.chat.completions.create(**{"messages": [{"role": "user", "content": "hi"}], **kwargs})
+        else:
+            client.completions.create(prompt="hi", **kwargs)
+    assert e.value.status_code == 400 and e.value.body["param"] == param and param in e.value.body["message"]
+
+
+def test_echo_begins_the_text_with_the_prompt(client, model, server):
+    prompt = "def add(a, b):"
+    plain = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0)
+    echoed = client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == prompt + plain.choices[0].text and echoed.usage == plain.usage
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                            stream=True))
+    assert chunks[0].choices[0].text == prompt and "".join(c.choices[0].text for c in chunks) == echoed.choices[0].text
+    status, ids = post(server, "/tokenize", json.dumps({"prompt": prompt}))
+    by_ids = client.completions.create(model=model, prompt=ids["tokens"], max_tokens=3, temperature=0, echo=True)
+    assert status == 200 and by_ids.choices[0].text == echoed.choices[0].text
+
+
+def test_informational_fields_pass(client, model):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=1,
+                                       user="u1", metadata={"k": "v"}, store=False, service_tier="auto")
+    assert r.usage.completion_tokens == 1
+
+
+def test_tokenize_and_detokenize_round_trip_as_the_engine_tokenizes(server, model, real_model_path):
+    from workers.model.gguf_file import GGUFFile
+    from workers.model.tokenizer import Tokenizer
+
+    with GGUFFile(real_model_path) as gguf:
+        tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    text = "def f(x):\n    return x ** 2  # caf\u00e9 \U0001f917 <|im_end|>"
+    for path in ("/tokenize", "/v1/tokenize"):
+        status, vllm = post(server, path, json.dumps({"model": model, "prompt": text}))
+        assert status == 200 and vllm["tokens"] == tokenizer.encode(text, add_special=True, parse_special=False)
+        assert vllm["count"] == len(vllm["tokens"]) and vllm["max_model_len"] > 0
+    status, llama = post(server, "/tokenize", json.dumps({"content": text}))
+    assert status == 200 and llama["tokens"] == tokenizer.encode(text, add_special=False, parse_special=False)
+    for path in ("/detokenize", "/v1/detokenize"):
+        status, back = post(server, path, json.dumps({"tokens": vllm["tokens"]}))
+        assert status == 200 and back["prompt"] == back["content"] == tokenizer.decode(vllm["tokens"]) == text
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+    status, chat = post(server, "/v1/tokenize", json.dumps({"messages": messages}))
+    r = openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0).chat.completions.create(
+        model=model, messages=messages, max_tokens=1)
+    assert status == 200 and chat["count"] == r.usage.prompt_tokens
+    assert tokenizer.decode(chat["tokens"]).endswith("<|im_start|>assistant\n")
+    status, error = post(server, "/detokenize", json.dumps({"tokens": [1, tokenizer.vocab_size]}))
+    assert status == 400 and error["error"]["param"] == "tokens" and str(tokenizer.vocab_size) in error["error"]["message"]
+
+
+def test_model_by_id(client, model):
+    assert client.models.retrieve(model).id == model
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-17")
+    assert e.value.body["code"] == "model_not_found" and "gpt-17" in e.value.body["message"]
 
 
 def test_stop_string_and_n(client, model):
@@ -101,18 +197,18 @@ def test_32_concurrent_streams_complete(server, model):
             stream = await aclient.completions.create(
                 model=model, prompt=f"# item {i}\n", max_tokens=4, temperature=0.7, seed=i, stream=True,
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-            tokens, usage = 0, None
+            finish, usage = None, None
             async for chunk in stream:
-                tokens += len(chunk.choices)
+                finish = chunk.choices[0].finish_reason if chunk.choices else finish
                 usage = chunk.usage or usage
-            return tokens, usage.completion_tokens
+            return finish, usage.completion_tokens
 
         try:
             return await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(32))), 600)
         finally:
             await aclient.close()
 
-    assert asyncio.run(main()) == [(4, 4)] * 32
+    assert asyncio.run(main()) == [("length", 4)] * 32
 
 
 def send(server: str, path: str, body: bytes | str | None, key: str | None = KEY, method: str = "POST",
@@ -186,7 +282,8 @@ def test_disconnect_mid_stream_frees_its_blocks_and_spares_other_streams(server,
               if line.startswith(b"data: {")]
     staying.close()
     assert [e for e in events if "error" in e] == []
-    assert len(events) == 39 and events[-1]["choices"][0]["finish_reason"] == "length"
+    assert events[-1]["choices"][0]["finish_reason"] == "length" and 30 <= len(events) <= 40
+    assert all(e["choices"][0]["text"] and e["choices"][0]["finish_reason"] is None for e in events[:-1])
     wait_until(lambda: kv_blocks_in_use(server) == 0, 30,
                "the worker to free the blocks")
     wait_until(lambda: cluster.metric(metric) == 0, 60, "the KV blocks metric to drop to 0")
@@ -212,8 +309,9 @@ def test_api_keys_guard_every_route_but_health(server, model):
 
     assert status("/v1/completions", "POST", authorization=f"bearer {KEY}") == 200  # RFC 6750: any case
     assert status("/v1/completions", "POST", authorization=KEY) == 401  # a raw key is not the scheme
-    for path in ("/docs", "/openapi.json", "/v1/models"):
+    for path in ("/docs", "/openapi.json", "/v1/models", f"/v1/models/{model}"):
         assert (status(path), status(path, key=KEY)) == (401, 200), path
+    assert status("/v1/tokenize", "POST") == status("/detokenize", "POST") == 401
     assert status("/health") == 200
 
 

@@ -9,7 +9,8 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from cluster.errors import APIError
-from cluster.openai_protocol import Choice, chunk, json_body, parse_request, response
+from cluster.openai_protocol import (INFORMATIONAL_FIELDS, NOT_YET_SUPPORTED, Choice, chunk, json_body,
+                                     parse_detokenize, parse_request, parse_tokenize, response)
 from workers.engine.engine import ContextLengthError
 from workers.engine.scheduler import QueueFull
 from workers.model.store import ModelNotFound
@@ -42,7 +43,7 @@ def test_choices_per_prompt_and_n_with_distinct_seeds():
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     ({"prompt": "a", "n": 17}, 400, "'n' must be in [1, 16]"),
     ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "at most 4"),
-    ({"prompt": "a", "echo": True}, 400, "echo"),
+    ({"prompt": "a", "echo": True, "logprobs": 1}, 400, "'echo' with 'logprobs'"),
     ({"prompt": 5}, 400, "'prompt' must be"),
     ([1, 2], 400, "JSON object"),
     ({"prompt": "a", "top_k": -5}, 400, "top_k=-5"),
@@ -102,19 +103,180 @@ def test_engine_errors_map_to_status_codes_even_through_ray(exc, status, code):
 
 def test_responses_and_chunks():
     r = parse_request({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 1},
-                      True, M, 4096)
+                      True, M, 4096, system_fingerprint="fp_x")
     choice = Choice(r, 0)
     event = {"token_id": 5, "text": "Hi", "finish_reason": None, "logprob": -0.5, "bytes": [72, 105],
              "top_logprobs": [([72, 105], -0.5)]}
-    lp = choice.add(event)
-    first = chunk(r, choice, event, lp)
-    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "Hi"}
-    assert lp["content"][0]["top_logprobs"] == [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]
+    (entry,) = choice.add(event)
+    assert entry["delta"] == {"content": "Hi"}
+    assert entry["logprobs"]["content"][0]["top_logprobs"] == [{"token": "Hi", "logprob": -0.5, "bytes": [72, 105]}]
+    assert chunk(r, entry)["system_fingerprint"] == "fp_x" and "usage" not in chunk(r, entry)
     choice.add({**event, "text": "!", "bytes": [33], "finish_reason": "stop"})
     body = response(r, [choice], prompt_tokens=3)
     assert body["choices"][0]["message"]["content"] == "Hi!" and body["choices"][0]["finish_reason"] == "stop"
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    assert len(body["choices"][0]["logprobs"]["content"]) == 2
+    assert len(body["choices"][0]["logprobs"]["content"]) == 2 and body["system_fingerprint"] == "fp_x"
+
+
+def _events(tokens: list[tuple[bytes, str, str | None]]) -> list[dict]:
+    """Worker events for (token bytes, released text, finish reason), each with a distinct logprob."""
+    return [{"token_id": i, "text": text, "finish_reason": finish, "logprob": -0.25 * (i + 1), "bytes": list(raw),
+             "top_logprobs": [(list(raw), -0.25 * (i + 1))]} for i, (raw, text, finish) in enumerate(tokens)]
+
+
+# "H", "é" split over two byte tokens (the first releases no text), "!" held back as a possible
+# stop string then released with the next token's text, and the end-of-sequence token (no text)
+SPLIT = [(b"H", "H", None), (b"\xc3", "", None), (b"\xa9", "\u00e9", None), (b"!", "", None), (b"?", "!?", None),
+         (b"<|im_end|>", "", "stop")]
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_stream_entries_are_openais_and_carry_every_logprob(chat):
+    body = {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 1} if chat else \
+        {"prompt": "x", "logprobs": 1}
+    r = parse_request({**body, "stream": True, "stream_options": {"include_usage": True}}, chat, M, 4096)
+    streamed, whole = Choice(r, 0), Choice(r, 0)
+    entries = streamed.opening()
+    for event in _events(SPLIT):
+        entries += streamed.add(event)
+        whole.add(event)
+    if chat:
+        assert entries[0] == {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}
+        entries = entries[1:]
+    texts = [e["delta"].get("content") if chat else e["text"] for e in entries]
+    assert texts == ["H", "\u00e9", "!?", None if chat else ""], "no empty text but the finishing entry's"
+    assert [e["finish_reason"] for e in entries] == [None, None, None, "stop"]
+    if chat:
+        assert entries[-1]["delta"] == {}
+    # each token's logprob once, in order: a token without text rides with the next entry sent
+    final = whole.final()["logprobs"]
+    if chat:
+        assert [len(e["logprobs"]["content"]) for e in entries] == [1, 2, 2, 1]
+        assert [t for e in entries for t in e["logprobs"]["content"]] == final["content"]
+    else:
+        joined = {k: [v for e in entries for v in e["logprobs"][k]] for k in final}
+        assert joined == final and len(final["tokens"]) == len(SPLIT)
+        assert final["text_offset"] == [0, 1, 1, 2, 2, 4]
+    assert [c["usage"] for c in map(lambda e: chunk(r, e), entries)] == [None] * len(entries)
+    assert chunk(r, None, {"total_tokens": 1})["choices"] == []
+
+
+def test_an_echoed_prompt_begins_the_text_and_the_stream():
+    r = parse_request({"prompt": "ab", "echo": True, "stream": True}, False, M, 4096)
+    assert r.echo
+    choice = Choice(r, 0, echo="ab")
+    entries = choice.opening() + choice.add(_events([(b"c", "c", "stop")])[0])
+    assert [e["text"] for e in entries] == ["ab", "c", ""] and choice.final()["text"] == "abc"
+    assert choice.tokens == 1 and Choice(r, 0).opening() == []
+
+
+def test_the_last_tokens_text_and_the_finish_reason_are_two_entries():
+    r = parse_request({"prompt": "x", "stream": True}, False, M, 4096)
+    entries = Choice(r, 0).add(_events([(b"a", "a", "length")])[0])
+    assert [(e["text"], e["finish_reason"], e["logprobs"]) for e in entries] == [("a", None, None), ("", "length", None)]
+
+
+CHAT = {"messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("chat, body, param, words", [
+    (False, {"prompt": "a", "frobnicate": 1}, "frobnicate", "unknown field 'frobnicate'"),
+    (True, {**CHAT, "best_of": 2}, "best_of", "unknown field"),
+    (True, {**CHAT, "functions": [{"name": "f"}]}, "functions", "unknown field"),
+    (False, {"prompt": "a", "best_of": 3}, "best_of", "'best_of' must equal 'n' (1)"),
+    (False, {"prompt": "a", "best_of": 1, "n": 2}, "best_of", "must equal 'n' (2)"),
+    (False, {"prompt": "a", "best_of": "2"}, "best_of", "must be int"),
+    (False, {"prompt": "a", "suffix": "}"}, "suffix", "'suffix'"),
+    (False, {"prompt": "a", "echo": True, "logprobs": 0}, "echo", "'echo' with 'logprobs' is not supported"),
+    (False, {"prompt": "a", "echo": 1}, "echo", "must be bool"),
+    (True, {**CHAT, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),
+    (True, {**CHAT, "logprobs": False, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),
+    (True, {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
+    (True, {**CHAT, "logprobs": 2}, "logprobs", "'logprobs' must be bool"),
+    (True, {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "'wizard' is not supported"),
+    (True, {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]}, "messages[1].role",
+     "'tool'"),
+    (True, {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id",
+     "not supported"),
+    (True, {"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name", "must be a string"),
+    (True, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "text"),
+    (True, {**CHAT, "stream": "yes"}, "stream", "'stream' must be bool"),
+    (True, {**CHAT, "stream_options": {"include_usage": True}}, "stream_options", "only allowed with 'stream'"),
+    (True, {**CHAT, "stream": True, "stream_options": {"include_usage": 1}}, "stream_options.include_usage",
+     "must be a boolean"),
+    (True, {**CHAT, "stream": True, "stream_options": {"continuous_usage_stats": True}},
+     "stream_options.continuous_usage_stats", "not supported"),
+    (False, {"prompt": "a", "n": 1.5}, "n", "'n' must be int"),
+])
+def test_a_field_that_would_change_the_output_is_honoured_or_named_in_a_400(chat, body, param, words):
+    with pytest.raises(APIError) as e:
+        parse_request(body, chat, M, 4096)
+    assert (e.value.status, e.value.param) == (400, param) and words in e.value.message, e.value.message
+
+
+@pytest.mark.parametrize("name", sorted(NOT_YET_SUPPORTED))
+@pytest.mark.parametrize("chat", [True, False])
+def test_part_as_fields_are_refused_by_name_until_they_are_honoured(name, chat):
+    with pytest.raises(APIError) as e:
+        parse_request({**(CHAT if chat else {"prompt": "a"}), name: "notalist"}, chat, M, 4096)
+    assert (e.value.status, e.value.param) == (400, name) and "not supported yet" in e.value.message
+
+
+def test_informational_fields_and_nulls_pass_and_honoured_ones_are_honoured():
+    info = {name: "x" for name in INFORMATIONAL_FIELDS} | {"metadata": {"k": "v"}, "store": False}
+    nulls = {"frobnicate": None, "response_format": None, "suffix": None, "best_of": None}
+    r = parse_request({"prompt": "a", "n": 2, "best_of": 2, "suffix": "", "echo": False, **info, **nulls},
+                      False, M, 4096)
+    assert r.n == 2
+    c = parse_request({"messages": [{"role": "developer", "content": "Be brief."},
+                                    {"role": "user", "content": "x", "name": "ann", "tool_calls": None}],
+                       "stream": True, "stream_options": {"include_usage": True}, **info}, True, M, 4096)
+    assert c.prompts == [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "x", "name": "ann"}]]
+    assert c.include_usage and c.params.logprobs is None
+
+
+def test_tokenize_and_detokenize_bodies():
+    assert parse_tokenize({"model": M, "prompt": "hi"}, M) == ("hi", True)  # vLLM: BOS by default
+    assert parse_tokenize({"content": "hi"}, M) == ("hi", False)  # llama-server: none by default
+    assert parse_tokenize({"prompt": "hi", "add_special_tokens": False}, M) == ("hi", False)
+    assert parse_tokenize({"content": "hi", "add_special": True}, M) == ("hi", True)
+    assert parse_tokenize({**CHAT, "add_generation_prompt": True}, M) == ([{"role": "user", "content": "x"}], True)
+    assert parse_detokenize({"tokens": [0, 5, 9]}, M, vocab_size=10) == [0, 5, 9]
+    assert parse_detokenize({"tokens": []}, M, vocab_size=10) == []
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"prompt": 5}, "prompt", "'prompt' must be str"),
+    ({}, "prompt", "send one of"),
+    ({"prompt": "a", "content": "b"}, "content", "send one of"),
+    ({"prompt": "a", "add_special": True}, "add_special", "with 'prompt' send 'add_special_tokens'"),
+    ({"prompt": "a", "add_special_tokens": "yes"}, "add_special_tokens", "must be bool"),
+    ({**CHAT, "add_special_tokens": True}, "add_special_tokens", "does not apply to 'messages'"),
+    ({**CHAT, "add_generation_prompt": False}, "add_generation_prompt", "not supported"),
+    ({"prompt": "a", "return_token_strs": True}, "return_token_strs", "unknown field"),
+    ({"prompt": "a", "model": "other"}, "model", "does not exist"),
+    ({"prompt": "x" * (2**20 + 1)}, "prompt", "at most 1048576 characters"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "not supported"),
+])
+def test_bad_tokenize_bodies(body, param, words):
+    with pytest.raises(APIError) as e:
+        parse_tokenize(body, M)
+    assert e.value.param == param and words in e.value.message, e.value.message
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"tokens": [1, 10]}, "tokens[1] = 10 is outside the vocabulary [0, 10)"),
+    ({"tokens": [-1]}, "tokens[0] = -1"),
+    ({"tokens": [1, True]}, "list of token ids"),
+    ({"tokens": "1 2"}, "list of token ids"),
+    ({"tokens": [0] * (2**20 + 1)}, "at most 1048576 ids"),
+    ({"tokens": [1], "skip_special_tokens": True}, "unknown field 'skip_special_tokens'"),
+])
+def test_bad_detokenize_bodies(body, words):
+    with pytest.raises(APIError) as e:
+        parse_detokenize(body, M, vocab_size=10)
+    assert e.value.status == 400 and words in e.value.message, e.value.message
 
 
 @pytest.mark.parametrize("asgi", ["2.0", "2.4"])  # Starlette's two ways of running a stream

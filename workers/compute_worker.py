@@ -10,7 +10,8 @@ leaves the actor is small: text deltas, token ids and, when asked for, logprobs.
 Callers talk to it with three calls: `submit` (validation and admission errors are raised
 right there), `cancel`, and `poll`, a long poll that returns every request's new events at
 once, so its single consumer (a Serve replica or a batch driver) pays one Ray round trip
-per batch of tokens, not one per token per request.
+per batch of tokens, not one per token per request. `tokenize` and `detokenize` serve the
+API's endpoints of those names with the model's own tokenizer and chat template.
 
 The scheduling loop runs on a thread of its own, so that the actor's event loop keeps
 answering submit, cancel and poll while the device is busy, and so that a step follows the
@@ -32,6 +33,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from workers.engine.engine import Engine, GeneratedToken
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
+from workers.model.store import fingerprint
 from workers.node_tiers import NodeTiers
 from workers.tier_loader import TierLoader
 
@@ -71,6 +73,7 @@ class ComputeWorker:
         self.engine = await asyncio.to_thread(Engine, spec["path"], backend=backend, host_alloc=self.tiers.host_alloc,
                                               disk_open=self.tiers.disk_open, **options)
         self.tiers.loaded()
+        self.fingerprint = fingerprint(spec["path"])
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
         self.outbox: dict[str, list[dict]] = {}
         self.lock = threading.Lock()  # the scheduler and the outbox
@@ -98,7 +101,8 @@ class ComputeWorker:
         self._check_alive()
         e = self.engine
         return {"model": e.model_name, "max_context": e.max_context, "kv_blocks_total": e.kv.num_blocks,
-                "block_size": e.kv.block_size}
+                "block_size": e.kv.block_size, "vocab_size": e.tokenizer.vocab_size,
+                "system_fingerprint": self.fingerprint}
 
     def stats(self) -> dict:
         s = self.scheduler
@@ -121,6 +125,20 @@ class ComputeWorker:
             self.has_work.set()
         self._update_gauges()
         return len(ids)
+
+    async def tokenize(self, prompt: str | list[dict], add_special: bool) -> list[int]:
+        """The ids of a text (plain-prompt rules: special-token text stays text; add_special: BOS
+        as the metadata says), or of chat messages as a chat completion is prompted. In a thread:
+        a long text must not hold up the polls of running streams."""
+        self._check_alive()
+        e = self.engine
+        if isinstance(prompt, list):
+            return await asyncio.to_thread(e.chat_prompt_ids, prompt)
+        return await asyncio.to_thread(e.tokenizer.encode, prompt, add_special, False)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        self._check_alive()
+        return await asyncio.to_thread(self.engine.tokenizer.decode, ids)
 
     async def cancel(self, request_id: str) -> None:
         with self.lock:

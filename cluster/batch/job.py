@@ -5,7 +5,7 @@
 
 Each input line is an OpenAI request body plus an "id": {"id": 7, "prompt": "..."} for a
 completion or {"id": 7, "messages": [...]} for a chat, with any sampling fields
-(max_tokens, temperature, seed, stop, ...). A line without an id gets its 1-based line
+(max_tokens, temperature, seed, stop, echo, ...; not n, stream or logprobs). A line without an id gets its 1-based line
 number (so does a line that is not a JSON object at all). Each output line is {"id", "text",
 "finish_reason", "usage"}, or {"id", "error"} for a line that cannot be generated (not a
 JSON object, bad fields, prompt past the context): one bad line does not stop the others.
@@ -74,10 +74,13 @@ async def generate_one(client: EngineClient, model: str, max_context: int, key, 
         return {"id": key, "error": body}
     try:
         chat = "messages" in body
-        req = oai.parse_request({**body, "model": model, "stream": False, "n": 1}, chat, model, max_context)
+        req = oai.parse_request({**body, "model": model}, chat, model, max_context)
+        for name, unsupported in (("n", req.n != 1), ("stream", req.stream), ("logprobs", req.params.logprobs is not None)):
+            if unsupported:  # an output line holds one text, whole
+                raise APIError(400, f"'{name}' is not supported in a batch job (a result is one text)", param=name)
         ((prompt, params),) = req.choices()
         generation = await client.submit(prompt, params)
-        text, finish = [], None
+        text, finish = [await client.prompt_text(prompt) if req.echo else ""], None
         async for event in generation:
             text.append(event["text"])
             finish = event["finish_reason"]

@@ -64,6 +64,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def fingerprint(path: Path) -> str:
+    """OpenAI's system_fingerprint for a model file served by this engine version: stable across
+    restarts, copies and nodes. The file's size and first 16 MiB (the header, with every
+    tensor's name, type and shape, and the first tensors' data) stand for the file, so that a
+    70B model is not read whole to start serving."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(f"ntransformer {version('ntransformer')} {os.path.getsize(path)}".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 24))
+    return "fp_" + digest.hexdigest()[:16]
+
+
 def pull(name: str = DEFAULT_MODEL, log=print) -> Path:
     """Install a registered model (idempotent) and return its path."""
     if name not in REGISTRY:
