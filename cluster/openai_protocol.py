@@ -5,6 +5,12 @@ Defaults and ranges are OpenAI's (temperature 1 in [0, 2], completions max_token
 chat generating until the context is full); top_k, min_p, repetition_penalty and
 ignore_eos are accepted as the extensions vLLM and llama.cpp's server also accept.
 Unknown fields are ignored, as OpenAI's own clients may send newer ones.
+
+Structured output: `response_format` (json_object, json_schema) and llama-server's `grammar`
+(GBNF) become the request's GrammarSpec (workers/engine/grammar.py); `logit_bias` maps token
+ids (as strings) to biases in [-100, 100]. Tools (chat): `tools` are rendered by the model's
+chat template, its `<tool_call>` blocks come back as `tool_calls` (workers/model/
+tool_calls.py); `tool_choice` `required` or a named function constrains the output to calls.
 """
 
 from __future__ import annotations
@@ -16,9 +22,12 @@ import uuid
 from dataclasses import dataclass, field
 
 from cluster.errors import APIError
+from workers.engine.grammar import JSON_OPTIONS, GrammarSpec
 from workers.engine.sampling import SamplingParams
+from workers.model.tool_calls import ToolCallParser, tool_call_grammar
 
 MAX_N = 16
+MAX_TOOLS = 128
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for completions; chat's is the rest of the context
 
 
@@ -31,6 +40,7 @@ class CompletionRequest:
     n: int
     stream: bool
     include_usage: bool
+    tools: list | None = None  # rendered into the chat prompt; the output is parsed for calls
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -78,7 +88,118 @@ def _messages(body: dict) -> list[dict]:
             content = "".join(p.get("text", "") for p in content)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}].content must be a string or text parts", param="messages")
-        out.append({"role": m["role"], "content": content})
+        message = {"role": m["role"], "content": content}
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = _history_calls(m["tool_calls"], i)
+        for name in ("tool_call_id", "name"):
+            if m.get(name) is not None:
+                if not isinstance(m[name], str):
+                    raise APIError(400, f"messages[{i}].{name} must be a string", param="messages")
+                message[name] = m[name]
+        out.append(message)
+    return out
+
+
+def _history_calls(calls, i: int) -> list[dict]:
+    """An assistant message's tool_calls as chat templates read them: arguments as an object
+    (OpenAI sends them as JSON text; Qwen's template writes `arguments | tojson`)."""
+    if not isinstance(calls, list):
+        raise APIError(400, f"messages[{i}].tool_calls must be a list", param="messages")
+    out = []
+    for call in calls:
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise APIError(400, f"messages[{i}].tool_calls: each needs a function with a string name", param="messages")
+        arguments = f.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise APIError(400, f"messages[{i}].tool_calls: arguments of {f['name']!r} are not valid JSON",
+                               param="messages") from None
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": f["name"], "arguments": arguments}})
+    return out
+
+
+def _tools(body: dict) -> tuple[list | None, GrammarSpec | None]:
+    """The tools to render (None: none, or tool_choice none) and the grammar tool_choice asks for."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return None, None
+    if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
+        raise APIError(400, f"'tools' must be a list of 1 to {MAX_TOOLS} tools", param="tools")
+    for i, tool in enumerate(tools):
+        f = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                           param="tools")
+        if not isinstance(f.get("parameters", {}), dict) or not isinstance(f.get("description", ""), str):
+            raise APIError(400, f"tools[{i}].function: 'parameters' must be an object, 'description' a string",
+                           param="tools")
+    parallel = _field(body, "parallel_tool_calls", (bool,), True)
+    choice = "auto" if choice is None else choice
+    if choice == "none":
+        return None, None
+    if choice == "auto":
+        return tools, None
+    if choice == "required":
+        chosen = tools
+    else:
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict) else None
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise APIError(400, "'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                           "\"function\": {\"name\": <one of the tools>}}", param="tool_choice")
+        parallel = False
+    return tools, _spec("lark", tool_call_grammar(chosen, parallel, JSON_OPTIONS), "tools")
+
+
+def _spec(kind: str, source: str, param: str) -> GrammarSpec:
+    try:
+        return GrammarSpec(kind, source)
+    except ValueError as e:
+        raise APIError(400, f"'{param}': {e}", param=param) from None
+
+
+def _grammar(body: dict) -> GrammarSpec | None:
+    """response_format or grammar (at most one of them) as the request's grammar."""
+    fmt = _field(body, "response_format", (dict,), None, "an object")
+    grammar = _field(body, "grammar", (str,), None)
+    kind = None if fmt is None else fmt.get("type")
+    if fmt is not None and kind not in ("text", "json_object", "json_schema"):
+        raise APIError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                       param="response_format")
+    if grammar is not None and kind not in (None, "text"):
+        raise APIError(400, "'grammar' and a JSON 'response_format' cannot be used together", param="grammar")
+    if grammar is not None:
+        return _spec("gbnf", grammar, "grammar")
+    if kind == "json_object":
+        return _spec("json_object", "", "response_format")
+    if kind == "json_schema":
+        schema = fmt.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema", {}), (dict, bool)):
+            raise APIError(400, "'response_format.json_schema' must be an object with a 'schema' object",
+                           param="response_format")
+        if not isinstance(schema.get("strict", False), bool) and schema.get("strict") is not None:
+            raise APIError(400, "'response_format.json_schema.strict' must be a boolean", param="response_format")
+        # strict or not, the schema is enforced: OpenAI's non-strict mode only promises less
+        return _spec("json_schema", json.dumps(schema.get("schema", {})), "response_format")
+    return None
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    bias = _field(body, "logit_bias", (dict,), {}, "an object mapping token ids to biases")
+    out = {}
+    for key, value in bias.items():
+        if not re.fullmatch(r"[0-9]{1,9}", key):
+            raise APIError(400, f"'logit_bias' keys must be token ids as strings, got {key[:40]!r}", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise APIError(400, f"'logit_bias' values must be numbers, got {value!r} for {key}", param="logit_bias")
+        out[int(key)] = float(value)
     return out
 
 
@@ -103,6 +224,12 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
         raise APIError(404, f"The model '{model}' does not exist; this server serves '{served_model}'",
                        param="model", code="model_not_found")
     prompts = [_messages(body)] if chat else _prompts(body)
+    tools, grammar = _tools(body) if chat else (None, None)
+    asked = _grammar(body)
+    if asked is not None and grammar is not None:
+        raise APIError(400, "a 'response_format' or 'grammar' cannot be combined with a 'tool_choice' that "
+                       "forces a call", param="response_format")
+    grammar = grammar or asked
     number = (int, float)
     if chat:
         max_tokens = _field(body, "max_completion_tokens", (int,), None)
@@ -135,14 +262,15 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
             presence_penalty=_field(body, "presence_penalty", number, 0.0),
             max_tokens=default if max_tokens is None else max_tokens, cut_to_context=max_tokens is None,
             stop=tuple(stop), logprobs=logprobs,
-            ignore_eos=_field(body, "ignore_eos", (bool,), False))
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            logit_bias=_logit_bias(body), grammar=grammar)
     except ValueError as e:
         name = re.match(r"invalid sampling parameter (\w+)=", str(e))
         raise APIError(400, str(e), param=name and name.group(1)) from None
     options = _field(body, "stream_options", (dict,), {})
     return CompletionRequest(chat=chat, model=model, prompts=prompts, params=params, n=n,
                              stream=_field(body, "stream", (bool,), False),
-                             include_usage=bool(options.get("include_usage")))
+                             include_usage=bool(options.get("include_usage")), tools=tools)
 
 
 def _token(raw: list[int]) -> str:
@@ -157,12 +285,17 @@ class Choice:
         self.text, self.finish_reason, self.tokens = [], None, 0
         self.logprobs = [] if request.params.logprobs is not None else None
         self.offset = 0
+        self.tool_parser = ToolCallParser() if request.tools else None
+        self.tool_calls: list[dict] = []
+        self.delta: dict = {}  # the last event's chat delta: content, and tool calls it completed
 
     def add(self, event: dict) -> dict | None:
         """Record an event; returns its logprobs in the response's format (None without logprobs)."""
         self.text.append(event["text"])
         self.finish_reason = event["finish_reason"]
         self.tokens += 1
+        if self.request.chat:
+            self._delta(event)
         if self.logprobs is None:
             return None
         token, lp = _token(event["bytes"]), event["logprob"]
@@ -176,10 +309,37 @@ class Choice:
         self.logprobs.append(entry)
         return {"content": [entry]} if self.request.chat else entry
 
+    def _delta(self, event: dict) -> None:
+        """With tools, text inside <tool_call> blocks leaves as tool_calls (each whole, when its
+        block closes, so that its arguments are complete JSON), the rest as content; a stop
+        after calls is finish_reason tool_calls."""
+        if self.tool_parser is None:
+            self.delta = {"content": event["text"]}
+            return
+        content, calls = self.tool_parser.feed(event["text"])
+        if event["finish_reason"] is not None:
+            content += self.tool_parser.finish()
+        self.delta = {"content": content}
+        if calls:
+            first = len(self.tool_calls)
+            self.tool_calls += [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                                 "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+            self.delta["tool_calls"] = [{"index": first + k, **call} for k, call in enumerate(self.tool_calls[first:])]
+        if self.tool_calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+
     def final(self) -> dict:
         text = "".join(self.text)
         out = {"index": self.index, "finish_reason": self.finish_reason, "logprobs": self._all_logprobs()}
-        if self.request.chat:
+        if self.request.chat and self.tool_parser is not None:
+            content = text
+            if self.tool_calls:  # what the calls' blocks leave, as streamed
+                parser = ToolCallParser()
+                content = parser.feed(text)[0] + parser.finish()
+            out["message"] = {"role": "assistant", "content": content.strip() or None if self.tool_calls else content}
+            if self.tool_calls:
+                out["message"]["tool_calls"] = self.tool_calls
+        elif self.request.chat:
             out["message"] = {"role": "assistant", "content": text}
         else:
             out["text"] = text
@@ -211,9 +371,10 @@ def chunk(request: CompletionRequest, choice: Choice | None, event: dict | None,
     out = {"id": request.id, "object": "chat.completion.chunk" if request.chat else "text_completion",
            "created": request.created, "model": request.model, "choices": []}
     if choice is not None:
-        c = {"index": choice.index, "logprobs": logprobs, "finish_reason": event["finish_reason"]}
+        c = {"index": choice.index, "logprobs": logprobs,
+             "finish_reason": event["finish_reason"] and choice.finish_reason}
         if request.chat:
-            c["delta"] = {"role": "assistant", "content": event["text"]} if choice.tokens == 1 else {"content": event["text"]}
+            c["delta"] = {"role": "assistant", **choice.delta} if choice.tokens == 1 else dict(choice.delta)
         else:
             c["text"] = event["text"]
         out["choices"].append(c)

@@ -76,7 +76,7 @@ async def generate_one(client: EngineClient, model: str, max_context: int, key, 
         chat = "messages" in body
         req = oai.parse_request({**body, "model": model, "stream": False, "n": 1}, chat, model, max_context)
         ((prompt, params),) = req.choices()
-        generation = await client.submit(prompt, params)
+        generation = await client.submit(prompt, params, req.tools)
         text, finish = [], None
         async for event in generation:
             text.append(event["text"])
