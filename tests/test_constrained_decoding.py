@@ -197,3 +197,16 @@ def test_tool_call_parser_streams_content_and_calls():
     assert [c for c, _ in out] == ["Let me check.", "", "", "", "\n<tool_call>\nnot json\n</tool_call>", " bye "]
     assert out[3][1] == [{"name": "f", "arguments": '{"a": 1}'}]
     assert p.finish() == "<to"
+
+
+def test_bench_constrained_decodes_every_mode(engine):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "bench_constrained.py"
+    spec = importlib.util.spec_from_file_location("bench_constrained", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for mode in ("plain", "forward+sample", "constrained"):
+        assert bench.decode_rate(engine, batch=2, steps=3, mode=mode) > 0
+    assert engine.blocks.blocks_in_use == 0

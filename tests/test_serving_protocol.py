@@ -117,6 +117,82 @@ def test_responses_and_chunks():
     assert len(body["choices"][0]["logprobs"]["content"]) == 2
 
 
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CHAT = {"messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"response_format": {"type": "bogus"}}, "response_format", "'response_format.type' must be"),
+    ({"response_format": "json"}, "response_format", "must be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "no-such"}}}},
+     "response_format", "no-such"),
+    ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar", "cannot be used together"),
+    ({"grammar": 'root ::= undefined-rule'}, "grammar", "undefined-rule"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids as strings"),
+    ({"logit_bias": {"5": "x"}}, "logit_bias", "must be numbers"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": [1]}, "logit_bias", "'logit_bias' must be an object"),
+    ({"tools": "notalist"}, "tools", "'tools' must be a list"),
+    ({"tools": [{"type": "function"}]}, "tools", "tools[0]"),
+    ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice",
+     "one of the tools"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
+     "cannot be combined"),
+])
+def test_bad_structured_output_and_tool_fields(body, param, words):
+    with pytest.raises(APIError) as e:
+        parse_request({**CHAT, **body}, chat=True, served_model=M, max_context=4096)
+    assert e.value.status == 400 and words in e.value.message and e.value.param == param
+
+
+def test_structured_output_and_tool_fields_become_params():
+    r = parse_request({**CHAT, "logit_bias": {"9707": -100, "5": 2.5},
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True,
+                                                                                  "schema": {"type": "object"}}}},
+                      True, M, 4096)
+    assert r.params.logit_bias == ((9707, -100.0), (5, 2.5)) and r.params.grammar.kind == "json_schema"
+    assert parse_request({"prompt": "a", "grammar": 'root ::= "a"'}, False, M, 4096).params.grammar.kind == "gbnf"
+    auto = parse_request({**CHAT, "tools": [TOOL]}, True, M, 4096)
+    assert auto.tools == [TOOL] and auto.params.grammar is None
+    assert parse_request({**CHAT, "tools": [TOOL], "tool_choice": "none"}, True, M, 4096).tools is None
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        forced = parse_request({**CHAT, "tools": [TOOL], "tool_choice": choice}, True, M, 4096)
+        assert forced.tools == [TOOL] and forced.params.grammar.kind == "lark"
+    history = parse_request({"messages": [
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]}, True, M, 4096)
+    messages = history.prompts[0]
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # an object, for templates
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}
+
+
+def test_tool_calls_in_responses_and_chunks():
+    r = parse_request({**CHAT, "tools": [TOOL]}, True, M, 4096)
+    events = [{"token_id": 1, "text": "<tool_call>", "finish_reason": None},
+              {"token_id": 2, "text": '\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n', "finish_reason": None},
+              {"token_id": 3, "text": "</tool_call>", "finish_reason": None},
+              {"token_id": 4, "text": "", "finish_reason": "stop"}]
+    streamed, choice = Choice(r, 0), Choice(r, 0)
+    chunks = [chunk(r, streamed, e, streamed.add(e))["choices"][0] for e in events]
+    assert [c["delta"].get("content") for c in chunks] == ["", "", "", ""]
+    (call,) = chunks[2]["delta"]["tool_calls"]
+    assert call["index"] == 0 and call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert [c["finish_reason"] for c in chunks] == [None, None, None, "tool_calls"]
+    for e in events:
+        choice.add(e)
+    final = response(r, [choice], prompt_tokens=1)["choices"][0]
+    assert final["finish_reason"] == "tool_calls" and final["message"]["content"] is None
+    assert final["message"]["tool_calls"][0]["function"] == call["function"]
+    plain = Choice(r, 0)
+    plain.add({"token_id": 1, "text": "It is cold.", "finish_reason": "stop"})
+    assert response(r, [plain], 1)["choices"][0]["message"] == {"role": "assistant", "content": "It is cold."}
+
+
 @pytest.mark.parametrize("asgi", ["2.0", "2.4"])  # Starlette's two ways of running a stream
 def test_stream_cancels_its_generations_when_cancelled_inside_send(asgi):
     """A client that disconnects cancels the task sending the SSE response. Cancelled while it
