@@ -80,6 +80,10 @@ class ComputeWorker:
         self.generated.set_default_tags(tags)
         self._update_gauges()
         threading.Thread(target=self._run, name="scheduling-loop", daemon=True).start()
+        # The grammar engine's vocabulary takes seconds to build: built beside the loop, so the
+        # first constrained request does not stall the actor (a request arriving earlier waits
+        # for it: Engine.grammar_tokenizer is built once, under a lock).
+        threading.Thread(target=lambda: self.engine.grammar_tokenizer, name="grammar-vocabulary", daemon=True).start()
 
     def info(self) -> dict:
         """What the callers need to know of the model; raises once the worker is broken (health checks call it)."""

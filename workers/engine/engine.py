@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -151,6 +152,8 @@ class Engine:
                     "max_context")
             kv_cache_tokens = num_blocks * block_size
         self.rates = rates or Rates()
+        self._grammar_tokenizer: GrammarTokenizer | None = None
+        self._grammar_lock = threading.Lock()
         self.link = None
 
         def placed():
@@ -362,11 +365,15 @@ class Engine:
         return LogitBias(np.concatenate([np.full(len(b.ids), r, np.int32) for r, b in biased]),
                          np.concatenate([b.ids for _, b in biased]), np.concatenate([b.values for _, b in biased]))
 
-    @functools.cached_property
+    @property
     def grammar_tokenizer(self) -> GrammarTokenizer:
-        """The vocabulary as the grammar engine sees it: built at the first grammar (~2 s for
-        Qwen's 151k tokens on the development machine), not by every engine."""
-        return GrammarTokenizer(self.tokenizer, self.config.vocab_size)
+        """The vocabulary as the grammar engine sees it: built once, at the first use (~2 s for
+        Qwen's 151k tokens on the development machine), not by every engine; threads that
+        ask meanwhile wait for that one build."""
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.config.vocab_size)
+            return self._grammar_tokenizer
 
     def constraint(self, spec: GrammarSpec) -> Constraint:
         """A matcher at the start of spec's grammar (ValueError for one the engine cannot enforce)."""
