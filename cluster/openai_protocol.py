@@ -287,7 +287,8 @@ class Choice:
         self.offset = 0
         self.tool_parser = ToolCallParser() if request.tools else None
         self.tool_calls: list[dict] = []
-        self.delta: dict = {}  # the last event's chat delta: content, and tool calls it completed
+        self.content: list[str] = []  # with tools: the text outside the calls
+        self.delta: dict = {}  # the last event's chat delta: content, and the tool-call pieces it holds
 
     def add(self, event: dict) -> dict | None:
         """Record an event; returns its logprobs in the response's format (None without logprobs)."""
@@ -310,21 +311,29 @@ class Choice:
         return {"content": [entry]} if self.request.chat else entry
 
     def _delta(self, event: dict) -> None:
-        """With tools, text inside <tool_call> blocks leaves as tool_calls (each whole, when its
-        block closes, so that its arguments are complete JSON), the rest as content; a stop
-        after calls is finish_reason tool_calls."""
+        """With tools, text inside <tool_call> blocks leaves as tool_calls deltas (a call's id
+        and name first, then its arguments in pieces), the rest as content; a stop after
+        calls is finish_reason tool_calls."""
         if self.tool_parser is None:
             self.delta = {"content": event["text"]}
             return
-        content, calls = self.tool_parser.feed(event["text"])
+        content, pieces = self.tool_parser.feed(event["text"])
         if event["finish_reason"] is not None:
             content += self.tool_parser.finish()
+        self.content.append(content)
         self.delta = {"content": content}
-        if calls:
-            first = len(self.tool_calls)
-            self.tool_calls += [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                                 "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
-            self.delta["tool_calls"] = [{"index": first + k, **call} for k, call in enumerate(self.tool_calls[first:])]
+        deltas = []
+        for piece in pieces:
+            if "name" in piece:
+                call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                        "function": {"name": piece["name"], "arguments": piece["arguments"]}}
+                self.tool_calls.append(call)
+                deltas.append({"index": piece["index"], **call, "function": dict(call["function"])})
+            else:
+                self.tool_calls[piece["index"]]["function"]["arguments"] += piece["arguments"]
+                deltas.append({"index": piece["index"], "function": {"arguments": piece["arguments"]}})
+        if deltas:
+            self.delta["tool_calls"] = deltas
         if self.tool_calls and self.finish_reason == "stop":
             self.finish_reason = "tool_calls"
 
@@ -332,10 +341,7 @@ class Choice:
         text = "".join(self.text)
         out = {"index": self.index, "finish_reason": self.finish_reason, "logprobs": self._all_logprobs()}
         if self.request.chat and self.tool_parser is not None:
-            content = text
-            if self.tool_calls:  # what the calls' blocks leave, as streamed
-                parser = ToolCallParser()
-                content = parser.feed(text)[0] + parser.finish()
+            content = "".join(self.content)
             out["message"] = {"role": "assistant", "content": content.strip() or None if self.tool_calls else content}
             if self.tool_calls:
                 out["message"]["tool_calls"] = self.tool_calls

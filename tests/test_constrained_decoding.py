@@ -177,26 +177,60 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
                                      "unit": {"enum": ["c", "f"]}}, "required": ["city", "unit"]}}}
 
 
+def calls_of(pieces: list[dict]) -> list[dict]:
+    """Tool-call pieces put together as a client does: {"name", "arguments"} per index."""
+    calls: dict[int, dict] = {}
+    for piece in pieces:
+        call = calls.setdefault(piece["index"], {"name": "", "arguments": ""})
+        call["name"] += piece.get("name", "")
+        call["arguments"] += piece["arguments"]
+    return [calls[i] for i in sorted(calls)]
+
+
 def test_tool_call_grammar_forces_a_valid_call(engine):
     spec = GrammarSpec("lark", tool_call_grammar([WEATHER], parallel=False, json_options=JSON_OPTIONS))
     text, finish, _ = text_of(engine, [1, 2], SamplingParams(temperature=0.0, max_tokens=60, grammar=spec))
     assert finish == "stop", text
     parser = ToolCallParser()
-    content, calls = parser.feed(text)
+    content, pieces = parser.feed(text)
     assert content.strip() == "" and parser.finish() == ""
-    (call,) = calls
+    (call,) = calls_of(pieces)
     assert call["name"] == "get_weather"
     jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
 
 
-def test_tool_call_parser_streams_content_and_calls():
-    p = ToolCallParser()
-    pieces = ["Let me check.", "<tool", '_call>\n{"name": "f", ', '"arguments": {"a": 1}}\n</tool_call>',
-              "\n<tool_call>\nnot json\n</tool_call>", " bye <to"]
-    out = [p.feed(x) for x in pieces]
-    assert [c for c, _ in out] == ["Let me check.", "", "", "", "\n<tool_call>\nnot json\n</tool_call>", " bye "]
-    assert out[3][1] == [{"name": "f", "arguments": '{"a": 1}'}]
-    assert p.finish() == "<to"
+def test_tool_call_parser_streams_content_and_argument_pieces():
+    text = ('Let me check.<tool_call>\n{"name": "f", "arguments": {"a": {"b": [1, 2]}, "c": "}"}}\n</tool_call>'
+            '\n<tool_call>\nnot json\n</tool_call> and <tool_call>{"arguments": {}, "name": "g"}</tool_call> bye <to')
+    whole = ToolCallParser()
+    content, pieces = whole.feed(text)
+    content += whole.finish()
+    assert content == "Let me check.\n<tool_call>\nnot json\n</tool_call> and  bye <to"
+    assert calls_of(pieces) == [{"name": "f", "arguments": '{"a": {"b": [1, 2]}, "c": "}"}'},
+                                {"name": "g", "arguments": "{}"}]
+    for cut in (1, 2, 3, 7):  # the same text in pieces of every size: the same content and calls
+        parser, streamed, got = ToolCallParser(), [], []
+        for i in range(0, len(text), cut):
+            c, p = parser.feed(text[i:i + cut])
+            streamed.append(c)
+            got += p
+        streamed.append(parser.finish())
+        assert "".join(streamed) == content and calls_of(got) == calls_of(pieces), cut
+        assert sum(1 for p in got if "name" in p) == 2  # each call starts once
+    assert [p for p in ToolCallParser().feed('<tool_call>\n{"name": "f", "arguments": {"a": 1')[1]] == [
+        {"index": 0, "name": "f", "arguments": '{"a": 1'}]  # arguments stream before the block closes
+
+
+def test_a_template_without_tools_is_refused():
+    from workers.model.chat_template import render_chat
+    from workers.model.tool_calls import check_tool_format
+
+    plain = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    with pytest.raises(ValueError, match="no tool support"):
+        check_tool_format(plain, render_chat(plain, [{"role": "user", "content": "x"}], tools=[WEATHER]), [WEATHER])
+    other = "{% for t in tools %}{{ t.function.name }}{% endfor %}[TOOL_CALLS]"
+    with pytest.raises(ValueError, match="other than <tool_call>"):
+        check_tool_format(other, render_chat(other, [{"role": "user", "content": "x"}], tools=[WEATHER]), [WEATHER])
 
 
 def test_bench_constrained_decodes_every_mode(engine):

@@ -179,15 +179,16 @@ def test_tool_calls_in_responses_and_chunks():
     streamed, choice = Choice(r, 0), Choice(r, 0)
     chunks = [chunk(r, streamed, e, streamed.add(e))["choices"][0] for e in events]
     assert [c["delta"].get("content") for c in chunks] == ["", "", "", ""]
-    (call,) = chunks[2]["delta"]["tool_calls"]
-    assert call["index"] == 0 and call["type"] == "function" and call["id"].startswith("call_")
-    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    (start,) = chunks[1]["delta"]["tool_calls"]  # id and name once the header is read, then arguments
+    assert start["index"] == 0 and start["type"] == "function" and start["id"].startswith("call_")
+    assert start["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert "tool_calls" not in chunks[2]["delta"]  # what was held back was the call's own closing brace
     assert [c["finish_reason"] for c in chunks] == [None, None, None, "tool_calls"]
     for e in events:
         choice.add(e)
     final = response(r, [choice], prompt_tokens=1)["choices"][0]
     assert final["finish_reason"] == "tool_calls" and final["message"]["content"] is None
-    assert final["message"]["tool_calls"][0]["function"] == call["function"]
+    assert final["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
     plain = Choice(r, 0)
     plain.add({"token_id": 1, "text": "It is cold.", "finish_reason": "stop"})
     assert response(r, [plain], 1)["choices"][0]["message"] == {"role": "assistant", "content": "It is cold."}
