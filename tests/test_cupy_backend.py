@@ -482,5 +482,11 @@ def test_constrain_matches_the_host_twin(gpu):
         ids = gpu.sample(gpu.constrain(gpu.asarray(logits), bitmask, bias), [0.0] * B, [0] * B, [1.0] * B,
                          [0.0] * B, [0.0] * B)
         assert np.array_equal(ids, np.argmax(want, axis=-1)) and ids[1] == 101
+        allowed = np.isfinite(want)
+        for t, k, p, m in ((0.8, 0, 0.9, 0.0), (1.5, 40, 1.0, 0.0), (1.0, 0, 1.0, 0.05)):  # draws: never a masked token
+            for _ in range(10):
+                ids = gpu.sample(gpu.constrain(gpu.asarray(logits), bitmask, bias), [t] * B, [k] * B, [p] * B, [m] * B,
+                                 rng.random(B))
+                assert allowed[np.arange(B), ids].all() and ids[1] == 101
         no_mask = cupy.asnumpy(gpu.constrain(gpu.asarray(logits), None, None))
         assert np.array_equal(no_mask, logits)

@@ -29,9 +29,9 @@ from workers.engine.speculation import Stats as SpecStats
 from workers.engine.text_stream import TextStream
 from workers.model.chat_template import chat_template_from_metadata, render_chat
 from workers.model.config import ModelConfig
-from workers.model.tool_calls import check_tool_format
 from workers.model.gguf_file import GGUFFile
 from workers.model.tokenizer import Tokenizer
+from workers.model.tool_calls import check_tool_format
 from workers.model.transformer import Transformer, layer_matrices
 
 DEFAULT_MAX_CONTEXT = 4096
