@@ -119,6 +119,19 @@ def test_gbnf_and_json_object(engine):
     assert finish == "length" or isinstance(json.loads(text), dict)
 
 
+def test_grammars_on_an_spm_vocabulary(tiny_model):
+    """Llama's SPM vocabulary (pieces with ▁ for spaces, <0xNN> byte tokens) as llguidance sees it."""
+    spm = Engine(tiny_model("llama"), max_context=128, kv_cache_tokens=256, block_size=4)
+    for seed in range(3):
+        text, finish, _ = text_of(spm, [1, 5], SamplingParams(temperature=1.5, seed=seed, max_tokens=20,
+                                                             grammar=GrammarSpec("gbnf", 'root ::= "yes sir" | "no é"')))
+        assert finish == "stop" and text in ("yes sir", "no é")
+    text, finish, _ = text_of(spm, [1, 5], SamplingParams(temperature=1.0, seed=1, max_tokens=100,
+                                                         grammar=GrammarSpec("json_schema", json.dumps(SCHEMA))))
+    assert finish == "stop", text
+    jsonschema.validate(json.loads(text), SCHEMA)
+
+
 def test_device_route_masks_rows_and_skips_the_raw_argmax(engine, monkeypatch):
     """With sampling on the device (the NumPy twins standing in), constrained rows go through
     ops.constrain then ops.sample, never the raw argmax shortcut, and match the host Sampler."""

@@ -91,7 +91,8 @@ class GrammarTokenizer:
             special_token_ids = [i for i in range(tokenizer.vocab_size) if tokenizer.token_types[i] in special]
 
             def __call__(self, text: bytes) -> list[int]:
-                return tokenizer.encode(text.decode("utf-8", errors="replace"), parse_special=False)
+                # no SPM space prefix: llguidance reads a prefix as part of the text's first token
+                return tokenizer.encode(text.decode("utf-8", errors="replace"), parse_special=False, continuation=True)
 
         self.n_vocab = n_vocab
         self.words = (n_vocab + 31) // 32  # int32 words of one mask row
