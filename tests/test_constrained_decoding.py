@@ -141,6 +141,8 @@ def test_device_route_masks_rows_and_skips_the_raw_argmax(engine, monkeypatch):
     monkeypatch.setattr(engine.ops, "constrain", lambda *a: calls.append("constrain") or twin_constrain(*a),
                         raising=False)
     monkeypatch.setattr(engine.ops, "argmax", lambda rows: calls.append("argmax") or twin_argmax(rows), raising=False)
+    fill = engine.grammar_tokenizer.fill_masks
+    monkeypatch.setattr(engine.grammar_tokenizer, "fill_masks", lambda cs: calls.append("masks") or fill(cs))
     V = engine.config.vocab_size
     logits = np.random.default_rng(2).standard_normal((3, V)).astype(np.float32)
     spec = GrammarSpec("gbnf", 'root ::= "yes" | "no"')
@@ -152,7 +154,7 @@ def test_device_route_masks_rows_and_skips_the_raw_argmax(engine, monkeypatch):
                 Sampler(SamplingParams(temperature=0.0, logit_bias={top: -100}), None)]
 
     picked = [p[0] for p in engine.sample(logits, samplers())]
-    assert calls == ["constrain"]
+    assert calls == ["masks", "constrain"]  # the masks before anything reads the logits: they overlap the forward
     host = samplers()
     assert picked == [s.sample(row) for s, row in zip(host, logits)]
     assert picked[0] == int(np.argmax(logits[0])) and picked[2] != top
