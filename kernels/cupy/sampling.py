@@ -15,7 +15,7 @@ _MASKED = cp.ElementwiseKernel(
     "float32 x, raw int32 mask, int32 V, int32 W", "float32 out",
     """
     const int row = i / V, t = i % V;
-    out = ((mask[row * W + (t >> 5)] >> (t & 31)) & 1) ? x : __int_as_float(0xff800000);
+    out = ((mask[row * W + (t >> 5)] >> (t & 31)) & 1) ? x : -__int_as_float(0x7f800000);
     """,
     "ntr_masked_logits")
 
@@ -26,7 +26,7 @@ def constrain(b, logits, bitmask, bias):
     (kernels/ops.py `constrain_logits` is the host twin)."""
     x = rows2(logits)
     B, V = x.shape
-    out = x.astype(cp.float32, copy=True)
+    out = x.astype(cp.float32, order="C", copy=True)  # never the forward's own logits; rows contiguous
     if bias is not None and len(bias.rows):
         out[cp.asarray(bias.rows), cp.asarray(bias.ids)] += cp.asarray(bias.values)
     if bitmask is not None:
