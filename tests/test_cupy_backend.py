@@ -490,3 +490,7 @@ def test_constrain_matches_the_host_twin(gpu):
                 assert allowed[np.arange(B), ids].all() and ids[1] == 101
         no_mask = cupy.asnumpy(gpu.constrain(gpu.asarray(logits), None, None))
         assert np.array_equal(no_mask, logits)
+        padded = np.concatenate([np.zeros((B, 3), np.float32), logits], axis=1)  # rows of a strided view
+        view = cupy.asnumpy(gpu.constrain(gpu.asarray(padded)[:, 3:], bitmask, bias))
+        assert np.array_equal(np.isinf(view), np.isinf(want)) and np.allclose(view[finite], want[finite], rtol=1e-6,
+                                                                              atol=1e-5)
