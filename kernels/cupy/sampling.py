@@ -31,7 +31,7 @@ def constrain(b, logits, bitmask, bias):
         out[cp.asarray(bias.rows), cp.asarray(bias.ids)] += cp.asarray(bias.values)
     if bitmask is not None:
         mask = cp.asarray(np.ascontiguousarray(bitmask, np.int32))
-        _MASKED(out, mask, np.int32(V), np.int32(mask.shape[1]), out)
+        out = _MASKED(out, mask, np.int32(V), np.int32(mask.shape[1]))  # a new C-ordered array
     return out
 
 
