@@ -206,7 +206,7 @@ class LLMServer:
             body = oai.json_body(await request.body())
             req = oai.parse_request(body, chat, self.config.name, self.info["max_context"],
                                     system_fingerprint=self.info["system_fingerprint"])
-            generations = await self._submit(req.choices())
+            generations = await self._submit(req.choices(), req.tools)
             echoes = await self._echoes(req, generations)
         except APIError as e:
             self.requests.inc(tags={"endpoint": endpoint, "status": str(e.status)})
@@ -238,12 +238,12 @@ class LLMServer:
             yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
 
-    async def _submit(self, choices: list) -> list[Generation]:
+    async def _submit(self, choices: list, tools: list | None = None) -> list[Generation]:
         """Submit every choice, or none: a failure cancels the ones already queued."""
         generations: list[Generation] = []
         try:
             for prompt, params in choices:
-                generations.append(await self.client.submit(prompt, params))
+                generations.append(await self.client.submit(prompt, params, tools))
         except Exception as e:
             for g in generations:
                 g.cancel()
@@ -299,6 +299,16 @@ class LLMServer:
             "max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
             "presence_penalty", "seed") if request.HasField(name)}
         body |= {"model": request.model or self.config.name, "stop": list(request.stop), "ignore_eos": request.ignore_eos}
+        if request.json_schema:
+            try:
+                schema = json.loads(request.json_schema)
+            except ValueError as e:
+                raise APIError(400, f"'json_schema' is not valid JSON: {e}", param="json_schema") from None
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": schema}}
+        if request.grammar:
+            body["grammar"] = request.grammar
+        if request.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in request.logit_bias.items()}
         chat = request.WhichOneof("input") == "chat"
         if chat:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.chat.messages]

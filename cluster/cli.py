@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
+from workers.engine.grammar import MAX_GRAMMAR_CHARS, GrammarSpec
 from workers.engine.sampling import SamplingParams
 from workers.model import store as model_store
 
@@ -99,6 +101,19 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _grammar(args) -> GrammarSpec | None:
+    """--json-schema FILE or --grammar FILE (GBNF) as the output's grammar."""
+    if args.json_schema and args.grammar:
+        raise ValueError("--json-schema and --grammar cannot be used together")
+    path = args.json_schema or args.grammar
+    if path is None:
+        return None
+    if os.path.getsize(path) > MAX_GRAMMAR_CHARS * 4:
+        raise ValueError(f"{path} is larger than a grammar may be ({MAX_GRAMMAR_CHARS} characters)")
+    source = Path(path).read_text(encoding="utf-8")
+    return GrammarSpec("json_schema" if args.json_schema else "gbnf", source)
+
+
 def cmd_generate(args) -> int:
     engine = _engine(args)
     if args.chat:
@@ -111,7 +126,8 @@ def cmd_generate(args) -> int:
         presence_penalty=args.presence_penalty).items() if v is not None}
     default = args.max_tokens is None
     params = SamplingParams.preset(args.preset, max_tokens=DEFAULT_MAX_TOKENS if default else args.max_tokens,
-                                   cut_to_context=default, stop=tuple(args.stop), **overrides)
+                                   cut_to_context=default, stop=tuple(args.stop), grammar=_grammar(args),
+                                   **overrides)
     speculation = None
     if args.speculate:
         from workers.engine.speculation import Speculation
@@ -276,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drafter", default="lookup", help="lookup (n-gram match in the context) or early-exit "
                    "(the model's first layers)")
     g.add_argument("--draft-layers", type=int, help="early-exit: layers the drafter runs (default: a quarter)")
+    g.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema")
+    g.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
 

@@ -71,12 +71,13 @@ class EngineClient:
         """A completion prompt as text (echo): token ids detokenized."""
         return prompt if isinstance(prompt, str) else await self.detokenize(prompt)
 
-    async def submit(self, prompt: str | list, params: SamplingParams) -> "Generation":
-        """Queue one completion; bad input and a full queue raise here, before any token."""
+    async def submit(self, prompt: str | list, params: SamplingParams, tools: list | None = None) -> "Generation":
+        """Queue one completion (tools: for a chat prompt's template); bad input and a full
+        queue raise here, before any token."""
         request_id = uuid.uuid4().hex
         queue = self.queues[request_id] = asyncio.Queue()
         try:
-            prompt_tokens = await self.worker.submit.remote(request_id, prompt, params)
+            prompt_tokens = await self.worker.submit.remote(request_id, prompt, params, tools)
         except BaseException as e:
             del self.queues[request_id]
             if isinstance(e, (asyncio.CancelledError, TaskCancelledError)):  # it may land after the worker queued it

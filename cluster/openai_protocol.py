@@ -8,6 +8,12 @@ ignore_eos are accepted as the extensions vLLM and llama.cpp's server also accep
 No field is ignored: a field is honoured (CHAT_FIELDS, COMPLETION_FIELDS), informational
 (INFORMATIONAL_FIELDS: it cannot change the output), or a 400 that names it. A field whose
 value is null counts as absent, as OpenAI's API has it.
+
+Structured output: `response_format` (json_object, json_schema) and llama-server's `grammar`
+(GBNF) become the request's GrammarSpec (workers/engine/grammar.py); `logit_bias` maps token
+ids (as strings) to biases in [-100, 100]. Tools (chat): `tools` are rendered by the model's
+chat template, its `<tool_call>` blocks come back as `tool_calls` (workers/model/
+tool_calls.py); `tool_choice` `required` or a named function constrains the output to calls.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import uuid
 from dataclasses import dataclass, field
 
 from cluster.errors import APIError
+from workers.engine.grammar import JSON_OPTIONS, GrammarSpec
 from workers.engine.sampling import SamplingParams
+from workers.model.tool_calls import ToolCallParser, tool_call_grammar
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for completions; chat's is the rest of the context
 MAX_TOKENIZE_CHARS = 1 << 20  # /tokenize's text; /detokenize's ids: MAX_DETOKENIZE_IDS
 MAX_DETOKENIZE_IDS = 1 << 20
@@ -30,18 +39,17 @@ MAX_DETOKENIZE_IDS = 1 << 20
 _SAMPLING_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "frequency_penalty",
                               "presence_penalty", "logprobs", "stream", "stream_options",
                               "top_k", "min_p", "repetition_penalty", "ignore_eos"})  # the last four: extensions
-CHAT_FIELDS = _SAMPLING_FIELDS | {"messages", "max_completion_tokens", "top_logprobs"}
+_STRUCTURE_FIELDS = frozenset({"response_format", "grammar", "logit_bias"})
+CHAT_FIELDS = _SAMPLING_FIELDS | _STRUCTURE_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
+                                                      "tool_choice", "parallel_tool_calls"}
 # best_of only as n, suffix only empty, echo only without logprobs: anything else is a 400.
-COMPLETION_FIELDS = _SAMPLING_FIELDS | {"prompt", "best_of", "suffix", "echo"}
+COMPLETION_FIELDS = _SAMPLING_FIELDS | _STRUCTURE_FIELDS | {"prompt", "best_of", "suffix", "echo"}
 # What OpenAI's clients send that cannot change the output: accepted and not used.
 INFORMATIONAL_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
                                   "prompt_cache_key"})
-# Issue 20 part A's fields (structured outputs, tool calls, logit_bias): a 400 by name until they are honoured.
-NOT_YET_SUPPORTED = frozenset({"response_format", "grammar", "tools", "tool_choice", "parallel_tool_calls",
-                               "logit_bias"})
 # Chat roles as the template gets them: OpenAI's "developer" is the system message of its newer models.
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system"}
-MESSAGE_FIELDS = frozenset({"role", "content", "name"})
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "developer": "system", "tool": "tool"}
+MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 
 
 @dataclass
@@ -55,6 +63,7 @@ class CompletionRequest:
     include_usage: bool
     echo: bool = False  # completions: each choice's text begins with its prompt's
     system_fingerprint: str | None = None
+    tools: list | None = None  # rendered into the chat prompt; the output is parsed for calls
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -97,8 +106,6 @@ def _known_fields(body: dict, honoured: frozenset, where: str = "") -> None:
     for name, value in body.items():
         if value is None or name in honoured or name in INFORMATIONAL_FIELDS:
             continue
-        if name in NOT_YET_SUPPORTED:
-            raise APIError(400, f"'{name}' is not supported yet", param=name)
         raise APIError(400, f"unknown field '{name}'{where}: not supported (the informational fields that "
                             f"may pass: {', '.join(sorted(INFORMATIONAL_FIELDS))})", param=name)
 
@@ -128,11 +135,117 @@ def _messages(body: dict) -> list[dict]:
             raise APIError(400, f"messages[{i}].content must be a string or text parts",
                            param=f"messages[{i}].content")
         message = {"role": ROLES[m["role"]], "content": content}
-        if m.get("name") is not None:  # the template decides whether the speaker's name shows
-            if not isinstance(m["name"], str):
-                raise APIError(400, f"messages[{i}].name must be a string", param=f"messages[{i}].name")
-            message["name"] = m["name"]
+        if m.get("tool_calls") is not None:
+            message["tool_calls"] = _history_calls(m["tool_calls"], i)
+        for name in ("tool_call_id", "name"):  # the template decides whether the speaker's name shows
+            if m.get(name) is not None:
+                if not isinstance(m[name], str):
+                    raise APIError(400, f"messages[{i}].{name} must be a string", param=f"messages[{i}].{name}")
+                message[name] = m[name]
         out.append(message)
+    return out
+
+
+def _history_calls(calls, i: int) -> list[dict]:
+    """An assistant message's tool_calls as chat templates read them: arguments as an object
+    (OpenAI sends them as JSON text; Qwen's template writes `arguments | tojson`)."""
+    if not isinstance(calls, list):
+        raise APIError(400, f"messages[{i}].tool_calls must be a list", param="messages")
+    out = []
+    for call in calls:
+        f = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise APIError(400, f"messages[{i}].tool_calls: each needs a function with a string name", param="messages")
+        arguments = f.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise APIError(400, f"messages[{i}].tool_calls: arguments of {f['name']!r} are not valid JSON",
+                               param="messages") from None
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": f["name"], "arguments": arguments}})
+    return out
+
+
+def _tools(body: dict) -> tuple[list | None, GrammarSpec | None]:
+    """The tools to render (None: none, or tool_choice none) and the grammar tool_choice asks for."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None:
+        if choice not in (None, "none"):
+            raise APIError(400, "'tool_choice' needs 'tools'", param="tool_choice")
+        return None, None
+    if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
+        raise APIError(400, f"'tools' must be a list of 1 to {MAX_TOOLS} tools", param="tools")
+    for i, tool in enumerate(tools):
+        f = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
+            raise APIError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                           param="tools")
+        if not isinstance(f.get("parameters", {}), dict) or not isinstance(f.get("description", ""), str):
+            raise APIError(400, f"tools[{i}].function: 'parameters' must be an object, 'description' a string",
+                           param="tools")
+    parallel = _field(body, "parallel_tool_calls", (bool,), True)
+    choice = "auto" if choice is None else choice
+    if choice == "none":
+        return None, None
+    if choice == "auto":
+        return tools, None
+    if choice == "required":
+        chosen = tools
+    else:
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" \
+            and isinstance(choice.get("function"), dict) else None
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise APIError(400, "'tool_choice' must be 'none', 'auto', 'required' or {\"type\": \"function\", "
+                           "\"function\": {\"name\": <one of the tools>}}", param="tool_choice")
+        parallel = False
+    return tools, _spec("lark", tool_call_grammar(chosen, parallel, JSON_OPTIONS), "tools")
+
+
+def _spec(kind: str, source: str, param: str) -> GrammarSpec:
+    try:
+        return GrammarSpec(kind, source)
+    except ValueError as e:
+        raise APIError(400, f"'{param}': {e}", param=param) from None
+
+
+def _grammar(body: dict) -> GrammarSpec | None:
+    """response_format or grammar (at most one of them) as the request's grammar."""
+    fmt = _field(body, "response_format", (dict,), None, "an object")
+    grammar = _field(body, "grammar", (str,), None)
+    kind = None if fmt is None else fmt.get("type")
+    if fmt is not None and kind not in ("text", "json_object", "json_schema"):
+        raise APIError(400, f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}",
+                       param="response_format")
+    if grammar is not None and kind not in (None, "text"):
+        raise APIError(400, "'grammar' and a JSON 'response_format' cannot be used together", param="grammar")
+    if grammar is not None:
+        return _spec("gbnf", grammar, "grammar")
+    if kind == "json_object":
+        return _spec("json_object", "", "response_format")
+    if kind == "json_schema":
+        schema = fmt.get("json_schema")
+        if not isinstance(schema, dict) or not isinstance(schema.get("schema", {}), (dict, bool)):
+            raise APIError(400, "'response_format.json_schema' must be an object with a 'schema' object",
+                           param="response_format")
+        if not isinstance(schema.get("strict", False), bool) and schema.get("strict") is not None:
+            raise APIError(400, "'response_format.json_schema.strict' must be a boolean", param="response_format")
+        # strict or not, the schema is enforced: OpenAI's non-strict mode only promises less
+        return _spec("json_schema", json.dumps(schema.get("schema", {})), "response_format")
+    return None
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    bias = _field(body, "logit_bias", (dict,), {}, "an object mapping token ids to biases")
+    out = {}
+    for key, value in bias.items():
+        if not re.fullmatch(r"[0-9]{1,9}", key):
+            raise APIError(400, f"'logit_bias' keys must be token ids as strings, got {key[:40]!r}", param="logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise APIError(400, f"'logit_bias' values must be numbers, got {value!r} for {key}", param="logit_bias")
+        out[int(key)] = float(value)
     return out
 
 
@@ -159,6 +272,12 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
     _known_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
     model = _model(body, served_model)
     prompts = [_messages(body)] if chat else _prompts(body)
+    tools, grammar = _tools(body) if chat else (None, None)
+    asked = _grammar(body)
+    if asked is not None and grammar is not None:
+        raise APIError(400, "a 'response_format' or 'grammar' cannot be combined with a 'tool_choice' that "
+                       "forces a call", param="response_format")
+    grammar = grammar or asked
     number = (int, float)
     n = _field(body, "n", (int,), 1)
     if not 1 <= n <= MAX_N:
@@ -198,14 +317,15 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
             presence_penalty=_field(body, "presence_penalty", number, 0.0),
             max_tokens=default if max_tokens is None else max_tokens, cut_to_context=max_tokens is None,
             stop=tuple(stop), logprobs=logprobs,
-            ignore_eos=_field(body, "ignore_eos", (bool,), False))
+            ignore_eos=_field(body, "ignore_eos", (bool,), False),
+            logit_bias=_logit_bias(body), grammar=grammar)
     except ValueError as e:
         name = re.match(r"invalid sampling parameter (\w+)=", str(e))
         raise APIError(400, str(e), param=name and name.group(1)) from None
     stream = _field(body, "stream", (bool,), False)
     return CompletionRequest(chat=chat, model=model, prompts=prompts, params=params, n=n, stream=stream,
                              include_usage=_include_usage(body, stream), echo=_field(body, "echo", (bool,), False),
-                             system_fingerprint=system_fingerprint)
+                             system_fingerprint=system_fingerprint, tools=tools)
 
 
 def _model(body: dict, served_model: str) -> str:
@@ -323,6 +443,9 @@ class Choice:
         self.logprobs = [] if request.params.logprobs is not None else None
         self.sent_logprobs = 0  # entries of self.logprobs already in a stream entry
         self.offset = 0
+        self.tool_parser = ToolCallParser() if request.tools else None
+        self.tool_calls: list[dict] = []
+        self.content: list[str] = []  # with tools: the text outside the calls
 
     def opening(self) -> list[dict]:
         """The stream's first entries: chat's role alone, as OpenAI sends it; an echoed prompt."""
@@ -341,9 +464,10 @@ class Choice:
         if self.logprobs is not None:
             self.logprobs.append(self._logprob_entry(event))
             self.offset += len(text)
-        out = [self._stream_entry(text, None)] if text else []
+        piece = self._delta(text, finish) if self.request.chat else text  # never empty when sent
+        out = [self._stream_entry(piece, None)] if piece else []
         if finish is not None:
-            out.append(self._stream_entry("", finish))
+            out.append(self._stream_entry("", self.finish_reason))
         return out
 
     def _logprob_entry(self, event: dict) -> dict:
@@ -354,19 +478,53 @@ class Choice:
         return {"tokens": [token], "token_logprobs": [lp], "text_offset": [self.offset],
                 "top_logprobs": [{_token(b): v for b, v in top}]}
 
-    def _stream_entry(self, text: str, finish: str | None) -> dict:
+    def _stream_entry(self, piece: dict | str, finish: str | None) -> dict:
+        """piece: chat's delta (an empty one ends a choice), or a completion's text."""
         logprobs = None
         if self.logprobs is not None and self.sent_logprobs < len(self.logprobs):
             logprobs = self._logprobs(self.logprobs[self.sent_logprobs:])
             self.sent_logprobs = len(self.logprobs)
-        body = {"delta": {"content": text} if text else {}} if self.request.chat else {"text": text}
+        body = {"delta": piece or {}} if self.request.chat else {"text": piece}
         return {"index": self.index, **body, "logprobs": logprobs, "finish_reason": finish}
+
+    def _delta(self, text: str, finish: str | None) -> dict:
+        """A chat event's delta, empty when it has nothing to send. With tools, text inside
+        <tool_call> blocks leaves as tool_calls deltas (a call's id and name first, then its
+        arguments in pieces), the rest as content; a stop after calls is finish_reason
+        tool_calls."""
+        if self.tool_parser is None:
+            return {"content": text} if text else {}
+        content, pieces = self.tool_parser.feed(text)
+        if finish is not None:
+            content += self.tool_parser.finish()
+        self.content.append(content)
+        delta = {"content": content} if content else {}
+        deltas = []
+        for piece in pieces:
+            if "name" in piece:
+                call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                        "function": {"name": piece["name"], "arguments": piece["arguments"]}}
+                self.tool_calls.append(call)
+                deltas.append({"index": piece["index"], **call, "function": dict(call["function"])})
+            else:
+                self.tool_calls[piece["index"]]["function"]["arguments"] += piece["arguments"]
+                deltas.append({"index": piece["index"], "function": {"arguments": piece["arguments"]}})
+        if deltas:
+            delta["tool_calls"] = deltas
+        if self.tool_calls and self.finish_reason == "stop":
+            self.finish_reason = "tool_calls"
+        return delta
 
     def final(self) -> dict:
         text = "".join(self.text)
         out = {"index": self.index, "finish_reason": self.finish_reason,
                "logprobs": None if self.logprobs is None else self._logprobs(self.logprobs)}
-        if self.request.chat:
+        if self.request.chat and self.tool_parser is not None:
+            content = "".join(self.content)
+            out["message"] = {"role": "assistant", "content": content.strip() or None if self.tool_calls else content}
+            if self.tool_calls:
+                out["message"]["tool_calls"] = self.tool_calls
+        elif self.request.chat:
             out["message"] = {"role": "assistant", "content": text}
         else:
             out["text"] = text

@@ -250,6 +250,10 @@ class CupyBackend(Backend):
         return cp.asnumpy(sampling.argmax_dev(self, logits), stream=self.stream)
 
     @on_stream
+    def constrain(self, logits, bitmask, bias):
+        return sampling.constrain(self, logits, bitmask, bias)
+
+    @on_stream
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
         return sampling.sample(self, logits, temperature, top_k, top_p, min_p, uniform)
 

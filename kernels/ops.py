@@ -190,6 +190,12 @@ class Backend(ABC):
         min-p, then a draw by the cumulative mass in vocabulary order with uniform[b] in [0, 1)."""
         raise NotImplementedError
 
+    def constrain(self, logits: Array, bitmask: np.ndarray | None, bias: LogitBias | None) -> Array:
+        """logits [B, vocab] with each row's disallowed tokens at -inf and its logit bias added,
+        as a new array beside them (on the device for a GPU backend): what a constrained row is
+        sampled from (`constrain_logits`)."""
+        return constrain_logits(self.to_numpy(logits), bitmask, bias)
+
     def argmax(self, logits: Array) -> np.ndarray:
         """Row-wise argmax of logits [B, vocab] as host ids (first index of the maximum)."""
         return np.argmax(self.to_numpy(logits), axis=-1)
@@ -220,6 +226,34 @@ class Backend(ABC):
         if self._greedy_ids is None or len(self._greedy_ids) != n:
             raise ValueError("greedy_step(fed=True) must follow a greedy_step of the same sequences")
         return self._greedy_ids
+
+
+@dataclass(frozen=True)
+class LogitBias:
+    """Additive biases of a batch of rows: values[k] is added to logits[rows[k], ids[k]]
+    (no (row, id) pair twice)."""
+
+    rows: np.ndarray  # int32
+    ids: np.ndarray  # int32
+    values: np.ndarray  # float32
+
+
+def unpack_bitmask(bitmask: np.ndarray, vocab: int) -> np.ndarray:
+    """bool [B, vocab] from a token bitmask [B, ceil(vocab / 32)] of int32: token t is allowed
+    where bit t % 32 of word t // 32 is set (llguidance's and xgrammar's layout)."""
+    bits = np.unpackbits(np.ascontiguousarray(bitmask, np.int32).view(np.uint8), axis=-1, bitorder="little")
+    return bits[..., :vocab].astype(bool)
+
+
+def constrain_logits(logits: np.ndarray, bitmask: np.ndarray | None, bias: LogitBias | None) -> np.ndarray:
+    """The host reference of `Backend.constrain`: float32 logits [B, vocab], the bias added,
+    then -inf where the bitmask (None: every token allowed) leaves a token out."""
+    out = np.array(logits, dtype=np.float32, copy=True)
+    if bias is not None and len(bias.rows):
+        out[bias.rows, bias.ids] += bias.values
+    if bitmask is not None:
+        out[~unpack_bitmask(bitmask, out.shape[-1])] = -np.inf
+    return out
 
 
 def check_supported(tensor) -> None:

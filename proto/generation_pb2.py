@@ -24,31 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/generation.proto\x12\x0fntransformer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x04\x43hat\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.ntransformer.v1.ChatMessage\"\xee\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.ntransformer.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"q\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.ntransformer.v1.Usage\"m\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.ntransformer.v1.Usage\"\x13\n\x11ListModelsRequest\"(\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ntransformer.v1.Model2\x8a\x02\n\nGeneration\x12O\n\x08Generate\x12 .ntransformer.v1.GenerateRequest\x1a!.ntransformer.v1.GenerateResponse\x12T\n\x0eGenerateStream\x12 .ntransformer.v1.GenerateRequest\x1a\x1e.ntransformer.v1.GenerateChunk0\x01\x12U\n\nListModels\x12\".ntransformer.v1.ListModelsRequest\x1a#.ntransformer.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16proto/generation.proto\x12\x0fntransformer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"6\n\x04\x43hat\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.ntransformer.v1.ChatMessage\"\x8b\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12%\n\x04\x63hat\x18\x03 \x01(\x0b\x32\x15.ntransformer.v1.ChatH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x12\n\x05min_p\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\t \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\n \x01(\x02H\x07\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0b \x01(\x02H\x08\x88\x01\x01\x12\x11\n\x04seed\x18\x0c \x01(\x03H\t\x88\x01\x01\x12\x0c\n\x04stop\x18\r \x03(\t\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x13\n\x0bjson_schema\x18\x0f \x01(\t\x12\x0f\n\x07grammar\x18\x10 \x01(\t\x12\x43\n\nlogit_bias\x18\x11 \x03(\x0b\x32/.ntransformer.v1.GenerateRequest.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05inputB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x14\n\x12_frequency_penaltyB\x13\n\x11_presence_penaltyB\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"q\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.ntransformer.v1.Usage\"m\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12%\n\x05usage\x18\x04 \x01(\x0b\x32\x16.ntransformer.v1.Usage\"\x13\n\x11ListModelsRequest\"(\n\x05Model\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.ntransformer.v1.Model2\x8a\x02\n\nGeneration\x12O\n\x08Generate\x12 .ntransformer.v1.GenerateRequest\x1a!.ntransformer.v1.GenerateResponse\x12T\n\x0eGenerateStream\x12 .ntransformer.v1.GenerateRequest\x1a\x1e.ntransformer.v1.GenerateChunk0\x01\x12U\n\nListModels\x12\".ntransformer.v1.ListModelsRequest\x1a#.ntransformer.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'proto.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=43
   _globals['_CHATMESSAGE']._serialized_end=87
   _globals['_CHAT']._serialized_start=89
   _globals['_CHAT']._serialized_end=143
   _globals['_GENERATEREQUEST']._serialized_start=146
-  _globals['_GENERATEREQUEST']._serialized_end=640
-  _globals['_USAGE']._serialized_start=642
-  _globals['_USAGE']._serialized_end=699
-  _globals['_GENERATERESPONSE']._serialized_start=701
-  _globals['_GENERATERESPONSE']._serialized_end=814
-  _globals['_GENERATECHUNK']._serialized_start=816
-  _globals['_GENERATECHUNK']._serialized_end=925
-  _globals['_LISTMODELSREQUEST']._serialized_start=927
-  _globals['_LISTMODELSREQUEST']._serialized_end=946
-  _globals['_MODEL']._serialized_start=948
-  _globals['_MODEL']._serialized_end=988
-  _globals['_LISTMODELSRESPONSE']._serialized_start=990
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1050
-  _globals['_GENERATION']._serialized_start=1053
-  _globals['_GENERATION']._serialized_end=1319
+  _globals['_GENERATEREQUEST']._serialized_end=797
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=604
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=652
+  _globals['_USAGE']._serialized_start=799
+  _globals['_USAGE']._serialized_end=856
+  _globals['_GENERATERESPONSE']._serialized_start=858
+  _globals['_GENERATERESPONSE']._serialized_end=971
+  _globals['_GENERATECHUNK']._serialized_start=973
+  _globals['_GENERATECHUNK']._serialized_end=1082
+  _globals['_LISTMODELSREQUEST']._serialized_start=1084
+  _globals['_LISTMODELSREQUEST']._serialized_end=1103
+  _globals['_MODEL']._serialized_start=1105
+  _globals['_MODEL']._serialized_end=1145
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1147
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1207
+  _globals['_GENERATION']._serialized_start=1210
+  _globals['_GENERATION']._serialized_end=1476
 # @@protoc_insertion_point(module_scope)

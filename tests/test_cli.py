@@ -40,6 +40,30 @@ def test_generate_streams_text(capsys, tiny_model):
     assert out2 == out  # same seed, same text
 
 
+def test_generate_with_a_json_schema_or_a_grammar_file(capsys, tiny_model, tmp_path):
+    import jsonschema
+
+    model = str(tiny_model("qwen2"))
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "level": {"enum": ["low", "high"]}},
+              "required": ["ok", "level"], "additionalProperties": False}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    (tmp_path / "g.gbnf").write_text('root ::= "yes" | "no"\n')
+    code, out, _ = run(capsys, "generate", "--model", model, "--prompt", "x", "--temperature", "1.0", "--seed", "1",
+                       "--max-tokens", "40", "--json-schema", str(tmp_path / "s.json"), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(result["text"]), schema)
+    code, out, _ = run(capsys, "generate", "--model", model, "--prompt", "x", "--preset", "greedy",
+                       "--grammar", str(tmp_path / "g.gbnf"), "--json")
+    assert code == 0 and json.loads(out)["text"] in ("yes", "no")
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "string", "format": "no-such-format"}))
+    code, _, err = run(capsys, "generate", "--model", model, "--prompt", "x", "--json-schema", str(tmp_path / "bad.json"))
+    assert code == 2 and "no-such-format" in err
+    code, _, err = run(capsys, "generate", "--model", model, "--prompt", "x", "--grammar", str(tmp_path / "g.gbnf"),
+                       "--speculate", "2")
+    assert code == 2 and "speculative decoding" in err
+
+
 def test_tokenize(capsys, tiny_model, tmp_path):
     model = str(tiny_model("qwen2"))
     code, out, _ = run(capsys, "tokenize", "--model", model, "--text", "hello world", "--json")

@@ -457,3 +457,40 @@ def test_unknown_pdl_kind_is_refused(gpu):
     with pytest.raises(ValueError, match="bogus"):
         gpu.tuning.use_pdl("gemv,bogus")
     assert gpu.tuning.pdl_setting == saved
+
+
+def test_constrain_matches_the_host_twin(gpu):
+    """ops.constrain on the device: the bias added and the bitmask's cleared tokens at -inf,
+    exactly as kernels/ops.py's constrain_logits (random rows, masks and biases, a vocabulary
+    that is not a multiple of 32), and a greedy draw on the result picks an allowed token."""
+    from kernels.ops import LogitBias, constrain_logits
+
+    rng = np.random.default_rng()
+    for B, V in ((4, 151936), (3, 1001)):
+        logits = (rng.standard_normal((B, V)) * 3).astype(np.float32)
+        bitmask = rng.integers(-2**31, 2**31, size=(B, (V + 31) // 32), dtype=np.int64).astype(np.int32)
+        bitmask[1] = 0
+        bitmask[1, 3] = 1 << 5  # row 1 allows token 101 only
+        n = 50
+        bias = LogitBias(rng.integers(0, B, n).astype(np.int32), rng.choice(V, n, replace=False).astype(np.int32),
+                         rng.uniform(-100, 100, n).astype(np.float32))
+        got = cupy.asnumpy(gpu.constrain(gpu.asarray(logits), bitmask, bias))
+        want = constrain_logits(logits, bitmask, bias)
+        assert np.array_equal(np.isinf(got), np.isinf(want))
+        finite = np.isfinite(want)
+        assert np.allclose(got[finite], want[finite], rtol=1e-6, atol=1e-5)
+        ids = gpu.sample(gpu.constrain(gpu.asarray(logits), bitmask, bias), [0.0] * B, [0] * B, [1.0] * B,
+                         [0.0] * B, [0.0] * B)
+        assert np.array_equal(ids, np.argmax(want, axis=-1)) and ids[1] == 101
+        allowed = np.isfinite(want)
+        for t, k, p, m in ((0.8, 0, 0.9, 0.0), (1.5, 40, 1.0, 0.0), (1.0, 0, 1.0, 0.05)):  # draws: never a masked token
+            for _ in range(10):
+                ids = gpu.sample(gpu.constrain(gpu.asarray(logits), bitmask, bias), [t] * B, [k] * B, [p] * B, [m] * B,
+                                 rng.random(B))
+                assert allowed[np.arange(B), ids].all() and ids[1] == 101
+        no_mask = cupy.asnumpy(gpu.constrain(gpu.asarray(logits), None, None))
+        assert np.array_equal(no_mask, logits)
+        padded = np.concatenate([np.zeros((B, 3), np.float32), logits], axis=1)  # rows of a strided view
+        view = cupy.asnumpy(gpu.constrain(gpu.asarray(padded)[:, 3:], bitmask, bias))
+        assert np.array_equal(np.isinf(view), np.isinf(want)) and np.allclose(view[finite], want[finite], rtol=1e-6,
+                                                                              atol=1e-5)

@@ -83,6 +83,30 @@ def test_errors_carry_status_codes(stub, request_, metadata, code):
 
 
 @pytest.mark.real_model
+def test_grammar_json_schema_and_logit_bias(stub):
+    import json
+
+    import jsonschema
+
+    r = stub.Generate(pb.GenerateRequest(prompt="Is the sky blue? Answer:", max_tokens=5, temperature=0,
+                                         grammar='root ::= " yes" | " no"'), metadata=AUTH, timeout=300)
+    assert r.text in (" yes", " no") and r.finish_reason == "stop"
+    banned = stub.Generate(pb.GenerateRequest(prompt="Is the sky blue? Answer:", max_tokens=5, temperature=0,
+                                              grammar='root ::= " yes" | " no"', logit_bias={r.token_ids[0]: -100}),
+                           metadata=AUTH, timeout=300)
+    assert banned.text in (" yes", " no") and banned.text != r.text
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    j = stub.Generate(pb.GenerateRequest(prompt="JSON:", max_tokens=10, temperature=0, json_schema=json.dumps(schema)),
+                      metadata=AUTH, timeout=300)
+    assert j.finish_reason == "stop"
+    jsonschema.validate(json.loads(j.text), schema)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Generate(pb.GenerateRequest(prompt="x", json_schema="{", max_tokens=1), metadata=AUTH, timeout=60)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "json_schema" in e.value.details()
+
+
+@pytest.mark.real_model
 def test_cancelled_stream_frees_its_kv_blocks(served):
     stub, url = served
     call = stub.GenerateStream(pb.GenerateRequest(prompt="Write a long story.", max_tokens=2000, ignore_eos=True),

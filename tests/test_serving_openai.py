@@ -248,6 +248,12 @@ def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server, model):
         ("/v1/completions", {**good, "stop": [""]}, KEY, 400, "stop"),
         ("/v1/completions", {**good, "stop": ["x" * 1_000_000] * 4}, KEY, 400, "stop"),
         ("/v1/completions", {**good, "max_tokens": 10**9}, KEY, 400, "max_tokens=1000000000 does not fit"),
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                  "response_format": {"type": "bogus"}}, KEY, 400, "response_format.type"),
+        ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": "hi"}],
+                                  "tools": "notalist"}, KEY, 400, "'tools' must be a list"),
+        ("/v1/completions", {**good, "logit_bias": {"x9707": -100}}, KEY, 400, "logit_bias"),
+        ("/v1/completions", {**good, "logit_bias": {"999999999": -100}}, KEY, 400, "logit_bias: token ids out of range"),
         # 112 choices > 32 running + 64 queued: admission control refuses the request as a whole
         ("/v1/completions", {**good, "prompt": ["a"] * 7, "n": 16}, KEY, 429, "retry later"),
     ]
@@ -341,3 +347,66 @@ def test_a_crashed_worker_is_a_503_with_retry_after_then_comes_back(server, clus
             return False
 
     wait_until(serving, 300, "the app to serve again with a new worker")
+
+
+# Structured outputs, tool calls and logit_bias. A finite language (enums, booleans, bounded
+# arrays) keeps the answers short on the CPU; the grammar, not the model, decides the shape.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "user": {"type": "object", "properties": {"role": {"enum": ["admin", "user", "guest"]},
+                                                  "active": {"type": "boolean"}},
+                 "required": ["role", "active"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 2},
+    },
+    "required": ["user", "tags"], "additionalProperties": False,
+}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                            "parameters": {"type": "object", "properties": {
+                                                "city": {"type": "string", "maxLength": 20},
+                                                "unit": {"enum": ["celsius", "fahrenheit"]}},
+                                                "required": ["city", "unit"]}}}
+
+
+def test_json_schema_response_parses_and_validates(client, model):
+    import jsonschema
+
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Describe an admin user with two colour tags."}],
+        max_tokens=60, temperature=0, response_format={"type": "json_schema", "json_schema": {
+            "name": "user", "strict": True, "schema": SCHEMA}})
+    (choice,) = r.choices
+    assert choice.finish_reason == "stop", choice.message.content
+    jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+
+
+def test_required_tool_call_streams_as_tool_calls_with_valid_arguments(client, model):
+    import jsonschema
+
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}], max_tokens=60,
+        temperature=0, tools=[WEATHER], tool_choice="required", parallel_tool_calls=False, stream=True)
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        for call in delta.tool_calls or []:
+            entry = calls.setdefault(call.index, {"name": "", "arguments": ""})
+            entry["name"] += call.function.name or ""
+            entry["arguments"] += call.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert calls[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_logit_bias_removes_the_greedy_token(client, model, real_model_path):
+    from workers.model.gguf_file import GGUFFile
+    from workers.model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_metadata(GGUFFile(real_model_path).metadata)
+    kwargs = dict(model=model, prompt="The capital of France is", max_tokens=1, temperature=0)
+    first = client.completions.create(**kwargs).choices[0].text
+    (token,) = tokenizer.encode(first)
+    again = client.completions.create(**kwargs, logit_bias={str(token): -100}).choices[0].text
+    assert again != first

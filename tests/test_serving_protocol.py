@@ -9,7 +9,7 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from cluster.errors import APIError
-from cluster.openai_protocol import (INFORMATIONAL_FIELDS, NOT_YET_SUPPORTED, Choice, chunk, json_body,
+from cluster.openai_protocol import (INFORMATIONAL_FIELDS, Choice, chunk, json_body,
                                      parse_detokenize, parse_request, parse_tokenize, response)
 from workers.engine.engine import ContextLengthError
 from workers.engine.scheduler import QueueFull
@@ -195,10 +195,6 @@ CHAT = {"messages": [{"role": "user", "content": "x"}]}
     (True, {**CHAT, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "[0, 20]"),
     (True, {**CHAT, "logprobs": 2}, "logprobs", "'logprobs' must be bool"),
     (True, {"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "'wizard' is not supported"),
-    (True, {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "1"}]}, "messages[1].role",
-     "'tool'"),
-    (True, {"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, "messages[0].tool_call_id",
-     "not supported"),
     (True, {"messages": [{"role": "user", "content": "x", "name": 5}]}, "messages[0].name", "must be a string"),
     (True, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "text"),
     (True, {**CHAT, "stream": "yes"}, "stream", "'stream' must be bool"),
@@ -215,12 +211,11 @@ def test_a_field_that_would_change_the_output_is_honoured_or_named_in_a_400(chat
     assert (e.value.status, e.value.param) == (400, param) and words in e.value.message, e.value.message
 
 
-@pytest.mark.parametrize("name", sorted(NOT_YET_SUPPORTED))
-@pytest.mark.parametrize("chat", [True, False])
-def test_part_as_fields_are_refused_by_name_until_they_are_honoured(name, chat):
+@pytest.mark.parametrize("name", ["tools", "tool_choice", "parallel_tool_calls"])
+def test_tool_fields_are_chat_only(name):
     with pytest.raises(APIError) as e:
-        parse_request({**(CHAT if chat else {"prompt": "a"}), name: "notalist"}, chat, M, 4096)
-    assert (e.value.status, e.value.param) == (400, name) and "not supported yet" in e.value.message
+        parse_request({"prompt": "a", name: "auto"}, False, M, 4096)
+    assert (e.value.status, e.value.param) == (400, name) and "unknown field" in e.value.message
 
 
 def test_informational_fields_and_nulls_pass_and_honoured_ones_are_honoured():
@@ -277,6 +272,84 @@ def test_bad_detokenize_bodies(body, words):
     with pytest.raises(APIError) as e:
         parse_detokenize(body, M, vocab_size=10)
     assert e.value.status == 400 and words in e.value.message, e.value.message
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+CHAT = {"messages": [{"role": "user", "content": "x"}]}
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"response_format": {"type": "bogus"}}, "response_format", "'response_format.type' must be"),
+    ({"response_format": "json"}, "response_format", "must be an object"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "format": "no-such"}}}},
+     "response_format", "no-such"),
+    ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar", "cannot be used together"),
+    ({"grammar": 'root ::= undefined-rule'}, "grammar", "undefined-rule"),
+    ({"logit_bias": {"abc": 1}}, "logit_bias", "token ids as strings"),
+    ({"logit_bias": {"5": "x"}}, "logit_bias", "must be numbers"),
+    ({"logit_bias": {"5": 101}}, "logit_bias", "[-100, 100]"),
+    ({"logit_bias": [1]}, "logit_bias", "'logit_bias' must be an object"),
+    ({"tools": "notalist"}, "tools", "'tools' must be a list"),
+    ({"tools": [{"type": "function"}]}, "tools", "tools[0]"),
+    ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice",
+     "one of the tools"),
+    ({"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format",
+     "cannot be combined"),
+])
+def test_bad_structured_output_and_tool_fields(body, param, words):
+    with pytest.raises(APIError) as e:
+        parse_request({**CHAT, **body}, chat=True, served_model=M, max_context=4096)
+    assert e.value.status == 400 and words in e.value.message and e.value.param == param
+
+
+def test_structured_output_and_tool_fields_become_params():
+    r = parse_request({**CHAT, "logit_bias": {"9707": -100, "5": 2.5},
+                       "response_format": {"type": "json_schema", "json_schema": {"name": "x", "strict": True,
+                                                                                  "schema": {"type": "object"}}}},
+                      True, M, 4096)
+    assert r.params.logit_bias == ((9707, -100.0), (5, 2.5)) and r.params.grammar.kind == "json_schema"
+    assert parse_request({"prompt": "a", "grammar": 'root ::= "a"'}, False, M, 4096).params.grammar.kind == "gbnf"
+    auto = parse_request({**CHAT, "tools": [TOOL]}, True, M, 4096)
+    assert auto.tools == [TOOL] and auto.params.grammar is None
+    assert parse_request({**CHAT, "tools": [TOOL], "tool_choice": "none"}, True, M, 4096).tools is None
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        forced = parse_request({**CHAT, "tools": [TOOL], "tool_choice": choice}, True, M, 4096)
+        assert forced.tools == [TOOL] and forced.params.grammar.kind == "lark"
+    history = parse_request({"messages": [
+        {"role": "user", "content": "w?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}]}, True, M, 4096)
+    messages = history.prompts[0]
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"city": "Oslo"}  # an object, for templates
+    assert messages[2] == {"role": "tool", "tool_call_id": "call_1", "content": "-3 C"}
+
+
+def test_tool_calls_in_responses_and_chunks():
+    r = parse_request({**CHAT, "tools": [TOOL]}, True, M, 4096)
+    events = [{"token_id": 1, "text": "<tool_call>", "finish_reason": None},
+              {"token_id": 2, "text": '\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n', "finish_reason": None},
+              {"token_id": 3, "text": "</tool_call>", "finish_reason": None},
+              {"token_id": 4, "text": "", "finish_reason": "stop"}]
+    streamed, choice = Choice(r, 0), Choice(r, 0)
+    entries = [[chunk(r, entry)["choices"][0] for entry in streamed.add(e)] for e in events]
+    # the header and the closing tag send nothing; no entry has content
+    assert [len(x) for x in entries] == [0, 1, 0, 1]
+    (start,) = entries[1][0]["delta"]["tool_calls"]  # id and name once the header is read, then arguments
+    assert "content" not in entries[1][0]["delta"] and entries[1][0]["finish_reason"] is None
+    assert start["index"] == 0 and start["type"] == "function" and start["id"].startswith("call_")
+    assert start["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    assert entries[3][0]["delta"] == {} and entries[3][0]["finish_reason"] == "tool_calls"
+    for e in events:
+        choice.add(e)
+    final = response(r, [choice], prompt_tokens=1)["choices"][0]
+    assert final["finish_reason"] == "tool_calls" and final["message"]["content"] is None
+    assert final["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    plain = Choice(r, 0)
+    plain.add({"token_id": 1, "text": "It is cold.", "finish_reason": "stop"})
+    assert response(r, [plain], 1)["choices"][0]["message"] == {"role": "assistant", "content": "It is cold."}
 
 
 @pytest.mark.parametrize("asgi", ["2.0", "2.4"])  # Starlette's two ways of running a stream

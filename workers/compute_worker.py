@@ -95,6 +95,10 @@ class ComputeWorker:
         self.generated.set_default_tags(tags)
         self._update_gauges()
         threading.Thread(target=self._run, name="scheduling-loop", daemon=True).start()
+        # The grammar engine's vocabulary takes seconds to build: built beside the loop, so the
+        # first constrained request does not stall the actor (a request arriving earlier waits
+        # for it: Engine.grammar_tokenizer is built once, under a lock).
+        threading.Thread(target=lambda: self.engine.grammar_tokenizer, name="grammar-vocabulary", daemon=True).start()
 
     def info(self) -> dict:
         """What the callers need to know of the model; raises once the worker is broken (health checks call it)."""
@@ -109,14 +113,16 @@ class ComputeWorker:
         return {"queue_depth": len(s.waiting), "running_requests": len(s.running),
                 "kv_blocks_in_use": s.kv_blocks_in_use, "kv_blocks_total": self.engine.kv.num_blocks}
 
-    async def submit(self, request_id: str, prompt: str | list, params: SamplingParams) -> int:
-        """Queue a request: a plain prompt, chat messages or token ids. Returns its prompt token count."""
+    async def submit(self, request_id: str, prompt: str | list, params: SamplingParams,
+                     tools: list | None = None) -> int:
+        """Queue a request: a plain prompt, chat messages (with the tools their template renders)
+        or token ids. Returns its prompt token count."""
         self._check_alive()
         e = self.engine
         if isinstance(prompt, str):
             ids = e.prompt_ids(prompt)
         elif prompt and all(isinstance(m, dict) for m in prompt):
-            ids = e.chat_prompt_ids(prompt)
+            ids = e.chat_prompt_ids(prompt, tools)
         else:
             ids = list(prompt)
         with self.lock:

@@ -79,7 +79,7 @@ async def generate_one(client: EngineClient, model: str, max_context: int, key, 
             if unsupported:  # an output line holds one text, whole
                 raise APIError(400, f"'{name}' is not supported in a batch job (a result is one text)", param=name)
         ((prompt, params),) = req.choices()
-        generation = await client.submit(prompt, params)
+        generation = await client.submit(prompt, params, req.tools)
         text, finish = [await client.prompt_text(prompt) if req.echo else ""], None
         async for event in generation:
             text.append(event["text"])

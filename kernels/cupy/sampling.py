@@ -1,5 +1,6 @@
 """Sampling on the device (kernels/cuda/misc.cu): argmax and temperature/top-k/top-p/min-p
-draws per row, so that only ids leave the GPU."""
+draws per row, so that only ids leave the GPU; a grammar's token mask and logit bias applied
+to the rows beside them (`constrain`), so that a constrained row's logits never leave it either."""
 
 from __future__ import annotations
 
@@ -7,6 +8,31 @@ import cupy as cp
 import numpy as np
 
 from kernels.cupy.values import rows2
+
+
+# out = allowed ? x : -inf per element of [B, V], the bit read from the row's bitmask words
+_MASKED = cp.ElementwiseKernel(
+    "float32 x, raw int32 mask, int32 V, int32 W", "float32 out",
+    """
+    const int row = i / V, t = i % V;
+    out = ((mask[row * W + (t >> 5)] >> (t & 31)) & 1) ? x : -__int_as_float(0x7f800000);
+    """,
+    "ntr_masked_logits")
+
+
+def constrain(b, logits, bitmask, bias):
+    """A new float32 [B, V] array on the device: logits with bias.values added at (bias.rows,
+    bias.ids), then -inf where the uploaded bitmask [B, ceil(V / 32)] has a token's bit clear
+    (kernels/ops.py `constrain_logits` is the host twin)."""
+    x = rows2(logits)
+    B, V = x.shape
+    out = x.astype(cp.float32, order="C", copy=True)  # never the forward's own logits; rows contiguous
+    if bias is not None and len(bias.rows):
+        out[cp.asarray(bias.rows), cp.asarray(bias.ids)] += cp.asarray(bias.values)
+    if bitmask is not None:
+        mask = cp.asarray(np.ascontiguousarray(bitmask, np.int32))
+        out = _MASKED(out, mask, np.int32(V), np.int32(mask.shape[1]))  # a new C-ordered array
+    return out
 
 
 def argmax_dev(b, logits):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
+from kernels.ops import LogitBias
 from workers.engine.block_manager import BlockManager
+from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache
 from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
@@ -28,6 +31,7 @@ from workers.model.chat_template import chat_template_from_metadata, render_chat
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
 from workers.model.tokenizer import Tokenizer
+from workers.model.tool_calls import check_tool_format
 from workers.model.transformer import Transformer, layer_matrices
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -78,7 +82,8 @@ class Completion:
         """A checked prompt's state (ContextLengthError/ValueError for bad input)."""
         engine.check_prompt(prompt_ids, params)
         tok = engine.tokenizer
-        return cls(seq=Sequence(list(prompt_ids)), params=params, sampler=Sampler(params),
+        constraint = None if params.grammar is None else engine.constraint(params.grammar)
+        return cls(seq=Sequence(list(prompt_ids)), params=params, sampler=Sampler(params, constraint),
                    stream=TextStream(tok, params.stop),
                    stop_ids=frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else frozenset(tok.stop_ids)),
                    budget=min(params.max_tokens, engine.max_context - len(prompt_ids)),
@@ -147,6 +152,8 @@ class Engine:
                     "max_context")
             kv_cache_tokens = num_blocks * block_size
         self.rates = rates or Rates()
+        self._grammar_tokenizer: GrammarTokenizer | None = None
+        self._grammar_lock = threading.Lock()
         self.link = None
 
         def placed():
@@ -186,13 +193,18 @@ class Engine:
         """A plain prompt: BOS as the model's metadata says; special-token text stays text."""
         return self.tokenizer.encode(text, add_special=True, parse_special=False)
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Messages rendered with the GGUF's chat template (sandboxed), special tokens parsed."""
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Messages rendered with the GGUF's chat template (sandboxed), special tokens parsed.
+        tools: OpenAI tool definitions for the template's tools branch (ValueError when the
+        template has none, or writes calls in another format than <tool_call> blocks)."""
         tok = self.tokenizer
         bos = tok.decode([tok.bos_id]) if tok.bos_id is not None else ""
         eos = tok.decode([tok.eos_id]) if tok.eos_id is not None else ""
-        text = render_chat(chat_template_from_metadata(self.gguf.metadata), messages,
-                           add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        template = chat_template_from_metadata(self.gguf.metadata)
+        text = render_chat(template, messages, add_generation_prompt=True, bos_token=bos, eos_token=eos,
+                           tools=tools or None)
+        if tools:
+            check_tool_format(template, text, tools)
         # Templates that write the BOS text themselves must not get a second one.
         ids = tok.encode(text, add_special=False, parse_special=True)
         if tok.add_bos and tok.bos_id is not None and ids[:1] != [tok.bos_id]:
@@ -303,30 +315,75 @@ class Engine:
         """(token, logprob, top) for each row of logits [B, vocab] as `forward(device=True)`
         returns them, None where the sampler is None. Rows that want no logprobs and no
         penalties are drawn on the device in one call where the backend can (only their ids
-        leave it); the others are copied to the host for their Sampler."""
+        leave it); the others are copied to the host for their Sampler.
+
+        The grammars' masks for the rows are computed first, on the host, before anything
+        waits for the logits: on the GPU the forward pass that makes them is still running
+        (its launches are asynchronous), so the grammar's work overlaps the device's. The
+        masks and logit biases are applied on the device (`ops.constrain`) for device rows."""
         picked: list = [None] * len(samplers)
         wanted = [i for i, s in enumerate(samplers) if s is not None]
+        masks = self._masks([samplers[i].constraint for i in wanted])
+        mask_of = dict(zip(wanted, masks)) if masks is not None else {}
         on_device = [i for i in wanted if self.samples_on_device(samplers[i].params)]
         if on_device:
             ps = [samplers[i].params for i in on_device]
             uniform = [0.0 if p.greedy else float(samplers[i].rng.random()) for i, p in zip(on_device, ps)]
             rows = logits if len(on_device) == len(samplers) else logits[on_device]
-            if all(p.greedy for p in ps):  # a decode graph's replay already holds these ids
+            constrained = any(p.constrained for p in ps)
+            if constrained:
+                bitmask = np.stack([mask_of[i] for i in on_device]) if mask_of else None
+                rows = self.ops.constrain(rows, bitmask, self._bias([samplers[i] for i in on_device]))
+            if all(p.greedy for p in ps) and not constrained:  # a decode graph's replay already holds these ids
                 ids = self.ops.argmax(rows)
             else:
                 ids = self.ops.sample(rows, [p.temperature for p in ps], [p.top_k for p in ps],
                                       [p.top_p for p in ps], [p.min_p for p in ps], uniform)
             for i, token in zip(on_device, ids.tolist()):
-                samplers[i].history[token] += 1
+                samplers[i].accept(token)
                 picked[i] = (token, None, None)
         on_host = [i for i in wanted if picked[i] is None]
         if on_host:
             rows = self.ops.to_numpy(logits if len(on_host) == len(samplers) else logits[on_host])
             for i, row in zip(on_host, rows.astype(np.float32, copy=False)):
                 sampler = samplers[i]
-                token, n_top = sampler.sample(row), sampler.params.logprobs
+                token, n_top = sampler.sample(row, mask_of.get(i)), sampler.params.logprobs
                 picked[i] = (token, None, None) if n_top is None else (token, *token_logprobs(row, token, n_top))
         return picked
+
+    def _masks(self, constraints: list[Constraint | None]) -> np.ndarray | None:
+        """The rows' next-token bitmasks (llguidance's threads), None when no row has a grammar."""
+        if all(c is None for c in constraints):
+            return None
+        return self.grammar_tokenizer.fill_masks(constraints)
+
+    @staticmethod
+    def _bias(samplers: list[Sampler]) -> LogitBias | None:
+        """The rows' logit biases as one LogitBias over the batch of those rows."""
+        biased = [(r, s.bias) for r, s in enumerate(samplers) if s.bias is not None]
+        if not biased:
+            return None
+        return LogitBias(np.concatenate([np.full(len(b.ids), r, np.int32) for r, b in biased]),
+                         np.concatenate([b.ids for _, b in biased]), np.concatenate([b.values for _, b in biased]))
+
+    @property
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The vocabulary as the grammar engine sees it: built once, at the first use (~2 s for
+        Qwen's 151k tokens on the development machine), not by every engine; threads that
+        ask meanwhile wait for that one build."""
+        with self._grammar_lock:
+            if self._grammar_tokenizer is None:
+                self._grammar_tokenizer = GrammarTokenizer(self.tokenizer, self.config.vocab_size)
+            return self._grammar_tokenizer
+
+    def constraint(self, spec: GrammarSpec) -> Constraint:
+        """A matcher at the start of spec's grammar (ValueError for one the engine cannot enforce)."""
+        return self.grammar_tokenizer.constraint(spec)
+
+    def decodes_ahead(self, params: SamplingParams) -> bool:
+        """Whether a row with these params may decode by `greedy_step`: greedy, its argmax read
+        on the device from the raw logits, nothing (grammar, bias) changing them first."""
+        return params.greedy and self.samples_on_device(params) and not params.constrained
 
     def samples_on_device(self, params: SamplingParams) -> bool:
         """Whether `sample` draws a row with these params on the device: only its id leaves it."""
@@ -348,6 +405,10 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+        bad = [t for t, _ in params.logit_bias if t >= self.config.vocab_size] if params is not None else []
+        if bad:
+            raise ValueError(f"invalid sampling parameter logit_bias: token ids out of range "
+                             f"[0, {self.config.vocab_size}): {bad[:5]}")
         room = self.max_context - len(prompt_ids)
         if params is not None and not params.cut_to_context and params.max_tokens > room:
             raise ContextLengthError(
@@ -361,13 +422,16 @@ class Engine:
         completion without logprobs or penalties decodes speculatively (workers/engine/
         speculation.py): greedy, the same tokens; sampled, tokens of the same distribution
         from the request's generator; several a pass."""
+        if speculation is not None and params.constrained:
+            # a draft is verified against the raw distribution; masking it is not implemented
+            raise ValueError("speculative decoding cannot run with a grammar or a logit_bias")
         c = Completion.start(self, prompt_ids, params)
         timings = self.last_timings = Timings(prompt_tokens=c.prompt_tokens)
         spec_stats = self.last_speculation = SpecStats()
         speculate = speculation is not None and params.logprobs is None and not params.penalized
         # greedy with nothing else read from the logits: each step starts on the device from
         # the last one's id (greedy_decode)
-        ahead = params.greedy and self.samples_on_device(params) and not speculate
+        ahead = self.decodes_ahead(params) and not speculate
         try:
             t0 = time.perf_counter()
             self.reserve([(c.seq, c.prompt_tokens)])

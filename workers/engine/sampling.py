@@ -1,7 +1,7 @@
 """Sampling parameters, their validation, and the host-side sampler.
 
-Order of operations (as in llama.cpp's default chain): penalties on the raw logits, then
-temperature, then the top-k / top-p / min-p filters, then a draw from the request's own
+Order of operations (as in llama.cpp's default chain): the logit bias and the grammar's token
+mask (workers/engine/grammar.py) on the raw logits, then penalties, then temperature, then the top-k / top-p / min-p filters, then a draw from the request's own
 generator (same seed, same tokens). Reported logprobs are those of the model's raw
 distribution, as OpenAI's API reports them, not of the filtered one.
 """
@@ -14,10 +14,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kernels.ops import LogitBias, constrain_logits
+from workers.engine.grammar import Constraint, GrammarSpec
+
 # Stop strings: OpenAI's count, and a length that no real stop sequence needs (vLLM and
 # OpenAI set none; a request's stop strings are matched against its text at every token).
 MAX_STOP = 4
 MAX_STOP_LENGTH = 256  # characters
+MAX_LOGIT_BIAS = 1024  # entries; OpenAI's clients send a few hundred at most
+MAX_BIAS = 100.0  # OpenAI's range is [-100, 100]: -100 bans a token, 100 forces it
 
 PRESETS = {
     "greedy": dict(temperature=0.0),
@@ -42,6 +47,8 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids checked against the vocabulary by the engine
+    grammar: GrammarSpec | None = None  # constrained decoding: every token keeps the text in the grammar
 
     def __post_init__(self):
         def bad(name, rule):
@@ -77,6 +84,26 @@ class SamplingParams:
         if len(self.stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH
                                                 for s in self.stop):
             bad("stop", f"must be at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LENGTH} characters")
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:
+            bias = tuple((int(t), float(b)) for t, b in bias if not isinstance(t, bool) and not isinstance(b, bool)
+                         and float(t) == int(t)) if len(bias) <= MAX_LOGIT_BIAS else None
+        except (TypeError, ValueError):
+            bias = None
+        if bias is None or len(bias) != len(self.logit_bias):
+            bad("logit_bias", f"must map at most {MAX_LOGIT_BIAS} integer token ids to numbers")
+        for t, b in bias:
+            if t < 0:
+                bad("logit_bias", f"token id {t} is negative")
+            if not -MAX_BIAS <= b <= MAX_BIAS:  # also NaN
+                bad("logit_bias", f"bias {b} of token {t} must be in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")
+        if len({t for t, _ in bias}) != len(bias):
+            bad("logit_bias", "names a token id twice")
+        object.__setattr__(self, "logit_bias", bias)
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            bad("grammar", "must be a GrammarSpec")
+        if self.grammar is not None and self.ignore_eos:
+            bad("ignore_eos", "cannot be set with a grammar (a finished grammar allows only the end of the text)")
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "top_k", max(self.top_k, 0))  # vLLM's -1 is our 0
         object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
@@ -98,6 +125,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def constrained(self) -> bool:
+        """A grammar or a logit bias changes the logits before any draw: no fast path that
+        reads the raw argmax may serve it."""
+        return self.grammar is not None or bool(self.logit_bias)
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     x = logits.astype(np.float64)
@@ -107,13 +140,26 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Sampler:
-    """Per-request sampling state: the generator and the counts the penalties need."""
+    """Per-request sampling state: the generator, the counts the penalties need, and the
+    grammar's matcher (the engine makes it from params.grammar)."""
 
     params: SamplingParams
+    constraint: Constraint | None = None
     history: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.params.seed)
+        if self.params.grammar is not None and self.constraint is None:
+            raise ValueError("a request with a grammar needs its Constraint")
+        b = self.params.logit_bias
+        self.bias = LogitBias(np.zeros(len(b), np.int32), np.array([t for t, _ in b], np.int32),
+                              np.array([v for _, v in b], np.float32)) if b else None
+
+    def accept(self, token: int) -> None:
+        """Remember a token drawn for this request (here or on the device)."""
+        self.history[token] += 1
+        if self.constraint is not None:
+            self.constraint.consume(token)
 
     def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
         p = self.params
@@ -127,15 +173,21 @@ class Sampler:
         logits[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
         return logits
 
-    def sample(self, logits: np.ndarray) -> int:
-        """Pick the next token from one row of float logits and remember it."""
+    def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
+        """Pick the next token from one row of float logits and remember it. mask: the grammar's
+        bitmask row for this step (computed here if None and the request has a grammar)."""
         p = self.params
-        logits = self.apply_penalties(np.asarray(logits, dtype=np.float32))
+        logits = np.asarray(logits, dtype=np.float32)
+        if p.constrained:
+            if mask is None and self.constraint is not None:
+                mask = self.constraint.mask()
+            logits = constrain_logits(logits[None], None if mask is None else mask[None], self.bias)[0]
+        logits = self.apply_penalties(logits)
         if p.greedy:
             token = int(np.argmax(logits))
         else:
             token = self._draw(logits)
-        self.history[token] += 1
+        self.accept(token)
         return token
 
     def _draw(self, logits: np.ndarray) -> int:

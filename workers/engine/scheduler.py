@@ -9,13 +9,13 @@ Each step is planned, run, then committed:
   in arrival order while there is room in the batch, the budget and the KV cache.
 * run: `Engine.forward` on the planned work, then one `Engine.sample` call for every
   request whose tokens are now all cached (on the device where the backend can, so only
-  ids leave it). The only slow part: callers may run it on another thread while
+  ids leave it; the grammars' masks are computed on the host while the forward runs). The only slow part: callers may run it on another thread while
   `submit`/`cancel` keep being served.
 * commit: each sampled token goes through its request's stop ids, stop strings and
   budget; finished and cancelled requests give their KV blocks back.
 
 Running ahead: a step whose requests all decode greedily with nothing else read from the
-logits (no logprobs, no penalties; the backend samples on the device) can be followed by the
+logits (no logprobs, no penalties, no grammar or logit bias; the backend samples on the device) can be followed by the
 same step of the same requests before its tokens are known (`plan_ahead`), fed with its ids
 on the device (`Engine.greedy_step`), as long as nobody waits for admission, none is
 cancelled or at its last token, and their blocks are there without preempting. So the GPU
@@ -242,7 +242,7 @@ class Scheduler:
         return max(n, 0)
 
     def _greedy(self, request: Request) -> bool:
-        return request.params.greedy and self.engine.samples_on_device(request.params)
+        return self.engine.decodes_ahead(request.params)
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)

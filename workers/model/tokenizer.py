@@ -294,11 +294,14 @@ class Tokenizer:
 
     # --- encoding -------------------------------------------------------------------
 
-    def encode(self, text: str, add_special: bool = False, parse_special: bool = True) -> list[int]:
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = True,
+               continuation: bool = False) -> list[int]:
+        """continuation: the text continues another (no SPM space prefix on its first
+        fragment), as the grammar engine tokenizes pieces of a generated text."""
         out: list[int] = []
         if add_special and self.add_bos and self.bos_id is not None:
             out.append(self.bos_id)
-        prev_special = True  # SPM: a space prefix goes on the first fragment and after specials
+        prev_special = not continuation  # SPM: a space prefix goes on the first fragment and after specials
         for frag in self._partition(text, parse_special):
             if isinstance(frag, int):
                 out.append(frag)
