@@ -104,8 +104,8 @@ class CupyBackend(Backend):
 
         return host_link()
 
-    def limit_device_memory(self, nbytes: int) -> None:
-        cp.get_default_memory_pool().set_limit(size=max(0, nbytes))
+    def limit_device_memory(self, nbytes: int | None) -> None:
+        cp.get_default_memory_pool().set_limit(size=0 if nbytes is None else max(1, nbytes))  # 0: no limit
 
     @on_stream
     def load_layer(self, index, load):

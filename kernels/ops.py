@@ -94,8 +94,9 @@ class Backend(ABC):
         there is no device."""
         return None
 
-    def limit_device_memory(self, nbytes: int) -> None:
-        """Refuse allocations past nbytes of device memory (what a VRAM budget leaves the pool)."""
+    def limit_device_memory(self, nbytes: int | None) -> None:
+        """Refuse allocations past nbytes of device memory (what a VRAM budget leaves the pool);
+        None: no limit."""
 
     def load_layer(self, index: int, load: Callable[[], Any]) -> Any:
         """load() loads layer `index`'s weights; a streaming backend moves a streamed layer's

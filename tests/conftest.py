@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,15 @@ TINY_SHAPES = {
                    rope_base=1_000_000.0, context_length=512),
 }
 TINY_VOCAB = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
+
+
+@pytest.fixture(autouse=True)
+def _device_pool_unlimited():
+    """An Engine's VRAM budget limits the process's CuPy pool: lifted after each test, so that
+    a later test's kernels do not run under an earlier test's budget."""
+    yield
+    if "cupy" in sys.modules:
+        sys.modules["cupy"].get_default_memory_pool().set_limit(size=0)
 
 
 @pytest.fixture(scope="session")

@@ -123,6 +123,7 @@ def main() -> int:
 
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(args.workdir or tmp)
+            workdir.mkdir(parents=True, exist_ok=True)
             for name in args.models.split(","):
                 engine = Engine(bench_gpu.synthesize(name, workdir), **sizes)
                 bench(engine, name, batches, args.steps)

@@ -167,8 +167,8 @@ class Engine:
             self.rates = replace(self.rates, link_gb_s=link["h2d_gb_s"], source={
                 "link_gb_s": f"pinned copy, {'cached' if link['cached'] else 'measured'} {link['measured_at']}"})
             self.placement = placed()
-        if vram_budget is not None:
-            self.ops.limit_device_memory(vram_budget - CONTEXT_BYTES)
+        # the process's pool: an engine without a budget lifts an earlier one's limit
+        self.ops.limit_device_memory(None if vram_budget is None else vram_budget - CONTEXT_BYTES)
         if self.placement.streamed:
             p = self.placement
             schedule = p.schedule()
