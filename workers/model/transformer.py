@@ -53,16 +53,25 @@ class Transformer:
                      bqkv=vector("bq", "bk", "bv") if self.config.qkv_bias else None, wo=wo,
                      ffn_norm=vector("ffn_norm"), w_gate_up=w_gate_up, w_down=w_down)
 
-    def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]], layers: int | None = None) -> Array:
+    def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]], layers: tuple[int, ...] | None = None) -> Array:
         """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None); with
-        `layers`, of the first that many layers only (the early-exit drafter)."""
+        `layers` (ascending indices), of those layers only, the others passed over by the
+        residual stream (a draft: the first d layers, or a calibrated subset). Only the layers
+        run write KV. A layer passed over before the last one run still goes through
+        begin_layer/end_layer, so streamed layers' slots refill in order (a draft that is cheap
+        under streaming runs resident layers only)."""
         ops, c = self.ops, self.config
         n = len(step.tokens)
         scale = 1.0 / float(np.sqrt(c.head_dim))
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        run = set(range(c.n_layers) if layers is None else layers)
+        last = max(run, default=-1)
         x = ops.embedding(self.embed, step)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers[:layers], kv_caches)):
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers[:last + 1], kv_caches)):
             ops.begin_layer(i)
+            if i not in run:
+                x = ops.end_layer(i, x)
+                continue
             h = ops.rmsnorm(x, layer.attn_norm, c.rms_eps)
             qkv = ops.matmul_add(h, layer.wqkv, layer.bqkv) if c.qkv_bias else ops.matmul(h, layer.wqkv)
             q, k, v = qkv[:, :q_dim], qkv[:, q_dim:q_dim + kv_dim], qkv[:, q_dim + kv_dim:]
