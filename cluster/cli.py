@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "tools/data/skip_calibration.txt")
     cs.add_argument("--fraction", type=float, default=0.5, help="share of the layers to skip")
     cs.add_argument("--tokens", type=int, default=256, help="the text's first N tokens are read")
-    cs.add_argument("--candidates", type=int, default=6, help="layers rescored a round after the first")
+    cs.add_argument("--candidates", type=int, default=6, help="layers rescored a round after the first (0: none, round one's order)")
     cs.add_argument("--out", required=True, help="JSON file for --skip-set")
     cs.set_defaults(func=cmd_calibrate_skip)
 

@@ -8,7 +8,9 @@ broken by the mean KL(reference || draft) over the positions. The search adds on
 round, the one whose skipping hurts least, until the target share of the layers is skipped.
 Round one scores every layer; later rounds rescore only the `candidates` best of the last
 scores (a lazy greedy: skipping a layer rarely gets less harmful as more go), so a round costs
-`candidates` teacher-forced reads rather than one per layer left.
+`candidates` teacher-forced reads rather than one per layer left. With candidates=0 nothing is
+rescored: the layers are taken in round one's order (one read per layer in all; what a
+loaded 2-core machine affords).
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ def score(reference: np.ndarray, draft: np.ndarray) -> tuple[float, float]:
 def calibrate(engine, ids: list[int], fraction: float, candidates: int = 6, progress=None) -> dict:
     """The skip set for `fraction` of the engine's layers, chosen on the teacher-forced ids; the
     answer as `write`/`load_skip_set` carry it: the set and the order layers were added in,
-    with the set's agreement and KL after each."""
+    with the agreement and KL of the set after each addition as last scored (candidates=0: of
+    that layer skipped alone)."""
     n = engine.config.n_layers
     if not 0 < fraction < 1:
         raise ValueError(f"skip fraction must be in (0, 1), got {fraction}")
     if not 2 <= len(ids) <= min(MAX_CALIBRATION_TOKENS, engine.max_context, engine.max_batch_tokens):
         raise ValueError(f"calibration needs 2 to {min(MAX_CALIBRATION_TOKENS, engine.max_context, engine.max_batch_tokens)}"
                          f" tokens (one forward pass), got {len(ids)}")
-    if candidates < 1:
-        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    if candidates < 0:
+        raise ValueError(f"candidates must be >= 0, got {candidates}")
     target = max(1, min(n - 1, round(fraction * n)))
     reference = _read(engine, ids, None)
     skipped: list[int] = []
@@ -62,8 +65,8 @@ def calibrate(engine, ids: list[int], fraction: float, candidates: int = 6, prog
     for step in range(target):
         left = [i for i in range(n) if i not in skipped]
         if step > 0:  # the best by their last scores (ties: the lower layer)
-            left = sorted(left, key=lambda i: (-last[i][0], last[i][1], i))[:candidates]
-        for i in left:
+            left = sorted(left, key=lambda i: (-last[i][0], last[i][1], i))[:max(candidates, 1)]
+        for i in left if step == 0 or candidates else ():
             run = tuple(j for j in range(n) if j not in skipped and j != i)
             last[i] = score(reference, _read(engine, ids, run))
             if progress:
