@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -139,8 +141,13 @@ def test_bad_speculation_settings_are_refused():
     assert lookup_proposal([1, 2, 3, 1, 2], k=4) == [3, 1, 2]
 
 
+SKIP_SET = Path(__file__).resolve().parents[1] / "tools" / "data" / "skip_qwen2.5-coder-0.5b.json"
+
+
 @pytest.mark.real_model
-@pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit", depth=6)], ids=repr)
+@pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit", depth=6),
+                                  Speculation(3, "skip", skip=load_skip_set(SKIP_SET, 24, 6)),
+                                  Speculation(None, "auto", skip=load_skip_set(SKIP_SET, 24))], ids=repr)
 def test_speculation_on_the_real_model_gives_the_plain_greedy_tokens(real_engine, spec):
     prompt = real_engine.prompt_ids('def fizzbuzz(n):\n    """Return "Fizz", "Buzz", "FizzBuzz" or str(n)."""\n')
     plain = run(real_engine, prompt, max_tokens=32)
