@@ -317,6 +317,8 @@ def test_a_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_mo
     resident = Engine(deep_model, **kw)
     streamed = Engine(deep_model, vram_budget=streaming_budget(resident, 1, 2), n_buffers=2, **kw)
     assert streamed.placement.tiers.count("vram") == 1
+    assert streamed.resident_layers == (0,) and resident.resident_layers == tuple(range(6))
+    assert Speculation(3, "early-exit").drafters(6, streamed.resident_layers)["early-exit"] == (0,)  # the default draft
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     prompt = [5, 17, 99, 4, 23, 5, 17, 99]
     plain = [e.token_id for e in resident.generate(prompt, params)]

@@ -182,7 +182,7 @@ def test_a_forward_over_a_subset_of_layers_is_the_model_without_the_others(engin
 
 def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does():
     spec = Speculation(None, "auto", skip=(1,))
-    cheap = DraftPolicy(spec, 4, {"lookup": 0.0, "early-exit": 0.5, "skip": 0.8}, verify_cost=1.0)
+    cheap = DraftPolicy(spec, spec.drafters(4), {"lookup": 0.0, "early-exit": 0.5, "skip": 0.8}, verify_cost=1.0)
     first = cheap.next()
     assert first.drafter == "lookup" and first.k == 16  # free drafts, free rows: as many as allowed
     for _ in range(6):  # lookup rejected at once, early exit kept in full
@@ -190,7 +190,7 @@ def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does
         cheap.update("early-exit", 3, 3)
     c = cheap.next()
     assert c.drafter == "early-exit" and c.layers == (0,) and c.k > 1
-    costly = DraftPolicy(Speculation(None, "lookup"), 4, {"lookup": 0.0}, verify_cost=2.1)
+    costly = DraftPolicy(Speculation(None, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost=2.1)
     choices = [costly.next() for _ in range(PROBE_FIRST + 1)]
     assert choices[:PROBE_FIRST] == [None] * PROBE_FIRST and choices[-1].drafter == "lookup"  # a probe
     choices = [costly.next() for _ in range(2 * PROBE_FIRST + 1)]
@@ -198,7 +198,7 @@ def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does
     for _ in range(10):
         costly.update("lookup", 8, 8)
     assert costly.next() is not None  # a drafter that is always right pays even at 2.1 steps a pass
-    fixed = DraftPolicy(Speculation(3, "lookup"), 4, {"lookup": 0.0}, verify_cost=2.1)
+    fixed = DraftPolicy(Speculation(3, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost=2.1)
     assert fixed.next().k == 3  # a fixed k always speculates
 
 

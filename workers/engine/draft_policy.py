@@ -49,11 +49,12 @@ def expected_tokens(a: float, k: int) -> float:
 
 
 class DraftPolicy:
-    def __init__(self, spec: Speculation, n_layers: int, draft_cost: dict[str, float], verify_cost: float):
-        """draft_cost: each drafter's cost per drafted token in decode steps; verify_cost: a
-        verifying pass's, in decode steps."""
+    def __init__(self, spec: Speculation, drafters: dict[str, tuple[int, ...] | None], draft_cost: dict[str, float],
+                 verify_cost: float):
+        """drafters: `spec.drafters(...)`; draft_cost: each one's cost per drafted token in
+        decode steps; verify_cost: a verifying pass's, in decode steps."""
         self.k = spec.k
-        self.drafters = spec.drafters(n_layers)
+        self.drafters = drafters
         self.draft_cost, self.verify_cost = draft_cost, verify_cost
         self.hits = dict.fromkeys(self.drafters, 0.0)
         self.misses = dict.fromkeys(self.drafters, 0.0)
@@ -62,11 +63,12 @@ class DraftPolicy:
     @classmethod
     def for_engine(cls, engine, spec: Speculation) -> "DraftPolicy":
         """Costs from the engine's model (its layers' and head's weights) and backend."""
-        sizes, n = engine.placement.sizes, engine.config.n_layers
+        sizes = engine.placement.sizes
+        drafters = spec.drafters(engine.config.n_layers, engine.resident_layers)
         total = sum(sizes.layer_params) + sizes.head_params
         costs = {name: 0.0 if layers is None else (sum(sizes.layer_params[i] for i in layers) + sizes.head_params) / total
-                 for name, layers in spec.drafters(n).items()}
-        return cls(spec, n, costs, VERIFY_COST.get(engine.ops.name, 1.0))
+                 for name, layers in drafters.items()}
+        return cls(spec, drafters, costs, VERIFY_COST.get(engine.ops.name, 1.0))
 
     def acceptance(self, drafter: str) -> float:
         return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)

@@ -48,7 +48,8 @@ def lookup_proposal(token_ids: list[int], k: int, ngram: int = 3) -> list[int]:
 class Speculation:
     k: int | None  # tokens drafted per pass; None ("auto"): chosen per pass, plain steps included
     drafter: str = "lookup"  # one of DRAFTERS, or "auto"
-    depth: int | None = None  # early exit: layers the drafter runs (default: a quarter of them)
+    depth: int | None = None  # early exit: layers the drafter runs (default: the resident ones when
+    # layers stream, else a quarter of them)
     skip: tuple[int, ...] | None = None  # skip: the layers the drafter passes over
 
     def __post_init__(self):
@@ -61,10 +62,15 @@ class Speculation:
         if self.drafter == "skip" and self.skip is None:
             raise ValueError("the skip drafter needs a skip set (--skip-set FILE from ntr calibrate-skip)")
 
-    def drafters(self, n_layers: int) -> dict[str, tuple[int, ...] | None]:
-        """The drafters this may use, each with the layers it runs (None: lookup, no model)."""
+    def drafters(self, n_layers: int, resident: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...] | None]:
+        """The drafters this may use, each with the layers it runs (None: lookup, no model);
+        resident: the layers that stay on the device (`Engine.resident_layers`), the early-exit
+        draft by default when they are a proper prefix (the others stream)."""
         names = [self.drafter] if self.drafter != "auto" else [d for d in DRAFTERS if d != "skip" or self.skip]
-        layers = {"lookup": None, "early-exit": tuple(range(min(self.depth or max(1, n_layers // 4), n_layers)))}
+        depth = self.depth or max(1, n_layers // 4)
+        if self.depth is None and resident and len(resident) < n_layers and resident == tuple(range(len(resident))):
+            depth = len(resident)
+        layers = {"lookup": None, "early-exit": tuple(range(min(depth, n_layers)))}
         if self.skip is not None:
             bad = [i for i in self.skip if not 0 <= i < n_layers]
             if bad or len(set(self.skip)) >= n_layers:
