@@ -128,11 +128,7 @@ def cmd_generate(args) -> int:
     params = SamplingParams.preset(args.preset, max_tokens=DEFAULT_MAX_TOKENS if default else args.max_tokens,
                                    cut_to_context=default, stop=tuple(args.stop), grammar=_grammar(args),
                                    **overrides)
-    speculation = None
-    if args.speculate:
-        from workers.engine.speculation import Speculation
-
-        speculation = Speculation(args.speculate, args.drafter, args.draft_layers)
+    speculation = _speculation(args, engine.config.n_layers)
     text, token_ids, finish = [], [], None
     for event in engine.generate(prompt_ids, params, speculation):
         if event.token_id is not None:
@@ -154,6 +150,38 @@ def cmd_generate(args) -> int:
         passes = f", {spec.tokens_per_pass:.2f} tokens a verifying pass" if spec.passes else ""
         print(f"[{len(prompt_ids)} prompt tokens at {t.prefill_tok_s:.1f} tok/s, "
               f"{len(token_ids)} generated at {t.decode_tok_s:.1f} tok/s{passes}, finish: {finish}]", file=sys.stderr)
+    return 0
+
+
+def _speculation(args, n_layers: int):
+    """--speculate off|auto|K with --drafter/--draft-layers/--skip-set, as a Speculation (None: off)."""
+    from workers.engine.skip_calibration import load_skip_set
+    from workers.engine.speculation import Speculation
+
+    if args.speculate == "off":
+        return None
+    if args.speculate == "auto":
+        k = None
+    else:
+        try:
+            k = int(args.speculate)
+        except ValueError:
+            raise ValueError(f"--speculate must be off, auto or a number of tokens, got {args.speculate!r}") from None
+        if k == 0:
+            return None
+    skip = load_skip_set(args.skip_set, n_layers) if args.skip_set else None
+    return Speculation(k, args.drafter, args.draft_layers, skip)
+
+
+def cmd_calibrate_skip(args) -> int:
+    from workers.engine.skip_calibration import calibrate, write
+
+    engine = _engine(args)
+    ids = engine.prompt_ids(Path(args.text).read_text())[:args.tokens]
+    result = calibrate(engine, ids, args.fraction, args.candidates,
+                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+    write(args.out, result, args.text)
+    print(json.dumps({k: result[k] for k in ("skip", "tokens")} | {"agreement": result["order"][-1]["agreement"]}))
     return 0
 
 
@@ -286,16 +314,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--presence-penalty", type=float)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--speculate", type=int, default=0, metavar="K",
-                   help="draft K tokens and verify them in one pass (0: off); greedy gives the same tokens, "
-                   "sampling the same distribution")
-    g.add_argument("--drafter", default="lookup", help="lookup (n-gram match in the context) or early-exit "
-                   "(the model's first layers)")
+    g.add_argument("--speculate", default="off", metavar="off|auto|K",
+                   help="draft K tokens and verify them in one pass; auto: k (and plain steps) chosen per pass "
+                   "from the measured acceptance; greedy gives the same tokens, sampling the same distribution")
+    g.add_argument("--drafter", default="lookup", choices=["lookup", "early-exit", "skip", "auto"],
+                   help="lookup (n-gram match in the context), early-exit (the model's first layers), skip (the "
+                   "model less a calibrated set of layers: --skip-set), auto (chosen per pass by acceptance)")
     g.add_argument("--draft-layers", type=int, help="early-exit: layers the drafter runs (default: a quarter)")
     g.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema")
     g.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
+    g.add_argument("--skip-set", help="skip: a JSON file written by ntr calibrate-skip")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    cs = with_placement(with_model(sub.add_parser(
+        "calibrate-skip", help="choose the layers the skip drafter passes over, on a calibration text")))
+    cs.add_argument("--text", required=True, help="calibration text (not an evaluation text), e.g. "
+                    "tools/data/skip_calibration.txt")
+    cs.add_argument("--fraction", type=float, default=0.5, help="share of the layers to skip")
+    cs.add_argument("--tokens", type=int, default=256, help="the text's first N tokens are read")
+    cs.add_argument("--candidates", type=int, default=6, help="layers rescored a round after the first (0: none, round one's order)")
+    cs.add_argument("--out", required=True, help="JSON file for --skip-set")
+    cs.set_defaults(func=cmd_calibrate_skip)
 
     t = with_model(sub.add_parser("tokenize", help="print token ids"))
     src = t.add_mutually_exclusive_group(required=True)

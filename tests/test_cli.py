@@ -64,6 +64,23 @@ def test_generate_with_a_json_schema_or_a_grammar_file(capsys, tiny_model, tmp_p
     assert code == 2 and "speculative decoding" in err
 
 
+def test_calibrate_skip_then_a_skip_draft_gives_the_plain_greedy_tokens(capsys, tiny_model, tmp_path):
+    model = str(tiny_model("qwen2"))
+    text = tmp_path / "calibration.txt"
+    text.write_text("def add(a, b):\n    return a + b\n\nThe sum of two numbers is their total.\n")
+    out_file = tmp_path / "skip.json"
+    code, out, _ = run(capsys, "calibrate-skip", "--model", model, "--text", str(text), "--fraction", "0.5",
+                       "--out", str(out_file))
+    assert code == 0 and len(json.loads(out)["skip"]) == 1 == len(json.loads(out_file.read_text())["order"])
+    base = ["generate", "--model", model, "--prompt", "hello world hello world", "--preset", "greedy",
+            "--max-tokens", "12", "--json"]
+    plain = json.loads(run(capsys, *base)[1])["token_ids"]
+    for extra in (["--speculate", "3", "--drafter", "skip", "--skip-set", str(out_file)],
+                  ["--speculate", "auto", "--drafter", "auto", "--skip-set", str(out_file)]):
+        code, out, _ = run(capsys, *base, *extra)
+        assert code == 0 and json.loads(out)["token_ids"] == plain
+
+
 def test_tokenize(capsys, tiny_model, tmp_path):
     model = str(tiny_model("qwen2"))
     code, out, _ = run(capsys, "tokenize", "--model", model, "--text", "hello world", "--json")
@@ -93,6 +110,9 @@ def test_score(capsys, tiny_model):
     (["generate", "--prompt", "x", "--max-tokens", str(10**12)], "max_tokens=1000000000000 does not fit"),
     (["generate", "--prompt", "x", "--stop", "x" * 1000], "invalid sampling parameter stop="),
     (["generate", "--prompt", "x", "--top-k", "-5"], "invalid sampling parameter top_k=-5"),
+    (["generate", "--prompt", "x", "--speculate", "lots"], "--speculate must be off, auto or a number"),
+    (["generate", "--prompt", "x", "--speculate", "40"], "speculate must be in [1, 16]"),
+    (["generate", "--prompt", "x", "--speculate", "3", "--drafter", "skip"], "needs a skip set"),
     (["score", "--ids", "1,2", "--top", "-1"], "top=-1 must be in [1, "),
     (["score", "--ids", "1,2", "--top", str(10**6)], "top=1000000 must be in [1, "),
 ])

@@ -352,8 +352,12 @@ def test_streamed_runs_equal_the_resident_run_bit_for_bit(request, tmp_path, bac
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_an_early_exit_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_model, backend):
-    """Drafts that stop inside the streamed layers (passes ending early) between full passes."""
+@pytest.mark.parametrize("draft", [dict(drafter="early-exit", depth=4), dict(drafter="skip", skip=(2, 4))],
+                         ids=["early-exit", "skip"])
+def test_a_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_model, backend, draft):
+    """Drafts that stop inside the streamed layers (passes ending early), or pass over streamed
+    layers (the ring copies only the layers run), between full passes; on the GPU each kind of
+    pass is a captured graph replayed whatever ran before it."""
     from workers.engine.engine import Engine
     from workers.engine.sampling import SamplingParams
     from workers.engine.speculation import Speculation
@@ -364,10 +368,12 @@ def test_an_early_exit_draft_through_streamed_layers_gives_the_plain_tokens(requ
     resident = Engine(deep_model, **kw)
     streamed = Engine(deep_model, vram_budget=streaming_budget(resident, 1, 2), n_buffers=2, **kw)
     assert streamed.placement.tiers.count("vram") == 1
+    assert streamed.resident_layers == (0,) and resident.resident_layers == tuple(range(6))
+    assert Speculation(3, "early-exit").drafters(6, streamed.resident_layers)["early-exit"] == (0,)  # the default draft
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     prompt = [5, 17, 99, 4, 23, 5, 17, 99]
     plain = [e.token_id for e in resident.generate(prompt, params)]
-    assert [e.token_id for e in streamed.generate(prompt, params, Speculation(3, "early-exit", depth=4))] == plain
+    assert [e.token_id for e in streamed.generate(prompt, params, Speculation(3, **draft))] == plain
     assert streamed.last_speculation.passes > 0
 
 

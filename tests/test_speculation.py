@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from workers.engine.engine import Engine
+from workers.engine.draft_policy import PROBE_FIRST, DraftPolicy, expected_tokens
+from workers.engine.engine import Engine, Sequence
 from workers.engine.sampling import SamplingParams
+from workers.engine.skip_calibration import calibrate, load_skip_set, score, write
 from workers.engine.speculation import Speculation, accept_sampled, lookup_proposal
+from workers.model.gguf_file import GGUFFile
+from workers.model.synthetic import rewrite_model
 
 REPEATING = [5, 17, 99, 4, 23, 5, 17, 99, 4, 23, 5, 17, 99]  # lookup finds something to propose
 
@@ -23,13 +29,17 @@ def run(engine, prompt, speculation=None, **params):
     return [(e.token_id, e.text, e.finish_reason) for e in events]
 
 
-@pytest.mark.parametrize("spec", [Speculation(1), Speculation(4), Speculation(3, "early-exit"),
-                                  Speculation(5, "early-exit", depth=1)], ids=repr)
+SPECS = [Speculation(1), Speculation(4), Speculation(3, "early-exit"), Speculation(5, "early-exit", depth=1),
+         Speculation(3, "skip", skip=(0,)), Speculation(2, "auto", skip=(1,)), Speculation(None),
+         Speculation(None, "auto", skip=(0,))]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_speculative_greedy_gives_the_plain_greedy_tokens(engine, spec):
-    plain = run(engine, REPEATING)
-    assert run(engine, REPEATING, spec) == plain
+    plain = run(engine, REPEATING, max_tokens=40)
+    assert run(engine, REPEATING, spec, max_tokens=40) == plain
     stats = engine.last_speculation
-    assert stats.passes > 0 and stats.accepted <= stats.drafted
+    assert stats.passes > 0 and stats.accepted <= stats.drafted  # auto probes within 40 tokens at least
     assert engine.blocks.free_blocks == engine.blocks.num_blocks  # rejected tails and the request gave their blocks back
 
 
@@ -59,12 +69,15 @@ def test_logprob_and_penalized_requests_decode_plainly(engine):
     assert engine.last_speculation.passes == 0
 
 
-@pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit", depth=1)], ids=repr)
+@pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit", depth=1),
+                                  Speculation(3, "skip", skip=(0,)), Speculation(None, "auto", skip=(1,))], ids=repr)
 def test_sampled_speculation_is_reproducible_by_seed_and_ends_where_asked(engine, spec):
-    a = run(engine, REPEATING, spec, temperature=0.9, top_k=20, seed=7, max_tokens=20)
+    a = run(engine, REPEATING, spec, temperature=0.9, top_k=20, seed=7, max_tokens=30)
+    choices = engine.last_speculation.choices
     assert engine.last_speculation.passes > 0
-    assert run(engine, REPEATING, spec, temperature=0.9, top_k=20, seed=7, max_tokens=20) == a
-    assert len(a) == 20 and a[-1][2] == "length"
+    assert run(engine, REPEATING, spec, temperature=0.9, top_k=20, seed=7, max_tokens=30) == a
+    assert engine.last_speculation.choices == choices  # the adaptive choices too
+    assert len(a) == 30 and a[-1][2] == "length"
     assert engine.blocks.free_blocks == engine.blocks.num_blocks
 
 
@@ -119,13 +132,108 @@ def test_bad_speculation_settings_are_refused():
         Speculation(2, "medusa")
     with pytest.raises(ValueError, match="draft layers"):
         Speculation(2, "early-exit", depth=0)
+    with pytest.raises(ValueError, match="needs a skip set"):
+        Speculation(2, "skip")
+    with pytest.raises(ValueError, match="must leave at least one"):
+        Speculation(2, "skip", skip=(0, 1)).drafters(2)
+    with pytest.raises(ValueError, match="out of range: \\[5\\]"):
+        Speculation(2, "skip", skip=(5,)).drafters(2)
     assert lookup_proposal([1, 2, 3, 1, 2], k=4) == [3, 1, 2]
 
 
+SKIP_SET = Path(__file__).resolve().parents[1] / "tools" / "data" / "skip_qwen2.5-coder-0.5b.json"
+
+
 @pytest.mark.real_model
-@pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit", depth=6)], ids=repr)
+@pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit", depth=6),
+                                  Speculation(3, "skip", skip=load_skip_set(SKIP_SET, 24, 6)),
+                                  Speculation(None, "auto", skip=load_skip_set(SKIP_SET, 24))], ids=repr)
 def test_speculation_on_the_real_model_gives_the_plain_greedy_tokens(real_engine, spec):
     prompt = real_engine.prompt_ids('def fizzbuzz(n):\n    """Return "Fizz", "Buzz", "FizzBuzz" or str(n)."""\n')
     plain = run(real_engine, prompt, max_tokens=32)
     assert run(real_engine, prompt, spec, max_tokens=32) == plain
     assert real_engine.last_speculation.passes < 32
+
+
+def test_a_forward_over_a_subset_of_layers_is_the_model_without_the_others(engine, tiny_model, tmp_path):
+    """forward(layers=(1,)) against the whole model with layer 0's output products zeroed (the
+    layer then adds nothing to the residual stream): a reference that does not skip anything."""
+    src = GGUFFile(tiny_model("llama"))
+    tensors = dict(src.tensors)
+    for name in ("blk.0.attn_output.weight", "blk.0.ffn_down.weight"):
+        t = tensors[name]
+        tensors[name] = (np.zeros_like(np.asarray(t.data)), t.qtype)
+    zeroed = Engine(rewrite_model(tmp_path / "zeroed.gguf", src.metadata, tensors), max_context=256)
+
+    def logits(e, layers=None):
+        seq = Sequence(list(REPEATING))
+        e.reserve([(seq, len(REPEATING))])
+        try:
+            return e.forward([(seq, len(REPEATING))], all_logits=True, layers=layers)
+        finally:
+            e.release(seq)
+
+    want, got = logits(zeroed), logits(engine, layers=(1,))
+    assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+    assert np.max(np.abs(logits(engine) - want)) > 1e-2 * np.max(np.abs(want))  # layer 0 matters
+    with pytest.raises(ValueError, match="ascending distinct"):
+        logits(engine, layers=(1, 0))
+
+
+def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does():
+    spec = Speculation(None, "auto", skip=(1,))
+    cheap = DraftPolicy(spec, spec.drafters(4), {"lookup": 0.0, "early-exit": 0.5, "skip": 0.8}, verify_cost=1.0)
+    first = cheap.next()
+    assert first.drafter == "lookup" and first.k == 16  # free drafts, free rows: as many as allowed
+    for _ in range(6):  # lookup rejected at once, early exit kept in full
+        cheap.update("lookup", 4, 0)
+        cheap.update("early-exit", 3, 3)
+    c = cheap.next()
+    assert c.drafter == "early-exit" and c.layers == (0,) and c.k > 1
+    costly = DraftPolicy(Speculation(None, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost=2.1)
+    choices = [costly.next() for _ in range(PROBE_FIRST + 1)]
+    assert choices[:PROBE_FIRST] == [None] * PROBE_FIRST and choices[-1].drafter == "lookup"  # a probe
+    choices = [costly.next() for _ in range(2 * PROBE_FIRST + 1)]
+    assert choices.count(None) == 2 * PROBE_FIRST  # the wait doubled
+    for _ in range(10):
+        costly.update("lookup", 8, 8)
+    assert costly.next() is not None  # a drafter that is always right pays even at 2.1 steps a pass
+    fixed = DraftPolicy(Speculation(3, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost=2.1)
+    assert fixed.next().k == 3  # a fixed k always speculates
+
+
+def test_expected_tokens_is_the_geometric_sum():
+    for a, k in ((0.3, 4), (0.9, 1), (0.0, 5)):
+        assert expected_tokens(a, k) == pytest.approx(sum(a ** i for i in range(k + 1)))
+    assert expected_tokens(1.0, 3) == 4
+
+
+def test_calibration_skips_the_layer_whose_absence_hurts_least_and_round_trips(engine, tmp_path):
+    ids = REPEATING * 2
+    result = calibrate(engine, ids, fraction=0.5)
+    n = engine.config.n_layers
+
+    def read(layers):
+        seq = Sequence(list(ids))
+        engine.reserve([(seq, len(ids))])
+        try:
+            x = engine.forward([(seq, len(ids))], all_logits=True, layers=layers).astype(np.float64)
+        finally:
+            engine.release(seq)
+        return x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+
+    ref = read(None)
+    scores = {i: score(ref, read(tuple(j for j in range(n) if j != i))) for i in range(n)}
+    best = min(scores, key=lambda i: (-scores[i][0], scores[i][1], i))
+    assert result["skip"] == [best] and result["order"][0]["agreement"] == pytest.approx(scores[best][0], abs=1e-4)
+    assert scores[0] != scores[1]
+    path = tmp_path / "skip.json"
+    write(path, result, "inline")
+    assert load_skip_set(path, n) == (best,)
+    with pytest.raises(ValueError, match="calibrated for 2 layers; this model has 24"):
+        load_skip_set(path, 24)
+    path.write_text("{}")
+    with pytest.raises(ValueError, match="not a calibrate-skip file"):
+        load_skip_set(path, n)
+    with pytest.raises(ValueError, match="skip fraction"):
+        calibrate(engine, ids, fraction=1.0)

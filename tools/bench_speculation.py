@@ -3,11 +3,14 @@
 decode tok/s with speculation against without, on tools/data/speculation_prompts.json.
 
     PYTHONPATH=. python tools/bench_speculation.py [--model M] [--backend numpy|cupy]
-        [--configs plain,lookup:4,early-exit:3:6] [--tokens-code 48 --tokens-prose 32]
-        [--temperature 0.7] [--json OUT]
+        [--configs plain,lookup:4,early-exit:3:6,skip:3:12,auto:auto] [--skip-set FILE]
+        [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
 
-A config is plain, lookup:K or early-exit:K:D (K drafted tokens, D layers). Code prompts are
+A config is plain or DRAFTER:K[:N]: K drafted tokens (auto: chosen per pass, plain steps
+included), DRAFTER lookup, early-exit (N layers run), skip (the first N layers of --skip-set's
+calibration order passed over; without N its chosen set) or auto (among lookup, early exit
+after a quarter of the layers, and --skip-set's set). Code prompts are
 raw completions, prose prompts chat messages; every config decodes every prompt greedily and
 its tokens are compared with plain decoding (a mismatch is counted and printed; with
 --temperature, tokens are drawn with the prompt's index as seed and not compared). Decode
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +33,21 @@ sys.path.insert(0, str(REPO))
 
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
+from workers.engine.skip_calibration import load_skip_set  # noqa: E402
 from workers.engine.speculation import Speculation  # noqa: E402
 from workers.model import store as model_store  # noqa: E402
 
 
-def parse_config(text: str) -> Speculation | None:
+def parse_config(text: str, skip_set: str | None, n_layers: int) -> Speculation | None:
     if text == "plain":
         return None
-    name, *nums = text.split(":")
-    return Speculation(int(nums[0]), name, int(nums[1]) if len(nums) > 1 else None)
+    name, k, *arg = text.split(":")
+    k = None if k == "auto" else int(k)
+    n = int(arg[0]) if arg else None
+    if name == "early-exit":
+        return Speculation(k, name, depth=n)
+    skip = load_skip_set(skip_set, n_layers, n) if skip_set and name in ("skip", "auto") else None
+    return Speculation(k, name, skip=skip)
 
 
 def matmul_rows() -> None:
@@ -66,6 +76,7 @@ def main() -> int:
     ap.add_argument("--tokens-prose", type=int, default=32)
     ap.add_argument("--prompts", type=int, help="the first N prompts of each set (default: all)")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--skip-set", help="a calibrate-skip JSON file (skip and auto configs)")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
     args = ap.parse_args()
@@ -80,8 +91,9 @@ def main() -> int:
     rows, plain_ids = [], {}
     for set_name, ids_list in prompts.items():
         for config in args.configs.split(","):
-            spec = parse_config(config)
-            decode_tokens = decode_s = passes = accepted = drafted = mismatches = 0
+            spec = parse_config(config, args.skip_set, engine.config.n_layers)
+            decode_tokens = decode_s = passes = accepted = drafted = mismatches = plain_steps = 0
+            choices = Counter()
             for i, ids in enumerate(ids_list):
                 params = SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature, seed=i,
                                         ignore_eos=True)
@@ -90,6 +102,8 @@ def main() -> int:
                 decode_tokens += t.decode_tokens
                 decode_s += t.decode_s
                 passes, accepted, drafted = passes + s.passes, accepted + s.accepted, drafted + s.drafted
+                plain_steps += s.plain_steps
+                choices.update(s.choices)
                 if spec is None:
                     plain_ids[(set_name, i)] = out
                 elif args.temperature == 0 and (set_name, i) in plain_ids and out != plain_ids[(set_name, i)]:
@@ -99,16 +113,20 @@ def main() -> int:
                    "decode_tok_s": decode_tokens / decode_s,
                    "tokens_per_pass": (accepted + passes) / passes if passes else 1.0,
                    "acceptance": accepted / drafted if drafted else None, "mismatches": mismatches,
+                   "plain_steps": plain_steps, "passes": passes,
+                   "choices": {f"{d}:{k}": n for (d, k), n in sorted(choices.items())},
                    "prompts": len(ids_list), "tokens": tokens[set_name]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     base = {r["set"]: r["decode_tok_s"] for r in rows if r["config"] == "plain"}
-    print("\n| set | config | tokens a pass | acceptance | decode tok/s | vs plain | differs from plain |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| set | config | tokens a pass | acceptance | passes / plain steps | decode tok/s | vs plain | "
+          "differs from plain |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         ratio = r["decode_tok_s"] / base[r["set"]] if r["set"] in base else float("nan")
-        print(f"| {r['set']} | {r['config']} | {r['tokens_per_pass']:.2f} | {acc} | {r['decode_tok_s']:.2f} | "
+        print(f"| {r['set']} | {r['config']} | {r['tokens_per_pass']:.2f} | {acc} | {r['passes']} / {r['plain_steps']} | "
+              f"{r['decode_tok_s']:.2f} | "
               f"{ratio:.2f}x | {r['mismatches']} of {r['prompts']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -3,7 +3,8 @@
 For each sequence it returns the tokens that followed the latest earlier occurrence of the
 sequence's last n-gram (shorter n-grams as fallback): free, and strong on code and quoted
 text. Nothing calls it yet: `Engine.generate` drafts and verifies in the ComputeWorker's own
-process (workers/engine/speculation.py); this actor is where the drafting policy moves when
+process (workers/engine/speculation.py), its drafter and k chosen per pass by a DraftPolicy
+(workers/engine/draft_policy.py); this actor is where that policy moves, one per sequence, when
 the server speculates.
 """
 

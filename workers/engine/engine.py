@@ -22,6 +22,7 @@ from kernels.ops import LogitBias
 from workers.engine.block_manager import BlockManager
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache
+from workers.engine.draft_policy import DraftPolicy
 from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
 from workers.engine.speculation import Speculation, verify
@@ -220,15 +221,16 @@ class Engine:
             self.blocks.reserve(seq, seq.num_cached + n)
 
     def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
-                rows: np.ndarray | None = None, layers: int | None = None) -> np.ndarray:
+                rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None) -> np.ndarray:
         """Feed each sequence its next n uncached tokens, all in one pass.
 
         Their KV blocks must be reserved (`self.blocks`) for the tokens they will hold.
         Returns float32 logits on the host: the last new row of each sequence, with
         all_logits every new row in batch order, or the given rows of the flat batch of new
         tokens. With device=True they stay a backend array (valid until the next forward),
-        for `ops.argmax` / `ops.sample` / `ops.log_likelihood` on the device. With `layers`,
-        the logits of the first that many layers (an early-exit draft; only their KV is cached).
+        for `ops.argmax` / `ops.sample` / `ops.log_likelihood` on the device. With `layers`
+        (ascending layer indices), the logits of those layers only, the others passed over (a
+        draft: `range(d)` exits early, a calibrated subset skips; only their KV is written).
         """
         step = self._plan(work)
         if rows is not None:
@@ -240,15 +242,27 @@ class Engine:
             seq.num_cached += n
         return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
 
-    def _forward(self, layers: int | None):
-        """The model's step, or its first `layers` layers' (a step of its own to a backend that
-        captures steps: `graph_key`)."""
-        if layers is None or layers >= self.config.n_layers:
+    def _forward(self, layers: tuple[int, ...] | None):
+        """The model's step, or that of a subset of its layers (a step of its own to a backend
+        that captures steps: `graph_key` names the subset)."""
+        n = self.config.n_layers
+        if layers is None:
+            return self.model.forward
+        layers = tuple(layers)
+        if not layers or any(not 0 <= i < n for i in layers) or any(a >= b for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"layers must be ascending distinct indices in [0, {n}), got {list(layers)}")
+        if len(layers) == n:
             return self.model.forward
         forward = functools.partial(self.model.forward, layers=layers)
         forward.graph_key = ("layers", layers)
-        forward.layers_run = range(layers)  # a streamed model's ring copies only these (kernels/layer_ring.py)
+        forward.layers_run = layers  # a streamed model's ring copies only these (kernels/layer_ring.py)
         return forward
+
+    @property
+    def resident_layers(self) -> tuple[int, ...]:
+        """The layers that stay on the device (every layer unless the placement streams some):
+        the draft set that moves no bytes over the link."""
+        return tuple(i for i, tier in enumerate(self.placement.tiers) if tier == "vram")
 
     def greedy_decode(self, seqs: list[Sequence]) -> Iterator[np.ndarray]:
         """Greedy decode of seqs (each with its last token not yet cached), one step per item:
@@ -421,7 +435,8 @@ class Engine:
         """Stream one completion. The last event carries finish_reason. With speculation, a
         completion without logprobs or penalties decodes speculatively (workers/engine/
         speculation.py): greedy, the same tokens; sampled, tokens of the same distribution
-        from the request's generator; several a pass."""
+        from the request's generator; several a pass. Its drafter and k are chosen pass by
+        pass when speculation says auto (workers/engine/draft_policy.py)."""
         if speculation is not None and params.constrained:
             # a draft is verified against the raw distribution; masking it is not implemented
             raise ValueError("speculative decoding cannot run with a grammar or a logit_bias")
@@ -444,18 +459,23 @@ class Engine:
             t0 = time.perf_counter()
             steps = self.greedy_decode([c.seq]) if ahead else None
             kept: list[int] = []  # a speculative pass's tokens not handed out yet
+            policy = DraftPolicy.for_engine(self, speculation) if speculate else None
             while True:
                 event = c.advance(*picked)
                 yield event
                 if event.finish_reason is not None:
                     return
-                if speculate:
+                choice = policy.next() if policy is not None and not kept else None
+                if kept or choice is not None:
                     if not kept:
-                        kept = verify(self, c.seq, speculation, c.budget - c.generated, spec_stats, c.sampler)
+                        kept, drafted = verify(self, c.seq, choice.drafter, choice.layers, choice.k,
+                                               c.budget - c.generated, spec_stats, c.sampler)
+                        policy.update(choice.drafter, drafted, len(kept) - 1)
                     picked = (kept.pop(0), None, None)
                 elif steps is not None:
                     picked = (int(next(steps)[0]), None, None)
                 else:
+                    spec_stats.plain_steps += policy is not None
                     self.reserve([(c.seq, 1)])
                     picked = self.sample(self.forward([(c.seq, 1)], device=True), [c.sampler])[0]
                 timings.decode_tokens += 1

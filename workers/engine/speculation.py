@@ -13,18 +13,25 @@ keeps m + 1 tokens costs about what a pass that keeps one does. Drafters:
 - lookup: the tokens that followed the latest earlier occurrence of the sequence's last
   n-gram (no model; strong on code and quoted text);
 - early exit: the model's first d layers, then its final norm and output head, one token at
-  a time (with streaming, the resident layers). Their KV for the drafted positions is what
-  the verifying pass writes again, so nothing is recomputed after a rejection.
-Rejected tokens leave the sequence and their KV blocks go back (BlockManager.trim).
+  a time (with streaming, the resident layers);
+- skip: the model with a calibrated set of layers passed over by the residual stream (Draft &
+  Verify, SWIFT; the set from `ntr calibrate-skip`, workers/engine/skip_calibration.py).
+Both model drafters are `Engine.forward(layers=...)` over a subset of the layers (early exit a
+prefix of them). The KV they write for the drafted positions is what the verifying pass writes
+again in every layer, so nothing is recomputed after a rejection. Rejected tokens leave the
+sequence and their KV blocks go back (BlockManager.trim). With `k=None` or drafter "auto" the
+drafter and k are chosen per pass from the sequence's measured acceptance
+(workers/engine/draft_policy.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import numpy as np
 
-DRAFTERS = ("lookup", "early-exit")
+DRAFTERS = ("lookup", "early-exit", "skip")  # "auto" chooses among them (draft_policy.py)
 
 
 def lookup_proposal(token_ids: list[int], k: int, ngram: int = 3) -> list[int]:
@@ -39,17 +46,41 @@ def lookup_proposal(token_ids: list[int], k: int, ngram: int = 3) -> list[int]:
 
 @dataclass(frozen=True)
 class Speculation:
-    k: int  # tokens drafted per pass
-    drafter: str = "lookup"
-    depth: int | None = None  # early exit: layers the drafter runs (default: a quarter of them)
+    k: int | None  # tokens drafted per pass; None ("auto"): chosen per pass, plain steps included
+    drafter: str = "lookup"  # one of DRAFTERS, or "auto"
+    depth: int | None = None  # early exit: layers the drafter runs (default: the resident ones when
+    # layers stream, else a quarter of them)
+    skip: tuple[int, ...] | None = None  # skip: the layers the drafter passes over
 
     def __post_init__(self):
-        if not 1 <= self.k <= 16:
-            raise ValueError(f"speculate must be in [1, 16] drafted tokens, got {self.k}")
-        if self.drafter not in DRAFTERS:
-            raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}")
+        if self.k is not None and not 1 <= self.k <= MAX_K:
+            raise ValueError(f"speculate must be in [1, {MAX_K}] drafted tokens, got {self.k}")
+        if self.drafter not in (*DRAFTERS, "auto"):
+            raise ValueError(f"unknown drafter {self.drafter!r}; choose one of {', '.join(DRAFTERS)}, auto")
         if self.depth is not None and self.depth < 1:
             raise ValueError(f"draft layers must be >= 1, got {self.depth}")
+        if self.drafter == "skip" and self.skip is None:
+            raise ValueError("the skip drafter needs a skip set (--skip-set FILE from ntr calibrate-skip)")
+
+    def drafters(self, n_layers: int, resident: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...] | None]:
+        """The drafters this may use, each with the layers it runs (None: lookup, no model);
+        resident: the layers that stay on the device (`Engine.resident_layers`), the early-exit
+        draft by default when they are a proper prefix (the others stream)."""
+        names = [self.drafter] if self.drafter != "auto" else [d for d in DRAFTERS if d != "skip" or self.skip]
+        depth = self.depth or max(1, n_layers // 4)
+        if self.depth is None and resident and len(resident) < n_layers and resident == tuple(range(len(resident))):
+            depth = len(resident)
+        layers = {"lookup": None, "early-exit": tuple(range(min(depth, n_layers)))}
+        if self.skip is not None:
+            bad = [i for i in self.skip if not 0 <= i < n_layers]
+            if bad or len(set(self.skip)) >= n_layers:
+                raise ValueError(f"skip set {list(self.skip)} must leave at least one of the model's {n_layers} "
+                                 f"layers (out of range: {bad})")
+            layers["skip"] = tuple(i for i in range(n_layers) if i not in set(self.skip))
+        return {name: layers[name] for name in names}
+
+
+MAX_K = 16
 
 
 @dataclass
@@ -57,28 +88,29 @@ class Stats:
     passes: int = 0  # verifying passes
     drafted: int = 0
     accepted: int = 0
+    plain_steps: int = 0  # decode steps an adaptive run took without a draft
+    choices: Counter = field(default_factory=Counter)  # passes by (drafter, k)
 
     @property
     def tokens_per_pass(self) -> float:
         return (self.accepted + self.passes) / self.passes if self.passes else 0.0
 
 
-def draft(engine, seq, spec: Speculation, limit: int, sampler=None) -> tuple[list[int], list | None]:
-    """Up to min(k, limit) proposed tokens after seq (whose last token is not cached yet) and,
-    when a sampler draws them (early exit, temperature > 0), the drafter's distribution for
-    each (None: each proposal was certain). seq is as it was when this returns."""
-    k = min(spec.k, limit)
+def draft(engine, seq, layers: tuple[int, ...] | None, k: int, sampler=None) -> tuple[list[int], list | None]:
+    """Up to k proposed tokens after seq (whose last token is not cached yet) by lookup (layers
+    None) or by the model's `layers` and, when a sampler draws them (temperature > 0), the
+    drafter's distribution for each (None: each proposal was certain). seq is as it was when
+    this returns."""
     if k <= 0:
         return [], None
-    if spec.drafter == "lookup":
+    if layers is None:
         return lookup_proposal(seq.token_ids, k), None
-    depth = spec.depth or max(1, engine.config.n_layers // 4)
     sampled = sampler is not None and not sampler.params.greedy
     proposed, q_rows, start, cached = [], [], len(seq.token_ids), seq.num_cached
     try:
         for _ in range(k):
             engine.reserve([(seq, 1)])
-            logits = engine.forward([(seq, 1)], layers=depth)[-1]
+            logits = engine.forward([(seq, 1)], layers=layers)[-1]
             if sampled:
                 q_rows.append(sampler.distribution(logits))
                 token = int(sampler.rng.choice(len(q_rows[-1]), p=q_rows[-1]))
@@ -107,11 +139,13 @@ def accept_sampled(p_rows: np.ndarray, q_rows: list | None, proposed: list[int],
     return proposed + [int(rng.choice(vocab, p=p_rows[-1]))]
 
 
-def verify(engine, seq, spec: Speculation, limit: int, stats: Stats, sampler=None) -> list[int]:
-    """A draft and one pass over it: the kept proposals and the model's token after them (1..k+1
-    tokens, at most limit), greedy or drawn by `sampler` (no penalties). seq then caches its
-    last token and the kept ones, which the caller appends (with the last, not cached yet)."""
-    proposed, q_rows = draft(engine, seq, spec, limit - 1, sampler)
+def verify(engine, seq, drafter: str, layers: tuple[int, ...] | None, k: int, limit: int, stats: Stats,
+           sampler=None) -> tuple[list[int], int]:
+    """A draft of up to k tokens (`draft`) and one pass over it: the kept proposals and the
+    model's token after them (1..k+1 tokens, at most limit), greedy or drawn by `sampler` (no
+    penalties), and how many were drafted. seq then caches its last token and the kept ones,
+    which the caller appends (with the last, not cached yet)."""
+    proposed, q_rows = draft(engine, seq, layers, min(k, limit - 1), sampler)
     n = len(proposed) + 1
     base = seq.num_cached  # seq's last token, at base, is not cached yet
     seq.token_ids.extend(proposed)
@@ -134,4 +168,5 @@ def verify(engine, seq, spec: Speculation, limit: int, stats: Stats, sampler=Non
     stats.passes += 1
     stats.drafted += len(proposed)
     stats.accepted += m
-    return kept
+    stats.choices[drafter, k] += 1
+    return kept, len(proposed)

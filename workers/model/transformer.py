@@ -53,15 +53,20 @@ class Transformer:
                      bqkv=vector("bq", "bk", "bv") if self.config.qkv_bias else None, wo=wo,
                      ffn_norm=vector("ffn_norm"), w_gate_up=w_gate_up, w_down=w_down)
 
-    def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]], layers: int | None = None) -> Array:
+    def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]], layers: tuple[int, ...] | None = None) -> Array:
         """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None); with
-        `layers`, of the first that many layers only (the early-exit drafter)."""
+        `layers` (ascending indices), of those layers only, the others passed over by the
+        residual stream (a draft: the first d layers, or a calibrated subset). Only the layers
+        run write KV; a streamed model's pass copies only their bytes (the backend is told
+        which: Engine._forward), so a draft is cheap under streaming when it runs resident
+        layers only."""
         ops, c = self.ops, self.config
         n = len(step.tokens)
         scale = 1.0 / float(np.sqrt(c.head_dim))
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         x = ops.embedding(self.embed, step)
-        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers[:layers], kv_caches)):
+        for i in range(c.n_layers) if layers is None else layers:
+            layer, (k_cache, v_cache) = self.layers[i], kv_caches[i]
             ops.begin_layer(i)
             h = ops.rmsnorm(x, layer.attn_norm, c.rms_eps)
             qkv = ops.matmul_add(h, layer.wqkv, layer.bqkv) if c.qkv_bias else ops.matmul(h, layer.wqkv)

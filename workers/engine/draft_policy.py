@@ -1,0 +1,99 @@
+"""Adaptive speculation: which drafter, and how many tokens, each pass of one sequence drafts,
+from the acceptance that sequence has measured (`--speculate auto`, `--drafter auto`).
+
+The rule. Each drafter d has a per-token acceptance estimate a_d = (hits + 1) / (hits +
+misses + 2): a pass that drafted n tokens and kept m adds m hits and, if m < n, one miss (a
+draft is kept up to its first rejection, so this is the geometric model's estimate), both
+decayed by DECAY a pass so the estimate follows the sequence. A pass of d with k tokens is
+expected to give (1 - a^(k+1)) / (1 - a) tokens and to cost, in plain decode steps,
+verify_cost (a pass over 2..k+1 rows; 1 when nothing was drafted) + k * draft_cost(d), where
+draft_cost is the share of the model's weights the drafter's layers and the head hold (0 for
+lookup). The next pass takes the (d, k) with the most tokens per cost (ties: the earlier
+drafter in DRAFTERS order, then the smaller k). With a fixed k only d is chosen; with auto k,
+when no (d, k) beats a plain step (1 token per cost 1) the step is plain, and after
+PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its estimate,
+the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock or a
+random number: given the request's seed the choices, like the tokens, are reproducible.
+
+It is a plain object of the engine layer so that `Engine.generate` uses it per request and
+the DraftWorker can own one per sequence when the server speculates (its acceptance counts
+are what it would export as metrics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.engine.speculation import MAX_K, Speculation
+
+# A verifying pass of 2..17 rows, in decode steps of the same backend. numpy: measured on the
+# 2-core development machine (docs/benchmarks.md: lookup k=4 at 1.08 tokens a pass ran at 0.52x
+# of plain decode, so a pass cost 2.1 steps; OpenBLAS's small-M GEMM costs 3.5-4x its GEMV).
+# cupy: a decode step reads every weight once whatever its rows (a prediction; the issue's
+# "verify-pass time for 1..16 tokens" on the H200 is the number to put here).
+VERIFY_COST = {"numpy": 2.1, "cupy": 1.0}
+DECAY = 0.8
+PROBE_FIRST, PROBE_MAX = 8, 64
+
+
+@dataclass(frozen=True)
+class Choice:
+    drafter: str
+    layers: tuple[int, ...] | None  # the layers the drafter runs (None: lookup)
+    k: int
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens a pass of k drafts gives when each is kept with probability a after the previous."""
+    return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+class DraftPolicy:
+    def __init__(self, spec: Speculation, drafters: dict[str, tuple[int, ...] | None], draft_cost: dict[str, float],
+                 verify_cost: float):
+        """drafters: `spec.drafters(...)`; draft_cost: each one's cost per drafted token in
+        decode steps; verify_cost: a verifying pass's, in decode steps."""
+        self.k = spec.k
+        self.drafters = drafters
+        self.draft_cost, self.verify_cost = draft_cost, verify_cost
+        self.hits = dict.fromkeys(self.drafters, 0.0)
+        self.misses = dict.fromkeys(self.drafters, 0.0)
+        self.plain_run, self.probe_after = 0, PROBE_FIRST
+
+    @classmethod
+    def for_engine(cls, engine, spec: Speculation) -> "DraftPolicy":
+        """Costs from the engine's model (its layers' and head's weights) and backend."""
+        sizes = engine.placement.sizes
+        drafters = spec.drafters(engine.config.n_layers, engine.resident_layers)
+        total = sum(sizes.layer_params) + sizes.head_params
+        costs = {name: 0.0 if layers is None else (sum(sizes.layer_params[i] for i in layers) + sizes.head_params) / total
+                 for name, layers in drafters.items()}
+        return cls(spec, drafters, costs, VERIFY_COST.get(engine.ops.name, 1.0))
+
+    def acceptance(self, drafter: str) -> float:
+        return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)
+
+    def rate(self, drafter: str, k: int) -> float:
+        """Expected tokens per decode step's cost of a pass of k tokens by drafter."""
+        return expected_tokens(self.acceptance(drafter), k) / (self.verify_cost + k * self.draft_cost[drafter])
+
+    def next(self) -> Choice | None:
+        """The next pass's drafter and k, or None for a plain decode step."""
+        ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
+        best_rate, name, k = max(((self.rate(d, k), d, k) for d in self.drafters for k in ks),
+                                 key=lambda r: r[0])  # max keeps the first of equals
+        if self.k is None and best_rate <= 1.0:
+            self.plain_run += 1
+            if self.plain_run <= self.probe_after:
+                return None
+            self.plain_run, self.probe_after = 0, min(2 * self.probe_after, PROBE_MAX)
+        elif self.k is None:
+            self.plain_run, self.probe_after = 0, PROBE_FIRST
+        return Choice(name, self.drafters[name], k)
+
+    def update(self, drafter: str, drafted: int, accepted: int) -> None:
+        """A pass's outcome: `accepted` of `drafted` proposals kept."""
+        if drafted == 0:
+            return
+        self.hits[drafter] = DECAY * self.hits[drafter] + accepted
+        self.misses[drafter] = DECAY * self.misses[drafter] + (1.0 if accepted < drafted else 0.0)
