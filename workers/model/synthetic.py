@@ -171,6 +171,22 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
     return path
 
 
+def write_vocab_only(source: str | Path, path: str | Path) -> Path:
+    """A vocab-only GGUF (the architecture and tokenizer.* metadata, no tensors) from a model
+    file, as llama.cpp's ggml-vocab-*.gguf are: Gemma 3's tokenizer for its synthetic replicas,
+    taken from the 270M file."""
+    path, md = Path(path), GGUFFile(source).metadata
+    w = GGUFWriter(str(path), md["general.architecture"])
+    for key, value in md.items():
+        if key.startswith("tokenizer."):
+            add_field(w, key, value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def add_field(w: GGUFWriter, key: str, value) -> None:
     """Write a metadata value as GGUFFile read it (plain Python types)."""
     if isinstance(value, bool):
