@@ -14,9 +14,9 @@ TINY_SHAPES = {
     "llama": Shape("llama", n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=512, context_length=512),
     "qwen2": Shape("qwen2", n_layers=2, d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=512,
                    rope_base=1_000_000.0, context_length=512),
-    # 7 layers: layer 5 is global, the others slide over 8 keys; head_dim 128 is not d_model / n_heads
+    # 7 layers: layer 5 is global, the others slide over 8 keys; head_dim 64 is not d_model / n_heads
     "gemma3": Shape("gemma3", n_layers=7, d_model=256, n_heads=2, n_kv_heads=1, ffn_dim=512,
-                    rope_base=1_000_000.0, context_length=512, tied_embeddings=True, head_dim=128, sliding_window=8),
+                    rope_base=1_000_000.0, context_length=512, tied_embeddings=True, head_dim=64, sliding_window=8),
 }
 TINY_VOCAB = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.gguf", "gemma3": "ggml-vocab-llama-spm.gguf"}
 
