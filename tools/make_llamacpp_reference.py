@@ -195,8 +195,7 @@ def greedy(llm, prompt_ids, n_vocab, n_new):
 
 
 def score(llm_all, ids, top_k):
-    """One batched decode of `ids` with logits for every position."""
-    assert len(ids) <= llm_all.n_batch, "teacher-forced eval must be one batch"
+    """Decode of `ids` in batches of n_batch (one batch by default) with logits for every position."""
     llm_all.reset()
     llm_all.eval(ids)
     logits = np.array(llm_all.scores[: len(ids), :], dtype=np.float32, copy=True)
@@ -219,6 +218,9 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="qwen")
+    ap.add_argument("--n-batch", type=int, default=N_BATCH,
+                    help="tokens per llama_decode (1: token by token, where a build's batched CPU "
+                         "kernels crash, as the AMX_INT8 build of 2026-12-03 here did)")
     args = ap.parse_args(argv)
     prompts, (min_len, max_len), top_k = PROMPT_SETS[args.prompt_set]
 
@@ -227,7 +229,7 @@ def main(argv=None):
 
     t0 = time.time()
     model_sha = sha256_file(args.model)
-    common = dict(model_path=args.model, n_ctx=N_CTX, n_batch=N_BATCH,
+    common = dict(model_path=args.model, n_ctx=N_CTX, n_batch=args.n_batch, n_ubatch=args.n_batch,
                   n_threads=args.threads, n_threads_batch=args.threads,
                   seed=SEED, verbose=False)
     # Generation instance: plain llama.cpp usage (logits only for the last
@@ -319,7 +321,7 @@ def main(argv=None):
         },
         "llama_params": {
             "n_ctx": N_CTX,
-            "n_batch": N_BATCH,
+            "n_batch": args.n_batch,
             "n_threads": args.threads,
             "n_threads_batch": args.threads,
             "seed": SEED,
@@ -351,9 +353,9 @@ def main(argv=None):
                           "continues, so there are always exactly n_greedy ids.",
             "greedy_text": "detokenize(greedy_ids, prev_tokens=prompt_ids, "
                            "special=True), invalid UTF-8 replaced; informational.",
-            "positions": "Separate Llama(logits_all=True): reset, then one "
-                         "eval()/llama_decode of prompt_ids+greedy_ids as a single "
-                         "batch with logits for every token. positions[p] "
+            "positions": "Separate Llama(logits_all=True): reset, then "
+                         "eval()/llama_decode of prompt_ids+greedy_ids in batches of "
+                         "llama_params.n_batch tokens with logits for every token. positions[p] "
                          "(p = 0..len-1) holds the logits after token p, i.e. "
                          "predicting token p+1 (the last one predicts past the "
                          "sequence). top = top_k [token_id, logit] sorted by "
