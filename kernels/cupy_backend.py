@@ -27,7 +27,7 @@ import os
 import cupy as cp
 import numpy as np
 
-from kernels.cupy import attention, products, sampling
+from kernels.cupy import attention, elementwise, products, sampling
 from kernels.cupy.elementwise import Normed, Roped, Swiglu
 from kernels.cupy.modules import Kernels
 from kernels.cupy.products import Product
@@ -179,6 +179,10 @@ class CupyBackend(Backend):
         return Swiglu(self, materialize(gate_up))
 
     @on_stream
+    def geglu(self, gate_up):
+        return elementwise.glu(self, materialize(gate_up), cp.float32, gelu=True)
+
+    @on_stream
     def rope(self, x, step: StepInputs, inv_freq, neox):
         positions = step.positions
         if step.dev is not None:
@@ -194,6 +198,10 @@ class CupyBackend(Backend):
     def add(self, a, b):
         return materialize(a) + materialize(b)
 
+    @on_stream
+    def scale(self, x, factor):
+        return materialize(x) * np.float32(factor)
+
     # --- attention ------------------------------------------------------------------
     @on_stream
     def new_kv_cache(self, num_blocks, layout: KVLayout):
@@ -201,8 +209,8 @@ class CupyBackend(Backend):
         return cp.zeros(shape, layout.dtype), cp.zeros(shape, layout.dtype)
 
     @on_stream
-    def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale):
-        return attention.attention(self, q, k, v, k_cache, v_cache, step, scale)
+    def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
+        return attention.attention(self, q, k, v, k_cache, v_cache, step, scale, window)
 
     @on_stream
     def logit_input(self, x, step: StepInputs):

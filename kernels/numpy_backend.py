@@ -16,6 +16,7 @@ from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 
 
+GELU_C = float(np.sqrt(2.0 / np.pi))
 Q8_MAX = 127 * 128  # the GPU stores q as two int8 planes, q >> 7 and q & 127 (quant_gemv_q8.cu quantize_x)
 
 
@@ -199,14 +200,23 @@ class NumpyBackend(Backend):
         gate, up = np.split(gate_up, 2, axis=-1)
         return gate / (1.0 + np.exp(-gate)) * up
 
+    def geglu(self, gate_up):
+        gate, up = np.split(gate_up, 2, axis=-1)
+        g = gate.astype(np.float64)
+        gelu = 0.5 * g * (1.0 + np.tanh(GELU_C * (g + 0.044715 * g ** 3)))
+        return (gelu * up).astype(np.float32)
+
     def add(self, a, b):
         return a + b
+
+    def scale(self, x, factor):
+        return x * np.float32(factor)
 
     def new_kv_cache(self, num_blocks, layout: KVLayout):
         shape = (num_blocks, layout.block_size, layout.n_kv_heads, layout.head_dim)
         return np.zeros(shape, layout.dtype), np.zeros(shape, layout.dtype)
 
-    def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale):
+    def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
         batch = step.batch
         n_tokens, n_heads, head_dim = q.shape
         n_kv = k.shape[1]
@@ -219,13 +229,19 @@ class NumpyBackend(Backend):
         for b in range(batch.num_seqs):
             start, end = int(batch.query_starts[b]), int(batch.query_starts[b + 1])
             n, ctx = end - start, int(batch.context_lens[b])
-            blocks = batch.block_tables[b, : -(-ctx // block_size)]
-            keys = k_cache[blocks].reshape(-1, n_kv, head_dim)[:ctx].transpose(1, 0, 2)  # [kv, ctx, D]
-            vals = v_cache[blocks].reshape(-1, n_kv, head_dim)[:ctx].transpose(1, 0, 2)
+            # The first key any of these queries sees: a sliding window leaves the blocks before
+            # it unread (what lets a sliding layer give them back).
+            first = max(0, ctx - n - window + 1) if window > 0 else 0
+            b0 = first // block_size
+            blocks = batch.block_tables[b, b0: -(-ctx // block_size)]
+            lo, hi = first - b0 * block_size, ctx - b0 * block_size
+            keys = k_cache[blocks].reshape(-1, n_kv, head_dim)[lo:hi].transpose(1, 0, 2)  # [kv, keys, D]
+            vals = v_cache[blocks].reshape(-1, n_kv, head_dim)[lo:hi].transpose(1, 0, 2)
             qg = q[start:end].reshape(n, n_kv, group, head_dim).transpose(1, 2, 0, 3)  # [kv, g, n, D]
-            scores = (qg @ keys[:, None].transpose(0, 1, 3, 2)) * scale  # [kv, g, n, ctx]
+            scores = (qg @ keys[:, None].transpose(0, 1, 3, 2)) * scale  # [kv, g, n, keys]
             query_pos = ctx - n + np.arange(n)
-            scores[..., np.arange(ctx)[None, :] > query_pos[:, None]] = -np.inf
+            behind = query_pos[:, None] - np.arange(first, ctx)[None, :]  # query position - key position
+            scores[..., (behind < 0) | ((window > 0) & (behind >= window))] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)

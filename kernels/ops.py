@@ -146,7 +146,15 @@ class Backend(ABC):
         """gate_up [T, 2F] (gate then up, as `load_matrix(gate, up)` stacks them) -> silu(gate) * up [T, F]."""
 
     @abstractmethod
+    def geglu(self, gate_up: Array) -> Array:
+        """gate_up [T, 2F] -> gelu(gate) * up [T, F], GELU's tanh approximation (Gemma's FFN)."""
+
+    @abstractmethod
     def add(self, a: Array, b: Array) -> Array: ...
+
+    @abstractmethod
+    def scale(self, x: Array, factor: float) -> Array:
+        """x * factor, factor rounded to float32 (Gemma's sqrt(d_model) on the embeddings)."""
 
     # --- attention with a paged KV cache -------------------------------------
     kv_dtype: Any  # element type of the KV cache as this backend stores it
@@ -163,13 +171,14 @@ class Backend(ABC):
     @abstractmethod
     def attention(
         self, q: Array, k: Array, v: Array, k_cache: Array, v_cache: Array,
-        step: StepInputs, scale: float,
+        step: StepInputs, scale: float, window: int = 0,
     ) -> Array:
         """Store k, v [T, kv_heads, D] at step.batch.slot_mapping, then causal GQA attention of
         q [T, heads, D] over each sequence's cached context. Returns [T, heads * D].
 
-        Query j of a sequence with n new tokens and context c sits at position c - n + j and
-        sees cache positions 0..c - n + j.
+        Query j of a sequence with n new tokens and context c sits at position p = c - n + j and
+        sees cache positions 0..p, or with a sliding window (window > 0) the last `window` of
+        them, p - window + 1..p (llama.cpp's LLAMA_SWA_TYPE_STANDARD).
         """
 
     def logit_input(self, x: Array, step: StepInputs) -> Array:

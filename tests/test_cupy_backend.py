@@ -315,6 +315,8 @@ def test_elementwise_ops(gpu):
     assert rel_err(gpu.to_numpy(gpu.rmsnorm(gpu.asarray(x), gpu.asarray(w), 1e-5)), cpu.rmsnorm(x, w, 1e-5)) < 1e-6
     gu = rng.standard_normal((T, 2 * 300)).astype(np.float32)
     assert rel_err(gpu.to_numpy(gpu.swiglu(gpu.asarray(gu))), cpu.swiglu(gu)) < 1e-6
+    assert rel_err(gpu.to_numpy(gpu.geglu(gpu.asarray(gu))), cpu.geglu(gu)) < 1e-6
+    assert rel_err(gpu.to_numpy(gpu.scale(gpu.asarray(x), 25.3)), cpu.scale(x, 25.3)) < 1e-7
     # the tensor-core products' fp16 inputs: rows of 4-value loads, an odd length, and rows
     # that do not start on 16 bytes (the element-wise path)
     for n, off in ((300, 0), (301, 0), (300, 1)):
@@ -326,9 +328,11 @@ def test_elementwise_ops(gpu):
                 # each also zeroes the next product's output (a tail past the last float4)
                 zeroed = [cupy.full((T, 37), np.nan, cupy.float32) for _ in range(2)]
                 norm = elementwise.rmsnorm(gpu, gpu.asarray(xs)[:, off:], gpu.asarray(ws), 1e-5, dtype, zeroed[0])
-                act = elementwise.swiglu(gpu, gpu.asarray(gus)[:, off:], dtype, zeroed[1])
+                act = elementwise.glu(gpu, gpu.asarray(gus)[:, off:], dtype, zeroed[1])
+                gelu = elementwise.glu(gpu, gpu.asarray(gus)[:, off:], dtype, gelu=True)
             assert rel_err(gpu.to_numpy(norm).astype(np.float32), cpu.rmsnorm(xs[:, off:], ws, 1e-5)) < bound, (n, off)
             assert rel_err(gpu.to_numpy(act).astype(np.float32), cpu.swiglu(gus[:, off:])) < bound, (n, off)
+            assert rel_err(gpu.to_numpy(gelu).astype(np.float32), cpu.geglu(gus[:, off:])) < bound, (n, off)
             assert all(np.array_equal(gpu.to_numpy(z), np.zeros((T, 37), np.float32)) for z in zeroed)
     a, b = rng.standard_normal((2, T, 300)).astype(np.float32)
     assert rel_err(gpu.to_numpy(gpu.add(gpu.asarray(a), gpu.asarray(b))), a + b) < 1e-7
@@ -368,11 +372,14 @@ class Tables:
         return batch, np.concatenate(positions)
 
 
-@pytest.mark.parametrize("H,KVH,D", [(14, 2, 64), (32, 8, 128), (8, 8, 96), (16, 2, 128)])
-def test_attention_prefill_then_decode(gpu, H, KVH, D):
+@pytest.mark.parametrize("H,KVH,D,window", [(14, 2, 64, 0), (32, 8, 128, 0), (8, 8, 96, 0), (16, 2, 128, 0),
+                                            (8, 1, 128, 100), (16, 2, 64, 33), (4, 1, 96, 512)])
+def test_attention_prefill_then_decode(gpu, H, KVH, D, window):
     """A prefill chunk of several sequences (one continuing a cached context), then
     single-token decode steps through flash-decoding with several splits; RoPE fused. Decode
-    steps also check the copy of the output made for the next product (integers or fp16)."""
+    steps also check the copy of the output made for the next product (integers or fp16).
+    window > 0: a sliding layer's mask (windows shorter than a key tile, than the prompts,
+    and one the contexts reach only in the long prompt)."""
     rng = np.random.default_rng()
     bs, nblocks = 16, 256
     inv_freq = 10000.0 ** (-np.arange(0, D, 2) / D)
@@ -390,9 +397,10 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D):
         k = rng.standard_normal((T, KVH, D)).astype(np.float32)
         v = rng.standard_normal((T, KVH, D)).astype(np.float32)
         want = cpu.attention(cpu.rope(q, inputs, inv_freq, neox), cpu.rope(k, inputs, inv_freq, neox), v, kc_c, vc_c,
-                             inputs, scale)
+                             inputs, scale, window)
         got = gpu.attention(gpu.rope(gpu.asarray(q), inputs, inv_freq, neox),
-                            gpu.rope(gpu.asarray(k), inputs, inv_freq, neox), gpu.asarray(v), kc_g, vc_g, inputs, scale)
+                            gpu.rope(gpu.asarray(k), inputs, inv_freq, neox), gpu.asarray(v), kc_g, vc_g, inputs, scale,
+                            window)
         err = rel_err(gpu.to_numpy(got), want)
         assert err < 3e-3, f"{seqs}: relative error {err:.2e}"
         if all(n == 1 for *_, n in seqs) and T <= GEMV_MAX_T:  # decode for GEMVs: the integer copy too

@@ -36,6 +36,27 @@ def test_config_from_real_shapes(tiny_model):
     assert cfg.inv_freq[1] == pytest.approx(1_000_000.0 ** (-2 / 64))
     llama = ModelConfig.from_gguf(GGUFFile(tiny_model("llama", tied=True)))
     assert not llama.rope_neox and not llama.qkv_bias and llama.tied_embeddings
+    assert llama.attn_scale == pytest.approx(64 ** -0.5) and llama.embed_scale == 1.0
+    assert [llama.window(i) for i in range(2)] == [0, 0]
+
+
+def test_gemma3_config_carries_what_llama_cpp_hard_codes(tiny_model, tmp_path):
+    """The window from the file, the every-sixth-layer-global pattern, the local RoPE base
+    10000 (the file's base on global layers), the scale 1/sqrt(head_dim) (64 here, where
+    d_model / n_heads is 128: the 27B's rule would differ), embeddings times sqrt(d_model)."""
+    path = tiny_model("gemma3", tied=True)
+    cfg = ModelConfig.from_gguf(GGUFFile(path))
+    assert (cfg.arch, cfg.n_layers, cfg.head_dim, cfg.sliding_window) == ("gemma3", 7, 64, 8)
+    assert [cfg.window(i) for i in range(7)] == [8, 8, 8, 8, 8, 0, 8]
+    assert cfg.rope_neox and cfg.tied_embeddings and not cfg.qkv_bias
+    assert cfg.embed_scale == pytest.approx(16.0) and cfg.attn_scale == pytest.approx(64 ** -0.5)
+    assert cfg.layer_inv_freq(0)[1] == pytest.approx(10000.0 ** (-2 / 64))
+    assert cfg.layer_inv_freq(5)[1] == pytest.approx(1_000_000.0 ** (-2 / 64))
+    src = GGUFFile(path)
+    md = {k: v for k, v in src.metadata.items() if k != "gemma3.attention.sliding_window"}
+    missing = rewrite_model(tmp_path / "m.gguf", md, dict(src.tensors))
+    with pytest.raises(GGUFError, match="metadata key gemma3.attention.sliding_window is missing"):
+        ModelConfig.from_gguf(GGUFFile(missing))
 
 
 def _header_end(path) -> int:

@@ -1,8 +1,10 @@
 """GPU engine against the NumPy engine on synthetic models with real shapes (`pytest -m gpu`).
 
 Qwen2.5-0.5B's shapes and llama.cpp's Q4_K_M mix for it (Q5_0/Q8_0 fallbacks on its 896-wide
-rows, Q4_K/Q6_K on ffn_down), and a small Llama-3-style model (head_dim 128, GQA 4): teacher-forced
-logits' top-1 agreement >= 99%, identical 16-token greedy continuations.
+rows, Q4_K/Q6_K on ffn_down), a small Llama-3-style model (head_dim 128, GQA 4), and a Gemma 3
+270M-wide model (GeGLU, post-norms, Q/K norms, tied head) whose sliding layers' 32-key window
+every test's context outgrows (head_dim 128: the CUDA attention kernels do not take Gemma's
+256): teacher-forced logits' top-1 agreement >= 99%, identical 16-token greedy continuations.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ pytestmark = pytest.mark.gpu
 MODELS = {  # name -> (shape, vocabulary file)
     "qwen2.5-0.5b": (SHAPES["qwen2.5-0.5b"], "ggml-vocab-qwen2.gguf"),
     "llama3-small": (Shape("llama", 4, 1024, 8, 2, 2816, 500_000.0, 8192), "ggml-vocab-llama-bpe.gguf"),
+    "gemma3-windowed": (Shape("gemma3", 6, 640, 4, 1, 2048, 1_000_000.0, 8192, tied_embeddings=True, head_dim=128,
+                              sliding_window=32), "ggml-vocab-llama-spm.gguf"),
 }
 
 

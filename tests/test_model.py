@@ -23,30 +23,45 @@ def reference_forward(engine: Engine, tokens: list[int]) -> np.ndarray:
     def norm(x, weight):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + c.rms_eps) * weight
 
-    def rope(x):  # x [n, heads, hd]
-        ang = np.arange(n)[:, None, None] * c.inv_freq[None, None, :]
+    def rope(x, inv_freq):  # x [n, heads, hd]
+        ang = np.arange(n)[:, None, None] * inv_freq[None, None, :]
         if c.rope_neox:
             z = (x[..., : hd // 2] + 1j * x[..., hd // 2:]) * np.exp(1j * ang)
             return np.concatenate([z.real, z.imag], -1)
         z = (x[..., 0::2] + 1j * x[..., 1::2]) * np.exp(1j * ang)
         return np.stack([z.real, z.imag], -1).reshape(x.shape)
 
-    x = w("token_embd.weight")[tokens]
+    gemma = c.arch == "gemma3"  # llama.cpp's src/models/gemma3.cpp
+    x = w("token_embd.weight")[tokens] * (np.sqrt(c.d_model) if gemma else 1.0)
     causal = np.triu(np.full((n, n), -np.inf), 1)
+    # gemma3: every 6th layer global, the others see the last sliding_window keys, RoPE base 10000
+    sliding = np.where(np.subtract.outer(np.arange(n), np.arange(n)) >= c.sliding_window, -np.inf, 0.0) + causal
+    local_freq = 10000.0 ** (-np.arange(0, hd, 2) / hd)
     for i in range(c.n_layers):
         p = f"blk.{i}."
+        local = gemma and i % 6 != 5
         h = norm(x, w(p + "attn_norm.weight"))
         q, k, v = (h @ w(p + f"attn_{s}.weight").T + (w(p + f"attn_{s}.bias") if c.qkv_bias else 0) for s in "qkv")
-        q = rope(q.reshape(n, c.n_heads, hd))
-        k = np.repeat(rope(k.reshape(n, c.n_kv_heads, hd)), c.n_heads // c.n_kv_heads, axis=1)
+        q, k = q.reshape(n, c.n_heads, hd), k.reshape(n, c.n_kv_heads, hd)
+        if gemma:
+            q, k = norm(q, w(p + "attn_q_norm.weight")), norm(k, w(p + "attn_k_norm.weight"))
+        freq = local_freq if local else c.inv_freq
+        q = rope(q, freq)
+        k = np.repeat(rope(k, freq), c.n_heads // c.n_kv_heads, axis=1)
         v = np.repeat(v.reshape(n, c.n_kv_heads, hd), c.n_heads // c.n_kv_heads, axis=1)
-        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + causal
+        s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd) + (sliding if local else causal)
         a = np.exp(s - s.max(-1, keepdims=True))
         a /= a.sum(-1, keepdims=True)
-        x = x + np.einsum("hqk,khd->qhd", a, v).reshape(n, -1) @ w(p + "attn_output.weight").T
+        o = np.einsum("hqk,khd->qhd", a, v).reshape(n, -1) @ w(p + "attn_output.weight").T
+        x = x + (norm(o, w(p + "post_attention_norm.weight")) if gemma else o)
         h = norm(x, w(p + "ffn_norm.weight"))
         gate, up = h @ w(p + "ffn_gate.weight").T, h @ w(p + "ffn_up.weight").T
-        x = x + (gate / (1 + np.exp(-gate)) * up) @ w(p + "ffn_down.weight").T
+        if gemma:  # GELU, tanh form
+            act = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3)))
+        else:
+            act = gate / (1 + np.exp(-gate))
+        f = (act * up) @ w(p + "ffn_down.weight").T
+        x = x + (norm(f, w(p + "post_ffw_norm.weight")) if gemma else f)
     out = "token_embd.weight" if c.tied_embeddings else "output.weight"
     return norm(x, w("output_norm.weight")) @ w(out).T
 
@@ -56,7 +71,7 @@ def rel_err(a, b) -> float:
 
 
 @pytest.mark.parametrize("arch, qtype, tied", [("llama", q, False) for q in ALL_QTYPES]
-                         + [("qwen2", None, False), ("llama", None, True)])
+                         + [("qwen2", None, False), ("llama", None, True), ("gemma3", None, True)])
 def test_forward_matches_reference_and_batching(tiny_model, arch, qtype, tied):
     engine = Engine(tiny_model(arch, qtype, tied), max_context=256, kv_cache_tokens=256)
     rng = np.random.default_rng(7)

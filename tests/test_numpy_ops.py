@@ -96,22 +96,42 @@ def test_rope_is_a_complex_rotation(neox):
     assert rel_err(ops.rope(x, step_of(positions=positions), inv_freq, neox), want) < 1e-6
 
 
-def dense_attention(q, k, v, n_past):
-    """One sequence, contiguous K/V, float64, GQA by repeating KV heads."""
+def test_geglu_is_gelu_tanh_gate_times_up():
+    """Against the tanh form evaluated in float64 and against exact GELU (x * Phi(x), by erf):
+    the approximation stays within 1e-3 of it."""
+    from math import erf
+
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((7, 2 * 96)) * 3).astype(np.float32)
+    g, u = x[:, :96].astype(np.float64), x[:, 96:].astype(np.float64)
+    tanh_form = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3))) * u
+    exact = g * 0.5 * (1 + np.vectorize(erf)(g / np.sqrt(2))) * u
+    got = ops.geglu(x)
+    assert got.shape == (7, 96) and got.dtype == np.float32
+    assert rel_err(got, tanh_form) < 1e-6
+    assert np.max(np.abs(got - exact)) < 1e-3 * np.max(np.abs(u))
+
+
+def dense_attention(q, k, v, n_past, window=0):
+    """One sequence, contiguous K/V, float64, GQA by repeating KV heads; with a window, query
+    position p sees keys p - window < j <= p."""
     n, heads, d = q.shape
     group = heads // k.shape[1]
     k, v = np.repeat(k, group, axis=1).astype(np.float64), np.repeat(v, group, axis=1).astype(np.float64)
     scores = np.einsum("qhd,khd->hqk", q.astype(np.float64), k) / np.sqrt(d)
-    mask = np.arange(k.shape[0])[None, :] > (n_past + np.arange(n))[:, None]
+    qpos, kpos = (n_past + np.arange(n))[:, None], np.arange(k.shape[0])[None, :]
+    mask = (kpos > qpos) | ((kpos <= qpos - window) if window else False)
     scores[:, mask] = -np.inf
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     return np.einsum("hqk,khd->qhd", probs, v).reshape(n, heads * d)
 
 
-def test_paged_attention_matches_dense_for_mixed_batch():
-    """Three sequences (a prefill, a decode, a chunk after a cached prefix) in one call."""
-    rng = np.random.default_rng(2)
+@pytest.mark.parametrize("window", [0, 1, 3, 6, 64])
+def test_paged_attention_matches_dense_for_mixed_batch(window):
+    """Three sequences (a prefill, a decode, a chunk after a cached prefix) in one call, with
+    no window, windows shorter than a block, than a prefill, than the context, and longer."""
+    rng = np.random.default_rng(2 + window)
     heads, kv_heads, d, bs, n_blocks = 8, 2, 32, 4, 64
     layout = ops.kv_layout(kv_heads, d, bs)
     assert layout.bytes_per_token == 2 * kv_heads * d * 4 and layout.bytes_per_block == bs * layout.bytes_per_token
@@ -142,10 +162,12 @@ def test_paged_attention_matches_dense_for_mixed_batch():
     q = np.concatenate([s[5] for s in seqs])
     k_new = np.concatenate([s[3][s[0]:] for s in seqs])
     v_new = np.concatenate([s[4][s[0]:] for s in seqs])
-    out = ops.attention(q, k_new, v_new, k_cache, v_cache, step_of(batch=batch), 1 / np.sqrt(d))
+    out = ops.attention(q, k_new, v_new, k_cache, v_cache, step_of(batch=batch), 1 / np.sqrt(d), window)
     for i, (past, new, _, k_all, v_all, qi, _) in enumerate(seqs):
         start = batch.query_starts[i]
-        assert rel_err(out[start:start + new], dense_attention(qi, k_all, v_all, past)) < 1e-5
+        assert rel_err(out[start:start + new], dense_attention(qi, k_all, v_all, past, window)) < 1e-5
+    if 0 < window < 6:  # the mask changed something: a full-context answer differs
+        assert rel_err(out[:9], dense_attention(seqs[0][5], seqs[0][3], seqs[0][4], 0)) > 1e-2
 
 
 def test_unknown_backend():

@@ -6,6 +6,7 @@ parse_special=false."""
 
 from __future__ import annotations
 
+import json
 import time
 from functools import cache
 from pathlib import Path
@@ -219,3 +220,21 @@ def test_malformed_metadata_names_the_key(vocab, key, value, message):
         md[key] = value
     with pytest.raises(ValueError, match=f"^m.gguf: {message}"):
         Tokenizer.from_metadata(md, source="m.gguf")
+
+
+@pytest.mark.real_model
+def test_gemma3_matches_llamacpp_on_a_generated_corpus(gemma3_model_path):
+    """Gemma 3's SentencePiece vocab (262,144 tokens, byte fallback, no space prefix) on a
+    seeded corpus of >= 1,000 strings (tools/make_tokenizer_reference.py), against
+    llama-cpp-python's tokenization of each, special-token texts kept as text."""
+    ref = json.loads((Path(__file__).parent / "data" / "tokenizer_gemma3.json").read_text(encoding="utf-8"))
+    from workers.model import store as model_store
+
+    assert ref["model_sha256"] == model_store.REGISTRY["gemma3-270m"].sha256
+    cases = ref["cases"]
+    assert len(cases) >= 1000
+    assert sum(any(0 <= t - 238 < 256 for t in ids) for _, ids in cases) >= 50  # byte fallback exercised
+    tok = Tokenizer.from_metadata(GGUFFile(gemma3_model_path).metadata)
+    wrong = [(text, ids, got) for text, ids in cases
+             if (got := tok.encode(text, add_special=False, parse_special=False)) != ids]
+    assert not wrong, f"{len(wrong)} of {len(cases)} differ; first: {wrong[:3]}"

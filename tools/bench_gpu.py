@@ -47,6 +47,9 @@ MODELS = {  # name -> (shape, mix, vocabulary)
     "llama3-8b-q4_k_m": (SHAPES["llama3-8b"], q4_k_m_mix, "ggml-vocab-llama-bpe.gguf"),
     "llama3-8b-q8_0": (SHAPES["llama3-8b"], uniform_mix(Q.Q8_0), "ggml-vocab-llama-bpe.gguf"),
     "llama3-70b-q4_k_m": (SHAPES["llama3-70b"], q4_k_m_mix, "ggml-vocab-llama-bpe.gguf"),
+    # ggml-vocab-gemma3.gguf: synthetic.write_vocab_only of the pulled gemma3-270m file
+    "gemma3-270m-q4_k_m": (SHAPES["gemma3-270m"], q4_k_m_mix, "ggml-vocab-gemma3.gguf"),
+    "gemma3-12b-q4_k_m": (SHAPES["gemma3-12b"], q4_k_m_mix, "ggml-vocab-gemma3.gguf"),
 }
 # issue 3: llama.cpp on an H100 (flash attention on), and the targets
 LLAMACPP = {("qwen2.5-0.5b", "tg128"): 884, ("llama3-8b-q4_k_m", "tg128"): 269, ("llama3-8b-q8_0", "tg128"): 237,

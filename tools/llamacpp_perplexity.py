@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunks", type=int, help="only the first N chunks")
+    ap.add_argument("--n-batch", type=int, help="tokens per llama_decode (default: a chunk; 1: token by token, "
+                                                 "where a build's batched CPU kernels crash)")
     ap.add_argument("--kv-f32", action="store_true",
                     help="K and V cached in float32 (llama.cpp's default is float16, which also rounds Q and the "
                          "softmax to float16 in its attention products)")
@@ -39,7 +41,8 @@ def main() -> None:
     from llama_cpp import Llama
 
     kv = {"type_k": 0, "type_v": 0} if args.kv_f32 else {}  # GGML_TYPE_F32
-    llm = Llama(model_path=args.model, **kv, n_ctx=args.ctx, n_batch=args.ctx, n_ubatch=args.ctx, logits_all=True,
+    n_batch = args.n_batch or args.ctx
+    llm = Llama(model_path=args.model, **kv, n_ctx=args.ctx, n_batch=n_batch, n_ubatch=n_batch, logits_all=True,
                 n_threads=args.threads, verbose=False)
     text = open(args.file, encoding="utf-8").read()
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llm._model.vocab))
@@ -62,7 +65,7 @@ def main() -> None:
         scored += len(targets)
         print(f"chunk {c + 1}/{n_chunks}: ppl so far {math.exp(nll / scored):.4f}", flush=True)
     print(json.dumps({"ppl": math.exp(nll / scored), "tokens": len(tokens), "chunks": n_chunks, "scored": scored,
-                      "ctx": args.ctx, "kv": "f32" if args.kv_f32 else "f16", "seconds": round(time.time() - t0, 1),
+                      "ctx": args.ctx, "n_batch": n_batch, "kv": "f32" if args.kv_f32 else "f16", "seconds": round(time.time() - t0, 1),
                       "llama_cpp_python": llama_cpp.__version__}))
 
 

@@ -22,6 +22,12 @@ Usage::
 
     python tools/make_llamacpp_reference.py --model /path/to/qwen.gguf \
         --out tests/data/llamacpp_reference.json [--threads 2]
+    python tools/make_llamacpp_reference.py --prompt-set gemma3 --model gemma-3-270m-q4_k_m.gguf \
+        --out tests/data/llamacpp_reference_gemma3.json
+
+``--prompt-set`` picks the prompts (PROMPT_SETS): ``qwen`` (the default model's) or
+``gemma3`` (short prompts, chat turns, and prompts longer than Gemma 3's 512-token sliding
+window, so the window's mask is exercised).
 
 Dependency (developer-only, NOT a project or CI dependency)::
 
@@ -41,6 +47,7 @@ another GGUF works but its hash is recorded so tests can tell them apart.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
@@ -53,16 +60,24 @@ import numpy as np
 N_GREEDY = 32
 TOP_K = 40
 N_CTX = 1024
-N_BATCH = 512
+N_BATCH = 1024  # teacher forcing scores a whole sequence in one batch
 SEED = 1234
 ROUND = 5
 
 SYSTEM_MSG = "You are a helpful coding assistant. Answer concisely."
 USER_MSG = "Write a Python function that checks whether a string is a palindrome."
 
-# (name, kind, text).  kind "chat" prompts are rendered with the GGUF's chat
-# template from SYSTEM_MSG / USER_MSG; their text here is a placeholder.
-PROMPTS = [
+
+def license_text(name: str, start: int, chars: int) -> str:
+    """A stretch of a license text shipped with Debian: long, fixed, plain English."""
+    with open(f"/usr/share/common-licenses/{name}", encoding="utf-8") as f:
+        return f.read()[start:start + chars]
+
+
+# (name, kind, text or messages).  kind "chat" prompts are messages rendered with the
+# GGUF's chat template (or llama.cpp's built-in one for the architecture, when the file
+# has none).
+QWEN_PROMPTS = [
     ("python_fib", "code",
      'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
      "    if n < 2:\n        return n\n"),
@@ -85,8 +100,36 @@ PROMPTS = [
     ("unicode_mix", "unicode",
      "Café, naïve façade — déjà vu! 日本語のテキストです。 Привет, мир! "
      "🚀🔥👍 In English, this means"),
-    ("chat_palindrome", "chat", None),
+    ("chat_palindrome", "chat", [{"role": "system", "content": SYSTEM_MSG},
+                                 {"role": "user", "content": USER_MSG}]),
 ]
+
+GEMMA3_PROMPTS = [
+    ("prose_printing", "prose",
+     "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg"),
+    ("prose_tea", "prose", "To make a good cup of tea, first boil some fresh water, and then"),
+    ("python_fib", "code",
+     'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'),
+    ("unicode_mix", "unicode",
+     "Café, naïve façade — déjà vu! 日本語のテキストです。 Привет, мир! 🚀🔥👍 In English, this means"),
+    ("list_planets", "prose", "The eight planets of the solar system, in order from the Sun, are"),
+    ("chat_capital", "chat", [{"role": "user", "content": "What is the capital of Japan? Answer in one sentence."}]),
+    ("chat_system_turns", "chat", [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Name a prime number larger than 10."},
+        {"role": "assistant", "content": "11 is a prime number larger than 10."},
+        {"role": "user", "content": "And one larger than 100?"}]),
+    # Longer than the 512-token window: the sliding layers' mask matters from token 512 on.
+    ("long_apache", "long", license_text("Apache-2.0", 0, 3300)),
+    ("long_chat_mpl", "chat", [{"role": "user", "content": "Summarize this license text in two sentences:\n\n"
+                                + license_text("MPL-2.0", 0, 2800)}]),
+]
+
+# name -> (prompts, allowed prompt lengths in tokens, top-k logits kept per position)
+PROMPT_SETS = {
+    "qwen": (QWEN_PROMPTS, (10, 60), TOP_K),
+    "gemma3": (GEMMA3_PROMPTS, (5, 900), 20),
+}
 
 
 def sha256_file(path: str) -> str:
@@ -97,15 +140,25 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def render_chat(llm, llama_cpp):
-    """Render the chat prompt with the GGUF's own chat template (jinja2, as
-    llama-cpp-python's chat completion does), and cross-check it against a
-    hand-written ChatML rendering."""
+def render_chat(llm, messages):
+    """Render chat messages as llama.cpp does: with the GGUF's chat template (jinja2, as
+    llama-cpp-python's chat completion does), or, when the file has none, with llama.cpp's
+    built-in template for the architecture (llama_chat_apply_template by name)."""
+    import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = llm.metadata.get("tokenizer.chat_template")
     if not template:
-        raise SystemExit("model has no tokenizer.chat_template")
+        builtin = {"gemma3": b"gemma"}.get(llm.metadata.get("general.architecture"))
+        if builtin is None:
+            raise SystemExit("model has no tokenizer.chat_template and no built-in one")
+        chat = (llama_cpp.llama_chat_message * len(messages))(
+            *(llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages))
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_chat_apply_template(builtin, chat, len(messages), True, buf, len(buf))
+        if not 0 < n <= len(buf):
+            raise SystemExit(f"llama_chat_apply_template({builtin!r}) returned {n}")
+        return buf.raw[:n].decode("utf-8"), f"llama.cpp built-in template {builtin.decode()!r}"
     eos_id = llm.token_eos()
     bos_id = llm.token_bos()
     tok_str = lambda i: llm.detokenize([i], special=True).decode("utf-8")  # noqa: E731
@@ -115,20 +168,7 @@ def render_chat(llm, llama_cpp):
         bos_token=tok_str(bos_id) if bos_id >= 0 else "",
         add_generation_prompt=True,
     )
-    messages = [
-        {"role": "system", "content": SYSTEM_MSG},
-        {"role": "user", "content": USER_MSG},
-    ]
-    text = fmt(messages=messages).prompt
-    manual = (
-        f"<|im_start|>system\n{SYSTEM_MSG}<|im_end|>\n"
-        f"<|im_start|>user\n{USER_MSG}<|im_end|>\n"
-        f"<|im_start|>assistant\n"
-    )
-    if text != manual:
-        print("WARNING: GGUF chat template rendering differs from manual ChatML:\n"
-              f"  template: {text!r}\n  manual:   {manual!r}", file=sys.stderr)
-    return text, messages, text == manual
+    return fmt(messages=messages).prompt, "GGUF tokenizer.chat_template"
 
 
 def last_logits(llm, n_vocab):
@@ -154,9 +194,8 @@ def greedy(llm, prompt_ids, n_vocab, n_new):
     return out, np.array(step_logits)
 
 
-def score(llm_all, ids):
-    """One batched decode of `ids` with logits for every position."""
-    assert len(ids) <= llm_all.n_batch, "teacher-forced eval must be one batch"
+def score(llm_all, ids, top_k):
+    """Decode of `ids` in batches of n_batch (one batch by default) with logits for every position."""
     llm_all.reset()
     llm_all.eval(ids)
     logits = np.array(llm_all.scores[: len(ids), :], dtype=np.float32, copy=True)
@@ -165,7 +204,7 @@ def score(llm_all, ids):
         r64 = row.astype(np.float64)
         m = r64.max()
         lse = m + math.log(np.exp(r64 - m).sum())
-        order = np.argsort(-row, kind="stable")[:TOP_K]  # ties: lower id first
+        order = np.argsort(-row, kind="stable")[:top_k]  # ties: lower id first
         positions.append({
             "top": [[int(i), round(float(row[i]), ROUND)] for i in order],
             "lse": round(float(lse), ROUND),
@@ -178,14 +217,19 @@ def main(argv=None):
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="qwen")
+    ap.add_argument("--n-batch", type=int, default=N_BATCH,
+                    help="tokens per llama_decode (1: token by token, where a build's batched CPU "
+                         "kernels crash, as the AMX_INT8 build of 2026-12-03 here did)")
     args = ap.parse_args(argv)
+    prompts, (min_len, max_len), top_k = PROMPT_SETS[args.prompt_set]
 
     import llama_cpp
     from llama_cpp import Llama
 
     t0 = time.time()
     model_sha = sha256_file(args.model)
-    common = dict(model_path=args.model, n_ctx=N_CTX, n_batch=N_BATCH,
+    common = dict(model_path=args.model, n_ctx=N_CTX, n_batch=args.n_batch, n_ubatch=args.n_batch,
                   n_threads=args.threads, n_threads_batch=args.threads,
                   seed=SEED, verbose=False)
     # Generation instance: plain llama.cpp usage (logits only for the last
@@ -198,22 +242,23 @@ def main(argv=None):
     eog_ids = sorted(i for i in range(n_vocab)
                      if llama_cpp.llama_vocab_is_eog(llm._model.vocab, i))
 
-    chat_text, chat_messages, chat_matches_manual = render_chat(llm, llama_cpp)
-
     records = []
+    chat_sources = set()
     all_agree = all_total = 0
-    for name, kind, text in PROMPTS:
+    for name, kind, text in prompts:
         is_chat = kind == "chat"
         if is_chat:
-            text = chat_text
+            messages = text
+            text, source = render_chat(llm, messages)
+            chat_sources.add(source)
         # add_bos=True means llama.cpp's add_special: BOS is added only if the
         # vocab says so (tokenizer.ggml.add_bos_token), EOS likewise.
         prompt_ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=is_chat)
-        if not (10 <= len(prompt_ids) <= 60):
-            raise SystemExit(f"{name}: prompt has {len(prompt_ids)} tokens, want 10..60")
+        if not (min_len <= len(prompt_ids) <= max_len):
+            raise SystemExit(f"{name}: prompt has {len(prompt_ids)} tokens, want {min_len}..{max_len}")
         gen, step_logits = greedy(llm, prompt_ids, n_vocab, N_GREEDY)
         seq = prompt_ids + gen
-        logits, positions = score(llm_all, seq)
+        logits, positions = score(llm_all, seq, top_k)
         # Sanity: teacher-forced argmax at positions len(prompt)-1 .. len(seq)-2
         # should reproduce greedy_ids.
         n_p = len(prompt_ids)
@@ -247,7 +292,7 @@ def main(argv=None):
             "positions": positions,
         }
         if is_chat:
-            rec["chat_messages"] = chat_messages
+            rec["chat_messages"] = messages
         records.append(rec)
 
     rate = all_agree / all_total
@@ -276,7 +321,7 @@ def main(argv=None):
         },
         "llama_params": {
             "n_ctx": N_CTX,
-            "n_batch": N_BATCH,
+            "n_batch": args.n_batch,
             "n_threads": args.threads,
             "n_threads_batch": args.threads,
             "seed": SEED,
@@ -285,15 +330,13 @@ def main(argv=None):
             "type_v": "f16 (default)",
         },
         "n_greedy": N_GREEDY,
-        "top_k": TOP_K,
+        "prompt_set": args.prompt_set,
+        "top_k": top_k,
         "round_decimals": ROUND,
         "chat_template_source": (
-            "GGUF tokenizer.chat_template rendered by llama_cpp.llama_chat_format."
-            "Jinja2ChatFormatter (add_generation_prompt=True); "
-            + ("identical to manual ChatML '<|im_start|>system\\n...<|im_end|>\\n"
-               "<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n'"
-               if chat_matches_manual else "DIFFERS from manual ChatML rendering")
-            + "; tokenized with parse_special=True"),
+            " and ".join(sorted(chat_sources)) + " rendered with add_generation_prompt=True "
+            "(a GGUF template by llama_cpp.llama_chat_format.Jinja2ChatFormatter); "
+            "tokenized with parse_special=True"),
         "tf_greedy_agreement_overall": [all_agree, all_total],
         "notes": {
             "prompt_ids": "Llama.tokenize(text.encode('utf-8'), add_bos=True, "
@@ -310,9 +353,9 @@ def main(argv=None):
                           "continues, so there are always exactly n_greedy ids.",
             "greedy_text": "detokenize(greedy_ids, prev_tokens=prompt_ids, "
                            "special=True), invalid UTF-8 replaced; informational.",
-            "positions": "Separate Llama(logits_all=True): reset, then one "
-                         "eval()/llama_decode of prompt_ids+greedy_ids as a single "
-                         "batch with logits for every token. positions[p] "
+            "positions": "Separate Llama(logits_all=True): reset, then "
+                         "eval()/llama_decode of prompt_ids+greedy_ids in batches of "
+                         "llama_params.n_batch tokens with logits for every token. positions[p] "
                          "(p = 0..len-1) holds the logits after token p, i.e. "
                          "predicting token p+1 (the last one predicts past the "
                          "sequence). top = top_k [token_id, logit] sorted by "
@@ -349,11 +392,11 @@ def main(argv=None):
     # Verify the file round-trips.
     with open(args.out, encoding="utf-8") as f:
         data = json.load(f)
-    assert len(data["prompts"]) == len(PROMPTS)
+    assert len(data["prompts"]) == len(prompts)
     for r in data["prompts"]:
         assert len(r["greedy_ids"]) == N_GREEDY
         assert len(r["positions"]) == len(r["prompt_ids"]) + N_GREEDY
-        assert all(len(p["top"]) == TOP_K for p in r["positions"])
+        assert all(len(p["top"]) == top_k for p in r["positions"])
     if rate < 0.9:
         print("WARNING: agreement rate below 0.9", file=sys.stderr)
         return 1

@@ -5,6 +5,9 @@
 //
 // RoPE is fused: the backend's rope() is lazy and hands the rotation to these kernels, which
 // rotate q as they load it and k as they store it into the cache.
+//
+// window > 0: a sliding-window layer; the query at position p sees keys p - window + 1..p
+// (llama.cpp's LLAMA_SWA_TYPE_STANDARD), and key tiles wholly before that are not read.
 
 #define MAXG 8
 #define ATT_WARPS 4
@@ -138,7 +141,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
                                              const u16* __restrict__ kc, const u16* __restrict__ vc,
                                              const int* __restrict__ tables, int W, const int* __restrict__ ctx_lens,
                                              const int* __restrict__ qstarts, const int* __restrict__ tiles, int H,
-                                             int KVH, int bs, float scale, float* __restrict__ out) {
+                                             int KVH, int bs, float scale, int window, float* __restrict__ out) {
     constexpr int P = D / 32, RS = D + 8;  // padded smem rows: conflict-free 16-byte reads per lane
     __shared__ __align__(16) float q_s[ATT_WARPS][MAXG * D];
     __shared__ __align__(16) u16 k_s[32 * RS];
@@ -149,8 +152,10 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
     const int* table = tables + (size_t)b * W;
     const int t = t0 + warp;
     const bool valid = t < qe;
-    const int qpos = ctx - n + (t - qs0);  // keys 0..qpos are visible
+    const int qpos = ctx - n + (t - qs0);  // keys lo..qpos are visible
+    const int lo = window > 0 ? qpos - window + 1 : 0;
     const int last = ctx - n + (min(t0 + ATT_WARPS, qe) - 1 - qs0);
+    const int first = window > 0 ? max(0, ctx - n + (t0 - qs0) - window + 1) & ~31 : 0;  // the tile's first key tile
 
     for (int w = 0; w < ATT_WARPS; w++)
         if (t0 + w < qe) load_q<D>(q, sq, t0 + w, kh, G, positions[t0 + w], inv_freq, rope_q, neox, scale, q_s[w], threadIdx.x, blockDim.x);
@@ -163,7 +168,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
         for (int i = 0; i < P; i++) o[g][i] = 0.0f;
     }
 
-    for (int k0 = 0; k0 <= last; k0 += 32) {
+    for (int k0 = first; k0 <= last; k0 += 32) {
         __syncthreads();
         for (int i = threadIdx.x; i < 32 * (D / 8); i += blockDim.x) {
             const int r = i / (D / 8), c = i - r * (D / 8), p = k0 + r;
@@ -177,11 +182,11 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
             *(uint4*)(v_s + r * RS + c * 8) = vv;
         }
         __syncthreads();
-        if (!valid || k0 > qpos) continue;  // warp-uniform
+        if (!valid || k0 > qpos || k0 + 31 < lo) continue;  // warp-uniform: nothing visible
 
         float s[MAXG], p[MAXG], alpha[MAXG];
         qk_dots<D>(k_s + lane * RS, q_s[warp], G, s);
-        softmax_tile(s, k0 + lane <= qpos, G, m, l, p, alpha);
+        softmax_tile(s, k0 + lane <= qpos && k0 + lane >= lo, G, m, l, p, alpha);
 #pragma unroll
         for (int g = 0; g < MAXG; g++)
 #pragma unroll
@@ -229,7 +234,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             const double* __restrict__ inv_freq, int rope_q, int rope_k, int neox,
                                             u16* kc, u16* vc, const int* __restrict__ tables, int W,
                                             const int* __restrict__ ctx_lens, const int* __restrict__ slots, int H,
-                                            int KVH, int bs, int chunk, float scale, float* part_o, float* part_ml,
+                                            int KVH, int bs, int chunk, float scale, int window, float* part_o, float* part_ml,
                                             int* counters, int max_splits, float* __restrict__ out, u16* out16, u8* xq, int sxq,
                                             float2* xds) {
     constexpr int P = D / 32, RS = D + 8, HPW = MAXG / DEC_WARPS;
@@ -242,7 +247,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     __shared__ int last_s;
     const int sp = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, G = H / KVH;
-    const int ctx = ctx_lens[b], nsplit = (ctx + chunk - 1) / chunk;
+    // the splits cover keys base..ctx-1: the window's, or all
+    const int ctx = ctx_lens[b], base = window > 0 ? max(0, ctx - window) : 0, nsplit = (ctx - base + chunk - 1) / chunk;
     if (sp >= nsplit) return;
     const int pos = positions[b], newp = ctx - 1;
     const int* table = tables + (size_t)b * W;
@@ -250,7 +256,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
 
     // the split's cached keys (written by earlier steps) are staged before the wait for this
     // step's q, k, v: one table round trip, one K/V round trip, overlapping the qkv product
-    const int start = sp * chunk, n = min(ctx, start + chunk) - start;
+    const int start = base + sp * chunk, n = min(ctx, start + chunk) - start;
     if (threadIdx.x < n) {
         const int p = start + threadIdx.x;
         row_s[threadIdx.x] = p != newp ? cache_row(table, p, bs, KVH, kh, D) : 0;
@@ -446,18 +452,20 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                     \
         attn_prefill_##D(const float* q, int sq, const int* positions, const double* inv_freq, int rope_q, int neox, \
                          const u16* kc, const u16* vc, const int* tables, int W, const int* ctx_lens,                \
-                         const int* qstarts, const int* tiles, int H, int KVH, int bs, float scale, float* out) {    \
+                         const int* qstarts, const int* tiles, int H, int KVH, int bs, float scale, int window,     \
+                         float* out) {                                                                                \
         attn_prefill<D>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, H,    \
-                        KVH, bs, scale, out);                                                                         \
+                        KVH, bs, scale, window, out);                                                                 \
     }                                                                                                                 \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                                     \
         attn_decode_##D(const float* q, int sq, const float* k, int sk, const float* v, int sv,                      \
                         const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, u16* kc,     \
                         u16* vc, const int* tables, int W, const int* ctx_lens, const int* slots, int H, int KVH,    \
-                        int bs, int chunk, float scale, float* part_o, float* part_ml, int* counters,               \
+                        int bs, int chunk, float scale, int window, float* part_o, float* part_ml, int* counters,   \
                         int max_splits, float* out, u16* out16, u8* xq, int sxq, float2* xds) {                       \
         attn_decode<D>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W, ctx_lens,  \
-                       slots, H, KVH, bs, chunk, scale, part_o, part_ml, counters, max_splits, out, out16, xq, sxq,  \
+                       slots, H, KVH, bs, chunk, scale, window, part_o, part_ml, counters, max_splits, out, out16, xq, \
+                       sxq,                                                                                           \
                        xds);                                                                                          \
     }
 DEF_ATTN(64)

@@ -59,11 +59,16 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 __device__ __forceinline__ float silu_mul(float g, float u) { return g / (1.0f + expf(-g)) * u; }
+// GELU's tanh approximation of the gate (Gemma's GeGLU): 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) u
+__device__ __forceinline__ float gelu_mul(float g, float u) {
+    return 0.5f * g * (1.0f + tanhf(0.7978845608028654f * (g + 0.044715f * g * g * g))) * u;
+}
+__device__ __forceinline__ float glu_mul(float g, float u, int gelu) { return gelu ? gelu_mul(g, u) : silu_mul(g, u); }
 
-// silu(gu[t, :F]) * gu[t, F:], fp32 or fp16 out. Grid (blocks along F, T); four values per
-// load where the rows allow.
-extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int F, void* out, int so, int f16, float* zp,
-                                  int zn) {
+// act(gu[t, :F]) * gu[t, F:], act silu (SwiGLU) or with gelu set GELU-tanh (GeGLU), fp32 or
+// fp16 out. Grid (blocks along F, T); four values per load where the rows allow.
+extern "C" __global__ void glu(const float* __restrict__ gu, int sg, int F, void* out, int so, int f16, float* zp,
+                               int zn, int gelu) {
     pdl_wait();
     pdl_trigger();
     zero_span(zp, zn);
@@ -73,12 +78,14 @@ extern "C" __global__ void swiglu(const float* __restrict__ gu, int sg, int F, v
     const int n4 = by4(gu, sg, out, so, F) ? F / 4 : 0;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n4; i += step) {
         const float4 a = ((const float4*)g)[i], b = ((const float4*)(g + F))[i];
-        store4(orow, i, make_float4(silu_mul(a.x, b.x), silu_mul(a.y, b.y), silu_mul(a.z, b.z), silu_mul(a.w, b.w)), f16);
+        store4(orow, i, make_float4(glu_mul(a.x, b.x, gelu), glu_mul(a.y, b.y, gelu), glu_mul(a.z, b.z, gelu),
+                                    glu_mul(a.w, b.w, gelu)), f16);
     }
-    for (int f = 4 * n4 + blockIdx.x * blockDim.x + threadIdx.x; f < F; f += step) store1(orow, f, silu_mul(g[f], g[F + f]), f16);
+    for (int f = 4 * n4 + blockIdx.x * blockDim.x + threadIdx.x; f < F; f += step)
+        store1(orow, f, glu_mul(g[f], g[F + f], gelu), f16);
 }
 
-// zero_span as a kernel of its own, where no rmsnorm or swiglu runs before the product.
+// zero_span as a kernel of its own, where no rmsnorm or glu runs before the product.
 extern "C" __global__ void zero(float* __restrict__ p, int n) {
     pdl_wait();
     pdl_trigger();

@@ -28,9 +28,10 @@ HEAD_DIMS = (64, 96, 128)
 LOG2E = 1.4426950408889634
 
 
-def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale):
+def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
     """Store k and v in the paged cache, then attention of q over each sequence's context
-    (Backend.attention); RoPE of a Roped q or k applied on the way."""
+    (Backend.attention), only its last `window` keys where window > 0; RoPE of a Roped q or k
+    applied on the way."""
     rope_q = isinstance(q, Roped)
     rope_k = isinstance(k, Roped)
     lazy = q if rope_q else (k if rope_k else None)
@@ -74,7 +75,7 @@ def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale):
         b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{D}"), (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
                            np.int32(neox), k_cache, v_cache, dev.tables, np.int32(W), dev.ctx, dev.slots,
-                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, *scratch,
+                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window), *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),
                            ptr(ds)))
         return Attended(out, xq, ds, half)
@@ -88,5 +89,6 @@ def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale):
         b.k.get("attention.cu", f"attn_prefill_{D}")(
             (len(tiles), KVH), (128,),
             (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), k_cache, v_cache, dev.tables,
-             np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, out))
+             np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
+             out))
     return out

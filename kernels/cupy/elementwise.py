@@ -1,9 +1,9 @@
-"""RMSNorm, SwiGLU and RoPE (kernels/cuda/misc.cu) and the lazy values that defer them.
+"""RMSNorm, SwiGLU/GeGLU and RoPE (kernels/cuda/misc.cu) and the lazy values that defer them.
 
 rmsnorm()/swiglu() return Normed/Swiglu: the GEMV consuming one fuses it into its input (or
 the quantizing pre-pass), the tensor-core product has it made in fp16 by the kernels here,
 which also zero a stream-K product's output (zero_span). rope() returns Roped: attention
-rotates q and k itself.
+rotates q and k itself. GeGLU (Gemma) is computed at once, unfused.
 """
 
 from __future__ import annotations
@@ -36,15 +36,15 @@ def rmsnorm(b, x, weight, eps, dtype, zero=None):
     return out
 
 
-def swiglu(b, gu, dtype, zero=None):
-    """silu(gate) * up into a new dtype array; zero as in rmsnorm."""
+def glu(b, gu, dtype, zero=None, gelu=False):
+    """silu(gate) * up (gelu: GELU-tanh(gate) * up) into a new dtype array; zero as in rmsnorm."""
     gu = rows2(gu)
     T, F = gu.shape[0], gu.shape[1] // 2
     out = cp.empty((T, F), dtype)
     if T and F:
-        b.launcher.launch("norm", b.k.get("misc.cu", "swiglu"), (-(-F // 1024), T), (256,),
+        b.launcher.launch("norm", b.k.get("misc.cu", "glu"), (-(-F // 1024), T), (256,),
                           (gu, np.int32(gu.strides[0] // 4), np.int32(F), out, np.int32(F),
-                           np.int32(dtype == cp.float16), *zero_span(zero)[0]))
+                           np.int32(dtype == cp.float16), *zero_span(zero)[0], np.int32(gelu)))
     return out
 
 
@@ -63,7 +63,7 @@ class Swiglu(Lazy):
         self.shape = (gate_up.shape[0], gate_up.shape[1] // 2)
 
     def _compute(self):
-        return swiglu(self.ops, self.gu, cp.float32)
+        return glu(self.ops, self.gu, cp.float32)
 
 
 class Roped(Lazy):

@@ -230,7 +230,7 @@ def fp16_input(b, x, zero=None):
     if isinstance(x, Normed):
         return elementwise.rmsnorm(b, x.x, x.weight, x.eps, cp.float16, zero), zero is not None
     if isinstance(x, Swiglu):
-        return elementwise.swiglu(b, x.gu, cp.float16, zero), zero is not None
+        return elementwise.glu(b, x.gu, cp.float16, zero), zero is not None
     return cp.ascontiguousarray(materialize(x), dtype=cp.float16), False
 
 

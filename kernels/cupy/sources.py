@@ -31,7 +31,7 @@ HEADERS = {
 }
 # modules compiled once
 ATTENTION = "attention.cu"
-MISC = "misc.cu"  # rmsnorm, swiglu, zero, rope, argmax_rows, sample_rows
+MISC = "misc.cu"  # rmsnorm, glu (swiglu, geglu), zero, rope, argmax_rows, sample_rows
 
 # each format's struct in quant_blocks.cuh
 STRUCTS = {Q.Q4_0: "TQ4_0", Q.Q4_1: "TQ4_1", Q.Q5_0: "TQ5_0", Q.Q5_1: "TQ5_1", Q.Q8_0: "TQ8_0",

@@ -29,6 +29,20 @@ class Architecture:
     rope_neox: bool
     model_tensors: tuple[TensorSpec, ...]
     layer_tensors: tuple[TensorSpec, ...]
+    # The FFN's gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU).
+    gate_activation: str = "silu"
+    # Token embeddings are multiplied by sqrt(d_model) before the first layer.
+    scaled_embeddings: bool = False
+    # Sliding-window attention (None: none; the window is the file's
+    # `{arch}.attention.sliding_window`): every global_every-th layer (1-based) attends to the
+    # whole context, the others to the window only (0: every layer slides). Sliding layers rotate
+    # with their own RoPE base when sliding_rope_base is set (no frequency scaling), global
+    # layers with the file's.
+    global_every: int | None = None
+    sliding_rope_base: float | None = None
+    # Models whose attention scale is 1/sqrt(d_model / n_heads) instead of 1/sqrt(head_dim),
+    # by their layer count.
+    d_model_scale_layers: tuple[int, ...] = ()
 
     def tensors(self, dims: dict[str, int], n_layers: int, present: set[str] | None = None
                 ) -> Iterator[tuple[str, tuple[int, ...], int | None]]:
@@ -49,11 +63,20 @@ class Architecture:
         spec = next(s for s in specs if s.role == role)
         return spec.name if layer is None else f"blk.{layer}.{spec.name}"
 
+    def has(self, role: str) -> bool:
+        """Whether this architecture's layers hold a tensor with this role."""
+        return any(s.role == role for s in self.layer_tensors)
+
+    def sliding(self, layer: int) -> bool:
+        """Whether `layer` attends to the sliding window only (llama.cpp's set_swa_pattern)."""
+        n = self.global_every
+        return n is not None and (n == 0 or layer % n < n - 1)
+
 
 def dimensions(d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, ffn_dim: int, vocab: int) -> dict[str, int]:
     """The named dimensions the tables' shapes are written in."""
     return {"d_model": d_model, "q_dim": n_heads * head_dim, "kv_dim": n_kv_heads * head_dim,
-            "ffn_dim": ffn_dim, "vocab": vocab}
+            "ffn_dim": ffn_dim, "vocab": vocab, "head_dim": head_dim}
 
 
 _EMBEDDING_AND_HEAD = (
@@ -77,6 +100,19 @@ _DECODER_LAYER = (
 )
 
 
+# Gemma 3: pre- and post-norms around attention and the FFN, and Q/K RMSNorm per head. Its
+# norm weights already hold Gemma's `1 + w` (llama.cpp's converter adds the one).
+_GEMMA3_LAYER = (
+    *_DECODER_LAYER[:4],
+    TensorSpec("attn_q_norm.weight", "q_norm", ("head_dim",)),
+    TensorSpec("attn_k_norm.weight", "k_norm", ("head_dim",)),
+    TensorSpec("attn_output.weight", "wo", ("d_model", "q_dim")),
+    TensorSpec("post_attention_norm.weight", "post_attn_norm", ("d_model",)),
+    *_DECODER_LAYER[8:],
+    TensorSpec("post_ffw_norm.weight", "post_ffn_norm", ("d_model",)),
+)
+
+
 def optional_roles(qkv_bias: bool, tied_embeddings: bool) -> set[str]:
     """The optional tensors a model has: Q/K/V biases, and an output head unless it is tied to
     the embedding."""
@@ -88,5 +124,14 @@ ARCHITECTURES = {
         Architecture("llama", rope_neox=False, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
         Architecture("mistral", rope_neox=False, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
         Architecture("qwen2", rope_neox=True, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
+        # What llama.cpp hard-codes for gemma3 rather than reads from the file (src/llama-model.cpp,
+        # load_hparams: LLM_ARCH_GEMMA3; src/models/gemma3.cpp): set_swa_pattern(6) (layers 5,
+        # 11, ... are global), rope_freq_base_train_swa = 10000 with scale 1, f_attention_scale
+        # 1/sqrt(n_embd / n_head) for the 27B (62 layers) and 1/sqrt(head_dim) otherwise;
+        # LLAMA_ROPE_TYPE_NEOX (llama_model_rope_type); the GELU-tanh gate (LLM_FFN_GELU,
+        # LLM_FFN_PAR) and the sqrt(n_embd) embedding scale are in its graph.
+        Architecture("gemma3", rope_neox=True, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_GEMMA3_LAYER,
+                     gate_activation="gelu_tanh", scaled_embeddings=True, global_every=6,
+                     sliding_rope_base=10000.0, d_model_scale_layers=(62,)),
     )
 }

