@@ -26,12 +26,14 @@ from dataclasses import dataclass
 
 from workers.engine.speculation import MAX_K, Speculation
 
-# A verifying pass of 2..17 rows, in decode steps of the same backend. numpy: measured on the
-# 2-core development machine (docs/benchmarks.md: lookup k=4 at 1.08 tokens a pass ran at 0.52x
-# of plain decode, so a pass cost 2.1 steps; OpenBLAS's small-M GEMM costs 3.5-4x its GEMV).
-# cupy: a decode step reads every weight once whatever its rows (a prediction; the issue's
-# "verify-pass time for 1..16 tokens" on the H200 is the number to put here).
-VERIFY_COST = {"numpy": 2.1, "cupy": 1.0}
+# A verifying pass of 2..17 rows, in decode steps of the same backend and placement. numpy:
+# measured on the 2-core development machine (docs/benchmarks.md: lookup k=4 at 1.08 tokens a
+# pass ran at 0.52x of plain decode, so a pass cost 2.1 steps; OpenBLAS's small-M GEMM costs
+# 3.5-4x its GEMV). cupy, measured on the H200 (docs/benchmarks.md, "What a speculative pass
+# costs"): resident, a pass of 2-16 tokens runs eagerly where a 1-token step replays a graph
+# (8B: 10.3 against 2.3 ms); streamed, a pass costs what the link carries (70B at 24 GiB: 437
+# against 416 ms).
+VERIFY_COST = {("numpy", False): 2.1, ("numpy", True): 2.1, ("cupy", False): 4.5, ("cupy", True): 1.05}
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
 
@@ -68,7 +70,7 @@ class DraftPolicy:
         total = sum(sizes.layer_params) + sizes.head_params
         costs = {name: 0.0 if layers is None else (sum(sizes.layer_params[i] for i in layers) + sizes.head_params) / total
                  for name, layers in drafters.items()}
-        return cls(spec, drafters, costs, VERIFY_COST.get(engine.ops.name, 1.0))
+        return cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(engine.placement.streamed)])
 
     def acceptance(self, drafter: str) -> float:
         return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)
