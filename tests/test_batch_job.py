@@ -53,6 +53,31 @@ def test_a_line_asking_for_what_a_result_cannot_hold_is_an_error_record(field):
     assert record["id"] == 7 and f"'{name}'" in record["error"]
 
 
+def test_a_chat_line_with_tools_gives_its_calls_parsed():
+    """As the HTTP response has them: <tool_call> blocks become tool_calls, the text the rest."""
+    events = [("<tool_call>", None), ('\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n', None),
+              ("</tool_call>", None), ("", "stop")]
+
+    class Generation:
+        prompt_tokens, completion_tokens = 5, len(events)
+
+        async def __aiter__(self):
+            for text, finish in events:
+                yield {"token_id": 1, "text": text, "finish_reason": finish}
+
+    class Client:
+        async def submit(self, prompt, params, tools):
+            assert [t["function"]["name"] for t in tools] == ["get_weather"]
+            return Generation()
+
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    body = {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [tool]}
+    record = asyncio.run(generate_one(Client(), "m", 4096, 3, body))
+    assert record["finish_reason"] == "tool_calls" and record["text"] == ""
+    (call,) = record["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+
+
 def test_one_writer_per_output(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text('{"id": 1, "text": "a"}\n')

@@ -80,17 +80,22 @@ async def generate_one(client: EngineClient, model: str, max_context: int, key, 
                 raise APIError(400, f"'{name}' is not supported in a batch job (a result is one text)", param=name)
         ((prompt, params),) = req.choices()
         generation = await client.submit(prompt, params, req.tools)
-        text, finish = [await client.prompt_text(prompt) if req.echo else ""], None
+        choice = oai.Choice(req, 0, await client.prompt_text(prompt) if req.echo else "")
         async for event in generation:
-            text.append(event["text"])
-            finish = event["finish_reason"]
+            choice.add(event)
     except Exception as e:
         error = APIError.from_exception(e)
         if error.status not in (400, 404):  # not the line's fault: fail the job, a rerun retries the line
             raise
         return {"id": key, "error": error.message}
-    return {"id": key, "text": "".join(text), "finish_reason": finish,
-            "usage": oai.usage(generation.prompt_tokens, generation.completion_tokens)}
+    final = choice.final()  # as the HTTP response has it: a chat's tool calls parsed out of its text
+    message = final.get("message", {})
+    record = {"id": key, "text": final["text"] if "text" in final else message["content"] or "",
+              "finish_reason": final["finish_reason"],
+              "usage": oai.usage(generation.prompt_tokens, generation.completion_tokens)}
+    if message.get("tool_calls"):
+        record["tool_calls"] = message["tool_calls"]
+    return record
 
 
 async def run(inputs: list, output: Path, config: ServerConfig, concurrency: int, log=print) -> int:

@@ -164,11 +164,7 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
     present = optional_roles(qkv_bias=arch == "qwen2", tied_embeddings=s.tied_embeddings)
     for name, shape, layer in table.tensors(dims, s.n_layers, present):
         tensor(name, shape, layer)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish(w, path)
 
 
 def write_vocab_only(source: str | Path, path: str | Path) -> Path:
@@ -180,6 +176,11 @@ def write_vocab_only(source: str | Path, path: str | Path) -> Path:
     for key, value in md.items():
         if key.startswith("tokenizer."):
             add_field(w, key, value)
+    return finish(w, path)
+
+
+def finish(w: GGUFWriter, path: Path) -> Path:
+    """Write what the writer holds (header, metadata, tensors) and close it."""
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -215,8 +216,4 @@ def rewrite_model(path: str | Path, metadata: dict, tensors: dict) -> Path:
             w.add_tensor(name, np.array(raw).view(np.float32))
         else:
             w.add_tensor(name, np.array(raw), raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return finish(w, path)
