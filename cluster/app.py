@@ -114,6 +114,18 @@ def grpc_status(grpc_context):
         raise error from None
 
 
+@contextmanager
+def cancelled_on_failure(generations: list[Generation]):
+    """A request's generations, all cancelled if what follows their submission fails (an
+    APIError for the client)."""
+    try:
+        yield
+    except Exception as e:
+        for g in generations:
+            g.cancel()
+        raise APIError.from_exception(e) from None
+
+
 @serve.deployment(name="LLMServer", health_check_period_s=10, health_check_timeout_s=30)
 @serve.ingress(api)
 class LLMServer:
@@ -241,23 +253,15 @@ class LLMServer:
     async def _submit(self, choices: list, tools: list | None = None) -> list[Generation]:
         """Submit every choice, or none: a failure cancels the ones already queued."""
         generations: list[Generation] = []
-        try:
+        with cancelled_on_failure(generations):
             for prompt, params in choices:
                 generations.append(await self.client.submit(prompt, params, tools))
-        except Exception as e:
-            for g in generations:
-                g.cancel()
-            raise APIError.from_exception(e) from None
         return generations
 
     async def _echoes(self, req, generations: list[Generation]) -> list[str]:
         """Each choice's echoed prompt text (after the submit checked token-id prompts); a failure cancels them."""
-        try:
+        with cancelled_on_failure(generations):
             return [await self.client.prompt_text(prompt) if req.echo else "" for prompt, _ in req.choices()]
-        except Exception as e:
-            for g in generations:
-                g.cancel()
-            raise APIError.from_exception(e) from None
 
     def _check_key(self, authorization: str | None) -> None:
         if not authorized(authorization, self.api_keys):

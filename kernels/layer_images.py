@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.layer_ring import RingSchedule
+from kernels.layer_ring import RingDriver, RingSchedule
 
 IMAGE_ALIGN = 4096  # images inside the host region: page-aligned (pinning, O_DIRECT)
 
@@ -43,6 +43,8 @@ class LayerImages:
             if disk_open is None:
                 raise ValueError(f"layers {sorted(self.disk_layers)} stream from disk, and no disk tier was given")
             self.disk = disk_open({i: image_nbytes[i] for i in schedule.streamed if i in self.disk_layers})
+        # the subclass is the device the driver issues copies and waits on
+        self.driver = RingDriver(schedule, self, fixed_order=bool(self.disk_layers))
 
     def image(self, layer: int) -> np.ndarray:
         """Where layer's image is (a RAM layer) or is written at load (a disk layer)."""

@@ -98,8 +98,8 @@ class RingDriver:
         """fixed_order: the images come staged in copy_order (the disk tier), so a pass that
         skips streamed layers cannot run."""
         self.schedule, self.device, self.fixed_order = schedule, device, fixed_order
-        self._plans: dict = {}  # frozenset of the layers a pass runs (None: all) -> PassPlan
-        self._plan = schedule.plan()
+        self._plans: dict = {None: schedule.plan()}  # frozenset of the layers a pass runs (None: all) -> PassPlan
+        self._plan = self._plans[None]
         self._pending: dict = {}  # copies issued in this pass, not yet waited for
         self._tail = None  # the last copy issued for the next pass
         self._intact = False  # slot k holds the k-th streamed layer (a pass ran to its end)

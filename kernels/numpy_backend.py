@@ -11,7 +11,6 @@ import numpy as np
 
 from kernels.kv_layout import KVLayout
 from kernels.layer_images import LayerImages, align
-from kernels.layer_ring import RingDriver
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 
@@ -80,7 +79,6 @@ class HostStreaming(LayerImages):
         base = np.empty(schedule.n_slots * self.slot_nbytes + MATRIX_ALIGN, np.uint8)
         start = -base.ctypes.data % MATRIX_ALIGN
         self.slots = base[start:start + schedule.n_slots * self.slot_nbytes].reshape(schedule.n_slots, -1)
-        self.driver = RingDriver(schedule, self, fixed_order=bool(self.disk_layers))
         self.loading: int | None = None
         self._offset = 0
 

@@ -20,18 +20,7 @@ from workers.engine.scheduler import Scheduler
 from workers.engine.speculation import Speculation
 from workers.model.tool_calls import ToolCallParser, tool_call_grammar
 
-# A finite language under compact JSON (enums, booleans, bounded arrays): even a random model
-# ends it, so the output must parse and validate.
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "user": {"type": "object", "properties": {"role": {"enum": ["admin", "user", "guest"]},
-                                                  "active": {"type": "boolean"}},
-                 "required": ["role", "active"], "additionalProperties": False},
-        "tags": {"type": "array", "items": {"enum": ["red", "green"]}, "minItems": 1, "maxItems": 3},
-    },
-    "required": ["user", "tags"], "additionalProperties": False,
-}
+from finite_schema import SCHEMA
 
 
 @pytest.fixture(scope="module")

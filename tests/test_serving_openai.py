@@ -13,6 +13,7 @@ import time
 import openai
 import pytest
 
+from finite_schema import SCHEMA
 from serving_cluster import dev_config, http_get, kv_blocks_in_use, ray_cluster, served_app, wait_until
 
 pytestmark = pytest.mark.real_model
@@ -349,18 +350,8 @@ def test_a_crashed_worker_is_a_503_with_retry_after_then_comes_back(server, clus
     wait_until(serving, 300, "the app to serve again with a new worker")
 
 
-# Structured outputs, tool calls and logit_bias. A finite language (enums, booleans, bounded
-# arrays) keeps the answers short on the CPU; the grammar, not the model, decides the shape.
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "user": {"type": "object", "properties": {"role": {"enum": ["admin", "user", "guest"]},
-                                                  "active": {"type": "boolean"}},
-                 "required": ["role", "active"], "additionalProperties": False},
-        "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "minItems": 1, "maxItems": 2},
-    },
-    "required": ["user", "tags"], "additionalProperties": False,
-}
+# Structured outputs, tool calls and logit_bias (tests/finite_schema.py: a nested schema with a
+# finite language; the grammar, not the model, decides the shape).
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                             "parameters": {"type": "object", "properties": {
                                                 "city": {"type": "string", "maxLength": 20},

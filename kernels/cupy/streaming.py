@@ -24,7 +24,7 @@ import numpy as np
 
 from kernels.cupy.weights import QMatrix
 from kernels.layer_images import LayerImages, align
-from kernels.layer_ring import RingDriver, RingSchedule
+from kernels.layer_ring import RingSchedule
 
 ALIGN = 256  # plane offsets inside an image: 16-byte loads, whole L2 sectors
 
@@ -55,7 +55,6 @@ class LayerStreaming(LayerImages):
         self.slots = cp.empty((schedule.n_slots, self.slot_nbytes), cp.uint8)
         self._freed = [cp.cuda.Event(disable_timing=True) for _ in range(schedule.n_slots)]
         self.copied = {layer: cp.cuda.Event(disable_timing=True) for layer in schedule.streamed}
-        self.driver = RingDriver(schedule, self, fixed_order=bool(self.disk_layers))
         self.collecting: list[QMatrix] | None = None
 
     def pin(self, host: np.ndarray) -> None:  # registered for the process's life

