@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from kernels.kv_layout import KV_TYPES
 from workers.engine.grammar import MAX_GRAMMAR_CHARS, GrammarSpec
 from workers.engine.sampling import SamplingParams
 from workers.model import store as model_store
@@ -26,7 +27,7 @@ def _placement_options(args) -> dict:
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     return {"vram_budget": None if args.vram_gb is None else int(args.vram_gb * GIB), "n_buffers": args.n_buffers,
-            "host_ram": None if args.ram_gb is None else int(args.ram_gb * GIB)}
+            "host_ram": None if args.ram_gb is None else int(args.ram_gb * GIB), "kv_type": args.kv_type}
 
 
 def disk_tier(model_path):
@@ -76,7 +77,8 @@ def cmd_plan(args) -> int:
         max_context = min(config.context_length, args.ctx)
         p = plan_model(gguf, config, CupySizes, kv_tokens=args.kv_tokens or max_context, max_context=max_context,
                        max_batch_tokens=args.batch_tokens, max_logit_rows=args.seqs, rates=rates,
-                       budget=options["vram_budget"], host_ram=options["host_ram"], n_buffers=options["n_buffers"])
+                       budget=options["vram_budget"], host_ram=options["host_ram"], n_buffers=options["n_buffers"],
+                       kv_type=options["kv_type"])
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if args.json:
         print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
@@ -296,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--n-buffers", type=int, help="VRAM slots streamed layers pass through (default: chosen "
                        "from the link's and the compute's speed)")
         p.add_argument("--ram-gb", type=float, help="host RAM for streamed layers in GiB; the rest stream from disk")
+        p.add_argument("--kv-type", choices=list(KV_TYPES), help="KV cache type: f32 (numpy's default), f16 (cupy's), "
+                       "or Hadamard-rotated q8/q4/q3/q2 (RotateKV)")
         return p
 
     g = with_placement(with_model(sub.add_parser("generate", help="generate text, streamed to stdout")))

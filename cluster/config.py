@@ -36,6 +36,9 @@ class ServerConfig(BaseModel):
     # (workers/engine/placement.py), and the KV cache takes what is left when kv_cache_gb is not given
     vram_budget_gb: float = Field(24.0, gt=0)
     kv_cache_gb: float | None = Field(None, gt=0)
+    # the KV cache's type (kernels/kv_layout.py): the backend's default (numpy f32, cupy f16),
+    # or RotateKV's rotated q8/q4/q3/q2, which hold 1.9-6.4x the tokens in the same bytes
+    kv_type: Literal["f32", "f16", "q8", "q4", "q3", "q2"] | None = None
     host_ram_gb: float | None = Field(None, gt=0)  # host RAM for streamed layers (default: what the node has); the rest streams from disk
     n_buffers: int | None = Field(None, ge=1, le=16)  # VRAM slots streamed layers pass through (default: chosen)
     max_context: int = Field(4096, ge=16)
@@ -49,6 +52,8 @@ class ServerConfig(BaseModel):
     def _consistent(self) -> "ServerConfig":
         if self.backend == "cupy" and self.num_gpus != 1:
             raise ValueError("backend 'cupy' needs num_gpus: 1 (one replica = one GPU)")
+        if self.backend == "cupy" and self.kv_type == "f32":
+            raise ValueError("kv_type 'f32' is the numpy backend's; backend 'cupy' stores f16, q8, q4, q3 or q2")
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}) so that every running decode fits in a step")
@@ -66,7 +71,7 @@ class ServerConfig(BaseModel):
 
     def worker_args(self) -> dict:
         """ComputeWorker's constructor arguments."""
-        return self.model_dump(include={"model", "backend", "max_context", "kv_cache_gb", "vram_budget_gb",
+        return self.model_dump(include={"model", "backend", "max_context", "kv_cache_gb", "kv_type", "vram_budget_gb",
                                         "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
                                         "n_buffers"})
 

@@ -1,6 +1,6 @@
 """Compute backends. `get_backend(name)` picks one; the model never imports a backend directly."""
 
-from kernels.kv_layout import KVLayout
+from kernels.kv_layout import KVLayout, KVRows
 from kernels.ops import AttentionBatch, Backend, StepInputs
 
 BACKENDS = ("numpy", "cupy")
@@ -20,4 +20,4 @@ def get_backend(name: str) -> Backend:
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["AttentionBatch", "Backend", "BACKENDS", "KVLayout", "StepInputs", "get_backend"]
+__all__ = ["AttentionBatch", "Backend", "BACKENDS", "KVLayout", "KVRows", "StepInputs", "get_backend"]

@@ -36,9 +36,9 @@ from kernels.cupy.streaming import LayerStreaming, image_layout
 from kernels.cupy.streams import Launcher, on_stream
 from kernels.cupy.tuning import GEMV_MAX_T, Tuning
 from kernels.cupy.values import materialize
-from kernels.cupy.planes import KV_DTYPE, matrix_planes
+from kernels.cupy.planes import KV_TYPES, matrix_planes
 from kernels.cupy.weights import QMatrix, Uploader, stack
-from kernels.kv_layout import KVLayout
+from kernels.kv_layout import RING, KVLayout, KVRows
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 
@@ -46,7 +46,7 @@ from kernels.quants import dequantize
 class CupyBackend(Backend):
     name = "cupy"
     dtype = cp.float32
-    kv_dtype = KV_DTYPE
+    kv_types = KV_TYPES
     device_sampling = True  # the engine may call sample()/argmax() on device logits
 
     def __init__(self, vram_limit: int | None = None, graphs: bool = True):
@@ -204,12 +204,22 @@ class CupyBackend(Backend):
 
     # --- attention ------------------------------------------------------------------
     @on_stream
-    def new_kv_cache(self, num_blocks, layout: KVLayout):
-        shape = (num_blocks, layout.block_size, layout.n_kv_heads, layout.head_dim)
-        return cp.zeros(shape, layout.dtype), cp.zeros(shape, layout.dtype)
+    def new_kv_cache(self, num_blocks, layout: KVLayout, recent_slots: int = 0):
+        def rows(keys: bool) -> KVRows:
+            r = KVRows(cp.zeros((num_blocks, layout.block_size, *layout.row_shape), layout.dtype), layout)
+            if layout.type.quantized:
+                r.recent = cp.zeros((recent_slots, RING + 1, layout.n_kv_heads, layout.head_dim), cp.float16)
+                if keys:
+                    r.center = cp.zeros((layout.n_kv_heads, layout.head_dim), cp.float32)
+                    r.scale = cp.ones((layout.n_kv_heads, layout.head_dim), cp.float32)
+            return r
+
+        return rows(True), rows(False)
 
     @on_stream
     def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
+        if self.kv_observer is not None:
+            self.kv_observer(k_cache, materialize(q), materialize(k), np.asarray(step.positions) != 0)
         return attention.attention(self, q, k, v, k_cache, v_cache, step, scale, window)
 
     @on_stream

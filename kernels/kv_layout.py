@@ -1,29 +1,161 @@
-"""The paged KV cache's layout as a backend stores it: what the engine sizes the cache with."""
+"""The paged KV cache's layout as a backend stores it: what the engine sizes the cache with.
+
+A dense type keeps each K and V row as head_dim floats. A quantized type (RotateKV) keeps
+each row transformed (keys centred and scaled per channel, then K and V rotated by a
+Walsh-Hadamard transform: kernels/kv_quant.py) and quantized in groups: `bits`-bit codes
+packed little-endian (8 codes in `bits` bytes, code j at bit j * bits), then per group a
+float16 scale and a float16 minimum; one such row per (token, KV head). Beside the paged
+rows, each sequence being served owns a slot of the recent ring: its last RING positions'
+transformed rows in float16 and its first token's (the attention sink), so that a query reads
+the keys and values of the RECENT positions up to its own, and of the sink, unquantized
+(KIVI's residual window). `kernels/kv_quant.py` is the host's twin of what
+`kernels/cuda/attention.cu` writes and reads.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class KVType:
+    name: str
+    bits: int  # per stored value: 32/16 dense, 8..2 quantized
+    group: int = 0  # values sharing a scale and minimum (quantized types); calibrated, docs/benchmarks.md
+
+    @property
+    def quantized(self) -> bool:
+        return self.group > 0
+
+
+# Group sizes chosen on the calibration text (tools/data/skip_calibration.txt), not on the
+# evaluation texts: docs/benchmarks.md "KV cache types".
+KV_TYPES = {t.name: t for t in (KVType("f32", 32), KVType("f16", 16), KVType("q8", 8, 64), KVType("q4", 4, 64),
+                                KVType("q3", 3, 64), KVType("q2", 2, 32))}
+
+
+def kv_type(name: str) -> KVType:
+    if name not in KV_TYPES:
+        raise ValueError(f"unknown kv_type {name!r}; choose one of {', '.join(KV_TYPES)}")
+    return KV_TYPES[name]
+
+
+RECENT = 64  # positions up to a query's own that it reads unquantized
+# the ring keeps RECENT + 16 positions: a speculative pass writes up to 16 positions past the
+# accepted ones (workers/engine/speculation.py MAX_K), which must not overwrite a window
+RING = RECENT + 16
+
+
+def layout_for(backend: str, types: tuple[str, ...], n_kv_heads: int, head_dim: int, block_size: int,
+               kv: str | None = None) -> "KVLayout":
+    """The layout of kv type `kv` (types[0], the backend's default, if None) on a backend
+    storing `types` (`Backend.kv_layout`)."""
+    kv = kv or types[0]
+    if kv not in types:
+        kv_type(kv)  # an unknown name's error first
+        raise ValueError(f"backend {backend!r} stores no kv_type {kv!r}; choose one of {', '.join(types)}")
+    return KVLayout(n_kv_heads, head_dim, block_size, kv_type(kv))
+
+
+def hadamard_block(head_dim: int) -> int:
+    """The rotation's block: the largest power of two dividing head_dim (a 96-wide head
+    rotates in blocks of 32)."""
+    return head_dim & -head_dim
 
 
 @dataclass(frozen=True)
 class KVLayout:
     """How a backend stores one layer's paged KV cache: what the engine sizes it with.
 
-    K and V are each [num_blocks, block_size, n_kv_heads, head_dim] of `dtype`
+    K and V are each [num_blocks, block_size, n_kv_heads, head_dim] of the dense type's float,
+    or [num_blocks, block_size, n_kv_heads, row_bytes] of uint8 for a quantized type
     (`Backend.kv_layout` makes one, `Backend.new_kv_cache` allocates it)."""
 
     n_kv_heads: int
     head_dim: int
     block_size: int
-    dtype: np.dtype  # element type of K and V as stored
+    type: KVType
+
+    def __post_init__(self):
+        t = self.type
+        if t.quantized and (self.head_dim % 8 or self.head_dim % self.group):
+            raise ValueError(f"kv_type {t.name} needs head_dim a multiple of 8 and of its group; got {self.head_dim}")
+
+    @property
+    def group(self) -> int:
+        """The type's group, or the rotation block where a head is narrower than the group."""
+        return min(self.type.group, hadamard_block(self.head_dim))
+
+    @property
+    def dtype(self) -> np.dtype:
+        t = self.type
+        return np.dtype(np.uint8 if t.quantized else np.float32 if t.bits == 32 else np.float16)
+
+    @property
+    def code_bytes(self) -> int:
+        """A quantized row's packed codes, before its groups' scales and minimums."""
+        return self.head_dim * self.type.bits // 8
+
+    @property
+    def row_bytes(self) -> int:
+        """One (token, KV head) row of K (or of V) as stored."""
+        if not self.type.quantized:
+            return self.head_dim * self.dtype.itemsize
+        return self.code_bytes + 4 * (self.head_dim // self.group)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        """The trailing shape of one token's K (or V) in the cache."""
+        return (self.n_kv_heads, self.row_bytes if self.type.quantized else self.head_dim)
+
+    @property
+    def bits_per_value(self) -> float:
+        """Stored bits per K or V value, scales and minimums included."""
+        return 8 * self.row_bytes / self.head_dim
 
     @property
     def bytes_per_token(self) -> int:
         """One layer, K and V together."""
-        return 2 * self.n_kv_heads * self.head_dim * np.dtype(self.dtype).itemsize
+        return 2 * self.n_kv_heads * self.row_bytes
 
     @property
     def bytes_per_block(self) -> int:
         return self.block_size * self.bytes_per_token
+
+    @property
+    def ring_bytes(self) -> int:
+        """One sequence slot of one layer's recent ring, K and V (quantized types; 0 for dense)."""
+        return 2 * (RING + 1) * self.n_kv_heads * self.head_dim * 2 if self.type.quantized else 0
+
+    def fixed_bytes(self, recent_slots: int) -> int:
+        """One layer's bytes beside its blocks: the ring's slots and the key centre and scale."""
+        return recent_slots * self.ring_bytes + (8 * self.n_kv_heads * self.head_dim if self.type.quantized else 0)
+
+    def bits_per_value_at(self, context: int) -> float:
+        """Stored bits per K or V value of a sequence of `context` tokens, its ring slot included."""
+        return 8 * (context * self.bytes_per_token + self.ring_bytes) / (2 * context * self.n_kv_heads * self.head_dim)
+
+
+@dataclass
+class KVRows:
+    """One layer's K (or V) cache in the backend's arrays: rows [num_blocks, block_size,
+    *row_shape] in `layout`; for a quantized type also the recent ring [slots, RING + 1,
+    n_kv_heads, head_dim] float16 (entry RING: the sink), and for keys the per-channel centre
+    and scale [n_kv_heads, head_dim] float32 the rows are transformed with (set by the
+    engine's calibration; zero and one until then)."""
+
+    rows: Any
+    layout: KVLayout
+    recent: Any = None
+    center: Any = None
+    scale: Any = None
+    # positions up to a query's own read unquantized; the calibration pass, whose sequences
+    # start from scratch in one step, widens it to read everything so
+    recent_window: int = RECENT
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.rows, self.recent, self.center, self.scale) if a is not None)

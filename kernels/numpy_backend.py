@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.kv_layout import KVLayout
+from kernels.kv_layout import KV_TYPES, RING, KVLayout, KVRows
+from kernels.kv_quant import dequantize_rows, quantize_rows, transform, untransform
 from kernels.layer_images import LayerImages, align
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
@@ -66,6 +67,53 @@ class QuantizedRows:
         return dequantize(self.raw[ids], self.qtype)
 
 
+class StoredKV:
+    """One layer's K or V as one attention call sees it: the step's rows stored into the
+    cache, and each sequence's context read back (float32, as computed). A RotateKV cache
+    also gives the unquantized rows a query reads for its RECENT latest positions and the
+    sink: the step's own (float16 in the cache's basis, as the GPU's scratch holds them) or
+    the ring's, which takes the step's rows once the step has read it (`update_ring`)."""
+
+    def __init__(self, cache: KVRows, x: np.ndarray, slots: np.ndarray):
+        self.cache, lay = cache, cache.layout
+        flat = cache.rows.reshape(-1, *lay.row_shape)
+        if not lay.type.quantized:
+            flat[slots] = x
+            return
+        y = transform(x, cache.center, cache.scale)
+        flat[slots] = quantize_rows(y, lay)
+        self.step16 = y.astype(np.float16)
+
+    def read(self, blocks: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Tokens lo..hi-1 of the blocks' concatenation: [tokens, kv_heads, head_dim]."""
+        c = self.cache
+        rows = c.rows[blocks].reshape(-1, *c.layout.row_shape)[lo:hi]
+        if not c.layout.type.quantized:
+            return rows.astype(np.float32)
+        return untransform(dequantize_rows(rows, c.layout), c.center, c.scale)
+
+    def exact(self, first: int, ctx: int, n: int, start: int, slot: int) -> np.ndarray:
+        """Positions first..ctx-1 of a sequence whose n new tokens start at `start` in the
+        step, unquantized where a query of the step may read them so (zeros elsewhere)."""
+        c = self.cache
+        out = np.zeros((ctx - first, *c.layout.row_shape[:1], c.layout.head_dim), np.float16)
+        c0 = ctx - n
+        for p in range(max(first, c0 - c.recent_window), ctx):
+            out[p - first] = self.step16[start + p - c0] if p >= c0 else c.recent[slot, p % RING]
+        if first == 0 and c0 > 0:
+            out[0] = c.recent[slot, RING]
+        return untransform(out.astype(np.float32), c.center, c.scale)
+
+    def update_ring(self, positions: np.ndarray, seq_of: np.ndarray, ctx: np.ndarray, slots: np.ndarray) -> None:
+        """The step's rows into their sequences' ring slots: each sequence's sink and last RING
+        positions."""
+        for t, (p, b) in enumerate(zip(positions, seq_of)):
+            if p == 0:
+                self.cache.recent[slots[b], RING] = self.step16[t]
+            elif p >= ctx[b] - RING:
+                self.cache.recent[slots[b], p % RING] = self.step16[t]
+
+
 MATRIX_ALIGN = 64  # a streamed matrix's offset in its image: the alignment BLAS gets from a fresh array
 
 
@@ -114,7 +162,7 @@ class HostStreaming(LayerImages):
 class NumpyBackend(Backend):
     name = "numpy"
     dtype = np.float32
-    kv_dtype = np.float32
+    kv_types = tuple(KV_TYPES)  # float32 by default: the reference
     streaming: HostStreaming | None = None
 
     def load_matrix(self, *tensors) -> np.ndarray:
@@ -210,18 +258,30 @@ class NumpyBackend(Backend):
     def scale(self, x, factor):
         return x * np.float32(factor)
 
-    def new_kv_cache(self, num_blocks, layout: KVLayout):
-        shape = (num_blocks, layout.block_size, layout.n_kv_heads, layout.head_dim)
-        return np.zeros(shape, layout.dtype), np.zeros(shape, layout.dtype)
+    def new_kv_cache(self, num_blocks, layout: KVLayout, recent_slots: int = 0):
+        def rows(keys: bool) -> KVRows:
+            r = KVRows(np.zeros((num_blocks, layout.block_size, *layout.row_shape), layout.dtype), layout)
+            if layout.type.quantized:
+                r.recent = np.zeros((recent_slots, RING + 1, layout.n_kv_heads, layout.head_dim), np.float16)
+                if keys:
+                    r.center = np.zeros((layout.n_kv_heads, layout.head_dim), np.float32)
+                    r.scale = np.ones((layout.n_kv_heads, layout.head_dim), np.float32)
+            return r
+
+        return rows(True), rows(False)
 
     def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
         batch = step.batch
         n_tokens, n_heads, head_dim = q.shape
         n_kv = k.shape[1]
         group = n_heads // n_kv
-        block_size = k_cache.shape[1]
-        k_cache.reshape(-1, n_kv, head_dim)[batch.slot_mapping] = k
-        v_cache.reshape(-1, n_kv, head_dim)[batch.slot_mapping] = v
+        block_size = k_cache.layout.block_size
+        quantized = k_cache.layout.type.quantized
+        if quantized and batch.recent_slots is None:
+            raise ValueError("a RotateKV cache needs the batch's recent_slots")
+        if self.kv_observer is not None:
+            self.kv_observer(k_cache, q, k, np.asarray(step.positions) != 0)
+        ks, vs = StoredKV(k_cache, k, batch.slot_mapping), StoredKV(v_cache, v, batch.slot_mapping)
 
         out = np.empty((n_tokens, n_heads * head_dim), np.float32)
         for b in range(batch.num_seqs):
@@ -233,18 +293,32 @@ class NumpyBackend(Backend):
             b0 = first // block_size
             blocks = batch.block_tables[b, b0: -(-ctx // block_size)]
             lo, hi = first - b0 * block_size, ctx - b0 * block_size
-            keys = k_cache[blocks].reshape(-1, n_kv, head_dim)[lo:hi].transpose(1, 0, 2)  # [kv, keys, D]
-            vals = v_cache[blocks].reshape(-1, n_kv, head_dim)[lo:hi].transpose(1, 0, 2)
             qg = q[start:end].reshape(n, n_kv, group, head_dim).transpose(1, 2, 0, 3)  # [kv, g, n, D]
-            scores = (qg @ keys[:, None].transpose(0, 1, 3, 2)) * scale  # [kv, g, n, keys]
             query_pos = ctx - n + np.arange(n)
             behind = query_pos[:, None] - np.arange(first, ctx)[None, :]  # query position - key position
+
+            def scores_of(keys):  # keys [keys, kv, D] -> [kv, g, n, keys]
+                return (qg @ keys.transpose(1, 0, 2)[:, None].transpose(0, 1, 3, 2)) * scale
+
+            keys, vals = ks.read(blocks, lo, hi), vs.read(blocks, lo, hi)
+            scores = scores_of(keys)
+            if quantized:  # the sink and each query's RECENT latest keys, unquantized
+                near = (behind < k_cache.recent_window) | (np.arange(first, ctx) == 0)[None, :]
+                slot = int(batch.recent_slots[b])
+                scores = np.where(near, scores_of(ks.exact(first, ctx, n, start, slot)), scores)
             scores[..., (behind < 0) | ((window > 0) & (behind >= window))] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
-            o = probs @ vals[:, None]  # [kv, g, n, D]
+            o = probs @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
+            if quantized:
+                exact_vals = vs.exact(first, ctx, n, start, slot).transpose(1, 0, 2)[:, None]
+                o += np.where(near, probs, 0) @ (exact_vals - vals.transpose(1, 0, 2)[:, None])
             out[start:end] = o.transpose(2, 0, 1, 3).reshape(n, n_heads * head_dim)
+        if quantized:
+            seq_of = np.repeat(np.arange(batch.num_seqs), np.diff(batch.query_starts))
+            for s in (ks, vs):
+                s.update_ring(np.asarray(step.positions), seq_of, batch.context_lens, batch.recent_slots)
         return out
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:

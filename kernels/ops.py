@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.kv_layout import KVLayout
+from kernels.kv_layout import KVLayout, KVRows, layout_for
 from kernels.quants import SUPPORTED_QTYPES
 
 Array = Any  # the backend's array type
@@ -36,6 +36,7 @@ class AttentionBatch:
     context_lens: np.ndarray  # [B] tokens in the cache for each sequence after this step
     block_tables: np.ndarray  # [B, max_blocks] cache block ids, -1 past the end
     slot_mapping: np.ndarray  # [T] flat cache slot (block * block_size + offset) of each new token
+    recent_slots: np.ndarray | None = None  # [B] each sequence's slot of a RotateKV cache's recent ring
 
     @property
     def num_seqs(self) -> int:
@@ -157,16 +158,20 @@ class Backend(ABC):
         """x * factor, factor rounded to float32 (Gemma's sqrt(d_model) on the embeddings)."""
 
     # --- attention with a paged KV cache -------------------------------------
-    kv_dtype: Any  # element type of the KV cache as this backend stores it
+    # While set, attention calls kv_observer(k_cache, q, k, keep) with its post-RoPE q and k
+    # and the host mask of rows not at position 0 (a RotateKV cache's calibration pass).
+    kv_observer: Callable | None = None
+    kv_types: tuple[str, ...]  # the KV cache types this backend stores, its default first
 
-    def kv_layout(self, n_kv_heads: int, head_dim: int, block_size: int) -> KVLayout:
-        """How this backend stores one layer's KV cache (the engine sizes the cache by it)."""
-        return KVLayout(n_kv_heads, head_dim, block_size, np.dtype(self.kv_dtype))
+    def kv_layout(self, n_kv_heads: int, head_dim: int, block_size: int, kv: str | None = None) -> KVLayout:
+        """How this backend stores one layer's KV cache of type `kv` (its default if None):
+        the engine sizes the cache by it."""
+        return layout_for(self.name, self.kv_types, n_kv_heads, head_dim, block_size, kv)
 
     @abstractmethod
-    def new_kv_cache(self, num_blocks: int, layout: KVLayout) -> tuple[Array, Array]:
-        """One layer's (K, V) cache, each [num_blocks, block_size, n_kv_heads, head_dim] of
-        layout.dtype."""
+    def new_kv_cache(self, num_blocks: int, layout: KVLayout, recent_slots: int = 0) -> tuple[KVRows, KVRows]:
+        """One layer's (K, V) cache (kernels/kv_layout.py KVRows), rows [num_blocks, block_size,
+        *layout.row_shape] of layout.dtype; a quantized type's with recent_slots ring slots."""
 
     @abstractmethod
     def attention(
@@ -178,7 +183,8 @@ class Backend(ABC):
 
         Query j of a sequence with n new tokens and context c sits at position p = c - n + j and
         sees cache positions 0..p, or with a sliding window (window > 0) the last `window` of
-        them, p - window + 1..p (llama.cpp's LLAMA_SWA_TYPE_STANDARD).
+        them, p - window + 1..p (llama.cpp's LLAMA_SWA_TYPE_STANDARD). From a RotateKV cache
+        it reads positions 0 and p - RECENT + 1..p unquantized (kernels/kv_layout.py).
         """
 
     def logit_input(self, x: Array, step: StepInputs) -> Array:

@@ -51,11 +51,11 @@ def test_teacher_forced_top1_agreement(engines):
     assert lse_err < 0.05
 
 
-def test_logits_close_prefill_and_decode(engines):
-    """Prefill (cuBLAS path) and graph-replayed decode (GEMV path) logits against NumPy."""
+def decode_errors(cpu, gpu) -> list[float]:
+    """Relative error of the GPU engine's logits against the CPU engine's: a 30-token prefill,
+    then 10 graph-replayed decode steps."""
     from workers.engine.engine import Sequence
 
-    cpu, gpu = engines
     ids = np.random.default_rng(2).integers(100, 20000, 41).tolist()
     errs = []
     seqs = [Sequence(list(ids[:31])), Sequence(list(ids[:31]))]
@@ -71,7 +71,23 @@ def test_logits_close_prefill_and_decode(engines):
         for e, s in zip((cpu, gpu), seqs):
             e.release(s)
     print("logits relative error, prefill then decode steps:", " ".join(f"{e:.1e}" for e in errs))
-    assert max(errs) < 1e-2
+    return errs
+
+
+def test_logits_close_prefill_and_decode(engines):
+    """Prefill (cuBLAS path) and graph-replayed decode (GEMV path) logits against NumPy."""
+    assert max(decode_errors(*engines)) < 1e-2
+
+
+@pytest.mark.parametrize("kv", ["q8", "q4", "q2"])
+def test_rotate_kv_engines_match_the_cpu(engines, kv):
+    """A RotateKV cache on the GPU (kv_store_q, the quantized prefill and decode kernels in a
+    captured graph) against the NumPy backend storing the same type."""
+    path = engines[0].gguf.path
+    cpu = Engine(path, backend="numpy", max_context=1024, kv_type=kv)
+    gpu = Engine(path, backend="cupy", max_context=1024, kv_cache_tokens=8192, kv_type=kv)
+    assert gpu.kv.layout.type.name == kv and gpu.kv.layers[0][0].rows.dtype == np.uint8
+    assert max(decode_errors(cpu, gpu)) < 2e-2
 
 
 @pytest.mark.parametrize("seed", [3, 5, 7])

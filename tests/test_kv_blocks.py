@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from kernels.numpy_backend import NumpyBackend
@@ -12,22 +11,37 @@ from workers.engine.engine import Engine, Sequence
 GIB = 2**30
 
 
-class HalfKVNumpy(NumpyBackend):
-    """The CPU backend storing its KV cache in fp16, as the GPU backend does: the sizing must
-    follow the layout's bytes, not the activation dtype (float32)."""
-
-    kv_dtype = np.float16
+# stored bits per value: dense, or codes plus a float16 scale and minimum per group
+BITS = {"f32": 32, "f16": 16, "q8": 8 + 32 / 64, "q4": 4 + 32 / 64, "q3": 3 + 32 / 64, "q2": 2 + 32 / 32}
 
 
-@pytest.mark.parametrize("backend", [NumpyBackend, HalfKVNumpy], ids=["float32-kv", "float16-kv"])
-def test_kv_cache_fills_its_byte_budget(tiny_model, backend):
+@pytest.mark.parametrize("kv", list(BITS))
+def test_kv_cache_fills_its_byte_budget(tiny_model, kv):
+    """The sizing follows the layout's bytes for each KV type, not the activation dtype."""
     budget = 3 * 2**20 + 12345
-    engine = Engine(tiny_model("qwen2"), backend=backend(), max_context=256, kv_cache_bytes=budget)
+    engine = Engine(tiny_model("qwen2"), backend=NumpyBackend(), max_context=256, kv_cache_bytes=budget, kv_type=kv)
     held = engine.kv.nbytes
     assert 0.95 * budget <= held <= budget
     c = engine.config
-    per_token = 2 * c.n_layers * c.n_kv_heads * c.head_dim * np.dtype(backend.kv_dtype).itemsize
-    assert engine.blocks.num_blocks * engine.blocks.block_size == budget // per_token // 16 * 16
+    per_token = int(2 * c.n_layers * c.n_kv_heads * c.head_dim * BITS[kv] / 8)
+    # a RotateKV cache's ring (32 slots of the sink and 80 latest rows, K and V in float16)
+    # and key centre and scale (float32) come first
+    fixed = c.n_layers * (32 * 2 * 81 * c.n_kv_heads * c.head_dim * 2 + 8 * c.n_kv_heads * c.head_dim) \
+        if kv.startswith("q") else 0
+    assert engine.blocks.num_blocks * engine.blocks.block_size == (budget - fixed) // per_token // 16 * 16
+
+
+def test_a_quantized_kv_type_holds_more_tokens_in_the_same_bytes(tiny_model):
+    """q4 at least 3.5x the tokens of f16 in a budget its ring (32 sequences' slots) is small
+    against (issue 17's capacity target; the ring is 81 float16 tokens a sequence)."""
+    tokens = {kv: Engine(tiny_model("qwen2"), max_context=256, kv_cache_bytes=256 * 2**20, kv_type=kv).kv.num_blocks
+              for kv in ("f16", "q4")}
+    assert tokens["q4"] >= 3.5 * tokens["f16"]
+
+
+def test_an_unknown_or_unsupported_kv_type_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="unknown kv_type 'q5'"):
+        Engine(tiny_model("qwen2"), max_context=256, kv_type="q5")
 
 
 def test_kv_budget_below_one_context_is_refused(tiny_model):

@@ -136,7 +136,7 @@ def test_paged_attention_matches_dense_for_mixed_batch(window):
     layout = ops.kv_layout(kv_heads, d, bs)
     assert layout.bytes_per_token == 2 * kv_heads * d * 4 and layout.bytes_per_block == bs * layout.bytes_per_token
     k_cache, v_cache = ops.new_kv_cache(n_blocks, layout)
-    assert k_cache.shape == (n_blocks, bs, kv_heads, d) and k_cache.dtype == np.float32
+    assert k_cache.rows.shape == (n_blocks, bs, kv_heads, d) and k_cache.rows.dtype == np.float32
     free = list(rng.permutation(n_blocks))  # scattered blocks: the block table must be honoured
     specs = [(0, 9), (13, 1), (6, 5)]  # (tokens already cached, new tokens)
     seqs = []
@@ -147,8 +147,8 @@ def test_paged_attention_matches_dense_for_mixed_batch(window):
         v_all = rng.standard_normal((total, kv_heads, d)).astype(np.float32)
         pos = np.arange(total)
         slots = np.array(table)[pos // bs] * bs + pos % bs
-        k_cache.reshape(-1, kv_heads, d)[slots[:past]] = k_all[:past]  # the cached prefix
-        v_cache.reshape(-1, kv_heads, d)[slots[:past]] = v_all[:past]
+        k_cache.rows.reshape(-1, kv_heads, d)[slots[:past]] = k_all[:past]  # the cached prefix
+        v_cache.rows.reshape(-1, kv_heads, d)[slots[:past]] = v_all[:past]
         q = rng.standard_normal((new, heads, d)).astype(np.float32)
         seqs.append((past, new, table, k_all, v_all, q, slots[past:]))
     width = max(len(s[2]) for s in seqs)

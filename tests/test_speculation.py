@@ -43,6 +43,22 @@ def test_speculative_greedy_gives_the_plain_greedy_tokens(engine, spec):
     assert engine.blocks.free_blocks == engine.blocks.num_blocks  # rejected tails and the request gave their blocks back
 
 
+@pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit"), Speculation(3, "skip", skip=(0,))],
+                         ids=repr)
+def test_speculation_over_a_rotate_kv_cache_gives_its_plain_greedy_tokens(tiny_model, spec):
+    """Over a q4 cache, past the recent window (a 150-token prompt): a verify pass reads each
+    position's keys as a decode step at that position does (the window per query), and the
+    ring survives rejected tails, so the tokens are plain greedy decoding's over the same cache."""
+    q4 = Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512, kv_type="q4")
+    prompt = np.random.default_rng(5).integers(3, 200, 150).tolist() + REPEATING
+    plain = run(q4, prompt, max_tokens=40)
+    assert run(q4, prompt, spec, max_tokens=40) == plain
+    assert q4.last_speculation.passes > 0
+    exact = Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512)
+    lse = [np.asarray([r["lse"] for r in e.score(prompt)]) for e in (q4, exact)]
+    assert np.abs(lse[0] - lse[1])[100:].max() > 1e-5  # the cache is quantized past the window
+
+
 def test_a_drafter_that_is_the_model_has_every_proposal_accepted(engine):
     """Early exit after every layer drafts what the model computes: k + 1 tokens a pass (the
     last pass is cut by max_tokens)."""

@@ -8,6 +8,17 @@
 //
 // window > 0: a sliding-window layer; the query at position p sees keys p - window + 1..p
 // (llama.cpp's LLAMA_SWA_TYPE_STANDARD), and key tiles wholly before that are not read.
+//
+// BITS is the cache's type: 16 for fp16 rows, 8/4/3/2 for RotateKV rows (kernels/kv_layout.py):
+// keys centred and scaled per channel, then K and V rotated by a normalized Walsh-Hadamard
+// transform before they are quantized (kv_store_q), dequantized to fp16 as they are staged in
+// shared memory. Scores are unchanged once q is divided by the key scale and rotated too
+// (fwht after load_q), and the output, a sum of rotated values, is rotated back before it
+// leaves (the transform is its own inverse). A query reads the keys and values of position 0
+// and of its `recent` latest positions unquantized: the step's own from the scratch kv_store_q
+// writes them to (fp16, transformed), earlier ones from the sequence's slot of the ring
+// [slots, ring + 1, KVH, D] (entry `ring`: position 0), which kv_recent (prefill) or the
+// decode kernel's split 0 updates once they are read.
 
 #define MAXG 8
 #define ATT_WARPS 4
@@ -99,9 +110,149 @@ __device__ __forceinline__ void softmax_tile(const float s[MAXG], bool vis, int 
     for (int g = 0; g < MAXG; g++) l[g] = l[g] * alpha[g] + t[g];
 }
 
-__device__ __forceinline__ size_t cache_row(const int* __restrict__ table, int p, int bs, int KVH, int kh, int D) {
+// The cache row (token slot, KV head) of context position p.
+__device__ __forceinline__ size_t cache_index(const int* __restrict__ table, int p, int bs, int KVH, int kh) {
     const int slot = table[p / bs] * bs + p % bs;
-    return ((size_t)slot * KVH + kh) * D;
+    return (size_t)slot * KVH + kh;
+}
+
+// Bytes of a RotateKV row: BITS-bit codes, 8 in BITS bytes, then a (scale, min) fp16 pair per group.
+template <int D, int BITS>
+__device__ __forceinline__ int q_row_bytes(int group) { return D * BITS / 8 + 4 * (D / group); }
+
+// Values 8c..8c+7 of cache row `row` as 8 fp16 (what the kernels stage in shared memory).
+template <int D, int BITS>
+__device__ __forceinline__ uint4 kv_load8(const void* cache, size_t row, int c, int group) {
+    if constexpr (BITS == 16) {
+        return *(const uint4*)((const u16*)cache + row * D + c * 8);
+    } else {
+        constexpr int CB = D * BITS / 8;
+        constexpr u32 MASK = (1u << BITS) - 1;
+        const u8* r = (const u8*)cache + row * q_row_bytes<D, BITS>(group);  // rows are 4-byte aligned
+        u64 w;
+        if constexpr (BITS == 8) {
+            w = *(const u32*)(r + c * 8) | ((u64) * (const u32*)(r + c * 8 + 4) << 32);
+        } else if constexpr (BITS == 4) {
+            w = *(const u32*)(r + c * 4);
+        } else if constexpr (BITS == 2) {
+            w = *(const u16*)(r + c * 2);
+        } else {
+            const u8* b = r + c * BITS;
+            w = (u64)b[0] | ((u64)b[1] << 8) | ((u64)b[2] << 16);
+        }
+        const u16* pr = (const u16*)(r + CB) + 2 * ((c * 8) / group);
+        const float d = h2f(pr[0]), m = h2f(pr[1]);
+        u32 h[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const float lo = m + (float)((u32)(w >> (2 * j * BITS)) & MASK) * d;
+            const float hi = m + (float)((u32)(w >> ((2 * j + 1) * BITS)) & MASK) * d;
+            h[j] = (u32)f2h(lo) | ((u32)f2h(hi) << 16);
+        }
+        return make_uint4(h[0], h[1], h[2], h[3]);
+    }
+}
+
+// In-place unnormalized Walsh-Hadamard transform of `rows` rows of D floats in shared
+// memory, in blocks of HB (the largest power of two dividing D), butterflies in the order the
+// NumPy twin runs them (kernels/kv_quant.py). Threads tid of n take the pairs; WARP: the
+// caller is one warp (syncs the warp), else the whole block (every thread must call).
+template <int D, bool WARP>
+__device__ __forceinline__ void fwht(float* s, int rows, int tid, int n) {
+    constexpr int HB = D & -D;
+#pragma unroll 1
+    for (int h = 1; h < HB; h <<= 1) {
+        for (int i = tid; i < rows * (D / 2); i += n) {
+            const int r = i / (D / 2), j = i - r * (D / 2);
+            const int a = r * D + (j / h) * 2 * h + (j % h);
+            const float x = s[a], y = s[a + h];
+            s[a] = x + y;
+            s[a + h] = x - y;
+        }
+        if (WARP) __syncwarp(); else __syncthreads();
+    }
+}
+
+// Position p's transformed fp16 row (KV head kh) for a sequence whose step rows start at
+// qstart for positions c0..: the step's scratch row, or its ring slot rs's.
+__device__ __forceinline__ const u16* exact_row(const u16* scratch, const u16* ring, int p, int c0, int qstart,
+                                                int rs, int R, int KVH, int kh, int D) {
+    if (p >= c0) return scratch + ((size_t)(qstart + p - c0) * KVH + kh) * D;
+    return ring + (((size_t)rs * (R + 1) + (p == 0 ? R : p % R)) * KVH + kh) * D;
+}
+
+// q rows of the head group divided by the key scale (kscale [KVH, D]) and rotated into the
+// cache's basis: q_s[rows][D] in shared memory; every thread of the block calls it.
+template <int D>
+__device__ __forceinline__ void q_to_cache_basis(float* q_s, int rows, const float* __restrict__ kscale, int kh) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < rows * D; i += blockDim.x) q_s[i] /= kscale[kh * D + i % D];
+    __syncthreads();
+    fwht<D, false>(q_s, rows, threadIdx.x, blockDim.x);
+}
+
+// --- store new K/V in a RotateKV cache (prefill, and decode before attn_decode reads it) -------
+// grid (T, KVH); k rotated by RoPE when rope_k, centred and scaled per channel (kcenter,
+// kscale [KVH, D]), then K and V rows by the Hadamard transform (times hs = 1/sqrt(HB)): the
+// rows in fp16 to the step's scratch [T, KVH, D], and quantized per group into the cache:
+// scale = (max - min) / (2^BITS - 1) and min, both rounded to fp16 first, code =
+// rint((x - min) / scale) clamped. Slots < 0 are skipped.
+template <int D, int BITS>
+__device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, const float* __restrict__ v, int sv,
+                                           const int* __restrict__ positions, const double* __restrict__ inv_freq,
+                                           int rope_k, int neox, u8* kc, u8* vc, const int* __restrict__ slots,
+                                           int KVH, int group, float hs, const float* __restrict__ kcenter,
+                                           const float* __restrict__ kscale, u16* sk16, u16* sv16) {
+    constexpr int CB = D * BITS / 8;
+    constexpr float QMAX = (float)((1 << BITS) - 1);
+    __shared__ float x_s[2 * D];
+    __shared__ float gp_s[2 * D / 8][2];  // (scale, min) per group of each row, as stored
+    const int t = blockIdx.x, h = blockIdx.y, slot = slots[t];
+    if (slot < 0) return;
+    const int pos = positions[t], ng = D / group, rb = q_row_bytes<D, BITS>(group);
+    for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
+        int i0, i1;
+        rope_index(i, D, neox, i0, i1);
+        const float* src = k + (size_t)t * sk + h * D;
+        float x0 = src[i0], x1 = src[i1];
+        if (rope_k) rope_pair(x0, x1, pos, inv_freq[i]);
+        x_s[i0] = (x0 - kcenter[h * D + i0]) * kscale[h * D + i0];
+        x_s[i1] = (x1 - kcenter[h * D + i1]) * kscale[h * D + i1];
+    }
+    for (int i = threadIdx.x; i < D; i += blockDim.x) x_s[D + i] = v[(size_t)t * sv + h * D + i];
+    __syncthreads();
+    fwht<D, false>(x_s, 2, threadIdx.x, blockDim.x);
+    for (int i = threadIdx.x; i < 2 * D; i += blockDim.x) {
+        x_s[i] *= hs;
+        (i < D ? sk16 : sv16)[((size_t)t * KVH + h) * D + i % D] = f2h(x_s[i]);
+    }
+    __syncthreads();
+    u8* rows[2] = {kc + ((size_t)slot * KVH + h) * rb, vc + ((size_t)slot * KVH + h) * rb};
+    for (int i = threadIdx.x; i < 2 * ng; i += blockDim.x) {
+        const int r = i / ng, g = i - r * ng;
+        const float* x = x_s + r * D + g * group;
+        float mn = x[0], mx = x[0];
+        for (int j = 1; j < group; j++) { mn = fminf(mn, x[j]); mx = fmaxf(mx, x[j]); }
+        const u16 sh = f2h((mx - mn) / QMAX), mh = f2h(mn);
+        u16* pr = (u16*)(rows[r] + CB) + 2 * g;
+        pr[0] = sh;
+        pr[1] = mh;
+        gp_s[i][0] = h2f(sh);
+        gp_s[i][1] = h2f(mh);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * (D / 8); i += blockDim.x) {
+        const int r = i / (D / 8), c = i - r * (D / 8), g = (c * 8) / group;
+        const float d = gp_s[r * ng + g][0], m = gp_s[r * ng + g][1];
+        u64 w = 0;
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            const float q = d > 0.0f ? fminf(fmaxf(rintf((x_s[r * D + c * 8 + j] - m) / d), 0.0f), QMAX) : 0.0f;
+            w |= (u64)(u32)q << (j * BITS);
+        }
+#pragma unroll
+        for (int j = 0; j < BITS; j++) rows[r][c * BITS + j] = (u8)(w >> (8 * j));
+    }
 }
 
 // --- store new K/V (prefill path) ---------------------------------------------------------
@@ -131,17 +282,40 @@ __device__ __forceinline__ void kv_store(const float* __restrict__ k, int sk, co
     }
 }
 
+// grid (T, KVH), after a prefill's attention has read the ring: each new row of position 0,
+// or of the sequence's last R positions, into its ring slot (recent_slots [B]).
+__device__ __forceinline__ void kv_recent(const u16* __restrict__ sk16, const u16* __restrict__ sv16, u16* ringk,
+                                          u16* ringv, const int* __restrict__ positions,
+                                          const int* __restrict__ qstarts, const int* __restrict__ ctx_lens,
+                                          const int* __restrict__ recent_slots, int B, int KVH, int R, int D) {
+    const int t = blockIdx.x, h = blockIdx.y, p = positions[t];
+    int b = 0;
+    while (b + 1 < B && qstarts[b + 1] <= t) b++;
+    if (p != 0 && p < ctx_lens[b] - R) return;
+    const size_t src = ((size_t)t * KVH + h) * D;
+    const size_t dst = (((size_t)recent_slots[b] * (R + 1) + (p == 0 ? R : p % R)) * KVH + h) * D;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) {
+        ringk[dst + i] = sk16[src + i];
+        ringv[dst + i] = sv16[src + i];
+    }
+}
+
 // --- prefill / mixed batches ----------------------------------------------------------------
 // grid (tiles, KVH); a tile is up to ATT_WARPS consecutive query tokens of one sequence, one
 // warp each. The block streams 32-key tiles of K and V through shared memory once for all
 // its warps; lane i scores key i, then lanes split the D dims for P @ V.
-template <int D>
+template <int D, int BITS>
 __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq, const int* __restrict__ positions,
                                              const double* __restrict__ inv_freq, int rope_q, int neox,
-                                             const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                             const void* __restrict__ kc, const void* __restrict__ vc,
                                              const int* __restrict__ tables, int W, const int* __restrict__ ctx_lens,
                                              const int* __restrict__ qstarts, const int* __restrict__ tiles, int H,
-                                             int KVH, int bs, float scale, int window, float* __restrict__ out) {
+                                             int KVH, int bs, float scale, int window, int group, float hs,
+                                             const float* __restrict__ kscale, const u16* __restrict__ sk16,
+                                             const u16* __restrict__ sv16, const u16* __restrict__ ringk,
+                                             const u16* __restrict__ ringv, const int* __restrict__ recent_slots,
+                                             int recent, int R, float* __restrict__ out) {
+    constexpr bool ROT = BITS != 16;
     constexpr int P = D / 32, RS = D + 8;  // padded smem rows: conflict-free 16-byte reads per lane
     __shared__ __align__(16) float q_s[ATT_WARPS][MAXG * D];
     __shared__ __align__(16) u16 k_s[32 * RS];
@@ -159,6 +333,12 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 
     for (int w = 0; w < ATT_WARPS; w++)
         if (t0 + w < qe) load_q<D>(q, sq, t0 + w, kh, G, positions[t0 + w], inv_freq, rope_q, neox, scale, q_s[w], threadIdx.x, blockDim.x);
+    // RotateKV: keys are staged unquantized where every query of the tile reads them so (the
+    // sink, those within `recent` of the tile's last query, the tile's own); a warp whose query
+    // reads a staged-quantized key unquantized takes that one from global memory (alt)
+    const int c0 = ctx - n, qp0 = c0 + (t0 - qs0), rs = ROT ? recent_slots[b] : 0;
+    auto alt = [&](int p) { return ROT && p != 0 && p <= qp0 && qpos - p < recent && last - p >= recent; };
+    if (ROT) q_to_cache_basis<D>(&q_s[0][0], ATT_WARPS * MAXG, kscale, kh);  // scale carries 1/sqrt(HB)
 
     float m[MAXG], l[MAXG], o[MAXG][P];
 #pragma unroll
@@ -174,9 +354,14 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
             const int r = i / (D / 8), c = i - r * (D / 8), p = k0 + r;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
             if (p <= last) {
-                const size_t off = cache_row(table, p, bs, KVH, kh, D) + c * 8;
-                kv = *(const uint4*)(kc + off);
-                vv = *(const uint4*)(vc + off);
+                if (ROT && (p == 0 || p > qp0 || last - p < recent)) {
+                    kv = *(const uint4*)(exact_row(sk16, ringk, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
+                    vv = *(const uint4*)(exact_row(sv16, ringv, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
+                } else {
+                    const size_t row = cache_index(table, p, bs, KVH, kh);
+                    kv = kv_load8<D, BITS>(kc, row, c, group);
+                    vv = kv_load8<D, BITS>(vc, row, c, group);
+                }
             }
             *(uint4*)(k_s + r * RS + c * 8) = kv;
             *(uint4*)(v_s + r * RS + c * 8) = vv;
@@ -185,7 +370,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
         if (!valid || k0 > qpos || k0 + 31 < lo) continue;  // warp-uniform: nothing visible
 
         float s[MAXG], p[MAXG], alpha[MAXG];
-        qk_dots<D>(k_s + lane * RS, q_s[warp], G, s);
+        qk_dots<D>(alt(k0 + lane) ? exact_row(sk16, ringk, k0 + lane, c0, qs0, rs, R, KVH, kh, D) : k_s + lane * RS,
+                   q_s[warp], G, s);
         softmax_tile(s, k0 + lane <= qpos && k0 + lane >= lo, G, m, l, p, alpha);
 #pragma unroll
         for (int g = 0; g < MAXG; g++)
@@ -194,7 +380,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
         const int nk = min(32, qpos - k0 + 1);
         for (int kk = 0; kk < nk; kk++) {
             float vf[P];
-            load_dims<D>(v_s + kk * RS, lane, vf);
+            load_dims<D>(alt(k0 + kk) ? exact_row(sv16, ringv, k0 + kk, c0, qs0, rs, R, KVH, kh, D) : v_s + kk * RS,
+                         lane, vf);
 #pragma unroll
             for (int g = 0; g < MAXG; g++) {
                 if (g < G) {
@@ -206,12 +393,26 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
         }
     }
     if (!valid) return;
+    if constexpr (ROT) {  // the output back from the rotated basis, through the warp's own q rows
 #pragma unroll
-    for (int g = 0; g < MAXG; g++) {
-        if (g < G) {
-            const float inv = 1.0f / l[g];
+        for (int g = 0; g < MAXG; g++) {
+            if (g < G) {
+                const float inv = 1.0f / l[g];
 #pragma unroll
-            for (int i = 0; i < P; i++) out[(size_t)t * H * D + (kh * G + g) * D + lane * P + i] = o[g][i] * inv;
+                for (int i = 0; i < P; i++) q_s[warp][g * D + lane * P + i] = o[g][i] * inv;
+            }
+        }
+        __syncwarp();
+        fwht<D, true>(q_s[warp], G, lane, 32);
+        for (int i = lane; i < G * D; i += 32) out[(size_t)t * H * D + kh * G * D + i] = q_s[warp][i] * hs;
+    } else {
+#pragma unroll
+        for (int g = 0; g < MAXG; g++) {
+            if (g < G) {
+                const float inv = 1.0f / l[g];
+#pragma unroll
+                for (int i = 0; i < P; i++) out[(size_t)t * H * D + (kh * G + g) * D + lane * P + i] = o[g][i] * inv;
+            }
         }
     }
 }
@@ -228,22 +429,32 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 // With out16 set, the output is also written in fp16 (a tensor-core product's input).
 // With xq set, the block that writes a head group's output also quantizes it per 32 values
 // (common.cu quantize8) for the dp4a product after it, which then needs no quantize_x.
-template <int D>
+// A RotateKV cache (BITS < 16) has the new token's row stored by kv_store_q just before (and
+// in the scratch): the split holding it stages it once pdl_wait returns; the sink and the
+// recent positions come from the ring, which split 0 then gives the new row; the output
+// leaves through q_s, rotated back there.
+template <int D, int BITS>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq, const float* __restrict__ k, int sk,
                                             const float* __restrict__ v, int sv, const int* __restrict__ positions,
                                             const double* __restrict__ inv_freq, int rope_q, int rope_k, int neox,
-                                            u16* kc, u16* vc, const int* __restrict__ tables, int W,
+                                            void* kc, void* vc, const int* __restrict__ tables, int W,
                                             const int* __restrict__ ctx_lens, const int* __restrict__ slots, int H,
-                                            int KVH, int bs, int chunk, float scale, int window, float* part_o, float* part_ml,
-                                            int* counters, int max_splits, float* __restrict__ out, u16* out16, u8* xq, int sxq,
-                                            float2* xds) {
+                                            int KVH, int bs, int chunk, float scale, int window, int group, float hs,
+                                            const float* __restrict__ kscale, const u16* __restrict__ sk16,
+                                            const u16* __restrict__ sv16, u16* ringk, u16* ringv,
+                                            const int* __restrict__ recent_slots, int recent, int R,
+                                            float* part_o, float* part_ml, int* counters, int max_splits,
+                                            float* __restrict__ out, u16* out16, u8* xq, int sxq, float2* xds) {
     constexpr int P = D / 32, RS = D + 8, HPW = MAXG / DEC_WARPS;
+    constexpr bool ROT = BITS != 16;
     __shared__ __align__(16) float q_s[MAXG * D];
     __shared__ __align__(16) u16 kn_s[D];
     __shared__ __align__(16) u16 vn_s[D];
     __shared__ __align__(16) u16 k_s[DECODE_MAX_CHUNK * RS];
     __shared__ __align__(16) u16 v_s[DECODE_MAX_CHUNK * RS];
     __shared__ size_t row_s[DECODE_MAX_CHUNK];
+    __shared__ const u16* exk_s[DECODE_MAX_CHUNK];  // RotateKV: a key's unquantized row (the ring's), or null
+    __shared__ const u16* exv_s[DECODE_MAX_CHUNK];
     __shared__ int last_s;
     const int sp = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, G = H / KVH;
@@ -257,42 +468,71 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     // the split's cached keys (written by earlier steps) are staged before the wait for this
     // step's q, k, v: one table round trip, one K/V round trip, overlapping the qkv product
     const int start = base + sp * chunk, n = min(ctx, start + chunk) - start;
+    const int rs = ROT ? recent_slots[b] : 0;
     if (threadIdx.x < n) {
         const int p = start + threadIdx.x;
-        row_s[threadIdx.x] = p != newp ? cache_row(table, p, bs, KVH, kh, D) : 0;
+        row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) : 0;
+        const bool ex = ROT && p != newp && (p == 0 || newp - p < recent);
+        exk_s[threadIdx.x] = ex ? exact_row(sk16, ringk, p, newp, b, rs, R, KVH, kh, D) : nullptr;
+        exv_s[threadIdx.x] = ex ? exact_row(sv16, ringv, p, newp, b, rs, R, KVH, kh, D) : nullptr;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < n * (D / 8); i += blockDim.x) {
         const int r = i / (D / 8), c = i - r * (D / 8);
         if (start + r == newp) continue;
-        *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(kc + row_s[r] + c * 8);
-        *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(vc + row_s[r] + c * 8);
+        if (ROT && exk_s[r]) {
+            *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exk_s[r] + c * 8);
+            *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exv_s[r] + c * 8);
+        } else {
+            *(uint4*)(k_s + r * RS + c * 8) = kv_load8<D, BITS>(kc, row_s[r], c, group);
+            *(uint4*)(v_s + r * RS + c * 8) = kv_load8<D, BITS>(vc, row_s[r], c, group);
+        }
     }
     pdl_wait();
 
     load_q<D>(q, sq, b, kh, G, pos, inv_freq, rope_q, neox, scale, q_s, threadIdx.x, blockDim.x);
-    for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
-        int i0, i1;
-        rope_index(i, D, neox, i0, i1);
-        const float* src = k + (size_t)b * sk + kh * D;
-        float x0 = src[i0], x1 = src[i1];
-        if (rope_k) rope_pair(x0, x1, pos, inv_freq[i]);
-        kn_s[i0] = f2h(x0);
-        kn_s[i1] = f2h(x1);
-    }
-    for (int i = threadIdx.x; i < D; i += blockDim.x) vn_s[i] = f2h(v[(size_t)b * sv + kh * D + i]);
-    __syncthreads();
-    if (sp == 0) {
-        const size_t row = ((size_t)slots[b] * KVH + kh) * D;
-        for (int i = threadIdx.x; i < D; i += blockDim.x) {
-            kc[row + i] = kn_s[i];
-            vc[row + i] = vn_s[i];
+    if constexpr (ROT) {  // the new row from the scratch; split 0 gives it to the ring
+        const u16* nk = sk16 + ((size_t)b * KVH + kh) * D;
+        const u16* nv = sv16 + ((size_t)b * KVH + kh) * D;
+        if (newp >= start && newp < start + n) {
+            const int r = newp - start;
+            for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {
+                *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(nk + c * 8);
+                *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(nv + c * 8);
+            }
         }
-    }
-    if (newp >= start && newp < start + n) {
-        for (int i = threadIdx.x; i < D; i += blockDim.x) {
-            k_s[(newp - start) * RS + i] = kn_s[i];
-            v_s[(newp - start) * RS + i] = vn_s[i];
+        if (sp == 0) {  // overwrites position newp - R, which no query reads any more
+            const size_t dst = (((size_t)rs * (R + 1) + (newp == 0 ? R : newp % R)) * KVH + kh) * D;
+            for (int i = threadIdx.x; i < D; i += blockDim.x) {
+                ringk[dst + i] = nk[i];
+                ringv[dst + i] = nv[i];
+            }
+        }
+        q_to_cache_basis<D>(q_s, G, kscale, kh);
+    } else {  // fp16: the new row from the inputs, stored by split 0
+        for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
+            int i0, i1;
+            rope_index(i, D, neox, i0, i1);
+            const float* src = k + (size_t)b * sk + kh * D;
+            float x0 = src[i0], x1 = src[i1];
+            if (rope_k) rope_pair(x0, x1, pos, inv_freq[i]);
+            kn_s[i0] = f2h(x0);
+            kn_s[i1] = f2h(x1);
+        }
+        for (int i = threadIdx.x; i < D; i += blockDim.x) vn_s[i] = f2h(v[(size_t)b * sv + kh * D + i]);
+        __syncthreads();
+        if (sp == 0) {
+            const size_t row = ((size_t)slots[b] * KVH + kh) * D;
+            for (int i = threadIdx.x; i < D; i += blockDim.x) {
+                ((u16*)kc)[row + i] = kn_s[i];
+                ((u16*)vc)[row + i] = vn_s[i];
+            }
+        }
+        if (newp >= start && newp < start + n) {
+            for (int i = threadIdx.x; i < D; i += blockDim.x) {
+                k_s[(newp - start) * RS + i] = kn_s[i];
+                v_s[(newp - start) * RS + i] = vn_s[i];
+            }
         }
     }
 
@@ -390,8 +630,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             const float inv = 1.0f / l[h];
 #pragma unroll
             for (int i = 0; i < P; i++) {
-                out[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = o[h][i] * inv;
-                if (out16) out16[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = f2h(o[h][i] * inv);
+                if (!ROT) {
+                    out[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = o[h][i] * inv;
+                    if (out16) out16[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = f2h(o[h][i] * inv);
+                }
                 q_s[g * D + lane * P + i] = o[h][i] * inv;
             }
         } else {
@@ -424,11 +666,22 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                 L += vml[s2 * MAXG * 2 + 2 * g + 1] * c;
                 O += vo[s2 * MAXG * D + i] * c;
             }
-            out[(size_t)b * H * D + kh * G * D + i] = O / L;
-            if (out16) out16[(size_t)b * H * D + kh * G * D + i] = f2h(O / L);
+            if (!ROT) {
+                out[(size_t)b * H * D + kh * G * D + i] = O / L;
+                if (out16) out16[(size_t)b * H * D + kh * G * D + i] = f2h(O / L);
+            }
             q_s[i] = O / L;
         }
         if (threadIdx.x == 0) counters[b * KVH + kh] = 0;
+    }
+    if constexpr (ROT) {  // the head group's output back from the rotated basis
+        __syncthreads();
+        fwht<D, false>(q_s, G, threadIdx.x, blockDim.x);
+        for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+            q_s[i] *= hs;
+            out[(size_t)b * H * D + kh * G * D + i] = q_s[i];
+            if (out16) out16[(size_t)b * H * D + kh * G * D + i] = f2h(q_s[i]);
+        }
     }
     if (xq) {  // the head group's values as the next product's integer input (quant_gemv_q8.cu)
         __syncthreads();
@@ -443,31 +696,59 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     }
 }
 
-#define DEF_ATTN(D)                                                                                                   \
+#define DEF_ATTN(D, BITS, SUFFIX)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                     \
+        attn_prefill_##SUFFIX(const float* q, int sq, const int* positions, const double* inv_freq, int rope_q,      \
+                              int neox, const void* kc, const void* vc, const int* tables, int W, const int* ctx_lens, \
+                              const int* qstarts, const int* tiles, int H, int KVH, int bs, float scale, int window, \
+                              int group, float hs, const float* kscale, const u16* sk16, const u16* sv16,            \
+                              const u16* ringk, const u16* ringv, const int* recent_slots, int recent, int R,        \
+                              float* out) {                                                                           \
+        attn_prefill<D, BITS>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, \
+                              H, KVH, bs, scale, window, group, hs, kscale, sk16, sv16, ringk, ringv, recent_slots,   \
+                              recent, R, out);                                                                        \
+    }                                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                                     \
+        attn_decode_##SUFFIX(const float* q, int sq, const float* k, int sk, const float* v, int sv,                 \
+                             const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, void* kc, \
+                             void* vc, const int* tables, int W, const int* ctx_lens, const int* slots, int H, int KVH, \
+                             int bs, int chunk, float scale, int window, int group, float hs, const float* kscale,  \
+                             const u16* sk16, const u16* sv16, u16* ringk, u16* ringv, const int* recent_slots,      \
+                             int recent, int R, float* part_o, float* part_ml, int* counters, int max_splits,        \
+                             float* out, u16* out16, u8* xq, int sxq, float2* xds) {                                  \
+        attn_decode<D, BITS>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W,      \
+                             ctx_lens, slots, H, KVH, bs, chunk, scale, window, group, hs, kscale, sk16, sv16, ringk, \
+                             ringv, recent_slots, recent, R, part_o, part_ml, counters, max_splits, out, out16, xq,  \
+                             sxq, xds);                                                                               \
+    }
+#define DEF_STORE(D)                                                                                                  \
     extern "C" __global__ void __launch_bounds__(128)                                                                \
         kv_store_##D(const float* k, int sk, const float* v, int sv, const int* positions, const double* inv_freq,   \
                      int rope_k, int neox, u16* kc, u16* vc, const int* slots, int KVH) {                            \
         kv_store<D>(k, sk, v, sv, positions, inv_freq, rope_k, neox, kc, vc, slots, KVH);                             \
-    }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                     \
-        attn_prefill_##D(const float* q, int sq, const int* positions, const double* inv_freq, int rope_q, int neox, \
-                         const u16* kc, const u16* vc, const int* tables, int W, const int* ctx_lens,                \
-                         const int* qstarts, const int* tiles, int H, int KVH, int bs, float scale, int window,     \
-                         float* out) {                                                                                \
-        attn_prefill<D>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, H,    \
-                        KVH, bs, scale, window, out);                                                                 \
-    }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                                     \
-        attn_decode_##D(const float* q, int sq, const float* k, int sk, const float* v, int sv,                      \
-                        const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, u16* kc,     \
-                        u16* vc, const int* tables, int W, const int* ctx_lens, const int* slots, int H, int KVH,    \
-                        int bs, int chunk, float scale, int window, float* part_o, float* part_ml, int* counters,   \
-                        int max_splits, float* out, u16* out16, u8* xq, int sxq, float2* xds) {                       \
-        attn_decode<D>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W, ctx_lens,  \
-                       slots, H, KVH, bs, chunk, scale, window, part_o, part_ml, counters, max_splits, out, out16, xq, \
-                       sxq,                                                                                           \
-                       xds);                                                                                          \
     }
-DEF_ATTN(64)
-DEF_ATTN(96)
-DEF_ATTN(128)
+#define DEF_STORE_Q(D, BITS)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128)                                                                \
+        kv_store_q##BITS##_##D(const float* k, int sk, const float* v, int sv, const int* positions,                 \
+                               const double* inv_freq, int rope_k, int neox, u8* kc, u8* vc, const int* slots,       \
+                               int KVH, int group, float hs, const float* kcenter, const float* kscale, u16* sk16,    \
+                               u16* sv16) {                                                                           \
+        kv_store_q<D, BITS>(k, sk, v, sv, positions, inv_freq, rope_k, neox, kc, vc, slots, KVH, group, hs, kcenter,  \
+                            kscale, sk16, sv16);                                                                      \
+    }
+// f16 caches: attn_{prefill,decode}_D, kv_store_D; RotateKV: attn_{prefill,decode}_qBITS_D, kv_store_qBITS_D
+#define DEF_RECENT(D)                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(128)                                                                \
+        kv_recent_##D(const u16* sk16, const u16* sv16, u16* ringk, u16* ringv, const int* positions,               \
+                      const int* qstarts, const int* ctx_lens, const int* recent_slots, int B, int KVH, int R) {     \
+        kv_recent(sk16, sv16, ringk, ringv, positions, qstarts, ctx_lens, recent_slots, B, KVH, R, D);                \
+    }
+#define DEF_HEAD(D)                                                                                                   \
+    DEF_STORE(D)                                                                                                      \
+    DEF_RECENT(D)                                                                                                     \
+    DEF_ATTN(D, 16, D)                                                                                                \
+    DEF_ATTN(D, 8, q8_##D) DEF_ATTN(D, 4, q4_##D) DEF_ATTN(D, 3, q3_##D) DEF_ATTN(D, 2, q2_##D)                      \
+    DEF_STORE_Q(D, 8) DEF_STORE_Q(D, 4) DEF_STORE_Q(D, 3) DEF_STORE_Q(D, 2)
+DEF_HEAD(64)
+DEF_HEAD(96)
+DEF_HEAD(128)

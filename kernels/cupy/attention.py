@@ -1,4 +1,4 @@
-"""Paged attention (kernels/cuda/attention.cu) over the fp16 KV cache, RoPE fused.
+"""Paged attention (kernels/cuda/attention.cu) over the fp16 or RotateKV cache, RoPE fused.
 
 A prefill (or a chunk of a long prompt) stores the step's keys and values (kv_store), then
 runs per 4-query tile of each sequence (attn_prefill). A decode step (one new token per
@@ -7,6 +7,8 @@ chunks of DECODE_CHUNK, warps left over by a small group taking a share of the k
 writes its output as the out-projection reads it (values.Attended): rounded into the dp4a
 input layout for a 1-token step, in fp16 for the tensor cores at 2-64 sequences. Its scratch
 lives in the step's device copies (DeviceStep.decode_scratch), inside a graph's memory pool.
+A RotateKV cache (kernels/kv_layout.py) has its rows written by kv_store_q (a decode step's
+too, just before the attention kernel, which then reads the new row like the others).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from kernels.cupy.steps import make_step
 from kernels.cupy.streams import ptr
 from kernels.cupy.tuning import GEMV_MAX_T
 from kernels.cupy.values import Attended, rows3
+from kernels.kv_layout import RING, KVRows
+from kernels.kv_quant import rotation_scale
 from kernels.ops import StepInputs
 
 DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
@@ -28,7 +32,7 @@ HEAD_DIMS = (64, 96, 128)
 LOG2E = 1.4426950408889634
 
 
-def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
+def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, scale, window=0):
     """Store k and v in the paged cache, then attention of q over each sequence's context
     (Backend.attention), only its last `window` keys where window > 0; RoPE of a Roped q or k
     applied on the way."""
@@ -50,14 +54,31 @@ def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
         positions, invf, neox = lazy.positions, lazy.inv_freq, lazy.neox
     else:
         positions, invf, neox = dev.positions, cp.zeros(1, cp.float64), False
-    bs = k_cache.shape[1]
+    layout = k_cache.layout
+    kc, vc = k_cache.rows, v_cache.rows
+    bs = layout.block_size
     W = dev.tables.shape[1]
     out = cp.empty((T, H * D), cp.float32)
     if T == 0:
         return out
     sq, sk, sv = (np.int32(a.strides[0] // 4) for a in (qa, ka, va))
     B = batch.num_seqs
-    ls = np.float32(scale * LOG2E)
+    quantized = layout.type.quantized
+    # a RotateKV cache: kernels named by its bits, q and the output rotated (hs = 1/sqrt(block))
+    name = f"q{layout.type.bits}_{D}" if quantized else f"{D}"
+    group, hs = np.int32(layout.group if quantized else 0), rotation_scale(D)
+    ls = np.float32(scale * LOG2E * (hs if quantized else 1.0))
+    # RotateKV: the step's transformed rows in fp16 (what its queries read unquantized), the key
+    # scale q is divided by, the ring
+    if quantized:
+        scratch16 = cp.empty((2, T, KVH, D), cp.float16)
+        b.k.get("attention.cu", f"kv_store_{name}")(
+            (T, KVH), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc, dev.slots,
+                               np.int32(KVH), group, hs, k_cache.center, k_cache.scale, scratch16[0], scratch16[1]))
+        rot = (k_cache.scale, scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.recent,
+               np.int32(k_cache.recent_window), np.int32(RING))
+    else:
+        rot = (*[ptr(None)] * 6, np.int32(0), np.int32(0))
     if T == B and int(batch.query_starts[-1]) == B:  # one new token per sequence
         max_splits = -(-W * bs // DECODE_CHUNK)
         scratch = dev.decode_scratch.get((B, KVH, max_splits, D))
@@ -72,23 +93,28 @@ def attention(b, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
         xq = cp.empty((T, -(-H * D // 2048) * XQ_RUN), cp.int8) if gemv else None
         ds = cp.empty((T, H * D // 32, 2), cp.float32) if gemv else None
         half = cp.empty((T, H * D), cp.float16) if mma else None
-        b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{D}"), (max_splits, KVH, B), (256,),
+        b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}"), (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
-                           np.int32(neox), k_cache, v_cache, dev.tables, np.int32(W), dev.ctx, dev.slots,
-                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window), *scratch,
+                           np.int32(neox), kc, vc, dev.tables, np.int32(W), dev.ctx, dev.slots,
+                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window),
+                           group, hs, *rot, *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),
                            ptr(ds)))
         return Attended(out, xq, ds, half)
-    else:
+    if not quantized:
         b.k.get("attention.cu", f"kv_store_{D}")(
-            (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), k_cache, v_cache,
+            (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc,
                            dev.slots, np.int32(KVH)))
-        tiles = dev.tiles
-        if tiles is None or len(tiles) == 0:
-            return out
-        b.k.get("attention.cu", f"attn_prefill_{D}")(
-            (len(tiles), KVH), (128,),
-            (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), k_cache, v_cache, dev.tables,
-             np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
-             out))
+    tiles = dev.tiles
+    if tiles is None or len(tiles) == 0:
+        return out
+    b.k.get("attention.cu", f"attn_prefill_{name}")(
+        (len(tiles), KVH), (128,),
+        (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, dev.tables,
+         np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
+         group, hs, *rot, out))
+    if quantized:  # the step's recent rows into the ring, now that its queries have read it
+        b.k.get("attention.cu", f"kv_recent_{D}")(
+            (T, KVH), (128,), (scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.positions, dev.qstarts,
+                               dev.ctx, dev.recent, np.int32(B), np.int32(KVH), np.int32(RING)))
     return out

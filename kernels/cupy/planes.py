@@ -7,9 +7,7 @@ GGUF blocks stay quantized, regrouped into 16-byte-aligned planes per block fiel
 
 from __future__ import annotations
 
-import numpy as np
-
-from kernels.kv_layout import KVLayout
+from kernels.kv_layout import KVLayout, layout_for
 from kernels.quants import Q, block_shape
 
 QMMA_BK = 128  # quant_mma.cu MMA_BK: values of K per step of the tensor-core product
@@ -65,7 +63,8 @@ def matrix_planes(tensors) -> list[int]:
     return planes
 
 
-KV_DTYPE = np.float16
+# fp16 by default; the RotateKV types are read by attention.cu directly
+KV_TYPES = ("f16", "q8", "q4", "q3", "q2")
 
 
 class CupySizes:
@@ -78,6 +77,8 @@ class CupySizes:
     def matrix_nbytes(*tensors) -> int:
         return sum(matrix_planes(tensors))
 
+    kv_types = KV_TYPES
+
     @staticmethod
-    def kv_layout(n_kv_heads: int, head_dim: int, block_size: int) -> KVLayout:
-        return KVLayout(n_kv_heads, head_dim, block_size, np.dtype(KV_DTYPE))
+    def kv_layout(n_kv_heads: int, head_dim: int, block_size: int, kv: str | None = None) -> KVLayout:
+        return layout_for("cupy", KV_TYPES, n_kv_heads, head_dim, block_size, kv)

@@ -33,6 +33,7 @@ class DeviceStep:
     qstarts: cp.ndarray
     tables: cp.ndarray
     tiles: cp.ndarray | None
+    recent: cp.ndarray  # [B] ring slots of a RotateKV cache (zeros without one)
     logit_rows: cp.ndarray | None = None  # int64 rows of the flat batch that get logits (None: all)
     decode_scratch: dict = field(default_factory=dict)
 
@@ -48,8 +49,9 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     tables = np.maximum(batch.block_tables, 0).astype(np.int32)
     tok = np.zeros(T, np.int32) if tokens is None else np.asarray(tokens, np.int32)
     pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
+    recent = np.zeros(B, np.int32) if batch.recent_slots is None else batch.recent_slots
     parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1),
-             tiles.reshape(-1)]
+             tiles.reshape(-1), recent]
     flat = np.concatenate([np.asarray(p, np.int32).reshape(-1) for p in parts])
     dev = cp.asarray(flat)
     views, off = [], 0
@@ -57,7 +59,7 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
         views.append(dev[off:off + p.size])
         off += p.size
     return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
-                      views[6].reshape(-1, 2))
+                      views[6].reshape(-1, 2), views[7])
 
 
 class Graph:
@@ -65,7 +67,7 @@ class Graph:
 
     def __init__(self, B: int, W: int):
         self.B, self.W = B, W
-        self.sizes = [B, B, B, B, B + 1, B * W]  # tokens, positions, slots, ctx, qstarts, tables
+        self.sizes = [B, B, B, B, B + 1, B, B * W]  # tokens, positions, slots, ctx, qstarts, recent, tables
         self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
         self.dev = cp.empty((sum(self.sizes),), cp.int32)
         self.copied = cp.cuda.Event(disable_timing=True)
@@ -83,12 +85,13 @@ class Graph:
 
     def pack(self, tokens, positions, batch):
         self.copied.synchronize()  # the previous step's copy has left the buffer
-        tok, pos, slots, ctx, qs, tables = self.views(self.host)
+        tok, pos, slots, ctx, qs, recent, tables = self.views(self.host)
         tok[:] = tokens
         pos[:] = positions
         slots[:] = batch.slot_mapping
         ctx[:] = batch.context_lens
         qs[:] = batch.query_starts
+        recent[:] = 0 if batch.recent_slots is None else batch.recent_slots
         tables.fill(0)
         w = batch.block_tables.shape[1]
         tables[:, :w] = np.maximum(batch.block_tables, 0)
@@ -149,11 +152,13 @@ class Steps:
             g.graph.launch(stream)
             self.last_graph = g
             return g.out
-        tok, pos, slots, ctx, qs, tables = g.views(g.dev)
+        tok, pos, slots, ctx, qs, recent, tables = g.views(g.dev)
         padded = AttentionBatch(query_starts=batch.query_starts, context_lens=batch.context_lens,
-                                block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping)
+                                block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping,
+                                recent_slots=batch.recent_slots)
         # the captured step reads the graph's device buffers; logits for every row
-        captured = StepInputs(tokens, positions, padded, None, DeviceStep(tok, pos, slots, ctx, qs, tables, None))
+        captured = StepInputs(tokens, positions, padded, None,
+                              DeviceStep(tok, pos, slots, ctx, qs, tables, None, recent))
         try:
             with cp.cuda.using_allocator(g.pool.malloc):
                 out = materialize(forward(captured, kv_caches))  # runs the step, warms the pool

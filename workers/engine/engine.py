@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
+from kernels.kv_layout import RECENT
 from kernels.ops import LogitBias
 from workers.engine.block_manager import BlockManager
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache
+from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
 from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
@@ -53,6 +55,7 @@ class Sequence:
     token_ids: list[int]
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
+    recent_slot: int = -1  # its slot of a RotateKV cache's recent ring (BlockManager)
 
 
 @dataclass
@@ -127,9 +130,10 @@ class Engine:
                  kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  vram_budget: int | None = None, n_buffers: int | None = None, host_ram: int | None = None,
                  rates: Rates | None = None, max_batch_tokens: int = 512, max_logit_rows: int = 32,
-                 host_alloc=None, disk_open=None):
+                 host_alloc=None, disk_open=None, kv_type: str | None = None):
         """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
-        backend's KV layout hold (at least one context), or one context. With vram_budget
+        backend's KV layout of kv_type (kernels/kv_layout.py; the backend's default if None)
+        hold (at least one context), or one context. With vram_budget
         (bytes) the model is placed under it (workers/engine/placement.py): layers that do not
         fit stream from host memory through n_buffers slots (chosen if None), and without a
         KV size the cache takes what the budget leaves when every layer is resident. Streamed
@@ -143,9 +147,9 @@ class Engine:
         self.ops = get_backend(backend) if isinstance(backend, str) else backend
         self.max_context = min(self.config.context_length, max_context or DEFAULT_MAX_CONTEXT)
         c = self.config
-        layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, block_size)
+        layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
         if kv_cache_bytes is not None:
-            num_blocks = PagedKVCache.blocks_within(kv_cache_bytes, c.n_layers, layout)
+            num_blocks = PagedKVCache.blocks_within(kv_cache_bytes, c.n_layers, layout, max_logit_rows)
             if num_blocks * block_size < self.max_context:
                 raise ValueError(
                     f"a KV cache of {max(kv_cache_bytes, 0) / 2**30:.2f} GiB holds {num_blocks * block_size} tokens, "
@@ -159,7 +163,7 @@ class Engine:
 
         def placed():
             return plan_model(self.gguf, c, self.ops, vram_budget, kv_cache_tokens, self.max_context, block_size,
-                              max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates)
+                              max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates, kv_type)
 
         self.max_batch_tokens = max_batch_tokens
         self.placement = placed()
@@ -180,10 +184,37 @@ class Engine:
                                    [i for i, t in enumerate(p.tiers) if t == "disk"], host_alloc, disk_open)
         self.model = Transformer(self.gguf, self.config, self.ops)
         num_blocks = -(-self.placement.kv_tokens // block_size)
-        self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks)
-        self.blocks = BlockManager(num_blocks, block_size)
+        # a RotateKV ring slot for each sequence a step may hold
+        self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows)
+        self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots)
+        if layout.type.quantized:
+            self._calibrate_kv()
         self.last_timings = Timings()
         self.last_speculation = SpecStats()
+
+    def _calibrate_kv(self) -> None:
+        """A RotateKV cache's key centre and scale per layer, from the model's own keys and
+        queries on the calibration text (workers/engine/kv_calibration.py)."""
+        c = self.config
+        stats = KeyStatistics({id(k): i for i, (k, _) in enumerate(self.kv.layers)}, c.n_layers, c.n_kv_heads,
+                              c.head_dim, self.ops.to_numpy)
+        ids = self.prompt_ids(CALIBRATION_TEXT)[:min(self.max_context, self.max_batch_tokens)]
+        seq = Sequence(ids)
+        self.ops.kv_observer = stats
+        for k, v in self.kv.layers:
+            k.recent_window = v.recent_window = len(ids)
+        try:
+            self.reserve([(seq, len(ids))])
+            self.forward([(seq, len(ids))])
+        finally:
+            self.release(seq)
+            self.ops.kv_observer = None
+            for k, v in self.kv.layers:
+                k.recent_window = v.recent_window = RECENT
+        center, scale = stats.transforms()
+        for i, (k, _) in enumerate(self.kv.layers):
+            k.center[...] = self.ops.asarray(center[i])
+            k.scale[...] = self.ops.asarray(scale[i])
 
     @property
     def model_name(self) -> str:
@@ -322,6 +353,7 @@ class Engine:
         batch = AttentionBatch(
             query_starts=np.asarray(starts, dtype=np.int32), context_lens=np.asarray(ctx, dtype=np.int32),
             block_tables=tables, slot_mapping=np.asarray(slots, dtype=np.int32),
+            recent_slots=np.array([seq.recent_slot for seq, _ in work], np.int32) if self.kv.recent_slots else None,
         )
         return StepInputs(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), batch)
 

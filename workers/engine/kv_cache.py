@@ -12,16 +12,19 @@ from kernels.ops import Backend
 
 
 class PagedKVCache:
-    def __init__(self, ops: Backend, n_layers: int, layout: KVLayout, num_blocks: int):
+    def __init__(self, ops: Backend, n_layers: int, layout: KVLayout, num_blocks: int, recent_slots: int = 0):
+        """recent_slots: sequences a RotateKV cache's recent ring holds at once."""
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.layout, self.num_blocks, self.block_size = layout, num_blocks, layout.block_size
-        self.layers = [ops.new_kv_cache(num_blocks, layout) for _ in range(n_layers)]
+        self.recent_slots = recent_slots if layout.type.quantized else 0
+        self.layers = [ops.new_kv_cache(num_blocks, layout, self.recent_slots) for _ in range(n_layers)]
 
     @staticmethod
-    def blocks_within(budget_bytes: int, n_layers: int, layout: KVLayout) -> int:
-        """The most blocks whose K and V, over every layer, fit in budget_bytes."""
-        return max(0, budget_bytes) // (n_layers * layout.bytes_per_block)
+    def blocks_within(budget_bytes: int, n_layers: int, layout: KVLayout, recent_slots: int = 0) -> int:
+        """The most blocks whose K and V, over every layer, fit in budget_bytes beside the ring."""
+        rest = budget_bytes - n_layers * layout.fixed_bytes(recent_slots)
+        return max(0, rest) // (n_layers * layout.bytes_per_block)
 
     @property
     def nbytes(self) -> int:

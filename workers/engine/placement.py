@@ -51,8 +51,9 @@ class ModelSizes:
     head_params: int
 
 
-def model_sizes(gguf, config, ops, kv_bytes_per_token: int) -> ModelSizes:
-    """The model's parts as `ops` stores them (a layer's image has a few aligned gaps: 64 KiB spare)."""
+def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int = 0) -> ModelSizes:
+    """The model's parts as `ops` stores them (a layer's image has a few aligned gaps: 64 KiB spare);
+    kv_ring_bytes: a RotateKV cache's recent ring, every layer and slot (kept with the fixed part)."""
     table, t = config.architecture, gguf.tensors
     layers, params = [], []
     for i in range(config.n_layers):
@@ -61,7 +62,7 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int) -> ModelSizes:
         params.append(sum(x.shape[0] * x.shape[-1] for m in matrices for x in m))
     vectors = sum(x.n_elements for name, x in t.items() if len(x.shape) == 1) * 4
     head = t[table.tensor_name("embed" if config.tied_embeddings else "output")]
-    fixed = ops.matrix_nbytes(t[table.tensor_name("embed")]) + vectors
+    fixed = ops.matrix_nbytes(t[table.tensor_name("embed")]) + vectors + kv_ring_bytes
     if not config.tied_embeddings:
         fixed += ops.matrix_nbytes(head)
     return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * config.n_layers, tuple(params),
@@ -199,12 +200,14 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
 
 def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, max_context: int,
                block_size: int = 16, max_batch_tokens: int = 512, max_logit_rows: int = 32,
-               host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates()) -> Placement:
+               host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates(),
+               kv_type: str | None = None) -> Placement:
     """The placement of a GGUF model for a backend (`sizer`: a Backend, or kernels' CupySizes
-    where there is no GPU: `ntr plan`)."""
+    where there is no GPU: `ntr plan`) with its KV cache of kv_type (the backend's default if None)."""
     c = config
-    layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size)
-    sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token)
+    layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
+    # a ring slot per sequence a step holds (Engine: max_logit_rows)
+    sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, c.n_layers * layout.fixed_bytes(max_logit_rows))
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
                               c.vocab_size, max_batch_tokens, max_logit_rows)
     return place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)

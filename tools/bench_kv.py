@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""RotateKV on the GPU: decode attention by KV cache type and context, and end-to-end decode.
+
+    PYTHONPATH=. python tools/bench_kv.py [--model llama3-8b-q4_k_m] [--types f16,q8,q4,q3,q2]
+        [--contexts 4096,16384,32768] [--batches 1,16] [--e2e-context 16384] [--out DIR]
+
+Attention: one layer's decode step of the replica's shape (the store of the new token and the
+attention over every sequence's context: for a RotateKV type kv_store_q then attn_decode),
+captured 20 times in a CUDA graph and replayed; the rows read (K and V of every cached token)
+over the time is the bandwidth. End to end: the replica (tools/bench_gpu.py's synthesis)
+under each KV type, a prompt of --e2e-context random tokens, then 64 greedy tokens: decode
+tok/s. One JSON line per row, also written to DIR/kv.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cupy as cp  # noqa: E402
+
+from kernels import AttentionBatch, StepInputs, get_backend  # noqa: E402
+from kernels.cupy.steps import make_step  # noqa: E402
+from tools.bench_gpu import MODELS, synthesize  # noqa: E402
+
+REPS = 20
+
+
+def attention_row(ops, n_heads, n_kv, head_dim, kv, ctx, batch) -> dict:
+    bs = 16
+    per_seq = ctx // bs + 1
+    layout = ops.kv_layout(n_kv, head_dim, bs, kv)
+    k_cache, v_cache = ops.new_kv_cache(batch * per_seq, layout, recent_slots=batch)
+    tables = np.arange(batch * per_seq, dtype=np.int32).reshape(batch, per_seq)
+    pos = np.full(batch, ctx - 1)
+    attn = AttentionBatch(np.arange(batch + 1, dtype=np.int32), np.full(batch, ctx, np.int32), tables,
+                          (tables[:, (ctx - 1) // bs] * bs + (ctx - 1) % bs).astype(np.int32),
+                          np.arange(batch, dtype=np.int32))
+    step = StepInputs(pos, pos, attn)
+    step.dev = make_step(pos, pos, attn)
+    rng = np.random.default_rng(0)
+    q, k, v = (cp.asarray(rng.standard_normal((batch, h, head_dim)).astype(np.float32))
+               for h in (n_heads, n_kv, n_kv))
+
+    def call():
+        return ops.attention(q, k, v, k_cache, v_cache, step, head_dim ** -0.5).materialize()
+
+    stream = ops.stream
+    pool = cp.cuda.MemoryPool()
+    with stream, cp.cuda.using_allocator(pool.malloc):
+        call()  # compiles, allocates the step's scratch
+        stream.begin_capture()
+        for _ in range(REPS):
+            call()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record(stream)
+        for _ in range(5):
+            graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+    us = cp.cuda.get_elapsed_time(start, end) * 1e3 / (5 * REPS)
+    read = 2 * batch * ctx * n_kv * layout.row_bytes
+    return {"row": "attention decode", "kv": kv, "ctx": ctx, "batch": batch, "us": round(us, 2),
+            "bytes_read": read, "gb_s": round(read / us / 1e3, 1), "bits_per_value": layout.bits_per_value}
+
+
+def e2e_row(path, kv, ctx) -> dict:
+    from workers.engine.engine import Engine
+    from workers.engine.sampling import SamplingParams
+
+    engine = Engine(path, backend="cupy", max_context=ctx + 128, kv_cache_tokens=ctx + 256, kv_type=kv)
+    ids = np.random.default_rng(1).integers(100, 20000, ctx).tolist()
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    for _ in engine.generate(ids, params):
+        pass
+    t = engine.last_timings
+    row = {"row": "decode e2e", "kv": kv, "ctx": ctx, "prefill_s": round(t.prefill_s, 3),
+           "decode_tok_s": round(t.decode_tok_s, 1), "kv_cache_bytes": engine.kv.nbytes}
+    del engine
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama3-8b-q4_k_m")
+    ap.add_argument("--types", default="f16,q8,q4,q3,q2")
+    ap.add_argument("--contexts", default="4096,16384,32768")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--e2e-context", type=int, default=16384)
+    ap.add_argument("--out", default="bench-out")
+    ap.add_argument("--workdir", default="/tmp/ntr-bench")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = MODELS[args.model][0]
+    ops = get_backend("cupy")
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out / "kv.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    types = args.types.split(",")
+    for ctx in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            for kv in types:
+                emit(attention_row(ops, shape.n_heads, shape.n_kv_heads, shape.head_dim or shape.d_model // shape.n_heads,
+                                   kv, ctx, batch))
+                cp.get_default_memory_pool().free_all_blocks()
+    if args.e2e_context:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        path = synthesize(args.model, Path(args.workdir))
+        for kv in types:
+            t0 = time.perf_counter()
+            emit({**e2e_row(path, kv, args.e2e_context), "wall_s": round(time.perf_counter() - t0, 1)})
+            cp.get_default_memory_pool().free_all_blocks()
+
+
+if __name__ == "__main__":
+    main()
