@@ -37,7 +37,7 @@ class ServerConfig(BaseModel):
     vram_budget_gb: float = Field(24.0, gt=0)
     kv_cache_gb: float | None = Field(None, gt=0)
     # the KV cache's type (kernels/kv_layout.py): the backend's default (numpy f32, cupy f16),
-    # or RotateKV's rotated q8/q4/q3/q2, which hold 1.9-6.4x the tokens in the same bytes
+    # or RotateKV's rotated q8/q4/q3/q2, which hold 1.7-5.3x the tokens in the same bytes
     kv_type: Literal["f32", "f16", "q8", "q4", "q3", "q2"] | None = None
     host_ram_gb: float | None = Field(None, gt=0)  # host RAM for streamed layers (default: what the node has); the rest streams from disk
     n_buffers: int | None = Field(None, ge=1, le=16)  # VRAM slots streamed layers pass through (default: chosen)

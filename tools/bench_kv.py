@@ -3,13 +3,16 @@
 
     PYTHONPATH=. python tools/bench_kv.py [--model llama3-8b-q4_k_m] [--types f16,q8,q4,q3,q2]
         [--contexts 4096,16384,32768] [--batches 1,16] [--e2e-context 16384] [--out DIR]
+    python tools/bench_kv.py --capacity [--kv-gib 8] [--seqs 32]     # no GPU: bytes and tokens by type
 
 Attention: one layer's decode step of the replica's shape (the store of the new token and the
 attention over every sequence's context: for a RotateKV type kv_store_q then attn_decode),
 captured 20 times in a CUDA graph and replayed; the rows read (K and V of every cached token)
 over the time is the bandwidth. End to end: the replica (tools/bench_gpu.py's synthesis)
 under each KV type, a prompt of --e2e-context random tokens, then 64 greedy tokens: decode
-tok/s. One JSON line per row, also written to DIR/kv.jsonl.
+tok/s. One JSON line per row, also written to DIR/kv.jsonl. --capacity: for the real
+models' KV shapes, each type's bytes per token (every layer) and the tokens a KV budget of
+--kv-gib holds beside --seqs sequences' ring slots (kernels/kv_layout.py, as the engine sizes it).
 """
 
 from __future__ import annotations
@@ -25,16 +28,36 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import cupy as cp  # noqa: E402
-
 from kernels import AttentionBatch, StepInputs, get_backend  # noqa: E402
-from kernels.cupy.steps import make_step  # noqa: E402
-from tools.bench_gpu import MODELS, synthesize  # noqa: E402
+from kernels.kv_layout import KV_TYPES, KVLayout  # noqa: E402
 
 REPS = 20
 
 
+# (layers, KV heads, head_dim) of the real models
+KV_SHAPES = {"qwen2.5-0.5b": (24, 2, 64), "llama3-8b": (32, 8, 128), "llama3-70b": (80, 8, 128)}
+
+
+def capacity(kv_gib: float, seqs: int) -> None:
+    budget = int(kv_gib * 2**30)
+    for model, (layers, kvh, d) in KV_SHAPES.items():
+        base = None
+        for name, t in KV_TYPES.items():
+            lay = KVLayout(kvh, d, 16, t)
+            tokens = (budget - layers * lay.fixed_bytes(seqs if t.quantized else 0)) // (layers * lay.bytes_per_token)
+            base = base or tokens if name == "f16" else base
+            print(json.dumps({"model": model, "kv": name, "bits_per_value": lay.bits_per_value,
+                              "bytes_per_token": layers * lay.bytes_per_token,
+                              "ring_bytes_per_seq": layers * lay.ring_bytes, "tokens": int(tokens),
+                              "vs_f16": round(tokens / base, 2) if base else None,
+                              "bits_per_value_at_4k": round(lay.bits_per_value_at(4096), 2)}))
+
+
 def attention_row(ops, n_heads, n_kv, head_dim, kv, ctx, batch) -> dict:
+    import cupy as cp
+
+    from kernels.cupy.steps import make_step
+
     bs = 16
     per_seq = ctx // bs + 1
     layout = ops.kv_layout(n_kv, head_dim, bs, kv)
@@ -100,7 +123,15 @@ def main() -> None:
     ap.add_argument("--e2e-context", type=int, default=16384)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--workdir", default="/tmp/ntr-bench")
+    ap.add_argument("--capacity", action="store_true")
+    ap.add_argument("--kv-gib", type=float, default=8.0)
+    ap.add_argument("--seqs", type=int, default=32)
     args = ap.parse_args()
+    if args.capacity:
+        return capacity(args.kv_gib, args.seqs)
+    import cupy as cp
+
+    from tools.bench_gpu import MODELS, synthesize
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     shape = MODELS[args.model][0]
