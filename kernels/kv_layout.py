@@ -81,8 +81,8 @@ class KVLayout:
 
     def __post_init__(self):
         t = self.type
-        if t.quantized and (self.head_dim % 8 or self.head_dim % self.group):
-            raise ValueError(f"kv_type {t.name} needs head_dim a multiple of 8 and of its group; got {self.head_dim}")
+        if t.quantized and (self.head_dim % 8 or self.head_dim % self.group or self.group < 32):
+            raise ValueError(f"kv_type {t.name} needs head_dim a multiple of 32 and of its group; got {self.head_dim}")
 
     @property
     def group(self) -> int:

@@ -7,9 +7,13 @@ kv_calibration.py); then K and V rows are rotated by a normalized Walsh-Hadamard
 the whole block, so a group's range is no longer set by one channel. Attention is unchanged
 by it: the rotation is orthogonal (q is rotated alike), q / scale meets the scaled key, and
 subtracting the same centre from every key shifts all of a query's scores equally, which
-the softmax ignores. The transformed row is quantized asymmetrically per group: scale =
-(max - min) / (2^bits - 1) and the minimum, both rounded to float16 first, code =
-rint((x - min) / scale) clamped. The rotation is its own inverse, so reading a row back is
+the softmax ignores. The transformed row is quantized asymmetrically per group, its range
+clipped where that lowers the group's squared error: for each ratio r of CLIP_RATIOS the range
+[mid - r * half, mid + r * half] of the group's (min + max) / 2 and (max - min) / 2 gives
+scale = 2 r half / (2^bits - 1) and its minimum, both rounded to float16 first, codes =
+rint((x - minimum) / scale) clamped; the ratio with the least summed squared error is kept
+(the first of equals). The error is summed as the kernel's warp sums it: each of 32 lanes
+over values lane, lane + 32, ..., then a butterfly. The rotation is its own inverse, so reading a row back is
 dequantizing, rotating again, then undoing the key's scale and centre. The butterflies run
 in the order the kernel runs them (h = 1, 2, 4, ...), so both sides round the same sums.
 """
@@ -56,6 +60,23 @@ def untransform(y: np.ndarray, center=None, scale=None) -> np.ndarray:
     return x if center is None else x / scale + center
 
 
+CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)  # attention.cu kv_store_q's CLIP and CLIP2 (2r)
+LANES = 32
+
+
+def warp_sum(e: np.ndarray) -> np.ndarray:
+    """e [..., g] summed in float32 as a warp does: lanes over values lane, lane + 32, ..., then
+    the butterfly (each lane adds the lane o apart, o = 16 .. 1; every lane ends equal)."""
+    lanes = e.reshape(*e.shape[:-1], -1, LANES)
+    acc = lanes[..., 0, :]
+    for j in range(1, lanes.shape[-2]):
+        acc = acc + lanes[..., j, :]
+    idx = np.arange(LANES)
+    for o in (16, 8, 4, 2, 1):
+        acc = acc + acc[..., idx ^ o]
+    return acc[..., 0]
+
+
 def quantize_rows(r: np.ndarray, layout: KVLayout) -> np.ndarray:
     """Transformed rows r [..., head_dim] -> stored rows [..., row_bytes] uint8."""
     t, D, g = layout.type, layout.head_dim, layout.group
@@ -63,11 +84,24 @@ def quantize_rows(r: np.ndarray, layout: KVLayout) -> np.ndarray:
     lead = r.shape[:-1]
     groups = r.reshape(*lead, D // g, g)
     qmax = np.float32(2 ** t.bits - 1)
-    lo = groups.min(axis=-1).astype(np.float16)
-    scale = ((groups.max(axis=-1) - groups.min(axis=-1)) / qmax).astype(np.float16)
-    d, m = scale.astype(np.float32)[..., None], lo.astype(np.float32)[..., None]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        codes = np.where(d > 0, np.clip(np.rint((groups - m) / d), 0, qmax), 0).astype(np.uint8)
+    mn, mx = groups.min(axis=-1), groups.max(axis=-1)
+    mid, half = (mx + mn) / np.float32(2), (mx - mn) / np.float32(2)
+    best = None
+    for ratio in CLIP_RATIOS:
+        lo = (mid - np.float32(ratio) * half).astype(np.float16)
+        scale = (np.float32(2 * ratio) * half / qmax).astype(np.float16)
+        d, m = scale.astype(np.float32)[..., None], lo.astype(np.float32)[..., None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            codes = np.where(d > 0, np.clip(np.rint((groups - m) / d), 0, qmax), 0).astype(np.float32)
+        err = warp_sum(np.square((m + codes * d) - groups))
+        if best is None:
+            best = [err, lo, scale, codes]
+        else:
+            better = err < best[0]
+            best = [np.where(better, err, best[0]), np.where(better, lo, best[1]), np.where(better, scale, best[2]),
+                    np.where(better[..., None], codes, best[3])]
+    _, lo, scale, codes = best
+    codes = codes.astype(np.uint8)
     bits = np.unpackbits(codes.reshape(*lead, D, 1), axis=-1, bitorder="little")[..., :t.bits]
     packed = np.packbits(bits.reshape(*lead, D * t.bits), axis=-1, bitorder="little")
     params = np.stack([scale, lo], axis=-1).reshape(*lead, -1).view(np.uint8)

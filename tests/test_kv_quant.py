@@ -41,9 +41,18 @@ def test_codes_pack_little_endian_and_dequantize_within_half_a_step(kv):
     codes = np.array([(word >> (j * t.bits)) & (2 ** t.bits - 1) for j in range(64)], np.float64)
     scale, lo = np.repeat(params[0, 0, :, 0], g), np.repeat(params[0, 0, :, 1], g)
     assert np.allclose(dequantize_rows(rows, layout)[0, 0], lo + codes * scale, rtol=1e-6, atol=1e-6)
-    # every value within half a step of its code (plus the float16 minimum's rounding)
-    err = np.abs(dequantize_rows(rows, layout) - y).reshape(7, 2, 64 // g, g)
-    assert (err <= params[..., 0:1] * 0.5 + np.abs(params[..., 1:2]) * 2 ** -10 + 1e-6).all()
+    # every value inside its group's clipped range within half a step of its code (plus the
+    # float16 minimum's rounding), and each group's squared error no more than min/max
+    # quantization's (the ratio 1 the clipping search starts from)
+    y4, deq = y.reshape(7, 2, 64 // g, g), dequantize_rows(rows, layout).reshape(7, 2, 64 // g, g)
+    d, m = params[..., 0:1], params[..., 1:2]
+    inside = (y4 >= m) & (y4 <= m + (2 ** t.bits - 1) * d)
+    assert (np.abs(deq - y4)[inside] <= np.broadcast_to(d * 0.5 + np.abs(m) * 2 ** -10 + 1e-6, y4.shape)[inside]).all()
+    f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731  (the stored precision)
+    lo, hi = y4.min(-1, keepdims=True), y4.max(-1, keepdims=True)
+    lo, step = f16(lo), f16((hi - lo) / (2 ** t.bits - 1))
+    minmax = lo + np.clip(np.rint((y4 - lo) / step), 0, 2 ** t.bits - 1) * step
+    assert (np.square(deq - y4).sum(-1) <= np.square(minmax - y4).sum(-1) * (1 + 1e-3) + 1e-6).all()
 
 
 def roundtrip(x, layout, center=None, scale=None):

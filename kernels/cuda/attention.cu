@@ -194,9 +194,12 @@ __device__ __forceinline__ void q_to_cache_basis(float* q_s, int rows, const flo
 // --- store new K/V in a RotateKV cache (prefill, and decode before attn_decode reads it) -------
 // grid (T, KVH); k rotated by RoPE when rope_k, centred and scaled per channel (kcenter,
 // kscale [KVH, D]), then K and V rows by the Hadamard transform (times hs = 1/sqrt(HB)): the
-// rows in fp16 to the step's scratch [T, KVH, D], and quantized per group into the cache:
-// scale = (max - min) / (2^BITS - 1) and min, both rounded to fp16 first, code =
-// rint((x - min) / scale) clamped. Slots < 0 are skipped.
+// rows in fp16 to the step's scratch [T, KVH, D], and quantized per group into the cache, the
+// range clipped by the ratio of least squared error (kernels/kv_quant.py, its twin, says how).
+// Slots < 0 are skipped.
+#define N_CLIP 5
+__constant__ float CLIP[N_CLIP] = {1.0f, 0.9f, 0.8f, 0.7f, 0.6f};
+__constant__ float CLIP2[N_CLIP] = {2.0f, 1.8f, 1.6f, 1.4f, 1.2f};  // 2r, as the twin rounds it
 template <int D, int BITS>
 __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, const float* __restrict__ v, int sv,
                                            const int* __restrict__ positions, const double* __restrict__ inv_freq,
@@ -228,17 +231,43 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     }
     __syncthreads();
     u8* rows[2] = {kc + ((size_t)slot * KVH + h) * rb, vc + ((size_t)slot * KVH + h) * rb};
-    for (int i = threadIdx.x; i < 2 * ng; i += blockDim.x) {
-        const int r = i / ng, g = i - r * ng;
-        const float* x = x_s + r * D + g * group;
-        float mn = x[0], mx = x[0];
-        for (int j = 1; j < group; j++) { mn = fminf(mn, x[j]); mx = fmaxf(mx, x[j]); }
-        const u16 sh = f2h((mx - mn) / QMAX), mh = f2h(mn);
-        u16* pr = (u16*)(rows[r] + CB) + 2 * g;
-        pr[0] = sh;
-        pr[1] = mh;
-        gp_s[i][0] = h2f(sh);
-        gp_s[i][1] = h2f(mh);
+    // a warp per (row, group): the range, then the clipping ratio of least squared error
+    // (kernels/kv_quant.py's twin sums the error as the warp does; _rn: no contraction)
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int i = warp; i < 2 * ng; i += blockDim.x >> 5) {
+        const float* x = x_s + (i / ng) * D + (i % ng) * group;
+        float mn = x[lane], mx = x[lane];
+        for (int j = lane + 32; j < group; j += 32) { mn = fminf(mn, x[j]); mx = fmaxf(mx, x[j]); }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            mn = fminf(mn, __shfl_xor_sync(FULL_MASK, mn, o));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+        }
+        const float mid = __fdiv_rn(__fadd_rn(mx, mn), 2.0f), half = __fdiv_rn(__fsub_rn(mx, mn), 2.0f);
+        float best = __int_as_float(0x7f800000);
+        u16 bsh = 0, bmh = 0;
+#pragma unroll 1
+        for (int k = 0; k < N_CLIP; k++) {
+            const u16 mh = f2h(__fsub_rn(mid, __fmul_rn(CLIP[k], half)));
+            const u16 sh = f2h(__fdiv_rn(__fmul_rn(CLIP2[k], half), QMAX));
+            const float d = h2f(sh), m = h2f(mh);
+            float acc = 0.0f;
+            for (int j = lane; j < group; j += 32) {
+                const float q = d > 0.0f ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x[j], m), d)), 0.0f), QMAX) : 0.0f;
+                const float e = __fsub_rn(__fadd_rn(m, __fmul_rn(q, d)), x[j]);
+                acc = j == lane ? __fmul_rn(e, e) : __fadd_rn(acc, __fmul_rn(e, e));
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(FULL_MASK, acc, o));
+            if (acc < best) { best = acc; bsh = sh; bmh = mh; }
+        }
+        if (lane == 0) {
+            u16* pr = (u16*)(rows[i / ng] + CB) + 2 * (i % ng);
+            pr[0] = bsh;
+            pr[1] = bmh;
+            gp_s[i][0] = h2f(bsh);
+            gp_s[i][1] = h2f(bmh);
+        }
     }
     __syncthreads();
     for (int i = threadIdx.x; i < 2 * (D / 8); i += blockDim.x) {
@@ -247,7 +276,7 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
         u64 w = 0;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
-            const float q = d > 0.0f ? fminf(fmaxf(rintf((x_s[r * D + c * 8 + j] - m) / d), 0.0f), QMAX) : 0.0f;
+            const float q = d > 0.0f ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x_s[r * D + c * 8 + j], m), d)), 0.0f), QMAX) : 0.0f;
             w |= (u64)(u32)q << (j * BITS);
         }
 #pragma unroll
