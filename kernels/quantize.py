@@ -220,16 +220,14 @@ def _super(x: np.ndarray, importance: np.ndarray | None, sub: int) -> tuple[np.n
     return s, s.reshape(-1, sub), None if w is None else w.reshape(-1, sub)
 
 
-def _unsigned_scales(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sub-block scales [n, k] >= 0 -> (codes [n, k] in [0, 2^bits - 1], the f16 super scale's
-    bytes [n, 2], each sub-block's scale as stored [n, k])."""
+def _unsigned_scales(values: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-block scales [n, k] >= 0 -> (codes [n, k] in [0, 2^bits - 1], the f16 super scale [n] as stored)."""
     top = (1 << bits) - 1
     vmax = values.max(axis=-1)
     with np.errstate(divide="ignore"):
         inv = np.where(vmax > 0, top / vmax, 0)
     codes = np.clip(np.rint(inv[:, None] * values), 0, top)
-    raw, d = _f16(np.where(vmax > 0, vmax / top, 0))
-    return codes.astype(np.uint8), raw, d[:, None] * codes
+    return codes.astype(np.uint8), _f16(np.where(vmax > 0, vmax / top, 0))[1]
 
 
 def _reround(x: np.ndarray, step: np.ndarray, offset: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
@@ -240,6 +238,49 @@ def _reround(x: np.ndarray, step: np.ndarray, offset: np.ndarray | None, lo: int
     return np.clip(lv, lo, hi).astype(np.int32)
 
 
+def _refit(x: np.ndarray, w: np.ndarray | None, codes: np.ndarray, d: np.ndarray, mcodes: np.ndarray | None,
+           dm: np.ndarray | None, lo: int, hi: int, rounds: int = 2):
+    """Super-block scales refitted to the levels: with the sub-block codes [n, k] fixed, the f16
+    d (and dmin) are re-solved by weighted least squares over x [n, k, sub] and the levels
+    re-rounded, kept per super-block where the error drops. llama.cpp's reference stops at the
+    rounded scales; this wins back part of what rounding the scales to a few bits lost.
+    -> (d, dm, levels [n, k, sub])."""
+    w = np.ones_like(x) if w is None else w.reshape(x.shape)
+    c = codes.astype(np.float32)[..., None]
+    m = None if mcodes is None else mcodes.astype(np.float32)[..., None]
+
+    def levels_err(d, dm):
+        step = d[:, None] * codes
+        off = None if m is None else dm[:, None] * mcodes
+        L = _reround(x, step, off, lo, hi)
+        y = step[..., None] * L - (0 if off is None else off[..., None])
+        return L, (w * (y - x) ** 2).sum(axis=(1, 2))
+
+    L, best = levels_err(d, dm)
+    for _ in range(rounds):
+        a = c * L
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if m is None:
+                d_new = (w * a * x).sum(axis=(1, 2)) / (w * a * a).sum(axis=(1, 2))
+                dm_new = dm
+            else:
+                b = np.broadcast_to(m, x.shape)
+                saa, sab, sbb = ((w * p * q).sum(axis=(1, 2)) for p, q in ((a, a), (a, b), (b, b)))
+                sax, sbx = (w * a * x).sum(axis=(1, 2)), (w * b * x).sum(axis=(1, 2))
+                det = saa * sbb - sab * sab
+                d_new = (sax * sbb - sab * sbx) / det
+                dm_new = _f16(np.nan_to_num((sax * sab - sbx * saa) / det))[1]
+        d_new = _f16(np.nan_to_num(d_new))[1]
+        L_new, err = levels_err(d_new, dm_new)
+        better = err < best
+        best = np.where(better, err, best)
+        d = np.where(better, d_new, d)
+        if m is not None:
+            dm = np.where(better, dm_new, dm)
+        L = np.where(better[:, None, None], L_new, L)
+    return d, dm, L
+
+
 def _q2_k(x, importance):
     s, sub, w = _super(x, importance, 16)
     n = len(s)
@@ -247,33 +288,41 @@ def _q2_k(x, importance):
         scale, mn, _ = _affine(sub, np.abs(sub), 3, -0.5, 0.1, 15, mad=True)
     else:
         scale, mn, _ = _affine(sub, w, 3, -0.9, 0.05, 36)
-    sc, d_raw, d = _unsigned_scales(scale.reshape(n, 16), 4)
-    mc, m_raw, m = _unsigned_scales(mn.reshape(n, 16), 4)
-    L = _reround(s.reshape(n, 16, 16), d, m, 0, 3).reshape(n, QK_K)
+    sc, d = _unsigned_scales(scale.reshape(n, 16), 4)
+    mc, m = _unsigned_scales(mn.reshape(n, 16), 4)
+    d, m, L = _refit(s.reshape(n, 16, 16), w, sc, d, mc, m, 0, 3)
+    L = L.reshape(n, QK_K)
     qs = np.concatenate([_crumbs(L[:, 0:128]), _crumbs(L[:, 128:256])], axis=-1)
-    return np.concatenate([sc | (mc << 4), qs, d_raw, m_raw], axis=-1)
+    return np.concatenate([sc | (mc << 4), qs, _f16(d)[0], _f16(m)[0]], axis=-1)
+
+
+def _signed_scales(scale: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sub-block scales [n, k] of either sign -> (codes [n, k] in [-top, top-1] with the largest
+    |scale| at -top, the f16 super scale [n] as stored)."""
+    i_amax = np.abs(scale).argmax(axis=-1)[:, None]
+    vmax = np.take_along_axis(scale, i_amax, axis=-1)[:, 0]
+    with np.errstate(divide="ignore"):
+        inv = np.where(vmax != 0, -top / vmax, 0)
+    codes = np.clip(np.rint(inv[:, None] * scale), -top, top - 1)
+    return codes, _f16(np.where(inv != 0, 1 / np.where(inv != 0, inv, 1), 0))[1]
 
 
 def _q3_k(x, importance):
     s, sub, w = _super(x, importance, 16)
     n = len(s)
     scale, _ = _symmetric(sub, sub * sub if w is None else w, 4)
-    scale = scale.reshape(n, 16)
-    i_amax = np.abs(scale).argmax(axis=-1)[:, None]
-    vmax = np.take_along_axis(scale, i_amax, axis=-1)[:, 0]
-    with np.errstate(divide="ignore"):
-        inv = np.where(vmax != 0, -32 / vmax, 0)
-    codes = (np.clip(np.rint(inv[:, None] * scale), -32, 31) + 32).astype(np.uint8)
-    d_raw, d = _f16(np.where(inv != 0, 1 / np.where(inv != 0, inv, 1), 0))
-    L = _reround(s.reshape(n, 16, 16), d[:, None] * (codes.astype(np.float32) - 32), None, -4, 3).reshape(n, QK_K) + 4
+    codes, d = _signed_scales(scale.reshape(n, 16), 32)
+    d, _, L = _refit(s.reshape(n, 16, 16), w, codes, d, None, None, -4, 3)
+    L = L.reshape(n, QK_K) + 4
     hmask = np.zeros((n, 32), dtype=np.uint8)
     for j in range(8):
         hmask |= ((L[:, 32 * j:32 * j + 32] >> 2) & 1).astype(np.uint8) << j
     qs = np.concatenate([_crumbs(L[:, 0:128]), _crumbs(L[:, 128:256])], axis=-1)
+    codes = (codes + 32).astype(np.uint8)
     lo, hi = codes & 0xF, codes >> 4
     packed = np.concatenate([lo[:, 0:8] | (lo[:, 8:16] << 4),
                              hi[:, 0:4] | hi[:, 4:8] << 2 | hi[:, 8:12] << 4 | hi[:, 12:16] << 6], axis=-1)
-    return np.concatenate([hmask, qs, packed, d_raw], axis=-1)
+    return np.concatenate([hmask, qs, packed, _f16(d)[0]], axis=-1)
 
 
 def _q45_k(x, importance, nmax):
@@ -281,18 +330,19 @@ def _q45_k(x, importance, nmax):
     s, sub, w = _super(x, importance, 32)
     n = len(s)
     if w is None:
-        w = np.sqrt((sub * sub).mean(axis=-1, keepdims=True)) + np.abs(sub)
+        search_w = np.sqrt((sub * sub).mean(axis=-1, keepdims=True)) + np.abs(sub)
         rmin, rdelta, nstep = (-1.0, 0.1, 20) if nmax == 15 else (-0.5, 0.1, 15)
     else:
-        rmin, rdelta, nstep = -0.9, 0.05, 36
-    scale, mn, _ = _affine(sub, w, nmax, rmin, rdelta, nstep)
-    sc, d_raw, d = _unsigned_scales(scale.reshape(n, 8), 6)
-    mc, m_raw, m = _unsigned_scales(mn.reshape(n, 8), 6)
-    L = _reround(s.reshape(n, 8, 32), d, m, 0, nmax).reshape(n, 4, 2, 32)
+        search_w, (rmin, rdelta, nstep) = w, (-0.9, 0.05, 36)
+    scale, mn, _ = _affine(sub, search_w, nmax, rmin, rdelta, nstep)
+    sc, d = _unsigned_scales(scale.reshape(n, 8), 6)
+    mc, m = _unsigned_scales(mn.reshape(n, 8), 6)
+    d, m, L = _refit(s.reshape(n, 8, 32), w, sc, d, mc, m, 0, nmax)
+    L = L.reshape(n, 4, 2, 32)
     packed = np.concatenate([sc[:, 0:4] | (sc[:, 4:8] >> 4) << 6, mc[:, 0:4] | (mc[:, 4:8] >> 4) << 6,
                              (sc[:, 4:8] & 0xF) | (mc[:, 4:8] & 0xF) << 4], axis=-1)
     qs = _nibbles(L[:, :, 0], L[:, :, 1]).reshape(n, 128)
-    parts = [d_raw, m_raw, packed]
+    parts = [_f16(d)[0], _f16(m)[0], packed]
     if nmax == 31:
         hi = (L >> 4).astype(np.uint8)  # bit 2i from chunk i's first 32 values, 2i+1 from its second
         qh = np.zeros((n, 32), dtype=np.uint8)
@@ -306,20 +356,15 @@ def _q6_k(x, importance):
     s, sub, w = _super(x, importance, 16)
     n = len(s)
     scale, _ = _symmetric(sub, sub * sub if w is None else w, 32)
-    scale = scale.reshape(n, 16)
-    i_amax = np.abs(scale).argmax(axis=-1)[:, None]
-    vmax = np.take_along_axis(scale, i_amax, axis=-1)[:, 0]
-    with np.errstate(divide="ignore"):
-        inv = np.where(vmax != 0, -128 / vmax, 0)
-    codes = np.clip(np.rint(inv[:, None] * scale), -128, 127).astype(np.int8)
-    d_raw, d = _f16(np.where(inv != 0, 1 / np.where(inv != 0, inv, 1), 0))
-    L = (_reround(s.reshape(n, 16, 16), d[:, None] * codes.astype(np.float32), None, -32, 31) + 32).reshape(n, QK_K)
+    codes, d = _signed_scales(scale.reshape(n, 16), 128)
+    d, _, L = _refit(s.reshape(n, 16, 16), w, codes, d, None, None, -32, 31)
+    L = (L + 32).reshape(n, QK_K)
     ql, qh = [], []
     for h in (0, 128):
         a, b, c, e = (L[:, h + 32 * k:h + 32 * k + 32] for k in range(4))
         ql += [_nibbles(a, c), _nibbles(b, e)]
         qh.append(_crumbs(L[:, h:h + 128] >> 4))
-    return np.concatenate(ql + qh + [codes.view(np.uint8), d_raw], axis=-1)
+    return np.concatenate(ql + qh + [codes.astype(np.int8).view(np.uint8), _f16(d)[0]], axis=-1)
 
 
 _QUANTIZERS = {
