@@ -9,8 +9,8 @@ Q6_K -> Q8_0).
 The budgeted assignment: every matrix starts at its source type (copied, no loss); each has
 cheaper options (bytes, predicted loss); the options on each matrix's lower convex hull are
 taken greedily, the step with the least loss per byte saved first, until the bytes fit. For
-a separable loss this is the optimum of the relaxed problem; it overshoots the budget by at
-most one step's saving.
+a separable loss this is the optimum of the relaxed problem; what its last step leaves under
+the budget is then filled by moves back up.
 """
 
 from __future__ import annotations
@@ -78,7 +78,30 @@ class Option:
 def assign(options: dict[str, list[Option]], budget: int) -> dict[str, GGMLQuantizationType]:
     """Per matrix, the option chosen so that the bytes fit `budget` with the least summed loss
     (options[name][0] is the starting point, its source type); ValueError when even the cheapest
-    options do not fit."""
+    options do not fit. The descent's last step may leave room under the budget: it is spent
+    on the moves back up that cut the most loss per byte and still fit."""
+    chosen = descend(options, budget)
+    total = sum(o.nbytes for o in chosen.values())
+    while True:
+        room, best = budget - total, None
+        for name, opts in options.items():
+            cur = chosen[name]
+            for o in opts:
+                extra = o.nbytes - cur.nbytes
+                if 0 < extra <= room and o.loss < cur.loss:
+                    gain = (cur.loss - o.loss) / extra
+                    if best is None or gain > best[0]:
+                        best = (gain, name, o)
+        if best is None:
+            return {name: o.qtype for name, o in chosen.items()}
+        _, name, o = best
+        total += o.nbytes - chosen[name].nbytes
+        chosen[name] = o
+
+
+def descend(options: dict[str, list[Option]], budget: int) -> dict[str, Option]:
+    """The greedy descent alone: steps along each matrix's convex hull, least loss per byte saved
+    first, until the bytes fit. Where it stops no choice spending as few bytes has less loss."""
     hulls = {name: _hull(opts) for name, opts in options.items()}
     floor = sum(h[-1].nbytes for h in hulls.values())
     if floor > budget:
@@ -93,7 +116,7 @@ def assign(options: dict[str, list[Option]], budget: int) -> dict[str, GGMLQuant
         h, i = hulls[name], at[name]
         total -= h[i].nbytes - h[i + 1].nbytes
         at[name] = i + 1
-    return {name: hulls[name][i].qtype for name, i in at.items()}
+    return {name: hulls[name][i] for name, i in at.items()}
 
 
 def _hull(opts: list[Option]) -> list[Option]:
