@@ -13,6 +13,7 @@ divided by the group's E at the probe. `quant_recipe.assign` then picks the type
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable
@@ -192,8 +193,19 @@ def summary(path: str | Path) -> dict:
     return {"bytes": Path(path).stat().st_size, "bpw": round(8 * sum(by_type.values()) / n, 4), "bytes_by_type": by_type}
 
 
-def sensitivity_cache_matches(cache: dict, src: GGUFFile, text_tokens: int) -> bool:
-    return cache.get("source_bytes") == src.path.stat().st_size and cache.get("tokens") == text_tokens
+def imatrix_digest(imatrix: dict[str, np.ndarray]) -> str:
+    """A short hash of an importance matrix: cached sensitivities (KL per unit of its weighted
+    error) hold only with the importance they were measured with."""
+    h = hashlib.sha256()
+    for name in sorted(imatrix):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(imatrix[name], np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def sensitivity_cache_matches(cache: dict, src: GGUFFile, text_name: str | None, imatrix: dict) -> bool:
+    return (cache.get("source_bytes") == src.path.stat().st_size and cache.get("tokens") == SENSITIVITY_TOKENS
+            and cache.get("text") == text_name and cache.get("imatrix") == imatrix_digest(imatrix))
 
 
 def load_json(path: str | Path) -> dict:
@@ -250,7 +262,7 @@ def quantize_file(source: str | Path, out: str | Path, *, qtype: Q | None = None
         budget = target_bytes if target_bytes is not None else header_bytes(src) + int(target_bpw * n_weights / 8)
         errors = error_table(src, imatrix)
         cache = load_json(sensitivity_file) if sensitivity_file and Path(sensitivity_file).exists() else {}
-        if sensitivity_cache_matches(cache, src, SENSITIVITY_TOKENS) and cache.get("text") == text_name:
+        if sensitivity_cache_matches(cache, src, text_name, imatrix):
             sens = cache["groups"]
             log(f"sensitivities from {sensitivity_file}")
         else:
@@ -261,7 +273,7 @@ def quantize_file(source: str | Path, out: str | Path, *, qtype: Q | None = None
             if sensitivity_file:
                 with open(sensitivity_file, "w", encoding="utf-8") as f:
                     json.dump({"source": src.path.name, "source_bytes": src.path.stat().st_size, "text": text_name,
-                               "tokens": SENSITIVITY_TOKENS, "imatrix_tokens": IMATRIX_TOKENS, "groups": sens},
+                               "tokens": SENSITIVITY_TOKENS, "imatrix": imatrix_digest(imatrix), "groups": sens},
                               f, indent=1)
         types, predicted = budget_types(src, errors, sens, budget - header_bytes(src))
         report |= {"target_bytes": budget, "predicted_kl": predicted}
