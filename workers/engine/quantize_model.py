@@ -166,8 +166,7 @@ def header_bytes(src: GGUFFile) -> int:
     return src.path.stat().st_size - sum(aligned(t.n_bytes) for t in src.tensors.values())
 
 
-def write_quantized(src: GGUFFile, out: str | Path, types: dict[str, Q], imatrix: dict[str, np.ndarray],
-                    progress: Callable[[str], None] = lambda n: None) -> Path:
+def write_quantized(src: GGUFFile, out: str | Path, types: dict[str, Q], imatrix: dict[str, np.ndarray]) -> Path:
     """The source with each matrix in types[name] (copied where that is its type), the rest as is."""
     def tensors():
         for name, t in src.tensors.items():
@@ -177,7 +176,6 @@ def write_quantized(src: GGUFFile, out: str | Path, types: dict[str, Q], imatrix
             else:
                 x = dequantize(t.data, t.qtype).reshape(t.shape[0], -1)
                 yield name, quantize(x, qtype, imatrix.get(name)), qtype
-            progress(name)
 
     ftype = file_type((types[n], src.tensors[n].n_elements) for n in types if not n.startswith(("output.", "token_embd.")))
     return write_gguf(out, src, tensors(), ftype)
@@ -278,7 +276,7 @@ def quantize_file(source: str | Path, out: str | Path, *, qtype: Q | None = None
         types, predicted = budget_types(src, errors, sens, budget - header_bytes(src))
         report |= {"target_bytes": budget, "predicted_kl": predicted}
     engine = None  # the calibration model's float32 weights go before the writer's buffers come
-    write_quantized(src, out, types, imatrix, progress=lambda name: None)
+    write_quantized(src, out, types, imatrix)
     report |= summary(out) | {"types": {n: t.name for n, t in types.items()}}
     if budgeted and report["bytes"] > report["target_bytes"]:
         raise ValueError(f"{out} came out at {report['bytes']} bytes, over the target {report['target_bytes']}")
