@@ -216,6 +216,30 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from workers.engine.quantize_model import quantize_file
+    from workers.model.quant_recipe import Q
+
+    qtype = None
+    if args.type is not None:
+        try:
+            qtype = Q[args.type.upper()]
+        except KeyError:
+            raise ValueError(f"--type: unknown type {args.type!r}") from None
+    for flag in ("target_bpw", "target_bytes"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+    report = quantize_file(model_store.resolve(args.model), args.out, qtype=qtype, target_bytes=args.target_bytes,
+                           target_bpw=args.target_bpw, imatrix_file=args.imatrix_file, imatrix_out=args.imatrix_out,
+                           calibration_file=args.calibration_file, sensitivity_file=args.sensitivities,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    if not args.types:
+        report.pop("types")
+    print(json.dumps(report))
+    return 0
+
+
 def cmd_tokenize(args) -> int:
     from workers.model.gguf_file import GGUFFile
     from workers.model.tokenizer import Tokenizer
@@ -361,6 +385,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, help="chunks per forward pass (default: as many as 1 GiB of logits hold)")
     p.add_argument("--json", action="store_true", help='print {"ppl", "tokens", "chunks", "scored"}')
     p.set_defaults(func=cmd_perplexity)
+
+    qz = with_model(sub.add_parser("quantize", help="requantize a GGUF: one type, or per-matrix types chosen by "
+                                   "measured sensitivity under a byte budget"))
+    qz.add_argument("--out", required=True, help="the GGUF to write")
+    how = qz.add_mutually_exclusive_group(required=True)
+    how.add_argument("--type", help="one type for every matrix, as llama.cpp's static recipe (Q4_0 .. Q8_0, Q2_K .. Q6_K)")
+    how.add_argument("--target-bpw", type=float, help="bits per weight over all tensors")
+    how.add_argument("--target-bytes", type=int, help="the written file's size at most")
+    qz.add_argument("--imatrix-file", help="an importance matrix written by --imatrix-out")
+    qz.add_argument("--imatrix-out", help="write the importance matrix measured on --calibration-file (.npz)")
+    qz.add_argument("--calibration-file", help="UTF-8 text the importance matrix and sensitivities are measured "
+                    "on (never an evaluation text)")
+    qz.add_argument("--sensitivities", help="JSON cache of the measured sensitivities: read when it matches the "
+                    "model and text, else written")
+    qz.add_argument("--types", action="store_true", help="list every matrix's type in the JSON printed")
+    qz.set_defaults(func=cmd_quantize)
 
     pl = with_placement(with_model(sub.add_parser("plan", help="where each layer goes under --vram-gb, and the predicted speed")))
     pl.add_argument("--ctx", type=int, default=8192, help="the context the KV cache must hold (default 8192)")

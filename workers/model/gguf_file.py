@@ -171,11 +171,18 @@ class GGUFFile:
         c.need(n_kv * 12 + n_tensors * 24, "header entries")
 
         self.metadata: dict[str, Any] = {}
+        # each key's GGUF value type code and, for arrays, the elements' (what a writer copying
+        # the metadata needs: plain Python values lose int widths and signedness)
+        self.metadata_types: dict[str, tuple[int, int | None]] = {}
         for i in range(n_kv):
             key = c.string(f"metadata key #{i}")
             if key in self.metadata:
                 raise c.fail(f"metadata key {key!r} appears twice")
             vtype = c.unpack("<I", f"type of {key!r}")
+            if vtype == _ARRAY:
+                c.need(4, f"metadata {key!r}")
+                etype = struct.unpack_from("<I", self._mmap, c.pos)[0]
+            self.metadata_types[key] = (vtype, etype if vtype == _ARRAY else None)
             self.metadata[key] = c.value(vtype, f"metadata {key!r}")
 
         infos = []
