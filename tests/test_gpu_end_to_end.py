@@ -235,7 +235,7 @@ def test_kv_cache_fills_its_byte_budget_on_the_gpu(engines):
     engine = Engine(gpu.gguf.path, backend=gpu.ops, max_context=1024, kv_cache_bytes=budget)
     held = engine.kv.nbytes
     assert 0.95 * budget <= held <= budget
-    assert all(k.dtype == engine.kv.layout.dtype for k, _ in engine.kv.layers)
+    assert all(k.rows.dtype == engine.kv.layout.dtype for k, _ in engine.kv.layers)
     del engine
 
 

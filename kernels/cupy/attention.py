@@ -49,7 +49,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         raise NotImplementedError(f"attention kernels support head_dim {HEAD_DIMS} and <= {MAXG} query heads per KV head")
     batch = step.batch
     # a step's device copies while run_step runs it; called eagerly, the batch uploaded now
-    dev = step.dev if step.dev is not None else make_step(None, None, batch)
+    dev = step.dev if step.dev is not None else make_step(None, step.positions, batch)
     if lazy is not None:  # q and k are rotated at the same positions (the model's contract)
         positions, invf, neox = lazy.positions, lazy.inv_freq, lazy.neox
     else:
