@@ -120,15 +120,16 @@ __device__ __forceinline__ size_t cache_index(const int* __restrict__ table, int
 template <int D, int BITS>
 __device__ __forceinline__ int q_row_bytes(int group) { return D * BITS / 8 + 4 * (D / group); }
 
-// Values 8c..8c+7 of cache row `row` as 8 fp16 (what the kernels stage in shared memory).
+// Values 8c..8c+7 of cache row `row` as 8 fp16 (what the kernels stage in shared memory);
+// gshift: log2 of the group (shifts: a division by a runtime group costs tens of instructions).
 template <int D, int BITS>
-__device__ __forceinline__ uint4 kv_load8(const void* cache, size_t row, int c, int group) {
+__device__ __forceinline__ uint4 kv_load8(const void* cache, size_t row, int c, int gshift) {
     if constexpr (BITS == 16) {
         return *(const uint4*)((const u16*)cache + row * D + c * 8);
     } else {
         constexpr int CB = D * BITS / 8;
         constexpr u32 MASK = (1u << BITS) - 1;
-        const u8* r = (const u8*)cache + row * q_row_bytes<D, BITS>(group);  // rows are 4-byte aligned
+        const u8* r = (const u8*)cache + row * (CB + ((4 * D) >> gshift));  // rows are 4-byte aligned
         u64 w;
         if constexpr (BITS == 8) {
             w = *(const u32*)(r + c * 8) | ((u64) * (const u32*)(r + c * 8 + 4) << 32);
@@ -140,8 +141,8 @@ __device__ __forceinline__ uint4 kv_load8(const void* cache, size_t row, int c, 
             const u8* b = r + c * BITS;
             w = (u64)b[0] | ((u64)b[1] << 8) | ((u64)b[2] << 16);
         }
-        const u16* pr = (const u16*)(r + CB) + 2 * ((c * 8) / group);
-        const float d = h2f(pr[0]), m = h2f(pr[1]);
+        const u32 pr = *(const u32*)(r + CB + 4 * ((c * 8) >> gshift));  // (scale, min)
+        const float d = h2f(pr & 0xFFFF), m = h2f(pr >> 16);
         u32 h[4];
 #pragma unroll
         for (int j = 0; j < 4; j++) {
@@ -365,7 +366,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
     // RotateKV: keys are staged unquantized where every query of the tile reads them so (the
     // sink, those within `recent` of the tile's last query, the tile's own); a warp whose query
     // reads a staged-quantized key unquantized takes that one from global memory (alt)
-    const int c0 = ctx - n, qp0 = c0 + (t0 - qs0), rs = ROT ? recent_slots[b] : 0;
+    const int c0 = ctx - n, qp0 = c0 + (t0 - qs0), rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
     auto alt = [&](int p) { return ROT && p != 0 && p <= qp0 && qpos - p < recent && last - p >= recent; };
     if (ROT) q_to_cache_basis<D>(&q_s[0][0], ATT_WARPS * MAXG, kscale, kh);  // scale carries 1/sqrt(HB)
 
@@ -388,8 +389,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
                     vv = *(const uint4*)(exact_row(sv16, ringv, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
                 } else {
                     const size_t row = cache_index(table, p, bs, KVH, kh);
-                    kv = kv_load8<D, BITS>(kc, row, c, group);
-                    vv = kv_load8<D, BITS>(vc, row, c, group);
+                    kv = kv_load8<D, BITS>(kc, row, c, gshift);
+                    vv = kv_load8<D, BITS>(vc, row, c, gshift);
                 }
             }
             *(uint4*)(k_s + r * RS + c * 8) = kv;
@@ -497,7 +498,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     // the split's cached keys (written by earlier steps) are staged before the wait for this
     // step's q, k, v: one table round trip, one K/V round trip, overlapping the qkv product
     const int start = base + sp * chunk, n = min(ctx, start + chunk) - start;
-    const int rs = ROT ? recent_slots[b] : 0;
+    const int rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
     if (threadIdx.x < n) {
         const int p = start + threadIdx.x;
         row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) : 0;
@@ -513,8 +514,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exk_s[r] + c * 8);
             *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exv_s[r] + c * 8);
         } else {
-            *(uint4*)(k_s + r * RS + c * 8) = kv_load8<D, BITS>(kc, row_s[r], c, group);
-            *(uint4*)(v_s + r * RS + c * 8) = kv_load8<D, BITS>(vc, row_s[r], c, group);
+            *(uint4*)(k_s + r * RS + c * 8) = kv_load8<D, BITS>(kc, row_s[r], c, gshift);
+            *(uint4*)(v_s + r * RS + c * 8) = kv_load8<D, BITS>(vc, row_s[r], c, gshift);
         }
     }
     pdl_wait();
