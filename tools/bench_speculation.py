@@ -4,7 +4,7 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
 
     PYTHONPATH=. python tools/bench_speculation.py [--model M] [--backend numpy|cupy]
         [--configs plain,lookup:4,early-exit:3:6,skip:3:12,auto:auto] [--skip-set FILE]
-        [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--json OUT]
+        [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
 
 A config is plain or DRAFTER:K[:N]: K drafted tokens (auto: chosen per pass, plain steps
@@ -77,6 +77,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, help="the first N prompts of each set (default: all)")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--skip-set", help="a calibrate-skip JSON file (skip and auto configs)")
+    ap.add_argument("--vram-gb", type=float, help="the engine's VRAM budget: the layers past it stream (GPU)")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
     args = ap.parse_args()
@@ -84,7 +85,9 @@ def main() -> int:
         matmul_rows()
         return 0
     sets = json.loads((REPO / "tools" / "data" / "speculation_prompts.json").read_text())
-    engine = Engine(model_store.resolve(args.model), backend=args.backend, max_context=1024)
+    engine = Engine(model_store.resolve(args.model), backend=args.backend, max_context=1024,
+                    vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None)
+    print(json.dumps({"tiers": engine.placement.tiers}), flush=True)
     prompts = {"code": [engine.prompt_ids(p) for p in sets["code"][:args.prompts]],
                "prose": [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in sets["prose"][:args.prompts]]}
     tokens = {"code": args.tokens_code, "prose": args.tokens_prose}
