@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kernels.kv_layout import RING
 from kernels.numpy_backend import NumpyBackend
 from workers.engine.block_manager import BlockManager, OutOfBlocks
 from workers.engine.engine import Engine, Sequence
@@ -24,16 +25,16 @@ def test_kv_cache_fills_its_byte_budget(tiny_model, kv):
     assert 0.95 * budget <= held <= budget
     c = engine.config
     per_token = int(2 * c.n_layers * c.n_kv_heads * c.head_dim * BITS[kv] / 8)
-    # a RotateKV cache's ring (32 slots of the sink and 80 latest rows, K and V in float16)
+    # a RotateKV cache's ring (32 slots of the sink and RING latest rows, K and V in float16)
     # and key centre and scale (float32) come first
-    fixed = c.n_layers * (32 * 2 * 81 * c.n_kv_heads * c.head_dim * 2 + 8 * c.n_kv_heads * c.head_dim) \
+    fixed = c.n_layers * (32 * 2 * (RING + 1) * c.n_kv_heads * c.head_dim * 2 + 8 * c.n_kv_heads * c.head_dim) \
         if kv.startswith("q") else 0
     assert engine.blocks.num_blocks * engine.blocks.block_size == (budget - fixed) // per_token // 16 * 16
 
 
 def test_a_quantized_kv_type_holds_more_tokens_in_the_same_bytes(tiny_model):
     """q4 at least 3.5x the tokens of f16 in a budget its ring (32 sequences' slots) is small
-    against (issue 17's capacity target; the ring is 81 float16 tokens a sequence)."""
+    against (issue 17's capacity target; the ring is RING + 1 float16 tokens a sequence)."""
     tokens = {kv: Engine(tiny_model("qwen2"), max_context=256, kv_cache_bytes=256 * 2**20, kv_type=kv).kv.num_blocks
               for kv in ("f16", "q4")}
     assert tokens["q4"] >= 3.5 * tokens["f16"]

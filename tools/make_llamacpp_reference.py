@@ -221,6 +221,9 @@ def main(argv=None):
     ap.add_argument("--n-batch", type=int, default=N_BATCH,
                     help="tokens per llama_decode (1: token by token, where a build's batched CPU "
                          "kernels crash, as the AMX_INT8 build of 2026-12-03 here did)")
+    ap.add_argument("--kv-f32", action="store_true",
+                    help="K and V cached in float32 (llama.cpp's default float16 cache also rounds Q and the "
+                         "softmax probabilities to float16 in its attention products)")
     args = ap.parse_args(argv)
     prompts, (min_len, max_len), top_k = PROMPT_SETS[args.prompt_set]
 
@@ -231,7 +234,7 @@ def main(argv=None):
     model_sha = sha256_file(args.model)
     common = dict(model_path=args.model, n_ctx=N_CTX, n_batch=args.n_batch, n_ubatch=args.n_batch,
                   n_threads=args.threads, n_threads_batch=args.threads,
-                  seed=SEED, verbose=False)
+                  seed=SEED, verbose=False, **({"type_k": 0, "type_v": 0} if args.kv_f32 else {}))  # GGML_TYPE_F32
     # Generation instance: plain llama.cpp usage (logits only for the last
     # token of each decode).  Scoring instance: logits for every position.
     llm = Llama(logits_all=False, **common)
@@ -326,8 +329,8 @@ def main(argv=None):
             "n_threads_batch": args.threads,
             "seed": SEED,
             "flash_attn_type": fa_names.get(fa, fa),
-            "type_k": "f16 (default)",
-            "type_v": "f16 (default)",
+            "type_k": "f32" if args.kv_f32 else "f16 (default)",
+            "type_v": "f32" if args.kv_f32 else "f16 (default)",
         },
         "n_greedy": N_GREEDY,
         "prompt_set": args.prompt_set,
