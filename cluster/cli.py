@@ -11,6 +11,8 @@ from pathlib import Path
 
 from kernels.kv_layout import KV_TYPES
 from workers.engine.grammar import MAX_GRAMMAR_CHARS, GrammarSpec
+from workers.engine.requant_streamed import TYPES as REQUANT_TYPES
+from workers.engine.requant_streamed import check_spec
 from workers.engine.sampling import SamplingParams
 from workers.model import store as model_store
 
@@ -21,13 +23,15 @@ GIB = 2**30
 
 
 def _placement_options(args) -> dict:
-    """The Engine's placement arguments from --vram-gb, --n-buffers and --ram-gb."""
+    """The Engine's placement arguments from --vram-gb, --n-buffers, --ram-gb, --kv-type and
+    --requant-streamed."""
     for flag in ("vram_gb", "ram_gb", "n_buffers"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
     return {"vram_budget": None if args.vram_gb is None else int(args.vram_gb * GIB), "n_buffers": args.n_buffers,
-            "host_ram": None if args.ram_gb is None else int(args.ram_gb * GIB), "kv_type": args.kv_type}
+            "host_ram": None if args.ram_gb is None else int(args.ram_gb * GIB), "kv_type": args.kv_type,
+            "requant_streamed": check_spec(args.requant_streamed)}
 
 
 def disk_tier(model_path):
@@ -78,7 +82,7 @@ def cmd_plan(args) -> int:
         p = plan_model(gguf, config, CupySizes, kv_tokens=args.kv_tokens or max_context, max_context=max_context,
                        max_batch_tokens=args.batch_tokens, max_logit_rows=args.seqs, rates=rates,
                        budget=options["vram_budget"], host_ram=options["host_ram"], n_buffers=options["n_buffers"],
-                       kv_type=options["kv_type"])
+                       kv_type=options["kv_type"], requant_streamed=options["requant_streamed"])
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if args.json:
         print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
@@ -97,6 +101,15 @@ def cmd_plan(args) -> int:
             start = i
     print("; ".join(runs))
     print(f"host RAM {p.bytes_in('ram') / GIB:.2f} GiB, disk {p.bytes_in('disk') / GIB:.2f} GiB")
+    if p.streamed:
+        line = f"streamed bytes per token: {p.file_streamed_bytes / GIB:.2f} GiB"
+        if p.requant:
+            by_type: dict[str, int] = {}
+            for t in p.requant.values():
+                by_type[t] = by_type.get(t, 0) + 1
+            line += (f" at the file's types, {p.streamed_bytes / GIB:.2f} GiB requantized ("
+                     + ", ".join(f"{n} matrices to {t}" for t, n in sorted(by_type.items())) + ")")
+        print(line)
     for name in source:
         print(f"rate {name} = {getattr(rates, name)} ({source[name]})")
     print("predicted: " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
@@ -324,6 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ram-gb", type=float, help="host RAM for streamed layers in GiB; the rest stream from disk")
         p.add_argument("--kv-type", choices=list(KV_TYPES), help="KV cache type: f32 (numpy's default), f16 (cupy's), "
                        "or Hadamard-rotated q8/q4/q3/q2 (RotateKV)")
+        p.add_argument("--requant-streamed", metavar="auto|TYPE",
+                       help="requantize the streamed layers as they load, so each pass copies fewer bytes: "
+                       f"to TYPE ({', '.join(t.name for t in REQUANT_TYPES)}), or auto: types chosen by measured "
+                       "sensitivity for 3.9 bits per weight")
         return p
 
     g = with_placement(with_model(sub.add_parser("generate", help="generate text, streamed to stdout")))

@@ -39,6 +39,8 @@ class ServerConfig(BaseModel):
     # the KV cache's type (kernels/kv_layout.py): the backend's default (numpy f32, cupy f16),
     # or RotateKV's rotated q8/q4/q3/q2, which hold 1.7-5.3x the tokens in the same bytes
     kv_type: Literal["f32", "f16", "q8", "q4", "q3", "q2"] | None = None
+    # the streamed layers requantized as they load (workers/engine/requant_streamed.py): "auto" or a K-quant type
+    requant_streamed: Literal["auto", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] | None = None
     host_ram_gb: float | None = Field(None, gt=0)  # host RAM for streamed layers (default: what the node has); the rest streams from disk
     n_buffers: int | None = Field(None, ge=1, le=16)  # VRAM slots streamed layers pass through (default: chosen)
     max_context: int = Field(4096, ge=16)
@@ -73,7 +75,7 @@ class ServerConfig(BaseModel):
         """ComputeWorker's constructor arguments."""
         return self.model_dump(include={"model", "backend", "max_context", "kv_cache_gb", "kv_type", "vram_budget_gb",
                                         "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
-                                        "n_buffers"})
+                                        "n_buffers", "requant_streamed"})
 
 
 def describe(error: ValidationError, where: str) -> str:

@@ -31,6 +31,7 @@ from kernels.cupy import attention, elementwise, products, sampling
 from kernels.cupy.elementwise import Normed, Roped, Swiglu
 from kernels.cupy.modules import Kernels
 from kernels.cupy.products import Product
+from kernels.cupy.requant import requantize
 from kernels.cupy.steps import Steps
 from kernels.cupy.streaming import LayerStreaming, image_layout
 from kernels.cupy.streams import Launcher, on_stream
@@ -41,6 +42,7 @@ from kernels.cupy.weights import QMatrix, Uploader, stack
 from kernels.kv_layout import RING, KVLayout, KVRows
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
+from kernels.requantized import Requantized
 
 
 class CupyBackend(Backend):
@@ -78,12 +80,15 @@ class CupyBackend(Backend):
         K = tensors[0].shape[-1]
         if any(t.shape[-1] != K or len(t.shape) != 2 for t in tensors):
             raise ValueError("stacked matrices must be 2-D with the same input size")
-        key = tuple(id(t.data) for t in tensors)
-        hit = self._loaded.get(key)
-        if hit is not None and all(a is t.data for a, t in zip(hit[0], tensors)):
-            return hit[1]  # tied embeddings: one copy for the table and the output
-        w = stack(self.upload, tensors)
-        self._loaded[key] = ([t.data for t in tensors], w)  # the views pin the ids
+        if any(isinstance(t, Requantized) for t in tensors):  # streamed layers only: never tied, not kept
+            w = stack(self.upload, [requantize(self, t) if isinstance(t, Requantized) else t for t in tensors])
+        else:
+            key = tuple(id(t.data) for t in tensors)
+            hit = self._loaded.get(key)
+            if hit is not None and all(a is t.data for a, t in zip(hit[0], tensors)):
+                return hit[1]  # tied embeddings: one copy for the table and the output
+            w = stack(self.upload, tensors)
+            self._loaded[key] = ([t.data for t in tensors], w)  # the views pin the ids
         self.steps.max_t = min(self.steps.max_t, products.QMMA_MAX_T if w.qmma else GEMV_MAX_T)
         if self.streaming is not None and self.streaming.collecting is not None:
             self.streaming.collecting.append(w)

@@ -14,6 +14,7 @@ from kernels.kv_quant import dequantize_rows, quantize_rows, transform, untransf
 from kernels.layer_images import LayerImages, align
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
+from kernels.requantized import Requantized
 
 
 GELU_C = float(np.sqrt(2.0 / np.pi))
@@ -168,6 +169,7 @@ class NumpyBackend(Backend):
     def load_matrix(self, *tensors) -> np.ndarray:
         for t in tensors:
             check_supported(t)
+        tensors = [t.on_host() if isinstance(t, Requantized) else t for t in tensors]
         w = np.concatenate([dequantize(t.data, t.qtype) for t in tensors])
         s = self.streaming
         return s.place(w) if s is not None and s.loading is not None else w

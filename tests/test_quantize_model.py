@@ -15,9 +15,9 @@ from cluster.cli import main
 from kernels.quants import dequantize
 from workers.engine.engine import Engine
 from workers.engine.quant_calibration import importance_matrix, log_probs, swapped, weight_slots
-from workers.engine.quantize_model import group_of, load_imatrix, save_imatrix
+from workers.engine.quantize_model import load_imatrix, save_imatrix
 from workers.model.gguf_file import GGUFFile
-from workers.model.quant_recipe import Option, Q, assign, candidates, descend, static_type
+from workers.model.quant_recipe import Option, Q, assign, candidates, descend, group_of, static_type
 
 # any text of a few hundred tokens that is no evaluation text: this repo's own code
 CALIBRATION = str(Path(__file__).resolve().parents[1] / "kernels" / "quantize.py")

@@ -3,7 +3,7 @@
 its own so that its device memory is measured from a clean start.
 
     PYTHONPATH=. python tools/bench_streaming.py [--rows 70b-24,70b-8,8b-3] [--out DIR]
-                                                 [--llamacpp BIN_DIR]
+                                                 [--llamacpp BIN_DIR] [--requant-streamed auto|TYPE]
 
 Replicas come from tools/bench_gpu.py (real shapes, llama.cpp's Q4_K_M mix). A row loads the
 replica under its budget (`Engine(vram_budget=)`, as `ntr generate --vram-gb` does), then
@@ -18,6 +18,10 @@ counts the context, every pool, cuBLAS and the graphs. The placement's own predi
 Each row also times what speculative decoding (issue 15) costs there: one verifying pass of
 T = 1..16 tokens after a 128-token context, and one draft token through the resident layers
 (half the layers where every layer is resident).
+With --requant-streamed, every row runs twice in the same call: as the file is, then with its
+streamed layers requantized at load (`Engine(requant_streamed=)`), as row `NAME+rq-SPEC`;
+`streamed_gb` is then the bytes a decode token copies (the images), `file_streamed_gb` the same
+at the file's types, and `requant_s` the load's extra time.
 With --llamacpp, llama-bench times the same file with the largest -ngl that fits the budget
 (its other layers on the host's cores), with and without memory mapping.
 """
@@ -105,7 +109,7 @@ def pass_seconds(engine, rng, draft_layers: int, runs: int = 3) -> dict:
         engine.release(s)
 
 
-def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
+def one_row(name: str, workdir: Path, decode_steps: int, requant: str | None = None) -> dict:
     used = NvmlUsed()
     before = used()
     sampler = PeakSampler(used)
@@ -125,12 +129,13 @@ def one_row(name: str, workdir: Path, decode_steps: int) -> dict:
     engine = Engine(path, backend="cupy", max_context=kv_tokens, kv_cache_tokens=kv_tokens,
                     vram_budget=int(budget_gb * GIB), max_batch_tokens=512, max_logit_rows=seqs,
                     host_ram=None if ram_gb is None else int(ram_gb * GIB),
-                    disk_open=lambda sizes: DiskStream(workdir / f"{name}.images", sizes))
+                    disk_open=lambda sizes: DiskStream(workdir / f"{name}.images", sizes), requant_streamed=requant)
     load_s = time.perf_counter() - t0
     p, rates = engine.placement, engine.rates
     streaming = engine.ops.streaming
     streamed_bytes = sum(streaming.image_nbytes.values()) if streaming else 0
-    row = {"row": name, "replica": replica, "budget_gib": budget_gb, "kv_tokens": kv_tokens, "load_s": load_s,
+    row = {"row": name if requant is None else f"{name}+rq-{requant}", "requant_streamed": requant,
+           "file_streamed_gb": p.file_streamed_bytes / 1e9, "requant": p.requant, "replica": replica, "budget_gib": budget_gb, "kv_tokens": kv_tokens, "load_s": load_s,
            "resident_layers": p.tiers.count("vram"), "streamed_layers": len(p.streamed), "n_buffers": p.n_buffers,
            "why_buffers": p.why_buffers, "streamed_gb": streamed_bytes / 1e9, "planned_gib": p.device_bytes / GIB,
            "link": engine.link, "predicted": p.predict(rates, prompt=512, batch=seqs), "rates": rates.__dict__,
@@ -198,6 +203,11 @@ def table(rows: list[dict]) -> str:
             f"{r['tg']:.2f} ({pr['decode_tok_s']:.2f}; {bound:.2f} = {r['tg'] / bound if bound else 0:.0%}) | "
             f"{r[x]:.1f} ({px:.1f}) | {r['h2d_while_decoding_gb_s']:.1f} / {r['h2d_1gib_gb_s']:.1f} = "
             f"{r['h2d_while_decoding_gb_s'] / r['h2d_1gib_gb_s']:.0%} | {r['peak_gib']:.2f} |")
+    lines += ["", "| row | streamed bytes a token, GB (at the file's types) | decode b1 tok/s | load s |", "|---|---|---|---|"]
+    for r in rows:
+        if "error" not in r:
+            lines.append(f"| {r['row']} | {r['streamed_gb']:.2f} ({r['file_streamed_gb']:.2f}) | {r['tg']:.2f} | "
+                         f"{r['load_s']:.0f} |")
     lines += ["", "| row | verifying pass of T tokens, ms: " + " / ".join(f"T={n}" for n in VERIFY_TOKENS)
               + " | draft token, ms (layers) |", "|---|---|---|"]
     for r in rows:
@@ -218,22 +228,33 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=24)
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama-bench with partial offload")
     ap.add_argument("--llamacpp-ngl", default="40", help="comma-separated -ngl values for the 70B replica")
+    ap.add_argument("--requant-streamed", metavar="auto|TYPE",
+                    help="also run every row with its streamed layers requantized at load")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--one-requant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if args.one:
-        print("ROW " + json.dumps(one_row(args.one, workdir, args.decode_steps)), flush=True)
+        print("ROW " + json.dumps(one_row(args.one, workdir, args.decode_steps, args.one_requant)), flush=True)
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for name in filter(None, args.rows.split(",")):
+    if args.requant_streamed is not None:
+        from workers.engine.requant_streamed import check_spec
+
+        check_spec(args.requant_streamed)
+    runs = [(name, spec) for name in filter(None, args.rows.split(","))
+            for spec in ([None] if args.requant_streamed is None else [None, args.requant_streamed])]
+    for name, spec in runs:
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, __file__, "--one", name, "--workdir", str(workdir), "--decode-steps",
-                            str(args.decode_steps)], capture_output=True, text=True)
+                            str(args.decode_steps)] + ([] if spec is None else ["--one-requant", spec]),
+                           capture_output=True, text=True)
         found = [json.loads(line[4:]) for line in r.stdout.splitlines() if line.startswith("ROW ")]
-        rows.append(found[0] if found else {"row": name, "error": (r.stdout + r.stderr)[-3000:]})
+        label = name if spec is None else f"{name}+rq-{spec}"
+        rows.append(found[0] if found else {"row": label, "error": (r.stdout + r.stderr)[-3000:]})
         print(json.dumps(rows[-1]), f"({time.perf_counter() - t0:.0f} s)", flush=True)
         (out / "streaming.json").write_text(json.dumps(rows, indent=1))
     md = table(rows)

@@ -42,7 +42,7 @@ GIB = 2**30
 
 def engine_options(max_context: int, kv_cache_gb: float | None, vram_budget_gb: float, block_size: int,
                    max_num_seqs: int, max_batch_tokens: int, host_ram_gb: float | None, n_buffers: int | None,
-                   kv_type: str | None = None, **_) -> dict:
+                   kv_type: str | None = None, requant_streamed: str | None = None, **_) -> dict:
     """The Engine's capacity and placement arguments from a server config's (sizes in GiB; the
     rest of ServerConfig.worker_args is not the engine's)."""
     def gib(value):
@@ -50,7 +50,8 @@ def engine_options(max_context: int, kv_cache_gb: float | None, vram_budget_gb: 
 
     return {"max_context": max_context, "block_size": block_size, "kv_cache_bytes": gib(kv_cache_gb),
             "vram_budget": gib(vram_budget_gb), "host_ram": gib(host_ram_gb), "n_buffers": n_buffers,
-            "max_batch_tokens": max_batch_tokens, "max_logit_rows": max_num_seqs, "kv_type": kv_type}
+            "max_batch_tokens": max_batch_tokens, "max_logit_rows": max_num_seqs, "kv_type": kv_type,
+            "requant_streamed": requant_streamed}
 
 
 @ray.remote
@@ -58,7 +59,8 @@ class ComputeWorker:
     async def __init__(self, model: str | None, backend: str = "numpy", max_context: int = 4096,
                  kv_cache_gb: float | None = None, vram_budget_gb: float = 24.0, block_size: int = 16,
                  max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256,
-                 host_ram_gb: float | None = None, n_buffers: int | None = None, kv_type: str | None = None):
+                 host_ram_gb: float | None = None, n_buffers: int | None = None, kv_type: str | None = None,
+                 requant_streamed: str | None = None):
         node = ray.get_runtime_context().get_node_id()
         # The disk tier must be on this node: the engine maps the file it returns.
         self.loader = TierLoader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model)
@@ -69,7 +71,8 @@ class ComputeWorker:
         self.tiers = NodeTiers(spec["path"])
         options = engine_options(max_context=max_context, kv_cache_gb=kv_cache_gb, vram_budget_gb=vram_budget_gb,
                                  block_size=block_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
-                                 host_ram_gb=host_ram_gb, n_buffers=n_buffers, kv_type=kv_type)
+                                 host_ram_gb=host_ram_gb, n_buffers=n_buffers, kv_type=kv_type,
+                                 requant_streamed=requant_streamed)
         self.engine = await asyncio.to_thread(Engine, spec["path"], backend=backend, host_alloc=self.tiers.host_alloc,
                                               disk_open=self.tiers.disk_open, **options)
         self.tiers.loaded()

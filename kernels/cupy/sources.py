@@ -32,6 +32,7 @@ HEADERS = {
 # modules compiled once
 ATTENTION = "attention.cu"
 MISC = "misc.cu"  # rmsnorm, glu (swiglu, geglu), zero, rope, argmax_rows, sample_rows
+QUANTIZE = "quantize.cu"  # quantize_q{2..6}_k: float32 rows -> K-quant blocks (--requant-streamed)
 
 # each format's struct in quant_blocks.cuh
 STRUCTS = {Q.Q4_0: "TQ4_0", Q.Q4_1: "TQ4_1", Q.Q5_0: "TQ5_0", Q.Q5_1: "TQ5_1", Q.Q8_0: "TQ8_0",
@@ -59,4 +60,4 @@ def cubin_name(src: str) -> str:
 
 def all_modules() -> list[tuple[str, str]]:
     """(file, prefix) of every module the backend may compile."""
-    return [(f, quant_prefix(q)) for f in QUANT_MODULES for q in STRUCTS] + [(ATTENTION, ""), (MISC, "")]
+    return [(f, quant_prefix(q)) for f in QUANT_MODULES for q in STRUCTS] + [(ATTENTION, ""), (MISC, ""), (QUANTIZE, "")]

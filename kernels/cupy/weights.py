@@ -97,7 +97,10 @@ class Uploader:
         self._pinned_free = [cp.cuda.Event(disable_timing=True) for _ in range(2)]
         self._turn = 0
 
-    def __call__(self, dst: cp.ndarray, src: np.ndarray) -> None:
+    def __call__(self, dst: cp.ndarray, src) -> None:
+        if isinstance(src, cp.ndarray):  # blocks made on the device (kernels/cupy/requant.py)
+            dst[:src.nbytes] = cp.ascontiguousarray(src).reshape(-1).view(cp.uint8)
+            return
         src = np.ascontiguousarray(src).reshape(-1).view(np.uint8)
         chunk = self._pinned[0].nbytes
         for off in range(0, src.nbytes, chunk):

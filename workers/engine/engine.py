@@ -26,6 +26,7 @@ from workers.engine.kv_cache import PagedKVCache
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
 from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
+from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
 from workers.engine.speculation import Speculation, verify
 from workers.engine.speculation import Stats as SpecStats
@@ -33,6 +34,7 @@ from workers.engine.text_stream import TextStream
 from workers.model.chat_template import chat_template_from_metadata, render_chat
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
+from workers.model.quant_recipe import Q
 from workers.model.tokenizer import Tokenizer
 from workers.model.tool_calls import check_tool_format
 from workers.model.transformer import Transformer, layer_matrices
@@ -130,7 +132,8 @@ class Engine:
                  kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
                  vram_budget: int | None = None, n_buffers: int | None = None, host_ram: int | None = None,
                  rates: Rates | None = None, max_batch_tokens: int = 512, max_logit_rows: int = 32,
-                 host_alloc=None, disk_open=None, kv_type: str | None = None):
+                 host_alloc=None, disk_open=None, kv_type: str | None = None,
+                 requant_streamed: str | None = None):
         """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
         backend's KV layout of kv_type (kernels/kv_layout.py; the backend's default if None)
         hold (at least one context), or one context. With vram_budget
@@ -140,7 +143,10 @@ class Engine:
         images live in host_alloc(nbytes) (pinned memory of the backend's if None) and, past
         host_ram, in the disk tier that disk_open({layer: nbytes}) opens (`Backend.stream_layers`).
         max_batch_tokens and max_logit_rows (tokens a step takes, rows of logits it returns)
-        size the activations the budget keeps room for."""
+        size the activations the budget keeps room for. requant_streamed ("auto" or a K-quant
+        type): the streamed layers' matrices are requantized as they load
+        (workers/engine/requant_streamed.py), so each pass copies fewer bytes."""
+        check_spec(requant_streamed, "requant_streamed")
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=str(self.gguf.path))
@@ -163,7 +169,8 @@ class Engine:
 
         def placed():
             return plan_model(self.gguf, c, self.ops, vram_budget, kv_cache_tokens, self.max_context, block_size,
-                              max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates, kv_type)
+                              max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates, kv_type,
+                              requant_streamed)
 
         self.max_batch_tokens = max_batch_tokens
         self.placement = placed()
@@ -174,6 +181,8 @@ class Engine:
             self.placement = placed()
         # the process's pool: an engine without a budget lifts an earlier one's limit
         self.ops.limit_device_memory(None if vram_budget is None else vram_budget - CONTEXT_BYTES)
+        if self.placement.requant:  # the model as loaded: streamed matrices requantized as they load
+            self.gguf = retyped(self.gguf, {n: Q[t] for n, t in self.placement.requant.items()})
         if self.placement.streamed:
             p = self.placement
             schedule = p.schedule()

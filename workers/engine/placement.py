@@ -17,9 +17,10 @@ least the read of its disk layers, which the disk tier does ahead, beside everyt
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from kernels.layer_ring import RingSchedule
+from workers.engine.requant_streamed import retyped, streamed_types
 from workers.model.transformer import layer_matrices
 
 GIB = 2**30
@@ -88,10 +89,22 @@ class Placement:
     reserve: int
     sizes: ModelSizes
     why_buffers: str = ""
+    requant: dict = field(default_factory=dict)  # streamed matrix -> the type it loads as (--requant-streamed)
+    file_layers: tuple[int, ...] = ()  # each layer's bytes at the file's types, where requant changed sizes
 
     @property
     def streamed(self) -> tuple[int, ...]:
         return tuple(i for i, t in enumerate(self.tiers) if t != "vram")
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes a pass over every layer copies to the device (a decode step's)."""
+        return sum(self.sizes.layers[i] for i in self.streamed)
+
+    @property
+    def file_streamed_bytes(self) -> int:
+        """streamed_bytes at the file's types (the same without requant)."""
+        return sum((self.file_layers or self.sizes.layers)[i] for i in self.streamed)
 
     def schedule(self) -> RingSchedule:
         return RingSchedule(self.streamed, self.n_buffers)
@@ -133,7 +146,8 @@ class Placement:
                 "kv_tokens": self.kv_tokens, "budget": self.budget, "reserve": self.reserve,
                 "device_bytes": self.device_bytes, "vram_layer_bytes": self.bytes_in("vram"),
                 "ram_bytes": self.bytes_in("ram"), "disk_bytes": self.bytes_in("disk"),
-                "why_buffers": self.why_buffers, "sizes": asdict(self.sizes)}
+                "why_buffers": self.why_buffers, "sizes": asdict(self.sizes), "streamed_bytes": self.streamed_bytes,
+                "file_streamed_bytes": self.file_streamed_bytes, "requant": dict(self.requant)}
 
 
 def choose_buffers(slot_bytes: int, layer_bytes: int, rates: Rates) -> tuple[int, str]:
@@ -201,13 +215,23 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
 def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, max_context: int,
                block_size: int = 16, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates(),
-               kv_type: str | None = None) -> Placement:
+               kv_type: str | None = None, requant_streamed: str | None = None) -> Placement:
     """The placement of a GGUF model for a backend (`sizer`: a Backend, or kernels' CupySizes
-    where there is no GPU: `ntr plan`) with its KV cache of kv_type (the backend's default if None)."""
+    where there is no GPU: `ntr plan`) with its KV cache of kv_type (the backend's default if None).
+    requant_streamed ("auto" or a type, workers/engine/requant_streamed.py): the layers are
+    placed at the file's sizes, then the streamed ones' matrices retyped (Placement.requant) and
+    their images and the slots shrunk to the new sizes."""
     c = config
     layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
     # a ring slot per sequence a step holds (Engine: max_logit_rows)
-    sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, c.n_layers * layout.fixed_bytes(max_logit_rows))
+    ring = c.n_layers * layout.fixed_bytes(max_logit_rows)
+    sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, ring)
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
                               c.vocab_size, max_batch_tokens, max_logit_rows)
-    return place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
+    p = place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
+    if requant_streamed is None or not p.streamed:
+        return p
+    types = streamed_types(gguf, c, p.streamed, requant_streamed)
+    smaller = model_sizes(retyped(gguf, types), c, sizer, layout.bytes_per_token, ring)
+    return replace(p, sizes=smaller, slot_bytes=max(smaller.layers[i] for i in p.streamed),
+                   requant={n: q.name for n, q in types.items()}, file_layers=sizes.layers)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +26,8 @@ from workers.engine.engine import Engine
 from workers.engine.quant_calibration import importance_matrix, log_probs, mean_kl, swapped, weight_slots
 from workers.model.gguf_file import GGUFFile
 from workers.model.gguf_writer import file_type, write_gguf
-from workers.model.quant_recipe import Option, Q, assign, candidates, is_matrix, row_type, static_type, tensor_bytes
+from workers.model.quant_recipe import (Option, Q, assign, candidates, group_of, is_matrix, probe_type, static_type,
+                                        tensor_bytes)
 
 ALIGN = 32  # GGUF tensor data alignment (the writer's default)
 SAMPLE_ROWS = 512  # rows per matrix the error table quantizes
@@ -48,20 +48,6 @@ def static_types(src: GGUFFile, qtype) -> dict[str, Q]:
     """`--type`: llama.cpp's static recipe for qtype, matrix by matrix."""
     has_output = "output.weight" in src.tensors
     return {n: static_type(n, src.tensors[n].shape, qtype, has_output) for n in matrices(src)}
-
-
-def group_of(name: str) -> str:
-    """The group a matrix's sensitivity is measured with."""
-    m = re.fullmatch(r"(blk\.\d+\.)(attn_[qkv]|attn_output|ffn_gate|ffn_up|ffn_down)\.weight", name)
-    if m is None:
-        return name
-    role = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "ffn_gate": "ffn_gate_up",
-            "ffn_up": "ffn_gate_up"}.get(m.group(2), m.group(2))
-    return m.group(1) + role
-
-
-def probe_type(shape) -> Q:
-    return row_type(Q.Q3_K, shape[-1])
 
 
 # --- importance matrix files ------------------------------------------------------------------

@@ -16,6 +16,7 @@ the budget is then filled by moves back up.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -139,3 +140,18 @@ def _hull(opts: list[Option]) -> list[Option]:
 def _on_or_above(a: Option, b: Option, c: Option) -> bool:
     """b (bytes between a's and c's) lies on or above the segment a-c."""
     return (b.loss - a.loss) * (c.nbytes - a.nbytes) >= (c.loss - a.loss) * (b.nbytes - a.nbytes)
+
+
+def group_of(name: str) -> str:
+    """The group a matrix's sensitivity is measured with."""
+    m = re.fullmatch(r"(blk\.\d+\.)(attn_[qkv]|attn_output|ffn_gate|ffn_up|ffn_down)\.weight", name)
+    if m is None:
+        return name
+    role = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv", "ffn_gate": "ffn_gate_up",
+            "ffn_up": "ffn_gate_up"}.get(m.group(2), m.group(2))
+    return m.group(1) + role
+
+
+def probe_type(shape) -> Q:
+    """The type a group's sensitivity is measured at."""
+    return row_type(Q.Q3_K, shape[-1])

@@ -1,0 +1,46 @@
+"""Requantization on the GPU (`--requant-streamed`): a matrix's source blocks uploaded and
+dequantized to float32 by the product kernels' dequantizer (quant_dequant.cu), then quantized
+to the new type by kernels/cuda/quantize.cu, row chunks at a time; the raw blocks stay on the
+device for the segment that load_matrix builds from them (and a streamed layer's image then
+takes its planes back to the host)."""
+
+from __future__ import annotations
+
+import cupy as cp
+import numpy as np
+
+from kernels.cupy.products import dequant
+from kernels.cupy.sources import QUANTIZE
+from kernels.cupy.weights import stack
+from kernels.quants import Q, block_shape
+from kernels.requantized import Blocks, Requantized
+
+KERNELS = {Q.Q2_K: "quantize_q2_k", Q.Q3_K: "quantize_q3_k", Q.Q4_K: "quantize_q4_k", Q.Q5_K: "quantize_q5_k",
+           Q.Q6_K: "quantize_q6_k"}
+CHUNK_VALUES = 1 << 24  # float32 values dequantized at a time (64 MiB)
+THREADS = 64
+
+
+def quantize_rows(b, x: cp.ndarray, qtype: Q, out: cp.ndarray) -> None:
+    """float32 rows x [rows, K] (contiguous, K a multiple of 256) -> their raw blocks in out
+    [rows, K/256 * block bytes] (uint8, contiguous), on the backend's stream."""
+    n_super = x.size // 256
+    grid = max(1, min(-(-n_super // THREADS), 1 << 16))
+    b.k.get(QUANTIZE, KERNELS[qtype])((grid,), (THREADS,), (x, np.int64(n_super), out))
+
+
+def requantize(b, t: Requantized) -> Blocks:
+    """t's raw blocks, on the device where quantize.cu has the type, else from the host twin."""
+    rows, K = t.shape
+    if t.qtype not in KERNELS or K % 256:
+        return t.on_host()
+    block, size = block_shape(t.qtype)
+    out = cp.empty((rows, K // block * size), cp.uint8)
+    seg = stack(b.upload, [t.source]).segments[0]
+    step = max(1, min(rows, CHUNK_VALUES // K))
+    x = cp.empty((step, K), cp.float32)
+    for r in range(0, rows, step):
+        n = min(step, rows - r)
+        dequant(b, seg, x[:n], n_out=n, row=r)
+        quantize_rows(b, x[:n], t.qtype, out[r:r + n])
+    return Blocks(t.name, t.qtype, t.shape, out)
