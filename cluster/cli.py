@@ -88,9 +88,11 @@ def cmd_plan(args) -> int:
         print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
                           "rates": {k: getattr(rates, k) for k in source}, "rates_source": source}))
         return 0
+    sliding = (f" (sliding layers' pool: {min(p.kv_tokens, p.sizes.kv_sliding_tokens)} tokens "
+               f"{p.sizes.kv_sliding_bytes(p.kv_tokens) / GIB:.2f} of it)") if p.sizes.kv_sliding_tokens else ""
     print(f"{config.n_layers} layers, budget {p.budget / GIB:.2f} GiB: runtime reserve {p.reserve / GIB:.2f}, "
           f"embedding/norms/head {p.sizes.fixed / GIB:.2f}, KV cache {p.kv_tokens} tokens "
-          f"{p.kv_tokens * p.sizes.kv_per_token / GIB:.2f}, {p.n_buffers} slots of {p.slot_bytes / 2**20:.1f} MiB, "
+          f"{p.sizes.kv_bytes(p.kv_tokens) / GIB:.2f}{sliding}, {p.n_buffers} slots of {p.slot_bytes / 2**20:.1f} MiB, "
           f"resident layers {p.bytes_in('vram') / GIB:.2f}; planned {p.device_bytes / GIB:.2f} GiB")
     if p.why_buffers:
         print(f"slots: {p.why_buffers}")

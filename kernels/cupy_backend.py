@@ -39,7 +39,6 @@ from kernels.cupy.tuning import GEMV_MAX_T, Tuning
 from kernels.cupy.values import materialize
 from kernels.cupy.planes import KV_TYPES, matrix_planes
 from kernels.cupy.weights import QMatrix, Uploader, stack
-from kernels.kv_layout import RING, KVLayout, KVRows
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 from kernels.requantized import Requantized
@@ -48,6 +47,7 @@ from kernels.requantized import Requantized
 class CupyBackend(Backend):
     name = "cupy"
     dtype = cp.float32
+    xp = cp
     kv_types = KV_TYPES
     device_sampling = True  # the engine may call sample()/argmax() on device logits
 
@@ -208,18 +208,7 @@ class CupyBackend(Backend):
         return materialize(x) * np.float32(factor)
 
     # --- attention ------------------------------------------------------------------
-    @on_stream
-    def new_kv_cache(self, num_blocks, layout: KVLayout, recent_slots: int = 0):
-        def rows(keys: bool) -> KVRows:
-            r = KVRows(cp.zeros((num_blocks, layout.block_size, *layout.row_shape), layout.dtype), layout)
-            if layout.type.quantized:
-                r.recent = cp.zeros((recent_slots, RING + 1, layout.n_kv_heads, layout.head_dim), cp.float16)
-                if keys:
-                    r.center = cp.zeros((layout.n_kv_heads, layout.head_dim), cp.float32)
-                    r.scale = cp.ones((layout.n_kv_heads, layout.head_dim), cp.float32)
-            return r
-
-        return rows(True), rows(False)
+    new_kv_cache = on_stream(Backend.new_kv_cache)  # zeroed on the stream every kernel runs on
 
     @on_stream
     def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):

@@ -75,7 +75,7 @@ class KVLayout:
 
     K and V are each [num_blocks, block_size, n_kv_heads, head_dim] of the dense type's float,
     or [num_blocks, block_size, n_kv_heads, row_bytes] of uint8 for a quantized type
-    (`Backend.kv_layout` makes one, `Backend.new_kv_cache` allocates it)."""
+    (`Backend.kv_layout` makes one, `new_kv_rows` allocates it)."""
 
     n_kv_heads: int
     head_dim: int
@@ -148,10 +148,12 @@ class KVRows:
     *row_shape] in `layout`; for a quantized type also the recent ring [slots, RING + 1,
     n_kv_heads, head_dim] float16 (entry RING: the sink), and for keys the per-channel centre
     and scale [n_kv_heads, head_dim] float32 the rows are transformed with (set by the
-    engine's calibration; zero and one until then)."""
+    engine's calibration; zero and one until then). A sliding layer's rows are blocks of the
+    sliding pool (`sliding`): attention finds them through the batch's sliding_tables."""
 
     rows: Any
     layout: KVLayout
+    sliding: bool = False
     recent: Any = None
     center: Any = None
     scale: Any = None
@@ -162,3 +164,20 @@ class KVRows:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.rows, self.recent, self.center, self.scale) if a is not None)
+
+
+def new_kv_rows(xp, num_blocks: int, layout: KVLayout, recent_slots: int = 0,
+                sliding: bool = False) -> tuple[KVRows, KVRows]:
+    """One layer's (K, V) cache in array module xp (numpy or cupy), zeroed: rows [num_blocks,
+    block_size, *layout.row_shape] of layout.dtype; a quantized type's with recent_slots ring
+    slots and, for K, the identity transform until calibration sets it."""
+    def rows(keys: bool) -> KVRows:
+        r = KVRows(xp.zeros((num_blocks, layout.block_size, *layout.row_shape), layout.dtype), layout, sliding=sliding)
+        if layout.type.quantized:
+            r.recent = xp.zeros((recent_slots, RING + 1, layout.n_kv_heads, layout.head_dim), xp.float16)
+            if keys:
+                r.center = xp.zeros((layout.n_kv_heads, layout.head_dim), xp.float32)
+                r.scale = xp.ones((layout.n_kv_heads, layout.head_dim), xp.float32)
+        return r
+
+    return rows(True), rows(False)

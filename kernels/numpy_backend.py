@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.kv_layout import KV_TYPES, RING, KVLayout, KVRows
+from kernels.kv_layout import KV_TYPES, RING, KVRows
 from kernels.kv_quant import dequantize_rows, quantize_rows, transform, untransform
 from kernels.layer_images import LayerImages, align
 from kernels.ops import Backend, StepInputs, check_supported
@@ -163,6 +163,7 @@ class HostStreaming(LayerImages):
 class NumpyBackend(Backend):
     name = "numpy"
     dtype = np.float32
+    xp = np
     kv_types = tuple(KV_TYPES)  # float32 by default: the reference
     streaming: HostStreaming | None = None
 
@@ -260,18 +261,6 @@ class NumpyBackend(Backend):
     def scale(self, x, factor):
         return x * np.float32(factor)
 
-    def new_kv_cache(self, num_blocks, layout: KVLayout, recent_slots: int = 0):
-        def rows(keys: bool) -> KVRows:
-            r = KVRows(np.zeros((num_blocks, layout.block_size, *layout.row_shape), layout.dtype), layout)
-            if layout.type.quantized:
-                r.recent = np.zeros((recent_slots, RING + 1, layout.n_kv_heads, layout.head_dim), np.float16)
-                if keys:
-                    r.center = np.zeros((layout.n_kv_heads, layout.head_dim), np.float32)
-                    r.scale = np.ones((layout.n_kv_heads, layout.head_dim), np.float32)
-            return r
-
-        return rows(True), rows(False)
-
     def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
         batch = step.batch
         n_tokens, n_heads, head_dim = q.shape
@@ -283,7 +272,8 @@ class NumpyBackend(Backend):
             raise ValueError("a RotateKV cache needs the batch's recent_slots")
         if self.kv_observer is not None:
             self.kv_observer(k_cache, q, k, np.asarray(step.positions) != 0)
-        ks, vs = StoredKV(k_cache, k, batch.slot_mapping), StoredKV(v_cache, v, batch.slot_mapping)
+        tables, slots = batch.pool_of(k_cache)
+        ks, vs = StoredKV(k_cache, k, slots), StoredKV(v_cache, v, slots)
 
         out = np.empty((n_tokens, n_heads * head_dim), np.float32)
         for b in range(batch.num_seqs):
@@ -293,7 +283,10 @@ class NumpyBackend(Backend):
             # it unread (what lets a sliding layer give them back).
             first = max(0, ctx - n - window + 1) if window > 0 else 0
             b0 = first // block_size
-            blocks = batch.block_tables[b, b0: -(-ctx // block_size)]
+            blocks = tables[b, b0: -(-ctx // block_size)]
+            if (blocks < 0).any():  # a block given back (or never reserved) that a query would read
+                raise ValueError(f"sequence {b} reads keys {first}..{ctx - 1} through blocks {blocks.tolist()} "
+                                 f"(-1: not held)")
             lo, hi = first - b0 * block_size, ctx - b0 * block_size
             qg = q[start:end].reshape(n, n_kv, group, head_dim).transpose(1, 2, 0, 3)  # [kv, g, n, D]
             query_pos = ctx - n + np.arange(n)

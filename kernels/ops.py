@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.kv_layout import KVLayout, KVRows, layout_for
+from kernels.kv_layout import KVLayout, KVRows, layout_for, new_kv_rows
 from kernels.quants import SUPPORTED_QTYPES
 
 Array = Any  # the backend's array type
@@ -37,10 +37,23 @@ class AttentionBatch:
     block_tables: np.ndarray  # [B, max_blocks] cache block ids, -1 past the end
     slot_mapping: np.ndarray  # [T] flat cache slot (block * block_size + offset) of each new token
     recent_slots: np.ndarray | None = None  # [B] each sequence's slot of a RotateKV cache's recent ring
+    # the sliding pool's (layers whose KVRows are `sliding`; None without one): [B, max_blocks]
+    # its blocks of the same positions, -1 past the end and where given back (before the
+    # window), and [T] the slots of the new tokens in it
+    sliding_tables: np.ndarray | None = None
+    sliding_slots: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+    def pool_of(self, cache: KVRows) -> tuple[np.ndarray, np.ndarray]:
+        """(block tables, slot mapping) that address `cache`'s rows: its pool's."""
+        if not cache.sliding:
+            return self.block_tables, self.slot_mapping
+        if self.sliding_tables is None or self.sliding_slots is None:
+            raise ValueError("a sliding layer's cache needs the batch's sliding_tables and sliding_slots")
+        return self.sliding_tables, self.sliding_slots
 
 
 @dataclass
@@ -57,6 +70,7 @@ class StepInputs:
 class Backend(ABC):
     name: str
     dtype: Any  # activation dtype
+    xp: Any  # the array module its arrays are made with (numpy, cupy)
 
     # --- weights -------------------------------------------------------------
     @abstractmethod
@@ -168,10 +182,12 @@ class Backend(ABC):
         the engine sizes the cache by it."""
         return layout_for(self.name, self.kv_types, n_kv_heads, head_dim, block_size, kv)
 
-    @abstractmethod
-    def new_kv_cache(self, num_blocks: int, layout: KVLayout, recent_slots: int = 0) -> tuple[KVRows, KVRows]:
-        """One layer's (K, V) cache (kernels/kv_layout.py KVRows), rows [num_blocks, block_size,
-        *layout.row_shape] of layout.dtype; a quantized type's with recent_slots ring slots."""
+    def new_kv_cache(self, num_blocks: int, layout: KVLayout, recent_slots: int = 0,
+                     sliding: bool = False) -> tuple[KVRows, KVRows]:
+        """One layer's (K, V) cache (kernels/kv_layout.py new_kv_rows), rows [num_blocks, block_size,
+        *layout.row_shape] of layout.dtype; a quantized type's with recent_slots ring slots;
+        sliding: blocks of the sliding pool (read through AttentionBatch.sliding_tables)."""
+        return new_kv_rows(self.xp, num_blocks, layout, recent_slots, sliding)
 
     @abstractmethod
     def attention(
@@ -184,7 +200,8 @@ class Backend(ABC):
         Query j of a sequence with n new tokens and context c sits at position p = c - n + j and
         sees cache positions 0..p, or with a sliding window (window > 0) the last `window` of
         them, p - window + 1..p (llama.cpp's LLAMA_SWA_TYPE_STANDARD). From a RotateKV cache
-        it reads positions 0 and p - RECENT + 1..p unquantized (kernels/kv_layout.py).
+        it reads positions 0 and p - RECENT + 1..p unquantized (kernels/kv_layout.py). A
+        `sliding` cache's blocks are found through the batch's sliding tables and slots (`pool_of`).
         """
 
     def logit_input(self, x: Array, step: StepInputs) -> Array:

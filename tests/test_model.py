@@ -34,18 +34,19 @@ def reference_forward(engine: Engine, tokens: list[int]) -> np.ndarray:
     gemma = c.arch == "gemma3"  # llama.cpp's src/models/gemma3.cpp
     x = w("token_embd.weight")[tokens] * (np.sqrt(c.d_model) if gemma else 1.0)
     causal = np.triu(np.full((n, n), -np.inf), 1)
-    # gemma3: every 6th layer global, the others see the last sliding_window keys, RoPE base 10000
+    # gemma3: every 6th layer global, the others see the last sliding_window keys, RoPE base 10000;
+    # mistral with a sliding_window: every layer sees the last sliding_window keys
     sliding = np.where(np.subtract.outer(np.arange(n), np.arange(n)) >= c.sliding_window, -np.inf, 0.0) + causal
     local_freq = 10000.0 ** (-np.arange(0, hd, 2) / hd)
     for i in range(c.n_layers):
         p = f"blk.{i}."
-        local = gemma and i % 6 != 5
+        local = (gemma and i % 6 != 5) or (c.arch == "mistral" and c.sliding_window > 0)
         h = norm(x, w(p + "attn_norm.weight"))
         q, k, v = (h @ w(p + f"attn_{s}.weight").T + (w(p + f"attn_{s}.bias") if c.qkv_bias else 0) for s in "qkv")
         q, k = q.reshape(n, c.n_heads, hd), k.reshape(n, c.n_kv_heads, hd)
         if gemma:
             q, k = norm(q, w(p + "attn_q_norm.weight")), norm(k, w(p + "attn_k_norm.weight"))
-        freq = local_freq if local else c.inv_freq
+        freq = local_freq if local and gemma else c.inv_freq
         q = rope(q, freq)
         k = np.repeat(rope(k, freq), c.n_heads // c.n_kv_heads, axis=1)
         v = np.repeat(v.reshape(n, c.n_kv_heads, hd), c.n_heads // c.n_kv_heads, axis=1)

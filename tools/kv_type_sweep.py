@@ -38,7 +38,8 @@ def run(engine: Engine, ids: list[int], ctx: int, kv: str, group: int, rotated: 
         t = replace(t, group=group)
     c = engine.config
     layout = kv_layout.KVLayout(c.n_kv_heads, c.head_dim, engine.kv.block_size, t)
-    engine.kv = PagedKVCache(engine.ops, c.n_layers, layout, engine.kv.num_blocks, engine.blocks.recent_slots)
+    engine.kv = PagedKVCache(engine.ops, c.n_layers, layout, engine.kv.num_blocks, engine.blocks.recent_slots,
+                             engine.kv.sliding, engine.kv.sliding_blocks)
     rotate = kv_quant.hadamard
     if not rotated:
         kv_quant.hadamard = lambda x: x.astype("float32")

@@ -58,6 +58,9 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     kc, vc = k_cache.rows, v_cache.rows
     bs = layout.block_size
     W = dev.tables.shape[1]
+    batch.pool_of(k_cache)  # a sliding layer's cache without the sliding pool's tables is refused here
+    # a sliding layer's rows are the sliding pool's: its own tables and slots, same width
+    tables, slots = (dev.sliding_tables, dev.sliding_slots) if k_cache.sliding else (dev.tables, dev.slots)
     out = cp.empty((T, H * D), cp.float32)
     if T == 0:
         return out
@@ -73,7 +76,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     if quantized:
         scratch16 = cp.empty((2, T, KVH, D), cp.float16)
         b.k.get("attention.cu", f"kv_store_{name}")(
-            (T, KVH), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc, dev.slots,
+            (T, KVH), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc, slots,
                                np.int32(KVH), group, hs, k_cache.center, k_cache.scale, scratch16[0], scratch16[1]))
         rot = (k_cache.scale, scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.recent,
                np.int32(k_cache.recent_window), np.int32(RING))
@@ -95,7 +98,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         half = cp.empty((T, H * D), cp.float16) if mma else None
         b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}"), (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
-                           np.int32(neox), kc, vc, dev.tables, np.int32(W), dev.ctx, dev.slots,
+                           np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, slots,
                            np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window),
                            group, hs, *rot, *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),
@@ -104,13 +107,13 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     if not quantized:
         b.k.get("attention.cu", f"kv_store_{D}")(
             (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc,
-                           dev.slots, np.int32(KVH)))
+                           slots, np.int32(KVH)))
     tiles = dev.tiles
     if tiles is None or len(tiles) == 0:
         return out
     b.k.get("attention.cu", f"attn_prefill_{name}")(
         (len(tiles), KVH), (128,),
-        (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, dev.tables,
+        (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables,
          np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
          group, hs, *rot, out))
     if quantized:  # the step's recent rows into the ring, now that its queries have read it

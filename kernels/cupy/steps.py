@@ -34,6 +34,9 @@ class DeviceStep:
     tables: cp.ndarray
     tiles: cp.ndarray | None
     recent: cp.ndarray  # [B] ring slots of a RotateKV cache (zeros without one)
+    # the sliding pool's tables [B, W] and slots [T] (AttentionBatch.sliding_*; None without one)
+    sliding_tables: cp.ndarray | None = None
+    sliding_slots: cp.ndarray | None = None
     logit_rows: cp.ndarray | None = None  # int64 rows of the flat batch that get logits (None: all)
     decode_scratch: dict = field(default_factory=dict)
 
@@ -52,6 +55,9 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     recent = np.zeros(B, np.int32) if batch.recent_slots is None else batch.recent_slots
     parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1),
              tiles.reshape(-1), recent]
+    sliding = batch.sliding_tables is not None
+    if sliding:
+        parts += [np.maximum(batch.sliding_tables, 0).reshape(-1), batch.sliding_slots]
     flat = np.concatenate([np.asarray(p, np.int32).reshape(-1) for p in parts])
     dev = cp.asarray(flat)
     views, off = [], 0
@@ -59,15 +65,17 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
         views.append(dev[off:off + p.size])
         off += p.size
     return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
-                      views[6].reshape(-1, 2), views[7])
+                      views[6].reshape(-1, 2), views[7], *((views[8].reshape(tables.shape), views[9]) if sliding else ()))
 
 
 class Graph:
-    """A captured decode step for B sequences and block tables of width W."""
+    """A captured decode step for B sequences and block tables of width W (and with `sliding`,
+    the sliding pool's tables and slots)."""
 
-    def __init__(self, B: int, W: int):
-        self.B, self.W = B, W
-        self.sizes = [B, B, B, B, B + 1, B, B * W]  # tokens, positions, slots, ctx, qstarts, recent, tables
+    def __init__(self, B: int, W: int, sliding: bool = False):
+        self.B, self.W, self.sliding = B, W, sliding
+        # tokens, positions, slots, ctx, qstarts, recent, tables[, sliding slots, sliding tables]
+        self.sizes = [B, B, B, B, B + 1, B, B * W] + ([B, B * W] if sliding else [])
         self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
         self.dev = cp.empty((sum(self.sizes),), cp.int32)
         self.copied = cp.cuda.Event(disable_timing=True)
@@ -80,21 +88,26 @@ class Graph:
         for n in self.sizes:
             out.append(a[off:off + n])
             off += n
-        out[-1] = out[-1].reshape(self.B, self.W)
+        out[6] = out[6].reshape(self.B, self.W)
+        if self.sliding:
+            out[8] = out[8].reshape(self.B, self.W)
         return out
 
     def pack(self, tokens, positions, batch):
         self.copied.synchronize()  # the previous step's copy has left the buffer
-        tok, pos, slots, ctx, qs, recent, tables = self.views(self.host)
+        tok, pos, slots, ctx, qs, recent, tables, *sliding = self.views(self.host)
         tok[:] = tokens
         pos[:] = positions
         slots[:] = batch.slot_mapping
         ctx[:] = batch.context_lens
         qs[:] = batch.query_starts
         recent[:] = 0 if batch.recent_slots is None else batch.recent_slots
-        tables.fill(0)
         w = batch.block_tables.shape[1]
-        tables[:, :w] = np.maximum(batch.block_tables, 0)
+        for dst, src in [(tables, batch.block_tables)] + ([(sliding[1], batch.sliding_tables)] if sliding else []):
+            dst.fill(0)
+            dst[:, :w] = np.maximum(src, 0)
+        if sliding:
+            sliding[0][:] = batch.sliding_slots
 
 
 class Steps:
@@ -139,10 +152,12 @@ class Steps:
         tokens, positions, batch = step.tokens, step.positions, step.batch
         B = batch.num_seqs
         W = max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
-        key = (B, W, getattr(forward, "graph_key", None))  # a partial model (an early-exit draft) is a step of its own
+        sliding = batch.sliding_tables is not None
+        # a partial model (an early-exit draft) is a step of its own
+        key = (B, W, sliding, getattr(forward, "graph_key", None))
         g = self.graphs.get(key)
         if g is None:
-            g = self.graphs[key] = Graph(B, W)
+            g = self.graphs[key] = Graph(B, W, sliding)
         g.pack(tokens, positions, batch)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
         g.copied.record(stream)
@@ -152,13 +167,15 @@ class Steps:
             g.graph.launch(stream)
             self.last_graph = g
             return g.out
-        tok, pos, slots, ctx, qs, recent, tables = g.views(g.dev)
+        tok, pos, slots, ctx, qs, recent, tables, *sliding_views = g.views(g.dev)
         padded = AttentionBatch(query_starts=batch.query_starts, context_lens=batch.context_lens,
                                 block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping,
-                                recent_slots=batch.recent_slots)
+                                recent_slots=batch.recent_slots,
+                                sliding_tables=np.zeros((B, W), np.int32) if sliding else None,
+                                sliding_slots=batch.sliding_slots)
         # the captured step reads the graph's device buffers; logits for every row
         captured = StepInputs(tokens, positions, padded, None,
-                              DeviceStep(tok, pos, slots, ctx, qs, tables, None, recent))
+                              DeviceStep(tok, pos, slots, ctx, qs, tables, None, recent, *sliding_views[::-1]))
         try:
             with cp.cuda.using_allocator(g.pool.malloc):
                 out = materialize(forward(captured, kv_caches))  # runs the step, warms the pool

@@ -22,7 +22,7 @@ from kernels.kv_layout import RECENT
 from kernels.ops import LogitBias
 from workers.engine.block_manager import BlockManager
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
-from workers.engine.kv_cache import PagedKVCache
+from workers.engine.kv_cache import PagedKVCache, sliding_layers, sliding_pool_blocks
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
 from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
@@ -58,6 +58,8 @@ class Sequence:
     num_cached: int = 0  # leading tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
     recent_slot: int = -1  # its slot of a RotateKV cache's recent ring (BlockManager)
+    sliding_table: list[int] = field(default_factory=list)  # the sliding layers' pool's blocks, -1: given back
+    sliding_freed: int = 0  # leading entries of sliding_table given back
 
 
 @dataclass
@@ -154,9 +156,15 @@ class Engine:
         self.max_context = min(self.config.context_length, max_context or DEFAULT_MAX_CONTEXT)
         c = self.config
         layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
+        # layers with a window keep their rows in a pool of their own, sized for every sequence a
+        # step holds (max_logit_rows), each its window and a prompt chunk (workers/engine/kv_cache.py)
+        windows = [c.window(i) for i in range(c.n_layers)]
+        sliding = sliding_layers(windows)
+        sliding_cap = sliding_pool_blocks(max(windows), block_size, max_logit_rows, max_batch_tokens) if sliding else 0
         if kv_cache_bytes is not None:
-            num_blocks = PagedKVCache.blocks_within(kv_cache_bytes, c.n_layers, layout, max_logit_rows)
-            if num_blocks * block_size < self.max_context:
+            num_blocks = PagedKVCache.blocks_within(kv_cache_bytes, c.n_layers, layout, max_logit_rows, len(sliding),
+                                                    sliding_cap)
+            if num_blocks * block_size < self.max_context and len(sliding) < c.n_layers:
                 raise ValueError(
                     f"a KV cache of {max(kv_cache_bytes, 0) / 2**30:.2f} GiB holds {num_blocks * block_size} tokens, "
                     f"less than one {self.max_context}-token context; raise kv_cache_gb/vram_budget_gb or lower "
@@ -193,9 +201,13 @@ class Engine:
                                    [i for i, t in enumerate(p.tiers) if t == "disk"], host_alloc, disk_open)
         self.model = Transformer(self.gguf, self.config, self.ops)
         num_blocks = -(-self.placement.kv_tokens // block_size)
+        sliding_blocks = min(sliding_cap, num_blocks)  # a sequence holds no more sliding blocks than main ones
+        if sliding and len(sliding) == c.n_layers:  # no rows in the main pool: it only numbers positions
+            num_blocks = max(num_blocks, max_logit_rows * -(-self.max_context // block_size))
         # a RotateKV ring slot for each sequence a step may hold
-        self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows)
-        self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots)
+        self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks)
+        self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots, self.kv.sliding_blocks,
+                                   max(windows) if sliding else 0)
         if layout.type.quantized:
             self._calibrate_kv()
         self.last_timings = Timings()
@@ -338,6 +350,8 @@ class Engine:
         # waits for it between steps (unless greedy_decode runs it ahead)
         tokens, positions, slots, starts, ctx = [], [], [], [0], []
         bs = self.blocks.block_size
+        sliding = self.blocks.sliding_blocks > 0
+        sliding_slots: list[int] = []
         for seq, n in work:
             end = seq.num_cached + n
             if not ((n == 1 and end == len(seq.token_ids) + 1) if fed else (1 <= n and end <= len(seq.token_ids))):
@@ -351,18 +365,28 @@ class Engine:
                 tokens.append(0 if fed else seq.token_ids[p])
                 positions.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
+                if sliding:
+                    sliding_slots.append(seq.sliding_table[p // bs] * bs + p % bs)
             else:
                 tokens.extend(seq.token_ids[seq.num_cached:end])
                 positions.extend(range(seq.num_cached, end))
                 slots.extend(table[p // bs] * bs + p % bs for p in range(seq.num_cached, end))
+                if sliding:
+                    sliding_slots.extend(seq.sliding_table[p // bs] * bs + p % bs for p in range(seq.num_cached, end))
             starts.append(starts[-1] + n)
             ctx.append(end)
         width = max(len(seq.block_table) for seq, _ in work)
-        tables = np.array([seq.block_table + [-1] * (width - len(seq.block_table)) for seq, _ in work], dtype=np.int32)
+
+        def padded(table: list[int]) -> list[int]:
+            return table + [-1] * (width - len(table))
+
         batch = AttentionBatch(
             query_starts=np.asarray(starts, dtype=np.int32), context_lens=np.asarray(ctx, dtype=np.int32),
-            block_tables=tables, slot_mapping=np.asarray(slots, dtype=np.int32),
+            block_tables=np.array([padded(seq.block_table) for seq, _ in work], np.int32),
+            slot_mapping=np.asarray(slots, dtype=np.int32),
             recent_slots=np.array([seq.recent_slot for seq, _ in work], np.int32) if self.kv.recent_slots else None,
+            sliding_tables=np.array([padded(seq.sliding_table) for seq, _ in work], np.int32) if sliding else None,
+            sliding_slots=np.asarray(sliding_slots, np.int32) if sliding else None,
         )
         return StepInputs(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), batch)
 
@@ -490,11 +514,14 @@ class Engine:
         ahead = self.decodes_ahead(params) and not speculate
         try:
             t0 = time.perf_counter()
-            self.reserve([(c.seq, c.prompt_tokens)])
             left = c.prompt_tokens
-            while left > self.max_batch_tokens:  # a long prompt in steps the budget's activations hold
+            # a long prompt in steps the budget's activations hold, each reserved when it runs (a
+            # sliding pool gives the blocks behind the window back between them)
+            while left > self.max_batch_tokens:
+                self.reserve([(c.seq, self.max_batch_tokens)])
                 self.forward([(c.seq, self.max_batch_tokens)], device=True)
                 left -= self.max_batch_tokens
+            self.reserve([(c.seq, left)])
             picked = self.sample(self.forward([(c.seq, left)], device=True), [c.sampler])[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -530,11 +557,15 @@ class Engine:
             raise ValueError(f"top={top!r} must be in [1, {self.config.vocab_size}] (the vocabulary)")
         self.check_prompt(ids[:-1] or ids)
         seq = Sequence(list(ids))
-        try:
-            self.reserve([(seq, len(ids))])
-            logits = self.forward([(seq, len(ids))], all_logits=True)
+        parts = []
+        try:  # in steps of max_batch_tokens, as generate's prompt
+            while seq.num_cached < len(ids):
+                n = min(self.max_batch_tokens, len(ids) - seq.num_cached)
+                self.reserve([(seq, n)])
+                parts.append(self.forward([(seq, n)], all_logits=True))
         finally:
             self.release(seq)
+        logits = np.concatenate(parts)
         out = []
         for row in logits:
             best = np.argpartition(-row, top - 1)[:top]

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from kernels.layer_ring import RingSchedule
+from workers.engine.kv_cache import pool_bytes, pool_units_within, sliding_layers, sliding_pool_blocks
 from workers.engine.requant_streamed import retyped, streamed_types
 from workers.model.transformer import layer_matrices
 
@@ -47,14 +48,30 @@ class ModelSizes:
 
     layers: tuple[int, ...]  # each layer's matrices: what streams
     fixed: int  # embedding, output norm and head, every layer's norms: always resident
-    kv_per_token: int  # every layer's K and V for one token
+    kv_per_token: int  # the global layers' K and V for one token (every layer's without sliding ones)
     layer_params: tuple[int, ...]  # each layer's weights' values (2 flops a value a token)
     head_params: int
+    kv_sliding_per_token: int = 0  # the sliding layers' K and V for one token of their pool
+    kv_sliding_tokens: int = 0  # the sliding pool's tokens (kv_cache.sliding_pool_blocks), at most the main pool's
+
+    def kv_bytes(self, kv_tokens: int) -> int:
+        """The KV cache of a main pool of kv_tokens tokens, its sliding pool included."""
+        return pool_bytes(kv_tokens, self.kv_per_token, self.kv_sliding_per_token, self.kv_sliding_tokens)
+
+    def kv_tokens_within(self, nbytes: int) -> int:
+        """The most main-pool tokens whose KV cache, sliding pool included, fits in nbytes."""
+        return pool_units_within(nbytes, self.kv_per_token, self.kv_sliding_per_token, self.kv_sliding_tokens)
+
+    def kv_sliding_bytes(self, kv_tokens: int) -> int:
+        """The sliding pool's part of kv_bytes(kv_tokens)."""
+        return min(kv_tokens, self.kv_sliding_tokens) * self.kv_sliding_per_token
 
 
-def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int = 0) -> ModelSizes:
+def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int = 0, n_sliding: int = 0,
+                kv_sliding_tokens: int = 0) -> ModelSizes:
     """The model's parts as `ops` stores them (a layer's image has a few aligned gaps: 64 KiB spare);
-    kv_ring_bytes: a RotateKV cache's recent ring, every layer and slot (kept with the fixed part)."""
+    kv_bytes_per_token: one layer's K and V; kv_ring_bytes: a RotateKV cache's recent ring, every
+    layer and slot (kept with the fixed part); n_sliding layers keep kv_sliding_tokens in their pool."""
     table, t = config.architecture, gguf.tensors
     layers, params = [], []
     for i in range(config.n_layers):
@@ -66,8 +83,8 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
     fixed = ops.matrix_nbytes(t[table.tensor_name("embed")]) + vectors + kv_ring_bytes
     if not config.tied_embeddings:
         fixed += ops.matrix_nbytes(head)
-    return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * config.n_layers, tuple(params),
-                      head.shape[0] * head.shape[-1])
+    return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * (config.n_layers - n_sliding), tuple(params),
+                      head.shape[0] * head.shape[-1], kv_bytes_per_token * n_sliding, kv_sliding_tokens)
 
 
 def runtime_reserve(d_model: int, ffn_dim: int, q_dim: int, kv_dim: int, vocab: int, max_batch_tokens: int,
@@ -116,7 +133,7 @@ class Placement:
     def device_bytes(self) -> int:
         """What the plan puts on the device, the reserve included."""
         s = self.sizes
-        return self.reserve + s.fixed + self.kv_tokens * s.kv_per_token + self.n_buffers * self.slot_bytes \
+        return self.reserve + s.fixed + s.kv_bytes(self.kv_tokens) + self.n_buffers * self.slot_bytes \
             + self.bytes_in("vram")
 
     def step_seconds(self, tokens: int, rates: Rates) -> float:
@@ -142,8 +159,11 @@ class Placement:
                 f"decode_x{batch}_tok_s": batch / self.step_seconds(batch, rates)}
 
     def as_dict(self) -> dict:
+        s = self.sizes
         return {"tiers": list(self.tiers), "n_buffers": self.n_buffers, "slot_bytes": self.slot_bytes,
-                "kv_tokens": self.kv_tokens, "budget": self.budget, "reserve": self.reserve,
+                "kv_tokens": self.kv_tokens, "kv_bytes": s.kv_bytes(self.kv_tokens),
+                "kv_sliding_tokens": min(self.kv_tokens, s.kv_sliding_tokens),
+                "kv_sliding_bytes": s.kv_sliding_bytes(self.kv_tokens), "budget": self.budget, "reserve": self.reserve,
                 "device_bytes": self.device_bytes, "vram_layer_bytes": self.bytes_in("vram"),
                 "ram_bytes": self.bytes_in("ram"), "disk_bytes": self.bytes_in("disk"),
                 "why_buffers": self.why_buffers, "sizes": asdict(self.sizes), "streamed_bytes": self.streamed_bytes,
@@ -170,14 +190,14 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
     L = len(sizes.layers)
     kv_min = max(kv_tokens or 0, min_kv_tokens)
     everything = reserve + sizes.fixed + sum(sizes.layers)
-    if budget is None or everything + kv_min * sizes.kv_per_token <= budget:
+    if budget is None or everything + sizes.kv_bytes(kv_min) <= budget:
         if kv_tokens is None:
-            kv_tokens = min_kv_tokens if budget is None else max(min_kv_tokens, (budget - everything) // sizes.kv_per_token)
+            kv_tokens = min_kv_tokens if budget is None else max(min_kv_tokens, sizes.kv_tokens_within(budget - everything))
         return Placement(("vram",) * L, 0, 0, kv_tokens, budget, reserve, sizes)
     if L < 2:
         raise ValueError("the model does not fit the budget and has too few layers to stream")
     kv = kv_min
-    base = reserve + sizes.fixed + kv * sizes.kv_per_token
+    base = reserve + sizes.fixed + sizes.kv_bytes(kv)
     slot = max(sizes.layers)
     n, why = (n_buffers, "--n-buffers") if n_buffers else choose_buffers(slot, max(sizes.layers), rates)
     n = max(1, min(n, L))
@@ -186,7 +206,7 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
         raise ValueError(
             f"a VRAM budget of {budget / GIB:.2f} GiB cannot hold the runtime ({reserve / GIB:.2f} GiB), the "
             f"embedding, norms and output head ({sizes.fixed / GIB:.2f}), a {kv}-token KV cache "
-            f"({kv * sizes.kv_per_token / GIB:.2f}) and two layer slots ({2 * slot / GIB:.2f}): the minimum is "
+            f"({sizes.kv_bytes(kv) / GIB:.2f}) and two layer slots ({2 * slot / GIB:.2f}): the minimum is "
             f"{minimum / GIB:.2f} GiB")
     resident = 0
     for _ in range(3):  # the slots are as large as the largest streamed layer, which depends on the split
@@ -223,15 +243,19 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
     their images and the slots shrunk to the new sizes."""
     c = config
     layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
-    # a ring slot per sequence a step holds (Engine: max_logit_rows)
+    windows = [c.window(i) for i in range(c.n_layers)]
+    sliding = sliding_layers(windows)
+    # a ring slot (and a share of the sliding pool) per sequence a step holds (Engine: max_logit_rows)
+    sliding_tokens = sliding_pool_blocks(max(windows), block_size, max_logit_rows, max_batch_tokens) * block_size \
+        if sliding else 0
     ring = c.n_layers * layout.fixed_bytes(max_logit_rows)
-    sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, ring)
+    sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
                               c.vocab_size, max_batch_tokens, max_logit_rows)
     p = place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
     if requant_streamed is None or not p.streamed:
         return p
     types = streamed_types(gguf, c, p.streamed, requant_streamed)
-    smaller = model_sizes(retyped(gguf, types), c, sizer, layout.bytes_per_token, ring)
+    smaller = model_sizes(retyped(gguf, types), c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
     return replace(p, sizes=smaller, slot_bytes=max(smaller.layers[i] for i in p.streamed),
                    requant={n: q.name for n, q in types.items()}, file_layers=sizes.layers)

@@ -122,7 +122,10 @@ def optional_roles(qkv_bias: bool, tied_embeddings: bool) -> set[str]:
 ARCHITECTURES = {
     arch.name: arch for arch in (
         Architecture("llama", rope_neox=False, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
-        Architecture("mistral", rope_neox=False, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
+        # Mistral 7B v0.1's every layer sees the last `mistral.attention.sliding_window` keys
+        # where the file gives that key (later versions dropped the window)
+        Architecture("mistral", rope_neox=False, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER,
+                     global_every=0),
         Architecture("qwen2", rope_neox=True, model_tensors=_EMBEDDING_AND_HEAD, layer_tensors=_DECODER_LAYER),
         # What llama.cpp hard-codes for gemma3 rather than reads from the file (src/llama-model.cpp,
         # load_hparams: LLM_ARCH_GEMMA3; src/models/gemma3.cpp): set_swa_pattern(6) (layers 5,

@@ -107,7 +107,9 @@ class ModelConfig:
             inv_freq = inv_freq / factors.data.view(np.float32).astype(np.float64)
 
         sliding_window, sliding_inv_freq = 0, None
-        if table.global_every is not None:
+        # an architecture whose every layer may slide (Mistral) has a window only where the file
+        # gives one; one with global layers between sliding ones (Gemma 3) always has
+        if table.global_every is not None and (table.global_every or f"{arch}.attention.sliding_window" in md):
             sliding_window = get("attention.sliding_window")
             if table.sliding_rope_base is not None:
                 sliding_inv_freq = table.sliding_rope_base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)

@@ -50,7 +50,7 @@ class Shape:
     context_length: int = 4096
     tied_embeddings: bool = False
     head_dim: int | None = None  # None: d_model / n_heads
-    sliding_window: int = 0  # written for architectures with sliding layers
+    sliding_window: int = 0  # written for architectures with sliding layers (Mistral's: where not 0)
 
 
 # Real models' hyper-parameters (vocabulary size comes from the tokenizer file).
@@ -136,7 +136,7 @@ def write_model(path: str | Path, shape: Shape, tokenizer_gguf: str | Path, mix=
     if s.head_dim:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if table.global_every is not None:
+    if table.global_every or s.sliding_window:  # Gemma 3 needs it; Mistral has one where given
         w.add_sliding_window(s.sliding_window)
     w.add_rope_freq_base(s.rope_base)
     w.add_layer_norm_rms_eps(1e-6)
