@@ -1,11 +1,15 @@
 """tools/bench_gpu.py's reading of llama.cpp's benchmark output (the GPU runs need a device;
 the lines here follow the printf formats of llama-bench's jsonl printer and of
-llama-batched-bench's --output-format jsonl in llama.cpp as vendored by llama-cpp-python)."""
+llama-batched-bench's --output-format jsonl in llama.cpp as vendored by llama-cpp-python),
+and the vocab-only GGUF it writes for the Gemma 3 replicas."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+
+from workers.model.gguf_file import GGUFFile
+from workers.model.tokenizer import Tokenizer
 
 spec = importlib.util.spec_from_file_location("bench_gpu", Path(__file__).resolve().parents[1] / "tools" / "bench_gpu.py")
 bench_gpu = importlib.util.module_from_spec(spec)
@@ -40,3 +44,20 @@ def test_llama_bench_rows():
 
 def test_batched_bench_rows():
     assert bench_gpu.parse_batched_bench(BATCHED_BENCH) == {"decode x8": 640.0, "decode x64": 4471.179039}
+
+
+def test_write_vocab_holds_gemma3s_tokenizer(gemma3_model_path, tmp_path):
+    """--write-vocab's ggml-vocab-gemma3.gguf: the 270M file's architecture and every
+    tokenizer field, no tensors; it tokenizes as the model file does, and a replica written
+    with it (bench_gpu's MODELS) takes its vocabulary."""
+    assert set(bench_gpu.OWN_VOCABS.values()) == {"gemma3-270m"}
+    bench_gpu.write_vocabs(tmp_path)
+    vocab, source = GGUFFile(tmp_path / "ggml-vocab-gemma3.gguf"), GGUFFile(gemma3_model_path)
+    assert len(vocab.tensors) == 0
+    assert vocab.metadata["general.architecture"] == "gemma3"
+    want = {k: v for k, v in source.metadata.items() if k.startswith("tokenizer.")}
+    assert {k: v for k, v in vocab.metadata.items() if k.startswith("tokenizer.")} == want
+    text = "Gemma's tokenizer: <start_of_turn>user\nÜber 3.5 × 10⁸ tokens?  ok"
+    assert Tokenizer.from_metadata(vocab.metadata).encode(text) == Tokenizer.from_metadata(source.metadata).encode(text)
+    for name in ("gemma3-270m-q4_k_m", "gemma3-12b-q4_k_m"):
+        assert bench_gpu.MODELS[name][2] == "ggml-vocab-gemma3.gguf"

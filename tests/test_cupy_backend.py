@@ -375,7 +375,7 @@ class Tables:
 
 
 @pytest.mark.parametrize("kv", ["q8", "q4", "q3", "q2"])
-@pytest.mark.parametrize("D", [64, 96, 128])
+@pytest.mark.parametrize("D", [64, 96, 128, 256])
 def test_rotate_kv_rows_are_bit_exact(gpu, kv, D):
     """Without RoPE (whose sin/cos round differently) the GPU's stored rows, ring and all, are
     the NumPy twin's to the bit: the same butterflies, IEEE divisions and float16 roundings."""
@@ -399,10 +399,15 @@ def test_rotate_kv_rows_are_bit_exact(gpu, kv, D):
         assert np.array_equal(gpu.to_numpy(g.recent), c.recent)
 
 
+# head_dim 256 (Gemma 3: dynamic shared memory): the 270M's 4 heads on 1 KV head, with and
+# without its 512-key window; the 12B's 16 on 8 in a window shorter than a key tile; 8 heads
+# on one KV head (a full group) in a window the long prompt outgrows
 ATTENTION_SHAPES = [(14, 2, 64, 0), (32, 8, 128, 0), (8, 8, 96, 0), (16, 2, 128, 0), (8, 1, 128, 100),
-                    (16, 2, 64, 33), (4, 1, 96, 512)]
+                    (16, 2, 64, 33), (4, 1, 96, 512), (4, 1, 256, 0), (4, 1, 256, 512), (16, 8, 256, 33),
+                    (8, 1, 256, 100)]
 ROTATE_KV_SHAPES = [(14, 2, 64, 0, kv) for kv in ("q8", "q4", "q3", "q2")] + [
-    (32, 8, 128, 0, "q4"), (8, 8, 96, 0, "q3"), (16, 2, 64, 33, "q2"), (8, 1, 128, 100, "q8")]
+    (32, 8, 128, 0, "q4"), (8, 8, 96, 0, "q3"), (16, 2, 64, 33, "q2"), (8, 1, 128, 100, "q8"),
+    (4, 1, 256, 0, "q8"), (4, 1, 256, 512, "q4"), (16, 8, 256, 33, "q3"), (8, 1, 256, 100, "q2")]
 
 
 @pytest.mark.parametrize("H,KVH,D,window,kv", [(*s, "f16") for s in ATTENTION_SHAPES] + ROTATE_KV_SHAPES)

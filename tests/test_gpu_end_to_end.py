@@ -2,9 +2,9 @@
 
 Qwen2.5-0.5B's shapes and llama.cpp's Q4_K_M mix for it (Q5_0/Q8_0 fallbacks on its 896-wide
 rows, Q4_K/Q6_K on ffn_down), a small Llama-3-style model (head_dim 128, GQA 4), and a Gemma 3
-270M-wide model (GeGLU, post-norms, Q/K norms, tied head) whose sliding layers' 32-key window
-every test's context outgrows (head_dim 128: the CUDA attention kernels do not take Gemma's
-256): teacher-forced logits' top-1 agreement >= 99%, identical 16-token greedy continuations.
+270M-wide model (GeGLU, post-norms, Q/K norms, tied head, its head_dim 256 and 4 query heads
+on 1 KV head) in 6 layers whose sliding layers' 32-key window every test's context outgrows:
+teacher-forced logits' top-1 agreement >= 99%, identical 16-token greedy continuations.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 MODELS = {  # name -> (shape, vocabulary file)
     "qwen2.5-0.5b": (SHAPES["qwen2.5-0.5b"], "ggml-vocab-qwen2.gguf"),
     "llama3-small": (Shape("llama", 4, 1024, 8, 2, 2816, 500_000.0, 8192), "ggml-vocab-llama-bpe.gguf"),
-    "gemma3-windowed": (Shape("gemma3", 6, 640, 4, 1, 2048, 1_000_000.0, 8192, tied_embeddings=True, head_dim=128,
+    "gemma3-windowed": (Shape("gemma3", 6, 640, 4, 1, 2048, 1_000_000.0, 8192, tied_embeddings=True, head_dim=256,
                               sliding_window=32), "ggml-vocab-llama-spm.gguf"),
 }
 

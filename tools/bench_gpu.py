@@ -47,10 +47,13 @@ MODELS = {  # name -> (shape, mix, vocabulary)
     "llama3-8b-q4_k_m": (SHAPES["llama3-8b"], q4_k_m_mix, "ggml-vocab-llama-bpe.gguf"),
     "llama3-8b-q8_0": (SHAPES["llama3-8b"], uniform_mix(Q.Q8_0), "ggml-vocab-llama-bpe.gguf"),
     "llama3-70b-q4_k_m": (SHAPES["llama3-70b"], q4_k_m_mix, "ggml-vocab-llama-bpe.gguf"),
-    # ggml-vocab-gemma3.gguf: synthetic.write_vocab_only of the pulled gemma3-270m file
+    # ggml-vocab-gemma3.gguf: not one of llama.cpp's; --write-vocab makes it (OWN_VOCABS)
     "gemma3-270m-q4_k_m": (SHAPES["gemma3-270m"], q4_k_m_mix, "ggml-vocab-gemma3.gguf"),
     "gemma3-12b-q4_k_m": (SHAPES["gemma3-12b"], q4_k_m_mix, "ggml-vocab-gemma3.gguf"),
 }
+# vocab-only GGUFs the replicas borrow that llama.cpp does not ship -> the registered model
+# (workers/model/store.py) whose tokenizer they hold
+OWN_VOCABS = {"ggml-vocab-gemma3.gguf": "gemma3-270m"}
 # issue 3: llama.cpp on an H100 (flash attention on), and the targets
 LLAMACPP = {("qwen2.5-0.5b", "tg128"): 884, ("llama3-8b-q4_k_m", "tg128"): 269, ("llama3-8b-q8_0", "tg128"): 237,
             ("llama3-8b-q4_k_m", "pp512"): 9265, ("llama3-8b-q4_k_m", "decode x64"): 4471,
@@ -121,6 +124,17 @@ def synthesize(name: str, workdir: Path) -> Path:
         synthetic_model.random_blocks = saved
     log(f"[{name}] wrote {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return path
+
+
+def write_vocabs(out_dir: Path) -> None:
+    """OWN_VOCABS into out_dir, each from its model (pulled first: the development machine's
+    job; the GPU machine finds them in .device/extra.tar.xz's vocab/)."""
+    from workers.model.store import pull
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for vocab, model in OWN_VOCABS.items():
+        path = synthetic_model.write_vocab_only(pull(model), out_dir / vocab)
+        log(f"{path} ({path.stat().st_size / 1e6:.1f} MB, the tokenizer of {model})")
 
 
 def prebuild(out_dir: Path) -> None:
@@ -587,9 +601,14 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/ntr-bench")
     ap.add_argument("--prebuild", metavar="DIR", help="only compile the kernels with nvcc into DIR (no GPU needed)")
     ap.add_argument("--write-replica", metavar="MODEL", help="only write MODEL's replica into --workdir, print its path")
+    ap.add_argument("--write-vocab", metavar="DIR", help="only write the vocab-only GGUFs llama.cpp does not ship "
+                    f"({', '.join(OWN_VOCABS)}) into DIR, from their models (no GPU needed)")
     args = ap.parse_args()
     if args.prebuild:
         prebuild(Path(args.prebuild))
+        return
+    if args.write_vocab:
+        write_vocabs(Path(args.write_vocab))
         return
     if args.write_replica:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)

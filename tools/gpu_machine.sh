@@ -30,7 +30,8 @@
 #                         (54 MB of xz: carry it alone; only SERVE=1 needs it)
 #   .device/sitemin.tar.xz  gguf alone (the machine has numpy, cupy, pytest, jinja2, regex,
 #                         tqdm, pyyaml): enough for the tests and the kernel benchmarks
-#   .device/extra.tar.xz  vocab/ (llama-vocab tokenizers the replicas borrow) and cubin/
+#   .device/extra.tar.xz  vocab/ (llama-vocab tokenizers the replicas borrow, and Gemma 3's from
+#                         `tools/bench_gpu.py --write-vocab`) and cubin/
 #                         (kernels prebuilt by `tools/bench_gpu.py --prebuild`: no NVRTC wait)
 #   .device/llama.cpp.tar.xz  (LLAMACPP=1) the llama.cpp vendored in llama-cpp-python's sdist
 # Results go to $OUT (the device tool brings that folder back).

@@ -19,6 +19,11 @@
 // writes them to (fp16, transformed), earlier ones from the sequence's slot of the ring
 // [slots, ring + 1, KVH, D] (entry `ring`: position 0), which kv_recent (prefill) or the
 // decode kernel's split 0 updates once they are read.
+//
+// head_dim 64, 96, 128 and 256. The attention kernels' shared arrays are static where they
+// fit the 48 KiB a block gets unasked; at head_dim 256 they do not, and the same arrays, as
+// one struct (PrefillShared, DecodeShared), live in the launch's dynamic shared memory,
+// which kernels/cupy/attention.py sizes by that struct's layout.
 
 #define MAXG 8
 #define ATT_WARPS 4
@@ -26,15 +31,45 @@
 #define DEC_WARPS 8          // decode: a warp per query head of the group (G <= 8), or per key share of one
 #define LOG2E 1.4426950408889634f
 
+#define STATIC_SMEM_MAX (48 * 1024)
+
+// A kernel's shared struct S (its arrays, declared static instead where S fits
+// STATIC_SMEM_MAX) in the launch's dynamic shared memory: the host sets the kernel's
+// max_dynamic_shared_size_bytes and launches with shared_mem = sizeof(S); a launch given
+// less traps rather than overrun it.
+template <typename S>
+__device__ __forceinline__ S& dynamic_shared() {
+    extern __shared__ __align__(16) u8 dyn_smem[];
+    u32 given;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(given));
+    if (given < sizeof(S)) __trap();
+    return *reinterpret_cast<S*>(dyn_smem);
+}
+
+// Pair i of a head's row src (rope_index's two dims i0, i1), RoPE-rotated at pos when rope:
+// how q and k are read wherever they are consumed.
+__device__ __forceinline__ void roped_pair(const float* src, int i, int D, int neox, int rope, int pos,
+                                           const double* __restrict__ inv_freq, int& i0, int& i1, float& x0,
+                                           float& x1) {
+    rope_index(i, D, neox, i0, i1);
+    x0 = src[i0];
+    x1 = src[i1];
+    if (rope) rope_pair(x0, x1, pos, inv_freq[i]);
+}
+
 // Values of one lane's D/32 consecutive dims of an fp16 row.
 template <int D>
 __device__ __forceinline__ void load_dims(const u16* row, int lane, float v[D / 32]) {
     constexpr int P = D / 32;
     const u16* p = row + lane * P;
-    if (P == 4) {
+    if constexpr (P == 8) {
+        const uint4 u = *(const uint4*)p;
+        v[0] = h2f(u.x & 0xFFFF); v[1] = h2f(u.x >> 16); v[2] = h2f(u.y & 0xFFFF); v[3] = h2f(u.y >> 16);
+        v[4] = h2f(u.z & 0xFFFF); v[5] = h2f(u.z >> 16); v[6] = h2f(u.w & 0xFFFF); v[7] = h2f(u.w >> 16);
+    } else if constexpr (P == 4) {
         const uint2 u = *(const uint2*)p;
         v[0] = h2f(u.x & 0xFFFF); v[1] = h2f(u.x >> 16); v[2] = h2f(u.y & 0xFFFF); v[3] = h2f(u.y >> 16);
-    } else if (P == 2) {
+    } else if constexpr (P == 2) {
         const u32 u = *(const u32*)p;
         v[0] = h2f(u & 0xFFFF); v[1] = h2f(u >> 16);
     } else {
@@ -72,10 +107,8 @@ __device__ __forceinline__ void load_q(const float* __restrict__ q, int sq, int 
     for (int i = tid; i < G * D / 2; i += nthreads) {
         const int g = i / (D / 2), pi = i - g * (D / 2);
         int i0, i1;
-        rope_index(pi, D, neox, i0, i1);
-        const float* src = q + (size_t)t * sq + (kh * G + g) * D;
-        float x0 = src[i0], x1 = src[i1];
-        if (rope) rope_pair(x0, x1, pos, inv_freq[pi]);
+        float x0, x1;
+        roped_pair(q + (size_t)t * sq + (kh * G + g) * D, pi, D, neox, rope, pos, inv_freq, i0, i1, x0, x1);
         q_s[g * D + i0] = x0 * scale;
         q_s[g * D + i1] = x1 * scale;
     }
@@ -216,10 +249,8 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     const int pos = positions[t], ng = D / group, rb = q_row_bytes<D, BITS>(group);
     for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
         int i0, i1;
-        rope_index(i, D, neox, i0, i1);
-        const float* src = k + (size_t)t * sk + h * D;
-        float x0 = src[i0], x1 = src[i1];
-        if (rope_k) rope_pair(x0, x1, pos, inv_freq[i]);
+        float x0, x1;
+        roped_pair(k + (size_t)t * sk + h * D, i, D, neox, rope_k, pos, inv_freq, i0, i1, x0, x1);
         x_s[i0] = (x0 - kcenter[h * D + i0]) * kscale[h * D + i0];
         x_s[i1] = (x1 - kcenter[h * D + i1]) * kscale[h * D + i1];
     }
@@ -298,10 +329,8 @@ __device__ __forceinline__ void kv_store(const float* __restrict__ k, int sk, co
     for (int i = threadIdx.x; i < KVH * D / 2; i += blockDim.x) {
         const int h = i / (D / 2), pi = i - h * (D / 2);
         int i0, i1;
-        rope_index(pi, D, neox, i0, i1);
-        const float* src = k + (size_t)t * sk + h * D;
-        float x0 = src[i0], x1 = src[i1];
-        if (rope_k) rope_pair(x0, x1, pos, inv_freq[pi]);
+        float x0, x1;
+        roped_pair(k + (size_t)t * sk + h * D, pi, D, neox, rope_k, pos, inv_freq, i0, i1, x0, x1);
         u16* dst = kc + ((size_t)slot * KVH + h) * D;
         dst[i0] = f2h(x0);
         dst[i1] = f2h(x1);
@@ -334,6 +363,13 @@ __device__ __forceinline__ void kv_recent(const u16* __restrict__ sk16, const u1
 // grid (tiles, KVH); a tile is up to ATT_WARPS consecutive query tokens of one sequence, one
 // warp each. The block streams 32-key tiles of K and V through shared memory once for all
 // its warps; lane i scores key i, then lanes split the D dims for P @ V.
+// Its shared arrays where they are dynamic (attention.py prefill_smem is the size).
+template <int D>
+struct PrefillShared {
+    __align__(16) float q[ATT_WARPS][MAXG * D];
+    __align__(16) u16 k[32 * (D + 8)];
+    __align__(16) u16 v[32 * (D + 8)];
+};
 template <int D, int BITS>
 __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq, const int* __restrict__ positions,
                                              const double* __restrict__ inv_freq, int rope_q, int neox,
@@ -347,9 +383,17 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
                                              int recent, int R, float* __restrict__ out) {
     constexpr bool ROT = BITS != 16;
     constexpr int P = D / 32, RS = D + 8;  // padded smem rows: conflict-free 16-byte reads per lane
-    __shared__ __align__(16) float q_s[ATT_WARPS][MAXG * D];
-    __shared__ __align__(16) u16 k_s[32 * RS];
-    __shared__ __align__(16) u16 v_s[32 * RS];
+    float(*q_s)[MAXG * D];
+    u16 *k_s, *v_s;
+    if constexpr (sizeof(PrefillShared<D>) <= STATIC_SMEM_MAX) {
+        __shared__ __align__(16) float q_st[ATT_WARPS][MAXG * D];
+        __shared__ __align__(16) u16 k_st[32 * RS];
+        __shared__ __align__(16) u16 v_st[32 * RS];
+        q_s = q_st, k_s = k_st, v_s = v_st;
+    } else {
+        PrefillShared<D>& sh = dynamic_shared<PrefillShared<D>>();
+        q_s = sh.q, k_s = sh.k, v_s = sh.v;
+    }
     const int G = H / KVH, kh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int b = tiles[2 * blockIdx.x], t0 = tiles[2 * blockIdx.x + 1];
     const int qs0 = qstarts[b], qe = qstarts[b + 1], n = qe - qs0, ctx = ctx_lens[b];
@@ -463,6 +507,19 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 // in the scratch): the split holding it stages it once pdl_wait returns; the sink and the
 // recent positions come from the ring, which split 0 then gives the new row; the output
 // leaves through q_s, rotated back there.
+// Its shared arrays where they are dynamic (attention.py decode_smem is the size).
+template <int D>
+struct DecodeShared {
+    __align__(16) float q[MAXG * D];
+    __align__(16) u16 kn[D];
+    __align__(16) u16 vn[D];
+    __align__(16) u16 k[DECODE_MAX_CHUNK * (D + 8)];
+    __align__(16) u16 v[DECODE_MAX_CHUNK * (D + 8)];
+    size_t row[DECODE_MAX_CHUNK];
+    const u16* exk[DECODE_MAX_CHUNK];
+    const u16* exv[DECODE_MAX_CHUNK];
+    int last;
+};
 template <int D, int BITS>
 __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq, const float* __restrict__ k, int sk,
                                             const float* __restrict__ v, int sv, const int* __restrict__ positions,
@@ -477,15 +534,29 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             float* __restrict__ out, u16* out16, u8* xq, int sxq, float2* xds) {
     constexpr int P = D / 32, RS = D + 8, HPW = MAXG / DEC_WARPS;
     constexpr bool ROT = BITS != 16;
-    __shared__ __align__(16) float q_s[MAXG * D];
-    __shared__ __align__(16) u16 kn_s[D];
-    __shared__ __align__(16) u16 vn_s[D];
-    __shared__ __align__(16) u16 k_s[DECODE_MAX_CHUNK * RS];
-    __shared__ __align__(16) u16 v_s[DECODE_MAX_CHUNK * RS];
-    __shared__ size_t row_s[DECODE_MAX_CHUNK];
-    __shared__ const u16* exk_s[DECODE_MAX_CHUNK];  // RotateKV: a key's unquantized row (the ring's), or null
-    __shared__ const u16* exv_s[DECODE_MAX_CHUNK];
-    __shared__ int last_s;
+    float* q_s;
+    u16 *kn_s, *vn_s, *k_s, *v_s;
+    size_t* row_s;
+    const u16 **exk_s, **exv_s;  // RotateKV: a key's unquantized row (the ring's), or null
+    int* last_p;
+    if constexpr (sizeof(DecodeShared<D>) <= STATIC_SMEM_MAX) {
+        __shared__ __align__(16) float q_st[MAXG * D];
+        __shared__ __align__(16) u16 kn_st[D];
+        __shared__ __align__(16) u16 vn_st[D];
+        __shared__ __align__(16) u16 k_st[DECODE_MAX_CHUNK * RS];
+        __shared__ __align__(16) u16 v_st[DECODE_MAX_CHUNK * RS];
+        __shared__ size_t row_st[DECODE_MAX_CHUNK];
+        __shared__ const u16* exk_st[DECODE_MAX_CHUNK];
+        __shared__ const u16* exv_st[DECODE_MAX_CHUNK];
+        __shared__ int last_st;
+        q_s = q_st, kn_s = kn_st, vn_s = vn_st, k_s = k_st, v_s = v_st;
+        row_s = row_st, exk_s = exk_st, exv_s = exv_st, last_p = &last_st;
+    } else {
+        DecodeShared<D>& sh = dynamic_shared<DecodeShared<D>>();
+        q_s = sh.q, kn_s = sh.kn, vn_s = sh.vn, k_s = sh.k, v_s = sh.v;
+        row_s = sh.row, exk_s = sh.exk, exv_s = sh.exv, last_p = &sh.last;
+    }
+    int& last_s = *last_p;
     const int sp = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, G = H / KVH;
     // the splits cover keys base..ctx-1: the window's, or all
@@ -542,10 +613,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     } else {  // fp16: the new row from the inputs, stored by split 0
         for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
             int i0, i1;
-            rope_index(i, D, neox, i0, i1);
-            const float* src = k + (size_t)b * sk + kh * D;
-            float x0 = src[i0], x1 = src[i1];
-            if (rope_k) rope_pair(x0, x1, pos, inv_freq[i]);
+            float x0, x1;
+            roped_pair(k + (size_t)b * sk + kh * D, i, D, neox, rope_k, pos, inv_freq, i0, i1, x0, x1);
             kn_s[i0] = f2h(x0);
             kn_s[i1] = f2h(x1);
         }
@@ -782,3 +851,4 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
 DEF_HEAD(64)
 DEF_HEAD(96)
 DEF_HEAD(128)
+DEF_HEAD(256)

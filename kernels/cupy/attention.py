@@ -9,6 +9,9 @@ input layout for a 1-token step, in fp16 for the tensor cores at 2-64 sequences.
 lives in the step's device copies (DeviceStep.decode_scratch), inside a graph's memory pool.
 A RotateKV cache (kernels/kv_layout.py) has its rows written by kv_store_q (a decode step's
 too, just before the attention kernel, which then reads the new row like the others).
+Head dims 64, 96, 128 and 256 (Gemma 3); at 256 the prefill and decode kernels' shared arrays
+pass the 48 KiB a block gets unasked and come as dynamic shared memory (prefill_smem,
+decode_smem: attention.cu's PrefillShared and DecodeShared).
 """
 
 from __future__ import annotations
@@ -28,8 +31,30 @@ from kernels.ops import StepInputs
 
 DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
 MAXG = 8  # query heads per KV head the attention kernels hold
-HEAD_DIMS = (64, 96, 128)
+ATT_WARPS = 4  # query tokens per prefill block (attention.cu ATT_WARPS)
+HEAD_DIMS = (64, 96, 128, 256)
 LOG2E = 1.4426950408889634
+STATIC_SMEM_MAX = 48 * 1024  # attention.cu: shared arrays past it are dynamic
+
+
+def _dynamic(nbytes: int) -> int:
+    """A struct's bytes rounded up to its 16-byte alignment (sizeof); 0 where its arrays are
+    static instead."""
+    nbytes = -(-nbytes // 16) * 16
+    return nbytes if nbytes > STATIC_SMEM_MAX else 0
+
+
+def prefill_smem(D: int) -> int:
+    """attn_prefill's dynamic shared memory (PrefillShared<D>): fp32 q rows of ATT_WARPS tokens
+    x MAXG heads, a 32-key K and V tile of padded (D + 8) fp16 rows."""
+    return _dynamic(4 * ATT_WARPS * MAXG * D + 2 * 2 * 32 * (D + 8))
+
+
+def decode_smem(D: int) -> int:
+    """attn_decode's dynamic shared memory (DecodeShared<D>): fp32 q rows of MAXG heads, the
+    new k and v rows, a chunk's padded K and V rows (fp16), and per key its cache row and two
+    ring pointers (8 bytes each), the last-split flag."""
+    return _dynamic(4 * MAXG * D + 2 * 2 * D + 2 * 2 * DECODE_CHUNK * (D + 8) + 3 * 8 * DECODE_CHUNK + 4)
 
 
 def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, scale, window=0):
@@ -96,13 +121,15 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         xq = cp.empty((T, -(-H * D // 2048) * XQ_RUN), cp.int8) if gemv else None
         ds = cp.empty((T, H * D // 32, 2), cp.float32) if gemv else None
         half = cp.empty((T, H * D), cp.float16) if mma else None
-        b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}"), (max_splits, KVH, B), (256,),
+        smem = decode_smem(D)
+        b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}", dynamic_smem=smem),
+                          (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
                            np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, slots,
                            np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window),
                            group, hs, *rot, *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),
-                           ptr(ds)))
+                           ptr(ds)), shared_mem=smem)
         return Attended(out, xq, ds, half)
     if not quantized:
         b.k.get("attention.cu", f"kv_store_{D}")(
@@ -111,11 +138,12 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     tiles = dev.tiles
     if tiles is None or len(tiles) == 0:
         return out
-    b.k.get("attention.cu", f"attn_prefill_{name}")(
+    smem = prefill_smem(D)
+    b.k.get("attention.cu", f"attn_prefill_{name}", dynamic_smem=smem)(
         (len(tiles), KVH), (128,),
         (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables,
          np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
-         group, hs, *rot, out))
+         group, hs, *rot, out), shared_mem=smem)
     if quantized:  # the step's recent rows into the ring, now that its queries have read it
         b.k.get("attention.cu", f"kv_recent_{D}")(
             (T, KVH), (128,), (scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.positions, dev.qstarts,

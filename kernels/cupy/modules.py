@@ -30,10 +30,15 @@ class Kernels:
                 self._modules[key] = cp.RawModule(code=src, options=("-std=c++17",))
         return self._modules[key]
 
-    def get(self, file: str, name: str, prefix: str = "") -> cp.RawKernel:
+    def get(self, file: str, name: str, prefix: str = "", dynamic_smem: int = 0) -> cp.RawKernel:
+        """Kernel `name` of `file`; dynamic_smem: the dynamic shared memory its launches pass
+        (allowed past the default 48 KiB once, as the kernel is first fetched)."""
         key = (file + prefix, name)
         if key not in self._functions:
-            self._functions[key] = self._module(file, prefix).get_function(name)
+            fn = self._module(file, prefix).get_function(name)
+            if dynamic_smem:
+                fn.max_dynamic_shared_size_bytes = dynamic_smem
+            self._functions[key] = fn
         return self._functions[key]
 
     def quant(self, file: str, qtype, name: str) -> cp.RawKernel:
