@@ -253,15 +253,23 @@ def test_cuda_quantizer_matches_the_twin(cuda_device, qtype):
     from kernels.cupy.requant import quantize_rows
 
     gpu = get_backend("cupy")
+    size = block_shape(qtype)[1]
     for seed in range(3):
         x = fresh_rows(100 + seed, rows=64, cols=2048)
         want = quantize(x, qtype)
-        out = cp.full(want.shape, 0xAB, cp.uint8)
-        with gpu.stream:
-            quantize_rows(gpu, cp.asarray(x), qtype, out)
+        with gpu.stream:  # the backend's stream does not wait for the legacy one
+            xd, out = cp.asarray(x), cp.full(want.shape, 0xAB, cp.uint8)
+            quantize_rows(gpu, xd, qtype, out)
+            back = cp.asnumpy(xd, stream=gpu.stream)
         gpu.stream.synchronize()
-        equal, err_got, err_want = agreement(cp.asnumpy(out), want, qtype, x)
-        assert equal >= 0.99, f"{qtype.name}: {equal:.4f} of blocks equal"
+        assert np.array_equal(back, x)
+        got = cp.asnumpy(out)
+        equal, err_got, err_want = agreement(got, want, qtype, x)
+        differ = np.flatnonzero((got.reshape(-1, size) != want.reshape(-1, size)).any(axis=1))
+        first = differ[0] if len(differ) else None
+        assert equal >= 0.99, (f"{qtype.name}: {equal:.4f} of blocks equal, round-trip error {err_got:.4g} vs the "
+                               f"twin's {err_want:.4g}; block {first}: got {got.reshape(-1, size)[first].tolist()} "
+                               f"want {want.reshape(-1, size)[first].tolist()}")
         assert abs(err_got - err_want) <= 0.01 * err_want
 
 
