@@ -103,7 +103,7 @@ def pass_seconds(engine, rng, draft_layers: int, runs: int = 3) -> dict:
 
         out = {f"verify_{n}": timed(n, None) for n in VERIFY_TOKENS}
         out["draft_layers"] = draft_layers
-        out["draft_token"] = timed(1, draft_layers)
+        out["draft_token"] = timed(1, tuple(range(draft_layers)))  # early exit: the first layers
         return out
     finally:
         engine.release(s)
