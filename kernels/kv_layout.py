@@ -45,7 +45,8 @@ def kv_type(name: str) -> KVType:
 
 # positions up to a query's own that it reads unquantized: 32, not 64, because each sequence's
 # ring costs 2 x (RING + 1) float16 rows a layer (a 70B model's 32 ring slots: 849 MB at 64,
-# 514 MB at 32) while 64 measured no better on the calibration text (docs/benchmarks.md)
+# 514 MB at 32), and at 32 every type stays well inside its accuracy target on the
+# calibration text (docs/benchmarks.md)
 RECENT = 32
 # the ring keeps RECENT + 16 positions: a speculative pass writes up to 16 positions past the
 # accepted ones (workers/engine/speculation.py MAX_K), which must not overwrite a window
