@@ -22,7 +22,7 @@ from kernels.kv_layout import RECENT
 from kernels.ops import LogitBias
 from workers.engine.block_manager import BlockManager
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
-from workers.engine.kv_cache import PagedKVCache, sliding_layers, sliding_pool_blocks
+from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
 from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
@@ -158,9 +158,7 @@ class Engine:
         layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
         # layers with a window keep their rows in a pool of their own, sized for every sequence a
         # step holds (max_logit_rows), each its window and a prompt chunk (workers/engine/kv_cache.py)
-        windows = [c.window(i) for i in range(c.n_layers)]
-        sliding = sliding_layers(windows)
-        sliding_cap = sliding_pool_blocks(max(windows), block_size, max_logit_rows, max_batch_tokens) if sliding else 0
+        sliding, window, sliding_cap = sliding_pool(c, block_size, max_logit_rows, max_batch_tokens)
         if kv_cache_bytes is not None:
             num_blocks = PagedKVCache.blocks_within(kv_cache_bytes, c.n_layers, layout, max_logit_rows, len(sliding),
                                                     sliding_cap)
@@ -206,8 +204,7 @@ class Engine:
             num_blocks = max(num_blocks, max_logit_rows * -(-self.max_context // block_size))
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks)
-        self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots, self.kv.sliding_blocks,
-                                   max(windows) if sliding else 0)
+        self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots, self.kv.sliding_blocks, window)
         if layout.type.quantized:
             self._calibrate_kv()
         self.last_timings = Timings()

@@ -26,9 +26,14 @@ def sliding_pool_blocks(window: int, block_size: int, max_seqs: int, chunk: int)
     return max_seqs * (-(-(window + SLACK + chunk) // block_size) + 1)
 
 
-def sliding_layers(windows: list[int]) -> tuple[int, ...]:
-    """The layers with a window (windows[i] > 0: layer i's attention window)."""
-    return tuple(i for i, w in enumerate(windows) if w > 0)
+def sliding_pool(config, block_size: int, max_seqs: int, chunk: int) -> tuple[tuple[int, ...], int, int]:
+    """A model's (layers with a window, the widest window, the blocks their pool needs:
+    sliding_pool_blocks); ((), 0, 0) for a model without windows."""
+    windows = [config.window(i) for i in range(config.n_layers)]
+    layers = tuple(i for i, w in enumerate(windows) if w > 0)
+    if not layers:
+        return (), 0, 0
+    return layers, max(windows), sliding_pool_blocks(max(windows), block_size, max_seqs, chunk)
 
 
 def pool_bytes(units: int, unit_bytes: int, sliding_unit_bytes: int, sliding_units: int) -> int:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from kernels.layer_ring import RingSchedule
-from workers.engine.kv_cache import pool_bytes, pool_units_within, sliding_layers, sliding_pool_blocks
+from workers.engine.kv_cache import pool_bytes, pool_units_within, sliding_pool
 from workers.engine.requant_streamed import retyped, streamed_types
 from workers.model.transformer import layer_matrices
 
@@ -243,11 +243,9 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
     their images and the slots shrunk to the new sizes."""
     c = config
     layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
-    windows = [c.window(i) for i in range(c.n_layers)]
-    sliding = sliding_layers(windows)
     # a ring slot (and a share of the sliding pool) per sequence a step holds (Engine: max_logit_rows)
-    sliding_tokens = sliding_pool_blocks(max(windows), block_size, max_logit_rows, max_batch_tokens) * block_size \
-        if sliding else 0
+    sliding, _, sliding_blocks = sliding_pool(c, block_size, max_logit_rows, max_batch_tokens)
+    sliding_tokens = sliding_blocks * block_size
     ring = c.n_layers * layout.fixed_bytes(max_logit_rows)
     sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
