@@ -112,6 +112,10 @@ class CupyBackend(Backend):
     def limit_device_memory(self, nbytes: int | None) -> None:
         cp.get_default_memory_pool().set_limit(size=0 if nbytes is None else max(1, nbytes))  # 0: no limit
 
+    def outside_pool_bytes(self) -> int:
+        free, total = cp.cuda.runtime.memGetInfo()  # the whole device's: another process's use counts too
+        return max(0, total - free - cp.get_default_memory_pool().total_bytes())
+
     @on_stream
     def load_layer(self, index, load):
         s = self.streaming

@@ -113,6 +113,11 @@ class Backend(ABC):
         """Refuse allocations past nbytes of device memory (what a VRAM budget leaves the pool);
         None: no limit."""
 
+    def outside_pool_bytes(self) -> int | None:
+        """Device memory in use now that the pool limit_device_memory caps does not hold (the
+        CUDA context, library handles, loaded modules); None where there is no device."""
+        return None
+
     def load_layer(self, index: int, load: Callable[[], Any]) -> Any:
         """load() loads layer `index`'s weights; a streaming backend moves a streamed layer's
         matrices to host memory as they come."""

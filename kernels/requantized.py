@@ -16,6 +16,8 @@ from gguf import GGMLQuantizationType
 from kernels.quantize import quantize
 from kernels.quants import block_shape, dequantize
 
+DEVICE_CHUNK_VALUES = 1 << 24  # float32 values a device requantizes at a time (64 MiB)
+
 
 @dataclass(frozen=True)
 class Blocks:

@@ -297,6 +297,33 @@ def deep_qwen2(tmp_path_factory, vocab_dir):
     return write_deep(tmp_path_factory, vocab_dir, "qwen2")
 
 
+
+def test_the_budget_counts_the_context_the_backend_measured(deep_model):
+    """A device whose context takes more than the estimate: the placement's reserve and the
+    pool's limit count what the backend measured outside the pool (and what loads after it),
+    and the limit leaves the captured graphs' pools their share."""
+    from kernels.numpy_backend import NumpyBackend
+    from workers.engine.engine import Engine
+    from workers.engine.placement import CONTEXT_BYTES, GRAPH_BYTES, LATE_RUNTIME_BYTES, context_bytes
+
+    class MeasuredDevice(NumpyBackend):
+        measured = 2 * GIB
+        limit = None
+
+        def outside_pool_bytes(self):
+            return self.measured
+
+        def limit_device_memory(self, nbytes):
+            self.limit = nbytes
+
+    assert context_bytes(None) == CONTEXT_BYTES and context_bytes(0) == CONTEXT_BYTES
+    estimated = Engine(deep_model, vram_budget=8 * GIB)
+    ops = MeasuredDevice()
+    measured = Engine(deep_model, backend=ops, vram_budget=8 * GIB)
+    context = 2 * GIB + LATE_RUNTIME_BYTES
+    assert measured.placement.reserve - estimated.placement.reserve == context - CONTEXT_BYTES
+    assert ops.limit == 8 * GIB - context - GRAPH_BYTES
+
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]
 
 

@@ -288,3 +288,42 @@ def test_streamed_cupy_engine_with_requant_equals_the_numpy_one(deep, cuda_devic
     for got, want in zip(logits_of(gpu, PROMPTS), logits_of(cpu, PROMPTS)):
         rel = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert rel < 2e-2 and (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, monkeypatch):
+    """The streamed layers requantize while the resident ones, the slots and the fixed weights
+    are loaded: what is left of the pool's limit then (the budget less the context and the
+    graphs' pools) holds the largest matrix's scratch, the reserve growing where the KV cache
+    and the activations would not cover it (a chunk made 8 MiB too large here)."""
+    from kernels.cupy.planes import CupySizes
+    from workers.engine import requant_streamed
+    from workers.engine.placement import CONTEXT_BYTES, GRAPH_BYTES, plan_model
+    from workers.model.config import ModelConfig
+    from workers.model.synthetic import Shape, uniform_mix, write_model
+
+    shape = Shape("llama", n_layers=4, d_model=2048, n_heads=16, n_kv_heads=4, ffn_dim=2048, context_length=512)
+    wide = write_model(tmp_path / "wide.gguf", shape, vocab_dir / "ggml-vocab-llama-spm.gguf",
+                       mix=uniform_mix(Q.Q6_K), seed=3)
+
+    def room_at_load(p, budget):
+        resident = sum(n for n, t in zip(p.sizes.layers, p.tiers) if t == "vram")
+        return budget - CONTEXT_BYTES - GRAPH_BYTES - p.sizes.fixed - resident - p.n_buffers * p.slot_bytes
+
+    with GGUFFile(wide) as g:
+        c = ModelConfig.from_gguf(g)
+        s = plan_model(g, c, CupySizes, None, 512, 512).sizes
+        everything = plan_model(g, c, CupySizes, None, 512, 512)
+        budget = everything.reserve + s.fixed + s.kv_bytes(512) + 2 * max(s.layers[1:]) + s.layers[0]
+        plain = plan_model(g, c, CupySizes, budget, 512, 512, n_buffers=2, requant_streamed="Q4_K")
+        types = {n: Q[t] for n, t in plain.requant.items()}
+        assert room_at_load(plain, budget) >= requant_streamed.load_scratch_bytes(g, types, CupySizes)
+
+        # the room the plan counts on: the reserve's activations and scratch, and the KV cache
+        counted = plain.reserve - CONTEXT_BYTES - GRAPH_BYTES + s.kv_bytes(512)
+        short = 8 << 20
+        matrices = requant_streamed.load_scratch_bytes(g, types, CupySizes) - 4 * requant_streamed.DEVICE_CHUNK_VALUES
+        monkeypatch.setattr(requant_streamed, "DEVICE_CHUNK_VALUES", (counted - matrices + short) // 4)
+        scratch = requant_streamed.load_scratch_bytes(g, types, CupySizes)
+        grown = plan_model(g, c, CupySizes, budget + short, 512, 512, n_buffers=2, requant_streamed="Q4_K")
+    assert grown.tiers == plain.tiers and grown.reserve == plain.reserve + short
+    assert room_at_load(grown, budget + short) >= scratch

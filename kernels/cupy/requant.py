@@ -13,11 +13,10 @@ from kernels.cupy.products import dequant
 from kernels.cupy.sources import QUANTIZE
 from kernels.cupy.weights import stack
 from kernels.quants import Q, block_shape
-from kernels.requantized import Blocks, Requantized
+from kernels.requantized import DEVICE_CHUNK_VALUES, Blocks, Requantized
 
 KERNELS = {Q.Q2_K: "quantize_q2_k", Q.Q3_K: "quantize_q3_k", Q.Q4_K: "quantize_q4_k", Q.Q5_K: "quantize_q5_k",
            Q.Q6_K: "quantize_q6_k"}
-CHUNK_VALUES = 1 << 24  # float32 values dequantized at a time (64 MiB)
 THREADS = 64
 
 
@@ -37,7 +36,7 @@ def requantize(b, t: Requantized) -> Blocks:
     block, size = block_shape(t.qtype)
     out = cp.empty((rows, K // block * size), cp.uint8)
     seg = stack(b.upload, [t.source]).segments[0]
-    step = max(1, min(rows, CHUNK_VALUES // K))
+    step = max(1, min(rows, DEVICE_CHUNK_VALUES // K))
     x = cp.empty((step, K), cp.float32)
     for r in range(0, rows, step):
         n = min(step, rows - r)

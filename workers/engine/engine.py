@@ -25,7 +25,7 @@ from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
-from workers.engine.placement import CONTEXT_BYTES, Rates, plan_model
+from workers.engine.placement import GRAPH_BYTES, Rates, context_bytes, plan_model
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
 from workers.engine.speculation import Speculation, verify
@@ -173,10 +173,13 @@ class Engine:
         self._grammar_lock = threading.Lock()
         self.link = None
 
+        # measured, not assumed: a context past the estimate would take the pool past the budget
+        context = context_bytes(self.ops.outside_pool_bytes())
+
         def placed():
             return plan_model(self.gguf, c, self.ops, vram_budget, kv_cache_tokens, self.max_context, block_size,
                               max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates, kv_type,
-                              requant_streamed)
+                              requant_streamed, context)
 
         self.max_batch_tokens = max_batch_tokens
         self.placement = placed()
@@ -185,8 +188,9 @@ class Engine:
             self.rates = replace(self.rates, link_gb_s=link["h2d_gb_s"], source={
                 "link_gb_s": f"pinned copy, {'cached' if link['cached'] else 'measured'} {link['measured_at']}"})
             self.placement = placed()
-        # the process's pool: an engine without a budget lifts an earlier one's limit
-        self.ops.limit_device_memory(None if vram_budget is None else vram_budget - CONTEXT_BYTES)
+        # the process's pool: an engine without a budget lifts an earlier one's limit; the context
+        # and the captured graphs' own pools take the rest of the budget
+        self.ops.limit_device_memory(None if vram_budget is None else vram_budget - context - GRAPH_BYTES)
         if self.placement.requant:  # the model as loaded: streamed matrices requantized as they load
             self.gguf = retyped(self.gguf, {n: Q[t] for n, t in self.placement.requant.items()})
         if self.placement.streamed:

@@ -21,11 +21,14 @@ from dataclasses import asdict, dataclass, field, replace
 
 from kernels.layer_ring import RingSchedule
 from workers.engine.kv_cache import pool_bytes, pool_units_within, sliding_pool
-from workers.engine.requant_streamed import retyped, streamed_types
+from workers.engine.requant_streamed import load_scratch_bytes, retyped, streamed_types
 from workers.model.transformer import layer_matrices
 
 GIB = 2**30
 CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context, CuPy and cuBLAS handles and workspace (H200: ~0.6 GiB measured)
+# what a process adds outside the pool after an engine has measured it (context_bytes): the
+# kernel modules loaded at first use, cuBLAS's workspace
+LATE_RUNTIME_BYTES = 256 << 20
 SCRATCH_BYTES = 128 << 20  # the prompt products' fp16 dequantization scratch (kernels/cupy/products.py)
 GRAPH_BYTES = 256 << 20  # captured decode graphs' private pools, one per batch size seen
 MAX_SLOTS = 4
@@ -87,13 +90,19 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
                       head.shape[0] * head.shape[-1], kv_bytes_per_token * n_sliding, kv_sliding_tokens)
 
 
+def context_bytes(outside_pool: int | None) -> int:
+    """The device memory a process holds outside its pool: the estimate, or what the backend
+    measured (Backend.outside_pool_bytes) and what loads after it, whichever is more."""
+    return CONTEXT_BYTES if outside_pool is None else max(CONTEXT_BYTES, outside_pool + LATE_RUNTIME_BYTES)
+
+
 def runtime_reserve(d_model: int, ffn_dim: int, q_dim: int, kv_dim: int, vocab: int, max_batch_tokens: int,
-                    max_logit_rows: int) -> int:
-    """VRAM besides weights, KV cache and slots: context, scratch, graphs and a step's
-    activations (float32 rows of the widest products, twice over for the pool's rounding)."""
+                    max_logit_rows: int, context: int = CONTEXT_BYTES) -> int:
+    """VRAM besides weights, KV cache and slots: context (outside the pool), scratch, graphs and
+    a step's activations (float32 rows of the widest products, twice over for the pool's rounding)."""
     per_token = 4 * (3 * d_model + q_dim + 2 * kv_dim + 3 * ffn_dim)
     logits = 4 * vocab * max_logit_rows
-    return CONTEXT_BYTES + SCRATCH_BYTES + GRAPH_BYTES + 2 * (per_token * max_batch_tokens + logits)
+    return context + SCRATCH_BYTES + GRAPH_BYTES + 2 * (per_token * max_batch_tokens + logits)
 
 
 @dataclass(frozen=True)
@@ -235,12 +244,14 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
 def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, max_context: int,
                block_size: int = 16, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates(),
-               kv_type: str | None = None, requant_streamed: str | None = None) -> Placement:
+               kv_type: str | None = None, requant_streamed: str | None = None,
+               context: int = CONTEXT_BYTES) -> Placement:
     """The placement of a GGUF model for a backend (`sizer`: a Backend, or kernels' CupySizes
     where there is no GPU: `ntr plan`) with its KV cache of kv_type (the backend's default if None).
     requant_streamed ("auto" or a type, workers/engine/requant_streamed.py): the layers are
     placed at the file's sizes, then the streamed ones' matrices retyped (Placement.requant) and
-    their images and the slots shrunk to the new sizes."""
+    their images and the slots shrunk to the new sizes. context: the device memory outside the
+    pool (`context_bytes`)."""
     c = config
     layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
     # a ring slot (and a share of the sliding pool) per sequence a step holds (Engine: max_logit_rows)
@@ -249,11 +260,17 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
     ring = c.n_layers * layout.fixed_bytes(max_logit_rows)
     sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
-                              c.vocab_size, max_batch_tokens, max_logit_rows)
+                              c.vocab_size, max_batch_tokens, max_logit_rows, context)
     p = place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
     if requant_streamed is None or not p.streamed:
         return p
     types = streamed_types(gguf, c, p.streamed, requant_streamed)
+    # the streamed layers load (and requantize) before the KV cache and any activation exist:
+    # the requantization's scratch takes their room, and the reserve grows where it is short
+    short = load_scratch_bytes(gguf, types, sizer) - (reserve - context - GRAPH_BYTES + sizes.kv_bytes(p.kv_tokens))
+    if short > 0:
+        p = place(sizes, budget, reserve + short, kv_tokens, max_context, rates, host_ram, n_buffers)
+        types = streamed_types(gguf, c, p.streamed, requant_streamed)
     smaller = model_sizes(retyped(gguf, types), c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
     return replace(p, sizes=smaller, slot_bytes=max(smaller.layers[i] for i in p.streamed),
                    requant={n: q.name for n, q in types.items()}, file_layers=sizes.layers)

@@ -27,7 +27,7 @@ import numpy as np
 
 from kernels.quantize import quantize
 from kernels.quants import dequantize
-from kernels.requantized import Requantized
+from kernels.requantized import DEVICE_CHUNK_VALUES, Requantized
 from workers.model.quant_recipe import Option, Q, assign, candidates, group_of, probe_type, row_type, tensor_bytes
 from workers.model.transformer import layer_matrices
 
@@ -109,6 +109,14 @@ def _loss_model(tensors, n_layers: int, groups: dict):
         return kl(g) * t.shape[0] * t.shape[1] * relative_error(qtype) / denominators[g]
 
     return loss
+
+
+def load_scratch_bytes(gguf, types: dict[str, Q], sizer) -> int:
+    """At most the device memory a backend's requantization of one matrix holds besides what
+    placement counts (kernels/cupy/requant.py): the source's upload and planes, a float32 chunk
+    and the new blocks."""
+    return max((2 * sizer.matrix_nbytes(gguf.tensors[n]) + sizer.matrix_nbytes(Requantized(gguf.tensors[n], q))
+                + 4 * DEVICE_CHUNK_VALUES for n, q in types.items()), default=0)
 
 
 def retyped(gguf, types: dict[str, Q]):
