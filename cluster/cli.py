@@ -341,8 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "or Hadamard-rotated q8/q4/q3/q2 (RotateKV)")
         p.add_argument("--requant-streamed", metavar="auto|TYPE",
                        help="requantize the streamed layers as they load, so each pass copies fewer bytes: "
-                       f"to TYPE ({', '.join(t.name for t in REQUANT_TYPES)}), or auto: types chosen by measured "
-                       "sensitivity for 3.9 bits per weight")
+                       f"to TYPE ({', '.join(t.name for t in REQUANT_TYPES)}), or auto: the fewest bytes whose "
+                       "predicted loss, from measured sensitivities, stays small")
         return p
 
     g = with_placement(with_model(sub.add_parser("generate", help="generate text, streamed to stdout")))

@@ -1,5 +1,5 @@
 """--requant-streamed: the streamed layers' matrices requantized as they load. On the CPU:
-logits equal to those of the file `ntr quantize` writes with the same types, auto's budget,
+logits equal to those of the file `ntr quantize` writes with the same types, auto's loss bound,
 validation, `ntr plan`'s bytes, and kernels/cuda/quantize.cu built for the host against its
 NumPy twin; on the GPU (marked gpu): the CUDA quantizer against the twin on fresh rows, and a
 streamed CuPy engine with requant against the NumPy one."""
@@ -17,7 +17,7 @@ import pytest
 from kernels.quantize import quantize
 from kernels.quants import Q, block_shape, dequantize
 from workers.engine.placement import GIB
-from workers.engine.requant_streamed import AUTO_BITS, TYPES, streamed_types
+from workers.engine.requant_streamed import AUTO_KL, TYPES, streamed_types
 from workers.model.gguf_file import GGUFFile
 from workers.model.quant_recipe import candidates, tensor_bytes
 
@@ -124,29 +124,39 @@ def test_static_type_lowers_every_streamed_matrix_above_it(deep):
                                                    if tensor_bytes(Q.Q6_K, t.shape) < tensor_bytes(t.qtype, t.shape)}
 
 
-def test_auto_fits_its_budget_and_gives_sensitive_groups_more_bits(deep):
+def test_auto_takes_the_fewest_bytes_within_its_loss_and_spares_sensitive_groups(deep):
+    from workers.engine.requant_streamed import _loss_model
     from workers.model.config import ModelConfig
+    from workers.model.quant_recipe import Option
 
     g = GGUFFile(deep)
     c = ModelConfig.from_gguf(g)
     layers = (1, 2, 3, 4, 5)
     tensors = layer_tensors(g, c, layers)
-    # measured on a 3-layer model: layer i of 6 reads round(i * 2 / 5); down projections sensitive
+    # measured on a 3-layer model: layer i of 6 reads round(i * 2 / 5), scaled by 3/6; down
+    # projections sensitive, the others nearly free
     groups = {f"blk.{j}.{role}": {"kl": kl} for j in range(3)
-              for role, kl in (("attn_qkv", 1e-3), ("attn_output", 1e-3), ("ffn_gate_up", 1e-3), ("ffn_down", 1.0))}
+              for role, kl in (("attn_qkv", 1e-6), ("attn_output", 1e-6), ("ffn_gate_up", 1e-6), ("ffn_down", 1.0))}
     types = streamed_types(g, c, layers, "auto", sensitivities=groups)
     final = {n: types.get(n, t.qtype) for n, t in tensors.items()}
-    spent = sum(tensor_bytes(final[n], t.shape) for n, t in tensors.items())
-    weights = sum(t.shape[0] * t.shape[1] for t in tensors.values())
-    assert spent <= AUTO_BITS * weights / 8 < sum(tensor_bytes(t.qtype, t.shape) for t in tensors.values())
     assert all(final[n] in candidates(t.shape, t.qtype) for n, t in tensors.items())
-    bits = {n: 8 * tensor_bytes(final[n], t.shape) / (t.shape[0] * t.shape[1]) for n, t in tensors.items()}
-    down = [b for n, b in bits.items() if "ffn_down" in n]
-    gate = [b for n, b in bits.items() if "ffn_gate" in n]
-    assert min(down) > max(gate)
+    loss = _loss_model(list(tensors.values()), c.n_layers, groups)
+    assert sum(loss(t, final[n]) for n, t in tensors.items() if final[n] != t.qtype) <= AUTO_KL
+    # the free groups go as low as their rows allow; the down projections stay as they are
+    assert all(final[n] == t.qtype for n, t in tensors.items() if "ffn_down" in n)
+    assert all(final[n] == candidates(t.shape, t.qtype)[-1] for n, t in tensors.items()
+               if "ffn_down" not in n and "attn_v" not in n)
+    # no cheaper single move stays within the loss: each matrix's next option down passes it
+    spent = sum(loss(t, final[n]) for n, t in tensors.items() if final[n] != t.qtype)
+    for n, t in tensors.items():
+        opts = [Option(q, tensor_bytes(q, t.shape), 0.0 if q == t.qtype else loss(t, q))
+                for q in candidates(t.shape, t.qtype)]
+        cheaper = [o for o in opts if o.nbytes < tensor_bytes(final[n], t.shape)]
+        here = 0.0 if final[n] == t.qtype else loss(t, final[n])
+        assert all(spent - here + o.loss > AUTO_KL for o in cheaper)
     # the bundled sensitivities (the 0.5B's 24 layers) work for a model of any depth
     real = streamed_types(g, c, layers, "auto")
-    assert sum(tensor_bytes(real.get(n, t.qtype), t.shape) for n, t in tensors.items()) <= AUTO_BITS * weights / 8
+    assert all(real[n] in candidates(t.shape, t.qtype) for n, t in tensors.items() if n in real)
 
 
 # --- loading ------------------------------------------------------------------------------------

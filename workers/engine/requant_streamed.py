@@ -4,15 +4,18 @@ so that every decode pass moves fewer bytes over the host link.
 TYPE (a K-quant): every streamed matrix that takes more bytes than TYPE's is requantized to it
 (rows not a multiple of 256 take `ntr quantize`'s legacy fallback, quant_recipe.row_type).
 
-auto: per matrix, the types that minimise predicted loss with the streamed matrices' bytes at
-most AUTO_BITS bits per weight (llama.cpp's Q3_K_M 70B file averages ~3.9; its loss on the 0.5B,
-measured by `ntr quantize`, is small). The loss of matrix m (group g: a layer's QKV, attention
-output, gate/up or down) at type t is KL_g * n_m r(t) / sum_{m' in g} n_m' r(probe(m')): the KL
-`ntr quantize` measured with g at its probe types (SENSITIVITIES, the 0.5B's), shared by the
-matrices' expected squared error, n weights times r(t), the twin's relative squared round-trip
-error on Gaussian rows. Staying at the file's type costs nothing. A model of N layers reads
-layer i's sensitivities from layer round(i (L - 1) / (N - 1)) of the L-layer model they were
-measured on (the same layer when N = L). quant_recipe.assign picks the types.
+auto: per matrix, the types that take the fewest bytes with the summed predicted loss at most
+AUTO_KL (quant_recipe.within_loss): the bytes follow from the accuracy kept, not from a fixed
+bit rate, which a model's rows may not even allow (the 0.5B's 896-wide rows take nothing below
+Q4_0's 4.5 bits, and a fixed 3.9 sent its most sensitive matrices, ffn_down, to Q2_K: +80%
+perplexity). The loss of matrix m (group g: a layer's QKV, attention output, gate/up or down) at
+type t is KL_g * n_m r(t) / sum_{m' in g} n_m' r(probe(m')): the KL `ntr quantize` measured
+with g at its probe types (SENSITIVITIES, the 0.5B's), shared by the matrices' expected squared
+error, n weights times r(t), the twin's relative squared round-trip error on Gaussian rows.
+Staying at the file's type costs nothing. A model of N layers reads layer i's sensitivities
+from layer round(i (L - 1) / (N - 1)) of the L-layer model they were measured on, scaled by
+L / N: a layer of a deeper model carries a smaller share of what the model computes (a guess,
+the only transfer there is: no deeper model's sensitivities were measured here).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import numpy as np
 from kernels.quantize import quantize
 from kernels.quants import dequantize
 from kernels.requantized import DEVICE_CHUNK_VALUES, Requantized
-from workers.model.quant_recipe import Option, Q, assign, candidates, group_of, probe_type, row_type, tensor_bytes
+from workers.model.quant_recipe import Option, Q, candidates, group_of, probe_type, row_type, tensor_bytes, within_loss
 from workers.model.transformer import layer_matrices
 
 TYPES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # what TYPE may name: quant kernels on the GPU
-AUTO_BITS = 3.9
+# predicted (the units of SENSITIVITIES' KL); measured on the default model, the prediction ran
+# 2-3x below the change of log perplexity (docs/benchmarks.md)
+AUTO_KL = 0.005
 SENSITIVITIES = Path(__file__).resolve().parents[2] / "tools/data/quant_sensitivity_qwen2.5-coder-0.5b-q4_k_m.json"
 
 
@@ -61,8 +66,7 @@ def streamed_types(gguf, config, streamed, spec: str, sensitivities: dict | None
     loss = _loss_model(tensors, config.n_layers, sensitivities or load_sensitivities())
     options = {t.name: [Option(q, tensor_bytes(q, t.shape), 0.0 if q == t.qtype else loss(t, q))
                         for q in candidates(t.shape, t.qtype)] for t in tensors}
-    budget = int(AUTO_BITS * sum(t.shape[0] * t.shape[1] for t in tensors) / 8)
-    chosen = assign(options, max(budget, sum(min(o.nbytes for o in opts) for opts in options.values())))
+    chosen = within_loss(options, AUTO_KL)
     return {t.name: chosen[t.name] for t in tensors if chosen[t.name] != t.qtype}
 
 
@@ -97,7 +101,7 @@ def _loss_model(tensors, n_layers: int, groups: dict):
         i, role = int(m.group(1)), m.group(2)
         j = 0 if n_layers == 1 else round(i * (src_layers - 1) / (n_layers - 1))
         s = groups.get(f"blk.{j}.{role}")
-        return s["kl"] if s is not None else float(np.mean(by_role.get(role, [0.0])))
+        return (s["kl"] if s is not None else float(np.mean(by_role.get(role, [0.0])))) * src_layers / n_layers
 
     denominators: dict[str, float] = {}
     for t in tensors:

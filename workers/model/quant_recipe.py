@@ -10,7 +10,8 @@ The budgeted assignment: every matrix starts at its source type (copied, no loss
 cheaper options (bytes, predicted loss); the options on each matrix's lower convex hull are
 taken greedily, the step with the least loss per byte saved first, until the bytes fit. For
 a separable loss this is the optimum of the relaxed problem; what its last step leaves under
-the budget is then filled by moves back up.
+the budget is then filled by moves back up. The same steps taken until a loss bound instead
+(`within_loss`) give the fewest bytes for that loss.
 """
 
 from __future__ import annotations
@@ -98,6 +99,26 @@ def assign(options: dict[str, list[Option]], budget: int) -> dict[str, GGMLQuant
         _, name, o = best
         total += o.nbytes - chosen[name].nbytes
         chosen[name] = o
+
+
+def within_loss(options: dict[str, list[Option]], max_loss: float) -> dict[str, GGMLQuantizationType]:
+    """Per matrix, the option the hulls' steps reach, taken in order of least loss per byte saved
+    while the summed loss stays within max_loss (a matrix whose next step would pass it stops
+    there): the fewest bytes for that loss, as `descend` finds the least loss for a budget."""
+    hulls = {name: _hull(opts) for name, opts in options.items()}
+    # along a hull the rates rise, so this order takes each matrix's steps in turn
+    steps = sorted(((h[i + 1].loss - h[i].loss) / (h[i].nbytes - h[i + 1].nbytes), name, i)
+                   for name, h in hulls.items() for i in range(len(h) - 1))
+    at = {name: 0 for name in hulls}
+    loss, stopped = sum(h[0].loss for h in hulls.values()), set()
+    for _, name, i in steps:
+        h = hulls[name]
+        if name in stopped or loss + h[i + 1].loss - h[i].loss > max_loss:
+            stopped.add(name)
+            continue
+        loss += h[i + 1].loss - h[i].loss
+        at[name] = i + 1
+    return {name: hulls[name][i].qtype for name, i in at.items()}
 
 
 def descend(options: dict[str, list[Option]], budget: int) -> dict[str, Option]:
