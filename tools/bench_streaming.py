@@ -18,8 +18,8 @@ counts the context, every pool, cuBLAS and the graphs. The placement's own predi
 Each row also times what speculative decoding (issue 15) costs there: one verifying pass of
 T = 1..16 tokens after a 128-token context, and one draft token through the resident layers
 (half the layers where every layer is resident).
-With --requant-streamed, every row runs twice in the same call: as the file is, then with its
-streamed layers requantized at load (`Engine(requant_streamed=)`), as row `NAME+rq-SPEC`;
+With --requant-streamed SPEC[,SPEC...], every row runs as the file is, then once per SPEC with
+its streamed layers requantized at load (`Engine(requant_streamed=)`), as row `NAME+rq-SPEC`;
 `streamed_gb` is then the bytes a decode token copies (the images), `file_streamed_gb` the same
 at the file's types, and `requant_s` the load's extra time.
 With --llamacpp, llama-bench times the same file with the largest -ngl that fits the budget
@@ -72,13 +72,21 @@ class NvmlUsed:
 
 
 class PeakSampler(threading.Thread):
+    """NVML's used memory at its peak, and the default CuPy pool's bytes then (what the budget's
+    pool limit caps; the rest is the context, cuBLAS, modules and the graphs' pools)."""
+
     def __init__(self, used):
         super().__init__(daemon=True)
-        self.used, self.peak, self.stop = used, used(), threading.Event()
+        self.used, self.peak, self.pool_at_peak, self.stop = used, used(), 0, threading.Event()
 
     def run(self):
+        import cupy as cp
+
+        pool = cp.get_default_memory_pool()
         while not self.stop.wait(0.01):
-            self.peak = max(self.peak, self.used())
+            now = self.used()
+            if now > self.peak:
+                self.peak, self.pool_at_peak = now, pool.total_bytes()
 
 
 def pass_seconds(engine, rng, draft_layers: int, runs: int = 3) -> dict:
@@ -165,6 +173,7 @@ def one_row(name: str, workdir: Path, decode_steps: int, requant: str | None = N
     sampler.stop.set()
     sampler.join()
     row["peak_gib"] = (sampler.peak - before) / GIB
+    row["pool_at_peak_gib"] = sampler.pool_at_peak / GIB
     return row
 
 
@@ -202,7 +211,7 @@ def table(rows: list[dict]) -> str:
             f"{r['ttft_s']:.2f} ({r['predicted_ttft_s']:.2f}) | {r['pp512']:.0f} ({pr['prefill_tok_s']:.0f}) | "
             f"{r['tg']:.2f} ({pr['decode_tok_s']:.2f}; {bound:.2f} = {r['tg'] / bound if bound else 0:.0%}) | "
             f"{r[x]:.1f} ({px:.1f}) | {r['h2d_while_decoding_gb_s']:.1f} / {r['h2d_1gib_gb_s']:.1f} = "
-            f"{r['h2d_while_decoding_gb_s'] / r['h2d_1gib_gb_s']:.0%} | {r['peak_gib']:.2f} |")
+            f"{r['h2d_while_decoding_gb_s'] / r['h2d_1gib_gb_s']:.0%} | {r['peak_gib']:.2f} ({r.get('pool_at_peak_gib', 0):.2f} pool) |")
     lines += ["", "| row | streamed bytes a token, GB (at the file's types) | decode b1 tok/s | load s |", "|---|---|---|---|"]
     for r in rows:
         if "error" not in r:
@@ -228,8 +237,8 @@ def main() -> int:
     ap.add_argument("--decode-steps", type=int, default=24)
     ap.add_argument("--llamacpp", metavar="BIN_DIR", help="also time llama-bench with partial offload")
     ap.add_argument("--llamacpp-ngl", default="40", help="comma-separated -ngl values for the 70B replica")
-    ap.add_argument("--requant-streamed", metavar="auto|TYPE",
-                    help="also run every row with its streamed layers requantized at load")
+    ap.add_argument("--requant-streamed", metavar="auto|TYPE[,...]",
+                    help="also run every row with its streamed layers requantized at load, once per spec")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--one-requant", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -244,9 +253,11 @@ def main() -> int:
     if args.requant_streamed is not None:
         from workers.engine.requant_streamed import check_spec
 
-        check_spec(args.requant_streamed)
+        specs = args.requant_streamed.split(",")
+        for spec in specs:
+            check_spec(spec)
     runs = [(name, spec) for name in filter(None, args.rows.split(","))
-            for spec in ([None] if args.requant_streamed is None else [None, args.requant_streamed])]
+            for spec in ([None] if args.requant_streamed is None else [None] + specs)]
     for name, spec in runs:
         t0 = time.perf_counter()
         r = subprocess.run([sys.executable, __file__, "--one", name, "--workdir", str(workdir), "--decode-steps",

@@ -17,7 +17,7 @@
 #                  NVRTC one by one); $OUT/cubin.tar.xz brings them back for .device/extra.tar.xz
 #   STREAMING=ROWS ... tools/bench_streaming.py on those rows (e.g. 8b-3,70b-24,70b-8), with
 #                  llama.cpp's partial offload too when LLAMACPP=1
-#   REQUANT=SPEC ... with STREAMING: each row also with --requant-streamed SPEC (auto, Q3_K, ...),
+#   REQUANT=SPECS ... with STREAMING: each row also with --requant-streamed SPEC for each of SPECS (auto,Q3_K),
 #                  same call: decode tok/s and streamed bytes a token with and without
 #   KV=1 ...       tools/bench_kv.py (KV_ARGS: its arguments): decode attention and end-to-end
 #                  decode by KV cache type (f16, RotateKV q8..q2) on the 8B replica
