@@ -22,6 +22,8 @@ The switches benchmarks flip live on `backend.tuning` (tuning.py).
 
 from __future__ import annotations
 
+import functools
+
 import os
 
 import cupy as cp
@@ -113,8 +115,7 @@ class CupyBackend(Backend):
         cp.get_default_memory_pool().set_limit(size=0 if nbytes is None else max(1, nbytes))  # 0: no limit
 
     def outside_pool_bytes(self) -> int:
-        free, total = cp.cuda.runtime.memGetInfo()  # the whole device's: another process's use counts too
-        return max(0, total - free - cp.get_default_memory_pool().total_bytes())
+        return _outside_pool_at_start()
 
     @on_stream
     def load_layer(self, index, load):
@@ -276,3 +277,12 @@ class CupyBackend(Backend):
     @on_stream
     def log_likelihood(self, logits, targets) -> np.ndarray:
         return sampling.log_likelihood(self, logits, targets)
+
+
+@functools.cache
+def _outside_pool_at_start() -> int:
+    """The context's bytes, measured once a process: later an earlier engine's graph pools
+    would count too, and two engines of one process would place the same model differently.
+    The whole device's use, another process's included."""
+    free, total = cp.cuda.runtime.memGetInfo()
+    return max(0, total - free - cp.get_default_memory_pool().total_bytes())
