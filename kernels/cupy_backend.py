@@ -39,7 +39,7 @@ from kernels.cupy.streaming import LayerStreaming, image_layout
 from kernels.cupy.streams import Launcher, on_stream
 from kernels.cupy.tuning import GEMV_MAX_T, Tuning
 from kernels.cupy.values import materialize
-from kernels.cupy.planes import KV_TYPES, matrix_planes
+from kernels.cupy.planes import KV_TYPES, REQUANT_LOCAL_BYTES, matrix_planes
 from kernels.cupy.weights import QMatrix, Uploader, stack
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
@@ -51,6 +51,7 @@ class CupyBackend(Backend):
     dtype = cp.float32
     xp = cp
     kv_types = KV_TYPES
+    requant_local_bytes = REQUANT_LOCAL_BYTES
     device_sampling = True  # the engine may call sample()/argmax() on device logits
 
     def __init__(self, vram_limit: int | None = None, graphs: bool = True):

@@ -87,6 +87,8 @@ class Backend(ABC):
     def load_embedding(self, tensor) -> Weight:
         """The token embedding table, prepared for `embedding` (may stay quantized)."""
 
+    requant_local_bytes = 0  # device memory outside the pool while matrices requantize (CupySizes)
+
     def matrix_nbytes(self, *tensors) -> int:
         """Bytes load_matrix(*tensors) takes in the backend's memory (what placement counts)."""
         return sum(t.shape[0] * t.shape[-1] * np.dtype(self.dtype).itemsize for t in tensors)

@@ -201,11 +201,14 @@ def test_requantized_streaming_equals_the_file_ntr_quantize_writes(deep, tmp_pat
     assert not np.array_equal(logits_of(plain, PROMPTS[:1])[0], logits_of(streamed, PROMPTS[:1])[0])
 
 
-def test_plan_prints_streamed_bytes_before_and_after(tmp_path, vocab_dir, capsys):
+def test_plan_prints_streamed_bytes_before_and_after(tmp_path, vocab_dir, capsys, monkeypatch):
     """A Q6_K file with rows wide enough that the GPU's planes carry no padding at Q6_K or Q4_K
-    (tiny rows are mostly padding), requantized to Q4_K."""
+    (tiny rows are mostly padding), requantized to Q4_K. (The quantizers' 1.5 GB of local memory
+    at load would outgrow this tiny budget's room: left out here, counted in the test below.)"""
     from cluster.cli import main
     from kernels.cupy.planes import CupySizes
+
+    monkeypatch.setattr(CupySizes, "requant_local_bytes", 0)
     from workers.engine.placement import plan_model
     from workers.model.config import ModelConfig
     from workers.model.synthetic import Shape, uniform_mix, write_model
@@ -285,11 +288,15 @@ def test_cuda_quantizer_matches_the_twin(cuda_device, qtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("spec", ["Q3_K", "auto"])
-def test_streamed_cupy_engine_with_requant_equals_the_numpy_one(deep, cuda_device, spec):
+def test_streamed_cupy_engine_with_requant_equals_the_numpy_one(deep, cuda_device, spec, monkeypatch):
     from workers.engine.engine import Engine
+
+    from kernels.cupy_backend import CupyBackend
 
     kw = dict(max_context=256, kv_cache_tokens=512, max_logit_rows=128)
     budget = budget_for(Engine(deep, backend="cupy", **kw), 2, 2)
+    # the quantizers' local memory at load would outgrow this tiny budget: the layers are the point here
+    monkeypatch.setattr(CupyBackend, "requant_local_bytes", 0)
     gpu = Engine(deep, backend="cupy", vram_budget=budget, n_buffers=2, requant_streamed=spec, **kw)
     assert gpu.placement.tiers.count("vram") == 2 and gpu.placement.requant
     ref_budget = budget_for(Engine(deep, backend="numpy", **kw), 2, 2)
@@ -304,7 +311,8 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
     """The streamed layers requantize while the resident ones, the slots and the fixed weights
     are loaded: what is left of the pool's limit then (the budget less the context and the
     graphs' pools) holds the largest matrix's scratch, the reserve growing where the KV cache
-    and the activations would not cover it (a chunk made 8 MiB too large here)."""
+    and the activations would not cover it (the quantizers' local memory made 8 MiB too large
+    here; without requant_local_bytes, at first, to see the plan as it would be)."""
     from kernels.cupy.planes import CupySizes
     from workers.engine import requant_streamed
     from workers.engine.placement import CONTEXT_BYTES, GRAPH_BYTES, plan_model
@@ -324,6 +332,7 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
         s = plan_model(g, c, CupySizes, None, 512, 512).sizes
         everything = plan_model(g, c, CupySizes, None, 512, 512)
         budget = everything.reserve + s.fixed + s.kv_bytes(512) + 2 * max(s.layers[1:]) + s.layers[0]
+        monkeypatch.setattr(CupySizes, "requant_local_bytes", 0)
         plain = plan_model(g, c, CupySizes, budget, 512, 512, n_buffers=2, requant_streamed="Q4_K")
         types = {n: Q[t] for n, t in plain.requant.items()}
         assert room_at_load(plain, budget) >= requant_streamed.load_scratch_bytes(g, types, CupySizes)
@@ -331,8 +340,8 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
         # the room the plan counts on: the reserve's activations and scratch, and the KV cache
         counted = plain.reserve - CONTEXT_BYTES - GRAPH_BYTES + s.kv_bytes(512)
         short = 8 << 20
-        matrices = requant_streamed.load_scratch_bytes(g, types, CupySizes) - 4 * requant_streamed.DEVICE_CHUNK_VALUES
-        monkeypatch.setattr(requant_streamed, "DEVICE_CHUNK_VALUES", (counted - matrices + short) // 4)
+        rest = requant_streamed.load_scratch_bytes(g, types, CupySizes) - CupySizes.requant_local_bytes
+        monkeypatch.setattr(CupySizes, "requant_local_bytes", counted - rest + short)
         scratch = requant_streamed.load_scratch_bytes(g, types, CupySizes)
         grown = plan_model(g, c, CupySizes, budget + short, 512, 512, n_buffers=2, requant_streamed="Q4_K")
     assert grown.tiers == plain.tiers and grown.reserve == plain.reserve + short

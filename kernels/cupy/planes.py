@@ -67,11 +67,18 @@ def matrix_planes(tensors) -> list[int]:
 KV_TYPES = ("f16", "q8", "q4", "q3", "q2")
 
 
+# the device memory the driver reserves for kernels/cuda/quantize.cu's stack while it runs (ptxas:
+# up to 5,968 bytes a thread; reserved for every thread the device can hold, 132 SMs x 2048 on an
+# H100/H200), outside the pool, given back after (kernels/cupy/requant.py)
+REQUANT_LOCAL_BYTES = 6144 * 2048 * 132
+
+
 class CupySizes:
     """What the CuPy backend's weights and KV cache take, for sizing without a GPU (`ntr plan`);
     CupyBackend answers the same through these functions."""
 
     name = "cupy"
+    requant_local_bytes = REQUANT_LOCAL_BYTES
 
     @staticmethod
     def matrix_nbytes(*tensors) -> int:

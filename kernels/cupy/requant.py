@@ -6,6 +6,8 @@ takes its planes back to the host)."""
 
 from __future__ import annotations
 
+import ctypes
+
 import cupy as cp
 import numpy as np
 
@@ -38,8 +40,36 @@ def requantize(b, t: Requantized) -> Blocks:
     seg = stack(b.upload, [t.source]).segments[0]
     step = max(1, min(rows, DEVICE_CHUNK_VALUES // K))
     x = cp.empty((step, K), cp.float32)
+    stack_limit = _stack_limit()
     for r in range(0, rows, step):
         n = min(step, rows - r)
         dequant(b, seg, x[:n], n_out=n, row=r)
         quantize_rows(b, x[:n], t.qtype, out[r:r + n])
+    b.stream.synchronize()
+    # the quantizers' stacks (~6 KB a thread) made the driver reserve local memory for every
+    # thread the device holds (~1.5 GB on an H200, outside the pool, kept until the limit is
+    # set): give it back
+    _set_stack_limit(stack_limit)
     return Blocks(t.name, t.qtype, t.shape, out)
+
+
+CU_LIMIT_STACK_SIZE = 0
+
+
+def _driver():
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def _stack_limit() -> int:
+    value = ctypes.c_size_t()
+    _check(_driver().cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_STACK_SIZE), "cuCtxGetLimit")
+    return value.value
+
+
+def _set_stack_limit(nbytes: int) -> None:
+    _check(_driver().cuCtxSetLimit(CU_LIMIT_STACK_SIZE, ctypes.c_size_t(nbytes)), "cuCtxSetLimit")
+
+
+def _check(result: int, call: str) -> None:
+    if result != 0:
+        raise RuntimeError(f"{call} failed with CUresult {result}")

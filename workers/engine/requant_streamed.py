@@ -117,10 +117,10 @@ def _loss_model(tensors, n_layers: int, groups: dict):
 
 def load_scratch_bytes(gguf, types: dict[str, Q], sizer) -> int:
     """At most the device memory a backend's requantization of one matrix holds besides what
-    placement counts (kernels/cupy/requant.py): the source's upload and planes, a float32 chunk
-    and the new blocks."""
+    placement counts (kernels/cupy/requant.py): the source's upload and planes, a float32 chunk,
+    the new blocks, and the local memory the driver reserves for the quantizers' stacks."""
     return max((2 * sizer.matrix_nbytes(gguf.tensors[n]) + sizer.matrix_nbytes(Requantized(gguf.tensors[n], q))
-                + 4 * DEVICE_CHUNK_VALUES for n, q in types.items()), default=0)
+                + 4 * DEVICE_CHUNK_VALUES + sizer.requant_local_bytes for n, q in types.items()), default=0)
 
 
 def retyped(gguf, types: dict[str, Q]):
