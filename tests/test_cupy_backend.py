@@ -405,8 +405,11 @@ def test_rotate_kv_rows_are_bit_exact(gpu, kv, D):
 ATTENTION_SHAPES = [(14, 2, 64, 0), (32, 8, 128, 0), (8, 8, 96, 0), (16, 2, 128, 0), (8, 1, 128, 100),
                     (16, 2, 64, 33), (4, 1, 96, 512), (4, 1, 256, 0), (4, 1, 256, 512), (16, 8, 256, 33),
                     (8, 1, 256, 100)]
+# (every bit width at head_dim 128 and Llama-3's 4 heads a KV head: each width's code pairs
+# are unpacked by their own byte selections in the decode staging)
 ROTATE_KV_SHAPES = [(14, 2, 64, 0, kv) for kv in ("q8", "q4", "q3", "q2")] + [
-    (32, 8, 128, 0, "q4"), (8, 8, 96, 0, "q3"), (16, 2, 64, 33, "q2"), (8, 1, 128, 100, "q8"),
+    (32, 8, 128, 0, kv) for kv in ("q8", "q4", "q3", "q2")] + [
+    (8, 8, 96, 0, "q3"), (16, 2, 64, 33, "q2"), (8, 1, 128, 100, "q8"),
     (4, 1, 256, 0, "q8"), (4, 1, 256, 512, "q4"), (16, 8, 256, 33, "q3"), (8, 1, 256, 100, "q2")]
 
 

@@ -29,6 +29,10 @@
 #define ATT_WARPS 4
 #define DECODE_MAX_CHUNK 64  // keys per decode split, staged in shared memory at once
 #define DEC_WARPS 8          // decode: a warp per query head of the group (G <= 8), or per key share of one
+// decode blocks an SM holds at head_dim <= 128 as its shared arrays allow: registers capped to
+// match (48), else the staging's loads in flight take more and the SM holds 4 (at 256 the
+// shared arrays allow 2: no cap)
+#define DEC_BLOCKS(D) ((D) <= 128 ? 5 : 1)
 #define LOG2E 1.4426950408889634f
 
 #define STATIC_SMEM_MAX (48 * 1024)
@@ -149,39 +153,75 @@ __device__ __forceinline__ size_t cache_index(const int* __restrict__ table, int
     return (size_t)slot * KVH + kh;
 }
 
-// Bytes of a RotateKV row: BITS-bit codes, 8 in BITS bytes, then a (scale, min) fp16 pair per group.
+// Bytes of a cache row: D fp16, or BITS-bit codes (8 in BITS bytes) then a (scale, min) fp16
+// pair per group; gshift: log2 of the group (shifts: a division by a runtime group costs tens
+// of instructions).
 template <int D, int BITS>
-__device__ __forceinline__ int q_row_bytes(int group) { return D * BITS / 8 + 4 * (D / group); }
+__device__ __forceinline__ int kv_row_bytes(int gshift) { return BITS == 16 ? 2 * D : D * BITS / 8 + ((4 * D) >> gshift); }
 
-// Values 8c..8c+7 of cache row `row` as 8 fp16 (what the kernels stage in shared memory);
-// gshift: log2 of the group (shifts: a division by a runtime group costs tens of instructions).
+// Values 8c..8c+7 of the cache row at r as loaded, before kv_dequant8 makes them 8 fp16 (what
+// the kernels stage in shared memory): an fp16 row's 8 values; a RotateKV row's codes in x
+// (and y at 8 bits) and their group's (scale, min) fp16 pair in z. Loading and converting
+// apart lets a thread issue several rows' loads before it waits on the first.
 template <int D, int BITS>
-__device__ __forceinline__ uint4 kv_load8(const void* cache, size_t row, int c, int gshift) {
+__device__ __forceinline__ uint4 kv_fetch8(const u8* r, int c, int gshift) {
     if constexpr (BITS == 16) {
-        return *(const uint4*)((const u16*)cache + row * D + c * 8);
+        return *(const uint4*)(r + c * 16);
     } else {
-        constexpr int CB = D * BITS / 8;
-        constexpr u32 MASK = (1u << BITS) - 1;
-        const u8* r = (const u8*)cache + row * (CB + ((4 * D) >> gshift));  // rows are 4-byte aligned
-        u64 w;
+        constexpr int CB = D * BITS / 8;  // RotateKV rows are 4-byte aligned
+        uint4 u = make_uint4(0, 0, 0, 0);
         if constexpr (BITS == 8) {
-            w = *(const u32*)(r + c * 8) | ((u64) * (const u32*)(r + c * 8 + 4) << 32);
+            u.x = *(const u32*)(r + c * 8);
+            u.y = *(const u32*)(r + c * 8 + 4);
         } else if constexpr (BITS == 4) {
-            w = *(const u32*)(r + c * 4);
+            u.x = *(const u32*)(r + c * 4);
         } else if constexpr (BITS == 2) {
-            w = *(const u16*)(r + c * 2);
-        } else {
-            const u8* b = r + c * BITS;
-            w = (u64)b[0] | ((u64)b[1] << 8) | ((u64)b[2] << 16);
+            u.x = *(const u16*)(r + c * 2);
+        } else {  // bytes 3c..3c+2, inside the two aligned words from there (scales follow the codes)
+            const u32* w = (const u32*)(r + ((c * 3) & ~3));
+            u.x = __funnelshift_r(w[0], w[1], 8 * ((c * 3) & 3));
         }
-        const u32 pr = *(const u32*)(r + CB + 4 * ((c * 8) >> gshift));  // (scale, min)
-        const float d = h2f(pr & 0xFFFF), m = h2f(pr >> 16);
+        u.z = *(const u32*)(r + CB + 4 * ((c * 8) >> gshift));
+        return u;
+    }
+}
+
+// fp16 bits of -2^e or 2^e (a normal number)
+__device__ constexpr u32 f16_pow2(int e, bool neg = false) { return (neg ? 0x8000u : 0u) | (u32)((e + 15) << 10); }
+
+__device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+// kv_fetch8's loads as 8 fp16 values min + code * scale, rounded once (the twin's float32
+// value to fp16). Two codes per fp16x2 register and no conversion instructions (their pipe
+// runs at a quarter of the FMA's): a pair of codes goes, by a byte permute, a mask and
+// 0x6400 (1024.0) as exponent, into the mantissas of two halves, the second code shifted up
+// by BITS (x2^BITS, exact: both codes stay below 1024); one fp16x2 FMA takes (1024 + c0,
+// 1024 + c1 * 2^BITS) exactly to (c0, c1), a second to min + c * scale.
+template <int BITS>
+__device__ __forceinline__ uint4 kv_dequant8(uint4 u) {
+    if constexpr (BITS == 16) {
+        return u;
+    } else {
+        constexpr int B = BITS == 8 ? 0 : BITS;  // 8-bit codes are whole bytes, each its own half
+        constexpr u32 MAGIC = 0x64006400u, MASK = (1u << BITS) - 1, PAIR = MASK | (MASK << (16 + B));
+        constexpr u32 S = f16_pow2(0) | (f16_pow2(-B) << 16), O = f16_pow2(10, true) | (f16_pow2(10 - B, true) << 16);
+        const u32 d2 = __byte_perm(u.z, 0, 0x1010), m2 = __byte_perm(u.z, 0, 0x3232);  // (scale, scale), (min, min)
         u32 h[4];
 #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const float lo = m + (float)((u32)(w >> (2 * j * BITS)) & MASK) * d;
-            const float hi = m + (float)((u32)(w >> ((2 * j + 1) * BITS)) & MASK) * d;
-            h[j] = (u32)f2h(lo) | ((u32)f2h(hi) << 16);
+        for (int k = 0; k < 4; k++) {  // codes 2k, 2k+1
+            u32 x;
+            if constexpr (BITS == 8) {  // bytes (c, 0x64) twice
+                x = __byte_perm(k < 2 ? u.x : u.y, MAGIC, (k & 1) ? 0x7352 : 0x7150);
+            } else {  // the 2 bytes holding the pair in both halves, shifted down to the first code
+                const int bit = 2 * k * BITS, b = bit >> 3;
+                const u32 y = __byte_perm(u.x, 0, b | ((b + 1) << 4) | (b << 8) | ((b + 1) << 12)) >> (bit & 7);
+                x = (y & PAIR) | MAGIC;
+            }
+            h[k] = hfma2(hfma2(x, S, O), d2, m2);
         }
         return make_uint4(h[0], h[1], h[2], h[3]);
     }
@@ -191,11 +231,15 @@ __device__ __forceinline__ uint4 kv_load8(const void* cache, size_t row, int c, 
 // memory, in blocks of HB (the largest power of two dividing D), butterflies in the order the
 // NumPy twin runs them (kernels/kv_quant.py). Threads tid of n take the pairs; WARP: the
 // caller is one warp (syncs the warp), else the whole block (every thread must call).
+// The stages are unrolled so that h is a constant: j / h and j % h a shift and a mask, not
+// the tens of instructions of a division by a runtime value (every decode split rotates its q).
 template <int D, bool WARP>
 __device__ __forceinline__ void fwht(float* s, int rows, int tid, int n) {
-    constexpr int HB = D & -D;
-#pragma unroll 1
-    for (int h = 1; h < HB; h <<= 1) {
+    constexpr int HB = D & -D, STAGES = HB == 32 ? 5 : HB == 64 ? 6 : HB == 128 ? 7 : 8;
+    static_assert(1 << STAGES == HB, "head_dim's rotation block is 32..256");
+#pragma unroll
+    for (int stage = 0; stage < STAGES; stage++) {
+        const int h = 1 << stage;
         for (int i = tid; i < rows * (D / 2); i += n) {
             const int r = i / (D / 2), j = i - r * (D / 2);
             const int a = r * D + (j / h) * 2 * h + (j % h);
@@ -246,7 +290,7 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     __shared__ float gp_s[2 * D / 8][2];  // (scale, min) per group of each row, as stored
     const int t = blockIdx.x, h = blockIdx.y, slot = slots[t];
     if (slot < 0) return;
-    const int pos = positions[t], ng = D / group, rb = q_row_bytes<D, BITS>(group);
+    const int pos = positions[t], ng = D / group, rb = kv_row_bytes<D, BITS>(__ffs(group) - 1);
     for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
         int i0, i1;
         float x0, x1;
@@ -432,9 +476,9 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
                     kv = *(const uint4*)(exact_row(sk16, ringk, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
                     vv = *(const uint4*)(exact_row(sv16, ringv, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
                 } else {
-                    const size_t row = cache_index(table, p, bs, KVH, kh);
-                    kv = kv_load8<D, BITS>(kc, row, c, gshift);
-                    vv = kv_load8<D, BITS>(vc, row, c, gshift);
+                    const size_t off = cache_index(table, p, bs, KVH, kh) * kv_row_bytes<D, BITS>(gshift);
+                    kv = kv_dequant8<BITS>(kv_fetch8<D, BITS>((const u8*)kc + off, c, gshift));
+                    vv = kv_dequant8<BITS>(kv_fetch8<D, BITS>((const u8*)vc + off, c, gshift));
                 }
             }
             *(uint4*)(k_s + r * RS + c * 8) = kv;
@@ -493,7 +537,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 
 // --- decode: one new token per sequence (flash-decoding) --------------------------------------
 // grid (max_splits, KVH, B). Split sp covers keys [sp*chunk, (sp+1)*chunk) in 32-key tiles
-// that the block stages in shared memory (all K/V loads of a tile in flight at once); warp w
+// that the block stages in shared memory (each thread's K/V loads in flight at once); warp w
 // then owns query head w of the group: lane i scores key i, lanes split the dims for P @ V.
 // Splitting the heads rather than the keys keeps the warps busy on short contexts, each
 // with a chain 1/G as long as one warp doing the whole group. With one split the block writes the output;
@@ -515,7 +559,7 @@ struct DecodeShared {
     __align__(16) u16 vn[D];
     __align__(16) u16 k[DECODE_MAX_CHUNK * (D + 8)];
     __align__(16) u16 v[DECODE_MAX_CHUNK * (D + 8)];
-    size_t row[DECODE_MAX_CHUNK];
+    size_t row[DECODE_MAX_CHUNK];  // per key: its cache row's byte offset
     const u16* exk[DECODE_MAX_CHUNK];
     const u16* exv[DECODE_MAX_CHUNK];
     int last;
@@ -572,21 +616,40 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     const int rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
     if (threadIdx.x < n) {
         const int p = start + threadIdx.x;
-        row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) : 0;
+        row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) * kv_row_bytes<D, BITS>(gshift) : 0;
         const bool ex = ROT && p != newp && (p == 0 || newp - p < recent);
         exk_s[threadIdx.x] = ex ? exact_row(sk16, ringk, p, newp, b, rs, R, KVH, kh, D) : nullptr;
         exv_s[threadIdx.x] = ex ? exact_row(sv16, ringv, p, newp, b, rs, R, KVH, kh, D) : nullptr;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n * (D / 8); i += blockDim.x) {
-        const int r = i / (D / 8), c = i - r * (D / 8);
-        if (start + r == newp) continue;
-        if (ROT && exk_s[r]) {
-            *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exk_s[r] + c * 8);
-            *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exv_s[r] + c * 8);
-        } else {
-            *(uint4*)(k_s + r * RS + c * 8) = kv_load8<D, BITS>(kc, row_s[r], c, gshift);
-            *(uint4*)(v_s + r * RS + c * 8) = kv_load8<D, BITS>(vc, row_s[r], c, gshift);
+    // a thread's ITEMS 8-value pieces of the K and V rows, FLIGHT at a time: all of their loads
+    // issued before the first is converted and stored (one memory round trip, not FLIGHT);
+    // a ring row (RotateKV: sink and recent positions) is fp16 already
+    constexpr int ITEMS = DECODE_MAX_CHUNK * (D / 8) / (DEC_WARPS * 32), FLIGHT = ITEMS < 4 ? ITEMS : 4;
+    static_assert(ITEMS * DEC_WARPS * 32 == DECODE_MAX_CHUNK * (D / 8) && ITEMS % FLIGHT == 0, "staging shares");
+#pragma unroll
+    for (int j0 = 0; j0 < ITEMS; j0 += FLIGHT) {
+        uint4 kr[FLIGHT], vr[FLIGHT];
+        bool ex[FLIGHT];
+#pragma unroll
+        for (int j = 0; j < FLIGHT; j++) {
+            const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
+            ex[j] = ROT && r < n && exk_s[r];
+            if (r >= n || start + r == newp) continue;
+            if (ex[j]) {
+                kr[j] = *(const uint4*)(exk_s[r] + c * 8);
+                vr[j] = *(const uint4*)(exv_s[r] + c * 8);
+            } else {
+                kr[j] = kv_fetch8<D, BITS>((const u8*)kc + row_s[r], c, gshift);
+                vr[j] = kv_fetch8<D, BITS>((const u8*)vc + row_s[r], c, gshift);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < FLIGHT; j++) {
+            const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
+            if (r >= n || start + r == newp) continue;
+            *(uint4*)(k_s + r * RS + c * 8) = ex[j] ? kr[j] : kv_dequant8<BITS>(kr[j]);
+            *(uint4*)(v_s + r * RS + c * 8) = ex[j] ? vr[j] : kv_dequant8<BITS>(vr[j]);
         }
     }
     pdl_wait();
@@ -807,7 +870,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                               H, KVH, bs, scale, window, group, hs, kscale, sk16, sv16, ringk, ringv, recent_slots,   \
                               recent, R, out);                                                                        \
     }                                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32)                                                     \
+    extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_BLOCKS(D))                                      \
         attn_decode_##SUFFIX(const float* q, int sq, const float* k, int sk, const float* v, int sv,                 \
                              const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, void* kc, \
                              void* vc, const int* tables, int W, const int* ctx_lens, const int* slots, int H, int KVH, \

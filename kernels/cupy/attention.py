@@ -52,7 +52,7 @@ def prefill_smem(D: int) -> int:
 
 def decode_smem(D: int) -> int:
     """attn_decode's dynamic shared memory (DecodeShared<D>): fp32 q rows of MAXG heads, the
-    new k and v rows, a chunk's padded K and V rows (fp16), and per key its cache row and two
+    new k and v rows, a chunk's padded K and V rows (fp16), and per key its cache row's offset and two
     ring pointers (8 bytes each), the last-split flag."""
     return _dynamic(4 * MAXG * D + 2 * 2 * D + 2 * 2 * DECODE_CHUNK * (D + 8) + 3 * 8 * DECODE_CHUNK + 4)
 
