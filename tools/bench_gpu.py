@@ -268,7 +268,7 @@ class profiled:
 def graph_step_us(engine, cp, batch: int = 1) -> float:
     """GPU time of one replay of the last captured decode graph of `batch` sequences (no Python,
     no sync per step)."""
-    g = next((g for (b, _), g in reversed(engine.ops.steps.graphs.items()) if b == batch and g.graph is not None), None)
+    g = next((g for key, g in reversed(engine.ops.steps.graphs.items()) if key[0] == batch and g.graph is not None), None)
     if g is None:
         return float("nan")
     stream = engine.ops.stream
