@@ -125,7 +125,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}", dynamic_smem=smem),
                           (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
-                           np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, slots,
+                           np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, dev.step_from, slots,
                            np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window),
                            group, hs, *rot, *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),
