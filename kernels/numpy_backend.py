@@ -93,13 +93,14 @@ class StoredKV:
             return rows.astype(np.float32)
         return untransform(dequantize_rows(rows, c.layout), c.center, c.scale)
 
-    def exact(self, first: int, ctx: int, c0: int, row0: int, slot: int) -> np.ndarray:
-        """Positions first..ctx-1 of a sequence whose positions c0..ctx-1 are this step's rows
-        row0.., unquantized where a query of the step may read them so (zeros elsewhere)."""
+    def exact(self, first: int, ctx: int, n: int, start: int, slot: int) -> np.ndarray:
+        """Positions first..ctx-1 of a sequence whose n new tokens start at `start` in the
+        step, unquantized where a query of the step may read them so (zeros elsewhere)."""
         c = self.cache
         out = np.zeros((ctx - first, *c.layout.row_shape[:1], c.layout.head_dim), np.float16)
+        c0 = ctx - n
         for p in range(max(first, c0 - c.recent_window), ctx):
-            out[p - first] = self.step16[row0 + p - c0] if p >= c0 else c.recent[slot, p % RING]
+            out[p - first] = self.step16[start + p - c0] if p >= c0 else c.recent[slot, p % RING]
         if first == 0 and c0 > 0:
             out[0] = c.recent[slot, RING]
         return untransform(out.astype(np.float32), c.center, c.scale)
@@ -275,16 +276,10 @@ class NumpyBackend(Backend):
         ks, vs = StoredKV(k_cache, k, slots), StoredKV(v_cache, v, slots)
 
         out = np.empty((n_tokens, n_heads * head_dim), np.float32)
-        for b in range(batch.num_seqs):
-            start, end = int(batch.query_starts[b]), int(batch.query_starts[b + 1])
-            n, ctx = end - start, int(batch.context_lens[b])
-            # this step's positions of the sequence, c0.., and the row holding c0 (several rows
-            # of one sequence: AttentionBatch.step_from)
-            c0 = ctx - n if batch.step_from is None else int(batch.step_from[b])
-            row0 = start - (ctx - n - c0)
-            if not (0 <= row0 and c0 <= ctx - n):
-                raise ValueError(f"sequence {b}: step_from {c0} is not a position of this step's rows before "
-                                 f"{ctx - n} (row {row0})")
+        # a sequence's decode rows (step_from) as one query range: its context read once
+        for b, b_end in batch.sequence_rows():
+            start, end = int(batch.query_starts[b]), int(batch.query_starts[b_end])
+            n, ctx = end - start, int(batch.context_lens[b_end - 1])
             # The first key any of these queries sees: a sliding window leaves the blocks before
             # it unread (what lets a sliding layer give them back).
             first = max(0, ctx - n - window + 1) if window > 0 else 0
@@ -306,14 +301,14 @@ class NumpyBackend(Backend):
             if quantized:  # the sink and each query's RECENT latest keys, unquantized
                 near = (behind < k_cache.recent_window) | (np.arange(first, ctx) == 0)[None, :]
                 slot = int(batch.recent_slots[b])
-                scores = np.where(near, scores_of(ks.exact(first, ctx, c0, row0, slot)), scores)
+                scores = np.where(near, scores_of(ks.exact(first, ctx, n, start, slot)), scores)
             scores[..., (behind < 0) | ((window > 0) & (behind >= window))] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
             o = probs @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
             if quantized:
-                exact_vals = vs.exact(first, ctx, c0, row0, slot).transpose(1, 0, 2)[:, None]
+                exact_vals = vs.exact(first, ctx, n, start, slot).transpose(1, 0, 2)[:, None]
                 o += np.where(near, probs, 0) @ (exact_vals - vals.transpose(1, 0, 2)[:, None])
             out[start:end] = o.transpose(2, 0, 1, 3).reshape(n, n_heads * head_dim)
         if quantized:

@@ -53,6 +53,24 @@ class AttentionBatch:
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
+    def sequence_rows(self) -> list[tuple[int, int]]:
+        """Each sequence's rows [b, b_end) of the batch: one row range a sequence, except a
+        sequence's decode rows (step_from), which are one range of rows b.. at its positions
+        step_from[b].. (ValueError where such rows name different block tables)."""
+        if self.step_from is None:
+            return [(b, b + 1) for b in range(self.num_seqs)]
+        ranges: list[tuple[int, int]] = []
+        for b in range(self.num_seqs):
+            if self.context_lens[b] - 1 > self.step_from[b]:  # a later position of the previous row's sequence
+                if not ranges or self.context_lens[b] != self.context_lens[b - 1] + 1 or \
+                        not np.array_equal(self.block_tables[b], self.block_tables[ranges[-1][0]]):
+                    raise ValueError(f"row {b} continues a sequence from position {self.step_from[b]} "
+                                     "that no earlier row with its block table starts")
+                ranges[-1] = (ranges[-1][0], b + 1)
+            else:
+                ranges.append((b, b + 1))
+        return ranges
+
     def pool_of(self, cache: KVRows) -> tuple[np.ndarray, np.ndarray]:
         """(block tables, slot mapping) that address `cache`'s rows: its pool's."""
         if not cache.sliding:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kernels.kv_layout import RING
+from kernels.ops import AttentionBatch
 from workers.engine.engine import Engine, Sequence
 from drive import forward
 from test_layer_streaming import streaming_budget, write_deep
@@ -119,6 +120,21 @@ def test_decode_rows_are_one_sequence_per_position(tiny_model):
     assert (b.block_tables == ranges.batch.block_tables[0]).all() and (b.recent_slots == slot).all()
     assert np.array_equal(b.slot_mapping, ranges.batch.slot_mapping)
     assert np.array_equal(rows.tokens, ranges.tokens) and np.array_equal(rows.positions, ranges.positions)
+
+
+def test_rows_that_continue_no_sequence_are_refused():
+    """sequence_rows: decode rows group into their sequence's range; a row continuing a
+    sequence under another block table, or not at the next position, is refused."""
+    def batch(ctx, tables, step_from):
+        return AttentionBatch(query_starts=np.arange(len(ctx) + 1, dtype=np.int32),
+                              context_lens=np.asarray(ctx, np.int32), block_tables=np.asarray(tables, np.int32),
+                              slot_mapping=np.zeros(len(ctx), np.int32), step_from=np.asarray(step_from, np.int32))
+
+    assert batch([8, 9, 10, 4], [[0], [0], [0], [1]], [7, 7, 7, 3]).sequence_rows() == [(0, 3), (3, 4)]
+    with pytest.raises(ValueError, match="row 1 continues a sequence from position 7"):
+        batch([8, 9], [[0], [1]], [7, 7]).sequence_rows()
+    with pytest.raises(ValueError, match="row 1 continues"):
+        batch([8, 10], [[0], [0]], [7, 7]).sequence_rows()
 
 
 @pytest.mark.parametrize("layers", [None, (0,), (1,)], ids=["whole", "early-exit", "skip"])
