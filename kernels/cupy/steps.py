@@ -4,7 +4,9 @@ A 0.5B model's decode step is ~150 small kernels: Python launching them would co
 the GPU time, so run() captures the whole step in a CUDA graph per (batch, block-table width)
 and replays it; the step's token ids, positions and cache slots travel in one pinned buffer
 copied before each replay. greedy() feeds a greedy step's ids to the next step without a trip
-through the host. While a step runs, its StepInputs carries the device copies (`dev`, a
+through the host, and chain() runs several such steps (a greedy draft) with one wait at the end.
+A verifying pass laid out as decode rows (one sequence in n rows, AttentionBatch.step_from)
+is a decode step of batch n like any other: it replays that batch's graph. While a step runs, its StepInputs carries the device copies (`dev`, a
 DeviceStep) that the ops read.
 """
 
