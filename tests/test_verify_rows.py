@@ -171,7 +171,7 @@ def test_gpu_a_pass_as_decode_rows_replays_the_decode_graph_and_gives_the_twin_l
     again = verify_logits(gpu, ids, N, "rows")  # replays it
     g = gpu.ops.steps.last_graph
     assert g is not None and g.B == N and g.graph is not None and g in gpu.ops.steps.graphs.values()
-    assert np.array_equal(rows, again)
+    assert rel_err(again, rows) < 1e-4  # the replay against the capturing run
     errs = {how: rel_err(rows, ref) for how, ref in [("twin", verify_logits(cpu, ids, N, "rows")),
                                                      ("prefill", verify_logits(gpu, ids, N, "prefill")),
                                                      ("steps", verify_logits(gpu, ids, N, "steps"))]}
