@@ -63,6 +63,8 @@ def poison(engine: Engine, seq: Sequence, positions: range) -> None:
                 flat[table[p // bs] * bs + p % bs] = xp.asarray(noise.astype(flat.dtype))
                 if cache.recent is not None:
                     cache.recent[seq.recent_slot, p % RING] = xp.asarray(rng.normal(0, 50, cache.recent.shape[2:]))
+    if xp is not np:  # written on CuPy's current stream, not the backend's: done before the pass starts
+        xp.cuda.Device().synchronize()
 
 
 def prompt_of(engine: Engine, n: int, seed: int) -> list[int]:
