@@ -6,8 +6,8 @@ and replays it; the step's token ids, positions and cache slots travel in one pi
 copied before each replay. greedy() feeds a greedy step's ids to the next step without a trip
 through the host, and chain() runs several such steps (a greedy draft) with one wait at the end.
 A verifying pass laid out as decode rows (one sequence in n rows, AttentionBatch.step_from)
-is a decode step of batch n like any other: it replays that batch's graph. While a step runs, its StepInputs carries the device copies (`dev`, a
-DeviceStep) that the ops read.
+is a decode step of batch n like any other: it replays that batch's graph. While a step runs,
+its StepInputs carries the device copies (`dev`, a DeviceStep) that the ops read.
 """
 
 from __future__ import annotations

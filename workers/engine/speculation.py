@@ -22,10 +22,10 @@ prefix of them); a greedy draft's steps each take the previous step's id on the 
 positions is what the verifying pass writes again in every layer, so nothing is recomputed
 after a rejection. The verifying pass of n tokens runs as the decode step of n sequences,
 each row the sequence at one of the positions (`Engine.forward(decode_rows=True)`): on the
-GPU that step replays a captured graph, and its kernels are plain decoding's. Rejected tokens leave the
-sequence and their KV blocks go back (BlockManager.trim). With `k=None` or drafter "auto" the
-drafter and k are chosen per pass from the sequence's measured acceptance
-(workers/engine/draft_policy.py).
+GPU that step replays the captured graph of batch n, whose attention is plain decoding's
+kernel (its products are batch n's). Rejected tokens leave the sequence and their KV blocks
+go back (BlockManager.trim). With `k=None` or drafter "auto" the drafter and k are chosen per
+pass from the sequence's measured acceptance (workers/engine/draft_policy.py).
 """
 
 from __future__ import annotations
