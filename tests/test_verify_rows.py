@@ -158,6 +158,30 @@ def test_a_greedy_chain_is_its_steps_argmax_one_at_a_time(tiny_model, layers):
     assert chained == want
 
 
+def test_speculative_generation_verifies_as_decode_rows_and_drafts_by_chains(tiny_model, monkeypatch):
+    """Engine.generate with a greedy early-exit draft: every pass of several tokens is planned
+    as decode rows, and each drafted token but a chain's first comes from a step fed on the
+    device, with the plain greedy tokens."""
+    from workers.engine.sampling import SamplingParams
+    from workers.engine.speculation import Speculation
+
+    engine = Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512)
+    prompt, params = [5, 17, 99, 4, 23, 5, 17, 99], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = [e.token_id for e in engine.generate(prompt, params)]
+    plans, plan = [], engine._plan
+
+    def recording(work, fed=False, decode_rows=False):
+        plans.append((work[0][1], fed, decode_rows))
+        return plan(work, fed=fed, decode_rows=decode_rows)
+
+    monkeypatch.setattr(engine, "_plan", recording)
+    assert [e.token_id for e in engine.generate(prompt, params, Speculation(3, "early-exit", depth=1))] == plain
+    passes = [p for p in plans[1:] if p[0] > 1]  # after the prefill
+    assert passes and all(rows for _, _, rows in passes)
+    chains = sum(n == 1 and not fed for n, fed, _ in plans[1:])  # a chain's first step takes the last token
+    assert chains and chains + sum(fed for _, fed, _ in plans) == engine.last_speculation.drafted
+
+
 # --- the CUDA kernels (`pytest -m gpu`) -----------------------------------------------------
 
 @pytest.mark.gpu
