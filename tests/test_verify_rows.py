@@ -178,7 +178,7 @@ def test_speculative_generation_verifies_as_decode_rows_and_drafts_by_chains(tin
     assert [e.token_id for e in engine.generate(prompt, params, Speculation(3, "early-exit", depth=1))] == plain
     passes = [p for p in plans[1:] if p[0] > 1]  # after the prefill
     assert passes and all(rows for _, _, rows in passes)
-    chains = sum(n == 1 and not (fed or rows) for n, fed, rows in plans[1:])  # a chain's first step takes the last token
+    chains = sum(n == 1 and not (fed or rows) for n, fed, rows in plans[1:])  # a chain's first step
     assert chains and chains + sum(fed for _, fed, _ in plans) == engine.last_speculation.drafted
 
 

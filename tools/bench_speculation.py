@@ -97,7 +97,8 @@ def pass_cost(engine: Engine, reps: int, context: int = 200) -> None:
         print("| k | decode rows ms | in steps | one range ms | in steps |\n|---:|---:|---:|---:|---:|")
         for k in (1, 2, 4, 8, 16):
             rows, ranges = timed(k + 1, True), timed(k + 1, False)
-            print(f"| {k} | {rows * 1e3:.2f} | {rows / step:.2f} | {ranges * 1e3:.2f} | {ranges / step:.2f} |", flush=True)
+            print(f"| {k} | {rows * 1e3:.2f} | {rows / step:.2f} | {ranges * 1e3:.2f} | {ranges / step:.2f} |",
+                  flush=True)
     finally:
         engine.release(seq)
 
