@@ -259,6 +259,10 @@ class CupyBackend(Backend):
         self._greedy_ids, get = self.steps.greedy(self._pass(forward), step, kv_caches, feed)
         return get
 
+    @on_stream
+    def greedy_chain(self, forward, steps, kv_caches):
+        return self.steps.chain(self._pass(forward), steps, kv_caches)
+
     # --- sampling on the device ---------------------------------------------------------
     @on_stream
     def argmax(self, logits) -> np.ndarray:

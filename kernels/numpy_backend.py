@@ -276,9 +276,10 @@ class NumpyBackend(Backend):
         ks, vs = StoredKV(k_cache, k, slots), StoredKV(v_cache, v, slots)
 
         out = np.empty((n_tokens, n_heads * head_dim), np.float32)
-        for b in range(batch.num_seqs):
-            start, end = int(batch.query_starts[b]), int(batch.query_starts[b + 1])
-            n, ctx = end - start, int(batch.context_lens[b])
+        # a sequence's decode rows (step_from) as one query range: its context read once
+        for b, b_end in batch.sequence_rows():
+            start, end = int(batch.query_starts[b]), int(batch.query_starts[b_end])
+            n, ctx = end - start, int(batch.context_lens[b_end - 1])
             # The first key any of these queries sees: a sliding window leaves the blocks before
             # it unread (what lets a sliding layer give them back).
             first = max(0, ctx - n - window + 1) if window > 0 else 0

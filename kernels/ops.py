@@ -42,10 +42,34 @@ class AttentionBatch:
     # window), and [T] the slots of the new tokens in it
     sliding_tables: np.ndarray | None = None
     sliding_slots: np.ndarray | None = None
+    # [B] the first position this step writes of each row's sequence, where one sequence's new
+    # tokens are rows of their own (a verifying pass as decode rows: Engine._plan): row b's
+    # sequence then has this step's position p (step_from[b] <= p < context_lens[b]) in flat
+    # row b - (context_lens[b] - 1 - p), which attention reads as this step's, not the cache's
+    # ring. None: each sequence's new tokens are its own query range (context_lens minus them)
+    step_from: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
+
+    def sequence_rows(self) -> list[tuple[int, int]]:
+        """Each sequence's rows [b, b_end) of the batch: one row range a sequence, except a
+        sequence's decode rows (step_from), which are one range of rows b.. at its positions
+        step_from[b].. (ValueError where such rows name different block tables)."""
+        if self.step_from is None:
+            return [(b, b + 1) for b in range(self.num_seqs)]
+        ranges: list[tuple[int, int]] = []
+        for b in range(self.num_seqs):
+            if self.context_lens[b] - 1 > self.step_from[b]:  # a later position of the previous row's sequence
+                if not ranges or self.context_lens[b] != self.context_lens[b - 1] + 1 or \
+                        not np.array_equal(self.block_tables[b], self.block_tables[ranges[-1][0]]):
+                    raise ValueError(f"row {b} continues a sequence from position {self.step_from[b]} "
+                                     "that no earlier row with its block table starts")
+                ranges[-1] = (ranges[-1][0], b + 1)
+            else:
+                ranges.append((b, b + 1))
+        return ranges
 
     def pool_of(self, cache: KVRows) -> tuple[np.ndarray, np.ndarray]:
         """(block tables, slot mapping) that address `cache`'s rows: its pool's."""
@@ -260,6 +284,18 @@ class Backend(ABC):
             step = replace(step, tokens=np.asarray(self._fed_ids(len(step.tokens)), dtype=step.tokens.dtype))
         ids = self._greedy_ids = self.argmax(self.run_step(forward, step, kv_caches))
         return lambda: ids
+
+    def greedy_chain(self, forward, steps: list[StepInputs], kv_caches: list) -> np.ndarray:
+        """Greedy decode steps run one after the other (`run_step`), each fed the previous
+        step's argmax ids (the first takes its own tokens; the others' are placeholders):
+        the ids [len(steps), B] on the host. A GPU backend keeps the ids on the device
+        between the steps and waits for the host once, after the last."""
+        ids: list[np.ndarray] = []
+        for step in steps:
+            if ids:
+                step = replace(step, tokens=ids[-1].astype(step.tokens.dtype))
+            ids.append(self.argmax(self.run_step(forward, step, kv_caches)))
+        return np.stack(ids)
 
     def _fed_ids(self, n: int):
         """The last greedy_step's ids, to feed the next step of the same n sequences."""

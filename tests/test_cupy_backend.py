@@ -352,25 +352,30 @@ class Tables:
     def __init__(self, num_blocks, block_size, rng):
         self.free, self.bs, self.tables = [int(b) for b in rng.permutation(num_blocks)], block_size, {}
 
-    def batch(self, seqs):
-        """seqs: (seq id, cached tokens, new tokens) -> (AttentionBatch, positions)."""
-        starts, ctx, slots, positions = [0], [], [], []
+    def batch(self, seqs, rows: bool = False):
+        """seqs: (seq id, cached tokens, new tokens) -> (AttentionBatch, positions). rows: each
+        sequence's new tokens as decode rows of their own (a verifying pass: step_from)."""
+        starts, ctx, slots, positions, row_seqs, first = [0], [], [], [], [], []
         for sid, cached, new in seqs:
             table = self.tables.setdefault(sid, [])
             while len(table) * self.bs < cached + new:
                 table.append(self.free.pop())
             pos = np.arange(cached, cached + new)
-            starts.append(starts[-1] + new)
-            ctx.append(cached + new)
+            ends = pos + 1 if rows else [cached + new]
+            starts.extend(starts[-1] + np.arange(1, new + 1) if rows else [starts[-1] + new])
+            ctx.extend(ends)
+            row_seqs.extend([sid] * len(ends))
+            first.extend([cached] * len(ends))
             slots.append(np.asarray(table)[pos // self.bs] * self.bs + pos % self.bs)
             positions.append(pos)
         width = max(len(self.tables[sid]) for sid, _, _ in seqs)
-        bt = np.full((len(seqs), width), -1, np.int32)
-        for i, (sid, _, _) in enumerate(seqs):
+        bt = np.full((len(row_seqs), width), -1, np.int32)
+        for i, sid in enumerate(row_seqs):
             bt[i, :len(self.tables[sid])] = self.tables[sid]
         batch = AttentionBatch(np.asarray(starts, np.int32), np.asarray(ctx, np.int32), bt,
                                np.concatenate(slots).astype(np.int32),
-                               np.asarray([sid for sid, _, _ in seqs], np.int32))  # ring slot = sequence id
+                               np.asarray(row_seqs, np.int32),  # ring slot = sequence id
+                               step_from=np.asarray(first, np.int32) if rows else None)
         return batch, np.concatenate(positions)
 
 
@@ -437,8 +442,8 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv):
     scale = 1.0 / np.sqrt(D)
     tables = Tables(nblocks, bs, rng)
 
-    def step(seqs, neox):
-        batch, pos = tables.batch(seqs)
+    def step(seqs, neox, rows=False):
+        batch, pos = tables.batch(seqs, rows)
         T = len(pos)
         inputs = StepInputs(np.zeros(T, np.int32), pos, batch)  # called eagerly: the ops upload what they read
         q = rng.standard_normal((T, H, D)).astype(np.float32)
@@ -451,14 +456,14 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv):
                             window)
         err = rel_err(gpu.to_numpy(got), want)
         assert err < (1e-2 if layout.type.quantized else 3e-3), f"{seqs}: relative error {err:.2e}"
-        if all(n == 1 for *_, n in seqs) and T <= GEMV_MAX_T:  # decode for GEMVs: the integer copy too
+        if T == batch.num_seqs and T <= GEMV_MAX_T:  # decode for GEMVs: the integer copy too
             qi, d = quantize_q8_input(gpu.to_numpy(got))
             hi, lo = unpack_xq(gpu.to_numpy(got.xq), H * D)
             assert np.array_equal((128 * hi + lo).reshape(T, -1), qi)
             ds = gpu.to_numpy(got.ds)
             assert rel_err(ds[..., 0], d) < 1e-6
             assert np.array_equal(ds[..., 1], qi.reshape(T, -1, 32).sum(-1, dtype=np.int64))
-        if all(n == 1 for *_, n in seqs) and GEMV_MAX_T < T <= QMMA_MAX_T:  # for the tensor cores: fp16
+        if T == batch.num_seqs and GEMV_MAX_T < T <= QMMA_MAX_T:  # for the tensor cores: fp16
             assert np.array_equal(gpu.to_numpy(got.half), gpu.to_numpy(got).astype(np.float16))
         written = batch.slot_mapping
         for g, c in ((kc_g, kc_c), (vc_g, vc_c)):
@@ -477,6 +482,9 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv):
         step([(sid, c, 1) for sid, c in ctx.items()], neox=True)
         ctx = {sid: c + 1 for sid, c in ctx.items()}
     step([(1, 8, 1)], neox=True)  # one sequence, one split
+    # verifying passes as decode rows (attn_decode reads a sequence's other rows of the step from
+    # the step, not from the cache they are being stored in) beside a plain decode row
+    step([(0, 240, 6), (1, 9, 1), (2, 73, 17)], neox=True, rows=True)
     step([(3, 0, 600)], neox=False)  # one long prompt, normal rope
     step([(3, 600, 1)], neox=False)  # five splits
 

@@ -6,6 +6,7 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
         [--configs plain,lookup:4,early-exit:3:6,skip:3:12,auto:auto] [--skip-set FILE]
         [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
+    PYTHONPATH=. python tools/bench_speculation.py --pass-cost 20 [--backend cupy] [--vram-gb G]
 
 A config is plain or DRAFTER:K[:N]: K drafted tokens (auto: chosen per pass, plain steps
 included), DRAFTER lookup, early-exit (N layers run), skip (the first N layers of --skip-set's
@@ -15,7 +16,8 @@ raw completions, prose prompts chat messages; every config decodes every prompt 
 its tokens are compared with plain decoding (a mismatch is counted and printed; with
 --temperature, tokens are drawn with the prompt's index as seed and not compared). Decode
 tok/s is the generated tokens after the first over the time after the prefill, summed over
-the set.
+the set. --pass-cost REPS only times a verifying pass against a decode step (pass_cost): what
+draft_policy.VERIFY_COST is taken from.
 """
 
 from __future__ import annotations
@@ -31,10 +33,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workers.engine.engine import Engine  # noqa: E402
+from workers.engine.engine import Engine, Sequence  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
 from workers.engine.skip_calibration import load_skip_set  # noqa: E402
-from workers.engine.speculation import Speculation  # noqa: E402
+from workers.engine.speculation import MAX_K, Speculation  # noqa: E402
 from workers.model import store as model_store  # noqa: E402
 
 
@@ -67,6 +69,40 @@ def matmul_rows() -> None:
         print(f"M={m}: {dt * 1e3:.1f} ms, {w.nbytes / dt / 1e9:.1f} GB/s of weights, {2 * w.size * m / dt / 1e9:.1f} GFLOP/s")
 
 
+def pass_cost(engine: Engine, reps: int, context: int = 200) -> None:
+    """A verifying pass of k + 1 tokens against a plain decode step (every row's logits to the
+    host, as verify takes them), after `context` cached tokens: as decode rows (what verify
+    runs: on the GPU the decode graph of batch k + 1) and as one query range (the earlier,
+    prefill-shaped pass). The median of reps timings after one untimed run (which captures
+    the GPU's graphs)."""
+    import time
+
+    ids = np.random.default_rng(0).integers(100, engine.config.vocab_size // 2, context + MAX_K + 1).tolist()
+    seq = Sequence(ids)
+    engine.reserve([(seq, len(ids))])
+    engine.forward([(seq, context)])
+
+    def timed(n: int, decode_rows: bool) -> float:
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            engine.forward([(seq, n)], all_logits=True, decode_rows=decode_rows)
+            times.append(time.perf_counter() - t0)
+            seq.num_cached -= n
+        return float(np.median(times[1:]))
+
+    try:
+        step = timed(1, False)
+        print(f"decode step: {step * 1e3:.2f} ms ({engine.ops.name})")
+        print("| k | decode rows ms | in steps | one range ms | in steps |\n|---:|---:|---:|---:|---:|")
+        for k in (1, 2, 4, 8, 16):
+            rows, ranges = timed(k + 1, True), timed(k + 1, False)
+            print(f"| {k} | {rows * 1e3:.2f} | {rows / step:.2f} | {ranges * 1e3:.2f} | {ranges / step:.2f} |",
+                  flush=True)
+    finally:
+        engine.release(seq)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=model_store.DEFAULT_MODEL)
@@ -80,6 +116,8 @@ def main() -> int:
     ap.add_argument("--vram-gb", type=float, help="the engine's VRAM budget: the layers past it stream (GPU)")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
+    ap.add_argument("--pass-cost", type=int, metavar="REPS",
+                    help="only time a verifying pass against a decode step, REPS times each (pass_cost)")
     args = ap.parse_args()
     if args.matmul:
         matmul_rows()
@@ -88,6 +126,9 @@ def main() -> int:
     engine = Engine(model_store.resolve(args.model), backend=args.backend, max_context=1024,
                     vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None)
     print(json.dumps({"tiers": engine.placement.tiers}), flush=True)
+    if args.pass_cost:
+        pass_cost(engine, args.pass_cost)
+        return 0
     prompts = {"code": [engine.prompt_ids(p) for p in sets["code"][:args.prompts]],
                "prose": [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in sets["prose"][:args.prompts]]}
     tokens = {"code": args.tokens_code, "prose": args.tokens_prose}

@@ -544,6 +544,10 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 // otherwise (max, sum, unnormalised output) per head, and the last split to finish (atomic
 // counter, reset by it for the next launch) merges them: one kernel per layer in the graph.
 // The new token's k (rotated) and v come from the inputs; split 0 stores them in the cache.
+// Several rows may be one sequence at consecutive positions (a verifying pass of n tokens as
+// the decode step of batch n): step_from[b] is the first of them, and row b reads the others
+// below its own as the step's (after pdl_wait: from the inputs, or for RotateKV kv_store_q's
+// scratch and rows), not from the cache, which their own blocks are filling meanwhile.
 // With out16 set, the output is also written in fp16 (a tensor-core product's input).
 // With xq set, the block that writes a head group's output also quantizes it per 32 values
 // (common.cu quantize8) for the dp4a product after it, which then needs no quantize_x.
@@ -569,7 +573,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             const float* __restrict__ v, int sv, const int* __restrict__ positions,
                                             const double* __restrict__ inv_freq, int rope_q, int rope_k, int neox,
                                             void* kc, void* vc, const int* __restrict__ tables, int W,
-                                            const int* __restrict__ ctx_lens, const int* __restrict__ slots, int H,
+                                            const int* __restrict__ ctx_lens, const int* __restrict__ step_from,
+                                            const int* __restrict__ slots, int H,
                                             int KVH, int bs, int chunk, float scale, int window, int group, float hs,
                                             const float* __restrict__ kscale, const u16* __restrict__ sk16,
                                             const u16* __restrict__ sv16, u16* ringk, u16* ringv,
@@ -607,6 +612,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     const int ctx = ctx_lens[b], base = window > 0 ? max(0, ctx - window) : 0, nsplit = (ctx - base + chunk - 1) / chunk;
     if (sp >= nsplit) return;
     const int pos = positions[b], newp = ctx - 1;
+    // the step's positions of this row's sequence, c0..newp, sit in rows r0.. (c0 < newp: a
+    // verifying pass laid out as decode rows, one sequence in several rows; else c0 == newp)
+    const int c0 = step_from[b], r0 = b - (newp - c0);
     const int* table = tables + (size_t)b * W;
     pdl_trigger();
 
@@ -618,13 +626,14 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         const int p = start + threadIdx.x;
         row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) * kv_row_bytes<D, BITS>(gshift) : 0;
         const bool ex = ROT && p != newp && (p == 0 || newp - p < recent);
-        exk_s[threadIdx.x] = ex ? exact_row(sk16, ringk, p, newp, b, rs, R, KVH, kh, D) : nullptr;
-        exv_s[threadIdx.x] = ex ? exact_row(sv16, ringv, p, newp, b, rs, R, KVH, kh, D) : nullptr;
+        exk_s[threadIdx.x] = ex ? exact_row(sk16, ringk, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
+        exv_s[threadIdx.x] = ex ? exact_row(sv16, ringv, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
     }
     __syncthreads();
     // a thread's ITEMS 8-value pieces of the K and V rows, FLIGHT at a time: all of their loads
     // issued before the first is converted and stored (one memory round trip, not FLIGHT);
-    // a ring row (RotateKV: sink and recent positions) is fp16 already
+    // a ring row (RotateKV: sink and recent positions) is fp16 already. Only positions before
+    // c0: the step's own rows may not be stored yet
     constexpr int ITEMS = DECODE_MAX_CHUNK * (D / 8) / (DEC_WARPS * 32), FLIGHT = ITEMS < 4 ? ITEMS : 4;
     static_assert(ITEMS * DEC_WARPS * 32 == DECODE_MAX_CHUNK * (D / 8) && ITEMS % FLIGHT == 0, "staging shares");
 #pragma unroll
@@ -635,7 +644,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         for (int j = 0; j < FLIGHT; j++) {
             const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
             ex[j] = ROT && r < n && exk_s[r];
-            if (r >= n || start + r == newp) continue;
+            if (r >= n || start + r >= c0) continue;
             if (ex[j]) {
                 kr[j] = *(const uint4*)(exk_s[r] + c * 8);
                 vr[j] = *(const uint4*)(exv_s[r] + c * 8);
@@ -647,12 +656,39 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
 #pragma unroll
         for (int j = 0; j < FLIGHT; j++) {
             const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
-            if (r >= n || start + r == newp) continue;
+            if (r >= n || start + r >= c0) continue;
             *(uint4*)(k_s + r * RS + c * 8) = ex[j] ? kr[j] : kv_dequant8<BITS>(kr[j]);
             *(uint4*)(v_s + r * RS + c * 8) = ex[j] ? vr[j] : kv_dequant8<BITS>(vr[j]);
         }
     }
     pdl_wait();
+    // the sequence's other rows of this step (c0..newp-1), once they exist: RotateKV from
+    // kv_store_q's scratch and rows (the launch before), fp16 from the inputs, roped here as
+    // their own rows' split 0 stores them (that store may not have run yet)
+    if (c0 < newp) {
+        const int lo = max(c0, start) - start, hi = min(newp, start + n) - start;
+        if constexpr (ROT) {
+            for (int i = lo * (D / 8) + threadIdx.x; i < hi * (D / 8); i += blockDim.x) {
+                const int r = i / (D / 8), c = i % (D / 8);
+                *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exk_s[r] + c * 8);
+                *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exv_s[r] + c * 8);
+            }
+        } else {
+            for (int i = lo * (D / 2) + threadIdx.x; i < hi * (D / 2); i += blockDim.x) {
+                const int r = i / (D / 2), row = r0 + start + r - c0;
+                int i0, i1;
+                float x0, x1;
+                roped_pair(k + (size_t)row * sk + kh * D, i % (D / 2), D, neox, rope_k, positions[row], inv_freq, i0,
+                           i1, x0, x1);
+                k_s[r * RS + i0] = f2h(x0);
+                k_s[r * RS + i1] = f2h(x1);
+            }
+            for (int i = lo * D + threadIdx.x; i < hi * D; i += blockDim.x) {
+                const int r = i / D, row = r0 + start + r - c0;
+                v_s[r * RS + i % D] = f2h(v[(size_t)row * sv + kh * D + i % D]);
+            }
+        }
+    }
 
     load_q<D>(q, sq, b, kh, G, pos, inv_freq, rope_q, neox, scale, q_s, threadIdx.x, blockDim.x);
     if constexpr (ROT) {  // the new row from the scratch; split 0 gives it to the ring
@@ -873,13 +909,15 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_BLOCKS(D))                                      \
         attn_decode_##SUFFIX(const float* q, int sq, const float* k, int sk, const float* v, int sv,                 \
                              const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, void* kc, \
-                             void* vc, const int* tables, int W, const int* ctx_lens, const int* slots, int H, int KVH, \
+                             void* vc, const int* tables, int W, const int* ctx_lens, const int* step_from,           \
+                             const int* slots, int H, int KVH,                                                        \
                              int bs, int chunk, float scale, int window, int group, float hs, const float* kscale,  \
                              const u16* sk16, const u16* sv16, u16* ringk, u16* ringv, const int* recent_slots,      \
                              int recent, int R, float* part_o, float* part_ml, int* counters, int max_splits,        \
                              float* out, u16* out16, u8* xq, int sxq, float2* xds) {                                  \
         attn_decode<D, BITS>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W,      \
-                             ctx_lens, slots, H, KVH, bs, chunk, scale, window, group, hs, kscale, sk16, sv16, ringk, \
+                             ctx_lens, step_from, slots, H, KVH, bs, chunk, scale, window, group, hs, kscale, sk16,   \
+                             sv16, ringk,                                                                             \
                              ringv, recent_slots, recent, R, part_o, part_ml, counters, max_splits, out, out16, xq,  \
                              sxq, xds);                                                                               \
     }

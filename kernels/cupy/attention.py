@@ -8,7 +8,9 @@ writes its output as the out-projection reads it (values.Attended): rounded into
 input layout for a 1-token step, in fp16 for the tensor cores at 2-64 sequences. Its scratch
 lives in the step's device copies (DeviceStep.decode_scratch), inside a graph's memory pool.
 A RotateKV cache (kernels/kv_layout.py) has its rows written by kv_store_q (a decode step's
-too, just before the attention kernel, which then reads the new row like the others).
+too, just before the attention kernel, which then reads the new row like the others). Decode
+rows that are one sequence's consecutive positions (a verifying pass: DeviceStep.step_from)
+read each other's keys and values from the step, not from the cache their blocks fill.
 Head dims 64, 96, 128 and 256 (Gemma 3); at 256 the prefill and decode kernels' shared arrays
 pass the 48 KiB a block gets unasked and come as dynamic shared memory (prefill_smem,
 decode_smem: attention.cu's PrefillShared and DecodeShared).
@@ -125,7 +127,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}", dynamic_smem=smem),
                           (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
-                           np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, slots,
+                           np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, dev.step_from, slots,
                            np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window),
                            group, hs, *rot, *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),

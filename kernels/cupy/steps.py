@@ -4,8 +4,10 @@ A 0.5B model's decode step is ~150 small kernels: Python launching them would co
 the GPU time, so run() captures the whole step in a CUDA graph per (batch, block-table width)
 and replays it; the step's token ids, positions and cache slots travel in one pinned buffer
 copied before each replay. greedy() feeds a greedy step's ids to the next step without a trip
-through the host. While a step runs, its StepInputs carries the device copies (`dev`, a
-DeviceStep) that the ops read.
+through the host, and chain() runs several such steps (a greedy draft) with one wait at the end.
+A verifying pass laid out as decode rows (one sequence in n rows, AttentionBatch.step_from)
+is a decode step of batch n like any other: it replays that batch's graph. While a step runs,
+its StepInputs carries the device copies (`dev`, a DeviceStep) that the ops read.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class DeviceStep:
     tables: cp.ndarray
     tiles: cp.ndarray | None
     recent: cp.ndarray  # [B] ring slots of a RotateKV cache (zeros without one)
+    step_from: cp.ndarray  # [B] AttentionBatch.step_from (default: each sequence's first new position)
     # the sliding pool's tables [B, W] and slots [T] (AttentionBatch.sliding_*; None without one)
     sliding_tables: cp.ndarray | None = None
     sliding_slots: cp.ndarray | None = None
@@ -54,7 +57,7 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
     recent = np.zeros(B, np.int32) if batch.recent_slots is None else batch.recent_slots
     parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1),
-             tiles.reshape(-1), recent]
+             tiles.reshape(-1), recent, step_from(batch)]
     sliding = batch.sliding_tables is not None
     if sliding:
         parts += [np.maximum(batch.sliding_tables, 0).reshape(-1), batch.sliding_slots]
@@ -65,7 +68,16 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
         views.append(dev[off:off + p.size])
         off += p.size
     return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
-                      views[6].reshape(-1, 2), views[7], *((views[8].reshape(tables.shape), views[9]) if sliding else ()))
+                      views[6].reshape(-1, 2), views[7], views[8],
+                      *((views[9].reshape(tables.shape), views[10]) if sliding else ()))
+
+
+def step_from(batch: AttentionBatch) -> np.ndarray:
+    """Each row's sequence's first position in the step: the batch's, or where each sequence's
+    own new tokens start."""
+    if batch.step_from is not None:
+        return batch.step_from
+    return batch.context_lens - np.diff(batch.query_starts)
 
 
 class Graph:
@@ -74,8 +86,8 @@ class Graph:
 
     def __init__(self, B: int, W: int, sliding: bool = False):
         self.B, self.W, self.sliding = B, W, sliding
-        # tokens, positions, slots, ctx, qstarts, recent, tables[, sliding slots, sliding tables]
-        self.sizes = [B, B, B, B, B + 1, B, B * W] + ([B, B * W] if sliding else [])
+        # tokens, positions, slots, ctx, qstarts, recent, tables, step_from[, sliding slots, sliding tables]
+        self.sizes = [B, B, B, B, B + 1, B, B * W, B] + ([B, B * W] if sliding else [])
         self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
         self.dev = cp.empty((sum(self.sizes),), cp.int32)
         self.copied = cp.cuda.Event(disable_timing=True)
@@ -90,18 +102,19 @@ class Graph:
             off += n
         out[6] = out[6].reshape(self.B, self.W)
         if self.sliding:
-            out[8] = out[8].reshape(self.B, self.W)
+            out[9] = out[9].reshape(self.B, self.W)
         return out
 
     def pack(self, tokens, positions, batch):
         self.copied.synchronize()  # the previous step's copy has left the buffer
-        tok, pos, slots, ctx, qs, recent, tables, *sliding = self.views(self.host)
+        tok, pos, slots, ctx, qs, recent, tables, first, *sliding = self.views(self.host)
         tok[:] = tokens
         pos[:] = positions
         slots[:] = batch.slot_mapping
         ctx[:] = batch.context_lens
         qs[:] = batch.query_starts
         recent[:] = 0 if batch.recent_slots is None else batch.recent_slots
+        first[:] = step_from(batch)
         w = batch.block_tables.shape[1]
         for dst, src in [(tables, batch.block_tables)] + ([(sliding[1], batch.sliding_tables)] if sliding else []):
             dst.fill(0)
@@ -167,7 +180,7 @@ class Steps:
             g.graph.launch(stream)
             self.last_graph = g
             return g.out
-        tok, pos, slots, ctx, qs, recent, tables, *sliding_views = g.views(g.dev)
+        tok, pos, slots, ctx, qs, recent, tables, first, *sliding_views = g.views(g.dev)
         padded = AttentionBatch(query_starts=batch.query_starts, context_lens=batch.context_lens,
                                 block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping,
                                 recent_slots=batch.recent_slots,
@@ -175,7 +188,7 @@ class Steps:
                                 sliding_slots=batch.sliding_slots)
         # the captured step reads the graph's device buffers; logits for every row
         captured = StepInputs(tokens, positions, padded, None,
-                              DeviceStep(tok, pos, slots, ctx, qs, tables, None, recent, *sliding_views[::-1]))
+                              DeviceStep(tok, pos, slots, ctx, qs, tables, None, recent, first, *sliding_views[::-1]))
         try:
             with cp.cuda.using_allocator(g.pool.malloc):
                 out = materialize(forward(captured, kv_caches))  # runs the step, warms the pool
@@ -190,6 +203,17 @@ class Steps:
         finally:
             captured.dev = None
         return out
+
+    def chain(self, forward, steps: list[StepInputs], kv_caches) -> np.ndarray:
+        """Backend.greedy_chain: run() of each step fed the previous one's ids, kept on the
+        device (a graph's ids are its buffer, which the next replay of the graph overwrites),
+        and one copy of them all to the host after the last."""
+        ids = cp.empty((len(steps), steps[0].batch.num_seqs), cp.int32)
+        for i, step in enumerate(steps):
+            out = self.run(forward, step, kv_caches, ids[i - 1] if i else None)
+            g = self.last_graph
+            ids[i] = g.ids if g is not None and out is g.out else argmax_dev(self.b, out)
+        return cp.asnumpy(ids, stream=self.b.stream)
 
     def greedy(self, forward, step: StepInputs, kv_caches, feed):
         """Backend.greedy_step's step, fed `feed` (device ids) or not: run() and its ids (its

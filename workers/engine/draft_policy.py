@@ -32,7 +32,8 @@ from workers.engine.speculation import MAX_K, Speculation
 # 3.5-4x its GEMV). cupy, measured on the H200 (docs/benchmarks.md, "What a speculative pass
 # costs"): resident, a pass of 2-16 tokens runs eagerly where a 1-token step replays a graph
 # (8B: 10.3 against 2.3 ms); streamed, a pass costs what the link carries (70B at 24 GiB: 437
-# against 416 ms).
+# against 416 ms). Both cupy figures predate the pass as decode rows (Engine.forward
+# decode_rows), which replays the decode graph of batch k + 1: they are to be measured again.
 VERIFY_COST = {("numpy", False): 2.1, ("numpy", True): 2.1, ("cupy", False): 4.5, ("cupy", True): 1.05}
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64

@@ -274,7 +274,8 @@ class Engine:
             self.blocks.reserve(seq, seq.num_cached + n)
 
     def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
-                rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None) -> np.ndarray:
+                rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
+                decode_rows: bool = False) -> np.ndarray:
         """Feed each sequence its next n uncached tokens, all in one pass.
 
         Their KV blocks must be reserved (`self.blocks`) for the tokens they will hold.
@@ -284,12 +285,14 @@ class Engine:
         for `ops.argmax` / `ops.sample` / `ops.log_likelihood` on the device. With `layers`
         (ascending layer indices), the logits of those layers only, the others passed over (a
         draft: `range(d)` exits early, a calibrated subset skips; only their KV is written).
+        With decode_rows, each sequence's tokens are rows of a decode step (`_plan`): the same
+        logits, from the step a batch of that many sequences decodes with (a verifying pass).
         """
-        step = self._plan(work)
+        step = self._plan(work, decode_rows=decode_rows)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
-        elif not all_logits:
-            step.logit_rows = step.batch.query_starts[1:] - 1
+        elif not all_logits:  # each sequence's last new row
+            step.logit_rows = np.cumsum([n for _, n in work], dtype=np.int64) - 1
         logits = self.ops.run_step(self._forward(layers), step, self.kv.layers)
         for seq, n in work:
             seq.num_cached += n
@@ -343,13 +346,42 @@ class Engine:
             seq.num_cached += 1
         return ids
 
-    def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False) -> StepInputs:
+    def greedy_chain(self, seq: Sequence, k: int, layers: tuple[int, ...] | None = None) -> list[int]:
+        """The k greedy tokens after seq (its last token not cached yet) from the model's
+        `layers` (all if None): k decode steps, each fed the previous one's id on the device
+        (`ops.greedy_chain`), the host waiting once for all k (a greedy draft). Their KV is
+        written at seq's next k positions (reserved here; OutOfBlocks when the cache is
+        full); seq is as it was when this returns."""
+        if k < 1:
+            raise ValueError(f"a greedy chain needs k >= 1 steps, got {k}")
+        start, cached = len(seq.token_ids), seq.num_cached
+        self.reserve([(seq, k)])
+        steps = []
+        try:
+            for i in range(k):
+                steps.append(self._plan([(seq, 1)], fed=i > 0))
+                seq.num_cached += 1
+                if i:
+                    seq.token_ids.append(0)  # the place of the id this step is fed; the device holds it
+            ids = self.ops.greedy_chain(self._forward(layers), steps, self.kv.layers)
+        finally:
+            del seq.token_ids[start:]
+            seq.num_cached = cached
+        return [int(t) for t in ids[:, 0]]
+
+    def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False) -> StepInputs:
         """A step's tokens, positions and AttentionBatch over the sequences' reserved blocks.
-        fed: one token per sequence, not in token_ids yet (a greedy_step takes it on the device)."""
+        fed: one token per sequence, not in token_ids yet (a greedy_step takes it on the device).
+        decode_rows: each sequence's n tokens as n rows of a decode step, row j the sequence at
+        position num_cached + j with its context up to there, its block tables and ring slot
+        in every row (AttentionBatch.step_from says which rows are one sequence's): a verifying
+        pass is then the decode step of batch n, which a GPU backend replays from its graph."""
         # plain Python per sequence: a decode step of 64 sequences is built in ~95 us on the
         # development machine, against 430 us with small NumPy arrays per sequence; the GPU
         # waits for it between steps (unless greedy_decode runs it ahead)
         tokens, positions, slots, starts, ctx = [], [], [], [0], []
+        rows: list[Sequence] = []  # the sequence of each row of the batch
+        step_from: list[int] = []  # decode_rows: each row's sequence's first position in the step
         bs = self.blocks.block_size
         sliding = self.blocks.sliding_blocks > 0
         sliding_slots: list[int] = []
@@ -374,8 +406,15 @@ class Engine:
                 slots.extend(table[p // bs] * bs + p % bs for p in range(seq.num_cached, end))
                 if sliding:
                     sliding_slots.extend(seq.sliding_table[p // bs] * bs + p % bs for p in range(seq.num_cached, end))
-            starts.append(starts[-1] + n)
-            ctx.append(end)
+            if decode_rows:
+                starts.extend(range(starts[-1] + 1, starts[-1] + n + 1))
+                ctx.extend(range(seq.num_cached + 1, end + 1))
+                rows.extend([seq] * n)
+                step_from.extend([seq.num_cached] * n)
+            else:
+                starts.append(starts[-1] + n)
+                ctx.append(end)
+                rows.append(seq)
         width = max(len(seq.block_table) for seq, _ in work)
 
         def padded(table: list[int]) -> list[int]:
@@ -383,11 +422,12 @@ class Engine:
 
         batch = AttentionBatch(
             query_starts=np.asarray(starts, dtype=np.int32), context_lens=np.asarray(ctx, dtype=np.int32),
-            block_tables=np.array([padded(seq.block_table) for seq, _ in work], np.int32),
+            block_tables=np.array([padded(seq.block_table) for seq in rows], np.int32),
             slot_mapping=np.asarray(slots, dtype=np.int32),
-            recent_slots=np.array([seq.recent_slot for seq, _ in work], np.int32) if self.kv.recent_slots else None,
-            sliding_tables=np.array([padded(seq.sliding_table) for seq, _ in work], np.int32) if sliding else None,
+            recent_slots=np.array([seq.recent_slot for seq in rows], np.int32) if self.kv.recent_slots else None,
+            sliding_tables=np.array([padded(seq.sliding_table) for seq in rows], np.int32) if sliding else None,
             sliding_slots=np.asarray(sliding_slots, np.int32) if sliding else None,
+            step_from=np.asarray(step_from, np.int32) if decode_rows else None,
         )
         return StepInputs(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), batch)
 

@@ -17,11 +17,15 @@ keeps m + 1 tokens costs about what a pass that keeps one does. Drafters:
 - skip: the model with a calibrated set of layers passed over by the residual stream (Draft &
   Verify, SWIFT; the set from `ntr calibrate-skip`, workers/engine/skip_calibration.py).
 Both model drafters are `Engine.forward(layers=...)` over a subset of the layers (early exit a
-prefix of them). The KV they write for the drafted positions is what the verifying pass writes
-again in every layer, so nothing is recomputed after a rejection. Rejected tokens leave the
-sequence and their KV blocks go back (BlockManager.trim). With `k=None` or drafter "auto" the
-drafter and k are chosen per pass from the sequence's measured acceptance
-(workers/engine/draft_policy.py).
+prefix of them); a greedy draft's steps each take the previous step's id on the device
+(`Engine.greedy_chain`: one wait for the host a draft). The KV they write for the drafted
+positions is what the verifying pass writes again in every layer, so nothing is recomputed
+after a rejection. The verifying pass of n tokens runs as the decode step of n sequences,
+each row the sequence at one of the positions (`Engine.forward(decode_rows=True)`): on the
+GPU that step replays the captured graph of batch n, whose attention is plain decoding's
+kernel (its products are batch n's). Rejected tokens leave the sequence and their KV blocks
+go back (BlockManager.trim). With `k=None` or drafter "auto" the drafter and k are chosen per
+pass from the sequence's measured acceptance (workers/engine/draft_policy.py).
 """
 
 from __future__ import annotations
@@ -103,23 +107,20 @@ def draft(engine, seq, layers: tuple[int, ...] | None, k: int, sampler=None) -> 
         return [], None
     if layers is None:
         return lookup_proposal(seq.token_ids, k), None
-    sampled = sampler is not None and not sampler.params.greedy
+    if sampler is None or sampler.params.greedy:  # each step fed the last one's id on the device
+        return engine.greedy_chain(seq, k, layers), None
     proposed, q_rows, start, cached = [], [], len(seq.token_ids), seq.num_cached
     try:
         for _ in range(k):
             engine.reserve([(seq, 1)])
-            logits = engine.forward([(seq, 1)], layers=layers)[-1]
-            if sampled:
-                q_rows.append(sampler.distribution(logits))
-                token = int(sampler.rng.choice(len(q_rows[-1]), p=q_rows[-1]))
-            else:
-                token = int(np.argmax(logits))
+            q_rows.append(sampler.distribution(engine.forward([(seq, 1)], layers=layers)[-1]))
+            token = int(sampler.rng.choice(len(q_rows[-1]), p=q_rows[-1]))
             proposed.append(token)
             seq.token_ids.append(token)
     finally:  # the verifying pass writes these positions' KV again, in every layer
         del seq.token_ids[start:]
         seq.num_cached = cached
-    return proposed, q_rows if sampled else None
+    return proposed, q_rows
 
 
 def accept_sampled(p_rows: np.ndarray, q_rows: list | None, proposed: list[int], rng) -> list[int]:
@@ -149,7 +150,7 @@ def verify(engine, seq, drafter: str, layers: tuple[int, ...] | None, k: int, li
     seq.token_ids.extend(proposed)
     try:
         engine.reserve([(seq, n)])
-        logits = engine.forward([(seq, n)], all_logits=True)
+        logits = engine.forward([(seq, n)], all_logits=True, decode_rows=True)  # the decode step of batch n
     finally:
         del seq.token_ids[len(seq.token_ids) - len(proposed):]
     if sampler is None or sampler.params.greedy:
