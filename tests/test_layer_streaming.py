@@ -300,11 +300,10 @@ def deep_qwen2(tmp_path_factory, vocab_dir):
 
 def test_the_budget_counts_the_context_the_backend_measured(deep_model):
     """A device whose context takes more than the estimate: the placement's reserve and the
-    pool's limit count what the backend measured outside the pool (and what loads after it),
-    and the limit leaves the captured graphs' pools their share."""
+    pool's limit count what the backend measured outside the pool (and what loads after it)."""
     from kernels.numpy_backend import NumpyBackend
     from workers.engine.engine import Engine
-    from workers.engine.placement import CONTEXT_BYTES, GRAPH_BYTES, LATE_RUNTIME_BYTES, context_bytes
+    from workers.engine.placement import CONTEXT_BYTES, LATE_RUNTIME_BYTES, context_bytes
 
     class MeasuredDevice(NumpyBackend):
         measured = 2 * GIB
@@ -322,7 +321,7 @@ def test_the_budget_counts_the_context_the_backend_measured(deep_model):
     measured = Engine(deep_model, backend=ops, vram_budget=8 * GIB)
     context = 2 * GIB + LATE_RUNTIME_BYTES
     assert measured.placement.reserve - estimated.placement.reserve == context - CONTEXT_BYTES
-    assert ops.limit == 8 * GIB - context - GRAPH_BYTES
+    assert ops.limit == 8 * GIB - context
 
 BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.gpu)]
 

@@ -29,12 +29,11 @@ from workers.engine.speculation import MAX_K, Speculation
 # A verifying pass of 2..17 rows, in decode steps of the same backend and placement. numpy:
 # measured on the 2-core development machine (docs/benchmarks.md: lookup k=4 at 1.08 tokens a
 # pass ran at 0.52x of plain decode, so a pass cost 2.1 steps; OpenBLAS's small-M GEMM costs
-# 3.5-4x its GEMV). cupy, measured on the H200 (docs/benchmarks.md, "What a speculative pass
-# costs"): resident, a pass of 2-16 tokens runs eagerly where a 1-token step replays a graph
-# (8B: 10.3 against 2.3 ms); streamed, a pass costs what the link carries (70B at 24 GiB: 437
-# against 416 ms). Both cupy figures predate the pass as decode rows (Engine.forward
-# decode_rows), which replays the decode graph of batch k + 1: they are to be measured again.
-VERIFY_COST = {("numpy", False): 2.1, ("numpy", True): 2.1, ("cupy", False): 4.5, ("cupy", True): 1.05}
+# 3.5-4x its GEMV). cupy, the pass as decode rows replaying the decode graph of batch k + 1,
+# measured on the H200 (`tools/bench_speculation.py --pass-cost 20`, the 0.5B replica,
+# 2026-12-03): resident 1.72 / 1.92 / 2.61 steps at k = 1 / 4 / 16 (a 0.95 ms step), streamed
+# at --vram-gb 1.62 1.10 / 1.14 / 1.33 (a 3.41 ms step, the link's); k = 4's figures here.
+VERIFY_COST = {("numpy", False): 2.1, ("numpy", True): 2.1, ("cupy", False): 1.9, ("cupy", True): 1.15}
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
 

@@ -25,7 +25,7 @@ from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
-from workers.engine.placement import GRAPH_BYTES, Rates, context_bytes, plan_model
+from workers.engine.placement import Rates, context_bytes, plan_model
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
 from workers.engine.speculation import Speculation, verify
@@ -189,8 +189,9 @@ class Engine:
                 "link_gb_s": f"pinned copy, {'cached' if link['cached'] else 'measured'} {link['measured_at']}"})
             self.placement = placed()
         # the process's pool: an engine without a budget lifts an earlier one's limit; the context
-        # and the captured graphs' own pools take the rest of the budget
-        self.ops.limit_device_memory(None if vram_budget is None else vram_budget - context - GRAPH_BYTES)
+        # takes the rest of the budget (the graphs' own pools are planned inside the reserve, and
+        # until they exist their share is the pool's slack)
+        self.ops.limit_device_memory(None if vram_budget is None else vram_budget - context)
         if self.placement.requant:  # the model as loaded: streamed matrices requantized as they load
             self.gguf = retyped(self.gguf, {n: Q[t] for n, t in self.placement.requant.items()})
         if self.placement.streamed:
