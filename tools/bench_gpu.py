@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
 import os
 import subprocess
@@ -231,17 +232,20 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = T
             engine.release(s)
 
 
-def prefill(engine, n: int, rng, runs: int = 3) -> float:
+def prefill(engine, n: int, rng, runs: int = 3, cp=None) -> float:
+    """Median tok/s of `runs` n-token prompts after a warm-up; with cp, the last one is the
+    "prefill" profiling range."""
     from workers.engine.engine import Sequence
 
     rates = []
-    for _ in range(runs + 1):
+    for i in range(runs + 1):
         s = Sequence(rng.integers(100, 20000, n).tolist())
         try:
             engine.reserve([(s, n)])
-            t0 = time.perf_counter()
-            engine.forward([(s, n)])
-            rates.append(n / (time.perf_counter() - t0))
+            with profiled(cp, "prefill") if cp is not None and i == runs else contextlib.nullcontext():
+                t0 = time.perf_counter()
+                engine.forward([(s, n)])
+                rates.append(n / (time.perf_counter() - t0))
         finally:
             engine.release(s)
     return float(np.median(rates[1:]))
@@ -249,7 +253,8 @@ def prefill(engine, n: int, rng, runs: int = 3) -> float:
 
 class profiled:
     """A cudaProfilerStart/Stop range around the block when $NTR_PROFILE_RANGE names it ("step":
-    one decode graph replay; an op of profile_ops, e.g. "gate_up tensor cores T=64"), for
+    one decode graph replay; "prefill": one 512-token prompt; an op of profile_ops, e.g.
+    "gate_up tensor cores T=64"), for
     `ncu --profile-from-start off` (tools/gpu_machine.sh PROFILE=1)."""
 
     def __init__(self, cp, name: str):
@@ -497,6 +502,9 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         log(f"[{name}] {workload}: {tok_s:.1f} tok/s" + (f" (llama.cpp {ref}, target {tgt})" if ref else "")
             + (f", {roof} of copy roofline" if roof else "") + (f" {extra}" if extra else ""))
 
+    if args.pp_only:  # (profiling a prompt: NTR_PROFILE_RANGE=prefill)
+        row("pp512", prefill(engine, 512, rng, cp=cp))
+        return
     try:
         decode(engine, 1, 1, 8, rng)  # warm-up: compile, capture
         tok_s = decode(engine, 1, 1, 128, rng)
@@ -527,7 +535,7 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
     if args.quick:
         return
     try:
-        row("pp512", prefill(engine, 512, rng))
+        row("pp512", prefill(engine, 512, rng, cp=cp))
     except Exception:
         notes.append(f"{name} pp512 failed:\n{traceback.format_exc()}")
         log(notes[-1])
@@ -584,6 +592,7 @@ def main() -> None:
     ap.add_argument("--tests", action="store_true", help="run `pytest -m gpu` first")
     ap.add_argument("--quick", action="store_true", help="tg128 and per-matrix timings only")
     ap.add_argument("--tg-only", action="store_true", help="tg128 only")
+    ap.add_argument("--pp-only", action="store_true", help="pp512 only")
     ap.add_argument("--pdl-variants", default="0", help="';'-separated NTR_PDL values to time tg128 "
                     "and decode xN with too")
     ap.add_argument("--unbranched", action="store_true", help="time tg128 with a stacked weight's segments "
