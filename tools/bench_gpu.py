@@ -402,7 +402,8 @@ def profile_ops(engine, cp, T: int) -> list[str]:
     positions = np.full(T, ctx - 1)
     step = StepInputs(positions, positions, batch)
     q, k, v = a(T, c.n_heads, c.head_dim), a(T, c.n_kv_heads, c.head_dim), a(T, c.n_kv_heads, c.head_dim)
-    kc, vc = engine.kv.layers[0]
+    # a global layer's cache: a sliding one needs the sliding pool's tables, which this batch lacks
+    kc, vc = next(((k, v) for k, v in engine.kv.layers if not k.sliding), engine.kv.layers[0])
     cases = {
         "qkv (norm fused)": (lambda: ops.matmul_add(ops.rmsnorm(x, layer.attn_norm, 1e-6), layer.wqkv, layer.bqkv)
                              if c.qkv_bias else ops.matmul(ops.rmsnorm(x, layer.attn_norm, 1e-6), layer.wqkv),
