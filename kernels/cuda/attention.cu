@@ -665,7 +665,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
             if (r >= n) {  // past the split's keys, in a 16-key tile the products read: zeros, not
                            // stale bits (a zero weight times a NaN is a NaN)
-                *(uint4*)(k_s + r * RS + c * 8) = *(uint4*)(v_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
+                *(uint4*)(k_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
+                *(uint4*)(v_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
                 continue;
             }
             if (start + r >= c0) continue;
