@@ -17,11 +17,12 @@ first tells the restarted stages that the sequences they lost are ended, and run
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
 import ray
-from ray.exceptions import GetTimeoutError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -30,7 +31,7 @@ from workers.engine.pipeline import Stage, StageSpec
 
 STAGE_RESTARTS = 3
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
-START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers
+START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers (or a restarted stage's)
 
 
 class StageFailed(RuntimeError):
@@ -64,7 +65,7 @@ class RayPipeline:
                  timeout_s: float = START_TIMEOUT_S):
         if strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        self.specs = specs
+        self.specs, self.timeout_s = specs, timeout_s
         self.group = placement_group([{"CPU": num_cpus} for _ in specs], strategy=strategy)
         try:
             ray.get(self.group.ready(), timeout=timeout_s)
@@ -83,10 +84,7 @@ class RayPipeline:
     def forward(self, step: StepInputs) -> np.ndarray:
         """The last stage's logits for step (StageFailed, naming the stage, when one fails)."""
         if self.failed:  # the caller has ended the sequences the failed pass held
-            try:
-                ray.get([a.sequences_ended.remote() for a in self.actors])
-            except RayError as e:
-                raise StageFailed(f"a pipeline stage did not come back: {e}") from None
+            self._sequences_ended()
             self.failed = False
         inputs = ray.put(step)
         outputs, hidden = [], None
@@ -98,6 +96,22 @@ class RayPipeline:
         except RayError:
             self.failed = True
             raise self._failure(outputs) from None
+
+    def _sequences_ended(self) -> None:
+        """Tell every stage that the sequences in flight are ended, waiting for a restarting
+        one to come back (Ray answers ActorUnavailableError meanwhile)."""
+        deadline = time.monotonic() + self.timeout_s
+        for actor, spec in zip(self.actors, self.specs):
+            while True:
+                try:
+                    ray.get(actor.sequences_ended.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise StageFailed(f"pipeline {spec.describe()} did not restart in {self.timeout_s:.0f} s") from None
+                    time.sleep(0.1)
+                except RayError as e:
+                    raise StageFailed(f"pipeline {spec.describe()} did not come back: {e}") from None
 
     def _failure(self, outputs) -> StageFailed:
         """The first stage whose output failed, and why (the later ones failed for lack of its output)."""
