@@ -132,7 +132,23 @@ def _grammar(args) -> GrammarSpec | None:
 
 
 def cmd_generate(args) -> int:
-    engine = _engine(args)
+    if args.pp < 1:
+        raise ValueError(f"--pp must be >= 1, got {args.pp}")
+    if args.pp == 1:
+        return _generate(args, _engine(args))
+    # the stages as Ray actors (workers/stage_worker.py) on a local Ray of a CPU per stage
+    import ray
+
+    from workers.stage_worker import RayPipeline
+
+    ray.init(address="local", num_cpus=args.pp, include_dashboard=False, log_to_driver=False)
+    try:
+        return _generate(args, _engine(args, pipeline_parallel_size=args.pp, stage_runner=RayPipeline))
+    finally:
+        ray.shutdown()
+
+
+def _generate(args, engine) -> int:
     if args.chat:
         prompt_ids = engine.chat_prompt_ids([{"role": "user", "content": args.prompt}])
     else:
@@ -372,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
     g.add_argument("--skip-set", help="skip: a JSON file written by ntr calibrate-skip")
     g.add_argument("--json", action="store_true")
+    g.add_argument("--pp", type=int, default=1, metavar="P",
+                   help="pipeline stages: the layers split by bytes over P Ray actors on a local Ray (numpy backend)")
     g.set_defaults(func=cmd_generate)
 
     cs = with_placement(with_model(sub.add_parser(

@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workers.model import store as model_store
+from workers.model.config import ModelConfig
+from workers.model.gguf_file import GGUFFile
 
 APP_IMPORT_PATH = "cluster.app:build_app"
 
@@ -31,7 +33,11 @@ class ServerConfig(BaseModel):
     served_model_name: str | None = None  # the `model` clients send; default: the registered name or file stem
     backend: Literal["numpy", "cupy"] = "numpy"
     num_gpus: float = Field(0, ge=0, le=1)
-    num_cpus: float = Field(1, gt=0)  # reserved for the compute worker
+    num_cpus: float = Field(1, gt=0)  # reserved for the compute worker, and for each pipeline stage
+    # the forward pass in P stage actors, the layers split by bytes (workers/engine/pipeline.py);
+    # placed by a placement group of one bundle per stage with placement_strategy
+    pipeline_parallel_size: int = Field(1, ge=1)
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD"] = "STRICT_PACK"
     # everything the replica holds on its device; layers that do not fit stream from host RAM
     # (workers/engine/placement.py), and the KV cache takes what is left when kv_cache_gb is not given
     vram_budget_gb: float = Field(24.0, gt=0)
@@ -56,10 +62,28 @@ class ServerConfig(BaseModel):
             raise ValueError("backend 'cupy' needs num_gpus: 1 (one replica = one GPU)")
         if self.backend == "cupy" and self.kv_type == "f32":
             raise ValueError("kv_type 'f32' is the numpy backend's; backend 'cupy' stores f16, q8, q4, q3 or q2")
+        if self.pipeline_parallel_size > 1:
+            if self.backend != "numpy":
+                raise ValueError("pipeline_parallel_size > 1 runs on backend 'numpy' in this version (GPU stages: "
+                                 "issue 21)")
+            n_layers = self._model_layers()
+            if n_layers is not None and self.pipeline_parallel_size > n_layers:
+                raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
+                                 f"{n_layers} layers")
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}) so that every running decode fits in a step")
         return self
+
+    def _model_layers(self) -> int | None:
+        """The model file's layer count where the file is here already (else the engine checks
+        pipeline_parallel_size when it loads the model)."""
+        try:
+            path = model_store.resolve(self.model)
+        except model_store.ModelNotFound:
+            return None
+        with GGUFFile(path) as gguf:
+            return ModelConfig.from_gguf(gguf).n_layers
 
     @property
     def name(self) -> str:
@@ -75,7 +99,8 @@ class ServerConfig(BaseModel):
         """ComputeWorker's constructor arguments."""
         return self.model_dump(include={"model", "backend", "max_context", "kv_cache_gb", "kv_type", "vram_budget_gb",
                                         "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
-                                        "n_buffers", "requant_streamed"})
+                                        "n_buffers", "requant_streamed", "pipeline_parallel_size",
+                                        "placement_strategy", "num_cpus"})
 
 
 def describe(error: ValidationError, where: str) -> str:

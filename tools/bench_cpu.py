@@ -24,7 +24,7 @@ from workers.model import store as model_store
 
 def weight_bytes(engine: Engine) -> int:
     model = engine.model
-    total = sum(w.nbytes for layer in model.layers for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
+    total = sum(w.nbytes for layer in model.layers.values() for w in (layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down))
     return total + model.output.nbytes
 
 

@@ -24,6 +24,7 @@ the loop wakes the event loop only when a poll is waiting for events.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 
 import ray
@@ -35,6 +36,7 @@ from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.model.store import fingerprint
 from workers.node_tiers import NodeTiers
+from workers.stage_worker import RayPipeline
 from workers.tier_loader import TierLoader
 
 GIB = 2**30
@@ -60,7 +62,11 @@ class ComputeWorker:
                  kv_cache_gb: float | None = None, vram_budget_gb: float = 24.0, block_size: int = 16,
                  max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256,
                  host_ram_gb: float | None = None, n_buffers: int | None = None, kv_type: str | None = None,
-                 requant_streamed: str | None = None):
+                 requant_streamed: str | None = None, pipeline_parallel_size: int = 1,
+                 placement_strategy: str = "STRICT_PACK", num_cpus: float = 1.0):
+        """With pipeline_parallel_size > 1 the forward pass runs in that many StageWorker actors
+        (workers/stage_worker.py), each reserving num_cpus, placed by placement_strategy; this
+        actor keeps the scheduler, the block tables and the sampling."""
         node = ray.get_runtime_context().get_node_id()
         # The disk tier must be on this node: the engine maps the file it returns.
         self.loader = TierLoader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model)
@@ -73,8 +79,10 @@ class ComputeWorker:
                                  block_size=block_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                                  host_ram_gb=host_ram_gb, n_buffers=n_buffers, kv_type=kv_type,
                                  requant_streamed=requant_streamed)
+        stages = functools.partial(RayPipeline, strategy=placement_strategy, num_cpus=num_cpus)
         self.engine = await asyncio.to_thread(Engine, spec["path"], backend=backend, host_alloc=self.tiers.host_alloc,
-                                              disk_open=self.tiers.disk_open, **options)
+                                              disk_open=self.tiers.disk_open, pipeline_parallel_size=pipeline_parallel_size,
+                                              stage_runner=stages, **options)
         self.tiers.loaded()
         self.fingerprint = fingerprint(spec["path"])
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
@@ -109,7 +117,8 @@ class ComputeWorker:
         e = self.engine
         return {"model": e.model_name, "max_context": e.max_context, "kv_blocks_total": e.kv.num_blocks,
                 "block_size": e.kv.block_size, "vocab_size": e.tokenizer.vocab_size,
-                "system_fingerprint": self.fingerprint}
+                "system_fingerprint": self.fingerprint,
+                "pipeline_stages": [{"layers": [s.layers.start, s.layers.stop], "bytes": s.nbytes} for s in e.stages]}
 
     def stats(self) -> dict:
         s = self.scheduler

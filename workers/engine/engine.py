@@ -25,6 +25,7 @@ from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
+from workers.engine.pipeline import LocalPipeline, plan_stages, split_by_bytes
 from workers.engine.placement import Rates, context_bytes, plan_model
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
@@ -135,7 +136,7 @@ class Engine:
                  vram_budget: int | None = None, n_buffers: int | None = None, host_ram: int | None = None,
                  rates: Rates | None = None, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                  host_alloc=None, disk_open=None, kv_type: str | None = None,
-                 requant_streamed: str | None = None):
+                 requant_streamed: str | None = None, pipeline_parallel_size: int = 1, stage_runner=None):
         """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
         backend's KV layout of kv_type (kernels/kv_layout.py; the backend's default if None)
         hold (at least one context), or one context. With vram_budget
@@ -147,7 +148,14 @@ class Engine:
         max_batch_tokens and max_logit_rows (tokens a step takes, rows of logits it returns)
         size the activations the budget keeps room for. requant_streamed ("auto" or a K-quant
         type): the streamed layers' matrices are requantized as they load
-        (workers/engine/requant_streamed.py), so each pass copies fewer bytes."""
+        (workers/engine/requant_streamed.py), so each pass copies fewer bytes.
+
+        With pipeline_parallel_size P > 1 the forward pass runs in P stages, the layers split
+        by bytes (workers/engine/pipeline.py); this engine then holds no weights and no KV, only
+        the block tables every stage's pools share, and samples the last stage's logits.
+        stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
+        `LocalPipeline`, in this process). The stages hold every layer resident, keep an
+        unquantized KV cache and run no drafts (speculation) in this first slice."""
         check_spec(requant_streamed, "requant_streamed")
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
@@ -202,18 +210,37 @@ class Engine:
                      p.n_buffers, p.slot_bytes / 2**20, p.why_buffers, self.link)
             self.ops.stream_layers(schedule, {i: layer_matrices(self.gguf, c, i) for i in schedule.streamed},
                                    [i for i, t in enumerate(p.tiers) if t == "disk"], host_alloc, disk_open)
-        self.model = Transformer(self.gguf, self.config, self.ops)
         num_blocks = -(-self.placement.kv_tokens // block_size)
         sliding_blocks = min(sliding_cap, num_blocks)  # a sequence holds no more sliding blocks than main ones
         if sliding and len(sliding) == c.n_layers:  # no rows in the main pool: it only numbers positions
             num_blocks = max(num_blocks, max_logit_rows * -(-self.max_context // block_size))
+        staged = self._check_pipeline(pipeline_parallel_size, layout)
         # a RotateKV ring slot for each sequence a step may hold
-        self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks)
+        self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,
+                               held=range(0) if staged else None)
+        self.model = None if staged else Transformer(self.gguf, self.config, self.ops)
+        self.stages = plan_stages(self.kv, str(self.gguf.path), self.gguf, c, self.ops, self.placement.sizes.layers,
+                                  pipeline_parallel_size, kv_type) if staged else []
+        self.pipeline = (stage_runner or LocalPipeline)(self.stages) if staged else None
         self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots, self.kv.sliding_blocks, window)
         if layout.type.quantized:
             self._calibrate_kv()
         self.last_timings = Timings()
         self.last_speculation = SpecStats()
+
+    def _check_pipeline(self, size: int, layout) -> bool:
+        """Whether the forward pass is staged (size > 1); ValueError naming
+        pipeline_parallel_size for a size or a combination this slice does not run."""
+        split_by_bytes([0] * self.config.n_layers, size)  # the range check, with the field's name
+        if size == 1:
+            return False
+        if self.placement.streamed:
+            raise ValueError(f"pipeline_parallel_size={size}: the stages hold every layer resident; "
+                             f"{len(self.placement.streamed)} layers do not fit the VRAM budget")
+        if layout.type.quantized:
+            raise ValueError(f"pipeline_parallel_size={size}: a quantized KV cache (kv_type "
+                             f"{layout.type.name}) is calibrated over the whole model; use an unquantized one")
+        return True
 
     def _calibrate_kv(self) -> None:
         """A RotateKV cache's key centre and scale per layer, from the model's own keys and
@@ -294,7 +321,12 @@ class Engine:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
         elif not all_logits:  # each sequence's last new row
             step.logit_rows = np.cumsum([n for _, n in work], dtype=np.int64) - 1
-        logits = self.ops.run_step(self._forward(layers), step, self.kv.layers)
+        if self.pipeline is not None:
+            if layers is not None or decode_rows:
+                raise ValueError("a pipeline's stages run whole passes only (no drafts or verifying rows)")
+            logits = self.pipeline.forward(step)
+        else:
+            logits = self.ops.run_step(self._forward(layers), step, self.kv.layers)
         for seq, n in work:
             seq.num_cached += n
         return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
@@ -508,7 +540,7 @@ class Engine:
 
     def samples_on_device(self, params: SamplingParams) -> bool:
         """Whether `sample` draws a row with these params on the device: only its id leaves it."""
-        return self.ops.device_sampling and params.logprobs is None and not params.penalized
+        return self.ops.device_sampling and self.pipeline is None and params.logprobs is None and not params.penalized
 
     def release(self, seq: Sequence) -> None:
         self.blocks.release(seq)
@@ -544,6 +576,8 @@ class Engine:
         speculation.py): greedy, the same tokens; sampled, tokens of the same distribution
         from the request's generator; several a pass. Its drafter and k are chosen pass by
         pass when speculation says auto (workers/engine/draft_policy.py)."""
+        if speculation is not None and self.pipeline is not None:
+            raise ValueError("speculative decoding does not run through pipeline stages")
         if speculation is not None and params.constrained:
             # a draft is verified against the raw distribution; masking it is not implemented
             raise ValueError("speculative decoding cannot run with a grammar or a logit_bias")

@@ -55,16 +55,20 @@ def pool_units_within(nbytes: int, unit_bytes: int, sliding_unit_bytes: int, sli
 
 class PagedKVCache:
     def __init__(self, ops: Backend, n_layers: int, layout: KVLayout, num_blocks: int, recent_slots: int = 0,
-                 sliding: tuple[int, ...] = (), sliding_blocks: int = 0):
+                 sliding: tuple[int, ...] = (), sliding_blocks: int = 0, held: range | None = None):
         """recent_slots: sequences a RotateKV cache's recent ring holds at once; sliding: the
-        layers whose rows are the sliding pool's sliding_blocks blocks."""
+        layers whose rows are the sliding pool's sliding_blocks blocks. held: the layers whose
+        K and V this process stores (every layer if None): a pipeline stage's, or none for the
+        driver of the stages, which numbers the same blocks for all of them
+        (workers/engine/pipeline.py)."""
         if num_blocks < 1 or (sliding and sliding_blocks < 1):
             raise ValueError("the KV cache needs at least one block in each pool")
         self.layout, self.num_blocks, self.block_size = layout, num_blocks, layout.block_size
         self.recent_slots = recent_slots if layout.type.quantized else 0
         self.sliding, self.sliding_blocks = tuple(sliding), sliding_blocks if sliding else 0
+        self.held = range(n_layers) if held is None else held
         self.layers = [ops.new_kv_cache(self.sliding_blocks if i in self.sliding else num_blocks, layout,
-                                        self.recent_slots, i in self.sliding) for i in range(n_layers)]
+                                        self.recent_slots, i in self.sliding) for i in self.held]
 
     @staticmethod
     def blocks_within(budget_bytes: int, n_layers: int, layout: KVLayout, recent_slots: int = 0,
@@ -76,6 +80,11 @@ class PagedKVCache:
         return pool_units_within(rest, (n_layers - n_sliding) * per_block, n_sliding * per_block, sliding_cap)
 
     @property
+    def by_layer(self) -> dict[int, tuple]:
+        """The held layers' (K, V) by layer index."""
+        return dict(zip(self.held, self.layers))
+
+    @property
     def nbytes(self) -> int:
         """Bytes the cache holds on the device, every layer's K and V."""
         return sum(k.nbytes + v.nbytes for k, v in self.layers)
@@ -83,4 +92,4 @@ class PagedKVCache:
     @property
     def sliding_nbytes(self) -> int:
         """Bytes of the sliding pool: the sliding layers' K and V."""
-        return sum(k.nbytes + v.nbytes for i, (k, v) in enumerate(self.layers) if i in self.sliding)
+        return sum(k.nbytes + v.nbytes for i, (k, v) in self.by_layer.items() if i in self.sliding)

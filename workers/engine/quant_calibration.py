@@ -31,7 +31,7 @@ def weight_slots(engine: Engine) -> dict[str, tuple[np.ndarray, slice]]:
         raise ValueError("calibration needs the NumPy backend with every layer resident")
     model, c = engine.model, engine.config
     slots = {}
-    for i, layer in enumerate(model.layers):
+    for i, layer in model.layers.items():
         for stacked, tensors in zip((layer.wqkv, layer.wo, layer.w_gate_up, layer.w_down),
                                     layer_matrices(engine.gguf, c, i)):
             start = 0

@@ -41,13 +41,28 @@ def layer_matrices(gguf: GGUFFile, config: ModelConfig, i: int) -> list[list]:
 
 
 class Transformer:
-    def __init__(self, gguf: GGUFFile, config: ModelConfig, ops: Backend):
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, ops: Backend, held: range | None = None):
+        """held: the layers this instance loads (a pipeline stage's, workers/engine/pipeline.py;
+        every layer if None). The one holding layer 0 also loads the embedding, the one holding
+        the last layer the output norm and head."""
         self.config, self.ops = config, ops
+        self.held = range(config.n_layers) if held is None else held
         table, t = config.architecture, gguf.tensors
-        self.embed = ops.load_embedding(t[table.tensor_name("embed")])
-        self.output_norm = ops.load_vector(t[table.tensor_name("output_norm")])
-        self.output = ops.load_matrix(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
-        self.layers = [ops.load_layer(i, lambda i=i: self._load_layer(gguf, i)) for i in range(config.n_layers)]
+        self.embed = ops.load_embedding(t[table.tensor_name("embed")]) if self.embeds else None
+        if self.heads:
+            self.output_norm = ops.load_vector(t[table.tensor_name("output_norm")])
+            self.output = ops.load_matrix(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
+        else:
+            self.output_norm = self.output = None
+        self.layers = {i: ops.load_layer(i, lambda i=i: self._load_layer(gguf, i)) for i in self.held}
+
+    @property
+    def embeds(self) -> bool:
+        return 0 in self.held
+
+    @property
+    def heads(self) -> bool:
+        return self.config.n_layers - 1 in self.held
 
     def _load_layer(self, gguf: GGUFFile, i: int) -> Layer:
         table, t, ops = self.config.architecture, gguf.tensors, self.ops
@@ -60,21 +75,33 @@ class Transformer:
                      q_norm=extra("q_norm"), k_norm=extra("k_norm"),
                      post_attn_norm=extra("post_attn_norm"), post_ffn_norm=extra("post_ffn_norm"))
 
-    def forward(self, step: StepInputs, kv_caches: list[tuple[Array, Array]], layers: tuple[int, ...] | None = None) -> Array:
+    def forward(self, step: StepInputs, kv_caches, layers: tuple[int, ...] | None = None) -> Array:
         """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None); with
         `layers` (ascending indices), of those layers only, the others passed over by the
         residual stream (a draft: the first d layers, or a calibrated subset). Only the layers
         run write KV; a streamed model's pass copies only their bytes (the backend is told
         which: Engine._forward), so a draft is cheap under streaming when it runs resident
-        layers only."""
+        layers only. kv_caches: each layer's (K, V) by its index (a list or a dict)."""
+        x = self.run_layers(self.embedding(step), step, kv_caches, self.held if layers is None else layers)
+        return self.logits(x, step)
+
+    def embedding(self, step: StepInputs) -> Array:
+        """The residual stream entering layer 0: [T, d]."""
+        x = self.ops.embedding(self.embed, step)
+        return x if self.config.embed_scale == 1.0 else self.ops.scale(x, self.config.embed_scale)
+
+    def logits(self, x: Array, step: StepInputs) -> Array:
+        """Logits of the rows step.logit_rows of the residual stream leaving the last layer."""
+        ops = self.ops
+        return ops.matmul(ops.rmsnorm(ops.logit_input(x, step), self.output_norm, self.config.rms_eps), self.output)
+
+    def run_layers(self, x: Array, step: StepInputs, kv_caches, layers) -> Array:
+        """The residual stream x [T, d] through `layers` (ascending, held here)."""
         ops, c = self.ops, self.config
         n = len(step.tokens)
         q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
         gate = ops.geglu if c.architecture.gate_activation == "gelu_tanh" else ops.swiglu
-        x = ops.embedding(self.embed, step)
-        if c.embed_scale != 1.0:
-            x = ops.scale(x, c.embed_scale)
-        for i in range(c.n_layers) if layers is None else layers:
+        for i in layers:
             layer, (k_cache, v_cache) = self.layers[i], kv_caches[i]
             ops.begin_layer(i)
             h = ops.rmsnorm(x, layer.attn_norm, c.rms_eps)
@@ -99,5 +126,4 @@ class Transformer:
             else:
                 x = ops.add(x, ops.rmsnorm(ops.matmul(ffn, layer.w_down), layer.post_ffn_norm, c.rms_eps))
             x = ops.end_layer(i, x)
-        x = ops.logit_input(x, step)
-        return ops.matmul(ops.rmsnorm(x, self.output_norm, c.rms_eps), self.output)
+        return x

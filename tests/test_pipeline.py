@@ -1,0 +1,337 @@
+"""Pipeline parallelism (workers/engine/pipeline.py, workers/stage_worker.py): the split by
+bytes against a brute force, P stages' logits against one process's (bit for bit: the same
+NumPy ops on the same float32 arrays), stage actors on a local Ray, a stage killed mid-request,
+and the configuration's checks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import ray
+
+from cluster.config import ConfigError, server_config
+from workers.engine.engine import Engine, Sequence
+from workers.engine.pipeline import split_by_bytes
+from workers.engine.sampling import SamplingParams
+from workers.engine.speculation import Speculation
+from workers.model.synthetic import Shape, write_model
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+SHAPES = {  # more layers than conftest's tiny qwen2, so that P = 3 splits it
+    "qwen2": (Shape("qwen2", n_layers=4, d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=512, rope_base=1_000_000.0,
+                    context_length=512), "ggml-vocab-qwen2.gguf"),
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, vocab_dir, tiny_model):
+    """model(arch) -> a synthetic GGUF: a 4-layer qwen2, or conftest's 7-layer gemma3 (sliding layers)."""
+    made = {}
+
+    def make(arch: str):
+        if arch == "gemma3":
+            return tiny_model("gemma3")
+        if arch not in made:
+            shape, vocab = SHAPES[arch]
+            made[arch] = write_model(tmp_path_factory.mktemp("pp") / f"{arch}.gguf", shape, vocab_dir / vocab)
+        return made[arch]
+
+    return make
+
+
+# the split
+
+def brute_force(costs, parts, first, last):
+    """The least largest stage sum over every way to cut costs into `parts` non-empty runs."""
+    n, best = len(costs), None
+    for cuts in itertools.combinations(range(1, n), parts - 1):
+        bounds = (0, *cuts, n)
+        sums = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+        sums[0] += first
+        sums[-1] += last
+        best = max(sums) if best is None else min(best, max(sums))
+    return best
+
+
+def stage_sums(ranges, costs, first, last):
+    sums = [sum(costs[i] for i in r) for r in ranges]
+    sums[0] += first
+    sums[-1] += last
+    return sums
+
+
+def test_split_of_equal_layers_is_even():
+    assert split_by_bytes([7] * 12, 3) == [range(0, 4), range(4, 8), range(8, 12)]
+    assert split_by_bytes([7] * 5, 5) == [range(i, i + 1) for i in range(5)]
+    assert split_by_bytes([7] * 5, 1) == [range(0, 5)]
+    # the embedding and head weigh as much as two layers each: the end stages take two fewer
+    assert split_by_bytes([10] * 10, 2, first_bytes=20, last_bytes=20) == [range(0, 5), range(5, 10)]
+    assert split_by_bytes([10] * 8, 3, first_bytes=20, last_bytes=20) == [range(0, 2), range(2, 6), range(6, 8)]
+
+
+def test_split_is_the_least_largest_stage():
+    """Contiguous, covering, non-empty, and its largest stage as small as a brute force over
+    every cut finds; within the closed-form bound total / P + the largest item."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        n = int(rng.integers(1, 9))
+        costs = rng.integers(1, 1000, n).tolist()
+        first, last = (int(x) for x in rng.integers(0, 2000, 2))
+        for parts in range(1, n + 1):
+            ranges = split_by_bytes(costs, parts, first, last)
+            assert len(ranges) == parts and all(len(r) for r in ranges)
+            assert [i for r in ranges for i in r] == list(range(n))
+            sums = stage_sums(ranges, costs, first, last)
+            assert max(sums) == brute_force(costs, parts, first, last)
+            items = [costs[0] + first] + costs[1:-1] + [costs[-1] + last] if n > 1 else [costs[0] + first + last]
+            assert max(sums) <= sum(items) / parts + max(items)
+
+
+@pytest.mark.parametrize("parts", [0, -1, 5, True, 2.0])
+def test_split_sizes_out_of_range_name_the_field(parts):
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=.* must be in \[1, 4\]"):
+        split_by_bytes([1, 2, 3, 4], parts)
+
+
+def test_stages_split_a_synthetic_model_by_its_bytes(model):
+    """Each stage counts its layers' matrices (as the backend stores them) and KV pools, the
+    embedding on the first and the head on the last; the split is the least largest stage."""
+    engine = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=3)
+    c, ops, t = engine.config, engine.ops, engine.gguf.tensors
+    layout = engine.kv.layout
+    per_layer = [w + layout.bytes_per_block * engine.kv.num_blocks for w in engine.placement.sizes.layers]
+    d, vocab, f32 = c.d_model, c.vocab_size, 4
+    embed = head = vocab * d * f32  # qwen2 is untied: the head is a matrix of the same shape
+    assert ops.matrix_nbytes(t["token_embd.weight"]) == embed and ops.matrix_nbytes(t["output.weight"]) == head
+    sums = [s.nbytes for s in engine.stages]
+    assert sums == stage_sums([s.layers for s in engine.stages], per_layer, embed, head)
+    assert max(sums) == brute_force(per_layer, 3, embed, head)
+    # the embedding and head outweigh the layers: each end stage keeps one layer
+    assert [s.layers for s in engine.stages] == [range(0, 1), range(1, 3), range(3, 4)]
+    assert engine.model is None and engine.kv.layers == [] and engine.kv.nbytes == 0  # the driver holds neither
+
+
+# P stages against one process
+
+def drive(engine):
+    """Logits of: a batched prefill of two sequences (every row), three batched decode steps, a
+    third sequence's prefill in two chunks beside a decode, and single decodes."""
+    a, b, c = Sequence([1, 2, 3, 4, 5, 6, 7]), Sequence([9, 8, 7]), Sequence([3, 1, 4, 1, 5, 9, 2, 6])
+    out = []
+
+    def step(work, **kw):
+        engine.reserve(work)
+        out.append(engine.forward(work, **kw))
+        return out[-1]
+
+    try:
+        logits = step([(a, 7), (b, 3)], all_logits=True)
+        last = logits[[6, 9]]
+        for _ in range(3):
+            for s, t in zip((a, b), np.argmax(last, axis=-1).tolist()):
+                s.token_ids.append(t)
+            last = step([(a, 1), (b, 1)])
+        step([(c, 5)])
+        a.token_ids.append(int(np.argmax(last[0])))
+        last = step([(a, 1), (c, 3)])
+        for _ in range(2):
+            c.token_ids.append(int(np.argmax(last[-1])))
+            last = step([(c, 1)])
+    finally:
+        for s in (a, b, c):
+            engine.release(s)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(model):
+    made = {}
+
+    def make(arch):
+        if arch not in made:
+            made[arch] = Engine(model(arch), max_context=64, kv_cache_tokens=256)
+        return made[arch]
+
+    return make
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_stages_give_the_logits_of_one_process(model, single, arch, parts):
+    staged = Engine(model(arch), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=parts)
+    assert len(staged.stages) == parts
+    want, got = drive(single(arch)), drive(staged)
+    assert len(want) == len(got) == 8
+    for w, g in zip(want, got):
+        assert w.dtype == g.dtype == np.float32 and w.shape == g.shape
+        assert np.array_equal(w, g)
+    assert staged.blocks.blocks_in_use == 0
+
+
+def test_stages_generate_the_greedy_tokens_of_one_process(model, single):
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    want = [e.token_id for e in single("qwen2").generate([5, 6, 7], GREEDY)]
+    assert [e.token_id for e in staged.generate([5, 6, 7], GREEDY)] == want
+
+
+def test_what_stages_do_not_run_is_refused(model):
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 must be in \[1, 4\]"):
+        Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2: a quantized KV cache"):
+        Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, kv_type="q8")
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="speculative decoding does not run through pipeline stages"):
+        list(staged.generate([1, 2, 3], GREEDY, Speculation(k=2)))
+    seq = Sequence([1, 2, 3])
+    staged.reserve([(seq, 3)])
+    with pytest.raises(ValueError, match="whole passes only"):
+        staged.forward([(seq, 3)], layers=(0,))
+    staged.release(seq)
+
+
+def test_server_config_checks_pipeline_parallel_size(model):
+    for value in (0, -2):
+        with pytest.raises(ConfigError, match=r"args\.pipeline_parallel_size: Input should be greater than or equal"):
+            server_config({"pipeline_parallel_size": value})
+    with pytest.raises(ConfigError, match=r"pipeline_parallel_size \(5\) must be <= the model's 4 layers"):
+        server_config({"model": str(model("qwen2")), "pipeline_parallel_size": 5})
+    with pytest.raises(ConfigError, match="pipeline_parallel_size > 1 runs on backend 'numpy'"):
+        server_config({"backend": "cupy", "num_gpus": 1, "pipeline_parallel_size": 2})
+    with pytest.raises(ConfigError, match="placement_strategy"):
+        server_config({"placement_strategy": "ANYWHERE"})
+    config = server_config({"model": str(model("qwen2")), "pipeline_parallel_size": 4, "placement_strategy": "SPREAD"})
+    assert config.worker_args()["pipeline_parallel_size"] == 4
+    assert config.worker_args()["placement_strategy"] == "SPREAD"
+
+
+# stage actors on a local Ray
+
+@pytest.fixture(scope="module")
+def local_ray():
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only (see tests/serving_cluster.py)
+    address = os.environ.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ntr-ray-", dir="/tmp")  # short: socket paths are length-limited
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if address is not None:
+            os.environ["RAY_ADDRESS"] = address
+
+
+def test_ray_stages_give_the_logits_of_one_process(local_ray, model, single):
+    from workers.stage_worker import RayPipeline
+
+    staged = Engine(model("gemma3"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=3,
+                    stage_runner=RayPipeline)
+    try:
+        for w, g in zip(drive(single("gemma3")), drive(staged)):
+            assert np.array_equal(w, g)
+    finally:
+        staged.pipeline.shutdown()
+
+
+def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray, model, single):
+    """A stage killed between two steps comes back empty: the next pass, which would read the KV
+    it lost, fails naming it (Ray reports the restart, and the stage itself refuses steps),
+    rather than computing wrong logits; once the caller has ended those sequences, the pass
+    after runs and matches one process."""
+    from workers.stage_worker import RayPipeline, StageFailed
+
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2,
+                    stage_runner=RayPipeline)
+    try:
+        seq = Sequence([1, 2, 3, 4])
+        staged.reserve([(seq, 4)])
+        staged.forward([(seq, 4)])
+        ray.kill(staged.pipeline.actors[1], no_restart=False)
+        deadline = time.monotonic() + 60
+        while True:  # until Ray has restarted it
+            try:
+                ray.get(staged.pipeline.actors[1].ready.remote(), timeout=10)
+                break
+            except ray.exceptions.RayError:
+                assert time.monotonic() < deadline, "stage 1 did not restart"
+        seq.token_ids.append(5)
+        staged.reserve([(seq, 1)])
+        with pytest.raises(StageFailed, match=r"pipeline stage 1 \(layers 2-3\) failed: "):
+            staged.forward([(seq, 1)])  # Ray's own error, or the stage's below
+        hidden = np.zeros((1, staged.config.d_model), np.float32)
+        with pytest.raises(ray.exceptions.RayTaskError, match="stage 1 .* was restarted: its KV cache is lost"):
+            ray.get(staged.pipeline.actors[1].step.remote(staged._plan([(seq, 1)]), hidden))
+        staged.release(seq)
+        for w, g in zip(drive(single("qwen2")), drive(staged)):
+            assert np.array_equal(w, g)
+    finally:
+        staged.pipeline.shutdown()
+
+
+def ended(events) -> bool:
+    return bool(events) and ("error" in events[-1] or events[-1].get("finish_reason") is not None)
+
+
+def poll_until(worker, request_id, done, timeout_s=120):
+    events, deadline = [], time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        events += ray.get(worker.poll.remote(0.5)).get(request_id, [])
+        if done(events):
+            return events
+    raise AssertionError(f"{request_id}: {events[-3:]} after {timeout_s} s")
+
+
+def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local_ray, model, single):
+    """A ComputeWorker over 2 stage actors: killing stage 1 while a request decodes ends that
+    request with an error naming the stage; Ray restarts the stage, and the next request gets
+    the tokens one process gives."""
+    from workers.compute_worker import ComputeWorker
+
+    worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=512, kv_cache_gb=0.01,
+                                                      max_num_seqs=4, max_batch_tokens=64,
+                                                      pipeline_parallel_size=2)
+    try:
+        info = ray.get(worker.info.remote(), timeout=120)
+        assert [s["layers"] for s in info["pipeline_stages"]] == [[0, 2], [2, 4]]
+        long = SamplingParams(temperature=0.0, max_tokens=480, ignore_eos=True)
+        ray.get(worker.submit.remote("long", [1, 2, 3], long))
+        poll_until(worker, "long", lambda events: any(e.get("token_id") is not None for e in events))
+        stage = next(n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                     if n["name"].endswith("-stage-1"))
+        ray.kill(ray.get_actor(stage, namespace=next(
+            n["namespace"] for n in ray.util.list_named_actors(all_namespaces=True) if n["name"] == stage)),
+            no_restart=False)
+        events = poll_until(worker, "long", ended)
+        assert "error" in events[-1], "the request finished before the kill reached it"
+        assert "pipeline stage 1 (layers 2-3)" in events[-1]["error"]
+        assert len(events) < 480
+
+        ray.get(worker.submit.remote("next", [5, 6, 7], GREEDY))
+        events = poll_until(worker, "next", ended)
+        want = [e.token_id for e in single("qwen2").generate([5, 6, 7], GREEDY)]
+        assert [e.get("token_id") for e in events] == want and events[-1]["finish_reason"] == "length", events[-1]
+    finally:
+        ray.kill(worker)
+
+
+def test_generate_pp_2_gives_the_greedy_tokens_of_one_process_on_the_default_model(real_engine, real_model_path):
+    """`ntr generate --pp 2` (its own local Ray, in a process of its own) against P = 1."""
+    prompt = "def fibonacci(n):"
+    params = SamplingParams(temperature=0.0, max_tokens=8)
+    want = [e.token_id for e in real_engine.generate(real_engine.prompt_ids(prompt), params)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--model", str(real_model_path),
+                           "--preset", "greedy", "--max-tokens", "8", "--prompt", prompt, "--json", "--pp", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["token_ids"] == want and len(want) == 8

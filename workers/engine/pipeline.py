@@ -1,0 +1,157 @@
+"""Pipeline parallelism: a model's layers cut into P contiguous stages, and one stage's step.
+
+The split is by bytes: each layer costs its matrices (as the backend stores them) and its KV
+pool, the first stage also holds the embedding and the last the output head, and the cut
+points minimize the largest stage's sum, so that the stage that bounds the device memory
+and a decode step's weight reads is as small as it can be.
+
+A `Stage` holds only its layers' weights (`Transformer(held=...)`) and its layers' KV
+(`PagedKVCache(held=...)`); every stage's pools have the same number of blocks, so the block
+tables of the one scheduler (the engine that drives the stages) are valid in each. A step's
+inputs (tokens, positions, the AttentionBatch) go to every stage; the residual stream goes
+from one stage to the next as float32 [T, d_model] (the activation precision: logits equal
+a single process's), and the last stage returns the logits. Where the stages run is the
+caller's: `LocalPipeline` runs them in this process, `workers/stage_worker.py` in Ray actors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernels import StepInputs, get_backend
+from kernels.ops import Backend
+from workers.engine.kv_cache import PagedKVCache
+from workers.model.config import ModelConfig
+from workers.model.gguf_file import GGUFFile
+from workers.model.transformer import Transformer
+
+
+def split_by_bytes(layer_bytes: list[int], parts: int, first_bytes: int = 0, last_bytes: int = 0) -> list[range]:
+    """`parts` contiguous non-empty ranges of layer indices covering every layer, whose largest
+    sum (first_bytes added to the first range's, last_bytes to the last's) is the least any
+    such split has. Exact, by dynamic programming over the cut points: O(parts * n^2) for n
+    layers, nothing next to a model's load."""
+    n = len(layer_bytes)
+    if isinstance(parts, bool) or not isinstance(parts, int) or not 1 <= parts <= n:
+        raise ValueError(f"pipeline_parallel_size={parts!r} must be in [1, {n}] (the model's layers)")
+    prefix = np.concatenate([[0], np.cumsum(layer_bytes, dtype=np.int64)]).tolist()
+
+    def cost(start: int, end: int, k: int) -> int:  # layers [start, end) as stage k of `parts`
+        return prefix[end] - prefix[start] + (first_bytes if k == 0 else 0) + (last_bytes if k == parts - 1 else 0)
+
+    # best[k][e]: the least largest sum of stages 0..k over layers [0, e); cut[k][e]: stage k's start there
+    best = [[cost(0, e, 0) if e >= 1 else None for e in range(n + 1)]]
+    cut = [[0] * (n + 1)]
+    for k in range(1, parts):
+        row, starts = [None] * (n + 1), [0] * (n + 1)
+        for e in range(k + 1, n + 1):
+            for s in range(k, e):  # stages before k hold layers [0, s), at least one each
+                value = max(best[k - 1][s], cost(s, e, k))
+                if row[e] is None or value < row[e]:
+                    row[e], starts[e] = value, s
+        best.append(row)
+        cut.append(starts)
+    ranges, end = [], n
+    for k in range(parts - 1, -1, -1):
+        start = cut[k][end]
+        ranges.append(range(start, end))
+        end = start
+    return ranges[::-1]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What a stage needs to build itself (picklable: it travels to a stage actor)."""
+
+    index: int
+    model_path: str
+    backend: str
+    layers: range
+    block_size: int
+    kv_type: str | None
+    num_blocks: int
+    recent_slots: int
+    sliding: tuple[int, ...]
+    sliding_blocks: int
+    nbytes: int  # what the split counted for it: its layers' matrices and KV pools, embedding, head
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    def describe(self) -> str:
+        return f"stage {self.index} (layers {self.layers.start}-{self.layers.stop - 1})"
+
+
+def plan_stages(engine_kv: PagedKVCache, model_path: str, gguf: GGUFFile, config: ModelConfig, ops: Backend,
+                layer_bytes: tuple[int, ...], parts: int, kv_type: str | None) -> list[StageSpec]:
+    """The stages of a model split `parts` ways by bytes: layer_bytes (each layer's matrices as
+    ops stores them) and each layer's KV pool as engine_kv (the driver's, holding no layer) sizes it."""
+    kv = engine_kv
+    pool = [kv.layout.fixed_bytes(kv.recent_slots)
+            + kv.layout.bytes_per_block * (kv.sliding_blocks if i in kv.sliding else kv.num_blocks)
+            for i in range(config.n_layers)]
+    per_layer = [w + p for w, p in zip(layer_bytes, pool)]
+    table, t = config.architecture, gguf.tensors
+    embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
+    head = ops.matrix_nbytes(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
+    ranges = split_by_bytes(per_layer, parts, embed, head)
+    return [StageSpec(index=k, model_path=model_path, backend=ops.name, layers=r, block_size=kv.block_size,
+                      kv_type=kv_type, num_blocks=kv.num_blocks, recent_slots=kv.recent_slots, sliding=kv.sliding,
+                      sliding_blocks=kv.sliding_blocks,
+                      nbytes=sum(per_layer[i] for i in r) + (embed if k == 0 else 0) + (head if k == parts - 1 else 0))
+            for k, r in enumerate(ranges)]
+
+
+class Stage:
+    """One stage's layers and their KV cache, loaded from the model file (mapped, so a stage
+    reads only its own tensors' pages)."""
+
+    def __init__(self, spec: StageSpec, ops: Backend | None = None):
+        self.spec = spec
+        self.ops = ops or get_backend(spec.backend)
+        gguf = GGUFFile(spec.model_path)
+        c = self.config = ModelConfig.from_gguf(gguf)
+        if spec.layers.stop > c.n_layers:
+            raise ValueError(f"{spec.describe()}: the model has {c.n_layers} layers")
+        self.model = Transformer(gguf, c, self.ops, held=spec.layers)
+        layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, spec.block_size, spec.kv_type)
+        self.kv = PagedKVCache(self.ops, c.n_layers, layout, spec.num_blocks, spec.recent_slots, spec.sliding,
+                               spec.sliding_blocks, held=spec.layers)
+        self.kv_by_layer = self.kv.by_layer
+
+    def step(self, step: StepInputs, hidden: np.ndarray | None) -> np.ndarray:
+        """The first stage embeds step's tokens (hidden None); the others take the previous
+        stage's residual stream [T, d_model] float32. Returns the stream leaving this stage's
+        last layer, or from the last stage the logits of step.logit_rows, float32 on the host."""
+        ops, c = self.ops, self.config
+        if (hidden is None) != self.spec.first:
+            raise ValueError(f"{self.spec.describe()}: {'no ' if self.spec.first else ''}hidden states expected")
+        if hidden is None:
+            x = self.model.embedding(step)
+        else:
+            if hidden.shape != (len(step.tokens), c.d_model) or hidden.dtype != np.float32:
+                raise ValueError(f"{self.spec.describe()}: hidden states {hidden.dtype}{list(hidden.shape)}, expected "
+                                 f"float32[{len(step.tokens)}, {c.d_model}]")
+            x = ops.asarray(hidden)
+        x = self.model.run_layers(x, step, self.kv_by_layer, self.spec.layers)
+        if self.model.heads:
+            x = self.model.logits(x, step)
+        return ops.to_numpy(x).astype(np.float32, copy=False)
+
+
+class LocalPipeline:
+    """The stages in this process, one after the other (the engine-level form of a pipeline:
+    what the Ray stage actors run, without Ray)."""
+
+    def __init__(self, specs: list[StageSpec]):
+        self.specs = specs
+        self.stages = [Stage(spec) for spec in specs]
+
+    def forward(self, step: StepInputs) -> np.ndarray:
+        hidden = None
+        for stage in self.stages:
+            hidden = stage.step(step, hidden)
+        return hidden

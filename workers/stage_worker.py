@@ -1,0 +1,129 @@
+"""Pipeline stages as Ray actors: one StageWorker per stage, and RayPipeline, which starts them
+and runs a forward pass through them (an Engine's stage_runner, workers/engine/pipeline.py).
+
+The stages are placed by a placement group of one bundle per stage (STRICT_PACK: one node,
+by default; PACK or SPREAD across nodes). Each actor maps the model file and loads only its
+layers. A pass puts the step's inputs in Ray's object store once and hands every stage the
+reference; each stage's output (the float32 residual stream, the last stage's logits) is an
+object the next stage takes as an argument, so activations move through Ray's own objects
+(shared memory within a host), straight from stage to stage, and only the logits come back.
+
+A stage that dies is restarted by Ray (up to STAGE_RESTARTS times) with an empty KV cache.
+The pass it was in raises StageFailed, and so does a pass that reaches a restarted stage
+before the pipeline knows (its KV for the sequences in flight is gone): the engine's caller
+ends those sequences (the ComputeWorker fails every request in flight). The pass after that
+first tells the restarted stages that the sequences they lost are ended, and runs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import numpy as np
+import ray
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from kernels import StepInputs
+from workers.engine.pipeline import Stage, StageSpec
+
+STAGE_RESTARTS = 3
+STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
+START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers (or a restarted stage's)
+
+
+class StageFailed(RuntimeError):
+    """A pipeline stage died or failed during a pass; the sequences in flight are lost."""
+
+
+@ray.remote(max_restarts=STAGE_RESTARTS)
+class StageWorker:
+    def __init__(self, spec: StageSpec):
+        self.stage = Stage(spec)
+        # a restart begins with an empty KV cache: it refuses passes until told the sequences are ended
+        self.lost_kv = ray.get_runtime_context().was_current_actor_reconstructed
+
+    def ready(self) -> str:
+        return self.stage.spec.describe()
+
+    def step(self, step: StepInputs, hidden: np.ndarray | None) -> np.ndarray:
+        if self.lost_kv:
+            raise StageFailed(f"{self.stage.spec.describe()} was restarted: its KV cache is lost")
+        return self.stage.step(step, hidden)
+
+    def sequences_ended(self) -> None:
+        """Every sequence whose KV this stage lost has ended: the next pass may run."""
+        self.lost_kv = False
+
+
+class RayPipeline:
+    """The stages of `specs` as StageWorker actors in a placement group; forward(step) runs a pass."""
+
+    def __init__(self, specs: list[StageSpec], strategy: str = "STRICT_PACK", num_cpus: float = 1.0,
+                 timeout_s: float = START_TIMEOUT_S):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"placement_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        self.specs, self.timeout_s = specs, timeout_s
+        self.group = placement_group([{"CPU": num_cpus} for _ in specs], strategy=strategy)
+        try:
+            ray.get(self.group.ready(), timeout=timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(self.group)
+            raise RuntimeError(f"no room in the Ray cluster for {len(specs)} pipeline stages of {num_cpus} CPUs "
+                               f"each ({strategy}) after {timeout_s:.0f} s") from None
+        prefix = f"ntr-{uuid.uuid4().hex[:8]}"
+        self.actors = [StageWorker.options(
+            name=f"{prefix}-stage-{spec.index}", num_cpus=num_cpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.index),
+        ).remote(spec) for spec in specs]
+        ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+        self.failed = False
+
+    def forward(self, step: StepInputs) -> np.ndarray:
+        """The last stage's logits for step (StageFailed, naming the stage, when one fails)."""
+        if self.failed:  # the caller has ended the sequences the failed pass held
+            self._sequences_ended()
+            self.failed = False
+        inputs = ray.put(step)
+        outputs, hidden = [], None
+        for actor in self.actors:
+            hidden = actor.step.remote(inputs, hidden)
+            outputs.append(hidden)
+        try:
+            return ray.get(hidden)
+        except RayError:
+            self.failed = True
+            raise self._failure(outputs) from None
+
+    def _sequences_ended(self) -> None:
+        """Tell every stage that the sequences in flight are ended, waiting for a restarting
+        one to come back (Ray answers ActorUnavailableError meanwhile)."""
+        deadline = time.monotonic() + self.timeout_s
+        for actor, spec in zip(self.actors, self.specs):
+            while True:
+                try:
+                    ray.get(actor.sequences_ended.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    break
+                except ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise StageFailed(f"pipeline {spec.describe()} did not restart in {self.timeout_s:.0f} s") from None
+                    time.sleep(0.1)
+                except RayError as e:
+                    raise StageFailed(f"pipeline {spec.describe()} did not come back: {e}") from None
+
+    def _failure(self, outputs) -> StageFailed:
+        """The first stage whose output failed, and why (the later ones failed for lack of its output)."""
+        for spec, ref in zip(self.specs, outputs):
+            try:
+                ray.get(ref)
+            except RayError as e:
+                cause = e.cause if getattr(e, "cause", None) is not None else e
+                return StageFailed(f"pipeline {spec.describe()} failed: {type(cause).__name__}: {cause}")
+        return StageFailed("a pipeline stage failed")
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.group)
