@@ -143,19 +143,27 @@ def test_rows_that_continue_no_sequence_are_refused():
 def test_a_greedy_chain_is_its_steps_argmax_one_at_a_time(tiny_model, layers):
     """greedy_chain's k ids against k forward steps of the same layers, each argmaxed on the
     host and appended; seq is as it was afterwards."""
-    engine = Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512)
+    chained, after_chain, want = chain_and_steps(Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512),
+                                                 5, layers)
+    assert after_chain == (20, 19)
+    assert chained == want
+
+
+def chain_and_steps(engine, k: int, layers):
+    """(greedy_chain's k ids after a 20-token prompt, the sequence's (tokens, cached) right after
+    it, and the ids of k forward steps of the same layers, each argmaxed on the host and appended)."""
     seq = Sequence(prompt_of(engine, 20, seed=2))
     try:
         forward(engine, [(seq, 19)])
-        chained = engine.greedy_chain(seq, 5, layers)
-        assert (len(seq.token_ids), seq.num_cached) == (20, 19)
+        chained = engine.greedy_chain(seq, k, layers)
+        after_chain = (len(seq.token_ids), seq.num_cached)
         want = []
-        for _ in range(5):
+        for _ in range(k):
             want.append(int(np.argmax(forward(engine, [(seq, 1)], layers=layers)[-1])))
             seq.token_ids.append(want[-1])
     finally:
         engine.release(seq)
-    assert chained == want
+    return chained, after_chain, want
 
 
 def test_speculative_generation_verifies_as_decode_rows_and_drafts_by_chains(tiny_model, monkeypatch):
@@ -211,14 +219,5 @@ def test_gpu_a_greedy_chain_is_its_steps_one_at_a_time(tiny_model, cuda_device, 
     """The chain's ids, fed on the device from graph to graph, equal the same graphs' steps
     fed from the host."""
     engine = Engine(tiny_model("llama"), backend="cupy", max_context=256, kv_cache_tokens=512)
-    seq = Sequence(prompt_of(engine, 20, seed=2))
-    try:
-        forward(engine, [(seq, 19)])
-        chained = engine.greedy_chain(seq, 8, layers)
-        want = []
-        for _ in range(8):
-            want.append(int(np.argmax(forward(engine, [(seq, 1)], layers=layers)[-1])))
-            seq.token_ids.append(want[-1])
-    finally:
-        engine.release(seq)
+    chained, _, want = chain_and_steps(engine, 8, layers)
     assert chained == want
