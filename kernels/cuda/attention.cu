@@ -28,7 +28,7 @@
 #define MAXG 8
 #define ATT_WARPS 4
 #define DECODE_MAX_CHUNK 64  // keys per decode split, staged in shared memory at once
-#define DEC_WARPS 8          // decode: a warp per query head of the group (G <= 8), or per key share of one
+#define DEC_WARPS 8          // decode: a warp per 16-key tile of the chunk and half of the dims
 // decode blocks an SM holds at head_dim <= 128 as its shared arrays allow: registers capped to
 // match (48), else the staging's loads in flight take more and the SM holds 4 (at 256 the
 // shared arrays allow 2: no cap)
@@ -536,11 +536,14 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 }
 
 // --- decode: one new token per sequence (flash-decoding) --------------------------------------
-// grid (max_splits, KVH, B). Split sp covers keys [sp*chunk, (sp+1)*chunk) in 32-key tiles
-// that the block stages in shared memory (each thread's K/V loads in flight at once); warp w
-// then owns query head w of the group: lane i scores key i, lanes split the dims for P @ V.
-// Splitting the heads rather than the keys keeps the warps busy on short contexts, each
-// with a chain 1/G as long as one warp doing the whole group. With one split the block writes the output;
+// grid (max_splits, KVH, B). Split sp covers keys [sp*chunk, (sp+1)*chunk), which the block
+// stages in shared memory as fp16 (each thread's K/V loads in flight at once); then the tensor
+// cores take the scores and P @ V of the whole head group as one product's 8 columns, a warp
+// per 16-key tile and half of the dims, and the tiles are merged through shared memory. fp32
+// FMAs on the staged rows cost every key ~90 warp instructions (G = 4, D = 128: each head's
+// warp converting each value again), more than the staging of even 4-bit codes; the mma
+// route ~10. q and the weights P enter as fp16 (2^-11 relative), the sums stay fp32. With one
+// split the block writes the output;
 // otherwise (max, sum, unnormalised output) per head, and the last split to finish (atomic
 // counter, reset by it for the next launch) merges them: one kernel per layer in the graph.
 // The new token's k (rotated) and v come from the inputs; split 0 stores them in the cache.
@@ -559,6 +562,8 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 template <int D>
 struct DecodeShared {
     __align__(16) float q[MAXG * D];
+    __align__(16) u16 q16[MAXG * (D + 8)];
+    __align__(16) u16 p[DEC_WARPS * 16 * MAXG];
     __align__(16) u16 kn[D];
     __align__(16) u16 vn[D];
     __align__(16) u16 k[DECODE_MAX_CHUNK * (D + 8)];
@@ -581,15 +586,17 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             const int* __restrict__ recent_slots, int recent, int R,
                                             float* part_o, float* part_ml, int* counters, int max_splits,
                                             float* __restrict__ out, u16* out16, u8* xq, int sxq, float2* xds) {
-    constexpr int P = D / 32, RS = D + 8, HPW = MAXG / DEC_WARPS;
+    constexpr int RS = D + 8;
     constexpr bool ROT = BITS != 16;
     float* q_s;
-    u16 *kn_s, *vn_s, *k_s, *v_s;
+    u16 *q16_s, *p_s, *kn_s, *vn_s, *k_s, *v_s;
     size_t* row_s;
     const u16 **exk_s, **exv_s;  // RotateKV: a key's unquantized row (the ring's), or null
     int* last_p;
     if constexpr (sizeof(DecodeShared<D>) <= STATIC_SMEM_MAX) {
         __shared__ __align__(16) float q_st[MAXG * D];
+        __shared__ __align__(16) u16 q16_st[MAXG * RS];
+        __shared__ __align__(16) u16 p_st[DEC_WARPS * 16 * MAXG];
         __shared__ __align__(16) u16 kn_st[D];
         __shared__ __align__(16) u16 vn_st[D];
         __shared__ __align__(16) u16 k_st[DECODE_MAX_CHUNK * RS];
@@ -598,11 +605,11 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         __shared__ const u16* exk_st[DECODE_MAX_CHUNK];
         __shared__ const u16* exv_st[DECODE_MAX_CHUNK];
         __shared__ int last_st;
-        q_s = q_st, kn_s = kn_st, vn_s = vn_st, k_s = k_st, v_s = v_st;
+        q_s = q_st, q16_s = q16_st, p_s = p_st, kn_s = kn_st, vn_s = vn_st, k_s = k_st, v_s = v_st;
         row_s = row_st, exk_s = exk_st, exv_s = exv_st, last_p = &last_st;
     } else {
         DecodeShared<D>& sh = dynamic_shared<DecodeShared<D>>();
-        q_s = sh.q, kn_s = sh.kn, vn_s = sh.vn, k_s = sh.k, v_s = sh.v;
+        q_s = sh.q, q16_s = sh.q16, p_s = sh.p, kn_s = sh.kn, vn_s = sh.vn, k_s = sh.k, v_s = sh.v;
         row_s = sh.row, exk_s = sh.exk, exv_s = sh.exv, last_p = &sh.last;
     }
     int& last_s = *last_p;
@@ -656,7 +663,13 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
 #pragma unroll
         for (int j = 0; j < FLIGHT; j++) {
             const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
-            if (r >= n || start + r >= c0) continue;
+            if (r >= n) {  // past the split's keys, in a 16-key tile the products read: zeros, not
+                           // stale bits (a zero weight times a NaN is a NaN)
+                *(uint4*)(k_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
+                *(uint4*)(v_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
+                continue;
+            }
+            if (start + r >= c0) continue;
             *(uint4*)(k_s + r * RS + c * 8) = ex[j] ? kr[j] : kv_dequant8<BITS>(kr[j]);
             *(uint4*)(v_s + r * RS + c * 8) = ex[j] ? vr[j] : kv_dequant8<BITS>(vr[j]);
         }
@@ -734,110 +747,122 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         }
     }
 
-    // With fewer query heads than warps (8B: 4 per KV head), the otherwise idle warps take a
-    // share of the keys: warp w runs head w % G over key tiles kg = w / G, kg + KS, ..., and
-    // the shares are merged below. gw is the warp's first head (G: none).
-    const int KS = max(1, DEC_WARPS / G);
-    const int kg = KS > 1 ? warp / G : 0, gw = KS > 1 ? (warp < G * KS ? warp % G : G) : warp;
-    float m[HPW], l[HPW], o[HPW][P];
-#pragma unroll
-    for (int h = 0; h < HPW; h++) {
-        m[h] = NEG_INF; l[h] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < P; i++) o[h][i] = 0.0f;
+    // q in fp16 as the products' B operand: [MAXG][RS], rows past G zero
+    __syncthreads();
+    for (int i = threadIdx.x; i < MAXG * D; i += blockDim.x) {
+        const int g = i / D, d = i - g * D;
+        q16_s[g * RS + d] = g < G ? f2h(q_s[i]) : 0;
     }
     __syncthreads();
-    for (int k0 = 32 * kg; k0 < n; k0 += 32 * KS) {
-        const int nk = min(32, n - k0);
-        const bool vis = lane < nk;
-        float s[HPW];
+
+    // Tensor cores (mma m16n8k16: fp16 values, fp32 sums), all heads of the group at once as
+    // the 8 columns: warp w takes key tile kt (16 keys) and half dh of the dims. Scores
+    // S^T = K Q^T (keys x heads, over all D: both halves compute them, 8 mma), the tile's
+    // softmax (max and sum over its keys in the log2 domain), P rounded to fp16 and through
+    // the warp's p_s turned from S's accumulator layout into a B operand, then its share of
+    // O^T = V^T P^T (ldmatrix.trans reads V's rows as columns). Lane (gq, tq) holds
+    // S^T[keys gq, gq + 8][heads 2tq, 2tq + 1], and the same of O^T's dims.
+    constexpr int NT = DECODE_MAX_CHUNK / 16, MT = D / 32;  // key tiles; 16-dim tiles of a half
+    static_assert(2 * NT == DEC_WARPS && D % 32 == 0, "a warp per key tile and half of the dims");
+    const int kt = warp % NT, dh = warp / NT, gq = lane >> 2, tq = lane & 3;
+    float acc[MT][4], mt_h[2] = {NEG_INF, NEG_INF}, lt_h[2] = {0.0f, 0.0f};
 #pragma unroll
-        for (int h = 0; h < HPW; h++) s[h] = 0.0f;
+    for (int t = 0; t < MT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
+    if (16 * kt < n) {  // warp-uniform; key 16 kt is visible, so the maxima are finite
+        float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        // ldmatrix rows: K's keys 16 kt + (lane & 7) + 8 ((lane >> 3) & 1) at dims + 8 (lane >> 4);
+        // q's heads lane & 7 at dims + 8 (lane >> 3): two k-steps of B per load
+        const u32 ka = smem_addr(k_s + (16 * kt + (lane & 7) + 8 * ((lane >> 3) & 1)) * RS + 8 * (lane >> 4));
+        const u32 qa = smem_addr(q16_s + (lane & 7) * RS + 8 * (lane >> 3));
 #pragma unroll
-        for (int c = 0; c < D / 8; c++) {  // scores of this warp's heads against key `lane`
-            const uint4 u = *(const uint4*)(k_s + (k0 + lane) * RS + c * 8);
-            const float kf[8] = {h2f(u.x & 0xFFFF), h2f(u.x >> 16), h2f(u.y & 0xFFFF), h2f(u.y >> 16),
-                                 h2f(u.z & 0xFFFF), h2f(u.z >> 16), h2f(u.w & 0xFFFF), h2f(u.w >> 16)};
-#pragma unroll
-            for (int h = 0; h < HPW; h++) {
-                const int g = gw + h * DEC_WARPS;
-                if (g < G) {
-                    const float4 qa = *(const float4*)(q_s + g * D + c * 8), qb = *(const float4*)(q_s + g * D + c * 8 + 4);
-                    s[h] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
-                            qb.z * kf[6] + qb.w * kf[7];
-                }
-            }
+        for (int c = 0; c < D / 32; c++) {  // dims 32c..32c+31 (bytes 64c)
+            u32 qb[4], a[4];
+            ldsm4(qb, qa + 64 * c);
+            ldsm4(a, ka + 64 * c);
+            mma16816(s, a, qb[0], qb[1]);
+            ldsm4(a, ka + 64 * c + 32);
+            mma16816(s, a, qb[2], qb[3]);
         }
-        float pr[HPW];
+        const bool v0 = 16 * kt + gq < n, v1 = 16 * kt + gq + 8 < n;
+        float p[4];
 #pragma unroll
-        for (int h = 0; h < HPW; h++) {
-            if (gw + h * DEC_WARPS < G) {
-                const float sg = vis ? s[h] : NEG_INF;
-                const float mn = fmaxf(m[h], warp_max(sg));
-                pr[h] = vis ? exp2f(sg - mn) : 0.0f;
-                const float alpha = exp2f(m[h] - mn);
-                l[h] = l[h] * alpha + warp_sum(pr[h]);
-                m[h] = mn;
+        for (int j = 0; j < 2; j++) {  // head 2tq + j: s[j] (key gq), s[2 + j] (key gq + 8)
+            float mx = fmaxf(v0 ? s[j] : NEG_INF, v1 ? s[2 + j] : NEG_INF);
 #pragma unroll
-                for (int i = 0; i < P; i++) o[h][i] *= alpha;
-            }
+            for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+            mt_h[j] = mx;
+            p[j] = v0 ? exp2f(s[j] - mx) : 0.0f;
+            p[2 + j] = v1 ? exp2f(s[2 + j] - mx) : 0.0f;
         }
-        for (int kk = 0; kk < nk; kk++) {
-            float vf[P];
-            load_dims<D>(v_s + (k0 + kk) * RS, lane, vf);
+        // the sums of the fp16 weights the product takes
+        const u32 p01 = pack_h2(p[0], p[1]), p23 = pack_h2(p[2], p[3]);
 #pragma unroll
-            for (int h = 0; h < HPW; h++) {
-                if (gw + h * DEC_WARPS < G) {
-                    const float pk = __shfl_sync(FULL_MASK, pr[h], kk);
+        for (int j = 0; j < 2; j++) {
+            float sum = h2f((u16)(p01 >> (16 * j))) + h2f((u16)(p23 >> (16 * j)));
 #pragma unroll
-                    for (int i = 0; i < P; i++) o[h][i] = fmaf(pk, vf[i], o[h][i]);
-                }
-            }
+            for (int o = 4; o < 32; o <<= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);
+            lt_h[j] = sum;
         }
-    }
-    if (KS > 1) {  // each head's key shares into its first warp (k_s is free once all are past it)
-        float* share = (float*)k_s;  // [DEC_WARPS][D + 2]: o, then m and l
-        __syncthreads();
-        if (kg > 0 && gw < G) {
+        u16* pw = p_s + warp * (16 * MAXG);  // P^T as [16 keys][MAXG heads]
+        *(u32*)(pw + gq * MAXG + 2 * tq) = p01;
+        *(u32*)(pw + (gq + 8) * MAXG + 2 * tq) = p23;
+        __syncwarp();
+        u32 pb[2];
+        ldsm2_trans(pb, smem_addr(pw + (lane & 15) * MAXG));
+        // V^T's 16-dim tiles: V rows 16 kt + (lane & 7) + 8 (lane >> 4) at dims + 8 ((lane >> 3) & 1)
+        const u32 va = smem_addr(v_s + (16 * kt + (lane & 7) + 8 * (lane >> 4)) * RS + dh * (D / 2) +
+                                 8 * ((lane >> 3) & 1));
 #pragma unroll
-            for (int i = 0; i < P; i++) share[warp * (D + 2) + lane * P + i] = o[0][i];
-            if (lane == 0) { share[warp * (D + 2) + D] = m[0]; share[warp * (D + 2) + D + 1] = l[0]; }
-        }
-        __syncthreads();
-        if (kg == 0 && gw < G) {
-            for (int s2 = 1; s2 < KS; s2++) {
-                const float* sh = share + (gw + s2 * G) * (D + 2);
-                const float m2 = sh[D], mx = fmaxf(m[0], m2);  // m[0] is finite: share 0 has keys
-                const float a = exp2f(m[0] - mx), c = exp2f(m2 - mx);
-                l[0] = l[0] * a + sh[D + 1] * c;
-#pragma unroll
-                for (int i = 0; i < P; i++) o[0][i] = o[0][i] * a + sh[lane * P + i] * c;
-                m[0] = mx;
-            }
+        for (int t = 0; t < MT; t++) {
+            u32 a[4];
+            ldsm4_trans(a, va + 32 * t);
+            mma16816(acc[t], a, pb[0], pb[1]);
         }
     }
-    // the outputs also go to q_s (each head's q row is read only by its own warps, which are
-    // past it), from where the quantized copy for the next product is made
+    // the key tiles merged: each one's unnormalised output and (max, sum) per head through
+    // shared memory (K and V are read by then); padded rows: the lanes' stores hit 32 banks
+    __syncthreads();
+    float* o_sh = (float*)k_s;    // [NT][MAXG][D + 4]
+    float* ml_sh = (float*)v_s;   // [NT][MAXG][2]
+#pragma unroll
+    for (int t = 0; t < MT; t++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            o_sh[(kt * MAXG + 2 * tq + (e & 1)) * (D + 4) + dh * (D / 2) + 16 * t + gq + 8 * (e >> 1)] = acc[t][e];
+    if (dh == 0 && gq == 0) {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            ml_sh[2 * (kt * MAXG + 2 * tq + j)] = mt_h[j];
+            ml_sh[2 * (kt * MAXG + 2 * tq + j) + 1] = lt_h[j];
+        }
+    }
+    __syncthreads();
+    // the outputs also go to q_s (q is in q16_s now), from where the quantized copy for the
+    // next product is made
     float* po = part_o + ((size_t)(b * KVH + kh) * max_splits + sp) * (MAXG * D);
     float* pml = part_ml + ((size_t)(b * KVH + kh) * max_splits + sp) * (MAXG * 2);
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        const int g = i / D, d = i - g * D;
+        float M = NEG_INF, L = 0.0f, O = 0.0f;
 #pragma unroll
-    for (int h = 0; h < HPW; h++) {
-        const int g = gw + h * DEC_WARPS;
-        if (g >= G || kg > 0) continue;
+        for (int t = 0; t < NT; t++) M = fmaxf(M, ml_sh[2 * (t * MAXG + g)]);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const float mk = ml_sh[2 * (t * MAXG + g)];
+            if (mk == NEG_INF) continue;  // a tile past the split's keys
+            const float c = exp2f(mk - M);
+            L += ml_sh[2 * (t * MAXG + g) + 1] * c;
+            O += o_sh[(t * MAXG + g) * (D + 4) + d] * c;
+        }
         if (nsplit == 1) {
-            const float inv = 1.0f / l[h];
-#pragma unroll
-            for (int i = 0; i < P; i++) {
-                if (!ROT) {
-                    out[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = o[h][i] * inv;
-                    if (out16) out16[(size_t)b * H * D + (kh * G + g) * D + lane * P + i] = f2h(o[h][i] * inv);
-                }
-                q_s[g * D + lane * P + i] = o[h][i] * inv;
+            if (!ROT) {
+                out[(size_t)b * H * D + kh * G * D + i] = O / L;
+                if (out16) out16[(size_t)b * H * D + kh * G * D + i] = f2h(O / L);
             }
+            q_s[i] = O / L;
         } else {
-#pragma unroll
-            for (int i = 0; i < P; i++) po[g * D + lane * P + i] = o[h][i];
-            if (lane == 0) { pml[2 * g] = m[h]; pml[2 * g + 1] = l[h]; }
+            po[i] = O;
+            if (d == 0) { pml[2 * g] = M; pml[2 * g + 1] = L; }
         }
     }
     if (nsplit > 1) {

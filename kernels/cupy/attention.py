@@ -34,6 +34,7 @@ from kernels.ops import StepInputs
 DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
 MAXG = 8  # query heads per KV head the attention kernels hold
 ATT_WARPS = 4  # query tokens per prefill block (attention.cu ATT_WARPS)
+DEC_WARPS = 8  # warps of a decode block (attention.cu DEC_WARPS)
 HEAD_DIMS = (64, 96, 128, 256)
 LOG2E = 1.4426950408889634
 STATIC_SMEM_MAX = 48 * 1024  # attention.cu: shared arrays past it are dynamic
@@ -53,10 +54,12 @@ def prefill_smem(D: int) -> int:
 
 
 def decode_smem(D: int) -> int:
-    """attn_decode's dynamic shared memory (DecodeShared<D>): fp32 q rows of MAXG heads, the
-    new k and v rows, a chunk's padded K and V rows (fp16), and per key its cache row's offset and two
-    ring pointers (8 bytes each), the last-split flag."""
-    return _dynamic(4 * MAXG * D + 2 * 2 * D + 2 * 2 * DECODE_CHUNK * (D + 8) + 3 * 8 * DECODE_CHUNK + 4)
+    """attn_decode's dynamic shared memory (DecodeShared<D>): fp32 q rows of MAXG heads and
+    their padded fp16 copy, each warp's 16 x MAXG fp16 weights, the new k and v rows, a chunk's
+    padded K and V rows (fp16), and per key its cache row's offset and two ring pointers (8
+    bytes each), the last-split flag."""
+    return _dynamic(4 * MAXG * D + 2 * MAXG * (D + 8) + 2 * DEC_WARPS * 16 * MAXG + 2 * 2 * D
+                    + 2 * 2 * DECODE_CHUNK * (D + 8) + 3 * 8 * DECODE_CHUNK + 4)
 
 
 def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, scale, window=0):
