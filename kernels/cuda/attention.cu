@@ -32,7 +32,7 @@
 // decode blocks an SM holds at head_dim <= 128 as its shared arrays allow: registers capped to
 // match (48), else the staging's loads in flight take more and the SM holds 4 (at 256 the
 // shared arrays allow 2: no cap)
-#define DEC_BLOCKS(D) ((D) <= 128 ? 5 : 1)
+#define DEC_BLOCKS(D) ((D) <= 128 ? 4 : 1)
 #define LOG2E 1.4426950408889634f
 
 #define STATIC_SMEM_MAX (48 * 1024)
@@ -536,10 +536,12 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 }
 
 // --- decode: one new token per sequence (flash-decoding) --------------------------------------
-// grid (max_splits, KVH, B). Split sp covers keys [sp*chunk, (sp+1)*chunk), which the block
-// stages in shared memory as fp16 (each thread's K/V loads in flight at once); then the tensor
-// cores take the scores and P @ V of the whole head group as one product's 8 columns, a warp
-// per 16-key tile and half of the dims, and the tiles are merged through shared memory. fp32
+// grid (max_splits, KVH, B). A sequence's keys are dealt to at most max_splits splits of
+// whole DECODE_MAX_CHUNK-key chunks; the block stages its chunks in shared memory as fp16 one
+// after the other (each thread's K/V loads in flight at once); the tensor cores take the
+// scores and P @ V of the whole head group as one product's 8 columns, a warp per 16-key tile
+// of each chunk and half of the dims (softmax online across the warp's tiles), and the warps'
+// tiles are merged through shared memory. fp32
 // FMAs on the staged rows cost every key ~90 warp instructions (G = 4, D = 128: each head's
 // warp converting each value again), more than the staging of even 4-bit codes; the mma
 // route ~10. q and the weights P enter as fp16 (2^-11 relative), the sums stay fp32. With one
@@ -580,7 +582,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             void* kc, void* vc, const int* __restrict__ tables, int W,
                                             const int* __restrict__ ctx_lens, const int* __restrict__ step_from,
                                             const int* __restrict__ slots, int H,
-                                            int KVH, int bs, int chunk, float scale, int window, int group, float hs,
+                                            int KVH, int bs, float scale, int window, int group, float hs,
                                             const float* __restrict__ kscale, const u16* __restrict__ sk16,
                                             const u16* __restrict__ sv16, u16* ringk, u16* ringv,
                                             const int* __restrict__ recent_slots, int recent, int R,
@@ -615,106 +617,80 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     int& last_s = *last_p;
     const int sp = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, G = H / KVH;
-    // the splits cover keys base..ctx-1: the window's, or all
-    const int ctx = ctx_lens[b], base = window > 0 ? max(0, ctx - window) : 0, nsplit = (ctx - base + chunk - 1) / chunk;
+    // the keys base..ctx-1 (the window's, or all) in DECODE_MAX_CHUNK-key chunks, dealt to at
+    // most max_splits splits of `per` chunks each: a split's fixed costs (q, its partial
+    // output, the merge) are paid once per `per` chunks, not per chunk
+    const int ctx = ctx_lens[b], base = window > 0 ? max(0, ctx - window) : 0;
+    const int nchunks = (ctx - base + DECODE_MAX_CHUNK - 1) / DECODE_MAX_CHUNK;
+    const int per = (nchunks + max_splits - 1) / max_splits, nsplit = (nchunks + per - 1) / per;
     if (sp >= nsplit) return;
     const int pos = positions[b], newp = ctx - 1;
     // the step's positions of this row's sequence, c0..newp, sit in rows r0.. (c0 < newp: a
     // verifying pass laid out as decode rows, one sequence in several rows; else c0 == newp)
     const int c0 = step_from[b], r0 = b - (newp - c0);
     const int* table = tables + (size_t)b * W;
+    const int first = base + sp * per * DECODE_MAX_CHUNK, end = min(ctx, first + per * DECODE_MAX_CHUNK);
+    const int rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
     pdl_trigger();
 
-    // the split's cached keys (written by earlier steps) are staged before the wait for this
-    // step's q, k, v: one table round trip, one K/V round trip, overlapping the qkv product
-    const int start = base + sp * chunk, n = min(ctx, start + chunk) - start;
-    const int rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
-    if (threadIdx.x < n) {
-        const int p = start + threadIdx.x;
-        row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) * kv_row_bytes<D, BITS>(gshift) : 0;
-        const bool ex = ROT && p != newp && (p == 0 || newp - p < recent);
-        exk_s[threadIdx.x] = ex ? exact_row(sk16, ringk, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
-        exv_s[threadIdx.x] = ex ? exact_row(sv16, ringv, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
-    }
-    __syncthreads();
-    // a thread's ITEMS 8-value pieces of the K and V rows, FLIGHT at a time: all of their loads
-    // issued before the first is converted and stored (one memory round trip, not FLIGHT);
-    // a ring row (RotateKV: sink and recent positions) is fp16 already. Only positions before
-    // c0: the step's own rows may not be stored yet
+    // Chunk [start, start + n) of the cached keys (written by earlier steps) staged as fp16:
+    // each thread's ITEMS 8-value pieces of the K and V rows, FLIGHT at a time, all of their
+    // loads issued before the first is converted and stored (one memory round trip, not
+    // FLIGHT); a ring row (RotateKV: sink and recent positions) is fp16 already. Only
+    // positions before c0: the step's own rows may not be stored yet. Rows past n are zeros,
+    // not stale bits (a zero weight times a NaN is a NaN).
     constexpr int ITEMS = DECODE_MAX_CHUNK * (D / 8) / (DEC_WARPS * 32), FLIGHT = ITEMS < 4 ? ITEMS : 4;
     static_assert(ITEMS * DEC_WARPS * 32 == DECODE_MAX_CHUNK * (D / 8) && ITEMS % FLIGHT == 0, "staging shares");
+    auto stage_cached = [&](int start, int n) {
+        if (threadIdx.x < n) {
+            const int p = start + threadIdx.x;
+            row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) * kv_row_bytes<D, BITS>(gshift) : 0;
+            const bool ex = ROT && p != newp && (p == 0 || newp - p < recent);
+            exk_s[threadIdx.x] = ex ? exact_row(sk16, ringk, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
+            exv_s[threadIdx.x] = ex ? exact_row(sv16, ringv, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
+        }
+        __syncthreads();
 #pragma unroll
-    for (int j0 = 0; j0 < ITEMS; j0 += FLIGHT) {
-        uint4 kr[FLIGHT], vr[FLIGHT];
-        bool ex[FLIGHT];
+        for (int j0 = 0; j0 < ITEMS; j0 += FLIGHT) {
+            uint4 kr[FLIGHT], vr[FLIGHT];
+            bool ex[FLIGHT];
 #pragma unroll
-        for (int j = 0; j < FLIGHT; j++) {
-            const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
-            ex[j] = ROT && r < n && exk_s[r];
-            if (r >= n || start + r >= c0) continue;
-            if (ex[j]) {
-                kr[j] = *(const uint4*)(exk_s[r] + c * 8);
-                vr[j] = *(const uint4*)(exv_s[r] + c * 8);
-            } else {
-                kr[j] = kv_fetch8<D, BITS>((const u8*)kc + row_s[r], c, gshift);
-                vr[j] = kv_fetch8<D, BITS>((const u8*)vc + row_s[r], c, gshift);
+            for (int j = 0; j < FLIGHT; j++) {
+                const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
+                ex[j] = ROT && r < n && exk_s[r];
+                if (r >= n || start + r >= c0) continue;
+                if (ex[j]) {
+                    kr[j] = *(const uint4*)(exk_s[r] + c * 8);
+                    vr[j] = *(const uint4*)(exv_s[r] + c * 8);
+                } else {
+                    kr[j] = kv_fetch8<D, BITS>((const u8*)kc + row_s[r], c, gshift);
+                    vr[j] = kv_fetch8<D, BITS>((const u8*)vc + row_s[r], c, gshift);
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < FLIGHT; j++) {
+                const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
+                if (r >= n) {
+                    *(uint4*)(k_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
+                    *(uint4*)(v_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
+                    continue;
+                }
+                if (start + r >= c0) continue;
+                *(uint4*)(k_s + r * RS + c * 8) = ex[j] ? kr[j] : kv_dequant8<BITS>(kr[j]);
+                *(uint4*)(v_s + r * RS + c * 8) = ex[j] ? vr[j] : kv_dequant8<BITS>(vr[j]);
             }
         }
-#pragma unroll
-        for (int j = 0; j < FLIGHT; j++) {
-            const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
-            if (r >= n) {  // past the split's keys, in a 16-key tile the products read: zeros, not
-                           // stale bits (a zero weight times a NaN is a NaN)
-                *(uint4*)(k_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
-                *(uint4*)(v_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
-                continue;
-            }
-            if (start + r >= c0) continue;
-            *(uint4*)(k_s + r * RS + c * 8) = ex[j] ? kr[j] : kv_dequant8<BITS>(kr[j]);
-            *(uint4*)(v_s + r * RS + c * 8) = ex[j] ? vr[j] : kv_dequant8<BITS>(vr[j]);
-        }
-    }
+    };
+    // the first chunk staged before the wait for this step's q, k, v: one table round trip,
+    // one K/V round trip, overlapping the qkv product
+    stage_cached(first, min(end, first + DECODE_MAX_CHUNK) - first);
     pdl_wait();
-    // the sequence's other rows of this step (c0..newp-1), once they exist: RotateKV from
-    // kv_store_q's scratch and rows (the launch before), fp16 from the inputs, roped here as
-    // their own rows' split 0 stores them (that store may not have run yet)
-    if (c0 < newp) {
-        const int lo = max(c0, start) - start, hi = min(newp, start + n) - start;
-        if constexpr (ROT) {
-            for (int i = lo * (D / 8) + threadIdx.x; i < hi * (D / 8); i += blockDim.x) {
-                const int r = i / (D / 8), c = i % (D / 8);
-                *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exk_s[r] + c * 8);
-                *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exv_s[r] + c * 8);
-            }
-        } else {
-            for (int i = lo * (D / 2) + threadIdx.x; i < hi * (D / 2); i += blockDim.x) {
-                const int r = i / (D / 2), row = r0 + start + r - c0;
-                int i0, i1;
-                float x0, x1;
-                roped_pair(k + (size_t)row * sk + kh * D, i % (D / 2), D, neox, rope_k, positions[row], inv_freq, i0,
-                           i1, x0, x1);
-                k_s[r * RS + i0] = f2h(x0);
-                k_s[r * RS + i1] = f2h(x1);
-            }
-            for (int i = lo * D + threadIdx.x; i < hi * D; i += blockDim.x) {
-                const int r = i / D, row = r0 + start + r - c0;
-                v_s[r * RS + i % D] = f2h(v[(size_t)row * sv + kh * D + i % D]);
-            }
-        }
-    }
 
     load_q<D>(q, sq, b, kh, G, pos, inv_freq, rope_q, neox, scale, q_s, threadIdx.x, blockDim.x);
-    if constexpr (ROT) {  // the new row from the scratch; split 0 gives it to the ring
-        const u16* nk = sk16 + ((size_t)b * KVH + kh) * D;
-        const u16* nv = sv16 + ((size_t)b * KVH + kh) * D;
-        if (newp >= start && newp < start + n) {
-            const int r = newp - start;
-            for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {
-                *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(nk + c * 8);
-                *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(nv + c * 8);
-            }
-        }
-        if (sp == 0) {  // overwrites position newp - R, which no query reads any more
+    const u16* nk = sk16 + ((size_t)b * KVH + kh) * D;  // RotateKV: the new row in the scratch
+    const u16* nv = sv16 + ((size_t)b * KVH + kh) * D;
+    if constexpr (ROT) {
+        if (sp == 0) {  // split 0 gives the new row to the ring: over position newp - R, which no query reads any more
             const size_t dst = (((size_t)rs * (R + 1) + (newp == 0 ? R : newp % R)) * KVH + kh) * D;
             for (int i = threadIdx.x; i < D; i += blockDim.x) {
                 ringk[dst + i] = nk[i];
@@ -739,28 +715,20 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                 ((u16*)vc)[row + i] = vn_s[i];
             }
         }
-        if (newp >= start && newp < start + n) {
-            for (int i = threadIdx.x; i < D; i += blockDim.x) {
-                k_s[(newp - start) * RS + i] = kn_s[i];
-                v_s[(newp - start) * RS + i] = vn_s[i];
-            }
-        }
     }
-
     // q in fp16 as the products' B operand: [MAXG][RS], rows past G zero
     __syncthreads();
     for (int i = threadIdx.x; i < MAXG * D; i += blockDim.x) {
         const int g = i / D, d = i - g * D;
         q16_s[g * RS + d] = g < G ? f2h(q_s[i]) : 0;
     }
-    __syncthreads();
 
     // Tensor cores (mma m16n8k16: fp16 values, fp32 sums), all heads of the group at once as
-    // the 8 columns: warp w takes key tile kt (16 keys) and half dh of the dims. Scores
-    // S^T = K Q^T (keys x heads, over all D: both halves compute them, 8 mma), the tile's
-    // softmax (max and sum over its keys in the log2 domain), P rounded to fp16 and through
-    // the warp's p_s turned from S's accumulator layout into a B operand, then its share of
-    // O^T = V^T P^T (ldmatrix.trans reads V's rows as columns). Lane (gq, tq) holds
+    // the 8 columns: warp w takes key tile kt (16 keys) of every chunk and half dh of the dims.
+    // Scores S^T = K Q^T (keys x heads, over all D: both halves compute them, 8 mma), the
+    // softmax online over the warp's tiles (max and sum in the log2 domain), P rounded to fp16
+    // and through the warp's p_s turned from S's accumulator layout into a B operand, then its
+    // share of O^T = V^T P^T (ldmatrix.trans reads V's rows as columns). Lane (gq, tq) holds
     // S^T[keys gq, gq + 8][heads 2tq, 2tq + 1], and the same of O^T's dims.
     constexpr int NT = DECODE_MAX_CHUNK / 16, MT = D / 32;  // key tiles; 16-dim tiles of a half
     static_assert(2 * NT == DEC_WARPS && D % 32 == 0, "a warp per key tile and half of the dims");
@@ -768,12 +736,64 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     float acc[MT][4], mt_h[2] = {NEG_INF, NEG_INF}, lt_h[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int t = 0; t < MT; t++) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
-    if (16 * kt < n) {  // warp-uniform; key 16 kt is visible, so the maxima are finite
+    // ldmatrix rows: K's keys 16 kt + (lane & 7) + 8 ((lane >> 3) & 1) at dims + 8 (lane >> 4);
+    // q's heads lane & 7 at dims + 8 (lane >> 3): two k-steps of B per load; V^T's 16-dim
+    // tiles: V rows 16 kt + (lane & 7) + 8 (lane >> 4) at dims + 8 ((lane >> 3) & 1)
+    const u32 ka = smem_addr(k_s + (16 * kt + (lane & 7) + 8 * ((lane >> 3) & 1)) * RS + 8 * (lane >> 4));
+    const u32 qa = smem_addr(q16_s + (lane & 7) * RS + 8 * (lane >> 3));
+    const u32 va = smem_addr(v_s + (16 * kt + (lane & 7) + 8 * (lane >> 4)) * RS + dh * (D / 2) + 8 * ((lane >> 3) & 1));
+    u16* pw = p_s + warp * (16 * MAXG);  // P^T as [16 keys][MAXG heads]
+
+    for (int start = first; start < end; start += DECODE_MAX_CHUNK) {
+        const int n = min(end, start + DECODE_MAX_CHUNK) - start;
+        if (start != first) {
+            __syncthreads();  // the previous chunk's tiles are read
+            stage_cached(start, n);
+        }
+        // the sequence's other rows of this step (c0..newp-1) in this chunk, once they exist:
+        // RotateKV from kv_store_q's scratch and rows (the launch before), fp16 from the
+        // inputs, roped here as their own rows' split 0 stores them (that store may not have run yet)
+        if (c0 < newp) {
+            const int lo = max(c0, start) - start, hi = min(newp, start + n) - start;
+            if constexpr (ROT) {
+                for (int i = lo * (D / 8) + threadIdx.x; i < hi * (D / 8); i += blockDim.x) {
+                    const int r = i / (D / 8), c = i % (D / 8);
+                    *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exk_s[r] + c * 8);
+                    *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exv_s[r] + c * 8);
+                }
+            } else {
+                for (int i = lo * (D / 2) + threadIdx.x; i < hi * (D / 2); i += blockDim.x) {
+                    const int r = i / (D / 2), row = r0 + start + r - c0;
+                    int i0, i1;
+                    float x0, x1;
+                    roped_pair(k + (size_t)row * sk + kh * D, i % (D / 2), D, neox, rope_k, positions[row], inv_freq,
+                               i0, i1, x0, x1);
+                    k_s[r * RS + i0] = f2h(x0);
+                    k_s[r * RS + i1] = f2h(x1);
+                }
+                for (int i = lo * D + threadIdx.x; i < hi * D; i += blockDim.x) {
+                    const int r = i / D, row = r0 + start + r - c0;
+                    v_s[r * RS + i % D] = f2h(v[(size_t)row * sv + kh * D + i % D]);
+                }
+            }
+        }
+        if (newp >= start && newp < start + n) {  // the new row
+            const int r = newp - start;
+            if constexpr (ROT) {
+                for (int c = threadIdx.x; c < D / 8; c += blockDim.x) {
+                    *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(nk + c * 8);
+                    *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(nv + c * 8);
+                }
+            } else {
+                for (int i = threadIdx.x; i < D; i += blockDim.x) {
+                    k_s[r * RS + i] = kn_s[i];
+                    v_s[r * RS + i] = vn_s[i];
+                }
+            }
+        }
+        __syncthreads();
+        if (16 * kt >= n) continue;  // warp-uniform; else key 16 kt is visible, so the maxima are finite
         float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        // ldmatrix rows: K's keys 16 kt + (lane & 7) + 8 ((lane >> 3) & 1) at dims + 8 (lane >> 4);
-        // q's heads lane & 7 at dims + 8 (lane >> 3): two k-steps of B per load
-        const u32 ka = smem_addr(k_s + (16 * kt + (lane & 7) + 8 * ((lane >> 3) & 1)) * RS + 8 * (lane >> 4));
-        const u32 qa = smem_addr(q16_s + (lane & 7) * RS + 8 * (lane >> 3));
 #pragma unroll
         for (int c = 0; c < D / 32; c++) {  // dims 32c..32c+31 (bytes 64c)
             u32 qb[4], a[4];
@@ -784,12 +804,14 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             mma16816(s, a, qb[2], qb[3]);
         }
         const bool v0 = 16 * kt + gq < n, v1 = 16 * kt + gq + 8 < n;
-        float p[4];
+        float p[4], alpha[2];
 #pragma unroll
         for (int j = 0; j < 2; j++) {  // head 2tq + j: s[j] (key gq), s[2 + j] (key gq + 8)
             float mx = fmaxf(v0 ? s[j] : NEG_INF, v1 ? s[2 + j] : NEG_INF);
 #pragma unroll
             for (int o = 4; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
+            mx = fmaxf(mx, mt_h[j]);
+            alpha[j] = exp2f(mt_h[j] - mx);  // 0 on the warp's first tile
             mt_h[j] = mx;
             p[j] = v0 ? exp2f(s[j] - mx) : 0.0f;
             p[2 + j] = v1 ? exp2f(s[2 + j] - mx) : 0.0f;
@@ -801,23 +823,24 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             float sum = h2f((u16)(p01 >> (16 * j))) + h2f((u16)(p23 >> (16 * j)));
 #pragma unroll
             for (int o = 4; o < 32; o <<= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);
-            lt_h[j] = sum;
+            lt_h[j] = lt_h[j] * alpha[j] + sum;
         }
-        u16* pw = p_s + warp * (16 * MAXG);  // P^T as [16 keys][MAXG heads]
+#pragma unroll
+        for (int t = 0; t < MT; t++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[t][e] *= alpha[e & 1];
         *(u32*)(pw + gq * MAXG + 2 * tq) = p01;
         *(u32*)(pw + (gq + 8) * MAXG + 2 * tq) = p23;
         __syncwarp();
         u32 pb[2];
         ldsm2_trans(pb, smem_addr(pw + (lane & 15) * MAXG));
-        // V^T's 16-dim tiles: V rows 16 kt + (lane & 7) + 8 (lane >> 4) at dims + 8 ((lane >> 3) & 1)
-        const u32 va = smem_addr(v_s + (16 * kt + (lane & 7) + 8 * (lane >> 4)) * RS + dh * (D / 2) +
-                                 8 * ((lane >> 3) & 1));
 #pragma unroll
         for (int t = 0; t < MT; t++) {
             u32 a[4];
             ldsm4_trans(a, va + 32 * t);
             mma16816(acc[t], a, pb[0], pb[1]);
         }
+        __syncwarp();  // p_s is written again by the next chunk's tile
     }
     // the key tiles merged: each one's unnormalised output and (max, sum) per head through
     // shared memory (K and V are read by then); padded rows: the lanes' stores hit 32 banks
@@ -936,12 +959,12 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                              const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, void* kc, \
                              void* vc, const int* tables, int W, const int* ctx_lens, const int* step_from,           \
                              const int* slots, int H, int KVH,                                                        \
-                             int bs, int chunk, float scale, int window, int group, float hs, const float* kscale,  \
+                             int bs, float scale, int window, int group, float hs, const float* kscale,  \
                              const u16* sk16, const u16* sv16, u16* ringk, u16* ringv, const int* recent_slots,      \
                              int recent, int R, float* part_o, float* part_ml, int* counters, int max_splits,        \
                              float* out, u16* out16, u8* xq, int sxq, float2* xds) {                                  \
         attn_decode<D, BITS>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W,      \
-                             ctx_lens, step_from, slots, H, KVH, bs, chunk, scale, window, group, hs, kscale, sk16,   \
+                             ctx_lens, step_from, slots, H, KVH, bs, scale, window, group, hs, kscale, sk16,   \
                              sv16, ringk,                                                                             \
                              ringv, recent_slots, recent, R, part_o, part_ml, counters, max_splits, out, out16, xq,  \
                              sxq, xds);                                                                               \

@@ -24,14 +24,15 @@ import numpy as np
 from kernels.cupy.elementwise import Roped
 from kernels.cupy.products import QMMA_MAX_T, XQ_RUN
 from kernels.cupy.steps import make_step
-from kernels.cupy.streams import ptr
+from kernels.cupy.streams import ptr, sm_count
 from kernels.cupy.tuning import GEMV_MAX_T
 from kernels.cupy.values import Attended, rows3
 from kernels.kv_layout import RING, KVRows
 from kernels.kv_quant import rotation_scale
 from kernels.ops import StepInputs
 
-DECODE_CHUNK = 64  # keys per flash-decoding split, staged at once (attention.cu DECODE_MAX_CHUNK)
+DECODE_CHUNK = 64  # keys a decode block stages at once (attention.cu DECODE_MAX_CHUNK)
+DECODE_WAVES = 4  # decode blocks per SM the splits aim at (an SM holds 4-5 at head_dim <= 128)
 MAXG = 8  # query heads per KV head the attention kernels hold
 ATT_WARPS = 4  # query tokens per prefill block (attention.cu ATT_WARPS)
 DEC_WARPS = 8  # warps of a decode block (attention.cu DEC_WARPS)
@@ -60,6 +61,14 @@ def decode_smem(D: int) -> int:
     bytes each), the last-split flag."""
     return _dynamic(4 * MAXG * D + 2 * MAXG * (D + 8) + 2 * DEC_WARPS * 16 * MAXG + 2 * 2 * D
                     + 2 * 2 * DECODE_CHUNK * (D + 8) + 3 * 8 * DECODE_CHUNK + 4)
+
+
+def decode_splits(keys: int, pairs: int) -> int:
+    """How many splits a decode step deals each (sequence, KV head) pair's `keys` (the table
+    width's) to: enough blocks for DECODE_WAVES of them per SM, whole DECODE_CHUNK-key chunks
+    each. Fewer, longer splits than one per chunk: a split's fixed costs (its q, the table
+    look-ups, its partial output written and merged) cost as much as a 4-bit chunk's bytes."""
+    return max(1, min(-(-keys // DECODE_CHUNK), -(-DECODE_WAVES * sm_count() // pairs)))
 
 
 def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, scale, window=0):
@@ -113,7 +122,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     else:
         rot = (*[ptr(None)] * 6, np.int32(0), np.int32(0))
     if T == B and int(batch.query_starts[-1]) == B:  # one new token per sequence
-        max_splits = -(-W * bs // DECODE_CHUNK)
+        max_splits = decode_splits(W * bs, B * KVH)
         scratch = dev.decode_scratch.get((B, KVH, max_splits, D))
         if scratch is None:
             scratch = (cp.empty((B * KVH * max_splits * MAXG * D,), cp.float32),
@@ -131,7 +140,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
                           (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
                            np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, dev.step_from, slots,
-                           np.int32(H), np.int32(KVH), np.int32(bs), np.int32(DECODE_CHUNK), ls, np.int32(window),
+                           np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
                            group, hs, *rot, *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),
                            ptr(ds)), shared_mem=smem)
