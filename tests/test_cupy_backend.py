@@ -406,10 +406,12 @@ def test_rotate_kv_rows_are_bit_exact(gpu, kv, D):
 
 # head_dim 256 (Gemma 3: dynamic shared memory): the 270M's 4 heads on 1 KV head, with and
 # without its 512-key window; the 12B's 16 on 8 in a window shorter than a key tile; 8 heads
-# on one KV head (a full group) in a window the long prompt outgrows
+# on one KV head (a full group) in a window the long prompt outgrows. Qwen2.5-0.5B's 7 heads
+# a KV head: the fp16 prefill's 16-row m-tiles straddle tokens. One head a KV head in a
+# 70-key window: a warp's 16 queries straddle a window's edge within one 64-key tile
 ATTENTION_SHAPES = [(14, 2, 64, 0), (32, 8, 128, 0), (8, 8, 96, 0), (16, 2, 128, 0), (8, 1, 128, 100),
                     (16, 2, 64, 33), (4, 1, 96, 512), (4, 1, 256, 0), (4, 1, 256, 512), (16, 8, 256, 33),
-                    (8, 1, 256, 100)]
+                    (8, 1, 256, 100), (2, 2, 64, 70)]
 # (every bit width at head_dim 128 and Llama-3's 4 heads a KV head: each width's code pairs
 # are unpacked by their own byte selections in the decode staging)
 ROTATE_KV_SHAPES = [(14, 2, 64, 0, kv) for kv in ("q8", "q4", "q3", "q2")] + [
@@ -487,6 +489,9 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv):
     step([(0, 240, 6), (1, 9, 1), (2, 73, 17)], neox=True, rows=True)
     step([(3, 0, 600)], neox=False)  # one long prompt, normal rope
     step([(3, 600, 1)], neox=False)  # five splits
+    # a chunk of 150 continuing 601 cached positions (blocks of rows reading cached and own keys
+    # across many key tiles) beside a short continuing one
+    step([(3, 601, 150), (1, 10, 2)], neox=False)
 
 
 def test_argmax_and_sampling(gpu):

@@ -403,9 +403,9 @@ __device__ __forceinline__ void kv_recent(const u16* __restrict__ sk16, const u1
     }
 }
 
-// --- prefill / mixed batches ----------------------------------------------------------------
+// --- prefill / mixed batches, RotateKV cache --------------------------------------------------
 // grid (tiles, KVH); a tile is up to ATT_WARPS consecutive query tokens of one sequence, one
-// warp each. The block streams 32-key tiles of K and V through shared memory once for all
+// warp each (fp32 FMAs; an fp16 cache takes attn_prefill_mma below). The block streams 32-key tiles of K and V through shared memory once for all
 // its warps; lane i scores key i, then lanes split the D dims for P @ V.
 // Its shared arrays where they are dynamic (attention.py prefill_smem is the size).
 template <int D>
@@ -425,7 +425,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
                                              const u16* __restrict__ sv16, const u16* __restrict__ ringk,
                                              const u16* __restrict__ ringv, const int* __restrict__ recent_slots,
                                              int recent, int R, float* __restrict__ out) {
-    constexpr bool ROT = BITS != 16;
+    static_assert(BITS != 16, "an fp16 cache's prefill is attn_prefill_mma");
     constexpr int P = D / 32, RS = D + 8;  // padded smem rows: conflict-free 16-byte reads per lane
     float(*q_s)[MAXG * D];
     u16 *k_s, *v_s;
@@ -454,9 +454,9 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
     // RotateKV: keys are staged unquantized where every query of the tile reads them so (the
     // sink, those within `recent` of the tile's last query, the tile's own); a warp whose query
     // reads a staged-quantized key unquantized takes that one from global memory (alt)
-    const int c0 = ctx - n, qp0 = c0 + (t0 - qs0), rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
-    auto alt = [&](int p) { return ROT && p != 0 && p <= qp0 && qpos - p < recent && last - p >= recent; };
-    if (ROT) q_to_cache_basis<D>(&q_s[0][0], ATT_WARPS * MAXG, kscale, kh);  // scale carries 1/sqrt(HB)
+    const int c0 = ctx - n, qp0 = c0 + (t0 - qs0), rs = recent_slots[b], gshift = __ffs(group) - 1;
+    auto alt = [&](int p) { return p != 0 && p <= qp0 && qpos - p < recent && last - p >= recent; };
+    q_to_cache_basis<D>(&q_s[0][0], ATT_WARPS * MAXG, kscale, kh);  // scale carries 1/sqrt(HB)
 
     float m[MAXG], l[MAXG], o[MAXG][P];
 #pragma unroll
@@ -472,7 +472,7 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
             const int r = i / (D / 8), c = i - r * (D / 8), p = k0 + r;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
             if (p <= last) {
-                if (ROT && (p == 0 || p > qp0 || last - p < recent)) {
+                if (p == 0 || p > qp0 || last - p < recent) {
                     kv = *(const uint4*)(exact_row(sk16, ringk, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
                     vv = *(const uint4*)(exact_row(sv16, ringv, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
                 } else {
@@ -511,27 +511,243 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
         }
     }
     if (!valid) return;
-    if constexpr (ROT) {  // the output back from the rotated basis, through the warp's own q rows
+    // the output back from the rotated basis, through the warp's own q rows
 #pragma unroll
-        for (int g = 0; g < MAXG; g++) {
-            if (g < G) {
-                const float inv = 1.0f / l[g];
+    for (int g = 0; g < MAXG; g++) {
+        if (g < G) {
+            const float inv = 1.0f / l[g];
 #pragma unroll
-                for (int i = 0; i < P; i++) q_s[warp][g * D + lane * P + i] = o[g][i] * inv;
-            }
+            for (int i = 0; i < P; i++) q_s[warp][g * D + lane * P + i] = o[g][i] * inv;
         }
-        __syncwarp();
-        fwht<D, true>(q_s[warp], G, lane, 32);
-        for (int i = lane; i < G * D; i += 32) out[(size_t)t * H * D + kh * G * D + i] = q_s[warp][i] * hs;
+    }
+    __syncwarp();
+    fwht<D, true>(q_s[warp], G, lane, 32);
+    for (int i = lane; i < G * D; i += 32) out[(size_t)t * H * D + kh * G * D + i] = q_s[warp][i] * hs;
+}
+
+// --- prefill / mixed batches, fp16 cache: flash attention on the tensor cores ----------------
+// grid (tiles, KVH); a tile is PF_ROWS query rows of one sequence (tiles [b, r0], heaviest
+// first: kernels/cupy/steps.py prefill_row_tiles). A row is a (query token, head of the KV
+// head's group) pair, flattened: the sequence's row r is token r / G, head r % G, so the K/V
+// tiles staged once in shared memory serve all G heads, and m-tiles stay full at any G (7
+// too). A warp takes 16 rows; each row has its own causal limit qpos and window start lo.
+// Key tiles of PF_KEYS(D) rows are copied from the paged cache by cp.async, two stages: the
+// next tile is in flight while the tensor cores (mma m16n8k16: fp16 in, fp32 sums) take
+// S = Q K^T and O += P V of this one; key tiles before every row's window or past every
+// row's query are not read. Online softmax per row in the log2 domain (q pre-scaled by
+// scale * log2 e as load_q does); P goes from S's accumulator fragments straight into the A
+// fragments of P V (the two layouts coincide), rounded to fp16 (2^-11 relative), and the row
+// sums add those rounded weights. q enters as fp16 too. RotateKV caches keep attn_prefill:
+// a query reads its sink and recent keys unquantized, exceptions per (query, key) that do not
+// map onto a tile shared by 16 rows.
+// Shared memory: q [PF_ROWS][D + 8] fp16 and two stages of K and V [PF_KEYS][D + 8] (padded
+// rows: ldmatrix's 8 row addresses hit distinct banks); attention.py prefill_mma_smem is its
+// size where it is dynamic. Head dim 256 takes 32-key tiles: its 16 x 256 fp32 accumulator is
+// 128 registers a lane, and the shared arrays stay small enough for two blocks an SM.
+#define PF_WARPS 4
+#define PF_ROWS (16 * PF_WARPS)
+#define PF_KEYS(D) ((D) <= 128 ? 64 : 32)
+template <int D>
+struct PrefillMmaShared {
+    __align__(16) u16 q[PF_ROWS * (D + 8)];
+    __align__(16) u16 k[2 * PF_KEYS(D) * (D + 8)];
+    __align__(16) u16 v[2 * PF_KEYS(D) * (D + 8)];
+};
+template <int D>
+__device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, int sq, const int* __restrict__ positions,
+                                                 const double* __restrict__ inv_freq, int rope_q, int neox,
+                                                 const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                                 const int* __restrict__ tables, int W,
+                                                 const int* __restrict__ ctx_lens, const int* __restrict__ qstarts,
+                                                 const int* __restrict__ tiles, int H, int KVH, int bs, float scale,
+                                                 int window, float* __restrict__ out) {
+    constexpr int RS = D + 8, KT = PF_KEYS(D), NT = KT / 8, DT = D / 8;
+    constexpr bool QREG = D <= 128;  // q's A fragments held in registers (at 256 they would spill)
+    u16 *q_s, *k_s, *v_s;            // k_s, v_s: stage 0, stage 1 KT rows further
+    if constexpr (sizeof(PrefillMmaShared<D>) <= STATIC_SMEM_MAX) {
+        __shared__ __align__(16) u16 q_st[PF_ROWS * RS];
+        __shared__ __align__(16) u16 k_st[2 * KT * RS];
+        __shared__ __align__(16) u16 v_st[2 * KT * RS];
+        q_s = q_st, k_s = k_st, v_s = v_st;
     } else {
+        PrefillMmaShared<D>& sh = dynamic_shared<PrefillMmaShared<D>>();
+        q_s = sh.q, k_s = sh.k, v_s = sh.v;
+    }
+    const int G = H / KVH, kh = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int gq = lane >> 2, tq = lane & 3;
+    const int b = tiles[2 * blockIdx.x], r0 = tiles[2 * blockIdx.x + 1];
+    const int qs0 = qstarts[b], n = qstarts[b + 1] - qs0, c0 = ctx_lens[b] - n, nrows = n * G;
+    const int* table = tables + (size_t)b * W;
+    // the block's keys: from its first row's window start to its last row's query
+    const int last = c0 + (min(r0 + PF_ROWS, nrows) - 1) / G;
+    const int kfirst = (window > 0 ? max(0, c0 + r0 / G - window + 1) : 0) / KT * KT;
+    const int ntiles = (last - kfirst) / KT + 1;
+
+    // keys k0..k0+KT-1 into stage st: 4 lanes a row (64 contiguous bytes a load), KT / 32 rows
+    // a thread; keys past `last` are zeros (a zero weight times stale bits could be a NaN)
+    auto stage = [&](int k0, int st) {
 #pragma unroll
-        for (int g = 0; g < MAXG; g++) {
-            if (g < G) {
-                const float inv = 1.0f / l[g];
+        for (int j = 0; j < KT / 32; j++) {
+            const int r = (tid >> 2) + 32 * j, p = k0 + r;
+            const bool in = p <= last;
+            const size_t row = in ? cache_index(table, p, bs, KVH, kh) * D : 0;
+            const u32 ks = smem_addr(k_s + (st * KT + r) * RS), vs = smem_addr(v_s + (st * KT + r) * RS);
 #pragma unroll
-                for (int i = 0; i < P; i++) out[(size_t)t * H * D + (kh * G + g) * D + lane * P + i] = o[g][i] * inv;
+            for (int i = 0; i < DT / 4; i++) {
+                const int c = (tid & 3) + 4 * i;
+                cp_async16(ks + 16 * c, kc + row + 8 * c, in ? 16 : 0);
+                cp_async16(vs + 16 * c, vc + row + 8 * c, in ? 16 : 0);
             }
         }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    stage(kfirst, 0);
+
+    // the block's q rows, roped and pre-scaled, in fp16; rows past the sequence's are zeros
+    for (int i = tid; i < PF_ROWS * (D / 2); i += blockDim.x) {
+        const int r = i / (D / 2), pi = i - r * (D / 2), row = r0 + r;
+        int i0, i1;
+        float x0 = 0.0f, x1 = 0.0f;
+        if (row < nrows) {
+            const int t = qs0 + row / G, g = row % G;
+            roped_pair(q + (size_t)t * sq + (kh * G + g) * D, pi, D, neox, rope_q, positions[t], inv_freq, i0, i1, x0,
+                       x1);
+        } else {
+            rope_index(pi, D, neox, i0, i1);
+        }
+        q_s[r * RS + i0] = f2h(x0 * scale);
+        q_s[r * RS + i1] = f2h(x1 * scale);
+    }
+    __syncthreads();
+
+    // lane (gq, tq) holds rows gq and gq + 8 of the warp's 16 (h = 0, 1): their causal limits
+    // and window starts (-1: a row past the sequence's sees nothing); the warp's extremes
+    const int wr = r0 + 16 * warp;
+    int qp[2], lo[2];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        const int row = wr + gq + 8 * h;
+        qp[h] = row < nrows ? c0 + row / G : -1;
+        lo[h] = window > 0 ? qp[h] - window + 1 : 0;
+    }
+    const bool wvalid = wr < nrows;
+    const int wq_min = c0 + wr / G, wq_max = c0 + (min(wr + 15, nrows - 1)) / G;
+    const int wlo_min = window > 0 ? wq_min - window + 1 : 0, wlo_max = window > 0 ? wq_max - window + 1 : 0;
+
+    // ldmatrix rows: q's A operand, rows (lane & 7) + 8 ((lane >> 3) & 1) at dims + 8 (lane >> 4);
+    // K's B operand (non-transposed: a key's dims are a column of B), keys lane & 7 at dims
+    // + 8 (lane >> 3): two k-steps per load; V's B operand (transposed), keys (lane & 7) +
+    // 8 ((lane >> 3) & 1) at dims + 8 (lane >> 4): two 8-dim n-tiles per load
+    const u32 qa = smem_addr(q_s + (16 * warp + (lane & 7) + 8 * ((lane >> 3) & 1)) * RS + 8 * (lane >> 4));
+    const u32 ka = smem_addr(k_s + (lane & 7) * RS + 8 * (lane >> 3));
+    const u32 va = smem_addr(v_s + ((lane & 7) + 8 * ((lane >> 3) & 1)) * RS + 8 * (lane >> 4));
+    u32 qf[QREG ? D / 16 : 1][4];
+    if constexpr (QREG) {
+#pragma unroll
+        for (int c = 0; c < D / 16; c++) ldsm4(qf[c], qa + 32 * c);
+    }
+    // O: dims 8d + 2tq, +1 of row gq (acc[d][0..1]) and of row gq + 8 (acc[d][2..3])
+    float acc[DT][4], m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
+
+    for (int it = 0; it < ntiles; it++) {
+        const int k0 = kfirst + it * KT, st = it & 1;
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();  // stage st has landed; every warp is done with stage st ^ 1
+        if (it + 1 < ntiles) stage(k0 + KT, st ^ 1);
+        if (!wvalid || k0 > wq_max || k0 + KT - 1 < wlo_min) continue;  // warp-uniform: nothing visible
+
+        // S = Q K^T: s[j] holds keys 8j + 2tq, +1 of rows gq (s[j][0..1]) and gq + 8 (s[j][2..3])
+        float s[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+        const u32 kst = ka + 2 * st * KT * RS;
+#pragma unroll
+        for (int c = 0; c < D / 32; c++) {  // dims 32c..32c+31 (bytes 64c)
+            u32 a0[4], a1[4];
+            if constexpr (QREG) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) a0[e] = qf[2 * c][e], a1[e] = qf[2 * c + 1][e];
+            } else {
+                ldsm4(a0, qa + 64 * c);
+                ldsm4(a1, qa + 64 * c + 32);
+            }
+#pragma unroll
+            for (int j = 0; j < NT; j++) {
+                u32 kb[4];
+                ldsm4(kb, kst + 2 * 8 * j * RS + 64 * c);
+                mma16816(s[j], a0, kb[0], kb[1]);
+                mma16816(s[j], a1, kb[2], kb[3]);
+            }
+        }
+        // the mask, where some key of the tile is hidden from some row of the warp
+        if (k0 < wlo_max || k0 + KT - 1 > wq_min) {
+#pragma unroll
+            for (int j = 0; j < NT; j++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int key = k0 + 8 * j + 2 * tq + (e & 1), h = e >> 1;
+                    if (key > qp[h] || key < lo[h]) s[j][e] = NEG_INF;
+                }
+        }
+        // online softmax; a row with no visible key yet keeps m = -inf and takes weights
+        // exp2(-inf - 0) = 0
+        float alpha[2], mu[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            float mx = NEG_INF;
+#pragma unroll
+            for (int j = 0; j < NT; j++) mx = fmaxf(mx, fmaxf(s[j][2 * h], s[j][2 * h + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, 2));
+            const float mn = fmaxf(m[h], mx);
+            mu[h] = mn == NEG_INF ? 0.0f : mn;
+            alpha[h] = exp2f(m[h] - mu[h]);
+            m[h] = mn;
+        }
+        u32 pf[NT][2];  // P in fp16: the A fragments of P V (keys 16j..: pf[2j], pf[2j + 1])
+        float ls[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < NT; j++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                pf[j][h] = pack_h2(exp2f(s[j][2 * h] - mu[h]), exp2f(s[j][2 * h + 1] - mu[h]));
+                ls[h] += h2f((u16)pf[j][h]) + h2f((u16)(pf[j][h] >> 16));
+            }
+#pragma unroll
+        for (int h = 0; h < 2; h++) l[h] = l[h] * alpha[h] + ls[h];  // this lane's share of the row's sum
+#pragma unroll
+        for (int d = 0; d < DT; d++) {
+            acc[d][0] *= alpha[0], acc[d][1] *= alpha[0];
+            acc[d][2] *= alpha[1], acc[d][3] *= alpha[1];
+        }
+        // O += P V
+        const u32 vst = va + 2 * st * KT * RS;
+#pragma unroll
+        for (int kk = 0; kk < KT / 16; kk++) {
+            const u32 a[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+#pragma unroll
+            for (int dd = 0; dd < D / 16; dd++) {
+                u32 vb[4];
+                ldsm4_trans(vb, vst + 2 * (16 * kk * RS + 16 * dd));
+                mma16816(acc[2 * dd], a, vb[0], vb[1]);
+                mma16816(acc[2 * dd + 1], a, vb[2], vb[3]);
+            }
+        }
+    }
+    if (!wvalid) return;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        l[h] += __shfl_xor_sync(FULL_MASK, l[h], 1);
+        l[h] += __shfl_xor_sync(FULL_MASK, l[h], 2);
+        const int row = wr + gq + 8 * h;
+        if (row >= nrows) continue;
+        const int t = qs0 + row / G, g = row % G;
+        const float inv = 1.0f / l[h];
+        float* o = out + (size_t)t * H * D + (kh * G + g) * D + 2 * tq;
+#pragma unroll
+        for (int d = 0; d < DT; d++) *(float2*)(o + 8 * d) = make_float2(acc[d][2 * h] * inv, acc[d][2 * h + 1] * inv);
     }
 }
 
@@ -942,7 +1158,16 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     }
 }
 
-#define DEF_ATTN(D, BITS, SUFFIX)                                                                                     \
+#define DEF_PREFILL_MMA(D)                                                                                            \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                                      \
+        attn_prefill_##D(const float* q, int sq, const int* positions, const double* inv_freq, int rope_q, int neox,  \
+                         const u16* kc, const u16* vc, const int* tables, int W, const int* ctx_lens,                 \
+                         const int* qstarts, const int* tiles, int H, int KVH, int bs, float scale, int window,       \
+                         float* out) {                                                                                \
+        attn_prefill_mma<D>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, H, \
+                            KVH, bs, scale, window, out);                                                             \
+    }
+#define DEF_PREFILL_Q(D, BITS, SUFFIX)                                                                                \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                     \
         attn_prefill_##SUFFIX(const float* q, int sq, const int* positions, const double* inv_freq, int rope_q,      \
                               int neox, const void* kc, const void* vc, const int* tables, int W, const int* ctx_lens, \
@@ -953,7 +1178,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         attn_prefill<D, BITS>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, \
                               H, KVH, bs, scale, window, group, hs, kscale, sk16, sv16, ringk, ringv, recent_slots,   \
                               recent, R, out);                                                                        \
-    }                                                                                                                 \
+    }
+#define DEF_DECODE(D, BITS, SUFFIX)                                                                                   \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_BLOCKS(D))                                      \
         attn_decode_##SUFFIX(const float* q, int sq, const float* k, int sk, const float* v, int sv,                 \
                              const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, void* kc, \
@@ -994,8 +1220,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
 #define DEF_HEAD(D)                                                                                                   \
     DEF_STORE(D)                                                                                                      \
     DEF_RECENT(D)                                                                                                     \
-    DEF_ATTN(D, 16, D)                                                                                                \
-    DEF_ATTN(D, 8, q8_##D) DEF_ATTN(D, 4, q4_##D) DEF_ATTN(D, 3, q3_##D) DEF_ATTN(D, 2, q2_##D)                      \
+    DEF_PREFILL_MMA(D)                                                                                                \
+    DEF_DECODE(D, 16, D)                                                                                              \
+    DEF_PREFILL_Q(D, 8, q8_##D) DEF_PREFILL_Q(D, 4, q4_##D) DEF_PREFILL_Q(D, 3, q3_##D) DEF_PREFILL_Q(D, 2, q2_##D)  \
+    DEF_DECODE(D, 8, q8_##D) DEF_DECODE(D, 4, q4_##D) DEF_DECODE(D, 3, q3_##D) DEF_DECODE(D, 2, q2_##D)              \
     DEF_STORE_Q(D, 8) DEF_STORE_Q(D, 4) DEF_STORE_Q(D, 3) DEF_STORE_Q(D, 2)
 DEF_HEAD(64)
 DEF_HEAD(96)

@@ -63,6 +63,11 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
     return a;
 }
+// 16 bytes global -> shared, asynchronously (quant_mma.cu, attention.cu); n = 0 fills zeros
+// without reading.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int n) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
 // (lo, hi) rounded to an fp16 pair, lo in the low half (an mma operand's first value)
 __device__ __forceinline__ u32 pack_h2(float lo, float hi) {
     u32 r;

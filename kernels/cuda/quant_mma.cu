@@ -20,10 +20,6 @@
 #define MMA_W_STAGE (MMA_BM * MMA_BK * 2)
 #define MMA_X_STAGE (MMA_BN * MMA_BK * 2)
 
-// 16 bytes global -> shared, asynchronously; n = 0 fills zeros without reading.
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int n) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(n) : "memory");
-}
 // The group's 8 values a * (code - OFF) - m as fp16 pairs, in half the instructions of the
 // fp32 route: PRMT puts each code byte under fp16's exponent of 1024 (0x64XX = 1024 + code,
 // exact), one subtraction of 1024 + OFF (exact), one fp16 FMA. a and m are rounded to fp16

@@ -1,7 +1,9 @@
 """Paged attention (kernels/cuda/attention.cu) over the fp16 or RotateKV cache, RoPE fused.
 
 A prefill (or a chunk of a long prompt) stores the step's keys and values (kv_store), then
-runs per 4-query tile of each sequence (attn_prefill). A decode step (one new token per
+attends: over an fp16 cache on the tensor cores, a block per 64 (query token, head) rows of a
+sequence and KV head (attn_prefill_D, flash attention; steps.prefill_row_tiles); over a
+RotateKV cache with fp32 FMAs per 4-query tile (attn_prefill_qBITS_D). A decode step (one new token per
 sequence) is split-K flash decoding: each KV head read once per head group, keys split in
 chunks of DECODE_CHUNK, warps left over by a small group taking a share of the keys; it also
 writes its output as the out-projection reads it (values.Attended): rounded into the dp4a
@@ -11,9 +13,10 @@ A RotateKV cache (kernels/kv_layout.py) has its rows written by kv_store_q (a de
 too, just before the attention kernel, which then reads the new row like the others). Decode
 rows that are one sequence's consecutive positions (a verifying pass: DeviceStep.step_from)
 read each other's keys and values from the step, not from the cache their blocks fill.
-Head dims 64, 96, 128 and 256 (Gemma 3); at 256 the prefill and decode kernels' shared arrays
-pass the 48 KiB a block gets unasked and come as dynamic shared memory (prefill_smem,
-decode_smem: attention.cu's PrefillShared and DecodeShared).
+Head dims 64, 96, 128 and 256 (Gemma 3); where the kernels' shared arrays pass the 48 KiB a
+block gets unasked (the fp16 prefill's from head_dim 96, the others' at 256) they come as
+dynamic shared memory (prefill_mma_smem, prefill_smem, decode_smem: attention.cu's
+PrefillMmaShared, PrefillShared and DecodeShared).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 
 from kernels.cupy.elementwise import Roped
 from kernels.cupy.products import QMMA_MAX_T, XQ_RUN
-from kernels.cupy.steps import make_step
+from kernels.cupy.steps import PF_ROWS, make_step, prefill_row_tiles
 from kernels.cupy.streams import ptr, sm_count
 from kernels.cupy.tuning import GEMV_MAX_T
 from kernels.cupy.values import Attended, rows3
@@ -48,8 +51,15 @@ def _dynamic(nbytes: int) -> int:
     return nbytes if nbytes > STATIC_SMEM_MAX else 0
 
 
+def prefill_mma_smem(D: int) -> int:
+    """attn_prefill_mma's dynamic shared memory (PrefillMmaShared<D>): the block's PF_ROWS q rows
+    and two stages of K and V tiles (64 keys, 32 at head_dim 256), fp16 rows padded to D + 8."""
+    keys = 64 if D <= 128 else 32
+    return _dynamic(2 * (PF_ROWS + 2 * 2 * keys) * (D + 8))
+
+
 def prefill_smem(D: int) -> int:
-    """attn_prefill's dynamic shared memory (PrefillShared<D>): fp32 q rows of ATT_WARPS tokens
+    """attn_prefill's (RotateKV) dynamic shared memory (PrefillShared<D>): fp32 q rows of ATT_WARPS tokens
     x MAXG heads, a 32-key K and V tile of padded (D + 8) fp16 rows."""
     return _dynamic(4 * ATT_WARPS * MAXG * D + 2 * 2 * 32 * (D + 8))
 
@@ -149,7 +159,16 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         b.k.get("attention.cu", f"kv_store_{D}")(
             (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc,
                            slots, np.int32(KVH)))
-    tiles = dev.tiles
+        tiles = prefill_row_tiles(dev, batch, G)
+        if len(tiles):
+            smem = prefill_mma_smem(D)
+            b.k.get("attention.cu", f"attn_prefill_{name}", dynamic_smem=smem)(
+                (len(tiles), KVH), (128,),  # attention.cu PF_WARPS warps of 16 rows
+                (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx,
+                 dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window), out),
+                shared_mem=smem)
+        return out
+    tiles = dev.tiles  # RotateKV: its prefill per 4-query tile
     if tiles is None or len(tiles) == 0:
         return out
     smem = prefill_smem(D)
@@ -158,8 +177,8 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables,
          np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
          group, hs, *rot, out), shared_mem=smem)
-    if quantized:  # the step's recent rows into the ring, now that its queries have read it
-        b.k.get("attention.cu", f"kv_recent_{D}")(
-            (T, KVH), (128,), (scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.positions, dev.qstarts,
-                               dev.ctx, dev.recent, np.int32(B), np.int32(KVH), np.int32(RING)))
+    # the step's recent rows into the ring, now that its queries have read it
+    b.k.get("attention.cu", f"kv_recent_{D}")(
+        (T, KVH), (128,), (scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.positions, dev.qstarts,
+                           dev.ctx, dev.recent, np.int32(B), np.int32(KVH), np.int32(RING)))
     return out

@@ -42,6 +42,7 @@ class DeviceStep:
     sliding_slots: cp.ndarray | None = None
     logit_rows: cp.ndarray | None = None  # int64 rows of the flat batch that get logits (None: all)
     decode_scratch: dict = field(default_factory=dict)
+    row_tiles: dict = field(default_factory=dict)  # G -> prefill_row_tiles' blocks
 
 
 def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
@@ -70,6 +71,26 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
                       views[6].reshape(-1, 2), views[7], views[8],
                       *((views[9].reshape(tables.shape), views[10]) if sliding else ()))
+
+
+PF_ROWS = 64  # query rows (token, head) of an fp16 prefill attention block (attention.cu PF_ROWS)
+
+
+def prefill_row_tiles(dev: DeviceStep, batch: AttentionBatch, G: int) -> cp.ndarray:
+    """attn_prefill_mma's blocks [b, r0] at G query heads per KV head: each sequence's n * G
+    rows (token r / G, head r % G) in runs of PF_ROWS, those whose last query sees the most
+    keys first (causal blocks' work grows with it: the longest start first, not last);
+    uploaded once per step and G."""
+    tiles = dev.row_tiles.get(G)
+    if tiles is None:
+        n = np.diff(batch.query_starts.astype(np.int64))
+        per_seq = -(-n * G // PF_ROWS)
+        b = np.repeat(np.arange(len(n)), per_seq)
+        r0 = np.concatenate([np.arange(0, k * G, PF_ROWS) for k in n]) if len(n) else np.zeros(0, np.int64)
+        last = batch.context_lens[b] - n[b] + (np.minimum(r0 + PF_ROWS, n[b] * G) - 1) // G
+        order = np.argsort(-last, kind="stable")
+        tiles = dev.row_tiles[G] = cp.asarray(np.stack([b, r0], 1)[order].astype(np.int32))
+    return tiles
 
 
 def step_from(batch: AttentionBatch) -> np.ndarray:
