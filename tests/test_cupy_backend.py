@@ -17,6 +17,7 @@ cupy = pytest.importorskip("cupy")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
 from kernels import AttentionBatch, StepInputs, get_backend  # noqa: E402
+from kernels.cupy import attention as attention_kernels  # noqa: E402
 from kernels.cupy import elementwise, products  # noqa: E402
 from kernels.cupy.products import QMMA_MAX_T  # noqa: E402
 from kernels.cupy.tuning import GEMV_MAX_T, Q8_ROWS  # noqa: E402
@@ -421,7 +422,7 @@ ROTATE_KV_SHAPES = [(14, 2, 64, 0, kv) for kv in ("q8", "q4", "q3", "q2")] + [
 
 
 @pytest.mark.parametrize("H,KVH,D,window,kv", [(*s, "f16") for s in ATTENTION_SHAPES] + ROTATE_KV_SHAPES)
-def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv):
+def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv, monkeypatch):
     """A prefill chunk of several sequences (one continuing a cached context), then
     single-token decode steps through flash-decoding with several splits; RoPE fused. Decode
     steps also check the copy of the output made for the next product (integers or fp16).
@@ -492,6 +493,11 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv):
     # a chunk of 150 continuing 601 cached positions (blocks of rows reading cached and own keys
     # across many key tiles) beside a short continuing one
     step([(3, 601, 150), (1, 10, 2)], neox=False)
+    # several chunks a split, as long contexts have them (a split stages its DECODE_CHUNK-key
+    # chunks one after another): the softmax carried across them, verifying rows across a chunk's edge
+    monkeypatch.setattr(attention_kernels, "decode_splits", lambda keys, pairs, D: 2)
+    step([(3, 751, 1), (0, 246, 1), (2, 90, 1)], neox=False)
+    step([(0, 247, 12), (2, 91, 1)], neox=False, rows=True)
 
 
 def test_argmax_and_sampling(gpu):

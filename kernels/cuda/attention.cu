@@ -29,10 +29,10 @@
 #define ATT_WARPS 4
 #define DECODE_MAX_CHUNK 64  // keys per decode split, staged in shared memory at once
 #define DEC_WARPS 8          // decode: a warp per 16-key tile of the chunk and half of the dims
-// decode blocks an SM holds at head_dim <= 128 as its shared arrays allow: registers capped to
-// match (48), else the staging's loads in flight take more and the SM holds 4 (at 256 the
-// shared arrays allow 2: no cap)
-#define DEC_BLOCKS(D) ((D) <= 128 ? 4 : 1)
+// decode blocks an SM holds (attention.py DECODE_BLOCKS_PER_SM): at head_dim <= 128 registers
+// capped to 80 for 3 (the shared arrays would allow 5, but 48 or 64 registers spill the staging's
+// loads in flight and the chunk loop's softmax state, measured slower); at 256 no cap (1)
+#define DEC_BLOCKS(D) ((D) <= 128 ? 3 : 1)
 #define LOG2E 1.4426950408889634f
 
 #define STATIC_SMEM_MAX (48 * 1024)

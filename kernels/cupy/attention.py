@@ -35,7 +35,7 @@ from kernels.kv_quant import rotation_scale
 from kernels.ops import StepInputs
 
 DECODE_CHUNK = 64  # keys a decode block stages at once (attention.cu DECODE_MAX_CHUNK)
-DECODE_WAVES = 4  # decode blocks per SM the splits aim at (an SM holds 4-5 at head_dim <= 128)
+DECODE_BLOCKS_PER_SM = {64: 3, 96: 3, 128: 3, 256: 1}  # attention.cu DEC_BLOCKS: registers bound them
 MAXG = 8  # query heads per KV head the attention kernels hold
 ATT_WARPS = 4  # query tokens per prefill block (attention.cu ATT_WARPS)
 DEC_WARPS = 8  # warps of a decode block (attention.cu DEC_WARPS)
@@ -73,12 +73,14 @@ def decode_smem(D: int) -> int:
                     + 2 * 2 * DECODE_CHUNK * (D + 8) + 3 * 8 * DECODE_CHUNK + 4)
 
 
-def decode_splits(keys: int, pairs: int) -> int:
+def decode_splits(keys: int, pairs: int, D: int) -> int:
     """How many splits a decode step deals each (sequence, KV head) pair's `keys` (the table
-    width's) to: enough blocks for DECODE_WAVES of them per SM, whole DECODE_CHUNK-key chunks
-    each. Fewer, longer splits than one per chunk: a split's fixed costs (its q, the table
-    look-ups, its partial output written and merged) cost as much as a 4-bit chunk's bytes."""
-    return max(1, min(-(-keys // DECODE_CHUNK), -(-DECODE_WAVES * sm_count() // pairs)))
+    width's) to, in whole DECODE_CHUNK-key chunks: as many as one wave of the blocks the SMs
+    hold at once. Fewer, longer splits than one per chunk: a split's fixed costs (its q, the
+    table look-ups, its partial output written and merged) cost as much as a 4-bit chunk's
+    bytes; more blocks than one wave leave a second wave's tail."""
+    wave = DECODE_BLOCKS_PER_SM[D] * sm_count()
+    return max(1, min(-(-keys // DECODE_CHUNK), wave // pairs))
 
 
 def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, scale, window=0):
@@ -132,7 +134,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     else:
         rot = (*[ptr(None)] * 6, np.int32(0), np.int32(0))
     if T == B and int(batch.query_starts[-1]) == B:  # one new token per sequence
-        max_splits = decode_splits(W * bs, B * KVH)
+        max_splits = decode_splits(W * bs, B * KVH, D)
         scratch = dev.decode_scratch.get((B, KVH, max_splits, D))
         if scratch is None:
             scratch = (cp.empty((B * KVH * max_splits * MAXG * D,), cp.float32),
