@@ -197,7 +197,7 @@ def test_failed_forward_drops_the_step(engine, monkeypatch):
     def broken(work, **_):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine, "forward", broken)
+    monkeypatch.setattr(engine, "start_forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         sched.step()
     assert not sched.has_work and engine.blocks.blocks_in_use == 0
