@@ -259,11 +259,11 @@ def test_micro_batches_give_each_request_its_tokens_alone(model, single):
     alone = solo_tokens(single("qwen2"), MIXED)
     sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=16)
     assert sched.groups == 2 and sched.depth == 2
-    for rid in "abcd":
-        sched.submit(rid, *MIXED[rid])
+    requests = [sched.submit(rid, *MIXED[rid]) for rid in "abcd"]
     tokens, most, together = drain(sched, before_step=lambda i: i == 5 and sched.submit("e", *MIXED["e"]))
     assert tokens == alone
     assert most == 2 and together
+    assert [r.group for r in requests] == [0, 0, 1, 1]  # four waiting: two a group
     assert all(a.group != b.group and not set(a.requests) & set(b.requests) for a, b in together)
     assert staged.blocks.blocks_in_use == 0 and not sched.has_work
 
@@ -272,6 +272,52 @@ def test_micro_batches_give_each_request_its_tokens_alone(model, single):
     for rid in MIXED:
         one.submit(rid, *MIXED[rid])
     assert drain(one)[0] == alone
+
+
+def test_micro_batches_preempt_within_their_group(model, tiny_model, monkeypatch):
+    """A cache too small for three growing requests: a group that finds it full preempts its
+    own latest request (never one of the group in flight), which is recomputed later; every
+    request still gets its tokens alone, and every block comes back."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = {str(i): (list(range(20 * i, 20 * i + 20)), params) for i in range(3)}
+    alone = solo_tokens(Engine(model("qwen2"), max_context=64, kv_cache_tokens=64, block_size=4), prompts)
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=64, block_size=4, pipeline_parallel_size=2)
+    sched = Scheduler(staged, max_num_seqs=3, max_batch_tokens=64)
+    preempted, preempt = [], sched._preempt
+
+    def watched(request):
+        assert all(request not in step.requests for step in sched.in_flight), "preempted a request in flight"
+        preempted.append(request.id)
+        preempt(request)
+
+    monkeypatch.setattr(sched, "_preempt", watched)
+    for rid in prompts:
+        sched.submit(rid, *prompts[rid])
+    tokens, most, _ = drain(sched)
+    assert tokens == alone and preempted and most == 2
+    assert staged.blocks.blocks_in_use == 0 and not sched.has_work
+
+
+def test_a_failed_pass_through_stages_drops_every_running_request(model, monkeypatch):
+    """A pass that fails through stages (a stage may have lost every sequence's KV) drops the
+    requests of the other group too, though no step of theirs is in flight."""
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=64)
+    for rid in "abcd":
+        sched.submit(rid, *MIXED[rid])
+    first = sched.plan_next()
+    sched.commit(first, sched.launch(first)())
+    second = sched.plan_next()
+    assert second.group != first.group and sched.in_flight == [second]
+
+    def broken(work, **_):
+        raise RuntimeError("stage lost")
+
+    monkeypatch.setattr(staged, "start_forward", broken)
+    with pytest.raises(RuntimeError, match="stage lost"):
+        sched.launch(second)
+    assert sorted(r.id for r in sched.abort()) == list("abcd")
+    assert staged.blocks.blocks_in_use == 0 and not sched.has_work and not sched.in_flight
 
 
 def test_cancel_with_two_micro_batches_in_flight(model, single):
