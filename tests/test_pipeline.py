@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import deque
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.speculation import Speculation
 from workers.model.synthetic import Shape, write_model
+from drive import drain
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=8, ignore_eos=True)
@@ -220,28 +220,6 @@ def test_server_config_checks_pipeline_parallel_size(model):
 
 # micro-batches
 
-def drain(scheduler, before_step=lambda i: None, max_steps=400):
-    """Step until idle as ComputeWorker._run does: launch steps until Scheduler.depth are in
-    flight, then commit the oldest. Returns ({id: [token ids]}, the steps in flight together
-    at their most, the pairs of steps that were in flight together)."""
-    tokens, launched, most, together = {}, deque(), 0, []
-    for i in range(max_steps):
-        before_step(i)
-        after = scheduler.plan_next()
-        if after is None and not launched:
-            return tokens, most, together
-        if after is not None:
-            together += [(step, after) for step, _ in launched]
-            launched.append((after, scheduler.launch(after)))
-            most = max(most, len(launched))
-            if len(launched) < scheduler.depth:
-                continue
-        step, pending = launched.popleft()
-        for rid, e in scheduler.commit(step, pending()):
-            tokens.setdefault(rid, []).append(e.token_id)
-    raise AssertionError("scheduler did not drain")
-
-
 MIXED = {"a": ([1, 2, 3, 4, 5, 6, 7], GREEDY), "b": ([9, 8, 7], SEEDED), "c": (list(range(20, 45)), GREEDY),
          "d": ([3, 1, 4, 1, 5], SEEDED.with_(seed=3)), "e": ([2, 7, 1, 8], GREEDY.with_(max_tokens=5))}
 
@@ -260,9 +238,9 @@ def test_micro_batches_give_each_request_its_tokens_alone(model, single):
     sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=16)
     assert sched.groups == 2 and sched.depth == 2
     requests = [sched.submit(rid, *MIXED[rid]) for rid in "abcd"]
-    tokens, most, together = drain(sched, before_step=lambda i: i == 5 and sched.submit("e", *MIXED["e"]))
+    tokens, _, together = drain(sched, before_step=lambda i: i == 5 and sched.submit("e", *MIXED["e"]))
     assert tokens == alone
-    assert most == 2 and together
+    assert together
     assert [r.group for r in requests] == [0, 0, 1, 1]  # four waiting: two a group
     assert all(a.group != b.group and not set(a.requests) & set(b.requests) for a, b in together)
     assert staged.blocks.blocks_in_use == 0 and not sched.has_work
@@ -293,8 +271,8 @@ def test_micro_batches_preempt_within_their_group(model, tiny_model, monkeypatch
     monkeypatch.setattr(sched, "_preempt", watched)
     for rid in prompts:
         sched.submit(rid, *prompts[rid])
-    tokens, most, _ = drain(sched)
-    assert tokens == alone and preempted and most == 2
+    tokens, _, together = drain(sched)
+    assert tokens == alone and preempted and together
     assert staged.blocks.blocks_in_use == 0 and not sched.has_work
 
 
@@ -345,7 +323,7 @@ def test_cancel_with_two_micro_batches_in_flight(model, single):
     tokens = {}
     for rid, e in events + sched.commit(second, later()):
         tokens.setdefault(rid, []).append(e.token_id)
-    rest, _, _ = drain(sched)
+    rest = drain(sched)[0]
     for rid, ids in rest.items():
         tokens[rid] += ids
     assert tokens == {rid: ids for rid, ids in alone.items() if rid != gone.id}
@@ -435,10 +413,10 @@ def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single)
         sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=64)
         for rid in prompts:
             sched.submit(rid, *prompts[rid])
-        tokens, most, _ = drain(sched)
+        tokens, _, together = drain(sched)
         log = ray.get(order.entries.remote())
         assert log.index(("start", 0, 1)) < log.index(("end", 1, 0)), log[:8]
-        assert tokens == solo_tokens(single("qwen2"), prompts) and most == 2
+        assert tokens == solo_tokens(single("qwen2"), prompts) and together
     finally:
         staged.pipeline.shutdown()
         ray.kill(order)
