@@ -2,12 +2,12 @@
 
 Each step is planned, run, then committed:
 
-* plan: every running request gets its next tokens in one batch. Requests that are
-  decoding (one uncached token) go first, then prompt chunks share what is left of the
-  per-step token budget (`max_batch_tokens`), so a long prompt is prefilled over several
+* plan: every running request (of the micro-batch group planned, below) gets its next
+  tokens in one batch. Requests that are decoding (one uncached token) go first, then
+  prompt chunks share what is left of the per-step token budget (`max_batch_tokens`), so a long prompt is prefilled over several
   steps and never stalls the decodes running beside it. Waiting requests are admitted
   in arrival order while there is room in the batch, the budget and the KV cache.
-* run: `Engine.forward` on the planned work, then one `Engine.sample` call for every
+* run: `Engine.start_forward` on the planned work, then one `Engine.sample` call for every
   request whose tokens are now all cached (on the device where the backend can, so only
   ids leave it; the grammars' masks are computed on the host while the forward runs). The only slow part: callers may run it on another thread while
   `submit`/`cancel` keep being served.
@@ -42,8 +42,11 @@ KV blocks are decided here and nowhere else: plan reserves each step's blocks fr
 engine's block manager (`workers/engine/block_manager.py`), and `Engine.forward` runs the
 block tables it is given.
 
+A driver (the ComputeWorker's loop) launches `plan_next`'s steps
+until `depth` are in flight, then waits for the oldest and commits it.
+
 Not thread-safe: call everything from one thread, except that `launch`/`run` on a planned
-step may run elsewhere (plan reserves the step's blocks, so forward does not
+step (and the wait `launch` returns) may run elsewhere (plan reserves the step's blocks, so forward does not
 touch the free list, and blocks of a request cancelled mid-step are freed at commit).
 """
 
