@@ -4,9 +4,10 @@ Each step is planned, run, then committed:
 
 * plan: every running request (of the micro-batch group planned, below) gets its next
   tokens in one batch. Requests that are decoding (one uncached token) go first, then
-  prompt chunks share what is left of the per-step token budget (`max_batch_tokens`), so a long prompt is prefilled over several
-  steps and never stalls the decodes running beside it. Waiting requests are admitted
-  in arrival order while there is room in the batch, the budget and the KV cache.
+  prompt chunks share what is left of the per-step token budget (`max_batch_tokens`), so
+  a long prompt is prefilled over several steps and never stalls the decodes running
+  beside it. Waiting requests are admitted in arrival order while there is room in the
+  batch, the budget and the KV cache.
 * run: `Engine.start_forward` on the planned work, then one `Engine.sample` call for every
   request whose tokens are now all cached (on the device where the backend can, so only
   ids leave it; the grammars' masks are computed on the host while the forward runs). The only slow part: callers may run it on another thread while
