@@ -1,10 +1,12 @@
 """Pipeline parallelism (workers/engine/pipeline.py, workers/stage_worker.py): the split by
 bytes against a brute force, P stages' logits against one process's (bit for bit: the same
-NumPy ops on the same float32 arrays), stage actors on a local Ray, a stage killed mid-request,
+NumPy ops on the same float32 arrays), micro-batches (the scheduler's groups, their passes
+overlapping in the stage actors), stage actors on a local Ray, a stage killed mid-request,
 and the configuration's checks."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -20,12 +22,15 @@ import ray
 
 from cluster.config import ConfigError, server_config
 from workers.engine.engine import Engine, Sequence
-from workers.engine.pipeline import split_by_bytes
+from workers.engine.pipeline import Stage, split_by_bytes
 from workers.engine.sampling import SamplingParams
+from workers.engine.scheduler import Scheduler
 from workers.engine.speculation import Speculation
 from workers.model.synthetic import Shape, write_model
+from drive import drain
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=8, ignore_eos=True)
 SHAPES = {  # more layers than conftest's tiny qwen2, so that P = 3 splits it
     "qwen2": (Shape("qwen2", n_layers=4, d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=512, rope_base=1_000_000.0,
                     context_length=512), "ggml-vocab-qwen2.gguf"),
@@ -213,6 +218,118 @@ def test_server_config_checks_pipeline_parallel_size(model):
     assert config.worker_args()["placement_strategy"] == "SPREAD"
 
 
+# micro-batches
+
+MIXED = {"a": ([1, 2, 3, 4, 5, 6, 7], GREEDY), "b": ([9, 8, 7], SEEDED), "c": (list(range(20, 45)), GREEDY),
+         "d": ([3, 1, 4, 1, 5], SEEDED.with_(seed=3)), "e": ([2, 7, 1, 8], GREEDY.with_(max_tokens=5))}
+
+
+def solo_tokens(engine, prompts):
+    return {rid: [e.token_id for e in engine.generate(p, params)] for rid, (p, params) in prompts.items()}
+
+
+def test_micro_batches_give_each_request_its_tokens_alone(model, single):
+    """P = 2 stages (in this process): the running requests split into two disjoint groups,
+    whose steps are in flight together; greedy and seeded requests, a prompt prefilled in
+    chunks and one admitted later each get the tokens they get alone on one process, and from
+    a P = 1 scheduler; every block comes back."""
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    alone = solo_tokens(single("qwen2"), MIXED)
+    sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=16)
+    assert sched.groups == 2 and sched.depth == 2
+    requests = [sched.submit(rid, *MIXED[rid]) for rid in "abcd"]
+    tokens, _, together = drain(sched, before_step=lambda i: i == 5 and sched.submit("e", *MIXED["e"]))
+    assert tokens == alone
+    assert together
+    assert [r.group for r in requests] == [0, 0, 1, 1]  # four waiting: two a group
+    assert all(a.group != b.group and not set(a.requests) & set(b.requests) for a, b in together)
+    assert staged.blocks.blocks_in_use == 0 and not sched.has_work
+
+    one = Scheduler(single("qwen2"), max_num_seqs=4, max_batch_tokens=16)
+    assert one.groups == 1
+    for rid in MIXED:
+        one.submit(rid, *MIXED[rid])
+    assert drain(one)[0] == alone
+
+
+def test_micro_batches_preempt_within_their_group(model, tiny_model, monkeypatch):
+    """A cache too small for three growing requests: a group that finds it full preempts its
+    own latest request (never one of the group in flight), which is recomputed later; every
+    request still gets its tokens alone, and every block comes back."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = {str(i): (list(range(20 * i, 20 * i + 20)), params) for i in range(3)}
+    alone = solo_tokens(Engine(model("qwen2"), max_context=64, kv_cache_tokens=64, block_size=4), prompts)
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=64, block_size=4, pipeline_parallel_size=2)
+    sched = Scheduler(staged, max_num_seqs=3, max_batch_tokens=64)
+    preempted, preempt = [], sched._preempt
+
+    def watched(request):
+        assert all(request not in step.requests for step in sched.in_flight), "preempted a request in flight"
+        preempted.append(request.id)
+        preempt(request)
+
+    monkeypatch.setattr(sched, "_preempt", watched)
+    for rid in prompts:
+        sched.submit(rid, *prompts[rid])
+    tokens, _, together = drain(sched)
+    assert tokens == alone and preempted and together
+    assert staged.blocks.blocks_in_use == 0 and not sched.has_work
+
+
+def test_a_failed_pass_through_stages_drops_every_running_request(model, monkeypatch):
+    """A pass that fails through stages (a stage may have lost every sequence's KV) drops the
+    requests of the other group too, though no step of theirs is in flight."""
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=64)
+    for rid in "abcd":
+        sched.submit(rid, *MIXED[rid])
+    first = sched.plan_next()
+    sched.commit(first, sched.launch(first)())
+    second = sched.plan_next()
+    assert second.group != first.group and sched.in_flight == [second]
+
+    def broken(work, **_):
+        raise RuntimeError("stage lost")
+
+    monkeypatch.setattr(staged, "start_forward", broken)
+    with pytest.raises(RuntimeError, match="stage lost"):
+        sched.launch(second)
+    assert sorted(r.id for r in sched.abort()) == list("abcd")
+    assert staged.blocks.blocks_in_use == 0 and not sched.has_work and not sched.in_flight
+
+
+def test_cancel_with_two_micro_batches_in_flight(model, single):
+    """A request cancelled while its group's step and the other group's are in flight keeps its
+    blocks until its step commits, and gets no token; the others decode on as alone."""
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    prompts = {rid: MIXED[rid] for rid in "abcd"}
+    alone = solo_tokens(single("qwen2"), prompts)
+    sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=64)
+    for rid in prompts:
+        sched.submit(rid, *prompts[rid])
+    first = sched.plan_next()
+    pending = sched.launch(first)
+    second = sched.plan_next()
+    assert second is not None and second.group != first.group
+    later = sched.launch(second)
+    assert sched.plan_next() is None  # both groups are in flight
+    gone = first.requests[0]
+    held = staged.blocks.blocks_in_use
+    assert sched.cancel(gone.id)
+    assert staged.blocks.blocks_in_use == held
+    events = sched.commit(first, pending())
+    assert gone.id not in [rid for rid, _ in events]
+    assert staged.blocks.blocks_in_use < held
+    tokens = {}
+    for rid, e in events + sched.commit(second, later()):
+        tokens.setdefault(rid, []).append(e.token_id)
+    rest = drain(sched)[0]
+    for rid, ids in rest.items():
+        tokens[rid] += ids
+    assert tokens == {rid: ids for rid, ids in alone.items() if rid != gone.id}
+    assert staged.blocks.blocks_in_use == 0 and not sched.has_work
+
+
 # stage actors on a local Ray
 
 @pytest.fixture(scope="module")
@@ -240,6 +357,69 @@ def test_ray_stages_give_the_logits_of_one_process(local_ray, model, single):
             assert np.array_equal(w, g)
     finally:
         staged.pipeline.shutdown()
+
+
+def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single):
+    """Two groups' passes in flight at once through two stage actors: stage 0 starts group B's
+    pass before stage 1 ends group A's. Deterministic: stage 1 holds A's pass until stage 0
+    has started B's (or 30 s pass), which it can only do if B was submitted before A's
+    logits were waited for. The tokens are those of one process."""
+    from workers.stage_worker import RayPipeline
+
+    @ray.remote
+    class Order:
+        def __init__(self):
+            self.log = []
+
+        def note(self, entry):
+            self.log.append(tuple(entry))
+
+        async def wait_for(self, entry, timeout_s):
+            import asyncio
+
+            deadline = time.monotonic() + timeout_s
+            while tuple(entry) not in self.log and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
+        def entries(self):
+            return self.log
+
+    @ray.remote(max_restarts=0)
+    class GatedStage:  # StageWorker's interface, recording when each stage starts and ends each pass
+        def __init__(self, spec):
+            self.stage, self.passes, self.order = Stage(spec), 0, ray.get_actor("pp-order")
+
+        def ready(self):
+            return self.stage.spec.describe()
+
+        def step(self, step, hidden):
+            index, k = self.stage.spec.index, self.passes
+            self.passes += 1
+            ray.get(self.order.note.remote(("start", index, k)))
+            if (index, k) == (1, 0):
+                ray.get(self.order.wait_for.remote(("start", 0, 1), 30))
+            out = self.stage.step(step, hidden)
+            ray.get(self.order.note.remote(("end", index, k)))
+            return out
+
+        def sequences_ended(self):
+            pass
+
+    order = Order.options(name="pp-order").remote()
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2,
+                    stage_runner=functools.partial(RayPipeline, worker=GatedStage))
+    try:
+        prompts = {rid: MIXED[rid] for rid in "abcd"}
+        sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=64)
+        for rid in prompts:
+            sched.submit(rid, *prompts[rid])
+        tokens, _, together = drain(sched)
+        log = ray.get(order.entries.remote())
+        assert log.index(("start", 0, 1)) < log.index(("end", 1, 0)), log[:8]
+        assert tokens == solo_tokens(single("qwen2"), prompts) and together
+    finally:
+        staged.pipeline.shutdown()
+        ray.kill(order)
 
 
 def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray, model, single):
@@ -285,19 +465,22 @@ def ended(events) -> bool:
     return bool(events) and ("error" in events[-1] or events[-1].get("finish_reason") is not None)
 
 
-def poll_until(worker, request_id, done, timeout_s=120):
-    events, deadline = [], time.monotonic() + timeout_s
+def poll_until(worker, request_ids, done, timeout_s=120):
+    """{id: its events} once done(events) holds for each of request_ids (a poll answers for
+    every request at once)."""
+    events, deadline = {rid: [] for rid in request_ids}, time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        events += ray.get(worker.poll.remote(0.5)).get(request_id, [])
-        if done(events):
+        for rid, new in ray.get(worker.poll.remote(0.5)).items():
+            events[rid] = events.get(rid, []) + new
+        if all(done(events[rid]) for rid in request_ids):
             return events
-    raise AssertionError(f"{request_id}: {events[-3:]} after {timeout_s} s")
+    raise AssertionError(f"{ {rid: events[rid][-3:] for rid in request_ids} } after {timeout_s} s")
 
 
 def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local_ray, model, single):
-    """A ComputeWorker over 2 stage actors: killing stage 1 while a request decodes ends that
-    request with an error naming the stage; Ray restarts the stage, and the next request gets
-    the tokens one process gives."""
+    """A ComputeWorker over 2 stage actors, two requests decoding in two micro-batch groups:
+    killing stage 1 ends both with an error naming the stage; Ray restarts the stage, and the
+    next two requests (greedy and seeded, concurrent) get the tokens one process gives."""
     from workers.compute_worker import ComputeWorker
 
     worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=512, kv_cache_gb=0.01,
@@ -307,22 +490,26 @@ def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local
         info = ray.get(worker.info.remote(), timeout=120)
         assert [s["layers"] for s in info["pipeline_stages"]] == [[0, 2], [2, 4]]
         long = SamplingParams(temperature=0.0, max_tokens=480, ignore_eos=True)
-        ray.get(worker.submit.remote("long", [1, 2, 3], long))
-        poll_until(worker, "long", lambda events: any(e.get("token_id") is not None for e in events))
+        for rid in ("long", "long2"):
+            ray.get(worker.submit.remote(rid, [1, 2, 3], long))
+        poll_until(worker, ["long", "long2"], lambda events: any(e.get("token_id") is not None for e in events))
         stage = next(n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
                      if n["name"].endswith("-stage-1"))
         ray.kill(ray.get_actor(stage, namespace=next(
             n["namespace"] for n in ray.util.list_named_actors(all_namespaces=True) if n["name"] == stage)),
             no_restart=False)
-        events = poll_until(worker, "long", ended)
-        assert "error" in events[-1], "the request finished before the kill reached it"
-        assert "pipeline stage 1 (layers 2-3)" in events[-1]["error"]
-        assert len(events) < 480
+        for rid, events in poll_until(worker, ["long", "long2"], ended).items():
+            assert "error" in events[-1], f"{rid} finished before the kill reached it"
+            assert "pipeline stage 1 (layers 2-3)" in events[-1]["error"]
+            assert len(events) < 480
 
-        ray.get(worker.submit.remote("next", [5, 6, 7], GREEDY))
-        events = poll_until(worker, "next", ended)
-        want = [e.token_id for e in single("qwen2").generate([5, 6, 7], GREEDY)]
-        assert [e.get("token_id") for e in events] == want and events[-1]["finish_reason"] == "length", events[-1]
+        nexts = {"next": ([5, 6, 7], GREEDY), "next2": ([9, 8, 7], SEEDED)}
+        for rid, (prompt, params) in nexts.items():
+            ray.get(worker.submit.remote(rid, prompt, params))
+        got = poll_until(worker, list(nexts), ended)
+        for rid, want in solo_tokens(single("qwen2"), nexts).items():
+            events = got[rid]
+            assert [e.get("token_id") for e in events] == want and events[-1]["finish_reason"] == "length", events[-1]
     finally:
         ray.kill(worker)
 

@@ -8,6 +8,7 @@ import pytest
 from workers.engine.engine import ContextLengthError, Engine
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import QueueFull, Scheduler
+from drive import drain
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -111,23 +112,11 @@ def test_cancel_frees_blocks_at_once_and_mid_step(engine):
     assert engine.blocks.blocks_in_use == 0 and not sched.has_work
 
 
-def run_ahead(scheduler, max_steps=400, before_step=lambda i: None):
-    """Step until idle as the ComputeWorker does: a step is launched, then the next one
-    (plan_ahead) before the first is committed. Returns ({id: [token ids]}, steps run ahead)."""
-    tokens, fed = {}, 0
-    step = pending = None
-    for i in range(max_steps):
-        before_step(i)
-        after = scheduler.plan() if step is None else scheduler.plan_ahead(step)
-        if step is None and after is None:
-            return tokens, fed
-        launched = scheduler.launch(after) if after is not None else None
-        fed += after is not None and after.fed
-        if step is not None:
-            for rid, e in scheduler.commit(step, pending()):
-                tokens.setdefault(rid, []).append(e.token_id)
-        step, pending = after, launched
-    raise AssertionError("scheduler did not drain")
+def run_ahead(scheduler, before_step=lambda i: None):
+    """Step until idle as the ComputeWorker does (a greedy step is followed by the next, fed
+    on the device, before it is committed). Returns ({id: [token ids]}, steps run ahead)."""
+    tokens, steps, _ = drain(scheduler, before_step)
+    return tokens, sum(step.fed for step in steps)
 
 
 def test_greedy_steps_run_ahead_and_output_is_unchanged(engine, monkeypatch):
@@ -197,7 +186,7 @@ def test_failed_forward_drops_the_step(engine, monkeypatch):
     def broken(work, **_):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine, "forward", broken)
+    monkeypatch.setattr(engine, "start_forward", broken)
     with pytest.raises(RuntimeError, match="device lost"):
         sched.step()
     assert not sched.has_work and engine.blocks.blocks_in_use == 0

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+from collections import deque
 
 import ray
 from ray.util import metrics
@@ -191,41 +192,42 @@ class ComputeWorker:
         return ready
 
     def _run(self) -> None:
-        """The scheduling loop (its own thread). A greedy decode step is followed by the next
-        one before its ids are read (Scheduler.plan_ahead), so two steps can be in flight:
-        `step` launched and not committed, and the one planned after it. The loop only ends
-        on a bug: then every request and the health check fail rather than hang."""
+        """The scheduling loop (its own thread). Steps are launched until `Scheduler.depth`
+        are in flight, then the oldest is waited for and committed: a greedy decode step is
+        followed by the next one before its ids are read (Scheduler.plan_ahead), and through
+        P pipeline stages each micro-batch group's step runs in the stages while another's
+        is sampled and committed. The loop only ends on a bug: then every request and the
+        health check fail rather than hang."""
         try:
-            step = pending = None
+            launched: deque = deque()  # (step, its pending tokens), oldest first
             while True:
                 with self.lock:
-                    if step is None:
-                        after = self.scheduler.plan()
-                        if after is None:
-                            self.has_work.clear()
-                    else:
-                        after = self.scheduler.plan_ahead(step)
-                if step is None and after is None:
+                    after = self.scheduler.plan_next()
+                    if after is None and not launched:
+                        self.has_work.clear()
+                if after is None and not launched:
                     self.has_work.wait()
                     continue
                 try:
-                    launched = self.scheduler.launch(after) if after is not None else None
-                    picked = pending() if step is not None else None
-                except Exception as e:  # a device failure ends the requests in flight, not the worker
+                    if after is not None:
+                        launched.append((after, self.scheduler.launch(after)))
+                        if len(launched) < self.scheduler.depth:
+                            continue
+                    step, pending = launched.popleft()
+                    picked = pending()
+                except Exception as e:  # a device or stage failure ends the requests it lost, not the worker
                     with self.lock:
                         for request in self.scheduler.abort():
                             self._emit(request.id, {"error": f"forward pass failed: {e}"})
-                    step = pending = None
+                    launched.clear()
                     self._update_gauges()
                     continue
-                if step is not None:
-                    with self.lock:
-                        events = self.scheduler.commit(step, picked)
-                        for rid, event in events:
-                            self._emit(rid, self._wire(rid, event))
-                    if events:
-                        self.generated.inc(len(events))
-                step, pending = after, launched
+                with self.lock:
+                    events = self.scheduler.commit(step, picked)
+                    for rid, event in events:
+                        self._emit(rid, self._wire(rid, event))
+                if events:
+                    self.generated.inc(len(events))
                 self._update_gauges()
         except BaseException as e:
             self.failure = e

@@ -1,5 +1,5 @@
 """Pipeline stages as Ray actors: one StageWorker per stage, and RayPipeline, which starts them
-and runs a forward pass through them (an Engine's stage_runner, workers/engine/pipeline.py).
+and submits forward passes through them (an Engine's stage_runner, workers/engine/pipeline.py).
 
 The stages are placed by a placement group of one bundle per stage (STRICT_PACK: one node,
 by default; PACK or SPREAD across nodes). Each actor maps the model file and loads only its
@@ -7,12 +7,15 @@ layers. A pass puts the step's inputs in Ray's object store once and hands every
 reference; each stage's output (the float32 residual stream, the last stage's logits) is an
 object the next stage takes as an argument, so activations move through Ray's own objects
 (shared memory within a host), straight from stage to stage, and only the logits come back.
+`submit` returns without waiting: an actor runs its calls one at a time in submission order,
+so a pass submitted behind another follows it down the stages, stage k running the later
+pass while stage k + 1 runs the earlier one (the scheduler's micro-batches).
 
 A stage that dies is restarted by Ray (up to STAGE_RESTARTS times) with an empty KV cache.
-The pass it was in raises StageFailed, and so does a pass that reaches a restarted stage
-before the pipeline knows (its KV for the sequences in flight is gone): the engine's caller
-ends those sequences (the ComputeWorker fails every request in flight). The pass after that
-first tells the restarted stages that the sequences they lost are ended, and runs.
+The passes it was in raise StageFailed, and so does a pass that reaches a restarted stage
+before the pipeline knows (its KV for every running sequence is gone): the engine's caller
+ends those sequences (the ComputeWorker fails every running request). The pass submitted
+after that first tells the restarted stages that the sequences they lost are ended, and runs.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers 
 
 
 class StageFailed(RuntimeError):
-    """A pipeline stage died or failed during a pass; the sequences in flight are lost."""
+    """A pipeline stage died or failed during a pass; the running sequences' KV is lost."""
 
 
 @ray.remote(max_restarts=STAGE_RESTARTS)
@@ -58,11 +61,27 @@ class StageWorker:
         self.lost_kv = False
 
 
+class RayPass:
+    """A pass submitted to the stages: each stage's output, the last one the logits."""
+
+    def __init__(self, pipeline: RayPipeline, outputs: list):
+        self.pipeline, self.outputs = pipeline, outputs
+
+    def result(self) -> np.ndarray:
+        """The last stage's logits (StageFailed, naming the stage, when one fails)."""
+        try:
+            return ray.get(self.outputs[-1])
+        except RayError:
+            self.pipeline.failed = True
+            raise self.pipeline.failure(self.outputs) from None
+
+
 class RayPipeline:
-    """The stages of `specs` as StageWorker actors in a placement group; forward(step) runs a pass."""
+    """The stages of `specs` as `worker` actors (StageWorker's interface) in a placement group;
+    submit(step) starts a pass."""
 
     def __init__(self, specs: list[StageSpec], strategy: str = "STRICT_PACK", num_cpus: float = 1.0,
-                 timeout_s: float = START_TIMEOUT_S):
+                 timeout_s: float = START_TIMEOUT_S, worker=StageWorker):
         if strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.specs, self.timeout_s = specs, timeout_s
@@ -74,16 +93,16 @@ class RayPipeline:
             raise RuntimeError(f"no room in the Ray cluster for {len(specs)} pipeline stages of {num_cpus} CPUs "
                                f"each ({strategy}) after {timeout_s:.0f} s") from None
         prefix = f"ntr-{uuid.uuid4().hex[:8]}"
-        self.actors = [StageWorker.options(
+        self.actors = [worker.options(
             name=f"{prefix}-stage-{spec.index}", num_cpus=num_cpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.index),
         ).remote(spec) for spec in specs]
         ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
         self.failed = False
 
-    def forward(self, step: StepInputs) -> np.ndarray:
-        """The last stage's logits for step (StageFailed, naming the stage, when one fails)."""
-        if self.failed:  # the caller has ended the sequences the failed pass held
+    def submit(self, step: StepInputs) -> RayPass:
+        """Start a pass of step through every stage; returns at once."""
+        if self.failed:  # the caller has ended every sequence the stages held
             self._sequences_ended()
             self.failed = False
         inputs = ray.put(step)
@@ -91,11 +110,7 @@ class RayPipeline:
         for actor in self.actors:
             hidden = actor.step.remote(inputs, hidden)
             outputs.append(hidden)
-        try:
-            return ray.get(hidden)
-        except RayError:
-            self.failed = True
-            raise self._failure(outputs) from None
+        return RayPass(self, outputs)
 
     def _sequences_ended(self) -> None:
         """Tell every stage that the sequences in flight are ended, waiting for a restarting
@@ -113,7 +128,7 @@ class RayPipeline:
                 except RayError as e:
                     raise StageFailed(f"pipeline {spec.describe()} did not come back: {e}") from None
 
-    def _failure(self, outputs) -> StageFailed:
+    def failure(self, outputs) -> StageFailed:
         """The first stage whose output failed, and why (the later ones failed for lack of its output)."""
         for spec, ref in zip(self.specs, outputs):
             try:

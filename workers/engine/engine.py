@@ -11,7 +11,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftPolicy
-from workers.engine.pipeline import LocalPipeline, plan_stages, split_by_bytes
+from workers.engine.pipeline import Finished, LocalPipeline, plan_stages, split_by_bytes
 from workers.engine.placement import Rates, context_bytes, plan_model
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
@@ -316,6 +316,16 @@ class Engine:
         With decode_rows, each sequence's tokens are rows of a decode step (`_plan`): the same
         logits, from the step a batch of that many sequences decodes with (a verifying pass).
         """
+        return self.start_forward(work, all_logits, device, rows, layers, decode_rows)()
+
+    def start_forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
+                      rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
+                      decode_rows: bool = False) -> Callable[[], np.ndarray]:
+        """`forward`'s pass, started: returns a function that waits for its logits. Through
+        pipeline stages the pass is submitted and runs while the caller goes on, so a pass of
+        other sequences started behind it runs in the stages it has left (micro-batches,
+        workers/engine/scheduler.py); in one process it runs here (on the GPU: is launched).
+        The sequences count the pass's tokens as cached when this returns."""
         step = self._plan(work, decode_rows=decode_rows)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
@@ -324,12 +334,14 @@ class Engine:
         if self.pipeline is not None:
             if layers is not None or decode_rows:
                 raise ValueError("a pipeline's stages run whole passes only (no drafts or verifying rows)")
-            logits = self.pipeline.forward(step)
+            result = self.pipeline.submit(step).result
         else:
-            logits = self.ops.run_step(self._forward(layers), step, self.kv.layers)
+            result = Finished(self.ops.run_step(self._forward(layers), step, self.kv.layers)).result
         for seq, n in work:
             seq.num_cached += n
-        return logits if device else self.ops.to_numpy(logits).astype(np.float32, copy=False)
+        if device:
+            return result
+        return lambda: self.ops.to_numpy(result()).astype(np.float32, copy=False)
 
     def _forward(self, layers: tuple[int, ...] | None):
         """The model's step, or that of a subset of its layers (a step of its own to a backend

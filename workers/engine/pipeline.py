@@ -12,6 +12,13 @@ inputs (tokens, positions, the AttentionBatch) go to every stage; the residual s
 from one stage to the next as float32 [T, d_model] (the activation precision: logits equal
 a single process's), and the last stage returns the logits. Where the stages run is the
 caller's: `LocalPipeline` runs them in this process, `workers/stage_worker.py` in Ray actors.
+Either has `submit(step)`, which returns a pass whose `result()` waits for the logits.
+
+Two passes may be in flight at once (the scheduler's micro-batches, workers/engine/
+scheduler.py): stage k runs pass B while stage k + 1 runs pass A. Their KV writes cannot
+interleave wrongly: the passes hold disjoint sequences (their own blocks, sliding blocks
+and ring slots, all reserved before either is submitted), and each stage runs its steps one
+at a time in the order they were submitted.
 """
 
 from __future__ import annotations
@@ -142,16 +149,27 @@ class Stage:
         return ops.to_numpy(x).astype(np.float32, copy=False)
 
 
+class Finished:
+    """A pass that ran to its end when it was submitted (`LocalPipeline`'s)."""
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = logits
+
+    def result(self) -> np.ndarray:
+        return self.logits
+
+
 class LocalPipeline:
     """The stages in this process, one after the other (the engine-level form of a pipeline:
-    what the Ray stage actors run, without Ray)."""
+    what the Ray stage actors run, without Ray). A pass runs to its end as it is submitted,
+    so passes never overlap here."""
 
     def __init__(self, specs: list[StageSpec]):
         self.specs = specs
         self.stages = [Stage(spec) for spec in specs]
 
-    def forward(self, step: StepInputs) -> np.ndarray:
+    def submit(self, step: StepInputs) -> Finished:
         hidden = None
         for stage in self.stages:
             hidden = stage.step(step, hidden)
-        return hidden
+        return Finished(hidden)

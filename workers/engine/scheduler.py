@@ -2,12 +2,13 @@
 
 Each step is planned, run, then committed:
 
-* plan: every running request gets its next tokens in one batch. Requests that are
-  decoding (one uncached token) go first, then prompt chunks share what is left of the
-  per-step token budget (`max_batch_tokens`), so a long prompt is prefilled over several
-  steps and never stalls the decodes running beside it. Waiting requests are admitted
-  in arrival order while there is room in the batch, the budget and the KV cache.
-* run: `Engine.forward` on the planned work, then one `Engine.sample` call for every
+* plan: every running request (of the micro-batch group planned, below) gets its next
+  tokens in one batch. Requests that are decoding (one uncached token) go first, then
+  prompt chunks share what is left of the per-step token budget (`max_batch_tokens`), so
+  a long prompt is prefilled over several steps and never stalls the decodes running
+  beside it. Waiting requests are admitted in arrival order while there is room in the
+  batch, the budget and the KV cache.
+* run: `Engine.start_forward` on the planned work, then one `Engine.sample` call for every
   request whose tokens are now all cached (on the device where the backend can, so only
   ids leave it; the grammars' masks are computed on the host while the forward runs). The only slow part: callers may run it on another thread while
   `submit`/`cancel` keep being served.
@@ -23,8 +24,18 @@ does not wait for the host to read a step's ids, commit and plan between two dec
 A request that finishes at the first step's commit has its token from the second dropped;
 its blocks go back once no step in flight holds it.
 
+Micro-batches (vLLM's virtual engines): an engine whose forward pass runs through P
+pipeline stages (workers/engine/pipeline.py) splits the running requests into P groups,
+disjoint, each admitted request joining the group that plans next while that group holds
+less than its share (a P-th of the requests running and waiting). Each group's step is
+planned, launched and committed on its own, and `plan_next` plans a group while the other
+groups' steps are in flight, so while one group's logits come back and are sampled and
+committed, the stages run the others' passes. With one group (P = 1, any engine without
+stages) every running request is in the one step, as above.
+
 KV blocks are taken as a sequence grows. When a decode finds the cache full, the most
-recently admitted request is preempted: its blocks are freed and it goes back to the head
+recently admitted request (of the group being planned: the others' may be in flight) is
+preempted: its blocks are freed and it goes back to the head
 of the queue with its generated tokens kept, to be recomputed later (vLLM's recompute
 preemption), so admission never has to reserve a request's whole `max_tokens` up front.
 
@@ -32,8 +43,11 @@ KV blocks are decided here and nowhere else: plan reserves each step's blocks fr
 engine's block manager (`workers/engine/block_manager.py`), and `Engine.forward` runs the
 block tables it is given.
 
+A driver (the ComputeWorker's loop) launches `plan_next`'s steps
+until `depth` are in flight, then waits for the oldest and commits it.
+
 Not thread-safe: call everything from one thread, except that `launch`/`run` on a planned
-step may run elsewhere (plan reserves the step's blocks, so forward does not
+step (and the wait `launch` returns) may run elsewhere (plan reserves the step's blocks, so forward does not
 touch the free list, and blocks of a request cancelled mid-step are freed at commit).
 """
 
@@ -56,6 +70,7 @@ class Request(Completion):
     id: str = field(kw_only=True)
     cancelled: bool = False
     done: bool = False  # finished; a step run ahead may still hold it
+    group: int = 0  # its micro-batch group, from its admission
 
     @property
     def uncached(self) -> int:
@@ -68,6 +83,7 @@ class Step:
     work: list[tuple[Sequence, int]] = field(default_factory=list)
     greedy: bool = False  # every request decodes one greedy token: Engine.greedy_step
     fed: bool = False  # run ahead: its tokens are the previous step's ids on the device
+    group: int = 0  # the micro-batch group whose requests it holds
 
     def add(self, request: Request, n: int) -> None:
         self.requests.append(request)
@@ -86,7 +102,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}
-        self.in_flight: list[Step] = []  # planned, not committed: one, or two when run ahead
+        self.in_flight: list[Step] = []  # planned, not committed: one a group, or two when run ahead
+        self.groups = max(len(engine.stages), 1)  # micro-batches: one a pipeline stage
+        self.next_group = 0  # planned first when free, so that groups take turns
 
     # --- requests ------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -133,41 +151,73 @@ class Scheduler:
             raise
         return self.commit(step, picked)
 
+    @property
+    def depth(self) -> int:
+        """How many steps a driver keeps launched before waiting for the oldest: one a group,
+        and with one group two (the greedy run-ahead)."""
+        return max(self.groups, 2)
+
+    def plan_next(self) -> Step | None:
+        """The step to launch while the ones in flight run, or None (wait for the oldest): the
+        next free group's, or with one group the run-ahead of its step in flight."""
+        if len(self.in_flight) < self.groups:
+            return self.plan()
+        return self.plan_ahead(self.in_flight[-1]) if self.groups == 1 else None
+
     def plan(self) -> Step | None:
-        """The next batch, its KV blocks reserved; None when there is nothing to run."""
-        if self.in_flight:
-            raise RuntimeError("the previous step has not been committed")
-        step, budget = Step(), self.max_batch_tokens
-        for request in [r for r in self.running if r.uncached == 1]:
+        """The next batch of a group with no step in flight (taking turns), its KV blocks
+        reserved; None when no such group has anything to run."""
+        busy = {step.group for step in self.in_flight}
+        free = [g % self.groups for g in range(self.next_group, self.next_group + self.groups)
+                if g % self.groups not in busy]
+        if not free:
+            raise RuntimeError("every micro-batch group has a step in flight: commit one first")
+        for group in free:
+            if (step := self._plan_group(group)) is not None:
+                self.next_group = (group + 1) % self.groups
+                self.in_flight.append(step)
+                return step
+        return None
+
+    def _plan_group(self, group: int) -> Step | None:
+        step, budget = Step(group=group), self.max_batch_tokens
+
+        def members() -> list[Request]:
+            return [r for r in self.running if r.group == group]
+
+        for request in [r for r in members() if r.uncached == 1]:
             if request not in self.running:  # preempted to make room for an older one
                 continue
             while not self._try_reserve(request, 1):
-                victim = self.running[-1]
+                victim = members()[-1]
                 self._preempt(victim)
                 if victim is request:
                     break
             else:
                 step.add(request, 1)
                 budget -= 1
-        for request in [r for r in self.running if r.uncached > 1]:
+        for request in [r for r in members() if r.uncached > 1]:
             if budget == 0:
                 break
             if n := self._fit(request, budget):
                 step.add(request, n)
                 budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        share = -(-min(len(self.running) + len(self.waiting), self.max_num_seqs) // self.groups)
+        size = len(members())
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and size < share:
             request = self.waiting[0]
             if not (n := self._fit(request, budget)):
                 break
             self.waiting.popleft()
+            request.group = group
             self.running.append(request)
             step.add(request, n)
             budget -= n
+            size += 1
         if not step.requests:
             return None
         step.greedy = all(n == 1 and request.uncached == 1 and self._greedy(request)
                           for request, (_, n) in zip(step.requests, step.work))
-        self.in_flight.append(step)
         return step
 
     def plan_ahead(self, step: Step) -> Step | None:
@@ -179,24 +229,24 @@ class Scheduler:
             return None
         if not all(self._try_reserve(r, 1) for r in step.requests):
             return None
-        ahead = Step(list(step.requests), [(r.seq, 1) for r in step.requests], greedy=True, fed=True)
+        ahead = Step(list(step.requests), [(r.seq, 1) for r in step.requests], greedy=True, fed=True, group=step.group)
         self.in_flight.append(ahead)
         return ahead
 
     def launch(self, step: Step) -> Callable[[], list]:
         """Start the planned step; returns a function that waits for its tokens: one (token,
         logprob, top) or None per request, a token for each request whose tokens are now all
-        cached. A greedy step only starts on the device (its ids come later); any other runs
-        its forward pass and samples now, in one call on the step's logits (on the device
-        where the backend can). May run on another thread than the rest: it touches only the
-        step's requests."""
+        cached. A greedy step only starts on the device (its ids come later); any other starts
+        its forward pass (through pipeline stages it runs while the caller goes on) and
+        samples when waited for, in one call on the step's logits (on the device where the
+        backend can). May run on another thread than the rest: it touches only the step's
+        requests."""
         if step.greedy:
             ids = self.engine.greedy_step([r.seq for r in step.requests], fed=step.fed)
             return lambda: [(t, None, None) for t in ids().tolist()]
-        logits = self.engine.forward(step.work, device=True)
-        picked = self.engine.sample(logits, [r.sampler if not r.cancelled and r.uncached == 0 else None
-                                             for r in step.requests])
-        return lambda: picked
+        logits = self.engine.start_forward(step.work, device=True)
+        samplers = [r.sampler if not r.cancelled and r.uncached == 0 else None for r in step.requests]
+        return lambda: self.engine.sample(logits(), samplers)
 
     def run(self, step: Step) -> list:
         """The planned step to its end: launch, then wait for its tokens."""
@@ -219,8 +269,10 @@ class Scheduler:
 
     def abort(self) -> list[Request]:
         """After a failed step: the requests of every step in flight are dropped and their
-        blocks freed; returns them."""
-        dropped = list(dict.fromkeys(r for step in self.in_flight for r in step.requests))
+        blocks freed; returns them. Through pipeline stages every running request is: a
+        stage that failed may have lost the KV of all of them (workers/stage_worker.py)."""
+        lost = [r for step in self.in_flight for r in step.requests]
+        dropped = list(dict.fromkeys(lost + (self.running if self.engine.pipeline is not None else [])))
         self.in_flight = []
         for request in dropped:
             self.requests.pop(request.id, None)

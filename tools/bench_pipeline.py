@@ -1,0 +1,103 @@
+"""Aggregate decode tok/s of N concurrent greedy requests through a ComputeWorker whose forward
+pass runs in P pipeline stages (P = 1: the engine in the worker itself), on a private local Ray.
+
+    python tools/bench_pipeline.py [--model NAME_OR_PATH] [--pp 2] [--streams 8] [--tokens 32]
+
+Every actor (the worker and each stage) reserves one CPU and runs one BLAS thread. The streams
+are submitted together after one untimed warm-up round; the rate is the tokens that arrive
+after every stream has its first over the time from then to the last token, so every stream
+is decoding (prompts are prefilled in chunks beside the first decodes: those steps are left
+out). Also printed: the activation bytes a
+decode step moves between stages, and the logits' bytes it returns, for the micro-batches the
+scheduler forms (one group a stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.bench_serving import PROMPT  # noqa: E402
+from workers.engine.sampling import SamplingParams  # noqa: E402
+from workers.model import store as model_store  # noqa: E402
+
+ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
+def round_of(worker, prompt: str, params: SamplingParams, streams: int, tag: str) -> list[list[float]]:
+    """Arrival times of each stream's tokens (a poll answers for every stream at once)."""
+    import ray
+
+    rids = [f"{tag}-{i}" for i in range(streams)]
+    for rid in rids:
+        ray.get(worker.submit.remote(rid, prompt, params))
+    stamps = {rid: [] for rid in rids}
+    done: set[str] = set()
+    while len(done) < streams:
+        for rid, events in ray.get(worker.poll.remote(1.0)).items():
+            now = time.perf_counter()
+            for event in events:
+                if "error" in event:
+                    raise RuntimeError(f"{rid}: {event['error']}")
+                stamps[rid].append(now)
+                if event.get("finish_reason"):
+                    done.add(rid)
+    return list(stamps.values())
+
+
+def decode_rate(all_stamps: list[list[float]], tokens: int) -> float:
+    """Tokens per second once every stream decodes: from the latest first token to the last."""
+    if any(len(s) != tokens for s in all_stamps):
+        raise RuntimeError(f"a stream ended early: {[len(s) for s in all_stamps]} events")
+    start = max(s[0] for s in all_stamps)
+    after = sum(t > start for s in all_stamps for t in s)
+    return after / (max(s[-1] for s in all_stamps) - start)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help=f"registered name or GGUF path (default {model_store.DEFAULT_MODEL})")
+    p.add_argument("--pp", type=int, default=2, help="pipeline stages (1: no stages)")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=32)
+    args = p.parse_args()
+    os.environ.update(ONE_THREAD)
+    import ray
+
+    from workers.compute_worker import ComputeWorker
+
+    path = model_store.resolve(args.model)
+    params = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+    ray.init(address="local", num_cpus=args.pp + 1, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": ONE_THREAD})
+    try:
+        worker = ComputeWorker.options(num_cpus=1).remote(str(path), max_context=4096, kv_cache_gb=0.5,
+                                                          max_num_seqs=args.streams, pipeline_parallel_size=args.pp)
+        info = ray.get(worker.info.remote(), timeout=900)
+        round_of(worker, PROMPT, params, args.streams, "warm-up")
+        t0 = time.perf_counter()
+        rate = decode_rate(round_of(worker, PROMPT, params, args.streams, "timed"), args.tokens)
+        wall = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    from workers.model.config import ModelConfig
+    from workers.model.gguf_file import GGUFFile
+
+    c = ModelConfig.from_gguf(GGUFFile(path))
+    rows = -(-args.streams // args.pp)  # a decode step's sequences in one group
+    print(f"{path.name}, numpy, P = {args.pp}, {args.streams} concurrent greedy streams of {args.tokens} tokens, "
+          f"one BLAS thread per actor, stages {[s['layers'] for s in info['pipeline_stages']]}")
+    print(f"  aggregate decode {rate:.2f} tok/s (timed round {wall:.1f} s with its prefill)")
+    if args.pp > 1:
+        print(f"  a decode step of one group ({rows} sequences): {(args.pp - 1) * rows * c.d_model * 4:,} bytes of "
+              f"activations between stages, {rows * c.vocab_size * 4:,} bytes of logits back")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
