@@ -23,7 +23,6 @@ The switches benchmarks flip live on `backend.tuning` (tuning.py).
 from __future__ import annotations
 
 import functools
-
 import os
 
 import cupy as cp

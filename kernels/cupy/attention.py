@@ -3,9 +3,10 @@
 A prefill (or a chunk of a long prompt) stores the step's keys and values (kv_store), then
 attends: over an fp16 cache on the tensor cores, a block per 64 (query token, head) rows of a
 sequence and KV head (attn_prefill_D, flash attention; steps.prefill_row_tiles); over a
-RotateKV cache with fp32 FMAs per 4-query tile (attn_prefill_qBITS_D). A decode step (one new token per
-sequence) is split-K flash decoding: each KV head read once per head group, keys split in
-chunks of DECODE_CHUNK, warps left over by a small group taking a share of the keys; it also
+RotateKV cache with fp32 FMAs per 4-query tile (attn_prefill_qBITS_D). A decode step (one
+new token per sequence) is split-K flash decoding: each KV head read once per head group, its
+keys dealt to splits of whole DECODE_CHUNK-key chunks (decode_splits), the scores and P.V of
+the group on the tensor cores; it also
 writes its output as the out-projection reads it (values.Attended): rounded into the dp4a
 input layout for a 1-token step, in fp16 for the tensor cores at 2-64 sequences. Its scratch
 lives in the step's device copies (DeviceStep.decode_scratch), inside a graph's memory pool.

@@ -7,6 +7,7 @@ takes its planes back to the host)."""
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import cupy as cp
 import numpy as np
@@ -56,6 +57,7 @@ def requantize(b, t: Requantized) -> Blocks:
 CU_LIMIT_STACK_SIZE = 0
 
 
+@functools.cache
 def _driver():
     return ctypes.CDLL("libcuda.so.1")
 
