@@ -216,6 +216,10 @@ class CupyBackend(Backend):
     new_kv_cache = on_stream(Backend.new_kv_cache)  # zeroed on the stream every kernel runs on
 
     @on_stream
+    def take_rows(self, x, rows):
+        return materialize(x)[cp.asarray(np.asarray(rows, dtype=np.int64))]
+
+    @on_stream
     def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
         if self.kv_observer is not None:
             self.kv_observer(k_cache, materialize(q), materialize(k), np.asarray(step.positions) != 0)

@@ -260,6 +260,12 @@ class Backend(ABC):
         sampled from (`constrain_logits`)."""
         return constrain_logits(self.to_numpy(logits), bitmask, bias)
 
+    def take_rows(self, x: Array, rows: list[int]) -> Array:
+        """Rows `rows` of x as a new array of the backend's: a GPU backend gathers them on the
+        stream its kernels run on, so after the step that makes x (a replayed graph's output is
+        written asynchronously)."""
+        return x[np.asarray(rows, dtype=np.int64)]
+
     def argmax(self, logits: Array) -> np.ndarray:
         """Row-wise argmax of logits [B, vocab] as host ids (first index of the maximum)."""
         return np.argmax(self.to_numpy(logits), axis=-1)

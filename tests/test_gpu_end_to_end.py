@@ -74,6 +74,35 @@ def decode_errors(cpu, gpu) -> list[float]:
     return errs
 
 
+def test_rows_sampled_apart_read_the_finished_step(engines):
+    """Graph-replayed decode steps (launched without waiting, on the backend's stream) whose
+    rows are drawn partly on the device and partly on the host (a request asking for
+    logprobs beside greedy ones): every row's id is its own logits' argmax. The rows each
+    side takes are gathered on the backend's stream; gathered on the caller's, they were read
+    before the replay wrote them (ids 0, or the step before's)."""
+    from workers.engine.engine import Sequence
+    from workers.engine.sampling import Sampler
+
+    _, gpu = engines
+    rng = np.random.default_rng(5)
+    seqs = [Sequence(rng.integers(100, 20000, n).tolist()) for n in (9, 17, 12)]
+    samplers = [Sampler(SamplingParams(temperature=0.0)), Sampler(SamplingParams(temperature=0.0, logprobs=1)),
+                Sampler(SamplingParams(temperature=0.0))]
+    try:
+        for s in seqs:
+            forward(gpu, [(s, len(s.token_ids) - 1)])
+        for _ in range(8):
+            logits = forward(gpu, [(s, 1) for s in seqs], device=True)
+            picked = [p[0] for p in gpu.sample(logits, samplers)]
+            want = gpu.ops.to_numpy(logits).argmax(-1).tolist()
+            assert picked == want
+            for s, t in zip(seqs, picked):
+                s.token_ids.append(t)
+    finally:
+        for s in seqs:
+            gpu.release(s)
+
+
 def test_logits_close_prefill_and_decode(engines):
     """Prefill (cuBLAS path) and graph-replayed decode (GEMV path) logits against NumPy."""
     assert max(decode_errors(*engines)) < 1e-2

@@ -494,7 +494,7 @@ class Engine:
         if on_device:
             ps = [samplers[i].params for i in on_device]
             uniform = [0.0 if p.greedy else float(samplers[i].rng.random()) for i, p in zip(on_device, ps)]
-            rows = logits if len(on_device) == len(samplers) else logits[on_device]
+            rows = logits if len(on_device) == len(samplers) else self.ops.take_rows(logits, on_device)
             constrained = any(p.constrained for p in ps)
             if constrained:
                 bitmask = np.stack([mask_of[i] for i in on_device]) if mask_of else None
@@ -509,7 +509,7 @@ class Engine:
                 picked[i] = (token, None, None)
         on_host = [i for i in wanted if picked[i] is None]
         if on_host:
-            rows = self.ops.to_numpy(logits if len(on_host) == len(samplers) else logits[on_host])
+            rows = self.ops.to_numpy(logits if len(on_host) == len(samplers) else self.ops.take_rows(logits, on_host))
             for i, row in zip(on_host, rows.astype(np.float32, copy=False)):
                 sampler = samplers[i]
                 token, n_top = sampler.sample(row, mask_of.get(i)), sampler.params.logprobs
