@@ -186,6 +186,16 @@ __device__ __forceinline__ uint4 kv_fetch8(const u8* r, int c, int gshift) {
     }
 }
 
+// n = 4, 8 or 16 bytes global -> shared, asynchronously (the narrow sizes only through L1)
+__device__ __forceinline__ void cp_async_n(u32 dst, const void* src, int n) {
+    if (n == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+    else if (n == 8)
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+}
+
 // fp16 bits of -2^e or 2^e (a normal number)
 __device__ constexpr u32 f16_pow2(int e, bool neg = false) { return (neg ? 0x8000u : 0u) | (u32)((e + 15) << 10); }
 
@@ -777,7 +787,10 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
 // recent positions come from the ring, which split 0 then gives the new row; the output
 // leaves through q_s, rotated back there.
 // Its shared arrays where they are dynamic (attention.py decode_smem is the size).
-template <int D>
+// RotateKV rows are at most D bytes of codes and a (scale, min) pair per 32 values
+template <int D, int BITS>
+__host__ __device__ constexpr int kv_raw_row_max() { return BITS == 16 ? 0 : D * BITS / 8 + D / 8; }
+template <int D, int BITS>
 struct DecodeShared {
     __align__(16) float q[MAXG * D];
     __align__(16) u16 q16[MAXG * (D + 8)];
@@ -787,8 +800,8 @@ struct DecodeShared {
     __align__(16) u16 k[DECODE_MAX_CHUNK * (D + 8)];
     __align__(16) u16 v[DECODE_MAX_CHUNK * (D + 8)];
     size_t row[DECODE_MAX_CHUNK];  // per key: its cache row's byte offset
-    const u16* exk[DECODE_MAX_CHUNK];
-    const u16* exv[DECODE_MAX_CHUNK];
+    // RotateKV: a chunk's K then V rows as stored (codes, scales), copied ahead by cp.async
+    __align__(16) u8 raw[BITS == 16 ? 16 : 2 * DECODE_MAX_CHUNK * kv_raw_row_max<D, BITS>()];
     int last;
 };
 template <int D, int BITS>
@@ -809,9 +822,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     float* q_s;
     u16 *q16_s, *p_s, *kn_s, *vn_s, *k_s, *v_s;
     size_t* row_s;
-    const u16 **exk_s, **exv_s;  // RotateKV: a key's unquantized row (the ring's), or null
+    u8* raw_s;
     int* last_p;
-    if constexpr (sizeof(DecodeShared<D>) <= STATIC_SMEM_MAX) {
+    if constexpr (sizeof(DecodeShared<D, BITS>) <= STATIC_SMEM_MAX) {
         __shared__ __align__(16) float q_st[MAXG * D];
         __shared__ __align__(16) u16 q16_st[MAXG * RS];
         __shared__ __align__(16) u16 p_st[DEC_WARPS * 16 * MAXG];
@@ -820,15 +833,14 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         __shared__ __align__(16) u16 k_st[DECODE_MAX_CHUNK * RS];
         __shared__ __align__(16) u16 v_st[DECODE_MAX_CHUNK * RS];
         __shared__ size_t row_st[DECODE_MAX_CHUNK];
-        __shared__ const u16* exk_st[DECODE_MAX_CHUNK];
-        __shared__ const u16* exv_st[DECODE_MAX_CHUNK];
+        __shared__ __align__(16) u8 raw_st[sizeof(DecodeShared<D, BITS>::raw)];
         __shared__ int last_st;
         q_s = q_st, q16_s = q16_st, p_s = p_st, kn_s = kn_st, vn_s = vn_st, k_s = k_st, v_s = v_st;
-        row_s = row_st, exk_s = exk_st, exv_s = exv_st, last_p = &last_st;
+        row_s = row_st, raw_s = raw_st, last_p = &last_st;
     } else {
-        DecodeShared<D>& sh = dynamic_shared<DecodeShared<D>>();
+        DecodeShared<D, BITS>& sh = dynamic_shared<DecodeShared<D, BITS>>();
         q_s = sh.q, q16_s = sh.q16, p_s = sh.p, kn_s = sh.kn, vn_s = sh.vn, k_s = sh.k, v_s = sh.v;
-        row_s = sh.row, exk_s = sh.exk, exv_s = sh.exv, last_p = &sh.last;
+        row_s = sh.row, raw_s = sh.raw, last_p = &sh.last;
     }
     int& last_s = *last_p;
     const int sp = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
@@ -849,57 +861,96 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     const int rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
     pdl_trigger();
 
-    // Chunk [start, start + n) of the cached keys (written by earlier steps) staged as fp16:
-    // each thread's ITEMS 8-value pieces of the K and V rows, FLIGHT at a time, all of their
-    // loads issued before the first is converted and stored (one memory round trip, not
-    // FLIGHT); a ring row (RotateKV: sink and recent positions) is fp16 already. Only
-    // positions before c0: the step's own rows may not be stored yet. Rows past n are zeros,
-    // not stale bits (a zero weight times a NaN is a NaN).
+    // Chunk [start, start + n) of the cached keys (written by earlier steps) staged as fp16,
+    // only positions before c0 (the step's own rows may not be stored yet); rows past n are
+    // zeros, not stale bits (a zero weight times a NaN is a NaN). Each thread takes ITEMS
+    // 8-value pieces of the K and V rows.
     constexpr int ITEMS = DECODE_MAX_CHUNK * (D / 8) / (DEC_WARPS * 32), FLIGHT = ITEMS < 4 ? ITEMS : 4;
     static_assert(ITEMS * DEC_WARPS * 32 == DECODE_MAX_CHUNK * (D / 8) && ITEMS % FLIGHT == 0, "staging shares");
+    // fp16 rows: loaded FLIGHT pieces at a time, all of their loads issued before the first is
+    // stored (one memory round trip, not FLIGHT)
     auto stage_cached = [&](int start, int n) {
         if (threadIdx.x < n) {
             const int p = start + threadIdx.x;
-            row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) * kv_row_bytes<D, BITS>(gshift) : 0;
-            const bool ex = ROT && p != newp && (p == 0 || newp - p < recent);
-            exk_s[threadIdx.x] = ex ? exact_row(sk16, ringk, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
-            exv_s[threadIdx.x] = ex ? exact_row(sv16, ringv, p, c0, r0, rs, R, KVH, kh, D) : nullptr;
+            row_s[threadIdx.x] = p != newp ? cache_index(table, p, bs, KVH, kh) * (2 * D) : 0;
         }
         __syncthreads();
 #pragma unroll
         for (int j0 = 0; j0 < ITEMS; j0 += FLIGHT) {
             uint4 kr[FLIGHT], vr[FLIGHT];
-            bool ex[FLIGHT];
 #pragma unroll
             for (int j = 0; j < FLIGHT; j++) {
                 const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
-                ex[j] = ROT && r < n && exk_s[r];
                 if (r >= n || start + r >= c0) continue;
-                if (ex[j]) {
-                    kr[j] = *(const uint4*)(exk_s[r] + c * 8);
-                    vr[j] = *(const uint4*)(exv_s[r] + c * 8);
-                } else {
-                    kr[j] = kv_fetch8<D, BITS>((const u8*)kc + row_s[r], c, gshift);
-                    vr[j] = kv_fetch8<D, BITS>((const u8*)vc + row_s[r], c, gshift);
-                }
+                kr[j] = kv_fetch8<D, 16>((const u8*)kc + row_s[r], c, 0);
+                vr[j] = kv_fetch8<D, 16>((const u8*)vc + row_s[r], c, 0);
             }
 #pragma unroll
             for (int j = 0; j < FLIGHT; j++) {
                 const int i = threadIdx.x + (j0 + j) * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
-                if (r >= n) {
-                    *(uint4*)(k_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
-                    *(uint4*)(v_s + r * RS + c * 8) = make_uint4(0, 0, 0, 0);
-                    continue;
-                }
-                if (start + r >= c0) continue;
-                *(uint4*)(k_s + r * RS + c * 8) = ex[j] ? kr[j] : kv_dequant8<BITS>(kr[j]);
-                *(uint4*)(v_s + r * RS + c * 8) = ex[j] ? vr[j] : kv_dequant8<BITS>(vr[j]);
+                if (r < n && start + r >= c0) continue;
+                *(uint4*)(k_s + r * RS + c * 8) = r < n ? kr[j] : make_uint4(0, 0, 0, 0);
+                *(uint4*)(v_s + r * RS + c * 8) = r < n ? vr[j] : make_uint4(0, 0, 0, 0);
             }
         }
     };
-    // the first chunk staged before the wait for this step's q, k, v: one table round trip,
-    // one K/V round trip, overlapping the qkv product
-    stage_cached(first, min(end, first + DECODE_MAX_CHUNK) - first);
+    // RotateKV rows (codes, then scales: rb bytes) are copied as stored by cp.async into
+    // raw_s one chunk ahead of the chunk being multiplied, so that a chunk's memory round trip
+    // overlaps the one before's products, and made fp16 from there. Thread t < 64 holds the
+    // table entry of row t of the chunk after the one being copied (loaded a chunk early too).
+    const int rb = kv_row_bytes<D, BITS>(gshift), cw = rb % 16 == 0 ? 16 : (rb % 8 == 0 ? 8 : 4);
+    u8* rawk = raw_s;
+    u8* rawv = raw_s + DECODE_MAX_CHUNK * kv_raw_row_max<D, BITS>();
+    auto table_entry = [&](int start) {
+        const int p = start + threadIdx.x;
+        return threadIdx.x < DECODE_MAX_CHUNK && p < end ? table[p / bs] : 0;
+    };
+    auto set_rows = [&](int start, int entry) {  // the rows' byte offsets (no sync)
+        const int p = start + threadIdx.x;
+        if (threadIdx.x < DECODE_MAX_CHUNK && p < end) row_s[threadIdx.x] = ((size_t)(entry * bs + p % bs) * KVH + kh) * rb;
+    };
+    auto copy_raw = [&](int start, int n) {  // after set_rows and a sync
+        const int pieces = rb / cw;
+        for (int i = threadIdx.x; i < n * pieces; i += blockDim.x) {
+            const int r = i / pieces, o = r * rb + (i - r * pieces) * cw;
+            if (start + r >= c0) continue;
+            cp_async_n(smem_addr(rawk + o), (const u8*)kc + row_s[r] + o - r * rb, cw);
+            cp_async_n(smem_addr(rawv + o), (const u8*)vc + row_s[r] + o - r * rb, cw);
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    // the copied chunk as fp16 (after its copies are waited for and a sync); the sink and the
+    // recent positions from the ring, fp16 already
+    auto convert_raw = [&](int start, int n) {
+#pragma unroll
+        for (int j = 0; j < ITEMS; j++) {
+            const int i = threadIdx.x + j * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8), p = start + r;
+            uint4 kr = make_uint4(0, 0, 0, 0), vr = kr;
+            if (r < n) {
+                if (p >= c0) continue;
+                if (p == 0 || newp - p < recent) {
+                    kr = *(const uint4*)(exact_row(sk16, ringk, p, c0, r0, rs, R, KVH, kh, D) + c * 8);
+                    vr = *(const uint4*)(exact_row(sv16, ringv, p, c0, r0, rs, R, KVH, kh, D) + c * 8);
+                } else {
+                    kr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawk + r * rb, c, gshift));
+                    vr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawv + r * rb, c, gshift));
+                }
+            }
+            *(uint4*)(k_s + r * RS + c * 8) = kr;
+            *(uint4*)(v_s + r * RS + c * 8) = vr;
+        }
+    };
+    // the first chunk staged (fp16) or its copy issued (RotateKV) before the wait for this
+    // step's q, k, v: overlapping the qkv product
+    int entry = 0;
+    if constexpr (ROT) {
+        set_rows(first, table_entry(first));
+        entry = table_entry(first + DECODE_MAX_CHUNK);
+        __syncthreads();
+        copy_raw(first, min(end, first + DECODE_MAX_CHUNK) - first);
+    } else {
+        stage_cached(first, min(end, first + DECODE_MAX_CHUNK) - first);
+    }
     pdl_wait();
 
     load_q<D>(q, sq, b, kh, G, pos, inv_freq, rope_q, neox, scale, q_s, threadIdx.x, blockDim.x);
@@ -962,7 +1013,16 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
 
     for (int start = first; start < end; start += DECODE_MAX_CHUNK) {
         const int n = min(end, start + DECODE_MAX_CHUNK) - start;
-        if (start != first) {
+        if constexpr (ROT) {
+            asm volatile("cp.async.wait_all;" ::: "memory");
+            __syncthreads();  // the chunk's copies landed, the previous chunk's tiles are read
+            convert_raw(start, n);
+            const int next = start + DECODE_MAX_CHUNK;
+            set_rows(next, entry);
+            entry = table_entry(next + DECODE_MAX_CHUNK);
+            __syncthreads();  // raw_s is read, row_s holds the next chunk's rows
+            if (next < end) copy_raw(next, min(end, next + DECODE_MAX_CHUNK) - next);
+        } else if (start != first) {
             __syncthreads();  // the previous chunk's tiles are read
             stage_cached(start, n);
         }
@@ -973,9 +1033,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             const int lo = max(c0, start) - start, hi = min(newp, start + n) - start;
             if constexpr (ROT) {
                 for (int i = lo * (D / 8) + threadIdx.x; i < hi * (D / 8); i += blockDim.x) {
-                    const int r = i / (D / 8), c = i % (D / 8);
-                    *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exk_s[r] + c * 8);
-                    *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exv_s[r] + c * 8);
+                    const int r = i / (D / 8), c = i % (D / 8), p = start + r;
+                    *(uint4*)(k_s + r * RS + c * 8) = *(const uint4*)(exact_row(sk16, ringk, p, c0, r0, rs, R, KVH, kh, D) + c * 8);
+                    *(uint4*)(v_s + r * RS + c * 8) = *(const uint4*)(exact_row(sv16, ringv, p, c0, r0, rs, R, KVH, kh, D) + c * 8);
                 }
             } else {
                 for (int i = lo * (D / 2) + threadIdx.x; i < hi * (D / 2); i += blockDim.x) {

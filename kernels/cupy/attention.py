@@ -65,13 +65,15 @@ def prefill_smem(D: int) -> int:
     return _dynamic(4 * ATT_WARPS * MAXG * D + 2 * 2 * 32 * (D + 8))
 
 
-def decode_smem(D: int) -> int:
-    """attn_decode's dynamic shared memory (DecodeShared<D>): fp32 q rows of MAXG heads and
+def decode_smem(D: int, bits: int = 16) -> int:
+    """attn_decode's dynamic shared memory (DecodeShared<D, BITS>): fp32 q rows of MAXG heads and
     their padded fp16 copy, each warp's 16 x MAXG fp16 weights, the new k and v rows, a chunk's
-    padded K and V rows (fp16), and per key its cache row's offset and two ring pointers (8
-    bytes each), the last-split flag."""
+    padded K and V rows (fp16), per key its cache row's offset, a RotateKV chunk's K and V rows
+    as stored (codes and a (scale, min) pair per 32 values at most; 16 bytes for fp16), the
+    last-split flag."""
+    raw = 16 if bits == 16 else 2 * DECODE_CHUNK * (D * bits // 8 + D // 8)
     return _dynamic(4 * MAXG * D + 2 * MAXG * (D + 8) + 2 * DEC_WARPS * 16 * MAXG + 2 * 2 * D
-                    + 2 * 2 * DECODE_CHUNK * (D + 8) + 3 * 8 * DECODE_CHUNK + 4)
+                    + 2 * 2 * DECODE_CHUNK * (D + 8) + 8 * DECODE_CHUNK + raw + 4)
 
 
 def decode_splits(keys: int, pairs: int, D: int) -> int:
@@ -148,7 +150,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         xq = cp.empty((T, -(-H * D // 2048) * XQ_RUN), cp.int8) if gemv else None
         ds = cp.empty((T, H * D // 32, 2), cp.float32) if gemv else None
         half = cp.empty((T, H * D), cp.float16) if mma else None
-        smem = decode_smem(D)
+        smem = decode_smem(D, layout.type.bits if quantized else 16)
         b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}", dynamic_smem=smem),
                           (max_splits, KVH, B), (256,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
