@@ -129,9 +129,9 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     # scale q is divided by, the ring
     if quantized:
         scratch16 = cp.empty((2, T, KVH, D), cp.float16)
-        b.k.get("attention.cu", f"kv_store_{name}")(
-            (T, KVH), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc, slots,
-                               np.int32(KVH), group, hs, k_cache.center, k_cache.scale, scratch16[0], scratch16[1]))
+        b.launcher.launch("attention", b.k.get("attention.cu", f"kv_store_{name}"), (T, KVH), (128,),
+                          (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc, slots,
+                           np.int32(KVH), group, hs, k_cache.center, k_cache.scale, scratch16[0], scratch16[1]))
         rot = (k_cache.scale, scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.recent,
                np.int32(k_cache.recent_window), np.int32(RING))
     else:
