@@ -21,7 +21,8 @@
 // decode kernel's split 0 updates once they are read.
 //
 // head_dim 64, 96, 128 and 256. The attention kernels' shared arrays are static where they
-// fit the 48 KiB a block gets unasked; at head_dim 256 they do not, and the same arrays, as
+// fit the 48 KiB a block gets unasked; where they do not (head_dim 256, RotateKV decode at
+// 128, the fp16 prefill from 96), the same arrays, as
 // one struct (PrefillShared, DecodeShared), live in the launch's dynamic shared memory,
 // which kernels/cupy/attention.py sizes by that struct's layout.
 

@@ -15,7 +15,8 @@ too, just before the attention kernel, which then reads the new row like the oth
 rows that are one sequence's consecutive positions (a verifying pass: DeviceStep.step_from)
 read each other's keys and values from the step, not from the cache their blocks fill.
 Head dims 64, 96, 128 and 256 (Gemma 3); where the kernels' shared arrays pass the 48 KiB a
-block gets unasked (the fp16 prefill's from head_dim 96, the others' at 256) they come as
+block gets unasked (the fp16 prefill's from head_dim 96, RotateKV decode's at 128, the
+others' at 256) they come as
 dynamic shared memory (prefill_mma_smem, prefill_smem, decode_smem: attention.cu's
 PrefillMmaShared, PrefillShared and DecodeShared).
 """
