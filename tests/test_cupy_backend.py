@@ -421,6 +421,22 @@ ROTATE_KV_SHAPES = [(14, 2, 64, 0, kv) for kv in ("q8", "q4", "q3", "q2")] + [
     (4, 1, 256, 0, "q8"), (4, 1, 256, 512, "q4"), (16, 8, 256, 33, "q3"), (8, 1, 256, 100, "q2")]
 
 
+@pytest.mark.parametrize("D", attention_kernels.HEAD_DIMS)
+@pytest.mark.parametrize("bits", [16, 8, 4, 3, 2])
+def test_decode_kernels_hold_their_blocks_per_sm(gpu, D, bits):
+    """decode_splits deals a step's keys to one wave of DECODE_BLOCKS_PER_SM blocks an SM: each
+    decode kernel's registers and shared memory (decode_smem where dynamic) must let an SM hold
+    that many, or the wave's tail runs as a second one."""
+    smem = attention_kernels.decode_smem(D, bits)
+    fn = gpu.k.get("attention.cu", f"attn_decode_{D}" if bits == 16 else f"attn_decode_q{bits}_{D}", dynamic_smem=smem)
+    sm = cupy.cuda.Device().attributes
+    warp_regs = -(-fn.num_regs * 32 // 256) * 256  # registers are given to a warp 256 at a time
+    by_regs = sm["MaxRegistersPerMultiprocessor"] // (warp_regs * attention_kernels.DEC_WARPS)
+    # the driver keeps 1 KiB of an SM's shared memory per resident block
+    by_smem = sm["MaxSharedMemoryPerMultiprocessor"] // (fn.shared_size_bytes + smem + 1024)
+    assert min(by_regs, by_smem) >= attention_kernels.DECODE_BLOCKS_PER_SM[D], (fn.num_regs, fn.shared_size_bytes, smem)
+
+
 @pytest.mark.parametrize("H,KVH,D,window,kv", [(*s, "f16") for s in ATTENTION_SHAPES] + ROTATE_KV_SHAPES)
 def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv, monkeypatch):
     """A prefill chunk of several sequences (one continuing a cached context), then
