@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.numpy_backend import NumpyBackend, StoredKV
+from kernels.numpy_backend import NumpyBackend
 from kernels.quants import Q
 
 PARTS = ("q8", "kv16", "gelu16")
@@ -156,35 +156,7 @@ class GgmlCpuBackend(NumpyBackend):
         # scores: the same only when the scale is a power of two, as it is for both models here
         if np.log2(scale) != np.round(np.log2(scale)):
             raise ValueError(f"attention scale {scale} is not a power of two: q's float16 rounding would differ")
-        return self._attention_f16(q, k, v, k_cache, v_cache, step, scale, window)
+        return super().attention(round_f16(q), k, v, k_cache, v_cache, step, scale, window)
 
-    def _attention_f16(self, q, k, v, k_cache, v_cache, step, scale, window):
-        """NumpyBackend.attention for a dense float16 cache, with q and the softmax weights
-        rounded to float16 where ggml's mul_mat converts them."""
-        batch = step.batch
-        n_tokens, n_heads, head_dim = q.shape
-        n_kv = k.shape[1]
-        group = n_heads // n_kv
-        block_size = k_cache.layout.block_size
-        tables, slots = batch.pool_of(k_cache)
-        ks, vs = StoredKV(k_cache, k, slots), StoredKV(v_cache, v, slots)
-        q16 = round_f16(q)
-        out = np.empty((n_tokens, n_heads * head_dim), np.float32)
-        for b, b_end in batch.sequence_rows():
-            start, end = int(batch.query_starts[b]), int(batch.query_starts[b_end])
-            n, ctx = end - start, int(batch.context_lens[b_end - 1])
-            first = max(0, ctx - n - window + 1) if window > 0 else 0
-            b0 = first // block_size
-            blocks = tables[b, b0: -(-ctx // block_size)]
-            lo, hi = first - b0 * block_size, ctx - b0 * block_size
-            qg = q16[start:end].reshape(n, n_kv, group, head_dim).transpose(1, 2, 0, 3)  # [kv, g, n, D]
-            behind = (ctx - n + np.arange(n))[:, None] - np.arange(first, ctx)[None, :]
-            keys, vals = ks.read(blocks, lo, hi), vs.read(blocks, lo, hi)  # float16 values, as float32
-            scores = (qg @ keys.transpose(1, 2, 0)[:, None]) * np.float32(scale)  # [kv, g, n, keys]
-            scores[..., (behind < 0) | ((window > 0) & (behind >= window))] = -np.inf
-            scores -= scores.max(axis=-1, keepdims=True)
-            probs = np.exp(scores)
-            probs /= probs.sum(axis=-1, keepdims=True)
-            o = round_f16(probs) @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
-            out[start:end] = o.transpose(2, 0, 1, 3).reshape(n, n_heads * head_dim)
-        return out
+    def attention_weights(self, probs):
+        return round_f16(probs) if "kv16" in self.parts else probs
