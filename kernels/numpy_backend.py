@@ -306,7 +306,7 @@ class NumpyBackend(Backend):
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
-            o = probs @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
+            o = self.attention_weights(probs) @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
             if quantized:
                 exact_vals = vs.exact(first, ctx, n, start, slot).transpose(1, 0, 2)[:, None]
                 o += np.where(near, probs, 0) @ (exact_vals - vals.transpose(1, 0, 2)[:, None])
@@ -316,6 +316,11 @@ class NumpyBackend(Backend):
             for s in (ks, vs):
                 s.update_ring(np.asarray(step.positions), seq_of, batch.context_lens, batch.recent_slots)
         return out
+
+    def attention_weights(self, probs):
+        """The softmax weights as P.V takes them: as they are (a backend emulating another
+        implementation's rounding of them overrides this)."""
+        return probs
 
     def sample(self, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
         """Twin of the GPU sampler: per row, temperature (0: argmax), then keep the top_k largest
