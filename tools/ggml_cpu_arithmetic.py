@@ -13,7 +13,7 @@ q8 (product inputs quantized to the weight's vec_dot_type), kv16 (float16 KV cac
 softmax weights rounded to float16), gelu16 (GELU from ggml's float16 table).
 
     PYTHONPATH=. .venv/bin/python tools/ggml_cpu_arithmetic.py --model gemma3-270m \\
-        --emulate none all q8 kv16 gelu16
+        --emulate none all q8 kv16 gelu16 [--nudge]
     PYTHONPATH=. .venv/bin/python tools/ggml_cpu_arithmetic.py --prompts 3 --json
 """
 
@@ -36,6 +36,7 @@ from workers.engine.sampling import SamplingParams, log_softmax  # noqa: E402
 from workers.model import store  # noqa: E402
 
 GREEDY_TOKENS = 16  # as tests/test_llamacpp_parity.py::test_greedy_generation_matches
+NUDGE = np.float32(1 + 2**-22)  # --nudge: every embedding row scaled by about two float32 ulps
 REFERENCES = {"gemma3-270m": "llamacpp_reference_gemma3.json", store.DEFAULT_MODEL: "llamacpp_reference.json"}
 
 
@@ -67,22 +68,38 @@ def greedy(engine: Engine, prompts: list[dict]) -> tuple[int, list[dict]]:
     return len(prompts) - len(mismatches), mismatches
 
 
-def teacher_forced(engine: Engine, prompts: list[dict]) -> dict:
+def forced_logits(engine: Engine, p: dict) -> np.ndarray:
+    """Logits at every position of prompt + llama.cpp's continuation, one batched forward."""
+    seq = Sequence(p["prompt_ids"] + p["greedy_ids"])
+    work = [(seq, len(seq.token_ids))]
+    try:
+        engine.reserve(work)
+        return np.asarray(engine.forward(work, all_logits=True))
+    finally:
+        engine.release(seq)
+
+
+def nudged_change(engine: Engine, prompts: list[dict], logits: list[np.ndarray]) -> float:
+    """How chaotic the arithmetic is: with every embedding row scaled by NUDGE, the largest
+    |logit change| of each position, averaged over the positions."""
+    embedding = engine.ops.embedding
+    engine.ops.embedding = lambda table, step: embedding(table, step) * NUDGE
+    try:
+        return float(np.mean(np.concatenate([np.abs(forced_logits(engine, p) - before).max(-1)
+                                             for p, before in zip(prompts, logits)])))
+    finally:
+        del engine.ops.embedding  # the backend's own method again
+
+
+def teacher_forced(prompts: list[dict], logits: list[np.ndarray]) -> dict:
     """Top-1 agreement and mean |delta log-prob| of the next token (where llama.cpp's top-k
-    holds it) over every position of prompt + llama.cpp's continuation, one batched forward
-    per prompt, as tests/test_llamacpp_parity.py::test_teacher_forced_logits_match."""
+    holds it) over every position of prompt + llama.cpp's continuation (forced_logits), as
+    tests/test_llamacpp_parity.py::test_teacher_forced_logits_match."""
     agree = positions = 0
     next_diffs = []
-    for p in prompts:
+    for p, prompt_logits in zip(prompts, logits):
         ids = p["prompt_ids"] + p["greedy_ids"]
-        seq = Sequence(ids)
-        work = [(seq, len(ids))]
-        try:
-            engine.reserve(work)
-            logits = engine.forward(work, all_logits=True)
-        finally:
-            engine.release(seq)
-        for pos, (ref, ours) in enumerate(zip(p["positions"], logits)):
+        for pos, (ref, ours) in enumerate(zip(p["positions"], prompt_logits)):
             ours_lp = log_softmax(ours)
             ref_top = {int(t): v for t, v in ref["top"]}
             positions += 1
@@ -94,23 +111,30 @@ def teacher_forced(engine: Engine, prompts: list[dict]) -> dict:
             "mean_abs_dlogprob_next": float(np.mean(next_diffs)), "next_positions": len(next_diffs)}
 
 
-def measure(model: Path, setting: str, prompts: list[dict]) -> dict:
+def measure(model: Path, setting: str, prompts: list[dict], nudge: bool) -> dict:
     t0 = time.perf_counter()
     engine = engine_for(model, parts_of(setting))
     equal, mismatches = greedy(engine, prompts)
+    logits = [forced_logits(engine, p) for p in prompts]
     row = {"setting": setting, "greedy_equal": equal, "prompts": len(prompts), "mismatches": mismatches,
-           **teacher_forced(engine, prompts)}
+           **teacher_forced(prompts, logits)}
+    if nudge:
+        row["nudged_logit_change"] = nudged_change(engine, prompts, logits)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| emulation | greedy equal | top-1 agreement | mean abs dlogprob (next) | mismatches: prompt token (llama.cpp top-2 gap) |",
-             "|---|---|---|---|---|"]
+    nudge = all("nudged_logit_change" in r for r in rows)
+    lines = ["| emulation | greedy equal | top-1 agreement | mean abs dlogprob (next) | "
+             + ("logit change, embeddings x (1 + 2^-22) | " if nudge else "")
+             + "mismatches: prompt token (llama.cpp top-2 gap) |",
+             "|---|---|---|---|---|" + ("---|" if nudge else "")]
     for r in rows:
         miss = ", ".join(f"{m['prompt']} {m['token']} ({m['llamacpp_top2_gap']:.3f})" for m in r["mismatches"]) or "-"
         lines.append(f"| {r['setting']} | {r['greedy_equal']}/{r['prompts']} | {r['top1_agreement']:.4f} | "
-                     f"{r['mean_abs_dlogprob_next']:.4f} | {miss} |")
+                     f"{r['mean_abs_dlogprob_next']:.4f} | "
+                     + (f"{r['nudged_logit_change']:.2e} | " if nudge else "") + f"{miss} |")
     return "\n".join(lines)
 
 
@@ -123,6 +147,9 @@ def main() -> int:
                     help=f"settings to measure: none, all, or comma lists of {', '.join(PARTS)}")
     ap.add_argument("--prompts", type=int, help="the reference's first N prompts only")
     ap.add_argument("--json", action="store_true", help="one JSON object per setting instead of the table")
+    ap.add_argument("--nudge", action="store_true",
+                    help="also the mean over positions of the largest logit change when every embedding row is "
+                         "scaled by 1 + 2^-22 (how chaotic each setting's arithmetic is)")
     args = ap.parse_args()
 
     if args.reference is None and args.model not in REFERENCES:
@@ -137,7 +164,7 @@ def main() -> int:
 
     rows = []
     for setting in args.emulate:
-        rows.append(measure(model, setting, prompts))
+        rows.append(measure(model, setting, prompts, args.nudge))
         if args.json:
             print(json.dumps(rows[-1]), flush=True)
         else:
