@@ -306,10 +306,11 @@ class NumpyBackend(Backend):
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
-            o = self.attention_weights(probs) @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
+            weights = self.attention_weights(probs)
+            o = weights @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
             if quantized:
                 exact_vals = vs.exact(first, ctx, n, start, slot).transpose(1, 0, 2)[:, None]
-                o += np.where(near, probs, 0) @ (exact_vals - vals.transpose(1, 0, 2)[:, None])
+                o += np.where(near, weights, 0) @ (exact_vals - vals.transpose(1, 0, 2)[:, None])
             out[start:end] = o.transpose(2, 0, 1, 3).reshape(n, n_heads * head_dim)
         if quantized:
             seq_of = np.repeat(np.arange(batch.num_seqs), np.diff(batch.query_starts))

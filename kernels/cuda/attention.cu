@@ -190,7 +190,7 @@ __device__ __forceinline__ uint4 kv_fetch8(const u8* r, int c, int gshift) {
 // n = 4, 8 or 16 bytes global -> shared, asynchronously (the narrow sizes only through L1)
 __device__ __forceinline__ void cp_async_n(u32 dst, const void* src, int n) {
     if (n == 16)
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+        cp_async16(dst, src, 16);
     else if (n == 8)
         asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
     else
@@ -915,10 +915,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     auto copy_raw = [&](int start, int n) {  // after set_rows and a sync
         const int pieces = rb / cw;
         for (int i = threadIdx.x; i < n * pieces; i += blockDim.x) {
-            const int r = i / pieces, o = r * rb + (i - r * pieces) * cw;
+            const int r = i / pieces, o = (i - r * pieces) * cw;  // piece i: row r's bytes o..o+cw
             if (start + r >= c0) continue;
-            cp_async_n(smem_addr(rawk + o), (const u8*)kc + row_s[r] + o - r * rb, cw);
-            cp_async_n(smem_addr(rawv + o), (const u8*)vc + row_s[r] + o - r * rb, cw);
+            cp_async_n(smem_addr(rawk + r * rb + o), (const u8*)kc + row_s[r] + o, cw);
+            cp_async_n(smem_addr(rawv + r * rb + o), (const u8*)vc + row_s[r] + o, cw);
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
