@@ -64,6 +64,7 @@ class CupyBackend(Backend):
         self.launcher = Launcher(self.stream, self.tuning)
         self.upload = Uploader(self.stream)
         self.gemm_scratch = None  # products.gemm's fp16 dequantization scratch, made at first use
+        self.gemm = None  # products.gemm's cuBLAS handle (cublas.Gemm), made at first use
         self._loaded: dict = {}
         self._invf: dict = {}
         self._last_pos = None

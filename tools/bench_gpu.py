@@ -234,7 +234,9 @@ def decode(engine, batch: int, prompt_len: int, steps: int, rng, ahead: bool = T
 
 def prefill(engine, n: int, rng, runs: int = 3, cp=None) -> float:
     """Median tok/s of `runs` n-token prompts after a warm-up; with cp, the last one is the
-    "prefill" profiling range."""
+    "prefill" profiling range. With prompt graphs on (kernels/cupy/steps.py) the warm-up runs
+    eagerly, the first run captures the pass and the later ones replay it: the median is a
+    replay's rate; every run's rate is logged."""
     from workers.engine.engine import Sequence
 
     rates = []
@@ -248,6 +250,7 @@ def prefill(engine, n: int, rng, runs: int = 3, cp=None) -> float:
                 rates.append(n / (time.perf_counter() - t0))
         finally:
             engine.release(s)
+    log(f"  {n}-token prompts, tok/s (warm-up first): " + ", ".join(f"{r:.0f}" for r in rates))
     return float(np.median(rates[1:]))
 
 
@@ -503,9 +506,23 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         log(f"[{name}] {workload}: {tok_s:.1f} tok/s" + (f" (llama.cpp {ref}, target {tgt})" if ref else "")
             + (f", {roof} of copy roofline" if roof else "") + (f" {extra}" if extra else ""))
 
+    def pp512(engine):
+        try:
+            pp = prefill(engine, 512, rng, cp=cp)
+            engine.ops.tuning.prompt_graphs = False
+            try:
+                eager = prefill(engine, 512, rng)
+            finally:
+                engine.ops.tuning.prompt_graphs = True
+            row("pp512", pp, extra=f"(prompt graphs off: {eager:.1f} tok/s)")
+        except Exception:
+            notes.append(f"{name} pp512 failed:\n{traceback.format_exc()}")
+            log(notes[-1])
+
     if args.pp_only:  # (profiling a prompt: NTR_PROFILE_RANGE=prefill)
-        row("pp512", prefill(engine, 512, rng, cp=cp))
-        return
+        pp512(engine)
+        del engine
+        return llamacpp_here(name, args, path, big, rows, notes)
     try:
         decode(engine, 1, 1, 8, rng)  # warm-up: compile, capture
         tok_s = decode(engine, 1, 1, 128, rng)
@@ -535,11 +552,7 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
             log(traceback.format_exc())
     if args.quick:
         return
-    try:
-        row("pp512", prefill(engine, 512, rng, cp=cp))
-    except Exception:
-        notes.append(f"{name} pp512 failed:\n{traceback.format_exc()}")
-        log(notes[-1])
+    pp512(engine)
     if not big:
         for b in (8, 32, 64):
             try:
@@ -557,7 +570,15 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
                 notes.append(f"{name} decode x{b} failed:\n{traceback.format_exc()}")
                 log(notes[-1])
     del engine
+    llamacpp_here(name, args, path, big, rows, notes)
+
+
+def llamacpp_here(name, args, path, big, rows, notes) -> None:
+    """Frees the VRAM our engine (deleted by the caller) leaves, then (--llamacpp) times
+    llama.cpp on the same replica and puts its figures beside ours in `rows`."""
     import gc
+
+    import cupy as cp
 
     gc.collect()
     cp.get_default_memory_pool().free_all_blocks()  # the VRAM is llama.cpp's now

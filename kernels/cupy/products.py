@@ -19,12 +19,8 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-try:
-    from cupy.cuda import cublas
-except ImportError:  # older layouts
-    from cupy_backends.cuda.libs import cublas
-
 from kernels.cupy import elementwise
+from kernels.cupy.cublas import Gemm
 from kernels.cupy.elementwise import Normed, Swiglu, zero_span
 from kernels.cupy.sources import DEQUANT, GEMV, GEMV_Q8, MMA
 from kernels.cupy.streams import ptr, sm_count
@@ -272,13 +268,14 @@ def gemm(b, x, w: QMatrix, out):
     if b.gemm_scratch is None:
         b.gemm_scratch = cp.empty((SCRATCH_ELEMS,), cp.float16)
     chunk = max(1, SCRATCH_ELEMS // K)
-    handle = cp.cuda.device.get_cublas_handle()
+    if b.gemm is None:
+        b.gemm = Gemm()
     for seg in w.segments:
         for r in range(0, seg.rows, chunk):
             rc = min(chunk, seg.rows - r)
             wt = b.gemm_scratch[:rc * K].reshape(rc, K)
             dequant(b, seg, wt, row=r, n_out=rc, f16=True)
-            cublas.gemmEx(
-                handle, _OP_T, _OP_N, rc, T, K, _ONE.ctypes.data, wt.data.ptr, _R_16F, K,
+            b.gemm(
+                _OP_T, _OP_N, rc, T, K, _ONE.ctypes.data, wt.data.ptr, _R_16F, K,
                 x16.data.ptr, _R_16F, K, _ZERO.ctypes.data, out.data.ptr + (seg.row0 + r) * 4, _R_32F, N,
                 _COMPUTE_32F, _GEMM_DEFAULT)

@@ -3,8 +3,13 @@
 A 0.5B model's decode step is ~150 small kernels: Python launching them would cost more than
 the GPU time, so run() captures the whole step in a CUDA graph per (batch, block-table width)
 and replays it; the step's token ids, positions and cache slots travel in one pinned buffer
-copied before each replay. greedy() feeds a greedy step's ids to the next step without a trip
-through the host, and chain() runs several such steps (a greedy draft) with one wait at the end.
+copied before each replay. A prompt's pass is ~30 launches, allocations and cuBLAS calls a
+layer, ~20 us of Python each, more than a small model's GPU time: a prompt pass whose shape
+(tokens, query starts, table width, logit rows) comes again is captured the second time it
+is seen and replayed from the third on (a prompt length a client repeats, a long prompt's
+equal chunks); one seen once runs eagerly, costing nothing extra. greedy() feeds a greedy
+step's ids to the next step without a trip through the host, and chain() runs several such
+steps (a greedy draft) with one wait at the end.
 A verifying pass laid out as decode rows (one sequence in n rows, AttentionBatch.step_from)
 is a decode step of batch n like any other: it replays that batch's graph. While a step runs,
 its StepInputs carries the device copies (`dev`, a DeviceStep) that the ops read.
@@ -12,6 +17,9 @@ its StepInputs carries the device copies (`dev`, a DeviceStep) that the ops read
 
 from __future__ import annotations
 
+import logging
+import traceback
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import cupy as cp
@@ -22,6 +30,8 @@ from kernels.cupy.products import QMMA_MAX_T
 from kernels.cupy.sampling import argmax_dev
 from kernels.cupy.values import materialize
 from kernels.ops import AttentionBatch, StepInputs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,7 +50,7 @@ class DeviceStep:
     # the sliding pool's tables [B, W] and slots [T] (AttentionBatch.sliding_*; None without one)
     sliding_tables: cp.ndarray | None = None
     sliding_slots: cp.ndarray | None = None
-    logit_rows: cp.ndarray | None = None  # int64 rows of the flat batch that get logits (None: all)
+    logit_rows: cp.ndarray | None = None  # integer rows of the flat batch that get logits (None: all)
     decode_scratch: dict = field(default_factory=dict)
     row_tiles: dict = field(default_factory=dict)  # G -> prefill_row_tiles' blocks
 
@@ -49,10 +59,7 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     """Upload a step's metadata in one copy (eager path; tokens, positions None: zeros)."""
     T = len(batch.slot_mapping)
     B = batch.num_seqs
-    starts = batch.query_starts.astype(np.int64)
-    tiles = [np.stack([np.full(len(r), b), r], 1) for b in range(B)
-             for r in [np.arange(starts[b], starts[b + 1], 4)] if len(r)]
-    tiles = np.concatenate(tiles).astype(np.int32) if tiles else np.zeros((0, 2), np.int32)
+    tiles = query_tiles(batch.query_starts)
     tables = np.maximum(batch.block_tables, 0).astype(np.int32)
     tok = np.zeros(T, np.int32) if tokens is None else np.asarray(tokens, np.int32)
     pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
@@ -71,6 +78,14 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
                       views[6].reshape(-1, 2), views[7], views[8],
                       *((views[9].reshape(tables.shape), views[10]) if sliding else ()))
+
+
+def query_tiles(query_starts: np.ndarray) -> np.ndarray:
+    """The RotateKV prefill's blocks [b, first token]: each sequence's new tokens 4 at a time."""
+    starts = np.asarray(query_starts, np.int64)
+    tiles = [np.stack([np.full(len(r), b), r], 1) for b in range(len(starts) - 1)
+             for r in [np.arange(starts[b], starts[b + 1], 4)] if len(r)]
+    return np.concatenate(tiles).astype(np.int32) if tiles else np.zeros((0, 2), np.int32)
 
 
 PF_ROWS = 64  # query rows (token, head) of an fp16 prefill attention block (attention.cu PF_ROWS)
@@ -102,19 +117,26 @@ def step_from(batch: AttentionBatch) -> np.ndarray:
 
 
 class Graph:
-    """A captured decode step for B sequences and block tables of width W (and with `sliding`,
-    the sliding pool's tables and slots)."""
+    """A captured step of B sequences and block tables of width W (and with `sliding`, the
+    sliding pool's tables and slots): a decode step (one token a sequence, logits for every
+    row), or a prompt pass of T tokens at fixed query starts with logits for L rows."""
 
-    def __init__(self, B: int, W: int, sliding: bool = False):
-        self.B, self.W, self.sliding = B, W, sliding
-        # tokens, positions, slots, ctx, qstarts, recent, tables, step_from[, sliding slots, sliding tables]
-        self.sizes = [B, B, B, B, B + 1, B, B * W, B] + ([B, B * W] if sliding else [])
+    def __init__(self, B: int, W: int, sliding: bool = False, query_starts: np.ndarray | None = None,
+                 L: int | None = None):
+        T = B if query_starts is None else int(query_starts[-1])
+        self.B, self.W, self.L, self.sliding = B, W, L, sliding
+        # tokens, positions, slots, ctx, qstarts, recent, tables, step_from[, sliding slots,
+        # sliding tables][, logit rows]
+        self.sizes = [T, T, T, B, B + 1, B, B * W, B] + ([T, B * W] if sliding else []) + ([L] if L is not None else [])
         self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
         self.dev = cp.empty((sum(self.sizes),), cp.int32)
+        # a prompt pass's RotateKV tiles: fixed by the query starts
+        self.tiles = None if query_starts is None else cp.asarray(query_tiles(query_starts))
         self.copied = cp.cuda.Event(disable_timing=True)
         self.pool = cp.cuda.MemoryPool()
         self.graph = None
         self.out = self.ids = None
+        self.step_dev = None  # the captured DeviceStep: what it cached (row tiles, scratch) the replays read
 
     def views(self, a):
         out, off = [], 0
@@ -126,9 +148,9 @@ class Graph:
             out[9] = out[9].reshape(self.B, self.W)
         return out
 
-    def pack(self, tokens, positions, batch):
+    def pack(self, tokens, positions, batch, logit_rows=None):
         self.copied.synchronize()  # the previous step's copy has left the buffer
-        tok, pos, slots, ctx, qs, recent, tables, first, *sliding = self.views(self.host)
+        tok, pos, slots, ctx, qs, recent, tables, first, *rest = self.views(self.host)
         tok[:] = tokens
         pos[:] = positions
         slots[:] = batch.slot_mapping
@@ -137,19 +159,46 @@ class Graph:
         recent[:] = 0 if batch.recent_slots is None else batch.recent_slots
         first[:] = step_from(batch)
         w = batch.block_tables.shape[1]
+        sliding = rest[:2] if self.sliding else []
         for dst, src in [(tables, batch.block_tables)] + ([(sliding[1], batch.sliding_tables)] if sliding else []):
             dst.fill(0)
             dst[:, :w] = np.maximum(src, 0)
         if sliding:
             sliding[0][:] = batch.sliding_slots
+        if self.L is not None:
+            rest[-1][:] = logit_rows
+
+    def device_step(self) -> DeviceStep:
+        """The step's device copies as the captured step reads them: views of the graph's buffer."""
+        tok, pos, slots, ctx, qs, recent, tables, first, *rest = self.views(self.dev)
+        sliding = rest[:2] if self.sliding else [None, None]
+        return DeviceStep(tok, pos, slots, ctx, qs, tables, self.tiles, recent, first, sliding[1], sliding[0],
+                          rest[-1] if self.L is not None else None)
+
+
+# prompt-pass graphs kept, the least recently replayed dropped first. Each keeps a memory pool
+# of its own, its pass's activations: with one pool shared by them, a replay read an illegal
+# address after another graph's capture (H200, 2026-12-04; the cause was not found)
+PROMPT_GRAPHS = 4
+PROMPT_GRAPH_MAX_T = 512  # longer passes are bound by their products, not by launching them
+PROMPT_GRAPH_MAX_ROWS = 64  # logit rows of a captured prompt pass (a graph keeps its output)
+SEEN_SHAPES = 256  # prompt-pass shapes remembered until seen again
+
+
+def table_width(batch: AttentionBatch) -> int:
+    """A captured step's block-table width: the batch's, padded to a power of two (>= 16)."""
+    return max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
 
 
 class Steps:
-    """One backend's captured decode graphs and greedy-step buffers."""
+    """One backend's captured decode and prompt-pass graphs, and greedy-step buffers."""
 
     def __init__(self, b):
         self.b = b  # the backend: its stream, launcher, tuning
         self.graphs: dict[tuple, Graph] = {}
+        # prompt passes: their graphs by shape (least recently replayed first), the shapes seen once
+        self.prompts: OrderedDict[tuple, Graph] = OrderedDict()
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
         self.last_graph = None
         self.max_t = QMMA_MAX_T  # lowered to GEMV_MAX_T by a weight cuBLAS would take
         # greedy: two pinned buffers its ids' copies alternate in (a step's ids are read
@@ -159,8 +208,10 @@ class Steps:
         self._ids_turn = 0
 
     def drop(self) -> None:
-        """Forget the captured decode graphs, so the next decode step captures anew."""
+        """Forget the captured graphs, so the next decode step (and repeated prompt pass) captures anew."""
         self.graphs.clear()
+        self.prompts.clear()
+        self._seen.clear()
         self.last_graph = None
 
     def run(self, forward, step: StepInputs, kv_caches, feed=None):
@@ -172,6 +223,13 @@ class Steps:
         all_rows = logit_rows is None or (len(logit_rows) == T and np.array_equal(logit_rows, np.arange(T)))
         if self.b.tuning.graphs and decode and all_rows and T <= self.max_t:
             return self._graph_step(forward, step, kv_caches, feed)
+        key = None if feed is not None else self._prompt_key(forward, step, all_rows)
+        if key is not None:
+            if key in self.prompts or key in self._seen:
+                return self._graph_step(forward, step, kv_caches, prompt=key)
+            self._seen[key] = None
+            if len(self._seen) > SEEN_SHAPES:
+                self._seen.popitem(last=False)
         if feed is not None:
             step = replace(step, tokens=cp.asnumpy(feed, stream=self.b.stream).astype(step.tokens.dtype))
         step.dev = make_step(step.tokens, step.positions, batch)
@@ -181,18 +239,41 @@ class Steps:
         finally:
             step.dev = None
 
-    def _graph_step(self, forward, step: StepInputs, kv_caches, feed=None):
+    def _prompt_key(self, forward, step: StepInputs, all_rows: bool):
+        """The shape a prompt pass's graph is kept under; None for a pass not captured (graphs
+        or prompt graphs off, streamed layers, too many tokens or logit rows)."""
+        tuning, T = self.b.tuning, len(step.tokens)
+        rows = T if all_rows else len(step.logit_rows)
+        if not (tuning.graphs and tuning.prompt_graphs) or self.b.streaming is not None:
+            return None
+        if T > PROMPT_GRAPH_MAX_T or rows > PROMPT_GRAPH_MAX_ROWS:
+            return None
+        batch = step.batch
+        return (batch.query_starts.astype(np.int32).tobytes(), table_width(batch), batch.sliding_tables is not None,
+                None if all_rows else rows, getattr(forward, "graph_key", None))
+
+    def _graph_step(self, forward, step: StepInputs, kv_caches, feed=None, prompt=None):
+        """The step replayed from its graph, captured first if it has none: a decode step's
+        (by batch and table width), or with `prompt` (its key) a prompt pass's."""
         stream = self.b.stream
         tokens, positions, batch = step.tokens, step.positions, step.batch
-        B = batch.num_seqs
-        W = max(16, 1 << int(batch.block_tables.shape[1] - 1).bit_length())
+        B, W = batch.num_seqs, table_width(batch)
         sliding = batch.sliding_tables is not None
-        # a partial model (an early-exit draft) is a step of its own
-        key = (B, W, sliding, getattr(forward, "graph_key", None))
-        g = self.graphs.get(key)
-        if g is None:
-            g = self.graphs[key] = Graph(B, W, sliding)
-        g.pack(tokens, positions, batch)
+        if prompt is None:
+            # a partial model (an early-exit draft) is a step of its own
+            key = (B, W, sliding, getattr(forward, "graph_key", None))
+            g = self.graphs.get(key)
+            if g is None:
+                g = self.graphs[key] = Graph(B, W, sliding)
+        else:
+            g = self.prompts.get(prompt)
+            if g is None:
+                L = prompt[3]
+                g = self.prompts[prompt] = Graph(B, W, sliding, batch.query_starts, L)
+                if len(self.prompts) > PROMPT_GRAPHS:
+                    self.prompts.popitem(last=False)
+            self.prompts.move_to_end(prompt)
+        g.pack(tokens, positions, batch, step.logit_rows)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
         g.copied.record(stream)
         if feed is not None:  # over the host's placeholders, in stream order
@@ -201,28 +282,36 @@ class Steps:
             g.graph.launch(stream)
             self.last_graph = g
             return g.out
-        tok, pos, slots, ctx, qs, recent, tables, first, *sliding_views = g.views(g.dev)
         padded = AttentionBatch(query_starts=batch.query_starts, context_lens=batch.context_lens,
                                 block_tables=np.zeros((B, W), np.int32), slot_mapping=batch.slot_mapping,
                                 recent_slots=batch.recent_slots,
                                 sliding_tables=np.zeros((B, W), np.int32) if sliding else None,
                                 sliding_slots=batch.sliding_slots)
-        # the captured step reads the graph's device buffers; logits for every row
-        captured = StepInputs(tokens, positions, padded, None,
-                              DeviceStep(tok, pos, slots, ctx, qs, tables, None, recent, first, *sliding_views[::-1]))
-        try:
-            with cp.cuda.using_allocator(g.pool.malloc):
-                out = materialize(forward(captured, kv_caches))  # runs the step, warms the pool
+        # the captured step reads the graph's device buffers
+        captured = StepInputs(tokens, positions, padded, step.logit_rows if g.L is not None else None,
+                              g.device_step())
+        g.step_dev = captured.dev
+        with cp.cuda.using_allocator(g.pool.malloc):
+            out = materialize(forward(captured, kv_caches))  # runs the step, warms the pool
+            try:
                 stream.begin_capture()
-                self.b.launcher.capturing = True
+                # decode graphs launch with PDL; a prompt pass, whose kernels are not all
+                # written for it, plainly
+                self.b.launcher.capturing = prompt is None
                 try:
                     g.out = materialize(forward(captured, kv_caches))
                     g.ids = argmax_dev(self.b, g.out)  # greedy ids come with the replay: no extra launch
                 finally:
                     self.b.launcher.capturing = False
                     g.graph = stream.end_capture()
-        finally:
-            captured.dev = None
+            except Exception:
+                if prompt is None:
+                    raise
+                # a prompt pass that waits on the host somewhere cannot be captured: the
+                # step already ran, prompt passes run eagerly from now on
+                log.warning("prompt pass not captured (prompt graphs off):\n%s", traceback.format_exc())
+                del self.prompts[prompt]
+                self.b.tuning.prompt_graphs = False
         return out
 
     def chain(self, forward, steps: list[StepInputs], kv_caches) -> np.ndarray:

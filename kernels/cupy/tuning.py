@@ -37,6 +37,7 @@ class Tuning:
     def __init__(self, pdl_supported: bool, drop_graphs, graphs: bool = True):
         self._drop_graphs = drop_graphs
         self.graphs = graphs  # decode steps captured as CUDA graphs and replayed
+        self.prompt_graphs = True  # and prompt passes whose shape repeats (steps.py)
         # a stacked weight's later segments on a graph branch beside the first (streams.py)
         self.branch_segments = True
         self.zero_in_inputs = True  # a stream-K product's output zeroed by its input's kernel (misc.cu)
