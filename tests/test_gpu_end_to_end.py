@@ -148,6 +148,34 @@ def test_repeated_prompt_passes_replay_their_graph(engines, kv, n):
     assert max(errs) < 2e-2
 
 
+def test_a_prompt_graph_past_the_memory_budget_turns_prompt_graphs_off(engines, monkeypatch):
+    """A captured prompt pass whose pool is larger than PROMPT_GRAPH_BYTES is dropped, and
+    prompt passes run eagerly from then on; the logits it returned (they live in its pool,
+    kept until the next step) are the eager engine's."""
+    from kernels.cupy import steps
+    from workers.engine.engine import Sequence
+
+    monkeypatch.setattr(steps, "PROMPT_GRAPH_BYTES", 1)
+    path = engines[0].gguf.path
+    eager = Engine(path, backend="cupy", max_context=1024, kv_cache_tokens=4096)
+    eager.ops.tuning.prompt_graphs = False
+    gpu = Engine(path, backend="cupy", max_context=1024, kv_cache_tokens=4096)
+    rng = np.random.default_rng(11)
+    for i in range(3):
+        ids = rng.integers(100, 20000, 100).tolist()
+        rows = []
+        for e in (gpu, eager):
+            s = Sequence(ids)
+            try:
+                rows.append(forward(e, [(s, 100)]).astype(np.float64))
+            finally:
+                e.release(s)
+        got, want = rows
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
+        assert not gpu.ops.steps.prompts
+        assert gpu.ops.tuning.prompt_graphs == (i == 0)
+
+
 @pytest.mark.parametrize("kv", ["q8", "q4", "q2"])
 def test_rotate_kv_engines_match_the_cpu(engines, kv):
     """A RotateKV cache on the GPU (kv_store_q, the quantized prefill and decode kernels in a

@@ -176,10 +176,13 @@ class Graph:
                           rest[-1] if self.L is not None else None)
 
 
-# prompt-pass graphs kept, the least recently replayed dropped first. Each keeps a memory pool
-# of its own, its pass's activations: with one pool shared by them, a replay read an illegal
-# address after another graph's capture (H200, 2026-12-04; the cause was not found)
-PROMPT_GRAPHS = 4
+# the prompt-pass graphs' memory pools together, the least recently replayed graph dropped
+# first past it. Each graph keeps a pool of its own, its pass's activations: with one pool
+# shared by them, a replay read an illegal address after another graph's capture (H200,
+# 2026-12-04; the cause was not found). A graph whose pool alone is larger is dropped and
+# prompt passes run eagerly from then on: a model that large is bound by its products, not
+# by its launches.
+PROMPT_GRAPH_BYTES = 256 << 20
 PROMPT_GRAPH_MAX_T = 512  # longer passes are bound by their products, not by launching them
 PROMPT_GRAPH_MAX_ROWS = 64  # logit rows of a captured prompt pass (a graph keeps its output)
 SEEN_SHAPES = 256  # prompt-pass shapes remembered until seen again
@@ -199,6 +202,9 @@ class Steps:
         # prompt passes: their graphs by shape (least recently replayed first), the shapes seen once
         self.prompts: OrderedDict[tuple, Graph] = OrderedDict()
         self._seen: OrderedDict[tuple, None] = OrderedDict()
+        # prompt graphs dropped during the step just run: kept until the next, as the output
+        # that step returned may live in their pools
+        self._retired: list[Graph] = []
         self.last_graph = None
         self.max_t = QMMA_MAX_T  # lowered to GEMV_MAX_T by a weight cuBLAS would take
         # greedy: two pinned buffers its ids' copies alternate in (a step's ids are read
@@ -217,6 +223,7 @@ class Steps:
     def run(self, forward, step: StepInputs, kv_caches, feed=None):
         """Backend.run_step. feed: device ids to take as the step's tokens (a decode step;
         greedy)."""
+        self._retired.clear()
         batch, logit_rows = step.batch, step.logit_rows
         T, B = len(step.tokens), batch.num_seqs
         decode = T == B and int(batch.query_starts[-1]) == B
@@ -270,8 +277,6 @@ class Steps:
             if g is None:
                 L = prompt[3]
                 g = self.prompts[prompt] = Graph(B, W, sliding, batch.query_starts, L)
-                if len(self.prompts) > PROMPT_GRAPHS:
-                    self.prompts.popitem(last=False)
             self.prompts.move_to_end(prompt)
         g.pack(tokens, positions, batch, step.logit_rows)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
@@ -310,9 +315,21 @@ class Steps:
                 # a prompt pass that waits on the host somewhere cannot be captured: the
                 # step already ran, prompt passes run eagerly from now on
                 log.warning("prompt pass not captured (prompt graphs off):\n%s", traceback.format_exc())
-                del self.prompts[prompt]
+                self._retired.append(self.prompts.pop(prompt))
                 self.b.tuning.prompt_graphs = False
+        if prompt is not None:
+            self._fit_prompt_graphs(prompt)
         return out
+
+    def _fit_prompt_graphs(self, captured: tuple) -> None:
+        """Keeps the prompt graphs' pools within PROMPT_GRAPH_BYTES (captured: the graph just made)."""
+        g = self.prompts.get(captured)
+        if g is not None and g.pool.total_bytes() > PROMPT_GRAPH_BYTES:
+            log.info("a prompt pass's graph keeps %d MiB: prompt graphs off", g.pool.total_bytes() >> 20)
+            self._retired.append(self.prompts.pop(captured))
+            self.b.tuning.prompt_graphs = False
+        while sum(g.pool.total_bytes() for g in self.prompts.values()) > PROMPT_GRAPH_BYTES:
+            self._retired.append(self.prompts.popitem(last=False)[1])
 
     def chain(self, forward, steps: list[StepInputs], kv_caches) -> np.ndarray:
         """Backend.greedy_chain: run() of each step fed the previous one's ids, kept on the
