@@ -248,10 +248,12 @@ class Steps:
 
     def _prompt_key(self, forward, step: StepInputs, all_rows: bool):
         """The shape a prompt pass's graph is kept under; None for a pass not captured (graphs
-        or prompt graphs off, streamed layers, too many tokens or logit rows)."""
+        or prompt graphs off, streamed layers, a pass the host observes (KV calibration), too
+        many tokens or logit rows)."""
         tuning, T = self.b.tuning, len(step.tokens)
         rows = T if all_rows else len(step.logit_rows)
-        if not (tuning.graphs and tuning.prompt_graphs) or self.b.streaming is not None:
+        if not (tuning.graphs and tuning.prompt_graphs) or self.b.streaming is not None \
+                or self.b.kv_observer is not None:
             return None
         if T > PROMPT_GRAPH_MAX_T or rows > PROMPT_GRAPH_MAX_ROWS:
             return None
