@@ -115,6 +115,9 @@ class CupyBackend(Backend):
     def limit_device_memory(self, nbytes: int | None) -> None:
         cp.get_default_memory_pool().set_limit(size=0 if nbytes is None else max(1, nbytes))  # 0: no limit
 
+    def allow_prompt_graphs(self, nbytes: int) -> None:
+        self.tuning.prompt_graph_bytes = nbytes
+
     def outside_pool_bytes(self) -> int:
         return _outside_pool_at_start()
 

@@ -139,6 +139,10 @@ class Backend(ABC):
         """Refuse allocations past nbytes of device memory (what a VRAM budget leaves the pool);
         None: no limit."""
 
+    def allow_prompt_graphs(self, nbytes: int) -> None:
+        """Device memory the plan leaves for captured graphs of repeated prompt passes (0:
+        none); a backend that captures none ignores it."""
+
     def outside_pool_bytes(self) -> int | None:
         """Device memory in use now that the pool limit_device_memory caps does not hold (the
         CUDA context, library handles, loaded modules); None where there is no device."""

@@ -119,7 +119,7 @@ def test_repeated_prompt_passes_replay_their_graph(engines, kv, n):
 
     path = engines[0].gguf.path
     eager = Engine(path, backend="cupy", max_context=1024, kv_cache_tokens=4096, kv_type=kv)
-    eager.ops.tuning.prompt_graphs = False
+    eager.ops.tuning.prompt_graph_bytes = 0
     gpu = Engine(path, backend="cupy", max_context=1024, kv_cache_tokens=4096, kv_type=kv)
     rng = np.random.default_rng(n)
     errs = []
@@ -148,18 +148,19 @@ def test_repeated_prompt_passes_replay_their_graph(engines, kv, n):
     assert max(errs) < 2e-2
 
 
-def test_a_prompt_graph_past_the_memory_budget_turns_prompt_graphs_off(engines, monkeypatch):
-    """A captured prompt pass whose pool is larger than PROMPT_GRAPH_BYTES is dropped, and
-    prompt passes run eagerly from then on; the logits it returned (they live in its pool,
-    kept until the next step) are the eager engine's."""
-    from kernels.cupy import steps
+def test_a_prompt_graph_past_the_memory_granted_turns_prompt_graphs_off(engines):
+    """A captured prompt pass whose pool is larger than the bytes the plan granted is
+    dropped, and prompt passes run eagerly from then on; the logits it returned (they live in
+    its pool, kept until the next step) are the eager engine's."""
     from workers.engine.engine import Sequence
+    from workers.engine.placement import PROMPT_GRAPH_BYTES
 
-    monkeypatch.setattr(steps, "PROMPT_GRAPH_BYTES", 1)
     path = engines[0].gguf.path
     eager = Engine(path, backend="cupy", max_context=1024, kv_cache_tokens=4096)
-    eager.ops.tuning.prompt_graphs = False
+    eager.ops.tuning.prompt_graph_bytes = 0
     gpu = Engine(path, backend="cupy", max_context=1024, kv_cache_tokens=4096)
+    assert gpu.placement.prompt_graph_bytes == gpu.ops.tuning.prompt_graph_bytes == PROMPT_GRAPH_BYTES
+    gpu.ops.tuning.prompt_graph_bytes = 1
     rng = np.random.default_rng(11)
     for i in range(3):
         ids = rng.integers(100, 20000, 100).tolist()
@@ -173,7 +174,7 @@ def test_a_prompt_graph_past_the_memory_budget_turns_prompt_graphs_off(engines, 
         got, want = rows
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-2
         assert not gpu.ops.steps.prompts
-        assert gpu.ops.tuning.prompt_graphs == (i == 0)
+        assert gpu.ops.tuning.prompt_graph_bytes == (1 if i == 0 else 0)
 
 
 @pytest.mark.parametrize("kv", ["q8", "q4", "q2"])

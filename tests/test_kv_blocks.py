@@ -8,6 +8,7 @@ from kernels.kv_layout import RING
 from kernels.numpy_backend import NumpyBackend
 from workers.engine.block_manager import BlockManager, OutOfBlocks
 from workers.engine.engine import Engine, Sequence
+from workers.engine.placement import PROMPT_GRAPH_BYTES
 
 GIB = 2**30
 
@@ -61,6 +62,21 @@ def test_a_vram_budget_gives_the_kv_cache_what_the_model_leaves(tiny_model):
     assert engine.placement.device_bytes <= budget
     sized = Engine(tiny_model("qwen2"), max_context=256, vram_budget=budget, kv_cache_bytes=2 * GIB // 1024)
     assert sized.kv.nbytes <= 2 * GIB // 1024  # an explicit KV size wins over the budget's rest
+
+
+def test_a_resident_plan_holds_the_prompt_graphs_pools_where_the_budget_does(tiny_model):
+    """The plan grants captured prompt passes their pools (PROMPT_GRAPH_BYTES, inside the
+    reserve) where every layer stays resident with them; a budget that holds the model only
+    without them keeps it resident and grants none."""
+    plain = Engine(tiny_model("qwen2"), max_context=256)
+    p = plain.placement
+    assert p.prompt_graph_bytes == PROMPT_GRAPH_BYTES
+    bare = p.reserve - PROMPT_GRAPH_BYTES + p.sizes.fixed + sum(p.sizes.layers) + 256 * p.sizes.kv_per_token
+    tight = Engine(tiny_model("qwen2"), max_context=256, vram_budget=bare + 1000).placement
+    assert not tight.streamed and tight.prompt_graph_bytes == 0 and tight.reserve == p.reserve - PROMPT_GRAPH_BYTES
+    roomy = Engine(tiny_model("qwen2"), max_context=256, vram_budget=bare + PROMPT_GRAPH_BYTES + 1000).placement
+    assert not roomy.streamed and roomy.prompt_graph_bytes == PROMPT_GRAPH_BYTES
+    assert roomy.kv_tokens >= 256 and roomy.device_bytes <= bare + PROMPT_GRAPH_BYTES + 1000
 
 
 def test_blocks_reserve_trim_release():

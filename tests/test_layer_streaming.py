@@ -268,11 +268,12 @@ def test_placement_serializes():
 
 # --- streamed equals resident: on the CPU (copies done at once) and on the GPU ---------------
 def streaming_budget(resident_engine, resident_layers: int, n_buffers: int) -> int:
-    """A budget that leaves exactly `resident_layers` resident with n_buffers slots."""
+    """A budget that leaves exactly `resident_layers` resident with n_buffers slots (a streamed
+    plan's reserve holds no share for prompt graphs)."""
     p = resident_engine.placement
     s = p.sizes
     slot = max(s.layers[resident_layers:])
-    return p.reserve + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * slot + sum(s.layers[:resident_layers])
+    return p.reserve - p.prompt_graph_bytes + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * slot + sum(s.layers[:resident_layers])
 
 
 def write_deep(tmp_path_factory, vocab_dir, arch: str):
@@ -349,6 +350,7 @@ def test_streamed_runs_equal_the_resident_run_bit_for_bit(request, tmp_path, bac
                       n_buffers=n_buffers, host_ram=host_ram,
                       disk_open=lambda sizes: DiskStream(tmp_path / "deep.images", sizes, slots=2), **kw)
     assert streamed.placement.tiers.count("vram") == resident_layers
+    assert streamed.placement.prompt_graph_bytes == 0  # a streamed model's prompts run eagerly
     assert streamed.placement.n_buffers == n_buffers
     if ram_layers is not None:
         assert streamed.placement.tiers.count("ram") == ram_layers and "disk" in streamed.placement.tiers

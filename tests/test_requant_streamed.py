@@ -163,7 +163,7 @@ def test_auto_takes_the_fewest_bytes_within_its_loss_and_spares_sensitive_groups
 def budget_for(engine, resident_layers: int, n_buffers: int) -> int:
     p = engine.placement
     s = p.sizes
-    return p.reserve + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * max(s.layers[resident_layers:]) \
+    return p.reserve - p.prompt_graph_bytes + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * max(s.layers[resident_layers:]) \
         + sum(s.layers[:resident_layers])
 
 
@@ -220,7 +220,7 @@ def test_plan_prints_streamed_bytes_before_and_after(tmp_path, vocab_dir, capsys
         c = ModelConfig.from_gguf(g)
         everything = plan_model(g, c, CupySizes, None, 512, 512)
     s = everything.sizes
-    budget = everything.reserve + s.fixed + 512 * s.kv_per_token + 2 * max(s.layers[1:]) + s.layers[0]
+    budget = everything.reserve - everything.prompt_graph_bytes + s.fixed + 512 * s.kv_per_token + 2 * max(s.layers[1:]) + s.layers[0]
     args = ["plan", "--model", str(wide), "--vram-gb", repr(budget / GIB), "--kv-tokens", "512", "--ctx", "512",
             "--n-buffers", "2", "--link-gb-s", "25"]
     assert main(args + ["--json"]) == 0
@@ -331,7 +331,7 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
         c = ModelConfig.from_gguf(g)
         s = plan_model(g, c, CupySizes, None, 512, 512).sizes
         everything = plan_model(g, c, CupySizes, None, 512, 512)
-        budget = everything.reserve + s.fixed + s.kv_bytes(512) + 2 * max(s.layers[1:]) + s.layers[0]
+        budget = everything.reserve - everything.prompt_graph_bytes + s.fixed + s.kv_bytes(512) + 2 * max(s.layers[1:]) + s.layers[0]
         monkeypatch.setattr(CupySizes, "requant_local_bytes", 0)
         plain = plan_model(g, c, CupySizes, budget, 512, 512, n_buffers=2, requant_streamed="Q4_K")
         types = {n: Q[t] for n, t in plain.requant.items()}

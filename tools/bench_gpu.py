@@ -510,11 +510,12 @@ def bench_model(name: str, args, cp, bw: float, rows: list, notes: list) -> None
         try:
             pp = prefill(engine, 512, rng, cp=cp)
             pools = sum(g.pool.total_bytes() for g in engine.ops.steps.prompts.values()) / 2**20
-            engine.ops.tuning.prompt_graphs = False
+            tuning = engine.ops.tuning
+            granted, tuning.prompt_graph_bytes = tuning.prompt_graph_bytes, 0
             try:
                 eager = prefill(engine, 512, rng)
             finally:
-                engine.ops.tuning.prompt_graphs = True
+                tuning.prompt_graph_bytes = granted
             row("pp512", pp, extra=f"(prompt graphs off: {eager:.1f} tok/s; the graph's pool {pools:.0f} MiB)")
         except Exception:
             notes.append(f"{name} pp512 failed:\n{traceback.format_exc()}")

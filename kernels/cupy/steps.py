@@ -133,6 +133,9 @@ class Graph:
         # a prompt pass's RotateKV tiles: fixed by the query starts
         self.tiles = None if query_starts is None else cp.asarray(query_tiles(query_starts))
         self.copied = cp.cuda.Event(disable_timing=True)
+        # a pool of its own, its pass's activations: with one pool shared by the prompt graphs, a
+        # replay read an illegal address after another graph's capture (H200, 2026-12-04; the
+        # cause was not found)
         self.pool = cp.cuda.MemoryPool()
         self.graph = None
         self.out = self.ids = None
@@ -176,13 +179,6 @@ class Graph:
                           rest[-1] if self.L is not None else None)
 
 
-# the prompt-pass graphs' memory pools together, the least recently replayed graph dropped
-# first past it. Each graph keeps a pool of its own, its pass's activations: with one pool
-# shared by them, a replay read an illegal address after another graph's capture (H200,
-# 2026-12-04; the cause was not found). A graph whose pool alone is larger is dropped and
-# prompt passes run eagerly from then on: a model that large is bound by its products, not
-# by its launches.
-PROMPT_GRAPH_BYTES = 256 << 20
 PROMPT_GRAPH_MAX_T = 512  # longer passes are bound by their products, not by launching them
 PROMPT_GRAPH_MAX_ROWS = 64  # logit rows of a captured prompt pass (a graph keeps its output)
 SEEN_SHAPES = 256  # prompt-pass shapes remembered until seen again
@@ -248,12 +244,11 @@ class Steps:
 
     def _prompt_key(self, forward, step: StepInputs, all_rows: bool):
         """The shape a prompt pass's graph is kept under; None for a pass not captured (graphs
-        or prompt graphs off, streamed layers, a pass the host observes (KV calibration), too
-        many tokens or logit rows)."""
+        off, no memory granted for prompt graphs (a streamed model's plan grants none), a pass
+        the host observes (KV calibration), too many tokens or logit rows)."""
         tuning, T = self.b.tuning, len(step.tokens)
         rows = T if all_rows else len(step.logit_rows)
-        if not (tuning.graphs and tuning.prompt_graphs) or self.b.streaming is not None \
-                or self.b.kv_observer is not None:
+        if not (tuning.graphs and tuning.prompt_graph_bytes) or self.b.kv_observer is not None:
             return None
         if T > PROMPT_GRAPH_MAX_T or rows > PROMPT_GRAPH_MAX_ROWS:
             return None
@@ -318,19 +313,23 @@ class Steps:
                 # step already ran, prompt passes run eagerly from now on
                 log.warning("prompt pass not captured (prompt graphs off):\n%s", traceback.format_exc())
                 self._retired.append(self.prompts.pop(prompt))
-                self.b.tuning.prompt_graphs = False
+                self.b.tuning.prompt_graph_bytes = 0
         if prompt is not None:
             self._fit_prompt_graphs(prompt)
         return out
 
     def _fit_prompt_graphs(self, captured: tuple) -> None:
-        """Keeps the prompt graphs' pools within PROMPT_GRAPH_BYTES (captured: the graph just made)."""
+        """Keeps the prompt graphs' pools within the bytes granted (captured: the graph just
+        made), the least recently replayed graph dropped first. A graph whose pool alone is
+        larger is dropped and prompt passes run eagerly from then on: a model that large is
+        bound by its products, not by its launches."""
+        granted = self.b.tuning.prompt_graph_bytes
         g = self.prompts.get(captured)
-        if g is not None and g.pool.total_bytes() > PROMPT_GRAPH_BYTES:
+        if g is not None and g.pool.total_bytes() > granted:
             log.info("a prompt pass's graph keeps %d MiB: prompt graphs off", g.pool.total_bytes() >> 20)
             self._retired.append(self.prompts.pop(captured))
-            self.b.tuning.prompt_graphs = False
-        while sum(g.pool.total_bytes() for g in self.prompts.values()) > PROMPT_GRAPH_BYTES:
+            self.b.tuning.prompt_graph_bytes = 0
+        while sum(g.pool.total_bytes() for g in self.prompts.values()) > self.b.tuning.prompt_graph_bytes:
             self._retired.append(self.prompts.popitem(last=False)[1])
 
     def chain(self, forward, steps: list[StepInputs], kv_caches) -> np.ndarray:

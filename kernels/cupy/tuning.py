@@ -37,7 +37,9 @@ class Tuning:
     def __init__(self, pdl_supported: bool, drop_graphs, graphs: bool = True):
         self._drop_graphs = drop_graphs
         self.graphs = graphs  # decode steps captured as CUDA graphs and replayed
-        self.prompt_graphs = True  # and prompt passes whose shape repeats (steps.py)
+        # and prompt passes whose shape repeats (steps.py), their pools within this many bytes:
+        # what the engine's plan grants (Backend.allow_prompt_graphs); 0: prompts run eagerly
+        self.prompt_graph_bytes = 0
         # a stacked weight's later segments on a graph branch beside the first (streams.py)
         self.branch_segments = True
         self.zero_in_inputs = True  # a stream-K product's output zeroed by its input's kernel (misc.cu)

@@ -200,6 +200,7 @@ class Engine:
         # takes the rest of the budget (the graphs' own pools are planned inside the reserve, and
         # until they exist their share is the pool's slack)
         self.ops.limit_device_memory(None if vram_budget is None else vram_budget - context)
+        self.ops.allow_prompt_graphs(self.placement.prompt_graph_bytes)
         if self.placement.requant:  # the model as loaded: streamed matrices requantized as they load
             self.gguf = retyped(self.gguf, {n: Q[t] for n, t in self.placement.requant.items()})
         if self.placement.streamed:

@@ -31,6 +31,9 @@ CONTEXT_BYTES = int(0.75 * GIB)  # CUDA context, CuPy and cuBLAS handles and wor
 LATE_RUNTIME_BYTES = 256 << 20
 SCRATCH_BYTES = 128 << 20  # the prompt products' fp16 dequantization scratch (kernels/cupy/products.py)
 GRAPH_BYTES = 256 << 20  # captured decode graphs' private pools, one per batch size seen
+# captured prompt passes' pools (kernels/cupy/steps.py keeps them within what the plan grants):
+# granted to a resident model where the budget holds it too; a streamed one runs prompts eagerly
+PROMPT_GRAPH_BYTES = 256 << 20
 MAX_SLOTS = 4
 
 
@@ -117,6 +120,7 @@ class Placement:
     why_buffers: str = ""
     requant: dict = field(default_factory=dict)  # streamed matrix -> the type it loads as (--requant-streamed)
     file_layers: tuple[int, ...] = ()  # each layer's bytes at the file's types, where requant changed sizes
+    prompt_graph_bytes: int = 0  # the reserve's share for graphs of repeated prompt passes (0: none)
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -176,7 +180,8 @@ class Placement:
                 "device_bytes": self.device_bytes, "vram_layer_bytes": self.bytes_in("vram"),
                 "ram_bytes": self.bytes_in("ram"), "disk_bytes": self.bytes_in("disk"),
                 "why_buffers": self.why_buffers, "sizes": asdict(self.sizes), "streamed_bytes": self.streamed_bytes,
-                "file_streamed_bytes": self.file_streamed_bytes, "requant": dict(self.requant)}
+                "file_streamed_bytes": self.file_streamed_bytes, "requant": dict(self.requant),
+                "prompt_graph_bytes": self.prompt_graph_bytes}
 
 
 def choose_buffers(slot_bytes: int, layer_bytes: int, rates: Rates) -> tuple[int, str]:
@@ -241,6 +246,17 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
     return Placement(tuple(tiers), n, slot, kv, budget, reserve, sizes, why)
 
 
+def with_prompt_graphs(p: Placement, kv_tokens: int | None, max_context: int) -> Placement:
+    """A resident placement with PROMPT_GRAPH_BYTES more in its reserve where the budget holds
+    that with every layer still resident (the KV cache, if sized by the budget, that much
+    smaller); else p as it is, granting none."""
+    try:
+        q = place(p.sizes, p.budget, p.reserve + PROMPT_GRAPH_BYTES, kv_tokens, max_context)
+    except ValueError:
+        return p
+    return p if q.streamed else replace(q, prompt_graph_bytes=PROMPT_GRAPH_BYTES)
+
+
 def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, max_context: int,
                block_size: int = 16, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates(),
@@ -262,7 +278,9 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
                               c.vocab_size, max_batch_tokens, max_logit_rows, context)
     p = place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
-    if requant_streamed is None or not p.streamed:
+    if not p.streamed:
+        return with_prompt_graphs(p, kv_tokens, max_context)
+    if requant_streamed is None:
         return p
     types = streamed_types(gguf, c, p.streamed, requant_streamed)
     # the streamed layers load (and requantize) before the KV cache and any activation exist:
