@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,8 @@ def cuda_device() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, vocab_dir):
-    """tiny_model(arch, qtype_name or None for the Q4_K_M mix) -> path of a cached synthetic GGUF."""
+    """tiny_model(arch, qtype_name or None for the Q4_K_M mix) -> path of a cached synthetic GGUF,
+    its weights seeded by the key (the same model whichever tests ran before)."""
     made: dict[tuple, Path] = {}
 
     def make(arch: str = "llama", qtype: str | None = None, tied: bool = False) -> Path:
@@ -66,7 +68,8 @@ def tiny_model(tmp_path_factory, vocab_dir):
                 shape = Shape(**{**shape.__dict__, "tied_embeddings": True})
             mix = q4_k_m_mix if qtype is None else uniform_mix(GGMLQuantizationType[qtype])
             path = tmp_path_factory.mktemp("models") / f"tiny-{arch}-{qtype or 'q4_k_m'}{'-tied' if tied else ''}.gguf"
-            made[key] = write_model(path, shape, vocab_dir / TINY_VOCAB[arch], mix=mix, seed=len(made))
+            seed = zlib.crc32(repr(key).encode())
+            made[key] = write_model(path, shape, vocab_dir / TINY_VOCAB[arch], mix=mix, seed=seed)
         return made[key]
 
     return make
