@@ -329,7 +329,7 @@ class Steps:
             log.info("a prompt pass's graph keeps %d MiB: prompt graphs off", g.pool.total_bytes() >> 20)
             self._retired.append(self.prompts.pop(captured))
             self.b.tuning.prompt_graph_bytes = 0
-        while sum(g.pool.total_bytes() for g in self.prompts.values()) > self.b.tuning.prompt_graph_bytes:
+        while sum(kept.pool.total_bytes() for kept in self.prompts.values()) > self.b.tuning.prompt_graph_bytes:
             self._retired.append(self.prompts.popitem(last=False)[1])
 
     def chain(self, forward, steps: list[StepInputs], kv_caches) -> np.ndarray:

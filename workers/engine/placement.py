@@ -5,9 +5,9 @@ The budget holds everything the process puts on the device: the runtime reserve 
 context, cuBLAS workspace, scratch, activations, captured decode graphs: `runtime_reserve`;
 for a resident model, where the budget holds them, the captured prompt passes' pools:
 `with_prompt_graphs`), what every step needs (embedding, output norm and head, the layers'
-norms), the KV cache, the slots, and the resident layers. Resident layers are the first ones (the self-speculation
-drafter runs them); the rest stream through the slots (kernels/layer_ring.py), from host RAM
-while their images fit in it, then from disk.
+norms), the KV cache, the slots, and the resident layers. Resident layers are the first ones
+(the self-speculation drafter runs them); the rest stream through the slots
+(kernels/layer_ring.py), from host RAM while their images fit in it, then from disk.
 
 Speed is predicted from named rates: the host-to-device link (measured, kernels/cupy/link.py),
 the rate at which products read resident weights, the prompt's compute rate and the disk's
