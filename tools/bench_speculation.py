@@ -164,8 +164,12 @@ def main() -> int:
                     plain_ids[(set_name, i)] = out
                 elif args.temperature == 0 and (set_name, i) in plain_ids and out != plain_ids[(set_name, i)]:
                     mismatches += 1
-                    j = next(j for j, (a, b) in enumerate(zip(out, plain_ids[(set_name, i)])) if a != b)
-                    gap = plain_gap(engine, ids, params, j)  # after the timings: untimed
+                    plain = plain_ids[(set_name, i)]
+                    # the first token that differs; where one run is a prefix of the other (it
+                    # stopped earlier), the first token only one of them has
+                    j = next((j for j, (a, b) in enumerate(zip(out, plain)) if a != b), min(len(out), len(plain)))
+                    # after the timings: untimed; no gap where plain decoding has no token j
+                    gap = plain_gap(engine, ids, params, j) if j < len(plain) else float("nan")
                     near_ties += gap < NEAR_TIE
                     print(f"  {set_name} prompt {i}: {config} differs from plain decoding at token {j}, where "
                           f"plain's top-2 gap is {gap:.2e}", flush=True)
