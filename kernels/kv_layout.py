@@ -3,12 +3,12 @@
 A dense type keeps each K and V row as head_dim floats. A quantized type (RotateKV) keeps
 each row transformed (keys centred and scaled per channel, then K and V rotated by a
 Walsh-Hadamard transform: kernels/kv_quant.py) and quantized in groups: `bits`-bit codes
-packed little-endian (8 codes in `bits` bytes, code j at bit j * bits), then per group a
-float16 scale and a float16 minimum; one such row per (token, KV head). Beside the paged
-rows, each sequence being served owns a slot of the recent ring: its last RING positions'
-transformed rows in float16 and its first token's (the attention sink), so that a query reads
-the keys and values of the RECENT positions up to its own, and of the sink, unquantized
-(KIVI's residual window). `kernels/kv_quant.py` is the host's twin of what
+packed little-endian, 8 values in `bits` bytes, the value `CODE_ORDER[bits][s]` in slot s (at
+bit s * bits), then per group a float16 scale and a float16 minimum; one such row per (token,
+KV head). Beside the paged rows, each sequence being served owns a slot of the recent ring:
+its last RING positions' transformed rows in float16 and its first token's (the attention
+sink), so that a query reads the keys and values of the RECENT positions up to its own, and
+of the sink, unquantized (KIVI's residual window). `kernels/kv_quant.py` is the host's twin of what
 `kernels/cuda/attention.cu` writes and reads.
 """
 
@@ -42,6 +42,11 @@ def kv_type(name: str) -> KVType:
         raise ValueError(f"unknown kv_type {name!r}; choose one of {', '.join(KV_TYPES)}")
     return KV_TYPES[name]
 
+
+# The value each code slot of a word of 8 holds. 4-bit words hold values 0, 2, 4, 6, 1, 3,
+# 5, 7: slots k and k + 4, 16 bits apart, are a pair (2j, 2j + 1), which the kernel takes into
+# the two halves of an fp16 pair with one mask (attention.cu kv_dequant8); other widths in order.
+CODE_ORDER = {bits: np.array([0, 2, 4, 6, 1, 3, 5, 7] if bits == 4 else range(8)) for bits in (2, 3, 4, 8)}
 
 # positions up to a query's own that it reads unquantized: 32, not 64, because each sequence's
 # ring costs 2 x (RING + 1) float16 rows a layer (a 70B model's 32 ring slots: 849 MB at 64,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.kv_layout import KVLayout, hadamard_block
+from kernels.kv_layout import CODE_ORDER, KVLayout, hadamard_block
 
 
 def rotation_scale(head_dim: int) -> np.float32:
@@ -101,7 +101,7 @@ def quantize_rows(r: np.ndarray, layout: KVLayout) -> np.ndarray:
             best = [np.where(better, err, best[0]), np.where(better, lo, best[1]), np.where(better, scale, best[2]),
                     np.where(better[..., None], codes, best[3])]
     _, lo, scale, codes = best
-    codes = codes.astype(np.uint8)
+    codes = codes.astype(np.uint8).reshape(*lead, D // 8, 8)[..., CODE_ORDER[t.bits]]
     bits = np.unpackbits(codes.reshape(*lead, D, 1), axis=-1, bitorder="little")[..., :t.bits]
     packed = np.packbits(bits.reshape(*lead, D * t.bits), axis=-1, bitorder="little")
     params = np.stack([scale, lo], axis=-1).reshape(*lead, -1).view(np.uint8)
@@ -113,7 +113,8 @@ def dequantize_rows(rows: np.ndarray, layout: KVLayout) -> np.ndarray:
     t, D, g = layout.type, layout.head_dim, layout.group
     lead = rows.shape[:-1]
     bits = np.unpackbits(rows[..., :layout.code_bytes], axis=-1, bitorder="little").reshape(*lead, D, t.bits)
-    codes = np.packbits(bits, axis=-1, bitorder="little").reshape(*lead, D // g, g).astype(np.float32)
+    slots = np.packbits(bits, axis=-1, bitorder="little").reshape(*lead, D // 8, 8)
+    codes = slots[..., np.argsort(CODE_ORDER[t.bits])].reshape(*lead, D // g, g).astype(np.float32)
     params = np.ascontiguousarray(rows[..., layout.code_bytes:]).view(np.float16).astype(np.float32)
     params = params.reshape(*lead, D // g, 2)
     return (params[..., 1:2] + codes * params[..., 0:1]).reshape(*lead, D)

@@ -4,7 +4,7 @@ cache read by the NumPy backend's attention, each against a closed form."""
 import numpy as np
 import pytest
 
-from kernels.kv_layout import KV_TYPES, RECENT, KVLayout, kv_type
+from kernels.kv_layout import CODE_ORDER, KV_TYPES, RECENT, KVLayout, kv_type
 from kernels.kv_quant import dequantize_rows, hadamard, quantize_rows, transform, untransform
 from kernels.numpy_backend import NumpyBackend
 from kernels.ops import AttentionBatch, StepInputs
@@ -36,9 +36,12 @@ def test_codes_pack_little_endian_and_dequantize_within_half_a_step(kv):
     assert rows.shape == (7, 2, layout.row_bytes) and rows.dtype == np.uint8
     t, g = layout.type, layout.group
     params = rows[..., layout.code_bytes:].copy().view(np.float16).astype(np.float64).reshape(7, 2, 64 // g, 2)
-    # code j of a row sits at bits j*bits .. j*bits+bits-1 of the little-endian code bytes
+    # value j of a row sits in slot s of its word of 8 (CODE_ORDER[bits][s] == j % 8), at bits
+    # (8 (j // 8) + s) * bits .. + bits - 1 of the little-endian code bytes
     word = int.from_bytes(rows[0, 0, :layout.code_bytes].tobytes(), "little")
-    codes = np.array([(word >> (j * t.bits)) & (2 ** t.bits - 1) for j in range(64)], np.float64)
+    slot = {int(v): s for s, v in enumerate(CODE_ORDER[t.bits])}
+    codes = np.array([(word >> ((8 * (j // 8) + slot[j % 8]) * t.bits)) & (2 ** t.bits - 1) for j in range(64)],
+                     np.float64)
     scale, lo = np.repeat(params[0, 0, :, 0], g), np.repeat(params[0, 0, :, 1], g)
     assert np.allclose(dequantize_rows(rows, layout)[0, 0], lo + codes * scale, rtol=1e-6, atol=1e-6)
     # every value inside its group's clipped range within half a step of its code (plus the

@@ -158,7 +158,22 @@ __device__ __forceinline__ size_t cache_index(const int* __restrict__ table, int
 // pair per group; gshift: log2 of the group (shifts: a division by a runtime group costs tens
 // of instructions).
 template <int D, int BITS>
-__device__ __forceinline__ int kv_row_bytes(int gshift) { return BITS == 16 ? 2 * D : D * BITS / 8 + ((4 * D) >> gshift); }
+__host__ __device__ constexpr int kv_row_bytes(int gshift) { return BITS == 16 ? 2 * D : D * BITS / 8 + ((4 * D) >> gshift); }
+
+// A RotateKV type's group at head_dim D as kernels/kv_layout.py sets it (the type's group, or
+// the rotation block where the head is narrower), and its log2: constants, so that a row's
+// offsets fold into the addresses instead of being computed per value. The launch's `group`
+// argument must equal it (kv_group_checked traps otherwise).
+template <int D, int BITS>
+__host__ __device__ constexpr int kv_group() {
+    return (BITS == 8 ? 64 : BITS == 2 ? 32 : 128) < (D & -D) ? (BITS == 8 ? 64 : BITS == 2 ? 32 : 128) : (D & -D);
+}
+template <int D, int BITS>
+__host__ __device__ constexpr int kv_gshift() { return kv_group<D, BITS>() == 32 ? 5 : kv_group<D, BITS>() == 64 ? 6 : kv_group<D, BITS>() == 128 ? 7 : 8; }
+template <int D, int BITS>
+__device__ __forceinline__ void kv_group_checked(int group) {
+    if (BITS != 16 && group != kv_group<D, BITS>()) __trap();
+}
 
 // Values 8c..8c+7 of the cache row at r as loaded, before kv_dequant8 makes them 8 fp16 (what
 // the kernels stage in shared memory): an fp16 row's 8 values; a RotateKV row's codes in x
@@ -187,11 +202,12 @@ __device__ __forceinline__ uint4 kv_fetch8(const u8* r, int c, int gshift) {
     }
 }
 
-// n = 4, 8 or 16 bytes global -> shared, asynchronously (the narrow sizes only through L1)
-__device__ __forceinline__ void cp_async_n(u32 dst, const void* src, int n) {
-    if (n == 16)
+// N = 4, 8 or 16 bytes global -> shared, asynchronously (the narrow sizes only through L1)
+template <int N>
+__device__ __forceinline__ void cp_async_n(u32 dst, const void* src) {
+    if constexpr (N == 16)
         cp_async16(dst, src, 16);
-    else if (n == 8)
+    else if constexpr (N == 8)
         asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
     else
         asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
@@ -206,12 +222,21 @@ __device__ __forceinline__ u32 hfma2(u32 a, u32 b, u32 c) {
     return d;
 }
 
+// (a & b) | c in one LOP3 (the compiler splits it into two where b and c are immediates)
+__device__ __forceinline__ u32 and_or(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
 // kv_fetch8's loads as 8 fp16 values min + code * scale, rounded once (the twin's float32
 // value to fp16). Two codes per fp16x2 register and no conversion instructions (their pipe
 // runs at a quarter of the FMA's): a pair of codes goes, by a byte permute, a mask and
 // 0x6400 (1024.0) as exponent, into the mantissas of two halves, the second code shifted up
 // by BITS (x2^BITS, exact: both codes stay below 1024); one fp16x2 FMA takes (1024 + c0,
-// 1024 + c1 * 2^BITS) exactly to (c0, c1), a second to min + c * scale.
+// 1024 + c1 * 2^BITS) exactly to (c0, c1), a second to min + c * scale. 4-bit words hold a
+// pair 16 bits apart (kernels/kv_layout.py CODE_ORDER): one mask makes the two halves, no
+// permute, and pairs 1 and 3 come masked in place, shifted up by 4 in both halves.
 template <int BITS>
 __device__ __forceinline__ uint4 kv_dequant8(uint4 u) {
     if constexpr (BITS == 16) {
@@ -222,6 +247,17 @@ __device__ __forceinline__ uint4 kv_dequant8(uint4 u) {
         constexpr u32 S = f16_pow2(0) | (f16_pow2(-B) << 16), O = f16_pow2(10, true) | (f16_pow2(10 - B, true) << 16);
         const u32 d2 = __byte_perm(u.z, 0, 0x1010), m2 = __byte_perm(u.z, 0, 0x3232);  // (scale, scale), (min, min)
         u32 h[4];
+        if constexpr (BITS == 4) {
+            constexpr u32 S4 = f16_pow2(-4) | (f16_pow2(-4) << 16), O4 = f16_pow2(6, true) | (f16_pow2(6, true) << 16);
+            constexpr u32 S1 = f16_pow2(0) | (f16_pow2(0) << 16), O1 = f16_pow2(10, true) | (f16_pow2(10, true) << 16);
+#pragma unroll
+            for (int k = 0; k < 2; k++) {  // values (4k, 4k + 1) in slots (2k, 2k + 4), (4k + 2, 4k + 3) in (2k + 1, 2k + 5)
+                const u32 w = u.x >> (8 * k);
+                h[2 * k] = hfma2(hfma2(and_or(w, 0x000f000fu, MAGIC), S1, O1), d2, m2);
+                h[2 * k + 1] = hfma2(hfma2(and_or(w, 0x00f000f0u, MAGIC), S4, O4), d2, m2);
+            }
+            return make_uint4(h[0], h[1], h[2], h[3]);
+        }
 #pragma unroll
         for (int k = 0; k < 4; k++) {  // codes 2k, 2k+1
             u32 x;
@@ -366,7 +402,9 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             const float q = d > 0.0f ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x_s[r * D + c * 8 + j], m), d)), 0.0f), QMAX) : 0.0f;
-            w |= (u64)(u32)q << (j * BITS);
+            // slot of value j in the word (kernels/kv_layout.py CODE_ORDER): 4-bit pairs 16 bits apart
+            const int slot = BITS == 4 ? (j >> 1) | ((j & 1) << 2) : j;
+            w |= (u64)(u32)q << (slot * BITS);
         }
 #pragma unroll
         for (int j = 0; j < BITS; j++) rows[r][c * BITS + j] = (u8)(w >> (8 * j));
@@ -861,7 +899,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     const int c0 = step_from[b], r0 = b - (newp - c0);
     const int* table = tables + (size_t)b * W;
     const int first = base + sp * per * DECODE_MAX_CHUNK, end = min(ctx, first + per * DECODE_MAX_CHUNK);
-    const int rs = ROT ? recent_slots[b] : 0, gshift = __ffs(group) - 1;
+    const int rs = ROT ? recent_slots[b] : 0;
+    kv_group_checked<D, BITS>(group);
     pdl_trigger();
 
     // Chunk [start, start + n) of the cached keys (written by earlier steps) staged as fp16,
@@ -897,11 +936,11 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
             }
         }
     };
-    // RotateKV rows (codes, then scales: rb bytes) are copied as stored by cp.async into
+    // RotateKV rows (codes, then scales: RB bytes) are copied as stored by cp.async into
     // raw_s one chunk ahead of the chunk being multiplied, so that a chunk's memory round trip
     // overlaps the one before's products, and made fp16 from there. Thread t < 64 holds the
     // table entry of row t of the chunk after the one being copied (loaded a chunk early too).
-    const int rb = kv_row_bytes<D, BITS>(gshift), cw = rb % 16 == 0 ? 16 : (rb % 8 == 0 ? 8 : 4);
+    constexpr int GSHIFT = kv_gshift<D, BITS>(), RB = kv_row_bytes<D, BITS>(GSHIFT);
     u8* rawk = raw_s;
     u8* rawv = raw_s + DECODE_MAX_CHUNK * kv_raw_row_max<D, BITS>();
     auto table_entry = [&](int start) {
@@ -910,21 +949,42 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     };
     auto set_rows = [&](int start, int entry) {  // the rows' byte offsets (no sync)
         const int p = start + threadIdx.x;
-        if (threadIdx.x < DECODE_MAX_CHUNK && p < end) row_s[threadIdx.x] = ((size_t)(entry * bs + p % bs) * KVH + kh) * rb;
+        if (threadIdx.x < DECODE_MAX_CHUNK && p < end) row_s[threadIdx.x] = ((size_t)(entry * bs + p % bs) * KVH + kh) * RB;
     };
+    // TPR threads a row, each its pieces j, j + TPR, ... of CW bytes (the widest copy the rows'
+    // alignment allows): one row offset a thread, the pieces' offsets constants (a piece per
+    // loop turn, its row and offset divided out, cost ~45 instructions a piece)
+    constexpr int CW = RB % 16 == 0 ? 16 : (RB % 8 == 0 ? 8 : 4), PIECES = RB / CW;
+    constexpr int TPR = DEC_WARPS * 32 / DECODE_MAX_CHUNK, PER = (PIECES + TPR - 1) / TPR;
+    static_assert(TPR * DECODE_MAX_CHUNK == DEC_WARPS * 32, "whole rows a block");
     auto copy_raw = [&](int start, int n) {  // after set_rows and a sync
-        const int pieces = rb / cw;
-        for (int i = threadIdx.x; i < n * pieces; i += blockDim.x) {
-            const int r = i / pieces, o = (i - r * pieces) * cw;  // piece i: row r's bytes o..o+cw
-            if (start + r >= c0) continue;
-            cp_async_n(smem_addr(rawk + r * rb + o), (const u8*)kc + row_s[r] + o, cw);
-            cp_async_n(smem_addr(rawv + r * rb + o), (const u8*)vc + row_s[r] + o, cw);
+        const int r = threadIdx.x / TPR, j = threadIdx.x % TPR;
+        if (r < n && start + r < c0) {
+            const u8* gk = (const u8*)kc + row_s[r] + j * CW;
+            const u8* gv = (const u8*)vc + row_s[r] + j * CW;
+            const u32 dk = smem_addr(rawk + r * RB + j * CW), dv = smem_addr(rawv + r * RB + j * CW);
+#pragma unroll
+            for (int m = 0; m < PER; m++) {
+                if (m * TPR + j >= PIECES) break;
+                cp_async_n<CW>(dk + m * TPR * CW, gk + m * TPR * CW);
+                cp_async_n<CW>(dv + m * TPR * CW, gv + m * TPR * CW);
+            }
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
     // the copied chunk as fp16 (after its copies are waited for and a sync); the sink and the
-    // recent positions from the ring, fp16 already
+    // recent positions from the ring, fp16 already. A chunk of cached rows none of which is
+    // read exact (all but a sequence's first and last chunks) takes a path without a test a row.
     auto convert_raw = [&](int start, int n) {
+        if (n == DECODE_MAX_CHUNK && start > 0 && start + n <= c0 && start + n - 1 <= newp - recent) {
+#pragma unroll
+            for (int j = 0; j < ITEMS; j++) {
+                const int i = threadIdx.x + j * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
+                *(uint4*)(k_s + r * RS + c * 8) = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawk + r * RB, c, GSHIFT));
+                *(uint4*)(v_s + r * RS + c * 8) = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawv + r * RB, c, GSHIFT));
+            }
+            return;
+        }
 #pragma unroll
         for (int j = 0; j < ITEMS; j++) {
             const int i = threadIdx.x + j * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8), p = start + r;
@@ -935,8 +995,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                     kr = *(const uint4*)(exact_row(sk16, ringk, p, c0, r0, rs, R, KVH, kh, D) + c * 8);
                     vr = *(const uint4*)(exact_row(sv16, ringv, p, c0, r0, rs, R, KVH, kh, D) + c * 8);
                 } else {
-                    kr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawk + r * rb, c, gshift));
-                    vr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawv + r * rb, c, gshift));
+                    kr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawk + r * RB, c, GSHIFT));
+                    vr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawv + r * RB, c, GSHIFT));
                 }
             }
             *(uint4*)(k_s + r * RS + c * 8) = kr;
