@@ -7,7 +7,8 @@
 
 Attention: one layer's decode step of the replica's shape (the store of the new token and the
 attention over every sequence's context: for a RotateKV type kv_store_q then attn_decode),
-captured 20 times in a CUDA graph and replayed; the rows read (K and V of every cached token)
+captured 20 times in a CUDA graph as a decode step's graph launches it (PDL where the
+backend enables it) and replayed; the rows read (K and V of every cached token)
 over the time is the bandwidth. End to end: the replica (tools/bench_gpu.py's synthesis)
 under each KV type, a prompt of --e2e-context random tokens, then 64 greedy tokens: decode
 tok/s. One JSON line per row, also written to DIR/kv.jsonl. --capacity: for the real
@@ -82,9 +83,13 @@ def attention_row(ops, n_heads, n_kv, head_dim, kv, ctx, batch) -> dict:
     with stream, cp.cuda.using_allocator(pool.malloc):
         call()  # compiles, allocates the step's scratch
         stream.begin_capture()
-        for _ in range(REPS):
-            call()
-        graph = stream.end_capture()
+        ops.launcher.capturing = True  # launched as in a decode graph (with PDL where it is enabled)
+        try:
+            for _ in range(REPS):
+                call()
+        finally:
+            ops.launcher.capturing = False
+            graph = stream.end_capture()
         graph.launch(stream)
         stream.synchronize()
         start, end = cp.cuda.Event(), cp.cuda.Event()

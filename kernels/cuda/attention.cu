@@ -323,6 +323,7 @@ __device__ __forceinline__ void q_to_cache_basis(float* q_s, int rows, const flo
 // range clipped by the ratio of least squared error (kernels/kv_quant.py, its twin, says how).
 // Slots < 0 are skipped.
 #define N_CLIP 5
+#define STORE_Q_WARPS 10  // a warp per (row, group, ratio): a 4- or 3-bit row's search in one round
 __constant__ float CLIP[N_CLIP] = {1.0f, 0.9f, 0.8f, 0.7f, 0.6f};
 __constant__ float CLIP2[N_CLIP] = {2.0f, 1.8f, 1.6f, 1.4f, 1.2f};  // 2r, as the twin rounds it
 template <int D, int BITS>
@@ -335,6 +336,8 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     constexpr float QMAX = (float)((1 << BITS) - 1);
     __shared__ float x_s[2 * D];
     __shared__ float gp_s[2 * D / 8][2];  // (scale, min) per group of each row, as stored
+    __shared__ float err_s[2 * D / 32][N_CLIP];  // per group (at least 32 values) and ratio: the error
+    __shared__ u32 par_s[2 * D / 32][N_CLIP];    // and the (scale, min) fp16 pair
     pdl_wait();  // in a decode graph it starts beside the qkv product, whose output it reads
     pdl_trigger();
     const int t = blockIdx.x, h = blockIdx.y, slot = slots[t];
@@ -356,11 +359,14 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     }
     __syncthreads();
     u8* rows[2] = {kc + ((size_t)slot * KVH + h) * rb, vc + ((size_t)slot * KVH + h) * rb};
-    // a warp per (row, group): the range, then the clipping ratio of least squared error
-    // (kernels/kv_quant.py's twin sums the error as the warp does; _rn: no contraction)
+    // a warp per (row, group, clipping ratio), all ratios at once (one after another they were
+    // most of a decode step's store at batch 1): the range, then the ratio's squared error
+    // (kernels/kv_quant.py's twin sums the error as the warp does; _rn: no contraction); then
+    // per group the ratio of least error, the first of equals
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int i = warp; i < 2 * ng; i += blockDim.x >> 5) {
-        const float* x = x_s + (i / ng) * D + (i % ng) * group;
+    for (int i = warp; i < 2 * ng * N_CLIP; i += blockDim.x >> 5) {
+        const int gi = i / N_CLIP, k = i - gi * N_CLIP;
+        const float* x = x_s + (gi / ng) * D + (gi % ng) * group;
         float mn = x[lane], mx = x[lane];
         for (int j = lane + 32; j < group; j += 32) { mn = fminf(mn, x[j]); mx = fmaxf(mx, x[j]); }
 #pragma unroll
@@ -369,30 +375,34 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
             mx = fmaxf(mx, __shfl_xor_sync(FULL_MASK, mx, o));
         }
         const float mid = __fdiv_rn(__fadd_rn(mx, mn), 2.0f), half = __fdiv_rn(__fsub_rn(mx, mn), 2.0f);
-        float best = __int_as_float(0x7f800000);
-        u16 bsh = 0, bmh = 0;
-#pragma unroll 1
-        for (int k = 0; k < N_CLIP; k++) {
-            const u16 mh = f2h(__fsub_rn(mid, __fmul_rn(CLIP[k], half)));
-            const u16 sh = f2h(__fdiv_rn(__fmul_rn(CLIP2[k], half), QMAX));
-            const float d = h2f(sh), m = h2f(mh);
-            float acc = 0.0f;
-            for (int j = lane; j < group; j += 32) {
-                const float q = d > 0.0f ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x[j], m), d)), 0.0f), QMAX) : 0.0f;
-                const float e = __fsub_rn(__fadd_rn(m, __fmul_rn(q, d)), x[j]);
-                acc = j == lane ? __fmul_rn(e, e) : __fadd_rn(acc, __fmul_rn(e, e));
-            }
+        const u16 mh = f2h(__fsub_rn(mid, __fmul_rn(CLIP[k], half)));
+        const u16 sh = f2h(__fdiv_rn(__fmul_rn(CLIP2[k], half), QMAX));
+        const float d = h2f(sh), m = h2f(mh);
+        float acc = 0.0f;
+        for (int j = lane; j < group; j += 32) {
+            const float q = d > 0.0f ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x[j], m), d)), 0.0f), QMAX) : 0.0f;
+            const float e = __fsub_rn(__fadd_rn(m, __fmul_rn(q, d)), x[j]);
+            acc = j == lane ? __fmul_rn(e, e) : __fadd_rn(acc, __fmul_rn(e, e));
+        }
 #pragma unroll
-            for (int o = 16; o > 0; o >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(FULL_MASK, acc, o));
-            if (acc < best) { best = acc; bsh = sh; bmh = mh; }
-        }
+        for (int o = 16; o > 0; o >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(FULL_MASK, acc, o));
         if (lane == 0) {
-            u16* pr = (u16*)(rows[i / ng] + CB) + 2 * (i % ng);
-            pr[0] = bsh;
-            pr[1] = bmh;
-            gp_s[i][0] = h2f(bsh);
-            gp_s[i][1] = h2f(bmh);
+            err_s[gi][k] = acc;
+            par_s[gi][k] = (u32)sh | ((u32)mh << 16);
         }
+    }
+    __syncthreads();
+    for (int gi = threadIdx.x; gi < 2 * ng; gi += blockDim.x) {
+        float best = __int_as_float(0x7f800000);
+        u32 par = 0;
+#pragma unroll
+        for (int k = 0; k < N_CLIP; k++)
+            if (err_s[gi][k] < best) { best = err_s[gi][k]; par = par_s[gi][k]; }
+        u16* pr = (u16*)(rows[gi / ng] + CB) + 2 * (gi % ng);
+        pr[0] = (u16)par;
+        pr[1] = (u16)(par >> 16);
+        gp_s[gi][0] = h2f((u16)par);
+        gp_s[gi][1] = h2f((u16)(par >> 16));
     }
     __syncthreads();
     for (int i = threadIdx.x; i < 2 * (D / 8); i += blockDim.x) {
@@ -1330,7 +1340,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         kv_store<D>(k, sk, v, sv, positions, inv_freq, rope_k, neox, kc, vc, slots, KVH);                             \
     }
 #define DEF_STORE_Q(D, BITS)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(128)                                                                \
+    extern "C" __global__ void __launch_bounds__(STORE_Q_WARPS * 32)                                                 \
         kv_store_q##BITS##_##D(const float* k, int sk, const float* v, int sv, const int* positions,                 \
                                const double* inv_freq, int rope_k, int neox, u8* kc, u8* vc, const int* slots,       \
                                int KVH, int group, float hs, const float* kcenter, const float* kscale, u16* sk16,    \

@@ -41,6 +41,7 @@ DECODE_BLOCKS_PER_SM = {64: 3, 96: 3, 128: 3, 256: 1}  # attention.cu DEC_BLOCKS
 MAXG = 8  # query heads per KV head the attention kernels hold
 ATT_WARPS = 4  # query tokens per prefill block (attention.cu ATT_WARPS)
 DEC_WARPS = 8  # warps of a decode block (attention.cu DEC_WARPS)
+STORE_Q_WARPS = 10  # warps of a RotateKV store block (attention.cu STORE_Q_WARPS)
 HEAD_DIMS = (64, 96, 128, 256)
 LOG2E = 1.4426950408889634
 STATIC_SMEM_MAX = 48 * 1024  # attention.cu: shared arrays past it are dynamic
@@ -130,7 +131,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
     # scale q is divided by, the ring
     if quantized:
         scratch16 = cp.empty((2, T, KVH, D), cp.float16)
-        b.launcher.launch("attention", b.k.get("attention.cu", f"kv_store_{name}"), (T, KVH), (128,),
+        b.launcher.launch("attention", b.k.get("attention.cu", f"kv_store_{name}"), (T, KVH), (32 * STORE_Q_WARPS,),
                           (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc, slots,
                            np.int32(KVH), group, hs, k_cache.center, k_cache.scale, scratch16[0], scratch16[1]))
         rot = (k_cache.scale, scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.recent,
