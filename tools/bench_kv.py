@@ -2,18 +2,19 @@
 """RotateKV on the GPU: decode attention by KV cache type and context, and end-to-end decode.
 
     PYTHONPATH=. python tools/bench_kv.py [--model llama3-8b-q4_k_m] [--types f16,q8,q4,q3,q2]
-        [--contexts 4096,16384,32768] [--batches 1,16] [--e2e-context 16384] [--out DIR]
+        [--contexts 4096,16384,32768] [--batches 1,16] [--e2e-context 16384] [--e2e-tokens 64] [--out DIR]
     python tools/bench_kv.py --capacity [--kv-gib 8] [--seqs 32]     # no GPU: bytes and tokens by type
 
 Attention: one layer's decode step of the replica's shape (the store of the new token and the
 attention over every sequence's context: for a RotateKV type kv_store_q then attn_decode),
-captured 20 times in a CUDA graph as a decode step's graph launches it (PDL where the
-backend enables it) and replayed; the rows read (K and V of every cached token)
-over the time is the bandwidth. End to end: the replica (tools/bench_gpu.py's synthesis)
-under each KV type, a prompt of --e2e-context random tokens, then 64 greedy tokens: decode
-tok/s. One JSON line per row, also written to DIR/kv.jsonl. --capacity: for the real
-models' KV shapes, each type's bytes per token (every layer) and the tokens a KV budget of
---kv-gib holds beside --seqs sequences' ring slots (kernels/kv_layout.py, as the engine sizes it).
+captured 20 times in a CUDA graph as a decode step's graph launches it (PDL where the backend
+enables it) and replayed; the rows read (K and V of every cached token) over the time is the
+bandwidth. End to end: the replica (tools/bench_gpu.py's synthesis) under each KV type, a
+prompt of --e2e-context random tokens, then --e2e-tokens greedy tokens: decode tok/s (the
+first decode step, which captures the step's graph, included). One JSON line per row, also
+written to DIR/kv.jsonl. --capacity: for the real models' KV shapes, each type's bytes per
+token (every layer) and the tokens a KV budget of --kv-gib holds beside --seqs sequences' ring
+slots (kernels/kv_layout.py, as the engine sizes it).
 """
 
 from __future__ import annotations
@@ -104,17 +105,17 @@ def attention_row(ops, n_heads, n_kv, head_dim, kv, ctx, batch) -> dict:
             "bytes_read": read, "gb_s": round(read / us / 1e3, 1), "bits_per_value": layout.bits_per_value}
 
 
-def e2e_row(path, kv, ctx) -> dict:
+def e2e_row(path, kv, ctx, tokens) -> dict:
     from workers.engine.engine import Engine
     from workers.engine.sampling import SamplingParams
 
     engine = Engine(path, backend="cupy", max_context=ctx + 128, kv_cache_tokens=ctx + 256, kv_type=kv)
     ids = np.random.default_rng(1).integers(100, 20000, ctx).tolist()
-    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for _ in engine.generate(ids, params):
         pass
     t = engine.last_timings
-    row = {"row": "decode e2e", "kv": kv, "ctx": ctx, "prefill_s": round(t.prefill_s, 3),
+    row = {"row": "decode e2e", "kv": kv, "ctx": ctx, "tokens": tokens, "prefill_s": round(t.prefill_s, 3),
            "decode_tok_s": round(t.decode_tok_s, 1), "kv_cache_bytes": engine.kv.nbytes}
     del engine
     return row
@@ -127,6 +128,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,16384,32768")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--e2e-context", type=int, default=16384)
+    ap.add_argument("--e2e-tokens", type=int, default=64)
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--workdir", default="/tmp/ntr-bench")
     ap.add_argument("--capacity", action="store_true")
@@ -165,7 +167,7 @@ def main() -> None:
         path = synthesize(args.model + "-long", Path(args.workdir))
         for kv in types:
             t0 = time.perf_counter()
-            emit({**e2e_row(path, kv, args.e2e_context), "wall_s": round(time.perf_counter() - t0, 1)})
+            emit({**e2e_row(path, kv, args.e2e_context, args.e2e_tokens), "wall_s": round(time.perf_counter() - t0, 1)})
             cp.get_default_memory_pool().free_all_blocks()
 
 
