@@ -11,10 +11,11 @@ captured 20 times in a CUDA graph as a decode step's graph launches it (PDL wher
 enables it) and replayed; the rows read (K and V of every cached token) over the time is the
 bandwidth. End to end: the replica (tools/bench_gpu.py's synthesis) under each KV type, a
 prompt of --e2e-context random tokens, then --e2e-tokens greedy tokens: decode tok/s (the
-first decode step, which captures the step's graph, included). One JSON line per row, also
-written to DIR/kv.jsonl. --capacity: for the real models' KV shapes, each type's bytes per
-token (every layer) and the tokens a KV budget of --kv-gib holds beside --seqs sequences' ring
-slots (kernels/kv_layout.py, as the engine sizes it).
+first decode step, which captures the step's graph, included), the first step's time and the
+rate of the steps after it. One JSON line per row, also written to DIR/kv.jsonl. --capacity:
+for the real models' KV shapes, each type's bytes per token (every layer) and the tokens a KV
+budget of --kv-gib holds beside --seqs sequences' ring slots (kernels/kv_layout.py, as the
+engine sizes it).
 """
 
 from __future__ import annotations
@@ -109,14 +110,17 @@ def e2e_row(path, kv, ctx, tokens) -> dict:
     from workers.engine.engine import Engine
     from workers.engine.sampling import SamplingParams
 
-    engine = Engine(path, backend="cupy", max_context=ctx + 128, kv_cache_tokens=ctx + 256, kv_type=kv)
+    engine = Engine(path, backend="cupy", max_context=ctx + tokens + 64, kv_cache_tokens=ctx + tokens + 256,
+                    kv_type=kv)
     ids = np.random.default_rng(1).integers(100, 20000, ctx).tolist()
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    for _ in engine.generate(ids, params):
-        pass
+    # when each token reached the host: the first comes with the prompt, the second after the
+    # first decode step (which captures the step's graph), the rest at the replays' rate
+    stamps = [time.perf_counter() for _ in engine.generate(ids, params)]
     t = engine.last_timings
     row = {"row": "decode e2e", "kv": kv, "ctx": ctx, "tokens": tokens, "prefill_s": round(t.prefill_s, 3),
-           "decode_tok_s": round(t.decode_tok_s, 1), "kv_cache_bytes": engine.kv.nbytes}
+           "decode_tok_s": round(t.decode_tok_s, 1), "first_step_ms": round(1e3 * (stamps[1] - stamps[0]), 1),
+           "steady_tok_s": round((len(stamps) - 2) / (stamps[-1] - stamps[1]), 1), "kv_cache_bytes": engine.kv.nbytes}
     del engine
     return row
 
@@ -128,13 +132,15 @@ def main() -> None:
     ap.add_argument("--contexts", default="4096,16384,32768")
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--e2e-context", type=int, default=16384)
-    ap.add_argument("--e2e-tokens", type=int, default=64)
+    ap.add_argument("--e2e-tokens", type=int, default=64, help="greedy tokens decoded (at least 3)")
     ap.add_argument("--out", default="bench-out")
     ap.add_argument("--workdir", default="/tmp/ntr-bench")
     ap.add_argument("--capacity", action="store_true")
     ap.add_argument("--kv-gib", type=float, default=8.0)
     ap.add_argument("--seqs", type=int, default=32)
     args = ap.parse_args()
+    if args.e2e_tokens < 3:
+        ap.error("--e2e-tokens must be at least 3 (the first step is timed apart from the rest)")
     if args.capacity:
         return capacity(args.kv_gib, args.seqs)
     import cupy as cp
