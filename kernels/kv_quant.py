@@ -20,6 +20,8 @@ in the order the kernel runs them (h = 1, 2, 4, ...), so both sides round the sa
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from kernels.kv_layout import CODE_ORDER, KVLayout, hadamard_block
@@ -53,10 +55,20 @@ def transform(x: np.ndarray, center=None, scale=None) -> np.ndarray:
     return hadamard(x)
 
 
+@functools.cache
+def hadamard_matrix(head_dim: int) -> np.ndarray:
+    """The normalized transform as a [head_dim, head_dim] float32 matrix (symmetric, its own
+    inverse): x @ it equals hadamard(x) up to the order of the sums."""
+    return hadamard(np.eye(head_dim, dtype=np.float32))
+
+
 def untransform(y: np.ndarray, center=None, scale=None) -> np.ndarray:
     """transform's inverse: rows in the cache's basis -> as computed (up to nothing: the
-    centre is added back, so the twin compares with exact attention directly)."""
-    x = hadamard(y)
+    centre is added back, so the twin compares with exact attention directly). Reading a
+    whole context back every step, it multiplies by the matrix (one product, ~20x the
+    butterflies' speed); only the rows quantized must be rounded as the kernel rounds them."""
+    y = np.asarray(y, np.float32)
+    x = y @ hadamard_matrix(y.shape[-1])
     return x if center is None else x / scale + center
 
 
@@ -108,12 +120,25 @@ def quantize_rows(r: np.ndarray, layout: KVLayout) -> np.ndarray:
     return np.concatenate([packed, params], axis=-1)
 
 
+def _slots(code_bytes: np.ndarray, bits: int) -> np.ndarray:
+    """Packed codes [..., code_bytes] -> the code in each slot [..., D] uint8: each word of 8
+    codes (`bits` bytes, little-endian) as one integer, its fields taken by shifts."""
+    if bits == 8:
+        return code_bytes
+    lead = code_bytes.shape[:-1]
+    b = code_bytes.reshape(*lead, -1, bits).astype(np.uint32)
+    word = b[..., 0]
+    for j in range(1, bits):
+        word = word | (b[..., j] << (8 * j))
+    fields = [(word >> (bits * k)) & ((1 << bits) - 1) for k in range(8)]
+    return np.stack(fields, axis=-1).astype(np.uint8).reshape(*lead, -1)
+
+
 def dequantize_rows(rows: np.ndarray, layout: KVLayout) -> np.ndarray:
     """Stored rows [..., row_bytes] uint8 -> the rotated values [..., head_dim] float32."""
     t, D, g = layout.type, layout.head_dim, layout.group
     lead = rows.shape[:-1]
-    bits = np.unpackbits(rows[..., :layout.code_bytes], axis=-1, bitorder="little").reshape(*lead, D, t.bits)
-    slots = np.packbits(bits, axis=-1, bitorder="little").reshape(*lead, D // 8, 8)
+    slots = _slots(rows[..., :layout.code_bytes], t.bits).reshape(*lead, D // 8, 8)
     codes = slots[..., np.argsort(CODE_ORDER[t.bits])].reshape(*lead, D // g, g).astype(np.float32)
     params = np.ascontiguousarray(rows[..., layout.code_bytes:]).view(np.float16).astype(np.float32)
     params = params.reshape(*lead, D // g, 2)

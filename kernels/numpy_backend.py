@@ -97,13 +97,18 @@ class StoredKV:
         """Positions first..ctx-1 of a sequence whose n new tokens start at `start` in the
         step, unquantized where a query of the step may read them so (zeros elsewhere)."""
         c = self.cache
-        out = np.zeros((ctx - first, *c.layout.row_shape[:1], c.layout.head_dim), np.float16)
+        out = np.zeros((ctx - first, *c.layout.row_shape[:1], c.layout.head_dim), np.float32)
         c0 = ctx - n
-        for p in range(max(first, c0 - c.recent_window), ctx):
-            out[p - first] = self.step16[start + p - c0] if p >= c0 else c.recent[slot, p % RING]
+        near = max(first, c0 - c.recent_window)  # rows from here on, and the sink, are filled
+        filled = np.empty((ctx - near, *out.shape[1:]), np.float16)
+        for p in range(near, ctx):
+            filled[p - near] = self.step16[start + p - c0] if p >= c0 else c.recent[slot, p % RING]
+        # only the filled rows are rotated back (a whole context of zeros was most of a decode
+        # step's cost on the CPU)
+        out[near - first:] = untransform(filled.astype(np.float32), c.center, c.scale)
         if first == 0 and c0 > 0:
-            out[0] = c.recent[slot, RING]
-        return untransform(out.astype(np.float32), c.center, c.scale)
+            out[0] = untransform(c.recent[slot, RING].astype(np.float32), c.center, c.scale)
+        return out
 
     def update_ring(self, positions: np.ndarray, seq_of: np.ndarray, ctx: np.ndarray, slots: np.ndarray) -> None:
         """The step's rows into their sequences' ring slots: each sequence's sink and last RING
