@@ -90,7 +90,8 @@ def warp_sum(e: np.ndarray) -> np.ndarray:
 
 
 def quantize_rows(r: np.ndarray, layout: KVLayout) -> np.ndarray:
-    """Transformed rows r [..., head_dim] -> stored rows [..., row_bytes] uint8."""
+    """Transformed rows r [..., head_dim] -> stored rows [..., row_bytes] uint8. Every ratio
+    is tried at once (a leading axis), then the first of least error kept per group."""
     t, D, g = layout.type, layout.head_dim, layout.group
     r = np.asarray(r, np.float32)
     lead = r.shape[:-1]
@@ -98,26 +99,35 @@ def quantize_rows(r: np.ndarray, layout: KVLayout) -> np.ndarray:
     qmax = np.float32(2 ** t.bits - 1)
     mn, mx = groups.min(axis=-1), groups.max(axis=-1)
     mid, half = (mx + mn) / np.float32(2), (mx - mn) / np.float32(2)
-    best = None
-    for ratio in CLIP_RATIOS:
-        lo = (mid - np.float32(ratio) * half).astype(np.float16)
-        scale = (np.float32(2 * ratio) * half / qmax).astype(np.float16)
-        d, m = scale.astype(np.float32)[..., None], lo.astype(np.float32)[..., None]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            codes = np.where(d > 0, np.clip(np.rint((groups - m) / d), 0, qmax), 0).astype(np.float32)
-        err = warp_sum(np.square((m + codes * d) - groups))
-        if best is None:
-            best = [err, lo, scale, codes]
-        else:
-            better = err < best[0]
-            best = [np.where(better, err, best[0]), np.where(better, lo, best[1]), np.where(better, scale, best[2]),
-                    np.where(better[..., None], codes, best[3])]
-    _, lo, scale, codes = best
-    codes = codes.astype(np.uint8).reshape(*lead, D // 8, 8)[..., CODE_ORDER[t.bits]]
-    bits = np.unpackbits(codes.reshape(*lead, D, 1), axis=-1, bitorder="little")[..., :t.bits]
-    packed = np.packbits(bits.reshape(*lead, D * t.bits), axis=-1, bitorder="little")
+    axis = (len(CLIP_RATIOS),) + (1,) * mid.ndim
+    ratio = np.array(CLIP_RATIOS, np.float32).reshape(axis)
+    ratio2 = np.array([2 * x for x in CLIP_RATIOS], np.float32).reshape(axis)  # 2r rounded once, as CLIP2
+    lo = (mid - ratio * half).astype(np.float16)  # [ratios, ..., groups]
+    scale = (ratio2 * half / qmax).astype(np.float16)
+    d, m = scale.astype(np.float32)[..., None], lo.astype(np.float32)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(d > 0, np.clip(np.rint((groups - m) / d), 0, qmax), 0).astype(np.float32)
+    err = warp_sum(np.square((m + codes * d) - groups))
+    pick, least = np.zeros(mid.shape, np.intp), err[0]
+    for k in range(1, len(CLIP_RATIOS)):  # a later ratio only where strictly better
+        better = err[k] < least
+        pick, least = np.where(better, k, pick), np.where(better, err[k], least)
+    lo, scale = (np.take_along_axis(a, pick[None], 0)[0] for a in (lo, scale))
+    codes = np.take_along_axis(codes, pick[None, ..., None], 0)[0].astype(np.uint8)
+    packed = _pack(codes.reshape(*lead, D // 8, 8)[..., CODE_ORDER[t.bits]], t.bits)
     params = np.stack([scale, lo], axis=-1).reshape(*lead, -1).view(np.uint8)
     return np.concatenate([packed, params], axis=-1)
+
+
+def _pack(slots: np.ndarray, bits: int) -> np.ndarray:
+    """Codes by slot [..., words, 8] -> packed [..., words * bits] uint8 (_slots' inverse)."""
+    lead = slots.shape[:-2]
+    if bits == 8:
+        return slots.reshape(*lead, -1)
+    word = np.zeros(slots.shape[:-1], np.uint32)
+    for k in range(8):
+        word |= slots[..., k].astype(np.uint32) << (bits * k)
+    return np.stack([(word >> (8 * j)) & 255 for j in range(bits)], axis=-1).astype(np.uint8).reshape(*lead, -1)
 
 
 def _slots(code_bytes: np.ndarray, bits: int) -> np.ndarray:
