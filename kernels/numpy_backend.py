@@ -120,6 +120,51 @@ class StoredKV:
                 self.cache.recent[slots[b], p % RING] = self.step16[t]
 
 
+class RecentBand:
+    """The keys a RotateKV cache's queries read unquantized: each query's `recent` latest up to
+    its own, a band of columns, and the sink (key 0) where it is a column. Their scores and
+    value rows are computed again from the exact rows [keys, kv, D]: for a few queries (a
+    decode step, a verifying pass) as one product over every key, masked; for a prompt's
+    many, only the band's, gathered (the whole square, computed twice and masked, was most
+    of a prompt's cost on the CPU). query_pos [n]; keys first.. are the columns."""
+
+    def __init__(self, query_pos: np.ndarray, first: int, keys: int, recent: int):
+        self.dense = len(query_pos) < recent
+        if self.dense:
+            key_pos = first + np.arange(keys)
+            self.near = (query_pos[:, None] - key_pos[None, :] < recent) | (key_pos == 0)[None, :]
+            return
+        # the column of band offset r for every query (r = recent - 1: the query's own); an
+        # offset before the first key is column 0, which is then in the query's band too, so
+        # it only writes that column's own score again
+        cols = query_pos[:, None] - first - recent + 1 + np.arange(recent)[None, :]  # [n, recent]
+        self.valid, self.cols = cols >= 0, np.maximum(cols, 0)
+        # the sink where it is a column and not in the query's band already
+        self.sink = (cols[:, 0] > 0) if first == 0 else np.zeros(len(query_pos), bool)
+
+    def put_scores(self, scores: np.ndarray, qg: np.ndarray, exact: np.ndarray, scale) -> None:
+        """scores [kv, g, n, keys] of queries qg [kv, g, n, D], at the near keys, from the exact ones."""
+        if self.dense:
+            scores[...] = np.where(self.near, (qg @ exact.transpose(1, 2, 0)[:, None]) * scale, scores)
+            return
+        band = np.einsum("kgnd,nrkd->kgnr", qg, exact[self.cols]) * scale
+        np.put_along_axis(scores, np.broadcast_to(self.cols, band.shape), band, axis=-1)
+        i = np.flatnonzero(self.sink)
+        scores[:, :, i, 0] = np.einsum("kgnd,kd->kgn", qg[:, :, i], exact[0]) * scale
+
+    def add_values(self, o: np.ndarray, weights: np.ndarray, diff: np.ndarray) -> None:
+        """o [kv, g, n, D] += each near key's weight times its exact value row less the
+        quantized one (diff [keys, kv, D])."""
+        if self.dense:
+            o += np.where(self.near, weights, 0) @ diff.transpose(1, 0, 2)[:, None]
+            return
+        band = np.where(self.valid, np.take_along_axis(weights, np.broadcast_to(self.cols, weights.shape[:2]
+                                                                                 + self.cols.shape), axis=-1), 0)
+        o += np.einsum("kgnr,nrkd->kgnd", band, diff[self.cols])
+        i = np.flatnonzero(self.sink)
+        o[:, :, i] += weights[:, :, i, 0, None] * diff[0][:, None, None]
+
+
 MATRIX_ALIGN = 64  # a streamed matrix's offset in its image: the alignment BLAS gets from a fresh array
 
 
@@ -301,21 +346,26 @@ class NumpyBackend(Backend):
             def scores_of(keys):  # keys [keys, kv, D] -> [kv, g, n, keys]
                 return (qg @ keys.transpose(1, 0, 2)[:, None].transpose(0, 1, 3, 2)) * scale
 
-            keys, vals = ks.read(blocks, lo, hi), vs.read(blocks, lo, hi)
+            # RotateKV: the sink and each query's RECENT latest keys are read unquantized; all
+            # of them where that window spans every key (the calibration pass widens it so)
+            slot = int(batch.recent_slots[b]) if quantized else -1
+            banded = quantized and k_cache.recent_window < ctx - first
+            if quantized and not banded:
+                keys, vals = ks.exact(first, ctx, n, start, slot), vs.exact(first, ctx, n, start, slot)
+            else:
+                keys, vals = ks.read(blocks, lo, hi), vs.read(blocks, lo, hi)
             scores = scores_of(keys)
-            if quantized:  # the sink and each query's RECENT latest keys, unquantized
-                near = (behind < k_cache.recent_window) | (np.arange(first, ctx) == 0)[None, :]
-                slot = int(batch.recent_slots[b])
-                scores = np.where(near, scores_of(ks.exact(first, ctx, n, start, slot)), scores)
+            band = RecentBand(query_pos, first, ctx - first, k_cache.recent_window) if banded else None
+            if band is not None:
+                band.put_scores(scores, qg, ks.exact(first, ctx, n, start, slot), scale)
             scores[..., (behind < 0) | ((window > 0) & (behind >= window))] = -np.inf
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)
             probs /= probs.sum(axis=-1, keepdims=True)
             weights = self.attention_weights(probs)
             o = weights @ vals.transpose(1, 0, 2)[:, None]  # [kv, g, n, D]
-            if quantized:
-                exact_vals = vs.exact(first, ctx, n, start, slot).transpose(1, 0, 2)[:, None]
-                o += np.where(near, weights, 0) @ (exact_vals - vals.transpose(1, 0, 2)[:, None])
+            if band is not None:
+                band.add_values(o, weights, vs.exact(first, ctx, n, start, slot) - vals)
             out[start:end] = o.transpose(2, 0, 1, 3).reshape(n, n_heads * head_dim)
         if quantized:
             seq_of = np.repeat(np.arange(batch.num_seqs), np.diff(batch.query_starts))
