@@ -120,6 +120,11 @@ class StoredKV:
                 self.cache.recent[slots[b], p % RING] = self.step16[t]
 
 
+def attention_scores(qg: np.ndarray, keys: np.ndarray, scale) -> np.ndarray:
+    """Queries qg [kv, g, n, D] against keys [keys, kv, D] -> scaled scores [kv, g, n, keys]."""
+    return (qg @ keys.transpose(1, 2, 0)[:, None]) * scale
+
+
 class RecentBand:
     """The keys a RotateKV cache's queries read unquantized: each query's `recent` latest up to
     its own, a band of columns, and the sink (key 0) where it is a column. Their scores and
@@ -145,7 +150,7 @@ class RecentBand:
     def put_scores(self, scores: np.ndarray, qg: np.ndarray, exact: np.ndarray, scale) -> None:
         """scores [kv, g, n, keys] of queries qg [kv, g, n, D], at the near keys, from the exact ones."""
         if self.dense:
-            scores[...] = np.where(self.near, (qg @ exact.transpose(1, 2, 0)[:, None]) * scale, scores)
+            scores[...] = np.where(self.near, attention_scores(qg, exact, scale), scores)
             return
         band = np.einsum("kgnd,nrkd->kgnr", qg, exact[self.cols]) * scale
         np.put_along_axis(scores, np.broadcast_to(self.cols, band.shape), band, axis=-1)
@@ -343,9 +348,6 @@ class NumpyBackend(Backend):
             query_pos = ctx - n + np.arange(n)
             behind = query_pos[:, None] - np.arange(first, ctx)[None, :]  # query position - key position
 
-            def scores_of(keys):  # keys [keys, kv, D] -> [kv, g, n, keys]
-                return (qg @ keys.transpose(1, 0, 2)[:, None].transpose(0, 1, 3, 2)) * scale
-
             # RotateKV: the sink and each query's RECENT latest keys are read unquantized; all
             # of them where that window spans every key (the calibration pass widens it so)
             slot = int(batch.recent_slots[b]) if quantized else -1
@@ -354,7 +356,7 @@ class NumpyBackend(Backend):
                 keys, vals = ks.exact(first, ctx, n, start, slot), vs.exact(first, ctx, n, start, slot)
             else:
                 keys, vals = ks.read(blocks, lo, hi), vs.read(blocks, lo, hi)
-            scores = scores_of(keys)
+            scores = attention_scores(qg, keys, scale)
             band = RecentBand(query_pos, first, ctx - first, k_cache.recent_window) if banded else None
             if band is not None:
                 band.put_scores(scores, qg, ks.exact(first, ctx, n, start, slot), scale)
