@@ -166,10 +166,15 @@ __host__ __device__ constexpr int kv_row_bytes(int gshift) { return BITS == 16 ?
 // argument must equal it (kv_group_checked traps otherwise).
 template <int D, int BITS>
 __host__ __device__ constexpr int kv_group() {
-    return (BITS == 8 ? 64 : BITS == 2 ? 32 : 128) < (D & -D) ? (BITS == 8 ? 64 : BITS == 2 ? 32 : 128) : (D & -D);
+    constexpr int type_group = BITS == 8 ? 64 : BITS == 2 ? 32 : 128, block = D & -D;
+    return type_group < block ? type_group : block;
 }
 template <int D, int BITS>
-__host__ __device__ constexpr int kv_gshift() { return kv_group<D, BITS>() == 32 ? 5 : kv_group<D, BITS>() == 64 ? 6 : kv_group<D, BITS>() == 128 ? 7 : 8; }
+__host__ __device__ constexpr int kv_gshift() {
+    int shift = 0;
+    while ((1 << shift) < kv_group<D, BITS>()) shift++;
+    return shift;
+}
 template <int D, int BITS>
 __device__ __forceinline__ void kv_group_checked(int group) {
     if (BITS != 16 && group != kv_group<D, BITS>()) __trap();
@@ -256,19 +261,19 @@ __device__ __forceinline__ uint4 kv_dequant8(uint4 u) {
                 h[2 * k] = hfma2(hfma2(and_or(w, 0x000f000fu, MAGIC), S1, O1), d2, m2);
                 h[2 * k + 1] = hfma2(hfma2(and_or(w, 0x00f000f0u, MAGIC), S4, O4), d2, m2);
             }
-            return make_uint4(h[0], h[1], h[2], h[3]);
-        }
+        } else {
 #pragma unroll
-        for (int k = 0; k < 4; k++) {  // codes 2k, 2k+1
-            u32 x;
-            if constexpr (BITS == 8) {  // bytes (c, 0x64) twice
-                x = __byte_perm(k < 2 ? u.x : u.y, MAGIC, (k & 1) ? 0x7352 : 0x7150);
-            } else {  // the 2 bytes holding the pair in both halves, shifted down to the first code
-                const int bit = 2 * k * BITS, b = bit >> 3;
-                const u32 y = __byte_perm(u.x, 0, b | ((b + 1) << 4) | (b << 8) | ((b + 1) << 12)) >> (bit & 7);
-                x = (y & PAIR) | MAGIC;
+            for (int k = 0; k < 4; k++) {  // codes 2k, 2k+1
+                u32 x;
+                if constexpr (BITS == 8) {  // bytes (c, 0x64) twice
+                    x = __byte_perm(k < 2 ? u.x : u.y, MAGIC, (k & 1) ? 0x7352 : 0x7150);
+                } else {  // the 2 bytes holding the pair in both halves, shifted down to the first code
+                    const int bit = 2 * k * BITS, b = bit >> 3;
+                    const u32 y = __byte_perm(u.x, 0, b | ((b + 1) << 4) | (b << 8) | ((b + 1) << 12)) >> (bit & 7);
+                    x = (y & PAIR) | MAGIC;
+                }
+                h[k] = hfma2(hfma2(x, S, O), d2, m2);
             }
-            h[k] = hfma2(hfma2(x, S, O), d2, m2);
         }
         return make_uint4(h[0], h[1], h[2], h[3]);
     }
