@@ -5,14 +5,16 @@
         [--contexts 4096,16384,32768] [--batches 1,16] [--e2e-context 16384] [--e2e-tokens 64] [--out DIR]
     python tools/bench_kv.py --capacity [--kv-gib 8] [--seqs 32]     # no GPU: bytes and tokens by type
 
-Attention: one layer's decode step of the replica's shape (the store of the new token and the
-attention over every sequence's context: for a RotateKV type kv_store_q then attn_decode),
+Attention: one layer's decode step of the replica's shape (q and k with their RoPE pending, as
+the model hands them over; the store of the new token and the attention over every sequence's
+context: for a RotateKV type kv_store_q then attn_decode),
 captured 20 times in a CUDA graph as a decode step's graph launches it (PDL where the backend
 enables it) and replayed; the rows read (K and V of every cached token) over the time is the
 bandwidth. End to end: the replica (tools/bench_gpu.py's synthesis) under each KV type, a
 prompt of --e2e-context random tokens, then --e2e-tokens greedy tokens: decode tok/s (the
-first decode step, which captures the step's graph, included), the first step's time and the
-rate of the steps after it. One JSON line per row, also written to DIR/kv.jsonl. --capacity:
+first decode step, which captures the step's graph, included), the first step's time, the
+rate of the steps after it, their median and longest step and how many took over twice the
+median. One JSON line per row, also written to DIR/kv.jsonl. --capacity:
 for the real models' KV shapes, each type's bytes per token (every layer) and the tokens a KV
 budget of --kv-gib holds beside --seqs sequences' ring slots (kernels/kv_layout.py, as the
 engine sizes it).
@@ -36,6 +38,7 @@ from kernels import AttentionBatch, StepInputs, get_backend  # noqa: E402
 from kernels.kv_layout import KV_TYPES, KVLayout  # noqa: E402
 
 REPS = 20
+ROPE_THETA = 500000.0  # Llama 3's
 
 
 # (layers, KV heads, head_dim) of the real models
@@ -76,9 +79,12 @@ def attention_row(ops, n_heads, n_kv, head_dim, kv, ctx, batch) -> dict:
     rng = np.random.default_rng(0)
     q, k, v = (cp.asarray(rng.standard_normal((batch, h, head_dim)).astype(np.float32))
                for h in (n_heads, n_kv, n_kv))
+    # q and k reach attention with their RoPE pending, as the model's layers hand them
+    inv_freq = ROPE_THETA ** (-np.arange(0, head_dim, 2) / head_dim)
 
     def call():
-        return ops.attention(q, k, v, k_cache, v_cache, step, head_dim ** -0.5).materialize()
+        return ops.attention(ops.rope(q, step, inv_freq, False), ops.rope(k, step, inv_freq, False), v, k_cache,
+                             v_cache, step, head_dim ** -0.5).materialize()
 
     stream = ops.stream
     pool = cp.cuda.MemoryPool()
@@ -118,9 +124,12 @@ def e2e_row(path, kv, ctx, tokens) -> dict:
     # first decode step (which captures the step's graph), the rest at the replays' rate
     stamps = [time.perf_counter() for _ in engine.generate(ids, params)]
     t = engine.last_timings
+    gaps = 1e3 * np.diff(stamps[1:])  # the replays' steps: a few slow ones (recaptures) or all a bit
     row = {"row": "decode e2e", "kv": kv, "ctx": ctx, "tokens": tokens, "prefill_s": round(t.prefill_s, 3),
            "decode_tok_s": round(t.decode_tok_s, 1), "first_step_ms": round(1e3 * (stamps[1] - stamps[0]), 1),
-           "steady_tok_s": round((len(stamps) - 2) / (stamps[-1] - stamps[1]), 1), "kv_cache_bytes": engine.kv.nbytes}
+           "steady_tok_s": round((len(stamps) - 2) / (stamps[-1] - stamps[1]), 1),
+           "step_ms_p50": round(float(np.median(gaps)), 3), "step_ms_max": round(float(gaps.max()), 2),
+           "steps_over_2x_p50": int((gaps > 2 * np.median(gaps)).sum()), "kv_cache_bytes": engine.kv.nbytes}
     del engine
     return row
 
