@@ -12,6 +12,7 @@ import pytest
 
 from kernels.layer_ring import RingDriver, RingSchedule
 from workers.engine.placement import GIB, ModelSizes, Placement, Rates, choose_buffers, place
+from budgets import streaming_budget
 
 
 # --- the ring on a simulated device -------------------------------------------------------
@@ -267,15 +268,6 @@ def test_placement_serializes():
 
 
 # --- streamed equals resident: on the CPU (copies done at once) and on the GPU ---------------
-def streaming_budget(resident_engine, resident_layers: int, n_buffers: int) -> int:
-    """A budget that leaves exactly `resident_layers` resident with n_buffers slots (a streamed
-    plan's reserve holds no share for prompt graphs)."""
-    p = resident_engine.placement
-    s = p.sizes
-    slot = max(s.layers[resident_layers:])
-    return p.reserve - p.prompt_graph_bytes + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * slot + sum(s.layers[:resident_layers])
-
-
 def write_deep(tmp_path_factory, vocab_dir, arch: str):
     """Six layers in llama.cpp's Q4_K_M mix (Q6_K on some layers' V and down, so layers differ in
     size); qwen2's with QKV biases and tied embeddings."""
@@ -346,7 +338,7 @@ def test_streamed_runs_equal_the_resident_run_bit_for_bit(request, tmp_path, bac
     resident = Engine(deep_model, **kw)
     layers = resident.placement.sizes.layers
     host_ram = None if ram_layers is None else sum(layers[resident_layers:resident_layers + ram_layers])
-    streamed = Engine(deep_model, vram_budget=streaming_budget(resident, resident_layers, n_buffers),
+    streamed = Engine(deep_model, vram_budget=streaming_budget(resident.placement, resident_layers, n_buffers),
                       n_buffers=n_buffers, host_ram=host_ram,
                       disk_open=lambda sizes: DiskStream(tmp_path / "deep.images", sizes, slots=2), **kw)
     assert streamed.placement.tiers.count("vram") == resident_layers
@@ -394,7 +386,7 @@ def test_a_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_mo
         request.getfixturevalue("cuda_device")
     kw = dict(backend=backend, max_context=256, kv_cache_tokens=1024)
     resident = Engine(deep_model, **kw)
-    streamed = Engine(deep_model, vram_budget=streaming_budget(resident, 1, 2), n_buffers=2, **kw)
+    streamed = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 1, 2), n_buffers=2, **kw)
     assert streamed.placement.tiers.count("vram") == 1
     assert streamed.resident_layers == (0,) and resident.resident_layers == tuple(range(6))
     assert Speculation(3, "early-exit").drafters(6, streamed.resident_layers)["early-exit"] == (0,)  # the default draft
@@ -411,7 +403,7 @@ def test_streamed_images_live_in_pinned_host_memory_and_slots_are_the_budgeted_s
 
     kw = dict(backend="cupy", max_context=256, kv_cache_tokens=1024)
     resident = Engine(deep_model, **kw)
-    engine = Engine(deep_model, vram_budget=streaming_budget(resident, 2, 2), n_buffers=2, **kw)
+    engine = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 2, 2), n_buffers=2, **kw)
     s = engine.ops.streaming
     assert s.slots.shape[0] == 2 and s.slot_nbytes <= engine.placement.slot_bytes
     assert sum(s.image_nbytes.values()) <= engine.placement.bytes_in("ram")
@@ -438,7 +430,7 @@ def test_a_served_replica_streams_through_the_node_tiers(deep_model, tmp_path):
     prompt, n = "The quick brown fox", 12
     expected = "".join(e.text for e in resident.generate(resident.prompt_ids(prompt),
                                                           SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)))
-    budget = streaming_budget(resident, 2, 2)
+    budget = streaming_budget(resident.placement, 2, 2)
     config, http_port, grpc_port = dev_config(
         tmp_path, deep_model, max_context=256, kv_cache_gb=1024 * resident.placement.sizes.kv_per_token / GIB,
         vram_budget_gb=budget / GIB, host_ram_gb=sum(layers[2:4]) / GIB, n_buffers=2, max_batch_tokens=256)

@@ -20,6 +20,7 @@ from workers.engine.placement import GIB
 from workers.engine.requant_streamed import AUTO_KL, TYPES, streamed_types
 from workers.model.gguf_file import GGUFFile
 from workers.model.quant_recipe import candidates, tensor_bytes
+from budgets import streaming_budget
 
 KERNEL_NAMES = {Q.Q2_K: "quantize_q2_k", Q.Q3_K: "quantize_q3_k", Q.Q4_K: "quantize_q4_k",
                 Q.Q5_K: "quantize_q5_k", Q.Q6_K: "quantize_q6_k"}
@@ -160,13 +161,6 @@ def test_auto_takes_the_fewest_bytes_within_its_loss_and_spares_sensitive_groups
 
 
 # --- loading ------------------------------------------------------------------------------------
-def budget_for(engine, resident_layers: int, n_buffers: int) -> int:
-    p = engine.placement
-    s = p.sizes
-    return p.reserve - p.prompt_graph_bytes + s.fixed + p.kv_tokens * s.kv_per_token + n_buffers * max(s.layers[resident_layers:]) \
-        + sum(s.layers[:resident_layers])
-
-
 def logits_of(engine, prompts) -> list[np.ndarray]:
     from drive import forward
     from workers.engine.engine import Sequence
@@ -188,7 +182,7 @@ def test_requantized_streaming_equals_the_file_ntr_quantize_writes(deep, tmp_pat
     from workers.engine.quantize_model import write_quantized
 
     kw = dict(backend="numpy", max_context=256, kv_cache_tokens=512, max_logit_rows=128)
-    budget = budget_for(Engine(deep, **kw), 2, 2)
+    budget = streaming_budget(Engine(deep, **kw).placement, 2, 2)
     streamed = Engine(deep, vram_budget=budget, n_buffers=2, requant_streamed=spec, **kw)
     p = streamed.placement
     assert p.tiers.count("vram") == 2 and p.requant
@@ -219,8 +213,7 @@ def test_plan_prints_streamed_bytes_before_and_after(tmp_path, vocab_dir, capsys
     with GGUFFile(wide) as g:
         c = ModelConfig.from_gguf(g)
         everything = plan_model(g, c, CupySizes, None, 512, 512)
-    s = everything.sizes
-    budget = everything.reserve - everything.prompt_graph_bytes + s.fixed + 512 * s.kv_per_token + 2 * max(s.layers[1:]) + s.layers[0]
+    budget = streaming_budget(everything, 1, 2, kv_tokens=512)
     args = ["plan", "--model", str(wide), "--vram-gb", repr(budget / GIB), "--kv-tokens", "512", "--ctx", "512",
             "--n-buffers", "2", "--link-gb-s", "25"]
     assert main(args + ["--json"]) == 0
@@ -294,12 +287,12 @@ def test_streamed_cupy_engine_with_requant_equals_the_numpy_one(deep, cuda_devic
     from kernels.cupy_backend import CupyBackend
 
     kw = dict(max_context=256, kv_cache_tokens=512, max_logit_rows=128)
-    budget = budget_for(Engine(deep, backend="cupy", **kw), 2, 2)
+    budget = streaming_budget(Engine(deep, backend="cupy", **kw).placement, 2, 2)
     # the quantizers' local memory at load would outgrow this tiny budget: the layers are the point here
     monkeypatch.setattr(CupyBackend, "requant_local_bytes", 0)
     gpu = Engine(deep, backend="cupy", vram_budget=budget, n_buffers=2, requant_streamed=spec, **kw)
     assert gpu.placement.tiers.count("vram") == 2 and gpu.placement.requant
-    ref_budget = budget_for(Engine(deep, backend="numpy", **kw), 2, 2)
+    ref_budget = streaming_budget(Engine(deep, backend="numpy", **kw).placement, 2, 2)
     cpu = Engine(deep, backend="numpy", vram_budget=ref_budget, n_buffers=2, requant_streamed=spec, **kw)
     assert cpu.placement.requant == gpu.placement.requant
     for got, want in zip(logits_of(gpu, PROMPTS), logits_of(cpu, PROMPTS)):
@@ -329,9 +322,9 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
 
     with GGUFFile(wide) as g:
         c = ModelConfig.from_gguf(g)
-        s = plan_model(g, c, CupySizes, None, 512, 512).sizes
         everything = plan_model(g, c, CupySizes, None, 512, 512)
-        budget = everything.reserve - everything.prompt_graph_bytes + s.fixed + s.kv_bytes(512) + 2 * max(s.layers[1:]) + s.layers[0]
+        s = everything.sizes
+        budget = streaming_budget(everything, 1, 2, kv_tokens=512)
         monkeypatch.setattr(CupySizes, "requant_local_bytes", 0)
         plain = plan_model(g, c, CupySizes, budget, 512, 512, n_buffers=2, requant_streamed="Q4_K")
         types = {n: Q[t] for n, t in plain.requant.items()}

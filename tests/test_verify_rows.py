@@ -18,7 +18,8 @@ from kernels.kv_layout import RING
 from kernels.ops import AttentionBatch
 from workers.engine.engine import Engine, Sequence
 from drive import forward
-from test_layer_streaming import streaming_budget, write_deep
+from budgets import streaming_budget
+from test_layer_streaming import write_deep
 
 N = 6  # tokens a pass verifies: the last prompt token and 5 proposals
 
@@ -42,7 +43,7 @@ def make_engine(request, case: str, backend: str = "numpy") -> Engine:
         return Engine(tiny("gemma3"), block_size=4, max_batch_tokens=24, **kw)
     deep = request.getfixturevalue("deep_model")
     resident = Engine(deep, **kw)
-    return Engine(deep, vram_budget=streaming_budget(resident, 1, 2), n_buffers=2, **kw)
+    return Engine(deep, vram_budget=streaming_budget(resident.placement, 1, 2), n_buffers=2, **kw)
 
 
 CASES = ["f16", "q4", "sliding", "streamed"]

@@ -21,6 +21,7 @@ import logging
 import traceback
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import cupy as cp
 import cupyx
@@ -179,6 +180,16 @@ class Graph:
                           rest[-1] if self.L is not None else None)
 
 
+class PromptShape(NamedTuple):
+    """What a prompt pass's graph is kept under: passes of equal shape replay one graph."""
+
+    query_starts: bytes
+    width: int  # table_width
+    sliding: bool
+    logit_rows: int | None  # None: every row
+    graph_key: object  # a partial model's (forward.graph_key)
+
+
 PROMPT_GRAPH_MAX_T = 512  # longer passes are bound by their products, not by launching them
 PROMPT_GRAPH_MAX_ROWS = 64  # logit rows of a captured prompt pass (a graph keeps its output)
 SEEN_SHAPES = 256  # prompt-pass shapes remembered until seen again
@@ -242,7 +253,7 @@ class Steps:
         finally:
             step.dev = None
 
-    def _prompt_key(self, forward, step: StepInputs, all_rows: bool):
+    def _prompt_key(self, forward, step: StepInputs, all_rows: bool) -> PromptShape | None:
         """The shape a prompt pass's graph is kept under; None for a pass not captured (graphs
         off, no memory granted for prompt graphs (a streamed model's plan grants none), a pass
         the host observes (KV calibration), too many tokens or logit rows)."""
@@ -253,8 +264,9 @@ class Steps:
         if T > PROMPT_GRAPH_MAX_T or rows > PROMPT_GRAPH_MAX_ROWS:
             return None
         batch = step.batch
-        return (batch.query_starts.astype(np.int32).tobytes(), table_width(batch), batch.sliding_tables is not None,
-                None if all_rows else rows, getattr(forward, "graph_key", None))
+        return PromptShape(batch.query_starts.astype(np.int32).tobytes(), table_width(batch),
+                           batch.sliding_tables is not None, None if all_rows else rows,
+                           getattr(forward, "graph_key", None))
 
     def _graph_step(self, forward, step: StepInputs, kv_caches, feed=None, prompt=None):
         """The step replayed from its graph, captured first if it has none: a decode step's
@@ -272,8 +284,7 @@ class Steps:
         else:
             g = self.prompts.get(prompt)
             if g is None:
-                L = prompt[3]
-                g = self.prompts[prompt] = Graph(B, W, sliding, batch.query_starts, L)
+                g = self.prompts[prompt] = Graph(B, W, sliding, batch.query_starts, prompt.logit_rows)
             self.prompts.move_to_end(prompt)
         g.pack(tokens, positions, batch, step.logit_rows)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
@@ -318,7 +329,7 @@ class Steps:
             self._fit_prompt_graphs(prompt)
         return out
 
-    def _fit_prompt_graphs(self, captured: tuple) -> None:
+    def _fit_prompt_graphs(self, captured: PromptShape) -> None:
         """Keeps the prompt graphs' pools within the bytes granted (captured: the graph just
         made), the least recently replayed graph dropped first. A graph whose pool alone is
         larger is dropped and prompt passes run eagerly from then on: a model that large is
