@@ -26,17 +26,10 @@
 // one struct (PrefillShared, DecodeShared), live in the launch's dynamic shared memory,
 // which kernels/cupy/attention.py sizes by that struct's layout.
 
-#define MAXG 8
-#define ATT_WARPS 4
-#define DECODE_MAX_CHUNK 64  // keys per decode split, staged in shared memory at once
-#define DEC_WARPS 8          // decode: a warp per 16-key tile of the chunk and half of the dims
-// decode blocks an SM holds (attention.py DECODE_BLOCKS_PER_SM): at head_dim <= 128 registers
-// capped to 80 for 3 (the shared arrays would allow 5, but 48 or 64 registers spill the staging's
-// loads in flight and the chunk loop's softmax state, measured slower); at 256 no cap (1)
-#define DEC_BLOCKS(D) ((D) <= 128 ? 3 : 1)
+// MAXG, ATT_WARPS, DEC_WARPS, DECODE_CHUNK, STORE_Q_WARPS, PF_WARPS, PF_ROWS, STATIC_SMEM_MAX,
+// DEC_BLOCKS(D), PF_KEYS(D), KV_TYPE_GROUP(BITS) and the clipping ratios come defined before
+// this text, from kernels/cupy/attention_constants.py, which says what each is.
 #define LOG2E 1.4426950408889634f
-
-#define STATIC_SMEM_MAX (48 * 1024)
 
 // A kernel's shared struct S (its arrays, declared static instead where S fits
 // STATIC_SMEM_MAX) in the launch's dynamic shared memory: the host sets the kernel's
@@ -166,7 +159,7 @@ __host__ __device__ constexpr int kv_row_bytes(int gshift) { return BITS == 16 ?
 // argument must equal it (kv_group_checked traps otherwise).
 template <int D, int BITS>
 __host__ __device__ constexpr int kv_group() {
-    constexpr int type_group = BITS == 8 ? 64 : BITS == 2 ? 32 : 128, block = D & -D;
+    constexpr int type_group = KV_TYPE_GROUP(BITS), block = D & -D;
     return type_group < block ? type_group : block;
 }
 template <int D, int BITS>
@@ -327,10 +320,8 @@ __device__ __forceinline__ void q_to_cache_basis(float* q_s, int rows, const flo
 // rows in fp16 to the step's scratch [T, KVH, D], and quantized per group into the cache, the
 // range clipped by the ratio of least squared error (kernels/kv_quant.py, its twin, says how).
 // Slots < 0 are skipped.
-#define N_CLIP 5
-#define STORE_Q_WARPS 10  // a warp per (row, group, ratio): a 4- or 3-bit row's search in one round
-__constant__ float CLIP[N_CLIP] = {1.0f, 0.9f, 0.8f, 0.7f, 0.6f};
-__constant__ float CLIP2[N_CLIP] = {2.0f, 1.8f, 1.6f, 1.4f, 1.2f};  // 2r, as the twin rounds it
+__constant__ float CLIP[N_CLIP] = {CLIP_RATIOS};
+__constant__ float CLIP2[N_CLIP] = {CLIP2_RATIOS};  // 2r, as the twin rounds it
 template <int D, int BITS>
 __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, const float* __restrict__ v, int sv,
                                            const int* __restrict__ positions, const double* __restrict__ inv_freq,
@@ -610,9 +601,6 @@ __device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq
 // rows: ldmatrix's 8 row addresses hit distinct banks); attention.py prefill_mma_smem is its
 // size where it is dynamic. Head dim 256 takes 32-key tiles: its 16 x 256 fp32 accumulator is
 // 128 registers a lane, and the shared arrays stay small enough for two blocks an SM.
-#define PF_WARPS 4
-#define PF_ROWS (16 * PF_WARPS)
-#define PF_KEYS(D) ((D) <= 128 ? 64 : 32)
 template <int D>
 struct PrefillMmaShared {
     __align__(16) u16 q[PF_ROWS * (D + 8)];
@@ -819,7 +807,7 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
 
 // --- decode: one new token per sequence (flash-decoding) --------------------------------------
 // grid (max_splits, KVH, B). A sequence's keys are dealt to at most max_splits splits of
-// whole DECODE_MAX_CHUNK-key chunks; the block stages its chunks in shared memory as fp16 one
+// whole DECODE_CHUNK-key chunks; the block stages its chunks in shared memory as fp16 one
 // after the other (each thread's K/V loads in flight at once); the tensor cores take the
 // scores and P @ V of the whole head group as one product's 8 columns, a warp per 16-key tile
 // of each chunk and half of the dims (softmax online across the warp's tiles), and the warps'
@@ -853,11 +841,11 @@ struct DecodeShared {
     __align__(16) u16 p[DEC_WARPS * 16 * MAXG];
     __align__(16) u16 kn[D];
     __align__(16) u16 vn[D];
-    __align__(16) u16 k[DECODE_MAX_CHUNK * (D + 8)];
-    __align__(16) u16 v[DECODE_MAX_CHUNK * (D + 8)];
-    size_t row[DECODE_MAX_CHUNK];  // per key: its cache row's byte offset
+    __align__(16) u16 k[DECODE_CHUNK * (D + 8)];
+    __align__(16) u16 v[DECODE_CHUNK * (D + 8)];
+    size_t row[DECODE_CHUNK];  // per key: its cache row's byte offset
     // RotateKV: a chunk's K then V rows as stored (codes, scales), copied ahead by cp.async
-    __align__(16) u8 raw[BITS == 16 ? 16 : 2 * DECODE_MAX_CHUNK * kv_raw_row_max<D, BITS>()];
+    __align__(16) u8 raw[BITS == 16 ? 16 : 2 * DECODE_CHUNK * kv_raw_row_max<D, BITS>()];
     int last;
 };
 template <int D, int BITS>
@@ -886,9 +874,9 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         __shared__ __align__(16) u16 p_st[DEC_WARPS * 16 * MAXG];
         __shared__ __align__(16) u16 kn_st[D];
         __shared__ __align__(16) u16 vn_st[D];
-        __shared__ __align__(16) u16 k_st[DECODE_MAX_CHUNK * RS];
-        __shared__ __align__(16) u16 v_st[DECODE_MAX_CHUNK * RS];
-        __shared__ size_t row_st[DECODE_MAX_CHUNK];
+        __shared__ __align__(16) u16 k_st[DECODE_CHUNK * RS];
+        __shared__ __align__(16) u16 v_st[DECODE_CHUNK * RS];
+        __shared__ size_t row_st[DECODE_CHUNK];
         __shared__ __align__(16) u8 raw_st[sizeof(DecodeShared<D, BITS>::raw)];
         __shared__ int last_st;
         q_s = q_st, q16_s = q16_st, p_s = p_st, kn_s = kn_st, vn_s = vn_st, k_s = k_st, v_s = v_st;
@@ -901,11 +889,11 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     int& last_s = *last_p;
     const int sp = blockIdx.x, kh = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, G = H / KVH;
-    // the keys base..ctx-1 (the window's, or all) in DECODE_MAX_CHUNK-key chunks, dealt to at
+    // the keys base..ctx-1 (the window's, or all) in DECODE_CHUNK-key chunks, dealt to at
     // most max_splits splits of `per` chunks each: a split's fixed costs (q, its partial
     // output, the merge) are paid once per `per` chunks, not per chunk
     const int ctx = ctx_lens[b], base = window > 0 ? max(0, ctx - window) : 0;
-    const int nchunks = (ctx - base + DECODE_MAX_CHUNK - 1) / DECODE_MAX_CHUNK;
+    const int nchunks = (ctx - base + DECODE_CHUNK - 1) / DECODE_CHUNK;
     const int per = (nchunks + max_splits - 1) / max_splits, nsplit = (nchunks + per - 1) / per;
     if (sp >= nsplit) return;
     const int pos = positions[b], newp = ctx - 1;
@@ -913,7 +901,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     // verifying pass laid out as decode rows, one sequence in several rows; else c0 == newp)
     const int c0 = step_from[b], r0 = b - (newp - c0);
     const int* table = tables + (size_t)b * W;
-    const int first = base + sp * per * DECODE_MAX_CHUNK, end = min(ctx, first + per * DECODE_MAX_CHUNK);
+    const int first = base + sp * per * DECODE_CHUNK, end = min(ctx, first + per * DECODE_CHUNK);
     const int rs = ROT ? recent_slots[b] : 0;
     kv_group_checked<D, BITS>(group);
     pdl_trigger();
@@ -922,8 +910,8 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     // only positions before c0 (the step's own rows may not be stored yet); rows past n are
     // zeros, not stale bits (a zero weight times a NaN is a NaN). Each thread takes ITEMS
     // 8-value pieces of the K and V rows.
-    constexpr int ITEMS = DECODE_MAX_CHUNK * (D / 8) / (DEC_WARPS * 32), FLIGHT = ITEMS < 4 ? ITEMS : 4;
-    static_assert(ITEMS * DEC_WARPS * 32 == DECODE_MAX_CHUNK * (D / 8) && ITEMS % FLIGHT == 0, "staging shares");
+    constexpr int ITEMS = DECODE_CHUNK * (D / 8) / (DEC_WARPS * 32), FLIGHT = ITEMS < 4 ? ITEMS : 4;
+    static_assert(ITEMS * DEC_WARPS * 32 == DECODE_CHUNK * (D / 8) && ITEMS % FLIGHT == 0, "staging shares");
     // fp16 rows: loaded FLIGHT pieces at a time, all of their loads issued before the first is
     // stored (one memory round trip, not FLIGHT)
     auto stage_cached = [&](int start, int n) {
@@ -957,21 +945,21 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     // table entry of row t of the chunk after the one being copied (loaded a chunk early too).
     constexpr int GSHIFT = kv_gshift<D, BITS>(), RB = kv_row_bytes<D, BITS>(GSHIFT);
     u8* rawk = raw_s;
-    u8* rawv = raw_s + DECODE_MAX_CHUNK * kv_raw_row_max<D, BITS>();
+    u8* rawv = raw_s + DECODE_CHUNK * kv_raw_row_max<D, BITS>();
     auto table_entry = [&](int start) {
         const int p = start + threadIdx.x;
-        return threadIdx.x < DECODE_MAX_CHUNK && p < end ? table[p / bs] : 0;
+        return threadIdx.x < DECODE_CHUNK && p < end ? table[p / bs] : 0;
     };
     auto set_rows = [&](int start, int entry) {  // the rows' byte offsets (no sync)
         const int p = start + threadIdx.x;
-        if (threadIdx.x < DECODE_MAX_CHUNK && p < end) row_s[threadIdx.x] = ((size_t)(entry * bs + p % bs) * KVH + kh) * RB;
+        if (threadIdx.x < DECODE_CHUNK && p < end) row_s[threadIdx.x] = ((size_t)(entry * bs + p % bs) * KVH + kh) * RB;
     };
     // TPR threads a row, each its pieces j, j + TPR, ... of CW bytes (the widest copy the rows'
     // alignment allows): one row offset a thread, the pieces' offsets constants (a piece per
     // loop turn, its row and offset divided out, cost ~45 instructions a piece)
     constexpr int CW = RB % 16 == 0 ? 16 : (RB % 8 == 0 ? 8 : 4), PIECES = RB / CW;
-    constexpr int TPR = DEC_WARPS * 32 / DECODE_MAX_CHUNK, PER = (PIECES + TPR - 1) / TPR;
-    static_assert(TPR * DECODE_MAX_CHUNK == DEC_WARPS * 32, "whole rows a block");
+    constexpr int TPR = DEC_WARPS * 32 / DECODE_CHUNK, PER = (PIECES + TPR - 1) / TPR;
+    static_assert(TPR * DECODE_CHUNK == DEC_WARPS * 32, "whole rows a block");
     auto copy_raw = [&](int start, int n) {  // after set_rows and a sync
         const int r = threadIdx.x / TPR, j = threadIdx.x % TPR;
         if (r < n && start + r < c0) {
@@ -991,7 +979,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     // recent positions from the ring, fp16 already. A chunk of cached rows none of which is
     // read exact (all but a sequence's first and last chunks) takes a path without a test a row.
     auto convert_raw = [&](int start, int n) {
-        if (n == DECODE_MAX_CHUNK && start > 0 && start + n <= c0 && start + n - 1 <= newp - recent) {
+        if (n == DECODE_CHUNK && start > 0 && start + n <= c0 && start + n - 1 <= newp - recent) {
 #pragma unroll
             for (int j = 0; j < ITEMS; j++) {
                 const int i = threadIdx.x + j * DEC_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8);
@@ -1023,11 +1011,11 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     int entry = 0;
     if constexpr (ROT) {
         set_rows(first, table_entry(first));
-        entry = table_entry(first + DECODE_MAX_CHUNK);
+        entry = table_entry(first + DECODE_CHUNK);
         __syncthreads();
-        copy_raw(first, min(end, first + DECODE_MAX_CHUNK) - first);
+        copy_raw(first, min(end, first + DECODE_CHUNK) - first);
     } else {
-        stage_cached(first, min(end, first + DECODE_MAX_CHUNK) - first);
+        stage_cached(first, min(end, first + DECODE_CHUNK) - first);
     }
     pdl_wait();
 
@@ -1075,7 +1063,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     // and through the warp's p_s turned from S's accumulator layout into a B operand, then its
     // share of O^T = V^T P^T (ldmatrix.trans reads V's rows as columns). Lane (gq, tq) holds
     // S^T[keys gq, gq + 8][heads 2tq, 2tq + 1], and the same of O^T's dims.
-    constexpr int NT = DECODE_MAX_CHUNK / 16, MT = D / 32;  // key tiles; 16-dim tiles of a half
+    constexpr int NT = DECODE_CHUNK / 16, MT = D / 32;  // key tiles; 16-dim tiles of a half
     static_assert(2 * NT == DEC_WARPS && D % 32 == 0, "a warp per key tile and half of the dims");
     const int kt = warp % NT, dh = warp / NT, gq = lane >> 2, tq = lane & 3;
     float acc[MT][4], mt_h[2] = {NEG_INF, NEG_INF}, lt_h[2] = {0.0f, 0.0f};
@@ -1089,17 +1077,17 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     const u32 va = smem_addr(v_s + (16 * kt + (lane & 7) + 8 * (lane >> 4)) * RS + dh * (D / 2) + 8 * ((lane >> 3) & 1));
     u16* pw = p_s + warp * (16 * MAXG);  // P^T as [16 keys][MAXG heads]
 
-    for (int start = first; start < end; start += DECODE_MAX_CHUNK) {
-        const int n = min(end, start + DECODE_MAX_CHUNK) - start;
+    for (int start = first; start < end; start += DECODE_CHUNK) {
+        const int n = min(end, start + DECODE_CHUNK) - start;
         if constexpr (ROT) {
             asm volatile("cp.async.wait_all;" ::: "memory");
             __syncthreads();  // the chunk's copies landed, the previous chunk's tiles are read
             convert_raw(start, n);
-            const int next = start + DECODE_MAX_CHUNK;
+            const int next = start + DECODE_CHUNK;
             set_rows(next, entry);
-            entry = table_entry(next + DECODE_MAX_CHUNK);
+            entry = table_entry(next + DECODE_CHUNK);
             __syncthreads();  // raw_s is read, row_s holds the next chunk's rows
-            if (next < end) copy_raw(next, min(end, next + DECODE_MAX_CHUNK) - next);
+            if (next < end) copy_raw(next, min(end, next + DECODE_CHUNK) - next);
         } else if (start != first) {
             __syncthreads();  // the previous chunk's tiles are read
             stage_cached(start, n);

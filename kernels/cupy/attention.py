@@ -26,9 +26,11 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
+from kernels.cupy.attention_constants import (ATT_WARPS, DEC_WARPS, DECODE_BLOCKS_PER_SM, DECODE_CHUNK, MAXG,
+                                              PF_KEYS, PF_ROWS, STATIC_SMEM_MAX, STORE_Q_WARPS)
 from kernels.cupy.elementwise import Roped
 from kernels.cupy.products import QMMA_MAX_T, XQ_RUN
-from kernels.cupy.steps import PF_ROWS, make_step, prefill_row_tiles
+from kernels.cupy.steps import make_step, prefill_row_tiles
 from kernels.cupy.streams import ptr, sm_count
 from kernels.cupy.tuning import GEMV_MAX_T
 from kernels.cupy.values import Attended, rows3
@@ -36,15 +38,8 @@ from kernels.kv_layout import RING, KVRows
 from kernels.kv_quant import rotation_scale
 from kernels.ops import StepInputs
 
-DECODE_CHUNK = 64  # keys a decode block stages at once (attention.cu DECODE_MAX_CHUNK)
-DECODE_BLOCKS_PER_SM = {64: 3, 96: 3, 128: 3, 256: 1}  # attention.cu DEC_BLOCKS: registers bound them
-MAXG = 8  # query heads per KV head the attention kernels hold
-ATT_WARPS = 4  # query tokens per prefill block (attention.cu ATT_WARPS)
-DEC_WARPS = 8  # warps of a decode block (attention.cu DEC_WARPS)
-STORE_Q_WARPS = 10  # warps of a RotateKV store block (attention.cu STORE_Q_WARPS)
 HEAD_DIMS = (64, 96, 128, 256)
 LOG2E = 1.4426950408889634
-STATIC_SMEM_MAX = 48 * 1024  # attention.cu: shared arrays past it are dynamic
 
 
 def _dynamic(nbytes: int) -> int:
@@ -56,9 +51,8 @@ def _dynamic(nbytes: int) -> int:
 
 def prefill_mma_smem(D: int) -> int:
     """attn_prefill_mma's dynamic shared memory (PrefillMmaShared<D>): the block's PF_ROWS q rows
-    and two stages of K and V tiles (64 keys, 32 at head_dim 256), fp16 rows padded to D + 8."""
-    keys = 64 if D <= 128 else 32
-    return _dynamic(2 * (PF_ROWS + 2 * 2 * keys) * (D + 8))
+    and two stages of K and V tiles of PF_KEYS[D] keys, fp16 rows padded to D + 8."""
+    return _dynamic(2 * (PF_ROWS + 2 * 2 * PF_KEYS[D]) * (D + 8))
 
 
 def prefill_smem(D: int) -> int:

@@ -1,7 +1,7 @@
 """What the backend compiles: each CUDA module's exact source text (no CuPy needed here).
 
 A module is one file of kernels/cuda/ with what it is built on prepended: common.cu for every
-one, and for the quant modules (compiled once per format, behind `#define QT <struct>`)
+one, for attention.cu the constants the host reads too (attention_constants.py), and for the quant modules (compiled once per format, behind `#define QT <struct>`)
 quant_blocks.cuh and, for the two GEMVs, quant_gemv.cuh. No #include: NVRTC then needs no
 include path, and the prebuilt cubins (tools/bench_gpu.py --prebuild) are named by the sha1
 of this same text (`cubin_name`), which `Kernels` looks for in $NTR_CUBIN_DIR.
@@ -13,6 +13,7 @@ import functools
 import hashlib
 from pathlib import Path
 
+from kernels.cupy import attention_constants
 from kernels.quants import Q
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
@@ -50,8 +51,10 @@ def quant_prefix(qtype) -> str:
 
 
 def module_source(file: str, prefix: str = "") -> str:
-    """The text compiled for `file`: prefix, common.cu, the file's headers, the file."""
-    return prefix + _text("common.cu") + "".join(_text(h) for h in HEADERS.get(file, ())) + _text(file)
+    """The text compiled for `file`: prefix, the constants the host defines for it, common.cu,
+    the file's headers, the file."""
+    defines = attention_constants.defines() if file == ATTENTION else ""
+    return prefix + defines + _text("common.cu") + "".join(_text(h) for h in HEADERS.get(file, ())) + _text(file)
 
 
 def cubin_name(src: str) -> str:

@@ -27,6 +27,7 @@ import cupy as cp
 import cupyx
 import numpy as np
 
+from kernels.cupy.attention_constants import ATT_WARPS, PF_ROWS
 from kernels.cupy.products import QMMA_MAX_T
 from kernels.cupy.sampling import argmax_dev
 from kernels.cupy.values import materialize
@@ -82,14 +83,11 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
 
 
 def query_tiles(query_starts: np.ndarray) -> np.ndarray:
-    """The RotateKV prefill's blocks [b, first token]: each sequence's new tokens 4 at a time."""
+    """The RotateKV prefill's blocks [b, first token]: each sequence's new tokens ATT_WARPS at a time."""
     starts = np.asarray(query_starts, np.int64)
     tiles = [np.stack([np.full(len(r), b), r], 1) for b in range(len(starts) - 1)
-             for r in [np.arange(starts[b], starts[b + 1], 4)] if len(r)]
+             for r in [np.arange(starts[b], starts[b + 1], ATT_WARPS)] if len(r)]
     return np.concatenate(tiles).astype(np.int32) if tiles else np.zeros((0, 2), np.int32)
-
-
-PF_ROWS = 64  # query rows (token, head) of an fp16 prefill attention block (attention.cu PF_ROWS)
 
 
 def prefill_row_tiles(dev: DeviceStep, batch: AttentionBatch, G: int) -> cp.ndarray:
