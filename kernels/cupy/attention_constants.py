@@ -12,7 +12,9 @@ MAXG = 8  # query heads per KV head the attention kernels hold
 ATT_WARPS = 4  # query tokens of a RotateKV prefill block, a warp each
 DEC_WARPS = 8  # warps of a decode block: a warp per 16-key tile of the chunk and half of the dims
 DECODE_CHUNK = 64  # keys a decode block stages in shared memory at once
-STORE_Q_WARPS = 10  # warps of a RotateKV store block: a warp per (row, group, ratio), a 4- or 3-bit row's search in one round
+# warps of a RotateKV store block: a warp per (row, group, clipping ratio), so a 4- or 3-bit
+# row's search runs in one round
+STORE_Q_WARPS = 10
 PF_WARPS = 4  # warps of an fp16 prefill block, 16 query rows each
 PF_ROWS = 16 * PF_WARPS  # query rows (token, head) of an fp16 prefill block
 STATIC_SMEM_MAX = 48 * 1024  # shared arrays past it are dynamic (the most a block gets unasked)

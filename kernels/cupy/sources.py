@@ -1,8 +1,9 @@
 """What the backend compiles: each CUDA module's exact source text (no CuPy needed here).
 
 A module is one file of kernels/cuda/ with what it is built on prepended: common.cu for every
-one, for attention.cu the constants the host reads too (attention_constants.py), and for the quant modules (compiled once per format, behind `#define QT <struct>`)
-quant_blocks.cuh and, for the two GEMVs, quant_gemv.cuh. No #include: NVRTC then needs no
+one, for attention.cu the constants the host reads too (attention_constants.py), and for the
+quant modules (compiled once per format, behind `#define QT <struct>`) quant_blocks.cuh and,
+for the two GEMVs, quant_gemv.cuh. No #include: NVRTC then needs no
 include path, and the prebuilt cubins (tools/bench_gpu.py --prebuild) are named by the sha1
 of this same text (`cubin_name`), which `Kernels` looks for in $NTR_CUBIN_DIR.
 """
