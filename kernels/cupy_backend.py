@@ -30,6 +30,7 @@ import numpy as np
 
 from kernels.cupy import attention, elementwise, products, sampling
 from kernels.cupy.elementwise import Normed, Roped, Swiglu
+from kernels.cupy.kernel_constants import QMMA_MAX_T
 from kernels.cupy.modules import Kernels
 from kernels.cupy.products import Product
 from kernels.cupy.requant import requantize
@@ -92,7 +93,7 @@ class CupyBackend(Backend):
                 return hit[1]  # tied embeddings: one copy for the table and the output
             w = stack(self.upload, tensors)
             self._loaded[key] = ([t.data for t in tensors], w)  # the views pin the ids
-        self.steps.max_t = min(self.steps.max_t, products.QMMA_MAX_T if w.qmma else GEMV_MAX_T)
+        self.steps.max_t = min(self.steps.max_t, QMMA_MAX_T if w.qmma else GEMV_MAX_T)
         if self.streaming is not None and self.streaming.collecting is not None:
             self.streaming.collecting.append(w)
         return w

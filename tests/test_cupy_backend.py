@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from kernels import AttentionBatch, StepInputs, get_backend  # noqa: E402
 from kernels.cupy import attention as attention_kernels  # noqa: E402
 from kernels.cupy import elementwise, products  # noqa: E402
-from kernels.cupy.products import QMMA_MAX_T  # noqa: E402
+from kernels.cupy.kernel_constants import QMMA_MAX_T  # noqa: E402
 from kernels.cupy.tuning import GEMV_MAX_T, Q8_ROWS  # noqa: E402
 from kernels.kv_quant import dequantize_rows  # noqa: E402
 from kernels.numpy_backend import matmul_q8, quantize_q8, quantize_q8_input  # noqa: E402

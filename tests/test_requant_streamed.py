@@ -73,10 +73,12 @@ def agreement(got: np.ndarray, want: np.ndarray, qtype: Q, x: np.ndarray) -> tup
 def host_quantizer(tmp_path_factory):
     if shutil.which("g++") is None:
         pytest.skip("no g++ to build kernels/cuda/quantize.cu for the host")
+    from kernels.cupy import kernel_constants
     from kernels.cupy.sources import CUDA_DIR
 
     d = tmp_path_factory.mktemp("quantize_cu")
-    (d / "q.cpp").write_text(HOST_SHIM + (CUDA_DIR / "quantize.cu").read_text())
+    defines = kernel_constants.define_lines(kernel_constants.QUANTIZE_DEFINES)  # as module_source gives them
+    (d / "q.cpp").write_text(HOST_SHIM + defines + (CUDA_DIR / "quantize.cu").read_text())
     r = subprocess.run(["g++", "-std=c++17", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-o", str(d / "q.so"),
                         str(d / "q.cpp")], capture_output=True, text=True)
     if r.returncode and "_Float16" in r.stderr:

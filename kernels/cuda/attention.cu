@@ -28,7 +28,7 @@
 
 // MAXG, ATT_WARPS, DEC_WARPS, DECODE_CHUNK, STORE_Q_WARPS, PF_WARPS, PF_ROWS, STATIC_SMEM_MAX,
 // DEC_BLOCKS(D), PF_KEYS(D), KV_TYPE_GROUP(BITS) and the clipping ratios come defined before
-// this text, from kernels/cupy/attention_constants.py, which says what each is.
+// this text, from kernels/cupy/kernel_constants.py, which says what each is.
 #define LOG2E 1.4426950408889634f
 
 // A kernel's shared struct S (its arrays, declared static instead where S fits

@@ -129,8 +129,8 @@ __device__ __forceinline__ float block_sum(float v, float* scratch /* [32] */) {
 // (p = b / 2: one Q4_K unit, two Q5_0/Q8_0 units) and runs of 32 pairs are stored
 // chunk-major, so when a warp's lanes take 32 consecutive units each load instruction reads
 // 512 contiguous bytes (Q4_K, Q5_0, Q8_0) or 16-byte pieces 32 bytes apart (Q6_K, whose unit
-// holds blocks 2 apart). A row is XQ_RUN bytes per 2048 values.
-#define XQ_RUN 4096
+// holds blocks 2 apart). A row is XQ_RUN bytes per 2048 values (kernels/cupy/kernel_constants.py
+// defines it before this text).
 __device__ __forceinline__ int xq_chunk(int b, int c) {
     const int p = b >> 1;
     return (p >> 5) * XQ_RUN + ((b & 1) * 4 + c) * 512 + (p & 31) * 16;

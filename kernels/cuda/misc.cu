@@ -113,7 +113,7 @@ extern "C" __global__ void rope(const float* __restrict__ x, int sx, const int* 
 // largest, top-p the smallest set of largest tokens holding top_p of the top-k mass, min-p the
 // tokens with p >= min_p * p_max. Then one token is drawn with u in [0, 1) by a prefix sum in
 // vocabulary order. temperature 0 is argmax (first index of the maximum, as np.argmax).
-#define SAMPLE_THREADS 1024
+// SAMPLE_THREADS comes defined before this text (kernels/cupy/kernel_constants.py).
 
 __device__ __forceinline__ u32 fkey(float f) {
     const u32 b = __float_as_uint(f);

@@ -7,7 +7,7 @@
 // sum(x^2) comes from the x values the warp loads anyway (its lanes cover all of K), so the
 // norm costs no pass, no barrier and no launch of its own.
 // x rows: K % 8 == 0, 16-byte aligned (the backend pads where a format allows other lengths).
-#define GEMV_WARPS 4
+// GEMV_WARPS comes defined before this text (kernels/cupy/kernel_constants.py).
 
 template <int MODE>
 __device__ __forceinline__ void load_x8(const float* __restrict__ xr, int pos, int K, const float* __restrict__ nw,

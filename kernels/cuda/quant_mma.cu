@@ -13,10 +13,8 @@
 // takes steps [b total / grid, (b + 1) total / grid) of the (tile, step) sequence, so every SM
 // gets the same number of steps whatever the shape; a tile shared by blocks is summed with
 // fp32 atomic adds into a zeroed output, its first block adding bias and residual.
-#define MMA_BM 128
-#define MMA_BN 64
-#define MMA_BK 128
-#define MMA_BLOCKS_PER_SM 2  // 96 KB of shared memory a block
+// MMA_BM, MMA_BN, MMA_BK and MMA_BLOCKS_PER_SM come defined before this text
+// (kernels/cupy/kernel_constants.py).
 #define MMA_W_STAGE (MMA_BM * MMA_BK * 2)
 #define MMA_X_STAGE (MMA_BN * MMA_BK * 2)
 

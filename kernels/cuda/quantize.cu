@@ -6,7 +6,8 @@
 // at load (`--requant-streamed`), so it is written for agreement, not speed: one thread per
 // 256-value super-block, levels in local memory.
 
-#define QK 256
+// QK (the super-block) and QUANTIZE_THREADS come defined before this text
+// (kernels/cupy/kernel_constants.py).
 
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
@@ -314,7 +315,8 @@ __device__ void q6_k(const float* x, u8* o) {
 
 // x: n_super super-blocks of 256 float32 values, in row order; out: their blocks, back to back
 #define QUANTIZE_KERNEL(NAME, FN, BYTES)                                                          \
-    extern "C" __global__ void __launch_bounds__(64) NAME(const float* x, long long n_super, u8* out) { \
+    extern "C" __global__ void __launch_bounds__(QUANTIZE_THREADS)                                \
+        NAME(const float* x, long long n_super, u8* out) {                                         \
         for (long long b = (long long)blockIdx.x * blockDim.x + threadIdx.x; b < n_super;                \
              b += (long long)gridDim.x * blockDim.x)                                                    \
             FN(x + b * QK, out + b * BYTES);                                                            \

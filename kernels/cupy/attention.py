@@ -26,10 +26,9 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from kernels.cupy.attention_constants import (ATT_WARPS, DEC_WARPS, DECODE_BLOCKS_PER_SM, DECODE_CHUNK, MAXG,
-                                              PF_KEYS, PF_ROWS, STATIC_SMEM_MAX, STORE_Q_WARPS)
+from kernels.cupy.kernel_constants import (ATT_WARPS, DEC_WARPS, DECODE_BLOCKS_PER_SM, DECODE_CHUNK, MAXG, PF_KEYS,
+                                           PF_ROWS, PF_WARPS, QMMA_MAX_T, STATIC_SMEM_MAX, STORE_Q_WARPS, XQ_RUN)
 from kernels.cupy.elementwise import Roped
-from kernels.cupy.products import QMMA_MAX_T, XQ_RUN
 from kernels.cupy.steps import make_step, prefill_row_tiles
 from kernels.cupy.streams import ptr, sm_count
 from kernels.cupy.tuning import GEMV_MAX_T
@@ -148,7 +147,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         half = cp.empty((T, H * D), cp.float16) if mma else None
         smem = decode_smem(D, layout.type.bits if quantized else 16)
         b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}", dynamic_smem=smem),
-                          (max_splits, KVH, B), (256,),
+                          (max_splits, KVH, B), (32 * DEC_WARPS,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
                            np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, dev.step_from, slots,
                            np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
@@ -164,7 +163,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         if len(tiles):
             smem = prefill_mma_smem(D)
             b.k.get("attention.cu", f"attn_prefill_{name}", dynamic_smem=smem)(
-                (len(tiles), KVH), (128,),  # attention.cu PF_WARPS warps of 16 rows
+                (len(tiles), KVH), (32 * PF_WARPS,),
                 (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx,
                  dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window), out),
                 shared_mem=smem)
@@ -174,7 +173,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         return out
     smem = prefill_smem(D)
     b.k.get("attention.cu", f"attn_prefill_{name}", dynamic_smem=smem)(
-        (len(tiles), KVH), (128,),
+        (len(tiles), KVH), (32 * ATT_WARPS,),
         (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables,
          np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
          group, hs, *rot, out), shared_mem=smem)

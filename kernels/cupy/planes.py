@@ -10,8 +10,6 @@ from __future__ import annotations
 from kernels.kv_layout import KVLayout, layout_for
 from kernels.quants import Q, block_shape
 
-QMMA_BK = 128  # quant_mma.cu MMA_BK: values of K per step of the tensor-core product
-
 # (byte offset, length) of each block field, in the order the kernel structs read them.
 PLANES = {
     Q.Q4_0: [(2, 16), (0, 2)],

@@ -22,20 +22,16 @@ import numpy as np
 from kernels.cupy import elementwise
 from kernels.cupy.cublas import Gemm
 from kernels.cupy.elementwise import Normed, Swiglu, zero_span
+from kernels.cupy.kernel_constants import GEMV_WARPS, QMMA_BK, QMMA_BLOCKS_PER_SM, QMMA_BM, QMMA_MAX_T, XQ_RUN
 from kernels.cupy.sources import DEQUANT, GEMV, GEMV_Q8, MMA
 from kernels.cupy.streams import ptr, sm_count
 from kernels.cupy.tuning import GEMV_MAX_T, Q8_ROWS
 from kernels.cupy.values import Attended, Lazy, epilogue_operand, materialize, rows2
-from kernels.cupy.planes import FLOAT_TYPES, QMMA_BK, UNITS_PER_BLOCK
+from kernels.cupy.planes import FLOAT_TYPES, UNITS_PER_BLOCK
 from kernels.cupy.weights import QMatrix, Segment
 from kernels.quants import block_shape
 
-QMMA_MAX_T = 64  # tokens the tensor-core product takes (quant_mma.cu MMA_BN)
-QMMA_BM = 128
-XQ_RUN = 4096  # common.cu: bytes of a quantized activation row per 2048 values
-QMMA_BLOCKS_PER_SM = 2  # quant_mma.cu MMA_BLOCKS_PER_SM
 QMMA_SMEM = 2 * (QMMA_BM + QMMA_MAX_T) * QMMA_BK * 2  # two stages of the fp16 weight and x tiles
-GEMV_WARPS = 4
 SCRATCH_ELEMS = 64 << 20  # fp16 dequantization scratch (128 MiB), reused by every product
 
 # cuBLAS / CUDA enums (cublas_api.h, library_types.h)
@@ -253,7 +249,7 @@ def qmma(b, x, w: QMatrix, y, out):
                 fn = seg.kernels["qmma"] = b.k.quant(MMA, seg.qtype, "qmma_64")
                 fn.max_dynamic_shared_size_bytes = QMMA_SMEM
             col = seg.row0 * 4
-            b.launcher.launch("qmma", fn, (grid, -(-T // 64)), (256,),
+            b.launcher.launch("qmma", fn, (grid, -(-T // QMMA_MAX_T)), (256,),
                               (*seg.gemv_args, x16, np.int32(x16.strides[0] // 2), np.int32(T),
                                np.uint64(out.data.ptr + col), np.int32(so),
                                np.uint64(bias.data.ptr + col) if bias is not None else np.uint64(0),

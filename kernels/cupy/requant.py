@@ -12,6 +12,7 @@ import functools
 import cupy as cp
 import numpy as np
 
+from kernels.cupy.kernel_constants import QUANTIZE_THREADS
 from kernels.cupy.products import dequant
 from kernels.cupy.sources import QUANTIZE
 from kernels.cupy.weights import stack
@@ -20,15 +21,14 @@ from kernels.requantized import DEVICE_CHUNK_VALUES, Blocks, Requantized
 
 KERNELS = {Q.Q2_K: "quantize_q2_k", Q.Q3_K: "quantize_q3_k", Q.Q4_K: "quantize_q4_k", Q.Q5_K: "quantize_q5_k",
            Q.Q6_K: "quantize_q6_k"}
-THREADS = 64
 
 
 def quantize_rows(b, x: cp.ndarray, qtype: Q, out: cp.ndarray) -> None:
     """float32 rows x [rows, K] (contiguous, K a multiple of 256) -> their raw blocks in out
     [rows, K/256 * block bytes] (uint8, contiguous), on the backend's stream."""
     n_super = x.size // 256
-    grid = max(1, min(-(-n_super // THREADS), 1 << 16))
-    b.k.get(QUANTIZE, KERNELS[qtype])((grid,), (THREADS,), (x, np.int64(n_super), out))
+    grid = max(1, min(-(-n_super // QUANTIZE_THREADS), 1 << 16))
+    b.k.get(QUANTIZE, KERNELS[qtype])((grid,), (QUANTIZE_THREADS,), (x, np.int64(n_super), out))
 
 
 def requantize(b, t: Requantized) -> Blocks:

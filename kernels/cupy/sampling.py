@@ -7,6 +7,7 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
+from kernels.cupy.kernel_constants import SAMPLE_THREADS
 from kernels.cupy.values import rows2
 
 
@@ -40,7 +41,7 @@ def argmax_dev(b, logits):
     logits = rows2(logits)
     B, V = logits.shape
     out = cp.empty((B,), cp.int32)
-    b.k.get("misc.cu", "argmax_rows")((B,), (1024,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), out))
+    b.k.get("misc.cu", "argmax_rows")((B,), (SAMPLE_THREADS,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), out))
     return out
 
 
@@ -56,7 +57,8 @@ def sample(b, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
     t, p, m, u, k = (dev[i * B:(i + 1) * B] for i in range(5))
     out = cp.empty((B,), cp.int32)
     b.k.get("misc.cu", "sample_rows")(
-        (B,), (1024,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), t, k.view(cp.int32), p, m, u, out))
+        (B,), (SAMPLE_THREADS,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), t, k.view(cp.int32), p, m, u,
+                                  out))
     return cp.asnumpy(out, stream=b.stream)
 
 

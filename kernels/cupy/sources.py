@@ -1,9 +1,9 @@
 """What the backend compiles: each CUDA module's exact source text (no CuPy needed here).
 
 A module is one file of kernels/cuda/ with what it is built on prepended: common.cu for every
-one, for attention.cu the constants the host reads too (attention_constants.py), and for the
-quant modules (compiled once per format, behind `#define QT <struct>`) quant_blocks.cuh and,
-for the two GEMVs, quant_gemv.cuh. No #include: NVRTC then needs no
+one, before it the constants the host reads too (kernel_constants.py), and for the quant
+modules (compiled once per format, behind `#define QT <struct>`) quant_blocks.cuh and, for
+the two GEMVs, quant_gemv.cuh. No #include: NVRTC then needs no
 include path, and the prebuilt cubins (tools/bench_gpu.py --prebuild) are named by the sha1
 of this same text (`cubin_name`), which `Kernels` looks for in $NTR_CUBIN_DIR.
 """
@@ -14,7 +14,7 @@ import functools
 import hashlib
 from pathlib import Path
 
-from kernels.cupy import attention_constants
+from kernels.cupy import kernel_constants as kc
 from kernels.quants import Q
 
 CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
@@ -52,10 +52,15 @@ def quant_prefix(qtype) -> str:
 
 
 def module_source(file: str, prefix: str = "") -> str:
-    """The text compiled for `file`: prefix, the constants the host defines for it, common.cu,
-    the file's headers, the file."""
-    defines = attention_constants.defines() if file == ATTENTION else ""
-    return prefix + defines + _text("common.cu") + "".join(_text(h) for h in HEADERS.get(file, ())) + _text(file)
+    """The text compiled for `file`: prefix, the constants the host defines for it
+    (kernel_constants), common.cu, the file's headers, the file."""
+    return prefix + _defines(file) + _text("common.cu") + "".join(_text(h) for h in HEADERS.get(file, ())) + _text(file)
+
+
+def _defines(file: str) -> str:
+    own = {GEMV: kc.GEMV_DEFINES, GEMV_Q8: kc.GEMV_DEFINES, MMA: kc.MMA_DEFINES, MISC: kc.MISC_DEFINES,
+           QUANTIZE: kc.QUANTIZE_DEFINES}.get(file, {})
+    return kc.define_lines({**kc.EVERY_MODULE, **own}) + (kc.attention_defines() if file == ATTENTION else "")
 
 
 def cubin_name(src: str) -> str:

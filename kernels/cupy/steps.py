@@ -27,8 +27,7 @@ import cupy as cp
 import cupyx
 import numpy as np
 
-from kernels.cupy.attention_constants import ATT_WARPS, PF_ROWS
-from kernels.cupy.products import QMMA_MAX_T
+from kernels.cupy.kernel_constants import ATT_WARPS, PF_ROWS, QMMA_MAX_T
 from kernels.cupy.sampling import argmax_dev
 from kernels.cupy.values import materialize
 from kernels.ops import AttentionBatch, StepInputs

@@ -13,7 +13,8 @@ import cupy as cp
 import cupyx
 import numpy as np
 
-from kernels.cupy.planes import FLOAT_TYPES, INTERLEAVED, PLANES, QMMA_BK, UNITS_PER_BLOCK, plane_strides
+from kernels.cupy.kernel_constants import QMMA_BK
+from kernels.cupy.planes import FLOAT_TYPES, INTERLEAVED, PLANES, UNITS_PER_BLOCK, plane_strides
 from kernels.cupy.streams import sm_count
 from kernels.cupy.tuning import Q8_ROWS
 from kernels.quants import Q, block_shape
