@@ -2,7 +2,7 @@
 shared memory, the RotateKV types' groups and clipping ratios): defined here once and handed
 to each module's text as #defines (sources.module_source), so what the host computes from
 them and what the kernels are compiled with cannot disagree. No CuPy here: the ahead-of-time
-build and `ntr plan` read it without a GPU."""
+build (sources.py) reads it without a GPU."""
 
 from __future__ import annotations
 
