@@ -18,6 +18,13 @@ from kernels.requantized import Requantized
 
 
 GELU_C = float(np.sqrt(2.0 / np.pi))
+# Up to GEMV_ROWS rows, a product is one GEMV a row over slices of the weight of
+# GEMV_SLICE_BYTES: OpenBLAS's GEMM for a few rows costs ~3.4x one GEMV on two cores (it packs
+# the whole weight), while a slice kept in the L3 cache (32 MiB, shared) serves every row after
+# the first from there. Each row's output is bit-for-bit the single-row product's, so a verifying
+# pass scores its rows as plain decode does. Measured in docs/benchmarks.md (CPU section).
+GEMV_ROWS = 12
+GEMV_SLICE_BYTES = 8 << 20
 Q8_MAX = 127 * 128  # the GPU stores q as two int8 planes, q >> 7 and q & 127 (quant_gemv_q8.cu quantize_x)
 
 
@@ -279,7 +286,16 @@ class NumpyBackend(Backend):
         return table.rows(np.asarray(step.tokens))
 
     def matmul(self, x, w):
-        return x @ w.T
+        rows = x.shape[0] if x.ndim == 2 else 0
+        if not 1 < rows <= GEMV_ROWS or x.dtype != np.float32 or w.dtype != np.float32:
+            return x @ w.T
+        out = np.empty((rows, w.shape[0]), np.float32)
+        step = max(1, GEMV_SLICE_BYTES // w[0].nbytes)
+        for lo in range(0, w.shape[0], step):
+            part = w[lo:lo + step]
+            for i in range(rows):
+                np.dot(part, x[i], out=out[i, lo:lo + step])
+        return out
 
     def rmsnorm(self, x, weight, eps):
         ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)

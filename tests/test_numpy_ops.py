@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from kernels import AttentionBatch, StepInputs, get_backend
+from kernels import AttentionBatch, StepInputs, get_backend, numpy_backend
 from kernels.quants import SUPPORTED_QTYPES, block_shape, dequantize
 from workers.model.gguf_file import TensorInfo
 from workers.model.synthetic import random_blocks
@@ -59,6 +59,20 @@ def test_matmul_on_every_quant_type(qtype):
     assert rel_err(stacked[:, :rows], got) < 1e-6 and rel_err(stacked[:, rows:], got) < 1e-6
     ids = np.array([5, 0, 5, rows - 1])
     assert np.array_equal(ops.embedding(ops.load_embedding(tensor), step_of(ids)), weight[ids])
+
+
+@pytest.mark.parametrize("rows", [2, 5, numpy_backend.GEMV_ROWS, numpy_backend.GEMV_ROWS + 1])
+def test_few_row_products_are_each_rows_own(monkeypatch, rows):
+    # a slice of 16 weight rows: 100 rows end in a partial slice
+    monkeypatch.setattr(numpy_backend, "GEMV_SLICE_BYTES", 16 * 64 * 4)
+    rng = np.random.default_rng(rows)
+    w = rng.standard_normal((100, 64)).astype(np.float32)
+    x = rng.standard_normal((rows, 64)).astype(np.float32)
+    got = ops.matmul(x, w)
+    assert got.shape == (rows, 100) and got.dtype == np.float32
+    assert rel_err(got, x.astype(np.float64) @ w.astype(np.float64).T) < 1e-6
+    if rows <= numpy_backend.GEMV_ROWS:  # what a verifying pass relies on: row i is x[i]'s product alone
+        assert all(np.array_equal(got[i], ops.matmul(x[i:i + 1], w)[0]) for i in range(rows))
 
 
 def test_block_shapes_cover_all_types():

@@ -65,20 +65,32 @@ def plain_gap(engine: Engine, ids: list[int], params: SamplingParams, j: int) ->
 
 
 def matmul_rows() -> None:
-    """What a verifying pass costs the NumPy backend against a decode step: x [M, 896] @ w.T
-    for the default model's output head (151,936 x 896 float32), M = 1 (a step) to 9 (k = 8)."""
+    """What a verifying pass's products cost the NumPy backend against a decode step's: x [M, 896]
+    against the default model's output head (151,936 x 896 float32), M = 1 (a step) to 17 (k =
+    16), as the backend multiplies (one GEMV a row up to numpy_backend.GEMV_ROWS) and as one
+    OpenBLAS GEMM. The best of 3 after one untimed run."""
     import time
 
+    from kernels.numpy_backend import NumpyBackend
+
+    ops = NumpyBackend()
     rng = np.random.default_rng(0)
     w = rng.standard_normal((151936, 896)).astype(np.float32)
-    for m in (1, 2, 3, 5, 9):
-        x = rng.standard_normal((m, 896)).astype(np.float32)
-        x @ w.T
-        t0 = time.perf_counter()
+
+    def best(f) -> float:
+        f()
+        times = []
         for _ in range(3):
-            x @ w.T
-        dt = (time.perf_counter() - t0) / 3
-        print(f"M={m}: {dt * 1e3:.1f} ms, {w.nbytes / dt / 1e9:.1f} GB/s of weights, {2 * w.size * m / dt / 1e9:.1f} GFLOP/s")
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    print("| M | backend ms | GB/s of weights | GEMM ms |\n|---:|---:|---:|---:|")
+    for m in (1, 2, 3, 5, 9, 13, 17):
+        x = rng.standard_normal((m, 896)).astype(np.float32)
+        ours, gemm = best(lambda: ops.matmul(x, w)), best(lambda: x @ w.T)
+        print(f"| {m} | {ours * 1e3:.1f} | {w.nbytes / ours / 1e9:.1f} | {gemm * 1e3:.1f} |", flush=True)
 
 
 def pass_cost(engine: Engine, reps: int, context: int = 200) -> None:

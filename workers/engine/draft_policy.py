@@ -26,14 +26,14 @@ from dataclasses import dataclass
 
 from workers.engine.speculation import MAX_K, Speculation
 
-# A verifying pass of 2..17 rows, in decode steps of the same backend and placement. numpy:
-# measured on the 2-core development machine (docs/benchmarks.md: lookup k=4 at 1.08 tokens a
-# pass ran at 0.52x of plain decode, so a pass cost 2.1 steps; OpenBLAS's small-M GEMM costs
-# 3.5-4x its GEMV). cupy, the pass as decode rows replaying the decode graph of batch k + 1,
-# measured on the H200 (`tools/bench_speculation.py --pass-cost 20`, the 0.5B replica,
-# 2026-12-03): resident 1.72 / 1.92 / 2.61 steps at k = 1 / 4 / 16 (a 0.95 ms step), streamed
-# at --vram-gb 1.62 1.10 / 1.14 / 1.33 (a 3.41 ms step, the link's); k = 4's figures here.
-VERIFY_COST = {("numpy", False): 2.1, ("numpy", True): 2.1, ("cupy", False): 1.9, ("cupy", True): 1.15}
+# A verifying pass of 2..17 rows, in decode steps of the same backend and placement, measured
+# by `tools/bench_speculation.py --pass-cost`; k = 4's figures here. numpy, the default model on
+# the 2-core development machine, a pass's products one GEMV a row (numpy_backend.GEMV_ROWS),
+# 2026-12-05: 1.47 / 2.14 / 4.02 steps at k = 1 / 4 / 16. cupy, the pass as decode rows
+# replaying the decode graph of batch k + 1, the 0.5B replica on the H200, 2026-12-03: resident
+# 1.72 / 1.92 / 2.61 steps (a 0.95 ms step), streamed at --vram-gb 1.62 1.10 / 1.14 / 1.33 (a
+# 3.41 ms step, the link's).
+VERIFY_COST = {("numpy", False): 2.15, ("numpy", True): 2.15, ("cupy", False): 1.9, ("cupy", True): 1.15}
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
 
