@@ -50,6 +50,14 @@ def _engine(args, **kwargs):
     return Engine(path, backend=args.backend, disk_open=disk_tier(path), **_placement_options(args), **kwargs)
 
 
+def _resident_order(args, path) -> tuple[int, ...] | None:
+    """With --skip-set under a budget, the skip drafter's layers claim residency first, so its
+    drafts copy nothing over the link (skip_calibration.residency_order)."""
+    from workers.engine.skip_calibration import residency_order
+
+    return residency_order(args.skip_set, path) if args.skip_set and args.vram_gb else None
+
+
 def cmd_plan(args) -> int:
     from dataclasses import replace
 
@@ -135,7 +143,7 @@ def cmd_generate(args) -> int:
     if args.pp < 1:
         raise ValueError(f"--pp must be >= 1, got {args.pp}")
     if args.pp == 1:
-        return _generate(args, _engine(args))
+        return _generate(args, _engine(args, resident_order=_resident_order(args, model_store.resolve(args.model))))
     # the stages as Ray actors (workers/stage_worker.py) on a local Ray of a CPU per stage
     import ray
 
@@ -207,13 +215,18 @@ def _speculation(args, n_layers: int):
 
 
 def cmd_calibrate_skip(args) -> int:
-    from workers.engine.skip_calibration import calibrate, write
+    from workers.engine.skip_calibration import calibrate, own_continuations, read_prompts, write
 
     engine = _engine(args)
-    ids = engine.prompt_ids(Path(args.text).read_text())[:args.tokens]
+    if args.prompts:
+        ids = own_continuations(engine, read_prompts(args.prompts), args.generate, args.tokens)
+        source = {"prompts": args.prompts, "generate": args.generate}
+    else:
+        ids = engine.prompt_ids(Path(args.text).read_text())[:args.tokens]
+        source = {"text": args.text}
     result = calibrate(engine, ids, args.fraction, args.candidates,
                        progress=lambda line: print(line, file=sys.stderr, flush=True))
-    write(args.out, result, args.text)
+    write(args.out, result, source)
     print(json.dumps({k: result[k] for k in ("skip", "tokens")} | {"agreement": result["order"][-1]["agreement"]}))
     return 0
 
@@ -386,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--draft-layers", type=int, help="early-exit: layers the drafter runs (default: a quarter)")
     g.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema")
     g.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
-    g.add_argument("--skip-set", help="skip: a JSON file written by ntr calibrate-skip")
+    g.add_argument("--skip-set", help="skip: a JSON file written by ntr calibrate-skip; under --vram-gb the layers "
+                   "its draft runs are the ones kept resident")
     g.add_argument("--json", action="store_true")
     g.add_argument("--pp", type=int, default=1, metavar="P",
                    help="pipeline stages: the layers split by bytes over P Ray actors on a local Ray (numpy backend)")
@@ -394,10 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     cs = with_placement(with_model(sub.add_parser(
         "calibrate-skip", help="choose the layers the skip drafter passes over, on a calibration text")))
-    cs.add_argument("--text", required=True, help="calibration text (not an evaluation text), e.g. "
-                    "tools/data/skip_calibration.txt")
+    src = cs.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="a JSON list of prompts (none from an evaluation set), each read with the "
+                     "model's own greedy continuation: what a draft must predict; e.g. "
+                     "tools/data/skip_calibration_prompts.json")
+    src.add_argument("--text", help="a calibration text read as it is (not an evaluation text)")
+    cs.add_argument("--generate", type=int, default=32, help="with --prompts: tokens the model writes after each")
     cs.add_argument("--fraction", type=float, default=0.5, help="share of the layers to skip")
-    cs.add_argument("--tokens", type=int, default=256, help="the text's first N tokens are read")
+    cs.add_argument("--tokens", type=int, default=256, help="the first N tokens of the text (or of the prompts and "
+                    "continuations) are read")
     cs.add_argument("--candidates", type=int, default=6, help="layers rescored a round after the first (0: none, round one's order)")
     cs.add_argument("--out", required=True, help="JSON file for --skip-set")
     cs.set_defaults(func=cmd_calibrate_skip)

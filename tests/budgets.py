@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 
-def streaming_budget(plan, resident_layers: int, n_buffers: int, kv_tokens: int | None = None) -> int:
-    """The budget under which plan's model keeps its first resident_layers layers resident and
-    streams the rest through n_buffers slots, beside kv_tokens of KV (plan's by default). The
-    reserve counts no share for prompt graphs: a streamed plan grants none."""
+def streaming_budget(plan, resident, n_buffers: int, kv_tokens: int | None = None) -> int:
+    """The budget under which plan's model keeps `resident` layers resident (a count: the first
+    ones; or the layers) and streams the rest through n_buffers slots, beside kv_tokens of KV
+    (plan's by default). The reserve counts no share for prompt graphs: a streamed plan grants
+    none."""
     s = plan.sizes
     kv = plan.kv_tokens if kv_tokens is None else kv_tokens
+    keep = set(range(resident)) if isinstance(resident, int) else set(resident)
+    streamed = [nbytes for i, nbytes in enumerate(s.layers) if i not in keep]
     return (plan.reserve - plan.prompt_graph_bytes + s.fixed + s.kv_bytes(kv)
-            + n_buffers * max(s.layers[resident_layers:]) + sum(s.layers[:resident_layers]))
+            + n_buffers * max(streamed) + sum(s.layers[i] for i in keep))

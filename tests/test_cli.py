@@ -72,6 +72,12 @@ def test_calibrate_skip_then_a_skip_draft_gives_the_plain_greedy_tokens(capsys, 
     code, out, _ = run(capsys, "calibrate-skip", "--model", model, "--text", str(text), "--fraction", "0.5",
                        "--out", str(out_file))
     assert code == 0 and len(json.loads(out)["skip"]) == 1 == len(json.loads(out_file.read_text())["order"])
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps(["def add(a, b):", "The sum of two numbers"]))
+    code, out, _ = run(capsys, "calibrate-skip", "--model", model, "--prompts", str(prompts), "--generate", "6",
+                       "--fraction", "0.5", "--out", str(tmp_path / "own.json"))
+    written = json.loads((tmp_path / "own.json").read_text())
+    assert code == 0 and len(written["skip"]) == 1 and written["generate"] == 6 and written["tokens"] > 12
     base = ["generate", "--model", model, "--prompt", "hello world hello world", "--preset", "greedy",
             "--max-tokens", "12", "--json"]
     plain = json.loads(run(capsys, *base)[1])["token_ids"]

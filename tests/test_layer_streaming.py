@@ -3,6 +3,7 @@ under a budget, and on the GPU, streamed runs equal to resident ones bit for bit
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from collections import Counter
@@ -226,6 +227,20 @@ def test_host_ram_short_puts_the_last_layers_on_disk():
     assert p.tiers[-1] == "disk" and "ram" not in p.tiers[p.tiers.index("disk"):]
 
 
+def test_a_resident_order_keeps_its_first_layers_resident_and_streams_the_rest_in_order():
+    s = sizes(n_layers=10)
+    budget = place(s, None, GIB, 8192, 8192).device_bytes - 6 * s.layers[0] + 2 * s.layers[0]  # room for 4 + 2 slots
+    order = (7, 2, 9, 4, 0, 1, 3, 5, 6, 8)
+    p = place(s, budget, GIB, 8192, 8192, host_ram=3 * s.layers[0], resident_order=order)
+    assert [i for i, t in enumerate(p.tiers) if t == "vram"] == [2, 4, 7, 9]
+    assert p.streamed == (0, 1, 3, 5, 6, 8) and p.n_buffers == 2
+    assert [p.tiers[i] for i in p.streamed] == ["ram"] * 3 + ["disk"] * 3  # the stream reads them in order
+    assert place(s, budget, GIB, 8192, 8192).tiers[:4] == ("vram",) * 4  # the first layers by default
+    for bad in ((0, 1), tuple(range(9)) + (0,)):
+        with pytest.raises(ValueError, match="resident order"):
+            place(s, budget, GIB, 8192, 8192, resident_order=bad)
+
+
 def test_a_budget_below_the_minimum_names_it():
     s = sizes()
     reserve = GIB
@@ -395,6 +410,47 @@ def test_a_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_mo
     plain = [e.token_id for e in resident.generate(prompt, params)]
     assert [e.token_id for e in streamed.generate(prompt, params, Speculation(3, **draft))] == plain
     assert streamed.last_speculation.passes > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(request, tmp_path, deep_model,
+                                                                               backend):
+    """The skip set's residency order keeps its draft's layers resident, so the skip drafter
+    runs where every streamed layer comes from the disk tier (which refuses a draft that
+    streams); the streamed engine's logits equal the resident one's bit for bit."""
+    from drive import forward
+    from workers.engine.engine import Engine, Sequence
+    from workers.engine.sampling import SamplingParams
+    from workers.engine.skip_calibration import residency_order
+    from workers.engine.speculation import Speculation
+    from workers.memory.disk_stream import DiskStream
+
+    if backend == "cupy":
+        request.getfixturevalue("cuda_device")
+    skip_file = tmp_path / "skip.json"
+    skip_file.write_text(json.dumps({"n_layers": 6, "skip": [1, 2, 4], "order": [
+        {"layer": 4, "agreement": 0.9, "kl": 0.1}, {"layer": 1, "agreement": 0.8, "kl": 0.2},
+        {"layer": 2, "agreement": 0.7, "kl": 0.3}]}))
+    order = residency_order(skip_file, deep_model)
+    assert order == (0, 3, 5, 2, 1, 4)
+    kw = dict(backend=backend, max_context=256, kv_cache_tokens=1024)
+    resident = Engine(deep_model, **kw)
+    streamed = Engine(deep_model, vram_budget=streaming_budget(resident.placement, (0, 3, 5), 2), n_buffers=2,
+                      host_ram=0, resident_order=order,
+                      disk_open=lambda sizes: DiskStream(tmp_path / "deep.images", sizes, slots=2), **kw)
+    assert streamed.resident_layers == (0, 3, 5) and streamed.placement.streamed == (1, 2, 4)
+    assert {streamed.placement.tiers[i] for i in (1, 2, 4)} == {"disk"}
+    prompt = [5, 17, 99, 4, 23, 5, 17, 99]
+    logits = [forward(e, [(Sequence(list(prompt)), len(prompt))], all_logits=True) for e in (resident, streamed)]
+    assert np.array_equal(*logits)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = [e.token_id for e in resident.generate(prompt, params)]
+    assert [e.token_id for e in streamed.generate(prompt, params, Speculation(3, "skip", skip=(1, 2, 4)))] == plain
+    assert streamed.last_speculation.passes > 0
+    with pytest.raises(ValueError, match="disk"):  # the same drafter, the first layers resident
+        first = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 3, 2), n_buffers=2, host_ram=0,
+                       disk_open=lambda sizes: DiskStream(tmp_path / "first.images", sizes, slots=2), **kw)
+        list(first.generate(prompt, params, Speculation(3, "skip", skip=(1, 2, 4))))
 
 
 @pytest.mark.gpu

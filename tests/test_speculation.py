@@ -10,7 +10,7 @@ import pytest
 from workers.engine.draft_policy import PROBE_FIRST, DraftPolicy, expected_tokens
 from workers.engine.engine import Engine, Sequence
 from workers.engine.sampling import SamplingParams
-from workers.engine.skip_calibration import calibrate, load_skip_set, score, write
+from workers.engine.skip_calibration import calibrate, load_skip_set, own_continuations, read_prompts, score, write
 from workers.engine.speculation import Speculation, accept_sampled, lookup_proposal
 from workers.model.gguf_file import GGUFFile
 from workers.model.synthetic import rewrite_model
@@ -244,7 +244,7 @@ def test_calibration_skips_the_layer_whose_absence_hurts_least_and_round_trips(e
     assert result["skip"] == [best] and result["order"][0]["agreement"] == pytest.approx(scores[best][0], abs=1e-4)
     assert scores[0] != scores[1]
     path = tmp_path / "skip.json"
-    write(path, result, "inline")
+    write(path, result, {"text": "inline"})
     assert load_skip_set(path, n) == (best,)
     with pytest.raises(ValueError, match="calibrated for 2 layers; this model has 24"):
         load_skip_set(path, 24)
@@ -253,3 +253,21 @@ def test_calibration_skips_the_layer_whose_absence_hurts_least_and_round_trips(e
         load_skip_set(path, n)
     with pytest.raises(ValueError, match="skip fraction"):
         calibrate(engine, ids, fraction=1.0)
+
+
+def test_calibration_text_from_prompts_is_each_prompt_then_the_models_greedy_continuation(engine, tmp_path):
+    prompts = ["hello world", "the cat sat"]
+    greedy = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    want = []
+    for p in prompts:
+        ids = engine.prompt_ids(p)
+        want += ids + [t.token_id for t in engine.generate(ids, greedy)]
+    assert own_continuations(engine, prompts, 5, limit=1000) == want
+    assert own_continuations(engine, prompts, 5, limit=9) == want[:9]
+    with pytest.raises(ValueError, match="continuation tokens"):
+        own_continuations(engine, prompts, 0, limit=10)
+    bad = tmp_path / "p.json"
+    for content in ("not json", "[]", '["x", 3]', '{"code": ["x"]}'):
+        bad.write_text(content)
+        with pytest.raises(ValueError, match="calibration prompts"):
+            read_prompts(bad)

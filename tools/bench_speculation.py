@@ -4,7 +4,7 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
 
     PYTHONPATH=. python tools/bench_speculation.py [--model M] [--backend numpy|cupy]
         [--configs plain,lookup:4,early-exit:3:6,skip:3:12,auto:auto] [--skip-set FILE]
-        [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G] [--json OUT]
+        [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G [--resident draft|first]] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
     PYTHONPATH=. python tools/bench_speculation.py --pass-cost 20 [--backend cupy] [--vram-gb G]
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from workers.engine.engine import Engine, Sequence  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
-from workers.engine.skip_calibration import load_skip_set  # noqa: E402
+from workers.engine.skip_calibration import load_skip_set, residency_order  # noqa: E402
 from workers.engine.speculation import MAX_K, Speculation  # noqa: E402
 from workers.model import store as model_store  # noqa: E402
 
@@ -138,6 +138,9 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--skip-set", help="a calibrate-skip JSON file (skip and auto configs)")
     ap.add_argument("--vram-gb", type=float, help="the engine's VRAM budget: the layers past it stream (GPU)")
+    ap.add_argument("--resident", choices=("draft", "first"), default="draft",
+                    help="with --vram-gb and --skip-set: the skip draft's layers stay resident (draft, as ntr generate "
+                    "places them) or the first layers do (first)")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
     ap.add_argument("--pass-cost", type=int, metavar="REPS",
@@ -147,8 +150,11 @@ def main() -> int:
         matmul_rows()
         return 0
     sets = json.loads((REPO / "tools" / "data" / "speculation_prompts.json").read_text())
-    engine = Engine(model_store.resolve(args.model), backend=args.backend, max_context=1024,
-                    vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None)
+    path = model_store.resolve(args.model)
+    draft_resident = args.vram_gb and args.skip_set and args.resident == "draft"
+    order = residency_order(args.skip_set, path) if draft_resident else None
+    engine = Engine(path, backend=args.backend, max_context=1024,
+                    vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None, resident_order=order)
     print(json.dumps({"tiers": engine.placement.tiers}), flush=True)
     if args.pass_cost:
         pass_cost(engine, args.pass_cost)

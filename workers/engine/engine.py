@@ -136,7 +136,8 @@ class Engine:
                  vram_budget: int | None = None, n_buffers: int | None = None, host_ram: int | None = None,
                  rates: Rates | None = None, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                  host_alloc=None, disk_open=None, kv_type: str | None = None,
-                 requant_streamed: str | None = None, pipeline_parallel_size: int = 1, stage_runner=None):
+                 requant_streamed: str | None = None, pipeline_parallel_size: int = 1, stage_runner=None,
+                 resident_order: tuple[int, ...] | None = None):
         """The KV cache holds kv_cache_tokens tokens, or as many as kv_cache_bytes of the
         backend's KV layout of kv_type (kernels/kv_layout.py; the backend's default if None)
         hold (at least one context), or one context. With vram_budget
@@ -148,7 +149,9 @@ class Engine:
         max_batch_tokens and max_logit_rows (tokens a step takes, rows of logits it returns)
         size the activations the budget keeps room for. requant_streamed ("auto" or a K-quant
         type): the streamed layers' matrices are requantized as they load
-        (workers/engine/requant_streamed.py), so each pass copies fewer bytes.
+        (workers/engine/requant_streamed.py), so each pass copies fewer bytes. resident_order:
+        the order layers claim residency when some stream (`placement.place`; the first layers
+        if None).
 
         With pipeline_parallel_size P > 1 the forward pass runs in P stages, the layers split
         by bytes (workers/engine/pipeline.py); this engine then holds no weights and no KV, only
@@ -187,7 +190,7 @@ class Engine:
         def placed():
             return plan_model(self.gguf, c, self.ops, vram_budget, kv_cache_tokens, self.max_context, block_size,
                               max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates, kv_type,
-                              requant_streamed, context)
+                              requant_streamed, context, resident_order)
 
         self.max_batch_tokens = max_batch_tokens
         self.placement = placed()

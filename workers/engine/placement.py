@@ -6,8 +6,10 @@ context, cuBLAS workspace, scratch, activations, captured decode graphs: `runtim
 for a resident model, where the budget holds them, the captured prompt passes' pools:
 `with_prompt_graphs`), what every step needs (embedding, output norm and head, the layers'
 norms), the KV cache, the slots, and the resident layers. Resident layers are the first ones
-(the self-speculation drafter runs them); the rest stream through the slots
-(kernels/layer_ring.py), from host RAM while their images fit in it, then from disk.
+(the early-exit drafter runs them), or the first of an order the caller gives: a skip set's
+(`workers/engine/skip_calibration.residency_order`), so the skip drafter runs resident layers
+only; the rest stream through the slots (kernels/layer_ring.py), from host RAM while their
+images fit in it, then from disk.
 
 Speed is predicted from named rates: the host-to-device link (measured, kernels/cupy/link.py),
 the rate at which products read resident weights, the prompt's compute rate and the disk's
@@ -199,10 +201,15 @@ def choose_buffers(slot_bytes: int, layer_bytes: int, rates: Rates) -> tuple[int
 
 
 def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | None, min_kv_tokens: int,
-          rates: Rates = Rates(), host_ram: int | None = None, n_buffers: int | None = None) -> Placement:
+          rates: Rates = Rates(), host_ram: int | None = None, n_buffers: int | None = None,
+          resident_order: tuple[int, ...] | None = None) -> Placement:
     """kv_tokens None: the KV cache takes what the budget leaves when every layer is resident,
-    else one context (min_kv_tokens)."""
+    else one context (min_kv_tokens). resident_order: every layer once, in the order they claim
+    residency (`residency_order`); the first layers by default."""
     L = len(sizes.layers)
+    order = tuple(range(L)) if resident_order is None else tuple(resident_order)
+    if sorted(order) != list(range(L)):
+        raise ValueError(f"resident order must list each of the {L} layers once, got {list(order)}")
     kv_min = max(kv_tokens or 0, min_kv_tokens)
     everything = reserve + sizes.fixed + sum(sizes.layers)
     if budget is None or everything + sizes.kv_bytes(kv_min) <= budget:
@@ -223,19 +230,20 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
             f"embedding, norms and output head ({sizes.fixed / GIB:.2f}), a {kv}-token KV cache "
             f"({sizes.kv_bytes(kv) / GIB:.2f}) and two layer slots ({2 * slot / GIB:.2f}): the minimum is "
             f"{minimum / GIB:.2f} GiB")
-    resident = 0
+    resident: set[int] = set()
     for _ in range(3):  # the slots are as large as the largest streamed layer, which depends on the split
-        room, resident = budget - base - n * slot, 0
-        while resident < L - 1 and sizes.layers[resident] <= room:
-            room -= sizes.layers[resident]
-            resident += 1
-        slot = max(sizes.layers[resident:])
-    n = min(n, L - resident)
-    if budget < base + n * slot + sum(sizes.layers[:resident]):
-        n = 2 if L - resident >= 2 else 1
+        room, taken = budget - base - n * slot, 0
+        while taken < L - 1 and sizes.layers[order[taken]] <= room:
+            room -= sizes.layers[order[taken]]
+            taken += 1
+        resident = set(order[:taken])
+        slot = max(sizes.layers[i] for i in order[taken:])
+    n = min(n, L - len(resident))
+    if budget < base + n * slot + sum(sizes.layers[i] for i in resident):
+        n = 2 if L - len(resident) >= 2 else 1
     tiers, ram = [], host_ram
     for i in range(L):
-        if i < resident:
+        if i in resident:
             tiers.append("vram")
         elif ram is None or sizes.layers[i] <= ram:
             tiers.append("ram")
@@ -243,7 +251,7 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
                 ram -= sizes.layers[i]
         else:
             tiers.append("disk")
-            ram = 0  # the disk layers are the last ones: the stream reads them in order
+            ram = 0  # the disk layers are the last streamed ones: the stream reads them in order
     return Placement(tuple(tiers), n, slot, kv, budget, reserve, sizes, why)
 
 
@@ -262,13 +270,13 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
                block_size: int = 16, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates(),
                kv_type: str | None = None, requant_streamed: str | None = None,
-               context: int = CONTEXT_BYTES) -> Placement:
+               context: int = CONTEXT_BYTES, resident_order: tuple[int, ...] | None = None) -> Placement:
     """The placement of a GGUF model for a backend (`sizer`: a Backend, or kernels' CupySizes
     where there is no GPU: `ntr plan`) with its KV cache of kv_type (the backend's default if None).
     requant_streamed ("auto" or a type, workers/engine/requant_streamed.py): the layers are
     placed at the file's sizes, then the streamed ones' matrices retyped (Placement.requant) and
     their images and the slots shrunk to the new sizes. context: the device memory outside the
-    pool (`context_bytes`)."""
+    pool (`context_bytes`). resident_order: as `place` takes it."""
     c = config
     layout = sizer.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
     # a ring slot (and a share of the sliding pool) per sequence a step holds (Engine: max_logit_rows)
@@ -278,7 +286,7 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
     sizes = model_sizes(gguf, c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
     reserve = runtime_reserve(c.d_model, c.ffn_dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim,
                               c.vocab_size, max_batch_tokens, max_logit_rows, context)
-    p = place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers)
+    p = place(sizes, budget, reserve, kv_tokens, max_context, rates, host_ram, n_buffers, resident_order)
     if not p.streamed:
         return with_prompt_graphs(p, kv_tokens, max_context)
     if requant_streamed is None:
@@ -288,7 +296,7 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
     # the requantization's scratch takes their room, and the reserve grows where it is short
     short = load_scratch_bytes(gguf, types, sizer) - (reserve - context - GRAPH_BYTES + sizes.kv_bytes(p.kv_tokens))
     if short > 0:
-        p = place(sizes, budget, reserve + short, kv_tokens, max_context, rates, host_ram, n_buffers)
+        p = place(sizes, budget, reserve + short, kv_tokens, max_context, rates, host_ram, n_buffers, resident_order)
         types = streamed_types(gguf, c, p.streamed, requant_streamed)
     smaller = model_sizes(retyped(gguf, types), c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
     return replace(p, sizes=smaller, slot_bytes=max(smaller.layers[i] for i in p.streamed),

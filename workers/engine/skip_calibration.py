@@ -1,7 +1,10 @@
 """Which layers the skip drafter passes over: a deterministic greedy search on a calibration
 text (one that no evaluation uses), and the JSON file that carries its answer.
 
-The model reads the text once, teacher-forced, for its own next-token choices (the reference).
+The text is best the model's own: calibration prompts, each followed by the model's greedy
+continuation (`own_continuations`), since a draft predicts what the model writes
+(docs/benchmarks.md compares sets chosen on either kind of text). The model reads the text
+once, teacher-forced, for its own next-token choices (the reference).
 A candidate skip set reads it again with those layers passed over, and is scored by how often
 its top-1 token equals the reference's (the draft's acceptance under greedy decoding), ties
 broken by the mean KL(reference || draft) over the positions. The search adds one layer a
@@ -21,8 +24,37 @@ from pathlib import Path
 import numpy as np
 
 from workers.engine.engine import Sequence
+from workers.engine.sampling import SamplingParams
+from workers.model.config import ModelConfig
+from workers.model.gguf_file import GGUFFile
 
 MAX_CALIBRATION_TOKENS = 2048
+
+
+def own_continuations(engine, prompts: list[str], tokens: int, limit: int) -> list[int]:
+    """Calibration ids: each prompt (as a plain prompt) followed by the model's own greedy
+    continuation of `tokens` tokens, in order, until `limit` ids are held (cut there)."""
+    if not 1 <= tokens <= engine.max_context:
+        raise ValueError(f"continuation tokens must be in 1..{engine.max_context}, got {tokens}")
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    ids: list[int] = []
+    for text in prompts:
+        if len(ids) >= limit:
+            break
+        prompt = engine.prompt_ids(text)
+        ids += prompt + [t.token_id for t in engine.generate(prompt, params) if t.token_id is not None]
+    return ids[:limit]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """A calibration prompt file: a JSON list of non-empty strings."""
+    try:
+        prompts = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"calibration prompts {path}: {e}") from None
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise ValueError(f"calibration prompts {path}: expected a JSON list of non-empty strings")
+    return prompts
 
 
 def _read(engine, ids: list[int], layers: tuple[int, ...] | None) -> np.ndarray:
@@ -79,13 +111,13 @@ def calibrate(engine, ids: list[int], fraction: float, candidates: int = 6, prog
             "skip": sorted(skipped), "order": order}
 
 
-def write(path: str | Path, result: dict, text: str) -> None:
-    Path(path).write_text(json.dumps({**result, "text": text}, indent=1) + "\n")
+def write(path: str | Path, result: dict, source: dict) -> None:
+    """result with where its text came from (`{"text": file}` or the prompts file and tokens)."""
+    Path(path).write_text(json.dumps({**result, **source}, indent=1) + "\n")
 
 
-def load_skip_set(path: str | Path, n_layers: int, count: int | None = None) -> tuple[int, ...]:
-    """The layers a calibration file says to skip (with count, the first count it chose), for a
-    model of n_layers."""
+def _read_file(path: str | Path, n_layers: int) -> tuple[list[int], list[int]]:
+    """(the layers in the order the search skipped them, the skip set) of a calibration file."""
     try:
         data = json.loads(Path(path).read_text())
         order = [int(o["layer"]) for o in data["order"]]
@@ -94,8 +126,28 @@ def load_skip_set(path: str | Path, n_layers: int, count: int | None = None) -> 
         raise ValueError(f"skip set {path}: not a calibrate-skip file ({e})") from None
     if file_layers != n_layers:
         raise ValueError(f"skip set {path} was calibrated for {file_layers} layers; this model has {n_layers}")
+    if sorted(set(order)) != sorted(skip) or len(order) != len(skip) or not all(0 <= i < n_layers for i in skip):
+        raise ValueError(f"skip set {path}: its order {order} and set {skip} disagree")
+    return order, skip
+
+
+def load_skip_set(path: str | Path, n_layers: int, count: int | None = None) -> tuple[int, ...]:
+    """The layers a calibration file says to skip (with count, the first count it chose), for a
+    model of n_layers."""
+    order, skip = _read_file(path, n_layers)
     if count is not None:
         if not 1 <= count <= len(order):
             raise ValueError(f"skip set {path} holds {len(order)} layers in order; asked for the first {count}")
         skip = order[:count]
     return tuple(sorted(skip))
+
+
+def residency_order(path: str | Path, model_path: str | Path) -> tuple[int, ...]:
+    """The order a streamed placement gives the layers of the model at model_path residency
+    for a calibration file's skip drafter (placement.place): the layers the draft runs first,
+    so it copies nothing over the link; then the skipped ones, those whose skipping hurt most
+    first (the search's order reversed)."""
+    with GGUFFile(model_path) as gguf:
+        n_layers = ModelConfig.from_gguf(gguf).n_layers
+    order, skip = _read_file(path, n_layers)
+    return tuple(i for i in range(n_layers) if i not in set(skip)) + tuple(reversed(order))
