@@ -7,6 +7,7 @@ import json
 import os
 import random
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -241,6 +242,18 @@ def test_a_resident_order_keeps_its_first_layers_resident_and_streams_the_rest_i
             place(s, budget, GIB, 8192, 8192, resident_order=bad)
 
 
+def test_a_drafts_predicted_time_is_its_layers_and_the_head():
+    s = replace(sizes(), head_bytes=GIB)
+    p = place(s, 24 * GIB, GIB, 8192, 8192)
+    rates = Rates(link_gb_s=50.0, weight_read_gb_s=1000.0)
+    resident, layer = tuple(i for i, t in enumerate(p.tiers) if t == "vram"), s.layers[0]
+    assert 0 < len(resident) < 80
+    assert p.step_seconds(1, rates, resident) == pytest.approx((GIB + len(resident) * layer) / 1e12, rel=1e-9)
+    whole = (GIB + len(resident) * layer) / 1e12 + (80 - len(resident)) * layer / 50e9  # streamed: the copy
+    assert p.step_seconds(1, rates) == pytest.approx(whole, rel=1e-9)
+    assert p.step_seconds(1, rates, (0, 79)) == pytest.approx((GIB + layer) / 1e12 + layer / 50e9, rel=1e-9)
+
+
 def test_a_budget_below_the_minimum_names_it():
     s = sizes()
     reserve = GIB
@@ -419,6 +432,7 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
     runs where every streamed layer comes from the disk tier (which refuses a draft that
     streams); the streamed engine's logits equal the resident one's bit for bit."""
     from drive import forward
+    from workers.engine.draft_policy import DraftPolicy
     from workers.engine.engine import Engine, Sequence
     from workers.engine.sampling import SamplingParams
     from workers.engine.skip_calibration import residency_order
@@ -447,6 +461,13 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
     plain = [e.token_id for e in resident.generate(prompt, params)]
     assert [e.token_id for e in streamed.generate(prompt, params, Speculation(3, "skip", skip=(1, 2, 4)))] == plain
     assert streamed.last_speculation.passes > 0
+    # the policy's cost of a draft token: its layers' and the head's bytes over a step's when all
+    # is resident; far less beside streamed layers, whose copies a step waits for
+    sizes = resident.placement.sizes
+    share = (sum(sizes.layers[i] for i in (0, 3, 5)) + sizes.head_bytes) / (sum(sizes.layers) + sizes.head_bytes)
+    skip_only = Speculation(None, "skip", skip=(1, 2, 4))
+    assert DraftPolicy.for_engine(resident, skip_only).draft_cost["skip"] == pytest.approx(share, rel=1e-6)
+    assert DraftPolicy.for_engine(streamed, skip_only).draft_cost["skip"] < share / 10
     with pytest.raises(ValueError, match="disk"):  # the same drafter, the first layers resident
         first = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 3, 2), n_buffers=2, host_ram=0,
                        disk_open=lambda sizes: DiskStream(tmp_path / "first.images", sizes, slots=2), **kw)

@@ -7,8 +7,9 @@ draft is kept up to its first rejection, so this is the geometric model's estima
 decayed by DECAY a pass so the estimate follows the sequence. A pass of d with k tokens is
 expected to give (1 - a^(k+1)) / (1 - a) tokens and to cost, in plain decode steps,
 verify_cost (a pass over 2..k+1 rows; 1 when nothing was drafted) + k * draft_cost(d), where
-draft_cost is the share of the model's weights the drafter's layers and the head hold (0 for
-lookup). The next pass takes the (d, k) with the most tokens per cost (ties: the earlier
+draft_cost is the placement's predicted time of a pass through the drafter's layers and the
+head over a whole step's (0 for lookup): about the share of the weights they hold when every
+layer is resident, far less when the draft's layers are resident and others stream. The next pass takes the (d, k) with the most tokens per cost (ties: the earlier
 drafter in DRAFTERS order, then the smaller k). With a fixed k only d is chosen; with auto k,
 when no (d, k) beats a plain step (1 token per cost 1) the step is plain, and after
 PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its estimate,
@@ -64,13 +65,16 @@ class DraftPolicy:
 
     @classmethod
     def for_engine(cls, engine, spec: Speculation) -> "DraftPolicy":
-        """Costs from the engine's model (its layers' and head's weights) and backend."""
-        sizes = engine.placement.sizes
+        """A draft token's cost: the placement's predicted time for a pass through its layers
+        and the head over a whole step's (placement.step_seconds: resident layers read, streamed
+        ones copied too), so a draft through resident layers is cheap beside a streamed step.
+        A verifying pass's: VERIFY_COST of the backend and placement."""
+        p = engine.placement
         drafters = spec.drafters(engine.config.n_layers, engine.resident_layers)
-        total = sum(sizes.layer_params) + sizes.head_params
-        costs = {name: 0.0 if layers is None else (sum(sizes.layer_params[i] for i in layers) + sizes.head_params) / total
+        step = p.step_seconds(1, engine.rates)
+        costs = {name: 0.0 if layers is None else p.step_seconds(1, engine.rates, layers) / step
                  for name, layers in drafters.items()}
-        return cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(engine.placement.streamed)])
+        return cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)])
 
     def acceptance(self, drafter: str) -> float:
         return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)

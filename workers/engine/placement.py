@@ -62,6 +62,7 @@ class ModelSizes:
     head_params: int
     kv_sliding_per_token: int = 0  # the sliding layers' K and V for one token of their pool
     kv_sliding_tokens: int = 0  # the sliding pool's tokens (kv_cache.sliding_pool_blocks), at most the main pool's
+    head_bytes: int = 0  # the output head's weights (read by every pass; counted in fixed)
 
     def kv_bytes(self, kv_tokens: int) -> int:
         """The KV cache of a main pool of kv_tokens tokens, its sliding pool included."""
@@ -93,7 +94,8 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
     if not config.tied_embeddings:
         fixed += ops.matrix_nbytes(head)
     return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * (config.n_layers - n_sliding), tuple(params),
-                      head.shape[0] * head.shape[-1], kv_bytes_per_token * n_sliding, kv_sliding_tokens)
+                      head.shape[0] * head.shape[-1], kv_bytes_per_token * n_sliding, kv_sliding_tokens,
+                      ops.matrix_nbytes(head))
 
 
 def context_bytes(outside_pool: int | None) -> int:
@@ -152,9 +154,10 @@ class Placement:
         return self.reserve + s.fixed + s.kv_bytes(self.kv_tokens) + self.n_buffers * self.slot_bytes \
             + self.bytes_in("vram")
 
-    def step_seconds(self, tokens: int, rates: Rates) -> float:
+    def step_seconds(self, tokens: int, rates: Rates, layers: tuple[int, ...] | None = None) -> float:
         """One forward pass over `tokens` tokens (a prompt, or a decode step of that many
-        sequences): resident layers compute, streamed ones take the longer of copy and compute."""
+        sequences) through `layers` (every layer if None; a draft's otherwise) and the head:
+        resident layers compute, streamed ones take the longer of copy and compute."""
         s = self.sizes
 
         def compute(nbytes: int, params: int) -> float:
@@ -162,12 +165,14 @@ class Placement:
             flops = 2 * params * tokens / (rates.prompt_tflops * 1e12)
             return max(read, flops)
 
-        t = compute(0, s.head_params)
-        for nbytes, params, tier in zip(s.layers, s.layer_params, self.tiers):
-            c = compute(nbytes, params)
-            t += c if tier == "vram" else max(c, nbytes / (rates.link_gb_s * 1e9))
+        run = range(len(s.layers)) if layers is None else layers
+        t = compute(s.head_bytes, s.head_params)
+        for i in run:
+            c = compute(s.layers[i], s.layer_params[i])
+            t += c if self.tiers[i] == "vram" else max(c, s.layers[i] / (rates.link_gb_s * 1e9))
         # the disk tier reads ahead all the time, so a pass takes at least its disk bytes' read
-        return max(t, self.bytes_in("disk") / (rates.disk_gb_s * 1e9))
+        disk = sum(s.layers[i] for i in run if self.tiers[i] == "disk")
+        return max(t, disk / (rates.disk_gb_s * 1e9))
 
     def predict(self, rates: Rates, prompt: int = 512, batch: int = 16) -> dict:
         return {"prefill_tok_s": prompt / self.step_seconds(prompt, rates),

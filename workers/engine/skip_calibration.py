@@ -1,9 +1,10 @@
 """Which layers the skip drafter passes over: a deterministic greedy search on a calibration
 text (one that no evaluation uses), and the JSON file that carries its answer.
 
-The text is best the model's own: calibration prompts, each followed by the model's greedy
-continuation (`own_continuations`), since a draft predicts what the model writes
-(docs/benchmarks.md compares sets chosen on either kind of text). The model reads the text
+The text is a file, or calibration prompts each followed by the model's greedy continuation
+(`own_continuations`): what a draft predicts is what the model writes. On the default model
+the two kinds of text chose sets that keep about as many tokens a pass. What mattered was
+reading a few hundred tokens and rescoring (docs/benchmarks.md). The model reads the text
 once, teacher-forced, for its own next-token choices (the reference).
 A candidate skip set reads it again with those layers passed over, and is scored by how often
 its top-1 token equals the reference's (the draft's acceptance under greedy decoding), ties
