@@ -84,13 +84,15 @@ def cmd_plan(args) -> int:
             pass  # no GPU here: the default stands, named as such
     source.update(weight_read_gb_s="default (H200: 70B tg128)", prompt_tflops="default (H200: 70B pp512)",
                   disk_gb_s="default")
-    with GGUFFile(model_store.resolve(args.model)) as gguf:
+    path = model_store.resolve(args.model)
+    with GGUFFile(path) as gguf:
         config = ModelConfig.from_gguf(gguf)
         max_context = min(config.context_length, args.ctx)
         p = plan_model(gguf, config, CupySizes, kv_tokens=args.kv_tokens or max_context, max_context=max_context,
                        max_batch_tokens=args.batch_tokens, max_logit_rows=args.seqs, rates=rates,
                        budget=options["vram_budget"], host_ram=options["host_ram"], n_buffers=options["n_buffers"],
-                       kv_type=options["kv_type"], requant_streamed=options["requant_streamed"])
+                       kv_type=options["kv_type"], requant_streamed=options["requant_streamed"],
+                       resident_order=_resident_order(args, path))
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if args.json:
         print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
@@ -465,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--seqs", type=int, default=16, help="sequences decoded at once (rows of logits a step "
                     "returns), for the predicted aggregate")
     pl.add_argument("--link-gb-s", type=float, help="host-to-device GB/s (default: measured with a GPU)")
+    pl.add_argument("--skip-set", help="a calibrate-skip file: the layers its draft runs are kept resident, as "
+                    "ntr generate --skip-set keeps them")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan, backend="cupy")
 

@@ -426,8 +426,8 @@ def test_a_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_mo
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(request, tmp_path, deep_model,
-                                                                               backend):
+def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(request, tmp_path, capsys,
+                                                                               deep_model, backend):
     """The skip set's residency order keeps its draft's layers resident, so the skip drafter
     runs where every streamed layer comes from the disk tier (which refuses a draft that
     streams); the streamed engine's logits equal the resident one's bit for bit."""
@@ -468,6 +468,21 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
     skip_only = Speculation(None, "skip", skip=(1, 2, 4))
     assert DraftPolicy.for_engine(resident, skip_only).draft_cost["skip"] == pytest.approx(share, rel=1e-6)
     assert DraftPolicy.for_engine(streamed, skip_only).draft_cost["skip"] < share / 10
+    # ntr plan places the model as ntr generate does with the same skip set
+    from cluster.cli import main
+    from kernels.cupy.planes import CupySizes
+    from workers.engine.placement import plan_model
+    from workers.model.config import ModelConfig
+    from workers.model.gguf_file import GGUFFile
+
+    with GGUFFile(deep_model) as g:
+        everything = plan_model(g, ModelConfig.from_gguf(g), CupySizes, None, 256, 256)
+    plan = ["plan", "--model", str(deep_model), "--vram-gb", repr(streaming_budget(everything, 3, 2, 256) / GIB),
+            "--kv-tokens", "256", "--ctx", "256", "--seqs", "32", "--n-buffers", "2", "--link-gb-s", "25", "--json"]
+    for extra, want in (([], (0, 1, 2)), (["--skip-set", str(skip_file)], (0, 3, 5))):
+        assert main(plan + extra) == 0
+        tiers = json.loads(capsys.readouterr().out)["placement"]["tiers"]
+        assert tuple(i for i, t in enumerate(tiers) if t == "vram") == want
     with pytest.raises(ValueError, match="disk"):  # the same drafter, the first layers resident
         first = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 3, 2), n_buffers=2, host_ram=0,
                        disk_open=lambda sizes: DiskStream(tmp_path / "first.images", sizes, slots=2), **kw)

@@ -9,8 +9,9 @@ expected to give (1 - a^(k+1)) / (1 - a) tokens and to cost, in plain decode ste
 verify_cost (a pass over 2..k+1 rows; 1 when nothing was drafted) + k * draft_cost(d), where
 draft_cost is the placement's predicted time of a pass through the drafter's layers and the
 head over a whole step's (0 for lookup): about the share of the weights they hold when every
-layer is resident, far less when the draft's layers are resident and others stream. The next pass takes the (d, k) with the most tokens per cost (ties: the earlier
-drafter in DRAFTERS order, then the smaller k). With a fixed k only d is chosen; with auto k,
+layer is resident, far less when the draft's layers are resident and others stream. The
+next pass takes the (d, k) with the most tokens per cost (ties: the earlier drafter in
+DRAFTERS order, then the smaller k). With a fixed k only d is chosen; with auto k,
 when no (d, k) beats a plain step (1 token per cost 1) the step is plain, and after
 PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its estimate,
 the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock or a
