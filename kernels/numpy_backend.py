@@ -22,7 +22,8 @@ GELU_C = float(np.sqrt(2.0 / np.pi))
 # GEMV_SLICE_BYTES: OpenBLAS's GEMM for a few rows costs ~3.4x one GEMV on two cores (it packs
 # the whole weight), while a slice kept in the L3 cache (32 MiB, shared) serves every row after
 # the first from there. Each row's output is bit-for-bit the single-row product's, so a verifying
-# pass scores its rows as plain decode does. Measured in docs/benchmarks.md (CPU section).
+# pass scores its rows as plain decode does. Measured in docs/benchmarks.md ("The CPU's few-row
+# product").
 GEMV_ROWS = 12
 GEMV_SLICE_BYTES = 8 << 20
 Q8_MAX = 127 * 128  # the GPU stores q as two int8 planes, q >> 7 and q & 127 (quant_gemv_q8.cu quantize_x)

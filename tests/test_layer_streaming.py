@@ -425,9 +425,18 @@ def test_a_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_mo
     assert streamed.last_speculation.passes > 0
 
 
+def write_skip_file(tmp_path):
+    """A calibrate-skip file for the 6-layer deep model: layers 4, 1, 2 skipped, in that order."""
+    path = tmp_path / "skip.json"
+    path.write_text(json.dumps({"n_layers": 6, "skip": [1, 2, 4], "order": [
+        {"layer": 4, "agreement": 0.9, "kl": 0.1}, {"layer": 1, "agreement": 0.8, "kl": 0.2},
+        {"layer": 2, "agreement": 0.7, "kl": 0.3}]}))
+    return path
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(request, tmp_path, capsys,
-                                                                               deep_model, backend):
+def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(request, tmp_path, deep_model,
+                                                                               backend):
     """The skip set's residency order keeps its draft's layers resident, so the skip drafter
     runs where every streamed layer comes from the disk tier (which refuses a draft that
     streams); the streamed engine's logits equal the resident one's bit for bit."""
@@ -441,11 +450,7 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
 
     if backend == "cupy":
         request.getfixturevalue("cuda_device")
-    skip_file = tmp_path / "skip.json"
-    skip_file.write_text(json.dumps({"n_layers": 6, "skip": [1, 2, 4], "order": [
-        {"layer": 4, "agreement": 0.9, "kl": 0.1}, {"layer": 1, "agreement": 0.8, "kl": 0.2},
-        {"layer": 2, "agreement": 0.7, "kl": 0.3}]}))
-    order = residency_order(skip_file, deep_model)
+    order = residency_order(write_skip_file(tmp_path), deep_model)
     assert order == (0, 3, 5, 2, 1, 4)
     kw = dict(backend=backend, max_context=256, kv_cache_tokens=1024)
     resident = Engine(deep_model, **kw)
@@ -468,7 +473,13 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
     skip_only = Speculation(None, "skip", skip=(1, 2, 4))
     assert DraftPolicy.for_engine(resident, skip_only).draft_cost["skip"] == pytest.approx(share, rel=1e-6)
     assert DraftPolicy.for_engine(streamed, skip_only).draft_cost["skip"] < share / 10
-    # ntr plan places the model as ntr generate does with the same skip set
+    with pytest.raises(ValueError, match="disk"):  # the same drafter, the first layers resident
+        first = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 3, 2), n_buffers=2, host_ram=0,
+                       disk_open=lambda sizes: DiskStream(tmp_path / "first.images", sizes, slots=2), **kw)
+        list(first.generate(prompt, params, Speculation(3, "skip", skip=(1, 2, 4))))
+
+
+def test_ntr_plan_keeps_a_skip_sets_draft_resident_as_generate_does(tmp_path, capsys, deep_model):
     from cluster.cli import main
     from kernels.cupy.planes import CupySizes
     from workers.engine.placement import plan_model
@@ -479,14 +490,10 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
         everything = plan_model(g, ModelConfig.from_gguf(g), CupySizes, None, 256, 256)
     plan = ["plan", "--model", str(deep_model), "--vram-gb", repr(streaming_budget(everything, 3, 2, 256) / GIB),
             "--kv-tokens", "256", "--ctx", "256", "--seqs", "32", "--n-buffers", "2", "--link-gb-s", "25", "--json"]
-    for extra, want in (([], (0, 1, 2)), (["--skip-set", str(skip_file)], (0, 3, 5))):
+    for extra, want in (([], (0, 1, 2)), (["--skip-set", str(write_skip_file(tmp_path))], (0, 3, 5))):
         assert main(plan + extra) == 0
         tiers = json.loads(capsys.readouterr().out)["placement"]["tiers"]
         assert tuple(i for i, t in enumerate(tiers) if t == "vram") == want
-    with pytest.raises(ValueError, match="disk"):  # the same drafter, the first layers resident
-        first = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 3, 2), n_buffers=2, host_ram=0,
-                       disk_open=lambda sizes: DiskStream(tmp_path / "first.images", sizes, slots=2), **kw)
-        list(first.generate(prompt, params, Speculation(3, "skip", skip=(1, 2, 4))))
 
 
 @pytest.mark.gpu

@@ -150,5 +150,5 @@ def residency_order(path: str | Path, model_path: str | Path) -> tuple[int, ...]
     first (the search's order reversed)."""
     with GGUFFile(model_path) as gguf:
         n_layers = ModelConfig.from_gguf(gguf).n_layers
-    order, skip = _read_file(path, n_layers)
-    return tuple(i for i in range(n_layers) if i not in set(skip)) + tuple(reversed(order))
+    order, _ = _read_file(path, n_layers)  # the order holds the skip set (_read_file checks)
+    return tuple(i for i in range(n_layers) if i not in order) + tuple(reversed(order))
