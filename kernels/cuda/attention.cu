@@ -21,12 +21,12 @@
 // decode kernel's split 0 updates once they are read.
 //
 // head_dim 64, 96, 128 and 256. The attention kernels' shared arrays are static where they
-// fit the 48 KiB a block gets unasked; where they do not (head_dim 256, RotateKV decode at
-// 128, the fp16 prefill from 96), the same arrays, as
-// one struct (PrefillShared, DecodeShared), live in the launch's dynamic shared memory,
-// which kernels/cupy/attention.py sizes by that struct's layout.
+// fit the 48 KiB a block gets unasked; where they do not (the prefill from head_dim 96, and
+// at 64 a RotateKV prefill at 3 bits and more; RotateKV decode at 128; every kernel at 256),
+// the same arrays, as one struct (PrefillMmaShared, DecodeShared), live in the launch's
+// dynamic shared memory, which kernels/cupy/attention.py sizes by that struct's layout.
 
-// MAXG, ATT_WARPS, DEC_WARPS, DECODE_CHUNK, STORE_Q_WARPS, PF_WARPS, PF_ROWS, STATIC_SMEM_MAX,
+// MAXG, DEC_WARPS, DECODE_CHUNK, STORE_Q_WARPS, PF_WARPS, PF_ROWS, STATIC_SMEM_MAX,
 // DEC_BLOCKS(D), PF_KEYS(D), KV_TYPE_GROUP(BITS) and the clipping ratios come defined before
 // this text, from kernels/cupy/kernel_constants.py, which says what each is.
 #define LOG2E 1.4426950408889634f
@@ -55,48 +55,6 @@ __device__ __forceinline__ void roped_pair(const float* src, int i, int D, int n
     if (rope) rope_pair(x0, x1, pos, inv_freq[i]);
 }
 
-// Values of one lane's D/32 consecutive dims of an fp16 row.
-template <int D>
-__device__ __forceinline__ void load_dims(const u16* row, int lane, float v[D / 32]) {
-    constexpr int P = D / 32;
-    const u16* p = row + lane * P;
-    if constexpr (P == 8) {
-        const uint4 u = *(const uint4*)p;
-        v[0] = h2f(u.x & 0xFFFF); v[1] = h2f(u.x >> 16); v[2] = h2f(u.y & 0xFFFF); v[3] = h2f(u.y >> 16);
-        v[4] = h2f(u.z & 0xFFFF); v[5] = h2f(u.z >> 16); v[6] = h2f(u.w & 0xFFFF); v[7] = h2f(u.w >> 16);
-    } else if constexpr (P == 4) {
-        const uint2 u = *(const uint2*)p;
-        v[0] = h2f(u.x & 0xFFFF); v[1] = h2f(u.x >> 16); v[2] = h2f(u.y & 0xFFFF); v[3] = h2f(u.y >> 16);
-    } else if constexpr (P == 2) {
-        const u32 u = *(const u32*)p;
-        v[0] = h2f(u & 0xFFFF); v[1] = h2f(u >> 16);
-    } else {
-#pragma unroll
-        for (int i = 0; i < P; i++) v[i] = h2f(p[i]);
-    }
-}
-
-// dot(q[g], k) for all g < G, k an fp16 row (global or shared), q rows of D floats in shared.
-template <int D>
-__device__ __forceinline__ void qk_dots(const u16* k, const float* q, int G, float s[MAXG]) {
-#pragma unroll
-    for (int g = 0; g < MAXG; g++) s[g] = 0.0f;
-#pragma unroll
-    for (int c = 0; c < D / 8; c++) {
-        const uint4 u = *(const uint4*)(k + c * 8);
-        const float kf[8] = {h2f(u.x & 0xFFFF), h2f(u.x >> 16), h2f(u.y & 0xFFFF), h2f(u.y >> 16),
-                             h2f(u.z & 0xFFFF), h2f(u.z >> 16), h2f(u.w & 0xFFFF), h2f(u.w >> 16)};
-#pragma unroll
-        for (int g = 0; g < MAXG; g++) {
-            if (g < G) {
-                const float4 qa = *(const float4*)(q + g * D + c * 8), qb = *(const float4*)(q + g * D + c * 8 + 4);
-                s[g] += qa.x * kf[0] + qa.y * kf[1] + qa.z * kf[2] + qa.w * kf[3] + qb.x * kf[4] + qb.y * kf[5] +
-                        qb.z * kf[6] + qb.w * kf[7];
-            }
-        }
-    }
-}
-
 // Load, rotate and pre-scale the G query heads of token t (kv head kh) into q_s[G][D].
 template <int D>
 __device__ __forceinline__ void load_q(const float* __restrict__ q, int sq, int t, int kh, int G, int pos,
@@ -110,35 +68,6 @@ __device__ __forceinline__ void load_q(const float* __restrict__ q, int sq, int 
         q_s[g * D + i0] = x0 * scale;
         q_s[g * D + i1] = x1 * scale;
     }
-}
-
-// Online-softmax update of G heads for one 32-key tile (lane = key, scores in log2 units):
-// the G reductions are interleaved, so the shuffles of different heads overlap.
-__device__ __forceinline__ void softmax_tile(const float s[MAXG], bool vis, int G, float m[MAXG], float l[MAXG],
-                                             float p[MAXG], float alpha[MAXG]) {
-    float t[MAXG];
-#pragma unroll
-    for (int g = 0; g < MAXG; g++) t[g] = vis ? s[g] : NEG_INF;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-        for (int g = 0; g < MAXG; g++)
-            if (g < G) t[g] = fmaxf(t[g], __shfl_xor_sync(FULL_MASK, t[g], o));
-#pragma unroll
-    for (int g = 0; g < MAXG; g++) {
-        const float mn = fmaxf(m[g], t[g]);
-        p[g] = vis ? exp2f(s[g] - mn) : 0.0f;
-        alpha[g] = exp2f(m[g] - mn);
-        m[g] = mn;
-        t[g] = p[g];
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-#pragma unroll
-        for (int g = 0; g < MAXG; g++)
-            if (g < G) t[g] += __shfl_xor_sync(FULL_MASK, t[g], o);
-#pragma unroll
-    for (int g = 0; g < MAXG; g++) l[g] = l[g] * alpha[g] + t[g];
 }
 
 // The cache row (token slot, KV head) of context position p.
@@ -460,172 +389,78 @@ __device__ __forceinline__ void kv_recent(const u16* __restrict__ sk16, const u1
     }
 }
 
-// --- prefill / mixed batches, RotateKV cache --------------------------------------------------
-// grid (tiles, KVH); a tile is up to ATT_WARPS consecutive query tokens of one sequence, one
-// warp each (fp32 FMAs; an fp16 cache takes attn_prefill_mma below). The block streams 32-key tiles of K and V through shared memory once for all
-// its warps; lane i scores key i, then lanes split the D dims for P @ V.
-// Its shared arrays where they are dynamic (attention.py prefill_smem is the size).
-template <int D>
-struct PrefillShared {
-    __align__(16) float q[ATT_WARPS][MAXG * D];
-    __align__(16) u16 k[32 * (D + 8)];
-    __align__(16) u16 v[32 * (D + 8)];
-};
-template <int D, int BITS>
-__device__ __forceinline__ void attn_prefill(const float* __restrict__ q, int sq, const int* __restrict__ positions,
-                                             const double* __restrict__ inv_freq, int rope_q, int neox,
-                                             const void* __restrict__ kc, const void* __restrict__ vc,
-                                             const int* __restrict__ tables, int W, const int* __restrict__ ctx_lens,
-                                             const int* __restrict__ qstarts, const int* __restrict__ tiles, int H,
-                                             int KVH, int bs, float scale, int window, int group, float hs,
-                                             const float* __restrict__ kscale, const u16* __restrict__ sk16,
-                                             const u16* __restrict__ sv16, const u16* __restrict__ ringk,
-                                             const u16* __restrict__ ringv, const int* __restrict__ recent_slots,
-                                             int recent, int R, float* __restrict__ out) {
-    static_assert(BITS != 16, "an fp16 cache's prefill is attn_prefill_mma");
-    constexpr int P = D / 32, RS = D + 8;  // padded smem rows: conflict-free 16-byte reads per lane
-    float(*q_s)[MAXG * D];
-    u16 *k_s, *v_s;
-    if constexpr (sizeof(PrefillShared<D>) <= STATIC_SMEM_MAX) {
-        __shared__ __align__(16) float q_st[ATT_WARPS][MAXG * D];
-        __shared__ __align__(16) u16 k_st[32 * RS];
-        __shared__ __align__(16) u16 v_st[32 * RS];
-        q_s = q_st, k_s = k_st, v_s = v_st;
-    } else {
-        PrefillShared<D>& sh = dynamic_shared<PrefillShared<D>>();
-        q_s = sh.q, k_s = sh.k, v_s = sh.v;
-    }
-    const int G = H / KVH, kh = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int b = tiles[2 * blockIdx.x], t0 = tiles[2 * blockIdx.x + 1];
-    const int qs0 = qstarts[b], qe = qstarts[b + 1], n = qe - qs0, ctx = ctx_lens[b];
-    const int* table = tables + (size_t)b * W;
-    const int t = t0 + warp;
-    const bool valid = t < qe;
-    const int qpos = ctx - n + (t - qs0);  // keys lo..qpos are visible
-    const int lo = window > 0 ? qpos - window + 1 : 0;
-    const int last = ctx - n + (min(t0 + ATT_WARPS, qe) - 1 - qs0);
-    const int first = window > 0 ? max(0, ctx - n + (t0 - qs0) - window + 1) & ~31 : 0;  // the tile's first key tile
-
-    for (int w = 0; w < ATT_WARPS; w++)
-        if (t0 + w < qe) load_q<D>(q, sq, t0 + w, kh, G, positions[t0 + w], inv_freq, rope_q, neox, scale, q_s[w], threadIdx.x, blockDim.x);
-    // RotateKV: keys are staged unquantized where every query of the tile reads them so (the
-    // sink, those within `recent` of the tile's last query, the tile's own); a warp whose query
-    // reads a staged-quantized key unquantized takes that one from global memory (alt)
-    const int c0 = ctx - n, qp0 = c0 + (t0 - qs0), rs = recent_slots[b], gshift = __ffs(group) - 1;
-    auto alt = [&](int p) { return p != 0 && p <= qp0 && qpos - p < recent && last - p >= recent; };
-    q_to_cache_basis<D>(&q_s[0][0], ATT_WARPS * MAXG, kscale, kh);  // scale carries 1/sqrt(HB)
-
-    float m[MAXG], l[MAXG], o[MAXG][P];
-#pragma unroll
-    for (int g = 0; g < MAXG; g++) {
-        m[g] = NEG_INF; l[g] = 0.0f;
-#pragma unroll
-        for (int i = 0; i < P; i++) o[g][i] = 0.0f;
-    }
-
-    for (int k0 = first; k0 <= last; k0 += 32) {
-        __syncthreads();
-        for (int i = threadIdx.x; i < 32 * (D / 8); i += blockDim.x) {
-            const int r = i / (D / 8), c = i - r * (D / 8), p = k0 + r;
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
-            if (p <= last) {
-                if (p == 0 || p > qp0 || last - p < recent) {
-                    kv = *(const uint4*)(exact_row(sk16, ringk, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
-                    vv = *(const uint4*)(exact_row(sv16, ringv, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
-                } else {
-                    const size_t off = cache_index(table, p, bs, KVH, kh) * kv_row_bytes<D, BITS>(gshift);
-                    kv = kv_dequant8<BITS>(kv_fetch8<D, BITS>((const u8*)kc + off, c, gshift));
-                    vv = kv_dequant8<BITS>(kv_fetch8<D, BITS>((const u8*)vc + off, c, gshift));
-                }
-            }
-            *(uint4*)(k_s + r * RS + c * 8) = kv;
-            *(uint4*)(v_s + r * RS + c * 8) = vv;
-        }
-        __syncthreads();
-        if (!valid || k0 > qpos || k0 + 31 < lo) continue;  // warp-uniform: nothing visible
-
-        float s[MAXG], p[MAXG], alpha[MAXG];
-        qk_dots<D>(alt(k0 + lane) ? exact_row(sk16, ringk, k0 + lane, c0, qs0, rs, R, KVH, kh, D) : k_s + lane * RS,
-                   q_s[warp], G, s);
-        softmax_tile(s, k0 + lane <= qpos && k0 + lane >= lo, G, m, l, p, alpha);
-#pragma unroll
-        for (int g = 0; g < MAXG; g++)
-#pragma unroll
-            for (int i = 0; i < P; i++) o[g][i] *= alpha[g];
-        const int nk = min(32, qpos - k0 + 1);
-        for (int kk = 0; kk < nk; kk++) {
-            float vf[P];
-            load_dims<D>(alt(k0 + kk) ? exact_row(sv16, ringv, k0 + kk, c0, qs0, rs, R, KVH, kh, D) : v_s + kk * RS,
-                         lane, vf);
-#pragma unroll
-            for (int g = 0; g < MAXG; g++) {
-                if (g < G) {
-                    const float pk = __shfl_sync(FULL_MASK, p[g], kk);
-#pragma unroll
-                    for (int i = 0; i < P; i++) o[g][i] = fmaf(pk, vf[i], o[g][i]);
-                }
-            }
-        }
-    }
-    if (!valid) return;
-    // the output back from the rotated basis, through the warp's own q rows
-#pragma unroll
-    for (int g = 0; g < MAXG; g++) {
-        if (g < G) {
-            const float inv = 1.0f / l[g];
-#pragma unroll
-            for (int i = 0; i < P; i++) q_s[warp][g * D + lane * P + i] = o[g][i] * inv;
-        }
-    }
-    __syncwarp();
-    fwht<D, true>(q_s[warp], G, lane, 32);
-    for (int i = lane; i < G * D; i += 32) out[(size_t)t * H * D + kh * G * D + i] = q_s[warp][i] * hs;
-}
-
-// --- prefill / mixed batches, fp16 cache: flash attention on the tensor cores ----------------
+// --- prefill / mixed batches: flash attention on the tensor cores -----------------------------
 // grid (tiles, KVH); a tile is PF_ROWS query rows of one sequence (tiles [b, r0], heaviest
 // first: kernels/cupy/steps.py prefill_row_tiles). A row is a (query token, head of the KV
 // head's group) pair, flattened: the sequence's row r is token r / G, head r % G, so the K/V
 // tiles staged once in shared memory serve all G heads, and m-tiles stay full at any G (7
 // too). A warp takes 16 rows; each row has its own causal limit qpos and window start lo.
-// Key tiles of PF_KEYS(D) rows are copied from the paged cache by cp.async, two stages: the
-// next tile is in flight while the tensor cores (mma m16n8k16: fp16 in, fp32 sums) take
+// Key tiles of PF_KEYS(D) rows are staged in shared memory as fp16, two stages: the next
+// tile is on its way while the tensor cores (mma m16n8k16: fp16 in, fp32 sums) take
 // S = Q K^T and O += P V of this one; key tiles before every row's window or past every
 // row's query are not read. Online softmax per row in the log2 domain (q pre-scaled by
-// scale * log2 e as load_q does); P goes from S's accumulator fragments straight into the A
+// scale * log2 e); P goes from S's accumulator fragments straight into the A
 // fragments of P V (the two layouts coincide), rounded to fp16 (2^-11 relative), and the row
-// sums add those rounded weights. q enters as fp16 too. RotateKV caches keep attn_prefill:
-// a query reads its sink and recent keys unquantized, exceptions per (query, key) that do not
-// map onto a tile shared by 16 rows.
+// sums add those rounded weights. q enters as fp16 too.
+// An fp16 cache's tiles are copied by cp.async straight into their stage. A RotateKV cache's
+// (BITS < 16) are copied as stored (codes, scales) into `raw` a tile ahead, and made fp16
+// from there (kv_dequant8) into their stage; q enters divided by the key scale and rotated,
+// and the output is rotated back. A query reads position 0 and its `recent` latest positions
+// unquantized (the step's scratch or the ring, exact_row): a key tile that holds such keys
+// for some rows of the block and keys read quantized for others is taken twice, once as
+// stored and once unquantized, each pass masking the keys its rows read from the other.
 // Shared memory: q [PF_ROWS][D + 8] fp16 and two stages of K and V [PF_KEYS][D + 8] (padded
-// rows: ldmatrix's 8 row addresses hit distinct banks); attention.py prefill_mma_smem is its
-// size where it is dynamic. Head dim 256 takes 32-key tiles: its 16 x 256 fp32 accumulator is
-// 128 registers a lane, and the shared arrays stay small enough for two blocks an SM.
+// rows: ldmatrix's 8 row addresses hit distinct banks), and a RotateKV tile's K and V rows as
+// stored; attention.py prefill_mma_smem is its size where it is dynamic. Head dim 256 takes
+// 32-key tiles: its 16 x 256 fp32 accumulator is 128 registers a lane, and the shared arrays
+// stay small enough for two blocks an SM.
+// RotateKV rows are at most D bytes of codes and a (scale, min) pair per 32 values
+template <int D, int BITS>
+__host__ __device__ constexpr int kv_raw_row_max() { return BITS == 16 ? 0 : D * BITS / 8 + D / 8; }
+template <int D, int BITS>
+struct PrefillMmaRaw {
+    __align__(16) u8 raw[2 * PF_KEYS(D) * kv_raw_row_max<D, BITS>()];
+};
 template <int D>
-struct PrefillMmaShared {
+struct PrefillMmaRaw<D, 16> {};  // an fp16 cache's tiles need no copy as stored (no bytes: an empty base)
+template <int D, int BITS>
+struct PrefillMmaShared : PrefillMmaRaw<D, BITS> {
     __align__(16) u16 q[PF_ROWS * (D + 8)];
     __align__(16) u16 k[2 * PF_KEYS(D) * (D + 8)];
     __align__(16) u16 v[2 * PF_KEYS(D) * (D + 8)];
 };
-template <int D>
+template <int D, int BITS>
 __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, int sq, const int* __restrict__ positions,
                                                  const double* __restrict__ inv_freq, int rope_q, int neox,
-                                                 const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                                 const void* __restrict__ kcv, const void* __restrict__ vcv,
                                                  const int* __restrict__ tables, int W,
                                                  const int* __restrict__ ctx_lens, const int* __restrict__ qstarts,
                                                  const int* __restrict__ tiles, int H, int KVH, int bs, float scale,
-                                                 int window, float* __restrict__ out) {
+                                                 int window, int group, float hs, const float* __restrict__ kscale,
+                                                 const u16* __restrict__ sk16, const u16* __restrict__ sv16,
+                                                 const u16* __restrict__ ringk, const u16* __restrict__ ringv,
+                                                 const int* __restrict__ recent_slots, int recent, int R,
+                                                 float* __restrict__ out) {
+    constexpr bool ROT = BITS != 16;
     constexpr int RS = D + 8, KT = PF_KEYS(D), NT = KT / 8, DT = D / 8;
     constexpr bool QREG = D <= 128;  // q's A fragments held in registers (at 256 they would spill)
+    const u16* kc = (const u16*)kcv;
+    const u16* vc = (const u16*)vcv;
     u16 *q_s, *k_s, *v_s;            // k_s, v_s: stage 0, stage 1 KT rows further
-    if constexpr (sizeof(PrefillMmaShared<D>) <= STATIC_SMEM_MAX) {
+    u8* raw_s = nullptr;
+    if constexpr (sizeof(PrefillMmaShared<D, BITS>) <= STATIC_SMEM_MAX) {
         __shared__ __align__(16) u16 q_st[PF_ROWS * RS];
         __shared__ __align__(16) u16 k_st[2 * KT * RS];
         __shared__ __align__(16) u16 v_st[2 * KT * RS];
         q_s = q_st, k_s = k_st, v_s = v_st;
+        if constexpr (ROT) {
+            __shared__ __align__(16) u8 raw_st[sizeof(PrefillMmaRaw<D, BITS>)];
+            raw_s = raw_st;
+        }
     } else {
-        PrefillMmaShared<D>& sh = dynamic_shared<PrefillMmaShared<D>>();
+        PrefillMmaShared<D, BITS>& sh = dynamic_shared<PrefillMmaShared<D, BITS>>();
         q_s = sh.q, k_s = sh.k, v_s = sh.v;
+        if constexpr (ROT) raw_s = sh.raw;
     }
     const int G = H / KVH, kh = blockIdx.y, tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int gq = lane >> 2, tq = lane & 3;
@@ -655,22 +490,122 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
-    stage(kfirst, 0);
 
-    // the block's q rows, roped and pre-scaled, in fp16; rows past the sequence's are zeros
-    for (int i = tid; i < PF_ROWS * (D / 2); i += blockDim.x) {
-        const int r = i / (D / 2), pi = i - r * (D / 2), row = r0 + r;
-        int i0, i1;
-        float x0 = 0.0f, x1 = 0.0f;
-        if (row < nrows) {
-            const int t = qs0 + row / G, g = row % G;
-            roped_pair(q + (size_t)t * sq + (kh * G + g) * D, pi, D, neox, rope_q, positions[t], inv_freq, i0, i1, x0,
-                       x1);
-        } else {
-            rope_index(pi, D, neox, i0, i1);
+    // RotateKV: the block's passes over its key tiles, pass x = 2 tile + (unquantized), in order:
+    // a tile's quantized pass where some row reads one of its keys quantized, its unquantized
+    // pass where some row reads one unquantized (position 0, or within `recent` of the row's
+    // query; the block's rows' queries are first_q..last)
+    const int first_q = c0 + r0 / G, rs = ROT ? recent_slots[b] : 0;
+    auto quantized_pass = [&](int t) { return kfirst + t * KT <= last - recent; };
+    auto exact_pass = [&](int t) {
+        const int k0 = kfirst + t * KT;
+        return k0 == 0 || k0 + KT - 1 > first_q - recent;
+    };
+    auto pass_after = [&](int x) {
+        if (!(x & 1) && exact_pass(x >> 1)) return x + 1;
+        const int t = (x >> 1) + 1;
+        return quantized_pass(t) ? 2 * t : 2 * t + 1;
+    };
+    constexpr int GSHIFT = kv_gshift<D, BITS>(), RB = kv_row_bytes<D, BITS>(GSHIFT);
+    u8* rawk = raw_s;
+    u8* rawv = raw_s + KT * kv_raw_row_max<D, BITS>();
+    // a quantized pass's rows as stored into raw: TPR threads a row, each its pieces j, j + TPR,
+    // ... of CW bytes (the widest copy the rows' alignment allows)
+    constexpr int CW = RB % 16 == 0 ? 16 : (RB % 8 == 0 ? 8 : 4), PIECES = RB / CW;
+    constexpr int TPR = PF_WARPS * 32 / KT, PER = (PIECES + TPR - 1) / TPR;
+    static_assert(TPR * KT == PF_WARPS * 32, "whole rows a block");
+    auto copy_raw = [&](int x) {
+        if (x < 2 * ntiles && !(x & 1)) {
+            const int r = tid / TPR, j = tid % TPR, p = kfirst + (x >> 1) * KT + r;
+            if (p <= last) {
+                const size_t off = cache_index(table, p, bs, KVH, kh) * RB + j * CW;
+                const u8* gk = (const u8*)kcv + off;
+                const u8* gv = (const u8*)vcv + off;
+                const u32 dk = smem_addr(rawk + r * RB + j * CW), dv = smem_addr(rawv + r * RB + j * CW);
+#pragma unroll
+                for (int m = 0; m < PER; m++) {
+                    if (m * TPR + j >= PIECES) break;
+                    cp_async_n<CW>(dk + m * TPR * CW, gk + m * TPR * CW);
+                    cp_async_n<CW>(dv + m * TPR * CW, gv + m * TPR * CW);
+                }
+            }
         }
-        q_s[r * RS + i0] = f2h(x0 * scale);
-        q_s[r * RS + i1] = f2h(x1 * scale);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    // pass x's keys as fp16 into stage st (a quantized pass's after its copy landed and a
+    // sync): past `last`, and in an unquantized pass keys no row reads so, zeros
+    constexpr int ITEMS = KT * (D / 8) / (PF_WARPS * 32);
+    static_assert(ITEMS * PF_WARPS * 32 == KT * (D / 8), "staging shares");
+    auto convert = [&](int x, int st) {
+        const int k0 = kfirst + (x >> 1) * KT;
+#pragma unroll
+        for (int j = 0; j < ITEMS; j++) {
+            const int i = tid + j * PF_WARPS * 32, r = i / (D / 8), c = i - r * (D / 8), p = k0 + r;
+            uint4 kr = make_uint4(0, 0, 0, 0), vr = kr;
+            if (p <= last) {
+                if (!(x & 1)) {
+                    kr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawk + r * RB, c, GSHIFT));
+                    vr = kv_dequant8<BITS>(kv_fetch8<D, BITS>(rawv + r * RB, c, GSHIFT));
+                } else if (p == 0 || p > first_q - recent) {
+                    kr = *(const uint4*)(exact_row(sk16, ringk, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
+                    vr = *(const uint4*)(exact_row(sv16, ringv, p, c0, qs0, rs, R, KVH, kh, D) + c * 8);
+                }
+            }
+            *(uint4*)(k_s + (st * KT + r) * RS + c * 8) = kr;
+            *(uint4*)(v_s + (st * KT + r) * RS + c * 8) = vr;
+        }
+    };
+
+    // the block's q rows, roped and pre-scaled, in fp16; rows past the sequence's are zeros.
+    // RotateKV: divided by the key scale and rotated (scale carries 1/sqrt(HB)) in fp32 first,
+    // each warp its 16 rows 8 at a time, in the K stages (no tile is staged yet)
+    int xfirst = 0;
+    if constexpr (ROT) {
+        kv_group_checked<D, BITS>(group);
+        xfirst = quantized_pass(0) ? 0 : 1;
+        copy_raw(xfirst);  // in flight while q is made
+        float* xs = (float*)k_s + warp * 8 * D;
+        for (int hh = 0; hh < 2; hh++) {
+            for (int i = lane; i < 8 * (D / 2); i += 32) {
+                const int r = i / (D / 2), pi = i - r * (D / 2), row = r0 + 16 * warp + 8 * hh + r;
+                int i0, i1;
+                float x0 = 0.0f, x1 = 0.0f;
+                if (row < nrows) {
+                    const int t = qs0 + row / G, g = row % G;
+                    roped_pair(q + (size_t)t * sq + (kh * G + g) * D, pi, D, neox, rope_q, positions[t], inv_freq, i0,
+                               i1, x0, x1);
+                } else {
+                    rope_index(pi, D, neox, i0, i1);
+                }
+                xs[r * D + i0] = x0 * scale / kscale[kh * D + i0];
+                xs[r * D + i1] = x1 * scale / kscale[kh * D + i1];
+            }
+            __syncwarp();
+            fwht<D, true>(xs, 8, lane, 32);
+            for (int i = lane; i < 8 * D; i += 32) q_s[(16 * warp + 8 * hh + i / D) * RS + i % D] = f2h(xs[i]);
+            __syncwarp();
+        }
+        asm volatile("cp.async.wait_all;" ::: "memory");
+        __syncthreads();  // every warp's q is made (the K stages are free); the first pass's copy has landed
+        convert(xfirst, 0);
+        __syncthreads();  // raw is free
+        copy_raw(pass_after(xfirst));
+    } else {
+        stage(kfirst, 0);
+        for (int i = tid; i < PF_ROWS * (D / 2); i += blockDim.x) {
+            const int r = i / (D / 2), pi = i - r * (D / 2), row = r0 + r;
+            int i0, i1;
+            float x0 = 0.0f, x1 = 0.0f;
+            if (row < nrows) {
+                const int t = qs0 + row / G, g = row % G;
+                roped_pair(q + (size_t)t * sq + (kh * G + g) * D, pi, D, neox, rope_q, positions[t], inv_freq, i0, i1,
+                           x0, x1);
+            } else {
+                rope_index(pi, D, neox, i0, i1);
+            }
+            q_s[r * RS + i0] = f2h(x0 * scale);
+            q_s[r * RS + i1] = f2h(x1 * scale);
+        }
     }
     __syncthreads();
 
@@ -705,12 +640,10 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
 #pragma unroll
     for (int d = 0; d < DT; d++) acc[d][0] = acc[d][1] = acc[d][2] = acc[d][3] = 0.0f;
 
-    for (int it = 0; it < ntiles; it++) {
-        const int k0 = kfirst + it * KT, st = it & 1;
-        asm volatile("cp.async.wait_all;" ::: "memory");
-        __syncthreads();  // stage st has landed; every warp is done with stage st ^ 1
-        if (it + 1 < ntiles) stage(k0 + KT, st ^ 1);
-        if (!wvalid || k0 > wq_max || k0 + KT - 1 < wlo_min) continue;  // warp-uniform: nothing visible
+    // keys k0.. of stage st into the warp's rows; `exact` (RotateKV, a tile taken twice): this
+    // pass's keys are those the row reads unquantized (1) or quantized (0), the rest masked
+    auto attend = [&](int k0, int st, int exact) {
+        if (!wvalid || k0 > wq_max || k0 + KT - 1 < wlo_min) return;  // warp-uniform: nothing visible
 
         // S = Q K^T: s[j] holds keys 8j + 2tq, +1 of rows gq (s[j][0..1]) and gq + 8 (s[j][2..3])
         float s[NT][4];
@@ -736,13 +669,15 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
             }
         }
         // the mask, where some key of the tile is hidden from some row of the warp
-        if (k0 < wlo_max || k0 + KT - 1 > wq_min) {
+        if (exact >= 0 || k0 < wlo_max || k0 + KT - 1 > wq_min) {
 #pragma unroll
             for (int j = 0; j < NT; j++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     const int key = k0 + 8 * j + 2 * tq + (e & 1), h = e >> 1;
-                    if (key > qp[h] || key < lo[h]) s[j][e] = NEG_INF;
+                    bool hide = key > qp[h] || key < lo[h];
+                    if (ROT && exact >= 0) hide = hide || exact != (key == 0 || qp[h] - key < recent);
+                    if (hide) s[j][e] = NEG_INF;
                 }
         }
         // online softmax; a row with no visible key yet keeps m = -inf and takes weights
@@ -789,6 +724,56 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
                 mma16816(acc[2 * dd + 1], a, vb[2], vb[3]);
             }
         }
+    };
+
+    if constexpr (ROT) {
+        // pass x in stage st; the next pass's copy landed at the top, made fp16 into the other
+        // stage, then the one after it copied while this one is multiplied
+        for (int it = 0, x = xfirst; x < 2 * ntiles; it++) {
+            const int xn = pass_after(x), st = it & 1, t = x >> 1;
+            asm volatile("cp.async.wait_all;" ::: "memory");
+            __syncthreads();  // pass xn's copy has landed; every warp is done with stage st ^ 1
+            if (xn < 2 * ntiles) {
+                convert(xn, st ^ 1);
+                __syncthreads();  // raw is free
+                copy_raw(pass_after(xn));
+            }
+            attend(kfirst + t * KT, st, quantized_pass(t) && exact_pass(t) ? (x & 1) : -1);
+            x = xn;
+        }
+    } else {
+        for (int it = 0; it < ntiles; it++) {
+            const int k0 = kfirst + it * KT, st = it & 1;
+            asm volatile("cp.async.wait_all;" ::: "memory");
+            __syncthreads();  // stage st has landed; every warp is done with stage st ^ 1
+            if (it + 1 < ntiles) stage(k0 + KT, st ^ 1);
+            attend(k0, st, -1);
+        }
+    }
+    if constexpr (ROT) {
+        // the output back from the rotated basis (times 1/sqrt(HB)), each warp its rows 8 at a
+        // time in the K stages
+        __syncthreads();  // every warp is done with the stages
+        if (!wvalid) return;
+        float* xs = (float*)k_s + warp * 8 * D;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            l[h] += __shfl_xor_sync(FULL_MASK, l[h], 1);
+            l[h] += __shfl_xor_sync(FULL_MASK, l[h], 2);
+            const float inv = 1.0f / l[h];
+#pragma unroll
+            for (int d = 0; d < DT; d++)
+                *(float2*)(xs + gq * D + 8 * d + 2 * tq) = make_float2(acc[d][2 * h] * inv, acc[d][2 * h + 1] * inv);
+            __syncwarp();
+            fwht<D, true>(xs, 8, lane, 32);
+            for (int i = lane; i < 8 * D; i += 32) {
+                const int row = wr + 8 * h + i / D;
+                if (row < nrows)
+                    out[(size_t)(qs0 + row / G) * H * D + (kh * G + row % G) * D + i % D] = xs[i] * hs;
+            }
+            __syncwarp();
+        }
+        return;
     }
     if (!wvalid) return;
 #pragma unroll
@@ -831,9 +816,6 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
 // recent positions come from the ring, which split 0 then gives the new row; the output
 // leaves through q_s, rotated back there.
 // Its shared arrays where they are dynamic (attention.py decode_smem is the size).
-// RotateKV rows are at most D bytes of codes and a (scale, min) pair per 32 values
-template <int D, int BITS>
-__host__ __device__ constexpr int kv_raw_row_max() { return BITS == 16 ? 0 : D * BITS / 8 + D / 8; }
 template <int D, int BITS>
 struct DecodeShared {
     __align__(16) float q[MAXG * D];
@@ -1295,20 +1277,21 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                          const u16* kc, const u16* vc, const int* tables, int W, const int* ctx_lens,                 \
                          const int* qstarts, const int* tiles, int H, int KVH, int bs, float scale, int window,       \
                          float* out) {                                                                                \
-        attn_prefill_mma<D>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, H, \
-                            KVH, bs, scale, window, out);                                                             \
+        attn_prefill_mma<D, 16>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, \
+                                H, KVH, bs, scale, window, 0, 1.0f, nullptr, nullptr, nullptr, nullptr, nullptr,      \
+                                nullptr, 0, 0, out);                                                                  \
     }
 #define DEF_PREFILL_Q(D, BITS, SUFFIX)                                                                                \
-    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                                     \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32)                                                      \
         attn_prefill_##SUFFIX(const float* q, int sq, const int* positions, const double* inv_freq, int rope_q,      \
                               int neox, const void* kc, const void* vc, const int* tables, int W, const int* ctx_lens, \
                               const int* qstarts, const int* tiles, int H, int KVH, int bs, float scale, int window, \
                               int group, float hs, const float* kscale, const u16* sk16, const u16* sv16,            \
                               const u16* ringk, const u16* ringv, const int* recent_slots, int recent, int R,        \
                               float* out) {                                                                           \
-        attn_prefill<D, BITS>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts, tiles, \
-                              H, KVH, bs, scale, window, group, hs, kscale, sk16, sv16, ringk, ringv, recent_slots,   \
-                              recent, R, out);                                                                        \
+        attn_prefill_mma<D, BITS>(q, sq, positions, inv_freq, rope_q, neox, kc, vc, tables, W, ctx_lens, qstarts,     \
+                                  tiles, H, KVH, bs, scale, window, group, hs, kscale, sk16, sv16, ringk, ringv,      \
+                                  recent_slots, recent, R, out);                                                      \
     }
 #define DEF_DECODE(D, BITS, SUFFIX)                                                                                   \
     extern "C" __global__ void __launch_bounds__(DEC_WARPS * 32, DEC_BLOCKS(D))                                      \

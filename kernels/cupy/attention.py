@@ -1,9 +1,9 @@
 """Paged attention (kernels/cuda/attention.cu) over the fp16 or RotateKV cache, RoPE fused.
 
-A prefill (or a chunk of a long prompt) stores the step's keys and values (kv_store), then
-attends: over an fp16 cache on the tensor cores, a block per 64 (query token, head) rows of a
-sequence and KV head (attn_prefill_D, flash attention; steps.prefill_row_tiles); over a
-RotateKV cache with fp32 FMAs per 4-query tile (attn_prefill_qBITS_D). A decode step (one
+A prefill (or a chunk of a long prompt) stores the step's keys and values (kv_store, or
+kv_store_q for a RotateKV cache), then attends on the tensor cores, flash attention, a block
+per 64 (query token, head) rows of a sequence and KV head (attn_prefill_D and
+attn_prefill_qBITS_D; steps.prefill_row_tiles). A decode step (one
 new token per sequence) is split-K flash decoding: each KV head read once per head group, its
 keys dealt to splits of whole DECODE_CHUNK-key chunks (decode_splits), the scores and P.V of
 the group on the tensor cores; it also
@@ -15,10 +15,9 @@ too, just before the attention kernel, which then reads the new row like the oth
 rows that are one sequence's consecutive positions (a verifying pass: DeviceStep.step_from)
 read each other's keys and values from the step, not from the cache their blocks fill.
 Head dims 64, 96, 128 and 256 (Gemma 3); where the kernels' shared arrays pass the 48 KiB a
-block gets unasked (the fp16 prefill's from head_dim 96, RotateKV decode's at 128, the
-others' at 256) they come as
-dynamic shared memory (prefill_mma_smem, prefill_smem, decode_smem: attention.cu's
-PrefillMmaShared, PrefillShared and DecodeShared).
+block gets unasked (the prefill's from head_dim 96, and at 64 a RotateKV prefill's at 3 bits
+and more; RotateKV decode's at 128; every kernel's at 256) they come as dynamic shared memory
+(prefill_mma_smem, decode_smem: attention.cu's PrefillMmaShared and DecodeShared).
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from kernels.cupy.kernel_constants import (ATT_WARPS, DEC_WARPS, DECODE_BLOCKS_PER_SM, DECODE_CHUNK, MAXG, PF_KEYS,
-                                           PF_ROWS, PF_WARPS, QMMA_MAX_T, STATIC_SMEM_MAX, STORE_Q_WARPS, XQ_RUN)
+from kernels.cupy.kernel_constants import (DEC_WARPS, DECODE_BLOCKS_PER_SM, DECODE_CHUNK, MAXG, PF_KEYS, PF_ROWS,
+                                           PF_WARPS, QMMA_MAX_T, STATIC_SMEM_MAX, STORE_Q_WARPS, XQ_RUN)
 from kernels.cupy.elementwise import Roped
 from kernels.cupy.steps import make_step, prefill_row_tiles
 from kernels.cupy.streams import ptr, sm_count
@@ -48,16 +47,17 @@ def _dynamic(nbytes: int) -> int:
     return nbytes if nbytes > STATIC_SMEM_MAX else 0
 
 
-def prefill_mma_smem(D: int) -> int:
-    """attn_prefill_mma's dynamic shared memory (PrefillMmaShared<D>): the block's PF_ROWS q rows
-    and two stages of K and V tiles of PF_KEYS[D] keys, fp16 rows padded to D + 8."""
-    return _dynamic(2 * (PF_ROWS + 2 * 2 * PF_KEYS[D]) * (D + 8))
+def raw_row_max(D: int, bits: int) -> int:
+    """attention.cu kv_raw_row_max: the most bytes a RotateKV row takes as stored (codes and a
+    (scale, min) pair per 32 values at most); 0 for fp16."""
+    return 0 if bits == 16 else D * bits // 8 + D // 8
 
 
-def prefill_smem(D: int) -> int:
-    """attn_prefill's (RotateKV) dynamic shared memory (PrefillShared<D>): fp32 q rows of ATT_WARPS tokens
-    x MAXG heads, a 32-key K and V tile of padded (D + 8) fp16 rows."""
-    return _dynamic(4 * ATT_WARPS * MAXG * D + 2 * 2 * 32 * (D + 8))
+def prefill_mma_smem(D: int, bits: int = 16) -> int:
+    """attn_prefill_mma's dynamic shared memory (PrefillMmaShared<D, BITS>): a RotateKV tile's K
+    and V rows as stored, the block's PF_ROWS q rows and two stages of K and V tiles of
+    PF_KEYS[D] keys, fp16 rows padded to D + 8."""
+    return _dynamic(2 * PF_KEYS[D] * raw_row_max(D, bits) + 2 * (PF_ROWS + 2 * 2 * PF_KEYS[D]) * (D + 8))
 
 
 def decode_smem(D: int, bits: int = 16) -> int:
@@ -66,7 +66,7 @@ def decode_smem(D: int, bits: int = 16) -> int:
     padded K and V rows (fp16), per key its cache row's offset, a RotateKV chunk's K and V rows
     as stored (codes and a (scale, min) pair per 32 values at most; 16 bytes for fp16), the
     last-split flag."""
-    raw = 16 if bits == 16 else 2 * DECODE_CHUNK * (D * bits // 8 + D // 8)
+    raw = 16 if bits == 16 else 2 * DECODE_CHUNK * raw_row_max(D, bits)
     return _dynamic(4 * MAXG * D + 2 * MAXG * (D + 8) + 2 * DEC_WARPS * 16 * MAXG + 2 * 2 * D
                     + 2 * 2 * DECODE_CHUNK * (D + 8) + 8 * DECODE_CHUNK + raw + 4)
 
@@ -159,24 +159,16 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         b.k.get("attention.cu", f"kv_store_{D}")(
             (T,), (128,), (ka, sk, va, sv, positions, invf, np.int32(rope_k), np.int32(neox), kc, vc,
                            slots, np.int32(KVH)))
-        tiles = prefill_row_tiles(dev, batch, G)
-        if len(tiles):
-            smem = prefill_mma_smem(D)
-            b.k.get("attention.cu", f"attn_prefill_{name}", dynamic_smem=smem)(
-                (len(tiles), KVH), (32 * PF_WARPS,),
-                (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx,
-                 dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window), out),
-                shared_mem=smem)
+    tiles = prefill_row_tiles(dev, batch, G)
+    if len(tiles):
+        smem = prefill_mma_smem(D, layout.type.bits if quantized else 16)
+        b.k.get("attention.cu", f"attn_prefill_{name}", dynamic_smem=smem)(
+            (len(tiles), KVH), (32 * PF_WARPS,),
+            (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx,
+             dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
+             *((group, hs, *rot) if quantized else ()), out), shared_mem=smem)
+    if not quantized:
         return out
-    tiles = dev.tiles  # RotateKV: its prefill per 4-query tile
-    if tiles is None or len(tiles) == 0:
-        return out
-    smem = prefill_smem(D)
-    b.k.get("attention.cu", f"attn_prefill_{name}", dynamic_smem=smem)(
-        (len(tiles), KVH), (32 * ATT_WARPS,),
-        (qa, sq, positions, invf, np.int32(rope_q), np.int32(neox), kc, vc, tables,
-         np.int32(W), dev.ctx, dev.qstarts, tiles, np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
-         group, hs, *rot, out), shared_mem=smem)
     # the step's recent rows into the ring, now that its queries have read it
     b.k.get("attention.cu", f"kv_recent_{D}")(
         (T, KVH), (128,), (scratch16[0], scratch16[1], k_cache.recent, v_cache.recent, dev.positions, dev.qstarts,

@@ -26,20 +26,19 @@ QUANTIZE_THREADS = 64  # threads of a requantizing block, one thread a super-blo
 
 # --- attention (attention.cu) -----------------------------------------------------------------
 MAXG = 8  # query heads per KV head the attention kernels hold
-ATT_WARPS = 4  # query tokens of a RotateKV prefill block, a warp each
 DEC_WARPS = 8  # warps of a decode block: a warp per 16-key tile of the chunk and half of the dims
 DECODE_CHUNK = 64  # keys a decode block stages in shared memory at once
 # warps of a RotateKV store block: a warp per (row, group, clipping ratio), so a 4- or 3-bit
 # row's search runs in one round
 STORE_Q_WARPS = 10
-PF_WARPS = 4  # warps of an fp16 prefill block, 16 query rows each
-PF_ROWS = 16 * PF_WARPS  # query rows (token, head) of an fp16 prefill block
+PF_WARPS = 4  # warps of a prefill block, 16 query rows each
+PF_ROWS = 16 * PF_WARPS  # query rows (token, head) of a prefill block
 STATIC_SMEM_MAX = 48 * 1024  # shared arrays past it are dynamic (the most a block gets unasked)
 # decode blocks an SM holds: at head_dim <= 128 registers capped to 80 for 3 (the shared arrays
 # would allow 5, but 48 or 64 registers spill the staging's loads in flight and the chunk loop's
 # softmax state, measured slower); at 256 no cap (1)
 DECODE_BLOCKS_PER_SM = {64: 3, 96: 3, 128: 3, 256: 1}
-# keys of an fp16 prefill block's K and V tiles: head dim 256 takes 32, its 16 x 256 fp32
+# keys of a prefill block's K and V tiles: head dim 256 takes 32, its 16 x 256 fp32
 # accumulator being 128 registers a lane
 PF_KEYS = {64: 64, 96: 64, 128: 64, 256: 32}
 
@@ -59,7 +58,7 @@ QUANTIZE_DEFINES = {"QK": QK_K, "QUANTIZE_THREADS": QUANTIZE_THREADS}
 
 def attention_defines() -> str:
     """The #defines attention.cu is compiled behind."""
-    scalars = {"MAXG": MAXG, "ATT_WARPS": ATT_WARPS, "DEC_WARPS": DEC_WARPS, "DECODE_CHUNK": DECODE_CHUNK,
+    scalars = {"MAXG": MAXG, "DEC_WARPS": DEC_WARPS, "DECODE_CHUNK": DECODE_CHUNK,
                "STORE_Q_WARPS": STORE_Q_WARPS, "PF_WARPS": PF_WARPS, "PF_ROWS": PF_ROWS,
                "STATIC_SMEM_MAX": STATIC_SMEM_MAX, "N_CLIP": len(CLIP_RATIOS)}
     groups = {t.bits: t.group for t in KV_TYPES.values() if t.quantized}

@@ -27,7 +27,7 @@ import cupy as cp
 import cupyx
 import numpy as np
 
-from kernels.cupy.kernel_constants import ATT_WARPS, PF_ROWS, QMMA_MAX_T
+from kernels.cupy.kernel_constants import PF_ROWS, QMMA_MAX_T
 from kernels.cupy.sampling import argmax_dev
 from kernels.cupy.values import materialize
 from kernels.ops import AttentionBatch, StepInputs
@@ -45,7 +45,6 @@ class DeviceStep:
     ctx: cp.ndarray
     qstarts: cp.ndarray
     tables: cp.ndarray
-    tiles: cp.ndarray | None
     recent: cp.ndarray  # [B] ring slots of a RotateKV cache (zeros without one)
     step_from: cp.ndarray  # [B] AttentionBatch.step_from (default: each sequence's first new position)
     # the sliding pool's tables [B, W] and slots [T] (AttentionBatch.sliding_*; None without one)
@@ -60,13 +59,12 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     """Upload a step's metadata in one copy (eager path; tokens, positions None: zeros)."""
     T = len(batch.slot_mapping)
     B = batch.num_seqs
-    tiles = query_tiles(batch.query_starts)
     tables = np.maximum(batch.block_tables, 0).astype(np.int32)
     tok = np.zeros(T, np.int32) if tokens is None else np.asarray(tokens, np.int32)
     pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
     recent = np.zeros(B, np.int32) if batch.recent_slots is None else batch.recent_slots
-    parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1),
-             tiles.reshape(-1), recent, step_from(batch)]
+    parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1), recent,
+             step_from(batch)]
     sliding = batch.sliding_tables is not None
     if sliding:
         parts += [np.maximum(batch.sliding_tables, 0).reshape(-1), batch.sliding_slots]
@@ -76,17 +74,8 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     for p in parts:
         views.append(dev[off:off + p.size])
         off += p.size
-    return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape),
-                      views[6].reshape(-1, 2), views[7], views[8],
-                      *((views[9].reshape(tables.shape), views[10]) if sliding else ()))
-
-
-def query_tiles(query_starts: np.ndarray) -> np.ndarray:
-    """The RotateKV prefill's blocks [b, first token]: each sequence's new tokens ATT_WARPS at a time."""
-    starts = np.asarray(query_starts, np.int64)
-    tiles = [np.stack([np.full(len(r), b), r], 1) for b in range(len(starts) - 1)
-             for r in [np.arange(starts[b], starts[b + 1], ATT_WARPS)] if len(r)]
-    return np.concatenate(tiles).astype(np.int32) if tiles else np.zeros((0, 2), np.int32)
+    return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape), views[6],
+                      views[7], *((views[8].reshape(tables.shape), views[9]) if sliding else ()))
 
 
 def prefill_row_tiles(dev: DeviceStep, batch: AttentionBatch, G: int) -> cp.ndarray:
@@ -128,8 +117,6 @@ class Graph:
         self.sizes = [T, T, T, B, B + 1, B, B * W, B] + ([T, B * W] if sliding else []) + ([L] if L is not None else [])
         self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
         self.dev = cp.empty((sum(self.sizes),), cp.int32)
-        # a prompt pass's RotateKV tiles: fixed by the query starts
-        self.tiles = None if query_starts is None else cp.asarray(query_tiles(query_starts))
         self.copied = cp.cuda.Event(disable_timing=True)
         # a pool of its own, its pass's activations: with one pool shared by the prompt graphs, a
         # replay read an illegal address after another graph's capture (H200, 2026-12-04; the
@@ -173,7 +160,7 @@ class Graph:
         """The step's device copies as the captured step reads them: views of the graph's buffer."""
         tok, pos, slots, ctx, qs, recent, tables, first, *rest = self.views(self.dev)
         sliding = rest[:2] if self.sliding else [None, None]
-        return DeviceStep(tok, pos, slots, ctx, qs, tables, self.tiles, recent, first, sliding[1], sliding[0],
+        return DeviceStep(tok, pos, slots, ctx, qs, tables, recent, first, sliding[1], sliding[0],
                           rest[-1] if self.L is not None else None)
 
 
