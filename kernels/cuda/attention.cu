@@ -267,7 +267,10 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     pdl_trigger();
     const int t = blockIdx.x, h = blockIdx.y, slot = slots[t];
     if (slot < 0) return;
-    const int pos = positions[t], ng = D / group, rb = kv_row_bytes<D, BITS>(__ffs(group) - 1);
+    kv_group_checked<D, BITS>(group);
+    // the group a constant: its divisions shifts, its loops' counts known
+    constexpr int GROUP = kv_group<D, BITS>(), ng = D / GROUP, rb = kv_row_bytes<D, BITS>(kv_gshift<D, BITS>());
+    const int pos = positions[t];
     for (int i = threadIdx.x; i < D / 2; i += blockDim.x) {
         int i0, i1;
         float x0, x1;
@@ -291,9 +294,9 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int i = warp; i < 2 * ng * N_CLIP; i += blockDim.x >> 5) {
         const int gi = i / N_CLIP, k = i - gi * N_CLIP;
-        const float* x = x_s + (gi / ng) * D + (gi % ng) * group;
+        const float* x = x_s + (gi / ng) * D + (gi % ng) * GROUP;
         float mn = x[lane], mx = x[lane];
-        for (int j = lane + 32; j < group; j += 32) { mn = fminf(mn, x[j]); mx = fmaxf(mx, x[j]); }
+        for (int j = lane + 32; j < GROUP; j += 32) { mn = fminf(mn, x[j]); mx = fmaxf(mx, x[j]); }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             mn = fminf(mn, __shfl_xor_sync(FULL_MASK, mn, o));
@@ -304,7 +307,7 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
         const u16 sh = f2h(__fdiv_rn(__fmul_rn(CLIP2[k], half), QMAX));
         const float d = h2f(sh), m = h2f(mh);
         float acc = 0.0f;
-        for (int j = lane; j < group; j += 32) {
+        for (int j = lane; j < GROUP; j += 32) {
             const float q = d > 0.0f ? fminf(fmaxf(rintf(__fdiv_rn(__fsub_rn(x[j], m), d)), 0.0f), QMAX) : 0.0f;
             const float e = __fsub_rn(__fadd_rn(m, __fmul_rn(q, d)), x[j]);
             acc = j == lane ? __fmul_rn(e, e) : __fadd_rn(acc, __fmul_rn(e, e));
@@ -331,7 +334,7 @@ __device__ __forceinline__ void kv_store_q(const float* __restrict__ k, int sk, 
     }
     __syncthreads();
     for (int i = threadIdx.x; i < 2 * (D / 8); i += blockDim.x) {
-        const int r = i / (D / 8), c = i - r * (D / 8), g = (c * 8) / group;
+        const int r = i / (D / 8), c = i - r * (D / 8), g = (c * 8) / GROUP;
         const float d = gp_s[r * ng + g][0], m = gp_s[r * ng + g][1];
         u64 w = 0;
 #pragma unroll
