@@ -108,9 +108,8 @@ class Graph:
     sliding pool's tables and slots): a decode step (one token a sequence, logits for every
     row), or a prompt pass of T tokens at fixed query starts with logits for L rows."""
 
-    def __init__(self, B: int, W: int, sliding: bool = False, query_starts: np.ndarray | None = None,
-                 L: int | None = None):
-        T = B if query_starts is None else int(query_starts[-1])
+    def __init__(self, B: int, W: int, sliding: bool = False, T: int | None = None, L: int | None = None):
+        T = B if T is None else T
         self.B, self.W, self.L, self.sliding = B, W, L, sliding
         # tokens, positions, slots, ctx, qstarts, recent, tables, step_from[, sliding slots,
         # sliding tables][, logit rows]
@@ -268,7 +267,7 @@ class Steps:
         else:
             g = self.prompts.get(prompt)
             if g is None:
-                g = self.prompts[prompt] = Graph(B, W, sliding, batch.query_starts, prompt.logit_rows)
+                g = self.prompts[prompt] = Graph(B, W, sliding, len(tokens), prompt.logit_rows)
             self.prompts.move_to_end(prompt)
         g.pack(tokens, positions, batch, step.logit_rows)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
