@@ -488,11 +488,18 @@ def test_attention_prefill_then_decode(gpu, H, KVH, D, window, kv, monkeypatch):
         for g, c in ((kc_g, kc_c), (vc_g, vc_c)):
             rows_g = gpu.to_numpy(g.rows).reshape(-1, *layout.row_shape)[written]
             rows_c = c.rows.reshape(-1, *layout.row_shape)[written]
-            # RotateKV: RoPE rounds differently on the GPU, which may move a code by one
-            assert rel_err(values(rows_g).astype(np.float32), values(rows_c).astype(np.float32)) < (
-                1e-2 if layout.type.quantized else 1e-3)
-            if layout.type.quantized:  # the ring: each sequence's sink and latest rows
-                assert rel_err(gpu.to_numpy(g.recent).astype(np.float32), c.recent.astype(np.float32)) < 1e-3
+            got_rows, want_rows = values(rows_g).astype(np.float32), values(rows_c).astype(np.float32)
+            if not layout.type.quantized:
+                assert rel_err(got_rows, want_rows) < 1e-3
+                continue
+            # RoPE rounds differently on the GPU: a value on a rounding edge takes the next code,
+            # and a group whose clipping ratios nearly tie may take the other ratio (at 2 bits
+            # one such group moved the rows' relative error to 1.8e-2); the rest are the twin's
+            moved = ~np.isclose(got_rows, want_rows, rtol=2e-3, atol=2e-3 * np.abs(want_rows).max())
+            err = rel_err(got_rows, want_rows)
+            assert moved.mean() < 1e-2 and err < 5e-2, f"{seqs}: {moved.mean():.2%} moved, relative error {err:.2e}"
+            # the ring: each sequence's sink and latest rows
+            assert rel_err(gpu.to_numpy(g.recent).astype(np.float32), c.recent.astype(np.float32)) < 1e-3
 
     step([(0, 0, 200)], neox=True)
     step([(0, 200, 37), (1, 0, 5), (2, 0, 70)], neox=True)  # chunked prefill beside fresh prompts

@@ -155,7 +155,7 @@ def main() -> int:
     order = residency_order(args.skip_set, path) if draft_resident else None
     engine = Engine(path, backend=args.backend, max_context=1024,
                     vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None, resident_order=order)
-    print(json.dumps({"tiers": engine.placement.tiers}), flush=True)
+    print(json.dumps({"tiers": engine.placement.tiers, "slots": engine.placement.n_buffers}), flush=True)
     if args.pass_cost:
         pass_cost(engine, args.pass_cost)
         return 0
