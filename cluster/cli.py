@@ -83,7 +83,7 @@ def cmd_plan(args) -> int:
         except ValueError:
             pass  # no GPU here: the default stands, named as such
     source.update(weight_read_gb_s="default (H200: 70B tg128)", prompt_tflops="default (H200: 70B pp512)",
-                  disk_gb_s="default")
+                  disk_gb_s="default", layer_floor_s="default (H200: the 0.5B's resident step)")
     path = model_store.resolve(args.model)
     with GGUFFile(path) as gguf:
         config = ModelConfig.from_gguf(gguf)

@@ -274,7 +274,7 @@ def test_buffers_follow_copy_against_compute():
 def test_prediction_is_the_streamed_bytes_over_the_link_at_batch_one():
     s = sizes()
     p = place(s, 24 * GIB, GIB, 8192, 8192, Rates(link_gb_s=50))
-    rates = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e9)  # compute free: the link alone
+    rates = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e9, layer_floor_s=0)  # compute free: the link alone
     streamed = sum(n for n, t in zip(s.layers, p.tiers) if t != "vram")
     assert p.predict(rates)["decode_tok_s"] == pytest.approx(50e9 / streamed, rel=1e-6)
     slow = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e-3)  # compute-bound prompt
@@ -467,10 +467,18 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
     assert [e.token_id for e in streamed.generate(prompt, params, Speculation(3, "skip", skip=(1, 2, 4)))] == plain
     assert streamed.last_speculation.passes > 0
     # the policy's cost of a draft token: its layers' and the head's bytes over a step's when all
-    # is resident; far less beside streamed layers, whose copies a step waits for
+    # is resident and every layer reads longer than the floor of its launches; this model's
+    # layers are far below that floor, so each costs the floor; far less beside streamed
+    # layers, whose copies a step waits for
     sizes = resident.placement.sizes
     share = (sum(sizes.layers[i] for i in (0, 3, 5)) + sizes.head_bytes) / (sum(sizes.layers) + sizes.head_bytes)
     skip_only = Speculation(None, "skip", skip=(1, 2, 4))
+    floor = resident.rates.layer_floor_s
+    assert max(sizes.layers) / (resident.rates.weight_read_gb_s * 1e9) < floor
+    head = resident.placement.step_seconds(1, resident.rates, layers=())
+    assert DraftPolicy.for_engine(resident, skip_only).draft_cost["skip"] == pytest.approx(
+        (head + 3 * floor) / (head + 6 * floor), rel=1e-6)
+    resident.rates = replace(resident.rates, layer_floor_s=0.0)
     assert DraftPolicy.for_engine(resident, skip_only).draft_cost["skip"] == pytest.approx(share, rel=1e-6)
     assert DraftPolicy.for_engine(streamed, skip_only).draft_cost["skip"] < share / 10
     with pytest.raises(ValueError, match="disk"):  # the same drafter, the first layers resident

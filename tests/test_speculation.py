@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.engine.draft_policy import PROBE_FIRST, DraftPolicy, expected_tokens
+from workers.engine.draft_policy import PROBE_FIRST, VERIFY_COST, DraftPolicy, expected_tokens
 from workers.engine.engine import Engine, Sequence
 from workers.engine.sampling import SamplingParams
 from workers.engine.skip_calibration import calibrate, load_skip_set, own_continuations, read_prompts, score, write
@@ -198,7 +198,7 @@ def test_a_forward_over_a_subset_of_layers_is_the_model_without_the_others(engin
 
 def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does():
     spec = Speculation(None, "auto", skip=(1,))
-    cheap = DraftPolicy(spec, spec.drafters(4), {"lookup": 0.0, "early-exit": 0.5, "skip": 0.8}, verify_cost=1.0)
+    cheap = DraftPolicy(spec, spec.drafters(4), {"lookup": 0.0, "early-exit": 0.5, "skip": 0.8}, verify_cost={1: 1.0})
     first = cheap.next()
     assert first.drafter == "lookup" and first.k == 16  # free drafts, free rows: as many as allowed
     for _ in range(6):  # lookup rejected at once, early exit kept in full
@@ -206,7 +206,7 @@ def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does
         cheap.update("early-exit", 3, 3)
     c = cheap.next()
     assert c.drafter == "early-exit" and c.layers == (0,) and c.k > 1
-    costly = DraftPolicy(Speculation(None, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost=2.1)
+    costly = DraftPolicy(Speculation(None, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost={1: 2.1})
     choices = [costly.next() for _ in range(PROBE_FIRST + 1)]
     assert choices[:PROBE_FIRST] == [None] * PROBE_FIRST and choices[-1].drafter == "lookup"  # a probe
     choices = [costly.next() for _ in range(2 * PROBE_FIRST + 1)]
@@ -214,8 +214,27 @@ def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does
     for _ in range(10):
         costly.update("lookup", 8, 8)
     assert costly.next() is not None  # a drafter that is always right pays even at 2.1 steps a pass
-    fixed = DraftPolicy(Speculation(3, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost=2.1)
+    fixed = DraftPolicy(Speculation(3, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost={1: 2.1})
     assert fixed.next().k == 3  # a fixed k always speculates
+
+
+def test_the_policy_weighs_a_pass_by_its_rows():
+    """A pass of k + 1 rows costs what VERIFY_COST measured for k (interpolated between the
+    measured ones): a free drafter of which one pass in ten keeps a token (acceptance
+    estimate ~0.16) is worth k = 1 when streamed (~1.16 tokens for 1.07 steps) and costs more
+    than it gives at k = 16 (~1.19 tokens for 1.44 steps)."""
+    costs = VERIFY_COST["cupy", True]
+    policy = DraftPolicy(Speculation(None, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost=costs)
+    assert policy.verify_cost[4] == costs[4] and costs[4] < policy.verify_cost[6] < costs[8]
+    for _ in range(20):
+        policy.update("lookup", 4, 0 if _ % 10 else 1)
+    a = policy.acceptance("lookup")
+    choice = policy.next()
+    assert choice.k == 1 and expected_tokens(a, 1) / costs[1] > 1.0 > expected_tokens(a, 16) / costs[16]
+    flat = DraftPolicy(Speculation(None, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost={1: costs[1]})
+    for _ in range(20):
+        flat.update("lookup", 4, 0 if _ % 10 else 1)
+    assert flat.next().k == 16  # what one constant cost chose
 
 
 def test_expected_tokens_is_the_geometric_sum():

@@ -6,7 +6,8 @@ misses + 2): a pass that drafted n tokens and kept m adds m hits and, if m < n, 
 draft is kept up to its first rejection, so this is the geometric model's estimate), both
 decayed by DECAY a pass so the estimate follows the sequence. A pass of d with k tokens is
 expected to give (1 - a^(k+1)) / (1 - a) tokens and to cost, in plain decode steps,
-verify_cost (a pass over 2..k+1 rows; 1 when nothing was drafted) + k * draft_cost(d), where
+verify_cost(k) (a pass over k + 1 rows, interpolated between the measured ones; 1 when
+nothing was drafted) + k * draft_cost(d), where
 draft_cost is the placement's predicted time of a pass through the drafter's layers and the
 head over a whole step's (0 for lookup): about the share of the weights they hold when every
 layer is resident, far less when the draft's layers are resident and others stream. The
@@ -26,16 +27,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from workers.engine.speculation import MAX_K, Speculation
 
-# A verifying pass of 2..17 rows, in decode steps of the same backend and placement, measured
-# by `tools/bench_speculation.py --pass-cost`; k = 4's figures here. numpy, the default model on
-# the 2-core development machine, a pass's products one GEMV a row (numpy_backend.GEMV_ROWS),
-# 2026-12-05: 1.47 / 2.14 / 4.02 steps at k = 1 / 4 / 16. cupy, the pass as decode rows
-# replaying the decode graph of batch k + 1, the 0.5B replica on the H200, 2026-12-03: resident
-# 1.72 / 1.92 / 2.61 steps (a 0.95 ms step), streamed at --vram-gb 1.62 1.10 / 1.14 / 1.33 (a
-# 3.41 ms step, the link's).
-VERIFY_COST = {("numpy", False): 2.15, ("numpy", True): 2.15, ("cupy", False): 1.9, ("cupy", True): 1.15}
+# A verifying pass of k + 1 rows, in decode steps of the same backend and placement, by k, as
+# `tools/bench_speculation.py --pass-cost` measures it. numpy: the default model on the 2-core
+# development machine, a pass's products one GEMV a row (numpy_backend.GEMV_ROWS), 2026-12-05.
+# cupy: the pass as decode rows replaying the decode graph of batch k + 1, the 0.5B replica on
+# the H200, resident 2026-12-03 (a 0.95 ms step); streamed the real default model at --vram-gb
+# 1.66, 11 layers streamed through 2 slots, 2026-12-05 (a 2.68 ms step, the link's). A constant
+# cost misled the policy: free lookup drafts then always took k = 16, whose pass costs 1.3-2.7x
+# a pass of k = 1.
+VERIFY_COST = {
+    ("numpy", False): {1: 1.47, 2: 1.70, 4: 2.14, 8: 3.00, 16: 4.02},
+    ("cupy", False): {1: 1.72, 4: 1.92, 16: 2.61},
+    ("cupy", True): {1: 1.07, 2: 1.13, 4: 1.14, 8: 1.25, 16: 1.44},
+}
+VERIFY_COST["numpy", True] = VERIFY_COST["numpy", False]  # the CPU streams nothing
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
 
@@ -54,12 +63,15 @@ def expected_tokens(a: float, k: int) -> float:
 
 class DraftPolicy:
     def __init__(self, spec: Speculation, drafters: dict[str, tuple[int, ...] | None], draft_cost: dict[str, float],
-                 verify_cost: float):
+                 verify_cost: dict[int, float]):
         """drafters: `spec.drafters(...)`; draft_cost: each one's cost per drafted token in
-        decode steps; verify_cost: a verifying pass's, in decode steps."""
+        decode steps; verify_cost: a verifying pass's in decode steps, by k (measured points)."""
         self.k = spec.k
         self.drafters = drafters
-        self.draft_cost, self.verify_cost = draft_cost, verify_cost
+        self.draft_cost = draft_cost
+        ks = sorted(verify_cost)
+        self.verify_cost = dict(zip(range(1, MAX_K + 1),
+                                    np.interp(range(1, MAX_K + 1), ks, [verify_cost[k] for k in ks]).tolist()))
         self.hits = dict.fromkeys(self.drafters, 0.0)
         self.misses = dict.fromkeys(self.drafters, 0.0)
         self.plain_run, self.probe_after = 0, PROBE_FIRST
@@ -82,7 +94,7 @@ class DraftPolicy:
 
     def rate(self, drafter: str, k: int) -> float:
         """Expected tokens per decode step's cost of a pass of k tokens by drafter."""
-        return expected_tokens(self.acceptance(drafter), k) / (self.verify_cost + k * self.draft_cost[drafter])
+        return expected_tokens(self.acceptance(drafter), k) / (self.verify_cost[k] + k * self.draft_cost[drafter])
 
     def next(self) -> Choice | None:
         """The next pass's drafter and k, or None for a plain decode step."""

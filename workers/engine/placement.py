@@ -48,6 +48,9 @@ class Rates:
     weight_read_gb_s: float = 3000.0  # 1-token products over resident weights (H200: 70B tg128 = 71% of 4.2 TB/s copy)
     prompt_tflops: float = 170.0  # prompt products (H200: 70B pp512 = 1,247 tok/s, 2 x 70.6 GFLOP a token)
     disk_gb_s: float = 2.0  # the disk tier's reads (measured by the disk tier)
+    # a layer's kernels at batch 1 take at least this however few its bytes: their launches and
+    # dependent steps (H200: the 0.5B's resident step, 24 layers, 0.62 ms; 5 us of reading each)
+    layer_floor_s: float = 20e-6
     source: dict = field(default_factory=dict)  # rate name -> where it came from
 
 
@@ -168,7 +171,7 @@ class Placement:
         run = range(len(s.layers)) if layers is None else layers
         t = compute(s.head_bytes, s.head_params)
         for i in run:
-            c = compute(s.layers[i], s.layer_params[i])
+            c = max(compute(s.layers[i], s.layer_params[i]), rates.layer_floor_s)
             t += c if self.tiers[i] == "vram" else max(c, s.layers[i] / (rates.link_gb_s * 1e9))
         # the disk tier reads ahead all the time, so a pass takes at least its disk bytes' read
         disk = sum(s.layers[i] for i in run if self.tiers[i] == "disk")
