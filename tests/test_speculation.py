@@ -237,6 +237,20 @@ def test_the_policy_weighs_a_pass_by_its_rows():
     assert flat.next().k == 16  # what one constant cost chose
 
 
+def test_a_drafter_that_proposes_nothing_loses_the_choice():
+    """Lookup finding no match drafts nothing: the pass gives one token, as a first proposal
+    rejected does, and counts so; the skip draft, kept about half the time, takes over."""
+    spec = Speculation(3, "auto", skip=(1,))
+    policy = DraftPolicy(spec, {"lookup": None, "skip": (0,)}, {"lookup": 0.0, "skip": 0.1},
+                         verify_cost=VERIFY_COST["cupy", True])
+    assert policy.next().drafter == "lookup"  # free, and both at the prior
+    for _ in range(5):
+        policy.update("lookup", 0, 0)
+        policy.update("skip", 3, 1)
+    assert policy.acceptance("lookup") < 0.2 < policy.acceptance("skip")
+    assert policy.next().drafter == "skip"
+
+
 def test_expected_tokens_is_the_geometric_sum():
     for a, k in ((0.3, 4), (0.9, 1), (0.0, 5)):
         assert expected_tokens(a, k) == pytest.approx(sum(a ** i for i in range(k + 1)))
