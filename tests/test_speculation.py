@@ -43,6 +43,59 @@ def test_speculative_greedy_gives_the_plain_greedy_tokens(engine, spec):
     assert engine.blocks.free_blocks == engine.blocks.num_blocks  # rejected tails and the request gave their blocks back
 
 
+def test_the_policys_plain_runs_decode_ahead_of_the_host_and_change_no_token(engine, monkeypatch):
+    """Under --speculate auto, each run of plain steps the policy has decided goes through
+    greedy_decode for exactly its length (each step started on the device before the host
+    reads the last one's id), as plain decoding's steps do where the backend samples on the
+    device (here pretended: the NumPy backend's greedy_decode is the same computation). The
+    tokens, the passes and the plain steps are those of the step-by-step run."""
+    spec = Speculation(None, "lookup")
+    prompt = [7, 3, 11, 2, 19, 5, 13, 8]  # little for lookup to find: mostly plain steps
+    by_step = run(engine, prompt, spec, max_tokens=60)
+    stats = engine.last_speculation
+    assert by_step == run(engine, prompt, max_tokens=60)
+    runs = []
+    greedy_decode = engine.greedy_decode
+
+    def recorded(seqs, steps=None):
+        runs.append(steps)
+        return greedy_decode(seqs, steps)
+
+    monkeypatch.setattr(engine, "decodes_ahead", lambda params: True)
+    monkeypatch.setattr(engine, "greedy_decode", recorded)
+    assert run(engine, prompt, spec, max_tokens=60) == by_step
+    ahead = engine.last_speculation
+    assert (ahead.passes, ahead.plain_steps) == (stats.passes, stats.plain_steps) and stats.plain_steps > 10
+    assert runs and all(n >= 1 for n in runs) and max(runs) > 1
+    # every plain step but those the request's end cut short came from a run
+    assert sum(runs) - ahead.plain_steps in range(0, max(runs))
+    assert engine.blocks.free_blocks == engine.blocks.num_blocks
+
+
+@pytest.mark.gpu
+def test_gpu_the_policys_plain_runs_decode_ahead(tiny_model, cuda_device, monkeypatch):
+    """On the GPU the same runs go through greedy_decode without pretending, and the tokens
+    are the plain greedy ones."""
+    gpu = Engine(tiny_model("llama"), backend="cupy", max_context=256, kv_cache_tokens=512)
+    prompt = [7, 3, 11, 2, 19, 5, 13, 8]
+    plain = run(gpu, prompt, max_tokens=60)
+    runs = []
+    greedy_decode = gpu.greedy_decode
+    monkeypatch.setattr(gpu, "greedy_decode", lambda seqs, steps=None: runs.append(steps) or greedy_decode(seqs, steps))
+    assert run(gpu, prompt, Speculation(None, "lookup"), max_tokens=60) == plain
+    assert gpu.last_speculation.plain_steps > 10 and max(runs) > 1
+
+
+def test_plain_steps_ahead_counts_the_nones_next_returns():
+    policy = DraftPolicy(Speculation(None, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost={1: 3.0})
+    for _ in range(3):  # runs of 8, 16, 32 plain steps, each then a probe
+        assert policy.next() is None
+        n = policy.plain_steps_ahead()
+        assert [policy.next() for _ in range(n)] == [None] * n and policy.next() is not None
+    policy.update("lookup", 4, 4)
+    assert policy.plain_steps_ahead() == 0  # a pass now pays
+
+
 @pytest.mark.parametrize("spec", [Speculation(4), Speculation(3, "early-exit"), Speculation(3, "skip", skip=(0,))],
                          ids=repr)
 def test_speculation_over_a_rotate_kv_cache_gives_its_plain_greedy_tokens(tiny_model, spec):

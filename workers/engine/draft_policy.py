@@ -95,11 +95,21 @@ class DraftPolicy:
         """Expected tokens per decode step's cost of a pass of k tokens by drafter."""
         return expected_tokens(self.acceptance(drafter), k) / (self.verify_cost[k] + k * self.draft_cost[drafter])
 
+    def _best(self) -> tuple[float, str, int]:
+        ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
+        return max(((self.rate(d, k), d, k) for d in self.drafters for k in ks),
+                   key=lambda r: r[0])  # max keeps the first of equals
+
+    def plain_steps_ahead(self) -> int:
+        """How many of the next calls to next() return None (a plain step) if no pass's outcome
+        comes between: the engine decodes that run ahead of the host."""
+        if self.k is not None or self._best()[0] > 1.0:
+            return 0
+        return self.probe_after - self.plain_run
+
     def next(self) -> Choice | None:
         """The next pass's drafter and k, or None for a plain decode step."""
-        ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
-        best_rate, name, k = max(((self.rate(d, k), d, k) for d in self.drafters for k in ks),
-                                 key=lambda r: r[0])  # max keeps the first of equals
+        best_rate, name, k = self._best()
         if self.k is None and best_rate <= 1.0:
             self.plain_run += 1
             if self.plain_run <= self.probe_after:

@@ -8,6 +8,7 @@ serving scheduler's continuous batching.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import threading
 import time
@@ -369,21 +370,24 @@ class Engine:
         the draft set that moves no bytes over the link."""
         return tuple(i for i, tier in enumerate(self.placement.tiers) if tier == "vram")
 
-    def greedy_decode(self, seqs: list[Sequence]) -> Iterator[np.ndarray]:
+    def greedy_decode(self, seqs: list[Sequence], steps: int | None = None) -> Iterator[np.ndarray]:
         """Greedy decode of seqs (each with its last token not yet cached), one step per item:
         the step's ids, which the caller appends to the sequences before asking for the next.
         Each step is started before the previous one's ids reach the host, from those ids on
         the device (`ops.greedy_step`), so the GPU does not wait for the host between steps;
         the step in flight when the caller stops is wasted, and its sequences are one cached
-        token ahead of their ids: release them, or append the last ids before stopping.
-        Reserves each step's KV blocks (OutOfBlocks when the cache is full)."""
+        token ahead of their ids: release them, or append the last ids before stopping. With
+        `steps`, exactly that many: the last is started after no other, so the sequences are
+        as their ids left them when it has been taken. Reserves each step's KV blocks
+        (OutOfBlocks when the cache is full)."""
         self.reserve([(s, 1) for s in seqs])
         pending = self.greedy_step(seqs, fed=False)
-        while True:
+        for _ in range(steps - 1) if steps is not None else itertools.count():
             self.reserve([(s, 1) for s in seqs])
             ahead = self.greedy_step(seqs, fed=True)
             yield pending()
             pending = ahead
+        yield pending()
 
     def greedy_step(self, seqs: list[Sequence], fed: bool):
         """Start one greedy decode step of seqs (`ops.greedy_step`): their last tokens, or with
@@ -602,8 +606,9 @@ class Engine:
         spec_stats = self.last_speculation = SpecStats()
         speculate = speculation is not None and params.logprobs is None and not params.penalized
         # greedy with nothing else read from the logits: each step starts on the device from
-        # the last one's id (greedy_decode)
-        ahead = self.decodes_ahead(params) and not speculate
+        # the last one's id (greedy_decode); under speculation, for each run of plain steps
+        # the policy has decided (its decisions do not depend on the tokens)
+        ahead = self.decodes_ahead(params)
         try:
             t0 = time.perf_counter()
             left = c.prompt_tokens
@@ -617,8 +622,9 @@ class Engine:
             picked = self.sample(self.forward([(c.seq, left)], device=True), [c.sampler])[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            steps = self.greedy_decode([c.seq]) if ahead else None
+            steps = self.greedy_decode([c.seq]) if ahead and not speculate else None
             kept: list[int] = []  # a speculative pass's tokens not handed out yet
+            plain_left = 0  # steps of the policy's plain run still to come from `steps`
             policy = DraftPolicy.for_engine(self, speculation) if speculate else None
             while True:
                 event = c.advance(*picked)
@@ -632,8 +638,15 @@ class Engine:
                                                c.budget - c.generated, spec_stats, c.sampler)
                         policy.update(choice.drafter, drafted, len(kept) - 1)
                     picked = (kept.pop(0), None, None)
-                elif steps is not None:
+                elif steps is not None or (policy is not None and ahead):
+                    if steps is None:  # the policy's run of plain steps, decoded ahead of the host
+                        plain_left = 1 + policy.plain_steps_ahead()
+                        steps = self.greedy_decode([c.seq], plain_left)
                     picked = (int(next(steps)[0]), None, None)
+                    if policy is not None:
+                        spec_stats.plain_steps += 1
+                        plain_left -= 1
+                        steps = steps if plain_left else None
                 else:
                     spec_stats.plain_steps += policy is not None
                     self.reserve([(c.seq, 1)])
