@@ -1342,7 +1342,4 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     DEF_PREFILL_Q(D, 8, q8_##D) DEF_PREFILL_Q(D, 4, q4_##D) DEF_PREFILL_Q(D, 3, q3_##D) DEF_PREFILL_Q(D, 2, q2_##D)  \
     DEF_DECODE(D, 8, q8_##D) DEF_DECODE(D, 4, q4_##D) DEF_DECODE(D, 3, q3_##D) DEF_DECODE(D, 2, q2_##D)              \
     DEF_STORE_Q(D, 8) DEF_STORE_Q(D, 4) DEF_STORE_Q(D, 3) DEF_STORE_Q(D, 2)
-DEF_HEAD(64)
-DEF_HEAD(96)
-DEF_HEAD(128)
-DEF_HEAD(256)
+EACH_HEAD_DIM(DEF_HEAD)

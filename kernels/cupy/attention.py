@@ -25,8 +25,8 @@ from __future__ import annotations
 import cupy as cp
 import numpy as np
 
-from kernels.cupy.kernel_constants import (DEC_WARPS, DECODE_BLOCKS_PER_SM, DECODE_CHUNK, MAXG, PF_KEYS, PF_ROWS,
-                                           PF_WARPS, QMMA_MAX_T, STATIC_SMEM_MAX, STORE_Q_WARPS, XQ_RUN)
+from kernels.cupy.kernel_constants import (DEC_WARPS, DECODE_BLOCKS_PER_SM, DECODE_CHUNK, HEAD_DIMS, MAXG, PF_KEYS,
+                                           PF_ROWS, PF_WARPS, QMMA_MAX_T, STATIC_SMEM_MAX, STORE_Q_WARPS, XQ_RUN)
 from kernels.cupy.elementwise import Roped
 from kernels.cupy.steps import make_step, prefill_row_tiles
 from kernels.cupy.streams import ptr, sm_count
@@ -36,7 +36,6 @@ from kernels.kv_layout import RING, KVRows
 from kernels.kv_quant import rotation_scale
 from kernels.ops import StepInputs
 
-HEAD_DIMS = (64, 96, 128, 256)
 LOG2E = 1.4426950408889634
 
 

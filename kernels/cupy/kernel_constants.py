@@ -25,6 +25,7 @@ SAMPLE_THREADS = 1024  # threads of a sampling or argmax block, one block a row
 QUANTIZE_THREADS = 64  # threads of a requantizing block, one thread a super-block
 
 # --- attention (attention.cu) -----------------------------------------------------------------
+HEAD_DIMS = (64, 96, 128, 256)  # the head sizes attention.cu instantiates its kernels for
 MAXG = 8  # query heads per KV head the attention kernels hold
 DEC_WARPS = 8  # warps of a decode block: a warp per 16-key tile of the chunk and half of the dims
 DECODE_CHUNK = 64  # keys a decode block stages in shared memory at once
@@ -63,6 +64,7 @@ def attention_defines() -> str:
                "STATIC_SMEM_MAX": STATIC_SMEM_MAX, "N_CLIP": len(CLIP_RATIOS)}
     groups = {t.bits: t.group for t in KV_TYPES.values() if t.quantized}
     return define_lines(scalars) + "".join(line + "\n" for line in (
+        f"#define EACH_HEAD_DIM(X) {' '.join(f'X({d})' for d in HEAD_DIMS)}",
         f"#define DEC_BLOCKS(D) ({_by('D', DECODE_BLOCKS_PER_SM)})",
         f"#define PF_KEYS(D) ({_by('D', PF_KEYS)})",
         f"#define KV_TYPE_GROUP(BITS) ({_by('BITS', groups)})",
