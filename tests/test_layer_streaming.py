@@ -274,7 +274,8 @@ def test_buffers_follow_copy_against_compute():
 def test_prediction_is_the_streamed_bytes_over_the_link_at_batch_one():
     s = sizes()
     p = place(s, 24 * GIB, GIB, 8192, 8192, Rates(link_gb_s=50))
-    rates = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e9, layer_floor_s=0)  # compute free: the link alone
+    # compute free: the link alone
+    rates = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e9, layer_floor_s=0)
     streamed = sum(n for n, t in zip(s.layers, p.tiers) if t != "vram")
     assert p.predict(rates)["decode_tok_s"] == pytest.approx(50e9 / streamed, rel=1e-6)
     slow = Rates(link_gb_s=50, weight_read_gb_s=1e9, prompt_tflops=1e-3)  # compute-bound prompt

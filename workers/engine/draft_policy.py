@@ -1,22 +1,21 @@
 """Adaptive speculation: which drafter, and how many tokens, each pass of one sequence drafts,
 from the acceptance that sequence has measured (`--speculate auto`, `--drafter auto`).
 
-The rule. Each drafter d has a per-token acceptance estimate a_d = (hits + 1) / (hits +
-misses + 2): a pass that drafted n tokens and kept m adds m hits and, if m < n or n = 0, one miss (a
+The rule. Each drafter d has a per-token acceptance estimate a_d = (hits + 1) / (hits + misses
++ 2): a pass that drafted n tokens and kept m adds m hits and, if m < n or n = 0, one miss (a
 draft is kept up to its first rejection, so this is the geometric model's estimate), both
 decayed by DECAY a pass so the estimate follows the sequence. A pass of d with k tokens is
 expected to give (1 - a^(k+1)) / (1 - a) tokens and to cost, in plain decode steps,
-verify_cost(k) (a pass over k + 1 rows, interpolated between the measured ones; 1 when
-nothing was drafted) + k * draft_cost(d), where
-draft_cost is the placement's predicted time of a pass through the drafter's layers and the
-head over a whole step's (0 for lookup): about the share of the weights they hold when every
-layer is resident, far less when the draft's layers are resident and others stream. The
-next pass takes the (d, k) with the most tokens per cost (ties: the earlier drafter in
-DRAFTERS order, then the smaller k). With a fixed k only d is chosen; with auto k,
-when no (d, k) beats a plain step (1 token per cost 1) the step is plain, and after
-PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its estimate,
-the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock or a
-random number: given the request's seed the choices, like the tokens, are reproducible.
+verify_cost(k) (a pass over k + 1 rows, interpolated between the measured ones; 1 when nothing
+was drafted) + k * draft_cost(d), where draft_cost is the placement's predicted time of a pass
+through the drafter's layers and the head over a whole step's (0 for lookup): about the share
+of the weights they hold when every layer is resident, far less when the draft's layers are
+resident and others stream. The next pass takes the (d, k) with the most tokens per cost
+(ties: the earlier drafter in DRAFTERS order, then the smaller k). With a fixed k only d is
+chosen; with auto k, when no (d, k) beats a plain step (1 token per cost 1) the step is plain,
+and after PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its
+estimate, the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock
+or a random number: given the request's seed the choices, like the tokens, are reproducible.
 
 It is a plain object of the engine layer so that `Engine.generate` uses it per request and
 the DraftWorker can own one per sequence when the server speculates (its acceptance counts

@@ -646,7 +646,8 @@ class Engine:
                     if policy is not None:
                         spec_stats.plain_steps += 1
                         plain_left -= 1
-                        steps = steps if plain_left else None
+                        if not plain_left:
+                            steps = None
                 else:
                     spec_stats.plain_steps += policy is not None
                     self.reserve([(c.seq, 1)])
