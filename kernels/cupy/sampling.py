@@ -41,7 +41,8 @@ def argmax_dev(b, logits):
     logits = rows2(logits)
     B, V = logits.shape
     out = cp.empty((B,), cp.int32)
-    b.k.get("misc.cu", "argmax_rows")((B,), (SAMPLE_THREADS,), (logits, np.int32(logits.strides[0] // 4), np.int32(V), out))
+    row_stride = np.int32(logits.strides[0] // 4)
+    b.k.get("misc.cu", "argmax_rows")((B,), (SAMPLE_THREADS,), (logits, row_stride, np.int32(V), out))
     return out
 
 
