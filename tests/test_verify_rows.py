@@ -142,8 +142,8 @@ def test_rows_that_continue_no_sequence_are_refused():
 
 @pytest.mark.parametrize("layers", [None, (0,), (1,)], ids=["whole", "early-exit", "skip"])
 def test_a_greedy_chain_is_its_steps_argmax_one_at_a_time(tiny_model, layers):
-    """greedy_chain's k ids against k forward steps of the same layers, each argmaxed on the
-    host and appended; seq is as it was afterwards."""
+    """greedy_chain's k ids of two sequences against k forward steps of the same layers over
+    both, each argmaxed on the host and appended; the sequences are as they were afterwards."""
     chained, after_chain, want = chain_and_steps(Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512),
                                                  5, layers)
     assert after_chain == (20, 19)
@@ -151,19 +151,24 @@ def test_a_greedy_chain_is_its_steps_argmax_one_at_a_time(tiny_model, layers):
 
 
 def chain_and_steps(engine, k: int, layers):
-    """(greedy_chain's k ids after a 20-token prompt, the sequence's (tokens, cached) right after
-    it, and the ids of k forward steps of the same layers, each argmaxed on the host and appended)."""
-    seq = Sequence(prompt_of(engine, 20, seed=2))
+    """(greedy_chain's k ids for each of two sequences after 20- and 13-token prompts, the first
+    sequence's (tokens, cached) right after it, and the ids of k forward steps of the same
+    layers over the two together, each argmaxed on the host and appended)."""
+    seqs = [Sequence(prompt_of(engine, 20, seed=2)), Sequence(prompt_of(engine, 13, seed=3))]
     try:
-        forward(engine, [(seq, 19)])
-        chained = engine.greedy_chain(seq, k, layers)
-        after_chain = (len(seq.token_ids), seq.num_cached)
-        want = []
+        for seq in seqs:
+            forward(engine, [(seq, len(seq.token_ids) - 1)])
+        chained = engine.greedy_chain(seqs, k, layers)
+        after_chain = (len(seqs[0].token_ids), seqs[0].num_cached)
+        want = [[], []]
         for _ in range(k):
-            want.append(int(np.argmax(forward(engine, [(seq, 1)], layers=layers)[-1])))
-            seq.token_ids.append(want[-1])
+            for ids, seq, row in zip(want, seqs, forward(engine, [(seq, 1) for seq in seqs], all_logits=True,
+                                                         layers=layers)):
+                ids.append(int(np.argmax(row)))
+                seq.token_ids.append(ids[-1])
     finally:
-        engine.release(seq)
+        for seq in seqs:
+            engine.release(seq)
     return chained, after_chain, want
 
 

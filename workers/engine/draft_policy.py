@@ -24,11 +24,9 @@ are what it would export as metrics).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from workers.engine.speculation import MAX_K, Speculation
+from workers.engine.speculation import MAX_K, Choice, Speculation
 
 # A verifying pass of k + 1 rows, in decode steps of the same backend and placement, by k, as
 # `tools/bench_speculation.py --pass-cost` measures it. numpy: the default model on the 2-core
@@ -45,13 +43,6 @@ VERIFY_COST = {
 VERIFY_COST["numpy", True] = VERIFY_COST["numpy", False]  # the CPU streams nothing
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
-
-
-@dataclass(frozen=True)
-class Choice:
-    drafter: str
-    layers: tuple[int, ...] | None  # the layers the drafter runs (None: lookup)
-    k: int
 
 
 def expected_tokens(a: float, k: int) -> float:

@@ -399,28 +399,31 @@ class Engine:
             seq.num_cached += 1
         return ids
 
-    def greedy_chain(self, seq: Sequence, k: int, layers: tuple[int, ...] | None = None) -> list[int]:
-        """The k greedy tokens after seq (its last token not cached yet) from the model's
-        `layers` (all if None): k decode steps, each fed the previous one's id on the device
-        (`ops.greedy_chain`), the host waiting once for all k (a greedy draft). Their KV is
-        written at seq's next k positions (reserved here; OutOfBlocks when the cache is
-        full); seq is as it was when this returns."""
+    def greedy_chain(self, seqs: list[Sequence], k: int, layers: tuple[int, ...] | None = None) -> list[list[int]]:
+        """The k greedy tokens after each of seqs (their last tokens not cached yet) from the
+        model's `layers` (all if None): k decode steps of the batch, each fed the previous one's
+        ids on the device (`ops.greedy_chain`), the host waiting once for all k (a greedy draft,
+        or the drafts of several sequences together). Their KV is written at the sequences'
+        next k positions (reserved here; OutOfBlocks when the cache is full); the sequences are
+        as they were when this returns."""
         if k < 1:
             raise ValueError(f"a greedy chain needs k >= 1 steps, got {k}")
-        start, cached = len(seq.token_ids), seq.num_cached
-        self.reserve([(seq, k)])
+        before = [(len(seq.token_ids), seq.num_cached) for seq in seqs]
+        self.reserve([(seq, k) for seq in seqs])
         steps = []
         try:
             for i in range(k):
-                steps.append(self._plan([(seq, 1)], fed=i > 0))
-                seq.num_cached += 1
-                if i:
-                    seq.token_ids.append(0)  # the place of the id this step is fed; the device holds it
+                steps.append(self._plan([(seq, 1) for seq in seqs], fed=i > 0))
+                for seq in seqs:
+                    seq.num_cached += 1
+                    if i:
+                        seq.token_ids.append(0)  # the place of the id this step is fed; the device holds it
             ids = self.ops.greedy_chain(self._forward(layers), steps, self.kv.layers)
         finally:
-            del seq.token_ids[start:]
-            seq.num_cached = cached
-        return [int(t) for t in ids[:, 0]]
+            for seq, (length, cached) in zip(seqs, before):
+                del seq.token_ids[length:]
+                seq.num_cached = cached
+        return ids.T.tolist()
 
     def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False) -> StepInputs:
         """A step's tokens, positions and AttentionBatch over the sequences' reserved blocks.
@@ -558,6 +561,13 @@ class Engine:
         on the device from the raw logits, nothing (grammar, bias) changing them first."""
         return params.greedy and self.samples_on_device(params) and not params.constrained
 
+    @staticmethod
+    def speculates(params: SamplingParams) -> bool:
+        """Whether a request with these params may decode speculatively: nothing but its tokens
+        read from the logits (no logprobs, no penalties) and nothing changing them first (a
+        draft is verified against the model's raw distribution; masking it is not implemented)."""
+        return params.logprobs is None and not params.penalized and not params.constrained
+
     def samples_on_device(self, params: SamplingParams) -> bool:
         """Whether `sample` draws a row with these params on the device: only its id leaves it."""
         return self.ops.device_sampling and self.pipeline is None and params.logprobs is None and not params.penalized
@@ -604,7 +614,7 @@ class Engine:
         c = Completion.start(self, prompt_ids, params)
         timings = self.last_timings = Timings(prompt_tokens=c.prompt_tokens)
         spec_stats = self.last_speculation = SpecStats()
-        speculate = speculation is not None and params.logprobs is None and not params.penalized
+        speculate = speculation is not None and self.speculates(params)
         # greedy with nothing else read from the logits: each step starts on the device from
         # the last one's id (greedy_decode); under speculation, for each run of plain steps
         # the policy has decided (its decisions do not depend on the tokens)
@@ -634,8 +644,7 @@ class Engine:
                 choice = policy.next() if policy is not None and not kept else None
                 if kept or choice is not None:
                     if not kept:
-                        kept, drafted = verify(self, c.seq, choice.drafter, choice.layers, choice.k,
-                                               c.budget - c.generated, spec_stats, c.sampler)
+                        kept, drafted = verify(self, c.seq, choice, c.budget - c.generated, spec_stats, c.sampler)
                         policy.update(choice.drafter, drafted, len(kept) - 1)
                     picked = (kept.pop(0), None, None)
                 elif steps is not None or (policy is not None and ahead):

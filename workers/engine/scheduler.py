@@ -24,6 +24,21 @@ does not wait for the host to read a step's ids, commit and plan between two dec
 A request that finishes at the first step's commit has its token from the second dropped;
 its blocks go back once no step in flight holds it.
 
+Speculation (a Scheduler given a `Speculation`; workers/engine/speculation.py): each request
+that may (`Engine.speculates`: no logprobs, penalties, grammar or bias) gets a `DraftPolicy`
+of its own at submission, which picks its drafter and k pass by pass from its own measured
+acceptance (workers/engine/draft_policy.py). In a step of decodes alone, a request whose policy
+drafts is a pass: launch drafts for every such request (the greedy model drafts of the same
+layers and k as one chain over their sequences), then runs one verifying pass of the whole
+step, each plain decode one row and each pass its last token and proposals (decode rows, as
+`Engine.generate` verifies); waiting settles each pass (its own accepted length; the rejected
+proposals' blocks go back) and samples the plain rows, and commit hands out each pass's tokens
+in order until one ends the request. A pass's k is cut so that the step holds at most
+max_num_seqs rows (the logits the engine keeps room for: speculation fills the rows a small
+batch leaves), and a pass takes blocks beyond its decode only where every later decode of the
+step still finds its own: speculation never preempts. A step with a prompt chunk or an
+admission decodes plainly. The policy's runs of plain steps run ahead as any greedy step does.
+
 Micro-batches (vLLM's virtual engines): an engine whose forward pass runs through P
 pipeline stages (workers/engine/pipeline.py) splits the running requests into P groups,
 disjoint, each admitted request joining the group that plans next while that group holds
@@ -57,8 +72,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from workers.engine.draft_policy import DraftPolicy
 from workers.engine.engine import Completion, Engine, GeneratedToken, Sequence
 from workers.engine.sampling import SamplingParams
+from workers.engine.speculation import Choice, Speculation, Stats, accept, propose, start_pass
 
 
 class QueueFull(RuntimeError):
@@ -71,6 +90,7 @@ class Request(Completion):
     cancelled: bool = False
     done: bool = False  # finished; a step run ahead may still hold it
     group: int = 0  # its micro-batch group, from its admission
+    policy: DraftPolicy | None = None  # its drafter and k a pass, when it speculates
 
     @property
     def uncached(self) -> int:
@@ -84,16 +104,25 @@ class Step:
     greedy: bool = False  # every request decodes one greedy token: Engine.greedy_step
     fed: bool = False  # run ahead: its tokens are the previous step's ids on the device
     group: int = 0  # the micro-batch group whose requests it holds
+    passes: dict[Request, Choice] = field(default_factory=dict)  # requests that draft and verify (not in work)
 
     def add(self, request: Request, n: int) -> None:
         self.requests.append(request)
         self.work.append((request.seq, n))
 
+    def add_pass(self, request: Request, choice: Choice) -> None:
+        self.requests.append(request)
+        self.passes[request] = choice
+
 
 class Scheduler:
-    def __init__(self, engine: Engine, max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256,
+                 speculation: Speculation | None = None):
+        """speculation: how requests that can speculate do (module docstring); None: none does."""
         if max_num_seqs < 1 or max_queue < 0:
             raise ValueError("max_num_seqs must be >= 1 and max_queue >= 0")
+        if speculation is not None and engine.pipeline is not None:
+            raise ValueError("speculative decoding does not run through pipeline stages")
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_num_seqs ({max_num_seqs}) "
                              "so that every running decode fits in a step")
@@ -105,6 +134,8 @@ class Scheduler:
         self.in_flight: list[Step] = []  # planned, not committed: one a group, or two when run ahead
         self.groups = max(len(engine.stages), 1)  # micro-batches: one a pipeline stage
         self.next_group = 0  # planned first when free, so that groups take turns
+        self.speculation = speculation
+        self.spec_stats = Stats()  # every request's passes, drafts and plain steps together
 
     # --- requests ------------------------------------------------------------
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> Request:
@@ -114,6 +145,8 @@ class Scheduler:
         request = Request.start(self.engine, prompt_ids, params, id=request_id)  # bad input fails first
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"server busy: {len(self.waiting)} requests already waiting; retry later")
+        if self.speculation is not None and self.engine.speculates(params):
+            request.policy = DraftPolicy.for_engine(self.engine, self.speculation)
         self.waiting.append(request)
         self.requests[request_id] = request
         return request
@@ -185,9 +218,21 @@ class Scheduler:
         def members() -> list[Request]:
             return [r for r in self.running if r.group == group]
 
-        for request in [r for r in members() if r.uncached == 1]:
+        decodes = [r for r in members() if r.uncached == 1]
+        # passes only in a step of decodes alone: a prompt chunk is no decode row
+        speculating = (self.speculation is not None and len(decodes) == len(members())
+                       and not (self.waiting and len(self.running) < self.max_num_seqs))
+        rows = self.max_num_seqs - len(decodes)  # the rows the step's passes may add to one a decode
+        for i, request in enumerate(decodes):
             if request not in self.running:  # preempted to make room for an older one
                 continue
+            if speculating and request.policy is not None and (choice := self._choice(request, rows)) is not None:
+                n = min(choice.k, request.budget - request.generated - 1) + 1
+                if self._reserve_pass(request, n, len(decodes) - i - 1):
+                    step.add_pass(request, choice)
+                    rows -= n - 1
+                    budget -= n
+                    continue
             while not self._try_reserve(request, 1):
                 victim = members()[-1]
                 self._preempt(victim)
@@ -216,9 +261,27 @@ class Scheduler:
             size += 1
         if not step.requests:
             return None
-        step.greedy = all(n == 1 and request.uncached == 1 and self._greedy(request)
-                          for request, (_, n) in zip(step.requests, step.work))
+        step.greedy = not step.passes and all(n == 1 and request.uncached == 1 and self._greedy(request)
+                                              for request, (_, n) in zip(step.requests, step.work))
         return step
+
+    def _reserve_pass(self, request: Request, n: int, later: int) -> bool:
+        """Blocks for a pass of n rows, unless they would leave fewer free blocks than the step's
+        `later` decodes may take: a pass never preempts anyone."""
+        if not self._try_reserve(request, n):
+            return False
+        if self.engine.blocks.free_blocks >= later:
+            return True
+        self.engine.blocks.trim(request.seq, request.seq.num_cached + 1)
+        return False
+
+    def _choice(self, request: Request, rows: int) -> Choice | None:
+        """The request's next pass, its k cut to the rows the step has left, or None: a plain step."""
+        choice = request.policy.next()
+        if choice is None or rows < 1:
+            self.spec_stats.plain_steps += 1
+            return None
+        return choice if choice.k <= rows else Choice(choice.drafter, choice.layers, rows)
 
     def plan_ahead(self, step: Step) -> Step | None:
         """The same greedy step again, to start before `step` (launched, not committed) has
@@ -227,8 +290,14 @@ class Scheduler:
             return None
         if any(r.cancelled or r.generated + 2 > r.budget for r in step.requests):
             return None
+        policies = [r.policy for r in step.requests if r.policy is not None]
+        if any(policy.plain_steps_ahead() < 1 for policy in policies):
+            return None
         if not all(self._try_reserve(r, 1) for r in step.requests):
             return None
+        for policy in policies:  # the plain step each has decided next
+            policy.next()
+            self.spec_stats.plain_steps += 1
         ahead = Step(list(step.requests), [(r.seq, 1) for r in step.requests], greedy=True, fed=True, group=step.group)
         self.in_flight.append(ahead)
         return ahead
@@ -243,28 +312,63 @@ class Scheduler:
         requests."""
         if step.greedy:
             ids = self.engine.greedy_step([r.seq for r in step.requests], fed=step.fed)
-            return lambda: [(t, None, None) for t in ids().tolist()]
+            return lambda: [[(t, None, None)] for t in ids().tolist()]
+        if step.passes:
+            return self._launch_passes(step)
         logits = self.engine.start_forward(step.work, device=True)
         samplers = [r.sampler if not r.cancelled and r.uncached == 0 else None for r in step.requests]
-        return lambda: self.engine.sample(logits(), samplers)
+        return lambda: [[] if c is None else [c] for c in self.engine.sample(logits(), samplers)]
+
+    def _launch_passes(self, step: Step) -> Callable[[], list]:
+        """A step of decodes with passes: the drafts (`propose`: the greedy model drafts of the
+        same layers and k as one chain), then one verifying pass of every request's rows, the
+        plain ones first (`start_pass`); waiting settles each pass (`accept`) and samples the
+        plain rows."""
+        engine, plain = self.engine, [r for r in step.requests if r not in step.passes]
+        drafts = propose(engine, [(r.seq, choice, r.budget - r.generated, r.sampler)
+                                  for r, choice in step.passes.items()])
+        logits = start_pass(engine, drafts, [r.seq for r in plain])
+
+        def wait() -> list:
+            out = logits()
+            ops, n = engine.ops, len(plain)
+            picked = {}
+            if plain:
+                samplers = [None if r.cancelled else r.sampler for r in plain]
+                picked = {r: [] if c is None else [c]
+                          for r, c in zip(plain, engine.sample(ops.take_rows(out, list(range(n))), samplers))}
+                out = ops.take_rows(out, list(range(n, n + sum(len(d.proposed) + 1 for d in drafts))))
+            rows = ops.to_numpy(out).astype(np.float32, copy=False)
+            for (request, choice), d in zip(step.passes.items(), drafts):
+                kept = accept(engine, d, rows[:len(d.proposed) + 1], self.spec_stats)
+                rows = rows[len(d.proposed) + 1:]
+                request.policy.update(choice.drafter, len(d.proposed), len(kept) - 1)
+                picked[request] = [(t, None, None) for t in kept]
+            return [picked[r] for r in step.requests]
+
+        return wait
 
     def run(self, step: Step) -> list:
         """The planned step to its end: launch, then wait for its tokens."""
         return self.launch(step)()
 
     def commit(self, step: Step, picked: list) -> list[tuple[str, GeneratedToken]]:
-        """Apply the step's tokens; returns (request id, event) pairs. Requests cancelled or
-        finished meanwhile give their blocks back here (once no step in flight holds them)."""
+        """Apply the step's tokens (a list a request: one, none while its prompt is partly
+        cached, a pass's kept run); returns (request id, event) pairs. A token that ends a
+        request drops the rest of its run. Requests cancelled or finished meanwhile give their
+        blocks back here (once no step in flight holds them)."""
         self.in_flight.remove(step)
         events = []
-        for request, choice in zip(step.requests, picked):
+        for request, choices in zip(step.requests, picked):
             if request.cancelled or request.done:
                 self._drop(request)
-            elif choice is not None:
+                continue
+            for choice in choices:
                 event = request.advance(*choice)
                 events.append((request.id, event))
                 if event.finish_reason is not None:
                     self._finish(request)
+                    break
         return events
 
     def abort(self) -> list[Request]:

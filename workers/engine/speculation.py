@@ -98,17 +98,52 @@ class Stats:
         return (self.accepted + self.passes) / self.passes if self.passes else 0.0
 
 
-def draft(engine, seq, layers: tuple[int, ...] | None, k: int, sampler=None) -> tuple[list[int], list | None]:
-    """Up to k proposed tokens after seq (whose last token is not cached yet) by lookup (layers
-    None) or by the model's `layers` and, when a sampler draws them (temperature > 0), the
-    drafter's distribution for each (None: each proposal was certain). seq is as it was when
-    this returns."""
-    if k <= 0:
-        return [], None
-    if layers is None:
-        return lookup_proposal(seq.token_ids, k), None
-    if sampler is None or sampler.params.greedy:  # each step fed the last one's id on the device
-        return engine.greedy_chain(seq, k, layers), None
+@dataclass(frozen=True)
+class Choice:
+    """A verifying pass's drafter, the layers it runs (None: lookup) and k."""
+
+    drafter: str
+    layers: tuple[int, ...] | None
+    k: int
+
+
+@dataclass
+class Draft:
+    """One sequence's share of a verifying pass: its proposals and, when a sampler drew them,
+    the drafter's distribution for each (q_rows; None: each proposal was certain)."""
+
+    seq: object  # workers.engine.engine.Sequence
+    choice: Choice
+    proposed: list[int]
+    q_rows: list | None = None
+    sampler: object = None  # the request's Sampler; None: greedy
+
+
+def propose(engine, asks: list[tuple[object, Choice, int, object]]) -> list[Draft]:
+    """Each (seq, choice, limit, sampler)'s draft of up to min(k, limit - 1) tokens after seq
+    (whose last token is not cached yet): by lookup, or by the model's `layers`. The greedy
+    model drafts of the same layers and k run as one chain over all their sequences (k decode
+    steps of that batch, each fed the last one's ids on the device); a sampled draft's steps go
+    through the host, which draws. The sequences are as they were when this returns."""
+    drafts: list[Draft | None] = [None] * len(asks)
+    chains: dict[tuple, list[int]] = {}
+    for i, (seq, choice, limit, sampler) in enumerate(asks):
+        k = min(choice.k, limit - 1)
+        greedy = sampler is None or sampler.params.greedy
+        if k <= 0 or choice.layers is None:
+            drafts[i] = Draft(seq, choice, lookup_proposal(seq.token_ids, k) if k > 0 else [], None, sampler)
+        elif greedy:
+            chains.setdefault((choice.layers, k), []).append(i)
+        else:
+            drafts[i] = Draft(seq, choice, *_sampled_draft(engine, seq, choice.layers, k, sampler), sampler)
+    for (layers, k), members in chains.items():
+        for i, proposed in zip(members, engine.greedy_chain([asks[i][0] for i in members], k, layers)):
+            drafts[i] = Draft(asks[i][0], asks[i][1], proposed, None, asks[i][3])
+    return drafts
+
+
+def _sampled_draft(engine, seq, layers: tuple[int, ...], k: int, sampler) -> tuple[list[int], list]:
+    """k tokens drawn from the model's `layers` one step at a time, and their distributions."""
     proposed, q_rows, start, cached = [], [], len(seq.token_ids), seq.num_cached
     try:
         for _ in range(k):
@@ -138,34 +173,53 @@ def accept_sampled(p_rows: np.ndarray, q_rows: list | None, proposed: list[int],
     return proposed + [int(rng.choice(vocab, p=p_rows[-1]))]
 
 
-def verify(engine, seq, drafter: str, layers: tuple[int, ...] | None, k: int, limit: int, stats: Stats,
-           sampler=None) -> tuple[list[int], int]:
-    """A draft of up to k tokens (`draft`) and one pass over it: the kept proposals and the
-    model's token after them (1..k+1 tokens, at most limit), greedy or drawn by `sampler` (no
-    penalties), and how many were drafted. seq then caches its last token and the kept ones,
-    which the caller appends (with the last, not cached yet)."""
-    proposed, q_rows = draft(engine, seq, layers, min(k, limit - 1), sampler)
-    n = len(proposed) + 1
-    base = seq.num_cached  # seq's last token, at base, is not cached yet
-    seq.token_ids.extend(proposed)
+def start_pass(engine, drafts: list[Draft], plain: list = ()):
+    """Start one verifying pass: the sequences of `plain` (each fed its last token) and then
+    each draft's (fed its last token and proposals) as the rows of one decode step
+    (`Engine.forward(decode_rows=True)`), their KV blocks reserved. Returns a function that
+    waits for the logits of every row, in that order, on the device. The proposals are not
+    left in the sequences; each counts them cached until `accept` settles it."""
+    work = [(seq, 1) for seq in plain] + [(d.seq, len(d.proposed) + 1) for d in drafts]
+    for d in drafts:
+        d.seq.token_ids.extend(d.proposed)
     try:
-        engine.reserve([(seq, n)])
-        logits = engine.forward([(seq, n)], all_logits=True, decode_rows=True)  # the decode step of batch n
+        engine.reserve(work)
+        return engine.start_forward(work, all_logits=True, device=True, decode_rows=True)
     finally:
-        del seq.token_ids[len(seq.token_ids) - len(proposed):]
-    if sampler is None or sampler.params.greedy:
+        for d in drafts:
+            del d.seq.token_ids[len(d.seq.token_ids) - len(d.proposed):]
+
+
+def accept(engine, d: Draft, logits: np.ndarray, stats: Stats) -> list[int]:
+    """The pass's outcome for one draft, from its rows of logits [len(proposed) + 1, vocab] (host
+    float32): the kept proposals and the model's token after them, greedy or drawn by its
+    sampler (no penalties). Its sequence then caches its last token and the kept proposals,
+    which the caller appends (with the last token, not cached yet); the rejected ones' KV
+    blocks go back."""
+    proposed, seq = d.proposed, d.seq
+    base = seq.num_cached - len(proposed) - 1  # seq's last token's position
+    if d.sampler is None or d.sampler.params.greedy:
         best = np.argmax(logits, axis=-1)
         m = 0
         while m < len(proposed) and proposed[m] == best[m]:
             m += 1
         kept = proposed[:m] + [int(best[m])]
     else:
-        kept = accept_sampled(np.stack([sampler.distribution(row) for row in logits]), q_rows, proposed, sampler.rng)
+        kept = accept_sampled(np.stack([d.sampler.distribution(row) for row in logits]), d.q_rows, proposed,
+                              d.sampler.rng)
         m = len(kept) - 1
-    engine.blocks.trim(seq, base + m + 1)  # the rejected proposals' KV blocks go back
+    engine.blocks.trim(seq, base + m + 1)
     seq.num_cached = base + m + 1
     stats.passes += 1
     stats.drafted += len(proposed)
     stats.accepted += m
-    stats.choices[drafter, k] += 1
-    return kept, len(proposed)
+    stats.choices[d.choice.drafter, d.choice.k] += 1
+    return kept
+
+
+def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[int], int]:
+    """One sequence's draft (`propose`) and pass over it: the kept proposals and the model's
+    token after them (1..k+1 tokens, at most limit), and how many were drafted."""
+    d, = propose(engine, [(seq, choice, limit, sampler)])
+    logits = engine.ops.to_numpy(start_pass(engine, [d])()).astype(np.float32, copy=False)
+    return accept(engine, d, logits, stats), len(d.proposed)

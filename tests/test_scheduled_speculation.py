@@ -1,0 +1,164 @@
+"""Speculation in the serving scheduler: several requests drafting and verifying in one step,
+each with its own accepted length. Greedy output is the plain scheduler's, token for token;
+seeded sampled output is what `Engine.generate` gives the request alone with the same
+speculation; stops, budgets, cancellation and KV blocks behave as without."""
+
+from __future__ import annotations
+
+import pytest
+
+from workers.engine.engine import Engine, Sequence
+from workers.engine.sampling import SamplingParams
+from workers.engine.scheduler import Scheduler
+from workers.engine.speculation import Speculation
+from drive import drain
+
+REPEATING = [5, 17, 99, 4, 23, 5, 17, 99, 4, 23, 5, 17, 99]  # lookup finds something to propose
+PROMPTS = {"rep": REPEATING, "short": [1, 2, 3], "long": list(range(10, 40)), "rep2": [7, 8, 9, 7, 8, 9, 7, 8]}
+SPECS = [Speculation(3), Speculation(2, "early-exit"), Speculation(3, "skip", skip=(0,)), Speculation(None),
+         Speculation(None, "auto", skip=(1,))]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=1024, block_size=4)
+
+
+def params(**kw) -> SamplingParams:
+    return SamplingParams(**{"max_tokens": 24, "temperature": 0, "ignore_eos": True, **kw})
+
+
+def served(engine, requests: dict[str, tuple[list[int], SamplingParams]], speculation=None, max_num_seqs=16,
+           before_step=lambda sched, i: None) -> tuple[dict, Scheduler, list]:
+    """Every request through one Scheduler, driven as the ComputeWorker drives it: ({id: [(token,
+    text, finish)]}, the scheduler, the steps launched). Every KV block is back at the end."""
+    sched = Scheduler(engine, max_num_seqs=max_num_seqs, max_batch_tokens=64, speculation=speculation)
+    events: dict[str, list] = {}
+    commit = sched.commit
+
+    def recording(step, picked):
+        out = commit(step, picked)
+        for rid, e in out:
+            events.setdefault(rid, []).append((e.token_id, e.text, e.finish_reason))
+        return out
+
+    sched.commit = recording
+    for rid, (prompt, p) in requests.items():
+        sched.submit(rid, prompt, p)
+    _, steps, _ = drain(sched, lambda i: before_step(sched, i))
+    assert engine.blocks.blocks_in_use == 0
+    return events, sched, steps
+
+
+def alone(engine, prompt, p, speculation=None):
+    return [(e.token_id, e.text, e.finish_reason) for e in engine.generate(prompt, p, speculation)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=repr)
+def test_a_speculating_batch_gives_the_plain_batchs_greedy_tokens(engine, spec):
+    """Mixed requests (lengths, a stop string, a budget that ends inside a pass, one with logprobs,
+    which decodes plainly beside the passes): the plain scheduler's events, event for event."""
+    requests = {rid: (prompt, params(max_tokens=40)) for rid, prompt in PROMPTS.items()}
+    requests["budget"] = (REPEATING, params(max_tokens=7))
+    requests["logprobs"] = (REPEATING[:8], params(max_tokens=20, logprobs=2))
+    plain, _, _ = served(engine, requests)
+    stop = plain["rep"][5][1]  # a piece of text the greedy run writes, as a stop string
+    if stop:
+        requests["stop"] = (REPEATING, params(max_tokens=40, stop=(stop,)))
+        plain, _, _ = served(engine, requests)
+    got, sched, steps = served(engine, requests, spec)
+    assert got == plain
+    stats = sched.spec_stats
+    assert stats.passes > 0 and stats.accepted <= stats.drafted
+    assert any(len(step.passes) > 1 for step in steps), (stats, [len(s.passes) for s in steps])  # several requests verified in one pass
+    assert not any("logprobs" in [r.id for r in step.passes] for step in steps)
+
+
+def test_each_request_gets_what_it_gets_alone_with_the_same_speculation(engine):
+    """Greedy and seeded sampled requests (temperature 0.8, each its own seed): each request's
+    events through the scheduler are those `Engine.generate` gives it alone, so the drafts,
+    the acceptance rule and the policy's choices are the single-request path's."""
+    spec = Speculation(None, "auto", skip=(0,))
+    requests = {"greedy": (REPEATING, params(max_tokens=30)),
+                "hot": (REPEATING, params(max_tokens=30, temperature=0.8, seed=11)),
+                "warm": (PROMPTS["rep2"], params(max_tokens=30, temperature=0.5, top_k=20, seed=3)),
+                "long": (PROMPTS["long"], params(max_tokens=30, temperature=0.8, seed=5))}
+    got, sched, _ = served(engine, requests, spec)
+    for rid, (prompt, p) in requests.items():
+        assert got[rid] == alone(engine, prompt, p, spec), rid
+    assert sched.spec_stats.passes > 0
+
+
+def test_a_steps_verifying_rows_stay_within_the_batch_rows(engine, monkeypatch):
+    """With 3 requests drafting 6 tokens each and max_num_seqs 8, no pass holds more than 8
+    rows: the later requests' k is cut to the rows left (and a request left none decodes plainly)."""
+    rows, start = [], engine.start_forward
+
+    def counting(work, *args, **kwargs):
+        if kwargs.get("decode_rows"):
+            rows.append(sum(n for _, n in work))
+        return start(work, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "start_forward", counting)
+    requests = {rid: (REPEATING, params(max_tokens=20)) for rid in "abc"}
+    got, _, steps = served(engine, requests, Speculation(6), max_num_seqs=8)
+    monkeypatch.undo()
+    assert got == served(engine, requests, max_num_seqs=8)[0]
+    assert rows and max(rows) <= 8
+    assert any(sum(c.k for c in step.passes.values()) + len(step.requests) == 8 for step in steps)
+
+
+def test_a_pass_leaves_the_later_decodes_of_its_step_their_blocks(engine):
+    """Two requests decoding at position 8 (blocks of 4: each needs a third block) with 2
+    blocks free: a's pass of 5 rows would take both and preempt b, so a decodes plainly and
+    both are in the step; once the blocks come back, both draft."""
+    sched = Scheduler(engine, max_num_seqs=8, max_batch_tokens=64, speculation=Speculation(4))
+    for rid in "ab":
+        sched.submit(rid, REPEATING[:8], params(max_tokens=20))
+    sched.step()  # both prompts, and their first tokens
+    hog = Sequence([0])
+    engine.blocks.reserve(hog, (engine.blocks.free_blocks - 2) * engine.blocks.block_size)
+    step = sched.plan()
+    assert [r.id for r in step.requests] == ["a", "b"] and not step.passes
+    sched.commit(step, sched.run(step))
+    engine.release(hog)
+    step = sched.plan()
+    assert [r.id for r in step.passes] == ["a", "b"]
+    sched.commit(step, sched.run(step))
+    while sched.has_work:
+        sched.step()
+    assert engine.blocks.blocks_in_use == 0
+
+
+def test_cancelling_a_request_while_its_pass_is_in_flight_frees_its_blocks(engine):
+    """Cancelled between a pass's launch and its commit: its tokens of that pass are dropped,
+    its blocks go back at the commit, the other request is unaffected."""
+    requests = {"a": (REPEATING, params(max_tokens=30)), "b": (PROMPTS["rep2"], params(max_tokens=30))}
+    plain, _, _ = served(engine, requests)
+
+    def cancel_b(sched, i):
+        if i == 4:
+            sched.cancel("b")
+
+    got, _, steps = served(engine, requests, Speculation(3), before_step=cancel_b)
+    assert got["a"] == plain["a"]
+    assert 0 < len(got["b"]) < len(plain["b"]) and got["b"] == plain["b"][:len(got["b"])]
+
+
+def test_the_policys_plain_runs_run_ahead_in_the_scheduler(engine, monkeypatch):
+    """With sampling on the device (the NumPy twin standing in), under auto with a drafter that
+    rarely pays (early exit through a quarter of a random model's layers), the policy's plain
+    steps are greedy steps fed on the device (run ahead), and the tokens are the plain
+    scheduler's."""
+    monkeypatch.setattr(engine.ops, "device_sampling", True, raising=False)
+    requests = {rid: (prompt, params(max_tokens=60)) for rid, prompt in PROMPTS.items()}
+    plain, _, _ = served(engine, requests)
+    got, sched, steps = served(engine, requests, Speculation(None, "early-exit"))
+    assert got == plain
+    assert sched.spec_stats.plain_steps > 0 and any(step.fed for step in steps)
+
+
+def test_a_pipelined_engine_refuses_a_speculating_scheduler(tiny_model):
+    engine = Engine(tiny_model("llama"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match="pipeline stages"):
+        Scheduler(engine, speculation=Speculation(2))
