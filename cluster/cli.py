@@ -201,19 +201,8 @@ def _speculation(args, n_layers: int):
     from workers.engine.skip_calibration import load_skip_set
     from workers.engine.speculation import Speculation
 
-    if args.speculate == "off":
-        return None
-    if args.speculate == "auto":
-        k = None
-    else:
-        try:
-            k = int(args.speculate)
-        except ValueError:
-            raise ValueError(f"--speculate must be off, auto or a number of tokens, got {args.speculate!r}") from None
-        if k == 0:
-            return None
     skip = load_skip_set(args.skip_set, n_layers) if args.skip_set else None
-    return Speculation(k, args.drafter, args.draft_layers, skip)
+    return Speculation.from_setting(args.speculate, args.drafter, args.draft_layers, skip)
 
 
 def cmd_calibrate_skip(args) -> int:

@@ -8,13 +8,14 @@ layers are validated when loaded, and every error names the file and the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workers.model import store as model_store
 from workers.model.config import ModelConfig
+from workers.engine.speculation import MAX_K
 from workers.model.gguf_file import GGUFFile
 
 APP_IMPORT_PATH = "cluster.app:build_app"
@@ -55,6 +56,22 @@ class ServerConfig(BaseModel):
     max_batch_tokens: int = Field(512, ge=1)  # per step: decodes first, prompt chunks share the rest
     max_queue: int = Field(256, ge=0)  # waiting requests beyond this get 429 / RESOURCE_EXHAUSTED
     api_keys: list[str] = []  # bearer keys; NTR_API_KEYS (comma-separated) adds more
+    # speculative decoding for the requests that can (no logprobs, penalties, grammar or bias;
+    # workers/engine/speculation.py): K tokens drafted a pass, or auto (k and plain steps chosen
+    # per pass from each request's acceptance), by the drafter named; greedy output is unchanged
+    speculate: Literal["off", "auto"] | Annotated[int, Field(ge=1, le=MAX_K)] = "off"
+    drafter: Literal["lookup", "early-exit", "skip", "auto"] = "lookup"
+    draft_layers: int | None = Field(None, ge=1)  # early exit: layers the drafter runs (default: the resident ones)
+    skip_set: str | None = None  # the skip drafter's layers: a file of `ntr calibrate-skip`, kept resident first
+
+    @field_validator("speculate", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off as false (and on as true)
+            if value:
+                raise ValueError(f"speculate must be off, auto or a number of tokens in [1, {MAX_K}], got true")
+            return "off"
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServerConfig":
@@ -70,6 +87,10 @@ class ServerConfig(BaseModel):
             if n_layers is not None and self.pipeline_parallel_size > n_layers:
                 raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
                                  f"{n_layers} layers")
+        if self.speculate != "off" and self.pipeline_parallel_size > 1:
+            raise ValueError("speculate must be off with pipeline_parallel_size > 1: the stages run whole passes only")
+        if self.drafter == "skip" and self.skip_set is None:
+            raise ValueError("drafter 'skip' needs skip_set (a file of ntr calibrate-skip)")
         if self.max_batch_tokens < self.max_num_seqs:
             raise ValueError(f"max_batch_tokens ({self.max_batch_tokens}) must be >= max_num_seqs "
                              f"({self.max_num_seqs}) so that every running decode fits in a step")
@@ -100,7 +121,8 @@ class ServerConfig(BaseModel):
         return self.model_dump(include={"model", "backend", "max_context", "kv_cache_gb", "kv_type", "vram_budget_gb",
                                         "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
                                         "n_buffers", "requant_streamed", "pipeline_parallel_size",
-                                        "placement_strategy", "num_cpus"})
+                                        "placement_strategy", "num_cpus", "speculate", "drafter", "draft_layers",
+                                        "skip_set"})
 
 
 def describe(error: ValidationError, where: str) -> str:

@@ -116,7 +116,7 @@ def test_score(capsys, tiny_model):
     (["generate", "--prompt", "x", "--max-tokens", str(10**12)], "max_tokens=1000000000000 does not fit"),
     (["generate", "--prompt", "x", "--stop", "x" * 1000], "invalid sampling parameter stop="),
     (["generate", "--prompt", "x", "--top-k", "-5"], "invalid sampling parameter top_k=-5"),
-    (["generate", "--prompt", "x", "--speculate", "lots"], "--speculate must be off, auto or a number"),
+    (["generate", "--prompt", "x", "--speculate", "lots"], "speculate must be off, auto or a number"),
     (["generate", "--prompt", "x", "--speculate", "40"], "speculate must be in [1, 16]"),
     (["generate", "--prompt", "x", "--speculate", "3", "--drafter", "skip"], "needs a skip set"),
     (["score", "--ids", "1,2", "--top", "-1"], "top=-1 must be in [1, "),

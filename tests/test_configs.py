@@ -50,6 +50,12 @@ def app_config(**args) -> str:
     (app_config(max_num_seqs=64, max_batch_tokens=32), "max_batch_tokens (32) must be >= max_num_seqs (64)"),
     (app_config(kv_cache_gb="lots"), "kv_cache_gb: Input should be a valid number"),
     (app_config(modle="x"), "applications.0.args.modle: Extra inputs are not permitted"),
+    (app_config(speculate=17), "applications.0.args.speculate.constrained-int: Input should be less than or equal to 16"),
+    (app_config(speculate="lots"), "applications.0.args.speculate.literal['off','auto']: Input should be 'off' or 'auto'"),
+    ("applications: [{name: a, import_path: cluster.app:build_app, args: {speculate: on}}]",
+     "speculate must be off, auto or a number of tokens in [1, 16], got true"),
+    (app_config(speculate=2, drafter="skip"), "drafter 'skip' needs skip_set"),
+    (app_config(speculate="auto", pipeline_parallel_size=2), "speculate must be off with pipeline_parallel_size > 1"),
     ("applications: [{name: a, import_path: other:app}]", "no application with import_path cluster.app:build_app"),
     ("http_options: {port: many}\napplications: []", "http_options.port"),
     ("applications: [", "not valid YAML"),
@@ -60,6 +66,16 @@ def test_bad_configs_name_the_file_and_field(tmp_path, text, message):
     with pytest.raises(config.ConfigError) as e:
         config.load(path)
     assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_speculation_settings_read_as_ntr_generate_reads_its_flags(tmp_path):
+    """A bare YAML `off` (YAML 1.1's false) is off; a number or auto reaches the worker's arguments."""
+    text = "applications: [{name: a, import_path: cluster.app:build_app, args: {speculate: off}}]"
+    (off,) = config.load(write(tmp_path, text))[1]
+    assert off.speculate == "off"
+    (on,) = config.load(write(tmp_path, app_config(speculate=4, drafter="early-exit", draft_layers=6)))[1]
+    assert {k: on.worker_args()[k] for k in ("speculate", "drafter", "draft_layers", "skip_set")} == {
+        "speculate": 4, "drafter": "early-exit", "draft_layers": 6, "skip_set": None}
 
 
 def test_build_app_rejects_bad_args():

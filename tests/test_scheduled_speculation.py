@@ -5,11 +5,14 @@ speculation; stops, budgets, cancellation and KV blocks behave as without."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from workers.engine.engine import Engine, Sequence
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
+from workers.engine.skip_calibration import load_skip_set
 from workers.engine.speculation import Speculation
 from drive import drain
 
@@ -162,3 +165,26 @@ def test_a_pipelined_engine_refuses_a_speculating_scheduler(tiny_model):
     engine = Engine(tiny_model("llama"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="pipeline stages"):
         Scheduler(engine, speculation=Speculation(2))
+
+
+SKIP_SET = Path(__file__).resolve().parents[1] / "tools" / "data" / "skip_qwen2.5-coder-0.5b.json"
+
+
+@pytest.mark.real_model
+def test_a_speculating_batch_on_the_real_model_gives_the_plain_batchs_greedy_tokens(real_engine):
+    """The default model on the CPU, a batch of a code prompt, a prose prompt and a chat prompt
+    with their own budgets, through the scheduler plainly and with every drafter: the same
+    events. 12 rows a step at most: each row's products are then one GEMV a row
+    (numpy_backend.GEMV_ROWS), bit for bit a plain decode row's."""
+    e = real_engine
+    prompts = {"code": e.prompt_ids('def fizzbuzz(n):\n    """Return "Fizz", "Buzz", "FizzBuzz" or str(n)."""\n'),
+               "prose": e.prompt_ids("The history of the printing press begins"),
+               "chat": e.chat_prompt_ids([{"role": "user", "content": "Write a Python function that reverses a list."}])}
+    requests = {rid: (ids, params(max_tokens=n)) for (rid, ids), n in zip(prompts.items(), (24, 16, 20))}
+    plain, _, _ = served(e, requests, max_num_seqs=12)
+    for spec in [Speculation(4), Speculation(3, "early-exit", depth=6),
+                 Speculation(3, "skip", skip=load_skip_set(SKIP_SET, 24, 6)),
+                 Speculation(None, "auto", skip=load_skip_set(SKIP_SET, 24))]:
+        got, sched, _ = served(e, requests, spec, max_num_seqs=12)
+        assert got == plain, spec
+        assert sched.spec_stats.passes > 0, spec

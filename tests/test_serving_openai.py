@@ -28,7 +28,10 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def server(cluster, real_model_path, tmp_path_factory):
-    config, http_port, _ = dev_config(tmp_path_factory.mktemp("serve"), real_model_path, api_keys=[KEY])
+    # every request that can speculates (3 tokens drafted by lookup a pass), so every test below
+    # runs the scheduler's passes beside plain rows
+    config, http_port, _ = dev_config(tmp_path_factory.mktemp("serve"), real_model_path, api_keys=[KEY],
+                                      speculate=3, drafter="lookup")
     with served_app(cluster, config, http_port) as url:
         yield url
 
@@ -401,3 +404,21 @@ def test_logit_bias_removes_the_greedy_token(client, model, real_model_path):
     (token,) = tokenizer.encode(first)
     again = client.completions.create(**kwargs, logit_bias={str(token): -100}).choices[0].text
     assert again != first
+
+
+CODE = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\ndef mul(a, b):\n"
+
+
+def test_a_speculating_server_gives_plain_greedy_text_and_counts_its_passes(client, model, cluster, real_engine):
+    """The server speculates (the fixture's config): a greedy completion is the engine's plain
+    greedy text, streamed or not, and the passes show in ntr_speculation_passes."""
+    from workers.engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    plain = "".join(e.text for e in real_engine.generate(real_engine.prompt_ids(CODE), params))
+    kwargs = dict(model=model, prompt=CODE, max_tokens=40, temperature=0)
+    assert client.completions.create(**kwargs).choices[0].text == plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stream=True) if c.choices)
+    assert streamed == plain
+    wait_until(lambda: (cluster.metric("ray_ntr_speculation_passes_total") or 0) > 0, 60, "the speculation passes metric")
+    assert cluster.metric("ray_ntr_speculation_accepted_total") > 0  # lookup keeps some of the code's repeats

@@ -35,6 +35,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from workers.engine.engine import Engine, GeneratedToken
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
+from workers.engine.skip_calibration import load_skip_set, residency_order
+from workers.engine.speculation import Speculation
 from workers.model.store import fingerprint
 from workers.node_tiers import NodeTiers
 from workers.stage_worker import RayPipeline
@@ -64,10 +66,13 @@ class ComputeWorker:
                  max_num_seqs: int = 32, max_batch_tokens: int = 512, max_queue: int = 256,
                  host_ram_gb: float | None = None, n_buffers: int | None = None, kv_type: str | None = None,
                  requant_streamed: str | None = None, pipeline_parallel_size: int = 1,
-                 placement_strategy: str = "STRICT_PACK", num_cpus: float = 1.0):
+                 placement_strategy: str = "STRICT_PACK", num_cpus: float = 1.0, speculate: str | int = "off",
+                 drafter: str = "lookup", draft_layers: int | None = None, skip_set: str | None = None):
         """With pipeline_parallel_size > 1 the forward pass runs in that many StageWorker actors
         (workers/stage_worker.py), each reserving num_cpus, placed by placement_strategy; this
-        actor keeps the scheduler, the block tables and the sampling."""
+        actor keeps the scheduler, the block tables and the sampling. speculate, drafter,
+        draft_layers, skip_set: the scheduler's speculation (`Speculation.from_setting`); a
+        skip set's draft layers claim residency first (skip_calibration.residency_order)."""
         node = ray.get_runtime_context().get_node_id()
         # The disk tier must be on this node: the engine maps the file it returns.
         self.loader = TierLoader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model)
@@ -81,12 +86,15 @@ class ComputeWorker:
                                  host_ram_gb=host_ram_gb, n_buffers=n_buffers, kv_type=kv_type,
                                  requant_streamed=requant_streamed)
         stages = functools.partial(RayPipeline, strategy=placement_strategy, num_cpus=num_cpus)
+        order = residency_order(skip_set, spec["path"]) if skip_set else None
         self.engine = await asyncio.to_thread(Engine, spec["path"], backend=backend, host_alloc=self.tiers.host_alloc,
                                               disk_open=self.tiers.disk_open, pipeline_parallel_size=pipeline_parallel_size,
-                                              stage_runner=stages, **options)
+                                              stage_runner=stages, resident_order=order, **options)
         self.tiers.loaded()
         self.fingerprint = fingerprint(spec["path"])
-        self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue)
+        skip = load_skip_set(skip_set, self.engine.config.n_layers) if skip_set else None
+        speculation = Speculation.from_setting(speculate, drafter, draft_layers, skip)
+        self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue, speculation)
         self.outbox: dict[str, list[dict]] = {}
         self.lock = threading.Lock()  # the scheduler and the outbox
         self.has_work = threading.Event()
@@ -105,6 +113,14 @@ class ComputeWorker:
         self.gauge_values: dict[str, int] = {}
         self.generated = metrics.Counter("ntr_generated_tokens", description="tokens generated", tag_keys=("model",))
         self.generated.set_default_tags(tags)
+        self.speculated = {name: metrics.Counter(f"ntr_speculation_{name}", description=text, tag_keys=("model",))
+                           for name, text in [("passes", "verifying passes of speculative decoding"),
+                                              ("drafted", "tokens drafted"),
+                                              ("accepted", "drafted tokens the model kept"),
+                                              ("plain_steps", "decode steps a speculating request took without a draft")]}
+        for counter in self.speculated.values():
+            counter.set_default_tags(tags)
+        self.speculated_counts = dict.fromkeys(self.speculated, 0)
         self._update_gauges()
         threading.Thread(target=self._run, name="scheduling-loop", daemon=True).start()
         # The grammar engine's vocabulary takes seconds to build: built beside the loop, so the
@@ -228,6 +244,7 @@ class ComputeWorker:
                         self._emit(rid, self._wire(rid, event))
                 if events:
                     self.generated.inc(len(events))
+                self._count_speculation()
                 self._update_gauges()
         except BaseException as e:
             self.failure = e
@@ -255,6 +272,15 @@ class ComputeWorker:
             out["bytes"] = list(token_bytes(event.token_id))
             out["top_logprobs"] = [(list(token_bytes(t)), lp) for t, lp in event.top_logprobs]
         return out
+
+    def _count_speculation(self) -> None:
+        """The scheduler's speculation totals (Scheduler.spec_stats) into their counters: what
+        grew since the last call."""
+        for name, counter in self.speculated.items():
+            total = getattr(self.scheduler.spec_stats, name)
+            if total != self.speculated_counts[name]:
+                counter.inc(total - self.speculated_counts[name])
+                self.speculated_counts[name] = total
 
     def _update_gauges(self) -> None:
         # Only what changed: a Ray metric update costs tens of microseconds, a decode step

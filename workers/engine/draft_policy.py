@@ -17,9 +17,8 @@ and after PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to
 estimate, the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock
 or a random number: given the request's seed the choices, like the tokens, are reproducible.
 
-It is a plain object of the engine layer so that `Engine.generate` uses it per request and
-the DraftWorker can own one per sequence when the server speculates (its acceptance counts
-are what it would export as metrics).
+One serves one request: `Engine.generate` makes one, and the serving scheduler one for each
+request it runs speculatively (workers/engine/scheduler.py).
 """
 
 from __future__ import annotations

@@ -67,6 +67,21 @@ class Speculation:
         if self.drafter == "skip" and self.skip is None:
             raise ValueError("the skip drafter needs a skip set (--skip-set FILE from ntr calibrate-skip)")
 
+    @classmethod
+    def from_setting(cls, speculate: str | int | None, drafter: str = "lookup", depth: int | None = None,
+                     skip: tuple[int, ...] | None = None) -> "Speculation | None":
+        """The speculation a setting asks for (`--speculate`, a server config's `speculate`):
+        off (or 0, or None) -> None, auto -> k chosen per pass, K -> K tokens a pass."""
+        if speculate is None or speculate in ("off", 0, "0"):
+            return None
+        if speculate == "auto":
+            return cls(None, drafter, depth, skip)
+        try:
+            k = int(speculate)
+        except ValueError:
+            raise ValueError(f"speculate must be off, auto or a number of tokens, got {speculate!r}") from None
+        return cls(k, drafter, depth, skip)
+
     def drafters(self, n_layers: int, resident: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...] | None]:
         """The drafters this may use, each with the layers it runs (None: lookup, no model);
         resident: the layers that stay on the device (`Engine.resident_layers`), the early-exit
