@@ -161,6 +161,21 @@ def test_the_policys_plain_runs_run_ahead_in_the_scheduler(engine, monkeypatch):
     assert sched.spec_stats.plain_steps > 0 and any(step.fed for step in steps)
 
 
+@pytest.mark.gpu
+def test_gpu_a_speculating_batch_gives_the_plain_batchs_greedy_tokens(tiny_model, cuda_device):
+    """On the GPU: the passes' drafts as chains of several sequences through the graphs, the
+    pass as decode rows beside plain rows, the plain runs of auto run ahead; the plain
+    scheduler's events."""
+    gpu = Engine(tiny_model("llama"), backend="cupy", max_context=256, kv_cache_tokens=1024, block_size=16)
+    requests = {rid: (prompt, params(max_tokens=40)) for rid, prompt in PROMPTS.items()}
+    plain, _, _ = served(gpu, requests)
+    for spec in [Speculation(3), Speculation(2, "early-exit"), Speculation(None, "auto", skip=(1,))]:
+        got, sched, steps = served(gpu, requests, spec)
+        assert got == plain, spec
+        assert sched.spec_stats.passes > 0, spec
+        assert spec.k is None or any(len(step.passes) > 1 for step in steps), spec
+
+
 def test_a_pipelined_engine_refuses_a_speculating_scheduler(tiny_model):
     engine = Engine(tiny_model("llama"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="pipeline stages"):

@@ -7,6 +7,7 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
         [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G [--resident draft|first]] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
     PYTHONPATH=. python tools/bench_speculation.py --pass-cost 20 [--backend cupy] [--vram-gb G]
+    PYTHONPATH=. python tools/bench_speculation.py --batch 4 [--configs ...]   # through the serving scheduler
 
 A config is plain or DRAFTER:K[:N]: K drafted tokens (auto: chosen per pass, plain steps
 included), DRAFTER lookup, early-exit (N layers run), skip (the first N layers of --skip-set's
@@ -18,7 +19,10 @@ decoding's top-2 logit gap where it first differs, and counted again if below NE
 --temperature, tokens are drawn with the prompt's index as seed and not compared). Decode
 tok/s is the generated tokens after the first over the time after the prefill, summed over
 the set. --pass-cost REPS only times a verifying pass against a decode step (pass_cost): what
-draft_policy.VERIFY_COST is taken from.
+draft_policy.VERIFY_COST is taken from. --batch B serves each set's prompts B at a time through
+the serving scheduler (workers/engine/scheduler.py, driven as the ComputeWorker drives it), each
+request with its own policy (served): decode tok/s is then every token of the steps without a
+prompt chunk over their time, and the tokens are compared with the plain batch's.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
+import time
+from collections import Counter, deque
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from workers.engine.engine import Engine, Sequence  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
+from workers.engine.scheduler import Scheduler  # noqa: E402
 from workers.engine.skip_calibration import load_skip_set, residency_order  # noqa: E402
 from workers.engine.speculation import MAX_K, Speculation  # noqa: E402
 from workers.model import store as model_store  # noqa: E402
@@ -127,6 +133,36 @@ def pass_cost(engine: Engine, reps: int, context: int = 200) -> None:
         engine.release(seq)
 
 
+def served(engine: Engine, ids_list: list[list[int]], params: SamplingParams, spec, batch: int):
+    """The prompts B at a time through a Scheduler, launched until its depth is in flight and
+    committed oldest first (ComputeWorker._run). -> ({prompt index: ids}, decode tokens, their
+    seconds: the steps without a prompt chunk, each the time from the previous commit to its
+    own, Stats)."""
+    out: dict[int, list[int]] = {}
+    tokens, seconds = 0, 0.0
+    sched = Scheduler(engine, max_num_seqs=max(batch, 16), max_batch_tokens=512, speculation=spec)
+    for start in range(0, len(ids_list), batch):
+        for i in range(start, min(start + batch, len(ids_list))):
+            sched.submit(str(i), ids_list[i], params)
+        launched: deque = deque()
+        last = time.perf_counter()
+        while sched.has_work or launched:
+            if (step := sched.plan_next()) is not None:
+                launched.append((step, sched.launch(step)))
+                if len(launched) < sched.depth:
+                    continue
+            step, pending = launched.popleft()
+            prompt = any(n > 1 for _, n in step.work)
+            events = sched.commit(step, pending())
+            now = time.perf_counter()
+            if not prompt:
+                tokens, seconds = tokens + len(events), seconds + now - last
+            last = now
+            for rid, event in events:
+                out.setdefault(int(rid), []).append(event.token_id)
+    return out, tokens, seconds, sched.spec_stats
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=model_store.DEFAULT_MODEL)
@@ -142,6 +178,7 @@ def main() -> int:
                     help="with --vram-gb and --skip-set: the skip draft's layers stay resident (draft, as ntr generate "
                     "places them) or the first layers do (first)")
     ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--batch", type=int, help="serve the prompts this many at a time through the scheduler (served)")
     ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
     ap.add_argument("--pass-cost", type=int, metavar="REPS",
                     help="only time a verifying pass against a decode step, REPS times each (pass_cost)")
@@ -168,7 +205,15 @@ def main() -> int:
             spec = parse_config(config, args.skip_set, engine.config.n_layers)
             decode_tokens = decode_s = passes = accepted = drafted = mismatches = near_ties = plain_steps = 0
             choices = Counter()
-            for i, ids in enumerate(ids_list):
+            if args.batch:
+                params = SamplingParams(max_tokens=tokens[set_name], temperature=0.0, ignore_eos=True)
+                out, decode_tokens, decode_s, s = served(engine, ids_list, params, spec, args.batch)
+                passes, accepted, drafted, plain_steps, choices = s.passes, s.accepted, s.drafted, s.plain_steps, s.choices
+                if spec is None:
+                    plain_ids.update({(set_name, i): ids for i, ids in out.items()})
+                else:
+                    mismatches = sum(out[i] != plain_ids[(set_name, i)] for i in out if (set_name, i) in plain_ids)
+            for i, ids in enumerate([] if args.batch else ids_list):
                 params = SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature, seed=i,
                                         ignore_eos=True)
                 out = [e.token_id for e in engine.generate(ids, params, spec)]
@@ -198,17 +243,17 @@ def main() -> int:
                    "mismatches_at_near_ties": near_ties,
                    "plain_steps": plain_steps, "passes": passes,
                    "choices": {f"{d}:{k}": n for (d, k), n in sorted(choices.items())},
-                   "prompts": len(ids_list), "tokens": tokens[set_name]}
+                   "prompts": len(ids_list), "tokens": tokens[set_name], "batch": args.batch or 1}
             rows.append(row)
             print(json.dumps(row), flush=True)
     base = {r["set"]: r["decode_tok_s"] for r in rows if r["config"] == "plain"}
-    print("\n| set | config | tokens a pass | acceptance | passes / plain steps | decode tok/s | vs plain | "
+    print("\n| set | config | batch | tokens a pass | acceptance | passes / plain steps | decode tok/s | vs plain | "
           "differs from plain (at a near tie) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         ratio = r["decode_tok_s"] / base[r["set"]] if r["set"] in base else float("nan")
-        print(f"| {r['set']} | {r['config']} | {r['tokens_per_pass']:.2f} | {acc} | {r['passes']} / {r['plain_steps']} | "
+        print(f"| {r['set']} | {r['config']} | {r['batch']} | {r['tokens_per_pass']:.2f} | {acc} | {r['passes']} / {r['plain_steps']} | "
               f"{r['decode_tok_s']:.2f} | "
               f"{ratio:.2f}x | {r['mismatches']} of {r['prompts']} ({r['mismatches_at_near_ties']}) |")
     if args.json:

@@ -233,6 +233,7 @@ class Scheduler:
                     rows -= n - 1
                     budget -= n
                     continue
+                self.spec_stats.plain_steps += 1
             while not self._try_reserve(request, 1):
                 victim = members()[-1]
                 self._preempt(victim)
