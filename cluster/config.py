@@ -56,7 +56,7 @@ class ServerConfig(BaseModel):
     max_batch_tokens: int = Field(512, ge=1)  # per step: decodes first, prompt chunks share the rest
     max_queue: int = Field(256, ge=0)  # waiting requests beyond this get 429 / RESOURCE_EXHAUSTED
     api_keys: list[str] = []  # bearer keys; NTR_API_KEYS (comma-separated) adds more
-    # speculative decoding for the requests that can (no logprobs, penalties, grammar or bias;
+    # speculative decoding for the requests that can (no penalties, grammar or bias;
     # workers/engine/speculation.py): K tokens drafted a pass, or auto (k and plain steps chosen
     # per pass from each request's acceptance), by the drafter named; greedy output is unchanged
     speculate: Literal["off", "auto"] | Annotated[int, Field(ge=1, le=MAX_K)] = "off"

@@ -42,7 +42,7 @@ def served(engine, requests: dict[str, tuple[list[int], SamplingParams]], specul
     def recording(step, picked):
         out = commit(step, picked)
         for rid, e in out:
-            events.setdefault(rid, []).append((e.token_id, e.text, e.finish_reason))
+            events.setdefault(rid, []).append((e.token_id, e.text, e.finish_reason, e.logprob, e.top_logprobs))
         return out
 
     sched.commit = recording
@@ -53,28 +53,46 @@ def served(engine, requests: dict[str, tuple[list[int], SamplingParams]], specul
     return events, sched, steps
 
 
+def same_events(got: dict, want: dict) -> None:
+    """Each request's events equal: token, text and finish exactly, logprobs to 1e-5."""
+    assert {rid: [e[:3] for e in events] for rid, events in got.items()} == {
+        rid: [e[:3] for e in events] for rid, events in want.items()}
+    for rid, events in got.items():
+        for (*_, logprob, top), (*_, want_logprob, want_top) in zip(events, want[rid]):
+            assert (logprob is None) == (want_logprob is None), rid
+            if logprob is not None:
+                assert logprob == pytest.approx(want_logprob, abs=1e-5)
+                assert [t for t, _ in top] == [t for t, _ in want_top]
+                assert [v for _, v in top] == pytest.approx([v for _, v in want_top], abs=1e-5)
+
+
 def alone(engine, prompt, p, speculation=None):
-    return [(e.token_id, e.text, e.finish_reason) for e in engine.generate(prompt, p, speculation)]
+    return [(e.token_id, e.text, e.finish_reason, e.logprob, e.top_logprobs)
+            for e in engine.generate(prompt, p, speculation)]
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_a_speculating_batch_gives_the_plain_batchs_greedy_tokens(engine, spec):
-    """Mixed requests (lengths, a stop string, a budget that ends inside a pass, one with logprobs,
-    which decodes plainly beside the passes): the plain scheduler's events, event for event."""
-    requests = {rid: (prompt, params(max_tokens=40)) for rid, prompt in PROMPTS.items()}
+    """Mixed requests (lengths, a stop string, a budget that ends inside a pass, one with logprobs
+    and one with a penalty, which decodes plainly beside the passes): the plain scheduler's
+    events, event for event, logprobs included (to float32 rounding: a step of more than 12
+    rows takes the CPU's GEMM, not one GEMV a row)."""
+    requests = {"logprobs": (REPEATING[:8], params(max_tokens=20, logprobs=2))}
+    requests |= {rid: (prompt, params(max_tokens=40)) for rid, prompt in PROMPTS.items()}
     requests["budget"] = (REPEATING, params(max_tokens=7))
-    requests["logprobs"] = (REPEATING[:8], params(max_tokens=20, logprobs=2))
+    requests["penalty"] = (REPEATING[:9], params(max_tokens=20, repetition_penalty=1.2))
     plain, _, _ = served(engine, requests)
     stop = plain["rep"][5][1]  # a piece of text the greedy run writes, as a stop string
     if stop:
         requests["stop"] = (REPEATING, params(max_tokens=40, stop=(stop,)))
         plain, _, _ = served(engine, requests)
     got, sched, steps = served(engine, requests, spec)
-    assert got == plain
+    same_events(got, plain)
     stats = sched.spec_stats
     assert stats.passes > 0 and stats.accepted <= stats.drafted
     assert any(len(step.passes) > 1 for step in steps), (stats, [len(s.passes) for s in steps])  # several requests verified in one pass
-    assert not any("logprobs" in [r.id for r in step.passes] for step in steps)
+    assert not any("penalty" in [r.id for r in step.passes] for step in steps)
+    assert spec.k is None or any("logprobs" in [r.id for r in step.passes] for step in steps)
 
 
 def test_each_request_gets_what_it_gets_alone_with_the_same_speculation(engine):
@@ -84,17 +102,18 @@ def test_each_request_gets_what_it_gets_alone_with_the_same_speculation(engine):
     spec = Speculation(None, "auto", skip=(0,))
     requests = {"greedy": (REPEATING, params(max_tokens=30)),
                 "hot": (REPEATING, params(max_tokens=30, temperature=0.8, seed=11)),
-                "warm": (PROMPTS["rep2"], params(max_tokens=30, temperature=0.5, top_k=20, seed=3)),
+                "warm": (PROMPTS["rep2"], params(max_tokens=30, temperature=0.5, top_k=20, seed=3, logprobs=1)),
                 "long": (PROMPTS["long"], params(max_tokens=30, temperature=0.8, seed=5))}
     got, sched, _ = served(engine, requests, spec)
-    for rid, (prompt, p) in requests.items():
-        assert got[rid] == alone(engine, prompt, p, spec), rid
+    same_events(got, {rid: alone(engine, prompt, p, spec) for rid, (prompt, p) in requests.items()})
     assert sched.spec_stats.passes > 0
 
 
-def test_a_steps_verifying_rows_stay_within_the_batch_rows(engine, monkeypatch):
-    """With 3 requests drafting 6 tokens each and max_num_seqs 8, no pass holds more than 8
-    rows: the later requests' k is cut to the rows left (and a request left none decodes plainly)."""
+def test_a_steps_verifying_rows_stay_within_the_engines_logit_rows(tiny_model, monkeypatch):
+    """With 3 requests drafting 6 tokens each and an engine keeping 8 rows of logits, no pass
+    holds more than 8 rows: the later requests' k is cut to the rows left (and a request left
+    none decodes plainly)."""
+    engine = Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=1024, block_size=4, max_logit_rows=8)
     rows, start = [], engine.start_forward
 
     def counting(work, *args, **kwargs):
@@ -186,12 +205,12 @@ SKIP_SET = Path(__file__).resolve().parents[1] / "tools" / "data" / "skip_qwen2.
 
 
 @pytest.mark.real_model
-def test_a_speculating_batch_on_the_real_model_gives_the_plain_batchs_greedy_tokens(real_engine):
+def test_a_speculating_batch_on_the_real_model_gives_the_plain_batchs_greedy_tokens(real_model_path):
     """The default model on the CPU, a batch of a code prompt, a prose prompt and a chat prompt
     with their own budgets, through the scheduler plainly and with every drafter: the same
-    events. 12 rows a step at most: each row's products are then one GEMV a row
+    events. 12 rows of logits a step at most: each row's products are then one GEMV a row
     (numpy_backend.GEMV_ROWS), bit for bit a plain decode row's."""
-    e = real_engine
+    e = Engine(real_model_path, max_context=1024, max_logit_rows=12)
     prompts = {"code": e.prompt_ids('def fizzbuzz(n):\n    """Return "Fizz", "Buzz", "FizzBuzz" or str(n)."""\n'),
                "prose": e.prompt_ids("The history of the printing press begins"),
                "chat": e.chat_prompt_ids([{"role": "user", "content": "Write a Python function that reverses a list."}])}

@@ -9,11 +9,12 @@ import pytest
 
 from workers.engine.draft_policy import PROBE_FIRST, VERIFY_COST, DraftPolicy, expected_tokens
 from workers.engine.engine import Engine, Sequence
-from workers.engine.sampling import SamplingParams
+from workers.engine.sampling import SamplingParams, token_logprobs
 from workers.engine.skip_calibration import calibrate, load_skip_set, own_continuations, read_prompts, score, write
 from workers.engine.speculation import Speculation, accept_sampled, lookup_proposal
 from workers.model.gguf_file import GGUFFile
 from workers.model.synthetic import rewrite_model
+from drive import forward
 
 REPEATING = [5, 17, 99, 4, 23, 5, 17, 99, 4, 23, 5, 17, 99]  # lookup finds something to propose
 
@@ -130,11 +131,32 @@ def test_max_tokens_and_stops_end_a_speculative_run_where_plain_decoding_ends(en
     assert engine.blocks.free_blocks == engine.blocks.num_blocks
 
 
-def test_logprob_and_penalized_requests_decode_plainly(engine):
-    spec = Speculation(4)
-    run(engine, REPEATING, spec, logprobs=2)
-    assert engine.last_speculation.passes == 0
-    run(engine, REPEATING, spec, temperature=0.8, seed=1, repetition_penalty=1.3)
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "seed": 3}], ids=["greedy", "sampled"])
+def test_a_speculative_run_gives_each_token_the_logprobs_plain_decoding_gives_it(engine, sampling):
+    """A kept token's logprob and top logprobs come from its row of the pass: the raw
+    distribution at its position, as plain decoding's step computes it (to float32 rounding)."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=3, **{"temperature": 0, **sampling})
+    spec = Speculation(4, "early-exit", depth=engine.config.n_layers)  # every proposal kept: long runs
+    fast = list(engine.generate(REPEATING, params, spec))
+    assert engine.last_speculation.passes < 12
+    tokens = [e.token_id for e in fast]
+    if params.greedy:
+        events = list(engine.generate(REPEATING, params))
+        assert [e.token_id for e in events] == tokens
+        plain = [(e.logprob, e.top_logprobs) for e in events]
+    else:  # the same tokens fed to the model in one pass, each scored from the row before it
+        seq = Sequence(REPEATING + tokens)
+        rows = forward(engine, [(seq, len(seq.token_ids))], all_logits=True)[len(REPEATING) - 1:-1]
+        engine.release(seq)
+        plain = [token_logprobs(row, t, 3) for row, t in zip(rows, tokens)]
+    for f, (logprob, top) in zip(fast, plain):
+        assert f.logprob == pytest.approx(logprob, abs=1e-4)
+        assert [t for t, _ in f.top_logprobs] == [t for t, _ in top]
+        assert [v for _, v in f.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-4)
+
+
+def test_penalized_requests_decode_plainly(engine):
+    run(engine, REPEATING, Speculation(4), temperature=0.8, seed=1, repetition_penalty=1.3)
     assert engine.last_speculation.passes == 0
 
 

@@ -21,8 +21,9 @@ tok/s is the generated tokens after the first over the time after the prefill, s
 the set. --pass-cost REPS only times a verifying pass against a decode step (pass_cost): what
 draft_policy.VERIFY_COST is taken from. --batch B serves each set's prompts B at a time through
 the serving scheduler (workers/engine/scheduler.py, driven as the ComputeWorker drives it), each
-request with its own policy (served): decode tok/s is then every token of the steps without a
-prompt chunk over their time, and the tokens are compared with the plain batch's.
+request with its own policy, max(16, B) rows of logits a step (served): decode tok/s is then
+every token of the steps without a prompt chunk over their time, and the tokens are compared
+with the plain batch's.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def served(engine: Engine, ids_list: list[list[int]], params: SamplingParams, sp
     own, Stats)."""
     out: dict[int, list[int]] = {}
     tokens, seconds = 0, 0.0
-    sched = Scheduler(engine, max_num_seqs=max(batch, 16), max_batch_tokens=512, speculation=spec)
+    sched = Scheduler(engine, max_num_seqs=engine.max_logit_rows, max_batch_tokens=512, speculation=spec)
     for start in range(0, len(ids_list), batch):
         for i in range(start, min(start + batch, len(ids_list))):
             sched.submit(str(i), ids_list[i], params)
@@ -190,8 +191,10 @@ def main() -> int:
     path = model_store.resolve(args.model)
     draft_resident = args.vram_gb and args.skip_set and args.resident == "draft"
     order = residency_order(args.skip_set, path) if draft_resident else None
+    # --batch: the scheduler's max_num_seqs and the rows its passes fill, max(16, B)
+    rows = {"max_logit_rows": max(16, args.batch)} if args.batch else {}
     engine = Engine(path, backend=args.backend, max_context=1024,
-                    vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None, resident_order=order)
+                    vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None, resident_order=order, **rows)
     print(json.dumps({"tiers": engine.placement.tiers, "slots": engine.placement.n_buffers}), flush=True)
     if args.pass_cost:
         pass_cost(engine, args.pass_cost)

@@ -193,7 +193,7 @@ class Engine:
                               max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates, kv_type,
                               requant_streamed, context, resident_order)
 
-        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_tokens, self.max_logit_rows = max_batch_tokens, max_logit_rows
         self.placement = placed()
         if self.placement.streamed and rates is None and (link := self.ops.host_link()) is not None:
             self.link = link  # the slots are chosen from the measured link
@@ -563,10 +563,10 @@ class Engine:
 
     @staticmethod
     def speculates(params: SamplingParams) -> bool:
-        """Whether a request with these params may decode speculatively: nothing but its tokens
-        read from the logits (no logprobs, no penalties) and nothing changing them first (a
-        draft is verified against the model's raw distribution; masking it is not implemented)."""
-        return params.logprobs is None and not params.penalized and not params.constrained
+        """Whether a request with these params may decode speculatively: nothing changing the
+        model's distribution first (no penalties, grammar or bias: a draft is verified against
+        the raw distribution; those are not implemented for it). Logprobs come from the pass."""
+        return not params.penalized and not params.constrained
 
     def samples_on_device(self, params: SamplingParams) -> bool:
         """Whether `sample` draws a row with these params on the device: only its id leaves it."""
@@ -602,8 +602,8 @@ class Engine:
     def generate(self, prompt_ids: list[int], params: SamplingParams,
                  speculation: Speculation | None = None) -> Iterator[GeneratedToken]:
         """Stream one completion. The last event carries finish_reason. With speculation, a
-        completion without logprobs or penalties decodes speculatively (workers/engine/
-        speculation.py): greedy, the same tokens; sampled, tokens of the same distribution
+        completion without penalties decodes speculatively (workers/engine/speculation.py):
+        greedy, the same tokens (and logprobs); sampled, tokens of the same distribution
         from the request's generator; several a pass. Its drafter and k are chosen pass by
         pass when speculation says auto (workers/engine/draft_policy.py)."""
         if speculation is not None and self.pipeline is not None:
@@ -633,7 +633,7 @@ class Engine:
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             steps = self.greedy_decode([c.seq]) if ahead and not speculate else None
-            kept: list[int] = []  # a speculative pass's tokens not handed out yet
+            kept: list[tuple] = []  # a speculative pass's (token, logprob, top) not handed out yet
             plain_left = 0  # steps of the policy's plain run still to come from `steps`
             policy = DraftPolicy.for_engine(self, speculation) if speculate else None
             while True:
@@ -646,7 +646,7 @@ class Engine:
                     if not kept:
                         kept, drafted = verify(self, c.seq, choice, c.budget - c.generated, spec_stats, c.sampler)
                         policy.update(choice.drafter, drafted, len(kept) - 1)
-                    picked = (kept.pop(0), None, None)
+                    picked = kept.pop(0)
                 elif steps is not None or (policy is not None and ahead):
                     if steps is None:  # the policy's run of plain steps, decoded ahead of the host
                         plain_left = 1 + policy.plain_steps_ahead()

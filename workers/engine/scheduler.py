@@ -25,7 +25,7 @@ A request that finishes at the first step's commit has its token from the second
 its blocks go back once no step in flight holds it.
 
 Speculation (a Scheduler given a `Speculation`; workers/engine/speculation.py): each request
-that may (`Engine.speculates`: no logprobs, penalties, grammar or bias) gets a `DraftPolicy`
+that may (`Engine.speculates`: no penalties, grammar or bias) gets a `DraftPolicy`
 of its own at submission, which picks its drafter and k pass by pass from its own measured
 acceptance (workers/engine/draft_policy.py). In a step of decodes alone, a request whose policy
 drafts is a pass: launch drafts for every such request (the greedy model drafts of the same
@@ -33,9 +33,9 @@ layers and k as one chain over their sequences), then runs one verifying pass of
 step, each plain decode one row and each pass its last token and proposals (decode rows, as
 `Engine.generate` verifies); waiting settles each pass (its own accepted length; the rejected
 proposals' blocks go back) and samples the plain rows, and commit hands out each pass's tokens
-in order until one ends the request. A pass's k is cut so that the step holds at most
-max_num_seqs rows (the logits the engine keeps room for: speculation fills the rows a small
-batch leaves), and a pass takes blocks beyond its decode only where every later decode of the
+in order until one ends the request. A pass's k is cut so that the step holds at most the
+engine's max_logit_rows rows (the logits it keeps room for; the ComputeWorker's are
+max_num_seqs: speculation fills the rows a small batch leaves), and a pass takes blocks beyond its decode only where every later decode of the
 step still finds its own: speculation never preempts. A step with a prompt chunk or an
 admission decodes plainly. The policy's runs of plain steps run ahead as any greedy step does.
 
@@ -121,6 +121,9 @@ class Scheduler:
         """speculation: how requests that can speculate do (module docstring); None: none does."""
         if max_num_seqs < 1 or max_queue < 0:
             raise ValueError("max_num_seqs must be >= 1 and max_queue >= 0")
+        if max_num_seqs > engine.max_logit_rows:
+            raise ValueError(f"max_num_seqs ({max_num_seqs}) must be <= the engine's max_logit_rows "
+                             f"({engine.max_logit_rows}): a step's logits hold a row per sequence")
         if speculation is not None and engine.pipeline is not None:
             raise ValueError("speculative decoding does not run through pipeline stages")
         if max_batch_tokens < max_num_seqs:
@@ -222,7 +225,7 @@ class Scheduler:
         # passes only in a step of decodes alone: a prompt chunk is no decode row
         speculating = (self.speculation is not None and len(decodes) == len(members())
                        and not (self.waiting and len(self.running) < self.max_num_seqs))
-        rows = self.max_num_seqs - len(decodes)  # the rows the step's passes may add to one a decode
+        rows = self.engine.max_logit_rows - len(decodes)  # the rows the step's passes may add to one a decode
         for i, request in enumerate(decodes):
             if request not in self.running:  # preempted to make room for an older one
                 continue
@@ -344,7 +347,7 @@ class Scheduler:
                 kept = accept(engine, d, rows[:len(d.proposed) + 1], self.spec_stats)
                 rows = rows[len(d.proposed) + 1:]
                 request.policy.update(choice.drafter, len(d.proposed), len(kept) - 1)
-                picked[request] = [(t, None, None) for t in kept]
+                picked[request] = kept
             return [picked[r] for r in step.requests]
 
         return wait

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from workers.engine.sampling import token_logprobs
+
 DRAFTERS = ("lookup", "early-exit", "skip")  # "auto" chooses among them (draft_policy.py)
 MAX_K = 16
 
@@ -205,12 +207,14 @@ def start_pass(engine, drafts: list[Draft], plain: list = ()):
             del d.seq.token_ids[len(d.seq.token_ids) - len(d.proposed):]
 
 
-def accept(engine, d: Draft, logits: np.ndarray, stats: Stats) -> list[int]:
+def accept(engine, d: Draft, logits: np.ndarray, stats: Stats) -> list[tuple[int, float | None, list | None]]:
     """The pass's outcome for one draft, from its rows of logits [len(proposed) + 1, vocab] (host
     float32): the kept proposals and the model's token after them, greedy or drawn by its
-    sampler (no penalties). Its sequence then caches its last token and the kept proposals,
-    which the caller appends (with the last token, not cached yet); the rejected ones' KV
-    blocks go back."""
+    sampler (no penalties), each as (token, logprob, top) as plain sampling gives them (the
+    logprobs of the raw distribution at the token's position, where the sampler asks for
+    them; else None). Its sequence then caches its last token and the kept proposals, which
+    the caller appends (with the last token, not cached yet); the rejected ones' KV blocks go
+    back."""
     proposed, seq = d.proposed, d.seq
     base = seq.num_cached - len(proposed) - 1  # seq's last token's position
     if d.sampler is None or d.sampler.params.greedy:
@@ -229,12 +233,15 @@ def accept(engine, d: Draft, logits: np.ndarray, stats: Stats) -> list[int]:
     stats.drafted += len(proposed)
     stats.accepted += m
     stats.choices[d.choice.drafter, d.choice.k] += 1
-    return kept
+    n_top = None if d.sampler is None else d.sampler.params.logprobs
+    if n_top is None:
+        return [(t, None, None) for t in kept]
+    return [(t, *token_logprobs(row, t, n_top)) for t, row in zip(kept, logits)]
 
 
-def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[int], int]:
+def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[tuple], int]:
     """One sequence's draft (`propose`) and pass over it: the kept proposals and the model's
-    token after them (1..k+1 tokens, at most limit), and how many were drafted."""
+    token after them (1..k+1 tokens, at most limit; `accept`), and how many were drafted."""
     d, = propose(engine, [(seq, choice, limit, sampler)])
     logits = engine.ops.to_numpy(start_pass(engine, [d])()).astype(np.float32, copy=False)
     return accept(engine, d, logits, stats), len(d.proposed)
