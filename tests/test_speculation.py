@@ -155,6 +155,18 @@ def test_a_speculative_run_gives_each_token_the_logprobs_plain_decoding_gives_it
         assert [v for _, v in f.top_logprobs] == pytest.approx([v for _, v in top], abs=1e-4)
 
 
+def test_a_pass_holds_no_more_rows_than_the_engines_logits(tiny_model, monkeypatch):
+    """k = 8 on an engine that keeps 4 rows of logits a step: each pass drafts 3, the tokens
+    are plain decoding's."""
+    small = Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512, max_logit_rows=4)
+    rows, start = [], small.start_forward
+    monkeypatch.setattr(small, "start_forward", lambda work, *a, **kw: rows.append(sum(n for _, n in work))
+                        or start(work, *a, **kw))
+    fast = run(small, REPEATING, Speculation(8))
+    monkeypatch.undo()
+    assert fast == run(small, REPEATING) and max(rows[1:]) == 4
+
+
 def test_penalized_requests_decode_plainly(engine):
     run(engine, REPEATING, Speculation(4), temperature=0.8, seed=1, repetition_penalty=1.3)
     assert engine.last_speculation.passes == 0

@@ -644,7 +644,9 @@ class Engine:
                 choice = policy.next() if policy is not None and not kept else None
                 if kept or choice is not None:
                     if not kept:
-                        kept, drafted = verify(self, c.seq, choice, c.budget - c.generated, spec_stats, c.sampler)
+                        # at most the tokens the budget leaves and the rows of logits a step holds
+                        limit = min(c.budget - c.generated, self.max_logit_rows)
+                        kept, drafted = verify(self, c.seq, choice, limit, spec_stats, c.sampler)
                         policy.update(choice.drafter, drafted, len(kept) - 1)
                     picked = kept.pop(0)
                 elif steps is not None or (policy is not None and ahead):
