@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from workers.engine.engine import Engine, Sequence
@@ -178,6 +179,20 @@ def test_the_policys_plain_runs_run_ahead_in_the_scheduler(engine, monkeypatch):
     got, sched, steps = served(engine, requests, Speculation(None, "early-exit"))
     assert got == plain
     assert sched.spec_stats.plain_steps > 0 and any(step.fed for step in steps)
+
+
+@pytest.mark.parametrize("arch, kv_type", [("llama", "q4"), ("gemma3", None)], ids=["rotate-kv-q4", "sliding"])
+def test_passes_over_a_quantized_or_sliding_cache_give_the_plain_batchs_tokens(tiny_model, arch, kv_type):
+    """Over a RotateKV q4 cache (past its recent window: the ring slot each sequence's rows
+    share survives rejected tails) and over Gemma 3's sliding pool (blocks behind the window
+    given back, then trimmed tails): the plain scheduler's greedy events."""
+    engine = Engine(tiny_model(arch), max_context=256, kv_cache_tokens=1024, block_size=4, kv_type=kv_type)
+    prompts = [np.random.default_rng(i).integers(3, 200, n).tolist() + REPEATING for i, n in enumerate((150, 40, 90))]
+    requests = {str(i): (p, params(max_tokens=40)) for i, p in enumerate(prompts)}
+    plain, _, _ = served(engine, requests)
+    got, sched, steps = served(engine, requests, Speculation(4))
+    assert got == plain
+    assert sched.spec_stats.accepted > 0 and any(len(step.passes) > 1 for step in steps)
 
 
 @pytest.mark.gpu
