@@ -47,15 +47,18 @@ def _engine(args, **kwargs):
     from workers.engine.engine import Engine
 
     path = model_store.resolve(args.model)
-    return Engine(path, backend=args.backend, disk_open=disk_tier(path), **_placement_options(args), **kwargs)
+    return Engine(path, backend=args.backend, disk_open=disk_tier(path), resident_order=_resident_order(args, path),
+                  **_placement_options(args), **kwargs)
 
 
 def _resident_order(args, path) -> tuple[int, ...] | None:
-    """With --skip-set under a budget, the skip drafter's layers claim residency first, so its
-    drafts copy nothing over the link (skip_calibration.residency_order)."""
+    """With --skip-set (the commands that take it) under a budget, the skip drafter's layers
+    claim residency first, so its drafts copy nothing over the link
+    (skip_calibration.residency_order)."""
     from workers.engine.skip_calibration import residency_order
 
-    return residency_order(args.skip_set, path) if args.skip_set and args.vram_gb else None
+    skip_set = getattr(args, "skip_set", None)
+    return residency_order(skip_set, path) if skip_set and args.vram_gb else None
 
 
 def cmd_plan(args) -> int:
@@ -145,7 +148,7 @@ def cmd_generate(args) -> int:
     if args.pp < 1:
         raise ValueError(f"--pp must be >= 1, got {args.pp}")
     if args.pp == 1:
-        return _generate(args, _engine(args, resident_order=_resident_order(args, model_store.resolve(args.model))))
+        return _generate(args, _engine(args))
     # the stages as Ray actors (workers/stage_worker.py) on a local Ray of a CPU per stage
     import ray
 
