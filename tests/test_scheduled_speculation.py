@@ -35,7 +35,8 @@ def params(**kw) -> SamplingParams:
 def served(engine, requests: dict[str, tuple[list[int], SamplingParams]], speculation=None, max_num_seqs=16,
            before_step=lambda sched, i: None) -> tuple[dict, Scheduler, list]:
     """Every request through one Scheduler, driven as the ComputeWorker drives it: ({id: [(token,
-    text, finish)]}, the scheduler, the steps launched). Every KV block is back at the end."""
+    text, finish, logprob, top)]}, the scheduler, the steps launched). Every KV block is back at
+    the end."""
     sched = Scheduler(engine, max_num_seqs=max_num_seqs, max_batch_tokens=64, speculation=speculation)
     events: dict[str, list] = {}
     commit = sched.commit
