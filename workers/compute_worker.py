@@ -59,6 +59,15 @@ def engine_options(max_context: int, kv_cache_gb: float | None, vram_budget_gb: 
             "requant_streamed": requant_streamed}
 
 
+def model_metrics(kind, prefix: str, model: str, described: list[tuple[str, str]]) -> dict:
+    """A Ray metric of `kind` (Gauge, Counter) for each (name, description), named prefix +
+    name and tagged with the model it serves."""
+    made = {name: kind(prefix + name, description=text, tag_keys=("model",)) for name, text in described}
+    for metric in made.values():
+        metric.set_default_tags({"model": model})
+    return made
+
+
 @ray.remote
 class ComputeWorker:
     async def __init__(self, model: str | None, backend: str = "numpy", max_context: int = 4096,
@@ -102,24 +111,20 @@ class ComputeWorker:
         self.poll_waiting = False
         self.event_loop = asyncio.get_running_loop()
         self.failure: BaseException | None = None
-        tags = {"model": self.engine.model_name}
-        self.gauges = {name: metrics.Gauge(f"ntr_{name}", description=text, tag_keys=("model",))
-                       for name, text in [("queue_depth", "requests waiting for admission"),
-                                          ("running_requests", "requests in the running batch"),
-                                          ("kv_blocks_in_use", "KV cache blocks held by requests"),
-                                          ("kv_blocks_total", "KV cache blocks")]}
-        for gauge in self.gauges.values():
-            gauge.set_default_tags(tags)
+        model = self.engine.model_name
+        self.gauges = model_metrics(metrics.Gauge, "ntr_", model, [
+            ("queue_depth", "requests waiting for admission"),
+            ("running_requests", "requests in the running batch"),
+            ("kv_blocks_in_use", "KV cache blocks held by requests"),
+            ("kv_blocks_total", "KV cache blocks")])
         self.gauge_values: dict[str, int] = {}
-        self.generated = metrics.Counter("ntr_generated_tokens", description="tokens generated", tag_keys=("model",))
-        self.generated.set_default_tags(tags)
-        self.speculated = {name: metrics.Counter(f"ntr_speculation_{name}", description=text, tag_keys=("model",))
-                           for name, text in [("passes", "verifying passes of speculative decoding"),
-                                              ("drafted", "tokens drafted"),
-                                              ("accepted", "drafted tokens the model kept"),
-                                              ("plain_steps", "decode steps a speculating request took without a draft")]}
-        for counter in self.speculated.values():
-            counter.set_default_tags(tags)
+        (self.generated,) = model_metrics(metrics.Counter, "ntr_", model,
+                                          [("generated_tokens", "tokens generated")]).values()
+        self.speculated = model_metrics(metrics.Counter, "ntr_speculation_", model, [
+            ("passes", "verifying passes of speculative decoding"),
+            ("drafted", "tokens drafted"),
+            ("accepted", "drafted tokens the model kept"),
+            ("plain_steps", "decode steps a speculating request took without a draft")])
         self.speculated_counts = dict.fromkeys(self.speculated, 0)
         self._update_gauges()
         threading.Thread(target=self._run, name="scheduling-loop", daemon=True).start()
