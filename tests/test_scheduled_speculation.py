@@ -92,7 +92,8 @@ def test_a_speculating_batch_gives_the_plain_batchs_greedy_tokens(engine, spec):
     same_events(got, plain)
     stats = sched.spec_stats
     assert stats.passes > 0 and stats.accepted <= stats.drafted
-    assert any(len(step.passes) > 1 for step in steps), (stats, [len(s.passes) for s in steps])  # several requests verified in one pass
+    # several requests verified in one pass
+    assert any(len(step.passes) > 1 for step in steps), (stats, [len(s.passes) for s in steps])
     assert not any("penalty" in [r.id for r in step.passes] for step in steps)
     assert spec.k is None or any("logprobs" in [r.id for r in step.passes] for step in steps)
 
@@ -229,7 +230,8 @@ def test_a_speculating_batch_on_the_real_model_gives_the_plain_batchs_greedy_tok
     e = Engine(real_model_path, max_context=1024, max_logit_rows=12)
     prompts = {"code": e.prompt_ids('def fizzbuzz(n):\n    """Return "Fizz", "Buzz", "FizzBuzz" or str(n)."""\n'),
                "prose": e.prompt_ids("The history of the printing press begins"),
-               "chat": e.chat_prompt_ids([{"role": "user", "content": "Write a Python function that reverses a list."}])}
+               "chat": e.chat_prompt_ids([{"role": "user",
+                                           "content": "Write a Python function that reverses a list."}])}
     requests = {rid: (ids, params(max_tokens=n)) for (rid, ids), n in zip(prompts.items(), (24, 16, 20))}
     plain, _, _ = served(e, requests, max_num_seqs=12)
     for spec in [Speculation(4), Speculation(3, "early-exit", depth=6),

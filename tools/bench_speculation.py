@@ -211,7 +211,8 @@ def main() -> int:
             if args.batch:
                 params = SamplingParams(max_tokens=tokens[set_name], temperature=0.0, ignore_eos=True)
                 out, decode_tokens, decode_s, s = served(engine, ids_list, params, spec, args.batch)
-                passes, accepted, drafted, plain_steps, choices = s.passes, s.accepted, s.drafted, s.plain_steps, s.choices
+                passes, accepted, drafted = s.passes, s.accepted, s.drafted
+                plain_steps, choices = s.plain_steps, s.choices
                 if spec is None:
                     plain_ids.update({(set_name, i): ids for i, ids in out.items()})
                 else:
@@ -256,7 +257,8 @@ def main() -> int:
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         ratio = r["decode_tok_s"] / base[r["set"]] if r["set"] in base else float("nan")
-        print(f"| {r['set']} | {r['config']} | {r['batch']} | {r['tokens_per_pass']:.2f} | {acc} | {r['passes']} / {r['plain_steps']} | "
+        print(f"| {r['set']} | {r['config']} | {r['batch']} | {r['tokens_per_pass']:.2f} | {acc} | "
+              f"{r['passes']} / {r['plain_steps']} | "
               f"{r['decode_tok_s']:.2f} | "
               f"{ratio:.2f}x | {r['mismatches']} of {r['prompts']} ({r['mismatches_at_near_ties']}) |")
     if args.json:

@@ -35,9 +35,10 @@ step, each plain decode one row and each pass its last token and proposals (deco
 proposals' blocks go back) and samples the plain rows, and commit hands out each pass's tokens
 in order until one ends the request. A pass's k is cut so that the step holds at most the
 engine's max_logit_rows rows (the logits it keeps room for; the ComputeWorker's are
-max_num_seqs: speculation fills the rows a small batch leaves), and a pass takes blocks beyond its decode only where every later decode of the
-step still finds its own: speculation never preempts. A step with a prompt chunk or an
-admission decodes plainly. The policy's runs of plain steps run ahead as any greedy step does.
+max_num_seqs: speculation fills the rows a small batch leaves), and a pass takes blocks beyond
+its decode only where every later decode of the step still finds its own: speculation never
+preempts. A step with a prompt chunk or an admission decodes plainly. The policy's runs of
+plain steps run ahead as any greedy step does.
 
 Micro-batches (vLLM's virtual engines): an engine whose forward pass runs through P
 pipeline stages (workers/engine/pipeline.py) splits the running requests into P groups,
