@@ -30,6 +30,44 @@ def test_top_k_top_p_min_p_supports():
     assert draws(SamplingParams(temperature=1.0), LOGITS, 3000) == set(range(7))
 
 
+def filtered_by_sorting(row, temperature, top_k, top_p, min_p) -> np.ndarray:
+    """The filters' definition, with the whole row sorted: the tokens kept, as a bool mask."""
+    p = np.exp((row.astype(np.float64) - row.max()) / temperature)
+    keep = np.ones(len(row), bool)
+    if 0 < top_k < len(row):
+        keep &= row >= np.sort(row)[-top_k]
+    if top_p < 1.0:
+        desc = np.sort(p[keep])[::-1]
+        keep &= p >= desc[min(int(np.searchsorted(np.cumsum(desc), top_p * desc.sum())), len(desc) - 1)]
+    if min_p:
+        keep &= p >= min_p * p.max()
+    return keep
+
+
+def test_filters_keep_what_sorting_the_whole_row_keeps():
+    """kept_weights sorts only the tokens top-p may keep; on fresh rows (peaked, flat, tied,
+    vocabularies of 50 to 262k) it keeps exactly the tokens the definition keeps, with their
+    weights, and the host Sampler draws what the device sampler's twin draws."""
+    from kernels.numpy_backend import NumpyBackend, kept_weights
+
+    rng = np.random.default_rng()
+    cases = [(0.7, 0, 0.9, 0.0), (1.0, 40, 0.95, 0.0), (0.8, 0, 0.5, 0.05), (1.2, 100, 1.0, 0.1), (0.3, 0, 0.99, 0.0)]
+    for vocab, scale in ((50, 2.0), (32_000, 0.05), (32_000, 3.0), (262_144, 1.5)):
+        row = (rng.standard_normal(vocab) * scale).astype(np.float32)
+        row[rng.integers(0, vocab, vocab // 10)] = row.max()  # ties at the top
+        row[rng.integers(0, vocab, 5)] += 8  # a few far ahead
+        for temperature, top_k, top_p, min_p in cases:
+            w = kept_weights(row, temperature, top_k, top_p, min_p)
+            keep = filtered_by_sorting(row, temperature, top_k, top_p, min_p)
+            assert np.array_equal(w > 0, keep), (vocab, scale, temperature, top_k, top_p, min_p)
+            assert np.allclose(w[keep], np.exp((row[keep].astype(np.float64) - row.max()) / temperature), rtol=1e-12)
+            params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=7)
+            host, u = Sampler(params), np.random.default_rng(7).random(20)
+            twin = NumpyBackend().sample(np.stack([row] * 20), [temperature] * 20, [top_k] * 20, [top_p] * 20,
+                                         [min_p] * 20, u)
+            assert [host.sample(row) for _ in range(20)] == twin.tolist()
+
+
 def test_temperature_sharpens_frequencies():
     n = 4000
     hot = Sampler(SamplingParams(temperature=1.0, seed=1))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kernels.numpy_backend import draw, kept_weights
 from kernels.ops import LogitBias, constrain_logits
 from workers.engine.grammar import Constraint, GrammarSpec
 
@@ -191,37 +192,18 @@ class Sampler:
         return token
 
     def _draw(self, logits: np.ndarray) -> int:
-        candidates, probs = self._filtered(logits)
-        return int(candidates[self.rng.choice(len(probs), p=probs)])
+        return draw(self._weights(logits), float(self.rng.random()))
 
     def distribution(self, logits: np.ndarray) -> np.ndarray:
         """The probabilities [vocab] a sampled token is drawn with from one row of logits
         (penalties aside): what speculative sampling accepts and rejects against."""
-        candidates, probs = self._filtered(np.asarray(logits, dtype=np.float32))
-        out = np.zeros(len(logits))
-        out[candidates] = probs
-        return out
+        w = self._weights(np.asarray(logits, dtype=np.float32))
+        return w / w.sum()
 
-    def _filtered(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The tokens temperature, top-k, top-p and min-p keep, and their probabilities."""
+    def _weights(self, logits: np.ndarray) -> np.ndarray:
+        """Temperature, top-k, top-p and min-p, as the device's sampler applies them."""
         p = self.params
-        candidates = np.arange(len(logits))
-        scaled = logits.astype(np.float64) / p.temperature
-        if 0 < p.top_k < len(scaled):
-            keep = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
-            candidates, scaled = candidates[keep], scaled[keep]
-        order = np.argsort(-scaled, kind="stable")
-        candidates, scaled = candidates[order], scaled[order]
-        probs = np.exp(scaled - scaled[0])
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-            cut = int(np.searchsorted(np.cumsum(probs), p.top_p)) + 1
-            candidates, probs = candidates[:cut], probs[:cut]
-        if p.min_p > 0.0:
-            keep = probs >= p.min_p * probs[0]
-            candidates, probs = candidates[keep], probs[keep]
-        return candidates, probs / probs.sum()
+        return kept_weights(logits, p.temperature, p.top_k, p.top_p, p.min_p)
 
 
 def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
