@@ -216,7 +216,7 @@ def test_speculative_sampling_draws_from_the_model_distribution(certain):
         q1, q2 = np.eye(1, 5, 3)[0], np.eye(1, 5, 2)[0]
 
     def rule(p_rows, q_rows, proposed, rng):
-        return accept_sampled(p_rows, None if certain else q_rows, proposed, rng)
+        return accept_sampled(lambda i: p_rows[i], None if certain else q_rows, proposed, rng)
 
     draws = 20_000
     expected = draws * np.outer(p1, p2)

@@ -31,6 +31,7 @@ pass from the sequence's measured acceptance (workers/engine/draft_policy.py).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,19 +176,20 @@ def _sampled_draft(engine, seq, layers: tuple[int, ...], k: int, sampler) -> tup
     return proposed, q_rows
 
 
-def accept_sampled(p_rows: np.ndarray, q_rows: list | None, proposed: list[int], rng) -> list[int]:
-    """Rejection sampling over one verifying pass: p_rows [len(proposed) + 1, vocab] the model's
-    probabilities at each position, q_rows the drafter's (None: proposals were certain). The
+def accept_sampled(p_row: Callable[[int], np.ndarray], q_rows: list | None, proposed: list[int], rng) -> list[int]:
+    """Rejection sampling over one verifying pass: p_row(i) the model's probabilities [vocab] at
+    position i of the pass (asked only for the positions the rule reaches: each costs a pass
+    over the vocabulary on the host), q_rows the drafter's (None: proposals were certain). The
     kept proposals and one token drawn by the rule, together distributed as plain sampling."""
-    vocab = p_rows.shape[1]
     for i, d in enumerate(proposed):
-        p = p_rows[i]
-        q = q_rows[i] if q_rows is not None else np.eye(1, vocab, d)[0]
+        p = p_row(i)
+        q = q_rows[i] if q_rows is not None else np.eye(1, len(p), d)[0]
         if rng.random() < min(1.0, p[d] / q[d]):
             continue
         residual = np.maximum(p - q, 0.0)
-        return proposed[:i] + [int(rng.choice(vocab, p=residual / residual.sum()))]
-    return proposed + [int(rng.choice(vocab, p=p_rows[-1]))]
+        return proposed[:i] + [int(rng.choice(len(p), p=residual / residual.sum()))]
+    p = p_row(len(proposed))
+    return proposed + [int(rng.choice(len(p), p=p))]
 
 
 def start_pass(engine, drafts: list[Draft], plain: list = ()):
@@ -224,8 +226,7 @@ def accept(engine, d: Draft, logits: np.ndarray, stats: Stats) -> list[tuple[int
             m += 1
         kept = proposed[:m] + [int(best[m])]
     else:
-        kept = accept_sampled(np.stack([d.sampler.distribution(row) for row in logits]), d.q_rows, proposed,
-                              d.sampler.rng)
+        kept = accept_sampled(lambda i: d.sampler.distribution(logits[i]), d.q_rows, proposed, d.sampler.rng)
         m = len(kept) - 1
     engine.blocks.trim(seq, base + m + 1)
     seq.num_cached = base + m + 1
