@@ -87,15 +87,17 @@ def test_teacher_forced_logits_equal_a_cache_that_keeps_everything(models, arch)
 
 def test_rotate_kv_cache_slides_too(models):
     """q4 (RotateKV: quantized rows and the per-sequence recent ring) in the sliding pool: the
-    same logits as the q4 cache that keeps everything, transformed with the same calibration. A
-    4-bit code may round the other way where the float32 keys of steps of different shapes
-    differ in the last bit (1.0e-4 measured); a block read from the wrong place is off by order one."""
+    same logits as the q4 cache that keeps everything, transformed with the same calibration
+    and fed the same steps. (Against one forward of the whole text a 4-bit code may round the
+    other way where the float32 keys of steps of different shapes differ in the last bit: up to
+    1.0e-3 with numpy 2.4, whichever cache; a block read from the wrong place is off by order one.)"""
     engine, whole = sliding_engine(models["gemma3"], kv_type="q4"), whole_engine(models["gemma3"], kv_type="q4")
     for (k, _), (w, _) in zip(engine.kv.layers, whole.kv.layers):
         k.center[...], k.scale[...] = w.center, w.scale
     ids = ids_of(engine, 120, seed=1)
-    want = forward(whole, [(Sequence(ids), len(ids))], all_logits=True)[:-1]
-    assert rel_err(chunked_then_decoded(engine, ids, prefill=72), want) < 1e-3
+    want = chunked_then_decoded(whole, ids, prefill=72)
+    assert rel_err(want, forward(whole, [(Sequence(ids), len(ids))], all_logits=True)[:-1]) < 1e-2
+    assert rel_err(chunked_then_decoded(engine, ids, prefill=72), want) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "mistral"])
