@@ -71,6 +71,19 @@ def plain_gap(engine: Engine, ids: list[int], params: SamplingParams, j: int) ->
     return top[0][1] - top[1][1]
 
 
+def report_difference(engine: Engine, set_name: str, i: int, config: str, ids: list[int], params: SamplingParams,
+                      out: list[int], plain: list[int]) -> bool:
+    """Print where a speculative run first leaves plain decoding and plain's top-2 gap there
+    (untimed: called after the timings); -> whether that is a near tie."""
+    # the first token that differs; where one run is a prefix of the other (it stopped
+    # earlier), the first token only one of them has; no gap where plain has no token j
+    j = next((j for j, (a, b) in enumerate(zip(out, plain)) if a != b), min(len(out), len(plain)))
+    gap = plain_gap(engine, ids, replace(params, temperature=0.0), j) if j < len(plain) else float("nan")
+    print(f"  {set_name} prompt {i}: {config} differs from plain decoding at token {j}, where "
+          f"plain's top-2 gap is {gap:.2e}", flush=True)
+    return gap < NEAR_TIE
+
+
 def matmul_rows() -> None:
     """What a verifying pass's products cost the NumPy backend against a decode step's: x [M, 896]
     against the default model's output head (151,936 x 896 float32), M = 1 (a step) to 17 (k =
@@ -216,7 +229,11 @@ def main() -> int:
                 if spec is None:
                     plain_ids.update({(set_name, i): ids for i, ids in out.items()})
                 else:
-                    mismatches = sum(out[i] != plain_ids[(set_name, i)] for i in out if (set_name, i) in plain_ids)
+                    for i in sorted(out):
+                        if (set_name, i) in plain_ids and out[i] != plain_ids[(set_name, i)]:
+                            mismatches += 1
+                            near_ties += report_difference(engine, set_name, i, config, ids_list[i], params, out[i],
+                                                           plain_ids[(set_name, i)])
             for i, ids in enumerate([] if args.batch else ids_list):
                 params = SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature, seed=i,
                                         ignore_eos=True)
@@ -231,15 +248,8 @@ def main() -> int:
                     plain_ids[(set_name, i)] = out
                 elif args.temperature == 0 and (set_name, i) in plain_ids and out != plain_ids[(set_name, i)]:
                     mismatches += 1
-                    plain = plain_ids[(set_name, i)]
-                    # the first token that differs; where one run is a prefix of the other (it
-                    # stopped earlier), the first token only one of them has
-                    j = next((j for j, (a, b) in enumerate(zip(out, plain)) if a != b), min(len(out), len(plain)))
-                    # after the timings: untimed; no gap where plain decoding has no token j
-                    gap = plain_gap(engine, ids, params, j) if j < len(plain) else float("nan")
-                    near_ties += gap < NEAR_TIE
-                    print(f"  {set_name} prompt {i}: {config} differs from plain decoding at token {j}, where "
-                          f"plain's top-2 gap is {gap:.2e}", flush=True)
+                    near_ties += report_difference(engine, set_name, i, config, ids, params, out,
+                                                   plain_ids[(set_name, i)])
             row = {"set": set_name, "config": config, "temperature": args.temperature,
                    "decode_tok_s": decode_tokens / decode_s,
                    "tokens_per_pass": (accepted + passes) / passes if passes else 1.0,
