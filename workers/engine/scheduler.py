@@ -73,12 +73,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from workers.engine.draft_policy import DraftPolicy
 from workers.engine.engine import Completion, Engine, GeneratedToken, Sequence
 from workers.engine.sampling import SamplingParams
-from workers.engine.speculation import Choice, Speculation, Stats, accept, propose, start_pass
+from workers.engine.speculation import Choice, Speculation, Stats, accept, pass_rows, propose, start_pass
 
 
 class QueueFull(RuntimeError):
@@ -336,17 +334,17 @@ class Scheduler:
 
         def wait() -> list:
             out = logits()
-            ops, n = engine.ops, len(plain)
+            first = len(plain)
             picked = {}
             if plain:
                 samplers = [None if r.cancelled else r.sampler for r in plain]
                 picked = {r: [] if c is None else [c]
-                          for r, c in zip(plain, engine.sample(ops.take_rows(out, list(range(n))), samplers))}
-                out = ops.take_rows(out, list(range(n, n + sum(len(d.proposed) + 1 for d in drafts))))
-            rows = ops.to_numpy(out).astype(np.float32, copy=False)
+                          for r, c in zip(plain, engine.sample(engine.ops.take_rows(out, list(range(first))),
+                                                               samplers))}
+            rows = pass_rows(engine, out)
             for (request, choice), d in zip(step.passes.items(), drafts):
-                kept = accept(engine, d, rows[:len(d.proposed) + 1], self.spec_stats)
-                rows = rows[len(d.proposed) + 1:]
+                kept = accept(engine, d, *rows(first, len(d.proposed) + 1), self.spec_stats)
+                first += len(d.proposed) + 1
                 request.policy.update(choice.drafter, len(d.proposed), len(kept) - 1)
                 picked[request] = kept
             return [picked[r] for r in step.requests]

@@ -209,23 +209,26 @@ def start_pass(engine, drafts: list[Draft], plain: list = ()):
             del d.seq.token_ids[len(d.seq.token_ids) - len(d.proposed):]
 
 
-def accept(engine, d: Draft, logits: np.ndarray, stats: Stats) -> list[tuple[int, float | None, list | None]]:
-    """The pass's outcome for one draft, from its rows of logits [len(proposed) + 1, vocab] (host
-    float32): the kept proposals and the model's token after them, greedy or drawn by its
-    sampler (no penalties), each as (token, logprob, top) as plain sampling gives them (the
-    logprobs of the raw distribution at the token's position, where the sampler asks for
-    them; else None). Its sequence then caches its last token and the kept proposals, which
-    the caller appends (with the last token, not cached yet); the rejected ones' KV blocks go
-    back."""
+def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], stats: Stats) -> list[tuple]:
+    """The pass's outcome for one draft: best, the model's argmax at each of its rows
+    [len(proposed) + 1] (host ids, found beside the logits), and rows(), those rows of logits
+    (host float32), asked for only where the sampler needs them: the greedy pass of a 0.5B
+    model copied 2.4 MB of logits a draft and searched them on the host. -> the kept
+    proposals and the model's token after them, greedy or drawn by its sampler (no penalties),
+    each as (token, logprob, top) as plain sampling gives them (the logprobs of the raw
+    distribution at the token's position, where the sampler asks for them; else None). Its
+    sequence then caches its last token and the kept proposals, which the caller appends
+    (with the last token, not cached yet); the rejected ones' KV blocks go back."""
     proposed, seq = d.proposed, d.seq
     base = seq.num_cached - len(proposed) - 1  # seq's last token's position
+    logits = None
     if d.sampler is None or d.sampler.params.greedy:
-        best = np.argmax(logits, axis=-1)
         m = 0
         while m < len(proposed) and proposed[m] == best[m]:
             m += 1
         kept = proposed[:m] + [int(best[m])]
     else:
+        logits = rows()
         kept = accept_sampled(lambda i: d.sampler.distribution(logits[i]), d.q_rows, proposed, d.sampler.rng)
         m = len(kept) - 1
     engine.blocks.trim(seq, base + m + 1)
@@ -237,12 +240,28 @@ def accept(engine, d: Draft, logits: np.ndarray, stats: Stats) -> list[tuple[int
     n_top = None if d.sampler is None else d.sampler.params.logprobs
     if n_top is None:
         return [(t, None, None) for t in kept]
+    logits = rows() if logits is None else logits
     return [(t, *token_logprobs(row, t, n_top)) for t, row in zip(kept, logits)]
+
+
+def pass_rows(engine, out) -> Callable[[int, int], tuple[np.ndarray, Callable[[], np.ndarray]]]:
+    """A verifying pass's logits on the device -> (first, n) -> (the model's argmax at rows
+    first..first+n, a function that copies those rows to the host): `accept`'s arguments for
+    the draft whose rows they are. The argmax of every row is found once, on the device (a
+    decode graph's replay has found it already)."""
+    ops = engine.ops
+    best = ops.argmax(out)
+
+    def rows(first: int, n: int) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+        return best[first:first + n], lambda: ops.to_numpy(ops.take_rows(out, list(range(first, first + n)))).astype(
+            np.float32, copy=False)
+
+    return rows
 
 
 def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[tuple], int]:
     """One sequence's draft (`propose`) and pass over it: the kept proposals and the model's
     token after them (1..k+1 tokens, at most limit; `accept`), and how many were drafted."""
     d, = propose(engine, [(seq, choice, limit, sampler)])
-    logits = engine.ops.to_numpy(start_pass(engine, [d])()).astype(np.float32, copy=False)
-    return accept(engine, d, logits, stats), len(d.proposed)
+    rows = pass_rows(engine, start_pass(engine, [d])())
+    return accept(engine, d, *rows(0, len(d.proposed) + 1), stats), len(d.proposed)
