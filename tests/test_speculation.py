@@ -324,6 +324,23 @@ def test_the_policy_weighs_a_pass_by_its_rows():
     assert flat.next().k == 16  # what one constant cost chose
 
 
+def test_a_pass_pays_less_in_a_batch():
+    """In a step of B decodes a plain step already gives B tokens, and a pass makes all B wait:
+    it is worth (B - 1 + tokens) / (B * cost) plain steps. A skip draft that keeps 60% of its
+    tokens pays alone (~2.2 tokens for ~1.8 steps at k = 3) and not among four decodes."""
+    costs = VERIFY_COST["cupy", True]
+    policy = DraftPolicy(Speculation(None, "skip", skip=(1,)), {"skip": (0,)}, {"skip": 0.21}, verify_cost=costs)
+    for _ in range(30):
+        policy.update("skip", 5, 3)
+    a = policy.acceptance("skip")
+    for batch in (1, 4):
+        for k in (1, 3, 16):
+            cost = policy.verify_cost[k] + k * 0.21
+            assert policy.rate("skip", k, batch) == pytest.approx((batch - 1 + expected_tokens(a, k)) / (batch * cost))
+    assert policy.next(1) is not None and policy.plain_steps_ahead(1) == 0
+    assert policy.plain_steps_ahead(4) > 0 and policy.next(4) is None
+
+
 def test_a_drafter_that_proposes_nothing_loses_the_choice():
     """Lookup finding no match drafts nothing: the pass gives one token, as a first proposal
     rejected does, and counts so; the skip draft, kept about half the time, takes over."""

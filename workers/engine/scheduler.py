@@ -228,7 +228,8 @@ class Scheduler:
         for i, request in enumerate(decodes):
             if request not in self.running:  # preempted to make room for an older one
                 continue
-            if speculating and request.policy is not None and (choice := self._choice(request, rows)) is not None:
+            if (speculating and request.policy is not None
+                    and (choice := self._choice(request, rows, len(decodes))) is not None):
                 n = min(choice.k, request.budget - request.generated - 1) + 1
                 if self._reserve_pass(request, n, len(decodes) - i - 1):
                     step.add_pass(request, choice)
@@ -278,9 +279,10 @@ class Scheduler:
         self.engine.blocks.trim(request.seq, request.seq.num_cached + 1)
         return False
 
-    def _choice(self, request: Request, rows: int) -> Choice | None:
-        """The request's next pass, its k cut to the rows the step has left, or None: a plain step."""
-        choice = request.policy.next()
+    def _choice(self, request: Request, rows: int, batch: int) -> Choice | None:
+        """The request's next pass in a step of `batch` decodes, its k cut to the rows the step
+        has left, or None: a plain step."""
+        choice = request.policy.next(batch)
         if choice is None or rows < 1:
             self.spec_stats.plain_steps += 1
             return None
@@ -294,12 +296,13 @@ class Scheduler:
         if any(r.cancelled or r.generated + 2 > r.budget for r in step.requests):
             return None
         policies = [r.policy for r in step.requests if r.policy is not None]
-        if any(policy.plain_steps_ahead() < 1 for policy in policies):
+        batch = len(step.requests)
+        if any(policy.plain_steps_ahead(batch) < 1 for policy in policies):
             return None
         if not all(self._try_reserve(r, 1) for r in step.requests):
             return None
         for policy in policies:  # the plain step each has decided next
-            policy.next()
+            policy.next(batch)
             self.spec_stats.plain_steps += 1
         ahead = Step(list(step.requests), [(r.seq, 1) for r in step.requests], greedy=True, fed=True, group=step.group)
         self.in_flight.append(ahead)
