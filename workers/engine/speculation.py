@@ -183,10 +183,13 @@ def accept_sampled(p_row: Callable[[int], np.ndarray], q_rows: list | None, prop
     kept proposals and one token drawn by the rule, together distributed as plain sampling."""
     for i, d in enumerate(proposed):
         p = p_row(i)
-        q = q_rows[i] if q_rows is not None else np.eye(1, len(p), d)[0]
-        if rng.random() < min(1.0, p[d] / q[d]):
+        if rng.random() < min(1.0, p[d] / (q_rows[i][d] if q_rows is not None else 1.0)):
             continue
-        residual = np.maximum(p - q, 0.0)
+        if q_rows is not None:
+            residual = np.maximum(p - q_rows[i], 0.0)
+        else:  # a certain proposal's q is one-hot: max(p - q, 0) is p without d
+            residual = p.copy()
+            residual[d] = 0.0
         return proposed[:i] + [int(rng.choice(len(p), p=residual / residual.sum()))]
     p = p_row(len(proposed))
     return proposed + [int(rng.choice(len(p), p=p))]
