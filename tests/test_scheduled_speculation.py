@@ -183,6 +183,26 @@ def test_the_policys_plain_runs_run_ahead_in_the_scheduler(engine, monkeypatch):
     assert sched.spec_stats.plain_steps > 0 and any(step.fed for step in steps)
 
 
+def test_the_policy_weighs_each_pass_by_its_steps_decodes(engine, monkeypatch):
+    """A pass that pays only alone (rate above 1 at batch 1, below it in a batch): while three
+    requests decode together their policies are asked with batch 3, then 2, then 1 as they
+    finish, and only the last one alone speculates on every step."""
+    from workers.engine.draft_policy import DraftPolicy
+
+    asked = []
+    monkeypatch.setattr(DraftPolicy, "rate", lambda self, d, k, batch=1: asked.append(batch) or (
+        2.0 if batch == 1 else 0.5))
+    requests = {"a": (PROMPTS["rep"], params(max_tokens=40)), "b": (PROMPTS["short"], params(max_tokens=20)),
+                "c": (PROMPTS["rep2"], params(max_tokens=10))}
+    plain, _, _ = served(engine, requests)
+    got, sched, steps = served(engine, requests, Speculation(None, "lookup"))
+    assert got == plain
+    assert {1, 2, 3} <= set(asked) <= {1, 2, 3}
+    together = [s for s in steps if len(s.requests) == 3 and all(n == 1 for _, n in s.work)]
+    assert together and not any(s.passes for s in together[:8])  # plain until the first probe
+    assert steps[-1].passes and len(steps[-1].requests) == 1
+
+
 @pytest.mark.parametrize("arch, kv_type", [("llama", "q4"), ("gemma3", None)], ids=["rotate-kv-q4", "sliding"])
 def test_passes_over_a_quantized_or_sliding_cache_give_the_plain_batchs_tokens(tiny_model, arch, kv_type):
     """Over a RotateKV q4 cache (past its recent window: the ring slot each sequence's rows
