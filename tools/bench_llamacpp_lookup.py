@@ -7,7 +7,10 @@ tools/bench_speculation.py prints for this project beside them.
         [--prompts 8] [--tokens 32] [--k 4,10] [--threads 2]
 
 Decode tok/s: generated tokens after the first over the time after the first (streamed), summed
-over the prompts. Runs without this project's dependencies (only llama_cpp).
+over the prompts. Runs without this project's dependencies (only llama_cpp, built as
+tools/make_llamacpp_reference.py says). The speculation is llama-cpp-python's
+LlamaPromptLookupDecoding: its drafts and their acceptance run in Python, llama.cpp's own
+evaluation in C++.
 """
 
 from __future__ import annotations

@@ -32,10 +32,14 @@ window, so the window's mask is exercised).
 Dependency (developer-only, NOT a project or CI dependency)::
 
     python3.11 -m venv /tmp/llamacpp-venv
-    CMAKE_ARGS="-DGGML_NATIVE=ON" /tmp/llamacpp-venv/bin/pip install llama-cpp-python==0.3.36
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_CURL=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL=2 /tmp/llamacpp-venv/bin/pip install llama-cpp-python==0.3.36
 
-pip builds llama.cpp from source (CPU only); that takes roughly 10-15 minutes
-on a 2-core machine, so run it in the background.  Then run this script with
+pip builds llama.cpp from source (CPU only; about 3.5 minutes on the 2-core machine). The
+native build (GGML_NATIVE=ON: AVX512 and AMX here) crashed in llama_decode on any batch of
+more than one token (2026-12-03); this portable one decodes prompts whole (2026-12-05; the
+references in tests/data were made token by token with the native one). Then run this script with
 /tmp/llamacpp-venv/bin/python.  The script is run by developers when the
 reference data needs regenerating; CI never runs it.
 
