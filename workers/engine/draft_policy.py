@@ -33,13 +33,14 @@ from workers.engine.speculation import MAX_K, Choice, Speculation
 
 # A verifying pass of k + 1 rows, in decode steps of the same backend and placement, by k, as
 # `tools/bench_speculation.py --pass-cost` measures it. numpy: the default model on the 2-core
-# development machine, a pass's products one GEMV a row (numpy_backend.GEMV_ROWS), 2026-12-05.
+# development machine, a pass's products one GEMV a row (numpy_backend.GEMV_ROWS), 2026-12-05
+# with numpy 2.4.6 (a 33.5 ms step; the same machine's earlier 62-70 ms steps gave 1.47-4.02).
 # cupy: the pass as decode rows replaying the decode graph of batch k + 1, the real default
 # model on the H200, 2026-12-05: resident (a 0.77 ms step), and streamed at --vram-gb 1.66, 11
 # layers through 2 slots (a 2.68 ms step, the link's). A constant cost misled the policy: free
 # lookup drafts then always took k = 16, whose pass costs 1.3-2.7x a pass of k = 1.
 VERIFY_COST = {
-    ("numpy", False): {1: 1.47, 2: 1.70, 4: 2.14, 8: 3.00, 16: 4.02},
+    ("numpy", False): {1: 1.67, 2: 2.13, 4: 2.79, 8: 4.17, 16: 5.23},
     ("cupy", False): {1: 1.99, 2: 2.04, 4: 2.17, 8: 2.50, 16: 3.04},
     ("cupy", True): {1: 1.07, 2: 1.13, 4: 1.14, 8: 1.25, 16: 1.44},
 }
