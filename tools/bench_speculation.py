@@ -73,12 +73,12 @@ def plain_gap(engine: Engine, ids: list[int], params: SamplingParams, j: int) ->
 
 def report_difference(engine: Engine, set_name: str, i: int, config: str, ids: list[int], params: SamplingParams,
                       out: list[int], plain: list[int]) -> bool:
-    """Print where a speculative run first leaves plain decoding and plain's top-2 gap there
-    (untimed: called after the timings); -> whether that is a near tie."""
+    """Print where a greedy speculative run first leaves plain decoding and plain's top-2 gap
+    there (untimed: called after the timings); -> whether that is a near tie."""
     # the first token that differs; where one run is a prefix of the other (it stopped
     # earlier), the first token only one of them has; no gap where plain has no token j
     j = next((j for j, (a, b) in enumerate(zip(out, plain)) if a != b), min(len(out), len(plain)))
-    gap = plain_gap(engine, ids, replace(params, temperature=0.0), j) if j < len(plain) else float("nan")
+    gap = plain_gap(engine, ids, params, j) if j < len(plain) else float("nan")
     print(f"  {set_name} prompt {i}: {config} differs from plain decoding at token {j}, where "
           f"plain's top-2 gap is {gap:.2e}", flush=True)
     return gap < NEAR_TIE

@@ -13,10 +13,10 @@ of the weights they hold when every layer is resident, far less when the draft's
 resident and others stream. In a step of B decodes, the plain step already gives B tokens
 for its cost, and a pass makes all B wait for it: the pass is worth (B - 1 + tokens) / (B *
 cost) plain steps (at B = 1, tokens / cost), so the same acceptance pays less in a batch (the
-scheduler's batch of 4 streamed, skip 12 at k=3: 1,050 tok/s against plain's 1,742 on the
-H100). The next pass takes the (d, k) with the most worth
+scheduler's batch of 4 streamed, skip 12 at k=3: 1,277 tok/s against plain's 1,745 on the
+H200). The next pass takes the (d, k) with the most worth
 (ties: the earlier drafter in DRAFTERS order, then the smaller k). With a fixed k only d is
-chosen; with auto k, when no (d, k) beats a plain step (1 token per cost 1) the step is plain,
+chosen; with auto k, when no (d, k) beats a plain step (worth at most 1) the step is plain,
 and after PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its
 estimate, the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock
 or a random number: given the request's seed the choices, like the tokens, are reproducible.

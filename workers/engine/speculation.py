@@ -30,6 +30,7 @@ pass from the sequence's measured acceptance (workers/engine/draft_policy.py).
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -224,15 +225,13 @@ def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], s
     (with the last token, not cached yet); the rejected ones' KV blocks go back."""
     proposed, seq = d.proposed, d.seq
     base = seq.num_cached - len(proposed) - 1  # seq's last token's position
-    logits = None
     if d.sampler is None or d.sampler.params.greedy:
         m = 0
         while m < len(proposed) and proposed[m] == best[m]:
             m += 1
         kept = proposed[:m] + [int(best[m])]
     else:
-        logits = rows()
-        kept = accept_sampled(lambda i: d.sampler.distribution(logits[i]), d.q_rows, proposed, d.sampler.rng)
+        kept = accept_sampled(lambda i: d.sampler.distribution(rows()[i]), d.q_rows, proposed, d.sampler.rng)
         m = len(kept) - 1
     engine.blocks.trim(seq, base + m + 1)
     seq.num_cached = base + m + 1
@@ -243,21 +242,23 @@ def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], s
     n_top = None if d.sampler is None else d.sampler.params.logprobs
     if n_top is None:
         return [(t, None, None) for t in kept]
-    logits = rows() if logits is None else logits
-    return [(t, *token_logprobs(row, t, n_top)) for t, row in zip(kept, logits)]
+    return [(t, *token_logprobs(row, t, n_top)) for t, row in zip(kept, rows())]
 
 
 def pass_rows(engine, out) -> Callable[[int, int], tuple[np.ndarray, Callable[[], np.ndarray]]]:
     """A verifying pass's logits on the device -> (first, n) -> (the model's argmax at rows
-    first..first+n, a function that copies those rows to the host): `accept`'s arguments for
-    the draft whose rows they are. The argmax of every row is found once, on the device (a
-    decode graph's replay has found it already)."""
+    first..first+n, a function that copies those rows to the host once, when first asked):
+    `accept`'s arguments for the draft whose rows they are. The argmax of every row is found
+    once, on the device (a decode graph's replay has found it already)."""
     ops = engine.ops
     best = ops.argmax(out)
 
     def rows(first: int, n: int) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
-        return best[first:first + n], lambda: ops.to_numpy(ops.take_rows(out, list(range(first, first + n)))).astype(
-            np.float32, copy=False)
+        @functools.cache
+        def host() -> np.ndarray:
+            return ops.to_numpy(ops.take_rows(out, list(range(first, first + n)))).astype(np.float32, copy=False)
+
+        return best[first:first + n], host
 
     return rows
 
