@@ -225,6 +225,10 @@ class CupyBackend(Backend):
         return materialize(x)[cp.asarray(np.asarray(rows, dtype=np.int64))]
 
     @on_stream
+    def copy_kv(self, kv_caches, src, dst):
+        super().copy_kv(kv_caches, src, dst)
+
+    @on_stream
     def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):
         if self.kv_observer is not None:
             self.kv_observer(k_cache, materialize(q), materialize(k), np.asarray(step.positions) != 0)
@@ -268,8 +272,12 @@ class CupyBackend(Backend):
         return get
 
     @on_stream
-    def greedy_chain(self, forward, steps, kv_caches):
-        return self.steps.chain(self._pass(forward), steps, kv_caches)
+    def greedy_chain(self, forward, steps, kv_caches, runner_up=False):
+        return self.steps.chain(self._pass(forward), steps, kv_caches, runner_up)
+
+    @on_stream
+    def top2(self, logits) -> np.ndarray:
+        return cp.asnumpy(sampling.top2_dev(self, logits), stream=self.stream)
 
     # --- sampling on the device ---------------------------------------------------------
     @on_stream

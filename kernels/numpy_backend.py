@@ -101,6 +101,10 @@ class StoredKV:
             return rows.astype(np.float32)
         return untransform(dequantize_rows(rows, c.layout), c.center, c.scale)
 
+    def at(self, slot: int) -> np.ndarray:
+        """The row stored at one slot (an unquantized cache's): [kv_heads, head_dim] float32."""
+        return self.cache.rows.reshape(-1, *self.cache.layout.row_shape)[slot].astype(np.float32)
+
     def exact(self, first: int, ctx: int, n: int, start: int, slot: int) -> np.ndarray:
         """Positions first..ctx-1 of a sequence whose n new tokens start at `start` in the
         step, unquantized where a query of the step may read them so (zeros elsewhere)."""
@@ -348,6 +352,9 @@ class NumpyBackend(Backend):
         ks, vs = StoredKV(k_cache, k, slots), StoredKV(v_cache, v, slots)
 
         out = np.empty((n_tokens, n_heads * head_dim), np.float32)
+        leaves = batch.leaves()
+        if quantized and leaves.any():
+            raise ValueError("a draft tree's leaf rows need an unquantized KV cache")
         # a sequence's decode rows (step_from) as one query range: its context read once
         for b, b_end in batch.sequence_rows():
             start, end = int(batch.query_starts[b]), int(batch.query_starts[b_end])
@@ -373,6 +380,8 @@ class NumpyBackend(Backend):
                 keys, vals = ks.exact(first, ctx, n, start, slot), vs.exact(first, ctx, n, start, slot)
             else:
                 keys, vals = ks.read(blocks, lo, hi), vs.read(blocks, lo, hi)
+                if leaves[b]:  # its own position's row is its own slot's, not its sequence's
+                    keys[-1], vals[-1] = ks.at(slots[start]), vs.at(slots[start])
             scores = attention_scores(qg, keys, scale)
             band = RecentBand(query_pos, first, ctx - first, k_cache.recent_window) if banded else None
             if band is not None:

@@ -44,26 +44,49 @@ class AttentionBatch:
     sliding_slots: np.ndarray | None = None
     # [B] the first position this step writes of each row's sequence, where one sequence's new
     # tokens are rows of their own (a verifying pass as decode rows: Engine._plan): row b's
-    # sequence then has this step's position p (step_from[b] <= p < context_lens[b]) in flat
-    # row b - (context_lens[b] - 1 - p), which attention reads as this step's, not the cache's
-    # ring. None: each sequence's new tokens are its own query range (context_lens minus them)
+    # sequence then has this step's position p (step_from[b] <= p < context_lens[b] - 1) in
+    # flat row step_rows[b] + p - step_from[b], which attention reads as this step's, not the
+    # cache's ring, and its own position in row b. None: each sequence's new tokens are its
+    # own query range (context_lens minus them)
     step_from: np.ndarray | None = None
+    # [B] with step_from: the flat row of each row's sequence's position step_from[b]. None:
+    # b - (context_lens[b] - 1 - step_from[b]), one sequence's rows consecutive. A row that
+    # is not its sequence's next after the row of the position before its own is a leaf (a
+    # draft tree's alternative token, workers/engine/speculation.py): it sees its sequence's
+    # positions before its own and itself, and its KV goes to a slot no other row reads.
+    step_rows: np.ndarray | None = None
 
     @property
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
+    def first_rows(self) -> np.ndarray:
+        """step_rows, or its default: [B] (step_from must be set)."""
+        if self.step_rows is not None:
+            return self.step_rows
+        return np.arange(self.num_seqs) - (self.context_lens - 1 - self.step_from)
+
+    def leaves(self) -> np.ndarray:
+        """[B] bool: the leaf rows (step_rows)."""
+        if self.step_rows is None:
+            return np.zeros(self.num_seqs, bool)
+        return self.step_rows + self.context_lens - 1 - self.step_from != np.arange(self.num_seqs)
+
     def sequence_rows(self) -> list[tuple[int, int]]:
         """Each sequence's rows [b, b_end) of the batch: one row range a sequence, except a
         sequence's decode rows (step_from), which are one range of rows b.. at its positions
-        step_from[b].. (ValueError where such rows name different block tables)."""
+        step_from[b].., and a leaf (`leaves`), a range of its own (ValueError where a sequence's
+        rows name different block tables)."""
         if self.step_from is None:
             return [(b, b + 1) for b in range(self.num_seqs)]
         ranges: list[tuple[int, int]] = []
+        first, leaves = self.first_rows(), self.leaves()
         for b in range(self.num_seqs):
-            if self.context_lens[b] - 1 > self.step_from[b]:  # a later position of the previous row's sequence
-                if not ranges or self.context_lens[b] != self.context_lens[b - 1] + 1 or \
-                        not np.array_equal(self.block_tables[b], self.block_tables[ranges[-1][0]]):
+            if not 0 <= first[b] <= b or not np.array_equal(self.block_tables[b], self.block_tables[first[b]]):
+                raise ValueError(f"row {b} continues a sequence from position {self.step_from[b]} "
+                                 "that no earlier row with its block table starts")
+            if self.context_lens[b] - 1 > self.step_from[b] and not leaves[b]:  # the previous row's next position
+                if not ranges or self.context_lens[b] != self.context_lens[b - 1] + 1 or leaves[b - 1]:
                     raise ValueError(f"row {b} continues a sequence from position {self.step_from[b]} "
                                      "that no earlier row with its block table starts")
                 ranges[-1] = (ranges[-1][0], b + 1)
@@ -239,6 +262,18 @@ class Backend(ABC):
         `sliding` cache's blocks are found through the batch's sliding tables and slots (`pool_of`).
         """
 
+    def copy_kv(self, kv_caches: list, src: list[int], dst: list[int]) -> None:
+        """Every layer's K and V rows at slots src copied to slots dst (a draft tree's accepted
+        leaf, from its own slot to its position's: workers/engine/speculation.py); main-pool
+        slots of an unquantized cache."""
+        src_slots, dst_slots = self.xp.asarray(src, dtype=np.int64), self.xp.asarray(dst, dtype=np.int64)
+        for layer in kv_caches:
+            for cache in layer:
+                if cache.sliding or cache.layout.type.quantized:
+                    raise ValueError("copy_kv moves rows of an unquantized cache's main pool only")
+                flat = cache.rows.reshape(-1, *cache.layout.row_shape)
+                flat[dst_slots] = flat[src_slots]
+
     def logit_input(self, x: Array, step: StepInputs) -> Array:
         """The rows of x [T, d] that logits are computed for: `step.logit_rows` (all if None)."""
         return x if step.logit_rows is None else x[step.logit_rows]
@@ -295,17 +330,29 @@ class Backend(ABC):
         ids = self._greedy_ids = self.argmax(self.run_step(forward, step, kv_caches))
         return lambda: ids
 
-    def greedy_chain(self, forward, steps: list[StepInputs], kv_caches: list) -> np.ndarray:
+    def top2(self, logits: Array) -> np.ndarray:
+        """[2, B] host ids: each row's argmax, and the argmax of the row without that entry
+        (first indices of the maxima)."""
+        x = self.to_numpy(logits)
+        best = np.argmax(x, axis=-1)
+        rest = x.copy()
+        rest[np.arange(len(x)), best] = -np.inf
+        return np.stack([best, np.argmax(rest, axis=-1)])
+
+    def greedy_chain(self, forward, steps: list[StepInputs], kv_caches: list, runner_up: bool = False) -> np.ndarray:
         """Greedy decode steps run one after the other (`run_step`), each fed the previous
         step's argmax ids (the first takes its own tokens; the others' are placeholders):
-        the ids [len(steps), B] on the host. A GPU backend keeps the ids on the device
-        between the steps and waits for the host once, after the last."""
+        the ids [len(steps), B] on the host; with runner_up [2, len(steps), B], each step's
+        `top2`. A GPU backend keeps the ids on the device between the steps and waits for the
+        host once, after the last."""
         ids: list[np.ndarray] = []
         for step in steps:
             if ids:
-                step = replace(step, tokens=ids[-1].astype(step.tokens.dtype))
-            ids.append(self.argmax(self.run_step(forward, step, kv_caches)))
-        return np.stack(ids)
+                step = replace(step, tokens=ids[-1][0].astype(step.tokens.dtype))
+            logits = self.run_step(forward, step, kv_caches)
+            ids.append(self.top2(logits) if runner_up else self.argmax(logits)[None])
+        out = np.stack(ids, axis=1)
+        return out if runner_up else out[0]
 
     def _fed_ids(self, n: int):
         """The last greedy_step's ids, to feed the next step of the same n sequences."""

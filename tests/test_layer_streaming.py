@@ -297,26 +297,7 @@ def test_placement_serializes():
 
 
 # --- streamed equals resident: on the CPU (copies done at once) and on the GPU ---------------
-def write_deep(tmp_path_factory, vocab_dir, arch: str):
-    """Six layers in llama.cpp's Q4_K_M mix (Q6_K on some layers' V and down, so layers differ in
-    size); qwen2's with QKV biases and tied embeddings."""
-    from workers.model.synthetic import Shape, q4_k_m_mix, write_model
-
-    shape = Shape(arch, n_layers=6, d_model=256, n_heads=4, n_kv_heads=2 if arch == "llama" else 1, ffn_dim=512,
-                  context_length=512, tied_embeddings=arch == "qwen2")
-    vocab = "ggml-vocab-llama-spm.gguf" if arch == "llama" else "ggml-vocab-qwen2.gguf"
-    path = tmp_path_factory.mktemp("models") / f"deep-{arch}.gguf"
-    return write_model(path, shape, vocab_dir / vocab, mix=q4_k_m_mix, seed=7)
-
-
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory, vocab_dir):
-    return write_deep(tmp_path_factory, vocab_dir, "llama")
-
-
-@pytest.fixture(scope="module")
-def deep_qwen2(tmp_path_factory, vocab_dir):
-    return write_deep(tmp_path_factory, vocab_dir, "qwen2")
+# (the six-layer models: conftest.py's deep_model and deep_qwen2)
 
 
 

@@ -19,14 +19,8 @@ from kernels.ops import AttentionBatch
 from workers.engine.engine import Engine, Sequence
 from drive import forward
 from budgets import streaming_budget
-from test_layer_streaming import write_deep
 
 N = 6  # tokens a pass verifies: the last prompt token and 5 proposals
-
-
-@pytest.fixture(scope="module")
-def deep_model(tmp_path_factory, vocab_dir):
-    return write_deep(tmp_path_factory, vocab_dir, "llama")
 
 
 def make_engine(request, case: str, backend: str = "numpy") -> Engine:
@@ -184,9 +178,9 @@ def test_speculative_generation_verifies_as_decode_rows_and_drafts_by_chains(tin
     plain = [e.token_id for e in engine.generate(prompt, params)]
     plans, plan = [], engine._plan
 
-    def recording(work, fed=False, decode_rows=False):
+    def recording(work, fed=False, decode_rows=False, leaves=None):
         plans.append((work[0][1], fed, decode_rows))
-        return plan(work, fed=fed, decode_rows=decode_rows)
+        return plan(work, fed=fed, decode_rows=decode_rows, leaves=leaves)
 
     monkeypatch.setattr(engine, "_plan", recording)
     assert [e.token_id for e in engine.generate(prompt, params, Speculation(3, "early-exit", depth=1))] == plain

@@ -12,7 +12,9 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
 A config is plain or DRAFTER:K[:N]: K drafted tokens (auto: chosen per pass, plain steps
 included), DRAFTER lookup, early-exit (N layers run), skip (the first N layers of --skip-set's
 calibration order passed over; without N its chosen set) or auto (among lookup, early exit
-after a quarter of the layers, and --skip-set's set). Code prompts are
+after a quarter of the layers, and --skip-set's set); DRAFTER+tree or DRAFTER-tree: the
+model drafts' passes always or never verify draft trees (a leaf for the runner-up at each
+drafted position; without either, where the policy expects them to pay). Code prompts are
 raw completions, prose prompts chat messages; every config decodes every prompt greedily and
 its tokens are compared with plain decoding (a mismatch is counted and printed with plain
 decoding's top-2 logit gap where it first differs, and counted again if below NEAR_TIE; with
@@ -53,12 +55,14 @@ def parse_config(text: str, skip_set: str | None, n_layers: int) -> Speculation 
     if text == "plain":
         return None
     name, k, *arg = text.split(":")
+    tree = {"+": True, "-": False}.get(name[-5:-4]) if name.endswith("tree") else None
+    name = name[:-5] if tree is not None else name
     k = None if k == "auto" else int(k)
     n = int(arg[0]) if arg else None
     if name == "early-exit":
-        return Speculation(k, name, depth=n)
+        return Speculation(k, name, depth=n, tree=tree)
     skip = load_skip_set(skip_set, n_layers, n) if skip_set and name in ("skip", "auto") else None
-    return Speculation(k, name, skip=skip)
+    return Speculation(k, name, skip=skip, tree=tree)
 
 
 NEAR_TIE = 1e-3  # issue 15: a difference from plain decoding is allowed where plain's top-2 gap is below this
@@ -220,12 +224,13 @@ def main() -> int:
         for config in args.configs.split(","):
             spec = parse_config(config, args.skip_set, engine.config.n_layers)
             decode_tokens = decode_s = passes = accepted = drafted = mismatches = near_ties = plain_steps = 0
+            leaves = leaf_hits = 0
             choices = Counter()
             if args.batch:
                 params = SamplingParams(max_tokens=tokens[set_name], temperature=0.0, ignore_eos=True)
                 out, decode_tokens, decode_s, s = served(engine, ids_list, params, spec, args.batch)
                 passes, accepted, drafted = s.passes, s.accepted, s.drafted
-                plain_steps, choices = s.plain_steps, s.choices
+                plain_steps, choices, leaves, leaf_hits = s.plain_steps, s.choices, s.leaves, s.leaf_hits
                 if spec is None:
                     plain_ids.update({(set_name, i): ids for i, ids in out.items()})
                 else:
@@ -243,6 +248,7 @@ def main() -> int:
                 decode_s += t.decode_s
                 passes, accepted, drafted = passes + s.passes, accepted + s.accepted, drafted + s.drafted
                 plain_steps += s.plain_steps
+                leaves, leaf_hits = leaves + s.leaves, leaf_hits + s.leaf_hits
                 choices.update(s.choices)
                 if spec is None:
                     plain_ids[(set_name, i)] = out
@@ -255,19 +261,20 @@ def main() -> int:
                    "tokens_per_pass": (accepted + passes) / passes if passes else 1.0,
                    "acceptance": accepted / drafted if drafted else None, "mismatches": mismatches,
                    "mismatches_at_near_ties": near_ties,
-                   "plain_steps": plain_steps, "passes": passes,
+                   "plain_steps": plain_steps, "passes": passes, "leaves": leaves, "leaf_hits": leaf_hits,
                    "choices": {f"{d}:{k}": n for (d, k), n in sorted(choices.items())},
                    "prompts": len(ids_list), "tokens": tokens[set_name], "batch": args.batch or 1}
             rows.append(row)
             print(json.dumps(row), flush=True)
     base = {r["set"]: r["decode_tok_s"] for r in rows if r["config"] == "plain"}
-    print("\n| set | config | batch | tokens a pass | acceptance | passes / plain steps | decode tok/s | vs plain | "
-          "differs from plain (at a near tie) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| set | config | batch | tokens a pass | acceptance | leaves kept | passes / plain steps | decode tok/s | "
+          "vs plain | differs from plain (at a near tie) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         acc = "" if r["acceptance"] is None else f"{r['acceptance']:.0%}"
         ratio = r["decode_tok_s"] / base[r["set"]] if r["set"] in base else float("nan")
-        print(f"| {r['set']} | {r['config']} | {r['batch']} | {r['tokens_per_pass']:.2f} | {acc} | "
+        kept = f"{r['leaf_hits']} / {r['leaves']}" if r["leaves"] else ""
+        print(f"| {r['set']} | {r['config']} | {r['batch']} | {r['tokens_per_pass']:.2f} | {acc} | {kept} | "
               f"{r['passes']} / {r['plain_steps']} | "
               f"{r['decode_tok_s']:.2f} | "
               f"{ratio:.2f}x | {r['mismatches']} of {r['prompts']} ({r['mismatches_at_near_ties']}) |")

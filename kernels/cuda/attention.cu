@@ -808,9 +808,11 @@ __device__ __forceinline__ void attn_prefill_mma(const float* __restrict__ q, in
 // counter, reset by it for the next launch) merges them: one kernel per layer in the graph.
 // The new token's k (rotated) and v come from the inputs; split 0 stores them in the cache.
 // Several rows may be one sequence at consecutive positions (a verifying pass of n tokens as
-// the decode step of batch n): step_from[b] is the first of them, and row b reads the others
-// below its own as the step's (after pdl_wait: from the inputs, or for RotateKV kv_store_q's
-// scratch and rows), not from the cache, which their own blocks are filling meanwhile.
+// the decode step of batch n): step_from[b] is the first of them, in row step_rows[b], and
+// row b reads the others below its own as the step's (after pdl_wait: from the inputs, or for
+// RotateKV kv_store_q's scratch and rows), not from the cache, which their own blocks are
+// filling meanwhile. A leaf row (a draft tree's alternative at a position another row holds)
+// reads its sequence's rows before its position so, and its own new row like any row.
 // With out16 set, the output is also written in fp16 (a tensor-core product's input).
 // With xq set, the block that writes a head group's output also quantizes it per 32 values
 // (common.cu quantize8) for the dp4a product after it, which then needs no quantize_x.
@@ -839,7 +841,7 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
                                             const double* __restrict__ inv_freq, int rope_q, int rope_k, int neox,
                                             void* kc, void* vc, const int* __restrict__ tables, int W,
                                             const int* __restrict__ ctx_lens, const int* __restrict__ step_from,
-                                            const int* __restrict__ slots, int H,
+                                            const int* __restrict__ step_rows, const int* __restrict__ slots, int H,
                                             int KVH, int bs, float scale, int window, int group, float hs,
                                             const float* __restrict__ kscale, const u16* __restrict__ sk16,
                                             const u16* __restrict__ sv16, u16* ringk, u16* ringv,
@@ -882,9 +884,10 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
     const int per = (nchunks + max_splits - 1) / max_splits, nsplit = (nchunks + per - 1) / per;
     if (sp >= nsplit) return;
     const int pos = positions[b], newp = ctx - 1;
-    // the step's positions of this row's sequence, c0..newp, sit in rows r0.. (c0 < newp: a
-    // verifying pass laid out as decode rows, one sequence in several rows; else c0 == newp)
-    const int c0 = step_from[b], r0 = b - (newp - c0);
+    // the step's positions of this row's sequence before its own, c0..newp-1, sit in rows r0..
+    // (c0 < newp: a verifying pass laid out as decode rows, one sequence in several rows; else
+    // c0 == newp); its own is row b, which for a draft tree's leaf is not r0 + newp - c0
+    const int c0 = step_from[b], r0 = step_rows[b];
     const int* table = tables + (size_t)b * W;
     const int first = base + sp * per * DECODE_CHUNK, end = min(ctx, first + per * DECODE_CHUNK);
     const int rs = ROT ? recent_slots[b] : 0;
@@ -1301,13 +1304,14 @@ __device__ __forceinline__ void attn_decode(const float* __restrict__ q, int sq,
         attn_decode_##SUFFIX(const float* q, int sq, const float* k, int sk, const float* v, int sv,                 \
                              const int* positions, const double* inv_freq, int rope_q, int rope_k, int neox, void* kc, \
                              void* vc, const int* tables, int W, const int* ctx_lens, const int* step_from,           \
-                             const int* slots, int H, int KVH,                                                        \
+                             const int* step_rows, const int* slots, int H, int KVH,                                  \
                              int bs, float scale, int window, int group, float hs, const float* kscale,  \
                              const u16* sk16, const u16* sv16, u16* ringk, u16* ringv, const int* recent_slots,      \
                              int recent, int R, float* part_o, float* part_ml, int* counters, int max_splits,        \
                              float* out, u16* out16, u8* xq, int sxq, float2* xds) {                                  \
         attn_decode<D, BITS>(q, sq, k, sk, v, sv, positions, inv_freq, rope_q, rope_k, neox, kc, vc, tables, W,      \
-                             ctx_lens, step_from, slots, H, KVH, bs, scale, window, group, hs, kscale, sk16,   \
+                             ctx_lens, step_from, step_rows, slots, H, KVH, bs, scale, window, group, hs, kscale, \
+                             sk16,                                                                                    \
                              sv16, ringk,                                                                             \
                              ringv, recent_slots, recent, R, part_o, part_ml, counters, max_splits, out, out16, xq,  \
                              sxq, xds);                                                                               \

@@ -123,10 +123,10 @@ __device__ __forceinline__ float kfloat(u32 k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// This thread's largest value of row x and its first index (0x7fffffff if none): 16-byte
-// loads, four in flight per thread (one block reads a 128K-entry row in a few microseconds,
-// not the 50 a load at a time took).
-__device__ __forceinline__ void thread_argmax(const float* __restrict__ x, int V, float& v, int& idx) {
+// This thread's largest value of row x and its first index (0x7fffffff if none), the entry
+// at index `skip` passed over: 16-byte loads, four in flight per thread (one block reads a
+// 128K-entry row in a few microseconds, not the 50 a load at a time took).
+__device__ __forceinline__ void thread_argmax(const float* __restrict__ x, int V, float& v, int& idx, int skip) {
     v = NEG_INF;
     idx = 0x7fffffff;
     const int n4 = ((size_t)x & 15) == 0 ? V >> 2 : 0, step = blockDim.x;
@@ -139,14 +139,14 @@ __device__ __forceinline__ void thread_argmax(const float* __restrict__ x, int V
 #pragma unroll
         for (int k = 0; k < 4; k++) {  // indices ascend, so a strict > keeps the first of equals
             const int base = 4 * (i + k * step);
-            if (f[k].x > v) { v = f[k].x; idx = base; }
-            if (f[k].y > v) { v = f[k].y; idx = base + 1; }
-            if (f[k].z > v) { v = f[k].z; idx = base + 2; }
-            if (f[k].w > v) { v = f[k].w; idx = base + 3; }
+            if (f[k].x > v && base != skip) { v = f[k].x; idx = base; }
+            if (f[k].y > v && base + 1 != skip) { v = f[k].y; idx = base + 1; }
+            if (f[k].z > v && base + 2 != skip) { v = f[k].z; idx = base + 2; }
+            if (f[k].w > v && base + 3 != skip) { v = f[k].w; idx = base + 3; }
         }
     }
     for (int i = 4 * n4 + threadIdx.x; i < V; i += step)
-        if (x[i] > v) { v = x[i]; idx = i; }
+        if (x[i] > v && i != skip) { v = x[i]; idx = i; }
 }
 
 // The lane's (v, i) becomes that of the warp's largest v (lowest i among equals).
@@ -161,14 +161,15 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
     }
 }
 
-// Row x's largest value and its first index (0x7fffffff if none), in every thread of the block.
-__device__ void row_argmax(const float* __restrict__ x, int V, float& best, int& besti) {
+// Row x's largest value and its first index (0x7fffffff if none), in every thread of the
+// block; with skip >= 0, of the row without its entry skip.
+__device__ void row_argmax(const float* __restrict__ x, int V, float& best, int& besti, int skip = -1) {
     __shared__ float sv[32];
     __shared__ int si[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float v;
     int i;
-    thread_argmax(x, V, v, i);
+    thread_argmax(x, V, v, i, skip);
     warp_argmax(v, i);
     __syncthreads();
     if (lane == 0) { sv[warp] = v; si[warp] = i; }
@@ -221,6 +222,21 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     int bi;
     row_argmax(logits + (size_t)blockIdx.x * sl, V, best, bi);
     if (threadIdx.x == 0) out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+}
+
+// out[row]: each row's argmax; out[B + row]: the argmax of the row without that entry (a
+// greedy draft's runner-up, a draft tree's alternative token). First indices of the maxima.
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    top2_rows(const float* __restrict__ logits, int sl, int V, int B, int* __restrict__ out) {
+    const float* x = logits + (size_t)blockIdx.x * sl;
+    float best, second;
+    int bi, si;
+    row_argmax(x, V, best, bi);
+    row_argmax(x, V, second, si, bi);
+    if (threadIdx.x == 0) {
+        out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
+        out[B + blockIdx.x] = si == 0x7fffffff ? 0 : si;
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)

@@ -13,7 +13,8 @@ lives in the step's device copies (DeviceStep.decode_scratch), inside a graph's 
 A RotateKV cache (kernels/kv_layout.py) has its rows written by kv_store_q (a decode step's
 too, just before the attention kernel, which then reads the new row like the others). Decode
 rows that are one sequence's consecutive positions (a verifying pass: DeviceStep.step_from)
-read each other's keys and values from the step, not from the cache their blocks fill.
+read each other's keys and values from the step, not from the cache their blocks fill; a
+draft tree's leaf row reads its sequence's rows before its position so (DeviceStep.step_rows).
 Head dims 64, 96, 128 and 256 (Gemma 3); where the kernels' shared arrays pass the 48 KiB a
 block gets unasked (the prefill's from head_dim 96, and at 64 a RotateKV prefill's at 3 bits
 and more; RotateKV decode's at 128; every kernel's at 256) they come as dynamic shared memory
@@ -148,7 +149,7 @@ def attention(b, q, k, v, k_cache: KVRows, v_cache: KVRows, step: StepInputs, sc
         b.launcher.launch("attention", b.k.get("attention.cu", f"attn_decode_{name}", dynamic_smem=smem),
                           (max_splits, KVH, B), (32 * DEC_WARPS,),
                           (qa, sq, ka, sk, va, sv, positions, invf, np.int32(rope_q), np.int32(rope_k),
-                           np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, dev.step_from, slots,
+                           np.int32(neox), kc, vc, tables, np.int32(W), dev.ctx, dev.step_from, dev.step_rows, slots,
                            np.int32(H), np.int32(KVH), np.int32(bs), ls, np.int32(window),
                            group, hs, *rot, *scratch,
                            np.int32(max_splits), out, ptr(half), ptr(xq), np.int32(xq.shape[1] if gemv else 0),

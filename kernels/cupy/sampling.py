@@ -46,6 +46,16 @@ def argmax_dev(b, logits):
     return out
 
 
+def top2_dev(b, logits):
+    """[2, B] device int32: each row's argmax, and the argmax of the row without it."""
+    logits = rows2(logits)
+    B, V = logits.shape
+    out = cp.empty((2, B), cp.int32)
+    b.k.get("misc.cu", "top2_rows")((B,), (SAMPLE_THREADS,), (logits, np.int32(logits.strides[0] // 4), np.int32(V),
+                                                           np.int32(B), out))
+    return out
+
+
 def sample(b, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
     """One id per row: temperature (0 = argmax), top-k (0 = off), top-p, min-p, and a
     uniform number in [0, 1) per row drawn by the caller's generator."""

@@ -28,7 +28,7 @@ import cupyx
 import numpy as np
 
 from kernels.cupy.kernel_constants import PF_ROWS, QMMA_MAX_T
-from kernels.cupy.sampling import argmax_dev
+from kernels.cupy.sampling import argmax_dev, top2_dev
 from kernels.cupy.values import materialize
 from kernels.ops import AttentionBatch, StepInputs
 
@@ -47,6 +47,7 @@ class DeviceStep:
     tables: cp.ndarray
     recent: cp.ndarray  # [B] ring slots of a RotateKV cache (zeros without one)
     step_from: cp.ndarray  # [B] AttentionBatch.step_from (default: each sequence's first new position)
+    step_rows: cp.ndarray  # [B] AttentionBatch.first_rows (the row of each row's sequence's step_from)
     # the sliding pool's tables [B, W] and slots [T] (AttentionBatch.sliding_*; None without one)
     sliding_tables: cp.ndarray | None = None
     sliding_slots: cp.ndarray | None = None
@@ -64,7 +65,7 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
     recent = np.zeros(B, np.int32) if batch.recent_slots is None else batch.recent_slots
     parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1), recent,
-             step_from(batch)]
+             step_from(batch), step_rows(batch)]
     sliding = batch.sliding_tables is not None
     if sliding:
         parts += [np.maximum(batch.sliding_tables, 0).reshape(-1), batch.sliding_slots]
@@ -75,7 +76,7 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
         views.append(dev[off:off + p.size])
         off += p.size
     return DeviceStep(views[0], views[1], views[2], views[3], views[4], views[5].reshape(tables.shape), views[6],
-                      views[7], *((views[8].reshape(tables.shape), views[9]) if sliding else ()))
+                      views[7], views[8], *((views[9].reshape(tables.shape), views[10]) if sliding else ()))
 
 
 def prefill_row_tiles(dev: DeviceStep, batch: AttentionBatch, G: int) -> cp.ndarray:
@@ -103,6 +104,14 @@ def step_from(batch: AttentionBatch) -> np.ndarray:
     return batch.context_lens - np.diff(batch.query_starts)
 
 
+def step_rows(batch: AttentionBatch) -> np.ndarray:
+    """Each row's flat row of its sequence's step_from: the batch's (AttentionBatch.first_rows),
+    or where each sequence's own new tokens start."""
+    if batch.step_from is not None:
+        return batch.first_rows()
+    return batch.query_starts[:-1]
+
+
 class Graph:
     """A captured step of B sequences and block tables of width W (and with `sliding`, the
     sliding pool's tables and slots): a decode step (one token a sequence, logits for every
@@ -111,9 +120,9 @@ class Graph:
     def __init__(self, B: int, W: int, sliding: bool = False, T: int | None = None, L: int | None = None):
         T = B if T is None else T
         self.B, self.W, self.L, self.sliding = B, W, L, sliding
-        # tokens, positions, slots, ctx, qstarts, recent, tables, step_from[, sliding slots,
-        # sliding tables][, logit rows]
-        self.sizes = [T, T, T, B, B + 1, B, B * W, B] + ([T, B * W] if sliding else []) + ([L] if L is not None else [])
+        # tokens, positions, slots, ctx, qstarts, recent, tables, step_from, step_rows[, sliding
+        # slots, sliding tables][, logit rows]
+        self.sizes = [T, T, T, B, B + 1, B, B * W, B, B] + ([T, B * W] if sliding else []) + ([L] if L is not None else [])
         self.host = cupyx.empty_pinned((sum(self.sizes),), np.int32)
         self.dev = cp.empty((sum(self.sizes),), cp.int32)
         self.copied = cp.cuda.Event(disable_timing=True)
@@ -132,12 +141,12 @@ class Graph:
             off += n
         out[6] = out[6].reshape(self.B, self.W)
         if self.sliding:
-            out[9] = out[9].reshape(self.B, self.W)
+            out[10] = out[10].reshape(self.B, self.W)
         return out
 
     def pack(self, tokens, positions, batch, logit_rows=None):
         self.copied.synchronize()  # the previous step's copy has left the buffer
-        tok, pos, slots, ctx, qs, recent, tables, first, *rest = self.views(self.host)
+        tok, pos, slots, ctx, qs, recent, tables, first, first_rows, *rest = self.views(self.host)
         tok[:] = tokens
         pos[:] = positions
         slots[:] = batch.slot_mapping
@@ -145,6 +154,7 @@ class Graph:
         qs[:] = batch.query_starts
         recent[:] = 0 if batch.recent_slots is None else batch.recent_slots
         first[:] = step_from(batch)
+        first_rows[:] = step_rows(batch)
         w = batch.block_tables.shape[1]
         sliding = rest[:2] if self.sliding else []
         for dst, src in [(tables, batch.block_tables)] + ([(sliding[1], batch.sliding_tables)] if sliding else []):
@@ -157,9 +167,9 @@ class Graph:
 
     def device_step(self) -> DeviceStep:
         """The step's device copies as the captured step reads them: views of the graph's buffer."""
-        tok, pos, slots, ctx, qs, recent, tables, first, *rest = self.views(self.dev)
+        tok, pos, slots, ctx, qs, recent, tables, first, first_rows, *rest = self.views(self.dev)
         sliding = rest[:2] if self.sliding else [None, None]
-        return DeviceStep(tok, pos, slots, ctx, qs, tables, recent, first, sliding[1], sliding[0],
+        return DeviceStep(tok, pos, slots, ctx, qs, tables, recent, first, first_rows, sliding[1], sliding[0],
                           rest[-1] if self.L is not None else None)
 
 
@@ -326,16 +336,20 @@ class Steps:
         while sum(kept.pool.total_bytes() for kept in self.prompts.values()) > self.b.tuning.prompt_graph_bytes:
             self._retired.append(self.prompts.popitem(last=False)[1])
 
-    def chain(self, forward, steps: list[StepInputs], kv_caches) -> np.ndarray:
+    def chain(self, forward, steps: list[StepInputs], kv_caches, runner_up: bool = False) -> np.ndarray:
         """Backend.greedy_chain: run() of each step fed the previous one's ids, kept on the
         device (a graph's ids are its buffer, which the next replay of the graph overwrites),
-        and one copy of them all to the host after the last."""
-        ids = cp.empty((len(steps), steps[0].batch.num_seqs), cp.int32)
+        and one copy of them all to the host after the last. runner_up: each step's top2_dev
+        (one launch more a step)."""
+        ids = cp.empty((2, len(steps), steps[0].batch.num_seqs), cp.int32)
         for i, step in enumerate(steps):
-            out = self.run(forward, step, kv_caches, ids[i - 1] if i else None)
+            out = self.run(forward, step, kv_caches, ids[0, i - 1] if i else None)
             g = self.last_graph
-            ids[i] = g.ids if g is not None and out is g.out else argmax_dev(self.b, out)
-        return cp.asnumpy(ids, stream=self.b.stream)
+            if runner_up:
+                ids[:, i] = top2_dev(self.b, out)
+            else:
+                ids[0, i] = g.ids if g is not None and out is g.out else argmax_dev(self.b, out)
+        return cp.asnumpy(ids if runner_up else ids[0], stream=self.b.stream)
 
     def greedy(self, forward, step: StepInputs, kv_caches, feed):
         """Backend.greedy_step's step, fed `feed` (device ids) or not: run() and its ids (its

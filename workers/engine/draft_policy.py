@@ -56,22 +56,28 @@ def expected_tokens(a: float, k: int) -> float:
 
 class DraftPolicy:
     def __init__(self, spec: Speculation, drafters: dict[str, tuple[int, ...] | None], draft_cost: dict[str, float],
-                 verify_cost: dict[int, float]):
+                 verify_cost: dict[int, float], trees: bool = False):
         """drafters: `spec.drafters(...)`; draft_cost: each one's cost per drafted token in
-        decode steps; verify_cost: a verifying pass's in decode steps, by k (measured points)."""
+        decode steps; verify_cost: a verifying pass's in decode steps, by k (measured points);
+        trees: whether the model drafters' passes may be trees (a greedy request on an engine
+        that `verifies_trees`), as spec.tree allows (None: where they pay)."""
         self.k = spec.k
         self.drafters = drafters
+        allowed = (False, True) if spec.tree is None else (spec.tree,)
+        self.tree_options = {d: allowed if trees and layers is not None else (False,) for d, layers in drafters.items()}
         self.draft_cost = draft_cost
         ks = sorted(verify_cost)
         self.verify_cost = dict(zip(range(1, MAX_K + 1),
                                     np.interp(range(1, MAX_K + 1), ks, [verify_cost[k] for k in ks]).tolist()))
         self.hits = dict.fromkeys(self.drafters, 0.0)
         self.misses = dict.fromkeys(self.drafters, 0.0)
+        self.leaf_hits = dict.fromkeys(self.drafters, 0.0)  # trees: leaves that held the model's token
+        self.leaf_misses = dict.fromkeys(self.drafters, 0.0)
         self.plain_run, self.probe_after = 0, PROBE_FIRST
-        self._best_pass: dict[int, tuple[float, str, int]] = {}  # _best's by batch, until the next update
+        self._best_pass: dict[int, tuple[float, str, int, bool]] = {}  # _best's by batch, until the next update
 
     @classmethod
-    def for_engine(cls, engine, spec: Speculation) -> "DraftPolicy":
+    def for_engine(cls, engine, spec: Speculation, greedy: bool = True) -> "DraftPolicy":
         """A draft token's cost: the placement's predicted time for a pass through its layers
         and the head over a whole step's (placement.step_seconds: resident layers read, streamed
         ones copied too), so a draft through resident layers is cheap beside a streamed step.
@@ -81,24 +87,34 @@ class DraftPolicy:
         step = p.step_seconds(1, engine.rates)
         costs = {name: 0.0 if layers is None else p.step_seconds(1, engine.rates, layers) / step
                  for name, layers in drafters.items()}
-        return cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)])
+        return cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)],
+                   trees=greedy and engine.verifies_trees)
 
     def acceptance(self, drafter: str) -> float:
         return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)
 
-    def rate(self, drafter: str, k: int, batch: int = 1) -> float:
-        """A pass of k tokens by drafter in a step of `batch` decodes, in plain steps' worth:
-        above 1 it beats a plain step."""
-        cost = self.verify_cost[k] + k * self.draft_cost[drafter]
-        return (batch - 1 + expected_tokens(self.acceptance(drafter), k)) / (batch * cost)
+    def leaf_acceptance(self, drafter: str) -> float:
+        """How often the drafter's runner-up at its first rejected proposal is the model's token."""
+        return (self.leaf_hits[drafter] + 1.0) / (self.leaf_hits[drafter] + self.leaf_misses[drafter] + 2.0)
 
-    def _best(self, batch: int) -> tuple[float, str, int]:
-        """(rate, drafter, k) of the best pass. It changes only with an update, and the
-        scheduler asks for it each step of each request (~20 us: 16 k by 3 drafters), so it is
-        kept until the next update."""
+    def rate(self, drafter: str, k: int, batch: int = 1, tree: bool = False) -> float:
+        """A pass of k tokens by drafter (with tree, and a leaf each: 2k + 1 rows) in a step of
+        `batch` decodes, in plain steps' worth: above 1 it beats a plain step. A tree's pass
+        gives a token more where a proposal is rejected (1 - a^k) and its leaf holds the
+        model's token."""
+        a = self.acceptance(drafter)
+        tokens = expected_tokens(a, k) + (1.0 - a ** k) * self.leaf_acceptance(drafter) * tree
+        cost = self.verify_cost[2 * k if tree else k] + k * self.draft_cost[drafter]
+        return (batch - 1 + tokens) / (batch * cost)
+
+    def _best(self, batch: int) -> tuple[float, str, int, bool]:
+        """(rate, drafter, k, tree) of the best pass (a tree's rows within MAX_K + 1). It
+        changes only with an update, and the scheduler asks for it each step of each request
+        (~40 us: 16 k by 3 drafters, and trees), so it is kept until the next update."""
         if batch not in self._best_pass:
             ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
-            self._best_pass[batch] = max(((self.rate(d, k, batch), d, k) for d in self.drafters for k in ks),
+            self._best_pass[batch] = max(((self.rate(d, k, batch, tree), d, k, tree) for d in self.drafters
+                                          for tree in self.tree_options[d] for k in ks if not tree or 2 * k <= MAX_K),
                                          key=lambda r: r[0])  # max keeps the first of equals
         return self._best_pass[batch]
 
@@ -111,7 +127,7 @@ class DraftPolicy:
 
     def next(self, batch: int = 1) -> Choice | None:
         """The next pass's drafter and k in a step of `batch` decodes, or None for a plain step."""
-        best_rate, name, k = self._best(batch)
+        best_rate, name, k, tree = self._best(batch)
         if self.k is None and best_rate <= 1.0:
             self.plain_run += 1
             if self.plain_run <= self.probe_after:
@@ -119,13 +135,18 @@ class DraftPolicy:
             self.plain_run, self.probe_after = 0, min(2 * self.probe_after, PROBE_MAX)
         elif self.k is None:
             self.plain_run, self.probe_after = 0, PROBE_FIRST
-        return Choice(name, self.drafters[name], k)
+        return Choice(name, self.drafters[name], k, tree)
 
-    def update(self, drafter: str, drafted: int, accepted: int) -> None:
-        """A pass's outcome: `accepted` of `drafted` proposals kept. A pass that proposed
+    def update(self, drafter: str, drafted: int, accepted: int, leaf_hit: bool | None = None) -> None:
+        """A pass's outcome: `accepted` of `drafted` proposals kept, and whether the leaf at
+        the first rejected one held the model's token (None: a pass without a tree, or with
+        nothing rejected). A pass that proposed
         nothing (lookup found no match) gave what a first proposal rejected gives, and counts
         as one: else a drafter that rarely proposes kept its prior (1/2) and was chosen for it
         (the GPU's auto took lookup in 362 of 616 code passes, 1.08x plain beside skip:3's 1.31x)."""
         self._best_pass.clear()
         self.hits[drafter] = DECAY * self.hits[drafter] + accepted
         self.misses[drafter] = DECAY * self.misses[drafter] + (1.0 if accepted < drafted or drafted == 0 else 0.0)
+        if leaf_hit is not None:  # a tree's leaf at the first rejected proposal
+            self.leaf_hits[drafter] = DECAY * self.leaf_hits[drafter] + leaf_hit
+            self.leaf_misses[drafter] = DECAY * self.leaf_misses[drafter] + (not leaf_hit)

@@ -308,7 +308,7 @@ class Engine:
 
     def forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
                 rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
-                decode_rows: bool = False) -> np.ndarray:
+                decode_rows: bool = False, leaves: list[list[tuple[int, int]]] | None = None) -> np.ndarray:
         """Feed each sequence its next n uncached tokens, all in one pass.
 
         Their KV blocks must be reserved (`self.blocks`) for the tokens they will hold.
@@ -319,22 +319,26 @@ class Engine:
         (ascending layer indices), the logits of those layers only, the others passed over (a
         draft: `range(d)` exits early, a calibrated subset skips; only their KV is written).
         With decode_rows, each sequence's tokens are rows of a decode step (`_plan`): the same
-        logits, from the step a batch of that many sequences decodes with (a verifying pass).
+        logits, from the step a batch of that many sequences decodes with (a verifying pass),
+        and with `leaves` a draft tree's leaf rows after each sequence's (`_plan`).
         """
-        return self.start_forward(work, all_logits, device, rows, layers, decode_rows)()
+        return self.start_forward(work, all_logits, device, rows, layers, decode_rows, leaves)()
 
     def start_forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
                       rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
-                      decode_rows: bool = False) -> Callable[[], np.ndarray]:
+                      decode_rows: bool = False,
+                      leaves: list[list[tuple[int, int]]] | None = None) -> Callable[[], np.ndarray]:
         """`forward`'s pass, started: returns a function that waits for its logits. Through
         pipeline stages the pass is submitted and runs while the caller goes on, so a pass of
         other sequences started behind it runs in the stages it has left (micro-batches,
         workers/engine/scheduler.py); in one process it runs here (on the GPU: is launched).
         The sequences count the pass's tokens as cached when this returns."""
-        step = self._plan(work, decode_rows=decode_rows)
+        step = self._plan(work, decode_rows=decode_rows, leaves=leaves)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
         elif not all_logits:  # each sequence's last new row
+            if leaves:
+                raise ValueError("a pass with leaf rows returns every row's logits (all_logits)")
             step.logit_rows = np.cumsum([n for _, n in work], dtype=np.int64) - 1
         if self.pipeline is not None:
             if layers is not None or decode_rows:
@@ -399,13 +403,15 @@ class Engine:
             seq.num_cached += 1
         return ids
 
-    def greedy_chain(self, seqs: list[Sequence], k: int, layers: tuple[int, ...] | None = None) -> list[list[int]]:
+    def greedy_chain(self, seqs: list[Sequence], k: int, layers: tuple[int, ...] | None = None,
+                     runner_up: bool = False) -> list:
         """The k greedy tokens after each of seqs (their last tokens not cached yet) from the
         model's `layers` (all if None): k decode steps of the batch, each fed the previous one's
         ids on the device (`ops.greedy_chain`), the host waiting once for all k (a greedy draft,
-        or the drafts of several sequences together). Their KV is written at the sequences'
-        next k positions (reserved here; OutOfBlocks when the cache is full); the sequences are
-        as they were when this returns."""
+        or the drafts of several sequences together); with runner_up, for each sequence (its
+        tokens, the second-best token at each of their positions). Their KV is written at the
+        sequences' next k positions (reserved here; OutOfBlocks when the cache is full); the
+        sequences are as they were when this returns."""
         if k < 1:
             raise ValueError(f"a greedy chain needs k >= 1 steps, got {k}")
         before = [(len(seq.token_ids), seq.num_cached) for seq in seqs]
@@ -418,30 +424,60 @@ class Engine:
                     seq.num_cached += 1
                     if i:
                         seq.token_ids.append(0)  # the place of the id this step is fed; the device holds it
-            ids = self.ops.greedy_chain(self._forward(layers), steps, self.kv.layers)
+            ids = self.ops.greedy_chain(self._forward(layers), steps, self.kv.layers, runner_up)
         finally:
             for seq, (length, cached) in zip(seqs, before):
                 del seq.token_ids[length:]
                 seq.num_cached = cached
+        if runner_up:
+            return list(zip(ids[0].T.tolist(), ids[1].T.tolist()))
         return ids.T.tolist()
 
-    def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False) -> StepInputs:
+    @property
+    def verifies_trees(self) -> bool:
+        """Whether a verifying pass may hold a draft tree's leaf rows (`_plan`'s leaves): the KV
+        cache unquantized and without a sliding pool (a leaf's KV is moved to its position
+        whole, `move_kv`), the model in one process."""
+        return not self.kv.layout.type.quantized and not self.kv.sliding and self.pipeline is None
+
+    def move_kv(self, seq: Sequence, src: int, dst: int) -> None:
+        """Every layer's K and V at seq's position src copied to its position dst (an accepted
+        leaf's, from the slot its pass wrote them to: workers/engine/speculation.py)."""
+        bs = self.blocks.block_size
+        table = seq.block_table
+        self.ops.copy_kv(self.kv.layers, [table[src // bs] * bs + src % bs], [table[dst // bs] * bs + dst % bs])
+
+    def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False,
+              leaves: list[list[tuple[int, int]]] | None = None) -> StepInputs:
         """A step's tokens, positions and AttentionBatch over the sequences' reserved blocks.
         fed: one token per sequence, not in token_ids yet (a greedy_step takes it on the device).
         decode_rows: each sequence's n tokens as n rows of a decode step, row j the sequence at
         position num_cached + j with its context up to there, its block tables and ring slot
         in every row (AttentionBatch.step_from says which rows are one sequence's): a verifying
-        pass is then the decode step of batch n, which a GPU backend replays from its graph."""
+        pass is then the decode step of batch n, which a GPU backend replays from its graph.
+        leaves (with decode_rows, one list a work item): (j, token) rows after the item's, each
+        `token` at the item's position num_cached + j (1 <= j < n) in place of its own there,
+        seeing the item's positions before j (a draft tree's alternatives,
+        AttentionBatch.step_rows); the m-th writes its KV at the slot of position
+        num_cached + n + m, which must be reserved too (`verifies_trees` must hold)."""
+        if leaves is not None and any(leaves):
+            if not decode_rows or len(leaves) != len(work):
+                raise ValueError("leaf rows come with decode_rows, one list of them a work item")
+            if not self.verifies_trees:
+                raise ValueError("leaf rows need an unquantized KV cache without a sliding pool, in one process")
+        else:
+            leaves = None
         # plain Python per sequence: a decode step of 64 sequences is built in ~95 us on the
         # development machine, against 430 us with small NumPy arrays per sequence; the GPU
         # waits for it between steps (unless greedy_decode runs it ahead)
         tokens, positions, slots, starts, ctx = [], [], [], [0], []
         rows: list[Sequence] = []  # the sequence of each row of the batch
         step_from: list[int] = []  # decode_rows: each row's sequence's first position in the step
+        step_rows: list[int] = []  # decode_rows: the row of that position
         bs = self.blocks.block_size
         sliding = self.blocks.sliding_blocks > 0
         sliding_slots: list[int] = []
-        for seq, n in work:
+        for i, (seq, n) in enumerate(work):
             end = seq.num_cached + n
             if not ((n == 1 and end == len(seq.token_ids) + 1) if fed else (1 <= n and end <= len(seq.token_ids))):
                 raise ValueError(f"cannot advance a sequence of {len(seq.token_ids)} tokens from {seq.num_cached} by {n}"
@@ -463,10 +499,25 @@ class Engine:
                 if sliding:
                     sliding_slots.extend(seq.sliding_table[p // bs] * bs + p % bs for p in range(seq.num_cached, end))
             if decode_rows:
+                row0 = len(step_from)
                 starts.extend(range(starts[-1] + 1, starts[-1] + n + 1))
                 ctx.extend(range(seq.num_cached + 1, end + 1))
                 rows.extend([seq] * n)
                 step_from.extend([seq.num_cached] * n)
+                step_rows.extend([row0] * n)
+                for m, (j, token) in enumerate(leaves[i] if leaves else ()):
+                    spare = end + m
+                    if not 1 <= j < n or len(table) * bs <= spare:
+                        raise ValueError(f"a leaf at step position {j} of {n} with KV blocks for "
+                                         f"{len(table) * bs} tokens (its slot: position {spare})")
+                    tokens.append(token)
+                    positions.append(seq.num_cached + j)
+                    slots.append(table[spare // bs] * bs + spare % bs)
+                    starts.append(starts[-1] + 1)
+                    ctx.append(seq.num_cached + j + 1)
+                    rows.append(seq)
+                    step_from.append(seq.num_cached)
+                    step_rows.append(row0)
             else:
                 starts.append(starts[-1] + n)
                 ctx.append(end)
@@ -484,6 +535,7 @@ class Engine:
             sliding_tables=np.array([padded(seq.sliding_table) for seq in rows], np.int32) if sliding else None,
             sliding_slots=np.asarray(sliding_slots, np.int32) if sliding else None,
             step_from=np.asarray(step_from, np.int32) if decode_rows else None,
+            step_rows=np.asarray(step_rows, np.int32) if leaves else None,
         )
         return StepInputs(np.asarray(tokens, dtype=np.int64), np.asarray(positions, dtype=np.int64), batch)
 
@@ -635,7 +687,7 @@ class Engine:
             steps = self.greedy_decode([c.seq]) if ahead and not speculate else None
             kept: list[tuple] = []  # a speculative pass's (token, logprob, top) not handed out yet
             plain_left = 0  # steps of the policy's plain run still to come from `steps`
-            policy = DraftPolicy.for_engine(self, speculation) if speculate else None
+            policy = DraftPolicy.for_engine(self, speculation, params.greedy) if speculate else None
             while True:
                 event = c.advance(*picked)
                 yield event
@@ -645,9 +697,9 @@ class Engine:
                 if kept or choice is not None:
                     if not kept:
                         # at most the tokens the budget leaves and the rows of logits a step holds
-                        limit = min(c.budget - c.generated, self.max_logit_rows)
-                        kept, drafted = verify(self, c.seq, choice, limit, spec_stats, c.sampler)
-                        policy.update(choice.drafter, drafted, len(kept) - 1)
+                        kept, d = verify(self, c.seq, choice.cut(self.max_logit_rows - 1), c.budget - c.generated,
+                                         spec_stats, c.sampler)
+                        policy.update(choice.drafter, len(d.proposed), d.accepted, d.leaf_hit)
                     picked = kept.pop(0)
                 elif steps is not None or (policy is not None and ahead):
                     if steps is None:  # the policy's run of plain steps, decoded ahead of the host

@@ -148,7 +148,7 @@ class Scheduler:
         if len(self.waiting) >= self.max_queue:
             raise QueueFull(f"server busy: {len(self.waiting)} requests already waiting; retry later")
         if self.speculation is not None and self.engine.speculates(params):
-            request.policy = DraftPolicy.for_engine(self.engine, self.speculation)
+            request.policy = DraftPolicy.for_engine(self.engine, self.speculation, params.greedy)
         self.waiting.append(request)
         self.requests[request_id] = request
         return request
@@ -230,7 +230,7 @@ class Scheduler:
                 continue
             if (speculating and request.policy is not None
                     and (choice := self._choice(request, rows, len(decodes))) is not None):
-                n = min(choice.k, request.budget - request.generated - 1) + 1
+                n = choice.rows(min(choice.k, request.budget - request.generated - 1))
                 if self._reserve_pass(request, n, len(decodes) - i - 1):
                     step.add_pass(request, choice)
                     rows -= n - 1
@@ -286,7 +286,7 @@ class Scheduler:
         if choice is None or rows < 1:
             self.spec_stats.plain_steps += 1
             return None
-        return choice if choice.k <= rows else Choice(choice.drafter, choice.layers, rows)
+        return choice.cut(rows)
 
     def plan_ahead(self, step: Step) -> Step | None:
         """The same greedy step again, to start before `step` (launched, not committed) has
@@ -346,9 +346,9 @@ class Scheduler:
                                                                samplers))}
             rows = pass_rows(engine, out)
             for (request, choice), d in zip(step.passes.items(), drafts):
-                kept = accept(engine, d, *rows(first, len(d.proposed) + 1), self.spec_stats)
-                first += len(d.proposed) + 1
-                request.policy.update(choice.drafter, len(d.proposed), len(kept) - 1)
+                kept = accept(engine, d, *rows(first, d.rows), self.spec_stats)
+                first += d.rows
+                request.policy.update(choice.drafter, len(d.proposed), d.accepted, d.leaf_hit)
                 picked[request] = kept
             return [picked[r] for r in step.requests]
 

@@ -26,6 +26,15 @@ GPU that step replays the captured graph of batch n, whose attention is plain de
 kernel (its products are batch n's). Rejected tokens leave the sequence and their KV blocks
 go back (BlockManager.trim). With `k=None` or drafter "auto" the drafter and k are chosen per
 pass from the sequence's measured acceptance (workers/engine/draft_policy.py).
+
+Draft trees (greedy model drafts, `Choice.tree`): the chain also gives the drafter's runner-up
+token at each drafted position, and the pass scores each as a leaf row beside the chain's
+(`Engine._plan`'s leaves: a leaf sees its sequence's positions before its own and itself; its
+KV goes to a slot after the proposals'). Where the first rejected proposal's leaf is the
+model's token, that token is kept and the model's token after it comes from the leaf's row:
+a token more for that pass, its KV moved to its position (`Engine.move_kv`). On the default
+model's code prompts the skip drafter's runner-up is the model's token at 42% of its
+rejections; a leaf costs a row of the pass, nearly nothing where the pass streams layers.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ from __future__ import annotations
 import functools
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -60,6 +69,9 @@ class Speculation:
     depth: int | None = None  # early exit: layers the drafter runs (default: the resident ones when
     # layers stream, else a quarter of them)
     skip: tuple[int, ...] | None = None  # skip: the layers the drafter passes over
+    # a greedy model draft's passes also verify its runner-up token at each drafted position
+    # (Choice.tree): None where the policy expects that to pay, True always, False never
+    tree: bool | None = None
 
     def __post_init__(self):
         if self.k is not None and not 1 <= self.k <= MAX_K:
@@ -108,8 +120,10 @@ class Speculation:
 class Stats:
     passes: int = 0  # verifying passes
     drafted: int = 0
-    accepted: int = 0
+    accepted: int = 0  # tokens kept beside the model's own one a pass (a leaf's included)
     plain_steps: int = 0  # decode steps an adaptive run took without a draft
+    leaves: int = 0  # passes whose first rejected proposal had a leaf
+    leaf_hits: int = 0  # ... that held the model's token
     choices: Counter = field(default_factory=Counter)  # passes by (drafter, k)
 
     @property
@@ -119,23 +133,51 @@ class Stats:
 
 @dataclass(frozen=True)
 class Choice:
-    """A verifying pass's drafter, the layers it runs (None: lookup) and k."""
+    """A verifying pass's drafter, the layers it runs (None: lookup) and k; with tree, the pass
+    also verifies the drafter's runner-up at each drafted position (a greedy model draft's)."""
 
     drafter: str
     layers: tuple[int, ...] | None
     k: int
+    tree: bool = False
+
+    def rows(self, k: int | None = None) -> int:
+        """The rows a pass of k drafted tokens (this k if None) takes: the sequence's last
+        token, the drafts and, with tree, a leaf each."""
+        k = self.k if k is None else k
+        return 1 + k * (2 if self.tree else 1)
+
+    def cut(self, rows: int) -> "Choice":
+        """This choice, its k cut so that its pass takes at most 1 + rows rows (>= 1); a tree
+        with room for one draft only drafts that one without its leaf."""
+        if self.rows() <= 1 + rows:
+            return self
+        if self.tree and rows < 2:
+            return replace(self, k=rows, tree=False)
+        return replace(self, k=rows // (2 if self.tree else 1))
 
 
 @dataclass
 class Draft:
     """One sequence's share of a verifying pass: its proposals and, when a sampler drew them,
-    the drafter's distribution for each (q_rows; None: each proposal was certain)."""
+    the drafter's distribution for each (q_rows; None: each proposal was certain); for a
+    tree, the drafter's runner-up at each proposal's position (alternatives, one leaf row
+    each). `accept` records the outcome: proposals kept, and whether the leaf at the first
+    rejected one was the model's token (None: no leaf there)."""
 
     seq: object  # workers.engine.engine.Sequence
     choice: Choice
     proposed: list[int]
     q_rows: list | None = None
     sampler: object = None  # the request's Sampler; None: greedy
+    alternatives: list[int] = field(default_factory=list)
+    accepted: int = 0  # proposals kept
+    leaf_hit: bool | None = None
+
+    @property
+    def rows(self) -> int:
+        """Its rows of the pass: the last token, the proposals, the leaves."""
+        return len(self.proposed) + 1 + len(self.alternatives)
 
 
 def propose(engine, asks: list[tuple[object, Choice, int, object]]) -> list[Draft]:
@@ -152,12 +194,13 @@ def propose(engine, asks: list[tuple[object, Choice, int, object]]) -> list[Draf
         if k <= 0 or choice.layers is None:
             drafts[i] = Draft(seq, choice, lookup_proposal(seq.token_ids, k) if k > 0 else [], None, sampler)
         elif greedy:
-            chains.setdefault((choice.layers, k), []).append(i)
+            chains.setdefault((choice.layers, k, choice.tree), []).append(i)
         else:
             drafts[i] = Draft(seq, choice, *_sampled_draft(engine, seq, choice.layers, k, sampler), sampler)
-    for (layers, k), members in chains.items():
-        for i, proposed in zip(members, engine.greedy_chain([asks[i][0] for i in members], k, layers)):
-            drafts[i] = Draft(asks[i][0], asks[i][1], proposed, None, asks[i][3])
+    for (layers, k, tree), members in chains.items():
+        for i, got in zip(members, engine.greedy_chain([asks[i][0] for i in members], k, layers, runner_up=tree)):
+            proposed, alternatives = got if tree else (got, [])
+            drafts[i] = Draft(asks[i][0], asks[i][1], proposed, None, asks[i][3], alternatives)
     return drafts
 
 
@@ -198,16 +241,19 @@ def accept_sampled(p_row: Callable[[int], np.ndarray], q_rows: list | None, prop
 
 def start_pass(engine, drafts: list[Draft], plain: list = ()):
     """Start one verifying pass: the sequences of `plain` (each fed its last token) and then
-    each draft's (fed its last token and proposals) as the rows of one decode step
-    (`Engine.forward(decode_rows=True)`), their KV blocks reserved. Returns a function that
-    waits for the logits of every row, in that order, on the device. The proposals are not
-    left in the sequences; each counts them cached until `accept` settles it."""
+    each draft's (fed its last token and proposals, then its alternatives as leaf rows, the
+    i-th at the i-th proposal's position) as the rows of one decode step
+    (`Engine.forward(decode_rows=True)`), their KV blocks reserved (a leaf's KV goes to a
+    slot after the proposals'). Returns a function that waits for the logits of every row, in
+    that order, on the device. The proposals are not left in the sequences; each counts them
+    cached until `accept` settles it."""
     work = [(seq, 1) for seq in plain] + [(d.seq, len(d.proposed) + 1) for d in drafts]
+    leaves = [[]] * len(plain) + [[(j + 1, t) for j, t in enumerate(d.alternatives)] for d in drafts]
     for d in drafts:
         d.seq.token_ids.extend(d.proposed)
     try:
-        engine.reserve(work)
-        return engine.start_forward(work, all_logits=True, device=True, decode_rows=True)
+        engine.reserve([(seq, n + len(leaf)) for (seq, n), leaf in zip(work, leaves)])
+        return engine.start_forward(work, all_logits=True, device=True, decode_rows=True, leaves=leaves)
     finally:
         for d in drafts:
             del d.seq.token_ids[len(d.seq.token_ids) - len(d.proposed):]
@@ -215,34 +261,49 @@ def start_pass(engine, drafts: list[Draft], plain: list = ()):
 
 def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], stats: Stats) -> list[tuple]:
     """The pass's outcome for one draft: best, the model's argmax at each of its rows
-    [len(proposed) + 1] (host ids, found beside the logits), and rows(), those rows of logits
-    (host float32), asked for only where the sampler needs them: the greedy pass of a 0.5B
-    model copied 2.4 MB of logits a draft and searched them on the host. -> the kept
-    proposals and the model's token after them, greedy or drawn by its sampler (no penalties),
-    each as (token, logprob, top) as plain sampling gives them (the logprobs of the raw
-    distribution at the token's position, where the sampler asks for them; else None). Its
-    sequence then caches its last token and the kept proposals, which the caller appends
-    (with the last token, not cached yet); the rejected ones' KV blocks go back."""
-    proposed, seq = d.proposed, d.seq
-    base = seq.num_cached - len(proposed) - 1  # seq's last token's position
+    [d.rows] (host ids, found beside the logits), and rows(), those rows of logits (host
+    float32), asked for only where the sampler needs them: the greedy pass of a 0.5B model
+    copied 2.4 MB of logits a draft and searched them on the host. -> the kept proposals and
+    the model's token after them, greedy or drawn by its sampler (no penalties), each as
+    (token, logprob, top) as plain sampling gives them (the logprobs of the raw distribution
+    at the token's position, where the sampler asks for them; else None). Greedy, where the
+    first rejected proposal's leaf holds the model's token, that token is kept too, and the
+    model's token after it comes from the leaf's row: the leaf's KV moves to its position
+    (`Engine.move_kv`). Its sequence then caches its last token and the kept tokens but the
+    last, which the caller appends (with the last token, not cached yet); the rejected ones'
+    KV blocks go back."""
+    proposed, seq, n = d.proposed, d.seq, len(d.proposed) + 1
+    base = seq.num_cached - n  # seq's last token's position
+    token_rows = None  # the row each kept token's logprobs come from (None: rows 0..)
     if d.sampler is None or d.sampler.params.greedy:
         m = 0
         while m < len(proposed) and proposed[m] == best[m]:
             m += 1
         kept = proposed[:m] + [int(best[m])]
+        if m < len(d.alternatives):
+            d.leaf_hit = d.alternatives[m] == best[m]
+            if d.leaf_hit:  # leaf m sits at position base + m + 1; its KV at the slot of base + n + m
+                engine.move_kv(seq, base + n + m, base + m + 1)
+                kept.append(int(best[n + m]))
+                token_rows = [*range(m + 1), n + m]
     else:
         kept = accept_sampled(lambda i: d.sampler.distribution(rows()[i]), d.q_rows, proposed, d.sampler.rng)
         m = len(kept) - 1
-    engine.blocks.trim(seq, base + m + 1)
-    seq.num_cached = base + m + 1
+    d.accepted = m
+    engine.blocks.trim(seq, base + len(kept))
+    seq.num_cached = base + len(kept)
     stats.passes += 1
     stats.drafted += len(proposed)
-    stats.accepted += m
-    stats.choices[d.choice.drafter, d.choice.k] += 1
+    stats.accepted += len(kept) - 1
+    stats.leaves += d.leaf_hit is not None
+    stats.leaf_hits += bool(d.leaf_hit)
+    stats.choices[d.choice.drafter + ("+tree" if d.alternatives else ""), d.choice.k] += 1
     n_top = None if d.sampler is None else d.sampler.params.logprobs
     if n_top is None:
         return [(t, None, None) for t in kept]
-    return [(t, *token_logprobs(row, t, n_top)) for t, row in zip(kept, rows())]
+    logits = rows()
+    return [(t, *token_logprobs(logits[r], t, n_top))
+            for t, r in zip(kept, token_rows or range(len(kept)))]
 
 
 def pass_rows(engine, out) -> Callable[[int, int], tuple[np.ndarray, Callable[[], np.ndarray]]]:
@@ -263,9 +324,9 @@ def pass_rows(engine, out) -> Callable[[int, int], tuple[np.ndarray, Callable[[]
     return rows
 
 
-def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[tuple], int]:
-    """One sequence's draft (`propose`) and pass over it: the kept proposals and the model's
-    token after them (1..k+1 tokens, at most limit; `accept`), and how many were drafted."""
+def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[tuple], Draft]:
+    """One sequence's draft (`propose`) and pass over it: the kept tokens (1..k+1, at most
+    limit; `accept`), and the draft, its outcome recorded."""
     d, = propose(engine, [(seq, choice, limit, sampler)])
     rows = pass_rows(engine, start_pass(engine, [d])())
-    return accept(engine, d, *rows(0, len(d.proposed) + 1), stats), len(d.proposed)
+    return accept(engine, d, *rows(0, d.rows), stats), d
