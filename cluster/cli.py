@@ -205,7 +205,7 @@ def _speculation(args, n_layers: int):
     from workers.engine.speculation import Speculation
 
     skip = load_skip_set(args.skip_set, n_layers) if args.skip_set else None
-    return Speculation.from_setting(args.speculate, args.drafter, args.draft_layers, skip)
+    return Speculation.from_setting(args.speculate, args.drafter, args.draft_layers, skip, args.draft_tree)
 
 
 def cmd_calibrate_skip(args) -> int:
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lookup (n-gram match in the context), early-exit (the model's first layers), skip (the "
                    "model less a calibrated set of layers: --skip-set), auto (chosen per pass by acceptance)")
     g.add_argument("--draft-layers", type=int, help="early-exit: layers the drafter runs (default: a quarter)")
+    g.add_argument("--draft-tree", default="auto", choices=["auto", "on", "off"],
+                   help="greedy early-exit and skip drafts: also verify the drafter's runner-up token at each "
+                   "drafted position (a row each); auto: where the measured acceptance says it pays")
     g.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this schema")
     g.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
     g.add_argument("--skip-set", help="skip: a JSON file written by ntr calibrate-skip; under --vram-gb the layers "

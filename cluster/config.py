@@ -63,6 +63,8 @@ class ServerConfig(BaseModel):
     drafter: Literal["lookup", "early-exit", "skip", "auto"] = "lookup"
     draft_layers: int | None = Field(None, ge=1)  # early exit: layers the drafter runs (default: the resident ones)
     skip_set: str | None = None  # the skip drafter's layers: a file of `ntr calibrate-skip`, kept resident first
+    # greedy model drafts also verify the drafter's runner-up at each drafted position (auto: where it pays)
+    draft_tree: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("speculate", mode="before")
     @classmethod
@@ -122,7 +124,7 @@ class ServerConfig(BaseModel):
                                         "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
                                         "n_buffers", "requant_streamed", "pipeline_parallel_size",
                                         "placement_strategy", "num_cpus", "speculate", "drafter", "draft_layers",
-                                        "skip_set"})
+                                        "skip_set", "draft_tree"})
 
 
 def describe(error: ValidationError, where: str) -> str:

@@ -73,9 +73,10 @@ def test_speculation_settings_read_as_ntr_generate_reads_its_flags(tmp_path):
     text = "applications: [{name: a, import_path: cluster.app:build_app, args: {speculate: off}}]"
     (off,) = config.load(write(tmp_path, text))[1]
     assert off.speculate == "off"
-    (on,) = config.load(write(tmp_path, app_config(speculate=4, drafter="early-exit", draft_layers=6)))[1]
-    assert {k: on.worker_args()[k] for k in ("speculate", "drafter", "draft_layers", "skip_set")} == {
-        "speculate": 4, "drafter": "early-exit", "draft_layers": 6, "skip_set": None}
+    (on,) = config.load(write(tmp_path, app_config(speculate=4, drafter="early-exit", draft_layers=6,
+                                                    draft_tree="off")))[1]
+    assert {k: on.worker_args()[k] for k in ("speculate", "drafter", "draft_layers", "skip_set", "draft_tree")} == {
+        "speculate": 4, "drafter": "early-exit", "draft_layers": 6, "skip_set": None, "draft_tree": "off"}
 
 
 def test_build_app_rejects_bad_args():

@@ -76,11 +76,12 @@ class ComputeWorker:
                  host_ram_gb: float | None = None, n_buffers: int | None = None, kv_type: str | None = None,
                  requant_streamed: str | None = None, pipeline_parallel_size: int = 1,
                  placement_strategy: str = "STRICT_PACK", num_cpus: float = 1.0, speculate: str | int = "off",
-                 drafter: str = "lookup", draft_layers: int | None = None, skip_set: str | None = None):
+                 drafter: str = "lookup", draft_layers: int | None = None, skip_set: str | None = None,
+                 draft_tree: str = "auto"):
         """With pipeline_parallel_size > 1 the forward pass runs in that many StageWorker actors
         (workers/stage_worker.py), each reserving num_cpus, placed by placement_strategy; this
         actor keeps the scheduler, the block tables and the sampling. speculate, drafter,
-        draft_layers, skip_set: the scheduler's speculation (`Speculation.from_setting`); a
+        draft_layers, skip_set, draft_tree: the scheduler's speculation (`Speculation.from_setting`); a
         skip set's draft layers claim residency first (skip_calibration.residency_order)."""
         node = ray.get_runtime_context().get_node_id()
         # The disk tier must be on this node: the engine maps the file it returns.
@@ -102,7 +103,7 @@ class ComputeWorker:
         self.tiers.loaded()
         self.fingerprint = fingerprint(spec["path"])
         skip = load_skip_set(skip_set, self.engine.config.n_layers) if skip_set else None
-        speculation = Speculation.from_setting(speculate, drafter, draft_layers, skip)
+        speculation = Speculation.from_setting(speculate, drafter, draft_layers, skip, draft_tree)
         self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue, speculation)
         self.outbox: dict[str, list[dict]] = {}
         self.lock = threading.Lock()  # the scheduler and the outbox
@@ -123,7 +124,9 @@ class ComputeWorker:
         self.speculated = model_metrics(metrics.Counter, "ntr_speculation_", model, [
             ("passes", "verifying passes of speculative decoding"),
             ("drafted", "tokens drafted"),
-            ("accepted", "drafted tokens the model kept"),
+            ("accepted", "drafted tokens the model kept (a draft tree's leaves included)"),
+            ("leaves", "passes whose first rejected draft had a draft tree's leaf"),
+            ("leaf_hits", "leaves that held the model's token"),
             ("plain_steps", "decode steps a speculating request took without a draft")])
         self.speculated_counts = dict.fromkeys(self.speculated, 0)
         self._update_gauges()

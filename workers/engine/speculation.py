@@ -50,6 +50,7 @@ from workers.engine.sampling import token_logprobs
 
 DRAFTERS = ("lookup", "early-exit", "skip")  # "auto" chooses among them (draft_policy.py)
 MAX_K = 16
+TREE_SETTINGS = {"auto": None, "on": True, "off": False}  # Speculation.tree by setting
 
 
 def lookup_proposal(token_ids: list[int], k: int, ngram: int = 3) -> list[int]:
@@ -85,18 +86,21 @@ class Speculation:
 
     @classmethod
     def from_setting(cls, speculate: str | int | None, drafter: str = "lookup", depth: int | None = None,
-                     skip: tuple[int, ...] | None = None) -> "Speculation | None":
+                     skip: tuple[int, ...] | None = None, tree: str = "auto") -> "Speculation | None":
         """The speculation a setting asks for (`--speculate`, a server config's `speculate`):
-        off (or 0, or None) -> None, auto -> k chosen per pass, K -> K tokens a pass."""
+        off (or 0, or None) -> None, auto -> k chosen per pass, K -> K tokens a pass; tree
+        (`--draft-tree`, `draft_tree`) auto, on or off."""
+        if tree not in TREE_SETTINGS:
+            raise ValueError(f"draft tree must be one of {', '.join(TREE_SETTINGS)}, got {tree!r}")
         if speculate is None or speculate in ("off", 0, "0"):
             return None
         if speculate == "auto":
-            return cls(None, drafter, depth, skip)
+            return cls(None, drafter, depth, skip, TREE_SETTINGS[tree])
         try:
             k = int(speculate)
         except ValueError:
             raise ValueError(f"speculate must be off, auto or a number of tokens, got {speculate!r}") from None
-        return cls(k, drafter, depth, skip)
+        return cls(k, drafter, depth, skip, TREE_SETTINGS[tree])
 
     def drafters(self, n_layers: int, resident: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...] | None]:
         """The drafters this may use, each with the layers it runs (None: lookup, no model);
