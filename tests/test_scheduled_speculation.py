@@ -190,7 +190,7 @@ def test_the_policy_weighs_each_pass_by_its_steps_decodes(engine, monkeypatch):
     from workers.engine.draft_policy import DraftPolicy
 
     asked = []
-    monkeypatch.setattr(DraftPolicy, "rate", lambda self, d, k, batch=1: asked.append(batch) or (
+    monkeypatch.setattr(DraftPolicy, "rate", lambda self, d, k, batch=1, tree=False: asked.append(batch) or (
         2.0 if batch == 1 else 0.5))
     requests = {"a": (PROMPTS["rep"], params(max_tokens=40)), "b": (PROMPTS["short"], params(max_tokens=20)),
                 "c": (PROMPTS["rep2"], params(max_tokens=10))}
