@@ -128,7 +128,7 @@ class Stats:
     plain_steps: int = 0  # decode steps an adaptive run took without a draft
     leaves: int = 0  # passes whose first rejected proposal had a leaf
     leaf_hits: int = 0  # ... that held the model's token
-    choices: Counter = field(default_factory=Counter)  # passes by (drafter, k)
+    choices: Counter = field(default_factory=Counter)  # passes by (drafter, "+tree" after a tree's; k)
 
     @property
     def tokens_per_pass(self) -> float:
@@ -187,9 +187,10 @@ class Draft:
 def propose(engine, asks: list[tuple[object, Choice, int, object]]) -> list[Draft]:
     """Each (seq, choice, limit, sampler)'s draft of up to min(k, limit - 1) tokens after seq
     (whose last token is not cached yet): by lookup, or by the model's `layers`. The greedy
-    model drafts of the same layers and k run as one chain over all their sequences (k decode
-    steps of that batch, each fed the last one's ids on the device); a sampled draft's steps go
-    through the host, which draws. The sequences are as they were when this returns."""
+    model drafts of the same layers, k and tree run as one chain over all their sequences (k
+    decode steps of that batch, each fed the last one's ids on the device; a tree's also give
+    each step's runner-up, the draft's alternatives); a sampled draft's steps go through the
+    host, which draws (no tree). The sequences are as they were when this returns."""
     drafts: list[Draft | None] = [None] * len(asks)
     chains: dict[tuple, list[int]] = {}
     for i, (seq, choice, limit, sampler) in enumerate(asks):
