@@ -196,6 +196,11 @@ def test_the_policy_takes_a_tree_where_its_rows_are_cheap():
 
     assert policy(VERIFY_COST["cupy", True], 2).tree
     assert not policy(VERIFY_COST["numpy", False], 2).tree
+    # a tree of 16 drafts (33 rows): its cost past the last measured point, along its slope
+    costly = DraftPolicy(Speculation(16, "skip", skip=(1,), tree=True), drafters, {"skip": 0.1},
+                         VERIFY_COST["numpy", False], trees=True)
+    assert costly.next() == Choice("skip", (0, 2), 16, tree=True)
+    assert costly.verify_cost[32] > costly.verify_cost[16] == VERIFY_COST["numpy", False][16]
     assert Choice("skip", (0,), 5, tree=True).cut(6) == Choice("skip", (0,), 3, tree=True)
     assert Choice("skip", (0,), 5, tree=True).cut(1) == Choice("skip", (0,), 1)
 

@@ -66,9 +66,13 @@ class DraftPolicy:
         allowed = (False, True) if spec.tree is None else (spec.tree,)
         self.tree_options = {d: allowed if trees and layers is not None else (False,) for d, layers in drafters.items()}
         self.draft_cost = draft_cost
+        # by the drafted tokens a pass's rows stand for (a tree of k: 2k), interpolated between
+        # the measured points and past the last one along the last segment's slope
         ks = sorted(verify_cost)
-        self.verify_cost = dict(zip(range(1, MAX_K + 1),
-                                    np.interp(range(1, MAX_K + 1), ks, [verify_cost[k] for k in ks]).tolist()))
+        costs = [verify_cost[k] for k in ks]
+        slope = (costs[-1] - costs[-2]) / (ks[-1] - ks[-2]) if len(ks) > 1 else 0.0
+        self.verify_cost = {k: float(np.interp(k, ks, costs)) + slope * max(0, k - ks[-1])
+                            for k in range(1, 2 * MAX_K + 1)}
         self.hits = dict.fromkeys(self.drafters, 0.0)
         self.misses = dict.fromkeys(self.drafters, 0.0)
         self.leaf_hits = dict.fromkeys(self.drafters, 0.0)  # trees: leaves that held the model's token
@@ -108,13 +112,12 @@ class DraftPolicy:
         return (batch - 1 + tokens) / (batch * cost)
 
     def _best(self, batch: int) -> tuple[float, str, int, bool]:
-        """(rate, drafter, k, tree) of the best pass (a tree's rows within MAX_K + 1). It
-        changes only with an update, and the scheduler asks for it each step of each request
+        """(rate, drafter, k, tree) of the best pass. It changes only with an update, and the scheduler asks for it each step of each request
         (~40 us: 16 k by 3 drafters, and trees), so it is kept until the next update."""
         if batch not in self._best_pass:
             ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
             self._best_pass[batch] = max(((self.rate(d, k, batch, tree), d, k, tree) for d in self.drafters
-                                          for tree in self.tree_options[d] for k in ks if not tree or 2 * k <= MAX_K),
+                                          for tree in self.tree_options[d] for k in ks),
                                          key=lambda r: r[0])  # max keeps the first of equals
         return self._best_pass[batch]
 
