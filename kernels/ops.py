@@ -61,9 +61,12 @@ class AttentionBatch:
         return len(self.context_lens)
 
     def first_rows(self) -> np.ndarray:
-        """step_rows, or its default: [B] (step_from must be set)."""
+        """[B] step_rows, or its default; without step_from, where each sequence's own new
+        tokens start."""
         if self.step_rows is not None:
             return self.step_rows
+        if self.step_from is None:
+            return self.query_starts[:-1]
         return np.arange(self.num_seqs) - (self.context_lens - 1 - self.step_from)
 
     def leaves(self) -> np.ndarray:

@@ -65,7 +65,7 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
     recent = np.zeros(B, np.int32) if batch.recent_slots is None else batch.recent_slots
     parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1), recent,
-             step_from(batch), step_rows(batch)]
+             step_from(batch), batch.first_rows()]
     sliding = batch.sliding_tables is not None
     if sliding:
         parts += [np.maximum(batch.sliding_tables, 0).reshape(-1), batch.sliding_slots]
@@ -102,14 +102,6 @@ def step_from(batch: AttentionBatch) -> np.ndarray:
     if batch.step_from is not None:
         return batch.step_from
     return batch.context_lens - np.diff(batch.query_starts)
-
-
-def step_rows(batch: AttentionBatch) -> np.ndarray:
-    """Each row's flat row of its sequence's step_from: the batch's (AttentionBatch.first_rows),
-    or where each sequence's own new tokens start."""
-    if batch.step_from is not None:
-        return batch.first_rows()
-    return batch.query_starts[:-1]
 
 
 class Graph:
@@ -154,7 +146,7 @@ class Graph:
         qs[:] = batch.query_starts
         recent[:] = 0 if batch.recent_slots is None else batch.recent_slots
         first[:] = step_from(batch)
-        first_rows[:] = step_rows(batch)
+        first_rows[:] = batch.first_rows()
         w = batch.block_tables.shape[1]
         sliding = rest[:2] if self.sliding else []
         for dst, src in [(tables, batch.block_tables)] + ([(sliding[1], batch.sliding_tables)] if sliding else []):
