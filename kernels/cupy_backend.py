@@ -41,7 +41,7 @@ from kernels.cupy.tuning import GEMV_MAX_T, Tuning
 from kernels.cupy.values import materialize
 from kernels.cupy.planes import KV_TYPES, REQUANT_LOCAL_BYTES, matrix_planes
 from kernels.cupy.weights import QMatrix, Uploader, stack
-from kernels.ops import Backend, StepInputs, check_supported
+from kernels.ops import Backend, StepInputs, check_supported, movable_caches
 from kernels.quants import dequantize
 from kernels.requantized import Requantized
 
@@ -69,6 +69,7 @@ class CupyBackend(Backend):
         self._loaded: dict = {}
         self._invf: dict = {}
         self._last_pos = None
+        self._kv_bases = ((), None)  # copy_kv's table: the caches' base addresses, and their device copy
         self.streaming: LayerStreaming | None = None
 
     def drop_graphs(self) -> None:
@@ -226,7 +227,15 @@ class CupyBackend(Backend):
 
     @on_stream
     def copy_kv(self, kv_caches, src, dst):
-        super().copy_kv(kv_caches, src, dst)
+        caches = movable_caches(kv_caches)
+        row_bytes = {cache.rows.strides[1] for cache in caches}  # rows [blocks, block_size, ...], contiguous
+        if len(row_bytes) != 1:
+            raise ValueError(f"copy_kv moves rows of one size, got {sorted(row_bytes)} bytes")
+        key = tuple(cache.rows.data.ptr for cache in caches)
+        if self._kv_bases[0] != key:
+            self._kv_bases = (key, cp.asarray(np.array(key, np.uint64)))
+        self.k.get("misc.cu", "copy_row_each")((len(caches),), (256,), (self._kv_bases[1], np.int64(row_bytes.pop()),
+                                                                        np.int64(src), np.int64(dst)))
 
     @on_stream
     def attention(self, q, k, v, k_cache, v_cache, step: StepInputs, scale, window=0):

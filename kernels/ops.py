@@ -117,6 +117,15 @@ class StepInputs:
     dev: Any = None  # the backend's own copies (CupyBackend: its DeviceStep); None on the CPU
 
 
+def movable_caches(kv_caches: list) -> list:
+    """Every layer's K and V caches as `Backend.copy_kv` moves their rows (ValueError for a
+    sliding or quantized cache, whose rows are not one slot a position)."""
+    caches = [cache for layer in kv_caches for cache in layer]
+    if any(cache.sliding or cache.layout.type.quantized for cache in caches):
+        raise ValueError("copy_kv moves rows of an unquantized cache's main pool only")
+    return caches
+
+
 class Backend(ABC):
     name: str
     dtype: Any  # activation dtype
@@ -265,17 +274,13 @@ class Backend(ABC):
         `sliding` cache's blocks are found through the batch's sliding tables and slots (`pool_of`).
         """
 
-    def copy_kv(self, kv_caches: list, src: list[int], dst: list[int]) -> None:
-        """Every layer's K and V rows at slots src copied to slots dst (a draft tree's accepted
+    def copy_kv(self, kv_caches: list, src: int, dst: int) -> None:
+        """Every layer's K and V row at slot src copied to slot dst (a draft tree's accepted
         leaf, from its own slot to its position's: workers/engine/speculation.py); main-pool
         slots of an unquantized cache."""
-        src_slots, dst_slots = self.xp.asarray(src, dtype=np.int64), self.xp.asarray(dst, dtype=np.int64)
-        for layer in kv_caches:
-            for cache in layer:
-                if cache.sliding or cache.layout.type.quantized:
-                    raise ValueError("copy_kv moves rows of an unquantized cache's main pool only")
-                flat = cache.rows.reshape(-1, *cache.layout.row_shape)
-                flat[dst_slots] = flat[src_slots]
+        for cache in movable_caches(kv_caches):
+            flat = cache.rows.reshape(-1, *cache.layout.row_shape)
+            flat[dst] = flat[src]
 
     def logit_input(self, x: Array, step: StepInputs) -> Array:
         """The rows of x [T, d] that logits are computed for: `step.logit_rows` (all if None)."""

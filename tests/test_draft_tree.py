@@ -9,6 +9,8 @@ position (`Engine.move_kv`) the sequence decodes on as that sequence does.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -205,6 +207,33 @@ def test_the_policy_takes_a_tree_where_its_rows_are_cheap():
     assert Choice("skip", (0,), 5, tree=True).cut(1) == Choice("skip", (0,), 1)
 
 
+def filled_caches(ops, layers: int, kv: str = "f16", seed: int = 0) -> list:
+    """`layers` layers' (K, V) caches of 4 blocks of 16 rows, each filled with its own random
+    values (on a GPU backend's stream, which the caches were zeroed on)."""
+    rng = np.random.default_rng(seed)
+    with getattr(ops, "stream", contextlib.nullcontext()):
+        caches = [ops.new_kv_cache(4, ops.kv_layout(2, 64, 16, kv)) for _ in range(layers)]
+        for layer in caches:
+            for cache in layer:
+                cache.rows[...] = ops.xp.asarray(rng.standard_normal(cache.rows.shape).astype(cache.rows.dtype))
+    return caches
+
+
+def test_copy_kv_moves_one_row_in_every_cache():
+    """Backend.copy_kv: row src at row dst in every layer's K and V, every other row as it was."""
+    from kernels.numpy_backend import NumpyBackend
+
+    ops = NumpyBackend()
+    caches = filled_caches(ops, 3)
+    before = [[cache.rows.copy() for cache in layer] for layer in caches]
+    ops.copy_kv(caches, 37, 5)
+    for layer, was in zip(caches, before):
+        for cache, rows in zip(layer, was):
+            flat, old = cache.rows.reshape(64, -1), rows.reshape(64, -1)
+            assert np.array_equal(flat[5], old[37])
+            assert np.array_equal(np.delete(flat, 5, axis=0), np.delete(old, 5, axis=0))
+
+
 # --- the CUDA kernels (`pytest -m gpu`) -----------------------------------------------------
 
 @pytest.mark.gpu
@@ -256,3 +285,20 @@ def test_gpu_tree_speculation_gives_the_plain_greedy_tokens(tiny_model, cuda_dev
     for spec in TREE_SPECS:
         assert [t[:3] for t in run(engine, prompt, spec)] == [t[:3] for t in plain], spec
         assert engine.last_speculation.leaf_hits > 0
+
+
+@pytest.mark.gpu
+def test_gpu_copy_kv_is_the_twins_in_one_launch(cuda_device):
+    """CuPy's copy_kv (one kernel over a table of the caches' addresses) leaves every layer's K
+    and V as the NumPy backend's indexed copies do, bit for bit, twice in a row (the table kept)."""
+    from kernels.cupy_backend import CupyBackend
+    from kernels.numpy_backend import NumpyBackend
+
+    cpu, gpu = NumpyBackend(), CupyBackend()
+    twin, caches = filled_caches(cpu, 24, seed=4), filled_caches(gpu, 24, seed=4)
+    for src, dst in [(37, 5), (63, 0)]:
+        cpu.copy_kv(twin, src, dst)
+        gpu.copy_kv(caches, src, dst)
+    for a, b in zip(twin, caches):
+        for x, y in zip(a, b):
+            assert np.array_equal(x.rows, gpu.to_numpy(y.rows))

@@ -445,7 +445,7 @@ class Engine:
         leaf's, from the slot its pass wrote them to: workers/engine/speculation.py)."""
         bs = self.blocks.block_size
         table = seq.block_table
-        self.ops.copy_kv(self.kv.layers, [table[src // bs] * bs + src % bs], [table[dst // bs] * bs + dst % bs])
+        self.ops.copy_kv(self.kv.layers, table[src // bs] * bs + src % bs, table[dst // bs] * bs + dst % bs)
 
     def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False,
               leaves: list[list[tuple[int, int]]] | None = None) -> StepInputs:
