@@ -25,7 +25,10 @@ draft_policy.VERIFY_COST is taken from. --batch B serves each set's prompts B at
 the serving scheduler (workers/engine/scheduler.py, driven as the ComputeWorker drives it), each
 request with its own policy, max(16, B) rows of logits a step (served): decode tok/s is then
 every token of the steps without a prompt chunk over their time, and the tokens are compared
-with the plain batch's.
+with the plain batch's. --warm-up N first runs each config on a set's first N prompts untimed
+(default: 4 on a GPU backend, 0 on the CPU): a GPU engine captures a decode graph for each
+shape it meets (batch rows, block-table width) the first time, as a server does once in its
+life, and a config that uses more shapes (adaptive k) would otherwise pay more of them.
 """
 
 from __future__ import annotations
@@ -197,6 +200,8 @@ def main() -> int:
                     "places them) or the first layers do (first)")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--batch", type=int, help="serve the prompts this many at a time through the scheduler (served)")
+    ap.add_argument("--warm-up", type=int, metavar="N",
+                    help="run each config on a set's first N prompts untimed first (default: 4 on cupy, 0 on numpy)")
     ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
     ap.add_argument("--pass-cost", type=int, metavar="REPS",
                     help="only time a verifying pass against a decode step, REPS times each (pass_cost)")
@@ -219,6 +224,7 @@ def main() -> int:
     prompts = {"code": [engine.prompt_ids(p) for p in sets["code"][:args.prompts]],
                "prose": [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in sets["prose"][:args.prompts]]}
     tokens = {"code": args.tokens_code, "prose": args.tokens_prose}
+    warm_up = args.warm_up if args.warm_up is not None else (0 if args.backend == "numpy" else 4)
     rows, plain_ids = [], {}
     for set_name, ids_list in prompts.items():
         for config in args.configs.split(","):
@@ -226,6 +232,13 @@ def main() -> int:
             decode_tokens = decode_s = passes = accepted = drafted = mismatches = near_ties = plain_steps = 0
             leaves = leaf_hits = 0
             choices = Counter()
+            # untimed first: the graphs of the shapes this config meets
+            if args.batch and warm_up:
+                served(engine, ids_list[:warm_up], SamplingParams(max_tokens=tokens[set_name], ignore_eos=True),
+                       spec, args.batch)
+            for i, ids in enumerate([] if args.batch else ids_list[:warm_up]):
+                list(engine.generate(ids, SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature,
+                                                         seed=i, ignore_eos=True), spec))
             if args.batch:
                 params = SamplingParams(max_tokens=tokens[set_name], temperature=0.0, ignore_eos=True)
                 out, decode_tokens, decode_s, s = served(engine, ids_list, params, spec, args.batch)
