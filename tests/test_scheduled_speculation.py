@@ -260,3 +260,16 @@ def test_a_speculating_batch_on_the_real_model_gives_the_plain_batchs_greedy_tok
         got, sched, _ = served(e, requests, spec, max_num_seqs=12)
         assert got == plain, spec
         assert sched.spec_stats.passes > 0, spec
+
+
+def test_a_finished_greedy_request_leaves_the_engine_what_it_measured(engine):
+    """The scheduler keeps each finished greedy request's policy in the engine's DraftMemory (a
+    sampled one's not: its seed must reproduce its choices), for the next greedy request."""
+    from workers.engine.draft_policy import DraftMemory
+
+    engine.draft_memory = DraftMemory()
+    spec = Speculation(None, "auto", skip=(1,))
+    served(engine, {"s": (REPEATING, params(temperature=0.9, seed=2, max_tokens=30))}, spec)
+    assert not engine.draft_memory.counts
+    _, sched, _ = served(engine, {"g": (REPEATING, params(max_tokens=40))}, spec)
+    assert sched.spec_stats.passes > 0 and engine.draft_memory.counts

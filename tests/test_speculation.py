@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workers.engine.draft_policy import PROBE_FIRST, VERIFY_COST, DraftPolicy, expected_tokens
+from workers.engine.draft_policy import PROBE_FIRST, VERIFY_COST, DraftMemory, DraftPolicy, expected_tokens
 from workers.engine.engine import Engine, Sequence
 from workers.engine.sampling import SamplingParams, token_logprobs
 from workers.engine.skip_calibration import calibrate, load_skip_set, own_continuations, read_prompts, score, write
@@ -37,6 +37,7 @@ SPECS = [Speculation(1), Speculation(4), Speculation(3, "early-exit"), Speculati
 
 @pytest.mark.parametrize("spec", SPECS, ids=repr)
 def test_speculative_greedy_gives_the_plain_greedy_tokens(engine, spec):
+    engine.draft_memory = DraftMemory()  # each case from the priors
     plain = run(engine, REPEATING, max_tokens=40)
     assert run(engine, REPEATING, spec, max_tokens=40) == plain
     stats = engine.last_speculation
@@ -52,6 +53,7 @@ def test_the_policys_plain_runs_decode_ahead_of_the_host_and_change_no_token(eng
     tokens, the passes and the plain steps are those of the step-by-step run."""
     spec = Speculation(None, "lookup")
     prompt = [7, 3, 11, 2, 19, 5, 13, 8]  # little for lookup to find: mostly plain steps
+    engine.draft_memory = DraftMemory()  # both runs from the priors, so they choose alike
     by_step = run(engine, prompt, spec, max_tokens=60)
     stats = engine.last_speculation
     assert by_step == run(engine, prompt, max_tokens=60)
@@ -64,6 +66,7 @@ def test_the_policys_plain_runs_decode_ahead_of_the_host_and_change_no_token(eng
 
     monkeypatch.setattr(engine, "decodes_ahead", lambda params: True)
     monkeypatch.setattr(engine, "greedy_decode", recorded)
+    engine.draft_memory = DraftMemory()
     assert run(engine, prompt, spec, max_tokens=60) == by_step
     ahead = engine.last_speculation
     assert (ahead.passes, ahead.plain_steps) == (stats.passes, stats.plain_steps) and stats.plain_steps > 10
@@ -178,6 +181,7 @@ def test_sampled_speculation_is_reproducible_by_seed_and_ends_where_asked(engine
     a = run(engine, REPEATING, spec, temperature=0.9, top_k=20, seed=7, max_tokens=30)
     choices = engine.last_speculation.choices
     assert engine.last_speculation.passes > 0
+    run(engine, REPEATING, spec, max_tokens=30)  # a greedy request between: the engine's DraftMemory changes
     assert run(engine, REPEATING, spec, temperature=0.9, top_k=20, seed=7, max_tokens=30) == a
     assert engine.last_speculation.choices == choices  # the adaptive choices too
     assert len(a) == 30 and a[-1][2] == "length"
@@ -303,6 +307,44 @@ def test_the_policy_speculates_when_a_pass_pays_and_steps_plainly_when_none_does
     assert costly.next() is not None  # a drafter that is always right pays even at 2.1 steps a pass
     fixed = DraftPolicy(Speculation(3, "lookup"), {"lookup": None}, {"lookup": 0.0}, verify_cost={1: 2.1})
     assert fixed.next().k == 3  # a fixed k always speculates
+
+
+def test_a_greedy_request_starts_where_the_last_one_left_off():
+    """DraftMemory: a policy seeded from it starts from the estimates and the probe wait of the
+    last policy it kept, so a drafter that has not paid is not probed again after PROBE_FIRST
+    plain steps; a policy not seeded starts from 1/2 and PROBE_FIRST."""
+    spec = Speculation(None, "lookup")
+    memory = DraftMemory()
+
+    def policy():
+        return DraftPolicy(spec, {"lookup": None}, {"lookup": 0.0}, verify_cost={1: 2.1})
+
+    first = policy()
+    memory.seed(first)
+    assert [first.next() for _ in range(PROBE_FIRST + 1)][-1] is not None  # a probe
+    first.update("lookup", 4, 0)  # that did not pay
+    memory.keep(first)
+    second, fresh = policy(), policy()
+    memory.seed(second)
+    assert second.acceptance("lookup") == first.acceptance("lookup") < fresh.acceptance("lookup") == 0.5
+    assert second.plain_steps_ahead() == 2 * PROBE_FIRST == 2 * fresh.plain_steps_ahead()
+    assert [second.next() for _ in range(2 * PROBE_FIRST)] == [None] * (2 * PROBE_FIRST)
+
+
+def test_the_engine_keeps_what_greedy_requests_measured_for_the_next_greedy_one(engine):
+    engine.draft_memory = DraftMemory()
+    spec = Speculation(None, "auto", skip=(1,))
+    run(engine, REPEATING, spec, temperature=0.9, seed=3, max_tokens=30)
+    assert not engine.draft_memory.counts  # a sampled request leaves it as it was
+    run(engine, REPEATING, spec, max_tokens=40)
+    kept = engine.draft_memory.counts
+    assert engine.last_speculation.passes > 0 and kept
+    greedy, sampled = (DraftPolicy.for_engine(engine, spec, greedy=g) for g in (True, False))
+    for name, layers in greedy.drafters.items():
+        assert (greedy.hits[name], greedy.misses[name], greedy.leaf_hits[name],
+                greedy.leaf_misses[name]) == kept[name, layers]
+        assert sampled.acceptance(name) == 0.5
+    assert any(greedy.acceptance(name) != 0.5 for name in greedy.drafters)
 
 
 def test_the_policy_weighs_a_pass_by_its_rows():

@@ -46,6 +46,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from workers.engine.draft_policy import DraftMemory  # noqa: E402
 from workers.engine.engine import Engine, Sequence  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
 from workers.engine.scheduler import Scheduler  # noqa: E402
@@ -232,7 +233,10 @@ def main() -> int:
             decode_tokens = decode_s = passes = accepted = drafted = mismatches = near_ties = plain_steps = 0
             leaves = leaf_hits = 0
             choices = Counter()
-            # untimed first: the graphs of the shapes this config meets
+            # each config from a fresh memory (Engine.draft_memory: what earlier greedy requests
+            # measured), then untimed first: the graphs of the shapes this config meets, and the
+            # memory's first lessons, as on a server that has run a while
+            engine.draft_memory = DraftMemory()
             if args.batch and warm_up:
                 served(engine, ids_list[:warm_up], SamplingParams(max_tokens=tokens[set_name], ignore_eos=True),
                        spec, args.batch)

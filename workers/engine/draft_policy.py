@@ -19,10 +19,15 @@ H200). The next pass takes the (d, k) with the most worth
 chosen; with auto k, when no (d, k) beats a plain step (worth at most 1) the step is plain,
 and after PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its
 estimate, the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock
-or a random number: given the request's seed the choices, like the tokens, are reproducible.
+or a random number.
 
 One serves one request: `Engine.generate` makes one, and the serving scheduler one for each
-request it runs speculatively (workers/engine/scheduler.py).
+request it runs speculatively (workers/engine/scheduler.py). A greedy request starts from what
+the engine's last finished greedy request left (`DraftMemory`: its estimates and its wait before
+a probe), not from 1/2 each: a request of 48 tokens is over before its own estimates settle,
+and two probes of drafters that never pay cost a resident model 8% of its decode. A sampled
+request starts from the priors, so that its seed reproduces its choices and with them its
+draws; a greedy request's tokens do not depend on its choices.
 """
 
 from __future__ import annotations
@@ -85,14 +90,18 @@ class DraftPolicy:
         """A draft token's cost: the placement's predicted time for a pass through its layers
         and the head over a whole step's (placement.step_seconds: resident layers read, streamed
         ones copied too), so a draft through resident layers is cheap beside a streamed step.
-        A verifying pass's: VERIFY_COST of the backend and placement."""
+        A verifying pass's: VERIFY_COST of the backend and placement. A greedy request's
+        policy starts from the engine's `draft_memory`."""
         p = engine.placement
         drafters = spec.drafters(engine.config.n_layers, engine.resident_layers)
         step = p.step_seconds(1, engine.rates)
         costs = {name: 0.0 if layers is None else p.step_seconds(1, engine.rates, layers) / step
                  for name, layers in drafters.items()}
-        return cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)],
-                   trees=greedy and engine.verifies_trees)
+        policy = cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)],
+                     trees=greedy and engine.verifies_trees)
+        if greedy:
+            engine.draft_memory.seed(policy)
+        return policy
 
     def acceptance(self, drafter: str) -> float:
         return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)
@@ -153,3 +162,28 @@ class DraftPolicy:
         if leaf_hit is not None:  # a tree's leaf at the first rejected proposal
             self.leaf_hits[drafter] = DECAY * self.leaf_hits[drafter] + leaf_hit
             self.leaf_misses[drafter] = DECAY * self.leaf_misses[drafter] + (not leaf_hit)
+
+
+class DraftMemory:
+    """One engine's memory of speculation across its greedy requests: each drafter's decayed
+    counts (by its name and layers) and the wait before a probe, as the last greedy request to
+    finish left them (`keep`), for the next one to start from (`seed`)."""
+
+    def __init__(self):
+        self.counts: dict[tuple, tuple[float, float, float, float]] = {}
+        self.probe_after = PROBE_FIRST
+
+    def seed(self, policy: DraftPolicy) -> None:
+        for name, layers in policy.drafters.items():
+            if (name, layers) in self.counts:
+                (policy.hits[name], policy.misses[name], policy.leaf_hits[name],
+                 policy.leaf_misses[name]) = self.counts[name, layers]
+        policy.probe_after = self.probe_after
+        policy._best_pass.clear()
+
+    def keep(self, policy: DraftPolicy) -> None:
+        for name, layers in policy.drafters.items():
+            self.counts[name, layers] = (policy.hits[name], policy.misses[name], policy.leaf_hits[name],
+                                         policy.leaf_misses[name])
+        self.probe_after = policy.probe_after
+

@@ -25,7 +25,7 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
-from workers.engine.draft_policy import DraftPolicy
+from workers.engine.draft_policy import DraftMemory, DraftPolicy
 from workers.engine.pipeline import Finished, LocalPipeline, plan_stages, split_by_bytes
 from workers.engine.placement import Rates, context_bytes, plan_model
 from workers.engine.requant_streamed import check_spec, retyped
@@ -232,6 +232,7 @@ class Engine:
             self._calibrate_kv()
         self.last_timings = Timings()
         self.last_speculation = SpecStats()
+        self.draft_memory = DraftMemory()  # what greedy speculative requests measured, for the next
 
     def _check_pipeline(self, size: int, layout) -> bool:
         """Whether the forward pass is staged (size > 1); ValueError naming
@@ -667,6 +668,7 @@ class Engine:
         timings = self.last_timings = Timings(prompt_tokens=c.prompt_tokens)
         spec_stats = self.last_speculation = SpecStats()
         speculate = speculation is not None and self.speculates(params)
+        policy = DraftPolicy.for_engine(self, speculation, params.greedy) if speculate else None
         # greedy with nothing else read from the logits: each step starts on the device from
         # the last one's id (greedy_decode); under speculation, for each run of plain steps
         # the policy has decided (its decisions do not depend on the tokens)
@@ -687,7 +689,6 @@ class Engine:
             steps = self.greedy_decode([c.seq]) if ahead and not speculate else None
             kept: list[tuple] = []  # a speculative pass's (token, logprob, top) not handed out yet
             plain_left = 0  # steps of the policy's plain run still to come from `steps`
-            policy = DraftPolicy.for_engine(self, speculation, params.greedy) if speculate else None
             while True:
                 event = c.advance(*picked)
                 yield event
@@ -719,6 +720,8 @@ class Engine:
                 timings.decode_s = time.perf_counter() - t0
         finally:
             self.release(c.seq)
+            if policy is not None and params.greedy:
+                self.draft_memory.keep(policy)
 
     def score(self, ids: list[int], top: int = 10) -> list[dict]:
         """Teacher forcing: for every position, the top logits predicting the next token and the log-sum-exp."""
