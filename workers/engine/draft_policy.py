@@ -186,4 +186,3 @@ class DraftMemory:
             self.counts[name, layers] = (policy.hits[name], policy.misses[name], policy.leaf_hits[name],
                                          policy.leaf_misses[name])
         self.probe_after = policy.probe_after
-
