@@ -233,19 +233,23 @@ def main() -> int:
             decode_tokens = decode_s = passes = accepted = drafted = mismatches = near_ties = plain_steps = 0
             leaves = leaf_hits = 0
             choices = Counter()
+            # each request's parameters: the batch's greedy, or the prompt's own seed
+            batch_params = SamplingParams(max_tokens=tokens[set_name], temperature=0.0, ignore_eos=True)
+
+            def single_params(i: int) -> SamplingParams:
+                return SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature, seed=i,
+                                      ignore_eos=True)
+
             # each config from a fresh memory (Engine.draft_memory: what earlier greedy requests
             # measured), then untimed first: the graphs of the shapes this config meets, and the
             # memory's first lessons, as on a server that has run a while
             engine.draft_memory = DraftMemory()
             if args.batch and warm_up:
-                served(engine, ids_list[:warm_up], SamplingParams(max_tokens=tokens[set_name], ignore_eos=True),
-                       spec, args.batch)
+                served(engine, ids_list[:warm_up], batch_params, spec, args.batch)
             for i, ids in enumerate([] if args.batch else ids_list[:warm_up]):
-                list(engine.generate(ids, SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature,
-                                                         seed=i, ignore_eos=True), spec))
+                list(engine.generate(ids, single_params(i), spec))
             if args.batch:
-                params = SamplingParams(max_tokens=tokens[set_name], temperature=0.0, ignore_eos=True)
-                out, decode_tokens, decode_s, s = served(engine, ids_list, params, spec, args.batch)
+                out, decode_tokens, decode_s, s = served(engine, ids_list, batch_params, spec, args.batch)
                 passes, accepted, drafted = s.passes, s.accepted, s.drafted
                 plain_steps, choices, leaves, leaf_hits = s.plain_steps, s.choices, s.leaves, s.leaf_hits
                 if spec is None:
@@ -254,11 +258,10 @@ def main() -> int:
                     for i in sorted(out):
                         if (set_name, i) in plain_ids and out[i] != plain_ids[(set_name, i)]:
                             mismatches += 1
-                            near_ties += report_difference(engine, set_name, i, config, ids_list[i], params, out[i],
-                                                           plain_ids[(set_name, i)])
+                            near_ties += report_difference(engine, set_name, i, config, ids_list[i], batch_params,
+                                                           out[i], plain_ids[(set_name, i)])
             for i, ids in enumerate([] if args.batch else ids_list):
-                params = SamplingParams(max_tokens=tokens[set_name], temperature=args.temperature, seed=i,
-                                        ignore_eos=True)
+                params = single_params(i)
                 out = [e.token_id for e in engine.generate(ids, params, spec)]
                 t, s = engine.last_timings, engine.last_speculation
                 decode_tokens += t.decode_tokens
