@@ -121,8 +121,9 @@ class DraftPolicy:
         return (batch - 1 + tokens) / (batch * cost)
 
     def _best(self, batch: int) -> tuple[float, str, int, bool]:
-        """(rate, drafter, k, tree) of the best pass. It changes only with an update, and the scheduler asks for it each step of each request
-        (~40 us: 16 k by 3 drafters, and trees), so it is kept until the next update."""
+        """(rate, drafter, k, tree) of the best pass. It changes only with an update, and the
+        scheduler asks for it each step of each request (~40 us: 16 k by 3 drafters, and
+        trees), so it is kept until the next update."""
         if batch not in self._best_pass:
             ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
             self._best_pass[batch] = max(((self.rate(d, k, batch, tree), d, k, tree) for d in self.drafters
