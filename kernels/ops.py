@@ -60,6 +60,12 @@ class AttentionBatch:
     def num_seqs(self) -> int:
         return len(self.context_lens)
 
+    def first_positions(self) -> np.ndarray:
+        """[B] step_from, or where each sequence's own new tokens start."""
+        if self.step_from is not None:
+            return self.step_from
+        return self.context_lens - np.diff(self.query_starts)
+
     def first_rows(self) -> np.ndarray:
         """[B] step_rows, or its default; without step_from, where each sequence's own new
         tokens start."""

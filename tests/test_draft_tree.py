@@ -112,6 +112,11 @@ def test_leaf_rows_in_the_batch_layout():
                        step_rows=np.asarray([0, 0, 0, 0, 4], np.int32))
     assert b.leaves().tolist() == [False, False, False, True, False]
     assert b.sequence_rows() == [(0, 3), (3, 4), (4, 5)]
+    assert b.first_positions().tolist() == [7, 7, 7, 7, 3] and b.first_rows().tolist() == [0, 0, 0, 0, 4]
+    # without step_from or step_rows: each sequence's own new tokens, a prompt chunk of 3 and two decodes
+    plain = AttentionBatch(query_starts=np.asarray([0, 3, 4, 5], np.int32), context_lens=np.asarray([3, 9, 4], np.int32),
+                           block_tables=np.asarray([[0], [1], [2]], np.int32), slot_mapping=np.zeros(5, np.int32))
+    assert plain.first_positions().tolist() == [0, 8, 3] and plain.first_rows().tolist() == [0, 3, 4]
 
 
 def test_a_greedy_chain_gives_each_steps_runner_up(tiny_model):

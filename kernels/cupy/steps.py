@@ -46,8 +46,8 @@ class DeviceStep:
     qstarts: cp.ndarray
     tables: cp.ndarray
     recent: cp.ndarray  # [B] ring slots of a RotateKV cache (zeros without one)
-    step_from: cp.ndarray  # [B] AttentionBatch.step_from (default: each sequence's first new position)
-    step_rows: cp.ndarray  # [B] AttentionBatch.first_rows (the row of each row's sequence's step_from)
+    step_from: cp.ndarray  # [B] AttentionBatch.first_positions()
+    step_rows: cp.ndarray  # [B] AttentionBatch.first_rows() (the row of each row's sequence's step_from)
     # the sliding pool's tables [B, W] and slots [T] (AttentionBatch.sliding_*; None without one)
     sliding_tables: cp.ndarray | None = None
     sliding_slots: cp.ndarray | None = None
@@ -65,7 +65,7 @@ def make_step(tokens, positions, batch: AttentionBatch) -> DeviceStep:
     pos = np.zeros(T, np.int32) if positions is None else np.asarray(positions, np.int32)
     recent = np.zeros(B, np.int32) if batch.recent_slots is None else batch.recent_slots
     parts = [tok, pos, batch.slot_mapping, batch.context_lens, batch.query_starts, tables.reshape(-1), recent,
-             step_from(batch), batch.first_rows()]
+             batch.first_positions(), batch.first_rows()]
     sliding = batch.sliding_tables is not None
     if sliding:
         parts += [np.maximum(batch.sliding_tables, 0).reshape(-1), batch.sliding_slots]
@@ -94,14 +94,6 @@ def prefill_row_tiles(dev: DeviceStep, batch: AttentionBatch, G: int) -> cp.ndar
         order = np.argsort(-last, kind="stable")
         tiles = dev.row_tiles[G] = cp.asarray(np.stack([b, r0], 1)[order].astype(np.int32))
     return tiles
-
-
-def step_from(batch: AttentionBatch) -> np.ndarray:
-    """Each row's sequence's first position in the step: the batch's, or where each sequence's
-    own new tokens start."""
-    if batch.step_from is not None:
-        return batch.step_from
-    return batch.context_lens - np.diff(batch.query_starts)
 
 
 class Graph:
@@ -145,7 +137,7 @@ class Graph:
         ctx[:] = batch.context_lens
         qs[:] = batch.query_starts
         recent[:] = 0 if batch.recent_slots is None else batch.recent_slots
-        first[:] = step_from(batch)
+        first[:] = batch.first_positions()
         first_rows[:] = batch.first_rows()
         w = batch.block_tables.shape[1]
         sliding = rest[:2] if self.sliding else []
