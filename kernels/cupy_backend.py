@@ -257,17 +257,21 @@ class CupyBackend(Backend):
         return self.steps.run(self._pass(forward), step, kv_caches, feed)
 
     def _pass(self, forward):
-        """forward with the streamed layers' ring kept whole: filled before, joined after."""
+        """forward with the streamed layers' ring kept whole: filled before, joined after; a
+        forward marked `late_refills` leaves the next pass's refills to after it
+        (kernels/layer_ring.py), which `issued` (Steps.run's, around the pass or its replay) makes."""
         if self.streaming is None:
             return forward
         driver = self.streaming.driver
         run_layers = getattr(forward, "layers_run", None)
+        late = getattr(forward, "late_refills", False) and self.tuning.late_refills
 
         def run(step, kv_caches):
-            with driver.whole_pass(run_layers):
+            with driver.whole_pass(run_layers, late):
                 return materialize(forward(step, kv_caches))
 
         run.graph_key = getattr(forward, "graph_key", None)
+        run.issued = functools.partial(driver.issued_pass, run_layers, late)
         return run
 
     @on_stream

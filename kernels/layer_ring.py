@@ -15,6 +15,12 @@ A pass may run only some layers (a draft: the first ones, or a subset). It then 
 each slot only the layers it runs, and its last use of a slot refills it with the slot's
 layer between passes: every pass, whole or partial, starts and ends with slot k holding the
 k-th streamed layer, so a captured pass replays right whatever ran before it.
+
+A pass followed by a draft of resident layers may leave its refills for the next pass out
+(`late`): it ends without waiting for them, `issued_pass` issues them behind it, and they run on the
+link while the draft computes (which reads no slot); the next pass that reads a slot waits
+for them first. Issued outside the pass, they are outside its captured graph,
+so the slots still hold the same layers between passes as the graph replays.
 """
 
 from __future__ import annotations
@@ -29,6 +35,14 @@ class PassPlan:
     first: tuple[int, ...]  # layers copied into their slots as the pass starts (the slot holds another)
     refill: dict  # layer -> (the layer its slot receives once it is done, or None; whether for the next pass)
     partial: bool  # the pass skips streamed layers
+
+    @property
+    def reads_slots(self) -> bool:
+        return bool(self.first or self.refill)
+
+    def next_pass_refills(self) -> list[tuple[int, int]]:
+        """(layer, the layer its slot receives for the next pass), in the order the pass ends them."""
+        return sorted((layer, nxt) for layer, (nxt, next_pass) in self.refill.items() if next_pass and nxt is not None)
 
 
 @dataclass(frozen=True)
@@ -103,18 +117,24 @@ class RingDriver:
         self._pending: dict = {}  # copies issued in this pass, not yet waited for
         self._tail = None  # the last copy issued for the next pass
         self._intact = False  # slot k holds the k-th streamed layer (a pass ran to its end)
+        self._late = False  # this pass leaves its next-pass refills to after_pass
+        self._refilled = None  # the last copy after_pass issued, until a pass that reads a slot waits for it
 
-    def begin_pass(self, run: Collection[int] | None = None) -> None:
-        """Before a pass that runs the layers in `run` (all when None). After a load, or a pass
-        that did not finish, the slots are filled afresh in order."""
+    def _plan_of(self, run: Collection[int] | None) -> PassPlan:
         key = None if run is None else frozenset(run)
         if key not in self._plans:
             self._plans[key] = self.schedule.plan(key)
-        plan = self._plans[key]
+        return self._plans[key]
+
+    def begin_pass(self, run: Collection[int] | None = None, late: bool = False) -> None:
+        """Before a pass that runs the layers in `run` (all when None); late: its refills for the
+        next pass are left to `issued_pass`. After a load, or a pass that did not finish, the slots are
+        filled afresh in order."""
+        plan = self._plan_of(run)
         if plan.partial and self.fixed_order and (plan.first or plan.refill):
             raise ValueError("a pass that skips streamed layers (a draft) cannot run while layers stream from "
                              "disk: their images are staged in the order whole passes copy them")
-        self._plan = plan
+        self._plan, self._late = plan, late
         if not self._intact:
             self._pending.clear()
             self._tail = None
@@ -127,10 +147,11 @@ class RingDriver:
             self._pending[layer] = self.device.copy(layer, slot, True)
 
     @contextmanager
-    def whole_pass(self, run: Collection[int] | None = None):
+    def whole_pass(self, run: Collection[int] | None = None, late: bool = False):
         """Around a forward pass that runs the layers in `run` (all when None): the slots filled
-        before it, its copies joined after it, and the slots in no known state if it raises."""
-        self.begin_pass(run)
+        before it, its copies joined after it (but for its next-pass refills when late), and the
+        slots in no known state if it raises."""
+        self.begin_pass(run, late)
         try:
             yield
         except BaseException:
@@ -149,7 +170,7 @@ class RingDriver:
         """Every read of the layer's slot is issued: refill the slot behind them (a resident
         layer has no slot)."""
         nxt, next_pass = self._plan.refill.get(layer, (None, False))
-        if nxt is None:
+        if nxt is None or next_pass and self._late:
             return
         slot = self.schedule.slot(layer)
         self.device.copy_waits(self.device.freed(slot))
@@ -168,6 +189,21 @@ class RingDriver:
         self._tail = None
         self._intact = not self._pending
         self._pending.clear()
+
+    @contextmanager
+    def issued_pass(self, run: Collection[int] | None = None, late: bool = False):
+        """Around issuing or replaying a pass, outside any capture: before it, a pass that reads
+        a slot waits for the refills the last late pass left; after a late pass, its refills for
+        the next pass, each behind the pass's last read of its slot."""
+        if self._refilled is not None and self._plan_of(run).reads_slots:
+            self.device.compute_waits(self._refilled)
+            self._refilled = None
+        yield
+        if late:
+            for layer, nxt in self._plan_of(run).next_pass_refills():
+                slot = self.schedule.slot(layer)
+                self.device.copy_waits(self.device.freed(slot))
+                self._refilled = self.device.copy(nxt, slot, True)
 
     def abandon(self) -> None:
         """A pass raised midway: the slots are in no known state."""

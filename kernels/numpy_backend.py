@@ -269,7 +269,9 @@ class NumpyBackend(Backend):
     def run_step(self, forward, step: StepInputs, kv_caches):
         if self.streaming is None:
             return forward(step, kv_caches)
-        with self.streaming.driver.whole_pass(getattr(forward, "layers_run", None)):
+        run, late = getattr(forward, "layers_run", None), getattr(forward, "late_refills", False)
+        driver = self.streaming.driver
+        with driver.issued_pass(run, late), driver.whole_pass(run, late):
             return forward(step, kv_caches)
 
     def load_vector(self, *tensors) -> np.ndarray:

@@ -168,6 +168,56 @@ def test_captured_partial_passes_replay_right_whatever_ran_before(seed):
     assert device.slots == [1, 2, 3]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_late_refills_run_beside_a_resident_draft_and_the_next_reader_of_a_slot_waits(seed):
+    """Verifying passes leave their refills for the next pass to after_pass (late), drafts of
+    resident layers run beside those copies without waiting for them, and every other pass
+    waits for them before it starts; each kind of pass captured once and replayed (the hooks
+    around a pass run every time, outside the capture): every read finds its layer's bytes."""
+    schedule = RingSchedule((1, 3, 4, 6, 7), 2)
+    device = FakeDevice(2, seed)
+    driver = RingDriver(schedule, device)
+    resident, through_slots = {0, 2, 5}, {0, 3, 5}
+    kinds = [(None, False), (None, True), (resident, False), (None, True), (resident, False), (resident, False),
+             (None, True), (through_slots, False), (None, True), (None, False), (None, True), (None, True),
+             (resident, False)]
+    captured, expected, outstanding = {}, [], False  # outstanding: refills issued that no pass waited for
+    for i, (run, late) in enumerate(kinds):
+        key = (None if run is None else frozenset(run), late)
+        layers = [layer for layer in range(8) if run is None or layer in run]
+        start = len(device.log)
+        with driver.issued_pass(run, late):
+            waited = [op for queue, op in device.log[start:] if queue == "compute" and op[0] == "wait"]
+            assert bool(waited) == (outstanding and run != resident)
+            outstanding = outstanding and run == resident
+            if key in captured:
+                device.replay(captured[key])
+            else:
+                begin = len(device.log)
+                with driver.whole_pass(run, late):
+                    for layer in layers:
+                        driver.begin_layer(layer)
+                        if schedule.is_streamed(layer):
+                            device.read(layer, schedule.slot(layer))
+                        driver.end_layer(layer)
+                if i > 0:
+                    captured[key] = device.log[begin:]
+                    if late:  # the pass itself copies only what it reads: 4, 6 and 7, as slots free
+                        assert [op[1] for _, op in captured[key] if op[0] == "copy"] == [4, 6, 7]
+            start = len(device.log)
+        after = [op[1:] for _, op in device.log[start:] if op[0] == "copy"]
+        # a late pass's refills follow it, in the order a pass that is not late makes them (the
+        # order the disk tier stages)
+        assert after == ([(layer, schedule.slot(layer)) for layer in schedule.prefetched()] if late else [])
+        outstanding = outstanding or late
+        expected += [layer for layer in layers if schedule.is_streamed(layer)]
+        if seed % 2:
+            device.run()
+    device.run()
+    assert device.reads == expected
+    assert device.slots == [1, 3]
+
+
 def test_a_draft_through_disk_streamed_layers_is_refused():
     """The disk tier stages images in whole passes' order: a draft may run resident layers only."""
     driver = RingDriver(RingSchedule((2, 3, 4), 2), FakeDevice(2, 0), fixed_order=True)

@@ -4,7 +4,8 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
 
     PYTHONPATH=. python tools/bench_speculation.py [--model M] [--backend numpy|cupy]
         [--configs plain,lookup:4,early-exit:3:6,skip:3:12,auto:auto] [--skip-set FILE]
-        [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G [--resident draft|first]] [--json OUT]
+        [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G [--resident draft|first]
+        [--n-buffers N]] [--inside-refills] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
     PYTHONPATH=. python tools/bench_speculation.py --pass-cost 20 [--backend cupy] [--vram-gb G]
     PYTHONPATH=. python tools/bench_speculation.py --batch 4 [--configs ...]   # through the serving scheduler
@@ -199,6 +200,9 @@ def main() -> int:
     ap.add_argument("--resident", choices=("draft", "first"), default="draft",
                     help="with --vram-gb and --skip-set: the skip draft's layers stay resident (draft, as ntr generate "
                     "places them) or the first layers do (first)")
+    ap.add_argument("--n-buffers", type=int, help="with --vram-gb: the VRAM slots streamed layers pass through")
+    ap.add_argument("--inside-refills", action="store_true",
+                    help="cupy: verifying passes refill the slots inside the pass (late_refills off), as before")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--batch", type=int, help="serve the prompts this many at a time through the scheduler (served)")
     ap.add_argument("--warm-up", type=int, metavar="N",
@@ -217,7 +221,10 @@ def main() -> int:
     # --batch: the scheduler's max_num_seqs and the rows its passes fill, max(16, B)
     rows = {"max_logit_rows": max(16, args.batch)} if args.batch else {}
     engine = Engine(path, backend=args.backend, max_context=1024,
-                    vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None, resident_order=order, **rows)
+                    vram_budget=int(args.vram_gb * 2**30) if args.vram_gb else None, resident_order=order,
+                    n_buffers=args.n_buffers, **rows)
+    if args.inside_refills:
+        engine.ops.tuning.late_refills = False
     print(json.dumps({"tiers": engine.placement.tiers, "slots": engine.placement.n_buffers}), flush=True)
     if args.pass_cost:
         pass_cost(engine, args.pass_cost)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -206,7 +207,12 @@ class Steps:
 
     def run(self, forward, step: StepInputs, kv_caches, feed=None):
         """Backend.run_step. feed: device ids to take as the step's tokens (a decode step;
-        greedy)."""
+        greedy). A streamed model's forward brings `issued`: what goes around the pass every
+        time it runs, captured or not (kernels/layer_ring.py issued_pass)."""
+        with getattr(forward, "issued", nullcontext)():
+            return self._run(forward, step, kv_caches, feed)
+
+    def _run(self, forward, step: StepInputs, kv_caches, feed):
         self._retired.clear()
         batch, logit_rows = step.batch, step.logit_rows
         T, B = len(step.tokens), batch.num_seqs

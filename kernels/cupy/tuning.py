@@ -29,10 +29,10 @@ PDL_KINDS = ("gemv", "quantize", "attention", "qmma", "norm")
 
 
 class Tuning:
-    """One backend's switches. Setting branch_segments, zero_in_inputs or round_in_products,
-    or use_pdl, drops the backend's captured decode graphs (they launch differently)."""
+    """One backend's switches. Setting branch_segments, zero_in_inputs, round_in_products or
+    late_refills, or use_pdl, drops the backend's captured decode graphs (they launch differently)."""
 
-    DROPS_GRAPHS = ("branch_segments", "zero_in_inputs", "round_in_products")
+    DROPS_GRAPHS = ("branch_segments", "zero_in_inputs", "round_in_products", "late_refills")
 
     def __init__(self, pdl_supported: bool, drop_graphs, graphs: bool = True):
         self._drop_graphs = drop_graphs
@@ -44,6 +44,9 @@ class Tuning:
         self.branch_segments = True
         self.zero_in_inputs = True  # a stream-K product's output zeroed by its input's kernel (misc.cu)
         self.round_in_products = True  # 1-token residual products round their output (products.Product)
+        # a streamed model's verifying pass leaves its slot refills to run beside the next draft
+        # (kernels/layer_ring.py `late`); off: inside the pass, as every other pass has them
+        self.late_refills = True
         # which kernels of the decode graph overlap their predecessor (kernels/launch.py):
         # NTR_PDL lists them (PDL_KINDS), 0 none; all by default. Measured on an H100
         # (docs/benchmarks.md): every kind gains or is neutral on every replica, once the

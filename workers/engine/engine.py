@@ -327,13 +327,15 @@ class Engine:
 
     def start_forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
                       rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
-                      decode_rows: bool = False,
-                      leaves: list[list[tuple[int, int]]] | None = None) -> Callable[[], np.ndarray]:
+                      decode_rows: bool = False, leaves: list[list[tuple[int, int]]] | None = None,
+                      before_draft: bool = False) -> Callable[[], np.ndarray]:
         """`forward`'s pass, started: returns a function that waits for its logits. Through
         pipeline stages the pass is submitted and runs while the caller goes on, so a pass of
         other sequences started behind it runs in the stages it has left (micro-batches,
         workers/engine/scheduler.py); in one process it runs here (on the GPU: is launched).
-        The sequences count the pass's tokens as cached when this returns."""
+        The sequences count the pass's tokens as cached when this returns. before_draft: a
+        draft of resident layers comes next (a verifying pass), which the streamed layers'
+        copies for the pass after may run beside (kernels/layer_ring.py `late`)."""
         step = self._plan(work, decode_rows=decode_rows, leaves=leaves)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
@@ -346,27 +348,32 @@ class Engine:
                 raise ValueError("a pipeline's stages run whole passes only (no drafts or verifying rows)")
             result = self.pipeline.submit(step).result
         else:
-            result = Finished(self.ops.run_step(self._forward(layers), step, self.kv.layers)).result
+            result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers)).result
         for seq, n in work:
             seq.num_cached += n
         if device:
             return result
         return lambda: self.ops.to_numpy(result()).astype(np.float32, copy=False)
 
-    def _forward(self, layers: tuple[int, ...] | None):
+    def _forward(self, layers: tuple[int, ...] | None, before_draft: bool = False):
         """The model's step, or that of a subset of its layers (a step of its own to a backend
-        that captures steps: `graph_key` names the subset)."""
+        that captures steps: `graph_key` names the subset). before_draft, when layers stream:
+        marked `late_refills`, a step of its own too."""
         n = self.config.n_layers
-        if layers is None:
-            return self.model.forward
-        layers = tuple(layers)
-        if not layers or any(not 0 <= i < n for i in layers) or any(a >= b for a, b in zip(layers, layers[1:])):
-            raise ValueError(f"layers must be ascending distinct indices in [0, {n}), got {list(layers)}")
-        if len(layers) == n:
+        if layers is not None:
+            layers = tuple(layers)
+            if not layers or any(not 0 <= i < n for i in layers) or any(a >= b for a, b in zip(layers, layers[1:])):
+                raise ValueError(f"layers must be ascending distinct indices in [0, {n}), got {list(layers)}")
+            if len(layers) == n:
+                layers = None
+        late = before_draft and self.placement.n_buffers > 0
+        if layers is None and not late:
             return self.model.forward
         forward = functools.partial(self.model.forward, layers=layers)
-        forward.graph_key = ("layers", layers)
-        forward.layers_run = layers  # a streamed model's ring copies only these (kernels/layer_ring.py)
+        forward.graph_key = ("layers", layers, late)
+        if layers is not None:
+            forward.layers_run = layers  # a streamed model's ring copies only these (kernels/layer_ring.py)
+        forward.late_refills = late
         return forward
 
     @property

@@ -259,7 +259,8 @@ def start_pass(engine, drafts: list[Draft], plain: list = ()):
         d.seq.token_ids.extend(d.proposed)
     try:
         engine.reserve([(seq, n + len(leaf)) for (seq, n), leaf in zip(work, leaves)])
-        return engine.start_forward(work, all_logits=True, device=True, decode_rows=True, leaves=leaves)
+        return engine.start_forward(work, all_logits=True, device=True, decode_rows=True, leaves=leaves,
+                                    before_draft=True)
     finally:
         for d in drafts:
             del d.seq.token_ids[len(d.seq.token_ids) - len(d.proposed):]
