@@ -253,7 +253,6 @@ class CupyBackend(Backend):
     # --- one model step, captured and replayed for decode -------------------------------
     @on_stream
     def run_step(self, forward, step: StepInputs, kv_caches, feed=None):
-        """feed: device ids to take as the step's tokens (a decode step; greedy_step)."""
         return self.steps.run(self._pass(forward), step, kv_caches, feed)
 
     def _pass(self, forward):
@@ -280,7 +279,7 @@ class CupyBackend(Backend):
         argmax after an eager step), its own ids copied to pinned memory behind it: the
         returned function waits only for that copy, and no host round trip stands between
         two steps."""
-        feed = self._fed_ids(step.batch.num_seqs) if fed else None
+        feed = [self._fed_ids(step.batch.num_seqs)] if fed else None
         self._greedy_ids, get = self.steps.greedy(self._pass(forward), step, kv_caches, feed)
         return get
 

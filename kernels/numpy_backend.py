@@ -266,13 +266,13 @@ class NumpyBackend(Backend):
             self.streaming.driver.end_layer(index)
         return x
 
-    def run_step(self, forward, step: StepInputs, kv_caches):
+    def run_step(self, forward, step: StepInputs, kv_caches, feed=None):
         if self.streaming is None:
-            return forward(step, kv_caches)
+            return super().run_step(forward, step, kv_caches, feed)
         run, late = getattr(forward, "layers_run", None), getattr(forward, "late_refills", False)
         driver = self.streaming.driver
         with driver.issued_pass(run, late), driver.whole_pass(run, late):
-            return forward(step, kv_caches)
+            return super().run_step(forward, step, kv_caches, feed)
 
     def load_vector(self, *tensors) -> np.ndarray:
         for t in tensors:

@@ -293,9 +293,14 @@ class Backend(ABC):
         return x if step.logit_rows is None else x[step.logit_rows]
 
     # --- one model step ---------------------------------------------------------
-    def run_step(self, forward, step: StepInputs, kv_caches: list) -> Array:
+    def run_step(self, forward, step: StepInputs, kv_caches: list, feed: list | None = None) -> Array:
         """Run `forward(step, kv_caches)` (the model's step). A GPU backend may capture it once
-        and replay the capture (CUDA graph) on later steps of the same shape."""
+        and replay the capture (CUDA graph) on later steps of the same shape. feed: arrays of
+        ids in the backend's type, taken as one (in order, flattened), that the step's negative
+        tokens name (token -1 - i is id i; `fed_tokens`): ids an earlier step computed, which a
+        GPU backend feeds the step on the device, before they reach the host."""
+        if feed is not None:
+            step = replace(step, tokens=fed_tokens(step.tokens, [self.to_numpy(f) for f in feed]))
         return forward(step, kv_caches)
 
     # True where sample() draws on the device: the engine then samples there when no logprobs
@@ -339,9 +344,8 @@ class Backend(ABC):
         each sequence's token is its id from the previous greedy_step (`step.tokens` holds
         placeholders), so a GPU backend can start the step before those ids reach the host;
         only valid right after a greedy_step of the same sequences in the same order."""
-        if fed:
-            step = replace(step, tokens=np.asarray(self._fed_ids(len(step.tokens)), dtype=step.tokens.dtype))
-        ids = self._greedy_ids = self.argmax(self.run_step(forward, step, kv_caches))
+        feed = [self._fed_ids(len(step.tokens))] if fed else None
+        ids = self._greedy_ids = self.argmax(self.run_step(forward, step, kv_caches, feed))
         return lambda: ids
 
     def top2(self, logits: Array) -> np.ndarray:
@@ -353,26 +357,42 @@ class Backend(ABC):
         rest[np.arange(len(x)), best] = -np.inf
         return np.stack([best, np.argmax(rest, axis=-1)])
 
-    def greedy_chain(self, forward, steps: list[StepInputs], kv_caches: list, runner_up: bool = False) -> np.ndarray:
+    def greedy_chain(self, forward, steps: list[StepInputs], kv_caches: list,
+                     runner_up: bool = False) -> tuple[Array, Callable[[], np.ndarray]]:
         """Greedy decode steps run one after the other (`run_step`), each fed the previous
-        step's argmax ids (the first takes its own tokens; the others' are placeholders):
-        the ids [len(steps), B] on the host; with runner_up [2, len(steps), B], each step's
-        `top2`. A GPU backend keeps the ids on the device between the steps and waits for the
-        host once, after the last."""
+        step's argmax ids (the first takes its own tokens; the others' name them, `fed_tokens`):
+        the ids [len(steps), B], with runner_up [2, len(steps), B] (each step's `top2`), as an
+        array of the backend's (what a later step may be fed) and a function that returns them
+        on the host. A GPU backend keeps the ids on the device between the steps, and the host
+        waits for them only when it asks."""
         ids: list[np.ndarray] = []
         for step in steps:
-            if ids:
-                step = replace(step, tokens=ids[-1][0].astype(step.tokens.dtype))
-            logits = self.run_step(forward, step, kv_caches)
+            logits = self.run_step(forward, step, kv_caches, [ids[-1][0]] if ids else None)
             ids.append(self.top2(logits) if runner_up else self.argmax(logits)[None])
         out = np.stack(ids, axis=1)
-        return out if runner_up else out[0]
+        out = out if runner_up else out[0]
+        return out, lambda: out
 
     def _fed_ids(self, n: int):
         """The last greedy_step's ids, to feed the next step of the same n sequences."""
         if self._greedy_ids is None or len(self._greedy_ids) != n:
             raise ValueError("greedy_step(fed=True) must follow a greedy_step of the same sequences")
         return self._greedy_ids
+
+
+def check_fed(tokens: np.ndarray, n_ids: int) -> None:
+    """A step's negative tokens name fed ids (-1 - i is id i): each must be one of the n_ids."""
+    if len(tokens) and -int(np.min(tokens)) > n_ids:
+        raise ValueError(f"a step names fed id {-int(np.min(tokens)) - 1} of {n_ids}")
+
+
+def fed_tokens(tokens: np.ndarray, feed: list[np.ndarray]) -> np.ndarray:
+    """A step's tokens with each negative one, -1 - i, replaced by id i of the feed (its
+    arrays taken as one, in order, flattened): what a GPU backend does on the device."""
+    ids = np.concatenate([np.asarray(f).reshape(-1) for f in feed])
+    check_fed(tokens, len(ids))
+    named = tokens < 0
+    return np.where(named, ids[np.where(named, -tokens - 1, 0)], tokens).astype(tokens.dtype)
 
 
 @dataclass(frozen=True)

@@ -176,18 +176,32 @@ def test_speculative_generation_verifies_as_decode_rows_and_drafts_by_chains(tin
     engine = Engine(tiny_model("llama"), max_context=256, kv_cache_tokens=512)
     prompt, params = [5, 17, 99, 4, 23, 5, 17, 99], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     plain = [e.token_id for e in engine.generate(prompt, params)]
-    plans, plan = [], engine._plan
+    plans, plan, passes = [], engine._plan, []
 
     def recording(work, fed=False, decode_rows=False, leaves=None):
         plans.append((work[0][1], fed, decode_rows))
-        return plan(work, fed=fed, decode_rows=decode_rows, leaves=leaves)
+        step = plan(work, fed=fed, decode_rows=decode_rows, leaves=leaves)
+        if decode_rows:
+            passes.append(step.tokens)
+        return step
 
     monkeypatch.setattr(engine, "_plan", recording)
     assert [e.token_id for e in engine.generate(prompt, params, Speculation(3, "early-exit", depth=1))] == plain
-    passes = [p for p in plans[1:] if p[0] > 1]  # after the prefill
-    assert passes and all(rows for _, _, rows in passes)
+    assert passes and all(rows for n, _, rows in plans[1:] if n > 1)  # after the prefill
     chains = sum(n == 1 and not (fed or rows) for n, fed, rows in plans[1:])  # a chain's first step
     assert chains and chains + sum(fed for _, fed, _ in plans) == engine.last_speculation.drafted
+    # each pass takes its proposals from the chain's ids, which its negative tokens name, not from the host
+    assert all(tokens[0] >= 0 and len(tokens) > 1 and (tokens[1:] < 0).all() for tokens in passes)
+
+
+def test_fed_tokens_are_the_ids_they_name():
+    from kernels.ops import fed_tokens
+
+    tokens = np.array([5, -1, -4, 7, -2, 0])
+    got = fed_tokens(tokens, [np.array([[10, 11], [12, 13]]), np.array([14])])  # taken as one, flattened
+    assert got.tolist() == [5, 10, 13, 7, 11, 0] and got.dtype == tokens.dtype
+    with pytest.raises(ValueError, match="fed id 5 of 5"):
+        fed_tokens(np.array([1, -6]), [np.arange(5)])
 
 
 # --- the CUDA kernels (`pytest -m gpu`) -----------------------------------------------------
@@ -211,6 +225,24 @@ def test_gpu_a_pass_as_decode_rows_replays_the_decode_graph_and_gives_the_twin_l
                                                      ("steps", verify_logits(gpu, ids, N, "steps"))]}
     print(case, {k: f"{v:.2e}" for k, v in errs.items()})
     assert max(errs.values()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_fed_tokens_on_the_device_are_the_twins(cuda_device):
+    import cupy as cp
+
+    from kernels.cupy.steps import fill_fed
+    from kernels.ops import fed_tokens
+
+    rng = np.random.default_rng(7)
+    for T in (1, 7, 64):
+        feed = [rng.integers(0, 150_000, (2, 3, 4)).astype(np.int32), rng.integers(0, 150_000, 5).astype(np.int32)]
+        tokens = np.where(rng.random(T) < 0.5, -1 - rng.integers(0, 29, T), rng.integers(0, 150_000, T))
+        dev = cp.asarray(tokens.astype(np.int32))
+        fill_fed(dev, tokens, [cp.asarray(f) for f in feed])
+        assert cp.asnumpy(dev).tolist() == fed_tokens(tokens, feed).tolist()
+    with pytest.raises(ValueError, match="fed id"):
+        fill_fed(cp.zeros(2, cp.int32), np.array([0, -30]), [cp.asarray(f) for f in feed])
 
 
 @pytest.mark.gpu

@@ -21,7 +21,7 @@ import logging
 import traceback
 from collections import OrderedDict
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import cupy as cp
@@ -31,7 +31,7 @@ import numpy as np
 from kernels.cupy.kernel_constants import PF_ROWS, QMMA_MAX_T
 from kernels.cupy.sampling import argmax_dev, top2_dev
 from kernels.cupy.values import materialize
-from kernels.ops import AttentionBatch, StepInputs
+from kernels.ops import AttentionBatch, StepInputs, check_fed
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,17 @@ def prefill_row_tiles(dev: DeviceStep, batch: AttentionBatch, G: int) -> cp.ndar
         order = np.argsort(-last, kind="stable")
         tiles = dev.row_tiles[G] = cp.asarray(np.stack([b, r0], 1)[order].astype(np.int32))
     return tiles
+
+
+_FILL_FED = cp.ElementwiseKernel("raw int32 ids", "int32 tok", "if (tok < 0) tok = ids[-tok - 1];", "ntr_fill_fed")
+
+
+def fill_fed(dev_tokens: cp.ndarray, tokens: np.ndarray, feed: list) -> None:
+    """The step's device tokens with each negative one, -1 - i, replaced by id i of the feed
+    (device arrays taken as one): ops.fed_tokens on the device, in stream order."""
+    ids = feed[0].ravel() if len(feed) == 1 else cp.concatenate([f.ravel() for f in feed])
+    check_fed(tokens, ids.size)
+    _FILL_FED(ids.astype(cp.int32, copy=False), dev_tokens)
 
 
 class Graph:
@@ -206,9 +217,9 @@ class Steps:
         self.last_graph = None
 
     def run(self, forward, step: StepInputs, kv_caches, feed=None):
-        """Backend.run_step. feed: device ids to take as the step's tokens (a decode step;
-        greedy). A streamed model's forward brings `issued`: what goes around the pass every
-        time it runs, captured or not (kernels/layer_ring.py issued_pass)."""
+        """Backend.run_step. feed: device ids that the step's negative tokens name. A streamed
+        model's forward brings `issued`: what goes around the pass every time it runs,
+        captured or not (kernels/layer_ring.py issued_pass)."""
         with getattr(forward, "issued", nullcontext)():
             return self._run(forward, step, kv_caches, feed)
 
@@ -227,9 +238,9 @@ class Steps:
             self._seen[key] = None
             if len(self._seen) > SEEN_SHAPES:
                 self._seen.popitem(last=False)
-        if feed is not None:
-            step = replace(step, tokens=cp.asnumpy(feed, stream=self.b.stream).astype(step.tokens.dtype))
         step.dev = make_step(step.tokens, step.positions, batch)
+        if feed is not None:
+            fill_fed(step.dev.tokens, step.tokens, feed)
         step.dev.logit_rows = None if logit_rows is None else cp.asarray(np.asarray(logit_rows, np.int64))
         try:
             return materialize(forward(step, kv_caches))
@@ -272,8 +283,8 @@ class Steps:
         g.pack(tokens, positions, batch, step.logit_rows)
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
         g.copied.record(stream)
-        if feed is not None:  # over the host's placeholders, in stream order
-            g.views(g.dev)[0][:] = feed
+        if feed is not None:  # over the tokens that name them, in stream order
+            fill_fed(g.views(g.dev)[0], tokens, feed)
         if g.graph is not None:
             g.graph.launch(stream)
             self.last_graph = g
@@ -326,20 +337,30 @@ class Steps:
         while sum(kept.pool.total_bytes() for kept in self.prompts.values()) > self.b.tuning.prompt_graph_bytes:
             self._retired.append(self.prompts.popitem(last=False)[1])
 
-    def chain(self, forward, steps: list[StepInputs], kv_caches, runner_up: bool = False) -> np.ndarray:
+    def chain(self, forward, steps: list[StepInputs], kv_caches, runner_up: bool = False):
         """Backend.greedy_chain: run() of each step fed the previous one's ids, kept on the
         device (a graph's ids are its buffer, which the next replay of the graph overwrites),
-        and one copy of them all to the host after the last. runner_up: each step's top2_dev
-        (one launch more a step)."""
+        and one copy of them all to pinned memory after the last, which get() waits for.
+        runner_up: each step's top2_dev (one launch more a step)."""
         ids = cp.empty((2, len(steps), steps[0].batch.num_seqs), cp.int32)
         for i, step in enumerate(steps):
-            out = self.run(forward, step, kv_caches, ids[0, i - 1] if i else None)
+            out = self.run(forward, step, kv_caches, [ids[0, i - 1]] if i else None)
             g = self.last_graph
             if runner_up:
                 ids[:, i] = top2_dev(self.b, out)
             else:
                 ids[0, i] = g.ids if g is not None and out is g.out else argmax_dev(self.b, out)
-        return cp.asnumpy(ids if runner_up else ids[0], stream=self.b.stream)
+        ids = ids if runner_up else ids[0]
+        host = cupyx.empty_pinned(ids.shape, np.int32)
+        ids.data.copy_to_host_async(host.ctypes.data, host.nbytes, self.b.stream)
+        done = cp.cuda.Event(disable_timing=True)
+        done.record(self.b.stream)
+
+        def get() -> np.ndarray:
+            done.synchronize()
+            return host
+
+        return ids, get
 
     def greedy(self, forward, step: StepInputs, kv_caches, feed):
         """Backend.greedy_step's step, fed `feed` (device ids) or not: run() and its ids (its

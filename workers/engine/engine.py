@@ -328,14 +328,16 @@ class Engine:
     def start_forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
                       rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
                       decode_rows: bool = False, leaves: list[list[tuple[int, int]]] | None = None,
-                      before_draft: bool = False) -> Callable[[], np.ndarray]:
+                      before_draft: bool = False, feed: list | None = None) -> Callable[[], np.ndarray]:
         """`forward`'s pass, started: returns a function that waits for its logits. Through
         pipeline stages the pass is submitted and runs while the caller goes on, so a pass of
         other sequences started behind it runs in the stages it has left (micro-batches,
         workers/engine/scheduler.py); in one process it runs here (on the GPU: is launched).
         The sequences count the pass's tokens as cached when this returns. before_draft: a
         draft of resident layers comes next (a verifying pass), which the streamed layers'
-        copies for the pass after may run beside (kernels/layer_ring.py `late`)."""
+        copies for the pass after may run beside (kernels/layer_ring.py `late`). feed: ids on
+        the device that the sequences' negative tokens name (`Backend.run_step`; a draft's
+        proposals, `start_chain`)."""
         step = self._plan(work, decode_rows=decode_rows, leaves=leaves)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
@@ -344,11 +346,11 @@ class Engine:
                 raise ValueError("a pass with leaf rows returns every row's logits (all_logits)")
             step.logit_rows = np.cumsum([n for _, n in work], dtype=np.int64) - 1
         if self.pipeline is not None:
-            if layers is not None or decode_rows:
+            if layers is not None or decode_rows or feed is not None:
                 raise ValueError("a pipeline's stages run whole passes only (no drafts or verifying rows)")
             result = self.pipeline.submit(step).result
         else:
-            result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers)).result
+            result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
         for seq, n in work:
             seq.num_cached += n
         if device:
@@ -414,12 +416,19 @@ class Engine:
     def greedy_chain(self, seqs: list[Sequence], k: int, layers: tuple[int, ...] | None = None,
                      runner_up: bool = False) -> list:
         """The k greedy tokens after each of seqs (their last tokens not cached yet) from the
-        model's `layers` (all if None): k decode steps of the batch, each fed the previous one's
-        ids on the device (`ops.greedy_chain`), the host waiting once for all k (a greedy draft,
-        or the drafts of several sequences together); with runner_up, for each sequence (its
-        tokens, the second-best token at each of their positions). Their KV is written at the
-        sequences' next k positions (reserved here; OutOfBlocks when the cache is full); the
-        sequences are as they were when this returns."""
+        model's `layers` (all if None): `start_chain`'s, waited for."""
+        return self.start_chain(seqs, k, layers, runner_up)[1]()
+
+    def start_chain(self, seqs: list[Sequence], k: int, layers: tuple[int, ...] | None = None,
+                    runner_up: bool = False) -> tuple[object, Callable[[], list]]:
+        """Start k greedy decode steps of seqs (their last tokens not cached yet) over the
+        model's `layers` (all if None), each fed the previous one's ids on the device
+        (`ops.greedy_chain`; a greedy draft, or the drafts of several sequences together).
+        Returns the ids as the backend holds them ([k, B]; with runner_up [2, k, B], the
+        second-best token at each position too: what a later pass may be fed) and a function
+        that waits for them once: each sequence's tokens (with runner_up, (tokens, second
+        bests)). Their KV is written at the sequences' next k positions (reserved here;
+        OutOfBlocks when the cache is full); the sequences are as they were when this returns."""
         if k < 1:
             raise ValueError(f"a greedy chain needs k >= 1 steps, got {k}")
         before = [(len(seq.token_ids), seq.num_cached) for seq in seqs]
@@ -432,14 +441,18 @@ class Engine:
                     seq.num_cached += 1
                     if i:
                         seq.token_ids.append(0)  # the place of the id this step is fed; the device holds it
-            ids = self.ops.greedy_chain(self._forward(layers), steps, self.kv.layers, runner_up)
+            ids, get = self.ops.greedy_chain(self._forward(layers), steps, self.kv.layers, runner_up)
         finally:
             for seq, (length, cached) in zip(seqs, before):
                 del seq.token_ids[length:]
                 seq.num_cached = cached
-        if runner_up:
-            return list(zip(ids[0].T.tolist(), ids[1].T.tolist()))
-        return ids.T.tolist()
+
+        @functools.cache
+        def tokens() -> list:
+            host = get()
+            return list(zip(host[0].T.tolist(), host[1].T.tolist())) if runner_up else host.T.tolist()
+
+        return ids, tokens
 
     @property
     def verifies_trees(self) -> bool:
@@ -458,7 +471,8 @@ class Engine:
     def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False,
               leaves: list[list[tuple[int, int]]] | None = None) -> StepInputs:
         """A step's tokens, positions and AttentionBatch over the sequences' reserved blocks.
-        fed: one token per sequence, not in token_ids yet (a greedy_step takes it on the device).
+        fed: one token per sequence, not in token_ids yet: the i-th sequence's token is -1 - i,
+        naming id i of what the step is fed (`Backend.run_step`'s feed: the previous step's ids).
         decode_rows: each sequence's n tokens as n rows of a decode step, row j the sequence at
         position num_cached + j with its context up to there, its block tables and ring slot
         in every row (AttentionBatch.step_from says which rows are one sequence's): a verifying
@@ -495,7 +509,7 @@ class Engine:
                 raise ValueError(f"KV blocks for {end} tokens are not reserved ({len(table)} blocks of {bs})")
             if n == 1:  # a decode step: no ranges to build
                 p = seq.num_cached
-                tokens.append(0 if fed else seq.token_ids[p])
+                tokens.append(-1 - i if fed else seq.token_ids[p])  # fed: names the previous step's id i
                 positions.append(p)
                 slots.append(table[p // bs] * bs + p % bs)
                 if sliding:

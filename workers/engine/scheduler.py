@@ -331,9 +331,9 @@ class Scheduler:
         plain ones first (`start_pass`); waiting settles each pass (`accept`) and samples the
         plain rows."""
         engine, plain = self.engine, [r for r in step.requests if r not in step.passes]
-        drafts = propose(engine, [(r.seq, choice, r.budget - r.generated, r.sampler)
-                                  for r, choice in step.passes.items()])
-        logits = start_pass(engine, drafts, [r.seq for r in plain])
+        drafts, feed = propose(engine, [(r.seq, choice, r.budget - r.generated, r.sampler)
+                                        for r, choice in step.passes.items()])
+        logits = start_pass(engine, drafts, [r.seq for r in plain], feed)
 
         def wait() -> list:
             out = logits()

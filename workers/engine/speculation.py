@@ -18,7 +18,9 @@ keeps m + 1 tokens costs about what a pass that keeps one does. Drafters:
   Verify, SWIFT; the set from `ntr calibrate-skip`, workers/engine/skip_calibration.py).
 Both model drafters are `Engine.forward(layers=...)` over a subset of the layers (early exit a
 prefix of them); a greedy draft's steps each take the previous step's id on the device
-(`Engine.greedy_chain`: one wait for the host a draft). The KV they write for the drafted
+(`Engine.start_chain`), and the verifying pass takes the draft's ids there too (its tokens
+name them, `propose`), so the host builds and launches the pass while the draft computes and
+waits once a pass. The KV they write for the drafted
 positions is what the verifying pass writes again in every layer, so nothing is recomputed
 after a rejection. The verifying pass of n tokens runs as the decode step of n sequences,
 each row the sequence at one of the positions (`Engine.forward(decode_rows=True)`): on the
@@ -178,20 +180,33 @@ class Draft:
     alternatives: list[int] = field(default_factory=list)
     accepted: int = 0  # proposals kept
     leaf_hit: bool | None = None
+    # a greedy chain's draft: proposed and alternatives name the ids the pass is fed on the
+    # device (negative tokens, `propose`) until this gives them from the host
+    pending: Callable[[], tuple[list[int], list[int]]] | None = None
 
     @property
     def rows(self) -> int:
         """Its rows of the pass: the last token, the proposals, the leaves."""
         return len(self.proposed) + 1 + len(self.alternatives)
 
+    def settle(self) -> None:
+        """The proposals and alternatives as the host reads them (a chain's: once its pass is done)."""
+        if self.pending is not None:
+            self.proposed, self.alternatives = self.pending()
+            self.pending = None
 
-def propose(engine, asks: list[tuple[object, Choice, int, object]]) -> list[Draft]:
+
+def propose(engine, asks: list[tuple[object, Choice, int, object]]) -> tuple[list[Draft], list]:
     """Each (seq, choice, limit, sampler)'s draft of up to min(k, limit - 1) tokens after seq
     (whose last token is not cached yet): by lookup, or by the model's `layers`. The greedy
     model drafts of the same layers, k and tree run as one chain over all their sequences (k
     decode steps of that batch, each fed the last one's ids on the device; a tree's also give
-    each step's runner-up, the draft's alternatives); a sampled draft's steps go through the
-    host, which draws (no tree). The sequences are as they were when this returns."""
+    each step's runner-up, the draft's alternatives), started and not waited for: their
+    proposals and alternatives are negative tokens naming the chains' ids, the returned feed
+    (`Engine.start_forward`), which the verifying pass takes on the device, so it is built and
+    launched while the draft computes; `Draft.settle` reads them once the pass is done. A
+    sampled draft's steps go through the host, which draws (no tree). The sequences are as
+    they were when this returns."""
     drafts: list[Draft | None] = [None] * len(asks)
     chains: dict[tuple, list[int]] = {}
     for i, (seq, choice, limit, sampler) in enumerate(asks):
@@ -203,11 +218,23 @@ def propose(engine, asks: list[tuple[object, Choice, int, object]]) -> list[Draf
             chains.setdefault((choice.layers, k, choice.tree), []).append(i)
         else:
             drafts[i] = Draft(seq, choice, *_sampled_draft(engine, seq, choice.layers, k, sampler), sampler)
+    feed, named = [], 0
     for (layers, k, tree), members in chains.items():
-        for i, got in zip(members, engine.greedy_chain([asks[i][0] for i in members], k, layers, runner_up=tree)):
-            proposed, alternatives = got if tree else (got, [])
-            drafts[i] = Draft(asks[i][0], asks[i][1], proposed, None, asks[i][3], alternatives)
-    return drafts
+        ids, tokens = engine.start_chain([asks[i][0] for i in members], k, layers, runner_up=tree)
+        B = len(members)
+        for b, i in enumerate(members):
+            # ids [k, B], or [2, k, B] with the runner-ups, after the feed's earlier chains'
+            name = [[-1 - (named + (r * k + j) * B + b) for j in range(k)] for r in range(2 if tree else 1)]
+            drafts[i] = Draft(asks[i][0], asks[i][1], name[0], None, asks[i][3], name[1] if tree else [],
+                              pending=functools.partial(_chain_draft, tokens, b, tree))
+        feed.append(ids)
+        named += B * k * (2 if tree else 1)
+    return drafts, feed
+
+
+def _chain_draft(tokens: Callable[[], list], b: int, tree: bool) -> tuple[list[int], list[int]]:
+    got = tokens()[b]
+    return got if tree else (got, [])
 
 
 def _sampled_draft(engine, seq, layers: tuple[int, ...], k: int, sampler) -> tuple[list[int], list]:
@@ -245,14 +272,14 @@ def accept_sampled(p_row: Callable[[int], np.ndarray], q_rows: list | None, prop
     return proposed + [int(rng.choice(len(p), p=p))]
 
 
-def start_pass(engine, drafts: list[Draft], plain: list = ()):
+def start_pass(engine, drafts: list[Draft], plain: list = (), feed: list | None = None):
     """Start one verifying pass: the sequences of `plain` (each fed its last token) and then
     each draft's (fed its last token and proposals, then its alternatives as leaf rows, the
     i-th at the i-th proposal's position) as the rows of one decode step
     (`Engine.forward(decode_rows=True)`), their KV blocks reserved (a leaf's KV goes to a
-    slot after the proposals'). Returns a function that waits for the logits of every row, in
-    that order, on the device. The proposals are not left in the sequences; each counts them
-    cached until `accept` settles it."""
+    slot after the proposals'); feed: `propose`'s, the ids its chains' drafts name. Returns a
+    function that waits for the logits of every row, in that order, on the device. The
+    proposals are not left in the sequences; each counts them cached until `accept` settles it."""
     work = [(seq, 1) for seq in plain] + [(d.seq, len(d.proposed) + 1) for d in drafts]
     leaves = [[]] * len(plain) + [[(j + 1, t) for j, t in enumerate(d.alternatives)] for d in drafts]
     for d in drafts:
@@ -260,7 +287,7 @@ def start_pass(engine, drafts: list[Draft], plain: list = ()):
     try:
         engine.reserve([(seq, n + len(leaf)) for (seq, n), leaf in zip(work, leaves)])
         return engine.start_forward(work, all_logits=True, device=True, decode_rows=True, leaves=leaves,
-                                    before_draft=True)
+                                    before_draft=True, feed=feed or None)
     finally:
         for d in drafts:
             del d.seq.token_ids[len(d.seq.token_ids) - len(d.proposed):]
@@ -279,6 +306,7 @@ def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], s
     (`Engine.move_kv`). Its sequence then caches its last token and the kept tokens but the
     last, which the caller appends (with the last token, not cached yet); the rejected ones'
     KV blocks go back."""
+    d.settle()
     proposed, seq, n = d.proposed, d.seq, len(d.proposed) + 1
     base = seq.num_cached - n  # seq's last token's position
     token_rows = None  # the row each kept token's logprobs come from (None: rows 0..)
@@ -334,6 +362,6 @@ def pass_rows(engine, out) -> Callable[[int, int], tuple[np.ndarray, Callable[[]
 def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[tuple], Draft]:
     """One sequence's draft (`propose`) and pass over it: the kept tokens (1..k+1, at most
     limit; `accept`), and the draft, its outcome recorded."""
-    d, = propose(engine, [(seq, choice, limit, sampler)])
-    rows = pass_rows(engine, start_pass(engine, [d])())
+    (d,), feed = propose(engine, [(seq, choice, limit, sampler)])
+    rows = pass_rows(engine, start_pass(engine, [d], feed=feed)())
     return accept(engine, d, *rows(0, d.rows), stats), d
