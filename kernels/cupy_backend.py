@@ -270,7 +270,8 @@ class CupyBackend(Backend):
                 return materialize(forward(step, kv_caches))
 
         run.graph_key = getattr(forward, "graph_key", None)
-        run.issued = functools.partial(driver.issued_pass, run_layers, late)
+        if driver.issues(run_layers, late):
+            run.issued = functools.partial(driver.issued_pass, run_layers, late)
         return run
 
     @on_stream

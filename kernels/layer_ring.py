@@ -190,6 +190,10 @@ class RingDriver:
         self._intact = not self._pending
         self._pending.clear()
 
+    def issues(self, run: Collection[int] | None = None, late: bool = False) -> bool:
+        """Whether issued_pass does anything around such a pass (a resident draft: nothing)."""
+        return late or self._plan_of(run).reads_slots
+
     @contextmanager
     def issued_pass(self, run: Collection[int] | None = None, late: bool = False):
         """Around issuing or replaying a pass, outside any capture: before it, a pass that reads

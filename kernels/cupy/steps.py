@@ -284,7 +284,7 @@ class Steps:
         g.dev.data.copy_from_host_async(g.host.ctypes.data, g.host.nbytes, stream)
         g.copied.record(stream)
         if feed is not None:  # over the tokens that name them, in stream order
-            fill_fed(g.views(g.dev)[0], tokens, feed)
+            fill_fed(g.dev[:len(tokens)], tokens, feed)  # the tokens lead the buffer
         if g.graph is not None:
             g.graph.launch(stream)
             self.last_graph = g
