@@ -175,12 +175,12 @@ class DraftMemory:
         self.probe_after = PROBE_FIRST
 
     def seed(self, policy: DraftPolicy) -> None:
+        """A new policy, before its first `next`, from what the memory holds."""
         for name, layers in policy.drafters.items():
             if (name, layers) in self.counts:
                 (policy.hits[name], policy.misses[name], policy.leaf_hits[name],
                  policy.leaf_misses[name]) = self.counts[name, layers]
         policy.probe_after = self.probe_after
-        policy._best_pass.clear()
 
     def keep(self, policy: DraftPolicy) -> None:
         for name, layers in policy.drafters.items():
