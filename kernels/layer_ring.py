@@ -17,10 +17,10 @@ layer between passes: every pass, whole or partial, starts and ends with slot k 
 k-th streamed layer, so a captured pass replays right whatever ran before it.
 
 A pass followed by a draft of resident layers may leave its refills for the next pass out
-(`late`): it ends without waiting for them, `issued_pass` issues them behind it, and they run on the
-link while the draft computes (which reads no slot); the next pass that reads a slot waits
-for them first. Issued outside the pass, they are outside its captured graph,
-so the slots still hold the same layers between passes as the graph replays.
+(`late`): it ends without waiting for them, `issued_pass` issues them behind it, and they
+cross the link while the draft computes (which reads no slot); the next pass that reads a
+slot waits for them first. Issued outside the pass, they are outside its captured graph, so
+the slots hold the same layers between passes whether the pass ran or its graph replayed.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class RingDriver:
         self._pending: dict = {}  # copies issued in this pass, not yet waited for
         self._tail = None  # the last copy issued for the next pass
         self._intact = False  # slot k holds the k-th streamed layer (a pass ran to its end)
-        self._late = False  # this pass leaves its next-pass refills to after_pass
-        self._refilled = None  # the last copy after_pass issued, until a pass that reads a slot waits for it
+        self._late = False  # this pass leaves its next-pass refills to issued_pass
+        self._refilled = None  # the last refill issued_pass made, until a pass that reads a slot waits for it
 
     def _plan_of(self, run: Collection[int] | None) -> PassPlan:
         key = None if run is None else frozenset(run)
@@ -128,8 +128,8 @@ class RingDriver:
 
     def begin_pass(self, run: Collection[int] | None = None, late: bool = False) -> None:
         """Before a pass that runs the layers in `run` (all when None); late: its refills for the
-        next pass are left to `issued_pass`. After a load, or a pass that did not finish, the slots are
-        filled afresh in order."""
+        next pass are left to `issued_pass`. After a load, or a pass that did not finish, the
+        slots are filled afresh in order."""
         plan = self._plan_of(run)
         if plan.partial and self.fixed_order and (plan.first or plan.refill):
             raise ValueError("a pass that skips streamed layers (a draft) cannot run while layers stream from "

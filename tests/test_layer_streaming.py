@@ -170,7 +170,7 @@ def test_captured_partial_passes_replay_right_whatever_ran_before(seed):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_late_refills_run_beside_a_resident_draft_and_the_next_reader_of_a_slot_waits(seed):
-    """Verifying passes leave their refills for the next pass to after_pass (late), drafts of
+    """Verifying passes leave their refills for the next pass to issued_pass (late), drafts of
     resident layers run beside those copies without waiting for them, and every other pass
     waits for them before it starts; each kind of pass captured once and replayed (the hooks
     around a pass run every time, outside the capture): every read finds its layer's bytes."""
