@@ -135,16 +135,20 @@ class RingDriver:
             raise ValueError("a pass that skips streamed layers (a draft) cannot run while layers stream from "
                              "disk: their images are staged in the order whole passes copy them")
         self._plan, self._late = plan, late
+        self._fill()
+        for layer in plan.first:
+            slot = self.schedule.slot(layer)
+            self.device.copy_waits(self.device.freed(slot))
+            self._pending[layer] = self.device.copy(layer, slot, True)
+
+    def _fill(self) -> None:
+        """After a load, or a pass that did not finish: the slots filled afresh in order."""
         if not self._intact:
             self._pending.clear()
             self._tail = None
             for layer in self.schedule.prefetched():
                 self.device.copy(layer, self.schedule.slot(layer), False)
             self._intact = True
-        for layer in plan.first:
-            slot = self.schedule.slot(layer)
-            self.device.copy_waits(self.device.freed(slot))
-            self._pending[layer] = self.device.copy(layer, slot, True)
 
     @contextmanager
     def whole_pass(self, run: Collection[int] | None = None, late: bool = False):
@@ -197,11 +201,14 @@ class RingDriver:
     @contextmanager
     def issued_pass(self, run: Collection[int] | None = None, late: bool = False):
         """Around issuing or replaying a pass, outside any capture: before it, a pass that reads
-        a slot waits for the refills the last late pass left; after a late pass, its refills for
-        the next pass, each behind the pass's last read of its slot."""
-        if self._refilled is not None and self._plan_of(run).reads_slots:
-            self.device.compute_waits(self._refilled)
-            self._refilled = None
+        a slot waits for the refills the last late pass left, and finds the slots filled afresh
+        if a pass failed midway (a replayed graph runs no begin_pass); after a late pass, its
+        refills for the next pass, each behind the pass's last read of its slot."""
+        if self._plan_of(run).reads_slots:
+            if self._refilled is not None:
+                self.device.compute_waits(self._refilled)
+                self._refilled = None
+            self._fill()
         yield
         if late:
             for layer, nxt in self._plan_of(run).next_pass_refills():

@@ -234,6 +234,39 @@ def test_ring_refills_after_a_pass_that_failed_midway():
     assert device.reads[-5:] == [2, 3, 4, 5, 6]  # the pass after the failure reads the right bytes
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_replayed_pass_after_one_that_failed_midway_reads_the_right_bytes(seed):
+    """A pass raises midway (its slots half refilled), then a captured pass replays without
+    begin_pass: issued_pass, around every pass and replay, fills the slots afresh first."""
+    schedule = RingSchedule((1, 2, 4, 5, 6), 2)
+    device = FakeDevice(2, seed)
+    driver = RingDriver(schedule, device)
+
+    def run(fail: bool = False) -> None:
+        with driver.whole_pass():
+            for layer in range(7):
+                if fail and layer == 5:
+                    raise RuntimeError("a kernel failed")
+                driver.begin_layer(layer)
+                if schedule.is_streamed(layer):
+                    device.read(layer, schedule.slot(layer))
+                driver.end_layer(layer)
+
+    with driver.issued_pass():
+        run()  # fills the slots (an eager first pass)
+    start = len(device.log)
+    with driver.issued_pass():
+        run()
+    captured = device.log[start:]
+    with driver.issued_pass(), pytest.raises(RuntimeError):
+        run(fail=True)
+    device.run()
+    with driver.issued_pass():
+        device.replay(captured)
+    device.run()
+    assert device.reads[-5:] == [1, 2, 4, 5, 6]
+
+
 def test_ring_schedule_slots_and_refills():
     s = RingSchedule((3, 4, 5, 6, 7), 2)
     assert [s.slot(i) for i in (3, 4, 5, 6, 7)] == [0, 1, 0, 1, 0]
