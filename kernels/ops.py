@@ -341,8 +341,8 @@ class Backend(ABC):
     def greedy_step(self, forward, step: StepInputs, kv_caches: list, fed: bool) -> Callable[[], np.ndarray]:
         """A decode step (`run_step`, one token per sequence, logits for every row) and the
         argmax of each row; returns a function that waits for those ids (a host array). fed:
-        each sequence's token is its id from the previous greedy_step (`step.tokens` holds
-        placeholders), so a GPU backend can start the step before those ids reach the host;
+        each sequence's token is its id from the previous greedy_step (`step.tokens` name them,
+        `fed_tokens`), so a GPU backend can start the step before those ids reach the host;
         only valid right after a greedy_step of the same sequences in the same order."""
         feed = [self._fed_ids(len(step.tokens))] if fed else None
         ids = self._greedy_ids = self.argmax(self.run_step(forward, step, kv_caches, feed))
