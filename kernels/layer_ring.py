@@ -40,9 +40,9 @@ class PassPlan:
     def reads_slots(self) -> bool:
         return bool(self.first or self.refill)
 
-    def next_pass_refills(self) -> list[tuple[int, int]]:
-        """(layer, the layer its slot receives for the next pass), in the order the pass ends them."""
-        return sorted((layer, nxt) for layer, (nxt, next_pass) in self.refill.items() if next_pass and nxt is not None)
+    def next_pass_refills(self) -> list[int]:
+        """The layers the slots receive for the next pass, in the order the pass ends their slots' users."""
+        return [nxt for _, (nxt, next_pass) in sorted(self.refill.items()) if next_pass and nxt is not None]
 
 
 @dataclass(frozen=True)
@@ -131,15 +131,19 @@ class RingDriver:
         next pass are left to `issued_pass`. After a load, or a pass that did not finish, the
         slots are filled afresh in order."""
         plan = self._plan_of(run)
-        if plan.partial and self.fixed_order and (plan.first or plan.refill):
+        if plan.partial and self.fixed_order and plan.reads_slots:
             raise ValueError("a pass that skips streamed layers (a draft) cannot run while layers stream from "
                              "disk: their images are staged in the order whole passes copy them")
         self._plan, self._late = plan, late
         self._fill()
         for layer in plan.first:
-            slot = self.schedule.slot(layer)
-            self.device.copy_waits(self.device.freed(slot))
-            self._pending[layer] = self.device.copy(layer, slot, True)
+            self._pending[layer] = self._copy_in(layer)
+
+    def _copy_in(self, layer: int):
+        """The layer's image into its slot on the copy queue, behind every read of the slot the
+        compute queue has issued (a refill takes the slot of the layer it follows)."""
+        self.device.copy_waits(self.device.freed(self.schedule.slot(layer)))
+        return self.device.copy(layer, self.schedule.slot(layer), True)
 
     def _fill(self) -> None:
         """After a load, or a pass that did not finish: the slots filled afresh in order."""
@@ -176,9 +180,7 @@ class RingDriver:
         nxt, next_pass = self._plan.refill.get(layer, (None, False))
         if nxt is None or next_pass and self._late:
             return
-        slot = self.schedule.slot(layer)
-        self.device.copy_waits(self.device.freed(slot))
-        event = self.device.copy(nxt, slot, True)
+        event = self._copy_in(nxt)
         if next_pass:
             self._tail = event
         else:
@@ -211,10 +213,8 @@ class RingDriver:
             self._fill()
         yield
         if late:
-            for layer, nxt in self._plan_of(run).next_pass_refills():
-                slot = self.schedule.slot(layer)
-                self.device.copy_waits(self.device.freed(slot))
-                self._refilled = self.device.copy(nxt, slot, True)
+            for layer in self._plan_of(run).next_pass_refills():
+                self._refilled = self._copy_in(layer)
 
     def abandon(self) -> None:
         """A pass raised midway: the slots are in no known state."""
