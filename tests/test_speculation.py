@@ -126,6 +126,30 @@ def test_a_drafter_that_is_the_model_has_every_proposal_accepted(engine):
     assert s.accepted == s.drafted and s.passes == 4  # 1 token from the prefill, then 4 + 4 + 4 + 4
 
 
+def test_each_pass_starts_before_the_last_ones_tokens_are_handed_out(engine, monkeypatch):
+    """generate starts the next verifying pass as soon as one is settled and hands out that
+    one's tokens while it runs (on a GPU their host work overlaps the pass); it starts none
+    past the budget or after a stop id, so every pass started is one settled."""
+    spec = Speculation(3, "early-exit", depth=engine.config.n_layers)  # 4 tokens every pass
+    started = []
+    start_forward = engine.start_forward
+
+    def counted(work, *args, **kwargs):
+        started.append(kwargs.get("decode_rows", False))
+        return start_forward(work, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "start_forward", counted)
+    params = SamplingParams(max_tokens=17, temperature=0, ignore_eos=True)
+    seen = [sum(started) for _ in engine.generate(REPEATING, params, spec)]
+    # the prefill's token, then each pass's 4 handed out with the next pass started (none after the 4th)
+    assert seen == [0] + [2] * 4 + [3] * 4 + [4] * 8
+    assert engine.last_speculation.passes == 4
+    stop = run(engine, REPEATING, max_tokens=17)[6][0]
+    started.clear()
+    fast = run(engine, REPEATING, spec, max_tokens=17, stop_ids=(stop,))
+    assert sum(started) == engine.last_speculation.passes == 2  # the stop is among the 2nd pass's tokens
+    assert fast == run(engine, REPEATING, max_tokens=17, stop_ids=(stop,))
+
 def test_max_tokens_and_stops_end_a_speculative_run_where_plain_decoding_ends(engine):
     spec = Speculation(5, "early-exit", depth=engine.config.n_layers)
     for params in ({"max_tokens": 7}, {"max_tokens": 1}, {"stop_ids": (run(engine, REPEATING)[5][0],)}):

@@ -30,7 +30,7 @@ from workers.engine.pipeline import Finished, LocalPipeline, plan_stages, split_
 from workers.engine.placement import Rates, context_bytes, plan_model
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
-from workers.engine.speculation import Speculation, verify
+from workers.engine.speculation import Speculation, start_verify
 from workers.engine.speculation import Stats as SpecStats
 from workers.engine.text_stream import TextStream
 from workers.model.chat_template import chat_template_from_metadata, render_chat
@@ -433,15 +433,17 @@ class Engine:
             raise ValueError(f"a greedy chain needs k >= 1 steps, got {k}")
         before = [(len(seq.token_ids), seq.num_cached) for seq in seqs]
         self.reserve([(seq, k) for seq in seqs])
-        steps = []
-        try:
+
+        def steps():  # each planned when the backend takes it: the first starts before the others are built
             for i in range(k):
-                steps.append(self._plan([(seq, 1) for seq in seqs], fed=i > 0))
+                yield self._plan([(seq, 1) for seq in seqs], fed=i > 0)
                 for seq in seqs:
                     seq.num_cached += 1
                     if i:
                         seq.token_ids.append(0)  # the place of the id this step is fed; the device holds it
-            ids, get = self.ops.greedy_chain(self._forward(layers), steps, self.kv.layers, runner_up)
+
+        try:
+            ids, get = self.ops.greedy_chain(self._forward(layers), steps(), self.kv.layers, runner_up)
         finally:
             for seq, (length, cached) in zip(seqs, before):
                 del seq.token_ids[length:]
@@ -709,19 +711,35 @@ class Engine:
             t0 = time.perf_counter()
             steps = self.greedy_decode([c.seq]) if ahead and not speculate else None
             kept: list[tuple] = []  # a speculative pass's (token, logprob, top) not handed out yet
+            verifying = None  # the pass started after `kept` (start_verify's), while they are handed out
+            plain_next = False  # the policy chose a plain step for when `kept` runs out
             plain_left = 0  # steps of the policy's plain run still to come from `steps`
+
+            def start(choice, after: list[int] = ()):
+                # at most the tokens the budget leaves and the rows of logits a step holds
+                return start_verify(self, c.seq, choice.cut(self.max_logit_rows - 1),
+                                    c.budget - c.generated - len(after), spec_stats, c.sampler, after)
+
             while True:
                 event = c.advance(*picked)
                 yield event
                 if event.finish_reason is not None:
                     return
-                choice = policy.next() if policy is not None and not kept else None
-                if kept or choice is not None:
-                    if not kept:
-                        # at most the tokens the budget leaves and the rows of logits a step holds
-                        kept, d = verify(self, c.seq, choice.cut(self.max_logit_rows - 1), c.budget - c.generated,
-                                         spec_stats, c.sampler)
-                        policy.update(choice.drafter, len(d.proposed), d.accepted, d.leaf_hit)
+                if policy is not None and not kept:
+                    if verifying is None and not plain_next:
+                        choice = policy.next()
+                        verifying = None if choice is None else start(choice)
+                    plain_next = False
+                    if verifying is not None:
+                        kept, d = verifying()
+                        policy.update(d.choice.drafter, len(d.proposed), d.accepted, d.leaf_hit)
+                        verifying, after = None, [t for t, _, _ in kept]
+                        if c.generated + len(kept) < c.budget and not c.stop_ids.intersection(after):
+                            # the next pass is drafted and verified while the host hands these out
+                            choice = policy.next()
+                            plain_next = choice is None
+                            verifying = None if plain_next else start(choice, after)
+                if kept:
                     picked = kept.pop(0)
                 elif steps is not None or (policy is not None and ahead):
                     if steps is None:  # the policy's run of plain steps, decoded ahead of the host

@@ -359,9 +359,22 @@ def pass_rows(engine, out) -> Callable[[int, int], tuple[np.ndarray, Callable[[]
     return rows
 
 
-def verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None) -> tuple[list[tuple], Draft]:
-    """One sequence's draft (`propose`) and pass over it: the kept tokens (1..k+1, at most
-    limit; `accept`), and the draft, its outcome recorded."""
-    (d,), feed = propose(engine, [(seq, choice, limit, sampler)])
-    rows = pass_rows(engine, start_pass(engine, [d], feed=feed)())
-    return accept(engine, d, *rows(0, d.rows), stats), d
+def start_verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=None,
+                 after: list[int] = ()) -> Callable[[], tuple[list[tuple], Draft]]:
+    """Start one sequence's draft (`propose`) and the pass over it, after the tokens `after`,
+    which the previous pass kept and the caller has not appended to seq yet (it appends them
+    while this pass runs, as it hands them out: their host work then overlaps the GPU's).
+    Returns a function that waits for the pass and settles it: (the kept tokens (1..k+1, at
+    most limit), each as `accept` gives it, and the draft, its outcome recorded)."""
+    seq.token_ids.extend(after)
+    try:
+        (d,), feed = propose(engine, [(seq, choice, limit, sampler)])
+        result = start_pass(engine, [d], feed=feed)
+    finally:
+        del seq.token_ids[len(seq.token_ids) - len(after):]
+
+    def finish() -> tuple[list[tuple], Draft]:
+        rows = pass_rows(engine, result())
+        return accept(engine, d, *rows(0, d.rows), stats), d
+
+    return finish
