@@ -12,7 +12,7 @@ the backend's device copies attached (`StepInputs.dev`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -357,14 +357,15 @@ class Backend(ABC):
         rest[np.arange(len(x)), best] = -np.inf
         return np.stack([best, np.argmax(rest, axis=-1)])
 
-    def greedy_chain(self, forward, steps: list[StepInputs], kv_caches: list,
+    def greedy_chain(self, forward, steps: Iterable[StepInputs], kv_caches: list,
                      runner_up: bool = False) -> tuple[Array, Callable[[], np.ndarray]]:
         """Greedy decode steps run one after the other (`run_step`), each fed the previous
         step's argmax ids (the first takes its own tokens; the others' name them, `fed_tokens`):
-        the ids [len(steps), B], with runner_up [2, len(steps), B] (each step's `top2`), as an
+        the ids [k, B] of the k steps, with runner_up [2, k, B] (each step's `top2`), as an
         array of the backend's (what a later step may be fed) and a function that returns them
-        on the host. A GPU backend keeps the ids on the device between the steps, and the host
-        waits for them only when it asks."""
+        on the host. The steps are taken one at a time, each after the last has started (an
+        iterator may plan each as it is asked for). A GPU backend keeps the ids on the device
+        between the steps, and the host waits for them only when it asks."""
         ids: list[np.ndarray] = []
         for step in steps:
             logits = self.run_step(forward, step, kv_caches, [ids[-1][0]] if ids else None)

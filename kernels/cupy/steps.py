@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import OrderedDict
+from collections.abc import Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -337,20 +338,20 @@ class Steps:
         while sum(kept.pool.total_bytes() for kept in self.prompts.values()) > self.b.tuning.prompt_graph_bytes:
             self._retired.append(self.prompts.popitem(last=False)[1])
 
-    def chain(self, forward, steps: list[StepInputs], kv_caches, runner_up: bool = False):
+    def chain(self, forward, steps: Iterable[StepInputs], kv_caches, runner_up: bool = False):
         """Backend.greedy_chain: run() of each step fed the previous one's ids, kept on the
         device (a graph's ids are its buffer, which the next replay of the graph overwrites),
         and one copy of them all to pinned memory after the last, which get() waits for.
         runner_up: each step's top2_dev (one launch more a step)."""
-        ids = cp.empty((2, len(steps), steps[0].batch.num_seqs), cp.int32)
-        for i, step in enumerate(steps):
-            out = self.run(forward, step, kv_caches, [ids[0, i - 1]] if i else None)
+        each = []  # each step's ids [B] (copied: a graph's next replay overwrites them), or [2, B]
+        for step in steps:
+            out = self.run(forward, step, kv_caches, [each[-1][0] if runner_up else each[-1]] if each else None)
             g = self.last_graph
             if runner_up:
-                ids[:, i] = top2_dev(self.b, out)
+                each.append(top2_dev(self.b, out))
             else:
-                ids[0, i] = g.ids if g is not None and out is g.out else argmax_dev(self.b, out)
-        ids = ids if runner_up else ids[0]
+                each.append(g.ids.copy() if g is not None and out is g.out else argmax_dev(self.b, out))
+        ids = cp.stack(each, axis=1 if runner_up else 0)
         host = cupyx.empty_pinned(ids.shape, np.int32)
         ids.data.copy_to_host_async(host.ctypes.data, host.nbytes, self.b.stream)
         done = cp.cuda.Event(disable_timing=True)
