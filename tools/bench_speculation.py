@@ -5,7 +5,7 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
     PYTHONPATH=. python tools/bench_speculation.py [--model M] [--backend numpy|cupy]
         [--configs plain,lookup:4,early-exit:3:6,skip:3:12,auto:auto] [--skip-set FILE]
         [--tokens-code 48 --tokens-prose 32] [--temperature 0.7] [--vram-gb G [--resident draft|first]
-        [--n-buffers N]] [--inside-refills] [--json OUT]
+        [--n-buffers N]] [--inside-refills] [--timeline] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
     PYTHONPATH=. python tools/bench_speculation.py --pass-cost 20 [--backend cupy] [--vram-gb G]
     PYTHONPATH=. python tools/bench_speculation.py --batch 4 [--configs ...]   # through the serving scheduler
@@ -156,6 +156,70 @@ def pass_cost(engine: Engine, reps: int, context: int = 200) -> None:
         engine.release(seq)
 
 
+class Timeline:
+    """--timeline (cupy): CUDA events around each draft chain (`ops.greedy_chain`), each plain
+    greedy step and each forward (`ops.run_step`: a prompt's, a verifying pass's), read after
+    each request. For each verifying pass right after a draft: the draft, the time from its
+    end to the pass's start, the pass, and (after a verifying pass) the time from that pass's
+    end to the draft's start. A span begins when the stream reaches it: where the GPU was
+    still busy, where that work ended; where it idled, when the host issued it. So the gaps
+    are the GPU's waits for the host. The events cost each pass ~6 records of host time."""
+
+    PARTS = ("idle before the draft", "draft", "draft to pass", "pass")
+
+    def __init__(self, engine: Engine):
+        import cupy as cp
+
+        self.cp, self.inside = cp, False
+        self.reset()
+        ops = engine.ops
+        for name, kind in (("greedy_chain", "draft"), ("greedy_step", "plain"), ("run_step", "pass")):
+            setattr(ops, name, self._marked(ops, getattr(ops, name), kind))
+
+    def _marked(self, ops, inner, kind: str):
+        def marked(*args, **kwargs):
+            if self.inside:  # a call the marked one makes (a NumPy chain's steps)
+                return inner(*args, **kwargs)
+            start, end = self.cp.cuda.Event(), self.cp.cuda.Event()
+            start.record(ops.stream)
+            self.inside = True
+            try:
+                out = inner(*args, **kwargs)
+            finally:
+                self.inside = False
+            end.record(ops.stream)
+            self.marks.append((kind, start, end))
+            return out
+
+        return marked
+
+    def reset(self) -> None:
+        self.marks = []
+        self.sums, self.counts = dict.fromkeys(self.PARTS, 0.0), dict.fromkeys(self.PARTS, 0)
+
+    def take(self) -> None:
+        """The last request's spans, added to the sums."""
+        marks, self.marks = self.marks, []
+        if not marks:
+            return
+        marks[-1][2].synchronize()
+        ms = self.cp.cuda.get_elapsed_time
+        for i in range(1, len(marks)):
+            (kind0, start0, end0), (kind1, start1, end1) = marks[i - 1], marks[i]
+            if (kind0, kind1) != ("draft", "pass"):
+                continue
+            spans = {"draft": ms(start0, end0), "draft to pass": ms(end0, start1), "pass": ms(start1, end1)}
+            if i >= 3 and (marks[i - 3][0], marks[i - 2][0]) == ("draft", "pass"):
+                spans["idle before the draft"] = ms(marks[i - 2][2], start0)
+            for part, t in spans.items():
+                self.sums[part] += t
+                self.counts[part] += 1
+
+    def means(self) -> dict[str, float]:
+        """Each part's mean ms over the passes that have it."""
+        return {part: self.sums[part] / self.counts[part] for part in self.PARTS if self.counts[part]}
+
+
 def served(engine: Engine, ids_list: list[list[int]], params: SamplingParams, spec, batch: int):
     """The prompts B at a time through a Scheduler, launched until its depth is in flight and
     committed oldest first (ComputeWorker._run). -> ({prompt index: ids}, decode tokens, their
@@ -203,6 +267,8 @@ def main() -> int:
     ap.add_argument("--n-buffers", type=int, help="with --vram-gb: the VRAM slots streamed layers pass through")
     ap.add_argument("--inside-refills", action="store_true",
                     help="cupy: verifying passes refill the slots inside the pass (late_refills off), as before")
+    ap.add_argument("--timeline", action="store_true",
+                    help="cupy: each verifying pass's GPU time split into draft, pass and the gaps between (Timeline)")
     ap.add_argument("--json", help="write the rows here too")
     ap.add_argument("--batch", type=int, help="serve the prompts this many at a time through the scheduler (served)")
     ap.add_argument("--warm-up", type=int, metavar="N",
@@ -226,6 +292,7 @@ def main() -> int:
     if args.inside_refills:
         engine.ops.tuning.late_refills = False
     print(json.dumps({"tiers": engine.placement.tiers, "slots": engine.placement.n_buffers}), flush=True)
+    timeline = Timeline(engine) if args.timeline else None
     if args.pass_cost:
         pass_cost(engine, args.pass_cost)
         return 0
@@ -267,9 +334,13 @@ def main() -> int:
                             mismatches += 1
                             near_ties += report_difference(engine, set_name, i, config, ids_list[i], batch_params,
                                                            out[i], plain_ids[(set_name, i)])
+            if timeline is not None:
+                timeline.reset()  # the warm-up's requests left out
             for i, ids in enumerate([] if args.batch else ids_list):
                 params = single_params(i)
                 out = [e.token_id for e in engine.generate(ids, params, spec)]
+                if timeline is not None:
+                    timeline.take()
                 t, s = engine.last_timings, engine.last_speculation
                 decode_tokens += t.decode_tokens
                 decode_s += t.decode_s
@@ -291,6 +362,8 @@ def main() -> int:
                    "plain_steps": plain_steps, "passes": passes, "leaves": leaves, "leaf_hits": leaf_hits,
                    "choices": {f"{d}:{k}": n for (d, k), n in sorted(choices.items())},
                    "prompts": len(ids_list), "tokens": tokens[set_name], "batch": args.batch or 1}
+            if timeline is not None:
+                row["timeline_ms"] = timeline.means()
             rows.append(row)
             print(json.dumps(row), flush=True)
     base = {r["set"]: r["decode_tok_s"] for r in rows if r["config"] == "plain"}
@@ -305,6 +378,13 @@ def main() -> int:
               f"{r['passes']} / {r['plain_steps']} | "
               f"{r['decode_tok_s']:.2f} | "
               f"{ratio:.2f}x | {r['mismatches']} of {r['prompts']} ({r['mismatches_at_near_ties']}) |")
+    if timeline is not None:
+        print("\n| set | config | " + " | ".join(f"{part} ms" for part in Timeline.PARTS) + " |")
+        print("|---|---|" + "---:|" * len(Timeline.PARTS))
+        for r in rows:
+            t = r["timeline_ms"]
+            print(f"| {r['set']} | {r['config']} | " + " | ".join(f"{t[p]:.3f}" if p in t else "" for p in Timeline.PARTS)
+                  + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
