@@ -680,8 +680,9 @@ class Engine:
         """Stream one completion. The last event carries finish_reason. With speculation, a
         completion without penalties decodes speculatively (workers/engine/speculation.py):
         greedy, the same tokens (and logprobs); sampled, tokens of the same distribution
-        from the request's generator; several a pass. Its drafter and k are chosen pass by
-        pass when speculation says auto (workers/engine/draft_policy.py)."""
+        from the request's generator; several a pass, the next pass started before this
+        one's tokens are handed out. Its drafter and k are chosen pass by pass when
+        speculation says auto (workers/engine/draft_policy.py)."""
         if speculation is not None and self.pipeline is not None:
             raise ValueError("speculative decoding does not run through pipeline stages")
         if speculation is not None and params.constrained:
