@@ -25,6 +25,11 @@ from workers.engine.speculation import MAX_K
 SLACK = MAX_K
 
 
+def slot(table: list[int], position: int, block_size: int) -> int:
+    """The cache row of a sequence's token at `position`, through its block table."""
+    return table[position // block_size] * block_size + position % block_size
+
+
 class OutOfBlocks(RuntimeError):
     """The cache has no free block for the tokens asked for."""
 

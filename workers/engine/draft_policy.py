@@ -84,6 +84,7 @@ class DraftPolicy:
         self.leaf_misses = dict.fromkeys(self.drafters, 0.0)
         self.plain_run, self.probe_after = 0, PROBE_FIRST
         self._best_pass: dict[int, tuple[float, str, int, bool]] = {}  # _best's by batch, until the next update
+        self.memory: DraftMemory | None = None  # a greedy request's: where it started, and leaves what it measured
 
     @classmethod
     def for_engine(cls, engine, spec: Speculation, greedy: bool = True) -> "DraftPolicy":
@@ -100,8 +101,14 @@ class DraftPolicy:
         policy = cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)],
                      trees=greedy and engine.verifies_trees)
         if greedy:
-            engine.draft_memory.seed(policy)
+            policy.memory = engine.draft_memory
+            policy.memory.seed(policy)
         return policy
+
+    def finish(self) -> None:
+        """The request is over: a greedy one leaves what it measured to the memory it started from."""
+        if self.memory is not None:
+            self.memory.keep(self)
 
     def acceptance(self, drafter: str) -> float:
         return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)

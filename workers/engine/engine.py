@@ -21,7 +21,7 @@ import numpy as np
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
 from kernels.kv_layout import RECENT
 from kernels.ops import LogitBias
-from workers.engine.block_manager import BlockManager
+from workers.engine.block_manager import BlockManager, slot
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
@@ -468,7 +468,7 @@ class Engine:
         leaf's, from the slot its pass wrote them to: workers/engine/speculation.py)."""
         bs = self.blocks.block_size
         table = seq.block_table
-        self.ops.copy_kv(self.kv.layers, table[src // bs] * bs + src % bs, table[dst // bs] * bs + dst % bs)
+        self.ops.copy_kv(self.kv.layers, slot(table, src, bs), slot(table, dst, bs))
 
     def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False,
               leaves: list[list[tuple[int, int]]] | None = None) -> StepInputs:
@@ -513,15 +513,15 @@ class Engine:
                 p = seq.num_cached
                 tokens.append(-1 - i if fed else seq.token_ids[p])  # fed: names the previous step's id i
                 positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+                slots.append(slot(table, p, bs))
                 if sliding:
-                    sliding_slots.append(seq.sliding_table[p // bs] * bs + p % bs)
+                    sliding_slots.append(slot(seq.sliding_table, p, bs))
             else:
                 tokens.extend(seq.token_ids[seq.num_cached:end])
                 positions.extend(range(seq.num_cached, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(seq.num_cached, end))
+                slots.extend(slot(table, p, bs) for p in range(seq.num_cached, end))
                 if sliding:
-                    sliding_slots.extend(seq.sliding_table[p // bs] * bs + p % bs for p in range(seq.num_cached, end))
+                    sliding_slots.extend(slot(seq.sliding_table, p, bs) for p in range(seq.num_cached, end))
             if decode_rows:
                 row0 = len(step_from)
                 starts.extend(range(starts[-1] + 1, starts[-1] + n + 1))
@@ -536,7 +536,7 @@ class Engine:
                                          f"{len(table) * bs} tokens (its slot: position {spare})")
                     tokens.append(token)
                     positions.append(seq.num_cached + j)
-                    slots.append(table[spare // bs] * bs + spare % bs)
+                    slots.append(slot(table, spare, bs))
                     starts.append(starts[-1] + 1)
                     ctx.append(seq.num_cached + j + 1)
                     rows.append(seq)
@@ -760,8 +760,8 @@ class Engine:
                 timings.decode_s = time.perf_counter() - t0
         finally:
             self.release(c.seq)
-            if policy is not None and params.greedy:
-                self.draft_memory.keep(policy)
+            if policy is not None:
+                policy.finish()
 
     def score(self, ids: list[int], top: int = 10) -> list[dict]:
         """Teacher forcing: for every position, the top logits predicting the next token and the log-sum-exp."""

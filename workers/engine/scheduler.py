@@ -415,8 +415,8 @@ class Scheduler:
         self.running.remove(request)
         del self.requests[request.id]
         request.done = True
-        if request.policy is not None and request.params.greedy:
-            self.engine.draft_memory.keep(request.policy)
+        if request.policy is not None:
+            request.policy.finish()
         self._drop(request)
 
     def _drop(self, request: Request) -> None:
