@@ -150,6 +150,19 @@ def test_each_pass_starts_before_the_last_ones_tokens_are_handed_out(engine, mon
     assert sum(started) == engine.last_speculation.passes == 2  # the stop is among the 2nd pass's tokens
     assert fast == run(engine, REPEATING, max_tokens=17, stop_ids=(stop,))
 
+def test_a_consumer_that_stops_mid_pass_gets_every_block_back(engine):
+    """Closing generate while a pass started ahead is in flight (its tokens not yet handed
+    out) releases the request's blocks, and the engine serves the next request as before."""
+    spec = Speculation(3, "early-exit", depth=engine.config.n_layers)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    events = engine.generate(REPEATING, params, spec)
+    first = [next(events).token_id for _ in range(3)]  # the prefill's token and two of the first pass's 4
+    events.close()
+    assert engine.blocks.free_blocks == engine.blocks.num_blocks
+    plain = run(engine, REPEATING)
+    assert [t for t, _, _ in plain[:3]] == first
+    assert run(engine, REPEATING, spec) == plain
+
 def test_max_tokens_and_stops_end_a_speculative_run_where_plain_decoding_ends(engine):
     spec = Speculation(5, "early-exit", depth=engine.config.n_layers)
     for params in ({"max_tokens": 7}, {"max_tokens": 1}, {"stop_ids": (run(engine, REPEATING)[5][0],)}):
