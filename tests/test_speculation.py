@@ -434,6 +434,25 @@ def test_a_drafter_that_proposes_nothing_loses_the_choice():
     assert policy.next().drafter == "skip"
 
 
+def test_a_lookup_pass_pays_the_host_time_the_device_waits_for():
+    """On a GPU the host's search and the pass's build stand between passes when lookup drafts
+    (a model draft's chain hides them): host_cost adds to a lookup pass's cost only, so a skip
+    draft kept as often, which costs a little more than a free lookup draft and less than one
+    with the host's time, is chosen once that time counts (the rates' closed form)."""
+    spec = Speculation(2, "auto", skip=(1,))
+    drafters, costs = {"lookup": None, "skip": (0,)}, {"lookup": 0.0, "skip": 0.02}
+    free, paid = (DraftPolicy(spec, drafters, costs, VERIFY_COST["cupy", True], host_cost=h) for h in (0.0, 0.083))
+    for policy in (free, paid):
+        for _ in range(6):
+            policy.update("lookup", 2, 1)
+            policy.update("skip", 2, 1)
+    tokens = expected_tokens(free.acceptance("lookup"), 2)
+    assert free.acceptance("skip") == free.acceptance("lookup")
+    assert free.rate("lookup", 2) == pytest.approx(tokens / free.verify_cost[2])
+    assert paid.rate("lookup", 2) == pytest.approx(tokens / (free.verify_cost[2] + 0.083))
+    assert paid.rate("skip", 2) == free.rate("skip", 2) == pytest.approx(tokens / (free.verify_cost[2] + 0.04))
+    assert free.next().drafter == "lookup" and paid.next().drafter == "skip"
+
 def test_expected_tokens_is_the_geometric_sum():
     for a, k in ((0.3, 4), (0.9, 1), (0.0, 5)):
         assert expected_tokens(a, k) == pytest.approx(sum(a ** i for i in range(k + 1)))

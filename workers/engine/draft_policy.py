@@ -10,7 +10,9 @@ verify_cost(k) (a pass over k + 1 rows, interpolated between the measured ones; 
 was drafted) + k * draft_cost(d), where draft_cost is the placement's predicted time of a pass
 through the drafter's layers and the head over a whole step's (0 for lookup): about the share
 of the weights they hold when every layer is resident, far less when the draft's layers are
-resident and others stream. In a step of B decodes, the plain step already gives B tokens
+resident and others stream; a lookup pass also costs host_cost, the host time a GPU waits for
+while the host searches the context and builds the pass (a model draft's chain runs on the
+device meanwhile, so the host builds its pass unwaited for). In a step of B decodes, the plain step already gives B tokens
 for its cost, and a pass makes all B wait for it: the pass is worth (B - 1 + tokens) / (B *
 cost) plain steps (at B = 1, tokens / cost), so the same acceptance pays less in a batch (the
 scheduler's batch of 4 streamed, skip 12 at k=3: 1,277 tok/s against plain's 1,745 on the
@@ -50,6 +52,12 @@ VERIFY_COST = {
     ("cupy", True): {1: 1.07, 2: 1.13, 4: 1.14, 8: 1.25, 16: 1.44},
 }
 VERIFY_COST["numpy", True] = VERIFY_COST["numpy", False]  # the CPU streams nothing
+# A lookup pass's host time that the device waits for: from the last pass's end to this one's
+# start, the n-gram search and the pass's plan and upload (a model draft's device chain hides
+# its pass's). cupy: the serving scheduler's lookup passes on the H100, 2026-12-06, 2.58 ms
+# against the 2.30 ms VERIFY_COST predicts (docs/benchmarks.md). numpy: the CPU waits for
+# every pass alike, and 0.3 ms is 1% of its step.
+HOST_DRAFT_SECONDS = {"numpy": 0.0, "cupy": 0.25e-3}
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
 
@@ -61,13 +69,15 @@ def expected_tokens(a: float, k: int) -> float:
 
 class DraftPolicy:
     def __init__(self, spec: Speculation, drafters: dict[str, tuple[int, ...] | None], draft_cost: dict[str, float],
-                 verify_cost: dict[int, float], trees: bool = False):
+                 verify_cost: dict[int, float], trees: bool = False, host_cost: float = 0.0):
         """drafters: `spec.drafters(...)`; draft_cost: each one's cost per drafted token in
         decode steps; verify_cost: a verifying pass's in decode steps, by k (measured points);
         trees: whether the model drafters' passes may be trees (a greedy request on an engine
-        that `verifies_trees`), as spec.tree allows (None: where they pay)."""
+        that `verifies_trees`), as spec.tree allows (None: where they pay); host_cost: a lookup
+        pass's host time the device waits for, in decode steps."""
         self.k = spec.k
         self.drafters = drafters
+        self.host_cost = host_cost
         allowed = (False, True) if spec.tree is None else (spec.tree,)
         self.tree_options = {d: allowed if trees and layers is not None else (False,) for d, layers in drafters.items()}
         self.draft_cost = draft_cost
@@ -91,15 +101,16 @@ class DraftPolicy:
         """A draft token's cost: the placement's predicted time for a pass through its layers
         and the head over a whole step's (placement.step_seconds: resident layers read, streamed
         ones copied too), so a draft through resident layers is cheap beside a streamed step.
-        A verifying pass's: VERIFY_COST of the backend and placement. A greedy request's
-        policy starts from the engine's `draft_memory`."""
+        A verifying pass's: VERIFY_COST of the backend and placement. A lookup pass's host
+        time: HOST_DRAFT_SECONDS over the predicted step. A greedy request's policy starts
+        from the engine's `draft_memory`."""
         p = engine.placement
         drafters = spec.drafters(engine.config.n_layers, engine.resident_layers)
         step = p.step_seconds(1, engine.rates)
         costs = {name: 0.0 if layers is None else p.step_seconds(1, engine.rates, layers) / step
                  for name, layers in drafters.items()}
         policy = cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)],
-                     trees=greedy and engine.verifies_trees)
+                     trees=greedy and engine.verifies_trees, host_cost=HOST_DRAFT_SECONDS[engine.ops.name] / step)
         if greedy:
             policy.memory = engine.draft_memory
             policy.memory.seed(policy)
@@ -124,7 +135,8 @@ class DraftPolicy:
         model's token."""
         a = self.acceptance(drafter)
         tokens = expected_tokens(a, k) + (1.0 - a ** k) * self.leaf_acceptance(drafter) * tree
-        cost = self.verify_cost[2 * k if tree else k] + k * self.draft_cost[drafter]
+        cost = (self.verify_cost[2 * k if tree else k] + k * self.draft_cost[drafter]
+                + (self.host_cost if self.drafters[drafter] is None else 0.0))
         return (batch - 1 + tokens) / (batch * cost)
 
     def _best(self, batch: int) -> tuple[float, str, int, bool]:
