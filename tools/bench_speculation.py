@@ -47,7 +47,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workers.engine.draft_policy import DraftMemory  # noqa: E402
+from workers.engine.draft_policy import DraftMemory, DraftPolicy  # noqa: E402
 from workers.engine.engine import Engine, Sequence  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
 from workers.engine.scheduler import Scheduler  # noqa: E402
@@ -161,11 +161,14 @@ class Timeline:
     greedy step and each forward (`ops.run_step`: a prompt's, a verifying pass's), read after
     each request. For each verifying pass right after a draft: the draft, the time from its
     end to the pass's start, the pass, and (after a verifying pass) the time from that pass's
-    end to the draft's start. A span begins when the stream reaches it: where the GPU was
-    still busy, where that work ended; where it idled, when the host issued it. So the gaps
-    are the GPU's waits for the host. The events cost each pass ~6 records of host time."""
+    end to the draft's start; for a pass right after another (a lookup draft, the host's) but
+    the request's first: the time between the two and the pass. A span begins when the stream
+    reaches it: where the GPU was still busy, where that work ended; where it idled, when the
+    host issued it. So the gaps are the GPU's waits for the host. The events cost each pass ~6
+    records of host time."""
 
-    PARTS = ("idle before the draft", "draft", "draft to pass", "pass")
+    PARTS = ("idle before the draft", "draft", "draft to pass", "pass", "idle before a host-drafted pass",
+             "host-drafted pass")
 
     def __init__(self, engine: Engine):
         import cupy as cp
@@ -194,11 +197,16 @@ class Timeline:
         return marked
 
     def reset(self) -> None:
+        """Sums from zero (a config's timed requests)."""
         self.marks = []
         self.sums, self.counts = dict.fromkeys(self.PARTS, 0.0), dict.fromkeys(self.PARTS, 0)
 
+    def start(self) -> None:
+        """Marks from here (what ran since, untimed, left out)."""
+        self.marks = []
+
     def take(self) -> None:
-        """The last request's spans, added to the sums."""
+        """The spans since start(), added to the sums."""
         marks, self.marks = self.marks, []
         if not marks:
             return
@@ -206,11 +214,14 @@ class Timeline:
         ms = self.cp.cuda.get_elapsed_time
         for i in range(1, len(marks)):
             (kind0, start0, end0), (kind1, start1, end1) = marks[i - 1], marks[i]
-            if (kind0, kind1) != ("draft", "pass"):
+            if (kind0, kind1) == ("pass", "pass") and i >= 2:  # the first pair: a prompt, then a pass
+                spans = {"idle before a host-drafted pass": ms(end0, start1), "host-drafted pass": ms(start1, end1)}
+            elif (kind0, kind1) == ("draft", "pass"):
+                spans = {"draft": ms(start0, end0), "draft to pass": ms(end0, start1), "pass": ms(start1, end1)}
+                if i >= 3 and (marks[i - 3][0], marks[i - 2][0]) == ("draft", "pass"):
+                    spans["idle before the draft"] = ms(marks[i - 2][2], start0)
+            else:
                 continue
-            spans = {"draft": ms(start0, end0), "draft to pass": ms(end0, start1), "pass": ms(start1, end1)}
-            if i >= 3 and (marks[i - 3][0], marks[i - 2][0]) == ("draft", "pass"):
-                spans["idle before the draft"] = ms(marks[i - 2][2], start0)
             for part, t in spans.items():
                 self.sums[part] += t
                 self.counts[part] += 1
@@ -322,8 +333,14 @@ def main() -> int:
                 served(engine, ids_list[:warm_up], batch_params, spec, args.batch)
             for i, ids in enumerate([] if args.batch else ids_list[:warm_up]):
                 list(engine.generate(ids, single_params(i), spec))
+            if timeline is not None:
+                timeline.reset()  # the warm-up's requests left out
             if args.batch:
+                if timeline is not None:
+                    timeline.start()
                 out, decode_tokens, decode_s, s = served(engine, ids_list, batch_params, spec, args.batch)
+                if timeline is not None:
+                    timeline.take()
                 passes, accepted, drafted = s.passes, s.accepted, s.drafted
                 plain_steps, choices, leaves, leaf_hits = s.plain_steps, s.choices, s.leaves, s.leaf_hits
                 if spec is None:
@@ -334,10 +351,10 @@ def main() -> int:
                             mismatches += 1
                             near_ties += report_difference(engine, set_name, i, config, ids_list[i], batch_params,
                                                            out[i], plain_ids[(set_name, i)])
-            if timeline is not None:
-                timeline.reset()  # the warm-up's requests left out
             for i, ids in enumerate([] if args.batch else ids_list):
                 params = single_params(i)
+                if timeline is not None:
+                    timeline.start()
                 out = [e.token_id for e in engine.generate(ids, params, spec)]
                 if timeline is not None:
                     timeline.take()
@@ -362,6 +379,9 @@ def main() -> int:
                    "plain_steps": plain_steps, "passes": passes, "leaves": leaves, "leaf_hits": leaf_hits,
                    "choices": {f"{d}:{k}": n for (d, k), n in sorted(choices.items())},
                    "prompts": len(ids_list), "tokens": tokens[set_name], "batch": args.batch or 1}
+            if spec is not None:  # what the policy weighs passes with, in plain steps
+                policy = DraftPolicy.for_engine(engine, spec)
+                row["policy_costs"] = {"draft": policy.draft_cost, "lookup_host": policy.host_cost}
             if timeline is not None:
                 row["timeline_ms"] = timeline.means()
             rows.append(row)
