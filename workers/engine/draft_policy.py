@@ -12,11 +12,11 @@ through the drafter's layers and the head over a whole step's (0 for lookup): ab
 of the weights they hold when every layer is resident, far less when the draft's layers are
 resident and others stream; a lookup pass also costs host_cost, the host time a GPU waits for
 while the host searches the context and builds the pass (a model draft's chain runs on the
-device meanwhile, so the host builds its pass unwaited for). In a step of B decodes, the plain step already gives B tokens
-for its cost, and a pass makes all B wait for it: the pass is worth (B - 1 + tokens) / (B *
-cost) plain steps (at B = 1, tokens / cost), so the same acceptance pays less in a batch (the
-scheduler's batch of 4 streamed, skip 12 at k=3: 1,277 tok/s against plain's 1,745 on the
-H200). The next pass takes the (d, k) with the most worth
+device meanwhile, so the host builds its pass unwaited for). In a step of B decodes, the
+plain step already gives B tokens for its cost, and a pass makes all B wait for it: the pass
+is worth (B - 1 + tokens) / (B * cost) plain steps (at B = 1, tokens / cost), so the same
+acceptance pays less in a batch (the scheduler's batch of 4 streamed, skip 12 at k=3: 1,277
+tok/s against plain's 1,745 on the H200). The next pass takes the (d, k) with the most worth
 (ties: the earlier drafter in DRAFTERS order, then the smaller k). With a fixed k only d is
 chosen; with auto k, when no (d, k) beats a plain step (worth at most 1) the step is plain,
 and after PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its
