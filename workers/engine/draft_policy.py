@@ -55,8 +55,10 @@ VERIFY_COST["numpy", True] = VERIFY_COST["numpy", False]  # the CPU streams noth
 # A lookup pass's host time that the device waits for: from the last pass's end to this one's
 # start, settling it, the n-gram search and the pass's plan and upload, which a model draft's
 # device chain hides (its pass is built while the draft computes). cupy: the device idles
-# 0.12-0.21 ms before each lookup pass (`bench_speculation.py --timeline`, H100, 2026-12-06,
-# docs/benchmarks.md). numpy: the CPU waits for every pass alike, and 0.2 ms is <1% of its step.
+# 0.12-0.15 ms before each lookup pass of Engine.generate (`bench_speculation.py --timeline`,
+# H100, 2026-12-06) and ~0.2-0.28 ms through the serving scheduler, which also commits and plans
+# between passes (its lookup passes' time against VERIFY_COST's; docs/benchmarks.md). numpy:
+# the CPU waits for every pass alike, and 0.2 ms is <1% of its step.
 HOST_DRAFT_SECONDS = {"numpy": 0.0, "cupy": 0.2e-3}
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
