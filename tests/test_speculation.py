@@ -150,6 +150,7 @@ def test_each_pass_starts_before_the_last_ones_tokens_are_handed_out(engine, mon
     assert sum(started) == engine.last_speculation.passes == 2  # the stop is among the 2nd pass's tokens
     assert fast == run(engine, REPEATING, max_tokens=17, stop_ids=(stop,))
 
+
 def test_a_consumer_that_stops_mid_pass_gets_every_block_back(engine):
     """Closing generate while a pass started ahead is in flight (its tokens not yet handed
     out) releases the request's blocks, and the engine serves the next request as before."""
@@ -162,6 +163,7 @@ def test_a_consumer_that_stops_mid_pass_gets_every_block_back(engine):
     plain = run(engine, REPEATING)
     assert [t for t, _, _ in plain[:3]] == first
     assert run(engine, REPEATING, spec) == plain
+
 
 def test_max_tokens_and_stops_end_a_speculative_run_where_plain_decoding_ends(engine):
     spec = Speculation(5, "early-exit", depth=engine.config.n_layers)
@@ -452,6 +454,7 @@ def test_a_lookup_pass_pays_the_host_time_the_device_waits_for():
     assert paid.rate("lookup", 2) == pytest.approx(tokens / (free.verify_cost[2] + 0.083))
     assert paid.rate("skip", 2) == free.rate("skip", 2) == pytest.approx(tokens / (free.verify_cost[2] + 0.04))
     assert free.next().drafter == "lookup" and paid.next().drafter == "skip"
+
 
 def test_expected_tokens_is_the_geometric_sum():
     for a, k in ((0.3, 4), (0.9, 1), (0.0, 5)):

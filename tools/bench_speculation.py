@@ -198,7 +198,7 @@ class Timeline:
 
     def reset(self) -> None:
         """Sums from zero (a config's timed requests)."""
-        self.marks = []
+        self.start()
         self.sums, self.counts = dict.fromkeys(self.PARTS, 0.0), dict.fromkeys(self.PARTS, 0)
 
     def start(self) -> None:
