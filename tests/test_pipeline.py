@@ -27,7 +27,7 @@ from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.speculation import Speculation
 from workers.model.synthetic import Shape, write_model
-from drive import drain
+from drive import drain, mixed_passes
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=8, ignore_eos=True)
@@ -127,36 +127,6 @@ def test_stages_split_a_synthetic_model_by_its_bytes(model):
 
 # P stages against one process
 
-def drive(engine):
-    """Logits of: a batched prefill of two sequences (every row), three batched decode steps, a
-    third sequence's prefill in two chunks beside a decode, and single decodes."""
-    a, b, c = Sequence([1, 2, 3, 4, 5, 6, 7]), Sequence([9, 8, 7]), Sequence([3, 1, 4, 1, 5, 9, 2, 6])
-    out = []
-
-    def step(work, **kw):
-        engine.reserve(work)
-        out.append(engine.forward(work, **kw))
-        return out[-1]
-
-    try:
-        logits = step([(a, 7), (b, 3)], all_logits=True)
-        last = logits[[6, 9]]
-        for _ in range(3):
-            for s, t in zip((a, b), np.argmax(last, axis=-1).tolist()):
-                s.token_ids.append(t)
-            last = step([(a, 1), (b, 1)])
-        step([(c, 5)])
-        a.token_ids.append(int(np.argmax(last[0])))
-        last = step([(a, 1), (c, 3)])
-        for _ in range(2):
-            c.token_ids.append(int(np.argmax(last[-1])))
-            last = step([(c, 1)])
-    finally:
-        for s in (a, b, c):
-            engine.release(s)
-    return out
-
-
 @pytest.fixture(scope="module")
 def single(model):
     made = {}
@@ -174,7 +144,7 @@ def single(model):
 def test_stages_give_the_logits_of_one_process(model, single, arch, parts):
     staged = Engine(model(arch), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=parts)
     assert len(staged.stages) == parts
-    want, got = drive(single(arch)), drive(staged)
+    want, got = mixed_passes(single(arch)), mixed_passes(staged)
     assert len(want) == len(got) == 8
     for w, g in zip(want, got):
         assert w.dtype == g.dtype == np.float32 and w.shape == g.shape
@@ -353,7 +323,7 @@ def test_ray_stages_give_the_logits_of_one_process(local_ray, model, single):
     staged = Engine(model("gemma3"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=3,
                     stage_runner=RayPipeline)
     try:
-        for w, g in zip(drive(single("gemma3")), drive(staged)):
+        for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
             assert np.array_equal(w, g)
     finally:
         staged.pipeline.shutdown()
@@ -455,7 +425,7 @@ def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray
         with pytest.raises(StageFailed, match=r"pipeline stage 1 \(layers 2-3\) failed: .*was restarted"):
             staged.forward([(seq, 1)])
         staged.release(seq)
-        for w, g in zip(drive(single("qwen2")), drive(staged)):
+        for w, g in zip(mixed_passes(single("qwen2")), mixed_passes(staged)):
             assert np.array_equal(w, g)
     finally:
         staged.pipeline.shutdown()
