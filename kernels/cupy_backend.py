@@ -161,6 +161,10 @@ class CupyBackend(Backend):
     def to_numpy(self, x):
         return cp.asnumpy(materialize(x), stream=self.stream)
 
+    @on_stream
+    def copy_into(self, dst, x):
+        dst.set(np.ascontiguousarray(x), stream=self.stream)
+
     def _i32(self, a: np.ndarray) -> cp.ndarray:
         return cp.asarray(np.ascontiguousarray(a, dtype=np.int32))
 

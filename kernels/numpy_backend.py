@@ -289,6 +289,9 @@ class NumpyBackend(Backend):
     def to_numpy(self, x):
         return np.asarray(x)
 
+    def copy_into(self, dst, x):
+        dst[...] = x
+
     def embedding(self, table: QuantizedRows, step: StepInputs):
         return table.rows(np.asarray(step.tokens))
 

@@ -208,6 +208,11 @@ class Backend(ABC):
     @abstractmethod
     def to_numpy(self, x: Array) -> np.ndarray: ...
 
+    @abstractmethod
+    def copy_into(self, dst: Array, x: np.ndarray) -> None:
+        """x's values into dst, an array of the same shape that keeps its place (a captured
+        step reads it)."""
+
     # --- compute -------------------------------------------------------------
     @abstractmethod
     def embedding(self, table: Weight, step: StepInputs) -> Array:

@@ -2,8 +2,14 @@
 pass runs in P pipeline stages (P = 1: the engine in the worker itself), on a private local Ray.
 
     python tools/bench_pipeline.py [--model NAME_OR_PATH] [--pp 2] [--streams 8] [--tokens 32]
+    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32]
 
-Every actor (the worker and each stage) reserves one CPU and runs one BLAS thread. The streams
+--local: the stages in this process instead (LocalPipeline, no Ray: the GPU machine has none),
+one greedy stream through Engine.generate, P = 1 and P = --pp in turn, each after an untimed
+warm-up (on the GPU it captures the decode graphs): decode tok/s; on the GPU P > 1 also with
+the stages' decode graphs off.
+
+Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread. The streams
 are submitted together after one untimed warm-up round; the rate is the tokens that arrive
 after every stream has its first over the time from then to the last token, so every stream
 is decoding (prompts are prefilled in chunks beside the first decodes: those steps are left
@@ -59,13 +65,38 @@ def decode_rate(all_stamps: list[list[float]], tokens: int) -> float:
     return after / (max(s[-1] for s in all_stamps) - start)
 
 
+def local(path: Path, backend: str, pp: int, params: SamplingParams) -> None:
+    from workers.engine.engine import Engine
+
+    runs = [(1, True)]
+    if pp > 1:
+        runs += [(pp, True), (pp, False)] if backend == "cupy" else [(pp, True)]
+    for parts, graphs in runs:
+        engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=parts)
+        for stage in engine.pipeline.stages if engine.pipeline is not None else ():
+            if not graphs:
+                stage.ops.tuning.graphs = False
+        ids = engine.prompt_ids(PROMPT)
+        for _ in range(2):  # the warm-up, then the timed run
+            tokens = [e.token_id for e in engine.generate(ids, params)]
+        t = engine.last_timings
+        print(f"{path.name}, {backend}, P = {parts}{'' if graphs else ', stage graphs off'}: decode "
+              f"{t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})")
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help=f"registered name or GGUF path (default {model_store.DEFAULT_MODEL})")
     p.add_argument("--pp", type=int, default=2, help="pipeline stages (1: no stages)")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--local", action="store_true", help="the stages in this process, one stream (no Ray)")
+    p.add_argument("--backend", default="numpy", help="with --local: the stages' backend")
     args = p.parse_args()
+    if args.local:
+        local(model_store.resolve(args.model), args.backend, args.pp,
+              SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True))
+        return 0
     os.environ.update(ONE_THREAD)
     import ray
 

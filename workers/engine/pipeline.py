@@ -128,25 +128,33 @@ class Stage:
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, spec.num_blocks, spec.recent_slots, spec.sliding,
                                spec.sliding_blocks, held=spec.layers)
         self.kv_by_layer = self.kv.by_layer
+        # the residual stream coming in, by step tokens: one array a size, so that a decode
+        # step the backend captured (a CUDA graph) reads the next step's stream from where it
+        # read this one's
+        self.inputs: dict[int, object] = {}
 
     def step(self, step: StepInputs, hidden: np.ndarray | None) -> np.ndarray:
         """The first stage embeds step's tokens (hidden None); the others take the previous
         stage's residual stream [T, d_model] float32. Returns the stream leaving this stage's
-        last layer, or from the last stage the logits of step.logit_rows, float32 on the host."""
-        ops, c = self.ops, self.config
+        last layer, or from the last stage the logits of step.logit_rows, float32 on the host.
+        Runs as the backend runs a model's step (`Backend.run_step`: on the GPU, a decode step
+        replayed from its graph)."""
+        ops, c, T = self.ops, self.config, len(step.tokens)
         if (hidden is None) != self.spec.first:
             raise ValueError(f"{self.spec.describe()}: {'no ' if self.spec.first else ''}hidden states expected")
-        if hidden is None:
-            x = self.model.embedding(step)
-        else:
-            if hidden.shape != (len(step.tokens), c.d_model) or hidden.dtype != np.float32:
+        if hidden is not None:
+            if hidden.shape != (T, c.d_model) or hidden.dtype != np.float32:
                 raise ValueError(f"{self.spec.describe()}: hidden states {hidden.dtype}{list(hidden.shape)}, expected "
-                                 f"float32[{len(step.tokens)}, {c.d_model}]")
-            x = ops.asarray(hidden)
-        x = self.model.run_layers(x, step, self.kv_by_layer, self.spec.layers)
-        if self.model.heads:
-            x = self.model.logits(x, step)
-        return ops.to_numpy(x).astype(np.float32, copy=False)
+                                 f"float32[{T}, {c.d_model}]")
+            if T not in self.inputs:
+                self.inputs[T] = ops.asarray(np.zeros((T, c.d_model), np.float32))
+            ops.copy_into(self.inputs[T], hidden)
+        return ops.to_numpy(ops.run_step(self._forward, step, self.kv_by_layer)).astype(np.float32, copy=False)
+
+    def _forward(self, step: StepInputs, kv_caches):
+        x = self.model.embedding(step) if self.spec.first else self.inputs[len(step.tokens)]
+        x = self.model.run_layers(x, step, kv_caches, self.spec.layers)
+        return self.model.logits(x, step) if self.model.heads else x
 
 
 class Finished:
