@@ -128,10 +128,11 @@ class Stage:
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, spec.num_blocks, spec.recent_slots, spec.sliding,
                                spec.sliding_blocks, held=spec.layers)
         self.kv_by_layer = self.kv.by_layer
-        # the residual stream coming in, by step tokens: one array a size, so that a decode
-        # step the backend captured (a CUDA graph) reads the next step's stream from where it
-        # read this one's
+        # a decode step's incoming residual stream, by its sequences: one array a batch size,
+        # so that a step the backend captured (a CUDA graph) reads the next step's stream from
+        # where it read this one's (prompt passes, which stages run eagerly, take theirs as it comes)
         self.inputs: dict[int, object] = {}
+        self._hidden = None  # the pass's incoming stream, which _forward reads
 
     def step(self, step: StepInputs, hidden: np.ndarray | None) -> np.ndarray:
         """The first stage embeds step's tokens (hidden None); the others take the previous
@@ -146,13 +147,20 @@ class Stage:
             if hidden.shape != (T, c.d_model) or hidden.dtype != np.float32:
                 raise ValueError(f"{self.spec.describe()}: hidden states {hidden.dtype}{list(hidden.shape)}, expected "
                                  f"float32[{T}, {c.d_model}]")
-            if T not in self.inputs:
-                self.inputs[T] = ops.asarray(np.zeros((T, c.d_model), np.float32))
-            ops.copy_into(self.inputs[T], hidden)
-        return ops.to_numpy(ops.run_step(self._forward, step, self.kv_by_layer)).astype(np.float32, copy=False)
+            if T == step.batch.num_seqs:
+                if T not in self.inputs:
+                    self.inputs[T] = ops.asarray(np.zeros((T, c.d_model), np.float32))
+                ops.copy_into(self.inputs[T], hidden)
+                self._hidden = self.inputs[T]
+            else:
+                self._hidden = ops.asarray(hidden)
+        try:
+            return ops.to_numpy(ops.run_step(self._forward, step, self.kv_by_layer)).astype(np.float32, copy=False)
+        finally:
+            self._hidden = None
 
     def _forward(self, step: StepInputs, kv_caches):
-        x = self.model.embedding(step) if self.spec.first else self.inputs[len(step.tokens)]
+        x = self.model.embedding(step) if self.spec.first else self._hidden
         x = self.model.run_layers(x, step, kv_caches, self.spec.layers)
         return self.model.logits(x, step) if self.model.heads else x
 
