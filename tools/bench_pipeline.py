@@ -9,13 +9,12 @@ one greedy stream through Engine.generate, P = 1 and P = --pp in turn, each afte
 warm-up (on the GPU it captures the decode graphs): decode tok/s; on the GPU P > 1 also with
 the stages' decode graphs off.
 
-Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread. The streams
-are submitted together after one untimed warm-up round; the rate is the tokens that arrive
-after every stream has its first over the time from then to the last token, so every stream
-is decoding (prompts are prefilled in chunks beside the first decodes: those steps are left
-out). Also printed: the activation bytes a
-decode step moves between stages, and the logits' bytes it returns, for the micro-batches the
-scheduler forms (one group a stage).
+Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread.
+The streams are submitted together after one untimed warm-up round; the rate is the tokens that
+arrive after every stream has its first over the time from then to the last token, so every
+stream is decoding (prompts are prefilled in chunks beside the first decodes: those steps are
+left out). Also printed: the activation bytes a decode step moves between stages, and the
+logits' bytes it returns, for the micro-batches the scheduler forms (one group a stage).
 """
 
 from __future__ import annotations
