@@ -14,6 +14,11 @@ near tie that spread can flip (a random replica has them; one engine against its
 
 from __future__ import annotations
 
+import functools
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
 
@@ -82,3 +87,29 @@ def test_gpu_stages_generate_the_greedy_tokens_of_one_engine(model, parts):
                 single.release(seq)
             top2 = np.sort(logits)[-2:]
             assert top2[1] - top2[0] < 0.01 * np.sqrt(np.mean(logits ** 2)), (i, want, got)
+
+
+def test_gpu_stage_actors_share_the_gpu(model):
+    """The stages as Ray actors (workers/stage_worker.py), P = 2, each reserving half of the
+    one GPU (fractional num_gpus), against one engine: what a replica's stages run. (The GPU
+    machine has no Ray of its own: where none is installed, this test skips.)"""
+    ray = pytest.importorskip("ray")
+    from workers.stage_worker import RayPipeline
+
+    path, single = model
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only, as tests/test_pipeline.py's local Ray
+    temp_dir = tempfile.mkdtemp(prefix="ntr-ray-", dir="/tmp")  # short: socket paths are length-limited
+    ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, _temp_dir=temp_dir,
+             log_to_driver=False)
+    try:
+        staged = Engine(path, pipeline_parallel_size=2, stage_runner=functools.partial(RayPipeline, num_gpus=0.5),
+                        **KW)
+        assert ray.available_resources().get("GPU", 0.0) == 0.0  # both halves reserved by the stages
+        want, again, got = mixed_passes(single), mixed_passes(single), mixed_passes(staged)
+        for w, a, g in zip(want, again, got):
+            assert w.shape == g.shape and relative_error(w, g) < 3 * relative_error(w, a) + 1e-4
+            assert np.array_equal(w.argmax(-1), g.argmax(-1))
+        staged.pipeline.shutdown()
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -78,23 +78,25 @@ class RayPass:
 
 class RayPipeline:
     """The stages of `specs` as `worker` actors (StageWorker's interface) in a placement group;
-    submit(step) starts a pass."""
+    submit(step) starts a pass. Each stage reserves num_cpus and num_gpus (GPU stages: a GPU
+    each, or a share of one that several stages use)."""
 
     def __init__(self, specs: list[StageSpec], strategy: str = "STRICT_PACK", num_cpus: float = 1.0,
-                 timeout_s: float = START_TIMEOUT_S, worker=StageWorker):
+                 timeout_s: float = START_TIMEOUT_S, worker=StageWorker, num_gpus: float = 0.0):
         if strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.specs, self.timeout_s = specs, timeout_s
-        self.group = placement_group([{"CPU": num_cpus} for _ in specs], strategy=strategy)
+        bundle = {"CPU": num_cpus, "GPU": num_gpus} if num_gpus else {"CPU": num_cpus}
+        self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
         try:
             ray.get(self.group.ready(), timeout=timeout_s)
         except GetTimeoutError:
             remove_placement_group(self.group)
-            raise RuntimeError(f"no room in the Ray cluster for {len(specs)} pipeline stages of {num_cpus} CPUs "
-                               f"each ({strategy}) after {timeout_s:.0f} s") from None
+            raise RuntimeError(f"no room in the Ray cluster for {len(specs)} pipeline stages of {bundle} each "
+                               f"({strategy}) after {timeout_s:.0f} s") from None
         prefix = f"ntr-{uuid.uuid4().hex[:8]}"
         self.actors = [worker.options(
-            name=f"{prefix}-stage-{spec.index}", num_cpus=num_cpus,
+            name=f"{prefix}-stage-{spec.index}", num_cpus=num_cpus, num_gpus=num_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.index),
         ).remote(spec) for spec in specs]
         ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
