@@ -46,8 +46,7 @@ def mixed_passes(engine):
     out = []
 
     def step(work, **kw):
-        engine.reserve(work)
-        out.append(engine.forward(work, **kw))
+        out.append(forward(engine, work, **kw))
         return out[-1]
 
     try:

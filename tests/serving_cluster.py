@@ -1,4 +1,5 @@
-"""Test helpers: a private Ray cluster on loopback and the dev-cpu Serve app on it.
+"""Test helpers: a private Ray cluster on loopback and the dev-cpu Serve app on it, and Ray
+started inside the test's own process.
 
 Each cluster is `ray start --head --block` in its own session with every port chosen
 free, so parallel runs and other users' clusters on the machine do not collide; stopping
@@ -126,6 +127,30 @@ def ray_cluster(num_cpus: int = 4):
         yield cluster.start()
     finally:
         cluster.stop()
+
+
+@contextmanager
+def local_ray(num_cpus: int, num_gpus: int = 0):
+    """Ray started in this process (`ray.init(address="local")`) on loopback, in a temp dir of
+    its own, whatever RAY_ADDRESS points at; shut down, and the environment as it was, after."""
+    import ray
+
+    saved = {name: os.environ.get(name) for name in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only (RayCluster says why)
+    os.environ.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="ntr-ray-", dir="/tmp")  # short: socket paths are length-limited
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, _temp_dir=temp_dir,
+             log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def dev_config(tmp_dir: Path, model_path: Path, **args) -> tuple[Path, int, int]:

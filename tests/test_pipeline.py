@@ -10,10 +10,8 @@ import functools
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -28,6 +26,7 @@ from workers.engine.scheduler import Scheduler
 from workers.engine.speculation import Speculation
 from workers.model.synthetic import Shape, write_model
 from drive import drain, mixed_passes
+import serving_cluster
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 SEEDED = SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=8, ignore_eos=True)
@@ -304,17 +303,8 @@ def test_cancel_with_two_micro_batches_in_flight(model, single):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # loopback only (see tests/serving_cluster.py)
-    address = os.environ.pop("RAY_ADDRESS", None)
-    temp_dir = tempfile.mkdtemp(prefix="ntr-ray-", dir="/tmp")  # short: socket paths are length-limited
-    ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    try:
+    with serving_cluster.local_ray(num_cpus=4):
         yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        if address is not None:
-            os.environ["RAY_ADDRESS"] = address
 
 
 def test_ray_stages_give_the_logits_of_one_process(local_ray, model, single):

@@ -10,9 +10,7 @@ import mmap
 import multiprocessing
 import os
 import secrets
-import shutil
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +26,7 @@ from workers.memory.disk_reader import DiskReader
 from workers.memory.image_file import ALIGN, ImageFile
 from workers.memory.shared_buffer import GIB, SharedBuffer
 from workers.memory.staging_ring import RingClosed, StagingRing
+from serving_cluster import local_ray
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -191,53 +190,48 @@ def test_host_regions_share_a_key_count_users_and_unlink_at_zero(shm_prefix, mon
     assert not shm_exists(second["name"]) and regions.stats()["regions"] == 0
 
 
-def test_host_tier_and_disk_tier_through_ray(tmp_path, monkeypatch):
+def test_host_tier_and_disk_tier_through_ray(tmp_path):
     """One real local Ray: the node's HostTier by name, its regions seen from this process, its
     exit unlinking what it held; a DiskTier's ring consumed from here and unlinked by stop()."""
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # loopback only (see tests/serving_cluster.py)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    temp_dir = tempfile.mkdtemp(prefix="ntr-ray-", dir="/tmp")  # short: socket paths are length-limited
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     names = []
     try:
-        tier = host_tier_for_node()
-        first = ray.get(tier.region.remote("model:0-1", 3 * 4096), timeout=60)
-        names.append(first["name"])
-        assert first["filled"] is False and first["nbytes"] == 3 * 4096
-        mapped = SharedBuffer.attach(first["name"])
-        mapped.array[:] = np.arange(3 * 4096) % 251
-        ray.get(tier.mark_filled.remote("model:0-1"))
-        again = ray.get(host_tier_for_node().region.remote("model:0-1", 3 * 4096))  # the same named actor
-        assert again == {**first, "filled": True}
-        assert ray.get(tier.stats.remote())["users"] == 2
-        ray.get(tier.release.remote("model:0-1"))
-        assert shm_exists(first["name"])
-        ray.get(tier.release.remote("model:0-1"))
-        assert not shm_exists(first["name"]) and (mapped.array == np.arange(3 * 4096) % 251).all()
-        mapped.close()
+        with local_ray(num_cpus=1):
+            tier = host_tier_for_node()
+            first = ray.get(tier.region.remote("model:0-1", 3 * 4096), timeout=60)
+            names.append(first["name"])
+            assert first["filled"] is False and first["nbytes"] == 3 * 4096
+            mapped = SharedBuffer.attach(first["name"])
+            mapped.array[:] = np.arange(3 * 4096) % 251
+            ray.get(tier.mark_filled.remote("model:0-1"))
+            again = ray.get(host_tier_for_node().region.remote("model:0-1", 3 * 4096))  # the same named actor
+            assert again == {**first, "filled": True}
+            assert ray.get(tier.stats.remote())["users"] == 2
+            ray.get(tier.release.remote("model:0-1"))
+            assert shm_exists(first["name"])
+            ray.get(tier.release.remote("model:0-1"))
+            assert not shm_exists(first["name"]) and (mapped.array == np.arange(3 * 4096) % 251).all()
+            mapped.close()
 
-        held = ray.get(tier.region.remote("never released", 4096))
-        names.append(held["name"])
-        tier.__ray_terminate__.remote()  # a graceful exit runs the actor's atexit
-        wait_for(lambda: not shm_exists(held["name"]), 30, "the HostTier's exit to unlink its region")
+            held = ray.get(tier.region.remote("never released", 4096))
+            names.append(held["name"])
+            tier.__ray_terminate__.remote()  # a graceful exit runs the actor's atexit
+            wait_for(lambda: not shm_exists(held["name"]), 30, "the HostTier's exit to unlink its region")
 
-        images = random_images({0: 5000, 1: 8192, 2: 1})
-        path = tmp_path / "layers.img"
-        ImageFile.write(path, list(images.items()))
-        disk = DiskTier.remote(str(path), [1, 0, 2], 2, 8192)
-        spec = ray.get(disk.ring.remote(), timeout=60)
-        names.append(spec["name"])
-        assert (spec["slots"], spec["slot_bytes"]) == (2, 8192)
-        ring = StagingRing.attach(spec["name"])
-        consume(ring, images, [1, 0, 2], cycles=3)
-        stats = ray.get(disk.stats.remote())
-        assert stats["images"] >= 9 and stats["error"] is None
-        ray.get(disk.stop.remote())
-        assert not shm_exists(spec["name"]) and ring.closed  # the consumer sees the close too
-        ring.detach()
+            images = random_images({0: 5000, 1: 8192, 2: 1})
+            path = tmp_path / "layers.img"
+            ImageFile.write(path, list(images.items()))
+            disk = DiskTier.remote(str(path), [1, 0, 2], 2, 8192)
+            spec = ray.get(disk.ring.remote(), timeout=60)
+            names.append(spec["name"])
+            assert (spec["slots"], spec["slot_bytes"]) == (2, 8192)
+            ring = StagingRing.attach(spec["name"])
+            consume(ring, images, [1, 0, 2], cycles=3)
+            stats = ray.get(disk.stats.remote())
+            assert stats["images"] >= 9 and stats["error"] is None
+            ray.get(disk.stop.remote())
+            assert not shm_exists(spec["name"]) and ring.closed  # the consumer sees the close too
+            ring.detach()
     finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
         for name in names:
             if shm_exists(name):
                 os.unlink(os.path.join(shared_buffer.SHM_DIR, name))

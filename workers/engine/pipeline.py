@@ -23,6 +23,7 @@ at a time in the order they were submitted.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,7 +133,6 @@ class Stage:
         # so that a step the backend captured (a CUDA graph) reads the next step's stream from
         # where it read this one's (prompt passes, which stages run eagerly, take theirs as it comes)
         self.inputs: dict[int, object] = {}
-        self._hidden = None  # the pass's incoming stream, which _forward reads
 
     def step(self, step: StepInputs, hidden: np.ndarray | None) -> np.ndarray:
         """The first stage embeds step's tokens (hidden None); the others take the previous
@@ -151,16 +151,14 @@ class Stage:
                 if T not in self.inputs:
                     self.inputs[T] = ops.asarray(np.zeros((T, c.d_model), np.float32))
                 ops.copy_into(self.inputs[T], hidden)
-                self._hidden = self.inputs[T]
+                hidden = self.inputs[T]
             else:
-                self._hidden = ops.asarray(hidden)
-        try:
-            return ops.to_numpy(ops.run_step(self._forward, step, self.kv_by_layer)).astype(np.float32, copy=False)
-        finally:
-            self._hidden = None
+                hidden = ops.asarray(hidden)
+        forward = functools.partial(self._forward, hidden=hidden)
+        return ops.to_numpy(ops.run_step(forward, step, self.kv_by_layer)).astype(np.float32, copy=False)
 
-    def _forward(self, step: StepInputs, kv_caches):
-        x = self.model.embedding(step) if self.spec.first else self._hidden
+    def _forward(self, step: StepInputs, kv_caches, hidden):
+        x = self.model.embedding(step) if hidden is None else hidden
         x = self.model.run_layers(x, step, kv_caches, self.spec.layers)
         return self.model.logits(x, step) if self.model.heads else x
 
