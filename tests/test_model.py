@@ -214,8 +214,8 @@ def test_a_prompt_longer_than_a_step_is_prefilled_in_steps_with_the_same_result(
     whole = Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=128)
     stepped = Engine(tiny_model("qwen2"), max_context=64, kv_cache_tokens=128, max_batch_tokens=16)
     calls = []
-    forward = stepped.forward
-    stepped.forward = lambda work, **kw: calls.append([n for _, n in work]) or forward(work, **kw)
+    start = stepped.start_forward
+    stepped.start_forward = lambda work, *a, **kw: calls.append([n for _, n in work]) or start(work, *a, **kw)
     ids = [e.token_id for e in stepped.generate(prompt, params)]
     assert calls[:4] == [[16], [16], [16], [2]]  # 50 prompt tokens in steps of at most 16
     assert ids == [e.token_id for e in whole.generate(prompt, params)]

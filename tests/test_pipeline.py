@@ -21,6 +21,7 @@ import ray
 from cluster.config import ConfigError, server_config
 from workers.engine.engine import Engine, Sequence
 from workers.engine.pipeline import Stage, split_by_bytes
+from workers.engine.grammar import GrammarSpec
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.speculation import Speculation
@@ -157,6 +158,46 @@ def test_stages_generate_the_greedy_tokens_of_one_process(model, single):
     assert [e.token_id for e in staged.generate([5, 6, 7], GREEDY)] == want
 
 
+DRAWS = {"greedy": GREEDY, "seeded": SEEDED, "logprobs": SEEDED.with_(seed=5, logprobs=3),
+         "penalized": SEEDED.with_(seed=6, repetition_penalty=1.3, frequency_penalty=0.4),
+         "biased": GREEDY.with_(logit_bias={7: 4.0}),
+         "grammar": SamplingParams(temperature=1.2, seed=2, max_tokens=20,
+                                   grammar=GrammarSpec("gbnf", 'root ::= "yes" | "no" | "maybe"'))}
+
+
+@pytest.mark.parametrize("on_device", [False, True], ids=["host-rules", "device-sampler"])
+def test_the_last_stage_draws_the_tokens_and_only_they_come_back(model, single, monkeypatch, on_device):
+    """The last of P = 2 stages draws each request's token beside its logits (`Draw`s sent with
+    the pass): greedy, seeded, with logprobs, penalties, a logit bias and a grammar, by the
+    host's rules or (on_device) through the backend's sampler as a GPU stage draws, the NumPy
+    twins standing in. Alone and batched, every request gets one process's tokens and
+    logprobs, and no pass of them returns logits: only the picks come back."""
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=512, pipeline_parallel_size=2)
+    monkeypatch.setattr(staged.pipeline.stages[-1].ops, "device_sampling", on_device)
+    outputs = []
+    submit = staged.pipeline.submit
+
+    def recorded(step, draws=None):
+        done = submit(step, draws)
+        outputs.append(done.result())
+        return done
+
+    monkeypatch.setattr(staged.pipeline, "submit", recorded)
+    prompt = [5, 6, 7, 8]
+    for name, params in DRAWS.items():
+        want = list(single("qwen2").generate(prompt, params))
+        assert list(staged.generate(prompt, params)) == want, name
+    assert outputs and all(isinstance(o, list) and all(p is None or isinstance(p, tuple) for p in o) for o in outputs)
+
+    requests = {name: (prompt, params) for name, params in DRAWS.items()}
+    sched = Scheduler(staged, max_num_seqs=6, max_batch_tokens=64)
+    for rid, (p, params) in requests.items():
+        sched.submit(rid, p, params)
+    assert drain(sched)[0] == solo_tokens(single("qwen2"), requests)
+    assert all(isinstance(o, list) for o in outputs)
+    assert staged.blocks.blocks_in_use == 0
+
+
 def test_what_stages_do_not_run_is_refused(model):
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 must be in \[1, 4\]"):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
@@ -257,10 +298,10 @@ def test_a_failed_pass_through_stages_drops_every_running_request(model, monkeyp
     second = sched.plan_next()
     assert second.group != first.group and sched.in_flight == [second]
 
-    def broken(work, **_):
+    def broken(*_):
         raise RuntimeError("stage lost")
 
-    monkeypatch.setattr(staged, "start_forward", broken)
+    monkeypatch.setattr(staged.pipeline, "submit", broken)
     with pytest.raises(RuntimeError, match="stage lost"):
         sched.launch(second)
     assert sorted(r.id for r in sched.abort()) == list("abcd")
@@ -352,13 +393,13 @@ def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single)
         def ready(self):
             return self.stage.spec.describe()
 
-        def step(self, step, hidden):
+        def step(self, step, hidden, draws=None):
             index, k = self.stage.spec.index, self.passes
             self.passes += 1
             ray.get(self.order.note.remote(("start", index, k)))
             if (index, k) == (1, 0):
                 ray.get(self.order.wait_for.remote(("start", 0, 1), 30))
-            out = self.stage.step(step, hidden)
+            out = self.stage.step(step, hidden, draws)
             ray.get(self.order.note.remote(("end", index, k)))
             return out
 

@@ -95,7 +95,7 @@ def test_penalties_closed_form():
     logits = np.array([2.0, -1.0, 0.5, 3.0], dtype=np.float32)
     s = Sampler(SamplingParams(temperature=0.0, repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25))
     s.history.update([0, 0, 1])
-    got = s.apply_penalties(logits)
+    got = s.next_draw().adjusted(logits)
     assert got == pytest.approx([2.0 / 2 - 2 * 0.5 - 0.25, -1.0 * 2 - 0.5 - 0.25, 0.5, 3.0])
 
 

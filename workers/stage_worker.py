@@ -6,7 +6,8 @@ by default; PACK or SPREAD across nodes). Each actor maps the model file and loa
 layers. A pass puts the step's inputs in Ray's object store once and hands every stage the
 reference; each stage's output (the float32 residual stream, the last stage's logits) is an
 object the next stage takes as an argument, so activations move through Ray's own objects
-(shared memory within a host), straight from stage to stage, and only the logits come back.
+(shared memory within a host), straight from stage to stage, and only the last stage's
+output comes back: the sampled tokens of a pass whose draws it was given, else the logits.
 `submit` returns without waiting: an actor runs its calls one at a time in submission order,
 so a pass submitted behind another follows it down the stages, stage k running the later
 pass while stage k + 1 runs the earlier one (the scheduler's micro-batches).
@@ -31,6 +32,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernels import StepInputs
 from workers.engine.pipeline import Stage, StageSpec
+from workers.engine.sampling import Draw
 
 STAGE_RESTARTS = 3
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
@@ -51,10 +53,10 @@ class StageWorker:
     def ready(self) -> str:
         return self.stage.spec.describe()
 
-    def step(self, step: StepInputs, hidden: np.ndarray | None) -> np.ndarray:
+    def step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None = None):
         if self.lost_kv:
             raise StageFailed(f"{self.stage.spec.describe()} was restarted: its KV cache is lost")
-        return self.stage.step(step, hidden)
+        return self.stage.step(step, hidden, draws)
 
     def sequences_ended(self) -> None:
         """Every sequence whose KV this stage lost has ended: the next pass may run."""
@@ -62,13 +64,13 @@ class StageWorker:
 
 
 class RayPass:
-    """A pass submitted to the stages: each stage's output, the last one the logits."""
+    """A pass submitted to the stages: each stage's output, the last one the logits or picks."""
 
     def __init__(self, pipeline: RayPipeline, outputs: list):
         self.pipeline, self.outputs = pipeline, outputs
 
-    def result(self) -> np.ndarray:
-        """The last stage's logits (StageFailed, naming the stage, when one fails)."""
+    def result(self):
+        """The last stage's output (StageFailed, naming the stage, when one fails)."""
         try:
             return ray.get(self.outputs[-1])
         except RayError:
@@ -102,15 +104,16 @@ class RayPipeline:
         ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
         self.failed = False
 
-    def submit(self, step: StepInputs) -> RayPass:
-        """Start a pass of step through every stage; returns at once."""
+    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None) -> RayPass:
+        """Start a pass of step through every stage (the last drawing the tokens when given
+        draws); returns at once."""
         if self.failed:  # the caller has ended every sequence the stages held
             self._sequences_ended()
             self.failed = False
         inputs = ray.put(step)
         outputs, hidden = [], None
         for actor in self.actors:
-            hidden = actor.step.remote(inputs, hidden)
+            hidden = actor.step.remote(inputs, hidden, draws if actor is self.actors[-1] else None)
             outputs.append(hidden)
         return RayPass(self, outputs)
 

@@ -308,7 +308,9 @@ class Steps:
                 self.b.launcher.capturing = prompt is None
                 try:
                     g.out = materialize(forward(captured, kv_caches))
-                    g.ids = argmax_dev(self.b, g.out)  # greedy ids come with the replay: no extra launch
+                    # greedy ids come with the replay: no extra launch (none for a forward whose
+                    # output is not logits: a pipeline stage's residual stream)
+                    g.ids = argmax_dev(self.b, g.out) if getattr(forward, "returns_logits", True) else None
                 finally:
                     self.b.launcher.capturing = False
                     g.graph = stream.end_capture()

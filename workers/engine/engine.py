@@ -20,7 +20,6 @@ import numpy as np
 
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
 from kernels.kv_layout import RECENT
-from kernels.ops import LogitBias
 from workers.engine.block_manager import BlockManager, slot
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
@@ -29,7 +28,7 @@ from workers.engine.draft_policy import DraftMemory, DraftPolicy
 from workers.engine.pipeline import Finished, LocalPipeline, plan_stages, split_by_bytes
 from workers.engine.placement import Rates, context_bytes, plan_model
 from workers.engine.requant_streamed import check_spec, retyped
-from workers.engine.sampling import Sampler, SamplingParams, log_softmax, token_logprobs
+from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax
 from workers.engine.speculation import Speculation, start_verify
 from workers.engine.speculation import Stats as SpecStats
 from workers.engine.text_stream import TextStream
@@ -357,6 +356,24 @@ class Engine:
             return result
         return lambda: self.ops.to_numpy(result()).astype(np.float32, copy=False)
 
+    def start_sampled(self, work: list[tuple[Sequence, int]],
+                      samplers: list[Sampler | None]) -> Callable[[], list[tuple[int, float | None, list | None] | None]]:
+        """A pass of work started (`start_forward`'s), and each sequence's next token drawn from
+        its last new row by its sampler (None: none drawn): returns a function that waits for
+        `sample`'s picks. Through pipeline stages the last stage draws them beside its logits
+        (`Draw`s made here, sent with the pass), so only the picks come back, not a row of
+        vocabulary-wide logits a sequence."""
+        if self.pipeline is None:
+            logits = self.start_forward(work, device=True)
+            return lambda: self.sample(logits(), samplers)
+        draws = self.draws(samplers)
+        step = self._plan(work)
+        step.logit_rows = np.cumsum([n for _, n in work], dtype=np.int64) - 1
+        picks = self.pipeline.submit(step, draws).result
+        for seq, n in work:
+            seq.num_cached += n
+        return lambda: self._accept(samplers, picks())
+
     def _forward(self, layers: tuple[int, ...] | None, before_draft: bool = False):
         """The model's step, or that of a subset of its layers (a step of its own to a backend
         that captures steps: `graph_key` names the subset). before_draft, when layers stream:
@@ -565,42 +582,26 @@ class Engine:
 
     def sample(self, logits, samplers: list[Sampler | None]) -> list[tuple[int, float | None, list | None] | None]:
         """(token, logprob, top) for each row of logits [B, vocab] as `forward(device=True)`
-        returns them, None where the sampler is None. Rows that want no logprobs and no
-        penalties are drawn on the device in one call where the backend can (only their ids
-        leave it); the others are copied to the host for their Sampler.
+        returns them, None where the sampler is None (`draw_rows`: on the device where the
+        backend can, only the ids leaving it). The grammars' masks are computed first, on the
+        host, before anything waits for the logits: on the GPU the forward pass that makes
+        them is still running (its launches are asynchronous), so the grammar's work overlaps
+        the device's."""
+        return self._accept(samplers, draw_rows(self.ops, logits, self.draws(samplers)))
 
-        The grammars' masks for the rows are computed first, on the host, before anything
-        waits for the logits: on the GPU the forward pass that makes them is still running
-        (its launches are asynchronous), so the grammar's work overlaps the device's. The
-        masks and logit biases are applied on the device (`ops.constrain`) for device rows."""
-        picked: list = [None] * len(samplers)
+    def draws(self, samplers: list[Sampler | None]) -> list[Draw | None]:
+        """Each sampler's next draw (`Sampler.next_draw`, None where the sampler is None), the
+        grammars' masks computed together by llguidance's threads."""
         wanted = [i for i, s in enumerate(samplers) if s is not None]
         masks = self._masks([samplers[i].constraint for i in wanted])
         mask_of = dict(zip(wanted, masks)) if masks is not None else {}
-        on_device = [i for i in wanted if self.samples_on_device(samplers[i].params)]
-        if on_device:
-            ps = [samplers[i].params for i in on_device]
-            uniform = [0.0 if p.greedy else float(samplers[i].rng.random()) for i, p in zip(on_device, ps)]
-            rows = logits if len(on_device) == len(samplers) else self.ops.take_rows(logits, on_device)
-            constrained = any(p.constrained for p in ps)
-            if constrained:
-                bitmask = np.stack([mask_of[i] for i in on_device]) if mask_of else None
-                rows = self.ops.constrain(rows, bitmask, self._bias([samplers[i] for i in on_device]))
-            if all(p.greedy for p in ps) and not constrained:  # a decode graph's replay already holds these ids
-                ids = self.ops.argmax(rows)
-            else:
-                ids = self.ops.sample(rows, [p.temperature for p in ps], [p.top_k for p in ps],
-                                      [p.top_p for p in ps], [p.min_p for p in ps], uniform)
-            for i, token in zip(on_device, ids.tolist()):
-                samplers[i].accept(token)
-                picked[i] = (token, None, None)
-        on_host = [i for i in wanted if picked[i] is None]
-        if on_host:
-            rows = self.ops.to_numpy(logits if len(on_host) == len(samplers) else self.ops.take_rows(logits, on_host))
-            for i, row in zip(on_host, rows.astype(np.float32, copy=False)):
-                sampler = samplers[i]
-                token, n_top = sampler.sample(row, mask_of.get(i)), sampler.params.logprobs
-                picked[i] = (token, None, None) if n_top is None else (token, *token_logprobs(row, token, n_top))
+        return [None if s is None else s.next_draw(mask_of.get(i)) for i, s in enumerate(samplers)]
+
+    @staticmethod
+    def _accept(samplers: list[Sampler | None], picked: list) -> list:
+        for sampler, pick in zip(samplers, picked):
+            if pick is not None:
+                sampler.accept(pick[0])
         return picked
 
     def _masks(self, constraints: list[Constraint | None]) -> np.ndarray | None:
@@ -608,15 +609,6 @@ class Engine:
         if all(c is None for c in constraints):
             return None
         return self.grammar_tokenizer.fill_masks(constraints)
-
-    @staticmethod
-    def _bias(samplers: list[Sampler]) -> LogitBias | None:
-        """The rows' logit biases as one LogitBias over the batch of those rows."""
-        biased = [(r, s.bias) for r, s in enumerate(samplers) if s.bias is not None]
-        if not biased:
-            return None
-        return LogitBias(np.concatenate([np.full(len(b.ids), r, np.int32) for r, b in biased]),
-                         np.concatenate([b.ids for _, b in biased]), np.concatenate([b.values for _, b in biased]))
 
     @property
     def grammar_tokenizer(self) -> GrammarTokenizer:
@@ -635,7 +627,8 @@ class Engine:
     def decodes_ahead(self, params: SamplingParams) -> bool:
         """Whether a row with these params may decode by `greedy_step`: greedy, its argmax read
         on the device from the raw logits, nothing (grammar, bias) changing them first."""
-        return params.greedy and self.samples_on_device(params) and not params.constrained
+        return (params.greedy and self.ops.device_sampling and self.pipeline is None and params.logprobs is None
+                and not params.penalized and not params.constrained)
 
     @staticmethod
     def speculates(params: SamplingParams) -> bool:
@@ -643,10 +636,6 @@ class Engine:
         model's distribution first (no penalties, grammar or bias: a draft is verified against
         the raw distribution; those are not implemented for it). Logprobs come from the pass."""
         return not params.penalized and not params.constrained
-
-    def samples_on_device(self, params: SamplingParams) -> bool:
-        """Whether `sample` draws a row with these params on the device: only its id leaves it."""
-        return self.ops.device_sampling and self.pipeline is None and params.logprobs is None and not params.penalized
 
     def release(self, seq: Sequence) -> None:
         self.blocks.release(seq)
@@ -704,10 +693,10 @@ class Engine:
             # sliding pool gives the blocks behind the window back between them)
             while left > self.max_batch_tokens:
                 self.reserve([(c.seq, self.max_batch_tokens)])
-                self.forward([(c.seq, self.max_batch_tokens)], device=True)
+                self.start_sampled([(c.seq, self.max_batch_tokens)], [None])()  # nothing drawn: no logits back
                 left -= self.max_batch_tokens
             self.reserve([(c.seq, left)])
-            picked = self.sample(self.forward([(c.seq, left)], device=True), [c.sampler])[0]
+            picked = self.start_sampled([(c.seq, left)], [c.sampler])()[0]
             timings.prefill_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             steps = self.greedy_decode([c.seq]) if ahead and not speculate else None
@@ -755,7 +744,7 @@ class Engine:
                 else:
                     spec_stats.plain_steps += policy is not None
                     self.reserve([(c.seq, 1)])
-                    picked = self.sample(self.forward([(c.seq, 1)], device=True), [c.sampler])[0]
+                    picked = self.start_sampled([(c.seq, 1)], [c.sampler])()[0]
                 timings.decode_tokens += 1
                 timings.decode_s = time.perf_counter() - t0
         finally:

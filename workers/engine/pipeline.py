@@ -10,9 +10,12 @@ A `Stage` holds only its layers' weights (`Transformer(held=...)`) and its layer
 tables of the one scheduler (the engine that drives the stages) are valid in each. A step's
 inputs (tokens, positions, the AttentionBatch) go to every stage; the residual stream goes
 from one stage to the next as float32 [T, d_model] (the activation precision: logits equal
-a single process's), and the last stage returns the logits. Where the stages run is the
-caller's: `LocalPipeline` runs them in this process, `workers/stage_worker.py` in Ray actors.
-Either has `submit(step)`, which returns a pass whose `result()` waits for the logits.
+a single process's), and the last stage returns the logits or, given the rows' draws
+(workers/engine/sampling.py `Draw`), draws each row's token beside them and returns only
+the picks: on the GPU a decode step's ids, not a row of vocabulary-wide logits a sequence
+(607 KB for Qwen2.5's 151,936 tokens). Where the stages run is the caller's: `LocalPipeline`
+runs them in this process, `workers/stage_worker.py` in Ray actors. Either has
+`submit(step, draws=None)`, which returns a pass whose `result()` waits for its output.
 
 Two passes may be in flight at once (the scheduler's micro-batches, workers/engine/
 scheduler.py): stage k runs pass B while stage k + 1 runs pass A. Their KV writes cannot
@@ -31,6 +34,7 @@ import numpy as np
 from kernels import StepInputs, get_backend
 from kernels.ops import Backend
 from workers.engine.kv_cache import PagedKVCache
+from workers.engine.sampling import Draw, draw_rows
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
 from workers.model.transformer import Transformer
@@ -134,15 +138,18 @@ class Stage:
         # where it read this one's (prompt passes, which stages run eagerly, take theirs as it comes)
         self.inputs: dict[int, object] = {}
 
-    def step(self, step: StepInputs, hidden: np.ndarray | None) -> np.ndarray:
+    def step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None = None):
         """The first stage embeds step's tokens (hidden None); the others take the previous
         stage's residual stream [T, d_model] float32. Returns the stream leaving this stage's
-        last layer, or from the last stage the logits of step.logit_rows, float32 on the host.
+        last layer, or from the last stage the logits of step.logit_rows, float32 on the host,
+        or with draws (one a logit row) each row's (token, logprob, top), `draw_rows`'s.
         Runs as the backend runs a model's step (`Backend.run_step`: on the GPU, a decode step
         replayed from its graph)."""
         ops, c, T = self.ops, self.config, len(step.tokens)
         if (hidden is None) != self.spec.first:
             raise ValueError(f"{self.spec.describe()}: {'no ' if self.spec.first else ''}hidden states expected")
+        if draws is not None and not self.model.heads:
+            raise ValueError(f"{self.spec.describe()} has no output head to draw tokens from")
         if hidden is not None:
             if hidden.shape != (T, c.d_model) or hidden.dtype != np.float32:
                 raise ValueError(f"{self.spec.describe()}: hidden states {hidden.dtype}{list(hidden.shape)}, expected "
@@ -155,7 +162,11 @@ class Stage:
             else:
                 hidden = ops.asarray(hidden)
         forward = functools.partial(self._forward, hidden=hidden)
-        return ops.to_numpy(ops.run_step(forward, step, self.kv_by_layer)).astype(np.float32, copy=False)
+        forward.returns_logits = self.model.heads
+        out = ops.run_step(forward, step, self.kv_by_layer)
+        if draws is not None:
+            return draw_rows(ops, out, draws)
+        return ops.to_numpy(out).astype(np.float32, copy=False)
 
     def _forward(self, step: StepInputs, kv_caches, hidden):
         x = self.model.embedding(step) if hidden is None else hidden
@@ -166,11 +177,11 @@ class Stage:
 class Finished:
     """A pass that ran to its end when it was submitted (`LocalPipeline`'s)."""
 
-    def __init__(self, logits: np.ndarray):
-        self.logits = logits
+    def __init__(self, output):
+        self.output = output
 
-    def result(self) -> np.ndarray:
-        return self.logits
+    def result(self):
+        return self.output
 
 
 class LocalPipeline:
@@ -182,8 +193,8 @@ class LocalPipeline:
         self.specs = specs
         self.stages = [Stage(spec) for spec in specs]
 
-    def submit(self, step: StepInputs) -> Finished:
+    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None) -> Finished:
         hidden = None
         for stage in self.stages:
-            hidden = stage.step(step, hidden)
+            hidden = stage.step(step, hidden, draws if stage is self.stages[-1] else None)
         return Finished(hidden)

@@ -162,48 +162,116 @@ class Sampler:
         if self.constraint is not None:
             self.constraint.consume(token)
 
-    def apply_penalties(self, logits: np.ndarray) -> np.ndarray:
+    def next_draw(self, mask: np.ndarray | None = None) -> Draw:
+        """Everything this request's next token is drawn with, its generator advanced as the
+        draw needs (one uniform number at a temperature > 0, none greedy): the same numbers
+        whether the draw then runs here, on the device, or on a pipeline's last stage. mask: the
+        grammar's bitmask row for this step (computed here if None and the request has a grammar)."""
         p = self.params
-        if not self.history or not p.penalized:
-            return logits
-        logits = logits.copy()
-        ids = np.fromiter(self.history.keys(), dtype=np.int64)
-        counts = np.fromiter(self.history.values(), dtype=np.float32)
-        seen = logits[ids]
-        seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
-        logits[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
-        return logits
+        if p.grammar is not None and mask is None and self.constraint is not None:
+            mask = self.constraint.mask()
+        seen = None
+        if p.penalized and self.history:
+            seen = (np.fromiter(self.history.keys(), dtype=np.int64),
+                    np.fromiter(self.history.values(), dtype=np.float32))
+        return Draw(p, 0.0 if p.greedy else float(self.rng.random()), mask, self.bias, seen)
 
     def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> int:
-        """Pick the next token from one row of float logits and remember it. mask: the grammar's
-        bitmask row for this step (computed here if None and the request has a grammar)."""
-        p = self.params
-        logits = np.asarray(logits, dtype=np.float32)
-        if p.constrained:
-            if mask is None and self.constraint is not None:
-                mask = self.constraint.mask()
-            logits = constrain_logits(logits[None], None if mask is None else mask[None], self.bias)[0]
-        logits = self.apply_penalties(logits)
-        if p.greedy:
-            token = int(np.argmax(logits))
-        else:
-            token = self._draw(logits)
+        """Pick the next token from one row of float logits and remember it."""
+        token = self.next_draw(mask).pick(logits)
         self.accept(token)
         return token
-
-    def _draw(self, logits: np.ndarray) -> int:
-        return draw(self._weights(logits), float(self.rng.random()))
 
     def distribution(self, logits: np.ndarray) -> np.ndarray:
         """The probabilities [vocab] a sampled token is drawn with from one row of logits
         (penalties aside): what speculative sampling accepts and rejects against."""
-        w = self._weights(np.asarray(logits, dtype=np.float32))
+        w = filtered_weights(self.params, np.asarray(logits, dtype=np.float32))
         return w / w.sum()
 
-    def _weights(self, logits: np.ndarray) -> np.ndarray:
-        """Temperature, top-k, top-p and min-p, as the device's sampler applies them."""
+
+def filtered_weights(p: SamplingParams, logits: np.ndarray) -> np.ndarray:
+    """Temperature, top-k, top-p and min-p on one row, as the device's sampler applies them."""
+    return kept_weights(logits, p.temperature, p.top_k, p.top_p, p.min_p)
+
+
+@dataclass(frozen=True, eq=False)
+class Draw:
+    """One row's next-token draw with everything it needs and no state (picklable: a
+    pipeline's last stage draws beside its logits, workers/engine/pipeline.py): the params,
+    the uniform number from the request's generator, the grammar's bitmask row, the logit
+    bias and, when penalized, the tokens seen so far with their counts."""
+
+    params: SamplingParams
+    uniform: float
+    mask: np.ndarray | None = None
+    bias: LogitBias | None = None
+    seen: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def on_device(self) -> bool:
+        """Whether a backend that samples on the device may draw it: only its id is wanted."""
+        return self.params.logprobs is None and not self.params.penalized
+
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """One row of raw logits as the draw sees it: bias and mask, then the penalties."""
         p = self.params
-        return kept_weights(logits, p.temperature, p.top_k, p.top_p, p.min_p)
+        logits = np.asarray(logits, dtype=np.float32)
+        if p.constrained:
+            logits = constrain_logits(logits[None], None if self.mask is None else self.mask[None], self.bias)[0]
+        if self.seen is not None:
+            ids, counts = self.seen
+            logits = logits.copy()
+            seen = logits[ids]
+            seen = np.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
+            logits[ids] = seen - counts * p.frequency_penalty - p.presence_penalty
+        return logits
+
+    def pick(self, logits: np.ndarray) -> int:
+        """The token from one row of raw logits: `adjusted`, then argmax or the filtered draw
+        with `uniform`."""
+        logits = self.adjusted(logits)
+        if self.params.greedy:
+            return int(np.argmax(logits))
+        return draw(filtered_weights(self.params, logits), self.uniform)
+
+
+def draw_rows(ops, logits, draws: list[Draw | None]) -> list[tuple[int, float | None, list | None] | None]:
+    """(token, logprob, top) for each row of logits [B, vocab] (in ops' array type), None where
+    the draw is None. Rows that want only their id are drawn in one call where ops samples on
+    the device (only the ids leave it; masks and biases applied there); the others are copied
+    to the host and drawn there, with the raw distribution's logprobs where asked."""
+    picked: list = [None] * len(draws)
+    wanted = [i for i, d in enumerate(draws) if d is not None]
+    on_device = [i for i in wanted if ops.device_sampling and draws[i].on_device]
+    if on_device:
+        ds = [draws[i] for i in on_device]
+        rows = logits if len(on_device) == len(draws) else ops.take_rows(logits, on_device)
+        constrained = any(d.params.constrained for d in ds)
+        if constrained:
+            masks = [d.mask for d in ds]
+            shape = next((m.shape for m in masks if m is not None), None)
+            bitmask = None if shape is None else np.stack([np.full(shape, -1, np.int32) if m is None else m
+                                                           for m in masks])
+            biased = [(r, d.bias) for r, d in enumerate(ds) if d.bias is not None]
+            bias = LogitBias(np.concatenate([np.full(len(b.ids), r, np.int32) for r, b in biased]),
+                             np.concatenate([b.ids for _, b in biased]),
+                             np.concatenate([b.values for _, b in biased])) if biased else None
+            rows = ops.constrain(rows, bitmask, bias)
+        if all(d.params.greedy for d in ds) and not constrained:  # a decode graph's replay already holds these ids
+            ids = ops.argmax(rows)
+        else:
+            ids = ops.sample(rows, [d.params.temperature for d in ds], [d.params.top_k for d in ds],
+                             [d.params.top_p for d in ds], [d.params.min_p for d in ds], [d.uniform for d in ds])
+        for i, token in zip(on_device, ids.tolist()):
+            picked[i] = (int(token), None, None)
+    on_host = [i for i in wanted if picked[i] is None]
+    if on_host:
+        rows = ops.to_numpy(logits if len(on_host) == len(draws) else ops.take_rows(logits, on_host))
+        for i, row in zip(on_host, rows.astype(np.float32, copy=False)):
+            d = draws[i]
+            token, n_top = d.pick(row), d.params.logprobs
+            picked[i] = (token, None, None) if n_top is None else (token, *token_logprobs(row, token, n_top))
+    return picked
 
 
 def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:

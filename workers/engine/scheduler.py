@@ -321,9 +321,11 @@ class Scheduler:
             return lambda: [[(t, None, None)] for t in ids().tolist()]
         if step.passes:
             return self._launch_passes(step)
-        logits = self.engine.start_forward(step.work, device=True)
-        samplers = [r.sampler if not r.cancelled and r.uncached == 0 else None for r in step.requests]
-        return lambda: [[] if c is None else [c] for c in self.engine.sample(logits(), samplers)]
+        # a request draws when the step caches the last of its tokens
+        samplers = [r.sampler if not r.cancelled and r.uncached == n else None
+                    for r, (_, n) in zip(step.requests, step.work)]
+        picks = self.engine.start_sampled(step.work, samplers)
+        return lambda: [[] if c is None else [c] for c in picks()]
 
     def _launch_passes(self, step: Step) -> Callable[[], list]:
         """A step of decodes with passes: the drafts (`propose`: the greedy model drafts of the
