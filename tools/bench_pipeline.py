@@ -125,7 +125,8 @@ def main() -> int:
     print(f"  aggregate decode {rate:.2f} tok/s (timed round {wall:.1f} s with its prefill)")
     if args.pp > 1:
         print(f"  a decode step of one group ({rows} sequences): {(args.pp - 1) * rows * c.d_model * 4:,} bytes of "
-              f"activations between stages, {rows * c.vocab_size * 4:,} bytes of logits back")
+              f"activations between stages; the last stage draws the tokens ({rows * c.vocab_size * 4:,} bytes of "
+              f"logits stay there)")
     return 0
 
 
