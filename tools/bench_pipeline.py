@@ -7,14 +7,16 @@ pass runs in P pipeline stages (P = 1: the engine in the worker itself), on a pr
 --local: the stages in this process instead (LocalPipeline, no Ray: the GPU machine has none),
 one greedy stream through Engine.generate, P = 1 and P = --pp in turn, each after an untimed
 warm-up (on the GPU it captures the decode graphs): decode tok/s; on the GPU P > 1 also with
-the stages' decode graphs off.
+the stages' decode graphs off; and the time one stage boundary's hand-off of a decode step's
+residual stream takes (through the host, as `Stage.step` takes it).
 
 Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread.
 The streams are submitted together after one untimed warm-up round; the rate is the tokens that
 arrive after every stream has its first over the time from then to the last token, so every
 stream is decoding (prompts are prefilled in chunks beside the first decodes: those steps are
-left out). Also printed: the activation bytes a decode step moves between stages, and the
-logits' bytes it returns, for the micro-batches the scheduler forms (one group a stage).
+left out). Also printed: the activation bytes a decode step moves between stages for the
+micro-batches the scheduler forms (one group a stage); the last stage draws the tokens, so
+only they come back.
 """
 
 from __future__ import annotations
@@ -81,6 +83,30 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams) -> None:
         t = engine.last_timings
         print(f"{path.name}, {backend}, P = {parts}{'' if graphs else ', stage graphs off'}: decode "
               f"{t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})")
+        if parts > 1 and graphs:
+            sender, receiver = engine.pipeline.stages[:2]
+            d = engine.config.d_model
+            print(f"  handing one decode step's residual stream (1 x {d} float32, {d * 4:,} bytes) to the next "
+                  f"stage through the host: {handoff_us(sender.ops, receiver.ops, d):.1f} us a boundary "
+                  f"({parts - 1} a step)")
+
+
+def handoff_us(sender, receiver, d_model: int, n: int = 1000) -> float:
+    """Microseconds one stage boundary of a batch-1 decode step costs `LocalPipeline`: the
+    stream copied off the sender's device (`to_numpy`, which waits for it) and into the
+    receiver's input array (`copy_into`), as `Stage.step` does, timed over n copies."""
+    import numpy as np
+
+    src = sender.asarray(np.ones((1, d_model), np.float32))
+    dst = receiver.asarray(np.zeros((1, d_model), np.float32))
+    for _ in range(20):
+        receiver.copy_into(dst, sender.to_numpy(src))
+    receiver.to_numpy(dst)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        receiver.copy_into(dst, sender.to_numpy(src))
+    receiver.to_numpy(dst)  # the last copy in has landed
+    return (time.perf_counter() - t0) / n * 1e6
 
 
 def main() -> int:
