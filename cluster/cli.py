@@ -150,15 +150,31 @@ def cmd_generate(args) -> int:
     if args.pp == 1:
         return _generate(args, _engine(args))
     # the stages as Ray actors (workers/stage_worker.py) on a local Ray of a CPU per stage
+    import functools
+
     import ray
 
     from workers.stage_worker import RayPipeline
 
     ray.init(address="local", num_cpus=args.pp, include_dashboard=False, log_to_driver=False)
     try:
-        return _generate(args, _engine(args, pipeline_parallel_size=args.pp, stage_runner=RayPipeline))
+        gpus = stage_gpu_share(args.backend, args.pp, ray.cluster_resources().get("GPU", 0.0))
+        stages = functools.partial(RayPipeline, num_gpus=gpus)
+        return _generate(args, _engine(args, pipeline_parallel_size=args.pp, stage_runner=stages))
     finally:
         ray.shutdown()
+
+
+def stage_gpu_share(backend: str, stages: int, gpus: float) -> float:
+    """The GPU each of `stages` stage actors reserves on a Ray that sees `gpus`: none on the
+    CPU backend; on the GPU a whole one each where there are enough, else 1/n of one, n the
+    stages a GPU must hold, so that the shares pack onto the GPUs there are (stages sharing a
+    GPU time-slice it)."""
+    if backend != "cupy":
+        return 0.0
+    if int(gpus) < 1:
+        raise ValueError(f"--pp {stages} with --backend cupy: the stages need a GPU, and Ray sees none")
+    return 1.0 / -(-stages // int(gpus))
 
 
 def _generate(args, engine) -> int:
@@ -400,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "its draft runs are the ones kept resident")
     g.add_argument("--json", action="store_true")
     g.add_argument("--pp", type=int, default=1, metavar="P",
-                   help="pipeline stages: the layers split by bytes over P Ray actors on a local Ray (numpy backend)")
+                   help="pipeline stages: the layers split by bytes over P Ray actors on a local Ray (on the GPU "
+                   "a GPU each, or a share of one where there are fewer GPUs than stages)")
     g.set_defaults(func=cmd_generate)
 
     cs = with_placement(with_model(sub.add_parser(

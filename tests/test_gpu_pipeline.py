@@ -15,6 +15,10 @@ near tie that spread can flip (a random replica has them; one engine against its
 from __future__ import annotations
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -33,6 +37,9 @@ MODELS = {  # name -> (shape, vocabulary file)
                               sliding_window=4), "ggml-vocab-llama-spm.gguf"),
 }
 KW = {"backend": "cupy", "max_context": 256, "kv_cache_tokens": 1024}
+GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+CODE = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
+CHAT = "Why is the sky blue? Two sentences."
 
 
 @pytest.fixture(scope="module", params=[pytest.param("default", marks=pytest.mark.real_model), *MODELS])
@@ -71,25 +78,28 @@ def test_gpu_stages_give_the_logits_of_one_engine(model, parts):
     assert staged.blocks.blocks_in_use == 0
 
 
+def assert_same_greedy(single, prompt: list[int], want: list[int], got: list[int]) -> None:
+    """Greedy tokens from stages (drawn on the last stage) equal to the single engine's, except
+    after a position where its own run-to-run spread can flip its argmax (top-2 gap within
+    1% of its logits' RMS)."""
+    if got == want:
+        return
+    i = next((i for i, (w, g) in enumerate(zip(want, got)) if w != g), min(len(want), len(got)))
+    assert i < min(len(want), len(got)), (want, got)
+    seq = Sequence(prompt + want[:i])
+    try:
+        logits = forward(single, [(seq, len(seq.token_ids))])[-1]
+    finally:
+        single.release(seq)
+    top2 = np.sort(logits)[-2:]
+    assert top2[1] - top2[0] < 0.01 * np.sqrt(np.mean(logits ** 2)), (i, want, got)
+
+
 def assert_same_greedy_tokens(single, staged) -> None:
-    """32 greedy tokens of a code prompt and a chat prompt, the staged engine's (drawn on its
-    last stage) equal to the single engine's, except after a position where one engine's own
-    run-to-run spread can flip its argmax (top-2 gap within 1% of its logits' RMS)."""
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    prompts = [single.prompt_ids('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'),
-               single.chat_prompt_ids([{"role": "user", "content": "Why is the sky blue? Two sentences."}])]
-    for prompt in prompts:
-        want = [e.token_id for e in single.generate(prompt, params)]
-        got = [e.token_id for e in staged.generate(prompt, params)]
-        if got != want:
-            i = next(i for i, (w, g) in enumerate(zip(want, got)) if w != g)
-            seq = Sequence(prompt + want[:i])
-            try:
-                logits = forward(single, [(seq, len(seq.token_ids))])[-1]
-            finally:
-                single.release(seq)
-            top2 = np.sort(logits)[-2:]
-            assert top2[1] - top2[0] < 0.01 * np.sqrt(np.mean(logits ** 2)), (i, want, got)
+    """32 greedy tokens of a code prompt and a chat prompt, staged against single."""
+    for prompt in (single.prompt_ids(CODE), single.chat_prompt_ids([{"role": "user", "content": CHAT}])):
+        assert_same_greedy(single, prompt, [e.token_id for e in single.generate(prompt, GREEDY)],
+                           [e.token_id for e in staged.generate(prompt, GREEDY)])
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -115,3 +125,21 @@ def test_gpu_stage_actors_share_the_gpu(model):
         assert_like_one_engine(single, staged)
         assert_same_greedy_tokens(single, staged)
         staged.pipeline.shutdown()
+
+
+def test_generate_pp_2_on_the_gpu(model):
+    """`ntr generate --backend cupy --pp 2` (its own local Ray, in a process of its own; each
+    stage actor reserving half of the one GPU: cluster/cli.py `stage_gpu_share`) against one
+    engine's greedy tokens."""
+    pytest.importorskip("ray")
+    path, single = model
+    prompt = single.prompt_ids(CODE)
+    want = [e.token_id for e in single.generate(prompt, SamplingParams(temperature=0.0, max_tokens=16))]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "generate", "--backend", "cupy", "--model", str(path),
+                           "--preset", "greedy", "--max-tokens", "16", "--prompt", CODE, "--json", "--pp", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got["prompt_ids"] == prompt
+    assert_same_greedy(single, prompt, want, got["token_ids"])

@@ -228,6 +228,23 @@ def test_server_config_checks_pipeline_parallel_size(model):
     assert config.worker_args()["placement_strategy"] == "SPREAD"
 
 
+@pytest.mark.parametrize("backend, stages, gpus, share", [
+    ("numpy", 2, 0, 0.0), ("numpy", 2, 4, 0.0), ("cupy", 2, 1, 0.5), ("cupy", 3, 1, 1 / 3), ("cupy", 3, 2, 0.5),
+    ("cupy", 5, 2, 1 / 3), ("cupy", 2, 2, 1.0), ("cupy", 2, 8, 1.0)])
+def test_generate_pp_reserves_a_gpu_or_a_share_that_packs(backend, stages, gpus, share):
+    """`ntr generate --pp`'s stage actors: a GPU each where Ray sees enough, else shares that
+    fit the GPUs there are (a GPU holds floor(1 / share) stages)."""
+    from cluster.cli import stage_gpu_share
+
+    got = stage_gpu_share(backend, stages, gpus)
+    assert got == pytest.approx(share)
+    if got:
+        assert int(1 / got + 1e-9) * gpus >= stages
+    if backend == "cupy":
+        with pytest.raises(ValueError, match=f"--pp {stages} with --backend cupy: the stages need a GPU"):
+            stage_gpu_share(backend, stages, 0)
+
+
 # micro-batches
 
 MIXED = {"a": ([1, 2, 3, 4, 5, 6, 7], GREEDY), "b": ([9, 8, 7], SEEDED), "c": (list(range(20, 45)), GREEDY),
