@@ -410,18 +410,16 @@ def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single)
         def ready(self):
             return self.stage.spec.describe()
 
-        def step(self, step, hidden, draws=None):
+        def step(self, inputs, hidden=None):
+            step, draws, _ = inputs
             index, k = self.stage.spec.index, self.passes
             self.passes += 1
             ray.get(self.order.note.remote(("start", index, k)))
             if (index, k) == (1, 0):
                 ray.get(self.order.wait_for.remote(("start", 0, 1), 30))
-            out = self.stage.step(step, hidden, draws)
+            out = self.stage.step(step, hidden, draws if self.stage.model.heads else None)
             ray.get(self.order.note.remote(("end", index, k)))
             return out
-
-        def sequences_ended(self):
-            pass
 
     order = Order.options(name="pp-order").remote()
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2,
@@ -462,9 +460,9 @@ def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray
         deadline = time.monotonic() + 60
         while True:
             try:
-                ray.get(staged.pipeline.actors[1].step.remote(plan, hidden), timeout=10)
+                ray.get(staged.pipeline.actors[1].step.remote((plan, None, False), hidden), timeout=10)
             except ray.exceptions.RayTaskError as e:
-                assert "stage 1 (layers 2-3) was restarted: its KV cache is lost" in str(e)
+                assert "pipeline stage 1 (layers 2-3) failed: it was restarted: its KV cache is lost" in str(e)
                 break
             except ray.exceptions.RayError:
                 pass

@@ -3,20 +3,22 @@ and submits forward passes through them (an Engine's stage_runner, workers/engin
 
 The stages are placed by a placement group of one bundle per stage (STRICT_PACK: one node,
 by default; PACK or SPREAD across nodes). Each actor maps the model file and loads only its
-layers. A pass puts the step's inputs in Ray's object store once and hands every stage the
-reference; each stage's output (the float32 residual stream, the last stage's logits) is an
-object the next stage takes as an argument, so activations move through Ray's own objects
-(shared memory within a host), straight from stage to stage, and only the last stage's
-output comes back: the sampled tokens of a pass whose draws it was given, else the logits.
-`submit` returns without waiting: an actor runs its calls one at a time in submission order,
-so a pass submitted behind another follows it down the stages, stage k running the later
-pass while stage k + 1 runs the earlier one (the scheduler's micro-batches).
+layers. The actors are chained as a Ray compiled graph (`ray.dag`): a pass's inputs (the
+step, the last stage's draws) go to every stage, each stage's output (the float32 residual
+stream) to the next through the graph's channels (shared memory within a host), and only the
+last stage's output comes back: the sampled tokens of a pass whose draws it was given, else
+the logits. Ray's task path cost a P = 2 pass ~3-4 ms (a `ray.put`, two actor calls, a
+`ray.get`); the graph ~0.2 ms (docs/benchmarks.md). `submit` returns without waiting: each
+stage runs its passes one at a time in submission order, so a pass submitted behind another
+follows it down the stages, stage k running the later pass while stage k + 1 runs the
+earlier one (the scheduler's micro-batches).
 
-A stage that dies is restarted by Ray (up to STAGE_RESTARTS times) with an empty KV cache.
-The passes it was in raise StageFailed, and so does a pass that reaches a restarted stage
-before the pipeline knows (its KV for every running sequence is gone): the engine's caller
-ends those sequences (the ComputeWorker fails every running request). The pass submitted
-after that first tells the restarted stages that the sequences they lost are ended, and runs.
+A stage that dies is restarted by Ray (up to STAGE_RESTARTS times) with an empty KV cache, and
+the graph stops for good. The passes the stage was in raise StageFailed, and so does a pass
+that reaches a restarted stage before the pipeline knows (its KV for every running sequence is
+gone): the engine's caller ends those sequences (the ComputeWorker fails every running
+request). The pass submitted after a failure first builds the graph again, once every stage
+answers, and tells the stages with it that the sequences they lost are ended.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import uuid
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayChannelError, RayChannelTimeoutError, RayError
+from ray.dag import InputNode
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -53,35 +56,41 @@ class StageWorker:
     def ready(self) -> str:
         return self.stage.spec.describe()
 
-    def step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None = None):
+    def step(self, inputs: tuple, hidden: np.ndarray | None = None):
+        """One pass's work here: inputs is (step, the last stage's draws, whether every sequence
+        this stage lost has ended since the last pass). A failure names this stage."""
+        step, draws, ended = inputs
+        if ended:
+            self.lost_kv = False
+        name = self.stage.spec.describe()
         if self.lost_kv:
-            raise StageFailed(f"{self.stage.spec.describe()} was restarted: its KV cache is lost")
-        return self.stage.step(step, hidden, draws)
-
-    def sequences_ended(self) -> None:
-        """Every sequence whose KV this stage lost has ended: the next pass may run."""
-        self.lost_kv = False
+            raise StageFailed(f"pipeline {name} failed: it was restarted: its KV cache is lost")
+        try:
+            return self.stage.step(step, hidden, draws if self.stage.model.heads else None)
+        except Exception as e:
+            raise StageFailed(f"pipeline {name} failed: {type(e).__name__}: {e}") from None
 
 
 class RayPass:
-    """A pass submitted to the stages: each stage's output, the last one the logits or picks."""
+    """A pass submitted to the stages: the last stage's output to come."""
 
-    def __init__(self, pipeline: RayPipeline, outputs: list):
-        self.pipeline, self.outputs = pipeline, outputs
+    def __init__(self, pipeline: RayPipeline, output):
+        self.pipeline, self.output = pipeline, output
 
     def result(self):
         """The last stage's output (StageFailed, naming the stage, when one fails)."""
         try:
-            return ray.get(self.outputs[-1])
-        except RayError:
+            return self.output.get(timeout=-1)  # as long as the pass takes (a long prompt on the CPU)
+        except RayError as e:
             self.pipeline.failed = True
-            raise self.pipeline.failure(self.outputs) from None
+            cause = getattr(e, "cause", None)  # a stage's own StageFailed, which names it
+            raise (StageFailed(str(cause)) if isinstance(cause, StageFailed) else self.pipeline.failure(e)) from None
 
 
 class RayPipeline:
-    """The stages of `specs` as `worker` actors (StageWorker's interface) in a placement group;
-    submit(step) starts a pass. Each stage reserves num_cpus and num_gpus (GPU stages: a GPU
-    each, or a share of one that several stages use)."""
+    """The stages of `specs` as `worker` actors (StageWorker's interface) in a placement group,
+    chained by a Ray compiled graph; submit(step) starts a pass. Each stage reserves num_cpus
+    and num_gpus (GPU stages: a GPU each, or a share of one that several stages use)."""
 
     def __init__(self, specs: list[StageSpec], strategy: str = "STRICT_PACK", num_cpus: float = 1.0,
                  timeout_s: float = START_TIMEOUT_S, worker=StageWorker, num_gpus: float = 0.0):
@@ -102,29 +111,46 @@ class RayPipeline:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.index),
         ).remote(spec) for spec in specs]
         ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+        self.graph = self._compile()
         self.failed = False
+
+    def _compile(self):
+        """The stages chained as a compiled graph: the pass's inputs to every stage, each
+        stage's output to the next (shared-memory channels within a host), the last one's
+        back. A pass costs Ray ~0.2 ms there against ~3-4 ms as actor tasks (docs/benchmarks.md).
+        execute() waits at most timeout_s for room in the graph's input channel."""
+        with InputNode() as inputs:
+            out = None
+            for actor in self.actors:
+                out = actor.step.bind(inputs) if out is None else actor.step.bind(inputs, out)
+        return out.experimental_compile(_submit_timeout=self.timeout_s)
 
     def submit(self, step: StepInputs, draws: list[Draw | None] | None = None) -> RayPass:
         """Start a pass of step through every stage (the last drawing the tokens when given
-        draws); returns at once."""
-        if self.failed:  # the caller has ended every sequence the stages held
-            self._sequences_ended()
-            self.failed = False
-        inputs = ray.put(step)
-        outputs, hidden = [], None
-        for actor in self.actors:
-            hidden = actor.step.remote(inputs, hidden, draws if actor is self.actors[-1] else None)
-            outputs.append(hidden)
-        return RayPass(self, outputs)
+        draws); returns at once. After a failure the graph is built again first, the stages
+        told that the sequences they held are ended (the caller has ended them)."""
+        ended, self.failed = self.failed, False
+        if ended:
+            self._rebuild()
+        try:
+            output = self.graph.execute((step, draws, ended))
+        except RayChannelError as e:  # the graph stopped: one of its stages died since the last pass
+            if isinstance(e, RayChannelTimeoutError):
+                raise
+            self._rebuild()
+            output = self.graph.execute((step, draws, ended))
+        return RayPass(self, output)
 
-    def _sequences_ended(self) -> None:
-        """Tell every stage that the sequences in flight are ended, waiting for a restarting
-        one to come back (Ray answers ActorUnavailableError meanwhile)."""
+    def _rebuild(self) -> None:
+        """A new graph over the stages, once each answers (Ray restarts a dead one, and
+        answers ActorUnavailableError meanwhile): a graph stops for good when one of its
+        actors dies, and one with a pass left unread is built again too."""
+        self.graph.teardown()
         deadline = time.monotonic() + self.timeout_s
         for actor, spec in zip(self.actors, self.specs):
             while True:
                 try:
-                    ray.get(actor.sequences_ended.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                    ray.get(actor.ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
                     break
                 except ActorUnavailableError:
                     if time.monotonic() > deadline:
@@ -132,18 +158,18 @@ class RayPipeline:
                     time.sleep(0.1)
                 except RayError as e:
                     raise StageFailed(f"pipeline {spec.describe()} did not come back: {e}") from None
+        self.graph = self._compile()
 
-    def failure(self, outputs) -> StageFailed:
-        """The first stage whose output failed, and why (the later ones failed for lack of its output)."""
-        for spec, ref in zip(self.specs, outputs):
-            try:
-                ray.get(ref)
-            except RayError as e:
-                cause = e.cause if getattr(e, "cause", None) is not None else e
-                return StageFailed(f"pipeline {spec.describe()} failed: {type(cause).__name__}: {cause}")
-        return StageFailed("a pipeline stage failed")
+    def failure(self, error: RayError) -> StageFailed:
+        """The stage a system error came from (a dead actor names itself), and why."""
+        actor_id = getattr(error, "actor_id", None)
+        for actor, spec in zip(self.actors, self.specs):
+            if actor_id is not None and actor._actor_id.hex() == actor_id:
+                return StageFailed(f"pipeline {spec.describe()} failed: {type(error).__name__}: {error}")
+        return StageFailed(f"a pipeline stage failed: {type(error).__name__}: {error}")
 
     def shutdown(self) -> None:
+        self.graph.teardown()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.group)
