@@ -54,7 +54,8 @@ class StageWorker:
         self.lost_kv = ray.get_runtime_context().was_current_actor_reconstructed
 
     def ready(self) -> str:
-        return self.stage.spec.describe()
+        """The actor's id (hex), which Ray's errors about its death carry, once it is loaded."""
+        return ray.get_runtime_context().get_actor_id()
 
     def step(self, inputs: tuple, hidden: np.ndarray | None = None):
         """One pass's work here: inputs is (step, the last stage's draws, whether every sequence
@@ -110,7 +111,7 @@ class RayPipeline:
             name=f"{prefix}-stage-{spec.index}", num_cpus=num_cpus, num_gpus=num_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.index),
         ).remote(spec) for spec in specs]
-        ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+        self.actor_ids = ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)  # kept across restarts
         self.graph = self._compile()
         self.failed = False
 
@@ -163,8 +164,8 @@ class RayPipeline:
     def failure(self, error: RayError) -> StageFailed:
         """The stage a system error came from (a dead actor names itself), and why."""
         actor_id = getattr(error, "actor_id", None)
-        for actor, spec in zip(self.actors, self.specs):
-            if actor_id is not None and actor._actor_id.hex() == actor_id:
+        for known, spec in zip(self.actor_ids, self.specs):
+            if actor_id is not None and known == actor_id:
                 return StageFailed(f"pipeline {spec.describe()} failed: {type(error).__name__}: {error}")
         return StageFailed(f"a pipeline stage failed: {type(error).__name__}: {error}")
 
