@@ -130,6 +130,18 @@ class Timings:
         return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
 
+def last_rows(work: list[tuple[Sequence, int]]) -> np.ndarray:
+    """The row of each sequence's last new token in a pass of work: the rows whose logits a
+    pass returns by default."""
+    return np.cumsum([n for _, n in work], dtype=np.int64) - 1
+
+
+def count_cached(work: list[tuple[Sequence, int]]) -> None:
+    """The sequences count a started pass's tokens as cached."""
+    for seq, n in work:
+        seq.num_cached += n
+
+
 class Engine:
     def __init__(self, model_path: str | Path, backend: str | Backend = "numpy", max_context: int | None = None,
                  kv_cache_tokens: int | None = None, kv_cache_bytes: int | None = None, block_size: int = 16,
@@ -340,18 +352,17 @@ class Engine:
         step = self._plan(work, decode_rows=decode_rows, leaves=leaves)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
-        elif not all_logits:  # each sequence's last new row
+        elif not all_logits:
             if leaves:
                 raise ValueError("a pass with leaf rows returns every row's logits (all_logits)")
-            step.logit_rows = np.cumsum([n for _, n in work], dtype=np.int64) - 1
+            step.logit_rows = last_rows(work)
         if self.pipeline is not None:
             if layers is not None or decode_rows or feed is not None:
                 raise ValueError("a pipeline's stages run whole passes only (no drafts or verifying rows)")
             result = self.pipeline.submit(step).result
         else:
             result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
-        for seq, n in work:
-            seq.num_cached += n
+        count_cached(work)
         if device:
             return result
         return lambda: self.ops.to_numpy(result()).astype(np.float32, copy=False)
@@ -368,10 +379,9 @@ class Engine:
             return lambda: self.sample(logits(), samplers)
         draws = self.draws(samplers)
         step = self._plan(work)
-        step.logit_rows = np.cumsum([n for _, n in work], dtype=np.int64) - 1
+        step.logit_rows = last_rows(work)
         picks = self.pipeline.submit(step, draws).result
-        for seq, n in work:
-            seq.num_cached += n
+        count_cached(work)
         return lambda: self._accept(samplers, picks())
 
     def _forward(self, layers: tuple[int, ...] | None, before_draft: bool = False):
