@@ -327,10 +327,12 @@ def build_app(args: dict) -> serve.Application:
     """Serve's app builder: `args` is a ServerConfig, checked here with clear errors."""
     config = server_config(args)
     # The replica itself needs no CPU: its placement group's one bundle holds what the
-    # compute worker reserves, so worker and replica share a node and the GPU is the worker's.
+    # compute worker reserves, so worker and replica share a node and the GPU is the worker's
+    # (pipeline stages reserve theirs in a placement group of their own: workers/stage_worker.py).
+    worker = config.worker_options()
     return LLMServer.options(
         ray_actor_options={"num_cpus": 0},
-        placement_group_bundles=[{"CPU": config.num_cpus, "GPU": config.num_gpus}],
+        placement_group_bundles=[{"CPU": worker["num_cpus"], "GPU": worker["num_gpus"]}],
         placement_group_strategy="STRICT_PACK",
         max_ongoing_requests=config.max_num_seqs + config.max_queue + 16,
     ).bind(config.model_dump())

@@ -20,6 +20,7 @@ DEFAULT_MAX_TOKENS = 128  # generate's, cut to the room the prompt leaves
 
 
 GIB = 2**30
+BLOCK_SIZE = 16  # tokens a KV block holds: the engine's and the server config's default, as ntr plan sizes the cache
 
 
 def _placement_options(args) -> dict:
@@ -65,6 +66,7 @@ def cmd_plan(args) -> int:
     from dataclasses import replace
 
     from kernels.cupy.planes import CupySizes
+    from workers.engine.pipeline import staged_pass
     from workers.engine.placement import Rates, plan_model
     from workers.model.config import ModelConfig
     from workers.model.gguf_file import GGUFFile
@@ -91,12 +93,17 @@ def cmd_plan(args) -> int:
     with GGUFFile(path) as gguf:
         config = ModelConfig.from_gguf(gguf)
         max_context = min(config.context_length, args.ctx)
+        staged = staged_pass(args.pp, config.n_layers, CupySizes.kv_layout(
+            config.n_kv_heads, config.head_dim, BLOCK_SIZE, options["kv_type"]))
         p = plan_model(gguf, config, CupySizes, kv_tokens=args.kv_tokens or max_context, max_context=max_context,
-                       max_batch_tokens=args.batch_tokens, max_logit_rows=args.seqs, rates=rates,
-                       budget=options["vram_budget"], host_ram=options["host_ram"], n_buffers=options["n_buffers"],
-                       kv_type=options["kv_type"], requant_streamed=options["requant_streamed"],
-                       resident_order=_resident_order(args, path))
+                       block_size=BLOCK_SIZE, max_batch_tokens=args.batch_tokens, max_logit_rows=args.seqs, rates=rates,
+                       budget=None if staged else options["vram_budget"], host_ram=options["host_ram"],
+                       n_buffers=options["n_buffers"], kv_type=options["kv_type"],
+                       requant_streamed=options["requant_streamed"], resident_order=_resident_order(args, path))
+        stages = _plan_stages(args, options, path, gguf, config, p) if staged else None
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
+    if stages is not None:
+        return _print_stages(args, config, p, stages, predicted)
     if args.json:
         print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
                           "rates": {k: getattr(rates, k) for k in source}, "rates_source": source}))
@@ -128,6 +135,52 @@ def cmd_plan(args) -> int:
     for name in source:
         print(f"rate {name} = {getattr(rates, name)} ({source[name]})")
     print("predicted: " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
+    return 0
+
+
+def _plan_stages(args, options, path, gguf, config, p) -> dict:
+    """`ntr plan --pp P`: the stages of plan_stages under --vram-gb each, with the KV cache
+    asked for (one context by default) and the most every stage's device leaves room for."""
+    from kernels.cupy.planes import CupySizes
+    from workers.engine.kv_cache import sliding_pool
+    from workers.engine.pipeline import KVPools, plan_stages
+    from workers.engine.placement import stage_reserve
+
+    layout = CupySizes.kv_layout(config.n_kv_heads, config.head_dim, BLOCK_SIZE, options["kv_type"])
+    sliding, _, sliding_cap = sliding_pool(config, BLOCK_SIZE, args.seqs, args.batch_tokens)
+    pools = KVPools(layout, args.seqs, sliding, sliding_cap)
+    blocks = -(-p.kv_tokens // BLOCK_SIZE)
+    budget, reserve = options["vram_budget"], stage_reserve(p)
+
+    def plan(grow: bool):
+        return plan_stages(str(path), gguf, config, CupySizes, p.sizes.layers, args.pp, pools, blocks,
+                           options["kv_type"], budget, reserve, grow)
+
+    vectors = sum(x.n_elements for x in gguf.tensors.values() if len(x.shape) == 1) * 4
+    specs = plan(False)
+    room = plan(True)[0].num_blocks * BLOCK_SIZE if budget is not None else None
+    return {"kv_tokens": blocks * BLOCK_SIZE, "kv_tokens_room": room, "reserve": reserve, "budget": budget,
+            "stages": [{"layers": [s.layers.start, s.layers.stop - 1], "model_and_kv_bytes": s.nbytes,
+                        "device_bytes": s.nbytes + vectors + reserve,
+                        "kv_bytes": sum(pools.layer_bytes(i, blocks) for i in s.layers)} for s in specs]}
+
+
+def _print_stages(args, config, p, stages: dict, predicted: dict) -> int:
+    if args.json:
+        print(json.dumps({**stages, "predicted": predicted}))
+        return 0
+    budget = stages["budget"]
+    each = f"budget {budget / GIB:.2f} GiB a stage" if budget is not None else "no budget"
+    room = f" (every stage has room for {stages['kv_tokens_room']})" if budget is not None else ""
+    print(f"{config.n_layers} layers in {len(stages['stages'])} stages, {each}: runtime reserve "
+          f"{stages['reserve'] / GIB:.2f} GiB each, KV cache {stages['kv_tokens']} tokens{room}")
+    last = len(stages["stages"]) - 1
+    for k, s in enumerate(stages["stages"]):
+        ends = ", ".join(e for e, on in (("embedding", k == 0), ("output head", k == last)) if on)
+        print(f"stage {k}: layers {s['layers'][0]}-{s['layers'][1]}{', ' + ends if ends else ''}; planned "
+              f"{s['device_bytes'] / GIB:.2f} GiB (KV {s['kv_bytes'] / GIB:.2f})")
+    print("predicted, every layer resident, the stages one after the other (their hand-offs not counted): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
     return 0
 
 
@@ -481,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--link-gb-s", type=float, help="host-to-device GB/s (default: measured with a GPU)")
     pl.add_argument("--skip-set", help="a calibrate-skip file: the layers its draft runs are kept resident, as "
                     "ntr generate --skip-set keeps them")
+    pl.add_argument("--pp", type=int, default=1, metavar="P",
+                    help="pipeline stages, each a device of its own under --vram-gb: the stages' layers and memory")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan, backend="cupy")
 

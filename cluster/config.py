@@ -33,10 +33,13 @@ class ServerConfig(BaseModel):
     model: str = model_store.DEFAULT_MODEL  # a registered name (pulled if missing) or a GGUF path
     served_model_name: str | None = None  # the `model` clients send; default: the registered name or file stem
     backend: Literal["numpy", "cupy"] = "numpy"
+    # the compute worker's GPU (cupy: 1); with pipeline_parallel_size > 1 each stage's (1, or a
+    # share that packs stages onto fewer GPUs), the compute worker then holding none
     num_gpus: float = Field(0, ge=0, le=1)
     num_cpus: float = Field(1, gt=0)  # reserved for the compute worker, and for each pipeline stage
     # the forward pass in P stage actors, the layers split by bytes (workers/engine/pipeline.py);
-    # placed by a placement group of one bundle per stage with placement_strategy
+    # placed by a placement group of one bundle per stage with placement_strategy; each stage
+    # is a device of its own under vram_budget_gb
     pipeline_parallel_size: int = Field(1, ge=1)
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD"] = "STRICT_PACK"
     # everything the replica holds on its device; layers that do not fit stream from host RAM
@@ -77,14 +80,14 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ServerConfig":
-        if self.backend == "cupy" and self.num_gpus != 1:
+        if self.backend == "cupy" and self.pipeline_parallel_size == 1 and self.num_gpus != 1:
             raise ValueError("backend 'cupy' needs num_gpus: 1 (one replica = one GPU)")
+        if self.backend == "cupy" and self.num_gpus == 0:
+            raise ValueError("backend 'cupy' with pipeline_parallel_size > 1 needs num_gpus > 0: each stage's GPU "
+                             "(1) or share of one")
         if self.backend == "cupy" and self.kv_type == "f32":
             raise ValueError("kv_type 'f32' is the numpy backend's; backend 'cupy' stores f16, q8, q4, q3 or q2")
         if self.pipeline_parallel_size > 1:
-            if self.backend != "numpy":
-                raise ValueError("pipeline_parallel_size > 1 runs on backend 'numpy' in this version (GPU stages: "
-                                 "issue 21)")
             n_layers = self._model_layers()
             if n_layers is not None and self.pipeline_parallel_size > n_layers:
                 raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
@@ -114,9 +117,14 @@ class ServerConfig(BaseModel):
             return self.served_model_name
         return self.model if self.model in model_store.REGISTRY else Path(self.model).stem
 
+    @property
+    def stage_gpus(self) -> float:
+        """The GPU each pipeline stage reserves (none on the CPU backend, or without stages)."""
+        return self.num_gpus if self.backend == "cupy" and self.pipeline_parallel_size > 1 else 0.0
+
     def worker_options(self) -> dict:
-        """Ray resources of the compute worker."""
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        """Ray resources of the compute worker: a driver of GPU stages holds no GPU (kernels/driver.py)."""
+        return {"num_cpus": self.num_cpus, "num_gpus": 0.0 if self.stage_gpus else self.num_gpus}
 
     def worker_args(self) -> dict:
         """ComputeWorker's constructor arguments."""
@@ -124,7 +132,7 @@ class ServerConfig(BaseModel):
                                         "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
                                         "n_buffers", "requant_streamed", "pipeline_parallel_size",
                                         "placement_strategy", "num_cpus", "speculate", "drafter", "draft_layers",
-                                        "skip_set", "draft_tree"})
+                                        "skip_set", "draft_tree"}) | {"stage_gpus": self.stage_gpus}
 
 
 def describe(error: ValidationError, where: str) -> str:

@@ -19,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -143,3 +144,59 @@ def test_generate_pp_2_on_the_gpu(model):
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got["prompt_ids"] == prompt
     assert_same_greedy(single, prompt, want, got["token_ids"])
+
+
+def test_a_replica_drives_gpu_stages_each_under_its_own_budget(model):
+    """The served form (cluster/config.py -> ComputeWorker): backend cupy, P = 2, each stage
+    actor half of the one GPU and a VRAM budget of its own under what one process needs for the
+    model; the compute worker, which drives them, reserves no GPU (kernels/driver.py). A greedy
+    request gets one engine's tokens, and each stage's process has its device pool capped at
+    its budget less its context, and within it."""
+    ray = pytest.importorskip("ray")
+    from cluster.config import server_config
+    from serving_cluster import local_ray
+    from workers.compute_worker import ComputeWorker
+    from workers.engine.placement import GIB
+
+    path, single = model
+    specs = []
+    Engine(path, pipeline_parallel_size=2, stage_runner=specs.append, **KW)
+    t = single.gguf.tensors
+    vectors = sum(x.n_elements for x in t.values() if len(x.shape) == 1) * 4
+    budget = max(s.nbytes for s in specs[0]) + vectors + (single.placement.reserve - single.placement.prompt_graph_bytes)
+    budget += 64 << 20  # the pools' rounding
+    assert single.placement.device_bytes > budget  # one process could not hold it resident
+    config = server_config({"model": str(path), "backend": "cupy", "num_gpus": 0.5, "pipeline_parallel_size": 2,
+                            "vram_budget_gb": budget / GIB, "max_context": KW["max_context"], "max_num_seqs": 4,
+                            "max_batch_tokens": 256})
+    prompt = single.prompt_ids(CODE)
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    want = [e.token_id for e in single.generate(prompt, params)]
+    with local_ray(num_cpus=4, num_gpus=1):
+        worker = ComputeWorker.options(**config.worker_options()).remote(**config.worker_args())
+        try:
+            info = ray.get(worker.info.remote(), timeout=300)
+            assert len(info["pipeline_stages"]) == 2
+            assert ray.available_resources().get("GPU", 0.0) == 0.0  # the stages hold both halves, the worker none
+            ray.get(worker.submit.remote("r", prompt, params))
+            events, deadline = [], time.monotonic() + 120
+            while not (events and ("error" in events[-1] or events[-1].get("finish_reason"))):
+                assert time.monotonic() < deadline, events[-3:]
+                events += ray.get(worker.poll.remote(1.0)).get("r", [])
+            assert "error" not in events[-1], events[-1]
+            assert_same_greedy(single, prompt, want, [e["token_id"] for e in events if e.get("token_id") is not None])
+            stages = [ray.get_actor(n["name"], namespace=n["namespace"]) for n in ray.util.list_named_actors(True)
+                      if "-stage-" in n["name"]]
+            assert len(stages) == 2
+            for stage in stages:
+                limit, used = ray.get(stage.__ray_call__.remote(_device_pool))
+                assert 0 < used <= limit <= budget, (used, limit, budget)
+        finally:
+            ray.kill(worker)
+
+
+def _device_pool(_actor):
+    import cupy as cp
+
+    pool = cp.get_default_memory_pool()
+    return pool.get_limit(), pool.total_bytes()

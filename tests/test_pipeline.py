@@ -21,6 +21,7 @@ import ray
 from cluster.config import ConfigError, server_config
 from workers.engine.engine import Engine, Sequence
 from workers.engine.pipeline import Stage, split_by_bytes
+from workers.engine.placement import stage_reserve
 from workers.engine.grammar import GrammarSpec
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
@@ -125,6 +126,100 @@ def test_stages_split_a_synthetic_model_by_its_bytes(model):
     assert engine.model is None and engine.kv.layers == [] and engine.kv.nbytes == 0  # the driver holds neither
 
 
+
+def largest_stage(gguf, sizer, placement, layout, parts=2):
+    """largest(blocks): the device bytes of the largest of `parts` stages, split by brute force,
+    each holding its layers' matrices and KV pools of `blocks` blocks, the embedding (first) or
+    head (last), every layer's vectors and a stage's runtime reserve."""
+    t = gguf.tensors
+    vectors = sum(x.n_elements for x in t.values() if len(x.shape) == 1) * 4
+    embed, head = sizer.matrix_nbytes(t["token_embd.weight"]), sizer.matrix_nbytes(t["output.weight"])
+    reserve = stage_reserve(placement)  # a stage's runtime: no prompt graphs
+
+    def largest(blocks):
+        costs = [w + layout.bytes_per_block * blocks for w in placement.sizes.layers]
+        return brute_force(costs, parts, embed, head) + vectors + reserve
+
+    return largest
+
+
+def test_each_stage_is_planned_against_the_budget_of_its_device(model, single):
+    """With P stages vram_budget is each stage's device's. A budget that cannot hold the model
+    in one process holds it in two stages; the KV pools take the most blocks with which the
+    largest stage still fits (found here by the brute-force split over every pool size), and
+    the stages give one process's logits. A budget below a stage's share is refused, naming
+    the stage."""
+    free = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    largest = largest_stage(free.gguf, free.ops, free.placement, free.kv.layout)
+    one_context = 64 // free.kv.block_size
+    budget = largest(one_context) + 40 * free.kv.layout.bytes_per_block + 1  # room for ~20 more blocks a layer
+    with pytest.raises(ValueError, match="cannot hold"):  # one process: the embedding and head alone overflow it
+        Engine(model("qwen2"), max_context=64, vram_budget=budget)
+    staged = Engine(model("qwen2"), max_context=64, vram_budget=budget, pipeline_parallel_size=2)
+    want_blocks = max(b for b in range(one_context, one_context + 100) if largest(b) <= budget)
+    assert want_blocks > one_context + 10
+    assert staged.blocks.num_blocks == want_blocks
+    assert [s.num_blocks for s in staged.stages] == [want_blocks] * 2 and all(s.budget == budget for s in staged.stages)
+    assert max(largest(s.num_blocks) for s in staged.stages) <= budget
+    for w, g in zip(mixed_passes(single("qwen2")), mixed_passes(staged)):
+        assert np.array_equal(w, g)
+    # an asked-for KV size is kept, and checked
+    assert Engine(model("qwen2"), max_context=64, kv_cache_tokens=64, vram_budget=budget,
+                  pipeline_parallel_size=2).blocks.num_blocks == one_context
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2: stage \d \(layers \d-\d\) needs .* over the "
+                                         r"budget of .* a stage"):
+        Engine(model("qwen2"), max_context=64, vram_budget=largest(one_context) - 1, pipeline_parallel_size=2)
+
+
+
+def test_a_driver_of_gpu_stages_needs_no_gpu(model):
+    """An engine whose stages run on the GPU plans them and numbers their KV blocks on the
+    host (kernels/driver.py), sizing them as the GPU stores the model (CupySizes): it starts
+    on a machine without a GPU, as a Serve replica's ComputeWorker that reserves none does."""
+    from kernels.cupy.planes import CupySizes
+    from workers.engine.placement import plan_model
+    from workers.model.config import ModelConfig
+    from workers.model.gguf_file import GGUFFile
+
+    path, started = model("qwen2"), []
+    with GGUFFile(path) as g:
+        c = ModelConfig.from_gguf(g)
+        layout = CupySizes.kv_layout(c.n_kv_heads, c.head_dim, 16)
+        largest = largest_stage(g, CupySizes, plan_model(g, c, CupySizes, None, 64, 64, max_logit_rows=32), layout)
+    budget = largest(4) + 40 * layout.bytes_per_block + 1
+    engine = Engine(path, backend="cupy", max_context=64, vram_budget=budget, pipeline_parallel_size=2,
+                    stage_runner=started.append)
+    (specs,) = started
+    assert engine.ops.name == "cupy" and engine.kv.layout == layout and [s.backend for s in specs] == ["cupy"] * 2
+    assert max(largest(s.num_blocks) for s in specs) <= budget < largest(specs[0].num_blocks + 1)
+
+
+def test_ntr_plan_pp_shows_each_stage_under_its_budget(model, capsys):
+    """`ntr plan --pp 2` sizes the stages for the GPU without one (CupySizes): each stage's
+    device bytes within --vram-gb, the KV cache asked for, and the most every stage has room for."""
+    from cluster.cli import main
+    from kernels.cupy.planes import CupySizes
+    from workers.engine.placement import GIB, plan_model
+    from workers.model.config import ModelConfig
+    from workers.model.gguf_file import GGUFFile
+
+    path = model("qwen2")
+    with GGUFFile(path) as g:
+        c = ModelConfig.from_gguf(g)
+        layout = CupySizes.kv_layout(c.n_kv_heads, c.head_dim, 16)
+        largest = largest_stage(g, CupySizes, plan_model(g, c, CupySizes, None, 64, 64, max_logit_rows=16), layout)
+    budget = largest(4) + 40 * layout.bytes_per_block + 1
+    plan = ["plan", "--model", str(path), "--ctx", "64", "--seqs", "16", "--pp", "2", "--json", "--vram-gb"]
+    assert main(plan + [repr(budget / GIB)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (a, b), (c, d) = (s["layers"] for s in out["stages"])
+    assert (a, b + 1, d) == (0, c, 3)
+    assert max(s["device_bytes"] for s in out["stages"]) == largest(4) <= budget and out["kv_tokens"] == 64
+    assert out["kv_tokens_room"] == 16 * max(b for b in range(4, 200) if largest(b) <= budget) > 64 + 160
+    assert main(plan + [repr((largest(4) - 1) / GIB)]) == 2
+    assert "pipeline_parallel_size=2: stage" in capsys.readouterr().err
+
+
 # P stages against one process
 
 @pytest.fixture(scope="module")
@@ -219,13 +314,17 @@ def test_server_config_checks_pipeline_parallel_size(model):
             server_config({"pipeline_parallel_size": value})
     with pytest.raises(ConfigError, match=r"pipeline_parallel_size \(5\) must be <= the model's 4 layers"):
         server_config({"model": str(model("qwen2")), "pipeline_parallel_size": 5})
-    with pytest.raises(ConfigError, match="pipeline_parallel_size > 1 runs on backend 'numpy'"):
-        server_config({"backend": "cupy", "num_gpus": 1, "pipeline_parallel_size": 2})
+    with pytest.raises(ConfigError, match="pipeline_parallel_size > 1 needs num_gpus > 0"):
+        server_config({"backend": "cupy", "pipeline_parallel_size": 2})
+    gpu = server_config({"model": str(model("qwen2")), "backend": "cupy", "num_gpus": 0.5, "pipeline_parallel_size": 2})
+    # each stage reserves the GPU share; the compute worker, which drives them, none (nor does its bundle)
+    assert gpu.worker_args()["stage_gpus"] == 0.5 and gpu.worker_options() == {"num_cpus": 1, "num_gpus": 0.0}
     with pytest.raises(ConfigError, match="placement_strategy"):
         server_config({"placement_strategy": "ANYWHERE"})
     config = server_config({"model": str(model("qwen2")), "pipeline_parallel_size": 4, "placement_strategy": "SPREAD"})
     assert config.worker_args()["pipeline_parallel_size"] == 4
     assert config.worker_args()["placement_strategy"] == "SPREAD"
+    assert config.worker_args()["stage_gpus"] == 0.0  # CPU stages reserve no GPU
 
 
 @pytest.mark.parametrize("backend, stages, gpus, share", [

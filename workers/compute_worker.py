@@ -77,10 +77,11 @@ class ComputeWorker:
                  requant_streamed: str | None = None, pipeline_parallel_size: int = 1,
                  placement_strategy: str = "STRICT_PACK", num_cpus: float = 1.0, speculate: str | int = "off",
                  drafter: str = "lookup", draft_layers: int | None = None, skip_set: str | None = None,
-                 draft_tree: str = "auto"):
+                 draft_tree: str = "auto", stage_gpus: float = 0.0):
         """With pipeline_parallel_size > 1 the forward pass runs in that many StageWorker actors
-        (workers/stage_worker.py), each reserving num_cpus, placed by placement_strategy; this
-        actor keeps the scheduler, the block tables and the sampling. speculate, drafter,
+        (workers/stage_worker.py), each reserving num_cpus and stage_gpus, placed by
+        placement_strategy, each under vram_budget_gb; this actor keeps the scheduler and the
+        block tables, and holds no device (kernels/driver.py). speculate, drafter,
         draft_layers, skip_set, draft_tree: the scheduler's speculation (`Speculation.from_setting`); a
         skip set's draft layers claim residency first (skip_calibration.residency_order)."""
         node = ray.get_runtime_context().get_node_id()
@@ -95,7 +96,7 @@ class ComputeWorker:
                                  block_size=block_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                                  host_ram_gb=host_ram_gb, n_buffers=n_buffers, kv_type=kv_type,
                                  requant_streamed=requant_streamed)
-        stages = functools.partial(RayPipeline, strategy=placement_strategy, num_cpus=num_cpus)
+        stages = functools.partial(RayPipeline, strategy=placement_strategy, num_cpus=num_cpus, num_gpus=stage_gpus)
         order = residency_order(skip_set, spec["path"]) if skip_set else None
         self.engine = await asyncio.to_thread(Engine, spec["path"], backend=backend, host_alloc=self.tiers.host_alloc,
                                               disk_open=self.tiers.disk_open, pipeline_parallel_size=pipeline_parallel_size,

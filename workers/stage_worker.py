@@ -33,8 +33,9 @@ from ray.dag import InputNode
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kernels import StepInputs
+from kernels import StepInputs, get_backend
 from workers.engine.pipeline import Stage, StageSpec
+from workers.engine.placement import context_bytes
 from workers.engine.sampling import Draw
 
 STAGE_RESTARTS = 3
@@ -49,7 +50,10 @@ class StageFailed(RuntimeError):
 @ray.remote(max_restarts=STAGE_RESTARTS)
 class StageWorker:
     def __init__(self, spec: StageSpec):
-        self.stage = Stage(spec)
+        ops = get_backend(spec.backend)
+        if spec.budget is not None:  # this process is the stage's: its pool holds what the budget leaves the context
+            ops.limit_device_memory(spec.budget - context_bytes(ops.outside_pool_bytes()))
+        self.stage = Stage(spec, ops)
         # a restart begins with an empty KV cache: it refuses passes until told the sequences are ended
         self.lost_kv = ray.get_runtime_context().was_current_actor_reconstructed
 

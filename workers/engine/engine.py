@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
+from kernels.driver import get_driver
 from kernels.kv_layout import RECENT
 from workers.engine.block_manager import BlockManager, slot
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
 from workers.engine.draft_policy import DraftMemory, DraftPolicy
-from workers.engine.pipeline import Finished, LocalPipeline, plan_stages, split_by_bytes
-from workers.engine.placement import Rates, context_bytes, plan_model
+from workers.engine.pipeline import Finished, KVPools, LocalPipeline, plan_stages, staged_pass
+from workers.engine.placement import Rates, context_bytes, plan_model, stage_reserve
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax
 from workers.engine.speculation import Speculation, start_verify
@@ -167,7 +168,10 @@ class Engine:
 
         With pipeline_parallel_size P > 1 the forward pass runs in P stages, the layers split
         by bytes (workers/engine/pipeline.py); this engine then holds no weights and no KV, only
-        the block tables every stage's pools share, and samples the last stage's logits.
+        the block tables every stage's pools share, and the last stage draws the tokens; its
+        own ops are the host's, sized as `backend` stores the model (kernels/driver.py).
+        vram_budget is then each stage's (a device each); without a KV size the pools take
+        the most blocks with which every stage fits it.
         stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
         `LocalPipeline`, in this process). The stages hold every layer resident, keep an
         unquantized KV cache and run no drafts (speculation) in this first slice."""
@@ -175,7 +179,10 @@ class Engine:
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=str(self.gguf.path))
-        self.ops = get_backend(backend) if isinstance(backend, str) else backend
+        if isinstance(backend, str):  # a driver of stages runs no layer: sized as `backend`, nothing on a device
+            self.ops = get_driver(backend) if pipeline_parallel_size > 1 else get_backend(backend)
+        else:
+            self.ops = backend
         self.max_context = min(self.config.context_length, max_context or DEFAULT_MAX_CONTEXT)
         c = self.config
         layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, block_size, kv_type)
@@ -199,10 +206,12 @@ class Engine:
         # measured, not assumed: a context past the estimate would take the pool past the budget
         context = context_bytes(self.ops.outside_pool_bytes())
 
-        def placed():
-            return plan_model(self.gguf, c, self.ops, vram_budget, kv_cache_tokens, self.max_context, block_size,
-                              max_batch_tokens, max_logit_rows, host_ram, n_buffers, self.rates, kv_type,
-                              requant_streamed, context, resident_order)
+        staged = staged_pass(pipeline_parallel_size, c.n_layers, layout)
+
+        def placed():  # staged: every layer resident, each stage under the budget (plan_stages below)
+            return plan_model(self.gguf, c, self.ops, None if staged else vram_budget, kv_cache_tokens,
+                              self.max_context, block_size, max_batch_tokens, max_logit_rows, host_ram, n_buffers,
+                              self.rates, kv_type, requant_streamed, context, resident_order)
 
         self.max_batch_tokens, self.max_logit_rows = max_batch_tokens, max_logit_rows
         self.placement = placed()
@@ -214,7 +223,7 @@ class Engine:
         # the process's pool: an engine without a budget lifts an earlier one's limit; the context
         # takes the rest of the budget (the graphs' own pools are planned inside the reserve, and
         # until they exist their share is the pool's slack)
-        self.ops.limit_device_memory(None if vram_budget is None else vram_budget - context)
+        self.ops.limit_device_memory(None if vram_budget is None or staged else vram_budget - context)
         self.ops.allow_prompt_graphs(self.placement.prompt_graph_bytes)
         if self.placement.requant:  # the model as loaded: streamed matrices requantized as they load
             self.gguf = retyped(self.gguf, {n: Q[t] for n, t in self.placement.requant.items()})
@@ -230,13 +239,17 @@ class Engine:
         sliding_blocks = min(sliding_cap, num_blocks)  # a sequence holds no more sliding blocks than main ones
         if sliding and len(sliding) == c.n_layers:  # no rows in the main pool: it only numbers positions
             num_blocks = max(num_blocks, max_logit_rows * -(-self.max_context // block_size))
-        staged = self._check_pipeline(pipeline_parallel_size, layout)
+        self.stages = []
+        if staged:  # the stages' pools are sized (grown to what the budget leaves) before the block tables
+            pools = KVPools(layout, max_logit_rows, sliding, sliding_cap)
+            self.stages = plan_stages(str(self.gguf.path), self.gguf, c, self.ops, self.placement.sizes.layers,
+                                      pipeline_parallel_size, pools, num_blocks, kv_type, vram_budget,
+                                      stage_reserve(self.placement), grow=kv_cache_tokens is None)
+            num_blocks, sliding_blocks = self.stages[0].num_blocks, self.stages[0].sliding_blocks
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,
                                held=range(0) if staged else None)
         self.model = None if staged else Transformer(self.gguf, self.config, self.ops)
-        self.stages = plan_stages(self.kv, str(self.gguf.path), self.gguf, c, self.ops, self.placement.sizes.layers,
-                                  pipeline_parallel_size, kv_type) if staged else []
         self.pipeline = (stage_runner or LocalPipeline)(self.stages) if staged else None
         self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots, self.kv.sliding_blocks, window)
         if layout.type.quantized:
@@ -244,20 +257,6 @@ class Engine:
         self.last_timings = Timings()
         self.last_speculation = SpecStats()
         self.draft_memory = DraftMemory()  # what greedy speculative requests measured, for the next
-
-    def _check_pipeline(self, size: int, layout) -> bool:
-        """Whether the forward pass is staged (size > 1); ValueError naming
-        pipeline_parallel_size for a size or a combination this slice does not run."""
-        split_by_bytes([0] * self.config.n_layers, size)  # the range check, with the field's name
-        if size == 1:
-            return False
-        if self.placement.streamed:
-            raise ValueError(f"pipeline_parallel_size={size}: the stages hold every layer resident; "
-                             f"{len(self.placement.streamed)} layers do not fit the VRAM budget")
-        if layout.type.quantized:
-            raise ValueError(f"pipeline_parallel_size={size}: a quantized KV cache (kv_type "
-                             f"{layout.type.name}) is calibrated over the whole model; use an unquantized one")
-        return True
 
     def _calibrate_kv(self) -> None:
         """A RotateKV cache's key centre and scale per layer, from the model's own keys and

@@ -32,8 +32,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels import StepInputs, get_backend
+from kernels.kv_layout import KVLayout
 from kernels.ops import Backend
 from workers.engine.kv_cache import PagedKVCache
+from workers.engine.placement import GIB
 from workers.engine.sampling import Draw, draw_rows
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
@@ -73,6 +75,18 @@ def split_by_bytes(layer_bytes: list[int], parts: int, first_bytes: int = 0, las
     return ranges[::-1]
 
 
+def staged_pass(parts: int, n_layers: int, layout: KVLayout) -> bool:
+    """Whether a model of n_layers runs its forward pass in `parts` stages (parts > 1);
+    ValueError naming pipeline_parallel_size for a size or a KV cache the stages do not run."""
+    split_by_bytes([0] * n_layers, parts)  # the range check, with the field's name
+    if parts == 1:
+        return False
+    if layout.type.quantized:
+        raise ValueError(f"pipeline_parallel_size={parts}: a quantized KV cache (kv_type "
+                         f"{layout.type.name}) is calibrated over the whole model; use an unquantized one")
+    return True
+
+
 @dataclass(frozen=True)
 class StageSpec:
     """What a stage needs to build itself (picklable: it travels to a stage actor)."""
@@ -88,6 +102,7 @@ class StageSpec:
     sliding: tuple[int, ...]
     sliding_blocks: int
     nbytes: int  # what the split counted for it: its layers' matrices and KV pools, embedding, head
+    budget: int | None = None  # the device memory its process may hold, its runtime reserve included
 
     @property
     def first(self) -> bool:
@@ -97,23 +112,63 @@ class StageSpec:
         return f"stage {self.index} (layers {self.layers.start}-{self.layers.stop - 1})"
 
 
-def plan_stages(engine_kv: PagedKVCache, model_path: str, gguf: GGUFFile, config: ModelConfig, ops: Backend,
-                layer_bytes: tuple[int, ...], parts: int, kv_type: str | None) -> list[StageSpec]:
+@dataclass(frozen=True)
+class KVPools:
+    """A layer's KV pool as the engine will size it, before the cache exists: `num_blocks`
+    blocks of `layout` (a sliding layer's at most sliding_cap) and a ring of recent_slots."""
+
+    layout: KVLayout
+    recent_slots: int
+    sliding: tuple[int, ...]
+    sliding_cap: int
+
+    def layer_bytes(self, layer: int, num_blocks: int) -> int:
+        blocks = min(self.sliding_cap, num_blocks) if layer in self.sliding else num_blocks
+        return self.layout.fixed_bytes(self.recent_slots) + self.layout.bytes_per_block * blocks
+
+
+def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, layer_bytes: tuple[int, ...], parts: int,
+                pools: KVPools, num_blocks: int, kv_type: str | None, budget: int | None = None, reserve: int = 0,
+                grow: bool = False) -> list[StageSpec]:
     """The stages of a model split `parts` ways by bytes: layer_bytes (each layer's matrices as
-    ops stores them) and each layer's KV pool as engine_kv (the driver's, holding no layer) sizes it."""
-    kv = engine_kv
-    pool = [kv.layout.fixed_bytes(kv.recent_slots)
-            + kv.layout.bytes_per_block * (kv.sliding_blocks if i in kv.sliding else kv.num_blocks)
-            for i in range(config.n_layers)]
-    per_layer = [w + p for w, p in zip(layer_bytes, pool)]
+    ops, a Backend or a sizer such as CupySizes, stores them) and each layer's KV pool of
+    num_blocks blocks. With a budget each stage is a device of its own holding reserve (its
+    runtime: context, scratch, graphs, activations), its share of the model and the vectors
+    (norms) of every layer; grow: the pools take the most blocks with which every stage still
+    fits (num_blocks at least). ValueError naming pipeline_parallel_size where a stage does not fit."""
     table, t = config.architecture, gguf.tensors
     embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
     head = ops.matrix_nbytes(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
-    ranges = split_by_bytes(per_layer, parts, embed, head)
-    return [StageSpec(index=k, model_path=model_path, backend=ops.name, layers=r, block_size=kv.block_size,
-                      kv_type=kv_type, num_blocks=kv.num_blocks, recent_slots=kv.recent_slots, sliding=kv.sliding,
-                      sliding_blocks=kv.sliding_blocks,
-                      nbytes=sum(per_layer[i] for i in r) + (embed if k == 0 else 0) + (head if k == parts - 1 else 0))
+    vectors = sum(x.n_elements for x in t.values() if len(x.shape) == 1) * 4
+
+    def split(blocks: int) -> tuple[list[range], list[int]]:
+        per_layer = [w + pools.layer_bytes(i, blocks) for i, w in enumerate(layer_bytes)]
+        ranges = split_by_bytes(per_layer, parts, embed, head)
+        return ranges, [sum(per_layer[i] for i in r) + (embed if k == 0 else 0) + (head if k == parts - 1 else 0)
+                        for k, r in enumerate(ranges)]
+
+    def fits(blocks: int) -> bool:
+        return max(split(blocks)[1]) + vectors + reserve <= budget
+
+    if budget is not None:
+        if not fits(num_blocks):
+            ranges, sums = split(num_blocks)
+            k = max(range(parts), key=sums.__getitem__)
+            raise ValueError(
+                f"pipeline_parallel_size={parts}: stage {k} (layers {ranges[k].start}-{ranges[k].stop - 1}) needs "
+                f"{(sums[k] + vectors + reserve) / GIB:.2f} GiB with a {num_blocks * pools.layout.block_size}-token KV "
+                f"cache, its runtime reserve ({reserve / GIB:.2f} GiB) included, over the budget of "
+                f"{budget / GIB:.2f} GiB a stage; the stages hold every layer resident: add stages or budget")
+        if grow and len(pools.sliding) < config.n_layers:  # every layer sliding: more blocks hold nothing
+            low, high = num_blocks, num_blocks + max(1, budget // pools.layout.bytes_per_block)
+            while low < high:  # the most blocks that fit: fits() is monotone in the blocks
+                mid = (low + high + 1) // 2
+                low, high = (mid, high) if fits(mid) else (low, mid - 1)
+            num_blocks = low
+    ranges, sums = split(num_blocks)
+    return [StageSpec(index=k, model_path=model_path, backend=ops.name, layers=r, block_size=pools.layout.block_size,
+                      kv_type=kv_type, num_blocks=num_blocks, recent_slots=pools.recent_slots, sliding=pools.sliding,
+                      sliding_blocks=min(pools.sliding_cap, num_blocks), nbytes=sums[k], budget=budget)
             for k, r in enumerate(ranges)]
 
 
@@ -187,7 +242,8 @@ class Finished:
 class LocalPipeline:
     """The stages in this process, one after the other (the engine-level form of a pipeline:
     what the Ray stage actors run, without Ray). A pass runs to its end as it is submitted,
-    so passes never overlap here."""
+    so passes never overlap here. The stages share this process's device pool, which no
+    stage's budget caps (a stage actor's own process is capped at it: workers/stage_worker.py)."""
 
     def __init__(self, specs: list[StageSpec]):
         self.specs = specs

@@ -274,6 +274,12 @@ def with_prompt_graphs(p: Placement, kv_tokens: int | None, max_context: int) ->
     return p if q.streamed else replace(q, prompt_graph_bytes=PROMPT_GRAPH_BYTES)
 
 
+def stage_reserve(p: Placement) -> int:
+    """The runtime reserve of a pipeline stage's process, planned as p's: a stage runs its
+    prompt passes eagerly, so none of p's share for prompt graphs."""
+    return p.reserve - p.prompt_graph_bytes
+
+
 def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, max_context: int,
                block_size: int = 16, max_batch_tokens: int = 512, max_logit_rows: int = 32,
                host_ram: int | None = None, n_buffers: int | None = None, rates: Rates = Rates(),
