@@ -1,4 +1,4 @@
-"""k8s/rayservice.yaml against KubeRay's RayService CRD (v1.7), and its Serve config against ours."""
+"""k8s/rayservice*.yaml against KubeRay's RayService CRD (v1.7), and their Serve configs against ours."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from cluster import config
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO.parent / "shared" / "kuberay-crd" / "ray.io_rayservices.yaml"
+MANIFESTS = sorted((REPO / "k8s").glob("rayservice*.yaml"))
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +24,13 @@ def schema() -> dict:
     return v1["schema"]["openAPIV3Schema"]
 
 
-@pytest.fixture(scope="module")
-def manifest() -> dict:
-    return yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+def test_the_manifests_exist():
+    assert {p.name for p in MANIFESTS} >= {"rayservice.yaml", "rayservice-70b-pp2.yaml"}
+
+
+@pytest.fixture(scope="module", params=MANIFESTS, ids=lambda p: p.stem)
+def manifest(request) -> dict:
+    return yaml.safe_load(request.param.read_text())
 
 
 def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
@@ -63,10 +68,15 @@ def test_gpu_workers_and_serve_config(manifest):
     cluster = manifest["spec"]["rayClusterConfig"]
     (group,) = cluster["workerGroupSpecs"]
     (container,) = group["template"]["spec"]["containers"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert {"name": "models", "mountPath": "/models"} in container["volumeMounts"]
     (app,) = config.validate(yaml.safe_load(manifest["spec"]["serveConfigV2"]), "serveConfigV2")
     assert app.num_gpus == 1 and app.backend == "cupy"
+    # a pod holds a replica's GPUs: one, or one a pipeline stage (STRICT_PACK: the stages on one node)
+    limits = container["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == str(app.pipeline_parallel_size)
+    if app.pipeline_parallel_size > 1:
+        assert app.placement_strategy == "STRICT_PACK"
+        assert float(limits["cpu"]) >= app.num_cpus * (app.pipeline_parallel_size + 1)  # the worker and each stage
 
 
 def test_ray_ports_guarded(manifest):
