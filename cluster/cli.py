@@ -100,10 +100,10 @@ def cmd_plan(args) -> int:
                        budget=None if staged else options["vram_budget"], host_ram=options["host_ram"],
                        n_buffers=options["n_buffers"], kv_type=options["kv_type"],
                        requant_streamed=options["requant_streamed"], resident_order=_resident_order(args, path))
-        stages = _plan_stages(args, options, path, gguf, config, p) if staged else None
+        stages = _plan_stages(args, options, path, gguf, config, p, rates) if staged else None
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if stages is not None:
-        return _print_stages(args, config, p, stages, predicted)
+        return _print_stages(args, config, stages, predicted if not stages["streamed_bytes"] else {})
     if args.json:
         print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
                           "rates": {k: getattr(rates, k) for k in source}, "rates_source": source}))
@@ -138,9 +138,10 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _plan_stages(args, options, path, gguf, config, p) -> dict:
+def _plan_stages(args, options, path, gguf, config, p, rates) -> dict:
     """`ntr plan --pp P`: the stages of plan_stages under --vram-gb each, with the KV cache
-    asked for (one context by default) and the most every stage's device leaves room for."""
+    asked for (one context by default), the most every stage's device leaves room for where
+    they are resident, and the layers each streams where its budget does not hold them."""
     from kernels.cupy.planes import CupySizes
     from workers.engine.kv_cache import sliding_pool
     from workers.engine.pipeline import KVPools, plan_stages
@@ -153,34 +154,41 @@ def _plan_stages(args, options, path, gguf, config, p) -> dict:
     budget, reserve = options["vram_budget"], stage_reserve(p)
 
     def plan(grow: bool):
-        return plan_stages(str(path), gguf, config, CupySizes, p.sizes.layers, args.pp, pools, blocks,
-                           options["kv_type"], budget, reserve, grow)
+        return plan_stages(str(path), gguf, config, CupySizes, p.sizes, args.pp, pools, blocks, options["kv_type"],
+                           budget, reserve, grow, rates, options["n_buffers"])
 
-    vectors = sum(x.n_elements for x in gguf.tensors.values() if len(x.shape) == 1) * 4
     specs = plan(False)
-    room = plan(True)[0].num_blocks * BLOCK_SIZE if budget is not None else None
+    streamed = [i for s in specs for i in s.streamed]
+    room = plan(True)[0].num_blocks * BLOCK_SIZE if budget is not None and not streamed else None
     return {"kv_tokens": blocks * BLOCK_SIZE, "kv_tokens_room": room, "reserve": reserve, "budget": budget,
+            "streamed_bytes": sum(p.sizes.layers[i] for i in streamed),
             "stages": [{"layers": [s.layers.start, s.layers.stop - 1], "model_and_kv_bytes": s.nbytes,
-                        "device_bytes": s.nbytes + vectors + reserve,
+                        "device_bytes": s.device_bytes, "streamed": list(s.streamed), "n_buffers": s.n_buffers,
                         "kv_bytes": sum(pools.layer_bytes(i, blocks) for i in s.layers)} for s in specs]}
 
 
-def _print_stages(args, config, p, stages: dict, predicted: dict) -> int:
+def _print_stages(args, config, stages: dict, predicted: dict) -> int:
     if args.json:
         print(json.dumps({**stages, "predicted": predicted}))
         return 0
     budget = stages["budget"]
     each = f"budget {budget / GIB:.2f} GiB a stage" if budget is not None else "no budget"
-    room = f" (every stage has room for {stages['kv_tokens_room']})" if budget is not None else ""
+    room = f" (every stage has room for {stages['kv_tokens_room']})" if stages["kv_tokens_room"] else ""
     print(f"{config.n_layers} layers in {len(stages['stages'])} stages, {each}: runtime reserve "
           f"{stages['reserve'] / GIB:.2f} GiB each, KV cache {stages['kv_tokens']} tokens{room}")
     last = len(stages["stages"]) - 1
     for k, s in enumerate(stages["stages"]):
         ends = ", ".join(e for e, on in (("embedding", k == 0), ("output head", k == last)) if on)
-        print(f"stage {k}: layers {s['layers'][0]}-{s['layers'][1]}{', ' + ends if ends else ''}; planned "
-              f"{s['device_bytes'] / GIB:.2f} GiB (KV {s['kv_bytes'] / GIB:.2f})")
-    print("predicted, every layer resident, the stages one after the other (their hand-offs not counted): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
+        planned = f"; planned {s['device_bytes'] / GIB:.2f} GiB" if s["device_bytes"] is not None else ""
+        streams = (f"; streams {len(s['streamed'])} layers ({s['streamed'][0]}-{s['streamed'][-1]}) through "
+                   f"{s['n_buffers']} slots" if s["streamed"] else "")
+        print(f"stage {k}: layers {s['layers'][0]}-{s['layers'][1]}{', ' + ends if ends else ''}{planned} "
+              f"(KV {s['kv_bytes'] / GIB:.2f}){streams}")
+    if stages["streamed_bytes"]:
+        print(f"streamed bytes per token: {stages['streamed_bytes'] / GIB:.2f} GiB across the stages")
+    else:
+        print("predicted, every layer resident, the stages one after the other (their hand-offs not counted): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
     return 0
 
 

@@ -146,6 +146,21 @@ def test_generate_pp_2_on_the_gpu(model):
     assert_same_greedy(single, prompt, want, got["token_ids"])
 
 
+def test_gpu_stages_stream_what_their_budget_does_not_hold(model):
+    """P = 2 CuPy stages under a budget three layers short of the larger one's share resident:
+    a stage it cannot hold streams its last layers through its own slots from pinned host
+    memory, and the logits and greedy tokens are one engine's."""
+    path, single = model
+    resident = Engine(path, pipeline_parallel_size=2, vram_budget=1 << 40, stage_runner=list, **KW)
+    budget = max(s.device_bytes for s in resident.stages) - 3 * max(resident.placement.sizes.layers)
+    staged = Engine(path, pipeline_parallel_size=2, vram_budget=budget, **KW)
+    assert any(s.streamed for s in staged.stages) and all(s.device_bytes <= budget for s in staged.stages)
+    for s, stage in zip(staged.stages, staged.pipeline.stages):
+        assert (stage.ops.streaming.schedule.streamed if s.streamed else stage.ops.streaming) == (s.streamed or None)
+    assert_like_one_engine(single, staged)
+    assert_same_greedy_tokens(single, staged)
+
+
 def test_a_replica_drives_gpu_stages_each_under_its_own_budget(model):
     """The served form (cluster/config.py -> ComputeWorker): backend cupy, P = 2, each stage
     actor half of the one GPU and a VRAM budget of its own under what one process needs for the

@@ -133,7 +133,8 @@ def largest_stage(gguf, sizer, placement, layout, parts=2):
     head (last), every layer's vectors and a stage's runtime reserve."""
     t = gguf.tensors
     vectors = sum(x.n_elements for x in t.values() if len(x.shape) == 1) * 4
-    embed, head = sizer.matrix_nbytes(t["token_embd.weight"]), sizer.matrix_nbytes(t["output.weight"])
+    embed = sizer.matrix_nbytes(t["token_embd.weight"])
+    head = sizer.matrix_nbytes(t["output.weight"]) if "output.weight" in t else embed  # tied: the last stage's copy
     reserve = stage_reserve(placement)  # a stage's runtime: no prompt graphs
 
     def largest(blocks):
@@ -166,9 +167,29 @@ def test_each_stage_is_planned_against_the_budget_of_its_device(model, single):
     # an asked-for KV size is kept, and checked
     assert Engine(model("qwen2"), max_context=64, kv_cache_tokens=64, vram_budget=budget,
                   pipeline_parallel_size=2).blocks.num_blocks == one_context
-    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2: stage \d \(layers \d-\d\) needs .* over the "
-                                         r"budget of .* a stage"):
-        Engine(model("qwen2"), max_context=64, vram_budget=largest(one_context) - 1, pipeline_parallel_size=2)
+
+
+def test_a_stage_its_budget_cannot_hold_streams_the_layers_it_does_not(model, single):
+    """A budget a byte short of the largest stage resident (Gemma 3's 7 layers, sliding ones
+    among them, in 2 stages): each stage is placed as a model of its own (placement.place) and
+    the largest streams its last layers through its slots from its host memory, the pools
+    keeping one context; the logits are one process's. A budget that cannot hold a stage's
+    runtime, ends and two slots is refused, naming the stage."""
+    free = Engine(model("gemma3"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    largest = largest_stage(free.gguf, free.ops, free.placement, free.kv.layout)
+    budget = largest(4) - 1
+    staged = Engine(model("gemma3"), max_context=64, vram_budget=budget, pipeline_parallel_size=2)
+    assert staged.blocks.num_blocks == 4 and any(s.streamed for s in staged.stages)
+    for s, stage in zip(staged.stages, staged.pipeline.stages):
+        assert s.streamed == tuple(s.layers[len(s.layers) - len(s.streamed):])  # the stage's last layers
+        assert s.device_bytes <= budget
+        if s.streamed:
+            assert 1 <= s.n_buffers <= len(s.streamed) and stage.ops.streaming.schedule.streamed == s.streamed
+    for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
+        assert np.array_equal(w, g)
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2: stage \d \(layers \d-\d\), its layers streamed: "
+                                         r"a VRAM budget of .* cannot hold"):
+        Engine(model("gemma3"), max_context=64, vram_budget=budget // 2, pipeline_parallel_size=2)
 
 
 
@@ -470,6 +491,27 @@ def test_ray_stages_give_the_logits_of_one_process(local_ray, model, single):
     staged = Engine(model("gemma3"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=3,
                     stage_runner=RayPipeline)
     try:
+        for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
+            assert np.array_equal(w, g)
+    finally:
+        staged.pipeline.shutdown()
+
+
+def test_ray_stages_stream_what_their_budget_does_not_hold(local_ray, model, single):
+    """A stage actor whose budget cannot hold its layers streams them in its own process, and
+    the stages give one process's logits."""
+    from workers.stage_worker import RayPipeline
+
+    free = Engine(model("gemma3"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    budget = largest_stage(free.gguf, free.ops, free.placement, free.kv.layout)(4) - 1
+    staged = Engine(model("gemma3"), max_context=64, vram_budget=budget, pipeline_parallel_size=2,
+                    stage_runner=RayPipeline)
+    try:
+        def schedule(worker):
+            return worker.stage.ops.streaming and worker.stage.ops.streaming.schedule.streamed
+
+        streamed = ray.get([a.__ray_call__.remote(schedule) for a in staged.pipeline.actors])
+        assert streamed == [s.streamed or None for s in staged.stages] and any(streamed)
         for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
             assert np.array_equal(w, g)
     finally:

@@ -144,7 +144,8 @@ class ComputeWorker:
         return {"model": e.model_name, "max_context": e.max_context, "kv_blocks_total": e.kv.num_blocks,
                 "block_size": e.kv.block_size, "vocab_size": e.tokenizer.vocab_size,
                 "system_fingerprint": self.fingerprint,
-                "pipeline_stages": [{"layers": [s.layers.start, s.layers.stop], "bytes": s.nbytes} for s in e.stages]}
+                "pipeline_stages": [{"layers": [s.layers.start, s.layers.stop], "bytes": s.nbytes,
+                                     "streamed": list(s.streamed)} for s in e.stages]}
 
     def stats(self) -> dict:
         s = self.scheduler

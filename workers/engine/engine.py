@@ -171,10 +171,11 @@ class Engine:
         the block tables every stage's pools share, and the last stage draws the tokens; its
         own ops are the host's, sized as `backend` stores the model (kernels/driver.py).
         vram_budget is then each stage's (a device each); without a KV size the pools take
-        the most blocks with which every stage fits it.
+        the most blocks with which every stage fits it, and a stage it cannot hold streams the
+        layers it does not (`plan_stages`).
         stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
-        `LocalPipeline`, in this process). The stages hold every layer resident, keep an
-        unquantized KV cache and run no drafts (speculation) in this first slice."""
+        `LocalPipeline`, in this process). The stages keep an unquantized KV cache and run no
+        drafts (speculation) in this slice."""
         check_spec(requant_streamed, "requant_streamed")
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
@@ -242,9 +243,9 @@ class Engine:
         self.stages = []
         if staged:  # the stages' pools are sized (grown to what the budget leaves) before the block tables
             pools = KVPools(layout, max_logit_rows, sliding, sliding_cap)
-            self.stages = plan_stages(str(self.gguf.path), self.gguf, c, self.ops, self.placement.sizes.layers,
+            self.stages = plan_stages(str(self.gguf.path), self.gguf, c, self.ops, self.placement.sizes,
                                       pipeline_parallel_size, pools, num_blocks, kv_type, vram_budget,
-                                      stage_reserve(self.placement), grow=kv_cache_tokens is None)
+                                      stage_reserve(self.placement), kv_cache_tokens is None, self.rates, n_buffers)
             num_blocks, sliding_blocks = self.stages[0].num_blocks, self.stages[0].sliding_blocks
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,

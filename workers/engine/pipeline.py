@@ -33,13 +33,14 @@ import numpy as np
 
 from kernels import StepInputs, get_backend
 from kernels.kv_layout import KVLayout
+from kernels.layer_ring import RingSchedule
 from kernels.ops import Backend
 from workers.engine.kv_cache import PagedKVCache
-from workers.engine.placement import GIB
+from workers.engine.placement import ModelSizes, Placement, Rates, place
 from workers.engine.sampling import Draw, draw_rows
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
-from workers.model.transformer import Transformer
+from workers.model.transformer import Transformer, layer_matrices
 
 
 def split_by_bytes(layer_bytes: list[int], parts: int, first_bytes: int = 0, last_bytes: int = 0) -> list[range]:
@@ -103,6 +104,9 @@ class StageSpec:
     sliding_blocks: int
     nbytes: int  # what the split counted for it: its layers' matrices and KV pools, embedding, head
     budget: int | None = None  # the device memory its process may hold, its runtime reserve included
+    streamed: tuple[int, ...] = ()  # its layers the budget does not hold: they stream through its slots
+    n_buffers: int = 0  # the slots
+    device_bytes: int | None = None  # what its process is planned to hold on its device (with a budget)
 
     @property
     def first(self) -> bool:
@@ -127,22 +131,25 @@ class KVPools:
         return self.layout.fixed_bytes(self.recent_slots) + self.layout.bytes_per_block * blocks
 
 
-def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, layer_bytes: tuple[int, ...], parts: int,
+def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes: ModelSizes, parts: int,
                 pools: KVPools, num_blocks: int, kv_type: str | None, budget: int | None = None, reserve: int = 0,
-                grow: bool = False) -> list[StageSpec]:
-    """The stages of a model split `parts` ways by bytes: layer_bytes (each layer's matrices as
-    ops, a Backend or a sizer such as CupySizes, stores them) and each layer's KV pool of
-    num_blocks blocks. With a budget each stage is a device of its own holding reserve (its
-    runtime: context, scratch, graphs, activations), its share of the model and the vectors
-    (norms) of every layer; grow: the pools take the most blocks with which every stage still
-    fits (num_blocks at least). ValueError naming pipeline_parallel_size where a stage does not fit."""
+                grow: bool = False, rates: Rates = Rates(), n_buffers: int | None = None) -> list[StageSpec]:
+    """The stages of a model split `parts` ways by bytes: each layer's matrices as ops (a
+    Backend, or a sizer such as CupySizes) stores them (sizes, the model's `ModelSizes`) and its
+    KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
+    reserve (its runtime: context, scratch, graphs, activations), its share of the model and
+    the vectors (norms) of every layer. Where every stage fits, grow: the pools take the most
+    blocks with which every stage still does (num_blocks at least). Where one does not, each
+    stage is placed as a model of its own (`placement.place`): the layers its budget does not
+    hold stream through its slots from its process's host memory, every pool keeping
+    num_blocks. ValueError naming pipeline_parallel_size and the stage where not even that fits."""
     table, t = config.architecture, gguf.tensors
     embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
     head = ops.matrix_nbytes(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
     vectors = sum(x.n_elements for x in t.values() if len(x.shape) == 1) * 4
 
     def split(blocks: int) -> tuple[list[range], list[int]]:
-        per_layer = [w + pools.layer_bytes(i, blocks) for i, w in enumerate(layer_bytes)]
+        per_layer = [w + pools.layer_bytes(i, blocks) for i, w in enumerate(sizes.layers)]
         ranges = split_by_bytes(per_layer, parts, embed, head)
         return ranges, [sum(per_layer[i] for i in r) + (embed if k == 0 else 0) + (head if k == parts - 1 else 0)
                         for k, r in enumerate(ranges)]
@@ -150,26 +157,41 @@ def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, layer
     def fits(blocks: int) -> bool:
         return max(split(blocks)[1]) + vectors + reserve <= budget
 
-    if budget is not None:
-        if not fits(num_blocks):
-            ranges, sums = split(num_blocks)
-            k = max(range(parts), key=sums.__getitem__)
-            raise ValueError(
-                f"pipeline_parallel_size={parts}: stage {k} (layers {ranges[k].start}-{ranges[k].stop - 1}) needs "
-                f"{(sums[k] + vectors + reserve) / GIB:.2f} GiB with a {num_blocks * pools.layout.block_size}-token KV "
-                f"cache, its runtime reserve ({reserve / GIB:.2f} GiB) included, over the budget of "
-                f"{budget / GIB:.2f} GiB a stage; the stages hold every layer resident: add stages or budget")
-        if grow and len(pools.sliding) < config.n_layers:  # every layer sliding: more blocks hold nothing
-            low, high = num_blocks, num_blocks + max(1, budget // pools.layout.bytes_per_block)
-            while low < high:  # the most blocks that fit: fits() is monotone in the blocks
-                mid = (low + high + 1) // 2
-                low, high = (mid, high) if fits(mid) else (low, mid - 1)
-            num_blocks = low
+    def placed(k: int, layers: range) -> Placement:
+        """Stage k as a model of its own under the budget (a resident one where it fits)."""
+        last, sliding = k == parts - 1, sum(i in pools.sliding for i in layers)
+        per_token = pools.layout.bytes_per_token
+        own = ModelSizes(tuple(sizes.layers[i] for i in layers),
+                         vectors + (embed if k == 0 else 0) + (head if last else 0)
+                         + len(layers) * pools.layout.fixed_bytes(pools.recent_slots),
+                         per_token * (len(layers) - sliding), tuple(sizes.layer_params[i] for i in layers),
+                         sizes.head_params if last else 0, per_token * sliding, sizes.kv_sliding_tokens,
+                         head if last else 0)
+        tokens = num_blocks * pools.layout.block_size
+        try:
+            return place(own, budget, reserve, tokens, tokens, rates, None, n_buffers)
+        except ValueError as e:
+            raise ValueError(f"pipeline_parallel_size={parts}: stage {k} (layers {layers.start}-{layers.stop - 1}), "
+                             f"its layers streamed: {e}") from None
+
+    streaming = budget is not None and not fits(num_blocks)
+    if budget is not None and not streaming and grow and len(pools.sliding) < config.n_layers:
+        low, high = num_blocks, num_blocks + max(1, budget // pools.layout.bytes_per_block)
+        while low < high:  # the most blocks that fit: fits() is monotone in the blocks
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if fits(mid) else (low, mid - 1)
+        num_blocks = low
     ranges, sums = split(num_blocks)
-    return [StageSpec(index=k, model_path=model_path, backend=ops.name, layers=r, block_size=pools.layout.block_size,
-                      kv_type=kv_type, num_blocks=num_blocks, recent_slots=pools.recent_slots, sliding=pools.sliding,
-                      sliding_blocks=min(pools.sliding_cap, num_blocks), nbytes=sums[k], budget=budget)
-            for k, r in enumerate(ranges)]
+    specs = []
+    for k, r in enumerate(ranges):
+        p = placed(k, r) if streaming else None
+        specs.append(StageSpec(
+            index=k, model_path=model_path, backend=ops.name, layers=r, block_size=pools.layout.block_size,
+            kv_type=kv_type, num_blocks=num_blocks, recent_slots=pools.recent_slots, sliding=pools.sliding,
+            sliding_blocks=min(pools.sliding_cap, num_blocks), nbytes=sums[k], budget=budget,
+            streamed=tuple(r.start + i for i in p.streamed) if p else (), n_buffers=p.n_buffers if p else 0,
+            device_bytes=p.device_bytes if p else (None if budget is None else sums[k] + vectors + reserve)))
+    return specs
 
 
 class Stage:
@@ -183,6 +205,9 @@ class Stage:
         c = self.config = ModelConfig.from_gguf(gguf)
         if spec.layers.stop > c.n_layers:
             raise ValueError(f"{spec.describe()}: the model has {c.n_layers} layers")
+        if spec.streamed:  # as Engine streams a model's: the images in this process's host memory
+            self.ops.stream_layers(RingSchedule(spec.streamed, spec.n_buffers),
+                                   {i: layer_matrices(gguf, c, i) for i in spec.streamed})
         self.model = Transformer(gguf, c, self.ops, held=spec.layers)
         layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, spec.block_size, spec.kv_type)
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, spec.num_blocks, spec.recent_slots, spec.sliding,
