@@ -5,6 +5,9 @@ pool, the first stage also holds the embedding and the last the output head, and
 points minimize the largest stage's sum, so that the stage that bounds the device memory
 and a decode step's weight reads is as small as it can be.
 
+Under a VRAM budget each stage is a device of its own (`plan_stages`): resident where every
+stage fits, else each placed as a model of its own, streaming the last layers it cannot hold.
+
 A `Stage` holds only its layers' weights (`Transformer(held=...)`) and its layers' KV
 (`PagedKVCache(held=...)`); every stage's pools have the same number of blocks, so the block
 tables of the one scheduler (the engine that drives the stages) are valid in each. A step's
