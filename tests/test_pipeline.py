@@ -21,7 +21,7 @@ import ray
 from cluster.config import ConfigError, server_config
 from workers.engine.engine import Engine, Sequence
 from workers.engine.pipeline import Stage, split_by_bytes
-from workers.engine.placement import stage_reserve
+from workers.engine.placement import CONTEXT_BYTES, stage_reserve
 from workers.engine.grammar import GrammarSpec
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
@@ -161,6 +161,8 @@ def test_each_stage_is_planned_against_the_budget_of_its_device(model, single):
     assert want_blocks > one_context + 10
     assert staged.blocks.num_blocks == want_blocks
     assert [s.num_blocks for s in staged.stages] == [want_blocks] * 2 and all(s.budget == budget for s in staged.stages)
+    # a stage actor caps its pool at the budget less the context planned (the driver's estimate: it has no device)
+    assert all(s.pool_limit == budget - CONTEXT_BYTES for s in staged.stages)
     assert max(largest(s.num_blocks) for s in staged.stages) <= budget
     for w, g in zip(mixed_passes(single("qwen2")), mixed_passes(staged)):
         assert np.array_equal(w, g)

@@ -35,7 +35,6 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernels import StepInputs, get_backend
 from workers.engine.pipeline import Stage, StageSpec
-from workers.engine.placement import context_bytes
 from workers.engine.sampling import Draw
 
 STAGE_RESTARTS = 3
@@ -51,8 +50,9 @@ class StageFailed(RuntimeError):
 class StageWorker:
     def __init__(self, spec: StageSpec):
         ops = get_backend(spec.backend)
-        if spec.budget is not None:  # this process is the stage's: its pool holds what the budget leaves the context
-            ops.limit_device_memory(spec.budget - context_bytes(ops.outside_pool_bytes()))
+        # this process is the stage's; its pool is capped as planned, not by what the device has in
+        # use at its start (other stages may share the GPU, and their memory is not this stage's)
+        ops.limit_device_memory(spec.pool_limit)
         self.stage = Stage(spec, ops)
         # a restart begins with an empty KV cache: it refuses passes until told the sequences are ended
         self.lost_kv = ray.get_runtime_context().was_current_actor_reconstructed

@@ -245,7 +245,8 @@ class Engine:
             pools = KVPools(layout, max_logit_rows, sliding, sliding_cap)
             self.stages = plan_stages(str(self.gguf.path), self.gguf, c, self.ops, self.placement.sizes,
                                       pipeline_parallel_size, pools, num_blocks, kv_type, vram_budget,
-                                      stage_reserve(self.placement), kv_cache_tokens is None, self.rates, n_buffers)
+                                      stage_reserve(self.placement), kv_cache_tokens is None, self.rates, n_buffers,
+                                      context)
             num_blocks, sliding_blocks = self.stages[0].num_blocks, self.stages[0].sliding_blocks
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,

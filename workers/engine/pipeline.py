@@ -39,7 +39,7 @@ from kernels.kv_layout import KVLayout
 from kernels.layer_ring import RingSchedule
 from kernels.ops import Backend
 from workers.engine.kv_cache import PagedKVCache
-from workers.engine.placement import ModelSizes, Placement, Rates, place
+from workers.engine.placement import CONTEXT_BYTES, ModelSizes, Placement, Rates, place
 from workers.engine.sampling import Draw, draw_rows
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
@@ -107,6 +107,7 @@ class StageSpec:
     sliding_blocks: int
     nbytes: int  # what the split counted for it: its layers' matrices and KV pools, embedding, head
     budget: int | None = None  # the device memory its process may hold, its runtime reserve included
+    pool_limit: int | None = None  # of it, what its device pool may take: the budget less the context planned
     streamed: tuple[int, ...] = ()  # its layers the budget does not hold: they stream through its slots
     n_buffers: int = 0  # the slots
     device_bytes: int | None = None  # what its process is planned to hold on its device (with a budget)
@@ -136,12 +137,14 @@ class KVPools:
 
 def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes: ModelSizes, parts: int,
                 pools: KVPools, num_blocks: int, kv_type: str | None, budget: int | None = None, reserve: int = 0,
-                grow: bool = False, rates: Rates = Rates(), n_buffers: int | None = None) -> list[StageSpec]:
+                grow: bool = False, rates: Rates = Rates(), n_buffers: int | None = None,
+                context: int = CONTEXT_BYTES) -> list[StageSpec]:
     """The stages of a model split `parts` ways by bytes: each layer's matrices as ops (a
     Backend, or a sizer such as CupySizes) stores them (sizes, the model's `ModelSizes`) and its
     KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
     reserve (its runtime: context, scratch, graphs, activations), its share of the model and
-    the vectors (norms) of every layer. Where every stage fits, grow: the pools take the most
+    the vectors (norms) of every layer; context (in the reserve) is what the pool limit leaves
+    outside the pool. Where every stage fits, grow: the pools take the most
     blocks with which every stage still does (num_blocks at least). Where one does not, each
     stage is placed as a model of its own (`placement.place`): the layers its budget does not
     hold stream through its slots from its process's host memory, every pool keeping
@@ -192,6 +195,7 @@ def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes
             index=k, model_path=model_path, backend=ops.name, layers=r, block_size=pools.layout.block_size,
             kv_type=kv_type, num_blocks=num_blocks, recent_slots=pools.recent_slots, sliding=pools.sliding,
             sliding_blocks=min(pools.sliding_cap, num_blocks), nbytes=sums[k], budget=budget,
+            pool_limit=None if budget is None else budget - context,
             streamed=tuple(r.start + i for i in p.streamed) if p else (), n_buffers=p.n_buffers if p else 0,
             device_bytes=p.device_bytes if p else (None if budget is None else sums[k] + vectors + reserve)))
     return specs
