@@ -71,7 +71,7 @@ class StageWorker:
         if self.lost_kv:
             raise StageFailed(f"pipeline {name} failed: it was restarted: its KV cache is lost")
         try:
-            return self.stage.step(step, hidden, draws if self.stage.model.heads else None)
+            return self.stage.step(step, hidden, draws)
         except Exception as e:
             raise StageFailed(f"pipeline {name} failed: {type(e).__name__}: {e}") from None
 

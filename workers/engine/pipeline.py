@@ -229,14 +229,12 @@ class Stage:
         """The first stage embeds step's tokens (hidden None); the others take the previous
         stage's residual stream [T, d_model] float32. Returns the stream leaving this stage's
         last layer, or from the last stage the logits of step.logit_rows, float32 on the host,
-        or with draws (one a logit row) each row's (token, logprob, top), `draw_rows`'s.
-        Runs as the backend runs a model's step (`Backend.run_step`: on the GPU, a decode step
+        or with draws (the pass's: one a logit row) each row's (token, logprob, top),
+        `draw_rows`'s; a stage without the output head passes the draws by. Runs as the backend runs a model's step (`Backend.run_step`: on the GPU, a decode step
         replayed from its graph)."""
         ops, c, T = self.ops, self.config, len(step.tokens)
         if (hidden is None) != self.spec.first:
             raise ValueError(f"{self.spec.describe()}: {'no ' if self.spec.first else ''}hidden states expected")
-        if draws is not None and not self.model.heads:
-            raise ValueError(f"{self.spec.describe()} has no output head to draw tokens from")
         if hidden is not None:
             if hidden.shape != (T, c.d_model) or hidden.dtype != np.float32:
                 raise ValueError(f"{self.spec.describe()}: hidden states {hidden.dtype}{list(hidden.shape)}, expected "
@@ -251,7 +249,7 @@ class Stage:
         forward = functools.partial(self._forward, hidden=hidden)
         forward.returns_logits = self.model.heads
         out = ops.run_step(forward, step, self.kv_by_layer)
-        if draws is not None:
+        if draws is not None and self.model.heads:
             return draw_rows(ops, out, draws)
         return ops.to_numpy(out).astype(np.float32, copy=False)
 
@@ -284,5 +282,5 @@ class LocalPipeline:
     def submit(self, step: StepInputs, draws: list[Draw | None] | None = None) -> Finished:
         hidden = None
         for stage in self.stages:
-            hidden = stage.step(step, hidden, draws if stage is self.stages[-1] else None)
+            hidden = stage.step(step, hidden, draws)
         return Finished(hidden)
