@@ -92,6 +92,10 @@ class ServerConfig(BaseModel):
             if n_layers is not None and self.pipeline_parallel_size > n_layers:
                 raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
                                  f"{n_layers} layers")
+        if self.pipeline_parallel_size > 1 and (self.host_ram_gb is not None or self.requant_streamed is not None):
+            raise ValueError("host_ram_gb and requant_streamed are not for pipeline stages (pipeline_parallel_size "
+                             "> 1): a stage streams the layers its budget does not hold from its own process's host "
+                             "memory, at the file's types")
         if self.speculate != "off" and self.pipeline_parallel_size > 1:
             raise ValueError("speculate must be off with pipeline_parallel_size > 1: the stages run whole passes only")
         if self.drafter == "skip" and self.skip_set is None:

@@ -321,6 +321,9 @@ def test_what_stages_do_not_run_is_refused(model):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
     with pytest.raises(ValueError, match="pipeline_parallel_size=2: a quantized KV cache"):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, kv_type="q8")
+    for option in ({"host_ram": 1 << 30}, {"requant_streamed": "auto"}):
+        with pytest.raises(ValueError, match="pipeline_parallel_size=2: host_ram and requant_streamed are not for"):
+            Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, **option)
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
     with pytest.raises(ValueError, match="speculative decoding does not run through pipeline stages"):
         list(staged.generate([1, 2, 3], GREEDY, Speculation(k=2)))
@@ -344,6 +347,9 @@ def test_server_config_checks_pipeline_parallel_size(model):
     assert gpu.worker_args()["stage_gpus"] == 0.5 and gpu.worker_options() == {"num_cpus": 1, "num_gpus": 0.0}
     with pytest.raises(ConfigError, match="placement_strategy"):
         server_config({"placement_strategy": "ANYWHERE"})
+    for option in ({"host_ram_gb": 8}, {"requant_streamed": "Q4_K"}):
+        with pytest.raises(ConfigError, match="host_ram_gb and requant_streamed are not for pipeline stages"):
+            server_config({"pipeline_parallel_size": 2, **option})
     config = server_config({"model": str(model("qwen2")), "pipeline_parallel_size": 4, "placement_strategy": "SPREAD"})
     assert config.worker_args()["pipeline_parallel_size"] == 4
     assert config.worker_args()["placement_strategy"] == "SPREAD"

@@ -208,6 +208,10 @@ class Engine:
         context = context_bytes(self.ops.outside_pool_bytes())
 
         staged = staged_pass(pipeline_parallel_size, c.n_layers, layout)
+        if staged and (host_ram is not None or requant_streamed is not None):
+            raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size}: host_ram and requant_streamed are not "
+                             "for stages, which stream the layers their budget does not hold from their own "
+                             "process's host memory, at the file's types")
 
         def placed():  # staged: every layer resident, each stage under the budget (plan_stages below)
             return plan_model(self.gguf, c, self.ops, None if staged else vram_budget, kv_cache_tokens,
