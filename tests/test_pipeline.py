@@ -407,6 +407,25 @@ def test_micro_batches_give_each_request_its_tokens_alone(model, single):
     assert drain(one)[0] == alone
 
 
+def test_groups_left_uneven_by_finishes_even_out(model, single):
+    """Four requests in two groups of two; the second group's both finish early, leaving the
+    first group's two: the next time the first is planned it gives its latest request to the
+    empty group, so the two remaining decode in steps of one each, in flight together, and
+    every request still gets its tokens alone."""
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    long, short = GREEDY.with_(max_tokens=12), SEEDED.with_(max_tokens=2)
+    prompts = {"a": ([1, 2, 3], long), "b": ([4, 5, 6], long.with_(seed=1, temperature=0.8)),
+               "c": ([7, 8, 9], short), "d": ([3, 1, 4], short.with_(seed=2))}
+    sched = Scheduler(staged, max_num_seqs=4, max_batch_tokens=16)
+    requests = {rid: sched.submit(rid, *prompts[rid]) for rid in prompts}
+    tokens, steps, _ = drain(sched)
+    assert tokens == solo_tokens(single("qwen2"), prompts)
+    assert requests["b"].group == 1  # moved from group 0, once c and d had finished
+    late = steps[-8:]  # a and b alone: a step each, the groups taking turns
+    assert [len(s.requests) for s in late] == [1] * 8 and [s.group for s in late] == [0, 1] * 4
+    assert staged.blocks.blocks_in_use == 0
+
+
 def test_micro_batches_preempt_within_their_group(model, tiny_model, monkeypatch):
     """A cache too small for three growing requests: a group that finds it full preempts its
     own latest request (never one of the group in flight), which is recomputed later; every

@@ -46,8 +46,12 @@ disjoint, each admitted request joining the group that plans next while that gro
 less than its share (a P-th of the requests running and waiting). Each group's step is
 planned, launched and committed on its own, and `plan_next` plans a group while the other
 groups' steps are in flight, so while one group's logits come back and are sampled and
-committed, the stages run the others' passes. With one group (P = 1, any engine without
-stages) every running request is in the one step, as above.
+committed, the stages run the others' passes. Finishes can leave the groups uneven; a group
+about to be planned that holds two or more requests than the smallest gives its latest ones
+to the smallest until they differ by one at most (none of them is in a step in flight: the
+group planned has none), so that no stage idles while another group's pass runs alone.
+With one group (P = 1, any engine without stages) every running request is in the one
+step, as above.
 
 KV blocks are taken as a sequence grows. When a decode finds the cache full, the most
 recently admitted request (of the group being planned: the others' may be in flight) is
@@ -220,6 +224,8 @@ class Scheduler:
         def members() -> list[Request]:
             return [r for r in self.running if r.group == group]
 
+        self._rebalance(group)
+
         decodes = [r for r in members() if r.uncached == 1]
         # passes only in a step of decodes alone: a prompt chunk is no decode row
         speculating = (self.speculation is not None and len(decodes) == len(members())
@@ -268,6 +274,18 @@ class Scheduler:
         step.greedy = not step.passes and all(n == 1 and request.uncached == 1 and self._greedy(request)
                                               for request, (_, n) in zip(step.requests, step.work))
         return step
+
+    def _rebalance(self, group: int) -> None:
+        """Move `group`'s latest requests to the smallest group while it holds two or more
+        than that one (group has no step in flight, so none of its requests is in one)."""
+        while self.groups > 1:
+            sizes = [0] * self.groups
+            for r in self.running:
+                sizes[r.group] += 1
+            smallest = min(range(self.groups), key=sizes.__getitem__)
+            if sizes[group] - sizes[smallest] < 2:
+                return
+            [r for r in self.running if r.group == group][-1].group = smallest
 
     def _reserve_pass(self, request: Request, n: int, later: int) -> bool:
         """Blocks for a pass of n rows, unless they would leave fewer free blocks than the step's
