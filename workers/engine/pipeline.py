@@ -144,11 +144,11 @@ def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes
     KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
     reserve (its runtime: context, scratch, graphs, activations), its share of the model and
     the vectors (norms) of every layer; context (in the reserve) is what the pool limit leaves
-    outside the pool. Where every stage fits, grow: the pools take the most
-    blocks with which every stage still does (num_blocks at least). Where one does not, each
-    stage is placed as a model of its own (`placement.place`): the layers its budget does not
-    hold stream through its slots from its process's host memory, every pool keeping
-    num_blocks. ValueError naming pipeline_parallel_size and the stage where not even that fits."""
+    outside the pool. Where every stage fits, grow: the pools take the most blocks with which
+    every stage still does (num_blocks at least). Where one does not, each stage is placed as
+    a model of its own (`placement.place`): the layers its budget does not hold stream through
+    its slots from its process's host memory, every pool keeping num_blocks. ValueError naming
+    pipeline_parallel_size and the stage where not even that fits."""
     table, t = config.architecture, gguf.tensors
     embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
     head = ops.matrix_nbytes(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
