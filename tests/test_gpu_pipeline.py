@@ -166,7 +166,7 @@ def test_a_replica_drives_gpu_stages_each_under_its_own_budget(model):
     actor half of the one GPU and a VRAM budget of its own under what one process needs for the
     model; the compute worker, which drives them, reserves no GPU (kernels/driver.py). A greedy
     request gets one engine's tokens, and each stage's process has its device pool capped at
-    its budget less its context, and within it."""
+    its budget less the planned context (StageSpec.pool_limit), and within it."""
     ray = pytest.importorskip("ray")
     from cluster.config import server_config
     from serving_cluster import local_ray
