@@ -661,6 +661,18 @@ def poll_until(worker, request_ids, done, timeout_s=120):
     raise AssertionError(f"{ {rid: events[rid][-3:] for rid in request_ids} } after {timeout_s} s")
 
 
+def test_a_worker_that_fails_after_starting_its_stages_reports_the_error(local_ray, model):
+    """A ComputeWorker whose start fails after its stage actors exist (here the scheduler
+    refuses speculation through stages) shuts them down and dies with the error: before, the
+    stages' compiled graph kept its process from exiting, and callers waited forever."""
+    from workers.compute_worker import ComputeWorker
+
+    worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=64, kv_cache_gb=0.01,
+                                                      pipeline_parallel_size=2, speculate=2)
+    with pytest.raises(ray.exceptions.ActorDiedError, match="speculative decoding does not run through pipeline"):
+        ray.get(worker.info.remote(), timeout=120)
+
+
 def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local_ray, model, single):
     """A ComputeWorker over 2 stage actors, two requests decoding in two micro-batch groups:
     killing stage 1 ends both with an error naming the stage; Ray restarts the stage, and the

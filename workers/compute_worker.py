@@ -102,10 +102,17 @@ class ComputeWorker:
                                               disk_open=self.tiers.disk_open, pipeline_parallel_size=pipeline_parallel_size,
                                               stage_runner=stages, resident_order=order, **options)
         self.tiers.loaded()
-        self.fingerprint = fingerprint(spec["path"])
-        skip = load_skip_set(skip_set, self.engine.config.n_layers) if skip_set else None
-        speculation = Speculation.from_setting(speculate, drafter, draft_layers, skip, draft_tree)
-        self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue, speculation)
+        try:
+            self.fingerprint = fingerprint(spec["path"])
+            skip = load_skip_set(skip_set, self.engine.config.n_layers) if skip_set else None
+            speculation = Speculation.from_setting(speculate, drafter, draft_layers, skip, draft_tree)
+            self.scheduler = Scheduler(self.engine, max_num_seqs, max_batch_tokens, max_queue, speculation)
+        except BaseException:
+            # the stages' compiled graph would keep this process from exiting: the error
+            # would never reach the callers, which would wait on a worker that never answers
+            if self.engine.pipeline is not None:
+                self.engine.pipeline.shutdown()
+            raise
         self.outbox: dict[str, list[dict]] = {}
         self.lock = threading.Lock()  # the scheduler and the outbox
         self.has_work = threading.Event()
