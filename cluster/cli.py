@@ -100,7 +100,7 @@ def cmd_plan(args) -> int:
                        budget=None if staged else options["vram_budget"], host_ram=options["host_ram"],
                        n_buffers=options["n_buffers"], kv_type=options["kv_type"],
                        requant_streamed=options["requant_streamed"], resident_order=_resident_order(args, path))
-        stages = _plan_stages(args, options, path, gguf, config, p, rates) if staged else None
+        stages = _plan_stages(args, options, path, config, p, rates) if staged else None
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if stages is not None:
         return _print_stages(args, config, stages, predicted if not stages["streamed_bytes"] else {})
@@ -138,7 +138,7 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _plan_stages(args, options, path, gguf, config, p, rates) -> dict:
+def _plan_stages(args, options, path, config, p, rates) -> dict:
     """`ntr plan --pp P`: the stages of plan_stages under --vram-gb each, with the KV cache
     asked for (one context by default), the most every stage's device leaves room for where
     they are resident, and the layers each streams where its budget does not hold them."""
@@ -154,8 +154,8 @@ def _plan_stages(args, options, path, gguf, config, p, rates) -> dict:
     budget, reserve = options["vram_budget"], stage_reserve(p)
 
     def plan(grow: bool):
-        return plan_stages(str(path), gguf, config, CupySizes, p.sizes, args.pp, pools, blocks, options["kv_type"],
-                           budget, reserve, grow, rates, options["n_buffers"])
+        return plan_stages(str(path), CupySizes.name, p.sizes, args.pp, pools, blocks, options["kv_type"], budget,
+                           reserve, grow, rates, options["n_buffers"])
 
     specs = plan(False)
     streamed = [i for s in specs for i in s.streamed]

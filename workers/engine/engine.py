@@ -247,7 +247,7 @@ class Engine:
         self.stages = []
         if staged:  # the stages' pools are sized (grown to what the budget leaves) before the block tables
             pools = KVPools(layout, max_logit_rows, sliding, sliding_cap)
-            self.stages = plan_stages(str(self.gguf.path), self.gguf, c, self.ops, self.placement.sizes,
+            self.stages = plan_stages(str(self.gguf.path), self.ops.name, self.placement.sizes,
                                       pipeline_parallel_size, pools, num_blocks, kv_type, vram_budget,
                                       stage_reserve(self.placement), kv_cache_tokens is None, self.rates, n_buffers,
                                       context)

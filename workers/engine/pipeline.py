@@ -135,13 +135,12 @@ class KVPools:
         return self.layout.fixed_bytes(self.recent_slots) + self.layout.bytes_per_block * blocks
 
 
-def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes: ModelSizes, parts: int,
-                pools: KVPools, num_blocks: int, kv_type: str | None, budget: int | None = None, reserve: int = 0,
-                grow: bool = False, rates: Rates = Rates(), n_buffers: int | None = None,
-                context: int = CONTEXT_BYTES) -> list[StageSpec]:
-    """The stages of a model split `parts` ways by bytes: each layer's matrices as ops (a
-    Backend, or a sizer such as CupySizes) stores them (sizes, the model's `ModelSizes`) and its
-    KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
+def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, pools: KVPools, num_blocks: int,
+                kv_type: str | None, budget: int | None = None, reserve: int = 0, grow: bool = False,
+                rates: Rates = Rates(), n_buffers: int | None = None, context: int = CONTEXT_BYTES) -> list[StageSpec]:
+    """The stages of a model split `parts` ways by bytes: each layer's matrices as `backend`
+    stores them (sizes, the model's `ModelSizes`, from a Backend or a sizer such as CupySizes)
+    and its KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
     reserve (its runtime: context, scratch, graphs, activations), its share of the model and
     the vectors (norms) of every layer; context (in the reserve) is what the pool limit leaves
     outside the pool. Where every stage fits, grow: the pools take the most blocks with which
@@ -149,10 +148,7 @@ def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes
     a model of its own (`placement.place`): the layers its budget does not hold stream through
     its slots from its process's host memory, every pool keeping num_blocks. ValueError naming
     pipeline_parallel_size and the stage where not even that fits."""
-    table, t = config.architecture, gguf.tensors
-    embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
-    head = ops.matrix_nbytes(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
-    vectors = sum(x.n_elements for x in t.values() if len(x.shape) == 1) * 4
+    embed, head, vectors = sizes.embed_bytes, sizes.head_bytes, sizes.vector_bytes
 
     def split(blocks: int) -> tuple[list[range], list[int]]:
         per_layer = [w + pools.layer_bytes(i, blocks) for i, w in enumerate(sizes.layers)]
@@ -181,7 +177,7 @@ def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes
                              f"its layers streamed: {e}") from None
 
     streaming = budget is not None and not fits(num_blocks)
-    if budget is not None and not streaming and grow and len(pools.sliding) < config.n_layers:
+    if budget is not None and not streaming and grow and len(pools.sliding) < len(sizes.layers):
         low, high = num_blocks, num_blocks + max(1, budget // pools.layout.bytes_per_block)
         while low < high:  # the most blocks that fit: fits() is monotone in the blocks
             mid = (low + high + 1) // 2
@@ -192,7 +188,7 @@ def plan_stages(model_path: str, gguf: GGUFFile, config: ModelConfig, ops, sizes
     for k, r in enumerate(ranges):
         p = placed(k, r) if streaming else None
         specs.append(StageSpec(
-            index=k, model_path=model_path, backend=ops.name, layers=r, block_size=pools.layout.block_size,
+            index=k, model_path=model_path, backend=backend, layers=r, block_size=pools.layout.block_size,
             kv_type=kv_type, num_blocks=num_blocks, recent_slots=pools.recent_slots, sliding=pools.sliding,
             sliding_blocks=min(pools.sliding_cap, num_blocks), nbytes=sums[k], budget=budget,
             pool_limit=None if budget is None else budget - context,

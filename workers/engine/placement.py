@@ -66,6 +66,8 @@ class ModelSizes:
     kv_sliding_per_token: int = 0  # the sliding layers' K and V for one token of their pool
     kv_sliding_tokens: int = 0  # the sliding pool's tokens (kv_cache.sliding_pool_blocks), at most the main pool's
     head_bytes: int = 0  # the output head's weights (read by every pass; counted in fixed)
+    embed_bytes: int = 0  # the embedding's (counted in fixed)
+    vector_bytes: int = 0  # every norm and bias vector, as float32 (counted in fixed)
 
     def kv_bytes(self, kv_tokens: int) -> int:
         """The KV cache of a main pool of kv_tokens tokens, its sliding pool included."""
@@ -93,12 +95,13 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
         params.append(sum(x.shape[0] * x.shape[-1] for m in matrices for x in m))
     vectors = sum(x.n_elements for name, x in t.items() if len(x.shape) == 1) * 4
     head = t[table.tensor_name("embed" if config.tied_embeddings else "output")]
-    fixed = ops.matrix_nbytes(t[table.tensor_name("embed")]) + vectors + kv_ring_bytes
+    embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
+    fixed = embed + vectors + kv_ring_bytes
     if not config.tied_embeddings:
         fixed += ops.matrix_nbytes(head)
     return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * (config.n_layers - n_sliding), tuple(params),
                       head.shape[0] * head.shape[-1], kv_bytes_per_token * n_sliding, kv_sliding_tokens,
-                      ops.matrix_nbytes(head))
+                      ops.matrix_nbytes(head), embed, vectors)
 
 
 def context_bytes(outside_pool: int | None) -> int:
