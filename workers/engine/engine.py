@@ -642,8 +642,8 @@ class Engine:
     def decodes_ahead(self, params: SamplingParams) -> bool:
         """Whether a row with these params may decode by `greedy_step`: greedy, its argmax read
         on the device from the raw logits, nothing (grammar, bias) changing them first."""
-        return (params.greedy and self.ops.device_sampling and self.pipeline is None and params.logprobs is None
-                and not params.penalized and not params.constrained)
+        return (params.greedy and params.id_only and not params.constrained and self.ops.device_sampling
+                and self.pipeline is None)
 
     @staticmethod
     def speculates(params: SamplingParams) -> bool:

@@ -127,6 +127,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @property
+    def id_only(self) -> bool:
+        """Only the token's id is wanted (no logprobs, no penalties, which read the request's
+        history on the host): a backend that samples on the device may draw it there."""
+        return self.logprobs is None and not self.penalized
+
+    @property
     def constrained(self) -> bool:
         """A grammar or a logit bias changes the logits before any draw: no fast path that
         reads the raw argmax may serve it."""
@@ -207,11 +213,6 @@ class Draw:
     bias: LogitBias | None = None
     seen: tuple[np.ndarray, np.ndarray] | None = None
 
-    @property
-    def on_device(self) -> bool:
-        """Whether a backend that samples on the device may draw it: only its id is wanted."""
-        return self.params.logprobs is None and not self.params.penalized
-
     def adjusted(self, logits: np.ndarray) -> np.ndarray:
         """One row of raw logits as the draw sees it: bias and mask, then the penalties."""
         p = self.params
@@ -242,7 +243,7 @@ def draw_rows(ops, logits, draws: list[Draw | None]) -> list[tuple[int, float | 
     to the host and drawn there, with the raw distribution's logprobs where asked."""
     picked: list = [None] * len(draws)
     wanted = [i for i, d in enumerate(draws) if d is not None]
-    on_device = [i for i in wanted if ops.device_sampling and draws[i].on_device]
+    on_device = [i for i in wanted if ops.device_sampling and draws[i].params.id_only]
     if on_device:
         ds = [draws[i] for i in on_device]
         rows = logits if len(on_device) == len(draws) else ops.take_rows(logits, on_device)
