@@ -169,7 +169,7 @@ class RayPipeline:
         """The stage a system error came from (a dead actor names itself), and why."""
         actor_id = getattr(error, "actor_id", None)
         for known, spec in zip(self.actor_ids, self.specs):
-            if actor_id is not None and known == actor_id:
+            if known == actor_id:
                 return StageFailed(f"pipeline {spec.describe()} failed: {type(error).__name__}: {error}")
         return StageFailed(f"a pipeline stage failed: {type(error).__name__}: {error}")
 
