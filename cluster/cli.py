@@ -93,8 +93,7 @@ def cmd_plan(args) -> int:
     with GGUFFile(path) as gguf:
         config = ModelConfig.from_gguf(gguf)
         max_context = min(config.context_length, args.ctx)
-        staged = staged_pass(args.pp, config.n_layers, CupySizes.kv_layout(
-            config.n_kv_heads, config.head_dim, BLOCK_SIZE, options["kv_type"]))
+        staged = staged_pass(args.pp, config.n_layers)
         p = plan_model(gguf, config, CupySizes, kv_tokens=args.kv_tokens or max_context, max_context=max_context,
                        block_size=BLOCK_SIZE, max_batch_tokens=args.batch_tokens, max_logit_rows=args.seqs, rates=rates,
                        budget=None if staged else options["vram_budget"], host_ram=options["host_ram"],

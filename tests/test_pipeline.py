@@ -249,10 +249,10 @@ def test_ntr_plan_pp_shows_each_stage_under_its_budget(model, capsys):
 def single(model):
     made = {}
 
-    def make(arch):
-        if arch not in made:
-            made[arch] = Engine(model(arch), max_context=64, kv_cache_tokens=256)
-        return made[arch]
+    def make(arch, kv_type=None):
+        if (arch, kv_type) not in made:
+            made[arch, kv_type] = Engine(model(arch), max_context=64, kv_cache_tokens=256, kv_type=kv_type)
+        return made[arch, kv_type]
 
     return make
 
@@ -268,6 +268,26 @@ def test_stages_give_the_logits_of_one_process(model, single, arch, parts):
         assert w.dtype == g.dtype == np.float32 and w.shape == g.shape
         assert np.array_equal(w, g)
     assert staged.blocks.blocks_in_use == 0
+
+
+@pytest.mark.parametrize("arch, parts, kv_type", [("qwen2", 2, "q8"), ("qwen2", 3, "q4"), ("gemma3", 3, "q4")])
+def test_quantized_kv_stages_calibrate_their_layers_as_one_process_does(model, single, arch, parts, kv_type):
+    """A quantized KV cache's key transforms are calibrated per layer: each stage calibrates its
+    own in the one calibration pass, installs what one process installs (so the logits are one
+    process's), and the pipeline gets every layer's transforms back (kept for restarts)."""
+    one = single(arch, kv_type)
+    staged = Engine(model(arch), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=parts, kv_type=kv_type)
+    transforms = staged.pipeline.transforms
+    assert sorted(transforms) == list(range(one.config.n_layers))
+    for i, (k, _) in enumerate(one.kv.layers):
+        assert not np.all(k.scale == 1)  # calibrated, not the identity
+        assert np.array_equal(transforms[i][0], k.center) and np.array_equal(transforms[i][1], k.scale)
+    for stage in staged.pipeline.stages:
+        for i, (k, _) in stage.kv.by_layer.items():
+            assert np.array_equal(k.center, one.kv.layers[i][0].center)
+            assert np.array_equal(k.scale, one.kv.layers[i][0].scale)
+    for w, g in zip(mixed_passes(one), mixed_passes(staged)):
+        assert np.array_equal(w, g)
 
 
 def test_stages_generate_the_greedy_tokens_of_one_process(model, single):
@@ -319,8 +339,6 @@ def test_the_last_stage_draws_the_tokens_and_only_they_come_back(model, single, 
 def test_what_stages_do_not_run_is_refused(model):
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 must be in \[1, 4\]"):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2: a quantized KV cache"):
-        Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, kv_type="q8")
     for option in ({"host_ram": 1 << 30}, {"requant_streamed": "auto"}):
         with pytest.raises(ValueError, match="pipeline_parallel_size=2: host_ram and requant_streamed are not for"):
             Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, **option)
@@ -579,13 +597,12 @@ def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single)
             return ray.get_runtime_context().get_actor_id()
 
         def step(self, inputs, hidden=None):
-            step, draws, _ = inputs
             index, k = self.stage.spec.index, self.passes
             self.passes += 1
             ray.get(self.order.note.remote(("start", index, k)))
             if (index, k) == (1, 0):
                 ray.get(self.order.wait_for.remote(("start", 0, 1), 30))
-            out = self.stage.step(step, hidden, draws if self.stage.model.heads else None)
+            out = self.stage.step(inputs.step, hidden, inputs.draws)
             ray.get(self.order.note.remote(("end", index, k)))
             return out
 
@@ -606,16 +623,21 @@ def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single)
         ray.kill(order)
 
 
-def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray, model, single):
+@pytest.mark.parametrize("kv_type", [None, "q4"])
+def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray, model, single, kv_type):
     """A stage killed between two steps comes back empty: the next pass, which would read the KV
     it lost, fails naming it (Ray reports the restart, and the stage itself refuses steps),
-    rather than computing wrong logits; once the caller has ended those sequences, the pass
-    after runs and matches one process."""
-    from workers.stage_worker import RayPipeline, StageFailed
+    rather than computing wrong logits; once the caller has ended those sequences, the passes
+    after run and give what the stages gave before the kill (with a quantized KV cache, the
+    restarted stage has its calibrated key transforms back; a stage actor's transforms are
+    not one process's to the bit: its BLAS runs one thread, which sums the calibration
+    prompt's products in another order)."""
+    from workers.stage_worker import PassInputs, RayPipeline, StageFailed
 
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2,
-                    stage_runner=RayPipeline)
+                    stage_runner=RayPipeline, kv_type=kv_type)
     try:
+        before = mixed_passes(staged)
         seq = Sequence([1, 2, 3, 4])
         staged.reserve([(seq, 4)])
         staged.forward([(seq, 4)])
@@ -628,7 +650,8 @@ def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray
         deadline = time.monotonic() + 60
         while True:
             try:
-                ray.get(staged.pipeline.actors[1].step.remote((plan, None, False), hidden), timeout=10)
+                ray.get(staged.pipeline.actors[1].step.remote(PassInputs(plan, None, False, {}, False), hidden),
+                        timeout=10)
             except ray.exceptions.RayTaskError as e:
                 assert "pipeline stage 1 (layers 2-3) failed: it was restarted: its KV cache is lost" in str(e)
                 break
@@ -639,7 +662,7 @@ def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray
         with pytest.raises(StageFailed, match=r"pipeline stage 1 \(layers 2-3\) failed: .*was restarted"):
             staged.forward([(seq, 1)])
         staged.release(seq)
-        for w, g in zip(mixed_passes(single("qwen2")), mixed_passes(staged)):
+        for w, g in zip(before, mixed_passes(staged)):
             assert np.array_equal(w, g)
     finally:
         staged.pipeline.shutdown()

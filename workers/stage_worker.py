@@ -18,15 +18,16 @@ the graph stops for good. The passes the stage was in raise StageFailed, and so 
 that reaches a restarted stage before the pipeline knows (its KV for every running sequence is
 gone): the engine's caller ends those sequences (the ComputeWorker fails every running
 request). The pass submitted after a failure first builds the graph again, once every stage
-answers, and tells the stages with it that the sequences they lost are ended.
+answers, and tells the stages with it that the sequences they lost are ended (a quantized KV
+cache's calibrated key transforms go with it, which a restarted stage lost).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from typing import NamedTuple
 
-import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayChannelError, RayChannelTimeoutError, RayError
 from ray.dag import InputNode
@@ -34,6 +35,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernels import StepInputs, get_backend
+from workers.engine.kv_calibration import Transforms
 from workers.engine.pipeline import Stage, StageSpec
 from workers.engine.sampling import Draw
 
@@ -44,6 +46,16 @@ START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers 
 
 class StageFailed(RuntimeError):
     """A pipeline stage died or failed during a pass; the running sequences' KV is lost."""
+
+
+class PassInputs(NamedTuple):
+    """What every stage is given for a pass."""
+
+    step: StepInputs
+    draws: list[Draw | None] | None  # the last stage's, one a logit row (`Stage.step`)
+    ended: bool  # every sequence a stage lost has ended since the last pass: a restarted stage serves again
+    transforms: Transforms  # with ended, the calibrated key transforms, which a restarted stage lost
+    calibrate: bool  # the KV calibration pass (`Stage.step`)
 
 
 @ray.remote(max_restarts=STAGE_RESTARTS)
@@ -61,17 +73,18 @@ class StageWorker:
         """The actor's id (hex), which Ray's errors about its death carry, once it is loaded."""
         return ray.get_runtime_context().get_actor_id()
 
-    def step(self, inputs: tuple, hidden: np.ndarray | None = None):
-        """One pass's work here: inputs is (step, the last stage's draws, whether every sequence
-        this stage lost has ended since the last pass). A failure names this stage."""
-        step, draws, ended = inputs
-        if ended:
-            self.lost_kv = False
+    def step(self, inputs: PassInputs, hidden=None):
+        """One pass's work here. A failure names this stage."""
         name = self.stage.spec.describe()
-        if self.lost_kv:
-            raise StageFailed(f"pipeline {name} failed: it was restarted: its KV cache is lost")
         try:
-            return self.stage.step(step, hidden, draws)
+            if inputs.ended:
+                self.stage.install_transforms(inputs.transforms)
+                self.lost_kv = False
+            if self.lost_kv:
+                raise StageFailed(f"pipeline {name} failed: it was restarted: its KV cache is lost")
+            return self.stage.step(inputs.step, hidden, inputs.draws, inputs.calibrate)
+        except StageFailed:
+            raise
         except Exception as e:
             raise StageFailed(f"pipeline {name} failed: {type(e).__name__}: {e}") from None
 
@@ -118,6 +131,7 @@ class RayPipeline:
         self.actor_ids = ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)  # kept across restarts
         self.graph = self._compile()
         self.failed = False
+        self.transforms: Transforms = {}  # the KV calibration's, sent again after a failure
 
     def _compile(self):
         """The stages chained as a compiled graph: the pass's inputs to every stage, each
@@ -130,21 +144,27 @@ class RayPipeline:
                 out = actor.step.bind(inputs) if out is None else actor.step.bind(inputs, out)
         return out.experimental_compile(_submit_timeout=self.timeout_s)
 
-    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None) -> RayPass:
+    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False) -> RayPass:
         """Start a pass of step through every stage (the last drawing the tokens when given
         draws); returns at once. After a failure the graph is built again first, the stages
-        told that the sequences they held are ended (the caller has ended them)."""
+        told that the sequences they held are ended (the caller has ended them) and given the
+        KV calibration's transforms again."""
         ended, self.failed = self.failed, False
         if ended:
             self._rebuild()
+        inputs = PassInputs(step, draws, ended, self.transforms if ended else {}, calibrate)
         try:
-            output = self.graph.execute((step, draws, ended))
+            output = self.graph.execute(inputs)
         except RayChannelError as e:  # the graph stopped: one of its stages died since the last pass
             if isinstance(e, RayChannelTimeoutError):
                 raise
             self._rebuild()
-            output = self.graph.execute((step, draws, ended))
+            output = self.graph.execute(inputs)
         return RayPass(self, output)
+
+    def calibrate(self, step: StepInputs) -> None:
+        """The KV calibration pass: each stage calibrates its layers; their transforms are kept."""
+        self.transforms = self.submit(step, calibrate=True).result().transforms
 
     def _rebuild(self) -> None:
         """A new graph over the stages, once each answers (Ray restarts a dead one, and

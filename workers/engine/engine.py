@@ -20,11 +20,10 @@ import numpy as np
 
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
 from kernels.driver import get_driver
-from kernels.kv_layout import RECENT
 from workers.engine.block_manager import BlockManager, slot
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
-from workers.engine.kv_calibration import CALIBRATION_TEXT, KeyStatistics
+from workers.engine.kv_calibration import CALIBRATION_TEXT, calibrating
 from workers.engine.draft_policy import DraftMemory, DraftPolicy
 from workers.engine.pipeline import Finished, KVPools, LocalPipeline, plan_stages, staged_pass
 from workers.engine.placement import Rates, context_bytes, plan_model, stage_reserve
@@ -174,8 +173,7 @@ class Engine:
         the most blocks with which every stage fits it, and a stage it cannot hold streams the
         layers it does not (`plan_stages`).
         stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
-        `LocalPipeline`, in this process). The stages keep an unquantized KV cache and run no
-        drafts (speculation) in this slice."""
+        `LocalPipeline`, in this process). The stages run no drafts (speculation) in this slice."""
         check_spec(requant_streamed, "requant_streamed")
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
@@ -207,7 +205,7 @@ class Engine:
         # measured, not assumed: a context past the estimate would take the pool past the budget
         context = context_bytes(self.ops.outside_pool_bytes())
 
-        staged = staged_pass(pipeline_parallel_size, c.n_layers, layout)
+        staged = staged_pass(pipeline_parallel_size, c.n_layers)
         if staged and (host_ram is not None or requant_streamed is not None):
             raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size}: host_ram and requant_streamed are not "
                              "for stages, which stream the layers their budget does not hold from their own "
@@ -266,27 +264,23 @@ class Engine:
 
     def _calibrate_kv(self) -> None:
         """A RotateKV cache's key centre and scale per layer, from the model's own keys and
-        queries on the calibration text (workers/engine/kv_calibration.py)."""
-        c = self.config
-        stats = KeyStatistics({id(k): i for i, (k, _) in enumerate(self.kv.layers)}, c.n_layers, c.n_kv_heads,
-                              c.head_dim, self.ops.to_numpy)
+        queries on the calibration text (workers/engine/kv_calibration.py); through pipeline
+        stages each stage calibrates its layers in the one pass, which the pipeline keeps
+        the transforms of (for a stage restarted later)."""
         ids = self.prompt_ids(CALIBRATION_TEXT)[:min(self.max_context, self.max_batch_tokens)]
         seq = Sequence(ids)
-        self.ops.kv_observer = stats
-        for k, v in self.kv.layers:
-            k.recent_window = v.recent_window = len(ids)
+        work = [(seq, len(ids))]
         try:
-            self.reserve([(seq, len(ids))])
-            self.forward([(seq, len(ids))])
+            self.reserve(work)
+            if self.pipeline is not None:
+                step = self._plan(work)
+                step.logit_rows = last_rows(work)
+                self.pipeline.calibrate(step)
+            else:
+                with calibrating(self.ops, self.kv.by_layer, self.config, len(ids)):
+                    self.forward(work)
         finally:
             self.release(seq)
-            self.ops.kv_observer = None
-            for k, v in self.kv.layers:
-                k.recent_window = v.recent_window = RECENT
-        center, scale = stats.transforms()
-        for i, (k, _) in enumerate(self.kv.layers):
-            k.center[...] = self.ops.asarray(center[i])
-            k.scale[...] = self.ops.asarray(scale[i])
 
     @property
     def model_name(self) -> str:

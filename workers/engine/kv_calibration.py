@@ -10,13 +10,21 @@ per channel, which equalises the score error each channel contributes (q / scale
 k * scale, so the product is unchanged); the scales' geometric mean is one.
 
 The statistics come from one forward pass of CALIBRATION_TEXT (a prefill from scratch, in
-which the engine has the cache read every key unquantized), so they are the model's own.
-The text is this project's own (never an evaluation text: GPL-3, Apache-2.0).
+which the cache reads every key unquantized), so they are the model's own. The text is this
+project's own (never an evaluation text: GPL-3, Apache-2.0). Each layer's transform depends on
+its own statistics alone, so pipeline stages calibrate their layers in the one pass that runs
+through them all and get what one process gets (workers/engine/pipeline.py).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
+
+from kernels.kv_layout import RECENT
+
+Transforms = dict[int, tuple[np.ndarray, np.ndarray]]  # a layer's (centre, scale) [n_kv_heads, head_dim], by index
 
 CALIBRATION_TEXT = """\
 The workshop opened at seven, before the street had woken. Mara lit the stove, set the kettle
@@ -82,12 +90,43 @@ class KeyStatistics:
         self.n[layer] += T
 
     def transforms(self) -> tuple[np.ndarray, np.ndarray]:
-        """(centre, scale) [n_layers, n_kv_heads, head_dim] float32."""
+        """(centre, scale) [n_layers, n_kv_heads, head_dim] float32; a variance floor a
+        millionth of the layer's largest, so that no layer's transform depends on another's."""
         n = np.maximum(self.n, 1)[:, None, None]
         center = self.k / n
         var = np.maximum(self.k2 / n - center ** 2, 0)
         q2 = self.q2 / n
-        floor = 1e-6 * max(float(var.max()), 1e-30)
+        floor = 1e-6 * np.maximum(var.max(axis=(1, 2), keepdims=True), 1e-30)
         scale = ((q2 + 1e-30) / (var + floor)) ** 0.25
         scale = np.clip(scale / np.exp(np.log(scale).mean(-1, keepdims=True)), 1 / 64, 64)
         return center.astype(np.float32), scale.astype(np.float32)
+
+
+@contextmanager
+def calibrating(ops, caches: dict[int, tuple], config, tokens: int):
+    """While the calibration pass of `tokens` tokens runs in the block: `ops` observes the keys
+    and queries of the layers whose (K, V) `caches` holds (by layer index), which read every key
+    unquantized. After it, each of those layers' K cache takes its centre and scale. Yields
+    the transforms as they will be installed: a dict filled after the block, by layer index."""
+    stats = KeyStatistics({id(k): i for i, (k, _) in caches.items()}, config.n_layers, config.n_kv_heads,
+                          config.head_dim, ops.to_numpy)
+    ops.kv_observer = stats
+    for k, v in caches.values():
+        k.recent_window = v.recent_window = tokens
+    installed: Transforms = {}
+    try:
+        yield installed
+    finally:
+        ops.kv_observer = None
+        for k, v in caches.values():
+            k.recent_window = v.recent_window = RECENT
+    center, scale = stats.transforms()
+    installed.update({i: (center[i], scale[i]) for i in caches})
+    install(ops, caches, installed)
+
+
+def install(ops, caches: dict[int, tuple], transforms: Transforms) -> None:
+    """Each held layer's K cache takes its (centre, scale) from transforms (by layer index)."""
+    for i, (k, _) in caches.items():
+        k.center[...] = ops.asarray(transforms[i][0])
+        k.scale[...] = ops.asarray(transforms[i][1])

@@ -18,7 +18,10 @@ a single process's), and the last stage returns the logits or, given the rows' d
 the picks: on the GPU a decode step's ids, not a row of vocabulary-wide logits a sequence
 (607 KB for Qwen2.5's 151,936 tokens). Where the stages run is the caller's: `LocalPipeline`
 runs them in this process, `workers/stage_worker.py` in Ray actors. Either has
-`submit(step, draws=None)`, which returns a pass whose `result()` waits for its output.
+`submit(step, draws=None)`, which returns a pass whose `result()` waits for its output, and
+`calibrate(step)`: a quantized KV cache's calibration pass (workers/engine/kv_calibration.py),
+in which each stage calibrates its own layers and the transforms travel with the stream to the
+last stage, so that the pipeline keeps them for a stage that restarts.
 
 Two passes may be in flight at once (the scheduler's micro-batches, workers/engine/
 scheduler.py): stage k runs pass B while stage k + 1 runs pass A. Their KV writes cannot
@@ -36,6 +39,7 @@ import numpy as np
 
 from kernels import StepInputs, get_backend
 from kernels.kv_layout import KVLayout
+from workers.engine.kv_calibration import Transforms, calibrating, install
 from kernels.layer_ring import RingSchedule
 from kernels.ops import Backend
 from workers.engine.kv_cache import PagedKVCache
@@ -79,16 +83,11 @@ def split_by_bytes(layer_bytes: list[int], parts: int, first_bytes: int = 0, las
     return ranges[::-1]
 
 
-def staged_pass(parts: int, n_layers: int, layout: KVLayout) -> bool:
+def staged_pass(parts: int, n_layers: int) -> bool:
     """Whether a model of n_layers runs its forward pass in `parts` stages (parts > 1);
-    ValueError naming pipeline_parallel_size for a size or a KV cache the stages do not run."""
+    ValueError naming pipeline_parallel_size for a size out of range."""
     split_by_bytes([0] * n_layers, parts)  # the range check, with the field's name
-    if parts == 1:
-        return False
-    if layout.type.quantized:
-        raise ValueError(f"pipeline_parallel_size={parts}: a quantized KV cache (kv_type "
-                         f"{layout.type.name}) is calibrated over the whole model; use an unquantized one")
-    return True
+    return parts > 1
 
 
 @dataclass(frozen=True)
@@ -221,13 +220,29 @@ class Stage:
         # where it read this one's (prompt passes, which stages run eagerly, take theirs as it comes)
         self.inputs: dict[int, object] = {}
 
-    def step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None = None):
+    def step(self, step: StepInputs, hidden, draws: list[Draw | None] | None = None, calibrate: bool = False):
         """The first stage embeds step's tokens (hidden None); the others take the previous
         stage's residual stream [T, d_model] float32. Returns the stream leaving this stage's
         last layer, or from the last stage the logits of step.logit_rows, float32 on the host,
         or with draws (the pass's: one a logit row) each row's (token, logprob, top),
-        `draw_rows`'s; a stage without the output head passes the draws by. Runs as the backend runs a model's step (`Backend.run_step`: on the GPU, a decode step
-        replayed from its graph)."""
+        `draw_rows`'s; a stage without the output head passes the draws by. Runs as the backend
+        runs a model's step (`Backend.run_step`: on the GPU, a decode step replayed from its
+        graph). calibrate: the KV calibration pass, which this stage's layers calibrate on;
+        the stream and the output are then `Calibrated`, carrying every layer's transforms so far."""
+        if not calibrate:
+            return self._step(step, hidden, draws)
+        before = hidden.transforms if isinstance(hidden, Calibrated) else {}
+        with calibrating(self.ops, self.kv_by_layer, self.config, len(step.tokens)) as mine:
+            out = self._step(step, hidden.stream if isinstance(hidden, Calibrated) else hidden, draws)
+        return Calibrated(out, {**before, **mine})
+
+    def install_transforms(self, transforms: Transforms) -> None:
+        """This stage's layers take their key transforms from a calibration pass's (a restarted
+        stage's, which lost them)."""
+        if self.kv.layout.type.quantized:
+            install(self.ops, self.kv_by_layer, transforms)
+
+    def _step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None):
         ops, c, T = self.ops, self.config, len(step.tokens)
         if (hidden is None) != self.spec.first:
             raise ValueError(f"{self.spec.describe()}: {'no ' if self.spec.first else ''}hidden states expected")
@@ -255,6 +270,15 @@ class Stage:
         return self.model.logits(x, step) if self.model.heads else x
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """What a calibration pass carries from a stage: its stream (the last stage's logits) and
+    the key transforms of every layer it has been through, by layer index."""
+
+    stream: np.ndarray
+    transforms: Transforms
+
+
 class Finished:
     """A pass that ran to its end when it was submitted (`LocalPipeline`'s)."""
 
@@ -274,9 +298,13 @@ class LocalPipeline:
     def __init__(self, specs: list[StageSpec]):
         self.specs = specs
         self.stages = [Stage(spec) for spec in specs]
+        self.transforms: Transforms = {}
 
-    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None) -> Finished:
+    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False) -> Finished:
         hidden = None
         for stage in self.stages:
-            hidden = stage.step(step, hidden, draws)
+            hidden = stage.step(step, hidden, draws, calibrate)
         return Finished(hidden)
+
+    def calibrate(self, step: StepInputs) -> None:
+        self.transforms = self.submit(step, calibrate=True).result().transforms
