@@ -96,8 +96,9 @@ class ServerConfig(BaseModel):
             raise ValueError("host_ram_gb and requant_streamed are not for pipeline stages (pipeline_parallel_size "
                              "> 1): a stage streams the layers its budget does not hold from its own process's host "
                              "memory, at the file's types")
-        if self.speculate != "off" and self.pipeline_parallel_size > 1:
-            raise ValueError("speculate must be off with pipeline_parallel_size > 1: the stages run whole passes only")
+        if self.speculate != "off" and self.pipeline_parallel_size > 1 and self.drafter not in ("lookup", "auto"):
+            raise ValueError(f"drafter {self.drafter!r} runs a subset of the model's layers, which pipeline stages "
+                             "(pipeline_parallel_size > 1) do not: they run whole passes; use drafter lookup")
         if self.drafter == "skip" and self.skip_set is None:
             raise ValueError("drafter 'skip' needs skip_set (a file of ntr calibrate-skip)")
         if self.max_batch_tokens < self.max_num_seqs:

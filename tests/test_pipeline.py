@@ -25,6 +25,7 @@ from workers.engine.placement import CONTEXT_BYTES, stage_reserve
 from workers.engine.grammar import GrammarSpec
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
+from workers.engine import speculation
 from workers.engine.speculation import Speculation
 from workers.model.synthetic import Shape, write_model
 from drive import drain, mixed_passes
@@ -336,6 +337,50 @@ def test_the_last_stage_draws_the_tokens_and_only_they_come_back(model, single, 
     assert staged.blocks.blocks_in_use == 0
 
 
+def test_lookup_speculation_through_stages_gives_one_process_tokens(model, single, monkeypatch):
+    """Prompt-lookup drafts (no model) verified through P = 2 stages, whose verifying pass is a
+    whole pass of decode rows: greedy gives plain decoding's tokens, sampled (with logprobs)
+    the same draws one process's speculation makes, alone and in the scheduler's micro-batches.
+    A random model quotes little, so lookup here proposes what plain greedy decoding will
+    write, its third token wrong: passes keep drafts and reject some."""
+    one, spec = single("qwen2"), Speculation(3, "lookup")
+    prompts = {"a": ([5, 6, 7, 8, 9], GREEDY.with_(max_tokens=16)), "b": ([9, 8, 7], SEEDED.with_(max_tokens=12)),
+               "c": ([3, 1, 4, 1, 5], GREEDY.with_(max_tokens=12)),
+               "d": ([2, 7, 1, 8], SEEDED.with_(seed=4, max_tokens=12, logprobs=2))}
+    plain = {tuple(p): [e.token_id for e in one.generate(p, GREEDY.with_(max_tokens=20))] for p, _ in prompts.values()}
+
+    def proposal(token_ids, k):
+        prompt = next(p for p in plain if tuple(token_ids[:len(p)]) == p)
+        done = len(token_ids) - len(prompt)
+        return [t if j != 2 else t + 1 for j, t in enumerate(plain[prompt][done:done + k])]
+
+    monkeypatch.setattr(speculation, "lookup_proposal", proposal)
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    for p, params in prompts.values():
+        want = [(e.token_id, e.logprob) for e in one.generate(p, params, spec)]
+        assert [(e.token_id, e.logprob) for e in staged.generate(p, params, spec)] == want
+        stats = staged.last_speculation
+        assert stats.passes > 0
+        if params.greedy:  # (a random model's flat distribution rejects most sampled proposals)
+            assert 0 < stats.accepted < stats.drafted
+            assert [t for t, _ in want] == plain[tuple(p)][:params.max_tokens]
+
+    results = []
+    for engine in (one, staged):
+        sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=32, speculation=spec)
+        for rid, (p, params) in prompts.items():
+            sched.submit(rid, p, params)
+        results.append(drain(sched)[0])
+        assert 0 < sched.spec_stats.accepted < sched.spec_stats.drafted and engine.blocks.blocks_in_use == 0
+    assert results[1] == results[0]
+    assert results[1]["a"] == plain[tuple(prompts["a"][0])][:16]
+    with pytest.raises(ValueError, match="early-exit drafter runs a subset of the model's layers"):
+        list(staged.generate([1, 2, 3], GREEDY, Speculation(2, "early-exit")))
+    with pytest.raises(ValueError, match="skip drafter runs a subset"):
+        Scheduler(staged, speculation=Speculation(2, "skip", skip=(1,)))
+    assert staged.drafters(Speculation(None, "auto", skip=(1,))) == {"lookup": None}
+
+
 def test_what_stages_do_not_run_is_refused(model):
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 must be in \[1, 4\]"):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
@@ -343,8 +388,6 @@ def test_what_stages_do_not_run_is_refused(model):
         with pytest.raises(ValueError, match="pipeline_parallel_size=2: host_ram and requant_streamed are not for"):
             Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, **option)
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
-    with pytest.raises(ValueError, match="speculative decoding does not run through pipeline stages"):
-        list(staged.generate([1, 2, 3], GREEDY, Speculation(k=2)))
     seq = Sequence([1, 2, 3])
     staged.reserve([(seq, 3)])
     with pytest.raises(ValueError, match="whole passes only"):
@@ -686,13 +729,13 @@ def poll_until(worker, request_ids, done, timeout_s=120):
 
 def test_a_worker_that_fails_after_starting_its_stages_reports_the_error(local_ray, model):
     """A ComputeWorker whose start fails after its stage actors exist (here the scheduler
-    refuses speculation through stages) shuts them down and dies with the error: before, the
+    refuses an early-exit drafter through stages) shuts them down and dies with the error: before, the
     stages' compiled graph kept its process from exiting, and callers waited forever."""
     from workers.compute_worker import ComputeWorker
 
     worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=64, kv_cache_gb=0.01,
-                                                      pipeline_parallel_size=2, speculate=2)
-    with pytest.raises(ray.exceptions.ActorDiedError, match="speculative decoding does not run through pipeline"):
+                                                      pipeline_parallel_size=2, speculate=2, drafter="early-exit")
+    with pytest.raises(ray.exceptions.ActorDiedError, match="early-exit drafter runs a subset of the model's layers"):
         ray.get(worker.info.remote(), timeout=120)
 
 

@@ -232,12 +232,6 @@ def test_gpu_a_speculating_batch_gives_the_plain_batchs_greedy_tokens(tiny_model
         assert spec.k is None or any(len(step.passes) > 1 for step in steps), spec
 
 
-def test_a_pipelined_engine_refuses_a_speculating_scheduler(tiny_model):
-    engine = Engine(tiny_model("llama"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
-    with pytest.raises(ValueError, match="pipeline stages"):
-        Scheduler(engine, speculation=Speculation(2))
-
-
 SKIP_SET = Path(__file__).resolve().parents[1] / "tools" / "data" / "skip_qwen2.5-coder-0.5b.json"
 
 

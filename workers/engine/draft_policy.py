@@ -107,7 +107,7 @@ class DraftPolicy:
         time: HOST_DRAFT_SECONDS over the predicted step. A greedy request's policy starts
         from the engine's `draft_memory`."""
         p = engine.placement
-        drafters = spec.drafters(engine.config.n_layers, engine.resident_layers)
+        drafters = engine.drafters(spec)
         step = p.step_seconds(1, engine.rates)
         costs = {name: 0.0 if layers is None else p.step_seconds(1, engine.rates, layers) / step
                  for name, layers in drafters.items()}

@@ -356,8 +356,8 @@ class Engine:
                 raise ValueError("a pass with leaf rows returns every row's logits (all_logits)")
             step.logit_rows = last_rows(work)
         if self.pipeline is not None:
-            if layers is not None or decode_rows or feed is not None:
-                raise ValueError("a pipeline's stages run whole passes only (no drafts or verifying rows)")
+            if layers is not None or feed is not None:
+                raise ValueError("a pipeline's stages run whole passes only (no drafts of a subset of the layers)")
             result = self.pipeline.submit(step).result
         else:
             result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
@@ -403,6 +403,11 @@ class Engine:
             forward.layers_run = layers  # a streamed model's ring copies only these (kernels/layer_ring.py)
         forward.late_refills = late
         return forward
+
+    def drafters(self, speculation: Speculation) -> dict[str, tuple[int, ...] | None]:
+        """speculation's drafters here (`Speculation.drafters`): model drafts run in one
+        process only, as a pipeline's stages run whole passes (ValueError naming the drafter)."""
+        return speculation.drafters(self.config.n_layers, self.resident_layers, models=self.pipeline is None)
 
     @property
     def resident_layers(self) -> tuple[int, ...]:
@@ -681,8 +686,8 @@ class Engine:
         from the request's generator; several a pass, the next pass started before this
         one's tokens are handed out. Its drafter and k are chosen pass by pass when
         speculation says auto (workers/engine/draft_policy.py)."""
-        if speculation is not None and self.pipeline is not None:
-            raise ValueError("speculative decoding does not run through pipeline stages")
+        if speculation is not None:
+            self.drafters(speculation)  # refuses a drafter the engine does not run before anything starts
         if speculation is not None and params.constrained:
             # a draft is verified against the raw distribution; masking it is not implemented
             raise ValueError("speculative decoding cannot run with a grammar or a logit_bias")

@@ -127,8 +127,8 @@ class Scheduler:
         if max_num_seqs > engine.max_logit_rows:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) must be <= the engine's max_logit_rows "
                              f"({engine.max_logit_rows}): a step's logits hold a row per sequence")
-        if speculation is not None and engine.pipeline is not None:
-            raise ValueError("speculative decoding does not run through pipeline stages")
+        if speculation is not None:
+            engine.drafters(speculation)  # a drafter the engine does not run is refused here, at the start
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_num_seqs ({max_num_seqs}) "
                              "so that every running decode fits in a step")
