@@ -57,9 +57,15 @@ def relative_error(want, got) -> float:
     return float((np.linalg.norm(want - got, axis=-1) / np.linalg.norm(want, axis=-1)).max())
 
 
+def near_tie(logits: np.ndarray, token: int) -> bool:
+    """Whether token's logit is within 1% of the row's RMS of its top one: a gap that one
+    engine's own run-to-run spread can flip (a random replica has such rows)."""
+    return logits.max() - logits[token] < 0.01 * np.sqrt(np.mean(logits ** 2))
+
+
 def assert_like_one_engine(single, staged) -> None:
     """The staged engine's logits of `mixed_passes` within 3x (+1e-4) of how far the single
-    engine's own move between two runs, the same argmax on every row."""
+    engine's own move between two runs, the same argmax on every row but a near tie's."""
     want, again, got = mixed_passes(single), mixed_passes(single), mixed_passes(staged)
     assert len(want) == len(got) == 8
     for w, a, g in zip(want, again, got):
@@ -67,7 +73,8 @@ def assert_like_one_engine(single, staged) -> None:
         assert np.all(np.isfinite(g))
         spread, err = relative_error(w, a), relative_error(w, g)
         assert err < 3 * spread + 1e-4, (err, spread)
-        assert np.array_equal(w.argmax(-1), g.argmax(-1))
+        for row in np.flatnonzero(w.argmax(-1) != g.argmax(-1)):
+            assert near_tie(w[row], g[row].argmax()), (row, w[row].max(), w[row][g[row].argmax()])
 
 
 @pytest.mark.parametrize("parts", [2, 3])
@@ -92,8 +99,7 @@ def assert_same_greedy(single, prompt: list[int], want: list[int], got: list[int
         logits = forward(single, [(seq, len(seq.token_ids))])[-1]
     finally:
         single.release(seq)
-    top2 = np.sort(logits)[-2:]
-    assert top2[1] - top2[0] < 0.01 * np.sqrt(np.mean(logits ** 2)), (i, want, got)
+    assert near_tie(logits, got[i]), (i, want, got)
 
 
 def assert_same_greedy_tokens(single, staged) -> None:
@@ -107,6 +113,55 @@ def assert_same_greedy_tokens(single, staged) -> None:
 def test_gpu_stages_generate_the_greedy_tokens_of_one_engine(model, parts):
     path, single = model
     assert_same_greedy_tokens(single, Engine(path, pipeline_parallel_size=parts, **KW))
+
+
+@pytest.fixture(scope="module")
+def q4_engine(model):
+    path, _ = model
+    return Engine(path, kv_type="q4", **KW)
+
+
+def test_gpu_stages_calibrate_a_quantized_kv_cache(model, q4_engine):
+    """P = 2 CuPy stages with a q4 (RotateKV) cache: each stage calibrates its own layers, to
+    one engine's transforms within the spread its prompt products' stream-K order gives
+    (1e-2); with one engine's transforms installed, the logits and greedy tokens are its."""
+    path, _ = model
+    single = q4_engine
+    staged = Engine(path, pipeline_parallel_size=2, kv_type="q4", **KW)
+    own = staged.pipeline.transforms
+    assert sorted(own) == list(range(single.config.n_layers))
+    for i, (k, _) in enumerate(single.kv.layers):
+        for mine, theirs in zip(own[i], (k.center.get(), k.scale.get())):
+            assert np.abs(mine - theirs).max() <= 1e-2 * (np.abs(theirs).max() + 1e-3), i
+    theirs = {i: (k.center.get(), k.scale.get()) for i, (k, _) in enumerate(single.kv.layers)}
+    for stage in staged.pipeline.stages:
+        stage.install_transforms(theirs)
+    assert_like_one_engine(single, staged)
+    assert_same_greedy_tokens(single, staged)
+
+
+def test_gpu_stages_verify_lookup_drafts(model, monkeypatch):
+    """Speculation through P = 2 CuPy stages: each verifying pass runs in every stage as its
+    decode step of that many rows (replayed from its graph). Lookup proposes what one engine
+    decodes greedily, its third token wrong, so passes keep drafts and reject some; the tokens
+    are one engine's plain greedy ones."""
+    from workers.engine import speculation
+    from workers.engine.speculation import Speculation
+
+    path, single = model
+    prompt = single.prompt_ids(CODE)
+    want = [e.token_id for e in single.generate(prompt, GREEDY)]
+
+    def proposal(token_ids, k):
+        done = len(token_ids) - len(prompt)
+        return [t if j != 2 else t + 1 for j, t in enumerate(want[done:done + k])]
+
+    monkeypatch.setattr(speculation, "lookup_proposal", proposal)
+    staged = Engine(path, pipeline_parallel_size=2, **KW)
+    got = [e.token_id for e in staged.generate(prompt, GREEDY, Speculation(3, "lookup"))]
+    stats = staged.last_speculation
+    assert stats.passes > 0 and 0 < stats.accepted < stats.drafted
+    assert_same_greedy(single, prompt, want, got)
 
 
 def test_gpu_stage_actors_share_the_gpu(model):

@@ -2,13 +2,15 @@
 pass runs in P pipeline stages (P = 1: the engine in the worker itself), on a private local Ray.
 
     python tools/bench_pipeline.py [--model NAME_OR_PATH] [--pp 2] [--streams 8] [--tokens 32]
-    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32]
+    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32] [--actors]
 
 --local: the stages in this process instead (LocalPipeline, no Ray: the GPU machine has none),
 one greedy stream through Engine.generate, P = 1 and P = --pp in turn, each after an untimed
 warm-up (on the GPU it captures the decode graphs): decode tok/s; on the GPU P > 1 also with
 the stages' decode graphs off; and the time one stage boundary's hand-off of a decode step's
-residual stream takes (through the host, as `Stage.step` takes it).
+residual stream takes (through the host, as `Stage.step` takes it). --actors: then the stages
+as Ray actors, each reserving 1/P of the one GPU, chained by the compiled graph (a replica's
+stages, on one device).
 
 Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread.
 The streams are submitted together after one untimed warm-up round; the rate is the tokens that
@@ -66,13 +68,18 @@ def decode_rate(all_stamps: list[list[float]], tokens: int) -> float:
     return after / (max(s[-1] for s in all_stamps) - start)
 
 
-def local(path: Path, backend: str, pp: int, params: SamplingParams) -> None:
+def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: bool = False) -> None:
+    import gc
+
     from workers.engine.engine import Engine
 
     runs = [(1, True)]
     if pp > 1:
         runs += [(pp, True), (pp, False)] if backend == "cupy" else [(pp, True)]
-    for parts, graphs in runs:
+    for parts, graphs in runs + ([(pp, "actors")] if actors else []):
+        if graphs == "actors":
+            run_actors(path, backend, pp, params)
+            continue
         engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=parts)
         for stage in engine.pipeline.stages if engine.pipeline is not None else ():
             if not graphs:
@@ -82,13 +89,47 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams) -> None:
             tokens = [e.token_id for e in engine.generate(ids, params)]
         t = engine.last_timings
         print(f"{path.name}, {backend}, P = {parts}{'' if graphs else ', stage graphs off'}: decode "
-              f"{t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})")
+              f"{t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})", flush=True)
         if parts > 1 and graphs:
             sender, receiver = engine.pipeline.stages[:2]
             d = engine.config.d_model
             print(f"  handing one decode step's residual stream (1 x {d} float32, {d * 4:,} bytes) to the next "
                   f"stage through the host: {handoff_us(sender.ops, receiver.ops, d):.1f} us a boundary "
-                  f"({parts - 1} a step)")
+                  f"({parts - 1} a step)", flush=True)
+            del sender, receiver
+        del engine  # a large model's P = 1 and P runs do not fit the device together
+        gc.collect()
+        if backend == "cupy":
+            import cupy as cp
+
+            cp.get_default_memory_pool().free_all_blocks()
+
+
+def run_actors(path: Path, backend: str, pp: int, params: SamplingParams) -> None:
+    """The stages as Ray actors on a private local Ray, each reserving 1/pp of the one GPU (the
+    compiled graph's channels between them): what a replica runs, on one device."""
+    import functools
+
+    import ray
+
+    from workers.engine.engine import Engine
+    from workers.stage_worker import RayPipeline
+
+    gpu = backend == "cupy"
+    ray.init(address="local", num_cpus=pp + 1, num_gpus=1 if gpu else 0, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=pp,
+                        stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
+        ids = engine.prompt_ids(PROMPT)
+        for _ in range(2):
+            tokens = [e.token_id for e in engine.generate(ids, params)]
+        t = engine.last_timings
+        print(f"{path.name}, {backend}, P = {pp}, stage actors ({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'}): "
+              f"decode {t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})", flush=True)
+        engine.pipeline.shutdown()
+    finally:
+        ray.shutdown()
 
 
 def handoff_us(sender, receiver, d_model: int, n: int = 1000) -> float:
@@ -117,10 +158,12 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--local", action="store_true", help="the stages in this process, one stream (no Ray)")
     p.add_argument("--backend", default="numpy", help="with --local: the stages' backend")
+    p.add_argument("--actors", action="store_true",
+                   help="with --local: also the stages as Ray actors sharing the one GPU (1/P each)")
     args = p.parse_args()
     if args.local:
         local(model_store.resolve(args.model), args.backend, args.pp,
-              SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True))
+              SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True), args.actors)
         return 0
     os.environ.update(ONE_THREAD)
     import ray
