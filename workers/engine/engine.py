@@ -173,7 +173,8 @@ class Engine:
         the most blocks with which every stage fits it, and a stage it cannot hold streams the
         layers it does not (`plan_stages`).
         stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
-        `LocalPipeline`, in this process). The stages run no drafts (speculation) in this slice."""
+        `LocalPipeline`, in this process). The stages run whole passes: speculation through them
+        drafts by lookup (`drafters`)."""
         check_spec(requant_streamed, "requant_streamed")
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)

@@ -39,10 +39,10 @@ import numpy as np
 
 from kernels import StepInputs, get_backend
 from kernels.kv_layout import KVLayout
-from workers.engine.kv_calibration import Transforms, calibrating, install
 from kernels.layer_ring import RingSchedule
 from kernels.ops import Backend
 from workers.engine.kv_cache import PagedKVCache
+from workers.engine.kv_calibration import Transforms, calibrating, install
 from workers.engine.placement import CONTEXT_BYTES, ModelSizes, Placement, Rates, place
 from workers.engine.sampling import Draw, draw_rows
 from workers.model.config import ModelConfig
