@@ -415,6 +415,8 @@ def test_server_config_checks_pipeline_parallel_size(model):
     assert config.worker_args()["pipeline_parallel_size"] == 4
     assert config.worker_args()["placement_strategy"] == "SPREAD"
     assert config.worker_args()["stage_gpus"] == 0.0  # CPU stages reserve no GPU
+    config = server_config({"pipeline_parallel_size": 2, "kv_type": "q4", "speculate": "auto", "drafter": "auto"})
+    assert config.worker_args()["kv_type"] == "q4" and config.worker_args()["speculate"] == "auto"
 
 
 @pytest.mark.parametrize("backend, stages, gpus, share", [
@@ -739,15 +741,55 @@ def test_a_worker_that_fails_after_starting_its_stages_reports_the_error(local_r
         ray.get(worker.info.remote(), timeout=120)
 
 
-def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local_ray, model, single):
+def test_a_killed_workers_stage_group_is_reaped_and_a_new_worker_starts_in_its_room(local_ray, model, single):
+    """Ray keeps a placement group an actor made until the job ends: a ComputeWorker killed
+    outright (its stage actors die with it) would leave its stages' group holding the room, and
+    a worker started in its place (as Serve restarts a replica) would wait for it forever. The
+    next pipeline removes groups without stage actors (`reap_orphaned_groups`, after
+    ORPHAN_AGE_S) and starts in that room; a live pipeline's group is never taken."""
+    from workers.compute_worker import ComputeWorker
+    from workers.stage_worker import ORPHAN_AGE_S, reap_orphaned_groups
+
+    def worker():
+        return ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=64, kv_cache_gb=0.01,
+                                                        pipeline_parallel_size=2)
+
+    def groups():
+        return {info["name"] for info in ray.util.placement_group_table().values()
+                if info["name"].startswith("ntr-stages-") and info["state"] != "REMOVED"}
+
+    first = worker()
+    ray.get(first.info.remote(), timeout=120)
+    (held,) = groups()
+    assert reap_orphaned_groups(min_age_s=0) == []  # its stage actors live
+    ray.kill(first)
+    # the room: 4 CPUs, which the dead worker's group (2) and a new worker with its group (3) exceed
+    t0 = time.monotonic()
+    second = worker()
+    try:
+        ray.get(second.info.remote(), timeout=120)
+        assert held not in groups() and len(groups()) == 1
+        assert time.monotonic() - t0 >= ORPHAN_AGE_S - 1  # the dead group was taken only once old enough
+        prompt, params = [5, 6, 7], GREEDY
+        ray.get(second.submit.remote("r", prompt, params))
+        events = poll_until(second, ["r"], ended)["r"]
+        assert [e.get("token_id") for e in events] == [e.token_id for e in single("qwen2").generate(prompt, params)]
+    finally:
+        ray.kill(second)
+        reap_orphaned_groups(min_age_s=0)
+
+
+@pytest.mark.parametrize("speculate", ["off", 3])
+def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local_ray, model, single, speculate):
     """A ComputeWorker over 2 stage actors, two requests decoding in two micro-batch groups:
     killing stage 1 ends both with an error naming the stage; Ray restarts the stage, and the
-    next two requests (greedy and seeded, concurrent) get the tokens one process gives."""
+    next two requests (greedy and seeded, concurrent) get the tokens one process gives (with
+    lookup speculation, its speculation's: greedy, plain decoding's)."""
     from workers.compute_worker import ComputeWorker
 
     worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=512, kv_cache_gb=0.01,
                                                       max_num_seqs=4, max_batch_tokens=64,
-                                                      pipeline_parallel_size=2)
+                                                      pipeline_parallel_size=2, speculate=speculate)
     try:
         info = ray.get(worker.info.remote(), timeout=120)
         assert [s["layers"] for s in info["pipeline_stages"]] == [[0, 2], [2, 4]]
@@ -769,7 +811,9 @@ def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local
         for rid, (prompt, params) in nexts.items():
             ray.get(worker.submit.remote(rid, prompt, params))
         got = poll_until(worker, list(nexts), ended)
-        for rid, want in solo_tokens(single("qwen2"), nexts).items():
+        spec = None if speculate == "off" else Speculation(speculate, "lookup")
+        for rid, (prompt, params) in nexts.items():
+            want = [e.token_id for e in single("qwen2").generate(prompt, params, spec)]
             events = got[rid]
             assert [e.get("token_id") for e in events] == want and events[-1]["finish_reason"] == "length", events[-1]
     finally:

@@ -19,7 +19,9 @@ that reaches a restarted stage before the pipeline knows (its KV for every runni
 gone): the engine's caller ends those sequences (the ComputeWorker fails every running
 request). The pass submitted after a failure first builds the graph again, once every stage
 answers, and tells the stages with it that the sequences they lost are ended (a quantized KV
-cache's calibrated key transforms go with it, which a restarted stage lost).
+cache's calibrated key transforms go with it, which a restarted stage lost). A pipeline whose
+driver died leaves its placement group behind; the next pipeline to start removes it
+(`reap_orphaned_groups`).
 """
 
 from __future__ import annotations
@@ -29,19 +31,23 @@ import uuid
 from typing import NamedTuple
 
 import ray
-from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayChannelError, RayChannelTimeoutError, RayError
+from ray.exceptions import ActorUnavailableError, RayChannelError, RayChannelTimeoutError, RayError
 from ray.dag import InputNode
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_placement_group, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernels import StepInputs, get_backend
 from workers.engine.kv_calibration import Transforms
+from workers.host_tier import NAMESPACE
 from workers.engine.pipeline import Stage, StageSpec
 from workers.engine.sampling import Draw
 
 STAGE_RESTARTS = 3
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
 START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers (or a restarted stage's)
+GROUP_PREFIX = "ntr-stages-"  # the pipelines' placement groups (`reap_orphaned_groups`)
+ORPHAN_AGE_S = 10.0  # a group this old without stage actors has lost its driver
+REAP_EVERY_S = 2.0  # while a pipeline waits for room, orphaned groups are looked for this often
 
 
 class StageFailed(RuntimeError):
@@ -116,18 +122,22 @@ class RayPipeline:
             raise ValueError(f"placement_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
         self.specs, self.timeout_s = specs, timeout_s
         bundle = {"CPU": num_cpus, "GPU": num_gpus} if num_gpus else {"CPU": num_cpus}
-        self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy)
-        try:
-            ray.get(self.group.ready(), timeout=timeout_s)
-        except GetTimeoutError:
-            remove_placement_group(self.group)
-            raise RuntimeError(f"no room in the Ray cluster for {len(specs)} pipeline stages of {bundle} each "
-                               f"({strategy}) after {timeout_s:.0f} s") from None
         prefix = f"ntr-{uuid.uuid4().hex[:8]}"
+        reap_orphaned_groups()
+        self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy, name=group_name(prefix))
+        # the actors at once, pending until the group is placed: their names tell a reaper that
+        # the group has a live driver (`reap_orphaned_groups`)
         self.actors = [worker.options(
-            name=f"{prefix}-stage-{spec.index}", num_cpus=num_cpus, num_gpus=num_gpus,
+            name=stage_name(prefix, spec.index), namespace=NAMESPACE, num_cpus=num_cpus, num_gpus=num_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.index),
         ).remote(spec) for spec in specs]
+        deadline = time.monotonic() + timeout_s
+        while not ray.wait([self.group.ready()], timeout=REAP_EVERY_S)[0]:
+            if time.monotonic() > deadline:
+                self.shutdown(graph=False)
+                raise RuntimeError(f"no room in the Ray cluster for {len(specs)} pipeline stages of {bundle} each "
+                                   f"({strategy}) after {timeout_s:.0f} s")
+            reap_orphaned_groups()  # a dead worker's stages may hold what these wait for
         self.actor_ids = ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)  # kept across restarts
         self.graph = self._compile()
         self.failed = False
@@ -193,8 +203,51 @@ class RayPipeline:
                 return StageFailed(f"pipeline {spec.describe()} failed: {type(error).__name__}: {error}")
         return StageFailed(f"a pipeline stage failed: {type(error).__name__}: {error}")
 
-    def shutdown(self) -> None:
-        self.graph.teardown()
+    def shutdown(self, graph: bool = True) -> None:
+        if graph:
+            self.graph.teardown()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(self.group)
+
+
+def group_name(prefix: str) -> str:
+    """A pipeline's placement group's name: its actors' prefix and when it is made."""
+    return f"{GROUP_PREFIX}{prefix}@{int(time.time())}"
+
+
+def stage_name(prefix: str, index: int) -> str:
+    return f"{prefix}-stage-{index}"
+
+
+def reap_orphaned_groups(min_age_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Remove the pipelines' placement groups that no stage actor of theirs is left in, made at
+    least min_age_s ago (a pipeline names its actors just after its group); returns their names.
+    Ray keeps the placement group an actor made until the actor's job ends, not the actor
+    (ray-project/ray#65881): a ComputeWorker that dies (killed, its replica restarted by Serve)
+    takes its stage actors with it (they are its own) but would leave their group holding its
+    GPUs, and a worker started in its place would wait for them forever."""
+    removed = []
+    for info in placement_group_table().values():
+        name = info.get("name") or ""
+        if not name.startswith(GROUP_PREFIX) or info.get("state") == "REMOVED":
+            continue
+        prefix, _, created = name[len(GROUP_PREFIX):].rpartition("@")
+        if not created.isdigit() or time.time() - int(created) < min_age_s:
+            continue
+        if any(actor_exists(stage_name(prefix, i)) for i in range(len(info.get("bundles") or {}))):
+            continue
+        try:
+            remove_placement_group(get_placement_group(name))
+        except ValueError:  # removed meanwhile
+            continue
+        removed.append(name)
+    return removed
+
+
+def actor_exists(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+        return True
+    except ValueError:
+        return False
