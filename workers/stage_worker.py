@@ -38,9 +38,9 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernels import StepInputs, get_backend
 from workers.engine.kv_calibration import Transforms
-from workers.host_tier import NAMESPACE
 from workers.engine.pipeline import Stage, StageSpec
 from workers.engine.sampling import Draw
+from workers.host_tier import NAMESPACE
 
 STAGE_RESTARTS = 3
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
