@@ -102,7 +102,7 @@ def cmd_plan(args) -> int:
         stages = _plan_stages(args, options, path, config, p, rates) if staged else None
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if stages is not None:
-        return _print_stages(args, config, stages, predicted if not stages["streamed_bytes"] else {})
+        return _print_stages(args, config, stages, stages.pop("predicted_streaming") or predicted)
     if args.json:
         print(json.dumps({"placement": p.as_dict(), "predicted": predicted,
                           "rates": {k: getattr(rates, k) for k in source}, "rates_source": source}))
@@ -159,8 +159,14 @@ def _plan_stages(args, options, path, config, p, rates) -> dict:
     specs = plan(False)
     streamed = [i for s in specs for i in s.streamed]
     room = plan(True)[0].num_blocks * BLOCK_SIZE if budget is not None and not streamed else None
+    # streaming, the stages' own placements one after the other: each stage's copies overlap
+    # only its own compute here, not the other stages' (a bound, not an estimate)
+    predicted = {} if not streamed else {
+        name: tokens / sum(s.placement.step_seconds(tokens, rates) for s in specs)
+        for name, tokens in (("prefill_tok_s", args.batch_tokens), ("decode_tok_s", 1),
+                             (f"decode_x{args.seqs}_tok_s", args.seqs))}
     return {"kv_tokens": blocks * BLOCK_SIZE, "kv_tokens_room": room, "reserve": reserve, "budget": budget,
-            "streamed_bytes": sum(p.sizes.layers[i] for i in streamed),
+            "predicted_streaming": predicted, "streamed_bytes": sum(p.sizes.layers[i] for i in streamed),
             "stages": [{"layers": [s.layers.start, s.layers.stop - 1], "model_and_kv_bytes": s.nbytes,
                         "device_bytes": s.device_bytes, "streamed": list(s.streamed), "n_buffers": s.n_buffers,
                         "kv_bytes": sum(pools.layer_bytes(i, blocks) for i in s.layers)} for s in specs]}
@@ -185,6 +191,8 @@ def _print_stages(args, config, stages: dict, predicted: dict) -> int:
               f"(KV {s['kv_bytes'] / GIB:.2f}){streams}")
     if stages["streamed_bytes"]:
         print(f"streamed bytes per token: {stages['streamed_bytes'] / GIB:.2f} GiB across the stages")
+        print("predicted, at least (the stages one after the other, each stage's copies beside its own compute "
+              "only, hand-offs not counted): " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
     else:
         print("predicted, every layer resident, the stages one after the other (their hand-offs not counted): "
               + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))

@@ -244,6 +244,26 @@ def test_ntr_plan_pp_shows_each_stage_under_its_budget(model, capsys):
     assert "pipeline_parallel_size=2: stage" in capsys.readouterr().err
 
 
+def test_ntr_plan_pp_predicts_streaming_stages_below_resident_ones(model, capsys):
+    """A budget a byte short of the smaller stage's share: both stages stream, and `ntr plan`
+    predicts them (the stages' own placements one after the other) slower than the same
+    stages resident, and not faster than the link moves every stage's streamed bytes."""
+    from cluster.cli import main
+
+    link = 20.0  # GB/s, given (as a GPU would measure it)
+    plan = ["plan", "--model", str(model("gemma3")), "--ctx", "64", "--seqs", "4", "--pp", "2", "--json",
+            "--link-gb-s", str(link)]
+    assert main(plan + ["--vram-gb", "1000"]) == 0
+    resident = json.loads(capsys.readouterr().out)
+    budget = min(s["device_bytes"] for s in resident["stages"]) - 1
+    assert main(plan + ["--vram-gb", repr(budget / 2**30)]) == 0
+    streaming = json.loads(capsys.readouterr().out)
+    assert streaming["streamed_bytes"] > 0 and all(s["streamed"] for s in streaming["stages"])
+    fast, slow = resident["predicted"], streaming["predicted"]
+    assert 0 < slow["decode_tok_s"] < fast["decode_tok_s"] and 0 < slow["prefill_tok_s"] <= fast["prefill_tok_s"]
+    assert slow["decode_tok_s"] <= link * 1e9 / streaming["streamed_bytes"]
+
+
 # P stages against one process
 
 @pytest.fixture(scope="module")

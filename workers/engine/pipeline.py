@@ -110,6 +110,7 @@ class StageSpec:
     streamed: tuple[int, ...] = ()  # its layers the budget does not hold: they stream through its slots
     n_buffers: int = 0  # the slots
     device_bytes: int | None = None  # what its process is planned to hold on its device (with a budget)
+    placement: Placement | None = None  # a streaming stage's, as a model of its own (`ntr plan` predicts from it)
 
     @property
     def first(self) -> bool:
@@ -192,7 +193,8 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
             sliding_blocks=min(pools.sliding_cap, num_blocks), nbytes=sums[k], budget=budget,
             pool_limit=None if budget is None else budget - context,
             streamed=tuple(r.start + i for i in p.streamed) if p else (), n_buffers=p.n_buffers if p else 0,
-            device_bytes=p.device_bytes if p else (None if budget is None else sums[k] + vectors + reserve)))
+            device_bytes=p.device_bytes if p else (None if budget is None else sums[k] + vectors + reserve),
+            placement=p))
     return specs
 
 
