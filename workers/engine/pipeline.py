@@ -107,10 +107,20 @@ class StageSpec:
     nbytes: int  # what the split counted for it: its layers' matrices and KV pools, embedding, head
     budget: int | None = None  # the device memory its process may hold, its runtime reserve included
     pool_limit: int | None = None  # of it, what its device pool may take: the budget less the context planned
-    streamed: tuple[int, ...] = ()  # its layers the budget does not hold: they stream through its slots
-    n_buffers: int = 0  # the slots
     device_bytes: int | None = None  # what its process is planned to hold on its device (with a budget)
-    placement: Placement | None = None  # a streaming stage's, as a model of its own (`ntr plan` predicts from it)
+    # where the budget does not hold every stage resident: this one placed as a model of its own
+    # (its layers numbered from 0), which says what streams and through how many slots
+    placement: Placement | None = None
+
+    @property
+    def streamed(self) -> tuple[int, ...]:
+        """Its layers the budget does not hold: they stream through its slots."""
+        return tuple(self.layers.start + i for i in self.placement.streamed) if self.placement else ()
+
+    @property
+    def n_buffers(self) -> int:
+        """The slots its streamed layers pass through."""
+        return self.placement.n_buffers if self.placement else 0
 
     @property
     def first(self) -> bool:
@@ -192,7 +202,6 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
             kv_type=kv_type, num_blocks=num_blocks, recent_slots=pools.recent_slots, sliding=pools.sliding,
             sliding_blocks=min(pools.sliding_cap, num_blocks), nbytes=sums[k], budget=budget,
             pool_limit=None if budget is None else budget - context,
-            streamed=tuple(r.start + i for i in p.streamed) if p else (), n_buffers=p.n_buffers if p else 0,
             device_bytes=p.device_bytes if p else (None if budget is None else sums[k] + vectors + reserve),
             placement=p))
     return specs
