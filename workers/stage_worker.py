@@ -131,8 +131,8 @@ class RayPipeline:
             name=stage_name(prefix, spec.index), namespace=NAMESPACE, num_cpus=num_cpus, num_gpus=num_gpus,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=spec.index),
         ).remote(spec) for spec in specs]
-        deadline = time.monotonic() + timeout_s
-        while not ray.wait([self.group.ready()], timeout=REAP_EVERY_S)[0]:
+        deadline, placed = time.monotonic() + timeout_s, self.group.ready()
+        while not ray.wait([placed], timeout=REAP_EVERY_S)[0]:
             if time.monotonic() > deadline:
                 self.shutdown(graph=False)
                 raise RuntimeError(f"no room in the Ray cluster for {len(specs)} pipeline stages of {bundle} each "
