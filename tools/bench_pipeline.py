@@ -76,20 +76,12 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
     runs = [(1, True)]
     if pp > 1:
         runs += [(pp, True), (pp, False)] if backend == "cupy" else [(pp, True)]
-    for parts, graphs in runs + ([(pp, "actors")] if actors else []):
-        if graphs == "actors":
-            run_actors(path, backend, pp, params)
-            continue
+    for parts, graphs in runs:
         engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=parts)
         for stage in engine.pipeline.stages if engine.pipeline is not None else ():
             if not graphs:
                 stage.ops.tuning.graphs = False
-        ids = engine.prompt_ids(PROMPT)
-        for _ in range(2):  # the warm-up, then the timed run
-            tokens = [e.token_id for e in engine.generate(ids, params)]
-        t = engine.last_timings
-        print(f"{path.name}, {backend}, P = {parts}{'' if graphs else ', stage graphs off'}: decode "
-              f"{t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})", flush=True)
+        report(engine, params, f"{path.name}, {backend}, P = {parts}{'' if graphs else ', stage graphs off'}")
         if parts > 1 and graphs:
             sender, receiver = engine.pipeline.stages[:2]
             d = engine.config.d_model
@@ -103,6 +95,18 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
             import cupy as cp
 
             cp.get_default_memory_pool().free_all_blocks()
+    if actors and pp > 1:
+        run_actors(path, backend, pp, params)
+
+
+def report(engine, params: SamplingParams, label: str) -> None:
+    """One greedy stream through engine.generate after an untimed warm-up (on the GPU it
+    captures the decode graphs): its decode rate, printed under label."""
+    ids = engine.prompt_ids(PROMPT)
+    for _ in range(2):
+        tokens = [e.token_id for e in engine.generate(ids, params)]
+    t = engine.last_timings
+    print(f"{label}: decode {t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})", flush=True)
 
 
 def run_actors(path: Path, backend: str, pp: int, params: SamplingParams) -> None:
@@ -121,12 +125,8 @@ def run_actors(path: Path, backend: str, pp: int, params: SamplingParams) -> Non
     try:
         engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=pp,
                         stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
-        ids = engine.prompt_ids(PROMPT)
-        for _ in range(2):
-            tokens = [e.token_id for e in engine.generate(ids, params)]
-        t = engine.last_timings
-        print(f"{path.name}, {backend}, P = {pp}, stage actors ({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'}): "
-              f"decode {t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})", flush=True)
+        report(engine, params, f"{path.name}, {backend}, P = {pp}, stage actors "
+                               f"({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'})")
         engine.pipeline.shutdown()
     finally:
         ray.shutdown()
