@@ -41,6 +41,7 @@ from kernels.cupy.tuning import GEMV_MAX_T, Tuning
 from kernels.cupy.values import materialize
 from kernels.cupy.planes import KV_TYPES, REQUANT_LOCAL_BYTES, matrix_planes
 from kernels.cupy.weights import QMatrix, Uploader, stack
+from kernels.layer_images import tensor_types
 from kernels.ops import Backend, StepInputs, check_supported, movable_caches
 from kernels.quants import dequantize
 from kernels.requantized import Requantized
@@ -105,7 +106,8 @@ class CupyBackend(Backend):
     # --- layers streamed from host memory (streaming.py) -------------------------------
     def stream_layers(self, schedule, layer_tensors, disk_layers=(), host_alloc=None, disk_open=None) -> None:
         sizes = {i: image_layout([matrix_planes(m) for m in layer_tensors[i]]) for i in schedule.streamed}
-        self.streaming = LayerStreaming(self.stream, schedule, sizes, disk_layers, host_alloc, disk_open)
+        content = tensor_types(self.name, {i: m for i, m in layer_tensors.items() if i not in disk_layers})
+        self.streaming = LayerStreaming(self.stream, schedule, sizes, disk_layers, host_alloc, disk_open, content)
         if disk_layers:
             self.tuning.graphs = False  # a copy from disk waits on the host for its image
 

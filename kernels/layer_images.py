@@ -1,7 +1,7 @@
 """Where streamed layers' images live on the host, for any backend that streams.
 
 A streamed layer's image is its prepared weights' bytes, as the backend lays them out. The
-images of the layers host RAM holds sit in one region (host_alloc(nbytes), e.g. the node's
+images of the layers host RAM holds sit in one region (host_alloc(nbytes, content), e.g. the node's
 HostTier shared memory, or the backend's own memory), 4096-aligned; the others go to the
 disk tier that disk_open({layer: nbytes}) opens (workers/memory/disk_stream.py): written at
 load, then staged back in the schedule's copy order (kernels/layer_ring.py `copy_order`).
@@ -20,9 +20,16 @@ def align(n: int, a: int) -> int:
     return -(-n // a) * a
 
 
+def tensor_types(backend: str, layer_tensors: dict[int, list[list]]) -> str:
+    """What the images of these layers are made of beyond their sizes: the backend that lays
+    them out, each tensor's name and type (a requantized one's new type)."""
+    return ";".join([backend] + [f"{t.name}:{t.qtype.name}" for i in sorted(layer_tensors)
+                                 for matrix in layer_tensors[i] for t in matrix])
+
+
 class LayerImages:
     def __init__(self, schedule: RingSchedule, image_nbytes: dict[int, int], disk_layers=(), host_alloc=None,
-                 disk_open=None, new_host=lambda n: np.empty(n, np.uint8)):
+                 disk_open=None, new_host=lambda n: np.empty(n, np.uint8), content: str = ""):
         self.schedule = schedule
         self.image_nbytes = dict(image_nbytes)
         self.slot_nbytes = align(max(image_nbytes[i] for i in schedule.streamed), IMAGE_ALIGN)
@@ -34,7 +41,10 @@ class LayerImages:
                 total = align(total + image_nbytes[layer], IMAGE_ALIGN)
         self.host_nbytes = total
         self.shared = host_alloc is not None  # memory of someone else's, which a GPU backend registers
-        self.host = host_alloc(total) if self.shared else new_host(max(total, 1))
+        # a shared region is found by what it holds: two users of one model whose images differ
+        # (other layers streamed, another backend) must not share one, though its size may match
+        layout = ";".join(f"{layer}@{off}+{image_nbytes[layer]}" for layer, off in self.offsets.items())
+        self.host = host_alloc(total, f"{content}|{layout}") if self.shared else new_host(max(total, 1))
         if self.host.nbytes < total or self.shared and self.host.ctypes.data % IMAGE_ALIGN:
             raise ValueError(f"host memory of {self.host.nbytes} bytes at {self.host.ctypes.data:#x}: {total} are "
                              "needed, page-aligned")

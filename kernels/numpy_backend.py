@@ -11,7 +11,7 @@ import numpy as np
 
 from kernels.kv_layout import KV_TYPES, RING, KVRows
 from kernels.kv_quant import dequantize_rows, quantize_rows, transform, untransform
-from kernels.layer_images import LayerImages, align
+from kernels.layer_images import LayerImages, align, tensor_types
 from kernels.ops import Backend, StepInputs, check_supported
 from kernels.quants import dequantize
 from kernels.requantized import Requantized
@@ -190,8 +190,8 @@ class HostStreaming(LayerImages):
     memory and copies that are done when issued. The CPU runs the whole streaming path (the
     model's hooks, the ring's driver, the host and disk tiers) with it."""
 
-    def __init__(self, schedule, image_nbytes, disk_layers=(), host_alloc=None, disk_open=None):
-        super().__init__(schedule, image_nbytes, disk_layers, host_alloc, disk_open)
+    def __init__(self, schedule, image_nbytes, disk_layers=(), host_alloc=None, disk_open=None, content=""):
+        super().__init__(schedule, image_nbytes, disk_layers, host_alloc, disk_open, content=content)
         base = np.empty(schedule.n_slots * self.slot_nbytes + MATRIX_ALIGN, np.uint8)
         start = -base.ctypes.data % MATRIX_ALIGN
         self.slots = base[start:start + schedule.n_slots * self.slot_nbytes].reshape(schedule.n_slots, -1)
@@ -245,7 +245,8 @@ class NumpyBackend(Backend):
     def stream_layers(self, schedule, layer_tensors, disk_layers=(), host_alloc=None, disk_open=None) -> None:
         sizes = {i: sum(align(self.matrix_nbytes(*m), MATRIX_ALIGN) for m in layer_tensors[i])
                  for i in schedule.streamed}
-        self.streaming = HostStreaming(schedule, sizes, disk_layers, host_alloc, disk_open)
+        content = tensor_types(self.name, {i: m for i, m in layer_tensors.items() if i not in disk_layers})
+        self.streaming = HostStreaming(schedule, sizes, disk_layers, host_alloc, disk_open, content)
 
     def load_layer(self, index, load):
         s = self.streaming

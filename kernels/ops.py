@@ -166,8 +166,9 @@ class Backend(ABC):
                       disk_open=None) -> None:
         """Stream schedule.streamed (a RingSchedule) through schedule.n_slots device slots;
         layer_tensors: each streamed layer's matrices, as load_matrix will get them, in order.
-        Images live in host memory (host_alloc(nbytes) -> a page-aligned uint8 array the
-        backend pins, or its own pinned memory if None), except disk_layers', which go to
+        Images live in host memory (host_alloc(nbytes, content) -> a page-aligned uint8 array
+        the backend pins, or its own pinned memory if None; content names what the images are,
+        layout and types, for a region shared by key), except disk_layers', which go to
         disk_open({layer: nbytes}) (workers/memory/disk_stream.py's interface)."""
         raise ValueError(f"backend {self.name!r} keeps every layer resident")
 

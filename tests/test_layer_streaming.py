@@ -582,6 +582,46 @@ def test_streamed_images_live_in_pinned_host_memory_and_slots_are_the_budgeted_s
     assert sum(s.image_nbytes.values()) <= engine.placement.bytes_in("ram")
 
 
+# --- the node's host tier: regions keyed by what they hold ---
+def test_replicas_that_stream_other_layers_never_share_a_host_region(deep_model):
+    """Two engines of one model and one budget on one node's HostTier, streaming other layers
+    (another resident order) whose images are as large together: each gets a region of its
+    own, so the first still generates the resident engine's tokens after the second loaded.
+    (Keyed by the file and the size alone, they shared one, and the second's images took the
+    first's places.)"""
+    import ray
+
+    from serving_cluster import local_ray
+    from workers.engine.engine import Engine
+    from workers.engine.sampling import SamplingParams
+    from workers.host_tier import host_tier_for_node
+    from workers.node_tiers import NodeTiers
+
+    kw = dict(max_context=256, kv_cache_tokens=1024)
+    resident = Engine(deep_model, **kw)
+    budget = streaming_budget(resident.placement, 2, 2)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    ids = resident.prompt_ids("The quick brown fox")
+
+    def tokens(engine):
+        return [e.token_id for e in engine.generate(ids, params)]
+
+    before = set(os.listdir("/dev/shm"))
+    try:
+        with local_ray(num_cpus=2):
+            first = Engine(deep_model, vram_budget=budget, n_buffers=2, host_alloc=NodeTiers(deep_model).host_alloc, **kw)
+            second = Engine(deep_model, vram_budget=budget, n_buffers=2, resident_order=(4, 5, 0, 1, 2, 3),
+                            host_alloc=NodeTiers(deep_model).host_alloc, **kw)
+            assert first.placement.streamed == (2, 3, 4, 5) and second.placement.streamed == (0, 1, 2, 3)
+            assert first.ops.streaming.host_nbytes == second.ops.streaming.host_nbytes
+            assert tokens(first) == tokens(second) == tokens(resident)
+            assert ray.get(host_tier_for_node().stats.remote())["regions"] == 2
+    finally:
+        for name in set(os.listdir("/dev/shm")) - before:
+            if name.startswith("ntr-host-"):  # a stopped cluster kills its HostTier before its atexit
+                os.unlink(os.path.join("/dev/shm", name))
+
+
 # --- served: a Ray Serve replica under a budget, its layers in the node's host and disk tiers ---
 def test_a_served_replica_streams_through_the_node_tiers(deep_model, tmp_path):
     """`ntr serve` on a config whose budget leaves 2 of 6 layers resident and whose host RAM

@@ -2,14 +2,16 @@
 `host_alloc` and `disk_open` (kernels/ops.py `stream_layers`).
 
 host_alloc: the streamed layers' images go into a region of the node's HostTier (shared
-memory, keyed by the model file and the images' size, so replicas of one model with one
-placement share a copy); the backend registers it as pinned memory. disk_open: the layers
-host RAM cannot hold go to an image file of this worker's and a DiskTier actor on this node
-reads them into a staging ring ahead of each pass.
+memory, keyed by the model file and what the images are: which layers at which offsets, laid
+out by which backend at which types; so replicas of one model with one placement share a
+copy, and two that stream other layers never do); the backend registers it as pinned memory.
+disk_open: the layers host RAM cannot hold go to an image file of this worker's and a DiskTier
+actor on this node reads them into a staging ring ahead of each pass.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -30,9 +32,9 @@ class NodeTiers:
         self.node = ray.get_runtime_context().get_node_id()
         self.host_tier = self.key = self.region = self.disk_tier = None
 
-    def host_alloc(self, nbytes: int):
+    def host_alloc(self, nbytes: int, content: str):
         self.host_tier = host_tier_for_node()
-        self.key = f"{self.identity}|{nbytes}"
+        self.key = f"{self.identity}|{nbytes}|{hashlib.sha256(content.encode()).hexdigest()[:32]}"
         info = ray.get(self.host_tier.region.remote(self.key, nbytes))
         self.region = SharedBuffer.attach(info["name"])
         return self.region.array[:nbytes]

@@ -44,9 +44,9 @@ class LayerStreaming(LayerImages):
     captured (the backend turns graphs off)."""
 
     def __init__(self, stream, schedule: RingSchedule, image_nbytes: dict[int, int], disk_layers=(),
-                 host_alloc=None, disk_open=None):
+                 host_alloc=None, disk_open=None, content: str = ""):
         super().__init__(schedule, image_nbytes, disk_layers, host_alloc, disk_open,
-                         new_host=lambda n: cupyx.empty_pinned((n,), np.uint8))
+                         new_host=lambda n: cupyx.empty_pinned((n,), np.uint8), content=content)
         self.stream = stream
         self.copy_stream = cp.cuda.Stream(non_blocking=True)
         if self.shared and self.host_nbytes:
