@@ -154,7 +154,7 @@ def _plan_stages(args, options, path, config, p, rates) -> dict:
 
     def plan(grow: bool):
         return plan_stages(str(path), CupySizes.name, p.sizes, args.pp, pools, blocks, options["kv_type"], budget,
-                           reserve, grow, rates, options["n_buffers"])
+                           reserve, grow, rates, options["n_buffers"], host_ram=options["host_ram"])
 
     specs = plan(False)
     streamed = [i for s in specs for i in s.streamed]
@@ -168,7 +168,8 @@ def _plan_stages(args, options, path, config, p, rates) -> dict:
     return {"kv_tokens": blocks * BLOCK_SIZE, "kv_tokens_room": room, "reserve": reserve, "budget": budget,
             "predicted_streaming": predicted, "streamed_bytes": sum(p.sizes.layers[i] for i in streamed),
             "stages": [{"layers": [s.layers.start, s.layers.stop - 1], "model_and_kv_bytes": s.nbytes,
-                        "device_bytes": s.device_bytes, "streamed": list(s.streamed), "n_buffers": s.n_buffers,
+                        "device_bytes": s.device_bytes, "streamed": list(s.streamed), "on_disk": list(s.on_disk),
+                        "n_buffers": s.n_buffers,
                         "kv_bytes": sum(pools.layer_bytes(i, blocks) for i in s.layers)} for s in specs]}
 
 
@@ -185,7 +186,8 @@ def _print_stages(args, config, stages: dict, predicted: dict) -> int:
     for k, s in enumerate(stages["stages"]):
         ends = ", ".join(e for e, on in (("embedding", k == 0), ("output head", k == last)) if on)
         planned = f"; planned {s['device_bytes'] / GIB:.2f} GiB" if s["device_bytes"] is not None else ""
-        streams = (f"; streams {len(s['streamed'])} layers ({s['streamed'][0]}-{s['streamed'][-1]}) through "
+        disk = f", {len(s['on_disk'])} of them from disk" if s["on_disk"] else ""
+        streams = (f"; streams {len(s['streamed'])} layers ({s['streamed'][0]}-{s['streamed'][-1]}){disk} through "
                    f"{s['n_buffers']} slots" if s["streamed"] else "")
         print(f"stage {k}: layers {s['layers'][0]}-{s['layers'][1]}{', ' + ends if ends else ''}{planned} "
               f"(KV {s['kv_bytes'] / GIB:.2f}){streams}")
@@ -443,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "there); layers that do not fit stream from host memory (cupy)")
         p.add_argument("--n-buffers", type=int, help="VRAM slots streamed layers pass through (default: chosen "
                        "from the link's and the compute's speed)")
-        p.add_argument("--ram-gb", type=float, help="host RAM for streamed layers in GiB; the rest stream from disk")
+        p.add_argument("--ram-gb", type=float, help="host RAM for streamed layers in GiB (with --pp, the stages' "
+                       "together); the rest stream from disk")
         p.add_argument("--kv-type", choices=list(KV_TYPES), help="KV cache type: f32 (numpy's default), f16 (cupy's), "
                        "or Hadamard-rotated q8/q4/q3/q2 (RotateKV)")
         p.add_argument("--requant-streamed", metavar="auto|TYPE",

@@ -51,7 +51,8 @@ class ServerConfig(BaseModel):
     kv_type: Literal["f32", "f16", "q8", "q4", "q3", "q2"] | None = None
     # the streamed layers requantized as they load (workers/engine/requant_streamed.py): "auto" or a K-quant type
     requant_streamed: Literal["auto", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"] | None = None
-    host_ram_gb: float | None = Field(None, gt=0)  # host RAM for streamed layers (default: what the node has); the rest streams from disk
+    # host RAM for streamed layers (default: what the node has; with stages, theirs together); the rest streams from disk
+    host_ram_gb: float | None = Field(None, gt=0)
     n_buffers: int | None = Field(None, ge=1, le=16)  # VRAM slots streamed layers pass through (default: chosen)
     max_context: int = Field(4096, ge=16)
     block_size: int = Field(16, ge=1, le=1024)
@@ -92,10 +93,9 @@ class ServerConfig(BaseModel):
             if n_layers is not None and self.pipeline_parallel_size > n_layers:
                 raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
                                  f"{n_layers} layers")
-        if self.pipeline_parallel_size > 1 and (self.host_ram_gb is not None or self.requant_streamed is not None):
-            raise ValueError("host_ram_gb and requant_streamed are not for pipeline stages (pipeline_parallel_size "
-                             "> 1): a stage streams the layers its budget does not hold from its own process's host "
-                             "memory, at the file's types")
+        if self.pipeline_parallel_size > 1 and self.requant_streamed is not None:
+            raise ValueError("requant_streamed is not for pipeline stages (pipeline_parallel_size > 1): a stage "
+                             "streams the layers its budget does not hold at the file's types")
         if self.speculate != "off" and self.pipeline_parallel_size > 1 and self.drafter not in ("lookup", "auto"):
             raise ValueError(f"drafter {self.drafter!r} runs a subset of the model's layers, which pipeline stages "
                              "(pipeline_parallel_size > 1) do not: they run whole passes; use drafter lookup")

@@ -216,6 +216,39 @@ def test_gpu_stages_stream_what_their_budget_does_not_hold(model):
     assert_same_greedy_tokens(single, staged)
 
 
+@pytest.mark.parametrize("actors", [False, True], ids=["local", "actors"])
+def test_gpu_stages_stream_from_host_and_disk_tiers(model, actors, tmp_path, monkeypatch):
+    """P = 2 CuPy stages, both under a budget that makes them stream, with host RAM for half
+    of what they stream: each reads its last streamed layers from disk (in the process, or as
+    stage actors at half the GPU each, from their node's HostTier region and a DiskTier each,
+    both registered as pinned memory), and the logits and greedy tokens are one engine's."""
+    path, single = model
+    monkeypatch.setenv("NTR_HOME", str(tmp_path))
+    resident = Engine(path, pipeline_parallel_size=2, vram_budget=1 << 40, stage_runner=list, **KW)
+    budget = min(s.device_bytes for s in resident.stages) - 1
+    plan = Engine(path, pipeline_parallel_size=2, vram_budget=budget, stage_runner=list, **KW).stages
+    host_ram = sum(s.placement.streamed_bytes for s in plan) // 2
+
+    def check(staged):
+        assert all(s.streamed and s.on_disk for s in staged.stages)
+        assert_like_one_engine(single, staged)
+        assert_same_greedy_tokens(single, staged)
+
+    if not actors:
+        return check(Engine(path, pipeline_parallel_size=2, vram_budget=budget, host_ram=host_ram, **KW))
+    pytest.importorskip("ray")
+    from serving_cluster import local_ray
+    from workers.stage_worker import RayPipeline
+
+    with local_ray(num_cpus=4, num_gpus=1):
+        staged = Engine(path, pipeline_parallel_size=2, vram_budget=budget, host_ram=host_ram,
+                        stage_runner=functools.partial(RayPipeline, num_gpus=0.5), **KW)
+        try:
+            check(staged)
+        finally:
+            staged.pipeline.shutdown()
+
+
 def test_a_replica_drives_gpu_stages_each_under_its_own_budget(model):
     """The served form (cluster/config.py -> ComputeWorker): backend cupy, P = 2, each stage
     actor half of the one GPU and a VRAM budget of its own under what one process needs for the

@@ -196,6 +196,28 @@ def test_a_stage_its_budget_cannot_hold_streams_the_layers_it_does_not(model, si
 
 
 
+def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(model, single, tmp_path, monkeypatch):
+    """Both stages streaming, host_ram half their streamed bytes: each stage's images in RAM
+    stay within its share (in proportion to what it streams), the rest are its last streamed
+    layers read from a disk tier of its own (an image file each, in one process), and the
+    logits are one process's."""
+    monkeypatch.setenv("NTR_HOME", str(tmp_path))
+    kw = dict(max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
+    resident = Engine(model("gemma3"), vram_budget=1 << 40, **kw)
+    budget = min(s.device_bytes for s in resident.stages) - 1
+    streaming = Engine(model("gemma3"), vram_budget=budget, **kw).stages
+    streamed = [s.placement.streamed_bytes for s in streaming]
+    assert all(streamed)
+    host_ram = sum(streamed) // 2
+    staged = Engine(model("gemma3"), vram_budget=budget, host_ram=host_ram, **kw)
+    assert [s.streamed for s in staged.stages] == [s.streamed for s in streaming]
+    for s, n in zip(staged.stages, streamed):
+        assert s.placement.bytes_in("ram") <= host_ram * n // sum(streamed)
+        assert s.on_disk and s.on_disk == s.streamed[len(s.streamed) - len(s.on_disk):]
+    for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
+        assert np.array_equal(w, g)
+
+
 def test_a_driver_of_gpu_stages_needs_no_gpu(model):
     """An engine whose stages run on the GPU plans them and numbers their KV blocks on the
     host (kernels/driver.py), sizing them as the GPU stores the model (CupySizes): it starts
@@ -262,6 +284,12 @@ def test_ntr_plan_pp_predicts_streaming_stages_below_resident_ones(model, capsys
     fast, slow = resident["predicted"], streaming["predicted"]
     assert 0 < slow["decode_tok_s"] < fast["decode_tok_s"] and 0 < slow["prefill_tok_s"] <= fast["prefill_tok_s"]
     assert slow["decode_tok_s"] <= link * 1e9 / streaming["streamed_bytes"]
+    # half the streamed bytes in host RAM: each stage reads some of its layers from disk, slower still
+    ram = streaming["streamed_bytes"] / 2 / 2**30
+    assert main(plan + ["--vram-gb", repr(budget / 2**30), "--ram-gb", repr(ram)]) == 0
+    disk = json.loads(capsys.readouterr().out)
+    assert all(s["on_disk"] and s["on_disk"] == s["streamed"][-len(s["on_disk"]):] for s in disk["stages"])
+    assert 0 < disk["predicted"]["decode_tok_s"] < slow["decode_tok_s"]
 
 
 # P stages against one process
@@ -404,9 +432,8 @@ def test_lookup_speculation_through_stages_gives_one_process_tokens(model, singl
 def test_what_stages_do_not_run_is_refused(model):
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 must be in \[1, 4\]"):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
-    for option in ({"host_ram": 1 << 30}, {"requant_streamed": "auto"}):
-        with pytest.raises(ValueError, match="pipeline_parallel_size=2: host_ram and requant_streamed are not for"):
-            Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, **option)
+    with pytest.raises(ValueError, match="pipeline_parallel_size=2: requant_streamed is not for stages"):
+        Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, requant_streamed="auto")
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
     seq = Sequence([1, 2, 3])
     staged.reserve([(seq, 3)])
@@ -428,9 +455,9 @@ def test_server_config_checks_pipeline_parallel_size(model):
     assert gpu.worker_args()["stage_gpus"] == 0.5 and gpu.worker_options() == {"num_cpus": 1, "num_gpus": 0.0}
     with pytest.raises(ConfigError, match="placement_strategy"):
         server_config({"placement_strategy": "ANYWHERE"})
-    for option in ({"host_ram_gb": 8}, {"requant_streamed": "Q4_K"}):
-        with pytest.raises(ConfigError, match="host_ram_gb and requant_streamed are not for pipeline stages"):
-            server_config({"pipeline_parallel_size": 2, **option})
+    with pytest.raises(ConfigError, match="requant_streamed is not for pipeline stages"):
+        server_config({"pipeline_parallel_size": 2, "requant_streamed": "Q4_K"})
+    assert server_config({"pipeline_parallel_size": 2, "host_ram_gb": 8}).worker_args()["host_ram_gb"] == 8
     config = server_config({"model": str(model("qwen2")), "pipeline_parallel_size": 4, "placement_strategy": "SPREAD"})
     assert config.worker_args()["pipeline_parallel_size"] == 4
     assert config.worker_args()["placement_strategy"] == "SPREAD"
@@ -607,25 +634,37 @@ def test_ray_stages_give_the_logits_of_one_process(local_ray, model, single):
         staged.pipeline.shutdown()
 
 
-def test_ray_stages_stream_what_their_budget_does_not_hold(local_ray, model, single):
-    """A stage actor whose budget cannot hold its layers streams them in its own process, and
-    the stages give one process's logits."""
+def test_ray_stages_stream_from_their_nodes_host_and_disk_tiers(local_ray, model, single, tmp_path, monkeypatch):
+    """Stage actors whose budget cannot hold their layers, host_ram half what they stream: each
+    streams its own, from a region of the node's HostTier and, past its share, from a DiskTier
+    of its own; the stages give one process's logits."""
     from workers.stage_worker import RayPipeline
 
-    free = Engine(model("gemma3"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
-    budget = largest_stage(free.gguf, free.ops, free.placement, free.kv.layout)(4) - 1
-    staged = Engine(model("gemma3"), max_context=64, vram_budget=budget, pipeline_parallel_size=2,
-                    stage_runner=RayPipeline)
+    monkeypatch.setenv("NTR_HOME", str(tmp_path))  # the stage actors' image files (they inherit the environment)
+    kw = dict(max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
+    resident = Engine(model("gemma3"), vram_budget=1 << 40, **kw)
+    budget = min(s.device_bytes for s in resident.stages) - 1
+    host_ram = sum(s.placement.streamed_bytes for s in Engine(model("gemma3"), vram_budget=budget, **kw).stages) // 2
+    before = set(os.listdir("/dev/shm"))
+    staged = Engine(model("gemma3"), vram_budget=budget, host_ram=host_ram, stage_runner=RayPipeline, **kw)
     try:
-        def schedule(worker):
-            return worker.stage.ops.streaming and worker.stage.ops.streaming.schedule.streamed
+        def tiers(worker):
+            s = worker.stage.ops.streaming
+            return s.schedule.streamed, sorted(s.disk_layers)
 
-        streamed = ray.get([a.__ray_call__.remote(schedule) for a in staged.pipeline.actors])
-        assert streamed == [s.streamed or None for s in staged.stages] and any(streamed)
+        assert ray.get([a.__ray_call__.remote(tiers) for a in staged.pipeline.actors]) == \
+            [(s.streamed, list(s.on_disk)) for s in staged.stages]
+        assert all(s.streamed and s.on_disk and len(s.on_disk) < len(s.streamed) for s in staged.stages)
         for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
             assert np.array_equal(w, g)
+        made = set(os.listdir("/dev/shm")) - before
+        assert len([f for f in made if f.startswith("ntr-host-")]) == 2  # a region of each stage's RAM layers
+        assert len([f for f in made if f.startswith("ntr-stage-")]) == 2  # a DiskTier's staging ring each (from the first pass)
     finally:
         staged.pipeline.shutdown()
+        for name in set(os.listdir("/dev/shm")) - before:
+            if name.startswith(("ntr-host-", "ntr-stage-")):  # the tiers live on with the cluster's workers
+                os.unlink(os.path.join("/dev/shm", name))
 
 
 def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single):

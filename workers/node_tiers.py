@@ -6,7 +6,8 @@ memory, keyed by the model file and what the images are: which layers at which o
 out by which backend at which types; so replicas of one model with one placement share a
 copy, and two that stream other layers never do); the backend registers it as pinned memory.
 disk_open: the layers host RAM cannot hold go to an image file of this worker's and a DiskTier
-actor on this node reads them into a staging ring ahead of each pass.
+actor on this node reads them into a staging ring ahead of each pass. A pipeline stage
+(workers/stage_worker.py) holds tiers of its own, tagged with its index.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from workers.memory.shared_buffer import SharedBuffer
 
 
 class NodeTiers:
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, tag: str = ""):
+        """tag: keeps the image files of several users in one process apart (stages)."""
         st = os.stat(model_path)
-        self.model_path = Path(model_path)
+        self.model_path, self.tag = Path(model_path), tag
         self.identity = f"{self.model_path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         self.node = ray.get_runtime_context().get_node_id()
         self.host_tier = self.key = self.region = self.disk_tier = None
@@ -45,7 +47,7 @@ class NodeTiers:
             ray.get(self.host_tier.mark_filled.remote(self.key))
 
     def disk_open(self, sizes: dict[int, int]) -> DiskStream:
-        return DiskStream(image_path(self.model_path), sizes, launch=self._launch)
+        return DiskStream(image_path(self.model_path, self.tag), sizes, launch=self._launch)
 
     def _launch(self, images: str, order: list[int], slots: int, slot_bytes: int) -> str:
         # the handle keeps the actor alive as long as this worker

@@ -41,6 +41,7 @@ from workers.engine.kv_calibration import Transforms
 from workers.engine.pipeline import Stage, StageSpec
 from workers.engine.sampling import Draw
 from workers.host_tier import NAMESPACE
+from workers.node_tiers import NodeTiers
 
 STAGE_RESTARTS = 3
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
@@ -71,7 +72,11 @@ class StageWorker:
         # this process is the stage's; its pool is capped as planned, not by what the device has in
         # use at its start (other stages may share the GPU, and their memory is not this stage's)
         ops.limit_device_memory(spec.pool_limit)
-        self.stage = Stage(spec, ops)
+        # its streamed layers' images in its node's host tier (one copy for every stage on the node
+        # that streams the same images) and, past its share of host RAM, a disk tier of its own
+        self.tiers = NodeTiers(spec.model_path, tag=f"-stage{spec.index}")
+        self.stage = Stage(spec, ops, self.tiers.host_alloc, self.tiers.disk_open)
+        self.tiers.loaded()
         # a restart begins with an empty KV cache: it refuses passes until told the sequences are ended
         self.lost_kv = ray.get_runtime_context().was_current_actor_reconstructed
 

@@ -156,7 +156,7 @@ class Engine:
         (bytes) the model is placed under it (workers/engine/placement.py): layers that do not
         fit stream from host memory through n_buffers slots (chosen if None), and without a
         KV size the cache takes what the budget leaves when every layer is resident. Streamed
-        images live in host_alloc(nbytes) (pinned memory of the backend's if None) and, past
+        images live in host_alloc(nbytes, content) (pinned memory of the backend's if None) and, past
         host_ram, in the disk tier that disk_open({layer: nbytes}) opens (`Backend.stream_layers`).
         max_batch_tokens and max_logit_rows (tokens a step takes, rows of logits it returns)
         size the activations the budget keeps room for. requant_streamed ("auto" or a K-quant
@@ -207,14 +207,14 @@ class Engine:
         context = context_bytes(self.ops.outside_pool_bytes())
 
         staged = staged_pass(pipeline_parallel_size, c.n_layers)
-        if staged and (host_ram is not None or requant_streamed is not None):
-            raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size}: host_ram and requant_streamed are not "
-                             "for stages, which stream the layers their budget does not hold from their own "
-                             "process's host memory, at the file's types")
+        if staged and requant_streamed is not None:
+            raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size}: requant_streamed is not for stages, "
+                             "which stream the layers their budget does not hold at the file's types")
 
         def placed():  # staged: every layer resident, each stage under the budget (plan_stages below)
             return plan_model(self.gguf, c, self.ops, None if staged else vram_budget, kv_cache_tokens,
-                              self.max_context, block_size, max_batch_tokens, max_logit_rows, host_ram, n_buffers,
+                              self.max_context, block_size, max_batch_tokens, max_logit_rows,
+                              None if staged else host_ram, n_buffers,
                               self.rates, kv_type, requant_streamed, context, resident_order)
 
         self.max_batch_tokens, self.max_logit_rows = max_batch_tokens, max_logit_rows
@@ -249,7 +249,7 @@ class Engine:
             self.stages = plan_stages(str(self.gguf.path), self.ops.name, self.placement.sizes,
                                       pipeline_parallel_size, pools, num_blocks, kv_type, vram_budget,
                                       stage_reserve(self.placement), kv_cache_tokens is None, self.rates, n_buffers,
-                                      context)
+                                      context, host_ram)
             num_blocks, sliding_blocks = self.stages[0].num_blocks, self.stages[0].sliding_blocks
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,

@@ -45,6 +45,7 @@ from workers.engine.kv_cache import PagedKVCache
 from workers.engine.kv_calibration import Transforms, calibrating, install
 from workers.engine.placement import CONTEXT_BYTES, ModelSizes, Placement, Rates, place
 from workers.engine.sampling import Draw, draw_rows
+from workers.memory.disk_stream import DiskStream, image_path
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
 from workers.model.transformer import Transformer, layer_matrices
@@ -118,6 +119,13 @@ class StageSpec:
         return tuple(self.layers.start + i for i in self.placement.streamed) if self.placement else ()
 
     @property
+    def on_disk(self) -> tuple[int, ...]:
+        """Of them, those its share of host RAM does not hold: they stream from a disk tier."""
+        if not self.placement:
+            return ()
+        return tuple(self.layers.start + i for i, t in enumerate(self.placement.tiers) if t == "disk")
+
+    @property
     def n_buffers(self) -> int:
         """The slots its streamed layers pass through."""
         return self.placement.n_buffers if self.placement else 0
@@ -147,7 +155,8 @@ class KVPools:
 
 def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, pools: KVPools, num_blocks: int,
                 kv_type: str | None, budget: int | None = None, reserve: int = 0, grow: bool = False,
-                rates: Rates = Rates(), n_buffers: int | None = None, context: int = CONTEXT_BYTES) -> list[StageSpec]:
+                rates: Rates = Rates(), n_buffers: int | None = None, context: int = CONTEXT_BYTES,
+                host_ram: int | None = None) -> list[StageSpec]:
     """The stages of a model split `parts` ways by bytes: each layer's matrices as `backend`
     stores them (sizes, the model's `ModelSizes`, from a Backend or a sizer such as CupySizes)
     and its KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
@@ -156,8 +165,11 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
     outside the pool. Where every stage fits, grow: the pools take the most blocks with which
     every stage still does (num_blocks at least). Where one does not, each stage is placed as
     a model of its own (`placement.place`): the layers its budget does not hold stream through
-    its slots from its process's host memory, every pool keeping num_blocks. ValueError naming
-    pipeline_parallel_size and the stage where not even that fits."""
+    its slots from host memory, every pool keeping num_blocks. host_ram (None: no limit) is the
+    host memory for every stage's streamed images together: each stage takes a share in
+    proportion to the bytes it streams, so each reads the same fraction of them from disk (a
+    pipeline runs at its slowest stage's pace). ValueError naming pipeline_parallel_size and
+    the stage where not even that fits."""
     embed, head, vectors = sizes.embed_bytes, sizes.head_bytes, sizes.vector_bytes
 
     def split(blocks: int) -> tuple[list[range], list[int]]:
@@ -169,7 +181,7 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
     def fits(blocks: int) -> bool:
         return max(split(blocks)[1]) + vectors + reserve <= budget
 
-    def placed(k: int, layers: range) -> Placement:
+    def placed(k: int, layers: range, ram: int | None = None) -> Placement:
         """Stage k as a model of its own under the budget (a resident one where it fits)."""
         last, sliding = k == parts - 1, sum(i in pools.sliding for i in layers)
         per_token = pools.layout.bytes_per_token
@@ -181,7 +193,7 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
                          head if last else 0)
         tokens = num_blocks * pools.layout.block_size
         try:
-            return place(own, budget, reserve, tokens, tokens, rates, None, n_buffers)
+            return place(own, budget, reserve, tokens, tokens, rates, ram, n_buffers)
         except ValueError as e:
             raise ValueError(f"pipeline_parallel_size={parts}: stage {k} (layers {layers.start}-{layers.stop - 1}), "
                              f"its layers streamed: {e}") from None
@@ -194,9 +206,13 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
             low, high = (mid, high) if fits(mid) else (low, mid - 1)
         num_blocks = low
     ranges, sums = split(num_blocks)
+    placements = [placed(k, r) if streaming else None for k, r in enumerate(ranges)]
+    streamed = sum(p.streamed_bytes for p in placements if p)
+    if host_ram is not None and streamed > host_ram:
+        placements = [p and placed(k, r, host_ram * p.streamed_bytes // streamed)
+                      for k, (r, p) in enumerate(zip(ranges, placements))]
     specs = []
-    for k, r in enumerate(ranges):
-        p = placed(k, r) if streaming else None
+    for k, (r, p) in enumerate(zip(ranges, placements)):
         specs.append(StageSpec(
             index=k, model_path=model_path, backend=backend, layers=r, block_size=pools.layout.block_size,
             kv_type=kv_type, num_blocks=num_blocks, recent_slots=pools.recent_slots, sliding=pools.sliding,
@@ -211,16 +227,19 @@ class Stage:
     """One stage's layers and their KV cache, loaded from the model file (mapped, so a stage
     reads only its own tensors' pages)."""
 
-    def __init__(self, spec: StageSpec, ops: Backend | None = None):
+    def __init__(self, spec: StageSpec, ops: Backend | None = None, host_alloc=None, disk_open=None):
+        """host_alloc, disk_open: where its streamed layers' images live, as `Engine` takes them
+        (the backend's own host memory, and no disk tier, if None)."""
         self.spec = spec
         self.ops = ops or get_backend(spec.backend)
         gguf = GGUFFile(spec.model_path)
         c = self.config = ModelConfig.from_gguf(gguf)
         if spec.layers.stop > c.n_layers:
             raise ValueError(f"{spec.describe()}: the model has {c.n_layers} layers")
-        if spec.streamed:  # as Engine streams a model's: the images in this process's host memory
+        if spec.streamed:  # as Engine streams a model's
             self.ops.stream_layers(RingSchedule(spec.streamed, spec.n_buffers),
-                                   {i: layer_matrices(gguf, c, i) for i in spec.streamed})
+                                   {i: layer_matrices(gguf, c, i) for i in spec.streamed}, spec.on_disk,
+                                   host_alloc, disk_open)
         self.model = Transformer(gguf, c, self.ops, held=spec.layers)
         layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, spec.block_size, spec.kv_type)
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, spec.num_blocks, spec.recent_slots, spec.sliding,
@@ -308,7 +327,10 @@ class LocalPipeline:
 
     def __init__(self, specs: list[StageSpec]):
         self.specs = specs
-        self.stages = [Stage(spec) for spec in specs]
+        # a stage's disk layers go to an image file of its own, read back by a thread (as `ntr
+        # generate` streams a model's: cluster/cli.py disk_tier)
+        self.stages = [Stage(spec, disk_open=lambda sizes, s=spec: DiskStream(
+            image_path(s.model_path, f"-stage{s.index}"), sizes)) for spec in specs]
         self.transforms: Transforms = {}
 
     def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False) -> Finished:

@@ -26,12 +26,13 @@ from workers.model.store import home as ntr_home
 ACQUIRE_TIMEOUT_S = 300.0  # a layer late by this much means the reader is gone
 
 
-def image_path(model_path: str | os.PathLike) -> Path:
-    """Where this process writes a model's disk layers: NTR_HOME/images/<model>-<pid>.images
-    (the file is unlinked as soon as the reader holds it open)."""
+def image_path(model_path: str | os.PathLike, tag: str = "") -> Path:
+    """Where this process writes a model's disk layers: NTR_HOME/images/<model>-<pid><tag>.images
+    (the file is unlinked as soon as the reader holds it open); tag: one user's of several in
+    this process (a pipeline stage's)."""
     where = ntr_home() / "images"
     where.mkdir(parents=True, exist_ok=True)
-    return where / f"{Path(model_path).stem}-{os.getpid()}.images"
+    return where / f"{Path(model_path).stem}-{os.getpid()}{tag}.images"
 
 
 class DiskStream:
