@@ -96,9 +96,9 @@ class ServerConfig(BaseModel):
         if self.pipeline_parallel_size > 1 and self.requant_streamed is not None:
             raise ValueError("requant_streamed is not for pipeline stages (pipeline_parallel_size > 1): a stage "
                              "streams the layers its budget does not hold at the file's types")
-        if self.speculate != "off" and self.pipeline_parallel_size > 1 and self.drafter not in ("lookup", "auto"):
-            raise ValueError(f"drafter {self.drafter!r} runs a subset of the model's layers, which pipeline stages "
-                             "(pipeline_parallel_size > 1) do not: they run whole passes; use drafter lookup")
+        if self.speculate != "off" and self.draft_tree == "on" and self.pipeline_parallel_size > 1:
+            raise ValueError("draft_tree 'on': pipeline stages (pipeline_parallel_size > 1) do not verify draft trees "
+                             "(a kept leaf's KV moves in every layer, in one process); use auto or off")
         if self.drafter == "skip" and self.skip_set is None:
             raise ValueError("drafter 'skip' needs skip_set (a file of ntr calibrate-skip)")
         if self.max_batch_tokens < self.max_num_seqs:

@@ -164,6 +164,28 @@ def test_gpu_stages_verify_lookup_drafts(model, monkeypatch):
     assert_same_greedy(single, prompt, want, got)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_gpu_stages_run_skip_drafts(model, parts):
+    """A skip draft through CuPy stages (every other layer skipped): each draft step a pass in
+    which each stage replays its own graph of the layers it holds, the last drawing the argmax;
+    the drafts are one engine's (same acceptance, within near ties) and the tokens its plain
+    greedy ones."""
+    from workers.engine.speculation import Speculation
+
+    path, single = model
+    spec = Speculation(3, "skip", skip=tuple(range(1, single.config.n_layers, 2)), tree=False)
+    prompt = single.prompt_ids(CODE)
+    want = [e.token_id for e in single.generate(prompt, GREEDY)]
+    drafted = [e.token_id for e in single.generate(prompt, GREEDY, spec)]
+    one = single.last_speculation
+    staged = Engine(path, pipeline_parallel_size=parts, **KW)
+    got = [e.token_id for e in staged.generate(prompt, GREEDY, spec)]
+    stats = staged.last_speculation
+    assert stats.drafted > 0 and abs(stats.accepted - one.accepted) <= 0.1 * one.drafted, (stats, one)
+    assert_same_greedy(single, prompt, want, drafted)
+    assert_same_greedy(single, prompt, want, got)
+
+
 def test_gpu_stage_actors_share_the_gpu(model):
     """The stages as Ray actors (workers/stage_worker.py), P = 2, each reserving half of the
     one GPU (fractional num_gpus), against one engine: what a replica's stages run, the last

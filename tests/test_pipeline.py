@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -422,11 +423,42 @@ def test_lookup_speculation_through_stages_gives_one_process_tokens(model, singl
         assert 0 < sched.spec_stats.accepted < sched.spec_stats.drafted and engine.blocks.blocks_in_use == 0
     assert results[1] == results[0]
     assert results[1]["a"] == plain[tuple(prompts["a"][0])][:16]
-    with pytest.raises(ValueError, match="early-exit drafter runs a subset of the model's layers"):
-        list(staged.generate([1, 2, 3], GREEDY, Speculation(2, "early-exit")))
-    with pytest.raises(ValueError, match="skip drafter runs a subset"):
-        Scheduler(staged, speculation=Speculation(2, "skip", skip=(1,)))
-    assert staged.drafters(Speculation(None, "auto", skip=(1,))) == {"lookup": None}
+
+
+@pytest.mark.parametrize("parts, spec", [
+    (3, Speculation(3, "early-exit", depth=1, tree=False)),  # stage 1 holds none of its layers: it hands the stream on
+    (2, Speculation(3, "skip", skip=(1,), tree=False)),  # (one process alone verifies trees)
+], ids=["early-exit", "skip"])
+def test_model_drafts_through_stages_give_one_process_tokens(model, single, parts, spec):
+    """Early-exit and skip drafts through stages: each draft step a pass over the draft's
+    layers, each stage running those it holds and the last drawing the argmax; the verifying
+    pass takes the draft's ids. Greedy and sampled requests (a sampled draft's steps come back
+    as logits), alone and in the scheduler's micro-batches, give one process's speculation:
+    the same tokens, logprobs and passes."""
+    one = single("qwen2")
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=parts)
+    prompts = {"a": ([5, 6, 7, 8, 9], GREEDY.with_(max_tokens=16)), "b": ([9, 8, 7], SEEDED.with_(max_tokens=12)),
+               "c": ([3, 1, 4, 1, 5], GREEDY.with_(max_tokens=12, logprobs=2))}
+    drafted = 0
+    for p, params in prompts.values():
+        want = [(e.token_id, e.logprob) for e in one.generate(p, params, spec)]
+        stats = one.last_speculation
+        assert [(e.token_id, e.logprob) for e in staged.generate(p, params, spec)] == want
+        assert staged.last_speculation == stats
+        drafted += stats.drafted
+        if params.greedy:
+            assert [t for t, _ in want] == [e.token_id for e in one.generate(p, params)]
+    assert drafted > 0
+    results = []
+    for engine in (one, staged):
+        sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=32, speculation=spec)
+        for rid, (p, params) in prompts.items():
+            sched.submit(rid, p, params)
+        results.append((drain(sched)[0], sched.spec_stats))
+        assert engine.blocks.blocks_in_use == 0
+    assert results[1] == results[0]
+    with pytest.raises(ValueError, match="draft_tree 'on': this engine does not verify draft trees"):
+        staged.drafters(replace(spec, tree=True))
 
 
 def test_what_stages_do_not_run_is_refused(model):
@@ -434,12 +466,22 @@ def test_what_stages_do_not_run_is_refused(model):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
     with pytest.raises(ValueError, match="pipeline_parallel_size=2: requant_streamed is not for stages"):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, requant_streamed="auto")
-    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
-    seq = Sequence([1, 2, 3])
-    staged.reserve([(seq, 3)])
-    with pytest.raises(ValueError, match="whole passes only"):
-        staged.forward([(seq, 3)], layers=(0,))
-    staged.release(seq)
+
+
+@pytest.mark.parametrize("layers", [(0,), (1, 3), (3,)])
+def test_a_pass_over_some_layers_through_stages_is_one_process_pass(model, single, layers):
+    """A draft's pass over a subset of the layers (early exit (0,), skip (1, 3), the last
+    layer alone): through 3 stages, each running those it holds, the logits of one process's."""
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=3)
+    got = []
+    for engine in (single("qwen2"), staged):
+        seq = Sequence([1, 2, 3, 4])
+        engine.reserve([(seq, 4)])
+        try:
+            got.append(engine.forward([(seq, 4)], all_logits=True, layers=layers))
+        finally:
+            engine.release(seq)
+    assert np.array_equal(*got)
 
 
 def test_server_config_checks_pipeline_parallel_size(model):
@@ -667,6 +709,34 @@ def test_ray_stages_stream_from_their_nodes_host_and_disk_tiers(local_ray, model
                 os.unlink(os.path.join("/dev/shm", name))
 
 
+def test_ray_stages_run_model_drafts(local_ray, model, single):
+    """A skip draft's passes over a subset of the layers reach the stage actors (`PassInputs.layers`):
+    greedy and sampled speculation through them gives one process's tokens and passes, alone
+    and in the scheduler's two micro-batches (one group's draft passes submitted and read while
+    the other group's pass is in flight)."""
+    from workers.stage_worker import RayPipeline
+
+    one, spec = single("qwen2"), Speculation(3, "skip", skip=(2,), tree=False)
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2,
+                    stage_runner=RayPipeline)
+    prompts = {"a": ([5, 6, 7, 8, 9], GREEDY.with_(max_tokens=12)), "b": ([9, 8, 7], SEEDED.with_(logprobs=2)),
+               "c": ([3, 1, 4], GREEDY.with_(max_tokens=10))}
+    try:
+        for p, params in prompts.values():
+            want = [(e.token_id, e.logprob) for e in one.generate(p, params, spec)]
+            assert [(e.token_id, e.logprob) for e in staged.generate(p, params, spec)] == want
+            assert staged.last_speculation == one.last_speculation and one.last_speculation.drafted > 0
+        results = []
+        for engine in (one, staged):
+            sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=32, speculation=spec)
+            for rid, (p, params) in prompts.items():
+                sched.submit(rid, p, params)
+            results.append((drain(sched)[0], sched.spec_stats))
+        assert results[1] == results[0] and results[0][1].drafted > 0
+    finally:
+        staged.pipeline.shutdown()
+
+
 def test_two_micro_batches_overlap_in_the_stage_actors(local_ray, model, single):
     """Two groups' passes in flight at once through two stage actors: stage 0 starts group B's
     pass before stage 1 ends group A's. Deterministic: stage 1 holds A's pass until stage 0
@@ -754,7 +824,7 @@ def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray
         deadline = time.monotonic() + 60
         while True:
             try:
-                ray.get(staged.pipeline.actors[1].step.remote(PassInputs(plan, None, False, {}, False), hidden),
+                ray.get(staged.pipeline.actors[1].step.remote(PassInputs(plan, None, False, {}, False, None), hidden),
                         timeout=10)
             except ray.exceptions.RayTaskError as e:
                 assert "pipeline stage 1 (layers 2-3) failed: it was restarted: its KV cache is lost" in str(e)
@@ -790,13 +860,14 @@ def poll_until(worker, request_ids, done, timeout_s=120):
 
 def test_a_worker_that_fails_after_starting_its_stages_reports_the_error(local_ray, model):
     """A ComputeWorker whose start fails after its stage actors exist (here the scheduler
-    refuses an early-exit drafter through stages) shuts them down and dies with the error: before, the
+    refuses draft trees through stages) shuts them down and dies with the error: before, the
     stages' compiled graph kept its process from exiting, and callers waited forever."""
     from workers.compute_worker import ComputeWorker
 
     worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=64, kv_cache_gb=0.01,
-                                                      pipeline_parallel_size=2, speculate=2, drafter="early-exit")
-    with pytest.raises(ray.exceptions.ActorDiedError, match="early-exit drafter runs a subset of the model's layers"):
+                                                      pipeline_parallel_size=2, speculate=2, drafter="early-exit",
+                                                      draft_tree="on")
+    with pytest.raises(ray.exceptions.ActorDiedError, match="draft_tree 'on': this engine does not verify draft trees"):
         ray.get(worker.info.remote(), timeout=120)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from kernels import AttentionBatch, Backend, StepInputs, get_backend
 from kernels.driver import get_driver
+from kernels.ops import fed_tokens
 from workers.engine.block_manager import BlockManager, slot
 from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
@@ -41,6 +42,7 @@ from workers.model.tool_calls import check_tool_format
 from workers.model.transformer import Transformer, layer_matrices
 
 DEFAULT_MAX_CONTEXT = 4096
+GREEDY_DRAW = SamplingParams(temperature=0.0)  # a greedy draft step's draw, taken by a pipeline's last stage
 log = logging.getLogger("ntransformer")
 
 
@@ -173,8 +175,8 @@ class Engine:
         the most blocks with which every stage fits it, and a stage it cannot hold streams the
         layers it does not (`plan_stages`).
         stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
-        `LocalPipeline`, in this process). The stages run whole passes: speculation through them
-        drafts by lookup (`drafters`)."""
+        `LocalPipeline`, in this process). A model draft's steps run through them as passes over
+        its layers (`_pipeline_chain`); draft trees do not (`verifies_trees`)."""
         check_spec(requant_streamed, "requant_streamed")
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
@@ -357,9 +359,9 @@ class Engine:
                 raise ValueError("a pass with leaf rows returns every row's logits (all_logits)")
             step.logit_rows = last_rows(work)
         if self.pipeline is not None:
-            if layers is not None or feed is not None:
-                raise ValueError("a pipeline's stages run whole passes only (no drafts of a subset of the layers)")
-            result = self.pipeline.submit(step).result
+            if feed is not None:  # a draft's ids, which a pipeline's chain (`start_chain`) holds on the host
+                step.tokens = fed_tokens(step.tokens, feed)
+            result = self.pipeline.submit(step, layers=self._draft_layers(layers)).result
         else:
             result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
         count_cached(work)
@@ -384,10 +386,8 @@ class Engine:
         count_cached(work)
         return lambda: self._accept(samplers, picks())
 
-    def _forward(self, layers: tuple[int, ...] | None, before_draft: bool = False):
-        """The model's step, or that of a subset of its layers (a step of its own to a backend
-        that captures steps: `graph_key` names the subset). before_draft, when layers stream:
-        marked `late_refills`, a step of its own too."""
+    def _draft_layers(self, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        """A draft's layers, checked (None where that is every layer)."""
         n = self.config.n_layers
         if layers is not None:
             layers = tuple(layers)
@@ -395,6 +395,13 @@ class Engine:
                 raise ValueError(f"layers must be ascending distinct indices in [0, {n}), got {list(layers)}")
             if len(layers) == n:
                 layers = None
+        return layers
+
+    def _forward(self, layers: tuple[int, ...] | None, before_draft: bool = False):
+        """The model's step, or that of a subset of its layers (a step of its own to a backend
+        that captures steps: `graph_key` names the subset). before_draft, when layers stream:
+        marked `late_refills`, a step of its own too."""
+        layers = self._draft_layers(layers)
         late = before_draft and self.placement.n_buffers > 0
         if layers is None and not late:
             return self.model.forward
@@ -406,15 +413,21 @@ class Engine:
         return forward
 
     def drafters(self, speculation: Speculation) -> dict[str, tuple[int, ...] | None]:
-        """speculation's drafters here (`Speculation.drafters`): model drafts run in one
-        process only, as a pipeline's stages run whole passes (ValueError naming the drafter)."""
-        return speculation.drafters(self.config.n_layers, self.resident_layers, models=self.pipeline is None)
+        """speculation's drafters here (`Speculation.drafters`); draft trees asked for (`on`)
+        are refused where the engine cannot verify them (`verifies_trees`)."""
+        drafters = speculation.drafters(self.config.n_layers, self.resident_layers)
+        if speculation.tree and not self.verifies_trees and any(layers is not None for layers in drafters.values()):
+            raise ValueError("draft_tree 'on': this engine does not verify draft trees (they need the model in one "
+                             "process and an unquantized KV cache without a sliding pool); use auto or off")
+        return drafters
 
     @property
     def resident_layers(self) -> tuple[int, ...]:
-        """The layers that stay on the device (every layer unless the placement streams some):
-        the draft set that moves no bytes over the link."""
-        return tuple(i for i, tier in enumerate(self.placement.tiers) if tier == "vram")
+        """The layers that stay on the device (every layer unless the placement streams some;
+        through stages, unless a stage streams them): the draft set that moves no bytes over
+        the link."""
+        streamed = {i for s in self.stages for i in s.streamed}
+        return tuple(i for i, tier in enumerate(self.placement.tiers) if tier == "vram" and i not in streamed)
 
     def greedy_decode(self, seqs: list[Sequence], steps: int | None = None) -> Iterator[np.ndarray]:
         """Greedy decode of seqs (each with its last token not yet cached), one step per item:
@@ -465,6 +478,8 @@ class Engine:
             raise ValueError(f"a greedy chain needs k >= 1 steps, got {k}")
         before = [(len(seq.token_ids), seq.num_cached) for seq in seqs]
         self.reserve([(seq, k) for seq in seqs])
+        if self.pipeline is not None:
+            return self._pipeline_chain(seqs, k, layers, runner_up, before)
 
         def steps():  # each planned when the backend takes it: the first starts before the others are built
             for i in range(k):
@@ -487,6 +502,31 @@ class Engine:
             return list(zip(host[0].T.tolist(), host[1].T.tolist())) if runner_up else host.T.tolist()
 
         return ids, tokens
+
+    def _pipeline_chain(self, seqs: list[Sequence], k: int, layers: tuple[int, ...] | None, runner_up: bool,
+                        before: list[tuple[int, int]]) -> tuple[np.ndarray, Callable[[], list]]:
+        """`start_chain` through pipeline stages: each step a pass whose last stage takes the
+        argmax (a greedy `Draw` a sequence), the ids back on the host before the next step is
+        planned (the driver holds no device); the ids [k, B] are the feed a verifying pass takes."""
+        if runner_up:
+            raise ValueError("a draft tree's runner-ups are not verified through pipeline stages (`verifies_trees`)")
+        ids = np.empty((k, len(seqs)), np.int64)
+        work = [(seq, 1) for seq in seqs]
+        greedy = [Draw(GREEDY_DRAW, 0.0)] * len(seqs)
+        try:
+            for i in range(k):
+                step = self._plan(work)
+                step.logit_rows = last_rows(work)
+                picks = self.pipeline.submit(step, greedy, layers=self._draft_layers(layers)).result()
+                for b, (seq, pick) in enumerate(zip(seqs, picks)):
+                    seq.num_cached += 1
+                    seq.token_ids.append(pick[0])
+                    ids[i, b] = pick[0]
+        finally:
+            for seq, (length, cached) in zip(seqs, before):
+                del seq.token_ids[length:]
+                seq.num_cached = cached
+        return ids, lambda: ids.T.tolist()
 
     @property
     def verifies_trees(self) -> bool:

@@ -250,17 +250,21 @@ class Stage:
         # where it read this one's (prompt passes, which stages run eagerly, take theirs as it comes)
         self.inputs: dict[int, object] = {}
 
-    def step(self, step: StepInputs, hidden, draws: list[Draw | None] | None = None, calibrate: bool = False):
+    def step(self, step: StepInputs, hidden, draws: list[Draw | None] | None = None, calibrate: bool = False,
+             layers: tuple[int, ...] | None = None):
         """The first stage embeds step's tokens (hidden None); the others take the previous
         stage's residual stream [T, d_model] float32. Returns the stream leaving this stage's
         last layer, or from the last stage the logits of step.logit_rows, float32 on the host,
         or with draws (the pass's: one a logit row) each row's (token, logprob, top),
         `draw_rows`'s; a stage without the output head passes the draws by. Runs as the backend
         runs a model's step (`Backend.run_step`: on the GPU, a decode step replayed from its
-        graph). calibrate: the KV calibration pass, which this stage's layers calibrate on;
-        the stream and the output are then `Calibrated`, carrying every layer's transforms so far."""
+        graph). layers: a draft's pass over a subset of the model's layers (`Engine.forward`'s):
+        this stage runs those it holds, a step of its own to a backend that captures steps, and
+        a middle stage holding none hands the stream on as it came. calibrate: the KV
+        calibration pass, which this stage's layers calibrate on; the stream and the output are
+        then `Calibrated`, carrying every layer's transforms so far."""
         if not calibrate:
-            return self._step(step, hidden, draws)
+            return self._step(step, hidden, draws, layers)
         before = hidden.transforms if isinstance(hidden, Calibrated) else {}
         with calibrating(self.ops, self.kv_by_layer, self.config, len(step.tokens)) as mine:
             out = self._step(step, hidden.stream if isinstance(hidden, Calibrated) else hidden, draws)
@@ -272,14 +276,18 @@ class Stage:
         if self.kv.layout.type.quantized:
             install(self.ops, self.kv_by_layer, transforms)
 
-    def _step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None):
+    def _step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None,
+              layers: tuple[int, ...] | None = None):
         ops, c, T = self.ops, self.config, len(step.tokens)
         if (hidden is None) != self.spec.first:
             raise ValueError(f"{self.spec.describe()}: {'no ' if self.spec.first else ''}hidden states expected")
+        run = self.spec.layers if layers is None else tuple(i for i in self.spec.layers if i in layers)
         if hidden is not None:
             if hidden.shape != (T, c.d_model) or hidden.dtype != np.float32:
                 raise ValueError(f"{self.spec.describe()}: hidden states {hidden.dtype}{list(hidden.shape)}, expected "
                                  f"float32[{T}, {c.d_model}]")
+            if not run and not self.model.heads:
+                return hidden
             if T == step.batch.num_seqs:
                 if T not in self.inputs:
                     self.inputs[T] = ops.asarray(np.zeros((T, c.d_model), np.float32))
@@ -287,16 +295,19 @@ class Stage:
                 hidden = self.inputs[T]
             else:
                 hidden = ops.asarray(hidden)
-        forward = functools.partial(self._forward, hidden=hidden)
+        forward = functools.partial(self._forward, hidden=hidden, layers=run)
         forward.returns_logits = self.model.heads
+        if layers is not None:
+            forward.graph_key = ("layers", run)
+            forward.layers_run = run  # a streaming stage's ring copies only these (kernels/layer_ring.py)
         out = ops.run_step(forward, step, self.kv_by_layer)
         if draws is not None and self.model.heads:
             return draw_rows(ops, out, draws)
         return ops.to_numpy(out).astype(np.float32, copy=False)
 
-    def _forward(self, step: StepInputs, kv_caches, hidden):
+    def _forward(self, step: StepInputs, kv_caches, hidden, layers):
         x = self.model.embedding(step) if hidden is None else hidden
-        x = self.model.run_layers(x, step, kv_caches, self.spec.layers)
+        x = self.model.run_layers(x, step, kv_caches, layers)
         return self.model.logits(x, step) if self.model.heads else x
 
 
@@ -333,10 +344,11 @@ class LocalPipeline:
             image_path(s.model_path, f"-stage{s.index}"), sizes)) for spec in specs]
         self.transforms: Transforms = {}
 
-    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False) -> Finished:
+    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False,
+               layers: tuple[int, ...] | None = None) -> Finished:
         hidden = None
         for stage in self.stages:
-            hidden = stage.step(step, hidden, draws, calibrate)
+            hidden = stage.step(step, hidden, draws, calibrate, layers)
         return Finished(hidden)
 
     def calibrate(self, step: StepInputs) -> None:

@@ -105,18 +105,11 @@ class Speculation:
             raise ValueError(f"speculate must be off, auto or a number of tokens, got {speculate!r}") from None
         return cls(k, drafter, depth, skip, TREE_SETTINGS[tree])
 
-    def drafters(self, n_layers: int, resident: tuple[int, ...] | None = None,
-                 models: bool = True) -> dict[str, tuple[int, ...] | None]:
+    def drafters(self, n_layers: int, resident: tuple[int, ...] | None = None) -> dict[str, tuple[int, ...] | None]:
         """The drafters this may use, each with the layers it runs (None: lookup, no model);
         resident: the layers that stay on the device (`Engine.resident_layers`), the early-exit
-        draft by default when they are a proper prefix (the others stream). models: whether
-        the engine runs a subset of the layers (not through pipeline stages, whose passes are
-        whole): if not, "auto" is lookup, and a model drafter is refused."""
-        if not models and self.drafter not in ("lookup", "auto"):
-            raise ValueError(f"the {self.drafter} drafter runs a subset of the model's layers, which pipeline "
-                             "stages do not (their passes are whole); through stages only lookup drafts")
-        names = ([self.drafter] if self.drafter != "auto" else
-                 [d for d in DRAFTERS if (d != "skip" or self.skip) and (models or d == "lookup")])
+        draft by default when they are a proper prefix (the others stream)."""
+        names = [self.drafter] if self.drafter != "auto" else [d for d in DRAFTERS if d != "skip" or self.skip]
         depth = self.depth or max(1, n_layers // 4)
         if self.depth is None and resident and len(resident) < n_layers and resident == tuple(range(len(resident))):
             depth = len(resident)
