@@ -101,6 +101,10 @@ def test_leaves_are_refused_where_their_kv_cannot_move(tiny_model):
             engine.forward([(seq, 4)], all_logits=True, decode_rows=True, leaves=[[(1, 3)]])
     finally:
         engine.release(seq)
+    # trees asked for are refused by name there, not silently left out; auto and lookup stand
+    with pytest.raises(ValueError, match="draft_tree 'on': this engine does not verify draft trees"):
+        engine.drafters(Speculation(3, "early-exit", tree=True))
+    assert engine.drafters(Speculation(3, "early-exit")) and engine.drafters(Speculation(3, "lookup", tree=True))
 
 
 def test_leaf_rows_in_the_batch_layout():
