@@ -491,6 +491,34 @@ def test_a_draft_through_streamed_layers_gives_the_plain_tokens(request, deep_mo
     assert streamed.last_speculation.passes > 0
 
 
+def test_a_draft_that_skips_some_layers_streamed_from_disk_is_left_out(deep_model, tmp_path, monkeypatch):
+    """Layers 1-5 streamed, 3-5 of them from disk: a skip draft running 3 and 5 but not 4
+    cannot be served by the disk tier's whole-pass order. Named, it is refused before anything
+    runs; under auto it is left out (early exit through resident layer 0 and lookup stay), and
+    auto's greedy tokens are plain decoding's."""
+    from workers.engine.engine import Engine
+    from workers.engine.sampling import SamplingParams
+    from workers.engine.speculation import Speculation
+    from workers.memory.disk_stream import DiskStream
+
+    monkeypatch.setenv("NTR_HOME", str(tmp_path))
+    kw = dict(max_context=256, kv_cache_tokens=1024)
+    resident = Engine(deep_model, **kw)
+    layers = resident.placement.sizes.layers
+    engine = Engine(deep_model, vram_budget=streaming_budget(resident.placement, 1, 2), n_buffers=2,
+                    host_ram=sum(layers[1:3]), disk_open=lambda sizes: DiskStream(tmp_path / "d.images", sizes), **kw)
+    assert engine.placement.tiers == ("vram", "ram", "ram", "disk", "disk", "disk")
+    with pytest.raises(ValueError, match="the skip drafter runs some of the layers streamed from disk and skips"):
+        engine.drafters(Speculation(3, "skip", skip=(1, 2, 4)))
+    auto = Speculation(None, "auto", skip=(1, 2, 4), tree=False)
+    assert engine.drafters(auto) == {"lookup": None, "early-exit": (0,)}
+    assert engine.drafters(Speculation(3, "skip", skip=(1, 2, 3, 4, 5))) == {"skip": (0,)}  # no streamed layer: it stands
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompt = [5, 17, 99, 4, 23, 5, 17, 99]
+    assert [e.token_id for e in engine.generate(prompt, params, auto)] == \
+        [e.token_id for e in resident.generate(prompt, params)]
+
+
 def write_skip_file(tmp_path):
     """A calibrate-skip file for the 6-layer deep model: layers 4, 1, 2 skipped, in that order."""
     path = tmp_path / "skip.json"

@@ -217,6 +217,10 @@ def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(m
         assert s.on_disk and s.on_disk == s.streamed[len(s.streamed) - len(s.on_disk):]
     for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
         assert np.array_equal(w, g)
+    # a draft skipping one of a disk-streaming stage's streamed layers and running the others cannot run there
+    ring = next(s.streamed for s in staged.stages if len(s.streamed) > 1)
+    with pytest.raises(ValueError, match="the skip drafter runs some of the layers streamed from disk"):
+        staged.drafters(Speculation(3, "skip", skip=ring[:1]))
 
 
 def test_a_driver_of_gpu_stages_needs_no_gpu(model):

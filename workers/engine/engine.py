@@ -413,9 +413,22 @@ class Engine:
         return forward
 
     def drafters(self, speculation: Speculation) -> dict[str, tuple[int, ...] | None]:
-        """speculation's drafters here (`Speculation.drafters`); draft trees asked for (`on`)
-        are refused where the engine cannot verify them (`verifies_trees`)."""
+        """speculation's drafters here (`Speculation.drafters`). A model draft that runs some of
+        the layers streamed from disk beside others it skips cannot run (the disk tier stages
+        the images in a whole pass's order: kernels/layer_ring.py): "auto" leaves it out, and
+        named, it is refused. Draft trees asked for (`on`) are refused where the engine cannot
+        verify them (`verifies_trees`)."""
         drafters = speculation.drafters(self.config.n_layers, self.resident_layers)
+        # the streamed layers of each ring (a stage's, or this process's), where some are on disk
+        rings = [s.streamed for s in self.stages if s.on_disk] if self.stages else \
+            [self.placement.streamed] if "disk" in self.placement.tiers else []
+        stuck = [name for name, layers in drafters.items() if layers is not None
+                 and any(0 < len(set(ring) & set(layers)) < len(ring) for ring in rings)]
+        if stuck and speculation.drafter != "auto":
+            raise ValueError(f"the {stuck[0]} drafter runs some of the layers streamed from disk and skips others, "
+                             "which the disk tier's whole-pass order cannot serve; give host_ram room for the "
+                             "streamed layers, or draft with resident layers")
+        drafters = {name: layers for name, layers in drafters.items() if name not in stuck}
         if speculation.tree and not self.verifies_trees and any(layers is not None for layers in drafters.values()):
             raise ValueError("draft_tree 'on': this engine does not verify draft trees (they need the model in one "
                              "process and an unquantized KV cache without a sliding pool); use auto or off")
