@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import secrets
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import pytest
 import ray
 
 from workers.disk_tier import DiskTier
-from workers.host_tier import HostRegions, host_tier_for_node
+from workers.host_tier import HostRegions, host_tier_for_node, process_alive
 from workers.memory import disk_reader, image_file, shared_buffer
 from workers.memory.disk_reader import DiskReader
 from workers.memory.image_file import ALIGN, ImageFile
@@ -190,6 +191,32 @@ def test_host_regions_share_a_key_count_users_and_unlink_at_zero(shm_prefix, mon
     assert not shm_exists(second["name"]) and regions.stats()["regions"] == 0
 
 
+def test_regions_of_a_process_that_ended_are_unlinked_at_the_next_reap(shm_prefix):
+    """A user names its process; once that process has ended (a zombie not yet waited for
+    counts as ended) it stops counting, and a region left without users is unlinked. Live
+    processes' regions and those of users that named none stay."""
+    regions = HostRegions(shm_prefix)
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        mine = regions.region("a", 4096, os.getpid())
+        regions.region("a", 4096, child.pid)
+        theirs = regions.region("b", 8192, child.pid)
+        anonymous = regions.region("c", 4096)
+        regions.reap()
+        assert regions.stats()["users"] == 4 and shm_exists(theirs["name"])
+        child.kill()
+        wait_for(lambda: not process_alive(child.pid), 10, "the killed child to end")
+        regions.reap()  # (a zombie still: not waited for)
+        assert not shm_exists(theirs["name"]) and shm_exists(mine["name"]) and shm_exists(anonymous["name"])
+        assert {k: v["users"] for k, v in regions.stats()["keys"].items()} == {"a": 1, "c": 1}
+        regions.release("a", os.getpid())
+        assert not shm_exists(mine["name"])
+    finally:
+        child.kill()
+        child.wait()
+        regions.unlink_all()
+
+
 def test_host_tier_and_disk_tier_through_ray(tmp_path):
     """One real local Ray: the node's HostTier by name, its regions seen from this process, its
     exit unlinking what it held; a DiskTier's ring consumed from here and unlinked by stop()."""
@@ -211,6 +238,16 @@ def test_host_tier_and_disk_tier_through_ray(tmp_path):
             ray.get(tier.release.remote("model:0-1"))
             assert not shm_exists(first["name"]) and (mapped.array == np.arange(3 * 4096) % 251).all()
             mapped.close()
+
+            # a user process that ended without releasing stops counting when a region is asked for next
+            child = subprocess.Popen(["sleep", "60"])
+            gone = ray.get(tier.region.remote("a killed replica's", 4096, child.pid))
+            names.append(gone["name"])
+            child.kill()
+            child.wait()
+            assert shm_exists(gone["name"])
+            names.append(ray.get(tier.region.remote("model:2-3", 4096, os.getpid()))["name"])
+            assert not shm_exists(gone["name"]) and "a killed replica's" not in ray.get(tier.stats.remote())["keys"]
 
             held = ray.get(tier.region.remote("never released", 4096))
             names.append(held["name"])

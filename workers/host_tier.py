@@ -7,8 +7,11 @@ several replicas of one model on a node map one copy instead of holding one each
 worker that restarts finds the images already filled. A region is keyed by what it holds
 (the caller's key names the model and the layers); the first user fills it and marks it
 filled, later users map it and skip the filling; it is unlinked when its last user
-releases it. The ComputeWorker attaches a region by name (`SharedBuffer.attach`) and
-registers the mapping with CUDA as pinned memory itself.
+releases it or is gone: a user names its process (the tier and its users share the node), and
+a user process that ended without releasing (a replica killed, a stage restarted, a config
+redeployed) stops counting at the next region asked for, so its regions do not hold the
+node's RAM for the tier's life. The ComputeWorker attaches a region by name
+(`SharedBuffer.attach`) and registers the mapping with CUDA as pinned memory itself.
 """
 
 from __future__ import annotations
@@ -31,8 +34,17 @@ NAMESPACE = "ntr"
 @dataclass
 class Region:
     buffer: SharedBuffer
-    users: int
+    users: list  # one entry a user: its process id (None: a user that is never looked for)
     filled: bool = False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process pid of this node runs (a zombie, ended and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 class HostRegions:
@@ -51,33 +63,44 @@ class HostRegions:
         # A digest: keys are free text (model paths), segment names are not.
         return f"{self.prefix}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
 
-    def region(self, key: str, nbytes: int) -> dict:
-        """The region for key, created if new; each call counts one more user."""
+    def region(self, key: str, nbytes: int, pid: int | None = None) -> dict:
+        """The region for key, created if new; each call counts one more user, process pid's."""
         found = self.regions.get(key)
         if found is None:
-            found = self.regions[key] = Region(SharedBuffer.create(self.segment_name(key), nbytes), users=0)
+            found = self.regions[key] = Region(SharedBuffer.create(self.segment_name(key), nbytes), users=[])
         elif found.buffer.nbytes != nbytes:
             raise ValueError(f"host region {key!r} holds {found.buffer.nbytes} bytes, asked for {nbytes}")
-        found.users += 1
+        found.users.append(pid)
         return {"name": found.buffer.name, "nbytes": found.buffer.nbytes, "filled": found.filled}
 
     def mark_filled(self, key: str) -> None:
         self._get(key).filled = True
 
-    def release(self, key: str) -> None:
-        """One user fewer; the last one unlinks the region."""
+    def release(self, key: str, pid: int | None = None) -> None:
+        """One user fewer (one of process pid's); the last one unlinks the region."""
         found = self._get(key)
-        found.users -= 1
-        if found.users == 0:
-            del self.regions[key]
-            found.buffer.close()
-            found.buffer.unlink()
+        found.users.remove(pid)
+        if not found.users:
+            self._unlink(key)
+
+    def reap(self, alive=process_alive) -> None:
+        """Every user whose process is no longer alive(pid) stops counting; regions left without
+        users are unlinked."""
+        for key, found in list(self.regions.items()):
+            found.users = [pid for pid in found.users if pid is None or alive(pid)]
+            if not found.users:
+                self._unlink(key)
+
+    def _unlink(self, key: str) -> None:
+        found = self.regions.pop(key)
+        found.buffer.close()
+        found.buffer.unlink()
 
     def stats(self) -> dict:
         return {"regions": len(self.regions), "bytes": sum(r.buffer.nbytes for r in self.regions.values()),
-                "users": sum(r.users for r in self.regions.values()),
-                "keys": {k: {"name": r.buffer.name, "nbytes": r.buffer.nbytes, "users": r.users, "filled": r.filled}
-                         for k, r in self.regions.items()}}
+                "users": sum(len(r.users) for r in self.regions.values()),
+                "keys": {k: {"name": r.buffer.name, "nbytes": r.buffer.nbytes, "users": len(r.users),
+                             "filled": r.filled} for k, r in self.regions.items()}}
 
     def unlink_all(self) -> None:
         for found in self.regions.values():
@@ -98,21 +121,23 @@ class HostTier:
     `ray.shutdown()` of a local cluster) kills its workers outright, as do ray.kill and the
     OOM killer, and a killed process runs nothing: its segments stay in /dev/shm as
     ntr-host-<pid>-*, holding RAM until removed by hand or a reboot. A user that dies
-    without release() keeps its count, so its regions live as long as the actor."""
+    without release() stops counting when the next region is asked for (`HostRegions.reap`);
+    one that named no process keeps its count, so its regions live as long as the actor."""
 
     def __init__(self):
         # The pid keeps a restarted actor's names apart from what a killed one left behind.
         self.regions = HostRegions(prefix=f"ntr-host-{os.getpid()}")
         atexit.register(self.regions.unlink_all)
 
-    def region(self, key: str, nbytes: int) -> dict:
-        return self.regions.region(key, nbytes)
+    def region(self, key: str, nbytes: int, pid: int | None = None) -> dict:
+        self.regions.reap()
+        return self.regions.region(key, nbytes, pid)
 
     def mark_filled(self, key: str) -> None:
         self.regions.mark_filled(key)
 
-    def release(self, key: str) -> None:
-        self.regions.release(key)
+    def release(self, key: str, pid: int | None = None) -> None:
+        self.regions.release(key, pid)
 
     def stats(self) -> dict:
         return self.regions.stats()

@@ -37,7 +37,7 @@ class NodeTiers:
     def host_alloc(self, nbytes: int, content: str):
         self.host_tier = host_tier_for_node()
         self.key = f"{self.identity}|{nbytes}|{hashlib.sha256(content.encode()).hexdigest()[:32]}"
-        info = ray.get(self.host_tier.region.remote(self.key, nbytes))
+        info = ray.get(self.host_tier.region.remote(self.key, nbytes, os.getpid()))
         self.region = SharedBuffer.attach(info["name"])
         return self.region.array[:nbytes]
 
