@@ -163,9 +163,9 @@ class RayPipeline:
     def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False,
                layers: tuple[int, ...] | None = None) -> RayPass:
         """Start a pass of step through every stage (the last drawing the tokens when given
-        draws; a draft's over `layers` only, when given); returns at once. After a failure the graph is built again first, the stages
-        told that the sequences they held are ended (the caller has ended them) and given the
-        KV calibration's transforms again."""
+        draws; a draft's over `layers` only, when given); returns at once. After a failure the
+        graph is built again first, the stages told that the sequences they held are ended (the
+        caller has ended them) and given the KV calibration's transforms again."""
         ended, self.failed = self.failed, False
         if ended:
             self._rebuild()

@@ -524,13 +524,13 @@ class Engine:
         if runner_up:
             raise ValueError("a draft tree's runner-ups are not verified through pipeline stages (`verifies_trees`)")
         ids = np.empty((k, len(seqs)), np.int64)
-        work = [(seq, 1) for seq in seqs]
+        work, layers = [(seq, 1) for seq in seqs], self._draft_layers(layers)
         greedy = [Draw(GREEDY_DRAW, 0.0)] * len(seqs)
         try:
             for i in range(k):
                 step = self._plan(work)
                 step.logit_rows = last_rows(work)
-                picks = self.pipeline.submit(step, greedy, layers=self._draft_layers(layers)).result()
+                picks = self.pipeline.submit(step, greedy, layers=layers).result()
                 for b, (seq, pick) in enumerate(zip(seqs, picks)):
                     seq.num_cached += 1
                     seq.token_ids.append(pick[0])
