@@ -390,6 +390,18 @@ def test_the_last_stage_draws_the_tokens_and_only_they_come_back(model, single, 
     assert staged.blocks.blocks_in_use == 0
 
 
+def scheduled_speculation(engine, prompts: dict, spec: Speculation) -> tuple[dict, speculation.Stats]:
+    """prompts ({id: (prompt, params)}) served together by a scheduler speculating with spec
+    (their micro-batches, through stages): each request's events and the speculation's stats.
+    Every KV block comes back."""
+    sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=32, speculation=spec)
+    for rid, (p, params) in prompts.items():
+        sched.submit(rid, p, params)
+    events = drain(sched)[0]
+    assert engine.blocks.blocks_in_use == 0
+    return events, sched.spec_stats
+
+
 def test_lookup_speculation_through_stages_gives_one_process_tokens(model, single, monkeypatch):
     """Prompt-lookup drafts (no model) verified through P = 2 stages, whose verifying pass is a
     whole pass of decode rows: greedy gives plain decoding's tokens, sampled (with logprobs)
@@ -418,15 +430,10 @@ def test_lookup_speculation_through_stages_gives_one_process_tokens(model, singl
             assert 0 < stats.accepted < stats.drafted
             assert [t for t, _ in want] == plain[tuple(p)][:params.max_tokens]
 
-    results = []
-    for engine in (one, staged):
-        sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=32, speculation=spec)
-        for rid, (p, params) in prompts.items():
-            sched.submit(rid, p, params)
-        results.append(drain(sched)[0])
-        assert 0 < sched.spec_stats.accepted < sched.spec_stats.drafted and engine.blocks.blocks_in_use == 0
-    assert results[1] == results[0]
-    assert results[1]["a"] == plain[tuple(prompts["a"][0])][:16]
+    results = [scheduled_speculation(engine, prompts, spec) for engine in (one, staged)]
+    assert all(0 < stats.accepted < stats.drafted for _, stats in results)
+    assert results[1][0] == results[0][0]
+    assert results[1][0]["a"] == plain[tuple(prompts["a"][0])][:16]
 
 
 @pytest.mark.parametrize("parts, spec", [
@@ -453,14 +460,7 @@ def test_model_drafts_through_stages_give_one_process_tokens(model, single, part
         if params.greedy:
             assert [t for t, _ in want] == [e.token_id for e in one.generate(p, params)]
     assert drafted > 0
-    results = []
-    for engine in (one, staged):
-        sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=32, speculation=spec)
-        for rid, (p, params) in prompts.items():
-            sched.submit(rid, p, params)
-        results.append((drain(sched)[0], sched.spec_stats))
-        assert engine.blocks.blocks_in_use == 0
-    assert results[1] == results[0]
+    assert scheduled_speculation(staged, prompts, spec) == scheduled_speculation(one, prompts, spec)
     with pytest.raises(ValueError, match="draft_tree 'on': this engine does not verify draft trees"):
         staged.drafters(replace(spec, tree=True))
 
@@ -730,13 +730,8 @@ def test_ray_stages_run_model_drafts(local_ray, model, single):
             want = [(e.token_id, e.logprob) for e in one.generate(p, params, spec)]
             assert [(e.token_id, e.logprob) for e in staged.generate(p, params, spec)] == want
             assert staged.last_speculation == one.last_speculation and one.last_speculation.drafted > 0
-        results = []
-        for engine in (one, staged):
-            sched = Scheduler(engine, max_num_seqs=4, max_batch_tokens=32, speculation=spec)
-            for rid, (p, params) in prompts.items():
-                sched.submit(rid, p, params)
-            results.append((drain(sched)[0], sched.spec_stats))
-        assert results[1] == results[0] and results[0][1].drafted > 0
+        want = scheduled_speculation(one, prompts, spec)
+        assert scheduled_speculation(staged, prompts, spec) == want and want[1].drafted > 0
     finally:
         staged.pipeline.shutdown()
 
