@@ -99,7 +99,7 @@ def cmd_plan(args) -> int:
                        budget=None if staged else options["vram_budget"], host_ram=options["host_ram"],
                        n_buffers=options["n_buffers"], kv_type=options["kv_type"],
                        requant_streamed=options["requant_streamed"], resident_order=_resident_order(args, path))
-        stages = _plan_stages(args, options, path, config, p, rates) if staged else None
+        stages = _plan_stages(args, options, gguf, config, p, rates) if staged else None
     predicted = p.predict(rates, prompt=args.batch_tokens, batch=args.seqs)
     if stages is not None:
         return _print_stages(args, config, stages, stages.pop("predicted_streaming") or predicted)
@@ -123,38 +123,48 @@ def cmd_plan(args) -> int:
     print("; ".join(runs))
     print(f"host RAM {p.bytes_in('ram') / GIB:.2f} GiB, disk {p.bytes_in('disk') / GIB:.2f} GiB")
     if p.streamed:
-        line = f"streamed bytes per token: {p.file_streamed_bytes / GIB:.2f} GiB"
-        if p.requant:
-            by_type: dict[str, int] = {}
-            for t in p.requant.values():
-                by_type[t] = by_type.get(t, 0) + 1
-            line += (f" at the file's types, {p.streamed_bytes / GIB:.2f} GiB requantized ("
-                     + ", ".join(f"{n} matrices to {t}" for t, n in sorted(by_type.items())) + ")")
-        print(line)
+        print("streamed bytes per token: " + _streamed_bytes(p.file_streamed_bytes, p.streamed_bytes, p.requant))
     for name in source:
         print(f"rate {name} = {getattr(rates, name)} ({source[name]})")
     print("predicted: " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
     return 0
 
 
-def _plan_stages(args, options, path, config, p, rates) -> dict:
+def _streamed_bytes(file_bytes: int, nbytes: int, requant: dict) -> str:
+    """What a pass streams, at the file's types and, where --requant-streamed retypes it, after."""
+    line = f"{file_bytes / GIB:.2f} GiB"
+    if requant:
+        by_type: dict[str, int] = {}
+        for t in requant.values():
+            by_type[t] = by_type.get(t, 0) + 1
+        line += (f" at the file's types, {nbytes / GIB:.2f} GiB requantized ("
+                 + ", ".join(f"{n} matrices to {t}" for t, n in sorted(by_type.items())) + ")")
+    return line
+
+
+def _plan_stages(args, options, gguf, config, p, rates) -> dict:
     """`ntr plan --pp P`: the stages of plan_stages under --vram-gb each, with the KV cache
     asked for (one context by default), the most every stage's device leaves room for where
-    they are resident, and the layers each streams where its budget does not hold them."""
+    they are resident, and the layers each streams where its budget does not hold them
+    (requantized where --requant-streamed says)."""
+    import functools
+
     from kernels.cupy.planes import CupySizes
     from workers.engine.kv_cache import sliding_pool
     from workers.engine.pipeline import KVPools, plan_stages
-    from workers.engine.placement import stage_reserve
+    from workers.engine.placement import CONTEXT_BYTES, requantized, stage_reserve
 
     layout = CupySizes.kv_layout(config.n_kv_heads, config.head_dim, BLOCK_SIZE, options["kv_type"])
     sliding, _, sliding_cap = sliding_pool(config, BLOCK_SIZE, args.seqs, args.batch_tokens)
     pools = KVPools(layout, args.seqs, sliding, sliding_cap)
     blocks = -(-p.kv_tokens // BLOCK_SIZE)
-    budget, reserve = options["vram_budget"], stage_reserve(p)
+    budget, reserve, spec = options["vram_budget"], stage_reserve(p), options["requant_streamed"]
+    requant = spec and functools.partial(requantized, gguf=gguf, config=config, sizer=CupySizes, spec=spec,
+                                         context=CONTEXT_BYTES)
 
     def plan(grow: bool):
-        return plan_stages(str(path), CupySizes.name, p.sizes, args.pp, pools, blocks, options["kv_type"], budget,
-                           reserve, grow, rates, options["n_buffers"], host_ram=options["host_ram"])
+        return plan_stages(str(gguf.path), CupySizes.name, p.sizes, args.pp, pools, blocks, options["kv_type"], budget,
+                           reserve, grow, rates, options["n_buffers"], host_ram=options["host_ram"], requant=requant)
 
     specs = plan(False)
     streamed = [i for s in specs for i in s.streamed]
@@ -166,10 +176,13 @@ def _plan_stages(args, options, path, config, p, rates) -> dict:
         for name, tokens in (("prefill_tok_s", args.batch_tokens), ("decode_tok_s", 1),
                              (f"decode_x{args.seqs}_tok_s", args.seqs))}
     return {"kv_tokens": blocks * BLOCK_SIZE, "kv_tokens_room": room, "reserve": reserve, "budget": budget,
-            "predicted_streaming": predicted, "streamed_bytes": sum(p.sizes.layers[i] for i in streamed),
+            "predicted_streaming": predicted,
+            "streamed_bytes": sum(s.placement.streamed_bytes for s in specs if s.placement),
+            "file_streamed_bytes": sum(s.placement.file_streamed_bytes for s in specs if s.placement),
+            "requant": {n: t for s in specs if s.placement for n, t in s.placement.requant.items()},
             "stages": [{"layers": [s.layers.start, s.layers.stop - 1], "model_and_kv_bytes": s.nbytes,
                         "device_bytes": s.device_bytes, "streamed": list(s.streamed), "on_disk": list(s.on_disk),
-                        "n_buffers": s.n_buffers,
+                        "n_buffers": s.n_buffers, "streamed_bytes": s.placement.streamed_bytes if s.placement else 0,
                         "kv_bytes": sum(pools.layer_bytes(i, blocks) for i in s.layers)} for s in specs]}
 
 
@@ -192,7 +205,8 @@ def _print_stages(args, config, stages: dict, predicted: dict) -> int:
         print(f"stage {k}: layers {s['layers'][0]}-{s['layers'][1]}{', ' + ends if ends else ''}{planned} "
               f"(KV {s['kv_bytes'] / GIB:.2f}){streams}")
     if stages["streamed_bytes"]:
-        print(f"streamed bytes per token: {stages['streamed_bytes'] / GIB:.2f} GiB across the stages")
+        print("streamed bytes per token across the stages: "
+              + _streamed_bytes(stages["file_streamed_bytes"], stages["streamed_bytes"], stages["requant"]))
         print("predicted, at least (the stages one after the other, each stage's copies beside its own compute "
               "only, hand-offs not counted): " + ", ".join(f"{k} {v:.2f}" for k, v in predicted.items()))
     else:

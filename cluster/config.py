@@ -93,9 +93,6 @@ class ServerConfig(BaseModel):
             if n_layers is not None and self.pipeline_parallel_size > n_layers:
                 raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
                                  f"{n_layers} layers")
-        if self.pipeline_parallel_size > 1 and self.requant_streamed is not None:
-            raise ValueError("requant_streamed is not for pipeline stages (pipeline_parallel_size > 1): a stage "
-                             "streams the layers its budget does not hold at the file's types")
         if self.speculate != "off" and self.draft_tree == "on" and self.pipeline_parallel_size > 1:
             raise ValueError("draft_tree 'on': pipeline stages (pipeline_parallel_size > 1) do not verify draft trees "
                              "(a kept leaf's KV moves in every layer, in one process); use auto or off")

@@ -223,6 +223,68 @@ def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(m
         staged.drafters(Speculation(3, "skip", skip=ring[:1]))
 
 
+@pytest.mark.parametrize("spec", ["Q3_K", "auto"])
+def test_streaming_stages_requantize_what_they_stream(deep_model, tmp_path, spec):
+    """requant_streamed through stages: each streaming stage's streamed matrices (only those)
+    load retyped as spec says (placement.requantized, per stage), and the stages' logits are
+    those of one process on the file `ntr quantize` writes with every stage's types. (The
+    NumPy backend stores every type as float32: the bytes they save are the GPU's, next test.)"""
+    from workers.engine.quantize_model import write_quantized
+    from workers.model.gguf_file import GGUFFile
+    from workers.model.quant_recipe import Q
+
+    kw = dict(max_context=64, kv_cache_tokens=64)
+    resident = Engine(deep_model, vram_budget=1 << 40, pipeline_parallel_size=2, **kw)
+    budget = min(s.device_bytes for s in resident.stages) - 1
+    plain = Engine(deep_model, vram_budget=budget, pipeline_parallel_size=2, **kw)
+    staged = Engine(deep_model, vram_budget=budget, pipeline_parallel_size=2, requant_streamed=spec, **kw)
+    assert all(s.streamed for s in staged.stages)
+    types = {}
+    for s, before in zip(staged.stages, plain.stages):
+        p = s.placement
+        assert s.streamed == before.streamed and p.file_streamed_bytes == before.placement.streamed_bytes
+        assert p.requant and {int(n.split(".")[1]) for n in p.requant} <= set(s.streamed)
+        types |= {n: Q[t] for n, t in p.requant.items()}
+    reference = write_quantized(GGUFFile(deep_model), tmp_path / "ref.gguf", types, {})
+    want = mixed_passes(Engine(reference, **kw))
+    for w, g in zip(want, mixed_passes(staged)):
+        assert np.array_equal(w, g)
+    assert not np.array_equal(want[0], mixed_passes(plain)[0])  # requantizing changes what the model computes
+
+
+def test_ntr_plan_pp_shows_what_requantized_stages_stream(tmp_path, vocab_dir, capsys, monkeypatch):
+    """`ntr plan --pp 2 --requant-streamed Q4_K` on a Q6_K model with rows wide enough that the
+    GPU's planes carry little padding: both stages stream the same layers as without, each
+    its streamed bytes cut to about 0.7 of the file's and its device bytes with them. (The quantizers' local memory at load, which
+    would outgrow this tiny budget, is left out, as in tests/test_requant_streamed.py.)"""
+    from cluster.cli import main
+    from kernels.cupy.planes import CupySizes
+    from workers.model.quant_recipe import Q
+    from workers.model.synthetic import uniform_mix
+
+    monkeypatch.setattr(CupySizes, "requant_local_bytes", 0)
+    # 4 layers a stage: a stage a byte short of resident keeps one and streams 3 through 2 slots
+    shape = Shape("llama", n_layers=8, d_model=2048, n_heads=16, n_kv_heads=4, ffn_dim=1024, context_length=512)
+    wide = write_model(tmp_path / "wide.gguf", shape, vocab_dir / "ggml-vocab-llama-spm.gguf",
+                       mix=uniform_mix(Q.Q6_K), seed=3)
+    plan = ["plan", "--model", str(wide), "--ctx", "64", "--seqs", "4", "--pp", "2", "--json"]
+    assert main(plan + ["--vram-gb", "1000"]) == 0
+    budget = min(s["device_bytes"] for s in json.loads(capsys.readouterr().out)["stages"]) - 1
+    plan[-1:] = ["--vram-gb", repr(budget / 2**30)]
+    assert main(plan + ["--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    assert main(plan + ["--json", "--requant-streamed", "Q4_K"]) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert all(s["streamed"] for s in after["stages"]) and after["file_streamed_bytes"] == before["streamed_bytes"]
+    for b, a in zip(before["stages"], after["stages"]):
+        # 4.5 bits a weight for 6.5625 (0.69), and each layer's 64 KiB of spare
+        assert a["streamed"] == b["streamed"] and 0 < a["streamed_bytes"] < 0.72 * b["streamed_bytes"]
+        assert a["device_bytes"] < b["device_bytes"] <= budget
+    assert set(after["requant"].values()) == {"Q4_K"}
+    assert main(plan + ["--requant-streamed", "Q4_K"]) == 0
+    assert f"requantized ({len(after['requant'])} matrices to Q4_K)" in capsys.readouterr().out
+
+
 def test_a_driver_of_gpu_stages_needs_no_gpu(model):
     """An engine whose stages run on the GPU plans them and numbers their KV blocks on the
     host (kernels/driver.py), sizing them as the GPU stores the model (CupySizes): it starts
@@ -468,8 +530,6 @@ def test_model_drafts_through_stages_give_one_process_tokens(model, single, part
 def test_what_stages_do_not_run_is_refused(model):
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=5 must be in \[1, 4\]"):
         Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=5)
-    with pytest.raises(ValueError, match="pipeline_parallel_size=2: requant_streamed is not for stages"):
-        Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2, requant_streamed="auto")
 
 
 @pytest.mark.parametrize("layers", [(0,), (1, 3), (3,)])
@@ -501,8 +561,8 @@ def test_server_config_checks_pipeline_parallel_size(model):
     assert gpu.worker_args()["stage_gpus"] == 0.5 and gpu.worker_options() == {"num_cpus": 1, "num_gpus": 0.0}
     with pytest.raises(ConfigError, match="placement_strategy"):
         server_config({"placement_strategy": "ANYWHERE"})
-    with pytest.raises(ConfigError, match="requant_streamed is not for pipeline stages"):
-        server_config({"pipeline_parallel_size": 2, "requant_streamed": "Q4_K"})
+    assert server_config({"pipeline_parallel_size": 2, "requant_streamed": "Q4_K"}).worker_args()["requant_streamed"] \
+        == "Q4_K"
     assert server_config({"pipeline_parallel_size": 2, "host_ram_gb": 8}).worker_args()["host_ram_gb"] == 8
     config = server_config({"model": str(model("qwen2")), "pipeline_parallel_size": 4, "placement_strategy": "SPREAD"})
     assert config.worker_args()["pipeline_parallel_size"] == 4

@@ -27,7 +27,7 @@ from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, calibrating
 from workers.engine.draft_policy import DraftMemory, DraftPolicy
 from workers.engine.pipeline import Finished, KVPools, LocalPipeline, plan_stages, staged_pass
-from workers.engine.placement import Rates, context_bytes, plan_model, stage_reserve
+from workers.engine.placement import Rates, context_bytes, plan_model, requantized, stage_reserve
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax
 from workers.engine.speculation import Speculation, start_verify
@@ -173,7 +173,7 @@ class Engine:
         own ops are the host's, sized as `backend` stores the model (kernels/driver.py).
         vram_budget is then each stage's (a device each); without a KV size the pools take
         the most blocks with which every stage fits it, and a stage it cannot hold streams the
-        layers it does not (`plan_stages`).
+        layers it does not (`plan_stages`), requantized as they load where requant_streamed says.
         stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
         `LocalPipeline`, in this process). A model draft's steps run through them as passes over
         its layers (`_pipeline_chain`); draft trees do not (`verifies_trees`)."""
@@ -209,9 +209,6 @@ class Engine:
         context = context_bytes(self.ops.outside_pool_bytes())
 
         staged = staged_pass(pipeline_parallel_size, c.n_layers)
-        if staged and requant_streamed is not None:
-            raise ValueError(f"pipeline_parallel_size={pipeline_parallel_size}: requant_streamed is not for stages, "
-                             "which stream the layers their budget does not hold at the file's types")
 
         def placed():  # staged: every layer resident, each stage under the budget (plan_stages below)
             return plan_model(self.gguf, c, self.ops, None if staged else vram_budget, kv_cache_tokens,
@@ -251,7 +248,9 @@ class Engine:
             self.stages = plan_stages(str(self.gguf.path), self.ops.name, self.placement.sizes,
                                       pipeline_parallel_size, pools, num_blocks, kv_type, vram_budget,
                                       stage_reserve(self.placement), kv_cache_tokens is None, self.rates, n_buffers,
-                                      context, host_ram)
+                                      context, host_ram, requant_streamed and functools.partial(
+                                          requantized, gguf=self.gguf, config=c, sizer=self.ops,
+                                          spec=requant_streamed, context=context))
             num_blocks, sliding_blocks = self.stages[0].num_blocks, self.stages[0].sliding_blocks
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,

@@ -44,10 +44,12 @@ from kernels.ops import Backend
 from workers.engine.kv_cache import PagedKVCache
 from workers.engine.kv_calibration import Transforms, calibrating, install
 from workers.engine.placement import CONTEXT_BYTES, ModelSizes, Placement, Rates, place
+from workers.engine.requant_streamed import retyped
 from workers.engine.sampling import Draw, draw_rows
 from workers.memory.disk_stream import DiskStream, image_path
 from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
+from workers.model.quant_recipe import Q
 from workers.model.transformer import Transformer, layer_matrices
 
 
@@ -156,7 +158,7 @@ class KVPools:
 def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, pools: KVPools, num_blocks: int,
                 kv_type: str | None, budget: int | None = None, reserve: int = 0, grow: bool = False,
                 rates: Rates = Rates(), n_buffers: int | None = None, context: int = CONTEXT_BYTES,
-                host_ram: int | None = None) -> list[StageSpec]:
+                host_ram: int | None = None, requant=None) -> list[StageSpec]:
     """The stages of a model split `parts` ways by bytes: each layer's matrices as `backend`
     stores them (sizes, the model's `ModelSizes`, from a Backend or a sizer such as CupySizes)
     and its KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
@@ -168,8 +170,10 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
     its slots from host memory, every pool keeping num_blocks. host_ram (None: no limit) is the
     host memory for every stage's streamed images together: each stage takes a share in
     proportion to the bytes it streams, so each reads the same fraction of them from disk (a
-    pipeline runs at its slowest stage's pace). ValueError naming pipeline_parallel_size and
-    the stage where not even that fits."""
+    pipeline runs at its slowest stage's pace). requant(p, first=, place_again=): a streaming
+    stage's placement p (its layer 0 the model's layer `first`) with its streamed layers
+    requantized (`placement.requantized`, given the model and the type); None: streamed at the
+    file's types. ValueError naming pipeline_parallel_size and the stage where not even that fits."""
     embed, head, vectors = sizes.embed_bytes, sizes.head_bytes, sizes.vector_bytes
 
     def split(blocks: int) -> tuple[list[range], list[int]]:
@@ -192,8 +196,13 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
                          sizes.head_params if last else 0, per_token * sliding, sizes.kv_sliding_tokens,
                          head if last else 0)
         tokens = num_blocks * pools.layout.block_size
+
+        def place_with(more: int) -> Placement:
+            return place(own, budget, more, tokens, tokens, rates, ram, n_buffers)
+
         try:
-            return place(own, budget, reserve, tokens, tokens, rates, ram, n_buffers)
+            p = place_with(reserve)
+            return requant(p, first=layers.start, place_again=place_with) if requant and p.streamed else p
         except ValueError as e:
             raise ValueError(f"pipeline_parallel_size={parts}: stage {k} (layers {layers.start}-{layers.stop - 1}), "
                              f"its layers streamed: {e}") from None
@@ -207,9 +216,10 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
         num_blocks = low
     ranges, sums = split(num_blocks)
     placements = [placed(k, r) if streaming else None for k, r in enumerate(ranges)]
-    streamed = sum(p.streamed_bytes for p in placements if p)
+    # shares of host RAM in the file's sizes, which place() assigns it in (requantized images are smaller)
+    streamed = sum(p.file_streamed_bytes for p in placements if p)
     if host_ram is not None and streamed > host_ram:
-        placements = [p and placed(k, r, host_ram * p.streamed_bytes // streamed)
+        placements = [p and placed(k, r, host_ram * p.file_streamed_bytes // streamed)
                       for k, (r, p) in enumerate(zip(ranges, placements))]
     specs = []
     for k, (r, p) in enumerate(zip(ranges, placements)):
@@ -236,6 +246,8 @@ class Stage:
         c = self.config = ModelConfig.from_gguf(gguf)
         if spec.layers.stop > c.n_layers:
             raise ValueError(f"{spec.describe()}: the model has {c.n_layers} layers")
+        if spec.placement and spec.placement.requant:  # its streamed matrices requantized as they load
+            gguf = retyped(gguf, {n: Q[t] for n, t in spec.placement.requant.items()})
         if spec.streamed:  # as Engine streams a model's
             self.ops.stream_layers(RingSchedule(spec.streamed, spec.n_buffers),
                                    {i: layer_matrices(gguf, c, i) for i in spec.streamed}, spec.on_disk,

@@ -88,11 +88,9 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
     kv_bytes_per_token: one layer's K and V; kv_ring_bytes: a RotateKV cache's recent ring, every
     layer and slot (kept with the fixed part); n_sliding layers keep kv_sliding_tokens in their pool."""
     table, t = config.architecture, gguf.tensors
-    layers, params = [], []
-    for i in range(config.n_layers):
-        matrices = layer_matrices(gguf, config, i)
-        layers.append(sum(ops.matrix_nbytes(*m) for m in matrices) + (64 << 10))
-        params.append(sum(x.shape[0] * x.shape[-1] for m in matrices for x in m))
+    layers = [layer_bytes(gguf, config, ops, i) for i in range(config.n_layers)]
+    params = [sum(x.shape[0] * x.shape[-1] for m in layer_matrices(gguf, config, i) for x in m)
+              for i in range(config.n_layers)]
     vectors = sum(x.n_elements for name, x in t.items() if len(x.shape) == 1) * 4
     head = t[table.tensor_name("embed" if config.tied_embeddings else "output")]
     embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
@@ -102,6 +100,11 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
     return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * (config.n_layers - n_sliding), tuple(params),
                       head.shape[0] * head.shape[-1], kv_bytes_per_token * n_sliding, kv_sliding_tokens,
                       ops.matrix_nbytes(head), embed, vectors)
+
+
+def layer_bytes(gguf, config, ops, i: int) -> int:
+    """Layer i's image as `ops` stores it: its matrices and a few aligned gaps (64 KiB spare)."""
+    return sum(ops.matrix_nbytes(*m) for m in layer_matrices(gguf, config, i)) + (64 << 10)
 
 
 def context_bytes(outside_pool: int | None) -> int:
@@ -308,13 +311,27 @@ def plan_model(gguf, config, sizer, budget: int | None, kv_tokens: int | None, m
         return with_prompt_graphs(p, kv_tokens, max_context)
     if requant_streamed is None:
         return p
-    types = streamed_types(gguf, c, p.streamed, requant_streamed)
-    # the streamed layers load (and requantize) before the KV cache and any activation exist:
-    # the requantization's scratch takes their room, and the reserve grows where it is short
-    short = load_scratch_bytes(gguf, types, sizer) - (reserve - context - GRAPH_BYTES + sizes.kv_bytes(p.kv_tokens))
+    return requantized(p, gguf, c, sizer, requant_streamed, context, lambda more: place(
+        sizes, budget, more, kv_tokens, max_context, rates, host_ram, n_buffers, resident_order))
+
+
+def requantized(p: Placement, gguf, config, sizer, spec: str, context: int, place_again, first: int = 0) -> Placement:
+    """p, which streams, with its streamed layers' matrices retyped as spec says ("auto" or a
+    type: workers/engine/requant_streamed.py): their images and the slots shrink to the new
+    sizes. p places the model, or a pipeline stage whose layer 0 is the model's layer `first`.
+    The streamed layers load (and requantize) before the KV cache and any activation exist: the
+    requantization's scratch takes their room, and where it is short, place_again(reserve)
+    places anew with the reserve grown by as much."""
+    def types_of(q: Placement) -> dict:
+        return streamed_types(gguf, config, [first + i for i in q.streamed], spec)
+
+    types = types_of(p)
+    short = load_scratch_bytes(gguf, types, sizer) - (p.reserve - context - GRAPH_BYTES + p.sizes.kv_bytes(p.kv_tokens))
     if short > 0:
-        p = place(sizes, budget, reserve + short, kv_tokens, max_context, rates, host_ram, n_buffers, resident_order)
-        types = streamed_types(gguf, c, p.streamed, requant_streamed)
-    smaller = model_sizes(retyped(gguf, types), c, sizer, layout.bytes_per_token, ring, len(sliding), sliding_tokens)
-    return replace(p, sizes=smaller, slot_bytes=max(smaller.layers[i] for i in p.streamed),
-                   requant={n: q.name for n, q in types.items()}, file_layers=sizes.layers)
+        p = place_again(p.reserve + short)
+        types = types_of(p)
+    loaded = retyped(gguf, types)
+    layers = tuple(layer_bytes(loaded, config, sizer, first + i) if i in p.streamed else n
+                   for i, n in enumerate(p.sizes.layers))
+    return replace(p, sizes=replace(p.sizes, layers=layers), slot_bytes=max(layers[i] for i in p.streamed),
+                   requant={n: q.name for n, q in types.items()}, file_layers=p.sizes.layers)
