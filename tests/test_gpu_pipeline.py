@@ -186,6 +186,29 @@ def test_gpu_stages_run_skip_drafts(model, parts):
     assert_same_greedy(single, prompt, want, got)
 
 
+def test_gpu_stages_requantize_what_they_stream(deep_model, cuda_device, tmp_path, monkeypatch):
+    """requant_streamed Q3_K through CuPy stages that both stream: each stage's streamed
+    matrices requantized on the GPU as they load (kernels/cupy/requant.py), the logits those
+    of one engine on the file `ntr quantize` writes with the stages' types (within the CUDA
+    quantizer's distance from its twin: tests/test_requant_streamed.py)."""
+    from kernels.cupy_backend import CupyBackend
+    from workers.engine.quantize_model import write_quantized
+    from workers.model.gguf_file import GGUFFile
+    from workers.model.quant_recipe import Q
+
+    # the quantizers' local memory at load would outgrow this tiny budget: the layers are the point here
+    monkeypatch.setattr(CupyBackend, "requant_local_bytes", 0)
+    kw = dict(KW, max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
+    budget = min(s.device_bytes for s in Engine(deep_model, vram_budget=1 << 40, **kw).stages) - 1
+    staged = Engine(deep_model, vram_budget=budget, requant_streamed="Q3_K", **kw)
+    assert all(s.streamed and s.placement.requant for s in staged.stages)
+    types = {n: Q[t] for s in staged.stages for n, t in s.placement.requant.items()}
+    reference = Engine(write_quantized(GGUFFile(deep_model), tmp_path / "ref.gguf", types, {}),
+                       **dict(kw, pipeline_parallel_size=1))
+    for want, got in zip(mixed_passes(reference), mixed_passes(staged)):
+        assert relative_error(want, got) < 2e-2 and (want.argmax(-1) == got.argmax(-1)).mean() > 0.9
+
+
 def test_gpu_stage_actors_share_the_gpu(model):
     """The stages as Ray actors (workers/stage_worker.py), P = 2, each reserving half of the
     one GPU (fractional num_gpus), against one engine: what a replica's stages run, the last
