@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from kernels.kv_layout import KV_TYPES
 from workers.model import store as model_store
 from workers.model.config import ModelConfig
 from workers.engine.speculation import MAX_K
@@ -93,9 +94,9 @@ class ServerConfig(BaseModel):
             if n_layers is not None and self.pipeline_parallel_size > n_layers:
                 raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
                                  f"{n_layers} layers")
-        if self.speculate != "off" and self.draft_tree == "on" and self.pipeline_parallel_size > 1:
-            raise ValueError("draft_tree 'on': pipeline stages (pipeline_parallel_size > 1) do not verify draft trees "
-                             "(a kept leaf's KV moves in every layer, in one process); use auto or off")
+        if self.speculate != "off" and self.draft_tree == "on" and self.kv_type and KV_TYPES[self.kv_type].quantized:
+            raise ValueError(f"draft_tree 'on': a RotateKV cache (kv_type {self.kv_type!r}) does not verify draft "
+                             "trees (its ring holds one row a position, so a kept leaf's KV cannot move); use auto or off")
         if self.drafter == "skip" and self.skip_set is None:
             raise ValueError("drafter 'skip' needs skip_set (a file of ntr calibrate-skip)")
         if self.max_batch_tokens < self.max_num_seqs:

@@ -164,21 +164,26 @@ def test_gpu_stages_verify_lookup_drafts(model, monkeypatch):
     assert_same_greedy(single, prompt, want, got)
 
 
-@pytest.mark.parametrize("parts", [2, 3])
-def test_gpu_stages_run_skip_drafts(model, parts):
+@pytest.mark.parametrize("parts, tree", [(2, False), (3, False), (2, True)])
+def test_gpu_stages_run_skip_drafts(model, parts, tree):
     """A skip draft through CuPy stages (every other layer skipped): each draft step a pass in
-    which each stage replays its own graph of the layers it holds, the last drawing the argmax;
+    which each stage replays its own graph of the layers it holds, the last drawing the argmax
+    (a tree's: the two best, its kept leaves' KV moved in each stage before the next pass);
     the drafts are one engine's (same acceptance, within near ties) and the tokens its plain
     greedy ones."""
     from workers.engine.speculation import Speculation
 
     path, single = model
-    spec = Speculation(3, "skip", skip=tuple(range(1, single.config.n_layers, 2)), tree=False)
+    spec = Speculation(3, "skip", skip=tuple(range(1, single.config.n_layers, 2)), tree=tree)
+    staged = Engine(path, pipeline_parallel_size=parts, **KW)
+    if tree and single.kv.sliding:  # a sliding pool's KV cannot move: trees are refused, by name
+        with pytest.raises(ValueError, match="draft_tree 'on': this engine does not verify draft trees"):
+            staged.drafters(spec)
+        return
     prompt = single.prompt_ids(CODE)
     want = [e.token_id for e in single.generate(prompt, GREEDY)]
     drafted = [e.token_id for e in single.generate(prompt, GREEDY, spec)]
     one = single.last_speculation
-    staged = Engine(path, pipeline_parallel_size=parts, **KW)
     got = [e.token_id for e in staged.generate(prompt, GREEDY, spec)]
     stats = staged.last_speculation
     assert stats.drafted > 0 and abs(stats.accepted - one.accepted) <= 0.1 * one.drafted, (stats, one)
@@ -192,12 +197,15 @@ def test_gpu_stages_requantize_what_they_stream(deep_model, cuda_device, tmp_pat
     of one engine on the file `ntr quantize` writes with the stages' types (within the CUDA
     quantizer's distance from its twin: tests/test_requant_streamed.py)."""
     from kernels.cupy_backend import CupyBackend
+    from kernels.driver import CupyDriver
     from workers.engine.quantize_model import write_quantized
     from workers.model.gguf_file import GGUFFile
     from workers.model.quant_recipe import Q
 
-    # the quantizers' local memory at load would outgrow this tiny budget: the layers are the point here
+    # the quantizers' local memory at load would outgrow this tiny budget: the layers are the
+    # point here (the stages' ops, and the driver that plans them)
     monkeypatch.setattr(CupyBackend, "requant_local_bytes", 0)
+    monkeypatch.setattr(CupyDriver, "requant_local_bytes", 0)
     kw = dict(KW, max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
     budget = min(s.device_bytes for s in Engine(deep_model, vram_budget=1 << 40, **kw).stages) - 1
     staged = Engine(deep_model, vram_budget=budget, requant_streamed="Q3_K", **kw)

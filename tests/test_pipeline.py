@@ -431,8 +431,8 @@ def test_the_last_stage_draws_the_tokens_and_only_they_come_back(model, single, 
     outputs = []
     submit = staged.pipeline.submit
 
-    def recorded(step, draws=None):
-        done = submit(step, draws)
+    def recorded(step, draws=None, **kw):
+        done = submit(step, draws, **kw)
         outputs.append(done.result())
         return done
 
@@ -500,31 +500,34 @@ def test_lookup_speculation_through_stages_gives_one_process_tokens(model, singl
 
 @pytest.mark.parametrize("parts, spec", [
     (3, Speculation(3, "early-exit", depth=1, tree=False)),  # stage 1 holds none of its layers: it hands the stream on
-    (2, Speculation(3, "skip", skip=(1,), tree=False)),  # (one process alone verifies trees)
-], ids=["early-exit", "skip"])
+    (2, Speculation(3, "skip", skip=(1,), tree=False)),
+    (3, Speculation(3, "early-exit", depth=1, tree=True)),
+    (2, Speculation(3, "skip", skip=(1,), tree=True)),
+], ids=["early-exit", "skip", "early-exit-tree", "skip-tree"])
 def test_model_drafts_through_stages_give_one_process_tokens(model, single, parts, spec):
     """Early-exit and skip drafts through stages: each draft step a pass over the draft's
-    layers, each stage running those it holds and the last drawing the argmax; the verifying
-    pass takes the draft's ids. Greedy and sampled requests (a sampled draft's steps come back
-    as logits), alone and in the scheduler's micro-batches, give one process's speculation:
-    the same tokens, logprobs and passes."""
+    layers, each stage running those it holds and the last drawing the argmax (a tree's: the
+    two best, `TOP2`); the verifying pass takes the draft's ids (a tree's runner-ups as leaf
+    rows, a kept leaf's KV moved in each stage before the next pass). Greedy and sampled
+    requests (a sampled draft's steps come back as logits; no tree), alone and in the
+    scheduler's micro-batches, give one process's speculation: the same tokens, logprobs,
+    passes and leaves kept."""
     one = single("qwen2")
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=parts)
     prompts = {"a": ([5, 6, 7, 8, 9], GREEDY.with_(max_tokens=16)), "b": ([9, 8, 7], SEEDED.with_(max_tokens=12)),
                "c": ([3, 1, 4, 1, 5], GREEDY.with_(max_tokens=12, logprobs=2))}
-    drafted = 0
+    drafted = leaf_hits = 0
     for p, params in prompts.values():
         want = [(e.token_id, e.logprob) for e in one.generate(p, params, spec)]
         stats = one.last_speculation
         assert [(e.token_id, e.logprob) for e in staged.generate(p, params, spec)] == want
         assert staged.last_speculation == stats
-        drafted += stats.drafted
+        drafted, leaf_hits = drafted + stats.drafted, leaf_hits + stats.leaf_hits
         if params.greedy:
             assert [t for t, _ in want] == [e.token_id for e in one.generate(p, params)]
-    assert drafted > 0
-    assert scheduled_speculation(staged, prompts, spec) == scheduled_speculation(one, prompts, spec)
-    with pytest.raises(ValueError, match="draft_tree 'on': this engine does not verify draft trees"):
-        staged.drafters(replace(spec, tree=True))
+    assert drafted > 0 and (leaf_hits > 0) == spec.tree  # a tree's leaves are kept, so its KV moves
+    events, stats = scheduled_speculation(staged, prompts, spec)
+    assert (events, stats) == scheduled_speculation(one, prompts, spec) and (stats.leaf_hits > 0) == spec.tree
 
 
 def test_what_stages_do_not_run_is_refused(model):
@@ -678,7 +681,7 @@ def test_a_failed_pass_through_stages_drops_every_running_request(model, monkeyp
     second = sched.plan_next()
     assert second.group != first.group and sched.in_flight == [second]
 
-    def broken(*_):
+    def broken(*_, **__):
         raise RuntimeError("stage lost")
 
     monkeypatch.setattr(staged.pipeline, "submit", broken)
@@ -774,13 +777,14 @@ def test_ray_stages_stream_from_their_nodes_host_and_disk_tiers(local_ray, model
 
 
 def test_ray_stages_run_model_drafts(local_ray, model, single):
-    """A skip draft's passes over a subset of the layers reach the stage actors (`PassInputs.layers`):
-    greedy and sampled speculation through them gives one process's tokens and passes, alone
-    and in the scheduler's two micro-batches (one group's draft passes submitted and read while
-    the other group's pass is in flight)."""
+    """A skip draft's passes over a subset of the layers reach the stage actors (`PassInputs.layers`),
+    a greedy one's as a tree (`TOP2` draws; a kept leaf's KV moves in each actor before the
+    next pass, `PassInputs.moves`): greedy and sampled speculation through them gives one
+    process's tokens and passes, alone and in the scheduler's two micro-batches (one group's
+    draft passes submitted and read while the other group's pass is in flight)."""
     from workers.stage_worker import RayPipeline
 
-    one, spec = single("qwen2"), Speculation(3, "skip", skip=(2,), tree=False)
+    one, spec = single("qwen2"), Speculation(3, "skip", skip=(2,), tree=True)
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2,
                     stage_runner=RayPipeline)
     prompts = {"a": ([5, 6, 7, 8, 9], GREEDY.with_(max_tokens=12)), "b": ([9, 8, 7], SEEDED.with_(logprobs=2)),
@@ -791,7 +795,7 @@ def test_ray_stages_run_model_drafts(local_ray, model, single):
             assert [(e.token_id, e.logprob) for e in staged.generate(p, params, spec)] == want
             assert staged.last_speculation == one.last_speculation and one.last_speculation.drafted > 0
         want = scheduled_speculation(one, prompts, spec)
-        assert scheduled_speculation(staged, prompts, spec) == want and want[1].drafted > 0
+        assert scheduled_speculation(staged, prompts, spec) == want and want[1].drafted > 0 and want[1].leaf_hits > 0
     finally:
         staged.pipeline.shutdown()
 
@@ -883,7 +887,7 @@ def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray
         deadline = time.monotonic() + 60
         while True:
             try:
-                ray.get(staged.pipeline.actors[1].step.remote(PassInputs(plan, None, False, {}, False, None), hidden),
+                ray.get(staged.pipeline.actors[1].step.remote(PassInputs(plan, None, False, {}, False, None, ()), hidden),
                         timeout=10)
             except ray.exceptions.RayTaskError as e:
                 assert "pipeline stage 1 (layers 2-3) failed: it was restarted: its KV cache is lost" in str(e)
@@ -919,13 +923,14 @@ def poll_until(worker, request_ids, done, timeout_s=120):
 
 def test_a_worker_that_fails_after_starting_its_stages_reports_the_error(local_ray, model):
     """A ComputeWorker whose start fails after its stage actors exist (here the scheduler
-    refuses draft trees through stages) shuts them down and dies with the error: before, the
-    stages' compiled graph kept its process from exiting, and callers waited forever."""
+    refuses draft trees, which a RotateKV cache cannot verify) shuts them down and dies with
+    the error: before, the stages' compiled graph kept its process from exiting, and callers
+    waited forever."""
     from workers.compute_worker import ComputeWorker
 
     worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=64, kv_cache_gb=0.01,
                                                       pipeline_parallel_size=2, speculate=2, drafter="early-exit",
-                                                      draft_tree="on")
+                                                      draft_tree="on", kv_type="q4")
     with pytest.raises(ray.exceptions.ActorDiedError, match="draft_tree 'on': this engine does not verify draft trees"):
         ray.get(worker.info.remote(), timeout=120)
 

@@ -2,7 +2,8 @@
 pass runs in P pipeline stages (P = 1: the engine in the worker itself), on a private local Ray.
 
     python tools/bench_pipeline.py [--model NAME_OR_PATH] [--pp 2] [--streams 8] [--tokens 32]
-    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32] [--actors]
+    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32] [--actors] \
+        [--speculate 3 --skip-set tools/data/skip_qwen2.5-coder-0.5b.json --draft-tree on]
 
 --local: the stages in this process instead (LocalPipeline, no Ray: the GPU machine has none),
 one greedy stream through Engine.generate, P = 1 and P = --pp in turn, each after an untimed
@@ -10,7 +11,10 @@ warm-up (on the GPU it captures the decode graphs): decode tok/s; on the GPU P >
 the stages' decode graphs off; and the time one stage boundary's hand-off of a decode step's
 residual stream takes (through the host, as `Stage.step` takes it). --actors: then the stages
 as Ray actors, each reserving 1/P of the one GPU, chained by the compiled graph (a replica's
-stages, on one device).
+stages, on one device). --speculate K (with a skip set, the skip drafter; else early exit):
+each run (stage graphs on) also speculating, after a warm-up of its own: its decode tok/s
+against the same run's plain one, tokens a verifying pass, and whether its tokens are plain
+decoding's.
 
 Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread.
 The streams are submitted together after one untimed warm-up round; the rate is the tokens that
@@ -68,7 +72,7 @@ def decode_rate(all_stamps: list[list[float]], tokens: int) -> float:
     return after / (max(s[-1] for s in all_stamps) - start)
 
 
-def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: bool = False) -> None:
+def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: bool = False, spec=None) -> None:
     import gc
 
     from workers.engine.engine import Engine
@@ -81,7 +85,8 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
         for stage in engine.pipeline.stages if engine.pipeline is not None else ():
             if not graphs:
                 stage.ops.tuning.graphs = False
-        report(engine, params, f"{path.name}, {backend}, P = {parts}{'' if graphs else ', stage graphs off'}")
+        report(engine, params, f"{path.name}, {backend}, P = {parts}{'' if graphs else ', stage graphs off'}",
+               spec if graphs else None)
         if parts > 1 and graphs:
             sender, receiver = engine.pipeline.stages[:2]
             d = engine.config.d_model
@@ -96,20 +101,30 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
 
             cp.get_default_memory_pool().free_all_blocks()
     if actors and pp > 1:
-        run_actors(path, backend, pp, params)
+        run_actors(path, backend, pp, params, spec)
 
 
-def report(engine, params: SamplingParams, label: str) -> None:
+def report(engine, params: SamplingParams, label: str, spec=None) -> None:
     """One greedy stream through engine.generate after an untimed warm-up (on the GPU it
-    captures the decode graphs): its decode rate, printed under label."""
+    captures the decode graphs): its decode rate, printed under label; with spec (a
+    Speculation) the same speculating."""
     ids = engine.prompt_ids(PROMPT)
     for _ in range(2):
         tokens = [e.token_id for e in engine.generate(ids, params)]
-    t = engine.last_timings
-    print(f"{label}: decode {t.decode_tok_s:.1f} tok/s ({t.decode_tokens} tokens; first ids {tokens[:4]})", flush=True)
+    plain = engine.last_timings.decode_tok_s
+    print(f"{label}: decode {plain:.1f} tok/s ({engine.last_timings.decode_tokens} tokens; first ids {tokens[:4]})",
+          flush=True)
+    if spec is None:
+        return
+    for _ in range(2):
+        drafted = [e.token_id for e in engine.generate(ids, params, spec)]
+    rate, stats = engine.last_timings.decode_tok_s, engine.last_speculation
+    print(f"{label}, {spec.drafter} k = {spec.k}{', tree' if spec.tree else ''}: decode {rate:.1f} tok/s "
+          f"({rate / plain:.2f}x), {stats.tokens_per_pass:.2f} tokens a pass, "
+          f"{'the same tokens' if drafted == tokens else 'tokens DIFFER from plain'}", flush=True)
 
 
-def run_actors(path: Path, backend: str, pp: int, params: SamplingParams) -> None:
+def run_actors(path: Path, backend: str, pp: int, params: SamplingParams, spec=None) -> None:
     """The stages as Ray actors on a private local Ray, each reserving 1/pp of the one GPU (the
     compiled graph's channels between them): what a replica runs, on one device."""
     import functools
@@ -126,7 +141,7 @@ def run_actors(path: Path, backend: str, pp: int, params: SamplingParams) -> Non
         engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=pp,
                         stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
         report(engine, params, f"{path.name}, {backend}, P = {pp}, stage actors "
-                               f"({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'})")
+                               f"({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'})", spec)
         engine.pipeline.shutdown()
     finally:
         ray.shutdown()
@@ -160,10 +175,24 @@ def main() -> int:
     p.add_argument("--backend", default="numpy", help="with --local: the stages' backend")
     p.add_argument("--actors", action="store_true",
                    help="with --local: also the stages as Ray actors sharing the one GPU (1/P each)")
+    p.add_argument("--speculate", type=int, help="with --local: also speculating, K drafted tokens a pass")
+    p.add_argument("--skip-set", help="with --speculate: the skip drafter's set (ntr calibrate-skip; else early exit)")
+    p.add_argument("--draft-tree", choices=("on", "off"), default="off", help="with --speculate")
     args = p.parse_args()
     if args.local:
-        local(model_store.resolve(args.model), args.backend, args.pp,
-              SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True), args.actors)
+        path = model_store.resolve(args.model)
+        spec = None
+        if args.speculate:
+            from workers.engine.skip_calibration import load_skip_set
+            from workers.engine.speculation import Speculation
+            from workers.model.config import ModelConfig
+            from workers.model.gguf_file import GGUFFile
+
+            skip = load_skip_set(args.skip_set, ModelConfig.from_gguf(GGUFFile(path)).n_layers) if args.skip_set else None
+            spec = Speculation.from_setting(args.speculate, "skip" if skip else "early-exit", None, skip,
+                                            args.draft_tree)
+        local(path, args.backend, args.pp, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True),
+              args.actors, spec)
         return 0
     os.environ.update(ONE_THREAD)
     import ray

@@ -59,11 +59,12 @@ class PassInputs(NamedTuple):
     """What every stage is given for a pass."""
 
     step: StepInputs
-    draws: list[Draw | None] | None  # the last stage's, one a logit row (`Stage.step`)
+    draws: list[Draw | None] | str | None  # the last stage's, one a logit row, or TOP2 (`Stage.step`)
     ended: bool  # every sequence a stage lost has ended since the last pass: a restarted stage serves again
     transforms: Transforms  # with ended, the calibrated key transforms, which a restarted stage lost
     calibrate: bool  # the KV calibration pass (`Stage.step`)
     layers: tuple[int, ...] | None  # a draft's subset of the model's layers (`Stage.step`; None: every layer)
+    moves: tuple[tuple[int, int], ...]  # KV slots copied first, (src, dst) (`Stage.step`: kept draft-tree leaves)
 
 
 @ray.remote(max_restarts=STAGE_RESTARTS)
@@ -94,7 +95,7 @@ class StageWorker:
                 self.lost_kv = False
             if self.lost_kv:
                 raise StageFailed(f"pipeline {name} failed: it was restarted: its KV cache is lost")
-            return self.stage.step(inputs.step, hidden, inputs.draws, inputs.calibrate, inputs.layers)
+            return self.stage.step(inputs.step, hidden, inputs.draws, inputs.calibrate, inputs.layers, inputs.moves)
         except StageFailed:
             raise
         except Exception as e:
@@ -160,16 +161,17 @@ class RayPipeline:
                 out = actor.step.bind(inputs) if out is None else actor.step.bind(inputs, out)
         return out.experimental_compile(_submit_timeout=self.timeout_s)
 
-    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False,
-               layers: tuple[int, ...] | None = None) -> RayPass:
+    def submit(self, step: StepInputs, draws: list[Draw | None] | str | None = None, calibrate: bool = False,
+               layers: tuple[int, ...] | None = None, moves: tuple[tuple[int, int], ...] = ()) -> RayPass:
         """Start a pass of step through every stage (the last drawing the tokens when given
-        draws; a draft's over `layers` only, when given); returns at once. After a failure the
+        draws; a draft's over `layers` only, when given; each stage first making the KV
+        moves, `Stage.step`); returns at once. After a failure the
         graph is built again first, the stages told that the sequences they held are ended (the
         caller has ended them) and given the KV calibration's transforms again."""
         ended, self.failed = self.failed, False
         if ended:
             self._rebuild()
-        inputs = PassInputs(step, draws, ended, self.transforms if ended else {}, calibrate, layers)
+        inputs = PassInputs(step, draws, ended, self.transforms if ended else {}, calibrate, layers, moves)
         try:
             output = self.graph.execute(inputs)
         except RayChannelError as e:  # the graph stopped: one of its stages died since the last pass

@@ -26,7 +26,7 @@ from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, calibrating
 from workers.engine.draft_policy import DraftMemory, DraftPolicy
-from workers.engine.pipeline import Finished, KVPools, LocalPipeline, plan_stages, staged_pass
+from workers.engine.pipeline import TOP2, Finished, KVPools, LocalPipeline, plan_stages, staged_pass
 from workers.engine.placement import Rates, context_bytes, plan_model, requantized, stage_reserve
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax
@@ -176,7 +176,8 @@ class Engine:
         layers it does not (`plan_stages`), requantized as they load where requant_streamed says.
         stage_runner(specs) starts the stages (workers/stage_worker.py: Ray actors; default:
         `LocalPipeline`, in this process). A model draft's steps run through them as passes over
-        its layers (`_pipeline_chain`); draft trees do not (`verifies_trees`)."""
+        its layers (`_pipeline_chain`), and a kept leaf's KV moves in each stage at the start of
+        the next pass (`move_kv`)."""
         check_spec(requant_streamed, "requant_streamed")
         self.gguf = GGUFFile(model_path)
         self.config = ModelConfig.from_gguf(self.gguf)
@@ -257,6 +258,7 @@ class Engine:
                                held=range(0) if staged else None)
         self.model = None if staged else Transformer(self.gguf, self.config, self.ops)
         self.pipeline = (stage_runner or LocalPipeline)(self.stages) if staged else None
+        self._kv_moves: list[tuple[int, int]] = []  # a pipeline's, for its next pass (`move_kv`)
         self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots, self.kv.sliding_blocks, window)
         if layout.type.quantized:
             self._calibrate_kv()
@@ -360,7 +362,7 @@ class Engine:
         if self.pipeline is not None:
             if feed is not None:  # a draft's ids, which a pipeline's chain (`start_chain`) holds on the host
                 step.tokens = fed_tokens(step.tokens, feed)
-            result = self.pipeline.submit(step, layers=self._draft_layers(layers)).result
+            result = self._submit(step, layers=self._draft_layers(layers)).result
         else:
             result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
         count_cached(work)
@@ -381,7 +383,7 @@ class Engine:
         draws = self.draws(samplers)
         step = self._plan(work)
         step.logit_rows = last_rows(work)
-        picks = self.pipeline.submit(step, draws).result
+        picks = self._submit(step, draws).result
         count_cached(work)
         return lambda: self._accept(samplers, picks())
 
@@ -429,8 +431,8 @@ class Engine:
                              "streamed layers, or draft with resident layers")
         drafters = {name: layers for name, layers in drafters.items() if name not in stuck}
         if speculation.tree and not self.verifies_trees and any(layers is not None for layers in drafters.values()):
-            raise ValueError("draft_tree 'on': this engine does not verify draft trees (they need the model in one "
-                             "process and an unquantized KV cache without a sliding pool); use auto or off")
+            raise ValueError("draft_tree 'on': this engine does not verify draft trees (they need an unquantized KV "
+                             "cache without a sliding pool); use auto or off")
         return drafters
 
     @property
@@ -518,41 +520,55 @@ class Engine:
     def _pipeline_chain(self, seqs: list[Sequence], k: int, layers: tuple[int, ...] | None, runner_up: bool,
                         before: list[tuple[int, int]]) -> tuple[np.ndarray, Callable[[], list]]:
         """`start_chain` through pipeline stages: each step a pass whose last stage takes the
-        argmax (a greedy `Draw` a sequence), the ids back on the host before the next step is
-        planned (the driver holds no device); the ids [k, B] are the feed a verifying pass takes."""
-        if runner_up:
-            raise ValueError("a draft tree's runner-ups are not verified through pipeline stages (`verifies_trees`)")
-        ids = np.empty((k, len(seqs)), np.int64)
+        argmax (a greedy `Draw` a sequence) or, with runner_up, each row's two best (`TOP2`),
+        the ids back on the host before the next step is planned (the driver holds no device);
+        the ids [k, B] ([2, k, B]) are the feed a verifying pass takes."""
+        ids = np.empty((2, k, len(seqs)), np.int64)
         work, layers = [(seq, 1) for seq in seqs], self._draft_layers(layers)
-        greedy = [Draw(GREEDY_DRAW, 0.0)] * len(seqs)
+        draws = TOP2 if runner_up else [Draw(GREEDY_DRAW, 0.0)] * len(seqs)
         try:
             for i in range(k):
                 step = self._plan(work)
                 step.logit_rows = last_rows(work)
-                picks = self.pipeline.submit(step, greedy, layers=layers).result()
-                for b, (seq, pick) in enumerate(zip(seqs, picks)):
+                picks = self._submit(step, draws, layers=layers).result()
+                ids[:, i] = picks if runner_up else [pick[0] for pick in picks]
+                for seq, token in zip(seqs, ids[0, i].tolist()):
                     seq.num_cached += 1
-                    seq.token_ids.append(pick[0])
-                    ids[i, b] = pick[0]
+                    seq.token_ids.append(token)
         finally:
             for seq, (length, cached) in zip(seqs, before):
                 del seq.token_ids[length:]
                 seq.num_cached = cached
-        return ids, lambda: ids.T.tolist()
+        if runner_up:
+            return ids, lambda: list(zip(ids[0].T.tolist(), ids[1].T.tolist()))
+        return ids[0], lambda: ids[0].T.tolist()
+
+    def _submit(self, step: StepInputs, draws: list[Draw | None] | str | None = None,
+                layers: tuple[int, ...] | None = None):
+        """A pass through the stages, carrying the KV moves asked for since the last one, which
+        each stage makes in its layers before it runs the pass (`move_kv`)."""
+        moves, self._kv_moves = tuple(self._kv_moves), []
+        return self.pipeline.submit(step, draws, layers=layers, moves=moves)
 
     @property
     def verifies_trees(self) -> bool:
         """Whether a verifying pass may hold a draft tree's leaf rows (`_plan`'s leaves): the KV
         cache unquantized and without a sliding pool (a leaf's KV is moved to its position
-        whole, `move_kv`), the model in one process."""
-        return not self.kv.layout.type.quantized and not self.kv.sliding and self.pipeline is None
+        whole, `move_kv`)."""
+        return not self.kv.layout.type.quantized and not self.kv.sliding
 
     def move_kv(self, seq: Sequence, src: int, dst: int) -> None:
         """Every layer's K and V at seq's position src copied to its position dst (an accepted
-        leaf's, from the slot its pass wrote them to: workers/engine/speculation.py)."""
+        leaf's, from the slot its pass wrote them to: workers/engine/speculation.py). Through
+        stages the move goes with the next pass (`_submit`), before which nothing reads either
+        slot: the slot src may be freed and given to a sequence that pass writes, but each
+        stage moves before it runs the pass."""
         bs = self.blocks.block_size
         table = seq.block_table
-        self.ops.copy_kv(self.kv.layers, slot(table, src, bs), slot(table, dst, bs))
+        if self.pipeline is not None:
+            self._kv_moves.append((slot(table, src, bs), slot(table, dst, bs)))
+        else:
+            self.ops.copy_kv(self.kv.layers, slot(table, src, bs), slot(table, dst, bs))
 
     def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False,
               leaves: list[list[tuple[int, int]]] | None = None) -> StepInputs:

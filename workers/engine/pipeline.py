@@ -16,9 +16,11 @@ from one stage to the next as float32 [T, d_model] (the activation precision: lo
 a single process's), and the last stage returns the logits or, given the rows' draws
 (workers/engine/sampling.py `Draw`), draws each row's token beside them and returns only
 the picks: on the GPU a decode step's ids, not a row of vocabulary-wide logits a sequence
-(607 KB for Qwen2.5's 151,936 tokens). Where the stages run is the caller's: `LocalPipeline`
+(607 KB for Qwen2.5's 151,936 tokens); a draft tree's chain step asks for each row's two best
+ids instead (`TOP2`). A pass also carries the KV moves of the draft-tree leaves kept since the
+last one, which each stage makes in its layers before it runs the pass. Where the stages run is the caller's: `LocalPipeline`
 runs them in this process, `workers/stage_worker.py` in Ray actors. Either has
-`submit(step, draws=None)`, which returns a pass whose `result()` waits for its output, and
+`submit(step, draws=None, calibrate=False, layers=None, moves=())`, which returns a pass whose `result()` waits for its output, and
 `calibrate(step)`: a quantized KV cache's calibration pass (workers/engine/kv_calibration.py),
 in which each stage calibrates its own layers and the transforms travel with the stream to the
 last stage, so that the pipeline keeps them for a stage that restarts.
@@ -51,6 +53,9 @@ from workers.model.config import ModelConfig
 from workers.model.gguf_file import GGUFFile
 from workers.model.quant_recipe import Q
 from workers.model.transformer import Transformer, layer_matrices
+
+
+TOP2 = "top2"  # a pass's draws: each logit row's argmax and runner-up, [2, B] host ids (`Backend.top2`)
 
 
 def split_by_bytes(layer_bytes: list[int], parts: int, first_bytes: int = 0, last_bytes: int = 0) -> list[range]:
@@ -262,19 +267,23 @@ class Stage:
         # where it read this one's (prompt passes, which stages run eagerly, take theirs as it comes)
         self.inputs: dict[int, object] = {}
 
-    def step(self, step: StepInputs, hidden, draws: list[Draw | None] | None = None, calibrate: bool = False,
-             layers: tuple[int, ...] | None = None):
+    def step(self, step: StepInputs, hidden, draws: list[Draw | None] | str | None = None, calibrate: bool = False,
+             layers: tuple[int, ...] | None = None, moves: tuple[tuple[int, int], ...] = ()):
         """The first stage embeds step's tokens (hidden None); the others take the previous
         stage's residual stream [T, d_model] float32. Returns the stream leaving this stage's
         last layer, or from the last stage the logits of step.logit_rows, float32 on the host,
         or with draws (the pass's: one a logit row) each row's (token, logprob, top),
-        `draw_rows`'s; a stage without the output head passes the draws by. Runs as the backend
+        `draw_rows`'s, or with TOP2 each row's two best ids; a stage without the output head
+        passes the draws by. moves: (src, dst) KV slots whose rows its layers copy first
+        (`Engine.move_kv`: kept draft-tree leaves). Runs as the backend
         runs a model's step (`Backend.run_step`: on the GPU, a decode step replayed from its
         graph). layers: a draft's pass over a subset of the model's layers (`Engine.forward`'s):
         this stage runs those it holds, a step of its own to a backend that captures steps, and
         a middle stage holding none hands the stream on as it came. calibrate: the KV
         calibration pass, which this stage's layers calibrate on; the stream and the output are
         then `Calibrated`, carrying every layer's transforms so far."""
+        for src, dst in moves:
+            self.ops.copy_kv(self.kv.layers, src, dst)
         if not calibrate:
             return self._step(step, hidden, draws, layers)
         before = hidden.transforms if isinstance(hidden, Calibrated) else {}
@@ -288,7 +297,7 @@ class Stage:
         if self.kv.layout.type.quantized:
             install(self.ops, self.kv_by_layer, transforms)
 
-    def _step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | None,
+    def _step(self, step: StepInputs, hidden: np.ndarray | None, draws: list[Draw | None] | str | None,
               layers: tuple[int, ...] | None = None):
         ops, c, T = self.ops, self.config, len(step.tokens)
         if (hidden is None) != self.spec.first:
@@ -314,7 +323,7 @@ class Stage:
             forward.layers_run = run  # a streaming stage's ring copies only these (kernels/layer_ring.py)
         out = ops.run_step(forward, step, self.kv_by_layer)
         if draws is not None and self.model.heads:
-            return draw_rows(ops, out, draws)
+            return ops.top2(out) if draws == TOP2 else draw_rows(ops, out, draws)
         return ops.to_numpy(out).astype(np.float32, copy=False)
 
     def _forward(self, step: StepInputs, kv_caches, hidden, layers):
@@ -356,11 +365,11 @@ class LocalPipeline:
             image_path(s.model_path, f"-stage{s.index}"), sizes)) for spec in specs]
         self.transforms: Transforms = {}
 
-    def submit(self, step: StepInputs, draws: list[Draw | None] | None = None, calibrate: bool = False,
-               layers: tuple[int, ...] | None = None) -> Finished:
+    def submit(self, step: StepInputs, draws: list[Draw | None] | str | None = None, calibrate: bool = False,
+               layers: tuple[int, ...] | None = None, moves: tuple[tuple[int, int], ...] = ()) -> Finished:
         hidden = None
         for stage in self.stages:
-            hidden = stage.step(step, hidden, draws, calibrate, layers)
+            hidden = stage.step(step, hidden, draws, calibrate, layers, moves)
         return Finished(hidden)
 
     def calibrate(self, step: StepInputs) -> None:
