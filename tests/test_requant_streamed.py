@@ -339,5 +339,11 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
         monkeypatch.setattr(CupySizes, "requant_local_bytes", counted - rest + short)
         scratch = requant_streamed.load_scratch_bytes(g, types, CupySizes)
         grown = plan_model(g, c, CupySizes, budget + short, 512, 512, n_buffers=2, requant_streamed="Q4_K")
+        # a budget that holds two slots with the reserve as planned, but not with the shortfall
+        # added: refused, naming what the room is for
+        tight = plain.reserve + s.fixed + s.kv_bytes(512) + 2 * max(s.layers) + short // 2
+        with pytest.raises(ValueError, match=r"the minimum is .*, of which 0.01 GiB is requant_streamed's while the "
+                                             r"streamed layers requantize as they load .*: raise the budget, or"):
+            plan_model(g, c, CupySizes, tight, 512, 512, n_buffers=2, requant_streamed="Q4_K")
     assert grown.tiers == plain.tiers and grown.reserve == plain.reserve + short
     assert room_at_load(grown, budget + short) >= scratch

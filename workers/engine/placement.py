@@ -328,7 +328,12 @@ def requantized(p: Placement, gguf, config, sizer, spec: str, context: int, plac
     types = types_of(p)
     short = load_scratch_bytes(gguf, types, sizer) - (p.reserve - context - GRAPH_BYTES + p.sizes.kv_bytes(p.kv_tokens))
     if short > 0:
-        p = place_again(p.reserve + short)
+        try:
+            p = place_again(p.reserve + short)
+        except ValueError as e:
+            raise ValueError(f"{e}, of which {short / GIB:.2f} GiB is requant_streamed's while the streamed layers "
+                             "requantize as they load (the quantizers' scratch and stacks): raise the budget, or "
+                             "stream at the file's types") from None
         types = types_of(p)
     loaded = retyped(gguf, types)
     layers = tuple(layer_bytes(loaded, config, sizer, first + i) if i in p.streamed else n
