@@ -95,8 +95,9 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"pipeline_parallel_size ({self.pipeline_parallel_size}) must be <= the model's "
                                  f"{n_layers} layers")
         if self.speculate != "off" and self.draft_tree == "on" and self.kv_type and KV_TYPES[self.kv_type].quantized:
-            raise ValueError(f"draft_tree 'on': a RotateKV cache (kv_type {self.kv_type!r}) does not verify draft "
-                             "trees (its ring holds one row a position, so a kept leaf's KV cannot move); use auto or off")
+            raise ValueError(f"draft_tree 'on': a RotateKV cache (kv_type {self.kv_type!r}) does not verify "
+                             "draft trees (its ring holds one row a position, so a kept leaf's KV cannot move); "
+                             "use auto or off")
         if self.drafter == "skip" and self.skip_set is None:
             raise ValueError("drafter 'skip' needs skip_set (a file of ntr calibrate-skip)")
         if self.max_batch_tokens < self.max_num_seqs:

@@ -254,8 +254,9 @@ def test_streaming_stages_requantize_what_they_stream(deep_model, tmp_path, spec
 def test_ntr_plan_pp_shows_what_requantized_stages_stream(tmp_path, vocab_dir, capsys, monkeypatch):
     """`ntr plan --pp 2 --requant-streamed Q4_K` on a Q6_K model with rows wide enough that the
     GPU's planes carry little padding: both stages stream the same layers as without, each
-    its streamed bytes cut to about 0.7 of the file's and its device bytes with them. (The quantizers' local memory at load, which
-    would outgrow this tiny budget, is left out, as in tests/test_requant_streamed.py.)"""
+    its streamed bytes cut to about 0.7 of the file's and its device bytes with them. (The
+    quantizers' local memory at load, which would outgrow this tiny budget, is left out, as in
+    tests/test_requant_streamed.py.)"""
     from cluster.cli import main
     from kernels.cupy.planes import CupySizes
     from workers.model.quant_recipe import Q
@@ -886,8 +887,8 @@ def test_a_restarted_stage_refuses_passes_until_its_lost_sequences_end(local_ray
         deadline = time.monotonic() + 60
         while True:
             try:
-                ray.get(staged.pipeline.actors[1].step.remote(PassInputs(plan, None, False, {}, False, None, ()), hidden),
-                        timeout=10)
+                inputs = PassInputs(plan, None, False, {}, False, None, ())
+                ray.get(staged.pipeline.actors[1].step.remote(inputs, hidden), timeout=10)
             except ray.exceptions.RayTaskError as e:
                 assert "pipeline stage 1 (layers 2-3) failed: it was restarted: its KV cache is lost" in str(e)
                 break

@@ -188,7 +188,8 @@ def main() -> int:
             from workers.model.config import ModelConfig
             from workers.model.gguf_file import GGUFFile
 
-            skip = load_skip_set(args.skip_set, ModelConfig.from_gguf(GGUFFile(path)).n_layers) if args.skip_set else None
+            n_layers = ModelConfig.from_gguf(GGUFFile(path)).n_layers
+            skip = load_skip_set(args.skip_set, n_layers) if args.skip_set else None
             spec = Speculation.from_setting(args.speculate, "skip" if skip else "early-exit", None, skip,
                                             args.draft_tree)
         local(path, args.backend, args.pp, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True),

@@ -165,9 +165,9 @@ class RayPipeline:
                layers: tuple[int, ...] | None = None, moves: tuple[tuple[int, int], ...] = ()) -> RayPass:
         """Start a pass of step through every stage (the last drawing the tokens when given
         draws; a draft's over `layers` only, when given; each stage first making the KV
-        moves, `Stage.step`); returns at once. After a failure the
-        graph is built again first, the stages told that the sequences they held are ended (the
-        caller has ended them) and given the KV calibration's transforms again."""
+        moves, `Stage.step`); returns at once. After a failure the graph is built again first,
+        the stages told that the sequences they held are ended (the caller has ended them) and
+        given the KV calibration's transforms again."""
         ended, self.failed = self.failed, False
         if ended:
             self._rebuild()

@@ -18,12 +18,13 @@ a single process's), and the last stage returns the logits or, given the rows' d
 the picks: on the GPU a decode step's ids, not a row of vocabulary-wide logits a sequence
 (607 KB for Qwen2.5's 151,936 tokens); a draft tree's chain step asks for each row's two best
 ids instead (`TOP2`). A pass also carries the KV moves of the draft-tree leaves kept since the
-last one, which each stage makes in its layers before it runs the pass. Where the stages run is the caller's: `LocalPipeline`
-runs them in this process, `workers/stage_worker.py` in Ray actors. Either has
-`submit(step, draws=None, calibrate=False, layers=None, moves=())`, which returns a pass whose `result()` waits for its output, and
-`calibrate(step)`: a quantized KV cache's calibration pass (workers/engine/kv_calibration.py),
-in which each stage calibrates its own layers and the transforms travel with the stream to the
-last stage, so that the pipeline keeps them for a stage that restarts.
+last one, which each stage makes in its layers before it runs the pass. Where the stages run
+is the caller's: `LocalPipeline` runs them in this process, `workers/stage_worker.py` in Ray
+actors. Either has `submit(step, draws=None, calibrate=False, layers=None, moves=())`, which
+returns a pass whose `result()` waits for its output, and `calibrate(step)`: a quantized KV
+cache's calibration pass (workers/engine/kv_calibration.py), in which each stage calibrates its
+own layers and the transforms travel with the stream to the last stage, so that the pipeline
+keeps them for a stage that restarts.
 
 Two passes may be in flight at once (the scheduler's micro-batches, workers/engine/
 scheduler.py): stage k runs pass B while stage k + 1 runs pass A. Their KV writes cannot
@@ -275,13 +276,13 @@ class Stage:
         or with draws (the pass's: one a logit row) each row's (token, logprob, top),
         `draw_rows`'s, or with TOP2 each row's two best ids; a stage without the output head
         passes the draws by. moves: (src, dst) KV slots whose rows its layers copy first
-        (`Engine.move_kv`: kept draft-tree leaves). Runs as the backend
-        runs a model's step (`Backend.run_step`: on the GPU, a decode step replayed from its
-        graph). layers: a draft's pass over a subset of the model's layers (`Engine.forward`'s):
-        this stage runs those it holds, a step of its own to a backend that captures steps, and
-        a middle stage holding none hands the stream on as it came. calibrate: the KV
-        calibration pass, which this stage's layers calibrate on; the stream and the output are
-        then `Calibrated`, carrying every layer's transforms so far."""
+        (`Engine.move_kv`: kept draft-tree leaves). Runs as the backend runs a model's step
+        (`Backend.run_step`: on the GPU, a decode step replayed from its graph). layers: a
+        draft's pass over a subset of the model's layers (`Engine.forward`'s): this stage runs
+        those it holds, a step of its own to a backend that captures steps, and a middle stage
+        holding none hands the stream on as it came. calibrate: the KV calibration pass, which
+        this stage's layers calibrate on; the stream and the output are then `Calibrated`,
+        carrying every layer's transforms so far."""
         for src, dst in moves:
             self.ops.copy_kv(self.kv.layers, src, dst)
         if not calibrate:
