@@ -103,10 +103,8 @@ class HostRegions:
                              "filled": r.filled} for k, r in self.regions.items()}}
 
     def unlink_all(self) -> None:
-        for found in self.regions.values():
-            found.buffer.close()
-            found.buffer.unlink()
-        self.regions.clear()
+        for key in list(self.regions):
+            self._unlink(key)
 
     def _get(self, key: str) -> Region:
         if key not in self.regions:

@@ -563,12 +563,12 @@ class Engine:
         stages the move goes with the next pass (`_submit`), before which nothing reads either
         slot: the slot src may be freed and given to a sequence that pass writes, but each
         stage moves before it runs the pass."""
-        bs = self.blocks.block_size
-        table = seq.block_table
+        bs, table = self.blocks.block_size, seq.block_table
+        move = slot(table, src, bs), slot(table, dst, bs)
         if self.pipeline is not None:
-            self._kv_moves.append((slot(table, src, bs), slot(table, dst, bs)))
+            self._kv_moves.append(move)
         else:
-            self.ops.copy_kv(self.kv.layers, slot(table, src, bs), slot(table, dst, bs))
+            self.ops.copy_kv(self.kv.layers, *move)
 
     def _plan(self, work: list[tuple[Sequence, int]], fed: bool = False, decode_rows: bool = False,
               leaves: list[list[tuple[int, int]]] | None = None) -> StepInputs:

@@ -88,9 +88,11 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
     kv_bytes_per_token: one layer's K and V; kv_ring_bytes: a RotateKV cache's recent ring, every
     layer and slot (kept with the fixed part); n_sliding layers keep kv_sliding_tokens in their pool."""
     table, t = config.architecture, gguf.tensors
-    layers = [layer_bytes(gguf, config, ops, i) for i in range(config.n_layers)]
-    params = [sum(x.shape[0] * x.shape[-1] for m in layer_matrices(gguf, config, i) for x in m)
-              for i in range(config.n_layers)]
+    layers, params = [], []
+    for i in range(config.n_layers):
+        matrices = layer_matrices(gguf, config, i)
+        layers.append(layer_bytes(ops, matrices))
+        params.append(sum(x.shape[0] * x.shape[-1] for m in matrices for x in m))
     vectors = sum(x.n_elements for name, x in t.items() if len(x.shape) == 1) * 4
     head = t[table.tensor_name("embed" if config.tied_embeddings else "output")]
     embed = ops.matrix_nbytes(t[table.tensor_name("embed")])
@@ -102,9 +104,10 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
                       ops.matrix_nbytes(head), embed, vectors)
 
 
-def layer_bytes(gguf, config, ops, i: int) -> int:
-    """Layer i's image as `ops` stores it: its matrices and a few aligned gaps (64 KiB spare)."""
-    return sum(ops.matrix_nbytes(*m) for m in layer_matrices(gguf, config, i)) + (64 << 10)
+def layer_bytes(ops, matrices: list) -> int:
+    """A layer's image as `ops` stores it (`layer_matrices`): its matrices and a few aligned
+    gaps (64 KiB spare)."""
+    return sum(ops.matrix_nbytes(*m) for m in matrices) + (64 << 10)
 
 
 def context_bytes(outside_pool: int | None) -> int:
@@ -336,7 +339,7 @@ def requantized(p: Placement, gguf, config, sizer, spec: str, context: int, plac
                              "stream at the file's types") from None
         types = types_of(p)
     loaded = retyped(gguf, types)
-    layers = tuple(layer_bytes(loaded, config, sizer, first + i) if i in p.streamed else n
+    layers = tuple(layer_bytes(sizer, layer_matrices(loaded, config, first + i)) if i in p.streamed else n
                    for i, n in enumerate(p.sizes.layers))
     return replace(p, sizes=replace(p.sizes, layers=layers), slot_bytes=max(layers[i] for i in p.streamed),
                    requant={n: q.name for n, q in types.items()}, file_layers=p.sizes.layers)
