@@ -151,7 +151,7 @@ def _plan_stages(args, options, gguf, config, p, rates) -> dict:
 
     from kernels.cupy.planes import CupySizes
     from workers.engine.kv_cache import sliding_pool
-    from workers.engine.pipeline import KVPools, plan_stages
+    from workers.engine.pipeline import KVPools, plan_stages, stages_step_seconds
     from workers.engine.placement import CONTEXT_BYTES, requantized, stage_reserve
 
     layout = CupySizes.kv_layout(config.n_kv_heads, config.head_dim, BLOCK_SIZE, options["kv_type"])
@@ -169,10 +169,8 @@ def _plan_stages(args, options, gguf, config, p, rates) -> dict:
     specs = plan(False)
     streamed = [i for s in specs for i in s.streamed]
     room = plan(True)[0].num_blocks * BLOCK_SIZE if budget is not None and not streamed else None
-    # streaming, the stages' own placements one after the other: each stage's copies overlap
-    # only its own compute here, not the other stages' (a bound, not an estimate)
     predicted = {} if not streamed else {
-        name: tokens / sum(s.placement.step_seconds(tokens, rates) for s in specs)
+        name: tokens / stages_step_seconds(specs, tokens, rates)
         for name, tokens in (("prefill_tok_s", args.batch_tokens), ("decode_tok_s", 1),
                              (f"decode_x{args.seqs}_tok_s", args.seqs))}
     return {"kv_tokens": blocks * BLOCK_SIZE, "kv_tokens_room": room, "reserve": reserve, "budget": budget,

@@ -13,14 +13,16 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import ray
 
 from cluster.config import ConfigError, server_config
+from workers.engine.draft_policy import VERIFY_COST, DraftPolicy
 from workers.engine.engine import Engine, Sequence
-from workers.engine.pipeline import Stage, split_by_bytes
+from workers.engine.pipeline import LocalPipeline, Stage, split_by_bytes
 from workers.engine.placement import CONTEXT_BYTES, stage_reserve
 from workers.engine.grammar import GrammarSpec
 from workers.engine.sampling import SamplingParams
@@ -194,6 +196,48 @@ def test_a_stage_its_budget_cannot_hold_streams_the_layers_it_does_not(model, si
                                          r"a VRAM budget of .* cannot hold"):
         Engine(model("gemma3"), max_context=64, vram_budget=budget // 2, pipeline_parallel_size=2)
 
+
+
+def test_the_draft_policy_prices_a_pass_through_stages(model, monkeypatch):
+    """The draft policy's costs through stages. Where they stream, a pass over some layers
+    takes each stage's own placement for those it holds (its layers renumbered from 0) and
+    the last stage's head. Every pass through stages, a draft's step as a plain one, also pays
+    the runner's overhead (`PASS_OVERHEAD_SECONDS`), which one process's chain of draft steps
+    does not: a skip draft of a quarter of the layers, every proposal kept, pays without it
+    (auto k drafts), and with an overhead far above a step's compute its step costs a plain
+    step's, so the policy decodes plainly."""
+    free = Engine(model("gemma3"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    largest = largest_stage(free.gguf, free.ops, free.placement, free.kv.layout)
+    streaming = Engine(model("gemma3"), max_context=64, vram_budget=largest(4) - 1, pipeline_parallel_size=2)
+    assert streaming.streams and not free.streams
+    rates, (first, last) = streaming.rates, streaming.stages
+    head = last.placement.step_seconds(1, rates, ())
+    assert head > 0 and streaming.pass_seconds(()) == head
+    assert streaming.pass_seconds(tuple(first.layers)) == first.placement.step_seconds(1, rates) + head
+    assert streaming.pass_seconds(tuple(last.layers)) == last.placement.step_seconds(1, rates)
+    assert streaming.pass_seconds() == pytest.approx(first.placement.step_seconds(1, rates)
+                                                     + last.placement.step_seconds(1, rates), rel=1e-12)
+
+    staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    staged.rates = replace(staged.rates, layer_floor_s=1.0)  # the layers, not the head, make a step
+    spec = Speculation(None, "skip", skip=(1, 2, 3))
+
+    def policy(overhead: float) -> DraftPolicy:
+        monkeypatch.setitem(LocalPipeline.PASS_OVERHEAD_SECONDS, "numpy", overhead)
+        assert staged.pass_overhead_seconds == overhead
+        made = DraftPolicy.for_engine(staged, spec, greedy=False)
+        for _ in range(20):
+            made.update("skip", 4, 4)
+        return made
+
+    step, draft = staged.pass_seconds(), staged.pass_seconds((0,))
+    alone = policy(0.0)
+    assert alone.draft_cost["skip"] == pytest.approx(draft / step) and alone.draft_cost["skip"] < 0.3
+    assert alone.next().drafter == "skip"
+    loaded = policy(100.0)
+    assert loaded.draft_cost["skip"] == pytest.approx((draft + 100.0) / (step + 100.0))
+    assert loaded.verify_cost[4] == pytest.approx((VERIFY_COST["numpy", False][4] * step + 100.0) / (step + 100.0))
+    assert loaded.next() is None
 
 
 def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(model, single, tmp_path, monkeypatch):

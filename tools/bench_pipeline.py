@@ -2,8 +2,8 @@
 pass runs in P pipeline stages (P = 1: the engine in the worker itself), on a private local Ray.
 
     python tools/bench_pipeline.py [--model NAME_OR_PATH] [--pp 2] [--streams 8] [--tokens 32]
-    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32] [--actors] \
-        [--speculate 3 --skip-set tools/data/skip_qwen2.5-coder-0.5b.json --draft-tree on]
+    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32] [--actors] [--vram-gb G] \
+        [--speculate 3|auto --skip-set tools/data/skip_qwen2.5-coder-0.5b.json --draft-tree on|off|auto]
 
 --local: the stages in this process instead (LocalPipeline, no Ray: the GPU machine has none),
 one greedy stream through Engine.generate, P = 1 and P = --pp in turn, each after an untimed
@@ -11,10 +11,11 @@ warm-up (on the GPU it captures the decode graphs): decode tok/s; on the GPU P >
 the stages' decode graphs off; and the time one stage boundary's hand-off of a decode step's
 residual stream takes (through the host, as `Stage.step` takes it). --actors: then the stages
 as Ray actors, each reserving 1/P of the one GPU, chained by the compiled graph (a replica's
-stages, on one device). --speculate K (with a skip set, the skip drafter; else early exit):
-each run (stage graphs on) also speculating, after a warm-up of its own: its decode tok/s
-against the same run's plain one, tokens a verifying pass, and whether its tokens are plain
-decoding's.
+stages, on one device). --vram-gb: each run's budget, one process's or each stage's (layers
+it does not hold stream). --speculate K or auto (with a skip set, the skip drafter; else early
+exit; --drafter auto adds the others): each run (stage graphs on) also speculating, after a
+warm-up of its own: its decode tok/s against the same run's plain one, tokens a verifying
+pass, plain steps, and whether its tokens are plain decoding's.
 
 Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread.
 The streams are submitted together after one untimed warm-up round; the rate is the tokens that
@@ -72,7 +73,8 @@ def decode_rate(all_stamps: list[list[float]], tokens: int) -> float:
     return after / (max(s[-1] for s in all_stamps) - start)
 
 
-def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: bool = False, spec=None) -> None:
+def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: bool = False, spec=None,
+          budget: int | None = None) -> None:
     import gc
 
     from workers.engine.engine import Engine
@@ -81,7 +83,12 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
     if pp > 1:
         runs += [(pp, True), (pp, False)] if backend == "cupy" else [(pp, True)]
     for parts, graphs in runs:
-        engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=parts)
+        try:
+            engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096,
+                            pipeline_parallel_size=parts, vram_budget=budget)
+        except ValueError as e:  # one process at a budget meant for each of P devices
+            print(f"{path.name}, {backend}, P = {parts}: not run: {e}", flush=True)
+            continue
         for stage in engine.pipeline.stages if engine.pipeline is not None else ():
             if not graphs:
                 stage.ops.tuning.graphs = False
@@ -101,7 +108,7 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
 
             cp.get_default_memory_pool().free_all_blocks()
     if actors and pp > 1:
-        run_actors(path, backend, pp, params, spec)
+        run_actors(path, backend, pp, params, spec, budget)
 
 
 def report(engine, params: SamplingParams, label: str, spec=None) -> None:
@@ -119,12 +126,15 @@ def report(engine, params: SamplingParams, label: str, spec=None) -> None:
     for _ in range(2):
         drafted = [e.token_id for e in engine.generate(ids, params, spec)]
     rate, stats = engine.last_timings.decode_tok_s, engine.last_speculation
-    print(f"{label}, {spec.drafter} k = {spec.k}{', tree' if spec.tree else ''}: decode {rate:.1f} tok/s "
-          f"({rate / plain:.2f}x), {stats.tokens_per_pass:.2f} tokens a pass, "
+    tree = {None: "tree where it pays", True: "tree", False: "chain"}[spec.tree]
+    print(f"{label}, {spec.drafter} k = {spec.k or 'auto'}, {tree}: decode {rate:.1f} tok/s "
+          f"({rate / plain:.2f}x), {stats.tokens_per_pass:.2f} tokens a pass ({stats.passes} passes, "
+          f"{stats.plain_steps} plain steps; {dict(stats.choices)}), "
           f"{'the same tokens' if drafted == tokens else 'tokens DIFFER from plain'}", flush=True)
 
 
-def run_actors(path: Path, backend: str, pp: int, params: SamplingParams, spec=None) -> None:
+def run_actors(path: Path, backend: str, pp: int, params: SamplingParams, spec=None,
+               budget: int | None = None) -> None:
     """The stages as Ray actors on a private local Ray, each reserving 1/pp of the one GPU (the
     compiled graph's channels between them): what a replica runs, on one device."""
     import functools
@@ -139,7 +149,7 @@ def run_actors(path: Path, backend: str, pp: int, params: SamplingParams, spec=N
              log_to_driver=False)
     try:
         engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=pp,
-                        stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
+                        vram_budget=budget, stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
         report(engine, params, f"{path.name}, {backend}, P = {pp}, stage actors "
                                f"({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'})", spec)
         engine.pipeline.shutdown()
@@ -175,9 +185,12 @@ def main() -> int:
     p.add_argument("--backend", default="numpy", help="with --local: the stages' backend")
     p.add_argument("--actors", action="store_true",
                    help="with --local: also the stages as Ray actors sharing the one GPU (1/P each)")
-    p.add_argument("--speculate", type=int, help="with --local: also speculating, K drafted tokens a pass")
+    p.add_argument("--vram-gb", type=float, help="with --local: each run's budget (one process's, each stage's)")
+    p.add_argument("--speculate", help="with --local: also speculating, K drafted tokens a pass or auto")
     p.add_argument("--skip-set", help="with --speculate: the skip drafter's set (ntr calibrate-skip; else early exit)")
-    p.add_argument("--draft-tree", choices=("on", "off"), default="off", help="with --speculate")
+    p.add_argument("--drafter", choices=("model", "auto"), default="model",
+                   help="with --speculate: the model drafter alone, or auto (lookup and early exit too)")
+    p.add_argument("--draft-tree", choices=("on", "off", "auto"), default="off", help="with --speculate")
     args = p.parse_args()
     if args.local:
         path = model_store.resolve(args.model)
@@ -190,10 +203,11 @@ def main() -> int:
 
             n_layers = ModelConfig.from_gguf(GGUFFile(path)).n_layers
             skip = load_skip_set(args.skip_set, n_layers) if args.skip_set else None
-            spec = Speculation.from_setting(args.speculate, "skip" if skip else "early-exit", None, skip,
-                                            args.draft_tree)
+            drafter = "auto" if args.drafter == "auto" else "skip" if skip else "early-exit"
+            spec = Speculation.from_setting(args.speculate, drafter, None, skip, args.draft_tree)
+        budget = None if args.vram_gb is None else int(args.vram_gb * 2**30)
         local(path, args.backend, args.pp, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True),
-              args.actors, spec)
+              args.actors, spec, budget)
         return 0
     os.environ.update(ONE_THREAD)
     import ray

@@ -101,18 +101,22 @@ class DraftPolicy:
     @classmethod
     def for_engine(cls, engine, spec: Speculation, greedy: bool = True) -> "DraftPolicy":
         """A draft token's cost: the placement's predicted time for a pass through its layers
-        and the head over a whole step's (placement.step_seconds: resident layers read, streamed
+        and the head over a whole step's (`Engine.pass_seconds`: resident layers read, streamed
         ones copied too), so a draft through resident layers is cheap beside a streamed step.
-        A verifying pass's: VERIFY_COST of the backend and placement. A lookup pass's host
-        time: HOST_DRAFT_SECONDS over the predicted step. A greedy request's policy starts
-        from the engine's `draft_memory`."""
-        p = engine.placement
+        A verifying pass's: VERIFY_COST of the backend and placement. Through pipeline stages
+        every pass, a draft's step as a plain one, also pays the runner's overhead
+        (`Engine.pass_overhead_seconds`), which the one-process chain of draft steps does not:
+        it adds to each of the three before they are put in steps. A lookup pass's host time:
+        HOST_DRAFT_SECONDS over the step. A greedy request's policy starts from the engine's
+        `draft_memory`."""
         drafters = engine.drafters(spec)
-        step = p.step_seconds(1, engine.rates)
-        costs = {name: 0.0 if layers is None else p.step_seconds(1, engine.rates, layers) / step
+        alone, over = engine.pass_seconds(), engine.pass_overhead_seconds
+        step = alone + over
+        costs = {name: 0.0 if layers is None else (engine.pass_seconds(layers) + over) / step
                  for name, layers in drafters.items()}
-        policy = cls(spec, drafters, costs, VERIFY_COST[engine.ops.name, bool(p.streamed)],
-                     trees=greedy and engine.verifies_trees, host_cost=HOST_DRAFT_SECONDS[engine.ops.name] / step)
+        verify = {k: (c * alone + over) / step for k, c in VERIFY_COST[engine.ops.name, engine.streams].items()}
+        policy = cls(spec, drafters, costs, verify, trees=greedy and engine.verifies_trees,
+                     host_cost=HOST_DRAFT_SECONDS[engine.ops.name] / step)
         if greedy:
             policy.memory = engine.draft_memory
             policy.memory.seed(policy)

@@ -26,7 +26,8 @@ from workers.engine.grammar import Constraint, GrammarSpec, GrammarTokenizer
 from workers.engine.kv_cache import PagedKVCache, sliding_pool
 from workers.engine.kv_calibration import CALIBRATION_TEXT, calibrating
 from workers.engine.draft_policy import DraftMemory, DraftPolicy
-from workers.engine.pipeline import TOP2, Finished, KVPools, LocalPipeline, plan_stages, staged_pass
+from workers.engine.pipeline import (TOP2, Finished, KVPools, LocalPipeline, plan_stages, staged_pass,
+                                     stages_step_seconds)
 from workers.engine.placement import Rates, context_bytes, plan_model, requantized, stage_reserve
 from workers.engine.requant_streamed import check_spec, retyped
 from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax
@@ -434,6 +435,27 @@ class Engine:
             raise ValueError("draft_tree 'on': this engine does not verify draft trees (they need an unquantized KV "
                              "cache without a sliding pool); use auto or off")
         return drafters
+
+    @property
+    def streams(self) -> bool:
+        """Whether a pass copies layers over the link (this process's placement streams some,
+        or a stage's does)."""
+        return bool(self.placement.streamed) or any(s.streamed for s in self.stages)
+
+    def pass_seconds(self, layers: tuple[int, ...] | None = None) -> float:
+        """A one-token decode pass through `layers` (every layer if None) and the head, as the
+        placement predicts it; through stages that stream, each stage's own placement in turn.
+        Without what a pass through stages costs beyond their compute (`pass_overhead_seconds`)."""
+        if any(s.placement for s in self.stages):
+            return stages_step_seconds(self.stages, 1, self.rates, layers)
+        return self.placement.step_seconds(1, self.rates, layers)
+
+    @property
+    def pass_overhead_seconds(self) -> float:
+        """What a pass through the pipeline's stages costs the driver beyond their compute (the
+        runner's hand-offs, and the one-process device chaining a staged pass forgoes),
+        measured per runner and backend; 0 without stages."""
+        return 0.0 if self.pipeline is None else self.pipeline.PASS_OVERHEAD_SECONDS[self.ops.name]
 
     @property
     def resident_layers(self) -> tuple[int, ...]:

@@ -239,6 +239,17 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
     return specs
 
 
+def stages_step_seconds(specs: list[StageSpec], tokens: int, rates: Rates,
+                        layers: tuple[int, ...] | None = None) -> float:
+    """A pass of `tokens` tokens through streaming stages (each placed as a model of its own)
+    over `layers` (every layer if None; a draft's otherwise), the stages one after another, so
+    each stage's copies overlap only its own compute: a bound, each stage's
+    `Placement.step_seconds` of its part (a stage that runs none of them only its head, if last)."""
+    return sum(s.placement.step_seconds(tokens, rates, None if layers is None else
+                                        tuple(i - s.layers.start for i in layers if i in s.layers))
+               for s in specs)
+
+
 class Stage:
     """One stage's layers and their KV cache, loaded from the model file (mapped, so a stage
     reads only its own tensors' pages)."""
@@ -357,6 +368,14 @@ class LocalPipeline:
     what the Ray stage actors run, without Ray). A pass runs to its end as it is submitted,
     so passes never overlap here. The stages share this process's device pool, which no
     stage's budget caps (a stage actor's own process is capped at it: workers/stage_worker.py)."""
+
+    # a pass's time beyond its stages' compute, by backend (the draft policy's: Engine.
+    # pass_overhead_seconds; docs/benchmarks.md). cupy: the 70B replica on an H100, 16.37 ->
+    # 17.06 ms a step (the hand-off's 47 us, and the device chaining of greedy steps that a
+    # staged pass forgoes). numpy: none counted; the placement's step is a GPU's seconds
+    # (`Rates`), not the CPU's, and on the CPU a pass through stages took ~2 ms more of ~83
+    # (the real default model, P = 2 against one process), within the runs' spread.
+    PASS_OVERHEAD_SECONDS = {"numpy": 0.0, "cupy": 0.69e-3}
 
     def __init__(self, specs: list[StageSpec]):
         self.specs = specs
