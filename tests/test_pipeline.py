@@ -22,7 +22,7 @@ import ray
 from cluster.config import ConfigError, server_config
 from workers.engine.draft_policy import VERIFY_COST, DraftPolicy
 from workers.engine.engine import Engine, Sequence
-from workers.engine.pipeline import LocalPipeline, Stage, split_by_bytes
+from workers.engine.pipeline import TOP2, LocalPipeline, Stage, split_by_bytes
 from workers.engine.placement import CONTEXT_BYTES, stage_reserve
 from workers.engine.grammar import GrammarSpec
 from workers.engine.sampling import SamplingParams
@@ -527,11 +527,28 @@ def test_lookup_speculation_through_stages_gives_one_process_tokens(model, singl
 
     monkeypatch.setattr(speculation, "lookup_proposal", proposal)
     staged = Engine(model("qwen2"), max_context=64, kv_cache_tokens=256, pipeline_parallel_size=2)
+    submitted = []  # each pass's draws and what came back
+    submit = staged.pipeline.submit
+
+    def recorded(step, draws=None, **kw):
+        done = submit(step, draws, **kw)
+        submitted.append((draws, done.result()))
+        return done
+
+    monkeypatch.setattr(staged.pipeline, "submit", recorded)
     for p, params in prompts.values():
+        submitted.clear()
         want = [(e.token_id, e.logprob) for e in one.generate(p, params, spec)]
         assert [(e.token_id, e.logprob) for e in staged.generate(p, params, spec)] == want
         stats = staged.last_speculation
         assert stats.passes > 0
+        # a greedy pass without logprobs brings back each row's ids, not a row of logits each
+        verifying = [(draws, out) for draws, out in submitted if draws is None or draws == TOP2]
+        assert len(verifying) == stats.passes
+        if params.greedy and params.logprobs is None:
+            assert all(draws == TOP2 and out.shape[0] == 2 for draws, out in verifying)
+        else:
+            assert all(draws is None and out.shape[-1] == staged.config.vocab_size for draws, out in verifying)
         if params.greedy:  # (a random model's flat distribution rejects most sampled proposals)
             assert 0 < stats.accepted < stats.drafted
             assert [t for t, _ in want] == plain[tuple(p)][:params.max_tokens]

@@ -123,12 +123,12 @@ class RayPipeline:
     chained by a Ray compiled graph; submit(step) starts a pass. Each stage reserves num_cpus
     and num_gpus (GPU stages: a GPU each, or a share of one that several stages use)."""
 
-    # a pass's time beyond its stages' compute, by backend, as LocalPipeline's. cupy: the 0.5B
-    # replica on an H100, two stages at half the GPU each, 0.75 -> 1.9 ms a step (the compiled
-    # graph's channels, and two CUDA contexts time-slicing the one GPU). numpy: none counted
-    # (LocalPipeline's reason); the CPU actors' loss beside one process (46 -> 69 ms a step on
-    # the 2-core machine) is their BLAS contending with the driver's, all passes' alike.
-    PASS_OVERHEAD_SECONDS = {"numpy": 0.0, "cupy": 1.15e-3}
+    # a pass's time beyond its stages' compute, by backend, as LocalPipeline's. cupy: the real
+    # default model on an H100, two stages at half the GPU each, 0.64 -> 1.58 ms a step (the
+    # compiled graph's channels, and two CUDA contexts time-slicing the one GPU). numpy: none
+    # counted (LocalPipeline's reason); the CPU actors' loss beside one process (46 -> 69 ms a
+    # step on the 2-core machine) is their BLAS contending with the driver's, every pass alike.
+    PASS_OVERHEAD_SECONDS = {"numpy": 0.0, "cupy": 0.94e-3}
 
     def __init__(self, specs: list[StageSpec], strategy: str = "STRICT_PACK", num_cpus: float = 1.0,
                  timeout_s: float = START_TIMEOUT_S, worker=StageWorker, num_gpus: float = 0.0):

@@ -343,7 +343,8 @@ class Engine:
     def start_forward(self, work: list[tuple[Sequence, int]], all_logits: bool = False, device: bool = False,
                       rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
                       decode_rows: bool = False, leaves: list[list[tuple[int, int]]] | None = None,
-                      before_draft: bool = False, feed: list | None = None) -> Callable[[], np.ndarray]:
+                      before_draft: bool = False, feed: list | None = None,
+                      best: bool = False) -> Callable[[], np.ndarray]:
         """`forward`'s pass, started: returns a function that waits for its logits. Through
         pipeline stages the pass is submitted and runs while the caller goes on, so a pass of
         other sequences started behind it runs in the stages it has left (micro-batches,
@@ -352,7 +353,10 @@ class Engine:
         draft of resident layers comes next (a verifying pass), which the streamed layers'
         copies for the pass after may run beside (kernels/layer_ring.py `late`). feed: ids on
         the device that the sequences' negative tokens name (`Backend.run_step`; a draft's
-        proposals, `start_chain`)."""
+        proposals, `start_chain`). best: through pipeline stages, each logit row's argmax and
+        runner-up ids ([2, rows] on the host: the last stage's `TOP2`) instead of its logits, for a
+        greedy verifying pass that reads nothing else (one process keeps the logits on the device,
+        where the argmax is found beside them, and ignores it)."""
         step = self._plan(work, decode_rows=decode_rows, leaves=leaves)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
@@ -363,7 +367,10 @@ class Engine:
         if self.pipeline is not None:
             if feed is not None:  # a draft's ids, which a pipeline's chain (`start_chain`) holds on the host
                 step.tokens = fed_tokens(step.tokens, feed)
-            result = self._submit(step, layers=self._draft_layers(layers)).result
+            result = self._submit(step, TOP2 if best else None, layers=self._draft_layers(layers)).result
+            if best:
+                count_cached(work)
+                return result
         else:
             result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
         count_cached(work)

@@ -370,12 +370,12 @@ class LocalPipeline:
     stage's budget caps (a stage actor's own process is capped at it: workers/stage_worker.py)."""
 
     # a pass's time beyond its stages' compute, by backend (the draft policy's: Engine.
-    # pass_overhead_seconds; docs/benchmarks.md). cupy: the 70B replica on an H100, 16.37 ->
-    # 17.06 ms a step (the hand-off's 47 us, and the device chaining of greedy steps that a
-    # staged pass forgoes). numpy: none counted; the placement's step is a GPU's seconds
-    # (`Rates`), not the CPU's, and on the CPU a pass through stages took ~2 ms more of ~83
-    # (the real default model, P = 2 against one process), within the runs' spread.
-    PASS_OVERHEAD_SECONDS = {"numpy": 0.0, "cupy": 0.69e-3}
+    # pass_overhead_seconds; docs/benchmarks.md). cupy: the real default model on an H100, P = 2
+    # against one process, 0.14-0.18 ms a step (the hand-off's 20-25 us, the host's work between
+    # steps that one process's greedy steps run ahead of; the 70B replica's: 0.69 ms). numpy:
+    # none counted; the placement's step is a GPU's seconds (`Rates`), not the CPU's, and on the
+    # CPU a pass through stages took ~2 ms more of ~83, within the runs' spread.
+    PASS_OVERHEAD_SECONDS = {"numpy": 0.0, "cupy": 0.16e-3}
 
     def __init__(self, specs: list[StageSpec]):
         self.specs = specs

@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 from workers.engine.draft_policy import DraftPolicy
 from workers.engine.engine import Completion, Engine, GeneratedToken, Sequence
 from workers.engine.sampling import SamplingParams
-from workers.engine.speculation import Choice, Speculation, Stats, accept, pass_rows, propose, start_pass
+from workers.engine.speculation import Choice, Speculation, Stats, accept, propose, start_pass
 
 
 class QueueFull(RuntimeError):
@@ -353,10 +353,10 @@ class Scheduler:
         engine, plain = self.engine, [r for r in step.requests if r not in step.passes]
         drafts, feed = propose(engine, [(r.seq, choice, r.budget - r.generated, r.sampler)
                                         for r, choice in step.passes.items()])
-        logits = start_pass(engine, drafts, [r.seq for r in plain], feed)
+        verified = start_pass(engine, drafts, [r.seq for r in plain], feed)
 
         def wait() -> list:
-            out = logits()
+            out, rows = verified()
             first = len(plain)
             picked = {}
             if plain:
@@ -364,7 +364,6 @@ class Scheduler:
                 picked = {r: [] if c is None else [c]
                           for r, c in zip(plain, engine.sample(engine.ops.take_rows(out, list(range(first))),
                                                                samplers))}
-            rows = pass_rows(engine, out)
             for (request, choice), d in zip(step.passes.items(), drafts):
                 kept = accept(engine, d, *rows(first, d.rows), self.spec_stats)
                 first += d.rows

@@ -189,6 +189,11 @@ class Draft:
         """Its rows of the pass: the last token, the proposals, the leaves."""
         return len(self.proposed) + 1 + len(self.alternatives)
 
+    @property
+    def reads_argmax_only(self) -> bool:
+        """Whether `accept` reads only its rows' argmax: greedy, no logprobs asked for."""
+        return self.sampler is None or (self.sampler.params.greedy and self.sampler.params.logprobs is None)
+
     def settle(self) -> None:
         """The proposals and alternatives as the host reads them (a chain's: once its pass is done)."""
         if self.pending is not None:
@@ -278,19 +283,30 @@ def start_pass(engine, drafts: list[Draft], plain: list = (), feed: list | None 
     i-th at the i-th proposal's position) as the rows of one decode step
     (`Engine.forward(decode_rows=True)`), their KV blocks reserved (a leaf's KV goes to a
     slot after the proposals'); feed: `propose`'s, the ids its chains' drafts name. Returns a
-    function that waits for the logits of every row, in that order, on the device. The
-    proposals are not left in the sequences; each counts them cached until `accept` settles it."""
+    function that waits for the pass: (the logits of every row, in that order, on the device;
+    `pass_rows`'s function of them). Through pipeline stages a pass of drafts alone whose
+    acceptance reads only each row's argmax brings back the last stage's ids of each row
+    instead of its vocabulary-wide logits (`Engine.start_forward(best=True)`), and the logits
+    are then None. The proposals are not left in the sequences; each counts them cached until
+    `accept` settles it."""
     work = [(seq, 1) for seq in plain] + [(d.seq, len(d.proposed) + 1) for d in drafts]
     leaves = [[]] * len(plain) + [[(j + 1, t) for j, t in enumerate(d.alternatives)] for d in drafts]
+    best = engine.pipeline is not None and not plain and all(d.reads_argmax_only for d in drafts)
     for d in drafts:
         d.seq.token_ids.extend(d.proposed)
     try:
         engine.reserve([(seq, n + len(leaf)) for (seq, n), leaf in zip(work, leaves)])
-        return engine.start_forward(work, all_logits=True, device=True, decode_rows=True, leaves=leaves,
-                                    before_draft=True, feed=feed or None)
+        result = engine.start_forward(work, all_logits=True, device=True, decode_rows=True, leaves=leaves,
+                                      before_draft=True, feed=feed or None, best=best)
     finally:
         for d in drafts:
             del d.seq.token_ids[len(d.seq.token_ids) - len(d.proposed):]
+
+    def wait() -> tuple[object, Callable[[int, int], tuple[np.ndarray, Callable[[], np.ndarray]]]]:
+        out = result()
+        return (None, pass_rows(engine, None, out[0])) if best else (out, pass_rows(engine, out))
+
+    return wait
 
 
 def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], stats: Stats) -> list[tuple]:
@@ -341,17 +357,21 @@ def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], s
             for t, r in zip(kept, token_rows or range(len(kept)))]
 
 
-def pass_rows(engine, out) -> Callable[[int, int], tuple[np.ndarray, Callable[[], np.ndarray]]]:
+def pass_rows(engine, out,
+              best: np.ndarray | None = None) -> Callable[[int, int], tuple[np.ndarray, Callable[[], np.ndarray]]]:
     """A verifying pass's logits on the device -> (first, n) -> (the model's argmax at rows
     first..first+n, a function that copies those rows to the host once, when first asked):
     `accept`'s arguments for the draft whose rows they are. The argmax of every row is found
-    once, on the device (a decode graph's replay has found it already)."""
+    once, on the device (a decode graph's replay has found it already); best: found already
+    (the last pipeline stage's), with no logits to copy (out None)."""
     ops = engine.ops
-    best = ops.argmax(out)
+    best = ops.argmax(out) if best is None else best
 
     def rows(first: int, n: int) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
         @functools.cache
         def host() -> np.ndarray:
+            if out is None:
+                raise RuntimeError("this pass brought back its rows' argmax only (`Draft.reads_argmax_only`)")
             return ops.to_numpy(ops.take_rows(out, list(range(first, first + n)))).astype(np.float32, copy=False)
 
         return best[first:first + n], host
@@ -374,7 +394,7 @@ def start_verify(engine, seq, choice: Choice, limit: int, stats: Stats, sampler=
         del seq.token_ids[len(seq.token_ids) - len(after):]
 
     def finish() -> tuple[list[tuple], Draft]:
-        rows = pass_rows(engine, result())
+        rows = result()[1]
         return accept(engine, d, *rows(0, d.rows), stats), d
 
     return finish
