@@ -164,7 +164,8 @@ def _plan_stages(args, options, gguf, config, p, rates) -> dict:
 
     def plan(grow: bool):
         return plan_stages(str(gguf.path), CupySizes.name, p.sizes, args.pp, pools, blocks, options["kv_type"], budget,
-                           reserve, grow, rates, options["n_buffers"], host_ram=options["host_ram"], requant=requant)
+                           reserve, grow, rates, options["n_buffers"], host_ram=options["host_ram"], requant=requant,
+                           resident_order=_resident_order(args, gguf.path))
 
     specs = plan(False)
     streamed = [i for s in specs for i in s.streamed]
@@ -184,6 +185,17 @@ def _plan_stages(args, options, gguf, config, p, rates) -> dict:
                         "kv_bytes": sum(pools.layer_bytes(i, blocks) for i in s.layers)} for s in specs]}
 
 
+def _runs(layers: list[int]) -> str:
+    """Ascending layer indices as runs: [4, 9, 10, 11] -> "4, 9-11"."""
+    runs = []
+    for i in layers:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
 def _print_stages(args, config, stages: dict, predicted: dict) -> int:
     if args.json:
         print(json.dumps({**stages, "predicted": predicted}))
@@ -198,7 +210,7 @@ def _print_stages(args, config, stages: dict, predicted: dict) -> int:
         ends = ", ".join(e for e, on in (("embedding", k == 0), ("output head", k == last)) if on)
         planned = f"; planned {s['device_bytes'] / GIB:.2f} GiB" if s["device_bytes"] is not None else ""
         disk = f", {len(s['on_disk'])} of them from disk" if s["on_disk"] else ""
-        streams = (f"; streams {len(s['streamed'])} layers ({s['streamed'][0]}-{s['streamed'][-1]}){disk} through "
+        streams = (f"; streams {len(s['streamed'])} layers ({_runs(s['streamed'])}){disk} through "
                    f"{s['n_buffers']} slots" if s["streamed"] else "")
         print(f"stage {k}: layers {s['layers'][0]}-{s['layers'][1]}{', ' + ends if ends else ''}{planned} "
               f"(KV {s['kv_bytes'] / GIB:.2f}){streams}")

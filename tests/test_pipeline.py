@@ -192,6 +192,13 @@ def test_a_stage_its_budget_cannot_hold_streams_the_layers_it_does_not(model, si
             assert 1 <= s.n_buffers <= len(s.streamed) and stage.ops.streaming.schedule.streamed == s.streamed
     for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
         assert np.array_equal(w, g)
+    # a resident order (a skip draft's layers first, as the server config gives it) holds in each stage
+    reordered = Engine(model("gemma3"), max_context=64, vram_budget=budget, pipeline_parallel_size=2,
+                       resident_order=tuple(reversed(range(7))))
+    for s, r in zip(staged.stages, reordered.stages):
+        assert r.streamed == tuple(s.layers[:len(s.streamed)])  # the stage's first layers
+    for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(reordered)):
+        assert np.array_equal(w, g)
     with pytest.raises(ValueError, match=r"pipeline_parallel_size=2: stage \d \(layers \d-\d\), its layers streamed: "
                                          r"a VRAM budget of .* cannot hold"):
         Engine(model("gemma3"), max_context=64, vram_budget=budget // 2, pipeline_parallel_size=2)

@@ -12,7 +12,7 @@ the stages' decode graphs off; and the time one stage boundary's hand-off of a d
 residual stream takes (through the host, as `Stage.step` takes it). --actors: then the stages
 as Ray actors, each reserving 1/P of the one GPU, chained by the compiled graph (a replica's
 stages, on one device). --vram-gb: each run's budget, one process's or each stage's (layers
-it does not hold stream). --speculate K or auto (with a skip set, the skip drafter; else early
+it does not hold stream; with --skip-set the draft's layers claim residency first). --speculate K or auto (with a skip set, the skip drafter; else early
 exit; --drafter auto adds the others): each run (stage graphs on) also speculating, after a
 warm-up of its own: its decode tok/s against the same run's plain one, tokens a verifying
 pass, plain steps, and whether its tokens are plain decoding's.
@@ -74,7 +74,7 @@ def decode_rate(all_stamps: list[list[float]], tokens: int) -> float:
 
 
 def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: bool = False, spec=None,
-          budget: int | None = None) -> None:
+          budget: int | None = None, order: tuple[int, ...] | None = None) -> None:
     import gc
 
     from workers.engine.engine import Engine
@@ -85,7 +85,7 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
     for parts, graphs in runs:
         try:
             engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096,
-                            pipeline_parallel_size=parts, vram_budget=budget)
+                            pipeline_parallel_size=parts, vram_budget=budget, resident_order=order)
         except ValueError as e:  # one process at a budget meant for each of P devices
             print(f"{path.name}, {backend}, P = {parts}: not run: {e}", flush=True)
             continue
@@ -108,7 +108,7 @@ def local(path: Path, backend: str, pp: int, params: SamplingParams, actors: boo
 
             cp.get_default_memory_pool().free_all_blocks()
     if actors and pp > 1:
-        run_actors(path, backend, pp, params, spec, budget)
+        run_actors(path, backend, pp, params, spec, budget, order)
 
 
 def report(engine, params: SamplingParams, label: str, spec=None) -> None:
@@ -134,7 +134,7 @@ def report(engine, params: SamplingParams, label: str, spec=None) -> None:
 
 
 def run_actors(path: Path, backend: str, pp: int, params: SamplingParams, spec=None,
-               budget: int | None = None) -> None:
+               budget: int | None = None, order: tuple[int, ...] | None = None) -> None:
     """The stages as Ray actors on a private local Ray, each reserving 1/pp of the one GPU (the
     compiled graph's channels between them): what a replica runs, on one device."""
     import functools
@@ -149,7 +149,7 @@ def run_actors(path: Path, backend: str, pp: int, params: SamplingParams, spec=N
              log_to_driver=False)
     try:
         engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=pp,
-                        vram_budget=budget, stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
+                        vram_budget=budget, resident_order=order, stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
         report(engine, params, f"{path.name}, {backend}, P = {pp}, stage actors "
                                f"({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'})", spec)
         engine.pipeline.shutdown()
@@ -194,9 +194,10 @@ def main() -> int:
     args = p.parse_args()
     if args.local:
         path = model_store.resolve(args.model)
-        spec = None
+        spec = order = None
+        budget = None if args.vram_gb is None else int(args.vram_gb * 2**30)
         if args.speculate:
-            from workers.engine.skip_calibration import load_skip_set
+            from workers.engine.skip_calibration import load_skip_set, residency_order
             from workers.engine.speculation import Speculation
             from workers.model.config import ModelConfig
             from workers.model.gguf_file import GGUFFile
@@ -205,9 +206,10 @@ def main() -> int:
             skip = load_skip_set(args.skip_set, n_layers) if args.skip_set else None
             drafter = "auto" if args.drafter == "auto" else "skip" if skip else "early-exit"
             spec = Speculation.from_setting(args.speculate, drafter, None, skip, args.draft_tree)
-        budget = None if args.vram_gb is None else int(args.vram_gb * 2**30)
+            # under a budget the skip draft's layers claim residency first, as `ntr generate` places them
+            order = residency_order(args.skip_set, path) if skip and budget else None
         local(path, args.backend, args.pp, SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True),
-              args.actors, spec, budget)
+              args.actors, spec, budget, order)
         return 0
     os.environ.update(ONE_THREAD)
     import ray

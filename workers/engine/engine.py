@@ -166,7 +166,7 @@ class Engine:
         type): the streamed layers' matrices are requantized as they load
         (workers/engine/requant_streamed.py), so each pass copies fewer bytes. resident_order:
         the order layers claim residency when some stream (`placement.place`; the first layers
-        if None).
+        if None), through stages each stage's layers in that order.
 
         With pipeline_parallel_size P > 1 the forward pass runs in P stages, the layers split
         by bytes (workers/engine/pipeline.py); this engine then holds no weights and no KV, only
@@ -252,7 +252,7 @@ class Engine:
                                       stage_reserve(self.placement), kv_cache_tokens is None, self.rates, n_buffers,
                                       context, host_ram, requant_streamed and functools.partial(
                                           requantized, gguf=self.gguf, config=c, sizer=self.ops,
-                                          spec=requant_streamed, context=context))
+                                          spec=requant_streamed, context=context), resident_order)
             num_blocks, sliding_blocks = self.stages[0].num_blocks, self.stages[0].sliding_blocks
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,

@@ -164,7 +164,8 @@ class KVPools:
 def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, pools: KVPools, num_blocks: int,
                 kv_type: str | None, budget: int | None = None, reserve: int = 0, grow: bool = False,
                 rates: Rates = Rates(), n_buffers: int | None = None, context: int = CONTEXT_BYTES,
-                host_ram: int | None = None, requant=None) -> list[StageSpec]:
+                host_ram: int | None = None, requant=None,
+                resident_order: tuple[int, ...] | None = None) -> list[StageSpec]:
     """The stages of a model split `parts` ways by bytes: each layer's matrices as `backend`
     stores them (sizes, the model's `ModelSizes`, from a Backend or a sizer such as CupySizes)
     and its KV pool of num_blocks blocks. With a budget each stage is a device of its own holding
@@ -179,7 +180,10 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
     pipeline runs at its slowest stage's pace). requant(p, first=, place_again=): a streaming
     stage's placement p (its layer 0 the model's layer `first`) with its streamed layers
     requantized (`placement.requantized`, given the model and the type); None: streamed at the
-    file's types. ValueError naming pipeline_parallel_size and the stage where not even that fits."""
+    file's types. resident_order (the model's layers, as `placement.place` takes it): the order
+    in which each stage's layers claim residency on its device (a skip draft's first, so that
+    its drafts copy nothing; the first layers if None). ValueError naming
+    pipeline_parallel_size and the stage where not even that fits."""
     embed, head, vectors = sizes.embed_bytes, sizes.head_bytes, sizes.vector_bytes
 
     def split(blocks: int) -> tuple[list[range], list[int]]:
@@ -202,9 +206,10 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
                          sizes.head_params if last else 0, per_token * sliding, sizes.kv_sliding_tokens,
                          head if last else 0)
         tokens = num_blocks * pools.layout.block_size
+        order = None if resident_order is None else tuple(i - layers.start for i in resident_order if i in layers)
 
         def place_with(more: int) -> Placement:
-            return place(own, budget, more, tokens, tokens, rates, ram, n_buffers)
+            return place(own, budget, more, tokens, tokens, rates, ram, n_buffers, order)
 
         try:
             p = place_with(reserve)
