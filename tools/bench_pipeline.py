@@ -2,8 +2,9 @@
 pass runs in P pipeline stages (P = 1: the engine in the worker itself), on a private local Ray.
 
     python tools/bench_pipeline.py [--model NAME_OR_PATH] [--pp 2] [--streams 8] [--tokens 32]
-    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32] [--actors] [--vram-gb G] \
-        [--speculate 3|auto --skip-set tools/data/skip_qwen2.5-coder-0.5b.json --draft-tree on|off|auto]
+    python tools/bench_pipeline.py --local [--backend cupy] [--pp 2] [--tokens 32] [--actors] \
+        [--vram-gb G] [--speculate 3|auto --skip-set tools/data/skip_qwen2.5-coder-0.5b.json \
+        --drafter model|auto --draft-tree on|off|auto]
 
 --local: the stages in this process instead (LocalPipeline, no Ray: the GPU machine has none),
 one greedy stream through Engine.generate, P = 1 and P = --pp in turn, each after an untimed
@@ -12,10 +13,11 @@ the stages' decode graphs off; and the time one stage boundary's hand-off of a d
 residual stream takes (through the host, as `Stage.step` takes it). --actors: then the stages
 as Ray actors, each reserving 1/P of the one GPU, chained by the compiled graph (a replica's
 stages, on one device). --vram-gb: each run's budget, one process's or each stage's (layers
-it does not hold stream; with --skip-set the draft's layers claim residency first). --speculate K or auto (with a skip set, the skip drafter; else early
-exit; --drafter auto adds the others): each run (stage graphs on) also speculating, after a
-warm-up of its own: its decode tok/s against the same run's plain one, tokens a verifying
-pass, plain steps, and whether its tokens are plain decoding's.
+it does not hold stream; with --skip-set the draft's layers claim residency first).
+--speculate K or auto (with a skip set, the skip drafter; else early exit; --drafter auto
+adds the others): each run (stage graphs on) also speculating, after a warm-up of its own:
+its decode tok/s against the same run's plain one, tokens a verifying pass, plain steps, the
+passes by choice, and whether its tokens are plain decoding's.
 
 Through Ray, every actor (the worker and each stage) reserves one CPU and runs one BLAS thread.
 The streams are submitted together after one untimed warm-up round; the rate is the tokens that
@@ -149,7 +151,8 @@ def run_actors(path: Path, backend: str, pp: int, params: SamplingParams, spec=N
              log_to_driver=False)
     try:
         engine = Engine(path, backend=backend, max_context=1024, kv_cache_tokens=4096, pipeline_parallel_size=pp,
-                        vram_budget=budget, resident_order=order, stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
+                        vram_budget=budget, resident_order=order,
+                        stage_runner=functools.partial(RayPipeline, num_gpus=1 / pp if gpu else 0.0))
         report(engine, params, f"{path.name}, {backend}, P = {pp}, stage actors "
                                f"({'1/' + str(pp) + ' GPU each' if gpu else 'CPU'})", spec)
         engine.pipeline.shutdown()
