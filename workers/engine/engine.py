@@ -353,10 +353,10 @@ class Engine:
         draft of resident layers comes next (a verifying pass), which the streamed layers'
         copies for the pass after may run beside (kernels/layer_ring.py `late`). feed: ids on
         the device that the sequences' negative tokens name (`Backend.run_step`; a draft's
-        proposals, `start_chain`). best: through pipeline stages, each logit row's argmax and
-        runner-up ids ([2, rows] on the host: the last stage's `TOP2`) instead of its logits, for a
-        greedy verifying pass that reads nothing else (one process keeps the logits on the device,
-        where the argmax is found beside them, and ignores it)."""
+        proposals, `start_chain`). best (with device): through pipeline stages, each logit row's
+        argmax and runner-up ids ([2, rows] on the host: the last stage's `TOP2`) instead of its
+        logits, for a greedy verifying pass that reads nothing else (one process keeps the logits
+        on the device, where the argmax is found beside them, and ignores it)."""
         step = self._plan(work, decode_rows=decode_rows, leaves=leaves)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
@@ -368,9 +368,6 @@ class Engine:
             if feed is not None:  # a draft's ids, which a pipeline's chain (`start_chain`) holds on the host
                 step.tokens = fed_tokens(step.tokens, feed)
             result = self._submit(step, TOP2 if best else None, layers=self._draft_layers(layers)).result
-            if best:
-                count_cached(work)
-                return result
         else:
             result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
         count_cached(work)

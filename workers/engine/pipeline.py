@@ -206,7 +206,7 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
                          sizes.head_params if last else 0, per_token * sliding, sizes.kv_sliding_tokens,
                          head if last else 0)
         tokens = num_blocks * pools.layout.block_size
-        order = None if resident_order is None else tuple(i - layers.start for i in resident_order if i in layers)
+        order = None if resident_order is None else own_layers(resident_order, layers)
 
         def place_with(more: int) -> Placement:
             return place(own, budget, more, tokens, tokens, rates, ram, n_buffers, order)
@@ -250,9 +250,14 @@ def stages_step_seconds(specs: list[StageSpec], tokens: int, rates: Rates,
     over `layers` (every layer if None; a draft's otherwise), the stages one after another, so
     each stage's copies overlap only its own compute: a bound, each stage's
     `Placement.step_seconds` of its part (a stage that runs none of them only its head, if last)."""
-    return sum(s.placement.step_seconds(tokens, rates, None if layers is None else
-                                        tuple(i - s.layers.start for i in layers if i in s.layers))
+    return sum(s.placement.step_seconds(tokens, rates, None if layers is None else own_layers(layers, s.layers))
                for s in specs)
+
+
+def own_layers(layers, held: range) -> tuple[int, ...]:
+    """Of the model's `layers` (in their order), those a stage holding `held` has, numbered
+    from its first: the indices of its own placement (`StageSpec.placement`)."""
+    return tuple(i - held.start for i in layers if i in held)
 
 
 class Stage:
