@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -437,16 +438,27 @@ def cmd_serve(args) -> int:
     import ray
     from ray.serve.scripts import cli as serve_cli
 
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=args.address, namespace="serve")  # serve run's namespace; None: RAY_ADDRESS
+    else:
         # A cluster of its own on this machine. Ray's GCS, raylet, agents and workers listen on
         # every interface whatever the node address (Ray 2.60 turns 127.0.0.1 into the routable
         # one); a new local cluster requires Ray's token on every RPC (ray.init turns token auth
         # on unless RAY_AUTH_MODE says otherwise). What Ray lets bind to loopback does: the
         # dashboard here, the HTTP proxy by the config's http_options.host. docs/deploy.md, "Ports".
-        ray.init(namespace="serve", dashboard_host="127.0.0.1")  # serve run's namespace; it keeps this Ray
-    serve_cli.main(["run", args.config, *(["--address", args.address] if args.address else [])],
-                   standalone_mode=False)
+        ray.init(namespace="serve", dashboard_host="127.0.0.1")
+    # SIGTERM (what kill, systemd and a container runtime send) and SIGINT stop it as Ctrl-C
+    # does: `serve run` deletes the apps on KeyboardInterrupt. Set after ray.init, whose own
+    # SIGTERM handler exits without that; SIGINT too, as a process a shell starts in the
+    # background inherits it ignored.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    serve_cli.main(["run", args.config], standalone_mode=False)  # on the Ray initialized here
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def cmd_batch(args) -> int:

@@ -167,7 +167,8 @@ def dev_config(tmp_dir: Path, model_path: Path, **args) -> tuple[Path, int, int]
 
 @contextmanager
 def served_app(cluster: RayCluster, config: Path, http_port: int, timeout_s: float = 300):
-    """`ntr serve --config` on the cluster until the app answers /health; interrupted on exit."""
+    """`ntr serve --config` on the cluster until the app answers /health; stopped by SIGTERM on
+    exit, which must shut Serve down and end it (exit status 0) within a minute."""
     log = open(Path(cluster.temp_dir) / "ntr-serve.log", "w")
     proc = subprocess.Popen([str(BIN / "ntr"), "serve", "--config", str(config)], env=cluster.env, cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -183,9 +184,16 @@ def served_app(cluster: RayCluster, config: Path, http_port: int, timeout_s: flo
         wait_until(healthy, timeout_s, "the Serve app's /health", interval_s=2)
         yield f"http://127.0.0.1:{http_port}"
     finally:
-        proc.send_signal(signal.SIGINT)  # `serve run` deletes the apps on interrupt
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        running = proc.poll() is None
+        if running:
+            proc.send_signal(signal.SIGTERM)  # `ntr serve` deletes the apps and stops Serve on it
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         log.close()
+        # exit status 0: it shut Serve down (SIGTERM's default action leaves -15, and the apps)
+        if running and proc.returncode != 0:
+            raise RuntimeError(f"ntr serve did not stop cleanly within 60 s of SIGTERM (exit status "
+                               f"{proc.returncode}): {Path(log.name).read_text()[-3000:]}")

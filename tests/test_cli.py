@@ -172,18 +172,26 @@ def test_console_script_entry_point(tiny_model):
 def test_serve_starts_its_own_ray_on_loopback_where_ray_allows(monkeypatch, address):
     """ntr serve without a cluster address starts its own Ray with the dashboard on loopback (Ray's
     other ports listen on every interface, guarded by the token Ray 2.60 turns on for a new local
-    cluster: docs/deploy.md); with an address it joins that cluster as it is."""
+    cluster: docs/deploy.md); with an address it joins that cluster as it is. Either way SIGTERM
+    and SIGINT then stop it as Ctrl-C does, set after ray.init, which sets its own SIGTERM exit
+    (the served tests' teardown checks the stop itself: serving_cluster.served_app)."""
+    import signal
+
     import ray
     from ray.serve.scripts import cli as serve_cli
+
+    from cluster.cli import _interrupt
 
     calls = []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(("init", kw)))
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: calls.append(("signal", signum, handler)))
     monkeypatch.setattr(serve_cli, "main", lambda argv, standalone_mode: calls.append(("serve", argv)))
     argv = ["serve", "--config", "configs/dev-cpu.yaml"] + (["--address", address] if address else [])
     assert main(argv) == 0
-    if address is None:
-        assert calls[0] == ("init", {"namespace": "serve", "dashboard_host": "127.0.0.1"})
-    else:
-        assert [c[0] for c in calls] == ["serve"] and calls[0][1][-2:] == ["--address", address]
-    assert calls[-1][1][:2] == ["run", "configs/dev-cpu.yaml"]
+    init = {"namespace": "serve", "dashboard_host": "127.0.0.1"} if address is None else {"address": address,
+                                                                                           "namespace": "serve"}
+    assert calls == [("init", init), ("signal", signal.SIGTERM, _interrupt), ("signal", signal.SIGINT, _interrupt),
+                     ("serve", ["run", "configs/dev-cpu.yaml"])]
+    with pytest.raises(KeyboardInterrupt):
+        _interrupt(signal.SIGTERM, None)
