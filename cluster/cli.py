@@ -439,7 +439,7 @@ def cmd_serve(args) -> int:
     from ray.serve.scripts import cli as serve_cli
 
     if args.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=args.address, namespace="serve")  # serve run's namespace; None: RAY_ADDRESS
+        ray.init(address=args.address, namespace="serve")  # serve run's namespace; address None: RAY_ADDRESS
     else:
         # A cluster of its own on this machine. Ray's GCS, raylet, agents and workers listen on
         # every interface whatever the node address (Ray 2.60 turns 127.0.0.1 into the routable
