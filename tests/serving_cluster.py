@@ -94,8 +94,12 @@ class RayCluster:
         return self
 
     def run(self, *args: str, timeout_s: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(list(args), env=self.env, cwd=REPO, capture_output=True, text=True,
-                              timeout=timeout_s, check=check)
+        """args on this cluster; with check, a non-zero exit raises with what the command printed
+        (CalledProcessError alone would not show it)."""
+        out = subprocess.run(list(args), env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        if check and out.returncode:
+            raise RuntimeError(f"{' '.join(args)} exited {out.returncode}:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+        return out
 
     def metric(self, name: str) -> float | None:
         """The sum of a Prometheus metric's samples on this node's Ray metrics endpoint (None if absent)."""
