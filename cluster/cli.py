@@ -111,7 +111,8 @@ def cmd_plan(args) -> int:
     sliding = (f" (sliding layers' pool: {min(p.kv_tokens, p.sizes.kv_sliding_tokens)} tokens "
                f"{p.sizes.kv_sliding_bytes(p.kv_tokens) / GIB:.2f} of it)") if p.sizes.kv_sliding_tokens else ""
     print(f"{config.n_layers} layers, budget {p.budget / GIB:.2f} GiB: runtime reserve {p.reserve / GIB:.2f}, "
-          f"embedding/norms/head {p.sizes.fixed / GIB:.2f}, KV cache {p.kv_tokens} tokens "
+          f"{'norms/head' if p.embed_on_host else 'embedding/norms/head'} {p.device_fixed / GIB:.2f}, "
+          f"KV cache {p.kv_tokens} tokens "
           f"{p.sizes.kv_bytes(p.kv_tokens) / GIB:.2f}{sliding}, {p.n_buffers} slots of {p.slot_bytes / 2**20:.1f} MiB, "
           f"resident layers {p.bytes_in('vram') / GIB:.2f}; planned {p.device_bytes / GIB:.2f} GiB")
     if p.why_buffers:
@@ -122,7 +123,8 @@ def cmd_plan(args) -> int:
             runs.append(f"layers {start}-{i - 1}: {p.tiers[start]}")
             start = i
     print("; ".join(runs))
-    print(f"host RAM {p.bytes_in('ram') / GIB:.2f} GiB, disk {p.bytes_in('disk') / GIB:.2f} GiB")
+    embedding = f" (and the embedding table, {p.sizes.embed_bytes / GIB:.2f} GiB, pinned)" if p.embed_on_host else ""
+    print(f"host RAM {p.bytes_in('ram') / GIB:.2f} GiB{embedding}, disk {p.bytes_in('disk') / GIB:.2f} GiB")
     if p.streamed:
         print("streamed bytes per token: " + _streamed_bytes(p.file_streamed_bytes, p.streamed_bytes, p.requant))
     for name in source:
@@ -176,12 +178,13 @@ def _plan_stages(args, options, gguf, config, p, rates) -> dict:
         for name, tokens in (("prefill_tok_s", args.batch_tokens), ("decode_tok_s", 1),
                              (f"decode_x{args.seqs}_tok_s", args.seqs))}
     return {"kv_tokens": blocks * BLOCK_SIZE, "kv_tokens_room": room, "reserve": reserve, "budget": budget,
-            "predicted_streaming": predicted,
+            "embed_bytes": p.sizes.embed_bytes, "predicted_streaming": predicted,
             "streamed_bytes": sum(s.placement.streamed_bytes for s in specs if s.placement),
             "file_streamed_bytes": sum(s.placement.file_streamed_bytes for s in specs if s.placement),
             "requant": {n: t for s in specs if s.placement for n, t in s.placement.requant.items()},
             "stages": [{"layers": [s.layers.start, s.layers.stop - 1], "model_and_kv_bytes": s.nbytes,
                         "device_bytes": s.device_bytes, "streamed": list(s.streamed), "on_disk": list(s.on_disk),
+                        "embed_on_host": bool(s.placement and s.placement.embed_on_host),
                         "n_buffers": s.n_buffers, "streamed_bytes": s.placement.streamed_bytes if s.placement else 0,
                         "kv_bytes": sum(pools.layer_bytes(i, blocks) for i in s.layers)} for s in specs]}
 
@@ -208,7 +211,8 @@ def _print_stages(args, config, stages: dict, predicted: dict) -> int:
           f"{stages['reserve'] / GIB:.2f} GiB each, KV cache {stages['kv_tokens']} tokens{room}")
     last = len(stages["stages"]) - 1
     for k, s in enumerate(stages["stages"]):
-        ends = ", ".join(e for e, on in (("embedding", k == 0), ("output head", k == last)) if on)
+        embedding = "embedding (in pinned host memory)" if s["embed_on_host"] else "embedding"
+        ends = ", ".join(e for e, on in ((embedding, k == 0), ("output head", k == last)) if on)
         planned = f"; planned {s['device_bytes'] / GIB:.2f} GiB" if s["device_bytes"] is not None else ""
         disk = f", {len(s['on_disk'])} of them from disk" if s["on_disk"] else ""
         streams = (f"; streams {len(s['streamed'])} layers ({_runs(s['streamed'])}){disk} through "

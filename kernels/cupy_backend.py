@@ -151,8 +151,12 @@ class CupyBackend(Backend):
             check_supported(t)
         return cp.asarray(np.concatenate([dequantize(t.data, t.qtype).reshape(-1) for t in tensors]).astype(np.float32))
 
-    def load_embedding(self, tensor) -> QMatrix:
-        return self.load_matrix(tensor)
+    def load_embedding(self, tensor, on_host=False) -> QMatrix:
+        if not on_host:
+            return self.load_matrix(tensor)
+        check_supported(tensor)
+        # a step reads one row a token: over the link, a round trip of latency, and no VRAM
+        return stack(None, [tensor])
 
     # --- host <-> device -------------------------------------------------------
     @on_stream

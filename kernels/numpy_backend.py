@@ -280,7 +280,7 @@ class NumpyBackend(Backend):
             check_supported(t)
         return np.concatenate([dequantize(t.data, t.qtype).reshape(-1) for t in tensors])
 
-    def load_embedding(self, tensor) -> QuantizedRows:
+    def load_embedding(self, tensor, on_host=False) -> QuantizedRows:  # the host's memory either way
         check_supported(tensor)
         return QuantizedRows(tensor)
 

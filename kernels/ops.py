@@ -149,8 +149,9 @@ class Backend(ABC):
         """1-D GGUF tensors (norm weights, biases), concatenated, as a float array."""
 
     @abstractmethod
-    def load_embedding(self, tensor) -> Weight:
-        """The token embedding table, prepared for `embedding` (may stay quantized)."""
+    def load_embedding(self, tensor, on_host: bool = False) -> Weight:
+        """The token embedding table, prepared for `embedding` (may stay quantized); on_host: in
+        host memory that `embedding` reads from the device (a device backend's VRAM holds none of it)."""
 
     requant_local_bytes = 0  # device memory outside the pool while matrices requantize (CupySizes)
 

@@ -7,10 +7,11 @@ def streaming_budget(plan, resident, n_buffers: int, kv_tokens: int | None = Non
     """The budget under which plan's model keeps `resident` layers resident (a count: the first
     ones; or the layers) and streams the rest through n_buffers slots, beside kv_tokens of KV
     (plan's by default). The reserve counts no share for prompt graphs: a streamed plan grants
-    none."""
+    none; nor the embedding where it is a table of its own: a streamed plan keeps it in host memory."""
     s = plan.sizes
     kv = plan.kv_tokens if kv_tokens is None else kv_tokens
     keep = set(range(resident)) if isinstance(resident, int) else set(resident)
     streamed = [nbytes for i, nbytes in enumerate(s.layers) if i not in keep]
-    return (plan.reserve - plan.prompt_graph_bytes + s.fixed + s.kv_bytes(kv)
+    fixed = s.fixed - (s.embed_bytes if s.embed_apart else 0)
+    return (plan.reserve - plan.prompt_graph_bytes + fixed + s.kv_bytes(kv)
             + n_buffers * max(streamed) + sum(s.layers[i] for i in keep))

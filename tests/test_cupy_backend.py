@@ -302,12 +302,18 @@ def unpack_xq(xq: np.ndarray, K: int):
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
 def test_embedding_rows(gpu, qtype):
+    """The rows against the NumPy dequantizer; the table kept in pinned host memory (a streamed
+    model's) gives the device table's rows bit for bit, its planes read where they are."""
     rng = np.random.default_rng()
     rows, cols = 300, cols_for(qtype, rng)
     t = make_tensor(rng, qtype, rows, cols)
     ids = rng.integers(0, rows, 9)
     got = gpu.to_numpy(gpu.embedding(gpu.load_embedding(t), StepInputs(ids, None, None)))
     assert rel_err(got, dequantize(t.data, qtype)[ids]) < 1e-6
+    table = gpu.load_embedding(t, on_host=True)
+    kinds = {cupy.cuda.runtime.pointerGetAttributes(p.data.ptr).type for s in table.segments for p in s.planes}
+    assert kinds == {cupy.cuda.runtime.memoryTypeHost}
+    assert np.array_equal(gpu.to_numpy(gpu.embedding(table, StepInputs(ids, None, None))), got)
 
 
 def test_elementwise_ops(gpu):

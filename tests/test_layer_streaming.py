@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from kernels.layer_ring import RingDriver, RingSchedule
-from workers.engine.placement import GIB, ModelSizes, Placement, Rates, choose_buffers, place
+from workers.engine.placement import GIB, PROMPT_GRAPH_BYTES, ModelSizes, Placement, Rates, choose_buffers, place, \
+    with_prompt_graphs
 from budgets import streaming_budget
 
 
@@ -306,6 +307,37 @@ def test_a_larger_model_streams_its_last_layers_within_the_budget():
     assert p.kv_tokens == 8192
 
 
+def test_a_model_that_streams_keeps_its_own_embedding_table_in_host_memory():
+    """Where the layers do not all fit, an embedding table of its own (not the tied head) leaves
+    the device: its bytes hold a resident layer instead, and the plan counts them nowhere on
+    the device. A tied table is the head, which every pass reads: it stays. A model that fits
+    only without its table keeps every layer resident; one that fits whole keeps the table,
+    and is not moved for the prompt graphs' share either."""
+    apart = replace(sizes(), embed_bytes=GIB // 2, embed_apart=True)  # a table the size of a layer
+    tied = replace(apart, embed_apart=False)
+    reserve, budget = int(1.5 * GIB), 24 * GIB
+    moved, kept = (place(s, budget, reserve, 8192, 8192) for s in (apart, tied))
+    assert moved.embed_on_host and not kept.embed_on_host
+    assert moved.tiers.count("vram") == kept.tiers.count("vram") + 1
+    assert moved.device_fixed == apart.fixed - GIB // 2 and kept.device_fixed == tied.fixed
+    assert moved.device_bytes == reserve + moved.device_fixed + apart.kv_bytes(8192) + 2 * (GIB // 2) \
+        + moved.bytes_in("vram") <= budget < moved.device_bytes + GIB // 2
+    assert moved.as_dict()["embed_on_host"] and "embed_on_host" in kept.as_dict()
+
+    small = replace(sizes(n_layers=10), embed_bytes=GIB // 2, embed_apart=True)
+    whole = GIB + small.fixed + 5 * GIB + small.kv_bytes(8192)
+    fits = place(small, whole, GIB, 8192, 8192)
+    assert fits.tiers == ("vram",) * 10 and not fits.embed_on_host
+    squeezed = place(small, whole - 1, GIB, 8192, 8192)
+    assert squeezed.tiers == ("vram",) * 10 and squeezed.n_buffers == 0 and squeezed.embed_on_host
+    assert squeezed.device_bytes == whole - GIB // 2
+    # room for the prompt graphs only with the table off the device: the table stays, no graphs granted
+    assert with_prompt_graphs(fits, 8192, 8192) == fits
+    roomy = place(small, whole + PROMPT_GRAPH_BYTES, GIB, 8192, 8192)
+    granted = with_prompt_graphs(roomy, 8192, 8192)
+    assert granted.prompt_graph_bytes == PROMPT_GRAPH_BYTES and not granted.embed_on_host
+
+
 def test_host_ram_short_puts_the_last_layers_on_disk():
     p = place(sizes(), 24 * GIB, GIB, 8192, 8192, host_ram=10 * GIB)
     assert p.bytes_in("ram") <= 10 * GIB < p.bytes_in("ram") + GIB // 2
@@ -437,6 +469,8 @@ def test_streamed_runs_equal_the_resident_run_bit_for_bit(request, tmp_path, bac
                       disk_open=lambda sizes: DiskStream(tmp_path / "deep.images", sizes, slots=2), **kw)
     assert streamed.placement.tiers.count("vram") == resident_layers
     assert streamed.placement.prompt_graph_bytes == 0  # a streamed model's prompts run eagerly
+    # the llama's embedding table is its own (host memory when streaming); qwen2's is its tied head
+    assert streamed.placement.embed_on_host == (arch == "llama") and not resident.placement.embed_on_host
     assert streamed.placement.n_buffers == n_buffers
     if ram_layers is not None:
         assert streamed.placement.tiers.count("ram") == ram_layers and "disk" in streamed.placement.tiers

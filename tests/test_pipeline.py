@@ -38,12 +38,17 @@ SEEDED = SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=8, ignore
 SHAPES = {  # more layers than conftest's tiny qwen2, so that P = 3 splits it
     "qwen2": (Shape("qwen2", n_layers=4, d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=512, rope_base=1_000_000.0,
                     context_length=512), "ggml-vocab-qwen2.gguf"),
+    # layers wide enough against the head that both stages of two stream under one budget, the
+    # first with its embedding table in host memory
+    "llama-wide": (Shape("llama", n_layers=12, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=4096,
+                         context_length=512), "ggml-vocab-llama-spm.gguf"),
 }
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, vocab_dir, tiny_model):
-    """model(arch) -> a synthetic GGUF: a 4-layer qwen2, or conftest's 7-layer gemma3 (sliding layers)."""
+    """model(arch) -> a synthetic GGUF: a 4-layer qwen2, a 12-layer llama with wide FFNs, or
+    conftest's 7-layer gemma3 (sliding layers)."""
     made = {}
 
     def make(arch: str):
@@ -148,8 +153,8 @@ def largest_stage(gguf, sizer, placement, layout, parts=2):
 
 
 def test_each_stage_is_planned_against_the_budget_of_its_device(model, single):
-    """With P stages vram_budget is each stage's device's. A budget that cannot hold the model
-    in one process holds it in two stages; the KV pools take the most blocks with which the
+    """With P stages vram_budget is each stage's device's. A budget under which one process
+    streams every layer holds the model in two stages; the KV pools take the most blocks with which the
     largest stage still fits (found here by the brute-force split over every pool size), and
     the stages give one process's logits. A budget below a stage's share is refused, naming
     the stage."""
@@ -157,8 +162,8 @@ def test_each_stage_is_planned_against_the_budget_of_its_device(model, single):
     largest = largest_stage(free.gguf, free.ops, free.placement, free.kv.layout)
     one_context = 64 // free.kv.block_size
     budget = largest(one_context) + 40 * free.kv.layout.bytes_per_block + 1  # room for ~20 more blocks a layer
-    with pytest.raises(ValueError, match="cannot hold"):  # one process: the embedding and head alone overflow it
-        Engine(model("qwen2"), max_context=64, vram_budget=budget)
+    alone = Engine(model("qwen2"), max_context=64, vram_budget=budget).placement
+    assert alone.streamed == (0, 1, 2, 3) and alone.embed_on_host  # one process: the head leaves no layer room
     staged = Engine(model("qwen2"), max_context=64, vram_budget=budget, pipeline_parallel_size=2)
     want_blocks = max(b for b in range(one_context, one_context + 100) if largest(b) <= budget)
     assert want_blocks > one_context + 10
@@ -254,18 +259,20 @@ def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(m
     logits are one process's."""
     monkeypatch.setenv("NTR_HOME", str(tmp_path))
     kw = dict(max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
-    resident = Engine(model("gemma3"), vram_budget=1 << 40, **kw)
-    budget = min(s.device_bytes for s in resident.stages) - 1
-    streaming = Engine(model("gemma3"), vram_budget=budget, **kw).stages
+    resident = Engine(model("llama-wide"), vram_budget=1 << 40, **kw)
+    # stage 0 streaming keeps its embedding table in host memory
+    budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
+    streaming = Engine(model("llama-wide"), vram_budget=budget, **kw).stages
+    assert streaming[0].placement.embed_on_host and not streaming[1].placement.embed_on_host
     streamed = [s.placement.streamed_bytes for s in streaming]
     assert all(streamed)
     host_ram = sum(streamed) // 2
-    staged = Engine(model("gemma3"), vram_budget=budget, host_ram=host_ram, **kw)
+    staged = Engine(model("llama-wide"), vram_budget=budget, host_ram=host_ram, **kw)
     assert [s.streamed for s in staged.stages] == [s.streamed for s in streaming]
     for s, n in zip(staged.stages, streamed):
         assert s.placement.bytes_in("ram") <= host_ram * n // sum(streamed)
         assert s.on_disk and s.on_disk == s.streamed[len(s.streamed) - len(s.on_disk):]
-    for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
+    for w, g in zip(mixed_passes(single("llama-wide")), mixed_passes(staged)):
         assert np.array_equal(w, g)
     # a draft skipping one of a disk-streaming stage's streamed layers and running the others cannot run there
     ring = next(s.streamed for s in staged.stages if len(s.streamed) > 1)
@@ -274,7 +281,7 @@ def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(m
 
 
 @pytest.mark.parametrize("spec", ["Q3_K", "auto"])
-def test_streaming_stages_requantize_what_they_stream(deep_model, tmp_path, spec):
+def test_streaming_stages_requantize_what_they_stream(model, tmp_path, spec):
     """requant_streamed through stages: each streaming stage's streamed matrices (only those)
     load retyped as spec says (placement.requantized, per stage), and the stages' logits are
     those of one process on the file `ntr quantize` writes with every stage's types. (The
@@ -283,11 +290,11 @@ def test_streaming_stages_requantize_what_they_stream(deep_model, tmp_path, spec
     from workers.model.gguf_file import GGUFFile
     from workers.model.quant_recipe import Q
 
-    kw = dict(max_context=64, kv_cache_tokens=64)
-    resident = Engine(deep_model, vram_budget=1 << 40, pipeline_parallel_size=2, **kw)
-    budget = min(s.device_bytes for s in resident.stages) - 1
-    plain = Engine(deep_model, vram_budget=budget, pipeline_parallel_size=2, **kw)
-    staged = Engine(deep_model, vram_budget=budget, pipeline_parallel_size=2, requant_streamed=spec, **kw)
+    kw, wide = dict(max_context=64, kv_cache_tokens=64), model("llama-wide")
+    resident = Engine(wide, vram_budget=1 << 40, pipeline_parallel_size=2, **kw)
+    budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
+    plain = Engine(wide, vram_budget=budget, pipeline_parallel_size=2, **kw)
+    staged = Engine(wide, vram_budget=budget, pipeline_parallel_size=2, requant_streamed=spec, **kw)
     assert all(s.streamed for s in staged.stages)
     types = {}
     for s, before in zip(staged.stages, plain.stages):
@@ -295,7 +302,7 @@ def test_streaming_stages_requantize_what_they_stream(deep_model, tmp_path, spec
         assert s.streamed == before.streamed and p.file_streamed_bytes == before.placement.streamed_bytes
         assert p.requant and {int(n.split(".")[1]) for n in p.requant} <= set(s.streamed)
         types |= {n: Q[t] for n, t in p.requant.items()}
-    reference = write_quantized(GGUFFile(deep_model), tmp_path / "ref.gguf", types, {})
+    reference = write_quantized(GGUFFile(wide), tmp_path / "ref.gguf", types, {})
     want = mixed_passes(Engine(reference, **kw))
     for w, g in zip(want, mixed_passes(staged)):
         assert np.array_equal(w, g)
@@ -304,8 +311,10 @@ def test_streaming_stages_requantize_what_they_stream(deep_model, tmp_path, spec
 
 def test_ntr_plan_pp_shows_what_requantized_stages_stream(tmp_path, vocab_dir, capsys, monkeypatch):
     """`ntr plan --pp 2 --requant-streamed Q4_K` on a Q6_K model with rows wide enough that the
-    GPU's planes carry little padding: both stages stream the same layers as without, each
-    its streamed bytes cut to about 0.7 of the file's and its device bytes with them. (The
+    GPU's planes carry little padding, a budget a byte short of the smaller stage resident: the
+    last stage streams the same layers as without, its streamed bytes cut to about 0.7 of the
+    file's and its device bytes with them; the first keeps its layers resident by holding its
+    embedding table in host memory, and requantizes nothing. (The
     quantizers' local memory at load, which would outgrow this tiny budget, is left out, as in
     tests/test_requant_streamed.py.)"""
     from cluster.cli import main
@@ -326,11 +335,13 @@ def test_ntr_plan_pp_shows_what_requantized_stages_stream(tmp_path, vocab_dir, c
     before = json.loads(capsys.readouterr().out)
     assert main(plan + ["--json", "--requant-streamed", "Q4_K"]) == 0
     after = json.loads(capsys.readouterr().out)
-    assert all(s["streamed"] for s in after["stages"]) and after["file_streamed_bytes"] == before["streamed_bytes"]
-    for b, a in zip(before["stages"], after["stages"]):
-        # 4.5 bits a weight for 6.5625 (0.69), and each layer's 64 KiB of spare
-        assert a["streamed"] == b["streamed"] and 0 < a["streamed_bytes"] < 0.72 * b["streamed_bytes"]
-        assert a["device_bytes"] < b["device_bytes"] <= budget
+    first, last = after["stages"]
+    assert not first["streamed"] and first["embed_on_host"] and first == before["stages"][0]
+    assert last["streamed"] and after["file_streamed_bytes"] == before["streamed_bytes"]
+    # 4.5 bits a weight for 6.5625 (0.69), and each layer's 64 KiB of spare
+    b = before["stages"][1]
+    assert last["streamed"] == b["streamed"] and 0 < last["streamed_bytes"] < 0.72 * b["streamed_bytes"]
+    assert last["device_bytes"] < b["device_bytes"] <= budget
     assert set(after["requant"].values()) == {"Q4_K"}
     assert main(plan + ["--requant-streamed", "Q4_K"]) == 0
     assert f"requantized ({len(after['requant'])} matrices to Q4_K)" in capsys.readouterr().out
@@ -385,17 +396,18 @@ def test_ntr_plan_pp_shows_each_stage_under_its_budget(model, capsys):
 
 
 def test_ntr_plan_pp_predicts_streaming_stages_below_resident_ones(model, capsys):
-    """A budget a byte short of the smaller stage's share: both stages stream, and `ntr plan`
+    """A budget a byte short of the smaller stage's share (the first stage's without its embedding
+    table, which a streaming stage keeps in host memory): both stages stream, and `ntr plan`
     predicts them (the stages' own placements one after the other) slower than the same
     stages resident, and not faster than the link moves every stage's streamed bytes."""
     from cluster.cli import main
 
     link = 20.0  # GB/s, given (as a GPU would measure it)
-    plan = ["plan", "--model", str(model("gemma3")), "--ctx", "64", "--seqs", "4", "--pp", "2", "--json",
+    plan = ["plan", "--model", str(model("llama-wide")), "--ctx", "64", "--seqs", "4", "--pp", "2", "--json",
             "--link-gb-s", str(link)]
     assert main(plan + ["--vram-gb", "1000"]) == 0
     resident = json.loads(capsys.readouterr().out)
-    budget = min(s["device_bytes"] for s in resident["stages"]) - 1
+    budget = min(s["device_bytes"] for s in resident["stages"]) - resident["embed_bytes"] - 1
     assert main(plan + ["--vram-gb", repr(budget / 2**30)]) == 0
     streaming = json.loads(capsys.readouterr().out)
     assert streaming["streamed_bytes"] > 0 and all(s["streamed"] for s in streaming["stages"])

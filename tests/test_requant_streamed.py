@@ -320,7 +320,7 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
 
     def room_at_load(p, budget):
         resident = sum(n for n, t in zip(p.sizes.layers, p.tiers) if t == "vram")
-        return budget - CONTEXT_BYTES - GRAPH_BYTES - p.sizes.fixed - resident - p.n_buffers * p.slot_bytes
+        return budget - CONTEXT_BYTES - GRAPH_BYTES - p.device_fixed - resident - p.n_buffers * p.slot_bytes
 
     with GGUFFile(wide) as g:
         c = ModelConfig.from_gguf(g)
@@ -341,7 +341,7 @@ def test_plan_leaves_room_for_the_requantization_scratch(tmp_path, vocab_dir, mo
         grown = plan_model(g, c, CupySizes, budget + short, 512, 512, n_buffers=2, requant_streamed="Q4_K")
         # a budget that holds two slots with the reserve as planned, but not with the shortfall
         # added: refused, naming what the room is for
-        tight = plain.reserve + s.fixed + s.kv_bytes(512) + 2 * max(s.layers) + short // 2
+        tight = plain.reserve + plain.device_fixed + s.kv_bytes(512) + 2 * max(s.layers) + short // 2
         with pytest.raises(ValueError, match=r"the minimum is .*, of which 0.01 GiB is requant_streamed's while the "
                                              r"streamed layers requantize as they load .*: raise the budget, or"):
             plan_model(g, c, CupySizes, tight, 512, 512, n_buffers=2, requant_streamed="Q4_K")

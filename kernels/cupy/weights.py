@@ -114,15 +114,20 @@ class Uploader:
             self._pinned_free[i].record(self.stream)
 
 
-def make_segment(upload: Uploader, tensors, row0: int) -> Segment:
-    """Consecutive parts of one quant type uploaded into their planes."""
+def make_segment(upload: Uploader | None, tensors, row0: int) -> Segment:
+    """Consecutive parts of one quant type uploaded into their planes; upload None: the planes
+    made on the host, in pinned memory that the kernels read through the link."""
+    xp = np if upload is None else cp
     qtype, K = tensors[0].qtype, tensors[0].shape[-1]
     rows = sum(t.shape[0] for t in tensors)
     row_bytes = tensors[0].data.shape[-1]
-    raw = cp.empty((rows, row_bytes), cp.uint8)
+    raw = xp.empty((rows, row_bytes), xp.uint8)
     r = 0
     for t in tensors:
-        upload(raw[r:r + t.shape[0]].reshape(-1), t.data)
+        if upload is None:
+            raw[r:r + t.shape[0]] = np.asarray(t.data).reshape(t.shape[0], row_bytes)
+        else:
+            upload(raw[r:r + t.shape[0]].reshape(-1), t.data)
         r += t.shape[0]
     if qtype in FLOAT_TYPES:
         nb = -(-K // 32)
@@ -135,22 +140,31 @@ def make_segment(upload: Uploader, tensors, row0: int) -> Segment:
     strides = plane_strides(qtype, K)
     planes = []
     for i, (f, stride) in enumerate(zip(fields, strides)):
-        plane = cp.zeros((rows, stride), cp.uint8)
+        plane = xp.zeros((rows, stride), xp.uint8)
         plane[:, :f.shape[1]] = f
         if i == 0 and qtype in INTERLEAVED:  # runs of 32 units, chunk-major
             c = INTERLEAVED[qtype]
-            plane = cp.ascontiguousarray(plane.reshape(rows, -1, 32, c, 16).transpose(0, 1, 3, 2, 4))
+            plane = xp.ascontiguousarray(plane.reshape(rows, -1, 32, c, 16).transpose(0, 1, 3, 2, 4))
             plane = plane.reshape(rows, stride)
-        planes.append(plane)
+        planes.append(plane if upload is not None else mapped(plane))
     del raw
     seg = Segment(qtype, row0, rows, K, nb, planes, strides)
     seg.plane_args()
     return seg
 
 
-def stack(upload: Uploader, tensors) -> QMatrix:
+def mapped(a: np.ndarray) -> cp.ndarray:
+    """a copied into pinned host memory, as a device array over it: with unified addressing a
+    kernel reads pinned host memory at its own address, each load crossing the link."""
+    pinned = cupyx.empty_pinned(a.shape, a.dtype)
+    pinned[...] = a
+    memory = cp.cuda.UnownedMemory(pinned.ctypes.data, pinned.nbytes, pinned, cp.cuda.Device().id)
+    return cp.ndarray(a.shape, a.dtype, cp.cuda.MemoryPointer(memory, 0))
+
+
+def stack(upload: Uploader | None, tensors) -> QMatrix:
     """Parts [out_i, K] stacked into one weight; consecutive parts of one type share a segment
-    (and a launch)."""
+    (and a launch). upload None: in pinned host memory (`make_segment`)."""
     K = tensors[0].shape[-1]
     segments, row0, i = [], 0, 0
     while i < len(tensors):  # consecutive parts of one type share a launch

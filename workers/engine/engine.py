@@ -257,7 +257,8 @@ class Engine:
         # a RotateKV ring slot for each sequence a step may hold
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, num_blocks, max_logit_rows, sliding, sliding_blocks,
                                held=range(0) if staged else None)
-        self.model = None if staged else Transformer(self.gguf, self.config, self.ops)
+        self.model = None if staged else Transformer(self.gguf, self.config, self.ops,
+                                                     embed_on_host=self.placement.embed_on_host)
         self.pipeline = (stage_runner or LocalPipeline)(self.stages) if staged else None
         self._kv_moves: list[tuple[int, int]] = []  # a pipeline's, for its next pass (`move_kv`)
         self.blocks = BlockManager(num_blocks, block_size, self.kv.recent_slots, self.kv.sliding_blocks, window)

@@ -204,7 +204,8 @@ def plan_stages(model_path: str, backend: str, sizes: ModelSizes, parts: int, po
                          + len(layers) * pools.layout.fixed_bytes(pools.recent_slots),
                          per_token * (len(layers) - sliding), tuple(sizes.layer_params[i] for i in layers),
                          sizes.head_params if last else 0, per_token * sliding, sizes.kv_sliding_tokens,
-                         head if last else 0)
+                         head if last else 0, embed if k == 0 else 0,
+                         k == 0 and (sizes.embed_apart or not last))  # a tied table is the head only where both are
         tokens = num_blocks * pools.layout.block_size
         order = None if resident_order is None else own_layers(resident_order, layers)
 
@@ -279,7 +280,8 @@ class Stage:
             self.ops.stream_layers(RingSchedule(spec.streamed, spec.n_buffers),
                                    {i: layer_matrices(gguf, c, i) for i in spec.streamed}, spec.on_disk,
                                    host_alloc, disk_open)
-        self.model = Transformer(gguf, c, self.ops, held=spec.layers)
+        self.model = Transformer(gguf, c, self.ops, held=spec.layers,
+                                 embed_on_host=bool(spec.placement and spec.placement.embed_on_host))
         layout = self.ops.kv_layout(c.n_kv_heads, c.head_dim, spec.block_size, spec.kv_type)
         self.kv = PagedKVCache(self.ops, c.n_layers, layout, spec.num_blocks, spec.recent_slots, spec.sliding,
                                spec.sliding_blocks, held=spec.layers)

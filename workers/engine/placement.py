@@ -9,7 +9,9 @@ norms), the KV cache, the slots, and the resident layers. Resident layers are th
 (the early-exit drafter runs them), or the first of an order the caller gives: a skip set's
 (`workers/engine/skip_calibration.residency_order`), so the skip drafter runs resident layers
 only; the rest stream through the slots (kernels/layer_ring.py), from host RAM while their
-images fit in it, then from disk.
+images fit in it, then from disk. A model that does not fit keeps its embedding table (when it
+is not also the output head) in pinned host memory, as llama.cpp does: a step reads one row a
+token of it, which the kernel fetches over the link, so its VRAM goes to layers instead.
 
 Speed is predicted from named rates: the host-to-device link (measured, kernels/cupy/link.py),
 the rate at which products read resident weights, the prompt's compute rate and the disk's
@@ -67,6 +69,7 @@ class ModelSizes:
     kv_sliding_tokens: int = 0  # the sliding pool's tokens (kv_cache.sliding_pool_blocks), at most the main pool's
     head_bytes: int = 0  # the output head's weights (read by every pass; counted in fixed)
     embed_bytes: int = 0  # the embedding's (counted in fixed)
+    embed_apart: bool = False  # the embedding is a table of its own, not the (tied) output head
     vector_bytes: int = 0  # every norm and bias vector, as float32 (counted in fixed)
 
     def kv_bytes(self, kv_tokens: int) -> int:
@@ -101,7 +104,7 @@ def model_sizes(gguf, config, ops, kv_bytes_per_token: int, kv_ring_bytes: int =
         fixed += ops.matrix_nbytes(head)
     return ModelSizes(tuple(layers), fixed, kv_bytes_per_token * (config.n_layers - n_sliding), tuple(params),
                       head.shape[0] * head.shape[-1], kv_bytes_per_token * n_sliding, kv_sliding_tokens,
-                      ops.matrix_nbytes(head), embed, vectors)
+                      ops.matrix_nbytes(head), embed, not config.tied_embeddings, vectors)
 
 
 def layer_bytes(ops, matrices: list) -> int:
@@ -138,6 +141,12 @@ class Placement:
     requant: dict = field(default_factory=dict)  # streamed matrix -> the type it loads as (--requant-streamed)
     file_layers: tuple[int, ...] = ()  # each layer's bytes at the file's types, where requant changed sizes
     prompt_graph_bytes: int = 0  # the reserve's share for graphs of repeated prompt passes (0: none)
+    embed_on_host: bool = False  # the embedding table in pinned host memory (sizes.embed_bytes off the device)
+
+    @property
+    def device_fixed(self) -> int:
+        """The part of sizes.fixed on the device."""
+        return self.sizes.fixed - (self.sizes.embed_bytes if self.embed_on_host else 0)
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -163,7 +172,7 @@ class Placement:
     def device_bytes(self) -> int:
         """What the plan puts on the device, the reserve included."""
         s = self.sizes
-        return self.reserve + s.fixed + s.kv_bytes(self.kv_tokens) + self.n_buffers * self.slot_bytes \
+        return self.reserve + self.device_fixed + s.kv_bytes(self.kv_tokens) + self.n_buffers * self.slot_bytes \
             + self.bytes_in("vram")
 
     def step_seconds(self, tokens: int, rates: Rates, layers: tuple[int, ...] | None = None) -> float:
@@ -201,7 +210,7 @@ class Placement:
                 "ram_bytes": self.bytes_in("ram"), "disk_bytes": self.bytes_in("disk"),
                 "why_buffers": self.why_buffers, "sizes": asdict(self.sizes), "streamed_bytes": self.streamed_bytes,
                 "file_streamed_bytes": self.file_streamed_bytes, "requant": dict(self.requant),
-                "prompt_graph_bytes": self.prompt_graph_bytes}
+                "prompt_graph_bytes": self.prompt_graph_bytes, "embed_on_host": self.embed_on_host}
 
 
 def choose_buffers(slot_bytes: int, layer_bytes: int, rates: Rates) -> tuple[int, str]:
@@ -222,21 +231,27 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
           resident_order: tuple[int, ...] | None = None) -> Placement:
     """kv_tokens None: the KV cache takes what the budget leaves when every layer is resident,
     else one context (min_kv_tokens). resident_order: every layer once, in the order they claim
-    residency (`residency_order`); the first layers by default."""
+    residency (`residency_order`); the first layers by default. A model that does not fit with
+    everything on the device keeps its embedding table in pinned host memory, where it is not
+    the output head (host_ram counts the streamed layers' images only)."""
     L = len(sizes.layers)
     order = tuple(range(L)) if resident_order is None else tuple(resident_order)
     if sorted(order) != list(range(L)):
         raise ValueError(f"resident order must list each of the {L} layers once, got {list(order)}")
     kv_min = max(kv_tokens or 0, min_kv_tokens)
-    everything = reserve + sizes.fixed + sum(sizes.layers)
-    if budget is None or everything + sizes.kv_bytes(kv_min) <= budget:
-        if kv_tokens is None:
-            kv_tokens = min_kv_tokens if budget is None else max(min_kv_tokens, sizes.kv_tokens_within(budget - everything))
-        return Placement(("vram",) * L, 0, 0, kv_tokens, budget, reserve, sizes)
+    on_host = False
+    for on_host in (False, True) if sizes.embed_apart else (False,):
+        fixed = sizes.fixed - (sizes.embed_bytes if on_host else 0)
+        everything = reserve + fixed + sum(sizes.layers)
+        if budget is None or everything + sizes.kv_bytes(kv_min) <= budget:
+            if kv_tokens is None:
+                kv_tokens = min_kv_tokens if budget is None else max(min_kv_tokens,
+                                                                     sizes.kv_tokens_within(budget - everything))
+            return Placement(("vram",) * L, 0, 0, kv_tokens, budget, reserve, sizes, embed_on_host=on_host)
     if L < 2:
         raise ValueError("the model does not fit the budget and has too few layers to stream")
     kv = kv_min
-    base = reserve + sizes.fixed + sizes.kv_bytes(kv)
+    base = reserve + fixed + sizes.kv_bytes(kv)
     slot = max(sizes.layers)
     n, why = (n_buffers, "--n-buffers") if n_buffers else choose_buffers(slot, max(sizes.layers), rates)
     n = max(1, min(n, L))
@@ -244,9 +259,9 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
     if budget < minimum:
         raise ValueError(
             f"a VRAM budget of {budget / GIB:.2f} GiB cannot hold the runtime ({reserve / GIB:.2f} GiB), the "
-            f"embedding, norms and output head ({sizes.fixed / GIB:.2f}), a {kv}-token KV cache "
-            f"({sizes.kv_bytes(kv) / GIB:.2f}) and two layer slots ({2 * slot / GIB:.2f}): the minimum is "
-            f"{minimum / GIB:.2f} GiB")
+            f"{'norms and output head' if on_host else 'embedding, norms and output head'} ({fixed / GIB:.2f}), "
+            f"a {kv}-token KV cache ({sizes.kv_bytes(kv) / GIB:.2f}) and two layer slots ({2 * slot / GIB:.2f}): "
+            f"the minimum is {minimum / GIB:.2f} GiB")
     resident: set[int] = set()
     for _ in range(3):  # the slots are as large as the largest streamed layer, which depends on the split
         room, taken = budget - base - n * slot, 0
@@ -269,18 +284,18 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
         else:
             tiers.append("disk")
             ram = 0  # the disk layers are the last streamed ones: the stream reads them in order
-    return Placement(tuple(tiers), n, slot, kv, budget, reserve, sizes, why)
+    return Placement(tuple(tiers), n, slot, kv, budget, reserve, sizes, why, embed_on_host=on_host)
 
 
 def with_prompt_graphs(p: Placement, kv_tokens: int | None, max_context: int) -> Placement:
     """A resident placement with PROMPT_GRAPH_BYTES more in its reserve where the budget holds
-    that with every layer still resident (the KV cache, if sized by the budget, that much
-    smaller); else p as it is, granting none."""
+    that with every layer still resident and the embedding where p keeps it (the KV cache, if
+    sized by the budget, that much smaller); else p as it is, granting none."""
     try:
         q = place(p.sizes, p.budget, p.reserve + PROMPT_GRAPH_BYTES, kv_tokens, max_context)
     except ValueError:
         return p
-    return p if q.streamed else replace(q, prompt_graph_bytes=PROMPT_GRAPH_BYTES)
+    return p if q.streamed or q.embed_on_host != p.embed_on_host else replace(q, prompt_graph_bytes=PROMPT_GRAPH_BYTES)
 
 
 def stage_reserve(p: Placement) -> int:

@@ -41,14 +41,16 @@ def layer_matrices(gguf: GGUFFile, config: ModelConfig, i: int) -> list[list]:
 
 
 class Transformer:
-    def __init__(self, gguf: GGUFFile, config: ModelConfig, ops: Backend, held: range | None = None):
+    def __init__(self, gguf: GGUFFile, config: ModelConfig, ops: Backend, held: range | None = None,
+                 embed_on_host: bool = False):
         """held: the layers this instance loads (a pipeline stage's, workers/engine/pipeline.py;
-        every layer if None). The one holding layer 0 also loads the embedding, the one holding
-        the last layer the output norm and head."""
+        every layer if None). The one holding layer 0 also loads the embedding (into host memory
+        the device reads if embed_on_host: the placement's choice), the one holding the last
+        layer the output norm and head."""
         self.config, self.ops = config, ops
         self.held = range(config.n_layers) if held is None else held
         table, t = config.architecture, gguf.tensors
-        self.embed = ops.load_embedding(t[table.tensor_name("embed")]) if self.embeds else None
+        self.embed = ops.load_embedding(t[table.tensor_name("embed")], embed_on_host) if self.embeds else None
         if self.heads:
             self.output_norm = ops.load_vector(t[table.tensor_name("output_norm")])
             self.output = ops.load_matrix(t[table.tensor_name("embed" if config.tied_embeddings else "output")])
