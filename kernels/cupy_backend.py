@@ -86,8 +86,10 @@ class CupyBackend(Backend):
         K = tensors[0].shape[-1]
         if any(t.shape[-1] != K or len(t.shape) != 2 for t in tensors):
             raise ValueError("stacked matrices must be 2-D with the same input size")
-        if any(isinstance(t, Requantized) for t in tensors):  # streamed layers only: never tied, not kept
-            w = stack(self.upload, [requantize(self, t) if isinstance(t, Requantized) else t for t in tensors])
+        into_slot = self.streaming.alloc if self.streaming is not None else None  # while a streamed layer loads
+        if into_slot is not None:  # a streamed layer's (requantized where the plan says): never tied, not kept
+            w = stack(self.upload, [requantize(self, t) if isinstance(t, Requantized) else t for t in tensors],
+                      into_slot)
         else:
             key = tuple(id(t.data) for t in tensors)
             hit = self._loaded.get(key)

