@@ -131,9 +131,14 @@ class CupyBackend(Backend):
     def load_layer(self, index, load):
         s = self.streaming
         if s is None or not s.schedule.is_streamed(index):
-            return load()
-        with s.loading(index):
-            return load()
+            layer = load()
+        else:
+            with s.loading(index):
+                layer = load()
+        # the pool's limit counts the blocks it keeps free too: a load's chunks, cached, would
+        # take room the plan gives the runtime
+        cp.get_default_memory_pool().free_all_blocks()
+        return layer
 
     def begin_layer(self, index) -> None:
         if self.streaming is not None:
