@@ -15,3 +15,10 @@ def streaming_budget(plan, resident, n_buffers: int, kv_tokens: int | None = Non
     fixed = s.fixed - (s.embed_bytes if s.embed_apart else 0)
     return (plan.reserve - plan.prompt_graph_bytes + fixed + s.kv_bytes(kv)
             + n_buffers * max(streamed) + sum(s.layers[i] for i in keep))
+
+
+def every_stage_streams(resident) -> int:
+    """A budget under which each stage of `resident` (an Engine whose stages are resident) streams:
+    a byte short of the smaller stage's share, the first stage's counted without its embedding
+    table, which a streaming stage keeps in host memory."""
+    return min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1

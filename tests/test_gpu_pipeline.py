@@ -29,6 +29,7 @@ pytest.importorskip("cupy")  # the module skips visibly where CuPy is missing
 from workers.engine.engine import Engine, Sequence  # noqa: E402
 from workers.engine.sampling import SamplingParams  # noqa: E402
 from workers.model.synthetic import SHAPES, Shape, write_model  # noqa: E402
+from budgets import every_stage_streams  # noqa: E402
 from drive import forward, mixed_passes  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -209,7 +210,7 @@ def test_gpu_stages_requantize_what_they_stream(wide_model, cuda_device, tmp_pat
     monkeypatch.setattr(CupyDriver, "requant_local_bytes", 0)
     kw = dict(KW, max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
     resident = Engine(wide_model, vram_budget=1 << 40, **kw)
-    budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
+    budget = every_stage_streams(resident)
     staged = Engine(wide_model, vram_budget=budget, requant_streamed="Q3_K", **kw)
     assert all(s.streamed and s.placement.requant for s in staged.stages)
     assert staged.stages[0].placement.embed_on_host
@@ -258,12 +259,14 @@ def test_generate_pp_2_on_the_gpu(model):
 
 
 def test_gpu_stages_stream_what_their_budget_does_not_hold(model):
-    """P = 2 CuPy stages under a budget a byte short of the larger one's share resident: a
-    stage it cannot hold streams its last layers through its own slots from pinned host
-    memory, and the logits and greedy tokens are one engine's."""
+    """P = 2 CuPy stages under a budget a byte short of the larger one's share resident (the
+    first stage's without its embedding table, which it would keep in host memory to hold its
+    layers): a stage it cannot hold streams its last layers through its own slots from pinned
+    host memory, and the logits and greedy tokens are one engine's."""
     path, single = model
     resident = Engine(path, pipeline_parallel_size=2, vram_budget=1 << 40, stage_runner=list, **KW)
-    budget = max(s.device_bytes for s in resident.stages) - 1
+    table = resident.placement.sizes.embed_bytes
+    budget = max(s.device_bytes - (table if k == 0 else 0) for k, s in enumerate(resident.stages)) - 1
     staged = Engine(path, pipeline_parallel_size=2, vram_budget=budget, **KW)
     assert any(s.streamed for s in staged.stages) and all(s.device_bytes <= budget for s in staged.stages)
     for s, stage in zip(staged.stages, staged.pipeline.stages):

@@ -30,6 +30,7 @@ from workers.engine.scheduler import Scheduler
 from workers.engine import speculation
 from workers.engine.speculation import Speculation
 from workers.model.synthetic import Shape, write_model
+from budgets import every_stage_streams
 from drive import drain, mixed_passes
 import serving_cluster
 
@@ -255,8 +256,7 @@ def test_stages_share_host_ram_by_what_they_stream_and_read_the_rest_from_disk(w
     monkeypatch.setenv("NTR_HOME", str(tmp_path))
     kw = dict(max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
     resident = Engine(wide_model, vram_budget=1 << 40, **kw)
-    # stage 0 streaming keeps its embedding table in host memory
-    budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
+    budget = every_stage_streams(resident)
     streaming = Engine(wide_model, vram_budget=budget, **kw).stages
     assert streaming[0].placement.embed_on_host and not streaming[1].placement.embed_on_host
     streamed = [s.placement.streamed_bytes for s in streaming]
@@ -287,7 +287,7 @@ def test_streaming_stages_requantize_what_they_stream(wide_model, tmp_path, spec
 
     kw = dict(max_context=64, kv_cache_tokens=64)
     resident = Engine(wide_model, vram_budget=1 << 40, pipeline_parallel_size=2, **kw)
-    budget = min(s.device_bytes for s in resident.stages) - resident.placement.sizes.embed_bytes - 1
+    budget = every_stage_streams(resident)
     plain = Engine(wide_model, vram_budget=budget, pipeline_parallel_size=2, **kw)
     staged = Engine(wide_model, vram_budget=budget, pipeline_parallel_size=2, requant_streamed=spec, **kw)
     assert all(s.streamed for s in staged.stages)
@@ -818,7 +818,7 @@ def test_ray_stages_give_the_logits_of_one_process(local_ray, model, single):
         staged.pipeline.shutdown()
 
 
-def test_ray_stages_stream_from_their_nodes_host_and_disk_tiers(local_ray, model, single, tmp_path, monkeypatch):
+def test_ray_stages_stream_from_their_nodes_host_and_disk_tiers(local_ray, wide_model, tmp_path, monkeypatch):
     """Stage actors whose budget cannot hold their layers, host_ram half what they stream: each
     streams its own, from a region of the node's HostTier and, past its share, from a DiskTier
     of its own; the stages give one process's logits."""
@@ -826,11 +826,11 @@ def test_ray_stages_stream_from_their_nodes_host_and_disk_tiers(local_ray, model
 
     monkeypatch.setenv("NTR_HOME", str(tmp_path))  # the stage actors' image files (they inherit the environment)
     kw = dict(max_context=64, kv_cache_tokens=64, pipeline_parallel_size=2)
-    resident = Engine(model("gemma3"), vram_budget=1 << 40, **kw)
-    budget = min(s.device_bytes for s in resident.stages) - 1
-    host_ram = sum(s.placement.streamed_bytes for s in Engine(model("gemma3"), vram_budget=budget, **kw).stages) // 2
+    resident = Engine(wide_model, vram_budget=1 << 40, **kw)
+    budget = every_stage_streams(resident)
+    host_ram = sum(s.placement.streamed_bytes for s in Engine(wide_model, vram_budget=budget, **kw).stages) // 2
     before = set(os.listdir("/dev/shm"))
-    staged = Engine(model("gemma3"), vram_budget=budget, host_ram=host_ram, stage_runner=RayPipeline, **kw)
+    staged = Engine(wide_model, vram_budget=budget, host_ram=host_ram, stage_runner=RayPipeline, **kw)
     try:
         def tiers(worker):
             s = worker.stage.ops.streaming
@@ -839,7 +839,7 @@ def test_ray_stages_stream_from_their_nodes_host_and_disk_tiers(local_ray, model
         assert ray.get([a.__ray_call__.remote(tiers) for a in staged.pipeline.actors]) == \
             [(s.streamed, list(s.on_disk)) for s in staged.stages]
         assert all(s.streamed and s.on_disk and len(s.on_disk) < len(s.streamed) for s in staged.stages)
-        for w, g in zip(mixed_passes(single("gemma3")), mixed_passes(staged)):
+        for w, g in zip(mixed_passes(Engine(wide_model, max_context=64, kv_cache_tokens=256)), mixed_passes(staged)):
             assert np.array_equal(w, g)
         made = set(os.listdir("/dev/shm")) - before
         assert len([f for f in made if f.startswith("ntr-host-")]) == 2  # a region of each stage's RAM layers
