@@ -120,16 +120,15 @@ LOAD_CHUNK_BYTES = 16 << 20  # a matrix's bytes regrouped this many at a time: a
 def make_segment(upload: Uploader | None, tensors, row0: int, alloc=None) -> Segment:
     """Consecutive parts of one quant type uploaded into their planes, LOAD_CHUNK_BYTES of rows
     at a time; alloc(shape): each plane's zeroed uint8 device array, in plane order (new
-    memory if None: a streamed layer's are carved from its slot). upload None: the planes made
-    on the host, in pinned memory that the kernels read through the link."""
+    memory if None; a streamed layer's are carved from its slot). upload None (and no alloc):
+    the planes made on the host, in pinned memory that the kernels read through the link."""
     xp = np if upload is None else cp
     qtype, K = tensors[0].qtype, tensors[0].shape[-1]
     rows = sum(t.shape[0] for t in tensors)
     row_bytes = tensors[0].data.shape[-1]
     nb = -(-K // 32) if qtype in FLOAT_TYPES else K // block_shape(qtype)[0]
     strides = plane_strides(qtype, K)
-    new = alloc if alloc is not None and upload is not None else lambda shape: xp.zeros(shape, xp.uint8)
-    planes = [new((rows, stride)) for stride in strides]
+    planes = [(alloc or (lambda shape: xp.zeros(shape, xp.uint8)))((rows, stride)) for stride in strides]
     step = max(1, LOAD_CHUNK_BYTES // row_bytes)
     r = 0
     for t in tensors:
