@@ -12,8 +12,7 @@ def streaming_budget(plan, resident, n_buffers: int, kv_tokens: int | None = Non
     kv = plan.kv_tokens if kv_tokens is None else kv_tokens
     keep = set(range(resident)) if isinstance(resident, int) else set(resident)
     streamed = [nbytes for i, nbytes in enumerate(s.layers) if i not in keep]
-    fixed = s.fixed - (s.embed_bytes if s.embed_apart else 0)
-    return (plan.reserve - plan.prompt_graph_bytes + fixed + s.kv_bytes(kv)
+    return (plan.reserve - plan.prompt_graph_bytes + s.fixed_on_device(s.embed_apart) + s.kv_bytes(kv)
             + n_buffers * max(streamed) + sum(s.layers[i] for i in keep))
 
 

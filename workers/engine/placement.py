@@ -72,6 +72,10 @@ class ModelSizes:
     embed_apart: bool = False  # the embedding is a table of its own, not the (tied) output head
     vector_bytes: int = 0  # every norm and bias vector, as float32 (counted in fixed)
 
+    def fixed_on_device(self, embed_on_host: bool) -> int:
+        """The part of `fixed` on the device, the embedding table in host memory or not."""
+        return self.fixed - (self.embed_bytes if embed_on_host else 0)
+
     def kv_bytes(self, kv_tokens: int) -> int:
         """The KV cache of a main pool of kv_tokens tokens, its sliding pool included."""
         return pool_bytes(kv_tokens, self.kv_per_token, self.kv_sliding_per_token, self.kv_sliding_tokens)
@@ -146,7 +150,7 @@ class Placement:
     @property
     def device_fixed(self) -> int:
         """The part of sizes.fixed on the device."""
-        return self.sizes.fixed - (self.sizes.embed_bytes if self.embed_on_host else 0)
+        return self.sizes.fixed_on_device(self.embed_on_host)
 
     @property
     def streamed(self) -> tuple[int, ...]:
@@ -239,10 +243,8 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
     if sorted(order) != list(range(L)):
         raise ValueError(f"resident order must list each of the {L} layers once, got {list(order)}")
     kv_min = max(kv_tokens or 0, min_kv_tokens)
-    on_host = False
-    for on_host in (False, True) if sizes.embed_apart else (False,):
-        fixed = sizes.fixed - (sizes.embed_bytes if on_host else 0)
-        everything = reserve + fixed + sum(sizes.layers)
+    for on_host in (False, True) if sizes.embed_apart else (False,):  # every layer resident, the table first too
+        everything = reserve + sizes.fixed_on_device(on_host) + sum(sizes.layers)
         if budget is None or everything + sizes.kv_bytes(kv_min) <= budget:
             if kv_tokens is None:
                 kv_tokens = min_kv_tokens if budget is None else max(min_kv_tokens,
@@ -250,6 +252,8 @@ def place(sizes: ModelSizes, budget: int | None, reserve: int, kv_tokens: int | 
             return Placement(("vram",) * L, 0, 0, kv_tokens, budget, reserve, sizes, embed_on_host=on_host)
     if L < 2:
         raise ValueError("the model does not fit the budget and has too few layers to stream")
+    on_host = sizes.embed_apart  # layers stream: the table leaves the device where it is not the head
+    fixed = sizes.fixed_on_device(on_host)
     kv = kv_min
     base = reserve + fixed + sizes.kv_bytes(kv)
     slot = max(sizes.layers)
