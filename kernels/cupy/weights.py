@@ -128,7 +128,8 @@ def make_segment(upload: Uploader | None, tensors, row0: int, alloc=None) -> Seg
     row_bytes = tensors[0].data.shape[-1]
     nb = -(-K // 32) if qtype in FLOAT_TYPES else K // block_shape(qtype)[0]
     strides = plane_strides(qtype, K)
-    planes = [(alloc or (lambda shape: xp.zeros(shape, xp.uint8)))((rows, stride)) for stride in strides]
+    new = alloc or (lambda shape: xp.zeros(shape, xp.uint8))
+    planes = [new((rows, stride)) for stride in strides]
     step = max(1, LOAD_CHUNK_BYTES // row_bytes)
     r = 0
     for t in tensors:
