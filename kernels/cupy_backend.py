@@ -98,8 +98,6 @@ class CupyBackend(Backend):
             w = stack(self.upload, tensors)
             self._loaded[key] = ([t.data for t in tensors], w)  # the views pin the ids
         self.steps.max_t = min(self.steps.max_t, QMMA_MAX_T if w.qmma else GEMV_MAX_T)
-        if self.streaming is not None and self.streaming.collecting is not None:
-            self.streaming.collecting.append(w)
         return w
 
     def matrix_nbytes(self, *tensors) -> int:

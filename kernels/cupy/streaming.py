@@ -23,7 +23,6 @@ import cupy as cp
 import cupyx
 import numpy as np
 
-from kernels.cupy.weights import QMatrix
 from kernels.layer_images import LayerImages, align
 from kernels.layer_ring import RingSchedule
 
@@ -56,7 +55,6 @@ class LayerStreaming(LayerImages):
         self.slots = cp.empty((schedule.n_slots, self.slot_nbytes), cp.uint8)
         self._freed = [cp.cuda.Event(disable_timing=True) for _ in range(schedule.n_slots)]
         self.copied = {layer: cp.cuda.Event(disable_timing=True) for layer in schedule.streamed}
-        self.collecting: list[QMatrix] | None = None
         self.alloc = None  # while a layer loads: its planes' places in its slot, as its image lays them out
 
     def pin(self, host: np.ndarray) -> None:  # registered for the process's life
@@ -65,8 +63,8 @@ class LayerStreaming(LayerImages):
     # --- load ---------------------------------------------------------------------
     @contextmanager
     def loading(self, layer: int):
-        """While a streamed layer loads: its matrices are collected, their planes made in its
-        slot (`alloc`), then copied to its image."""
+        """While a streamed layer loads, its planes are made in its slot (`alloc`), each at the
+        offset its image gives it (`image_layout`'s walk); then the slot's bytes are the image."""
         slot, off = self.slots[self.schedule.slot(layer)], 0
 
         def alloc(shape: tuple[int, int]) -> cp.ndarray:
@@ -80,32 +78,16 @@ class LayerStreaming(LayerImages):
             off += n
             return plane
 
-        self.collecting, self.alloc = [], alloc
+        self.alloc = alloc
         try:
             yield
-            self._to_image(layer, self.collecting)
         finally:
-            self.collecting = self.alloc = None
-
-    def _to_image(self, layer: int, matrices: list[QMatrix]) -> None:  # the planes are in the slot already
-        host, slot = self.image(layer), self.slots[self.schedule.slot(layer)]
-        off = 0
-        for w in matrices:
-            for seg in w.segments:
-                views = []
-                for plane in seg.planes:
-                    off = align(off, ALIGN)
-                    if off + plane.nbytes > len(host):
-                        raise ValueError(f"layer {layer}'s planes exceed its image of {len(host)} bytes")
-                    plane.data.copy_to_host_async(host[off:].ctypes.data, plane.nbytes, self.stream)
-                    views.append(slot[off:off + plane.nbytes].reshape(plane.shape))
-                    off += plane.nbytes
-                seg.planes = views
-                seg._args = None
-                seg.plane_args()
+            self.alloc = None
+        host = self.image(layer)
         if align(off, ALIGN) != len(host):
             raise ValueError(f"layer {layer}'s planes take {off} bytes, its image {len(host)}")
-        self.stream.synchronize()  # the device planes go when this returns
+        slot[:len(host)].data.copy_to_host_async(host.ctypes.data, len(host), self.stream)
+        self.stream.synchronize()  # the slot is refilled once the ring starts
 
     # --- the device side of the ring's driver (kernels/layer_ring.py RingDriver) -------
     def copy(self, layer: int, slot: int, on_copy_queue: bool) -> cp.cuda.Event:
