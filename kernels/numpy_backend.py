@@ -238,7 +238,11 @@ class NumpyBackend(Backend):
         for t in tensors:
             check_supported(t)
         tensors = [t.on_host() if isinstance(t, Requantized) else t for t in tensors]
-        w = np.concatenate([dequantize(t.data, t.qtype) for t in tensors])
+        w = np.empty((sum(len(t.data) for t in tensors), tensors[0].shape[-1]), np.float32)
+        row = 0
+        for t in tensors:  # each into its rows: no copy of the whole matrix to concatenate
+            dequantize(t.data, t.qtype, out=w[row:row + len(t.data)])
+            row += len(t.data)
         s = self.streaming
         return s.place(w) if s is not None and s.loading is not None else w
 

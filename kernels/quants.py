@@ -1,13 +1,17 @@
 """Quantization formats the engine accepts, and their reference dequantization.
 
-`gguf.quants.dequantize` (the GGUF project's own NumPy code) is the reference: the CPU
-backend runs on its output and every GPU dequantizing kernel is checked against it.
+`gguf.quants` (the GGUF project's own NumPy code) is the reference: the CPU backend runs on
+its output and every GPU dequantizing kernel is checked against it.
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import _type_traits as _gguf_block_types
 from gguf.quants import dequantize as _gguf_dequantize
 
 Q = GGMLQuantizationType
@@ -22,10 +26,61 @@ def block_shape(qtype: GGMLQuantizationType) -> tuple[int, int]:
     return GGML_QUANT_SIZES[qtype]
 
 
-def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
-    """Raw bytes shaped (..., row_bytes) -> float32 values shaped (..., row_len)."""
+# Rows a task of the thread pool dequantizes. gguf's own dequantize calls its block code 16
+# rows at a time, and loading the default model spent about half its time in Python between
+# those calls (docs/benchmarks.md, "CPU").
+ROWS_PER_TASK = 512
+_pool: ThreadPoolExecutor | None = None
+
+
+def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None = None) -> np.ndarray:
+    """Raw bytes shaped (..., row_bytes) -> float32 values shaped (..., row_len), written into
+    out when given. A block format's rows go to gguf's block code ROWS_PER_TASK at a time on a
+    thread pool (NumPy's loops release the GIL): each block's values are gguf's, whatever the
+    grouping."""
     if qtype not in SUPPORTED_QTYPES:
         raise ValueError(f"unsupported quantization type {qtype.name}")
-    if qtype == Q.F32:
-        return np.asarray(raw).view(np.float32)
-    return np.ascontiguousarray(_gguf_dequantize(np.asarray(raw), qtype), dtype=np.float32)
+    raw = np.asarray(raw)
+    values_per_block, bytes_per_block = block_shape(qtype)
+    shape = (*raw.shape[:-1], raw.shape[-1] // bytes_per_block * values_per_block)
+    if out is not None and (out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous):
+        raise ValueError(f"dequantize: out must be contiguous float32 of shape {shape}, got {out.dtype} {out.shape}")
+    block = _gguf_block_types.get(qtype)
+    if block is None:  # F32, F16, BF16: one elementwise conversion
+        values = raw.view(np.float32) if qtype == Q.F32 else _gguf_dequantize(raw, qtype)
+        if out is None:
+            return np.ascontiguousarray(values, dtype=np.float32)
+        out[...] = values
+        return out
+    out = np.empty(shape, np.float32) if out is None else out
+    rows, out_rows = raw.reshape(-1, raw.shape[-1]), out.reshape(-1, shape[-1])
+    block.init_grid()  # once, before any thread reads it
+
+    def task(start: int) -> None:
+        out_rows[start:start + ROWS_PER_TASK] = block.dequantize_rows(rows[start:start + ROWS_PER_TASK])
+
+    starts = range(0, len(rows), ROWS_PER_TASK)
+    if len(starts) == 1:
+        task(0)
+    else:
+        for _ in _threads().map(task, starts):  # re-raises a task's error
+            pass
+    return out
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        _pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="ntr-dequantize")
+    return _pool
+
+
+def _forget_threads() -> None:
+    """A forked child has none of its parent's threads: a pool it inherited would take tasks
+    and never run them."""
+    global _pool
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_threads)

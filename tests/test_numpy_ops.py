@@ -36,6 +36,27 @@ def test_q8_0_and_q4_0_blocks_by_hand():
     assert np.array_equal(dequantize(block[None], Q.Q4_0)[0], 2.0 * (nibbles - 8).astype(np.float32))
 
 
+@pytest.mark.parametrize("qtype", sorted(SUPPORTED_QTYPES - {Q.F32, Q.F16, Q.BF16}, key=lambda q: q.value),
+                         ids=lambda q: q.name)
+def test_dequantize_in_row_tasks_is_ggufs_own(qtype):
+    """Rows split over the thread pool's tasks (the last one short) give gguf's values bit for
+    bit, into a slice of a larger array as into a new one; a wrong out is refused."""
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from kernels import quants
+
+    rng = np.random.default_rng(qtype.value)
+    rows = 2 * quants.ROWS_PER_TASK + 37
+    raw = random_blocks(rng, (rows, 256), qtype, std=0.05)
+    want = gguf_dequantize(raw, qtype)
+    assert np.array_equal(dequantize(raw, qtype), want)
+    whole = np.full((rows + 2, 256), np.nan, np.float32)
+    dequantize(raw, qtype, out=whole[1:-1])
+    assert np.array_equal(whole[1:-1], want) and np.isnan(whole[[0, -1]]).all()
+    with pytest.raises(ValueError, match="out must be"):
+        dequantize(raw, qtype, out=np.empty((rows, 255), np.float32))
+
+
 @pytest.mark.parametrize("qtype", sorted(SUPPORTED_QTYPES, key=lambda q: q.value), ids=lambda q: q.name)
 def test_matmul_on_every_quant_type(qtype):
     rng = np.random.default_rng(qtype.value)
