@@ -8,6 +8,7 @@ decode tok/s with speculation against without, on tools/data/speculation_prompts
         [--n-buffers N]] [--inside-refills] [--timeline] [--json OUT]
     PYTHONPATH=. python tools/bench_speculation.py --matmul   # the CPU's product cost by rows
     PYTHONPATH=. python tools/bench_speculation.py --pass-cost 20 [--backend cupy] [--vram-gb G]
+    PYTHONPATH=. python tools/bench_speculation.py --sample-cost 50 [--model gemma3-270m]   # the host's share of a sampled pass
     PYTHONPATH=. python tools/bench_speculation.py --batch 4 [--configs ...]   # through the serving scheduler
 
 A config is plain or DRAFTER:K[:N]: K drafted tokens (auto: chosen per pass, plain steps
@@ -22,7 +23,8 @@ decoding's top-2 logit gap where it first differs, and counted again if below NE
 --temperature, tokens are drawn with the prompt's index as seed and not compared). Decode
 tok/s is the generated tokens after the first over the time after the prefill, summed over
 the set. --pass-cost REPS only times a verifying pass against a decode step (pass_cost): what
-draft_policy.VERIFY_COST is taken from. --batch B serves each set's prompts B at a time through
+draft_policy.VERIFY_COST is taken from; --sample-cost REPS the host's sampling work per row of a
+sampled pass (sample_cost): draft_policy.SAMPLE_SECONDS_PER_LOGIT. --batch B serves each set's prompts B at a time through
 the serving scheduler (workers/engine/scheduler.py, driven as the ComputeWorker drives it), each
 request with its own policy, max(16, B) rows of logits a step (served): decode tok/s is then
 every token of the steps without a prompt chunk over their time, and the tokens are compared
@@ -156,6 +158,34 @@ def pass_cost(engine: Engine, reps: int, context: int = 200) -> None:
         engine.release(seq)
 
 
+def sample_cost(vocab: int, temperature: float, reps: int) -> None:
+    """The host's time for the work a sampled verifying pass does per row of logits, what
+    draft_policy.SAMPLE_SECONDS_PER_LOGIT is taken from: the distribution a row's token is
+    drawn from (`Sampler.distribution`) and a draw from one (`draw`, as accept_sampled draws),
+    over a row of `vocab` logits (normal, scaled as a model's: std 3). The median of reps."""
+    import time
+
+    from kernels.numpy_backend import draw
+    from workers.engine.sampling import Sampler
+
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=0))
+    row = (np.random.default_rng(0).standard_normal(vocab) * 3).astype(np.float32)
+
+    def timed(f) -> float:
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
+    p = sampler.distribution(row)
+    dist, drawn = timed(lambda: sampler.distribution(row)), timed(lambda: draw(p, sampler.rng.random()))
+    print(json.dumps({"vocab": vocab, "temperature": temperature, "distribution_ms": round(dist * 1e3, 3),
+                      "draw_ms": round(drawn * 1e3, 3), "distribution_s_per_logit": dist / vocab,
+                      "draw_s_per_logit": drawn / vocab}))
+
+
 class Timeline:
     """--timeline (cupy): CUDA events around each draft chain (`ops.greedy_chain`), each plain
     greedy step and each forward (`ops.run_step`: a prompt's, a verifying pass's), read after
@@ -287,6 +317,8 @@ def main() -> int:
     ap.add_argument("--matmul", action="store_true", help="only time the CPU's products by rows (matmul_rows)")
     ap.add_argument("--pass-cost", type=int, metavar="REPS",
                     help="only time a verifying pass against a decode step, REPS times each (pass_cost)")
+    ap.add_argument("--sample-cost", type=int, metavar="REPS",
+                    help="only time the host's sampling work a sampled pass does per row, REPS times (sample_cost)")
     args = ap.parse_args()
     if args.matmul:
         matmul_rows()
@@ -306,6 +338,9 @@ def main() -> int:
     timeline = Timeline(engine) if args.timeline else None
     if args.pass_cost:
         pass_cost(engine, args.pass_cost)
+        return 0
+    if args.sample_cost:
+        sample_cost(engine.config.vocab_size, args.temperature or 0.7, args.sample_cost)
         return 0
     prompts = {"code": [engine.prompt_ids(p) for p in sets["code"][:args.prompts]],
                "prose": [engine.chat_prompt_ids([{"role": "user", "content": p}]) for p in sets["prose"][:args.prompts]]}
@@ -379,9 +414,10 @@ def main() -> int:
                    "plain_steps": plain_steps, "passes": passes, "leaves": leaves, "leaf_hits": leaf_hits,
                    "choices": {f"{d}:{k}": n for (d, k), n in sorted(choices.items())},
                    "prompts": len(ids_list), "tokens": tokens[set_name], "batch": args.batch or 1}
-            if spec is not None:  # what the policy weighs passes with, in plain steps
-                policy = DraftPolicy.for_engine(engine, spec)
-                row["policy_costs"] = {"draft": policy.draft_cost, "lookup_host": policy.host_cost}
+            if spec is not None:  # what the policy weighs passes with, in plain steps (null: it never drafts)
+                policy = DraftPolicy.for_engine(engine, spec, greedy=not args.temperature)
+                row["policy_costs"] = policy and {"draft": policy.draft_cost, "lookup_host": policy.host_cost,
+                                                  "sampling": policy.sample_cost}
             if timeline is not None:
                 row["timeline_ms"] = timeline.means()
             rows.append(row)

@@ -12,7 +12,12 @@ through the drafter's layers and the head over a whole step's (0 for lookup): ab
 of the weights they hold when every layer is resident, far less when the draft's layers are
 resident and others stream; a lookup pass also costs host_cost, the host time a GPU waits for
 while the host searches the context and builds the pass (a model draft's chain runs on the
-device meanwhile, so the host builds its pass unwaited for). In a step of B decodes, the
+device meanwhile, so the host builds its pass unwaited for). A sampled request's pass also
+costs the host's rejection sampling (`speculation.accept_sampled`): a distribution over the
+vocabulary for each row it reads and for each token a model draft draws, and a draw from one
+for each of those draws and the pass's last token (on the GPU, whose plain steps draw on the
+device; the CPU samples a plain step on the host as well, and its steps are long beside it).
+In a step of B decodes, the
 plain step already gives B tokens for its cost, and a pass makes all B wait for it: the pass
 is worth (B - 1 + tokens) / (B * cost) plain steps (at B = 1, tokens / cost), so the same
 acceptance pays less in a batch (the scheduler's batch of 4 streamed, skip 12 at k=3: 1,277
@@ -20,8 +25,11 @@ tok/s against plain's 1,745 on the H200). The next pass takes the (d, k) with th
 (ties: the earlier drafter in DRAFTERS order, then the smaller k). With a fixed k only d is
 chosen; with auto k, when no (d, k) beats a plain step (worth at most 1) the step is plain,
 and after PROBE_FIRST plain steps in a row the best (d, k) drafts once anyway to refresh its
-estimate, the wait doubling (to PROBE_MAX) while probes do not pay. Nothing here reads a clock
-or a random number.
+estimate, the wait doubling (to PROBE_MAX) while probes do not pay. Where no pass would beat a
+plain step even if every proposal were kept (a sampled request on a small model on the GPU,
+where the host's sampling of a pass costs several steps), the request does not speculate at
+all (`for_engine` gives None): probing could only lose. Nothing here reads a clock or a random
+number.
 
 One serves one request: `Engine.generate` makes one, and the serving scheduler one for each
 request it runs speculatively (workers/engine/scheduler.py). A greedy request starts from what
@@ -60,6 +68,15 @@ VERIFY_COST["numpy", True] = VERIFY_COST["numpy", False]  # the CPU streams noth
 # between passes (its lookup passes' time against VERIFY_COST's; docs/benchmarks.md). numpy:
 # the CPU waits for every pass alike, and 0.2 ms is <1% of its step.
 HOST_DRAFT_SECONDS = {"numpy": 0.0, "cupy": 0.2e-3}
+# The host's sampling work in a sampled pass, per logit of a row: (a row's distribution, a draw
+# from one). cupy: `tools/bench_speculation.py --sample-cost 50` on the 2-core development
+# machine, 2026-12-07, gives 4.0 and 2.7 ns (0.6 and 0.4 ms a row of Qwen's 151,936 logits);
+# the distribution's figure is the GPU runs' instead: Gemma 3 270M's sampled lookup passes on
+# the H100 (2026-12-05: 7.8 ms a pass of 1.64 tokens, against 2.1 ms for its rows on the
+# device) leave ~2.3 ms a row read, ~8.8 ns a logit, its copy to the host included. numpy:
+# none counted, as HOST_DRAFT_SECONDS: a plain step samples on the host too, and a pass's few
+# rows more are ~1 ms beside the default model's 33-70 ms step.
+SAMPLE_SECONDS_PER_LOGIT = {"numpy": (0.0, 0.0), "cupy": (8.8e-9, 2.7e-9)}
 DECAY = 0.8
 PROBE_FIRST, PROBE_MAX = 8, 64
 
@@ -71,15 +88,19 @@ def expected_tokens(a: float, k: int) -> float:
 
 class DraftPolicy:
     def __init__(self, spec: Speculation, drafters: dict[str, tuple[int, ...] | None], draft_cost: dict[str, float],
-                 verify_cost: dict[int, float], trees: bool = False, host_cost: float = 0.0):
+                 verify_cost: dict[int, float], trees: bool = False, host_cost: float = 0.0,
+                 sample_cost: tuple[float, float] = (0.0, 0.0)):
         """drafters: `spec.drafters(...)`; draft_cost: each one's cost per drafted token in
         decode steps; verify_cost: a verifying pass's in decode steps, by k (measured points);
         trees: whether the model drafters' passes may be trees (a greedy request on an engine
         that `verifies_trees`), as spec.tree allows (None: where they pay); host_cost: a lookup
-        pass's host time the device waits for, in decode steps."""
+        pass's host time the device waits for, in decode steps; sample_cost: a sampled
+        request's host work, in decode steps, for one distribution and for one draw (greedy:
+        none)."""
         self.k = spec.k
         self.drafters = drafters
         self.host_cost = host_cost
+        self.sample_cost = sample_cost
         allowed = (False, True) if spec.tree is None else (spec.tree,)
         self.tree_options = {d: allowed if trees and layers is not None else (False,) for d, layers in drafters.items()}
         self.draft_cost = draft_cost
@@ -107,16 +128,22 @@ class DraftPolicy:
         every pass, a draft's step as a plain one, also pays the runner's overhead
         (`Engine.pass_overhead_seconds`), which the one-process chain of draft steps does not:
         it adds to each of the three before they are put in steps. A lookup pass's host time:
-        HOST_DRAFT_SECONDS over the step. A greedy request's policy starts from the engine's
-        `draft_memory`."""
+        HOST_DRAFT_SECONDS over the step; a sampled pass's sampling: SAMPLE_SECONDS_PER_LOGIT
+        over the vocabulary, over the step. None where no pass could beat a plain step with every proposal
+        kept (k auto): the request decodes plainly. A greedy request's policy starts from the
+        engine's `draft_memory`."""
         drafters = engine.drafters(spec)
         alone, over = engine.pass_seconds(), engine.pass_overhead_seconds
         step = alone + over
         costs = {name: 0.0 if layers is None else (engine.pass_seconds(layers) + over) / step
                  for name, layers in drafters.items()}
         verify = {k: (c * alone + over) / step for k, c in VERIFY_COST[engine.ops.name, engine.streams].items()}
+        sample = (0.0, 0.0) if greedy else tuple(s * engine.config.vocab_size / step
+                                                  for s in SAMPLE_SECONDS_PER_LOGIT[engine.ops.name])
         policy = cls(spec, drafters, costs, verify, trees=greedy and engine.verifies_trees,
-                     host_cost=HOST_DRAFT_SECONDS[engine.ops.name] / step)
+                     host_cost=HOST_DRAFT_SECONDS[engine.ops.name] / step, sample_cost=sample)
+        if spec.k is None and not policy.could_pay():
+            return None
         if greedy:
             policy.memory = engine.draft_memory
             policy.memory.seed(policy)
@@ -139,11 +166,23 @@ class DraftPolicy:
         `batch` decodes, in plain steps' worth: above 1 it beats a plain step. A tree's pass
         gives a token more where a proposal is rejected (1 - a^k) and its leaf holds the
         model's token."""
-        a = self.acceptance(drafter)
-        tokens = expected_tokens(a, k) + (1.0 - a ** k) * self.leaf_acceptance(drafter) * tree
+        return self._rate(self.acceptance(drafter), self.leaf_acceptance(drafter), drafter, k, batch, tree)
+
+    def _rate(self, a: float, leaf: float, drafter: str, k: int, batch: int, tree: bool) -> float:
+        tokens = expected_tokens(a, k) + (1.0 - a ** k) * leaf * tree
+        lookup = self.drafters[drafter] is None
+        drawn = 0 if lookup else k  # a sampled model draft draws each proposal from its distribution
+        distribution, draw = self.sample_cost
         cost = (self.verify_cost[2 * k if tree else k] + k * self.draft_cost[drafter]
-                + (self.host_cost if self.drafters[drafter] is None else 0.0))
+                + (self.host_cost if lookup else 0.0)
+                + (tokens + drawn) * distribution + (1 + drawn) * draw)
         return (batch - 1 + tokens) / (batch * cost)
+
+    def could_pay(self) -> bool:
+        """Whether some pass would beat a plain step alone if every proposal were kept."""
+        ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
+        return any(self._rate(1.0, 1.0, d, k, 1, tree) > 1.0 for d in self.drafters
+                   for tree in self.tree_options[d] for k in ks)
 
     def _best(self, batch: int) -> tuple[float, str, int, bool]:
         """(rate, drafter, k, tree) of the best pass. It changes only with an update, and the
