@@ -129,9 +129,9 @@ class DraftPolicy:
         (`Engine.pass_overhead_seconds`), which the one-process chain of draft steps does not:
         it adds to each of the three before they are put in steps. A lookup pass's host time:
         HOST_DRAFT_SECONDS over the step; a sampled pass's sampling: SAMPLE_SECONDS_PER_LOGIT
-        over the vocabulary, over the step. None where no pass could beat a plain step with every proposal
-        kept (k auto): the request decodes plainly. A greedy request's policy starts from the
-        engine's `draft_memory`."""
+        times the vocabulary, over the step. None where no pass could beat a plain step with
+        every proposal kept (k auto): the request decodes plainly. A greedy request's policy
+        starts from the engine's `draft_memory`."""
         drafters = engine.drafters(spec)
         alone, over = engine.pass_seconds(), engine.pass_overhead_seconds
         step = alone + over
