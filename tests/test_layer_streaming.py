@@ -600,7 +600,7 @@ def test_a_skip_sets_draft_stays_resident_and_drafts_past_disk_streamed_layers(r
     # layers, whose copies a step waits for
     sizes = resident.placement.sizes
     share = (sum(sizes.layers[i] for i in (0, 3, 5)) + sizes.head_bytes) / (sum(sizes.layers) + sizes.head_bytes)
-    skip_only = Speculation(None, "skip", skip=(1, 2, 4))
+    skip_only = Speculation(3, "skip", skip=(1, 2, 4))  # a fixed k: a policy whatever its costs
     floor = resident.rates.layer_floor_s
     assert max(sizes.layers) / (resident.rates.weight_read_gb_s * 1e9) < floor
     head = resident.placement.step_seconds(1, resident.rates, layers=())
