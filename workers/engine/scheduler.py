@@ -26,7 +26,7 @@ its blocks go back once no step in flight holds it.
 
 Speculation (a Scheduler given a `Speculation`; workers/engine/speculation.py): each request
 that may (`Engine.speculates`: no penalties, grammar or bias) gets a `DraftPolicy`
-of its own at submission, which picks its drafter and k pass by pass from its own measured
+of its own at submission (none where no pass could pay: `DraftPolicy.for_engine`), which picks its drafter and k pass by pass from its own measured
 acceptance (workers/engine/draft_policy.py). In a step of decodes alone, a request whose policy
 drafts is a pass: launch drafts for every such request (the greedy model drafts of the same
 layers and k as one chain over their sequences), then runs one verifying pass of the whole
