@@ -23,10 +23,11 @@ from gguf import GGMLQuantizationType
 from gguf.quants import np_roundf
 
 from kernels.quants import block_shape
+from kernels.row_chunks import each_chunk
 
 Q = GGMLQuantizationType
 QK_K = 256
-CHUNK_VALUES = 1 << 21  # values quantized per step: bounds the search's temporaries (~100 MB)
+CHUNK_VALUES = 1 << 18  # values quantized per step: bounds the search's temporaries (~12 MB)
 GROUP_MAX_EPS = 1e-15  # llama.cpp's: a block whose largest |x| is below this is all zeros
 
 
@@ -54,8 +55,11 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType, importance: np.nda
             raise ValueError("importance must be finite and non-negative")
     out = np.empty((rows, cols // block * size), dtype=np.uint8)
     step = max(1, CHUNK_VALUES // cols)
-    for r in range(0, rows, step):
+
+    def chunk(r: int) -> None:  # rows are quantized independently: the chunks run on a thread pool
         out[r:r + step] = _QUANTIZERS[qtype](x[r:r + step], importance).reshape(-1, out.shape[1])
+
+    each_chunk(rows, step, chunk)
     return out
 
 

@@ -6,13 +6,12 @@ its output and every GPU dequantizing kernel is checked against it.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import _type_traits as _gguf_block_types
 from gguf.quants import dequantize as _gguf_dequantize
+
+from kernels.row_chunks import each_chunk
 
 Q = GGMLQuantizationType
 SUPPORTED_QTYPES = frozenset({
@@ -30,14 +29,12 @@ def block_shape(qtype: GGMLQuantizationType) -> tuple[int, int]:
 # rows at a time, and loading the default model spent about half its time in Python between
 # those calls (docs/benchmarks.md, "CPU").
 ROWS_PER_TASK = 512
-_pool: ThreadPoolExecutor | None = None
 
 
 def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | None = None) -> np.ndarray:
     """Raw bytes shaped (..., row_bytes) -> float32 values shaped (..., row_len), written into
     out when given. A block format's rows go to gguf's block code ROWS_PER_TASK at a time on a
-    thread pool (NumPy's loops release the GIL): each block's values are gguf's, whatever the
-    grouping."""
+    thread pool (`row_chunks`): each block's values are gguf's, whatever the grouping."""
     if qtype not in SUPPORTED_QTYPES:
         raise ValueError(f"unsupported quantization type {qtype.name}")
     raw = np.asarray(raw)
@@ -59,28 +56,5 @@ def dequantize(raw: np.ndarray, qtype: GGMLQuantizationType, out: np.ndarray | N
     def task(start: int) -> None:
         out_rows[start:start + ROWS_PER_TASK] = block.dequantize_rows(rows[start:start + ROWS_PER_TASK])
 
-    starts = range(0, len(rows), ROWS_PER_TASK)
-    if len(starts) == 1:
-        task(0)
-    else:
-        for _ in _threads().map(task, starts):  # re-raises a task's error
-            pass
+    each_chunk(len(rows), ROWS_PER_TASK, task)
     return out
-
-
-def _threads() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        _pool = ThreadPoolExecutor(max_workers=cpus, thread_name_prefix="ntr-dequantize")
-    return _pool
-
-
-def _forget_threads() -> None:
-    """A forked child has none of its parent's threads: a pool it inherited would take tasks
-    and never run them."""
-    global _pool
-    _pool = None
-
-
-os.register_at_fork(after_in_child=_forget_threads)

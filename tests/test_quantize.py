@@ -102,3 +102,46 @@ def test_bad_input_is_refused_by_name():
         quantize(x, Q.Q5_0, np.ones(128, np.float32))
     with pytest.raises(ValueError, match="non-negative"):
         quantize(x, Q.Q5_0, -np.ones(896, np.float32))
+
+
+@pytest.mark.parametrize("qtype", ALL, ids=lambda q: q.name)
+def test_rows_quantized_in_chunks_on_the_pool_are_the_whole_arrays(qtype, monkeypatch):
+    """Chunks of rows go to a thread pool (kernels/row_chunks.py): with chunks of 5 rows
+    (the last short), every byte is what one chunk of all the rows gives, with and without
+    importance."""
+    from kernels import quantize as quantizer
+
+    x = gaussian(int(qtype), rows=23)
+    imp = np.random.default_rng(1).random(x.shape[1]).astype(np.float32)
+    whole = [quantize(x, qtype), quantize(x, qtype, imp)]
+    monkeypatch.setattr(quantizer, "CHUNK_VALUES", 5 * x.shape[1])
+    assert all(np.array_equal(quantize(x, qtype, i), w) for i, w in zip((None, imp), whole))
+
+
+def test_a_chunks_error_is_raised_and_a_forked_child_gets_a_pool_of_its_own():
+    """each_chunk raises what a task raised; a child forked after the pool started runs its
+    chunks on a pool of its own (its parent's threads are not in it: an inherited pool would
+    take the tasks and never run them)."""
+    import os
+    import signal
+
+    from kernels.row_chunks import each_chunk
+
+    done = []
+    each_chunk(10, 3, done.append)
+    assert sorted(done) == [0, 3, 6, 9]
+
+    def fails(start):
+        if start == 6:
+            raise ValueError("chunk 6")
+
+    with pytest.raises(ValueError, match="chunk 6"):
+        each_chunk(10, 3, fails)
+    pid = os.fork()
+    if pid == 0:  # the child: dies by the alarm if its chunks never run
+        signal.alarm(20)
+        seen = []
+        each_chunk(10, 3, seen.append)
+        os._exit(0 if sorted(seen) == [0, 3, 6, 9] else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
