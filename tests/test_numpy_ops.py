@@ -208,3 +208,18 @@ def test_paged_attention_matches_dense_for_mixed_batch(window):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'tpu'"):
         get_backend("tpu")
+
+
+def test_log_likelihood_in_row_chunks_is_the_log_softmax():
+    """Rows in chunks on the thread pool (the last one short): each row's log-probability of
+    its target, against float64 log-sum-exp by np.logaddexp over the whole row."""
+    from kernels import ops as ops_module
+
+    rng = np.random.default_rng(3)
+    rows = 3 * ops_module.LOG_LIKELIHOOD_ROWS + 5
+    logits = (rng.standard_normal((rows, 1000)) * 4).astype(np.float32)
+    logits[0, 7] = 60.0  # a row whose exp would overflow without the max taken out
+    targets = rng.integers(0, 1000, rows)
+    want = logits[np.arange(rows), targets].astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64), axis=-1)
+    got = ops.log_likelihood(logits, targets)
+    assert got.shape == (rows,) and np.allclose(got, want, rtol=1e-12, atol=1e-12)
