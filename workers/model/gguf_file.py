@@ -34,6 +34,7 @@ _SCALAR_FORMATS = {
     10: "<Q", 11: "<q", 12: "<d",
 }
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")  # a string's length
 _NUMPY_DTYPES = {
     0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
     6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64,
@@ -84,15 +85,31 @@ class _Cursor:
         return value
 
     def string(self, what: str) -> str:
-        n = self.unpack("<Q", what)
-        self.need(n, what)
-        raw = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            # Some vocabularies hold byte tokens that are not valid UTF-8 on their own.
-            return raw.decode("utf-8", errors="surrogateescape")
+        return self.strings(1, what)[0]
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """count strings one after another (a u64 length, then UTF-8 bytes), in one loop: a
+        vocabulary is ~150k of them (opening the default model: 0.19 s with a call per
+        string, 0.12 s so)."""
+        buf, pos, limit = self.buf, self.pos, self.limit
+        out = []
+        for _ in range(count):
+            if pos + 8 > limit:
+                self.pos = pos
+                self.need(8, what)  # raises: truncated, or past the header's limit
+            (n,) = _U64.unpack_from(buf, pos)
+            pos += 8
+            if pos + n > limit:
+                self.pos = pos
+                self.need(n, what)
+            raw = buf[pos:pos + n]
+            pos += n
+            try:
+                out.append(raw.decode("utf-8"))
+            except UnicodeDecodeError:  # some vocabularies' byte tokens are not UTF-8 on their own
+                out.append(raw.decode("utf-8", errors="surrogateescape"))
+        self.pos = pos
+        return out
 
     def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALAR_FORMATS:
@@ -115,7 +132,7 @@ class _Cursor:
             if etype == _STRING:
                 # Every string takes at least its 8-byte length: bounds the count up front.
                 self.need(count * 8, what)
-                return [self.string(what) for _ in range(count)]
+                return self.strings(count, what)
             if etype == _ARRAY:
                 self.need(count * 12, what)
                 return [self.value(_ARRAY, what, depth + 1) for _ in range(count)]
