@@ -119,11 +119,12 @@ def test_rows_quantized_in_chunks_on_the_pool_are_the_whole_arrays(qtype, monkey
 
 
 def test_a_chunks_error_is_raised_and_a_forked_child_gets_a_pool_of_its_own():
-    """each_chunk raises what a task raised; a child forked after the pool started runs its
-    chunks on a pool of its own (its parent's threads are not in it: an inherited pool would
-    take the tasks and never run them)."""
+    """each_chunk raises what a task raised; a task may split its own rows again (run in its
+    thread); a child forked after the pool started runs its chunks on a pool of its own (its
+    parent's threads are not in it: an inherited pool would take the tasks and never run them)."""
     import os
     import signal
+    import threading
 
     from kernels.row_chunks import each_chunk
 
@@ -137,6 +138,12 @@ def test_a_chunks_error_is_raised_and_a_forked_child_gets_a_pool_of_its_own():
 
     with pytest.raises(ValueError, match="chunk 6"):
         each_chunk(10, 3, fails)
+    nested = []
+    outer = threading.Thread(target=each_chunk, daemon=True,  # a deadlock fails the join, not the run
+                             args=(4, 1, lambda start: each_chunk(3, 1, lambda inner: nested.append((start, inner)))))
+    outer.start()
+    outer.join(30)
+    assert not outer.is_alive() and sorted(nested) == [(s, i) for s in range(4) for i in range(3)]
     pid = os.fork()
     if pid == 0:  # the child: dies by the alarm if its chunks never run
         signal.alarm(20)
