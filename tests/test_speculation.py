@@ -457,7 +457,8 @@ def test_a_request_no_pass_could_speed_up_decodes_plainly(engine, monkeypatch):
     params = dict(temperature=0.8, seed=5, max_tokens=40)
     plain = run(engine, REPEATING, **params)
     assert DraftPolicy.for_engine(engine, spec, greedy=False) is not None
-    monkeypatch.setitem(draft_policy.SAMPLE_SECONDS_PER_LOGIT, "numpy", (1e-3, 1e-3))  # as if
+    # as if the CPU's host sampling cost a millisecond a logit
+    monkeypatch.setitem(draft_policy.SAMPLE_SECONDS_PER_LOGIT, "numpy", (1e-3, 1e-3))
     assert DraftPolicy.for_engine(engine, spec, greedy=False) is None
     assert run(engine, REPEATING, spec, **params) == plain
     stats = engine.last_speculation
