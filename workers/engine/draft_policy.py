@@ -17,9 +17,8 @@ costs the host's rejection sampling (`speculation.accept_sampled`): a distributi
 vocabulary for each row it reads and for each token a model draft draws, and a draw from one
 for each of those draws and the pass's last token (on the GPU, whose plain steps draw on the
 device; the CPU samples a plain step on the host as well, and its steps are long beside it).
-In a step of B decodes, the
-plain step already gives B tokens for its cost, and a pass makes all B wait for it: the pass
-is worth (B - 1 + tokens) / (B * cost) plain steps (at B = 1, tokens / cost), so the same
+In a step of B decodes, the plain step already gives B tokens for its cost, and a pass makes
+all B wait for it: the pass is worth (B - 1 + tokens) / (B * cost) plain steps (at B = 1, tokens / cost), so the same
 acceptance pays less in a batch (the scheduler's batch of 4 streamed, skip 12 at k=3: 1,277
 tok/s against plain's 1,745 on the H200). The next pass takes the (d, k) with the most worth
 (ties: the earlier drafter in DRAFTERS order, then the smaller k). With a fixed k only d is
@@ -98,6 +97,7 @@ class DraftPolicy:
         request's host work, in decode steps, for one distribution and for one draw (greedy:
         none)."""
         self.k = spec.k
+        self.ks = [spec.k] if spec.k is not None else range(1, MAX_K + 1)  # the k a pass may take
         self.drafters = drafters
         self.host_cost = host_cost
         self.sample_cost = sample_cost
@@ -180,18 +180,16 @@ class DraftPolicy:
 
     def could_pay(self) -> bool:
         """Whether some pass would beat a plain step alone if every proposal were kept."""
-        ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
         return any(self._rate(1.0, 1.0, d, k, 1, tree) > 1.0 for d in self.drafters
-                   for tree in self.tree_options[d] for k in ks)
+                   for tree in self.tree_options[d] for k in self.ks)
 
     def _best(self, batch: int) -> tuple[float, str, int, bool]:
         """(rate, drafter, k, tree) of the best pass. It changes only with an update, and the
         scheduler asks for it each step of each request (~40 us: 16 k by 3 drafters, and
         trees), so it is kept until the next update."""
         if batch not in self._best_pass:
-            ks = [self.k] if self.k is not None else range(1, MAX_K + 1)
             self._best_pass[batch] = max(((self.rate(d, k, batch, tree), d, k, tree) for d in self.drafters
-                                          for tree in self.tree_options[d] for k in ks),
+                                          for tree in self.tree_options[d] for k in self.ks),
                                          key=lambda r: r[0])  # max keeps the first of equals
         return self._best_pass[batch]
 

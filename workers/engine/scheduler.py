@@ -25,15 +25,16 @@ A request that finishes at the first step's commit has its token from the second
 its blocks go back once no step in flight holds it.
 
 Speculation (a Scheduler given a `Speculation`; workers/engine/speculation.py): each request
-that may (`Engine.speculates`: no penalties, grammar or bias) gets a `DraftPolicy`
-of its own at submission (none where no pass could pay: `DraftPolicy.for_engine`), which picks its drafter and k pass by pass from its own measured
-acceptance (workers/engine/draft_policy.py). In a step of decodes alone, a request whose policy
-drafts is a pass: launch drafts for every such request (the greedy model drafts of the same
-layers and k as one chain over their sequences), then runs one verifying pass of the whole
-step, each plain decode one row and each pass its last token and proposals (decode rows, as
-`Engine.generate` verifies); waiting settles each pass (its own accepted length; the rejected
-proposals' blocks go back) and samples the plain rows, and commit hands out each pass's tokens
-in order until one ends the request. A pass's k is cut so that the step holds at most the
+that may (`Engine.speculates`: no penalties, grammar or bias) gets a `DraftPolicy` of its own
+at submission (none where no pass could pay: `DraftPolicy.for_engine`), which picks its
+drafter and k pass by pass from its own measured acceptance (workers/engine/draft_policy.py).
+In a step of decodes alone, a request whose policy drafts is a pass: launch drafts for every
+such request (the greedy model drafts of the same layers and k as one chain over their
+sequences), then runs one verifying pass of the whole step, each plain decode one row and
+each pass its last token and proposals (decode rows, as `Engine.generate` verifies); waiting
+settles each pass (its own accepted length; the rejected proposals' blocks go back) and
+samples the plain rows, and commit hands out each pass's tokens in order until one ends the
+request. A pass's k is cut so that the step holds at most the
 engine's max_logit_rows rows (the logits it keeps room for; the ComputeWorker's are
 max_num_seqs: speculation fills the rows a small batch leaves), and a pass takes blocks beyond
 its decode only where every later decode of the step still finds its own: speculation never
