@@ -60,6 +60,9 @@ class ServerConfig(BaseModel):
     max_num_seqs: int = Field(32, ge=1)
     max_batch_tokens: int = Field(512, ge=1)  # per step: decodes first, prompt chunks share the rest
     max_queue: int = Field(256, ge=0)  # waiting requests beyond this get 429 / RESOURCE_EXHAUSTED
+    # a forward pass not done in this is stuck: a pipeline restarts the stage holding it; 30 s
+    # past it the replica fails its requests and its health checks, and Serve replaces it
+    step_timeout_s: float = Field(300.0, gt=0)
     api_keys: list[str] = []  # bearer keys; NTR_API_KEYS (comma-separated) adds more
     # speculative decoding for the requests that can (no penalties, grammar or bias;
     # workers/engine/speculation.py): K tokens drafted a pass, or auto (k and plain steps chosen
@@ -136,7 +139,7 @@ class ServerConfig(BaseModel):
                                         "block_size", "max_num_seqs", "max_batch_tokens", "max_queue", "host_ram_gb",
                                         "n_buffers", "requant_streamed", "pipeline_parallel_size",
                                         "placement_strategy", "num_cpus", "speculate", "drafter", "draft_layers",
-                                        "skip_set", "draft_tree"}) | {"stage_gpus": self.stage_gpus}
+                                        "skip_set", "draft_tree", "step_timeout_s"}) | {"stage_gpus": self.stage_gpus}
 
 
 def describe(error: ValidationError, where: str) -> str:

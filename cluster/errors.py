@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from ray.exceptions import RayActorError
 
+from workers.compute_worker import WorkerFailed
 from workers.engine.engine import ContextLengthError
 from workers.engine.scheduler import QueueFull
 from workers.model.store import ModelNotFound
@@ -49,6 +50,8 @@ class APIError(Exception):
             return cls(429, str(cause), code="queue_full")
         if isinstance(cause, RayActorError):  # its message names the actor's class, id and node: keep them here
             return cls(503, "the model is unavailable (its worker is restarting); retry later", code="unavailable")
+        if isinstance(cause, WorkerFailed):  # Serve replaces its replica: as a restarting worker
+            return cls(503, f"the model is unavailable ({cause}); retry later", code="unavailable")
         if isinstance(cause, ContextLengthError):
             return cls(400, str(cause), param=cause.param, code="context_length_exceeded")
         if isinstance(cause, ModelNotFound):

@@ -49,6 +49,7 @@ def app_config(**args) -> str:
     (app_config(backend="cupy"), "backend 'cupy' needs num_gpus: 1"),
     (app_config(max_num_seqs=64, max_batch_tokens=32), "max_batch_tokens (32) must be >= max_num_seqs (64)"),
     (app_config(kv_cache_gb="lots"), "kv_cache_gb: Input should be a valid number"),
+    (app_config(step_timeout_s=0), "applications.0.args.step_timeout_s: Input should be greater than 0"),
     (app_config(modle="x"), "applications.0.args.modle: Extra inputs are not permitted"),
     (app_config(speculate=17), "applications.0.args.speculate.constrained-int: Input should be less than or equal to 16"),
     (app_config(speculate="lots"), "applications.0.args.speculate.literal['off','auto']: Input should be 'off' or 'auto'"),

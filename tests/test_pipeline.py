@@ -6,10 +6,12 @@ and the configuration's checks."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -1048,17 +1050,20 @@ def test_a_killed_workers_stage_group_is_reaped_and_a_new_worker_starts_in_its_r
         reap_orphaned_groups(min_age_s=0)
 
 
-@pytest.mark.parametrize("speculate", ["off", 3])
-def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local_ray, model, single, speculate):
+@pytest.mark.parametrize("how, speculate", [("killed", "off"), ("killed", 3), ("stopped", "off")])
+def test_stage_lost_mid_request_fails_it_and_the_replica_serves_the_next(local_ray, model, single, how, speculate):
     """A ComputeWorker over 2 stage actors, two requests decoding in two micro-batch groups:
-    killing stage 1 ends both with an error naming the stage; Ray restarts the stage, and the
-    next two requests (greedy and seeded, concurrent) get the tokens one process gives (with
-    lookup speculation, its speculation's: greedy, plain decoding's)."""
+    stage 1 killed, or its process stopped (SIGSTOP: alive, never answering, which once hung
+    the requests forever), ends both with an error naming the stage (a stopped one after
+    step_timeout_s, killed then); Ray restarts the stage, and the next two requests (greedy and
+    seeded, concurrent) get the tokens one process gives (with lookup speculation, its
+    speculation's: greedy, plain decoding's)."""
     from workers.compute_worker import ComputeWorker
 
     worker = ComputeWorker.options(num_cpus=1).remote(str(model("qwen2")), max_context=512, kv_cache_gb=0.01,
-                                                      max_num_seqs=4, max_batch_tokens=64,
+                                                      max_num_seqs=4, max_batch_tokens=64, step_timeout_s=3.0,
                                                       pipeline_parallel_size=2, speculate=speculate)
+    pid = None
     try:
         info = ray.get(worker.info.remote(), timeout=120)
         assert [s["layers"] for s in info["pipeline_stages"]] == [[0, 2], [2, 4]]
@@ -1068,12 +1073,18 @@ def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local
         poll_until(worker, ["long", "long2"], lambda events: any(e.get("token_id") is not None for e in events))
         stage = next(n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
                      if n["name"].endswith("-stage-1"))
-        ray.kill(ray.get_actor(stage, namespace=next(
-            n["namespace"] for n in ray.util.list_named_actors(all_namespaces=True) if n["name"] == stage)),
-            no_restart=False)
+        actor = ray.get_actor(stage, namespace=next(
+            n["namespace"] for n in ray.util.list_named_actors(all_namespaces=True) if n["name"] == stage))
+        if how == "killed":
+            ray.kill(actor, no_restart=False)
+        else:
+            pid = ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
+            os.kill(pid, signal.SIGSTOP)
         for rid, events in poll_until(worker, ["long", "long2"], ended).items():
-            assert "error" in events[-1], f"{rid} finished before the kill reached it"
+            assert "error" in events[-1], f"{rid} finished before the stage was lost"
             assert "pipeline stage 1 (layers 2-3)" in events[-1]["error"]
+            if how == "stopped":
+                assert "did not answer" in events[-1]["error"] and "(step_timeout_s)" in events[-1]["error"]
             assert len(events) < 480
 
         nexts = {"next": ([5, 6, 7], GREEDY), "next2": ([9, 8, 7], SEEDED)}
@@ -1087,6 +1098,9 @@ def test_stage_killed_mid_request_fails_it_and_the_replica_serves_the_next(local
             assert [e.get("token_id") for e in events] == want and events[-1]["finish_reason"] == "length", events[-1]
     finally:
         ray.kill(worker)
+        if pid is not None:  # the pipeline killed it; were it still there, a stopped process would never exit
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_generate_pp_2_gives_the_greedy_tokens_of_one_process_on_the_default_model(real_engine, real_model_path):

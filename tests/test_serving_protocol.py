@@ -11,6 +11,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from cluster.errors import APIError
 from cluster.openai_protocol import (INFORMATIONAL_FIELDS, Choice, chunk, json_body,
                                      parse_detokenize, parse_request, parse_tokenize, response)
+from workers.compute_worker import WorkerFailed
 from workers.engine.engine import ContextLengthError
 from workers.engine.scheduler import QueueFull
 from workers.model.store import ModelNotFound
@@ -91,6 +92,8 @@ def test_a_dead_or_restarting_worker_is_a_503_that_names_no_internals():
     (ModelNotFound("no such model"), 404, grpc.StatusCode.NOT_FOUND),
     (ValueError("bad"), 400, grpc.StatusCode.INVALID_ARGUMENT),
     (RuntimeError("boom"), 500, grpc.StatusCode.INTERNAL),
+    (WorkerFailed("the compute worker failed: TimeoutError: a forward pass has not finished in 330 s"), 503,
+     grpc.StatusCode.UNAVAILABLE),
 ])
 def test_engine_errors_map_to_status_codes_even_through_ray(exc, status, code):
     wrapped = RayTaskError("ComputeWorker.submit", "Traceback ...", exc)

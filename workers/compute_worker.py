@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 from collections import deque
 
 import ray
@@ -43,6 +44,14 @@ from workers.stage_worker import RayPipeline
 from workers.tier_loader import TierLoader
 
 GIB = 2**30
+# A forward pass this long past step_timeout_s fails the worker: a pipeline first has that long to
+# restart a stuck stage itself (its pings and kills take seconds).
+STALL_GRACE_S = 30.0
+
+
+class WorkerFailed(RuntimeError):
+    """The worker is broken for good (its loop failed, or a step stalled): every call raises
+    this, the health check too, so Serve replaces the replica."""
 
 
 def engine_options(max_context: int, kv_cache_gb: float | None, vram_budget_gb: float, block_size: int,
@@ -77,13 +86,15 @@ class ComputeWorker:
                  requant_streamed: str | None = None, pipeline_parallel_size: int = 1,
                  placement_strategy: str = "STRICT_PACK", num_cpus: float = 1.0, speculate: str | int = "off",
                  drafter: str = "lookup", draft_layers: int | None = None, skip_set: str | None = None,
-                 draft_tree: str = "auto", stage_gpus: float = 0.0):
+                 draft_tree: str = "auto", stage_gpus: float = 0.0, step_timeout_s: float = 300.0):
         """With pipeline_parallel_size > 1 the forward pass runs in that many StageWorker actors
         (workers/stage_worker.py), each reserving num_cpus and stage_gpus, placed by
         placement_strategy, each under vram_budget_gb; this actor keeps the scheduler and the
         block tables, and holds no device (kernels/driver.py). speculate, drafter,
         draft_layers, skip_set, draft_tree: the scheduler's speculation (`Speculation.from_setting`); a
-        skip set's draft layers claim residency first (skip_calibration.residency_order)."""
+        skip set's draft layers claim residency first (skip_calibration.residency_order).
+        step_timeout_s: a pass longer is stuck (a pipeline restarts the stage holding it;
+        `_watch` fails the worker once it is STALL_GRACE_S longer still)."""
         node = ray.get_runtime_context().get_node_id()
         # The disk tier must be on this node: the engine maps the file it returns.
         self.loader = TierLoader.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(model)
@@ -96,7 +107,8 @@ class ComputeWorker:
                                  block_size=block_size, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
                                  host_ram_gb=host_ram_gb, n_buffers=n_buffers, kv_type=kv_type,
                                  requant_streamed=requant_streamed)
-        stages = functools.partial(RayPipeline, strategy=placement_strategy, num_cpus=num_cpus, num_gpus=stage_gpus)
+        stages = functools.partial(RayPipeline, strategy=placement_strategy, num_cpus=num_cpus, num_gpus=stage_gpus,
+                                   pass_timeout_s=step_timeout_s)
         order = residency_order(skip_set, spec["path"]) if skip_set else None
         self.engine = await asyncio.to_thread(Engine, spec["path"], backend=backend, host_alloc=self.tiers.host_alloc,
                                               disk_open=self.tiers.disk_open, pipeline_parallel_size=pipeline_parallel_size,
@@ -120,6 +132,8 @@ class ComputeWorker:
         self.poll_waiting = False
         self.event_loop = asyncio.get_running_loop()
         self.failure: BaseException | None = None
+        self.stall_s = step_timeout_s + STALL_GRACE_S
+        self.busy_since: float | None = None  # when the loop began its step's launch and wait (`_watch`)
         model = self.engine.model_name
         self.gauges = model_metrics(metrics.Gauge, "ntr_", model, [
             ("queue_depth", "requests waiting for admission"),
@@ -155,6 +169,11 @@ class ComputeWorker:
                                      "streamed": list(s.streamed)} for s in e.stages]}
 
     def stats(self) -> dict:
+        """The gauges' values (/health answers them); raises once the worker is broken."""
+        self._check_alive()
+        return self._counts()
+
+    def _counts(self) -> dict:
         s = self.scheduler
         return {"queue_depth": len(s.waiting), "running_requests": len(s.running),
                 "kv_blocks_in_use": s.kv_blocks_in_use, "kv_blocks_total": self.engine.kv.num_blocks}
@@ -200,6 +219,7 @@ class ComputeWorker:
 
     async def poll(self, timeout_s: float = 1.0) -> dict[str, list[dict]]:
         """Every request's events since the last poll; waits up to timeout_s for the first."""
+        self._watch()
         with self.lock:
             ready = self._take_events()
             if not ready:
@@ -242,6 +262,7 @@ class ComputeWorker:
                     self.has_work.wait()
                     continue
                 try:
+                    self.busy_since = time.monotonic()
                     if after is not None:
                         launched.append((after, self.scheduler.launch(after)))
                         if len(launched) < self.scheduler.depth:
@@ -255,6 +276,8 @@ class ComputeWorker:
                     launched.clear()
                     self._update_gauges()
                     continue
+                finally:
+                    self.busy_since = None
                 with self.lock:
                     events = self.scheduler.commit(step, picked)
                     for rid, event in events:
@@ -264,14 +287,34 @@ class ComputeWorker:
                 self._count_speculation()
                 self._update_gauges()
         except BaseException as e:
-            self.failure = e
-            with self.lock:
-                for request_id in list(self.outbox):
-                    self._emit(request_id, {"error": f"compute worker failed: {e!r}"})
+            self._fail(e)
+
+    def _fail(self, e: BaseException) -> None:
+        """The worker is broken for good: every request ends with the error, and so does every
+        later call (`_check_alive`; health checks too, so Serve replaces the replica)."""
+        self.failure = e
+        locked = self.lock.acquire(timeout=1.0)  # the loop may be stuck holding it: go on without it then
+        try:
+            for request_id in list(self.outbox):
+                self._emit(request_id, {"error": f"compute worker failed: {type(e).__name__}: {e}"})
+        finally:
+            if locked:
+                self.lock.release()
+
+    def _watch(self) -> None:
+        """The watchdog, on the event loop (each poll and health check): a step stuck for
+        stall_s (a wedged device, or a stage its pipeline could not restart) fails the worker,
+        which would otherwise answer every call while its requests wait forever."""
+        since = self.busy_since
+        if self.failure is None and since is not None and time.monotonic() - since > self.stall_s:
+            self._fail(TimeoutError(f"a forward pass has not finished in {self.stall_s:g} s "
+                                    f"(step_timeout_s + {STALL_GRACE_S:g} s)"))
 
     def _check_alive(self) -> None:
+        self._watch()
         if self.failure is not None:
-            raise RuntimeError("the scheduling loop failed") from self.failure
+            raise WorkerFailed(f"the compute worker failed: {type(self.failure).__name__}: {self.failure}") \
+                from self.failure
 
     def _emit(self, request_id: str, event: dict) -> None:
         """Queue an event for the next poll (the lock held); wake a waiting poll."""
@@ -302,7 +345,7 @@ class ComputeWorker:
     def _update_gauges(self) -> None:
         # Only what changed: a Ray metric update costs tens of microseconds, a decode step
         # about a millisecond on the GPU, and these values move far less often than every step.
-        for name, value in self.stats().items():
+        for name, value in self._counts().items():
             if self.gauge_values.get(name) != value:
                 self.gauges[name].set(value)
                 self.gauge_values[name] = value

@@ -14,7 +14,9 @@ follows it down the stages, stage k running the later pass while stage k + 1 run
 earlier one (the scheduler's micro-batches).
 
 A stage that dies is restarted by Ray (up to STAGE_RESTARTS times) with an empty KV cache, and
-the graph stops for good. The passes the stage was in raise StageFailed, and so does a pass
+the graph stops for good. A stage that hangs (a process stopped or deadlocked, a wedged
+device) would hold its passes forever: a pass that has not come back in pass_timeout_s kills
+the stages that do not answer or run the oldest pass, and Ray restarts them as after a crash. The passes the stage was in raise StageFailed, and so does a pass
 that reaches a restarted stage before the pipeline knows (its KV for every running sequence is
 gone): the engine's caller ends those sequences (the ComputeWorker fails every running
 request). The pass submitted after a failure first builds the graph again, once every stage
@@ -26,12 +28,13 @@ driver died leaves its placement group behind; the next pipeline to start remove
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import NamedTuple
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayChannelError, RayChannelTimeoutError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayChannelError, RayChannelTimeoutError, RayError
 from ray.dag import InputNode
 from ray.util.placement_group import get_placement_group, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -46,6 +49,8 @@ from workers.node_tiers import NodeTiers
 STAGE_RESTARTS = 3
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
 START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers (or a restarted stage's)
+PASS_TIMEOUT_S = 300.0  # a pass longer than this is stuck in a stage (a prompt chunk on the CPU takes seconds)
+PING_TIMEOUT_S = 5.0  # after a pass timed out, a stage that does not answer in this is stuck
 GROUP_PREFIX = "ntr-stages-"  # the pipelines' placement groups (`reap_orphaned_groups`)
 ORPHAN_AGE_S = 10.0  # a group this old without stage actors has lost its driver
 REAP_EVERY_S = 2.0  # while a pipeline waits for room, orphaned groups are looked for this often
@@ -81,14 +86,22 @@ class StageWorker:
         self.tiers.loaded()
         # a restart begins with an empty KV cache: it refuses passes until told the sequences are ended
         self.lost_kv = ray.get_runtime_context().was_current_actor_reconstructed
+        self.pass_started: float | None = None  # when the pass running here began (`running_for`)
 
     def ready(self) -> str:
         """The actor's id (hex), which Ray's errors about its death carry, once it is loaded."""
         return ray.get_runtime_context().get_actor_id()
 
+    def running_for(self) -> float | None:
+        """Seconds the pass running here has taken so far; None between passes. Answered beside
+        a running pass: the graph's loop runs in a concurrency group of its own."""
+        started = self.pass_started
+        return None if started is None else time.monotonic() - started
+
     def step(self, inputs: PassInputs, hidden=None):
         """One pass's work here. A failure names this stage."""
         name = self.stage.spec.describe()
+        self.pass_started = time.monotonic()
         try:
             if inputs.ended:
                 self.stage.install_transforms(inputs.transforms)
@@ -100,6 +113,8 @@ class StageWorker:
             raise
         except Exception as e:
             raise StageFailed(f"pipeline {name} failed: {type(e).__name__}: {e}") from None
+        finally:
+            self.pass_started = None
 
 
 class RayPass:
@@ -109,9 +124,12 @@ class RayPass:
         self.pipeline, self.output = pipeline, output
 
     def result(self):
-        """The last stage's output (StageFailed, naming the stage, when one fails)."""
+        """The last stage's output (StageFailed, naming the stage, when one fails or hangs)."""
         try:
-            return self.output.get(timeout=-1)  # as long as the pass takes (a long prompt on the CPU)
+            return self.output.get(timeout=self.pipeline.pass_timeout_s)
+        except RayChannelTimeoutError:
+            self.pipeline.failed = True
+            raise self.pipeline.stuck() from None
         except RayError as e:
             self.pipeline.failed = True
             cause = getattr(e, "cause", None)  # a stage's own StageFailed, which names it
@@ -121,7 +139,8 @@ class RayPass:
 class RayPipeline:
     """The stages of `specs` as `worker` actors (StageWorker's interface) in a placement group,
     chained by a Ray compiled graph; submit(step) starts a pass. Each stage reserves num_cpus
-    and num_gpus (GPU stages: a GPU each, or a share of one that several stages use)."""
+    and num_gpus (GPU stages: a GPU each, or a share of one that several stages use). A pass
+    not back in pass_timeout_s is stuck (`stuck`)."""
 
     # a pass's time beyond its stages' compute, by backend, as LocalPipeline's. cupy: the real
     # default model on an H100, two stages at half the GPU each, 0.64 -> 1.58 ms a step (the
@@ -131,10 +150,11 @@ class RayPipeline:
     PASS_OVERHEAD_SECONDS = {"numpy": 0.0, "cupy": 0.94e-3}
 
     def __init__(self, specs: list[StageSpec], strategy: str = "STRICT_PACK", num_cpus: float = 1.0,
-                 timeout_s: float = START_TIMEOUT_S, worker=StageWorker, num_gpus: float = 0.0):
+                 timeout_s: float = START_TIMEOUT_S, worker=StageWorker, num_gpus: float = 0.0,
+                 pass_timeout_s: float = PASS_TIMEOUT_S):
         if strategy not in STRATEGIES:
             raise ValueError(f"placement_strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        self.specs, self.timeout_s = specs, timeout_s
+        self.specs, self.timeout_s, self.pass_timeout_s = specs, timeout_s, pass_timeout_s
         bundle = {"CPU": num_cpus, "GPU": num_gpus} if num_gpus else {"CPU": num_cpus}
         prefix = f"ntr-{uuid.uuid4().hex[:8]}"
         reap_orphaned_groups()
@@ -218,6 +238,29 @@ class RayPipeline:
             if known == actor_id:
                 return StageFailed(f"pipeline {spec.describe()} failed: {type(error).__name__}: {error}")
         return StageFailed(f"a pipeline stage failed: {type(error).__name__}: {error}")
+
+    def stuck(self) -> StageFailed:
+        """After a pass outlived pass_timeout_s: the stages that do not answer within
+        PING_TIMEOUT_S (a stopped or deadlocked process) and the one running the oldest pass
+        (it holds the pass up) are killed; Ray restarts them with their KV lost, as after a
+        crash, and the next pass builds the graph again. The error names them."""
+        pings = [actor.running_for.remote() for actor in self.actors]
+        deadline = time.monotonic() + PING_TIMEOUT_S
+        running: list[float | None] = []  # inf: no answer
+        for ping in pings:
+            try:
+                running.append(ray.get(ping, timeout=max(0.0, deadline - time.monotonic())))
+            except (GetTimeoutError, RayError):
+                running.append(math.inf)
+        oldest = max((r for r in running if r is not None), default=None)
+        reasons = []
+        for actor, spec, r in zip(self.actors, self.specs, running):
+            if r is not None and r in (oldest, math.inf):
+                ray.kill(actor, no_restart=False)
+                reasons.append(f"pipeline {spec.describe()} " + (
+                    "did not answer" if r == math.inf else f"had run it for {r:.1f} s"))
+        return StageFailed(f"a pass did not finish in {self.pass_timeout_s:g} s (step_timeout_s): "
+                           + ("; ".join(reasons) + ": restarted" if reasons else "no stage was running it"))
 
     def shutdown(self, graph: bool = True) -> None:
         if graph:
