@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kernels.kv_layout import KV_TYPES
 from workers.model import store as model_store
 from workers.model.config import ModelConfig
+from workers.engine.pipeline import PASS_TIMEOUT_S
 from workers.engine.speculation import MAX_K
 from workers.model.gguf_file import GGUFFile
 
@@ -62,7 +63,7 @@ class ServerConfig(BaseModel):
     max_queue: int = Field(256, ge=0)  # waiting requests beyond this get 429 / RESOURCE_EXHAUSTED
     # a forward pass not done in this is stuck: a pipeline restarts the stage holding it; 30 s
     # past it the replica fails its requests and its health checks, and Serve replaces it
-    step_timeout_s: float = Field(300.0, gt=0)
+    step_timeout_s: float = Field(PASS_TIMEOUT_S, gt=0)
     api_keys: list[str] = []  # bearer keys; NTR_API_KEYS (comma-separated) adds more
     # speculative decoding for the requests that can (no penalties, grammar or bias;
     # workers/engine/speculation.py): K tokens drafted a pass, or auto (k and plain steps chosen

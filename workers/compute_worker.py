@@ -34,6 +34,7 @@ from ray.util import metrics
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.engine.engine import Engine, GeneratedToken
+from workers.engine.pipeline import PASS_TIMEOUT_S
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
 from workers.engine.skip_calibration import load_skip_set, residency_order
@@ -86,7 +87,7 @@ class ComputeWorker:
                  requant_streamed: str | None = None, pipeline_parallel_size: int = 1,
                  placement_strategy: str = "STRICT_PACK", num_cpus: float = 1.0, speculate: str | int = "off",
                  drafter: str = "lookup", draft_layers: int | None = None, skip_set: str | None = None,
-                 draft_tree: str = "auto", stage_gpus: float = 0.0, step_timeout_s: float = 300.0):
+                 draft_tree: str = "auto", stage_gpus: float = 0.0, step_timeout_s: float = PASS_TIMEOUT_S):
         """With pipeline_parallel_size > 1 the forward pass runs in that many StageWorker actors
         (workers/stage_worker.py), each reserving num_cpus and stage_gpus, placed by
         placement_strategy, each under vram_budget_gb; this actor keeps the scheduler and the

@@ -15,11 +15,11 @@ earlier one (the scheduler's micro-batches).
 
 A stage that dies is restarted by Ray (up to STAGE_RESTARTS times) with an empty KV cache, and
 the graph stops for good. A stage that hangs (a process stopped or deadlocked, a wedged
-device) would hold its passes forever: a pass that has not come back in pass_timeout_s kills
-the stages that do not answer or run the oldest pass, and Ray restarts them as after a crash. The passes the stage was in raise StageFailed, and so does a pass
-that reaches a restarted stage before the pipeline knows (its KV for every running sequence is
-gone): the engine's caller ends those sequences (the ComputeWorker fails every running
-request). The pass submitted after a failure first builds the graph again, once every stage
+device) would hold its passes forever: a pass not back in pass_timeout_s kills the stages that
+do not answer or run the oldest pass, and Ray restarts them as after a crash. The passes the
+stage was in raise StageFailed, and so does a pass that reaches a restarted stage before the
+pipeline knows (its KV for every running sequence is gone): the engine's caller ends those
+sequences (the ComputeWorker fails every running request). The pass submitted after a failure first builds the graph again, once every stage
 answers, and tells the stages with it that the sequences they lost are ended (a quantized KV
 cache's calibrated key transforms go with it, which a restarted stage lost). A pipeline whose
 driver died leaves its placement group behind; the next pipeline to start removes it
@@ -41,7 +41,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernels import StepInputs, get_backend
 from workers.engine.kv_calibration import Transforms
-from workers.engine.pipeline import Stage, StageSpec
+from workers.engine.pipeline import PASS_TIMEOUT_S, Stage, StageSpec
 from workers.engine.sampling import Draw
 from workers.host_tier import NAMESPACE
 from workers.node_tiers import NodeTiers
@@ -49,7 +49,6 @@ from workers.node_tiers import NodeTiers
 STAGE_RESTARTS = 3
 STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD")
 START_TIMEOUT_S = 600.0  # placing the bundles and loading every stage's layers (or a restarted stage's)
-PASS_TIMEOUT_S = 300.0  # a pass longer than this is stuck in a stage (a prompt chunk on the CPU takes seconds)
 PING_TIMEOUT_S = 5.0  # after a pass timed out, a stage that does not answer in this is stuck
 GROUP_PREFIX = "ntr-stages-"  # the pipelines' placement groups (`reap_orphaned_groups`)
 ORPHAN_AGE_S = 10.0  # a group this old without stage actors has lost its driver

@@ -57,6 +57,9 @@ from workers.model.transformer import Transformer, layer_matrices
 
 
 TOP2 = "top2"  # a pass's draws: each logit row's argmax and runner-up, [2, B] host ids (`Backend.top2`)
+# a pass through stage actors longer than this is stuck in a stage (workers/stage_worker.py; a
+# prompt chunk takes seconds on the CPU); the server's step_timeout_s
+PASS_TIMEOUT_S = 300.0
 
 
 def split_by_bytes(layer_bytes: list[int], parts: int, first_bytes: int = 0, last_bytes: int = 0) -> list[range]:
