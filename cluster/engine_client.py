@@ -124,6 +124,9 @@ class Generation:
                 if "error" in event:
                     self.finished = True
                     raise GenerationFailed(event["error"])
+                if "prompt_logprobs" in event:  # an echo's, before the first token: no token itself
+                    yield event
+                    continue
                 now = time.perf_counter()
                 if last is None:
                     client.ttft.observe(now - self.submitted)

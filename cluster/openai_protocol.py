@@ -42,7 +42,7 @@ _SAMPLING_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "n"
 _STRUCTURE_FIELDS = frozenset({"response_format", "grammar", "logit_bias"})
 CHAT_FIELDS = _SAMPLING_FIELDS | _STRUCTURE_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "tools",
                                                       "tool_choice", "parallel_tool_calls"}
-# best_of only as n, suffix only empty, echo only without logprobs: anything else is a 400.
+# best_of only as n, suffix only empty: anything else is a 400.
 COMPLETION_FIELDS = _SAMPLING_FIELDS | _STRUCTURE_FIELDS | {"prompt", "best_of", "suffix", "echo"}
 # What OpenAI's clients send that cannot change the output: accepted and not used.
 INFORMATIONAL_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier",
@@ -298,7 +298,8 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
     else:
         max_tokens = _field(body, "max_tokens", (int,), None)
         logprobs = _field(body, "logprobs", (int,), None)
-        _completion_only_fields(body, n, logprobs)
+        _completion_only_fields(body, n)
+    echo = not chat and _field(body, "echo", (bool,), False)
     temperature = _field(body, "temperature", number, 1.0)
     if not 0 <= temperature <= 2:
         raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
@@ -316,7 +317,7 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
             frequency_penalty=_field(body, "frequency_penalty", number, 0.0),
             presence_penalty=_field(body, "presence_penalty", number, 0.0),
             max_tokens=default if max_tokens is None else max_tokens, cut_to_context=max_tokens is None,
-            stop=tuple(stop), logprobs=logprobs,
+            stop=tuple(stop), logprobs=logprobs, prompt_logprobs=logprobs if echo else None,
             ignore_eos=_field(body, "ignore_eos", (bool,), False),
             logit_bias=_logit_bias(body), grammar=grammar)
     except ValueError as e:
@@ -324,7 +325,7 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
         raise APIError(400, str(e), param=name and name.group(1)) from None
     stream = _field(body, "stream", (bool,), False)
     return CompletionRequest(chat=chat, model=model, prompts=prompts, params=params, n=n, stream=stream,
-                             include_usage=_include_usage(body, stream), echo=_field(body, "echo", (bool,), False),
+                             include_usage=_include_usage(body, stream), echo=echo,
                              system_fingerprint=system_fingerprint, tools=tools)
 
 
@@ -340,18 +341,14 @@ def check_model(model: str, served_model: str) -> str:
     return model
 
 
-def _completion_only_fields(body: dict, n: int, logprobs: int | None) -> None:
-    """best_of and suffix: accepted only where they leave the output as it is; echo only
-    without logprobs (an echoed prompt's logprobs would need a scoring pass)."""
+def _completion_only_fields(body: dict, n: int) -> None:
+    """best_of and suffix: accepted only where they leave the output as it is."""
     best_of = _field(body, "best_of", (int,), None)
     if best_of is not None and best_of != n:
         raise APIError(400, f"'best_of' must equal 'n' ({n}), got {best_of}: choosing the best of more "
                             "candidates than are returned is not supported", param="best_of")
     if _field(body, "suffix", (str,), ""):
         raise APIError(400, "'suffix' (text after the completion) is not supported", param="suffix")
-    if _field(body, "echo", (bool,), False) and logprobs is not None:
-        raise APIError(400, "'echo' with 'logprobs' is not supported (the prompt's logprobs are not computed)",
-                       param="echo")
 
 
 def _include_usage(body: dict, stream: bool) -> bool:
@@ -448,15 +445,29 @@ class Choice:
         self.content: list[str] = []  # with tools: the text outside the calls
 
     def opening(self) -> list[dict]:
-        """The stream's first entries: chat's role alone, as OpenAI sends it; an echoed prompt."""
+        """The stream's first entries: chat's role alone, as OpenAI sends it; an echoed prompt
+        (with logprobs asked, it goes with its tokens' logprobs once they come: `add`)."""
         if not self.request.chat:
-            return [{"index": self.index, "text": self.echo, "logprobs": None, "finish_reason": None}] if self.echo else []
+            if not self.echo or self.logprobs is not None:
+                return []
+            return [{"index": self.index, "text": self.echo, "logprobs": None, "finish_reason": None}]
         return [{"index": self.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                  "finish_reason": None}]
 
     def add(self, event: dict) -> list[dict]:
         """Record an event; returns its stream entries: its text if any, then the finish reason
-        in an entry of its own (an empty delta, or empty text), as OpenAI ends a choice."""
+        in an entry of its own (an empty delta, or empty text), as OpenAI ends a choice. An
+        echo's prompt logprobs (their own event, before the first token's) go out with the
+        echoed text, each prompt token's offset counted from its start as a token's text is."""
+        if "prompt_logprobs" in event:
+            offset = 0
+            for entry in event["prompt_logprobs"]:
+                token, top = _token(entry["bytes"]), entry["top_logprobs"]
+                self.logprobs.append({"tokens": [token], "token_logprobs": [entry["logprob"]], "text_offset": [offset],
+                                      "top_logprobs": [None if top is None else {_token(b): v for b, v in top}]})
+                offset += len(token)
+            self.offset = len(self.echo)
+            return [self._stream_entry(self.echo, None)]
         text, finish = event["text"], event["finish_reason"]
         self.text.append(text)
         self.finish_reason = finish

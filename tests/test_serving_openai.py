@@ -116,7 +116,6 @@ def test_chat_stream_is_openais(client, model):
 @pytest.mark.parametrize("chat, fields, param", [
     (False, {"best_of": 2}, "best_of"),
     (False, {"suffix": "}"}, "suffix"),
-    (False, {"echo": True, "logprobs": 1}, "echo"),
     (True, {"top_logprobs": 2}, "top_logprobs"),
     (True, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
     (True, {"extra_body": {"frobnicate": 1}}, "frobnicate"),
@@ -144,6 +143,30 @@ def test_echo_begins_the_text_with_the_prompt(client, model, server):
     status, ids = post(server, "/tokenize", json.dumps({"prompt": prompt}))
     by_ids = client.completions.create(model=model, prompt=ids["tokens"], max_tokens=3, temperature=0, echo=True)
     assert status == 200 and by_ids.choices[0].text == echoed.choices[0].text
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_sampling_scores_a_token(client, model, server):
+    """lm-evaluation-harness's loglikelihood request (echo, logprobs, one token): every prompt
+    token's logprob, the first None; the last prompt token's equals what sampling reports for
+    it as the first token after the rest of the prompt (another pass, another code path)."""
+    status, ids = post(server, "/tokenize", json.dumps({"prompt": "def add(a, b):"}))
+    prompt = ids["tokens"]
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, echo=True, logprobs=5)
+    assert status == 200
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(prompt) + 1
+    assert "".join(lp.tokens) == r.choices[0].text and r.choices[0].text.startswith("def add(a, b):")
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and r.usage.completion_tokens == 1
+    for token, chosen, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert len(top) == 5 and chosen <= max(top.values()) + 1e-6
+        assert token not in top or top[token] == pytest.approx(chosen, abs=1e-6)
+    before = client.completions.create(model=model, prompt=prompt[:-1], max_tokens=1, temperature=0, logprobs=5)
+    sampled_top = before.choices[0].logprobs.top_logprobs[0]
+    assert sampled_top[lp.tokens[len(prompt) - 1]] == pytest.approx(lp.token_logprobs[len(prompt) - 1], abs=2e-3)
+    chunks = list(client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0, echo=True,
+                                            logprobs=5, stream=True))
+    assert chunks[0].choices[0].text == r.choices[0].text[:len("def add(a, b):")]
+    assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
 
 
 def test_informational_fields_pass(client, model):

@@ -44,7 +44,6 @@ def test_choices_per_prompt_and_n_with_distinct_seeds():
     ({"prompt": "a", "top_p": 0}, 400, "top_p"),
     ({"prompt": "a", "n": 17}, 400, "'n' must be in [1, 16]"),
     ({"prompt": "a", "stop": ["1", "2", "3", "4", "5"]}, 400, "at most 4"),
-    ({"prompt": "a", "echo": True, "logprobs": 1}, 400, "'echo' with 'logprobs'"),
     ({"prompt": 5}, 400, "'prompt' must be"),
     ([1, 2], 400, "JSON object"),
     ({"prompt": "a", "top_k": -5}, 400, "top_k=-5"),
@@ -174,6 +173,32 @@ def test_an_echoed_prompt_begins_the_text_and_the_stream():
     assert choice.tokens == 1 and Choice(r, 0).opening() == []
 
 
+def test_an_echo_with_logprobs_scores_the_prompt_and_sends_it_with_them():
+    """The prompt's tokens' logprobs (the worker's event before the first token's) begin the
+    choice's, the first token's None as OpenAI's; streamed, they go out with the echoed text
+    (nothing before them), and the generated tokens' offsets count from the echo's end."""
+    r = parse_request({"prompt": "Hi", "echo": True, "logprobs": 1, "stream": True}, False, M, 4096)
+    assert r.params.prompt_logprobs == 1 and parse_request({"prompt": "Hi", "logprobs": 1}, False, M,
+                                                            4096).params.prompt_logprobs is None
+    prompt = {"prompt_logprobs": [{"token_id": 5, "bytes": list(b"H"), "logprob": None, "top_logprobs": None},
+                                  {"token_id": 6, "bytes": list(b"i"), "logprob": -1.5,
+                                   "top_logprobs": [(list(b"!"), -0.5)]}]}
+    streamed, whole = Choice(r, 0, echo="Hi"), Choice(r, 0, echo="Hi")
+    assert streamed.opening() == []
+    entries = streamed.add(prompt)
+    whole.add(prompt)
+    for event in _events([(b"!", "!", "length")]):
+        entries += streamed.add(event)
+        whole.add(event)
+    final = whole.final()
+    assert final["text"] == "Hi!" and whole.tokens == 1
+    assert final["logprobs"] == {"tokens": ["H", "i", "!"], "token_logprobs": [None, -1.5, -0.25],
+                                 "top_logprobs": [None, {"!": -0.5}, {"!": -0.25}], "text_offset": [0, 1, 2]}
+    assert [e["text"] for e in entries] == ["Hi", "!", ""]
+    joined = {k: [v for e in entries if e["logprobs"] for v in e["logprobs"][k]] for k in final["logprobs"]}
+    assert joined == final["logprobs"]
+
+
 def test_the_last_tokens_text_and_the_finish_reason_are_two_entries():
     r = parse_request({"prompt": "x", "stream": True}, False, M, 4096)
     entries = Choice(r, 0).add(_events([(b"a", "a", "length")])[0])
@@ -191,7 +216,6 @@ CHAT = {"messages": [{"role": "user", "content": "x"}]}
     (False, {"prompt": "a", "best_of": 1, "n": 2}, "best_of", "must equal 'n' (2)"),
     (False, {"prompt": "a", "best_of": "2"}, "best_of", "must be int"),
     (False, {"prompt": "a", "suffix": "}"}, "suffix", "'suffix'"),
-    (False, {"prompt": "a", "echo": True, "logprobs": 0}, "echo", "'echo' with 'logprobs' is not supported"),
     (False, {"prompt": "a", "echo": 1}, "echo", "must be bool"),
     (True, {**CHAT, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),
     (True, {**CHAT, "logprobs": False, "top_logprobs": 2}, "top_logprobs", "needs 'logprobs': true"),

@@ -33,7 +33,7 @@ import ray
 from ray.util import metrics
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from workers.engine.engine import Engine, GeneratedToken
+from workers.engine.engine import Engine, GeneratedToken, PromptLogprobs
 from workers.engine.pipeline import PASS_TIMEOUT_S
 from workers.engine.sampling import SamplingParams
 from workers.engine.scheduler import Scheduler
@@ -282,9 +282,9 @@ class ComputeWorker:
                 with self.lock:
                     events = self.scheduler.commit(step, picked)
                     for rid, event in events:
-                        self._emit(rid, self._wire(rid, event))
-                if events:
-                    self.generated.inc(len(events))
+                        self._emit(rid, self._wire(event))
+                if tokens := sum(isinstance(event, GeneratedToken) for _, event in events):
+                    self.generated.inc(tokens)
                 self._count_speculation()
                 self._update_gauges()
         except BaseException as e:
@@ -325,10 +325,15 @@ class ComputeWorker:
                 self.poll_waiting = False
                 self.event_loop.call_soon_threadsafe(self.has_events.set)
 
-    def _wire(self, request_id: str, event: GeneratedToken) -> dict:
+    def _wire(self, event: GeneratedToken | PromptLogprobs) -> dict:
+        """An event as it leaves the actor: token ids with their bytes where logprobs go with them."""
+        token_bytes = self.engine.tokenizer.token_bytes
+        if isinstance(event, PromptLogprobs):
+            return {"prompt_logprobs": [{"token_id": t, "bytes": list(token_bytes(t)), "logprob": lp, "top_logprobs":
+                                         None if top is None else [(list(token_bytes(i)), v) for i, v in top]}
+                                        for t, lp, top in event.entries]}
         out = {"token_id": event.token_id, "text": event.text, "finish_reason": event.finish_reason}
         if event.logprob is not None:
-            token_bytes = self.engine.tokenizer.token_bytes
             out["logprob"] = event.logprob
             out["bytes"] = list(token_bytes(event.token_id))
             out["top_logprobs"] = [(list(token_bytes(t)), lp) for t, lp in event.top_logprobs]

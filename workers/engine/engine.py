@@ -30,7 +30,7 @@ from workers.engine.pipeline import (TOP2, Finished, KVPools, LocalPipeline, pla
                                      stages_step_seconds)
 from workers.engine.placement import Rates, context_bytes, plan_model, requantized, stage_reserve
 from workers.engine.requant_streamed import check_spec, retyped
-from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax
+from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax, token_logprobs
 from workers.engine.speculation import Speculation, start_verify
 from workers.engine.speculation import Stats as SpecStats
 from workers.engine.text_stream import TextStream
@@ -75,10 +75,19 @@ class GeneratedToken:
     finish_reason: str | None = None  # "stop" | "length" once generation ends
 
 
+@dataclass
+class PromptLogprobs:
+    """Every prompt token's (token, logprob, top) (SamplingParams.prompt_logprobs), the first's
+    logprob and top None: a request's event before its first token's."""
+
+    entries: list[tuple[int, float | None, list[tuple[int, float]] | None]]
+
+
 @dataclass(eq=False)
 class Completion:
     """One request's generation state, shared by `Engine.generate` and the serving scheduler:
-    its sequence, sampler, text stream, stop ids and token budget."""
+    its sequence, sampler, text stream, stop ids and token budget, and with prompt_logprobs
+    its prompt tokens' logprobs as the passes over its prompt score them."""
 
     seq: Sequence
     params: SamplingParams
@@ -88,6 +97,8 @@ class Completion:
     budget: int  # tokens it may generate: max_tokens, cut to what the context window leaves
     prompt_tokens: int
     generated: int = 0
+    prompt_scores: list[tuple] = field(default_factory=list)  # PromptLogprobs' entries so far
+    prompt_sent: bool = False
 
     @classmethod
     def start(cls, engine: "Engine", prompt_ids: list[int], params: SamplingParams, **extra) -> "Completion":
@@ -99,7 +110,24 @@ class Completion:
                    stream=TextStream(tok, params.stop),
                    stop_ids=frozenset(params.stop_ids) | (frozenset() if params.ignore_eos else frozenset(tok.stop_ids)),
                    budget=min(params.max_tokens, engine.max_context - len(prompt_ids)),
-                   prompt_tokens=len(prompt_ids), **extra)
+                   prompt_tokens=len(prompt_ids),
+                   prompt_scores=[] if params.prompt_logprobs is None else [(prompt_ids[0], None, None)], **extra)
+
+    def score_rows(self, n: int) -> range:
+        """Of the next n tokens a pass feeds it, the rows (0 its first) whose logits give a
+        prompt token's logprob not computed yet: row j predicts token seq.num_cached + j + 1.
+        Those of a prompt recomputed after preemption are not computed again."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        cached = self.seq.num_cached
+        return range(max(len(self.prompt_scores) - 1 - cached, 0), max(min(n, self.prompt_tokens - 1 - cached), 0))
+
+    def prompt_event(self) -> PromptLogprobs | None:
+        """Once every prompt token has its logprob, the event that hands them out; once."""
+        if self.params.prompt_logprobs is None or self.prompt_sent or len(self.prompt_scores) < self.prompt_tokens:
+            return None
+        self.prompt_sent = True
+        return PromptLogprobs(self.prompt_scores)
 
     def advance(self, token: int, logprob: float | None = None, top=None) -> GeneratedToken:
         """The event for a sampled token: a stop id, a stop string or the budget ends the
@@ -392,6 +420,43 @@ class Engine:
         picks = self._submit(step, draws).result
         count_cached(work)
         return lambda: self._accept(samplers, picks())
+
+    def start_scored(self, work: list[tuple[Sequence, int]], samplers: list[Sampler | None], scored: list[range],
+                     n_tops: list[int | None]) -> Callable[[], tuple[list, list[list[tuple]]]]:
+        """`start_sampled`'s pass in one process, each item's rows `scored` names (0 its first new
+        token) also scored against the tokens they predict, which its sequence holds already:
+        returns a function that waits for (the picks, for each item its rows' (token, logprob,
+        top n_top) as plain sampling reports a token's). The pass brings back the rows' residual
+        stream, not their logits; the output head takes max_logit_rows of them at a time, so a
+        whole prompt chunk is scored within the logits' planned memory."""
+        starts = np.cumsum([0] + [n for _, n in work[:-1]], dtype=np.int64)
+        last = last_rows(work)
+        wanted = [int(start) + j for start, rows in zip(starts, scored) for j in rows]
+        targets = [seq.token_ids[seq.num_cached + j + 1] for (seq, _), rows in zip(work, scored) for j in rows]
+        step = self._plan(work)
+        step.logit_rows = np.unique(np.concatenate([last, np.asarray(wanted, np.int64)]))
+        index = {int(r): i for i, r in enumerate(step.logit_rows)}
+        forward = functools.partial(self.model.forward, head=False)
+        forward.graph_key = ("residual",)  # a captured pass's output is not a normal pass's
+        residual = self.ops.run_step(forward, step, self.kv.layers)
+        count_cached(work)
+
+        def logits(rows: list[int]):
+            return self.model.head(self.ops.take_rows(residual, [index[r] for r in rows]))
+
+        tops = [n for rows, n in zip(scored, n_tops) for _ in rows]
+
+        def wait() -> tuple[list, list[list[tuple]]]:
+            picks = self.sample(logits([int(r) for r in last]), samplers)
+            found = []
+            for first in range(0, len(wanted), self.max_logit_rows):
+                part = slice(first, first + self.max_logit_rows)
+                found += [(t, *token_logprobs(row, t, n)) for row, t, n in
+                          zip(self.ops.to_numpy(logits(wanted[part])), targets[part], tops[part])]
+            ends = np.cumsum([len(rows) for rows in scored])
+            return picks, [found[end - len(rows):end] for rows, end in zip(scored, ends)]
+
+        return wait
 
     def _draft_layers(self, layers: tuple[int, ...] | None) -> tuple[int, ...] | None:
         """A draft's layers, checked (None where that is every layer)."""
@@ -763,6 +828,9 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.config.vocab_size}): {bad[:5]}")
+        if params is not None and params.prompt_logprobs is not None and self.pipeline is not None:
+            raise ValueError("invalid sampling parameter prompt_logprobs: the prompt's logprobs (an echo's) are not "
+                             "computed through pipeline stages")
         bad = [t for t, _ in params.logit_bias if t >= self.config.vocab_size] if params is not None else []
         if bad:
             raise ValueError(f"invalid sampling parameter logit_bias: token ids out of range "
@@ -784,6 +852,9 @@ class Engine:
         speculation says auto (workers/engine/draft_policy.py)."""
         if speculation is not None:
             self.drafters(speculation)  # refuses a drafter the engine does not run before anything starts
+        if params.prompt_logprobs is not None:
+            raise ValueError("invalid sampling parameter prompt_logprobs: the prompt's logprobs are computed by the "
+                             "serving scheduler (workers/engine/scheduler.py), not by generate")
         if speculation is not None and params.constrained:
             # a draft is verified against the raw distribution; masking it is not implemented
             raise ValueError("speculative decoding cannot run with a grammar or a logit_bias")

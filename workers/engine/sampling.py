@@ -48,6 +48,8 @@ class SamplingParams:
     stop_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+    # the prompt's tokens' too (an echo's logprobs; the serving scheduler's): None none; n as logprobs
+    prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids checked against the vocabulary by the engine
     grammar: GrammarSpec | None = None  # constrained decoding: every token keeps the text in the grammar
 
@@ -80,8 +82,10 @@ class SamplingParams:
             bad("max_tokens", "must be an integer >= 1")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             bad("seed", "must be an integer >= 0")
-        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            bad("logprobs", "must be an integer in [0, 20]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+                bad(name, "must be an integer in [0, 20]")
         if len(self.stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH
                                                 for s in self.stop):
             bad("stop", f"must be at most {MAX_STOP} non-empty strings of at most {MAX_STOP_LENGTH} characters")

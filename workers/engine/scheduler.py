@@ -79,7 +79,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from workers.engine.draft_policy import DraftPolicy
-from workers.engine.engine import Completion, Engine, GeneratedToken, Sequence
+from workers.engine.engine import Completion, Engine, GeneratedToken, PromptLogprobs, Sequence
 from workers.engine.sampling import SamplingParams
 from workers.engine.speculation import Choice, Speculation, Stats, accept, propose, start_pass
 
@@ -343,8 +343,20 @@ class Scheduler:
         # a request draws when the step caches the last of its tokens
         samplers = [r.sampler if not r.cancelled and r.uncached == n else None
                     for r, (_, n) in zip(step.requests, step.work)]
-        picks = self.engine.start_sampled(step.work, samplers)
-        return lambda: [[] if c is None else [c] for c in picks()]
+        scored = [r.score_rows(n) for r, (_, n) in zip(step.requests, step.work)]
+        if not any(scored):
+            picks = self.engine.start_sampled(step.work, samplers)
+            return lambda: [[] if c is None else [c] for c in picks()]
+        started = self.engine.start_scored(step.work, samplers, scored,
+                                           [r.params.prompt_logprobs for r in step.requests])
+
+        def wait() -> list:
+            picked, scores = started()
+            for request, entries in zip(step.requests, scores):
+                request.prompt_scores.extend(entries)
+            return [[] if c is None else [c] for c in picked]
+
+        return wait
 
     def _launch_passes(self, step: Step) -> Callable[[], list]:
         """A step of decodes with passes: the drafts (`propose`: the greedy model drafts of the
@@ -378,9 +390,10 @@ class Scheduler:
         """The planned step to its end: launch, then wait for its tokens."""
         return self.launch(step)()
 
-    def commit(self, step: Step, picked: list) -> list[tuple[str, GeneratedToken]]:
+    def commit(self, step: Step, picked: list) -> list[tuple[str, GeneratedToken | PromptLogprobs]]:
         """Apply the step's tokens (a list a request: one, none while its prompt is partly
-        cached, a pass's kept run); returns (request id, event) pairs. A token that ends a
+        cached, a pass's kept run); returns (request id, event) pairs, a request's
+        PromptLogprobs (prompt_logprobs) before its first token's. A token that ends a
         request drops the rest of its run. Requests cancelled or finished meanwhile give their
         blocks back here (once no step in flight holds them)."""
         self.in_flight.remove(step)
@@ -389,6 +402,8 @@ class Scheduler:
             if request.cancelled or request.done:
                 self._drop(request)
                 continue
+            if (scored := request.prompt_event()) is not None:  # before the first token's
+                events.append((request.id, scored))
             for choice in choices:
                 event = request.advance(*choice)
                 events.append((request.id, event))

@@ -77,15 +77,17 @@ class Transformer:
                      q_norm=extra("q_norm"), k_norm=extra("k_norm"),
                      post_attn_norm=extra("post_attn_norm"), post_ffn_norm=extra("post_ffn_norm"))
 
-    def forward(self, step: StepInputs, kv_caches, layers: tuple[int, ...] | None = None) -> Array:
+    def forward(self, step: StepInputs, kv_caches, layers: tuple[int, ...] | None = None, head: bool = True) -> Array:
         """Logits [rows, vocab] for step.logit_rows of the flat batch (every row if None); with
         `layers` (ascending indices), of those layers only, the others passed over by the
         residual stream (a draft: the first d layers, or a calibrated subset). Only the layers
         run write KV; a streamed model's pass copies only their bytes (the backend is told
         which: Engine._forward), so a draft is cheap under streaming when it runs resident
-        layers only. kv_caches: each layer's (K, V) by its index (a list or a dict)."""
+        layers only. kv_caches: each layer's (K, V) by its index (a list or a dict). head=False:
+        those rows of the residual stream leaving the last layer instead [rows, d], for `head`
+        to take a few rows at a time (many rows' logits would not fit the memory planned)."""
         x = self.run_layers(self.embedding(step), step, kv_caches, self.held if layers is None else layers)
-        return self.logits(x, step)
+        return self.logits(x, step) if head else self.ops.logit_input(x, step)
 
     def embedding(self, step: StepInputs) -> Array:
         """The residual stream entering layer 0: [T, d]."""
@@ -94,8 +96,12 @@ class Transformer:
 
     def logits(self, x: Array, step: StepInputs) -> Array:
         """Logits of the rows step.logit_rows of the residual stream leaving the last layer."""
+        return self.head(self.ops.logit_input(x, step))
+
+    def head(self, rows: Array) -> Array:
+        """Logits of rows of the residual stream leaving the last layer: the final norm, then the output head."""
         ops = self.ops
-        return ops.matmul(ops.rmsnorm(ops.logit_input(x, step), self.output_norm, self.config.rms_eps), self.output)
+        return ops.matmul(ops.rmsnorm(rows, self.output_norm, self.config.rms_eps), self.output)
 
     def run_layers(self, x: Array, step: StepInputs, kv_caches, layers) -> Array:
         """The residual stream x [T, d] through `layers` (ascending, held here)."""
