@@ -62,6 +62,9 @@ class CompletionRequest:
     stream: bool
     include_usage: bool
     echo: bool = False  # completions: each choice's text begins with its prompt's
+    # completions' max_tokens 0 with echo: the prompt alone (scored with logprobs). One token is
+    # drawn beside the prompt's last row, which costs no pass; no choice reports it
+    echo_only: bool = False
     system_fingerprint: str | None = None
     tools: list | None = None  # rendered into the chat prompt; the output is parsed for calls
     id: str = ""
@@ -300,6 +303,9 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
         logprobs = _field(body, "logprobs", (int,), None)
         _completion_only_fields(body, n)
     echo = not chat and _field(body, "echo", (bool,), False)
+    echo_only = echo and max_tokens == 0
+    if echo_only:
+        max_tokens = 1
     temperature = _field(body, "temperature", number, 1.0)
     if not 0 <= temperature <= 2:
         raise APIError(400, f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
@@ -325,7 +331,7 @@ def parse_request(body, chat: bool, served_model: str, max_context: int,
         raise APIError(400, str(e), param=name and name.group(1)) from None
     stream = _field(body, "stream", (bool,), False)
     return CompletionRequest(chat=chat, model=model, prompts=prompts, params=params, n=n, stream=stream,
-                             include_usage=_include_usage(body, stream), echo=echo,
+                             include_usage=_include_usage(body, stream), echo=echo, echo_only=echo_only,
                              system_fingerprint=system_fingerprint, tools=tools)
 
 
@@ -468,6 +474,9 @@ class Choice:
                 offset += len(token)
             self.offset = len(self.echo)
             return [self._stream_entry(self.echo, None)]
+        if self.request.echo_only:  # the token drawn beside the prompt's scores is not asked for
+            self.finish_reason = "length"
+            return [self._stream_entry("", "length")]
         text, finish = event["text"], event["finish_reason"]
         self.text.append(text)
         self.finish_reason = finish

@@ -167,6 +167,10 @@ def test_echo_with_logprobs_scores_the_prompt_as_sampling_scores_a_token(client,
                                             logprobs=5, stream=True))
     assert chunks[0].choices[0].text == r.choices[0].text[:len("def add(a, b):")]
     assert [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens] == lp.tokens
+    alone = client.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=5)
+    assert alone.choices[0].text == "def add(a, b):" and alone.usage.completion_tokens == 0
+    scored = alone.choices[0].logprobs.token_logprobs
+    assert scored[0] is None and scored[1:] == pytest.approx(lp.token_logprobs[1:-1], abs=1e-5)
 
 
 def test_informational_fields_pass(client, model):

@@ -199,6 +199,24 @@ def test_an_echo_with_logprobs_scores_the_prompt_and_sends_it_with_them():
     assert joined == final["logprobs"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_echo_of_max_tokens_0_is_the_scored_prompt_alone(stream):
+    """max_tokens 0 with echo (a text scored, as legacy OpenAI and vLLM allow): one token is
+    asked of the worker (drawn beside the prompt's scores, no pass of its own) and reported by
+    no choice: the text is the prompt's, the logprobs its tokens', no completion token, length."""
+    r = parse_request({"prompt": "Hi", "echo": True, "max_tokens": 0, "logprobs": 1, "stream": stream}, False, M, 4096)
+    assert r.echo_only and r.params.max_tokens == 1 and r.params.prompt_logprobs == 1
+    prompt = {"prompt_logprobs": [{"token_id": 5, "bytes": list(b"Hi"), "logprob": None, "top_logprobs": None}]}
+    choice = Choice(r, 0, echo="Hi")
+    entries = choice.opening() + choice.add(prompt) + choice.add(_events([(b"!", "!", "stop")])[0])
+    final = choice.final()
+    assert final["text"] == "Hi" and final["finish_reason"] == "length" and choice.tokens == 0
+    assert final["logprobs"]["tokens"] == ["Hi"] and final["logprobs"]["token_logprobs"] == [None]
+    assert [(e["text"], e["finish_reason"]) for e in entries] == [("Hi", None), ("", "length")]
+    with pytest.raises(APIError, match="max_tokens"):  # without echo there is nothing to return
+        parse_request({"prompt": "Hi", "max_tokens": 0}, False, M, 4096)
+
+
 def test_the_last_tokens_text_and_the_finish_reason_are_two_entries():
     r = parse_request({"prompt": "x", "stream": True}, False, M, 4096)
     entries = Choice(r, 0).add(_events([(b"a", "a", "length")])[0])
