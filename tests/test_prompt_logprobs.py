@@ -1,7 +1,7 @@
 """The prompt's logprobs (SamplingParams.prompt_logprobs, an echo's logprobs in the API): the
-serving scheduler scores a prompt's tokens from the logits of the passes that prefill it, in
-chunks that keep a step within the engine's logit rows. The reference is one pass over the
-whole prompt with every row's logits, log-softmaxed in float64 here."""
+serving scheduler scores a prompt's tokens from the passes that prefill it, in its usual
+chunks, the output head taking the engine's logit rows at a time. The reference is one pass
+over the whole prompt with every row's logits, log-softmaxed in float64 here."""
 
 from __future__ import annotations
 
