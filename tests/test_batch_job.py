@@ -53,6 +53,28 @@ def test_a_line_asking_for_what_a_result_cannot_hold_is_an_error_record(field):
     assert record["id"] == 7 and f"'{name}'" in record["error"]
 
 
+def test_an_echo_of_max_tokens_0_is_the_prompt_alone_with_no_completion_token():
+    """The worker is asked for one token (drawn beside the prompt's last row); the record, as
+    the HTTP response, holds the prompt alone."""
+    class Generation:
+        prompt_tokens, completion_tokens = 2, 1
+
+        async def __aiter__(self):
+            yield {"token_id": 1, "text": "!", "finish_reason": "length"}
+
+    class Client:
+        async def submit(self, prompt, params, tools):
+            assert params.max_tokens == 1
+            return Generation()
+
+        async def prompt_text(self, prompt):
+            return prompt
+
+    record = asyncio.run(generate_one(Client(), "m", 4096, 4, {"prompt": "Hi", "echo": True, "max_tokens": 0}))
+    assert (record["text"], record["finish_reason"]) == ("Hi", "length")
+    assert record["usage"] == {"prompt_tokens": 2, "completion_tokens": 0, "total_tokens": 2}
+
+
 def test_a_chat_line_with_tools_gives_its_calls_parsed():
     """As the HTTP response has them: <tool_call> blocks become tool_calls, the text the rest."""
     events = [("<tool_call>", None), ('\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n', None),

@@ -92,7 +92,7 @@ async def generate_one(client: EngineClient, model: str, max_context: int, key, 
     message = final.get("message", {})
     record = {"id": key, "text": final["text"] if "text" in final else message["content"] or "",
               "finish_reason": final["finish_reason"],
-              "usage": oai.usage(generation.prompt_tokens, generation.completion_tokens)}
+              "usage": oai.usage(generation.prompt_tokens, choice.tokens)}  # the tokens the text holds, as HTTP counts
     if message.get("tool_calls"):
         record["tool_calls"] = message["tool_calls"]
     return record
