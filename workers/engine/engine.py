@@ -373,7 +373,7 @@ class Engine:
                       rows: np.ndarray | None = None, layers: tuple[int, ...] | None = None,
                       decode_rows: bool = False, leaves: list[list[tuple[int, int]]] | None = None,
                       before_draft: bool = False, feed: list | None = None,
-                      best: bool = False) -> Callable[[], np.ndarray]:
+                      best: bool = False, head: bool = True) -> Callable[[], np.ndarray]:
         """`forward`'s pass, started: returns a function that waits for its logits. Through
         pipeline stages the pass is submitted and runs while the caller goes on, so a pass of
         other sequences started behind it runs in the stages it has left (micro-batches,
@@ -385,7 +385,9 @@ class Engine:
         proposals, `start_chain`). best (with device): through pipeline stages, each logit row's
         argmax and runner-up ids ([2, rows] on the host: the last stage's `TOP2`) instead of its
         logits, for a greedy verifying pass that reads nothing else (one process keeps the logits
-        on the device, where the argmax is found beside them, and ignores it)."""
+        on the device, where the argmax is found beside them, and ignores it). head=False (with
+        device, one process): the rows' residual stream leaving the last layer instead of their
+        logits, for `Transformer.head` to take a few rows at a time (`start_scored`)."""
         step = self._plan(work, decode_rows=decode_rows, leaves=leaves)
         if rows is not None:
             step.logit_rows = np.asarray(rows, dtype=np.int64)
@@ -394,11 +396,14 @@ class Engine:
                 raise ValueError("a pass with leaf rows returns every row's logits (all_logits)")
             step.logit_rows = last_rows(work)
         if self.pipeline is not None:
+            if not head:
+                raise ValueError("through pipeline stages a pass returns its last stage's logits or draws")
             if feed is not None:  # a draft's ids, which a pipeline's chain (`start_chain`) holds on the host
                 step.tokens = fed_tokens(step.tokens, feed)
             result = self._submit(step, TOP2 if best else None, layers=self._draft_layers(layers)).result
         else:
-            result = Finished(self.ops.run_step(self._forward(layers, before_draft), step, self.kv.layers, feed)).result
+            result = Finished(self.ops.run_step(self._forward(layers, before_draft, head), step, self.kv.layers,
+                                                feed)).result
         count_cached(work)
         if device:
             return result
@@ -433,20 +438,17 @@ class Engine:
         last = last_rows(work)
         wanted = [int(start) + j for start, rows in zip(starts, scored) for j in rows]
         targets = [seq.token_ids[seq.num_cached + j + 1] for (seq, _), rows in zip(work, scored) for j in rows]
-        step = self._plan(work)
-        step.logit_rows = np.unique(np.concatenate([last, np.asarray(wanted, np.int64)]))
-        index = {int(r): i for i, r in enumerate(step.logit_rows)}
-        forward = functools.partial(self.model.forward, head=False)
-        forward.graph_key = ("residual",)  # a captured pass's output is not a normal pass's
-        residual = self.ops.run_step(forward, step, self.kv.layers)
-        count_cached(work)
-
-        def logits(rows: list[int]):
-            return self.model.head(self.ops.take_rows(residual, [index[r] for r in rows]))
-
+        logit_rows = np.unique(np.concatenate([last, np.asarray(wanted, np.int64)]))
+        index = {int(r): i for i, r in enumerate(logit_rows)}
+        residual = self.start_forward(work, device=True, rows=logit_rows, head=False)
         tops = [n for rows, n in zip(scored, n_tops) for _ in rows]
 
         def wait() -> tuple[list, list[list[tuple]]]:
+            x = residual()
+
+            def logits(rows: list[int]):
+                return self.model.head(self.ops.take_rows(x, [index[r] for r in rows]))
+
             picks = self.sample(logits([int(r) for r in last]), samplers)
             found = []
             for first in range(0, len(wanted), self.max_logit_rows):
@@ -469,16 +471,17 @@ class Engine:
                 layers = None
         return layers
 
-    def _forward(self, layers: tuple[int, ...] | None, before_draft: bool = False):
+    def _forward(self, layers: tuple[int, ...] | None, before_draft: bool = False, head: bool = True):
         """The model's step, or that of a subset of its layers (a step of its own to a backend
         that captures steps: `graph_key` names the subset). before_draft, when layers stream:
-        marked `late_refills`, a step of its own too."""
+        marked `late_refills`, a step of its own too. head=False: the step that stops before
+        the output head (`Transformer.forward`), a step of its own as well."""
         layers = self._draft_layers(layers)
         late = before_draft and self.placement.n_buffers > 0
-        if layers is None and not late:
+        if layers is None and not late and head:
             return self.model.forward
-        forward = functools.partial(self.model.forward, layers=layers)
-        forward.graph_key = ("layers", layers, late)
+        forward = functools.partial(self.model.forward, layers=layers, head=head)
+        forward.graph_key = ("layers", layers, late, head)
         if layers is not None:
             forward.layers_run = layers  # a streamed model's ring copies only these (kernels/layer_ring.py)
         forward.late_refills = late
