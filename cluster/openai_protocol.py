@@ -466,12 +466,9 @@ class Choice:
         echo's prompt logprobs (their own event, before the first token's) go out with the
         echoed text, each prompt token's offset counted from its start as a token's text is."""
         if "prompt_logprobs" in event:
-            offset = 0
             for entry in event["prompt_logprobs"]:
-                token, top = _token(entry["bytes"]), entry["top_logprobs"]
-                self.logprobs.append({"tokens": [token], "token_logprobs": [entry["logprob"]], "text_offset": [offset],
-                                      "top_logprobs": [None if top is None else {_token(b): v for b, v in top}]})
-                offset += len(token)
+                self.logprobs.append(self._logprob_entry(entry))
+                self.offset += len(_token(entry["bytes"]))
             self.offset = len(self.echo)
             return [self._stream_entry(self.echo, None)]
         if self.request.echo_only:  # the token drawn beside the prompt's scores is not asked for
@@ -491,12 +488,13 @@ class Choice:
         return out
 
     def _logprob_entry(self, event: dict) -> dict:
+        """A token's logprobs entry at self.offset (a prompt's first token has none: top None)."""
         token, lp, top = _token(event["bytes"]), event["logprob"], event["top_logprobs"]
         if self.request.chat:
             return {"token": token, "logprob": lp, "bytes": event["bytes"],
                     "top_logprobs": [{"token": _token(b), "logprob": v, "bytes": b} for b, v in top]}
         return {"tokens": [token], "token_logprobs": [lp], "text_offset": [self.offset],
-                "top_logprobs": [{_token(b): v for b, v in top}]}
+                "top_logprobs": [None if top is None else {_token(b): v for b, v in top}]}
 
     def _stream_entry(self, piece: dict | str, finish: str | None) -> dict:
         """piece: chat's delta (an empty one ends a choice), or a completion's text."""
