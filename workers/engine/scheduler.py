@@ -346,17 +346,17 @@ class Scheduler:
         scored = [r.score_rows(n) for r, (_, n) in zip(step.requests, step.work)]
         if not any(scored):
             picks = self.engine.start_sampled(step.work, samplers)
-            return lambda: [[] if c is None else [c] for c in picks()]
-        started = self.engine.start_scored(step.work, samplers, scored,
-                                           [r.params.prompt_logprobs for r in step.requests])
+        else:  # some prompt tokens' logprobs too (prompt_logprobs), kept by their requests
+            started = self.engine.start_scored(step.work, samplers, scored,
+                                               [r.params.prompt_logprobs for r in step.requests])
 
-        def wait() -> list:
-            picked, scores = started()
-            for request, entries in zip(step.requests, scores):
-                request.prompt_scores.extend(entries)
-            return [[] if c is None else [c] for c in picked]
+            def picks() -> list:
+                picked, scores = started()
+                for request, entries in zip(step.requests, scores):
+                    request.prompt_scores.extend(entries)
+                return picked
 
-        return wait
+        return lambda: [[] if c is None else [c] for c in picks()]
 
     def _launch_passes(self, step: Step) -> Callable[[], list]:
         """A step of decodes with passes: the drafts (`propose`: the greedy model drafts of the
