@@ -28,8 +28,7 @@ a sampled pass (sample_cost): draft_policy.SAMPLE_SECONDS_PER_LOGIT. --batch B s
 set's prompts B at a time through the serving scheduler (workers/engine/scheduler.py, driven
 as the ComputeWorker drives it), each request with its own policy, max(16, B) rows of logits a
 step (served): decode tok/s is then every token of the steps without a prompt chunk over their
-time, and the tokens are compared
-with the plain batch's. --warm-up N first runs each config on a set's first N prompts untimed
+time, and the tokens are compared with the plain batch's. --warm-up N first runs each config on a set's first N prompts untimed
 (default: 4 on a GPU backend, 0 on the CPU): a GPU engine captures a decode graph for each
 shape it meets (batch rows, block-table width) the first time, as a server does once in its
 life, and a config that uses more shapes (adaptive k) would otherwise pay more of them.

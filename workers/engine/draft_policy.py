@@ -18,8 +18,8 @@ vocabulary for each row it reads and for each token a model draft draws, and a d
 for each of those draws and the pass's last token (on the GPU, whose plain steps draw on the
 device; the CPU samples a plain step on the host as well, and its steps are long beside it).
 In a step of B decodes, the plain step already gives B tokens for its cost, and a pass makes
-all B wait for it: the pass is worth (B - 1 + tokens) / (B * cost) plain steps (at B = 1, tokens / cost), so the same
-acceptance pays less in a batch (the scheduler's batch of 4 streamed, skip 12 at k=3: 1,277
+all B wait for it: the pass is worth (B - 1 + tokens) / (B * cost) plain steps (at B = 1,
+tokens / cost), so the same acceptance pays less in a batch (the scheduler's batch of 4 streamed, skip 12 at k=3: 1,277
 tok/s against plain's 1,745 on the H200). The next pass takes the (d, k) with the most worth
 (ties: the earlier drafter in DRAFTERS order, then the smaller k). With a fixed k only d is
 chosen; with auto k, when no (d, k) beats a plain step (worth at most 1) the step is plain,
