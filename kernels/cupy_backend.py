@@ -324,8 +324,8 @@ class CupyBackend(Backend):
         return sampling.sample(self, logits, temperature, top_k, top_p, min_p, uniform)
 
     @on_stream
-    def log_likelihood(self, logits, targets) -> np.ndarray:
-        return sampling.log_likelihood(self, logits, targets)
+    def token_logprobs(self, logits, tokens, top_n: int = 0):
+        return sampling.token_logprobs(self, logits, tokens, top_n)
 
 
 @functools.cache

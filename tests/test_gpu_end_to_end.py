@@ -342,16 +342,29 @@ def test_kv_cache_fills_its_byte_budget_on_the_gpu(engines):
     del engine
 
 
-def test_log_likelihood_and_perplexity_match_the_cpu(engines):
+@pytest.mark.parametrize("top_n", [0, 1, 5, 20])
+def test_token_logprobs_match_the_cpu(engines, top_n):
+    """misc.cu's token_logprobs_rows against the host twin on fresh rows, two of them of a few
+    distinct values (ties across the n-th place: lower ids first on both), and a row view with
+    a stride (every other row of a larger array)."""
+    cpu, gpu = engines
+    V = cpu.config.vocab_size
+    rng = np.random.default_rng(8 + top_n)
+    logits = rng.standard_normal((74, V)).astype(np.float32) * 4
+    logits[[2, 40]] = rng.integers(-3, 3, (2, V)).astype(np.float32)
+    targets = rng.integers(0, V, 37)
+    want = cpu.ops.token_logprobs(logits[::2], targets, top_n)
+    got = gpu.ops.token_logprobs(gpu.ops.asarray(logits)[::2], targets, top_n)
+    assert np.abs(got[0] - want[0]).max() < 1e-6
+    assert np.array_equal(got[1], want[1])
+    assert np.abs(got[2] - want[2]).max(initial=0) < 1e-6
+
+
+def test_perplexity_matches_the_cpu(engines):
     from workers.engine.perplexity import perplexity
 
     cpu, gpu = engines
     rng = np.random.default_rng(8)
-    logits = rng.standard_normal((37, cpu.config.vocab_size)).astype(np.float32) * 4
-    targets = rng.integers(0, cpu.config.vocab_size, 37)
-    want = cpu.ops.log_likelihood(logits, targets)
-    got = gpu.ops.log_likelihood(gpu.ops.asarray(logits), targets)
-    assert np.abs(got - want).max() < 1e-9 * np.abs(want).max() + 1e-12
     ids = rng.integers(100, 20000, 3 * 64 + 5).tolist()
     a, b = perplexity(cpu, ids, 64, per_pass=1), perplexity(gpu, ids, 64, per_pass=3)
     assert (a.chunks, a.scored) == (b.chunks, b.scored) == (3, 3 * 31)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from gguf import GGMLQuantizationType as Q
 
 from kernels import AttentionBatch, StepInputs, get_backend, numpy_backend
@@ -210,16 +212,37 @@ def test_unknown_backend():
         get_backend("tpu")
 
 
-def test_log_likelihood_in_row_chunks_is_the_log_softmax():
+def test_token_logprobs_in_row_chunks_are_the_log_softmax():
     """Rows in chunks on the thread pool (the last one short): each row's log-probability of
-    its target, against float64 log-sum-exp by np.logaddexp over the whole row."""
+    its target and its top 7, against float64 log-sum-exp by np.logaddexp over the whole row and
+    a stable sort of it."""
     from kernels import ops as ops_module
 
     rng = np.random.default_rng(3)
-    rows = 3 * ops_module.LOG_LIKELIHOOD_ROWS + 5
+    rows = 3 * ops_module.TOKEN_LOGPROB_ROWS + 5
     logits = (rng.standard_normal((rows, 1000)) * 4).astype(np.float32)
     logits[0, 7] = 60.0  # a row whose exp would overflow without the max taken out
     targets = rng.integers(0, 1000, rows)
-    want = logits[np.arange(rows), targets].astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64), axis=-1)
-    got = ops.log_likelihood(logits, targets)
-    assert got.shape == (rows,) and np.allclose(got, want, rtol=1e-12, atol=1e-12)
+    want = logits.astype(np.float64) - np.logaddexp.reduce(logits.astype(np.float64), axis=-1)[:, None]
+    lp, top_ids, top_lp = ops.token_logprobs(logits, targets, 7)
+    assert lp.shape == (rows,) and np.allclose(lp, want[np.arange(rows), targets], rtol=0, atol=1e-7)
+    order = np.argsort(-logits, axis=1, kind="stable")[:, :7]
+    assert np.array_equal(top_ids, order)
+    assert np.allclose(top_lp, np.take_along_axis(want, order, axis=1), rtol=0, atol=1e-7)
+    assert ops.token_logprobs(logits, targets)[1].shape == (rows, 0)
+    with pytest.raises(ValueError, match="top_n"):
+        ops.token_logprobs(logits, targets, 1001)
+
+
+@given(st.integers(1, 6), st.integers(1, 40), st.data())
+@settings(max_examples=200, derandomize=True, deadline=None, database=None)
+def test_largest_breaks_ties_by_lower_index(rows, width, data):
+    """Rows of a few distinct values (ties everywhere, across the n-th place too): the n largest
+    as a stable descending sort orders them."""
+    from kernels.ops import largest
+
+    values = data.draw(st.lists(st.lists(st.sampled_from([-np.inf, -1.0, 0.0, 0.5, 2.0]), min_size=width,
+                                         max_size=width), min_size=rows, max_size=rows))
+    x = np.asarray(values, np.float32)
+    n = data.draw(st.integers(1, width))
+    assert np.array_equal(largest(x, n), np.argsort(-x, axis=1, kind="stable")[:, :n])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.engine.sampling import MAX_STOP_LENGTH, PRESETS, Sampler, SamplingParams, log_softmax, token_logprobs
+from kernels.ops import token_logprobs
+from workers.engine.sampling import MAX_STOP_LENGTH, PRESETS, Sampler, SamplingParams, log_softmax, logprob_picks
 
 
 def draws(params: SamplingParams, logits: np.ndarray, n: int = 400) -> set[int]:
@@ -101,10 +102,11 @@ def test_penalties_closed_form():
 
 def test_logprobs_are_log_softmax():
     logits = np.random.default_rng(4).standard_normal(50).astype(np.float32)
-    lp, top = token_logprobs(logits, 7, 5)
+    ((token, lp, top),) = logprob_picks([7], token_logprobs(logits[None], [7], 5), [5])
     want = logits.astype(np.float64) - np.log(np.exp(logits.astype(np.float64)).sum())
-    assert lp == pytest.approx(want[7])
+    assert token == 7 and lp == pytest.approx(want[7])
     assert [t for t, _ in top] == list(np.argsort(-want)[:5])
+    assert [v for _, v in top] == pytest.approx(list(np.sort(want)[::-1][:5]))
     assert np.exp(log_softmax(logits)).sum() == pytest.approx(1.0)
 
 

@@ -202,10 +202,10 @@ def test_prompt_lookup_drafts():
 
 
 def test_one_sampling_call_per_step_routes_rows(engine, monkeypatch):
-    """Engine.sample: rows without logprobs or penalties go to the backend in one call (the
-    device path; here the NumPy twin stands in for it): its argmax when all are greedy, else its
-    sampler; the rest to the host Sampler, rows without a sampler are skipped; both paths
-    record the token for later penalties."""
+    """Engine.sample: rows without penalties go to the backend in one call (the device path;
+    here the NumPy twin stands in for it): its argmax when all are greedy, else its sampler; the
+    rest to the host Sampler, rows without a sampler are skipped; the rows that ask for
+    logprobs get them in one more call; both paths record the token for later penalties."""
     import numpy as np
 
     from workers.engine.sampling import Sampler, log_softmax
@@ -217,12 +217,15 @@ def test_one_sampling_call_per_step_routes_rows(engine, monkeypatch):
                         raising=False)
     monkeypatch.setattr(engine.ops, "argmax", lambda rows: calls.append(("argmax", len(rows))) or twin_argmax(rows),
                         raising=False)
+    twin_logprobs = engine.ops.token_logprobs
+    monkeypatch.setattr(engine.ops, "token_logprobs", lambda rows, *a: calls.append(("token_logprobs", len(rows)))
+                        or twin_logprobs(rows, *a), raising=False)
     logits = np.random.default_rng(0).normal(size=(4, 300)).astype(np.float32)
     samplers = [Sampler(GREEDY), None, Sampler(GREEDY.with_(logprobs=2)),
                 Sampler(GREEDY.with_(repetition_penalty=1.3))]
     picked = engine.sample(logits, samplers)
     want = logits.argmax(axis=1)
-    assert calls == [("argmax", 1)]  # only row 0 is eligible for the device, and it is greedy
+    assert calls == [("argmax", 2), ("token_logprobs", 1)]  # rows 0 and 2 are eligible for the device, and greedy
     assert picked[0] == (int(want[0]), None, None) and picked[1] is None
     token, logprob, top = picked[2]
     assert token == want[2] and logprob == pytest.approx(float(log_softmax(logits[2])[want[2]]), abs=1e-6)

@@ -10,7 +10,7 @@ import pytest
 from workers.engine import draft_policy
 from workers.engine.draft_policy import PROBE_FIRST, VERIFY_COST, DraftMemory, DraftPolicy, expected_tokens
 from workers.engine.engine import Engine, Sequence
-from workers.engine.sampling import SamplingParams, token_logprobs
+from workers.engine.sampling import SamplingParams
 from workers.engine.skip_calibration import calibrate, load_skip_set, own_continuations, read_prompts, score, write
 from workers.engine.speculation import Speculation, accept_sampled, lookup_proposal
 from workers.model.gguf_file import GGUFFile
@@ -191,7 +191,9 @@ def test_a_speculative_run_gives_each_token_the_logprobs_plain_decoding_gives_it
         seq = Sequence(REPEATING + tokens)
         rows = forward(engine, [(seq, len(seq.token_ids))], all_logits=True)[len(REPEATING) - 1:-1]
         engine.release(seq)
-        plain = [token_logprobs(row, t, 3) for row, t in zip(rows, tokens)]
+        lp = rows.astype(np.float64) - np.logaddexp.reduce(rows.astype(np.float64), axis=-1)[:, None]
+        plain = [(row[t], [(int(i), row[i]) for i in np.argsort(-row, kind="stable")[:3]])
+                 for row, t in zip(lp, tokens)]
     for f, (logprob, top) in zip(fast, plain):
         assert f.logprob == pytest.approx(logprob, abs=1e-4)
         assert [t for t, _ in f.top_logprobs] == [t for t, _ in top]

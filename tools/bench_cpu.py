@@ -2,7 +2,7 @@
 """CPU (NumPy backend) speed on a real GGUF model: prefill and batch-1 decode tok/s.
 
     .venv/bin/python tools/bench_cpu.py [--model NAME_OR_PATH] [--prompt-tokens 128] [--decode-tokens 32] [--runs 3]
-        [--kv-type f16|q8|q4|q3|q2] [--decode-context 16] [--prompt-logprobs N]
+        [--kv-type f16|q8|q4|q3|q2] [--decode-context 16]
 
 Prefill: one batched forward over a prompt of random in-vocabulary ids (logits for the last
 token only, as generation does). Decode: one token per forward with the KV cache, greedy,
@@ -10,9 +10,8 @@ through `Engine.generate` (sampling and detokenization included) after a prompt 
 --decode-context tokens (what each step's attention reads), with the KV cache of --kv-type
 (the backend's default if not given). Prints the best of
 `--runs` and the weight bytes streamed per decoded token (the roofline on this machine is
-that figure over the measured sgemv bandwidth). With --prompt-logprobs N, also the prompt
-through the serving scheduler (one token generated) with and without its tokens' logprobs and
-top N (an echo's logprobs: `Engine.start_scored`), in turns.
+that figure over the measured sgemv bandwidth). What logprobs cost, a scored prompt's
+included: tools/bench_logprobs.py.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import numpy as np
 
 from workers.engine.engine import Engine, Sequence
 from workers.engine.sampling import SamplingParams
-from workers.engine.scheduler import Scheduler
 from workers.model import store as model_store
 
 
@@ -42,7 +40,6 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--kv-type")
     ap.add_argument("--decode-context", type=int, default=16)
-    ap.add_argument("--prompt-logprobs", type=int)
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -67,26 +64,11 @@ def main() -> None:
             pass
         decode.append(engine.last_timings.decode_tok_s)
 
-    scored = {None: [], args.prompt_logprobs: []} if args.prompt_logprobs is not None else {}
-    for _ in range(args.runs if scored else 0):
-        for n_top, times in scored.items():
-            sched = Scheduler(engine, max_batch_tokens=max(args.prompt_tokens, 32))
-            sched.submit("r", prompt[:args.prompt_tokens],
-                         SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=n_top))
-            t0 = time.perf_counter()
-            while sched.has_work:
-                sched.step()
-            times.append(time.perf_counter() - t0)
-
     gb = weight_bytes(engine) / 1e9
     print(f"model: {engine.model_name} ({engine.config.arch}, {engine.config.n_layers} layers), load {load_s:.1f} s")
     print(f"prefill pp{args.prompt_tokens}: {max(prefill):.1f} tok/s (runs: {', '.join(f'{x:.1f}' for x in prefill)})")
     print(f"decode tg{args.decode_tokens} after {args.decode_context} tokens, kv {engine.kv.layout.type.name}: {max(decode):.2f} tok/s (runs: {', '.join(f'{x:.2f}' for x in decode)})")
     print(f"float32 weights read per decoded token: {gb:.2f} GB -> {gb * max(decode):.1f} GB/s effective")
-    for n_top, times in scored.items():
-        label = "without its logprobs" if n_top is None else f"with its logprobs, top {n_top}"
-        print(f"prompt of {args.prompt_tokens} through the scheduler {label}: {min(times):.2f} s "
-              f"(runs: {', '.join(f'{x:.2f}' for x in times)})")
 
 
 if __name__ == "__main__":

@@ -161,15 +161,11 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
     }
 }
 
-// Row x's largest value and its first index (0x7fffffff if none), in every thread of the
-// block; with skip >= 0, of the row without its entry skip.
-__device__ void row_argmax(const float* __restrict__ x, int V, float& best, int& besti, int skip = -1) {
+// Every thread's (v, i) becomes that of the block's largest v (lowest i among equals).
+__device__ void block_argmax(float& v, int& i) {
     __shared__ float sv[32];
     __shared__ int si[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float v;
-    int i;
-    thread_argmax(x, V, v, i, skip);
     warp_argmax(v, i);
     __syncthreads();
     if (lane == 0) { sv[warp] = v; si[warp] = i; }
@@ -177,7 +173,13 @@ __device__ void row_argmax(const float* __restrict__ x, int V, float& best, int&
     v = sv[lane]; i = si[lane];
     if (lane >= (int)(blockDim.x >> 5)) { v = NEG_INF; i = 0x7fffffff; }
     warp_argmax(v, i);
-    best = v; besti = i;
+}
+
+// Row x's largest value and its first index (0x7fffffff if none), in every thread of the
+// block; with skip >= 0, of the row without its entry skip.
+__device__ void row_argmax(const float* __restrict__ x, int V, float& best, int& besti, int skip = -1) {
+    thread_argmax(x, V, best, besti, skip);
+    block_argmax(best, besti);
 }
 
 // The largest key K with weight(key >= K) >= target among keys >= floor_key; weight 1 (a count)
@@ -236,6 +238,62 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     if (threadIdx.x == 0) {
         out[blockIdx.x] = bi == 0x7fffffff ? 0 : bi;
         out[B + blockIdx.x] = si == 0x7fffffff ? 0 : si;
+    }
+}
+
+// Each row's log softmax at tokens[row] and its n largest entries (n <= TOP_LOGPROBS_MAX) as
+// logprobs, largest first, lower index first among equals (kernels/ops.py `token_logprobs` is
+// the host twin): out[row] is [logprob, n logprobs, n ids], in double (the ids exact), so a
+// logprobs request or a scored prompt brings back 1 + 2n numbers a row, not the row. The
+// normalizer is the maximum plus the log of the sum of exp(x - max), summed in double. The top
+// n: each thread keeps its own n best in order (its indices ascend, so a strict > keeps the
+// first of equals), then n rounds of a block argmax over the threads' next candidates.
+// TOP_LOGPROBS_MAX comes defined before this text (kernels/cupy/kernel_constants.py).
+extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
+    token_logprobs_rows(const float* __restrict__ logits, int sl, int V, const int* __restrict__ tokens, int n,
+                        double* __restrict__ out) {
+    __shared__ double red[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const float* x = logits + (size_t)blockIdx.x * sl;
+    double* o = out + (size_t)blockIdx.x * (1 + 2 * n);
+    float mx;
+    int amax;
+    row_argmax(x, V, mx, amax);
+    double s = 0.0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) s += (double)expf(x[i] - mx);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(FULL_MASK, s, off);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    s = lane < (int)(blockDim.x >> 5) ? red[lane] : 0.0;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(FULL_MASK, s, off);
+    const double lse = (double)mx + log(s);
+    if (threadIdx.x == 0) o[0] = (double)x[tokens[blockIdx.x]] - lse;
+    if (n == 0) return;
+
+    float v[TOP_LOGPROBS_MAX];
+    int id[TOP_LOGPROBS_MAX];
+    int have = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float xi = x[i];
+        if (have == n && !(xi > v[n - 1])) continue;
+        int j = have < n ? have++ : n - 1;
+        for (; j > 0 && xi > v[j - 1]; j--) { v[j] = v[j - 1]; id[j] = id[j - 1]; }
+        v[j] = xi;
+        id[j] = i;
+    }
+    int next = 0;  // this thread's first candidate not yet taken
+    for (int r = 0; r < n; r++) {
+        float bv = next < have ? v[next] : NEG_INF;
+        int bi = next < have ? id[next] : 0x7fffffff;
+        const int mine = bi;
+        block_argmax(bv, bi);
+        if (next < have && mine == bi) next++;
+        if (threadIdx.x == 0) {
+            o[1 + r] = (double)bv - lse;
+            o[1 + n + r] = (double)bi;
+        }
     }
 }
 

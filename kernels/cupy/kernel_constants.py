@@ -22,6 +22,7 @@ QMMA_BLOCKS_PER_SM = 2  # its blocks an SM holds (96 KB of shared memory each)
 
 # --- sampling (misc.cu), requantization (quantize.cu) ------------------------------------------
 SAMPLE_THREADS = 1024  # threads of a sampling or argmax block, one block a row
+TOP_LOGPROBS_MAX = 20  # top logprobs a row token_logprobs_rows finds (OpenAI's most)
 QUANTIZE_THREADS = 64  # threads of a requantizing block, one thread a super-block
 
 # --- attention (attention.cu) -----------------------------------------------------------------
@@ -53,7 +54,7 @@ def _by(arg: str, table: dict) -> str:
 EVERY_MODULE = {"XQ_RUN": XQ_RUN}
 GEMV_DEFINES = {"GEMV_WARPS": GEMV_WARPS}
 MMA_DEFINES = {"MMA_BM": QMMA_BM, "MMA_BN": QMMA_MAX_T, "MMA_BK": QMMA_BK, "MMA_BLOCKS_PER_SM": QMMA_BLOCKS_PER_SM}
-MISC_DEFINES = {"SAMPLE_THREADS": SAMPLE_THREADS}
+MISC_DEFINES = {"SAMPLE_THREADS": SAMPLE_THREADS, "TOP_LOGPROBS_MAX": TOP_LOGPROBS_MAX}
 QUANTIZE_DEFINES = {"QK": QK_K, "QUANTIZE_THREADS": QUANTIZE_THREADS}
 
 

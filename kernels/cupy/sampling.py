@@ -1,13 +1,14 @@
 """Sampling on the device (kernels/cuda/misc.cu): argmax and temperature/top-k/top-p/min-p
 draws per row, so that only ids leave the GPU; a grammar's token mask and logit bias applied
-to the rows beside them (`constrain`), so that a constrained row's logits never leave it either."""
+to the rows beside them (`constrain`), so that a constrained row's logits never leave it either;
+a token's logprob and a row's top logprobs (`token_logprobs`), so that those leave it alone."""
 
 from __future__ import annotations
 
 import cupy as cp
 import numpy as np
 
-from kernels.cupy.kernel_constants import SAMPLE_THREADS
+from kernels.cupy.kernel_constants import SAMPLE_THREADS, TOP_LOGPROBS_MAX
 from kernels.cupy.values import rows2
 
 
@@ -73,11 +74,20 @@ def sample(b, logits, temperature, top_k, top_p, min_p, uniform) -> np.ndarray:
     return cp.asnumpy(out, stream=b.stream)
 
 
-def log_likelihood(b, logits, targets) -> np.ndarray:
-    """log softmax(logits[r])[targets[r]] per row, in float64 beside the logits: only one number
-    a row leaves the device (a perplexity pass's logits are ~1 GB)."""
+def token_logprobs(b, logits, tokens, top_n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """kernels/ops.py `token_logprobs` beside the logits (misc.cu `token_logprobs_rows`): one
+    copy of B * (1 + 2 * top_n) numbers leaves the device (a perplexity pass's logits are
+    ~1 GB, a 512-token scored prompt's 300 MB)."""
     x = rows2(logits)
-    m = x.max(axis=1)
-    lse = cp.log(cp.exp((x - m[:, None]).astype(cp.float64)).sum(axis=1)) + m
-    picked = x[cp.arange(x.shape[0]), cp.asarray(np.asarray(targets, np.int64))]
-    return cp.asnumpy(picked - lse, stream=b.stream)
+    B, V = x.shape
+    tokens = np.asarray(tokens, np.int32)
+    if not 0 <= top_n <= min(V, TOP_LOGPROBS_MAX) or tokens.shape != (B,):
+        raise ValueError(f"top_n must be in [0, {min(V, TOP_LOGPROBS_MAX)}] and one token a row, "
+                         f"got {top_n} and {tokens.shape}")
+    out = cp.empty((B, 1 + 2 * top_n), cp.float64)
+    if B:
+        b.k.get("misc.cu", "token_logprobs_rows")(
+            (B,), (SAMPLE_THREADS,), (x, np.int32(x.strides[0] // 4), np.int32(V), cp.asarray(tokens),
+                                      np.int32(top_n), out))
+    host = cp.asnumpy(out, stream=b.stream)
+    return host[:, 0].copy(), host[:, 1 + top_n:].astype(np.int64), host[:, 1:1 + top_n].copy()

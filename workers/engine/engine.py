@@ -30,7 +30,7 @@ from workers.engine.pipeline import (TOP2, Finished, KVPools, LocalPipeline, pla
                                      stages_step_seconds)
 from workers.engine.placement import Rates, context_bytes, plan_model, requantized, stage_reserve
 from workers.engine.requant_streamed import check_spec, retyped
-from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax, token_logprobs
+from workers.engine.sampling import Draw, Sampler, SamplingParams, draw_rows, log_softmax, logprob_picks
 from workers.engine.speculation import Speculation, start_verify
 from workers.engine.speculation import Stats as SpecStats
 from workers.engine.text_stream import TextStream
@@ -360,7 +360,7 @@ class Engine:
         Returns float32 logits on the host: the last new row of each sequence, with
         all_logits every new row in batch order, or the given rows of the flat batch of new
         tokens. With device=True they stay a backend array (valid until the next forward),
-        for `ops.argmax` / `ops.sample` / `ops.log_likelihood` on the device. With `layers`
+        for `ops.argmax` / `ops.sample` / `ops.token_logprobs` on the device. With `layers`
         (ascending layer indices), the logits of those layers only, the others passed over (a
         draft: `range(d)` exits early, a calibrated subset skips; only their KV is written).
         With decode_rows, each sequence's tokens are rows of a decode step (`_plan`): the same
@@ -453,8 +453,8 @@ class Engine:
             found = []
             for first in range(0, len(wanted), self.max_logit_rows):
                 part = slice(first, first + self.max_logit_rows)
-                found += [(t, *token_logprobs(row, t, n)) for row, t, n in
-                          zip(self.ops.to_numpy(logits(wanted[part])), targets[part], tops[part])]
+                found += logprob_picks(targets[part], self.ops.token_logprobs(
+                    logits(wanted[part]), targets[part], max(tops[part])), tops[part])
             ends = np.cumsum([len(rows) for rows in scored])
             return picks, [found[end - len(rows):end] for rows, end in zip(scored, ends)]
 

@@ -80,7 +80,7 @@ def perplexity(engine: Engine, ids: list[int], ctx: int, per_pass: int,
         try:
             engine.reserve(work)
             logits = engine.forward(work, device=True, rows=rows)
-            nll -= float(engine.ops.log_likelihood(logits, targets).sum())
+            nll -= float(engine.ops.token_logprobs(logits, targets)[0].sum())
         finally:
             for seq in seqs:
                 engine.release(seq)

@@ -133,7 +133,7 @@ class SamplingParams:
     @property
     def id_only(self) -> bool:
         """Only the token's id is wanted (no logprobs, no penalties, which read the request's
-        history on the host): a backend that samples on the device may draw it there."""
+        history on the host): a greedy step may read its argmax alone (`Engine.decodes_ahead`)."""
         return self.logprobs is None and not self.penalized
 
     @property
@@ -242,15 +242,21 @@ class Draw:
 
 def draw_rows(ops, logits, draws: list[Draw | None]) -> list[tuple[int, float | None, list | None] | None]:
     """(token, logprob, top) for each row of logits [B, vocab] (in ops' array type), None where
-    the draw is None. Rows that want only their id are drawn in one call where ops samples on
-    the device (only the ids leave it; masks and biases applied there); the others are copied
-    to the host and drawn there, with the raw distribution's logprobs where asked."""
-    picked: list = [None] * len(draws)
+    the draw is None. Rows whose draw reads nothing of the request's history (no penalties) are
+    drawn in one call where ops samples on the device (masks and biases applied there); the
+    others are copied to the host and drawn there. The rows that ask for logprobs then get
+    them from the raw distribution in one `ops.token_logprobs` (on the device: only those
+    numbers leave it)."""
+    tokens: list[int | None] = [None] * len(draws)
     wanted = [i for i, d in enumerate(draws) if d is not None]
-    on_device = [i for i in wanted if ops.device_sampling and draws[i].params.id_only]
+
+    def rows(idx: list[int]):
+        return logits if len(idx) == len(draws) else ops.take_rows(logits, idx)
+
+    on_device = [i for i in wanted if ops.device_sampling and not draws[i].params.penalized]
     if on_device:
         ds = [draws[i] for i in on_device]
-        rows = logits if len(on_device) == len(draws) else ops.take_rows(logits, on_device)
+        picked_rows = rows(on_device)
         constrained = any(d.params.constrained for d in ds)
         if constrained:
             masks = [d.mask for d in ds]
@@ -261,30 +267,31 @@ def draw_rows(ops, logits, draws: list[Draw | None]) -> list[tuple[int, float | 
             bias = LogitBias(np.concatenate([np.full(len(b.ids), r, np.int32) for r, b in biased]),
                              np.concatenate([b.ids for _, b in biased]),
                              np.concatenate([b.values for _, b in biased])) if biased else None
-            rows = ops.constrain(rows, bitmask, bias)
+            picked_rows = ops.constrain(picked_rows, bitmask, bias)
         if all(d.params.greedy for d in ds) and not constrained:  # a decode graph's replay already holds these ids
-            ids = ops.argmax(rows)
+            ids = ops.argmax(picked_rows)
         else:
-            ids = ops.sample(rows, [d.params.temperature for d in ds], [d.params.top_k for d in ds],
+            ids = ops.sample(picked_rows, [d.params.temperature for d in ds], [d.params.top_k for d in ds],
                              [d.params.top_p for d in ds], [d.params.min_p for d in ds], [d.uniform for d in ds])
         for i, token in zip(on_device, ids.tolist()):
-            picked[i] = (int(token), None, None)
-    on_host = [i for i in wanted if picked[i] is None]
+            tokens[i] = int(token)
+    on_host = [i for i in wanted if tokens[i] is None]
     if on_host:
-        rows = ops.to_numpy(logits if len(on_host) == len(draws) else ops.take_rows(logits, on_host))
-        for i, row in zip(on_host, rows.astype(np.float32, copy=False)):
-            d = draws[i]
-            token, n_top = d.pick(row), d.params.logprobs
-            picked[i] = (token, None, None) if n_top is None else (token, *token_logprobs(row, token, n_top))
-    return picked
+        for i, row in zip(on_host, ops.to_numpy(rows(on_host)).astype(np.float32, copy=False)):
+            tokens[i] = draws[i].pick(row)
+    scored = [i for i in wanted if draws[i].params.logprobs is not None]
+    with_logprobs = {}
+    if scored:
+        n_tops = [draws[i].params.logprobs for i in scored]
+        found = ops.token_logprobs(rows(scored), [tokens[i] for i in scored], max(n_tops))
+        with_logprobs = dict(zip(scored, logprob_picks([tokens[i] for i in scored], found, n_tops)))
+    return [None if t is None else with_logprobs.get(i, (t, None, None)) for i, t in enumerate(tokens)]
 
 
-def token_logprobs(logits: np.ndarray, token: int, top_n: int) -> tuple[float, list[tuple[int, float]]]:
-    """The chosen token's logprob and the top-n (id, logprob) of the raw distribution."""
-    lp = log_softmax(logits)
-    top: list[tuple[int, float]] = []
-    if top_n:
-        ids = np.argpartition(-lp, top_n - 1)[:top_n]
-        ids = ids[np.argsort(-lp[ids], kind="stable")]
-        top = [(int(i), float(lp[i])) for i in ids]
-    return float(lp[token]), top
+def logprob_picks(tokens: list[int], found: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  n_tops: list[int]) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """(token, its logprob, the top n (id, logprob)) for each token, from `ops.token_logprobs`'
+    arrays (found for at least each row's n)."""
+    lp, top_ids, top_lp = found
+    return [(int(t), float(lp[r]), [(int(i), float(p)) for i, p in zip(top_ids[r, :n], top_lp[r, :n])])
+            for r, (t, n) in enumerate(zip(tokens, n_tops))]

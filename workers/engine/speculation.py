@@ -50,7 +50,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kernels.numpy_backend import draw
-from workers.engine.sampling import token_logprobs
+from kernels.ops import token_logprobs
+from workers.engine.sampling import logprob_picks
 
 DRAFTERS = ("lookup", "early-exit", "skip")  # "auto" chooses among them (draft_policy.py)
 MAX_K = 16
@@ -356,9 +357,8 @@ def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], s
     n_top = None if d.sampler is None else d.sampler.params.logprobs
     if n_top is None:
         return [(t, None, None) for t in kept]
-    logits = rows()
-    return [(t, *token_logprobs(logits[r], t, n_top))
-            for t, r in zip(kept, token_rows or range(len(kept)))]
+    picked_rows = rows()[token_rows or slice(len(kept))]
+    return logprob_picks(kept, token_logprobs(picked_rows, kept, n_top), [n_top] * len(kept))
 
 
 def pass_rows(engine, out,
