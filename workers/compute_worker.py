@@ -297,7 +297,7 @@ class ComputeWorker:
         locked = self.lock.acquire(timeout=1.0)  # the loop may be stuck holding it: go on without it then
         try:
             for request_id in list(self.outbox):
-                self._emit(request_id, {"error": f"compute worker failed: {type(e).__name__}: {e}"})
+                self._emit(request_id, {"error": self._failure_message()})
         finally:
             if locked:
                 self.lock.release()
@@ -314,8 +314,11 @@ class ComputeWorker:
     def _check_alive(self) -> None:
         self._watch()
         if self.failure is not None:
-            raise WorkerFailed(f"the compute worker failed: {type(self.failure).__name__}: {self.failure}") \
-                from self.failure
+            raise WorkerFailed(self._failure_message()) from self.failure
+
+    def _failure_message(self) -> str:
+        """What the requests it ends and the calls after it are told."""
+        return f"the compute worker failed: {type(self.failure).__name__}: {self.failure}"
 
     def _emit(self, request_id: str, event: dict) -> None:
         """Queue an event for the next poll (the lock held); wake a waiting poll."""
