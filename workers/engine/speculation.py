@@ -50,7 +50,6 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from kernels.numpy_backend import draw
-from kernels.ops import token_logprobs
 from workers.engine.sampling import logprob_picks
 
 DRAFTERS = ("lookup", "early-exit", "skip")  # "auto" chooses among them (draft_policy.py)
@@ -314,11 +313,13 @@ def start_pass(engine, drafts: list[Draft], plain: list = (), feed: list | None 
     return wait
 
 
-def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], stats: Stats) -> list[tuple]:
+def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], logprobs: Callable,
+           stats: Stats) -> list[tuple]:
     """The pass's outcome for one draft: best, the model's argmax at each of its rows
-    [d.rows] (host ids, found beside the logits), and rows(), those rows of logits (host
-    float32), asked for only where the sampler needs them: the greedy pass of a 0.5B model
-    copied 2.4 MB of logits a draft and searched them on the host. -> the kept proposals and
+    [d.rows] (host ids, found beside the logits), rows(), those rows of logits (host
+    float32), asked for only where the sampler needs them (the greedy pass of a 0.5B model
+    copied 2.4 MB of logits a draft and searched them on the host), and logprobs(rows, tokens,
+    n), `ops.token_logprobs` of some of them beside the logits. -> the kept proposals and
     the model's token after them, greedy or drawn by its sampler (no penalties), each as
     (token, logprob, top) as plain sampling gives them (the logprobs of the raw distribution
     at the token's position, where the sampler asks for them; else None). Greedy, where the
@@ -357,28 +358,33 @@ def accept(engine, d: Draft, best: np.ndarray, rows: Callable[[], np.ndarray], s
     n_top = None if d.sampler is None else d.sampler.params.logprobs
     if n_top is None:
         return [(t, None, None) for t in kept]
-    picked_rows = rows()[token_rows or slice(len(kept))]
-    return logprob_picks(kept, token_logprobs(picked_rows, kept, n_top), [n_top] * len(kept))
+    return logprob_picks(kept, logprobs(token_rows or list(range(len(kept))), kept, n_top), [n_top] * len(kept))
 
 
-def pass_rows(engine, out,
-              best: np.ndarray | None = None) -> Callable[[int, int], tuple[np.ndarray, Callable[[], np.ndarray]]]:
+def pass_rows(engine, out, best: np.ndarray | None = None) -> Callable[[int, int], tuple]:
     """A verifying pass's logits on the device -> (first, n) -> (the model's argmax at rows
-    first..first+n, a function that copies those rows to the host once, when first asked):
-    `accept`'s arguments for the draft whose rows they are. The argmax of every row is found
-    once, on the device (a decode graph's replay has found it already); best: found already
-    (the last pipeline stage's), with no logits to copy (out None)."""
+    first..first+n, a function that copies those rows to the host once, when first asked, and
+    one that finds the logprobs of some of them beside the logits (`ops.token_logprobs` of
+    rows [first + r for r in picked])): `accept`'s arguments for the draft whose rows they are.
+    The argmax of every row is found once, on the device (a decode graph's replay has found it
+    already); best: found already (the last pipeline stage's), with no logits (out None)."""
     ops = engine.ops
     best = ops.argmax(out) if best is None else best
 
-    def rows(first: int, n: int) -> tuple[np.ndarray, Callable[[], np.ndarray]]:
+    def logits(rows: list[int]):
+        if out is None:
+            raise RuntimeError("this pass brought back its rows' argmax only (`Draft.reads_argmax_only`)")
+        return ops.take_rows(out, rows)
+
+    def rows(first: int, n: int) -> tuple:
         @functools.cache
         def host() -> np.ndarray:
-            if out is None:
-                raise RuntimeError("this pass brought back its rows' argmax only (`Draft.reads_argmax_only`)")
-            return ops.to_numpy(ops.take_rows(out, list(range(first, first + n)))).astype(np.float32, copy=False)
+            return ops.to_numpy(logits(list(range(first, first + n)))).astype(np.float32, copy=False)
 
-        return best[first:first + n], host
+        def logprobs(picked: list[int], tokens: list[int], n_top: int) -> tuple:
+            return ops.token_logprobs(logits([first + r for r in picked]), tokens, n_top)
+
+        return best[first:first + n], host, logprobs
 
     return rows
 
