@@ -28,8 +28,10 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +127,30 @@ def synthesize(name: str, workdir: Path) -> Path:
         synthetic_model.random_blocks = saved
     log(f"[{name}] wrote {path.stat().st_size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return path
+
+
+def add_model_options(ap: argparse.ArgumentParser) -> None:
+    """--model, --models, --workdir (`model_files`' arguments) and --backend."""
+    ap.add_argument("--model", help="a GGUF file or a pulled model's name")
+    ap.add_argument("--models", help="bench_gpu.py's synthetic replicas, comma-separated")
+    ap.add_argument("--backend", default="cupy")
+    ap.add_argument("--workdir", help="where synthetic replicas are written (default: a temporary folder)")
+
+
+def model_files(model: str | None, models: str | None, workdir: str | None) -> Iterator[tuple[str, Path]]:
+    """(name, GGUF path) of a --model option (a file or a pulled model's name) and of each of a
+    comma-separated --models option (synthetic replicas, written to workdir or to a temporary
+    folder removed afterwards): the engines a benchmark of these options builds, one at a time."""
+    if model:
+        from workers.model import store
+
+        yield Path(model).name, store.resolve(model)
+    if models:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(workdir or tmp)
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in models.split(","):
+                yield name, synthesize(name, folder)
 
 
 def write_vocabs(out_dir: Path) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))
 
+from bench_gpu import add_model_options, model_files  # noqa: E402
 from workers.engine.engine import Engine, Sequence  # noqa: E402
 from workers.engine.sampling import Sampler, SamplingParams  # noqa: E402
 from workers.engine.scheduler import Scheduler  # noqa: E402
@@ -86,15 +87,12 @@ def bench(engine: Engine, name: str, batches: list[int], steps: int, prompt_toke
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="a GGUF file or a pulled model's name")
-    ap.add_argument("--models", help="bench_gpu.py's synthetic replicas, comma-separated")
-    ap.add_argument("--backend", default="cupy")
+    add_model_options(ap)
     ap.add_argument("--batch", default="1,32")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--top", type=int, default=5)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--workdir", help="where synthetic replicas are written (default: a temporary folder)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batch.split(",")]
     print(f"| model | what | without logprobs | with logprobs, top {args.top} | speed with / without |")
@@ -102,21 +100,8 @@ def main() -> int:
     sizes = dict(backend=args.backend, max_context=max(1024, args.prompt_tokens + 16),
                  kv_cache_tokens=max(max(batches) * (PROMPT_LEN + args.steps + 16), args.prompt_tokens + 16))
     run = dict(batches=batches, steps=args.steps, prompt_tokens=args.prompt_tokens, top=args.top, runs=args.runs)
-    if args.model:
-        from workers.model import store
-
-        bench(Engine(store.resolve(args.model), **sizes), Path(args.model).name, **run)
-    if args.models:
-        sys.path.insert(0, str(REPO / "tools"))
-        import bench_gpu
-
-        with tempfile.TemporaryDirectory() as tmp:
-            workdir = Path(args.workdir or tmp)
-            workdir.mkdir(parents=True, exist_ok=True)
-            for name in args.models.split(","):
-                engine = Engine(bench_gpu.synthesize(name, workdir), **sizes)
-                bench(engine, name, **run)
-                del engine
+    for name, path in model_files(args.model, args.models, args.workdir):
+        bench(Engine(path, **sizes), name, **run)
     return 0
 
 
