@@ -76,10 +76,10 @@ def decode_errors(cpu, gpu) -> list[float]:
 
 def test_rows_sampled_apart_read_the_finished_step(engines):
     """Graph-replayed decode steps (launched without waiting, on the backend's stream) whose
-    rows are drawn partly on the device and partly on the host (a request asking for
-    logprobs beside greedy ones): every row's id is its own logits' argmax. The rows each
-    side takes are gathered on the backend's stream; gathered on the caller's, they were read
-    before the replay wrote them (ids 0, or the step before's)."""
+    rows are read apart (a request asking for logprobs beside greedy ones: its row gathered
+    for `token_logprobs`): every row's id is its own logits' argmax, and the logprob that
+    row's. The rows are gathered on the backend's stream; gathered on the caller's, they were
+    read before the replay wrote them (ids 0, or the step before's)."""
     from workers.engine.engine import Sequence
     from workers.engine.sampling import Sampler
 
@@ -93,9 +93,11 @@ def test_rows_sampled_apart_read_the_finished_step(engines):
             forward(gpu, [(s, len(s.token_ids) - 1)])
         for _ in range(8):
             logits = forward(gpu, [(s, 1) for s in seqs], device=True)
-            picked = [p[0] for p in gpu.sample(logits, samplers)]
-            want = gpu.ops.to_numpy(logits).argmax(-1).tolist()
-            assert picked == want
+            picks = gpu.sample(logits, samplers)
+            picked = [p[0] for p in picks]
+            rows = gpu.ops.to_numpy(logits).astype(np.float64)
+            assert picked == rows.argmax(-1).tolist()
+            assert picks[1][1] == pytest.approx(rows[1, picked[1]] - np.logaddexp.reduce(rows[1]), abs=1e-5)
             for s, t in zip(seqs, picked):
                 s.token_ids.append(t)
     finally:
