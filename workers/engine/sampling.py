@@ -246,19 +246,14 @@ def draw_rows(ops, logits, draws: list[Draw | None]) -> list[tuple[int, float | 
     drawn in one call where ops samples on the device (masks and biases applied there); the
     others are copied to the host and drawn there. The rows that ask for logprobs then get
     them from the raw distribution in one `ops.token_logprobs` (on the device: only those
-    numbers leave it). A greedy unconstrained row that asks for them takes its token from that
-    same call, its top-1 (the argmax, lower ids first among equals): on the device, one launch
-    and one copy instead of an argmax, its copy, and the tokens' upload."""
+    numbers leave it)."""
     tokens: list[int | None] = [None] * len(draws)
     wanted = [i for i, d in enumerate(draws) if d is not None]
-    scored = [i for i in wanted if draws[i].params.logprobs is not None]
 
     def rows(idx: list[int]):
         return logits if len(idx) == len(draws) else ops.take_rows(logits, idx)
 
     on_device = [i for i in wanted if ops.device_sampling and not draws[i].params.penalized]
-    by_top = {i for i in scored if i in on_device and draws[i].params.greedy and not draws[i].params.constrained}
-    on_device = [i for i in on_device if i not in by_top]
     if on_device:
         ds = [draws[i] for i in on_device]
         picked_rows = rows(on_device)
@@ -280,20 +275,16 @@ def draw_rows(ops, logits, draws: list[Draw | None]) -> list[tuple[int, float | 
                              [d.params.top_p for d in ds], [d.params.min_p for d in ds], [d.uniform for d in ds])
         for i, token in zip(on_device, ids.tolist()):
             tokens[i] = int(token)
-    on_host = [i for i in wanted if tokens[i] is None and i not in by_top]
+    on_host = [i for i in wanted if tokens[i] is None]
     if on_host:
         for i, row in zip(on_host, ops.to_numpy(rows(on_host)).astype(np.float32, copy=False)):
             tokens[i] = draws[i].pick(row)
+    scored = [i for i in wanted if draws[i].params.logprobs is not None]
     with_logprobs = {}
     if scored:
         n_tops = [draws[i].params.logprobs for i in scored]
-        top_n = max(n_tops + [1 if by_top else 0])  # a by_top row's token is its top-1
-        lp, top_ids, top_lp = ops.token_logprobs(rows(scored), [tokens[i] or 0 for i in scored], top_n)
-        for r, i in enumerate(scored):
-            if i in by_top:
-                tokens[i], lp[r] = int(top_ids[r, 0]), top_lp[r, 0]
-        picks = logprob_picks([tokens[i] for i in scored], (lp, top_ids, top_lp), n_tops)
-        with_logprobs = dict(zip(scored, picks))
+        found = ops.token_logprobs(rows(scored), [tokens[i] for i in scored], max(n_tops))
+        with_logprobs = dict(zip(scored, logprob_picks([tokens[i] for i in scored], found, n_tops)))
     return [None if t is None else with_logprobs.get(i, (t, None, None)) for i, t in enumerate(tokens)]
 
 
