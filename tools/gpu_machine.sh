@@ -22,31 +22,53 @@
 #   KV=1 ...       tools/bench_kv.py (KV_ARGS: its arguments): decode attention and end-to-end
 #                  decode by KV cache type (f16, RotateKV q8..q2) on the 8B replica
 #   AB=TREE ...    first tools/bench_ab.py: this tree against TREE (the code before a change),
-#                  interleaved, on the replicas AB_MODELS names (default: bench_ab.py's)
+#                  interleaved, on the replicas AB_MODELS names (default: bench_ab.py's); a
+#                  carried .device/base.tar.xz is unpacked to /tmp/ntr-base for AB=/tmp/ntr-base
+#   MODEL_PIECES=1 first keep the carried piece of a real model (.device/model/manifest and one
+#                  .device/model/pNN a call, on a machine kept warm between calls); the last one
+#                  assembles the file where the model store finds it, sha256 checked
 #
-# Packages come carried, prepared on the development machine (commands in docs/benchmarks.md):
-#   .device/site.tar.xz   ray[serve] and its dependencies, gguf, pytest, ... for Python 3.12,
-#                         unpacked wheels with Ray's Java jars and unused libraries removed
-#                         (54 MB of xz: carry it alone; only SERVE=1 needs it)
-#   .device/sitemin.tar.xz  gguf alone (the machine has numpy, cupy, pytest, jinja2, regex,
-#                         tqdm, pyyaml): enough for the tests and the kernel benchmarks
-#   .device/extra.tar.xz  vocab/ (llama-vocab tokenizers the replicas borrow, and Gemma 3's from
-#                         `tools/bench_gpu.py --write-vocab`) and cubin/
-#                         (kernels prebuilt by `tools/bench_gpu.py --prebuild`: no NVRTC wait)
+# What is carried is packed on the development machine: by tools/pack_device.sh,
+#   .device/sitemin.tar.xz  gguf, llguidance, msgpack, pytest-timeout (the machine has numpy,
+#                         cupy, pytest, jinja2, regex, tqdm, pyyaml): the tests and benchmarks
+#   .device/extra.tar.xz  vocab/ (llama-vocab tokenizers the replicas borrow, and Gemma 3's) and
+#                         cubin/ (the kernels prebuilt by nvcc: no NVRTC wait)
+#   .device/model/, .device/base.tar.xz  (MODEL_PIECES=1, AB=/tmp/ntr-base) as above;
+# by the commands in docs/benchmarks.md ("GPU kernels"),
+#   .device/site.tar.xz   ray[serve] and its dependencies for Python 3.12, unpacked, Ray's Java
+#                         jars and unused libraries removed (54 MB of xz: carry it alone; SERVE=1)
+#   .device/ray.tar.xz    Ray core alone (34 MB): the GPU stage actor tests
 #   .device/llama.cpp.tar.xz  (LLAMACPP=1) the llama.cpp vendored in llama-cpp-python's sdist
 # Results go to $OUT (the device tool brings that folder back).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT" /tmp/ntr-site /tmp/ntr-extra
-for archive in .device/site.tar.xz .device/sitemin.tar.xz; do
+for archive in .device/site.tar.xz .device/sitemin.tar.xz .device/ray.tar.xz; do
     [ -f "$archive" ] && tar -C /tmp/ntr-site -xJf "$archive"
 done
 [ -f .device/extra.tar.xz ] && tar -C /tmp/ntr-extra -xJf .device/extra.tar.xz
+[ -f .device/base.tar.xz ] && rm -rf /tmp/ntr-base && mkdir -p /tmp/ntr-base && tar -C /tmp/ntr-base -xJf .device/base.tar.xz
 # numpy and cupy are not carried: the machine's own are used.
 export PYTHONPATH="$PWD:/tmp/ntr-site${PYTHONPATH:+:$PYTHONPATH}"
 export NTR_VOCAB_DIR=/tmp/ntr-extra/vocab NTR_CUBIN_DIR=/tmp/ntr-extra/cubin
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+
+if [ "${MODEL_PIECES:-0}" = 1 ]; then
+    read -r name sha count < .device/model/manifest
+    mkdir -p /tmp/ntr-pieces && cp .device/model/p[0-9]* /tmp/ntr-pieces/
+    target="$(python3 -c 'from workers.model import store; print(store.models_dir())')/$name"
+    have=$(ls /tmp/ntr-pieces | wc -l)
+    if [ ! -f "$target" ] && [ "$have" = "$count" ]; then
+        mkdir -p "$(dirname "$target")"
+        cat /tmp/ntr-pieces/p[0-9]* > "$target.part"  # split's names sort in order
+        if [ "$(sha256sum "$target.part" | cut -c1-64)" != "$sha" ]; then
+            rm "$target.part"; echo "$name: sha256 does not match the manifest's" >&2; exit 1
+        fi
+        mv "$target.part" "$target" && rm -rf /tmp/ntr-pieces
+    fi
+    [ -f "$target" ] && echo "$target in place" || echo "model pieces here: $have of $count"
+fi
 
 if [ "${SERVE:-0}" = 1 ]; then
     df -h /dev/shm | tee "$OUT/shm.txt"  # a streamed replica's HostTier images live there
