@@ -51,11 +51,13 @@ fi
 tar -C "$tmp/extra" -cf - . | xz -9 > .device/extra.tar.xz
 
 if [ -n "$model" ]; then
-    file=$("$PY" -c "import sys; from workers.model import store; print(store.pull(sys.argv[1]))" "$model" | tail -1)
+    # the store checked the file against its recorded sha256 when it pulled it: that one goes
+    read -r file sha < <("$PY" -c "import sys; from workers.model import store
+print(store.pull(sys.argv[1], log=lambda *_: None), store.REGISTRY[sys.argv[1]].sha256)" "$model")
     rm -rf .device/model && mkdir -p .device/model
     split -b 54M -d -a 2 "$file" .device/model/p
     pieces=$(ls .device/model/p* | wc -l)
-    echo "$(basename "$file") $(sha256sum "$file" | cut -c1-64) $pieces" > .device/model/manifest
+    echo "$(basename "$file") $sha $pieces" > .device/model/manifest
     echo "carry .device/model/manifest and one of .device/model/p00 .. p$(printf %02d $((pieces - 1))) a call"
 fi
 
