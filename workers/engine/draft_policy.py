@@ -1,10 +1,15 @@
 """Adaptive speculation: which drafter, and how many tokens, each pass of one sequence drafts,
 from the acceptance that sequence has measured (`--speculate auto`, `--drafter auto`).
 
-The rule. Each drafter d has a per-token acceptance estimate a_d = (hits + 1) / (hits + misses
-+ 2): a pass that drafted n tokens and kept m adds m hits and, if m < n or n = 0, one miss (a
-draft is kept up to its first rejection, so this is the geometric model's estimate), both
-decayed by DECAY a pass so the estimate follows the sequence. A pass of d with k tokens is
+The rule. Each drafter d has a per-token acceptance estimate a_d = (hits + PRIOR) / (hits +
+misses + 2 PRIOR): a pass that drafted n tokens and kept m adds m hits and, if m < n or n = 0,
+one miss (a draft is kept up to its first rejection, so this is the geometric model's
+estimate), both decayed by DECAY a pass so the estimate follows the sequence. The counts settle
+at 1 / (1 - DECAY) passes' worth, so no estimate falls below PRIOR / (1 / (1 - DECAY) + 2 PRIOR):
+with 0.8 and 1 that floor was 1/7, at which a draft through one resident layer that kept 1% of
+its proposals still looked worth a pass, and the policy drafted 898 of 918 passes at 0.89x of
+plain decoding (docs/benchmarks.md, "Item 3 at budgets where the draft's layers stream too");
+with 0.9 and 1/2 it is 1/22. A pass of d with k tokens is
 expected to give (1 - a^(k+1)) / (1 - a) tokens and to cost, in plain decode steps,
 verify_cost(k) (a pass over k + 1 rows, interpolated between the measured ones; 1 when nothing
 was drafted) + k * draft_cost(d), where draft_cost is the placement's predicted time of a pass
@@ -32,9 +37,12 @@ number.
 
 One serves one request: `Engine.generate` makes one, and the serving scheduler one for each
 request it runs speculatively (workers/engine/scheduler.py). A greedy request starts from what
-the engine's last finished greedy request left (`DraftMemory`: its estimates and its wait before
-a probe), not from 1/2 each: a request of 48 tokens is over before its own estimates settle,
-and two probes of drafters that never pay cost a resident model 8% of its decode. A sampled
+the engine's last finished greedy request left (`DraftMemory`: its estimates, its wait before
+a probe and the plain steps counted toward it), not from 1/2 each: a request of 48 tokens is
+over before its own estimates settle, and two probes of drafters that never pay cost a resident
+model 8% of its decode. The count goes on across requests because a wait of 64 is longer than
+many requests: counted from zero in each, it never ended, and the policy never tried a drafter
+again once its estimate had dipped (1.50 GiB, docs/benchmarks.md). A sampled
 request starts from the priors, so that its seed reproduces its choices and with them its
 draws; a greedy request's tokens do not depend on its choices.
 """
@@ -76,7 +84,7 @@ HOST_DRAFT_SECONDS = {"numpy": 0.0, "cupy": 0.2e-3}
 # none counted, as HOST_DRAFT_SECONDS: a plain step samples on the host too, and a pass's few
 # rows more are ~1 ms beside the default model's 33-70 ms step.
 SAMPLE_SECONDS_PER_LOGIT = {"numpy": (0.0, 0.0), "cupy": (8.8e-9, 2.7e-9)}
-DECAY = 0.8
+DECAY, PRIOR = 0.9, 0.5
 PROBE_FIRST, PROBE_MAX = 8, 64
 
 
@@ -155,11 +163,11 @@ class DraftPolicy:
             self.memory.keep(self)
 
     def acceptance(self, drafter: str) -> float:
-        return (self.hits[drafter] + 1.0) / (self.hits[drafter] + self.misses[drafter] + 2.0)
+        return (self.hits[drafter] + PRIOR) / (self.hits[drafter] + self.misses[drafter] + 2.0 * PRIOR)
 
     def leaf_acceptance(self, drafter: str) -> float:
         """How often the drafter's runner-up at its first rejected proposal is the model's token."""
-        return (self.leaf_hits[drafter] + 1.0) / (self.leaf_hits[drafter] + self.leaf_misses[drafter] + 2.0)
+        return (self.leaf_hits[drafter] + PRIOR) / (self.leaf_hits[drafter] + self.leaf_misses[drafter] + 2.0 * PRIOR)
 
     def rate(self, drafter: str, k: int, batch: int = 1, tree: bool = False) -> float:
         """A pass of k tokens by drafter (with tree, and a leaf each: 2k + 1 rows) in a step of
@@ -229,12 +237,12 @@ class DraftPolicy:
 
 class DraftMemory:
     """One engine's memory of speculation across its greedy requests: each drafter's decayed
-    counts (by its name and layers) and the wait before a probe, as the last greedy request to
-    finish left them (`keep`), for the next one to start from (`seed`)."""
+    counts (by its name and layers), the wait before a probe and the plain steps since the last
+    pass, as the last greedy request to finish left them (`keep`), for the next one to start from (`seed`)."""
 
     def __init__(self):
         self.counts: dict[tuple, tuple[float, float, float, float]] = {}
-        self.probe_after = PROBE_FIRST
+        self.probe_after, self.plain_run = PROBE_FIRST, 0
 
     def seed(self, policy: DraftPolicy) -> None:
         """A new policy, before its first `next`, from what the memory holds."""
@@ -242,10 +250,10 @@ class DraftMemory:
             if (name, layers) in self.counts:
                 (policy.hits[name], policy.misses[name], policy.leaf_hits[name],
                  policy.leaf_misses[name]) = self.counts[name, layers]
-        policy.probe_after = self.probe_after
+        policy.probe_after, policy.plain_run = self.probe_after, self.plain_run
 
     def keep(self, policy: DraftPolicy) -> None:
         for name, layers in policy.drafters.items():
             self.counts[name, layers] = (policy.hits[name], policy.misses[name], policy.leaf_hits[name],
                                          policy.leaf_misses[name])
-        self.probe_after = policy.probe_after
+        self.probe_after, self.plain_run = policy.probe_after, policy.plain_run
