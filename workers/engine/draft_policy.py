@@ -88,6 +88,11 @@ DECAY, PRIOR = 0.9, 0.5
 PROBE_FIRST, PROBE_MAX = 8, 64
 
 
+def estimate(hits: float, misses: float) -> float:
+    """A rate from decayed counts, pulled toward 1/2 by PRIOR of each."""
+    return (hits + PRIOR) / (hits + misses + 2.0 * PRIOR)
+
+
 def expected_tokens(a: float, k: int) -> float:
     """Tokens a pass of k drafts gives when each is kept with probability a after the previous."""
     return float(k + 1) if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
@@ -163,11 +168,11 @@ class DraftPolicy:
             self.memory.keep(self)
 
     def acceptance(self, drafter: str) -> float:
-        return (self.hits[drafter] + PRIOR) / (self.hits[drafter] + self.misses[drafter] + 2.0 * PRIOR)
+        return estimate(self.hits[drafter], self.misses[drafter])
 
     def leaf_acceptance(self, drafter: str) -> float:
         """How often the drafter's runner-up at its first rejected proposal is the model's token."""
-        return (self.leaf_hits[drafter] + PRIOR) / (self.leaf_hits[drafter] + self.leaf_misses[drafter] + 2.0 * PRIOR)
+        return estimate(self.leaf_hits[drafter], self.leaf_misses[drafter])
 
     def rate(self, drafter: str, k: int, batch: int = 1, tree: bool = False) -> float:
         """A pass of k tokens by drafter (with tree, and a leaf each: 2k + 1 rows) in a step of
@@ -238,7 +243,8 @@ class DraftPolicy:
 class DraftMemory:
     """One engine's memory of speculation across its greedy requests: each drafter's decayed
     counts (by its name and layers), the wait before a probe and the plain steps since the last
-    pass, as the last greedy request to finish left them (`keep`), for the next one to start from (`seed`)."""
+    pass, as the last greedy request to finish left them (`keep`), for the next one to start
+    from (`seed`)."""
 
     def __init__(self):
         self.counts: dict[tuple, tuple[float, float, float, float]] = {}
